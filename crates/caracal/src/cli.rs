@@ -1,0 +1,105 @@
+//! The command line: what the user typed, before any validation beyond syntax.
+
+use std::path::PathBuf;
+
+use caracal_core::Role;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "caracal",
+    version,
+    about = "Authorization control plane for AI agents: STS, Gateway, Coordinator, API, Audit and Console in one binary",
+    long_about = None,
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub overrides: Overrides,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Configuration flags, accepted by every command. Each one outranks its `CARACAL_*`
+/// environment variable, which outranks `$CARACAL_HOME/caracal.toml`, which outranks the default.
+#[derive(Debug, Default, Args)]
+pub struct Overrides {
+    /// Data directory [env: CARACAL_HOME] [default: ~/.caracal]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub home: Option<PathBuf>,
+    /// Configuration file [env: CARACAL_CONFIG] [default: $CARACAL_HOME/caracal.toml]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Address every role binds to [env: CARACAL_BIND] [default: 127.0.0.1]
+    #[arg(long, global = true, value_name = "IP")]
+    pub bind: Option<String>,
+    /// Store: sqlite://PATH or postgres://… [env: CARACAL_STORE_URL] [default: sqlite://$CARACAL_HOME/caracal.db]
+    #[arg(long, global = true, value_name = "URL")]
+    pub store: Option<String>,
+    /// Event bus: embedded or redis://… [env: CARACAL_BUS_URL] [default: embedded]
+    #[arg(long, global = true, value_name = "URL")]
+    pub bus: Option<String>,
+    /// Issuer URL of minted mandates [env: CARACAL_ISSUER_URL] [default: http://127.0.0.1:8080]
+    #[arg(long, global = true, value_name = "URL")]
+    pub issuer_url: Option<String>,
+    /// A role's port, e.g. `--port gateway=9081`; repeatable; 0 picks a free port
+    /// [env: CARACAL_<ROLE>_PORT]
+    #[arg(long = "port", global = true, value_name = "ROLE=PORT")]
+    pub ports: Vec<String>,
+    /// Log format: text or json [env: CARACAL_LOG_FORMAT] [default: text]
+    #[arg(long, global = true, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Log filter, RUST_LOG syntax [env: CARACAL_LOG or RUST_LOG] [default: info]
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log: Option<String>,
+    /// Seconds shutdown waits for in-flight requests [env: CARACAL_SHUTDOWN_GRACE_SECONDS] [default: 30]
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub shutdown_grace_seconds: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start every role in one process (API, Console, Coordinator, STS, Gateway, Audit)
+    Up,
+    /// Start only the chosen roles, e.g. `caracal serve sts gateway`
+    Serve {
+        #[arg(required = true, value_name = "ROLE", value_parser = parse_role)]
+        roles: Vec<Role>,
+    },
+    /// Probe each role's /health and /ready; exit 1 if any probed role is not ready
+    Status(StatusArgs),
+    /// Inspect the effective configuration
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Roles to probe [default: those of the running stack, else all]
+    #[arg(value_name = "ROLE", value_parser = parse_role)]
+    pub roles: Vec<Role>,
+    /// Wait until every probed role is ready (up to --timeout) instead of probing once
+    #[arg(long)]
+    pub ready: bool,
+    /// Seconds --ready waits before giving up
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub timeout: u64,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print every setting, its effective value (secrets redacted) and where it came from
+    Show {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_role(text: &str) -> Result<Role, String> {
+    text.parse::<Role>().map_err(|error| error.to_string())
+}

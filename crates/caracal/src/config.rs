@@ -1,0 +1,472 @@
+//! Effective configuration: flags > `CARACAL_*` environment > `$CARACAL_HOME/caracal.toml` >
+//! defaults, each value remembered with its source, then validated into [`Settings`] before
+//! anything is bound or written.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use caracal_core::Role;
+use caracal_services::{BusUrl, Settings};
+use caracal_store::StoreUrl;
+
+use crate::cli::Overrides;
+
+/// Where a value came from, for `caracal config show` and for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Flag(&'static str),
+    Env(&'static str),
+    File(PathBuf),
+    Default,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Flag(flag) => write!(f, "flag {flag}"),
+            Source::Env(name) => write!(f, "env {name}"),
+            Source::File(path) => write!(f, "file {}", path.display()),
+            Source::Default => f.write_str("default"),
+        }
+    }
+}
+
+/// A configuration problem; the CLI exits with code 2 and prints it.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid value `{value}` for `{key}` (from {origin}): expected {accepted}")]
+    Invalid {
+        key: String,
+        value: String,
+        origin: Source,
+        accepted: String,
+    },
+    #[error("unknown configuration key `{key}` in {path} (accepted: {accepted})")]
+    UnknownKey {
+        key: String,
+        path: PathBuf,
+        accepted: String,
+    },
+    #[error("configuration file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("no data directory: set --home or CARACAL_HOME (HOME is not set either)")]
+    NoHome,
+}
+
+/// One setting: its canonical key, the variables and flag that set it, and what it accepts.
+struct Key {
+    name: &'static str,
+    env: &'static [&'static str],
+    flag: &'static str,
+    accepted: &'static str,
+    /// Redact the value (URL passwords) when showing it.
+    secret: bool,
+}
+
+const fn key(
+    name: &'static str,
+    env: &'static [&'static str],
+    flag: &'static str,
+    accepted: &'static str,
+) -> Key {
+    Key {
+        name,
+        env,
+        flag,
+        accepted,
+        secret: false,
+    }
+}
+
+const PORT: &str = "a port number 0-65535 (0 picks a free port)";
+
+const KEYS: &[Key] = &[
+    key(
+        "bind",
+        &["CARACAL_BIND"],
+        "--bind",
+        "an IP address such as 127.0.0.1",
+    ),
+    Key {
+        secret: true,
+        ..key(
+            "store",
+            &["CARACAL_STORE_URL"],
+            "--store",
+            "sqlite://PATH or postgres://…",
+        )
+    },
+    Key {
+        secret: true,
+        ..key(
+            "bus",
+            &["CARACAL_BUS_URL"],
+            "--bus",
+            "embedded, redis://… or rediss://…",
+        )
+    },
+    key(
+        "issuer_url",
+        &["CARACAL_ISSUER_URL"],
+        "--issuer-url",
+        "an http:// or https:// URL without query or fragment",
+    ),
+    key("ports.api", &["CARACAL_API_PORT"], "--port api=", PORT),
+    key(
+        "ports.console",
+        &["CARACAL_CONSOLE_PORT"],
+        "--port console=",
+        PORT,
+    ),
+    key(
+        "ports.coordinator",
+        &["CARACAL_COORDINATOR_PORT"],
+        "--port coordinator=",
+        PORT,
+    ),
+    key("ports.sts", &["CARACAL_STS_PORT"], "--port sts=", PORT),
+    key(
+        "ports.gateway",
+        &["CARACAL_GATEWAY_PORT"],
+        "--port gateway=",
+        PORT,
+    ),
+    key(
+        "ports.audit",
+        &["CARACAL_AUDIT_PORT"],
+        "--port audit=",
+        PORT,
+    ),
+    key(
+        "log.format",
+        &["CARACAL_LOG_FORMAT"],
+        "--log-format",
+        "text or json",
+    ),
+    key(
+        "log.filter",
+        &["CARACAL_LOG", "RUST_LOG"],
+        "--log",
+        "a RUST_LOG-style filter such as info,caracal=debug",
+    ),
+    key(
+        "shutdown_grace_seconds",
+        &["CARACAL_SHUTDOWN_GRACE_SECONDS"],
+        "--shutdown-grace-seconds",
+        "whole seconds 1-3600",
+    ),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration plus the provenance of each value.
+#[derive(Debug)]
+pub struct Resolved {
+    pub settings: Settings,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    /// `(key, shown value, source)` in display order; secrets already redacted.
+    pub shown: Vec<(String, String, Source)>,
+}
+
+/// Resolves and validates the configuration. `env` reads one environment variable; it is a
+/// parameter so tests can supply an environment without touching the process's.
+pub fn resolve(
+    overrides: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Resolved, ConfigError> {
+    let (home, home_source) = match (&overrides.home, env("CARACAL_HOME")) {
+        (Some(path), _) => (path.clone(), Source::Flag("--home")),
+        (None, Some(path)) if !path.is_empty() => {
+            (PathBuf::from(path), Source::Env("CARACAL_HOME"))
+        }
+        _ => (
+            PathBuf::from(
+                env("HOME")
+                    .filter(|home| !home.is_empty())
+                    .ok_or(ConfigError::NoHome)?,
+            )
+            .join(".caracal"),
+            Source::Default,
+        ),
+    };
+    let (config_path, config_explicit) = match (&overrides.config, env("CARACAL_CONFIG")) {
+        (Some(path), _) => (path.clone(), true),
+        (None, Some(path)) if !path.is_empty() => (PathBuf::from(path), true),
+        _ => (home.join("caracal.toml"), false),
+    };
+    let file_values = read_file(&config_path, config_explicit)?;
+    let flag_values = flag_values(overrides)?;
+
+    let default_store = format!("sqlite://{}", home.join("caracal.db").display());
+    let mut raw: BTreeMap<&'static str, (String, Source)> = BTreeMap::new();
+    for key in KEYS {
+        let value = if let Some(value) = flag_values.get(key.name) {
+            (value.clone(), Source::Flag(key.flag))
+        } else if let Some((name, value)) = key.env.iter().find_map(|name| {
+            env(name)
+                .filter(|value| !value.is_empty())
+                .map(|value| (*name, value))
+        }) {
+            (value, Source::Env(name))
+        } else if let Some(value) = file_values.get(key.name) {
+            (value.clone(), Source::File(config_path.clone()))
+        } else {
+            (default_value(key.name, &default_store), Source::Default)
+        };
+        raw.insert(key.name, value);
+    }
+
+    let parse = Parser { raw: &raw };
+    let mut ports = BTreeMap::new();
+    for role in Role::ALL {
+        let name = port_key(role);
+        ports.insert(role, parse.value(name, |text| text.parse::<u16>().ok())?);
+    }
+    let settings = Settings {
+        home: home.clone(),
+        bind: parse.value("bind", |text| text.parse::<IpAddr>().ok())?,
+        ports,
+        store: parse.value("store", |text| text.parse::<StoreUrl>().ok())?,
+        bus: parse.value("bus", |text| text.parse::<BusUrl>().ok())?,
+        issuer_url: parse.value("issuer_url", parse_issuer_url)?,
+        shutdown_grace: parse.value("shutdown_grace_seconds", |text| {
+            text.parse::<u64>()
+                .ok()
+                .filter(|seconds| (1..=3600).contains(seconds))
+                .map(Duration::from_secs)
+        })?,
+    };
+    let log_format = parse.value("log.format", |text| match text {
+        "text" => Some(LogFormat::Text),
+        "json" => Some(LogFormat::Json),
+        _ => None,
+    })?;
+    let log_filter = parse.value("log.filter", |text| {
+        tracing_subscriber::EnvFilter::try_new(text)
+            .ok()
+            .map(|_| text.to_owned())
+    })?;
+
+    let mut shown = vec![
+        ("home".to_owned(), home.display().to_string(), home_source),
+        (
+            "config".to_owned(),
+            config_path.display().to_string(),
+            if config_explicit {
+                Source::Flag("--config")
+            } else {
+                Source::Default
+            },
+        ),
+    ];
+    for key in KEYS {
+        if let Some((value, source)) = raw.get(key.name) {
+            let value = if key.secret {
+                caracal_store::redact_url(value)
+            } else {
+                value.clone()
+            };
+            shown.push((key.name.to_owned(), value, source.clone()));
+        }
+    }
+    Ok(Resolved {
+        settings,
+        log_format,
+        log_filter,
+        shown,
+    })
+}
+
+fn port_key(role: Role) -> &'static str {
+    match role {
+        Role::Api => "ports.api",
+        Role::Console => "ports.console",
+        Role::Coordinator => "ports.coordinator",
+        Role::Sts => "ports.sts",
+        Role::Gateway => "ports.gateway",
+        Role::Audit => "ports.audit",
+    }
+}
+
+fn default_value(name: &str, default_store: &str) -> String {
+    let port = |role: Role| role.default_port().to_string();
+    match name {
+        "bind" => "127.0.0.1".to_owned(),
+        "store" => default_store.to_owned(),
+        "bus" => "embedded".to_owned(),
+        "issuer_url" => "http://127.0.0.1:8080".to_owned(),
+        "ports.api" => port(Role::Api),
+        "ports.console" => port(Role::Console),
+        "ports.coordinator" => port(Role::Coordinator),
+        "ports.sts" => port(Role::Sts),
+        "ports.gateway" => port(Role::Gateway),
+        "ports.audit" => port(Role::Audit),
+        "log.format" => "text".to_owned(),
+        "log.filter" => "info".to_owned(),
+        "shutdown_grace_seconds" => "30".to_owned(),
+        _ => String::new(),
+    }
+}
+
+struct Parser<'a> {
+    raw: &'a BTreeMap<&'static str, (String, Source)>,
+}
+
+impl Parser<'_> {
+    fn value<T>(&self, name: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T, ConfigError> {
+        let key = KEYS.iter().find(|key| key.name == name);
+        let (value, source) = self
+            .raw
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| (String::new(), Source::Default));
+        parse(&value).ok_or_else(|| ConfigError::Invalid {
+            key: name.to_owned(),
+            value: if key.is_some_and(|key| key.secret) {
+                caracal_store::redact_url(&value)
+            } else {
+                value
+            },
+            origin: source,
+            accepted: key.map(|key| key.accepted).unwrap_or_default().to_owned(),
+        })
+    }
+}
+
+fn parse_issuer_url(text: &str) -> Option<String> {
+    let rest = text
+        .strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"))?;
+    let host = rest.split('/').next().unwrap_or_default();
+    let acceptable = !host.is_empty()
+        && text.len() <= 2048
+        && !text.contains(['?', '#', ' '])
+        && text.is_ascii();
+    acceptable.then(|| text.trim_end_matches('/').to_owned())
+}
+
+/// `--port ROLE=PORT` flags and the single-valued flags, keyed by canonical name.
+fn flag_values(overrides: &Overrides) -> Result<BTreeMap<&'static str, String>, ConfigError> {
+    let mut values = BTreeMap::new();
+    let singles = [
+        ("bind", &overrides.bind),
+        ("store", &overrides.store),
+        ("bus", &overrides.bus),
+        ("issuer_url", &overrides.issuer_url),
+        ("log.format", &overrides.log_format),
+        ("log.filter", &overrides.log),
+        ("shutdown_grace_seconds", &overrides.shutdown_grace_seconds),
+    ];
+    for (name, value) in singles {
+        if let Some(value) = value {
+            values.insert(name, value.clone());
+        }
+    }
+    for assignment in &overrides.ports {
+        let invalid = || ConfigError::Invalid {
+            key: "--port".to_owned(),
+            value: assignment.clone(),
+            origin: Source::Flag("--port"),
+            accepted: "ROLE=PORT with ROLE one of api, console, coordinator, sts, gateway, audit"
+                .to_owned(),
+        };
+        let (role, port) = assignment.split_once('=').ok_or_else(invalid)?;
+        let role: Role = role.parse().map_err(|_| invalid())?;
+        values.insert(port_key(role), port.to_owned());
+    }
+    Ok(values)
+}
+
+/// Reads `caracal.toml` into canonical `key -> text` pairs. A missing file is fine unless it was
+/// named explicitly; an unknown key or a value of the wrong kind is an error.
+fn read_file(path: &Path, explicit: bool) -> Result<BTreeMap<String, String>, ConfigError> {
+    let file_error = |message: String| ConfigError::File {
+        path: path.to_owned(),
+        message,
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        // Under a home that is missing or not a directory the default file is simply absent;
+        // the data-directory check reports the real problem.
+        Err(error)
+            if !explicit
+                && matches!(
+                    error.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+        {
+            return Ok(BTreeMap::new());
+        }
+        Err(error) => return Err(file_error(error.to_string())),
+    };
+    let table: toml::Table = text
+        .parse()
+        .map_err(|error: toml::de::Error| file_error(error.message().to_owned()))?;
+    let mut values = BTreeMap::new();
+    flatten(&table, "", path, &mut values)?;
+    Ok(values)
+}
+
+fn flatten(
+    table: &toml::Table,
+    prefix: &str,
+    path: &Path,
+    values: &mut BTreeMap<String, String>,
+) -> Result<(), ConfigError> {
+    let accepted = || {
+        KEYS.iter()
+            .map(|key| key.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (name, value) in table {
+        let full = format!("{prefix}{name}");
+        let known = KEYS.iter().any(|key| key.name == full);
+        let is_section = KEYS
+            .iter()
+            .any(|key| key.name.starts_with(&format!("{full}.")));
+        match value {
+            toml::Value::Table(inner) if is_section => {
+                flatten(inner, &format!("{full}."), path, values)?
+            }
+            toml::Value::String(text) if known => {
+                values.insert(full, text.clone());
+            }
+            toml::Value::Integer(number) if known => {
+                values.insert(full, number.to_string());
+            }
+            _ if known => {
+                return Err(ConfigError::Invalid {
+                    value: value.to_string(),
+                    origin: Source::File(path.to_owned()),
+                    accepted: KEYS
+                        .iter()
+                        .find(|key| key.name == full)
+                        .map(|key| key.accepted)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    key: full,
+                });
+            }
+            _ => {
+                return Err(ConfigError::UnknownKey {
+                    key: full,
+                    path: path.to_owned(),
+                    accepted: accepted(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

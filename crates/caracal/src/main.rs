@@ -1,0 +1,165 @@
+//! The `caracal` binary: parses the command line, resolves configuration, and hands off to the
+//! library crates. Exit codes: 0 success, 1 runtime failure (including "not ready"), 2 usage
+//! or configuration error.
+
+mod cli;
+mod config;
+mod logging;
+mod status;
+
+use std::process::ExitCode;
+
+use caracal_core::Role;
+use caracal_services::Stack;
+use clap::Parser as _;
+
+use crate::cli::{Cli, Command, ConfigCommand};
+use crate::config::Resolved;
+
+const EXIT_FAILURE: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let resolved = match config::resolve(&cli.overrides, &|name| std::env::var(name).ok()) {
+        Ok(resolved) => resolved,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match cli.command {
+        Command::Config {
+            command: ConfigCommand::Show { json },
+        } => show_config(&resolved, json),
+        Command::Status(args) => runtime(|| async {
+            if status::run(&resolved, &args).await {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }),
+        Command::Up => serve(&resolved, &Role::ALL),
+        Command::Serve { mut roles } => {
+            roles.sort();
+            roles.dedup();
+            serve(&resolved, &roles)
+        }
+    }
+}
+
+fn runtime<F, Fut>(body: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ExitCode>,
+{
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(body()),
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn serve(resolved: &Resolved, roles: &[Role]) -> ExitCode {
+    logging::init(resolved.log_format, &resolved.log_filter);
+    runtime(|| async {
+        let stack = match Stack::start(&resolved.settings, roles).await {
+            Ok(stack) => stack,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
+        print_banner(&stack);
+        match stack.serve(shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+    })
+}
+
+fn print_banner(stack: &Stack) {
+    let home = stack.data_dir().path();
+    println!(
+        "caracal {} — data in {}",
+        env!("CARGO_PKG_VERSION"),
+        home.display()
+    );
+    for (role, address) in stack.addresses() {
+        println!("  {:<12} http://{address}", role.name());
+    }
+    let token_path = home.join(caracal_store::ADMIN_TOKEN_FILE);
+    match stack.minted_token() {
+        Some(token) => {
+            println!(
+                "Bootstrap admin token (shown once; also in {}):",
+                token_path.display()
+            );
+            println!("  {}", token.expose());
+        }
+        None => println!("Bootstrap admin token: see {}", token_path.display()),
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the process");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
+
+fn show_config(resolved: &Resolved, json: bool) -> ExitCode {
+    if json {
+        let rows: Vec<serde_json::Value> = resolved
+            .shown
+            .iter()
+            .map(|(key, value, source)| {
+                serde_json::json!({ "key": key, "value": value, "source": source.to_string() })
+            })
+            .collect();
+        match serde_json::to_string_pretty(&rows) {
+            Ok(text) => println!("{text}"),
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    let width = resolved
+        .shown
+        .iter()
+        .map(|(key, _, _)| key.len())
+        .max()
+        .unwrap_or(0);
+    let value_width = resolved
+        .shown
+        .iter()
+        .map(|(_, value, _)| value.len())
+        .max()
+        .unwrap_or(0);
+    for (key, value, source) in &resolved.shown {
+        println!("{key:<width$}  {value:<value_width$}  {source}");
+    }
+    ExitCode::SUCCESS
+}

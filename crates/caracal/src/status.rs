@@ -1,0 +1,169 @@
+//! `caracal status`: probe each role's `/health` and `/ready` and report in a table or JSON.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use caracal_core::Role;
+use caracal_services::wire::ReadyBody;
+use caracal_services::{RUN_FILE, RunFile};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+
+use crate::cli::StatusArgs;
+use crate::config::Resolved;
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Serialize)]
+pub struct RoleStatus {
+    role: String,
+    address: SocketAddr,
+    live: bool,
+    ready: bool,
+    reason: Option<String>,
+}
+
+type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// Probes the roles and prints the report; returns whether every probed role is ready.
+pub async fn run(resolved: &Resolved, args: &StatusArgs) -> bool {
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let statuses = loop {
+        let statuses = probe_all(&client, &targets(resolved, &args.roles)).await;
+        let all_ready = statuses.iter().all(|status| status.ready);
+        if all_ready || !args.ready || Instant::now() >= deadline {
+            break statuses;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    };
+    print(&statuses, args.json);
+    statuses.iter().all(|status| status.ready)
+}
+
+/// The roles to probe: those the running process wrote to its run file (their ports may have
+/// been picked by the OS), else every role at its configured address.
+fn targets(resolved: &Resolved, wanted: &[Role]) -> Vec<(Role, SocketAddr)> {
+    let settings = &resolved.settings;
+    let running: Vec<(Role, SocketAddr)> = std::fs::read_to_string(settings.home.join(RUN_FILE))
+        .ok()
+        .and_then(|text| serde_json::from_str::<RunFile>(&text).ok())
+        .map(|run_file| {
+            run_file
+                .roles
+                .into_iter()
+                .filter_map(|entry| {
+                    entry
+                        .role
+                        .parse::<Role>()
+                        .ok()
+                        .map(|role| (role, entry.address))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let configured = |role: Role| {
+        let ip = match settings.bind {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        (role, SocketAddr::new(ip, settings.port(role)))
+    };
+    match (wanted.is_empty(), running.is_empty()) {
+        (true, false) => running,
+        (true, true) => Role::ALL.into_iter().map(configured).collect(),
+        (false, _) => wanted
+            .iter()
+            .map(|role| {
+                running
+                    .iter()
+                    .find(|(running_role, _)| running_role == role)
+                    .copied()
+                    .unwrap_or_else(|| configured(*role))
+            })
+            .collect(),
+    }
+}
+
+async fn probe_all(client: &HttpClient, targets: &[(Role, SocketAddr)]) -> Vec<RoleStatus> {
+    let probes = targets
+        .iter()
+        .map(|(role, address)| probe(client, *role, *address));
+    let mut statuses = Vec::with_capacity(targets.len());
+    for probe in probes {
+        statuses.push(probe.await);
+    }
+    statuses
+}
+
+async fn probe(client: &HttpClient, role: Role, address: SocketAddr) -> RoleStatus {
+    let live = matches!(get(client, address, "/health").await, Ok((200, _)));
+    let (ready, reason) = match get(client, address, "/ready").await {
+        Ok((status, body)) => match serde_json::from_slice::<ReadyBody>(&body) {
+            Ok(body) => (status == 200 && body.status == "ready", body.reason),
+            Err(_) => (false, Some("bad_ready_response".to_owned())),
+        },
+        Err(reason) => (false, Some(reason.to_owned())),
+    };
+    RoleStatus {
+        role: role.name().to_owned(),
+        address,
+        live,
+        ready,
+        reason,
+    }
+}
+
+async fn get(
+    client: &HttpClient,
+    address: SocketAddr,
+    path: &str,
+) -> Result<(u16, Bytes), &'static str> {
+    let uri: hyper::Uri = format!("http://{address}{path}")
+        .parse()
+        .map_err(|_| "bad_address")?;
+    let exchange = async {
+        let response = client.get(uri).await.map_err(|_| "unreachable")?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|_| "unreachable")?;
+        Ok((status, body.to_bytes()))
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, exchange)
+        .await
+        .map_err(|_| "timeout")?
+}
+
+fn print(statuses: &[RoleStatus], json: bool) {
+    if json {
+        match serde_json::to_string_pretty(statuses) {
+            Ok(text) => println!("{text}"),
+            Err(error) => eprintln!("error: {error}"),
+        }
+        return;
+    }
+    let yes_no = |flag: bool| if flag { "yes" } else { "no" };
+    println!(
+        "{:<12} {:<22} {:<5} {:<6} REASON",
+        "ROLE", "ADDRESS", "LIVE", "READY"
+    );
+    for status in statuses {
+        println!(
+            "{:<12} {:<22} {:<5} {:<6} {}",
+            status.role,
+            status.address.to_string(),
+            yes_no(status.live),
+            yes_no(status.ready),
+            status.reason.as_deref().unwrap_or("-")
+        );
+    }
+}

@@ -1,0 +1,146 @@
+//! `caracal up`: every role serves, first start bootstraps the data directory, SIGTERM stops
+//! cleanly, and a second start reuses what the first created.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "a test that cannot proceed should stop loudly"
+)]
+
+mod util;
+
+use util::{ROLES, Running, check_metrics, free_ports, fresh_home, get, mode, wait_ready};
+
+fn up_args() -> Vec<String> {
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    args
+}
+
+#[test]
+fn up_serves_every_role_bootstraps_once_and_stops_on_sigterm() {
+    let (_parent, home) = fresh_home();
+    let running = Running::start(&home, &up_args());
+    assert_eq!(
+        running.addresses.keys().cloned().collect::<Vec<_>>().len(),
+        ROLES.len()
+    );
+    for role in ROLES {
+        let address = running.address(role);
+        assert!(address.ip().is_loopback(), "{role} bound to {address}");
+        let ready = wait_ready(address);
+        assert_eq!(ready.status, 200, "{role}: {}", ready.body);
+        let body: serde_json::Value = serde_json::from_str(&ready.body).unwrap();
+        assert_eq!(body["status"], "ready");
+        assert_eq!(get(address, "/health", &[]).status, 200);
+        let metrics = get(address, "/metrics", &[]);
+        assert_eq!(metrics.status, 200);
+        check_metrics(&metrics.body, &format!("caracal_{role}_"));
+        assert!(
+            metrics
+                .body
+                .contains(&format!("caracal_{role}_http_requests_total")),
+            "{role}"
+        );
+    }
+
+    assert_eq!(mode(&home), 0o700);
+    assert_eq!(mode(&home.join("admin-token")), 0o600);
+    assert_eq!(mode(&home.join("kek")), 0o600);
+    assert_eq!(mode(&home.join("caracal.db")), 0o600);
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let token = token.trim_end().to_owned();
+    assert!(token.starts_with("cat_") && token.len() == 47, "{token}");
+
+    let (status, stdout, stderr) = running.terminate();
+    assert!(status.success(), "exit {status}: {stderr}");
+    assert!(
+        stdout.contains(&token),
+        "the first start prints the token once: {stdout}"
+    );
+    assert!(stderr.contains("draining"), "{stderr}");
+    assert!(
+        !home.join("run.json").exists(),
+        "the run file is removed on clean exit"
+    );
+    let database = std::fs::read(home.join("caracal.db")).unwrap();
+    assert!(
+        !database
+            .windows(token.len())
+            .any(|window| window == token.as_bytes()),
+        "the store holds the token only hashed"
+    );
+
+    let again = Running::start(&home, &up_args());
+    assert_eq!(wait_ready(again.address("api")).status, 200);
+    let (status, stdout, _) = again.terminate();
+    assert!(status.success());
+    assert!(
+        !stdout.contains(&token),
+        "a later start must not print the token: {stdout}"
+    );
+    assert!(stdout.contains("admin-token"), "{stdout}");
+    let token_after = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    assert_eq!(
+        token_after.trim_end(),
+        token,
+        "a later start reuses the token"
+    );
+}
+
+#[test]
+fn request_ids_are_echoed_and_written_in_log_lines() {
+    let (_parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.extend(["--log-format", "json", "--log", "debug", "serve", "gateway"].map(String::from));
+    let running = Running::start(&home, &args);
+    let address = running.address("gateway");
+    let missing = get(
+        address,
+        "/no-such-route",
+        &[("X-Request-Id", "trace-me-4711")],
+    );
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.headers["x-request-id"], "trace-me-4711");
+    let body: serde_json::Value = serde_json::from_str(&missing.body).unwrap();
+    assert_eq!(body["error"], "not_found");
+    let generated = get(
+        address,
+        "/health",
+        &[("X-Request-Id", "bad id with spaces")],
+    );
+    assert_eq!(generated.headers["x-request-id"].len(), 36);
+
+    let (status, _, stderr) = running.terminate();
+    assert!(status.success());
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    let traced: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|line| line["span"]["request_id"] == "trace-me-4711")
+        .collect();
+    assert!(
+        !traced.is_empty(),
+        "no log line carries the request id:\n{stderr}"
+    );
+    assert!(traced.iter().all(|line| line["span"]["role"] == "gateway"));
+}
+
+#[test]
+fn serve_runs_only_the_chosen_roles() {
+    let (_parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.extend(["serve", "sts", "gateway", "sts"].map(String::from));
+    let running = Running::start(&home, &args);
+    assert_eq!(
+        running.addresses.keys().collect::<Vec<_>>(),
+        ["gateway", "sts"]
+    );
+    assert_eq!(wait_ready(running.address("sts")).status, 200);
+    let (status, _, _) = running.terminate();
+    assert!(status.success());
+}

@@ -1,0 +1,259 @@
+//! Helpers for tests that run the real `caracal` binary: a fresh `CARACAL_HOME` per test, every
+//! port chosen by the OS, and a plain HTTP/1.1 client so the tests share no code with the server.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ROLES: [&str; 6] = ["api", "console", "coordinator", "sts", "gateway", "audit"];
+
+/// A command for the built binary with a clean environment: no `CARACAL_*` or `RUST_LOG` from
+/// the developer's shell leaks into a test.
+pub fn caracal(home: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_caracal"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home.parent().unwrap_or(home))
+        .env("CARACAL_HOME", home)
+        .stdin(Stdio::null());
+    command
+}
+
+/// `--port ROLE=0` for every role.
+pub fn free_ports() -> Vec<String> {
+    ROLES
+        .iter()
+        .flat_map(|role| ["--port".to_owned(), format!("{role}=0")])
+        .collect()
+}
+
+/// A temporary parent directory and a `home` path inside it that does not exist yet.
+pub fn fresh_home() -> (tempfile::TempDir, PathBuf) {
+    let parent = tempfile::tempdir().unwrap();
+    let home = parent.path().join("home");
+    (parent, home)
+}
+
+pub struct Running {
+    pub child: Child,
+    pub home: PathBuf,
+    pub addresses: BTreeMap<String, SocketAddr>,
+}
+
+impl Running {
+    /// Spawns `caracal <args>` and waits until it has written its run file.
+    pub fn start(home: &Path, args: &[String]) -> Running {
+        let child = caracal(home)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut running = Running {
+            child,
+            home: home.to_owned(),
+            addresses: BTreeMap::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = running.child.try_wait().unwrap() {
+                let output = running.child.wait_with_output_ref();
+                panic!("caracal exited early with {status}: {output}");
+            }
+            if let Ok(text) = std::fs::read_to_string(home.join("run.json"))
+                && let Ok(run) = serde_json::from_str::<serde_json::Value>(&text)
+            {
+                for entry in run["roles"].as_array().unwrap() {
+                    running.addresses.insert(
+                        entry["role"].as_str().unwrap().to_owned(),
+                        entry["address"].as_str().unwrap().parse().unwrap(),
+                    );
+                }
+                return running;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "caracal did not start within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn address(&self, role: &str) -> SocketAddr {
+        self.addresses[role]
+    }
+
+    /// Sends SIGTERM and waits (at most 20 s) for the exit; returns the status and the output.
+    pub fn terminate(mut self) -> (ExitStatus, String, String) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                self.child.kill().unwrap();
+                panic!("caracal did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        (self.child.wait().unwrap(), stdout, stderr)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+trait ChildExt {
+    fn wait_with_output_ref(&mut self) -> String;
+}
+
+impl ChildExt for Child {
+    fn wait_with_output_ref(&mut self) -> String {
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.stdout.take() {
+            let _ = pipe.read_to_string(&mut stdout);
+        }
+        if let Some(mut pipe) = self.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        format!("stdout: {stdout}\nstderr: {stderr}")
+    }
+}
+
+pub struct Response {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+/// `GET path` over a fresh connection with `Connection: close`.
+pub fn get(address: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Response {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    Response {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// Polls `GET /ready` until it answers 200 (at most 20 s).
+pub fn wait_ready(address: SocketAddr) -> Response {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let response = get(address, "/ready", &[]);
+        if response.status == 200 || Instant::now() > deadline {
+            return response;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn run(command: &mut Command) -> Output {
+    command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+pub fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Checks Prometheus/OpenMetrics text: every sample line is `name{labels} value` with a name
+/// under `prefix`, every sample's family has a `# TYPE`, and the exposition ends with `# EOF`.
+pub fn check_metrics(text: &str, prefix: &str) {
+    let mut typed = Vec::new();
+    let mut samples = 0;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            typed.push(rest.split(' ').next().unwrap().to_owned());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line}"));
+        assert!(value.parse::<f64>().is_ok(), "value of {line}");
+        let name = series.split('{').next().unwrap();
+        assert!(name.starts_with(prefix), "{name} lacks prefix {prefix}");
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "bad metric name {name}"
+        );
+        if let Some(labels) = series.strip_prefix(name)
+            && !labels.is_empty()
+        {
+            assert!(
+                labels.starts_with('{') && labels.ends_with('}'),
+                "labels of {line}"
+            );
+        }
+        assert!(
+            typed.iter().any(|family| name.starts_with(family.as_str())),
+            "untyped {name}"
+        );
+        samples += 1;
+    }
+    assert!(samples > 0, "no samples in\n{text}");
+    assert_eq!(text.lines().last(), Some("# EOF"));
+}

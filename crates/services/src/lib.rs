@@ -1,0 +1,25 @@
+//! The roles as HTTP services, and the runtime that runs a set of them in one process.
+//!
+//! - [`router`]: builds one role's axum router. Every role shares the probes (`/health`,
+//!   `/ready`, `/metrics`), the request-id layer and the JSON error shape; later roles add their
+//!   own routes there.
+//! - [`Stack`]: binds every chosen role's port (all or nothing), opens and bootstraps the data
+//!   directory and store, serves, and drains on shutdown.
+//! - [`Settings`]: the validated configuration the runtime needs; the CLI builds it.
+
+mod error;
+mod metrics;
+mod probes;
+mod request_id;
+mod router;
+mod settings;
+mod stack;
+mod state;
+pub mod wire;
+
+pub use error::ApiError;
+pub use metrics::RoleMetrics;
+pub use router::router;
+pub use settings::{BusUrl, BusUrlError, Settings};
+pub use stack::{RUN_FILE, RunFile, Stack, StartError};
+pub use state::{RoleState, Shared};

@@ -1,0 +1,98 @@
+//! `/health`, `/ready` and `/metrics`, served by every role.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use caracal_core::{Check, ErrorCode, Readiness};
+
+use crate::error::ApiError;
+use crate::state::RoleState;
+use crate::wire::{CheckBody, ReadyBody};
+
+/// A dependency that does not answer within this bound counts as down.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Liveness: 200 while the process can answer at all.
+pub async fn health() -> Response {
+    Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+/// Readiness: 200 only if every check passes, else 503 naming the failed checks.
+pub async fn ready(State(state): State<RoleState>) -> Response {
+    let readiness = evaluate(&state).await;
+    state.metrics.ready.set(i64::from(readiness.is_ready()));
+    for check in readiness.checks().iter().filter(|check| !check.ok) {
+        state
+            .metrics
+            .ready_check_failures
+            .get_or_create(&crate::metrics::CheckLabels {
+                check: check.name.to_owned(),
+            })
+            .inc();
+    }
+    let status = if readiness.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = ReadyBody {
+        status: if readiness.is_ready() {
+            "ready"
+        } else {
+            "not_ready"
+        }
+        .to_owned(),
+        reason: readiness.first_reason().map(str::to_owned),
+        checks: readiness
+            .checks()
+            .iter()
+            .map(|check| CheckBody {
+                name: check.name.to_owned(),
+                ok: check.ok,
+                reason: check.reason.map(str::to_owned),
+            })
+            .collect(),
+    };
+    (
+        status,
+        [(http::header::CACHE_CONTROL, "no-store")],
+        Json(body),
+    )
+        .into_response()
+}
+
+/// The checks every role runs. Role-specific checks (revocation freshness, policy bundle,
+/// evidence latch) join this list as those roles land.
+async fn evaluate(state: &RoleState) -> Readiness {
+    let shutdown = if state.shared.is_draining() {
+        Check::fail("shutdown", "draining")
+    } else {
+        Check::pass("shutdown")
+    };
+    let store = match tokio::time::timeout(CHECK_TIMEOUT, state.shared.store.ping()).await {
+        Ok(Ok(())) => Check::pass("store"),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "readiness: store check failed");
+            Check::fail("store", "store_unreachable")
+        }
+        Err(_) => Check::fail("store", "store_timeout"),
+    };
+    Readiness::new(vec![shutdown, store])
+}
+
+pub async fn metrics(State(state): State<RoleState>) -> Response {
+    match state.metrics.render() {
+        Ok(text) => (
+            [(
+                http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => ApiError::new(ErrorCode::InternalError).into_response(),
+    }
+}

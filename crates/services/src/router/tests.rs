@@ -1,0 +1,143 @@
+use axum::body::Body;
+use caracal_core::Role;
+use caracal_store::SqliteStore;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt as _;
+use tower::ServiceExt as _;
+
+use super::router;
+use crate::state::{RoleState, Shared};
+use crate::wire::{ErrorBody, ReadyBody};
+
+struct Answer {
+    status: StatusCode,
+    request_id: String,
+    body: String,
+}
+
+async fn send(app: &axum::Router, path: &str, request_id: Option<&str>) -> Answer {
+    let mut request = Request::get(path);
+    if let Some(request_id) = request_id {
+        request = request.header("x-request-id", request_id);
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        request_id,
+        body: String::from_utf8(bytes.to_vec()).unwrap(),
+    }
+}
+
+fn role_state(role: Role) -> (tempfile::TempDir, RoleState) {
+    let directory = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+    (directory, RoleState::new(role, Shared::new(store)))
+}
+
+#[tokio::test]
+async fn health_and_ready_answer_with_a_generated_request_id() {
+    let (_directory, state) = role_state(Role::Api);
+    let app = router(state);
+    let health = send(&app, "/health", None).await;
+    assert_eq!(health.status, StatusCode::OK);
+    let generated = uuid::Uuid::parse_str(&health.request_id).unwrap();
+    assert_eq!(generated.get_version_num(), 7);
+
+    let ready = send(&app, "/ready", None).await;
+    assert_eq!(ready.status, StatusCode::OK);
+    let body: ReadyBody = serde_json::from_str(&ready.body).unwrap();
+    assert_eq!(body.status, "ready");
+    assert_eq!(body.reason, None);
+    let names: Vec<&str> = body
+        .checks
+        .iter()
+        .map(|check| check.name.as_str())
+        .collect();
+    assert_eq!(names, ["shutdown", "store"]);
+}
+
+#[tokio::test]
+async fn draining_makes_ready_fail_closed_with_a_reason() {
+    let (_directory, state) = role_state(Role::Gateway);
+    state.shared.start_draining();
+    let ready = send(&router(state), "/ready", None).await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    let body: ReadyBody = serde_json::from_str(&ready.body).unwrap();
+    assert_eq!(
+        (body.status.as_str(), body.reason.as_deref()),
+        ("not_ready", Some("draining"))
+    );
+    assert!(
+        body.checks
+            .iter()
+            .any(|check| check.name == "shutdown" && !check.ok)
+    );
+}
+
+#[tokio::test]
+async fn inbound_request_ids_are_echoed_only_when_well_formed() {
+    let (_directory, state) = role_state(Role::Sts);
+    let app = router(state);
+    assert_eq!(
+        send(&app, "/health", Some("req-42")).await.request_id,
+        "req-42"
+    );
+    let replaced = send(&app, "/health", Some(&"x".repeat(129)))
+        .await
+        .request_id;
+    assert!(uuid::Uuid::parse_str(&replaced).is_ok(), "{replaced}");
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_get_json_errors() {
+    let (_directory, state) = role_state(Role::Audit);
+    let app = router(state);
+    let missing = send(&app, "/nope", Some("r1")).await;
+    assert_eq!(
+        (missing.status, missing.request_id.as_str()),
+        (StatusCode::NOT_FOUND, "r1")
+    );
+    let body: ErrorBody = serde_json::from_str(&missing.body).unwrap();
+    assert_eq!(body.error, "not_found");
+
+    let response = app
+        .oneshot(Request::post("/health").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body: ErrorBody = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body.error, "method_not_allowed");
+}
+
+#[tokio::test]
+async fn metrics_carry_only_the_role_prefix_and_count_by_route_template() {
+    let (_directory, state) = role_state(Role::Coordinator);
+    let app = router(state);
+    send(&app, "/health", None).await;
+    send(&app, "/no/such/path/123", None).await;
+    let metrics = send(&app, "/metrics", None).await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    for line in metrics.body.lines().filter(|line| !line.starts_with('#')) {
+        assert!(line.starts_with("caracal_coordinator_"), "{line}");
+    }
+    assert!(
+        metrics
+            .body
+            .contains(r#"caracal_coordinator_http_requests_total{route="/health",method="GET",status="200"} 1"#),
+        "{}",
+        metrics.body
+    );
+    assert!(metrics.body.contains(r#"route="unmatched""#));
+    assert!(!metrics.body.contains("/no/such/path"));
+}

@@ -1,0 +1,94 @@
+//! The validated configuration a process runs with. The CLI builds it from flags, environment,
+//! file and defaults; nothing here reads any of those.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use caracal_core::Role;
+use caracal_store::StoreUrl;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `$CARACAL_HOME`: the data directory (KEK, admin token, embedded store).
+    pub home: PathBuf,
+    /// Address every role binds to; loopback unless the operator says otherwise.
+    pub bind: IpAddr,
+    /// Port of every role; 0 asks the OS for a free port (tests).
+    pub ports: BTreeMap<Role, u16>,
+    pub store: StoreUrl,
+    pub bus: BusUrl,
+    /// The `iss` of every mandate and the base of the JWKS URL.
+    pub issuer_url: String,
+    /// How long shutdown waits for in-flight requests before cutting them off.
+    pub shutdown_grace: Duration,
+}
+
+impl Settings {
+    pub fn port(&self, role: Role) -> u16 {
+        self.ports
+            .get(&role)
+            .copied()
+            .unwrap_or_else(|| role.default_port())
+    }
+}
+
+/// Where cross-role events travel: the in-process stream, or Redis Streams.
+#[derive(Clone, PartialEq, Eq)]
+pub enum BusUrl {
+    Embedded,
+    Redis(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bus URL `{0}` is not accepted (accepted: embedded, redis://…, rediss://…)")]
+pub struct BusUrlError(String);
+
+impl FromStr for BusUrl {
+    type Err = BusUrlError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "embedded" {
+            return Ok(BusUrl::Embedded);
+        }
+        if text.starts_with("redis://") || text.starts_with("rediss://") {
+            return Ok(BusUrl::Redis(text.to_owned()));
+        }
+        Err(BusUrlError(caracal_store::redact_url(text)))
+    }
+}
+
+impl fmt::Display for BusUrl {
+    /// Prints the URL with any password replaced by `***`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BusUrl::Embedded => f.write_str("embedded"),
+            BusUrl::Redis(url) => f.write_str(&caracal_store::redact_url(url)),
+        }
+    }
+}
+
+impl fmt::Debug for BusUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BusUrl({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_urls() {
+        assert_eq!("embedded".parse::<BusUrl>(), Ok(BusUrl::Embedded));
+        let redis: BusUrl = "redis://:pw@127.0.0.1:6379".parse().unwrap();
+        assert_eq!(redis.to_string(), "redis://:***@127.0.0.1:6379");
+        assert_eq!(
+            "kafka://x".parse::<BusUrl>().unwrap_err().to_string(),
+            "bus URL `kafka://x` is not accepted (accepted: embedded, redis://…, rediss://…)"
+        );
+    }
+}
