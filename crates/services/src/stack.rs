@@ -164,15 +164,9 @@ impl Stack {
                 tracing::info!(%role, %address, "serving");
             }
             let app = router(RoleState::new(role, self.shared.clone()));
-            let mut stop = stop_receiver.clone();
+            let stop = stop_receiver.clone();
             servers.spawn(async move {
-                let stopped = async move {
-                    let _ = stop.wait_for(|stopping| *stopping).await;
-                };
-                if let Err(error) = axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped)
-                    .await
-                {
+                if let Err(error) = serve_until_stopped(listener, app, stop).await {
                     tracing::error!(%role, %error, "server stopped with an error");
                 }
             });
@@ -200,5 +194,65 @@ impl Stack {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Serves `app` until `stop` turns true, then stops accepting and waits for the requests already
+/// in flight to be answered.
+async fn serve_until_stopped(
+    listener: TcpListener,
+    app: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let stopped = async move {
+        let _ = stop.wait_for(|stopping| *stopping).await;
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stopped)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn stopping_finishes_requests_in_flight_and_refuses_new_connections() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let app = axum::Router::new().route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                "done"
+            }),
+        );
+        let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(serve_until_stopped(listener, app, stop_receiver));
+
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop_sender.send(true).unwrap();
+
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        let response = String::from_utf8(response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.ends_with("done"), "{response}");
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(tokio::net::TcpStream::connect(address).await.is_err());
     }
 }
