@@ -7,9 +7,10 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 
 /// Migrations in order; entry `i` brings the schema to version `i + 1`. Never edit a shipped
 /// entry: add a new one.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "deployment and admin tokens",
-    "CREATE TABLE deployment (
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "deployment and admin tokens",
+        "CREATE TABLE deployment (
          singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
          kek_id TEXT NOT NULL,
          kek_check TEXT NOT NULL,
@@ -28,7 +29,37 @@ const MIGRATIONS: &[(&str, &str)] = &[(
          revoked_at INTEGER,
          CHECK ((scope = 'global') = (zone_id IS NULL))
      ) STRICT;",
-)];
+    ),
+    (
+        "embedded streams",
+        "CREATE TABLE streams (
+             name TEXT PRIMARY KEY,
+             last_seq INTEGER NOT NULL
+         ) STRICT;
+         CREATE TABLE stream_entries (
+             stream TEXT NOT NULL,
+             seq INTEGER NOT NULL,
+             appended_ms INTEGER NOT NULL,
+             fields TEXT NOT NULL,
+             PRIMARY KEY (stream, seq)
+         ) STRICT, WITHOUT ROWID;
+         CREATE TABLE stream_groups (
+             stream TEXT NOT NULL,
+             name TEXT NOT NULL,
+             last_delivered INTEGER NOT NULL,
+             PRIMARY KEY (stream, name)
+         ) STRICT;
+         CREATE TABLE stream_pending (
+             stream TEXT NOT NULL,
+             grp TEXT NOT NULL,
+             seq INTEGER NOT NULL,
+             consumer TEXT NOT NULL,
+             delivered_ms INTEGER NOT NULL,
+             deliveries INTEGER NOT NULL,
+             PRIMARY KEY (stream, grp, seq)
+         ) STRICT, WITHOUT ROWID;",
+    ),
+];
 
 /// The schema version this binary writes and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

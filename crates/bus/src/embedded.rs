@@ -1,0 +1,405 @@
+//! Streams in the embedded store: entries, groups and pending lists are SQLite rows (durable,
+//! committed before `append` returns); blocked readers are woken in memory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use caracal_store::SqliteStore;
+use rusqlite::{OptionalExtension as _, params};
+use tokio::sync::Notify;
+
+use crate::{BusError, Entry, Fields, GroupInfo, PendingEntry, StreamInfo, Streams};
+
+pub struct EmbeddedStreams {
+    store: SqliteStore,
+    wakers: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl EmbeddedStreams {
+    pub fn new(store: SqliteStore) -> EmbeddedStreams {
+        EmbeddedStreams {
+            store,
+            wakers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn waker(&self, stream: &str) -> Arc<Notify> {
+        let mut wakers = self
+            .wakers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Arc::clone(wakers.entry(stream.to_owned()).or_default())
+    }
+
+    /// Hands the group's next undelivered entries to `consumer`; `None` if the group is missing.
+    async fn deliver(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        count: usize,
+    ) -> Result<Option<Vec<Entry>>, BusError> {
+        let (stream, group, consumer) = (stream.to_owned(), group.to_owned(), consumer.to_owned());
+        let limit = i64::try_from(count).unwrap_or(i64::MAX);
+        let delivered = self
+            .store
+            .run(move |connection| {
+                let transaction = connection.transaction()?;
+                let last: Option<i64> = transaction
+                    .query_row(
+                        "SELECT last_delivered FROM stream_groups WHERE stream = ?1 AND name = ?2",
+                        params![stream, group],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                let Some(last) = last else {
+                    return Ok(None);
+                };
+                let rows: Vec<(i64, i64, String)> = {
+                    let mut statement = transaction.prepare_cached(
+                        "SELECT seq, appended_ms, fields FROM stream_entries
+                         WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                    )?;
+                    statement
+                        .query_map(params![stream, last, limit], |row| {
+                            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                        })?
+                        .collect::<Result<_, _>>()?
+                };
+                let now = now_ms();
+                for (seq, _, _) in &rows {
+                    transaction.execute(
+                        "INSERT INTO stream_pending (stream, grp, seq, consumer, delivered_ms, deliveries)
+                         VALUES (?1, ?2, ?3, ?4, ?5, 1)",
+                        params![stream, group, seq, consumer, now],
+                    )?;
+                }
+                if let Some((seq, _, _)) = rows.last() {
+                    transaction.execute(
+                        "UPDATE stream_groups SET last_delivered = ?3 WHERE stream = ?1 AND name = ?2",
+                        params![stream, group, seq],
+                    )?;
+                }
+                transaction.commit()?;
+                Ok(Some(rows))
+            })
+            .await?;
+        delivered
+            .map(|rows| {
+                rows.into_iter()
+                    .map(|(seq, appended_ms, fields)| entry(seq, appended_ms, &fields, 1))
+                    .collect()
+            })
+            .transpose()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn entry_id(seq: i64, appended_ms: i64) -> String {
+    format!("{appended_ms}-{seq}")
+}
+
+/// The sequence number inside an id; `None` for ids this backend never issued.
+fn seq_of(id: &str) -> Option<i64> {
+    id.split_once('-').and_then(|(_, seq)| seq.parse().ok())
+}
+
+fn entry(seq: i64, appended_ms: i64, fields: &str, deliveries: u64) -> Result<Entry, BusError> {
+    let fields: Fields = serde_json::from_str(fields)
+        .map_err(|error| BusError::Protocol(format!("stored entry {seq}: {error}")))?;
+    Ok(Entry {
+        id: entry_id(seq, appended_ms),
+        fields,
+        deliveries,
+    })
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn age(now: i64, then: i64) -> Duration {
+    Duration::from_millis(u64::try_from(now.saturating_sub(then)).unwrap_or(0))
+}
+
+#[async_trait::async_trait]
+impl Streams for EmbeddedStreams {
+    async fn append(&self, stream: &str, fields: &Fields) -> Result<String, BusError> {
+        let text =
+            serde_json::to_string(fields).map_err(|error| BusError::Protocol(error.to_string()))?;
+        let name = stream.to_owned();
+        let id = self
+            .store
+            .run(move |connection| {
+                let transaction = connection.transaction()?;
+                let seq: i64 = transaction.query_row(
+                    "INSERT INTO streams (name, last_seq) VALUES (?1, 1)
+                     ON CONFLICT (name) DO UPDATE SET last_seq = last_seq + 1
+                     RETURNING last_seq",
+                    [&name],
+                    |row| row.get(0),
+                )?;
+                let appended_ms = now_ms();
+                transaction.execute(
+                    "INSERT INTO stream_entries (stream, seq, appended_ms, fields) VALUES (?1, ?2, ?3, ?4)",
+                    params![name, seq, appended_ms, text],
+                )?;
+                transaction.commit()?;
+                Ok(entry_id(seq, appended_ms))
+            })
+            .await?;
+        self.waker(stream).notify_waiters();
+        Ok(id)
+    }
+
+    async fn ensure_group(&self, stream: &str, group: &str) -> Result<(), BusError> {
+        let (stream, group) = (stream.to_owned(), group.to_owned());
+        self.store
+            .run(move |connection| {
+                connection.execute(
+                    "INSERT INTO stream_groups (stream, name, last_delivered) VALUES (?1, ?2, 0)
+                     ON CONFLICT (stream, name) DO NOTHING",
+                    params![stream, group],
+                )
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn read_group(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry>, BusError> {
+        let deadline = Instant::now() + block;
+        let waker = self.waker(stream);
+        loop {
+            // Registered before looking, so an append between the look and the wait still wakes us.
+            let notified = waker.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let entries = self
+                .deliver(stream, group, consumer, count)
+                .await?
+                .ok_or_else(|| BusError::NoGroup {
+                    stream: stream.to_owned(),
+                    group: group.to_owned(),
+                })?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if !entries.is_empty() || remaining.is_zero() {
+                return Ok(entries);
+            }
+            let _ = tokio::time::timeout(remaining, notified).await;
+        }
+    }
+
+    async fn ack(&self, stream: &str, group: &str, ids: &[String]) -> Result<u64, BusError> {
+        let seqs: Vec<i64> = ids.iter().filter_map(|id| seq_of(id)).collect();
+        let (stream, group) = (stream.to_owned(), group.to_owned());
+        let acknowledged = self
+            .store
+            .run(move |connection| {
+                let transaction = connection.transaction()?;
+                let mut acknowledged = 0;
+                for seq in seqs {
+                    acknowledged += transaction.execute(
+                        "DELETE FROM stream_pending WHERE stream = ?1 AND grp = ?2 AND seq = ?3",
+                        params![stream, group, seq],
+                    )?;
+                }
+                transaction.commit()?;
+                Ok(acknowledged)
+            })
+            .await?;
+        Ok(acknowledged as u64)
+    }
+
+    async fn pending(
+        &self,
+        stream: &str,
+        group: &str,
+        count: usize,
+    ) -> Result<Vec<PendingEntry>, BusError> {
+        let (stream, group) = (stream.to_owned(), group.to_owned());
+        let limit = i64::try_from(count).unwrap_or(i64::MAX);
+        let rows: Vec<(i64, i64, String, i64, i64)> = self
+            .store
+            .run(move |connection| {
+                let mut statement = connection.prepare_cached(
+                    "SELECT p.seq, COALESCE(e.appended_ms, 0), p.consumer, p.delivered_ms, p.deliveries
+                     FROM stream_pending p
+                     LEFT JOIN stream_entries e ON e.stream = p.stream AND e.seq = p.seq
+                     WHERE p.stream = ?1 AND p.grp = ?2 ORDER BY p.seq LIMIT ?3",
+                )?;
+                statement
+                    .query_map(params![stream, group, limit], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+                    })?
+                    .collect()
+            })
+            .await?;
+        let now = now_ms();
+        Ok(rows
+            .into_iter()
+            .map(
+                |(seq, appended_ms, consumer, delivered_ms, deliveries)| PendingEntry {
+                    id: entry_id(seq, appended_ms),
+                    consumer,
+                    idle: age(now, delivered_ms),
+                    deliveries: u64::try_from(deliveries).unwrap_or(0),
+                },
+            )
+            .collect())
+    }
+
+    async fn claim_idle(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<Entry>, BusError> {
+        let (stream, group, consumer) = (stream.to_owned(), group.to_owned(), consumer.to_owned());
+        let limit = i64::try_from(count).unwrap_or(i64::MAX);
+        let min_idle = millis(min_idle);
+        let claimed: Vec<(i64, i64, String, i64)> = self
+            .store
+            .run(move |connection| {
+                let transaction = connection.transaction()?;
+                let now = now_ms();
+                let idle: Vec<(i64, i64, Option<(i64, String)>)> = {
+                    let mut statement = transaction.prepare_cached(
+                        "SELECT p.seq, p.deliveries, e.appended_ms, e.fields
+                         FROM stream_pending p
+                         LEFT JOIN stream_entries e ON e.stream = p.stream AND e.seq = p.seq
+                         WHERE p.stream = ?1 AND p.grp = ?2 AND p.delivered_ms <= ?3
+                         ORDER BY p.seq LIMIT ?4",
+                    )?;
+                    statement
+                        .query_map(params![stream, group, now.saturating_sub(min_idle), limit], |row| {
+                            let appended: Option<i64> = row.get(2)?;
+                            let fields: Option<String> = row.get(3)?;
+                            Ok((row.get(0)?, row.get(1)?, appended.zip(fields)))
+                        })?
+                        .collect::<Result<_, _>>()?
+                };
+                let mut claimed = Vec::with_capacity(idle.len());
+                for (seq, deliveries, stored) in idle {
+                    match stored {
+                        Some((appended_ms, fields)) => {
+                            transaction.execute(
+                                "UPDATE stream_pending SET consumer = ?4, delivered_ms = ?5, deliveries = deliveries + 1
+                                 WHERE stream = ?1 AND grp = ?2 AND seq = ?3",
+                                params![stream, group, seq, consumer, now],
+                            )?;
+                            claimed.push((seq, appended_ms, fields, deliveries + 1));
+                        }
+                        None => {
+                            transaction.execute(
+                                "DELETE FROM stream_pending WHERE stream = ?1 AND grp = ?2 AND seq = ?3",
+                                params![stream, group, seq],
+                            )?;
+                        }
+                    }
+                }
+                transaction.commit()?;
+                Ok(claimed)
+            })
+            .await?;
+        claimed
+            .into_iter()
+            .map(|(seq, appended_ms, fields, deliveries)| {
+                entry(
+                    seq,
+                    appended_ms,
+                    &fields,
+                    u64::try_from(deliveries).unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
+    async fn info(&self, stream: &str) -> Result<StreamInfo, BusError> {
+        let stream = stream.to_owned();
+        let (length, groups) = self
+            .store
+            .run(move |connection| {
+                let length: i64 = connection.query_row(
+                    "SELECT COUNT(*) FROM stream_entries WHERE stream = ?1",
+                    [&stream],
+                    |row| row.get(0),
+                )?;
+                let mut statement = connection.prepare_cached(
+                    "SELECT g.name,
+                            (SELECT COUNT(*) FROM stream_pending p WHERE p.stream = g.stream AND p.grp = g.name),
+                            (SELECT COUNT(*) FROM stream_entries e WHERE e.stream = g.stream AND e.seq > g.last_delivered),
+                            (SELECT MIN(e.appended_ms) FROM stream_pending p
+                               JOIN stream_entries e ON e.stream = p.stream AND e.seq = p.seq
+                              WHERE p.stream = g.stream AND p.grp = g.name)
+                     FROM stream_groups g WHERE g.stream = ?1 ORDER BY g.name",
+                )?;
+                let groups: Vec<(String, i64, i64, Option<i64>)> = statement
+                    .query_map([&stream], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?
+                    .collect::<Result<_, _>>()?;
+                Ok((length, groups))
+            })
+            .await?;
+        let now = now_ms();
+        Ok(StreamInfo {
+            length: u64::try_from(length).unwrap_or(0),
+            groups: groups
+                .into_iter()
+                .map(|(name, pending, lag, oldest)| GroupInfo {
+                    name,
+                    pending: u64::try_from(pending).unwrap_or(0),
+                    lag: u64::try_from(lag).unwrap_or(0),
+                    oldest_pending_age: oldest.map(|appended_ms| age(now, appended_ms)),
+                })
+                .collect(),
+        })
+    }
+
+    async fn trim_consumed(&self, stream: &str) -> Result<u64, BusError> {
+        let stream = stream.to_owned();
+        let deleted = self
+            .store
+            .run(move |connection| {
+                let transaction = connection.transaction()?;
+                // Per group, everything at or below this seq is delivered and acknowledged.
+                let floor: Option<i64> = transaction.query_row(
+                    "SELECT MIN(MIN(g.last_delivered,
+                                    COALESCE((SELECT MIN(p.seq) - 1 FROM stream_pending p
+                                              WHERE p.stream = g.stream AND p.grp = g.name), g.last_delivered)))
+                     FROM stream_groups g WHERE g.stream = ?1",
+                    [&stream],
+                    |row| row.get(0),
+                )?;
+                let deleted = match floor {
+                    Some(floor) => transaction.execute(
+                        "DELETE FROM stream_entries WHERE stream = ?1 AND seq <= ?2",
+                        params![stream, floor],
+                    )?,
+                    None => 0,
+                };
+                transaction.commit()?;
+                Ok(deleted)
+            })
+            .await?;
+        Ok(deleted as u64)
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        Ok(self.store.ping().await?)
+    }
+}
