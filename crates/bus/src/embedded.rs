@@ -9,18 +9,29 @@ use caracal_store::SqliteStore;
 use rusqlite::{OptionalExtension as _, params};
 use tokio::sync::Notify;
 
-use crate::{BusError, Entry, Fields, GroupInfo, PendingEntry, StreamInfo, Streams};
+use crate::registers::window_index;
+use crate::{
+    BusError, Entry, Fields, GroupInfo, PendingEntry, RateCounter, ReplayNamespace, ReplayRegistry,
+    StreamInfo, Streams,
+};
 
-pub struct EmbeddedStreams {
+/// Counters kept in memory before stale windows are swept out.
+const COUNTER_SWEEP_THRESHOLD: usize = 10_000;
+
+pub struct EmbeddedBus {
     store: SqliteStore,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Rate counters live in memory: one process owns the embedded deployment, and losing the
+    /// current window on restart only loosens a rate limit for one window.
+    counters: Mutex<HashMap<String, (u64, u64)>>,
 }
 
-impl EmbeddedStreams {
-    pub fn new(store: SqliteStore) -> EmbeddedStreams {
-        EmbeddedStreams {
+impl EmbeddedBus {
+    pub fn new(store: SqliteStore) -> EmbeddedBus {
+        EmbeddedBus {
             store,
             wakers: Mutex::new(HashMap::new()),
+            counters: Mutex::new(HashMap::new()),
         }
     }
 
@@ -93,6 +104,68 @@ impl EmbeddedStreams {
             })
             .transpose()
     }
+
+    /// Deletes replay keys whose TTL has passed; returns how many.
+    pub async fn purge_expired_replay_keys(&self) -> Result<u64, BusError> {
+        let deleted = self
+            .store
+            .run(|connection| {
+                connection.execute("DELETE FROM replay_keys WHERE expires_ms <= ?1", [now_ms()])
+            })
+            .await?;
+        Ok(deleted as u64)
+    }
+}
+
+#[async_trait::async_trait]
+impl ReplayRegistry for EmbeddedBus {
+    async fn claim_once(
+        &self,
+        namespace: ReplayNamespace,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<bool, BusError> {
+        let key = key.to_owned();
+        let claimed = self
+            .store
+            .run(move |connection| {
+                let now = now_ms();
+                // A key whose TTL has passed may be claimed again, as in Redis.
+                connection.execute(
+                    "INSERT INTO replay_keys (namespace, key, expires_ms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (namespace, key) DO UPDATE SET expires_ms = excluded.expires_ms
+                     WHERE replay_keys.expires_ms <= ?4",
+                    params![
+                        namespace.as_str(),
+                        key,
+                        now.saturating_add(millis(ttl)),
+                        now
+                    ],
+                )
+            })
+            .await?;
+        Ok(claimed == 1)
+    }
+}
+
+#[async_trait::async_trait]
+impl RateCounter for EmbeddedBus {
+    async fn hit(&self, bucket: &str, window: Duration) -> Result<u64, BusError> {
+        let current = window_index(u64::try_from(now_ms()).unwrap_or(0), window);
+        let mut counters = self
+            .counters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if counters.len() > COUNTER_SWEEP_THRESHOLD {
+            counters.retain(|_, (index, _)| *index == current);
+        }
+        let counter = counters.entry(bucket.to_owned()).or_insert((current, 0));
+        if counter.0 != current {
+            *counter = (current, 0);
+        }
+        counter.1 += 1;
+        Ok(counter.1)
+    }
 }
 
 fn now_ms() -> i64 {
@@ -130,7 +203,7 @@ fn age(now: i64, then: i64) -> Duration {
 }
 
 #[async_trait::async_trait]
-impl Streams for EmbeddedStreams {
+impl Streams for EmbeddedBus {
     async fn append(&self, stream: &str, fields: &Fields) -> Result<String, BusError> {
         let text =
             serde_json::to_string(fields).map_err(|error| BusError::Protocol(error.to_string()))?;

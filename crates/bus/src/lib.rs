@@ -1,9 +1,13 @@
 //! Everything that crosses between roles and replicas without being the system of record.
 //!
 //! - [`Streams`]: append-only streams with consumer groups, the transport of revocations,
-//!   invalidations and audit events. Two implementations with the same semantics, checked by
-//!   one conformance suite (`tests/conformance.rs`): [`EmbeddedStreams`] (rows in the SQLite
-//!   store, wake-ups in memory) and [`RedisStreams`] (Redis Streams).
+//!   invalidations and audit events.
+//! - [`ReplayRegistry`] (single-use JTIs and gateway nonces) and [`RateCounter`] (fixed-window
+//!   rate limits).
+//!
+//! Two backends implement all three with the same semantics, checked by one conformance suite
+//! (`tests/conformance.rs`): [`EmbeddedBus`] (rows in the SQLite store, wake-ups and counters in
+//! memory) and [`RedisBus`] (Redis Streams, `SET NX PX`, `INCR`).
 //! - [`signature`]: the `_sig` HMAC every message carries, in the reference's format.
 //! - [`Producer`] and [`Consumer`]: signing on the way in; on the way out, signature checks,
 //!   reclaim of entries another consumer left pending, and the dead-letter stream
@@ -13,7 +17,8 @@
 
 mod consumer;
 mod embedded;
-mod redis_streams;
+mod redis_bus;
+mod registers;
 pub mod signature;
 pub mod stream_names;
 
@@ -21,8 +26,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats, Producer};
-pub use embedded::EmbeddedStreams;
-pub use redis_streams::RedisStreams;
+pub use embedded::EmbeddedBus;
+pub use redis_bus::RedisBus;
+pub use registers::{RateCounter, ReplayNamespace, ReplayRegistry};
 
 /// The fields of one message. Values are strings; the map keeps them sorted by name, which is
 /// also the order the signature covers.

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use backends::Backend;
 use caracal_bus::signature::StreamKey;
 use caracal_bus::{
-    BusError, Consumer, ConsumerConfig, Fields, Producer, dead_letter_stream, stream_names,
+    BusError, Consumer, ConsumerConfig, Fields, Producer, ReplayNamespace, dead_letter_stream,
+    stream_names,
 };
 
 conformance!(
@@ -33,6 +34,10 @@ conformance!(
     consumers_drop_unsigned_and_forged_messages_to_the_dead_letter_stream,
     entries_past_the_delivery_bound_are_dead_lettered,
     a_crashed_consumers_entries_are_processed_once_by_its_group,
+    replay_keys_are_single_use_per_namespace,
+    replay_keys_can_be_claimed_again_after_their_ttl,
+    concurrent_claims_of_one_key_have_one_winner,
+    rate_counts_rise_within_a_window_and_restart_in_the_next,
 );
 
 fn fields(pairs: &[(&str, &str)]) -> Fields {
@@ -495,5 +500,115 @@ async fn a_crashed_consumers_entries_are_processed_once_by_its_group(backend: &B
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+async fn replay_keys_are_single_use_per_namespace(backend: &Backend) {
+    let key = backend.stream("jti-1");
+    let ttl = Duration::from_secs(60);
+    let replay = &backend.replay;
+    assert!(
+        replay
+            .claim_once(ReplayNamespace::Jti, &key, ttl)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !replay
+            .claim_once(ReplayNamespace::Jti, &key, ttl)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !replay
+            .claim_once(ReplayNamespace::Jti, &key, ttl)
+            .await
+            .unwrap()
+    );
+    assert!(
+        replay
+            .claim_once(ReplayNamespace::GatewayNonce, &key, ttl)
+            .await
+            .unwrap()
+    );
+    assert!(
+        replay
+            .claim_once(ReplayNamespace::Jti, &backend.stream("jti-2"), ttl)
+            .await
+            .unwrap()
+    );
+}
+
+async fn replay_keys_can_be_claimed_again_after_their_ttl(backend: &Backend) {
+    let key = backend.stream("nonce");
+    let replay = &backend.replay;
+    let ttl = Duration::from_millis(100);
+    assert!(
+        replay
+            .claim_once(ReplayNamespace::GatewayNonce, &key, ttl)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !replay
+            .claim_once(ReplayNamespace::GatewayNonce, &key, ttl)
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        replay
+            .claim_once(ReplayNamespace::GatewayNonce, &key, ttl)
+            .await
+            .unwrap()
+    );
+}
+
+async fn concurrent_claims_of_one_key_have_one_winner(backend: &Backend) {
+    let key = backend.stream("raced");
+    let attempts: Vec<_> = (0..16)
+        .map(|_| {
+            let (replay, key) = (Arc::clone(&backend.replay), key.clone());
+            tokio::spawn(async move {
+                replay
+                    .claim_once(ReplayNamespace::Jti, &key, Duration::from_secs(60))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut winners = 0;
+    for attempt in attempts {
+        winners += u32::from(attempt.await.unwrap());
+    }
+    assert_eq!(winners, 1);
+}
+
+async fn rate_counts_rise_within_a_window_and_restart_in_the_next(backend: &Backend) {
+    let rates = &backend.rates;
+    let hour = Duration::from_secs(3600);
+    let bucket = backend.stream("ip:127.0.0.1");
+    let counts = [
+        rates.hit(&bucket, hour).await.unwrap(),
+        rates.hit(&bucket, hour).await.unwrap(),
+        rates.hit(&bucket, hour).await.unwrap(),
+    ];
+    assert_eq!(counts, [1, 2, 3]);
+    assert_eq!(
+        rates
+            .hit(&backend.stream("ip:10.0.0.1"), hour)
+            .await
+            .unwrap(),
+        1
+    );
+
+    let short = Duration::from_millis(100);
+    let quick = backend.stream("quick");
+    rates.hit(&quick, short).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        rates.hit(&quick, short).await.unwrap(),
+        1,
+        "a new window starts from zero"
     );
 }

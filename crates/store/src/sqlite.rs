@@ -59,6 +59,16 @@ const MIGRATIONS: &[(&str, &str)] = &[
              PRIMARY KEY (stream, grp, seq)
          ) STRICT, WITHOUT ROWID;",
     ),
+    (
+        "replay registry",
+        "CREATE TABLE replay_keys (
+             namespace TEXT NOT NULL,
+             key TEXT NOT NULL,
+             expires_ms INTEGER NOT NULL,
+             PRIMARY KEY (namespace, key)
+         ) STRICT, WITHOUT ROWID;
+         CREATE INDEX replay_keys_expiry ON replay_keys (expires_ms);",
+    ),
 ];
 
 /// The schema version this binary writes and understands.

@@ -6,12 +6,15 @@
 
 use std::sync::Arc;
 
-use caracal_bus::{EmbeddedStreams, RedisStreams, Streams};
+use caracal_bus::{EmbeddedBus, RateCounter, RedisBus, ReplayRegistry, Streams};
 use caracal_store::SqliteStore;
 
 pub struct Backend {
     pub streams: Arc<dyn Streams>,
-    /// Prepended to every stream name, so tests sharing one Redis never see each other.
+    pub replay: Arc<dyn ReplayRegistry>,
+    pub rates: Arc<dyn RateCounter>,
+    /// Part of every stream name and register key, so tests sharing one Redis never see each
+    /// other.
     pub prefix: String,
     _directory: Option<tempfile::TempDir>,
 }
@@ -23,13 +26,13 @@ impl Backend {
 
     /// Deletes the keys a Redis case created; the embedded store goes with its directory.
     pub async fn cleanup(&self) {
-        if self.prefix.is_empty() {
+        if self._directory.is_some() {
             return;
         }
         let client = redis::Client::open(redis_url()).unwrap();
         let mut connection = client.get_multiplexed_async_connection().await.unwrap();
         let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.prefix))
+            .arg(format!("*{}*", self.prefix))
             .query_async(&mut connection)
             .await
             .unwrap();
@@ -46,9 +49,12 @@ impl Backend {
 pub fn embedded() -> Backend {
     let directory = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+    let bus = Arc::new(EmbeddedBus::new(store));
     Backend {
-        streams: Arc::new(EmbeddedStreams::new(store)),
-        prefix: String::new(),
+        streams: bus.clone(),
+        replay: bus.clone(),
+        rates: bus,
+        prefix: format!("test:{}:", uuid::Uuid::now_v7()),
         _directory: Some(directory),
     }
 }
@@ -70,14 +76,17 @@ pub async fn redis() -> Option<Backend> {
         return None;
     }
     let url = redis_url();
-    let streams = RedisStreams::connect(&url).await.unwrap_or_else(|error| {
+    let bus = RedisBus::connect(&url).await.unwrap_or_else(|error| {
         panic!(
             "Redis at {url} is required for this test ({error}); start it with \
              `redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no`"
         )
     });
+    let bus = Arc::new(bus);
     Some(Backend {
-        streams: Arc::new(streams),
+        streams: bus.clone(),
+        replay: bus.clone(),
+        rates: bus,
         prefix: format!("test:{}:", uuid::Uuid::now_v7()),
         _directory: None,
     })

@@ -9,11 +9,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{RedisError, Value};
 
-use crate::{BusError, Entry, Fields, GroupInfo, PendingEntry, StreamInfo, Streams};
+use crate::registers::window_index;
+use crate::{
+    BusError, Entry, Fields, GroupInfo, PendingEntry, RateCounter, ReplayNamespace, ReplayRegistry,
+    StreamInfo, Streams,
+};
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub struct RedisStreams {
+pub struct RedisBus {
     client: redis::Client,
     shared: ConnectionManager,
     idle_blocking: Mutex<Vec<MultiplexedConnection>>,
@@ -31,10 +35,10 @@ fn bus_error(error: RedisError) -> BusError {
     }
 }
 
-impl RedisStreams {
+impl RedisBus {
     /// Connects to `url` (`redis://…`). Fails if the server cannot be reached now; later
     /// outages are retried with backoff by the connection manager.
-    pub async fn connect(url: &str) -> Result<RedisStreams, BusError> {
+    pub async fn connect(url: &str) -> Result<RedisBus, BusError> {
         let client = redis::Client::open(url).map_err(bus_error)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -42,7 +46,7 @@ impl RedisStreams {
         let shared = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(bus_error)?;
-        Ok(RedisStreams {
+        Ok(RedisBus {
             client,
             shared,
             idle_blocking: Mutex::new(Vec::new()),
@@ -184,7 +188,7 @@ fn id_parts(id: &str) -> Option<(u64, u64)> {
 }
 
 #[async_trait::async_trait]
-impl Streams for RedisStreams {
+impl Streams for RedisBus {
     async fn append(&self, stream: &str, fields: &Fields) -> Result<String, BusError> {
         let mut command = redis::cmd("XADD");
         command.arg(stream).arg("*");
@@ -464,5 +468,49 @@ impl Streams for RedisStreams {
 
     async fn ping(&self) -> Result<(), BusError> {
         self.query(&redis::cmd("PING")).await.map(|_| ())
+    }
+}
+
+#[async_trait::async_trait]
+impl ReplayRegistry for RedisBus {
+    async fn claim_once(
+        &self,
+        namespace: ReplayNamespace,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<bool, BusError> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let reply = self
+            .query(
+                redis::cmd("SET")
+                    .arg(format!("caracal:replay:{}:{key}", namespace.as_str()))
+                    .arg("1")
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms),
+            )
+            .await?;
+        Ok(matches!(reply, Value::Okay))
+    }
+}
+
+#[async_trait::async_trait]
+impl RateCounter for RedisBus {
+    async fn hit(&self, bucket: &str, window: Duration) -> Result<u64, BusError> {
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
+        let key = format!("caracal:rate:{bucket}:{}", window_index(now_ms(), window));
+        let mut connection = self.shared.clone();
+        // One round trip; the key outlives its window by one window, then expires.
+        let (count, _): (u64, Value) = redis::pipe()
+            .atomic()
+            .cmd("INCR")
+            .arg(&key)
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(window_ms.saturating_mul(2))
+            .query_async(&mut connection)
+            .await
+            .map_err(bus_error)?;
+        Ok(count)
     }
 }

@@ -1,0 +1,48 @@
+//! Replay registries and rate counters: small shared registers every replica must agree on.
+
+use std::time::Duration;
+
+use crate::BusError;
+
+/// What a single-use key protects; each namespace is a separate key space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReplayNamespace {
+    /// Mandate ids (`jti`) that may be presented once.
+    Jti,
+    /// Nonces of HMAC-signed Gateway → STS calls.
+    GatewayNonce,
+}
+
+impl ReplayNamespace {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplayNamespace::Jti => "jti",
+            ReplayNamespace::GatewayNonce => "gateway_nonce",
+        }
+    }
+}
+
+#[async_trait::async_trait]
+pub trait ReplayRegistry: Send + Sync {
+    /// Records `key` for `ttl` if it is not already recorded. Returns `true` for the first use
+    /// and `false` for every later use within the TTL. An error means "unknown": callers deny.
+    async fn claim_once(
+        &self,
+        namespace: ReplayNamespace,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<bool, BusError>;
+}
+
+#[async_trait::async_trait]
+pub trait RateCounter: Send + Sync {
+    /// Counts one hit against `bucket` in the current fixed window of length `window` and
+    /// returns the hits in that window so far, this one included.
+    async fn hit(&self, bucket: &str, window: Duration) -> Result<u64, BusError>;
+}
+
+/// The index of the fixed window `now_ms` falls in.
+pub(crate) fn window_index(now_ms: u64, window: Duration) -> u64 {
+    let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
+    now_ms / window_ms
+}
