@@ -40,6 +40,18 @@ impl RedisBus {
     /// outages are retried with backoff by the connection manager.
     pub async fn connect(url: &str) -> Result<RedisBus, BusError> {
         let client = redis::Client::open(url).map_err(bus_error)?;
+        // One quick attempt first: at start an unreachable server is an error now, not after
+        // the manager's reconnect backoff has run its course.
+        let probe_config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)));
+        let mut probe = client
+            .get_multiplexed_async_connection_with_config(&probe_config)
+            .await
+            .map_err(bus_error)?;
+        let _: Value = redis::cmd("PING")
+            .query_async(&mut probe)
+            .await
+            .map_err(bus_error)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(COMMAND_TIMEOUT));

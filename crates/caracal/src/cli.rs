@@ -54,6 +54,20 @@ pub struct Overrides {
     /// Seconds shutdown waits for in-flight requests [env: CARACAL_SHUTDOWN_GRACE_SECONDS] [default: 30]
     #[arg(long, global = true, value_name = "SECONDS")]
     pub shutdown_grace_seconds: Option<String>,
+    /// PostgreSQL connections per process [env: CARACAL_STORE_POOL_SIZE] [default: 16]
+    #[arg(long, global = true, value_name = "N")]
+    pub store_pool_size: Option<String>,
+    /// PostgreSQL schema for Caracal's tables, created if missing [env: CARACAL_STORE_SCHEMA]
+    /// [default: the connection's search path]
+    #[arg(long, global = true, value_name = "NAME")]
+    pub store_schema: Option<String>,
+    /// PostgreSQL statement timeout [env: CARACAL_STORE_STATEMENT_TIMEOUT_MS] [default: 5000]
+    #[arg(long, global = true, value_name = "MS")]
+    pub store_statement_timeout_ms: Option<String>,
+    /// Hex key (≥ 32 bytes) signing stream messages; replicas sharing a bus must share it
+    /// [env: CARACAL_STREAM_KEY] [default: $CARACAL_HOME/stream-key, created on first start]
+    #[arg(long, global = true, value_name = "HEX")]
+    pub stream_key: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

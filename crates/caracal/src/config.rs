@@ -62,8 +62,28 @@ struct Key {
     env: &'static [&'static str],
     flag: &'static str,
     accepted: &'static str,
-    /// Redact the value (URL passwords) when showing it.
-    secret: bool,
+    redact: Redact,
+}
+
+/// How a value is shown by `config show` and in error messages.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Redact {
+    Nothing,
+    /// Only the password of a URL.
+    UrlPassword,
+    /// The whole value.
+    Everything,
+}
+
+impl Redact {
+    fn apply(self, value: &str) -> String {
+        match self {
+            Redact::Nothing => value.to_owned(),
+            Redact::UrlPassword => caracal_store::redact_url(value),
+            Redact::Everything if value.is_empty() => String::new(),
+            Redact::Everything => "***".to_owned(),
+        }
+    }
 }
 
 const fn key(
@@ -77,7 +97,7 @@ const fn key(
         env,
         flag,
         accepted,
-        secret: false,
+        redact: Redact::Nothing,
     }
 }
 
@@ -91,7 +111,7 @@ const KEYS: &[Key] = &[
         "an IP address such as 127.0.0.1",
     ),
     Key {
-        secret: true,
+        redact: Redact::UrlPassword,
         ..key(
             "store",
             &["CARACAL_STORE_URL"],
@@ -100,12 +120,39 @@ const KEYS: &[Key] = &[
         )
     },
     Key {
-        secret: true,
+        redact: Redact::UrlPassword,
         ..key(
             "bus",
             &["CARACAL_BUS_URL"],
             "--bus",
             "embedded, redis://… or rediss://…",
+        )
+    },
+    key(
+        "store_pool_size",
+        &["CARACAL_STORE_POOL_SIZE"],
+        "--store-pool-size",
+        "a connection count 1-1024",
+    ),
+    key(
+        "store_schema",
+        &["CARACAL_STORE_SCHEMA"],
+        "--store-schema",
+        "a PostgreSQL schema name of lower-case letters, digits and _ (empty: the search path)",
+    ),
+    key(
+        "store_statement_timeout_ms",
+        &["CARACAL_STORE_STATEMENT_TIMEOUT_MS"],
+        "--store-statement-timeout-ms",
+        "milliseconds 100-600000",
+    ),
+    Key {
+        redact: Redact::Everything,
+        ..key(
+            "stream_key",
+            &["CARACAL_STREAM_KEY"],
+            "--stream-key",
+            "at least 64 hex characters (32 bytes)",
         )
     },
     key(
@@ -243,6 +290,30 @@ pub fn resolve(
                 .filter(|seconds| (1..=3600).contains(seconds))
                 .map(Duration::from_secs)
         })?,
+        store_pool_size: parse.value("store_pool_size", |text| {
+            text.parse::<usize>()
+                .ok()
+                .filter(|size| (1..=1024).contains(size))
+        })?,
+        store_statement_timeout: parse.value("store_statement_timeout_ms", |text| {
+            text.parse::<u64>()
+                .ok()
+                .filter(|millis| (100..=600_000).contains(millis))
+                .map(Duration::from_millis)
+        })?,
+        store_schema: parse.value("store_schema", |text| {
+            let valid = text.len() <= 63
+                && text
+                    .bytes()
+                    .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_');
+            valid.then(|| (!text.is_empty()).then(|| text.to_owned()))
+        })?,
+        stream_key: match raw.get("stream_key") {
+            Some((value, _)) if !value.is_empty() => Some(parse.value("stream_key", |text| {
+                caracal_services::decode_key_hex(text).map(caracal_services::SecretBytes)
+            })?),
+            _ => None,
+        },
     };
     let log_format = parse.value("log.format", |text| match text {
         "text" => Some(LogFormat::Text),
@@ -269,11 +340,7 @@ pub fn resolve(
     ];
     for key in KEYS {
         if let Some((value, source)) = raw.get(key.name) {
-            let value = if key.secret {
-                caracal_store::redact_url(value)
-            } else {
-                value.clone()
-            };
+            let value = key.redact.apply(value);
             shown.push((key.name.to_owned(), value, source.clone()));
         }
     }
@@ -312,6 +379,8 @@ fn default_value(name: &str, default_store: &str) -> String {
         "log.format" => "text".to_owned(),
         "log.filter" => "info".to_owned(),
         "shutdown_grace_seconds" => "30".to_owned(),
+        "store_pool_size" => "16".to_owned(),
+        "store_statement_timeout_ms" => "5000".to_owned(),
         _ => String::new(),
     }
 }
@@ -330,11 +399,9 @@ impl Parser<'_> {
             .unwrap_or_else(|| (String::new(), Source::Default));
         parse(&value).ok_or_else(|| ConfigError::Invalid {
             key: name.to_owned(),
-            value: if key.is_some_and(|key| key.secret) {
-                caracal_store::redact_url(&value)
-            } else {
-                value
-            },
+            value: key
+                .map_or(Redact::Everything, |key| key.redact)
+                .apply(&value),
             origin: source,
             accepted: key.map(|key| key.accepted).unwrap_or_default().to_owned(),
         })
@@ -364,6 +431,13 @@ fn flag_values(overrides: &Overrides) -> Result<BTreeMap<&'static str, String>, 
         ("log.format", &overrides.log_format),
         ("log.filter", &overrides.log),
         ("shutdown_grace_seconds", &overrides.shutdown_grace_seconds),
+        ("store_pool_size", &overrides.store_pool_size),
+        ("store_schema", &overrides.store_schema),
+        (
+            "store_statement_timeout_ms",
+            &overrides.store_statement_timeout_ms,
+        ),
+        ("stream_key", &overrides.stream_key),
     ];
     for (name, value) in singles {
         if let Some(value) = value {

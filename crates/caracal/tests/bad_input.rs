@@ -90,27 +90,57 @@ fn a_port_in_use_names_the_role_and_leaves_nothing_running() {
 }
 
 #[test]
-fn production_backends_are_refused_not_silently_replaced() {
-    for (flag, url, what) in [
-        (
+fn a_postgres_store_needs_a_shared_bus() {
+    let (_parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.extend(
+        [
             "--store",
             "postgres://postgres:pw@127.0.0.1:5432/test",
-            "store",
+            "up",
+        ]
+        .map(String::from),
+    );
+    let output = run(caracal(&home).args(&args));
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the embedded bus needs the embedded store"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("postgres://postgres:***@"), "{stderr}");
+    assert!(!home.exists(), "refused before anything was written");
+}
+
+#[test]
+fn unreachable_backends_refuse_to_start() {
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let cases = [
+        (
+            vec![
+                "--store".to_owned(),
+                format!("postgres://postgres@127.0.0.1:{port}/test"),
+                "--bus".to_owned(),
+                "redis://127.0.0.1:6379".to_owned(),
+            ],
+            "store postgres://postgres@127.0.0.1",
         ),
-        ("--bus", "redis://127.0.0.1:6379", "bus"),
-    ] {
+        (
+            vec!["--bus".to_owned(), format!("redis://127.0.0.1:{port}")],
+            "bus `redis://127.0.0.1",
+        ),
+    ];
+    for (backend, expected) in cases {
         let (_parent, home) = fresh_home();
         let mut args = free_ports();
-        args.extend([flag.to_owned(), url.to_owned(), "up".to_owned()]);
+        args.extend(backend);
+        args.push("up".to_owned());
         let output = run(caracal(&home).args(&args));
         let stderr = stderr_of(&output);
         assert_eq!(output.status.code(), Some(1), "{stderr}");
-        assert!(
-            stderr.contains(&format!("{what} `")) && stderr.contains("is not yet supported"),
-            "{stderr}"
-        );
-        assert!(!stderr.contains(":pw@"), "{stderr}");
-        assert!(!home.exists());
+        assert!(stderr.contains(expected), "{stderr}");
     }
 }
 

@@ -9,17 +9,20 @@
 
 mod error;
 mod metrics;
+pub mod outbox;
 mod probes;
 mod request_id;
 mod router;
 mod settings;
 mod stack;
 mod state;
+#[cfg(test)]
+mod test_support;
 pub mod wire;
 
 pub use error::ApiError;
-pub use metrics::RoleMetrics;
+pub use metrics::{OutboxMetrics, RoleMetrics};
 pub use router::router;
-pub use settings::{BusUrl, BusUrlError, Settings};
-pub use stack::{RUN_FILE, RunFile, Stack, StartError};
-pub use state::{RoleState, Shared};
+pub use settings::{BusUrl, BusUrlError, SecretBytes, Settings};
+pub use stack::{RUN_FILE, RunFile, STREAM_KEY_FILE, Stack, StartError, decode_key_hex};
+pub use state::{Bus, RoleState, Shared};

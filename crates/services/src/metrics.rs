@@ -2,6 +2,9 @@
 //! `caracal_<role>_`, so one process running six roles still serves six disjoint `/metrics`.
 //! Labels come from closed sets: route templates, methods, status codes.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -50,8 +53,58 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 15))
 }
 
+/// The API role's view of the outbox it dispatches.
+#[derive(Default)]
+pub struct OutboxMetrics {
+    /// Rows that reached the attempt bound, ever.
+    pub dead_total: Counter,
+    /// Rows dead right now (any makes the API role not ready).
+    pub dead_rows: Gauge,
+    pub pending_rows: Gauge,
+    pub pending_oldest_seconds: Gauge<f64, AtomicU64>,
+}
+
+impl OutboxMetrics {
+    pub fn observe(&self, stats: &caracal_store::OutboxStats) {
+        self.dead_rows
+            .set(i64::try_from(stats.dead).unwrap_or(i64::MAX));
+        self.pending_rows
+            .set(i64::try_from(stats.pending).unwrap_or(i64::MAX));
+        self.pending_oldest_seconds.set(
+            stats
+                .oldest_pending_age
+                .map_or(0.0, |age| age.as_secs_f64()),
+        );
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "outbox_dead",
+            "Outbox rows that exhausted their publish attempts",
+            self.dead_total.clone(),
+        );
+        registry.register(
+            "outbox_dead_rows",
+            "Outbox rows dead now",
+            self.dead_rows.clone(),
+        );
+        registry.register(
+            "outbox_pending_rows",
+            "Outbox rows waiting to be published",
+            self.pending_rows.clone(),
+        );
+        registry.register(
+            "outbox_pending_oldest_seconds",
+            "Age of the oldest outbox row waiting to be published",
+            self.pending_oldest_seconds.clone(),
+        );
+    }
+}
+
 pub struct RoleMetrics {
     registry: Registry,
+    /// Present on the API role, which runs the outbox dispatcher.
+    pub outbox: Option<Arc<OutboxMetrics>>,
     pub http_requests: Family<RequestLabels, Counter>,
     pub http_request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub ready: Gauge,
@@ -93,8 +146,14 @@ impl RoleMetrics {
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        let outbox = (role == Role::Api).then(|| {
+            let outbox = Arc::new(OutboxMetrics::default());
+            outbox.register(&mut registry);
+            outbox
+        });
         RoleMetrics {
             registry,
+            outbox,
             http_requests,
             http_request_duration,
             ready,

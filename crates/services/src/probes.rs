@@ -6,7 +6,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use caracal_core::{Check, ErrorCode, Readiness};
+use caracal_core::{Check, ErrorCode, Readiness, Role};
 
 use crate::error::ApiError;
 use crate::state::RoleState;
@@ -64,15 +64,16 @@ pub async fn ready(State(state): State<RoleState>) -> Response {
         .into_response()
 }
 
-/// The checks every role runs. Role-specific checks (revocation freshness, policy bundle,
-/// evidence latch) join this list as those roles land.
+/// The checks every role runs, then the role's own. More role checks (revocation freshness,
+/// policy bundle, evidence latch) join as those roles land.
 async fn evaluate(state: &RoleState) -> Readiness {
-    let shutdown = if state.shared.is_draining() {
+    let shared = &state.shared;
+    let shutdown = if shared.is_draining() {
         Check::fail("shutdown", "draining")
     } else {
         Check::pass("shutdown")
     };
-    let store = match tokio::time::timeout(CHECK_TIMEOUT, state.shared.store.ping()).await {
+    let store = match tokio::time::timeout(CHECK_TIMEOUT, shared.store.ping()).await {
         Ok(Ok(())) => Check::pass("store"),
         Ok(Err(error)) => {
             tracing::warn!(%error, "readiness: store check failed");
@@ -80,7 +81,30 @@ async fn evaluate(state: &RoleState) -> Readiness {
         }
         Err(_) => Check::fail("store", "store_timeout"),
     };
-    Readiness::new(vec![shutdown, store])
+    let bus = match tokio::time::timeout(CHECK_TIMEOUT, shared.bus.streams.ping()).await {
+        Ok(Ok(())) => Check::pass("bus"),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "readiness: bus check failed");
+            Check::fail("bus", "bus_unreachable")
+        }
+        Err(_) => Check::fail("bus", "bus_timeout"),
+    };
+    let mut checks = vec![shutdown, store, bus];
+    if state.role == Role::Api {
+        checks.push(outbox_check(state).await);
+    }
+    Readiness::new(checks)
+}
+
+/// A dead outbox row is a change other roles never heard about: not ready until an operator
+/// acts (the reference's `outbox_dead`).
+async fn outbox_check(state: &RoleState) -> Check {
+    match tokio::time::timeout(CHECK_TIMEOUT, state.shared.store.outbox_stats()).await {
+        Ok(Ok(stats)) if stats.dead > 0 => Check::fail("outbox", "outbox_dead"),
+        Ok(Ok(_)) => Check::pass("outbox"),
+        Ok(Err(_)) => Check::fail("outbox", "store_unreachable"),
+        Err(_) => Check::fail("outbox", "store_timeout"),
+    }
 }
 
 pub async fn metrics(State(state): State<RoleState>) -> Response {

@@ -25,6 +25,26 @@ pub struct Settings {
     pub issuer_url: String,
     /// How long shutdown waits for in-flight requests before cutting them off.
     pub shutdown_grace: Duration,
+    /// PostgreSQL connections per process.
+    pub store_pool_size: usize,
+    /// PostgreSQL schema holding Caracal's tables (created if missing); `None` uses the
+    /// connection's search path.
+    pub store_schema: Option<String>,
+    /// PostgreSQL statements running longer are cancelled (the request fails closed).
+    pub store_statement_timeout: Duration,
+    /// The key that signs stream messages. Replicas sharing a bus must share it; when unset,
+    /// `$CARACAL_HOME/stream-key` is used (created on first start).
+    pub stream_key: Option<SecretBytes>,
+}
+
+/// Secret bytes whose `Debug` shows nothing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretBytes(pub Vec<u8>);
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretBytes(***)")
+    }
 }
 
 impl Settings {

@@ -5,18 +5,26 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use caracal_bus::signature::StreamKey;
+use caracal_bus::{BusError, EmbeddedBus, Producer, RedisBus};
 use caracal_core::Role;
 use caracal_crypto::AdminToken;
 use caracal_store::{
-    Bootstrap, BootstrapError, BootstrapToken, DataDir, DataDirError, SqliteStore, StoreError,
-    StoreUrl,
+    Bootstrap, BootstrapError, BootstrapToken, DataDir, DataDirError, PgOptions, PgStore,
+    SqliteStore, Store, StoreError, StoreUrl,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+use crate::outbox::{Dispatcher, DispatcherConfig};
 use crate::router::router;
 use crate::settings::{BusUrl, Settings};
-use crate::state::{RoleState, Shared};
+use crate::state::{Bus, RoleState, Shared};
+
+/// The stream-signing key file, used when no key is configured.
+pub const STREAM_KEY_FILE: &str = "stream-key";
 
 /// Written to `$CARACAL_HOME` once every port is bound, removed on clean exit: tells
 /// `caracal status` where the running roles listen (ports may have been chosen by the OS).
@@ -37,10 +45,14 @@ pub struct RunFileRole {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(
-        "{what} `{url}` is not yet supported: this build runs the embedded {what} only \
-         (the production backend lands with the stores-and-streams work)"
+        "the embedded bus needs the embedded store; with store `{store}` use a Redis bus \
+         (--bus redis://…) so every replica sees every message"
     )]
-    NotYetSupported { what: &'static str, url: String },
+    EmbeddedBusNeedsEmbeddedStore { store: String },
+    #[error("bus `{url}`: {source}")]
+    Bus { url: String, source: BusError },
+    #[error("stream key file {path}: {message}")]
+    StreamKey { path: String, message: String },
     #[error("{role}: cannot listen on {address}: {source}")]
     Bind {
         role: Role,
@@ -60,6 +72,7 @@ pub enum StartError {
 /// A started, not yet serving, set of roles.
 pub struct Stack {
     shared: Shared,
+    stream_key: StreamKey,
     data_dir: DataDir,
     listeners: Vec<(Role, TcpListener)>,
     bootstrap: Bootstrap,
@@ -71,19 +84,9 @@ impl Stack {
     /// bootstraps the deployment. A failure leaves no listener open and no data changed beyond
     /// what a completed first start would have written.
     pub async fn start(settings: &Settings, roles: &[Role]) -> Result<Stack, StartError> {
-        let store_path = match &settings.store {
-            StoreUrl::Sqlite(path) => path.clone(),
-            StoreUrl::Postgres(_) => {
-                return Err(StartError::NotYetSupported {
-                    what: "store",
-                    url: settings.store.to_string(),
-                });
-            }
-        };
-        if let BusUrl::Redis(_) = settings.bus {
-            return Err(StartError::NotYetSupported {
-                what: "bus",
-                url: settings.bus.to_string(),
+        if let (StoreUrl::Postgres(_), BusUrl::Embedded) = (&settings.store, &settings.bus) {
+            return Err(StartError::EmbeddedBusNeedsEmbeddedStore {
+                store: settings.store.to_string(),
             });
         }
 
@@ -101,10 +104,43 @@ impl Stack {
         }
 
         let data_dir = DataDir::open(&settings.home)?;
-        let store = SqliteStore::open(&store_path)?;
-        let bootstrap = caracal_store::bootstrap(&data_dir, &store)?;
+        let (store, embedded): (Arc<dyn Store>, Option<SqliteStore>) = match &settings.store {
+            StoreUrl::Sqlite(path) => {
+                let sqlite = SqliteStore::open(path)?;
+                (Arc::new(sqlite.clone()), Some(sqlite))
+            }
+            StoreUrl::Postgres(url) => {
+                let options = PgOptions {
+                    pool_size: settings.store_pool_size,
+                    statement_timeout: settings.store_statement_timeout,
+                    schema: settings.store_schema.clone(),
+                    ..PgOptions::default()
+                };
+                (Arc::new(PgStore::connect(url, &options).await?), None)
+            }
+        };
+        let bus = match (&settings.bus, embedded) {
+            (BusUrl::Redis(url), _) => Bus::redis(RedisBus::connect(url).await.map_err(
+                |source| StartError::Bus {
+                    url: settings.bus.to_string(),
+                    source,
+                },
+            )?),
+            (BusUrl::Embedded, Some(sqlite)) => Bus::embedded(EmbeddedBus::new(sqlite)),
+            (BusUrl::Embedded, None) => {
+                return Err(StartError::EmbeddedBusNeedsEmbeddedStore {
+                    store: settings.store.to_string(),
+                });
+            }
+        };
+        let stream_key = match &settings.stream_key {
+            Some(secret) => StreamKey::new(&secret.0),
+            None => StreamKey::new(&load_or_create_stream_key(&data_dir)?),
+        };
+        let bootstrap = caracal_store::bootstrap(&data_dir, store.as_ref()).await?;
         Ok(Stack {
-            shared: Shared::new(store),
+            shared: Shared::new(store, bus),
+            stream_key,
             data_dir,
             listeners,
             bootstrap,
@@ -163,7 +199,22 @@ impl Stack {
             if let Ok(address) = listener.local_addr() {
                 tracing::info!(%role, %address, "serving");
             }
-            let app = router(RoleState::new(role, self.shared.clone()));
+            let state = RoleState::new(role, self.shared.clone());
+            if role == Role::Api {
+                // The API role owns the outbox; it stops with the servers and leaves unsent
+                // rows in place for the next start.
+                let dispatcher = Dispatcher::new(
+                    Arc::clone(&self.shared.store),
+                    Producer::new(
+                        Arc::clone(&self.shared.bus.streams),
+                        self.stream_key.clone(),
+                    ),
+                    DispatcherConfig::new(format!("api-{}", std::process::id())),
+                    state.metrics.outbox.clone(),
+                );
+                servers.spawn(dispatcher.run(stop_receiver.clone()));
+            }
+            let app = router(state);
             let stop = stop_receiver.clone();
             servers.spawn(async move {
                 if let Err(error) = serve_until_stopped(listener, app, stop).await {
@@ -195,6 +246,37 @@ impl Stack {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The stream key from `$CARACAL_HOME/stream-key` (hex), created on first start.
+fn load_or_create_stream_key(data_dir: &DataDir) -> Result<Vec<u8>, StartError> {
+    let path = data_dir.path().join(STREAM_KEY_FILE).display().to_string();
+    let key_error = |message: String| StartError::StreamKey {
+        path: path.clone(),
+        message,
+    };
+    if let Some(text) = data_dir.read_file(STREAM_KEY_FILE)? {
+        return decode_key_hex(text.trim())
+            .ok_or_else(|| key_error("expected at least 64 hex characters".into()));
+    }
+    let key: [u8; 32] =
+        caracal_crypto::random_bytes().map_err(|error| key_error(error.to_string()))?;
+    data_dir.write_private_file(STREAM_KEY_FILE, &format!("{}\n", caracal_crypto::hex(&key)))?;
+    Ok(key.to_vec())
+}
+
+/// Hex text of at least 32 bytes, as accepted for a stream key.
+pub fn decode_key_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() < 64 || !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|index| {
+            text.get(index..index + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+        })
+        .collect()
 }
 
 /// Serves `app` until `stop` turns true, then stops accepting and waits for the requests already

@@ -3,22 +3,54 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use caracal_bus::{EmbeddedBus, RateCounter, RedisBus, ReplayRegistry, Streams};
 use caracal_core::Role;
-use caracal_store::SqliteStore;
+use caracal_store::Store;
 
 use crate::metrics::RoleMetrics;
+
+/// The bus as the roles see it: streams, replay registries and rate counters, all from one
+/// backend.
+#[derive(Clone)]
+pub struct Bus {
+    pub streams: Arc<dyn Streams>,
+    pub replay: Arc<dyn ReplayRegistry>,
+    pub rates: Arc<dyn RateCounter>,
+}
+
+impl Bus {
+    pub fn embedded(bus: EmbeddedBus) -> Bus {
+        let bus = Arc::new(bus);
+        Bus {
+            streams: bus.clone(),
+            replay: bus.clone(),
+            rates: bus,
+        }
+    }
+
+    pub fn redis(bus: RedisBus) -> Bus {
+        let bus = Arc::new(bus);
+        Bus {
+            streams: bus.clone(),
+            replay: bus.clone(),
+            rates: bus,
+        }
+    }
+}
 
 /// What all roles of one process share. Cheap to clone.
 #[derive(Clone)]
 pub struct Shared {
-    pub store: SqliteStore,
+    pub store: Arc<dyn Store>,
+    pub bus: Bus,
     draining: Arc<AtomicBool>,
 }
 
 impl Shared {
-    pub fn new(store: SqliteStore) -> Shared {
+    pub fn new(store: Arc<dyn Store>, bus: Bus) -> Shared {
         Shared {
             store,
+            bus,
             draining: Arc::new(AtomicBool::new(false)),
         }
     }

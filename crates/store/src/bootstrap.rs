@@ -1,9 +1,9 @@
 //! First-start and every-start setup of a deployment: the KEK and the bootstrap admin token.
 
 use caracal_crypto::{AdminToken, Kek, KekError, RandomError, hex, random_bytes};
-use rusqlite::{OptionalExtension as _, params};
 
-use crate::{DataDir, DataDirError, SqliteStore, StoreError};
+use crate::model::{KekRecord, NewAdminToken, TokenScope};
+use crate::{DataDir, DataDirError, Store, StoreError};
 
 pub const KEK_FILE: &str = "kek";
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
@@ -54,21 +54,15 @@ pub enum BootstrapError {
 /// Order matters for crash safety: each secret file is written (fsynced, renamed) before the
 /// database records it, so a crash can leave an unused file but never a database that refers
 /// to a secret nobody holds.
-pub fn bootstrap(data_dir: &DataDir, store: &SqliteStore) -> Result<Bootstrap, BootstrapError> {
-    let kek = load_or_create_kek(data_dir, store)?;
-    let admin_token = ensure_admin_token(data_dir, store)?;
+pub async fn bootstrap(data_dir: &DataDir, store: &dyn Store) -> Result<Bootstrap, BootstrapError> {
+    let kek = load_or_create_kek(data_dir, store).await?;
+    let admin_token = ensure_admin_token(data_dir, store).await?;
     Ok(Bootstrap { kek, admin_token })
 }
 
-fn load_or_create_kek(data_dir: &DataDir, store: &SqliteStore) -> Result<Kek, BootstrapError> {
+async fn load_or_create_kek(data_dir: &DataDir, store: &dyn Store) -> Result<Kek, BootstrapError> {
     let path = data_dir.path().join(KEK_FILE).display().to_string();
-    let recorded: Option<(String, String)> = store.run_blocking(|connection| {
-        connection
-            .query_row("SELECT kek_id, kek_check FROM deployment", [], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
-            .optional()
-    })?;
+    let recorded = store.deployment_kek().await?;
     let on_disk = data_dir
         .read_file(KEK_FILE)?
         .map(|text| Kek::from_file_text(&text))
@@ -79,17 +73,20 @@ fn load_or_create_kek(data_dir: &DataDir, store: &SqliteStore) -> Result<Kek, Bo
         })?;
 
     match (recorded, on_disk) {
-        (Some((kek_id, kek_check)), Some(kek)) => {
-            if kek.key_id() != kek_id || kek.check_value() != kek_check {
+        (Some(record), Some(kek)) => {
+            if kek.key_id() != record.kek_id || kek.check_value() != record.kek_check {
                 return Err(BootstrapError::KekMismatch {
                     path,
                     found: kek.key_id().to_owned(),
-                    expected: kek_id,
+                    expected: record.kek_id,
                 });
             }
             Ok(kek)
         }
-        (Some((kek_id, _)), None) => Err(BootstrapError::KekMissing { kek_id, path }),
+        (Some(record), None) => Err(BootstrapError::KekMissing {
+            kek_id: record.kek_id,
+            path,
+        }),
         (None, existing) => {
             let kek = match existing {
                 Some(kek) => kek,
@@ -102,46 +99,37 @@ fn load_or_create_kek(data_dir: &DataDir, store: &SqliteStore) -> Result<Kek, Bo
                     kek
                 }
             };
-            let (kek_id, kek_check) = (kek.key_id().to_owned(), kek.check_value());
-            store.run_blocking(move |connection| {
-                connection.execute(
-                    "INSERT INTO deployment (singleton, kek_id, kek_check, created_at)
-                     VALUES (1, ?1, ?2, unixepoch())",
-                    params![kek_id, kek_check],
-                )
-            })?;
+            store
+                .record_deployment_kek(&KekRecord {
+                    kek_id: kek.key_id().to_owned(),
+                    kek_check: kek.check_value(),
+                })
+                .await?;
             Ok(kek)
         }
     }
 }
 
-fn ensure_admin_token(
+async fn ensure_admin_token(
     data_dir: &DataDir,
-    store: &SqliteStore,
+    store: &dyn Store,
 ) -> Result<BootstrapToken, BootstrapError> {
-    let exists: bool = store.run_blocking(|connection| {
-        connection.query_row(
-            "SELECT EXISTS (SELECT 1 FROM admin_tokens WHERE created_by = ?1 AND revoked_at IS NULL)",
-            [BOOTSTRAP_CREATOR],
-            |row| row.get(0),
-        )
-    })?;
-    if exists {
+    if store.has_active_token_by(BOOTSTRAP_CREATOR).await? {
         return Ok(BootstrapToken::Existing);
     }
     let token = AdminToken::generate()?;
     data_dir.write_private_file(ADMIN_TOKEN_FILE, &format!("{}\n", token.expose()))?;
     let id_bytes: [u8; 16] = random_bytes()?;
-    let id = format!("tok_{}", hex(&id_bytes));
-    let digest = token.digest().as_str().to_owned();
-    store.run_blocking(move |connection| {
-        connection.execute(
-            "INSERT INTO admin_tokens
-                 (id, name, token_sha256, scope, zone_id, capabilities, created_by, created_at)
-             VALUES (?1, 'bootstrap', ?2, 'global', NULL, 'write,approve', ?3, unixepoch())",
-            params![id, digest, BOOTSTRAP_CREATOR],
-        )
-    })?;
+    store
+        .insert_admin_token(&NewAdminToken {
+            id: format!("tok_{}", hex(&id_bytes)),
+            name: "bootstrap".to_owned(),
+            digest: token.digest(),
+            scope: TokenScope::Global,
+            capabilities: "write,approve".to_owned(),
+            created_by: BOOTSTRAP_CREATOR.to_owned(),
+        })
+        .await?;
     Ok(BootstrapToken::Minted(token))
 }
 
@@ -149,18 +137,20 @@ fn ensure_admin_token(
 mod tests {
     use super::*;
 
-    fn start(home: &std::path::Path) -> (DataDir, SqliteStore, Bootstrap) {
+    use crate::SqliteStore;
+
+    async fn start(home: &std::path::Path) -> (DataDir, SqliteStore, Bootstrap) {
         let data_dir = DataDir::open(home).unwrap();
         let store = SqliteStore::open(&home.join("caracal.db")).unwrap();
-        let bootstrap = bootstrap(&data_dir, &store).unwrap();
+        let bootstrap = bootstrap(&data_dir, &store).await.unwrap();
         (data_dir, store, bootstrap)
     }
 
-    #[test]
-    fn first_start_mints_later_starts_reuse() {
+    #[tokio::test]
+    async fn first_start_mints_later_starts_reuse() {
         let parent = tempfile::tempdir().unwrap();
         let home = parent.path().join("home");
-        let (data_dir, store, first) = start(&home);
+        let (data_dir, store, first) = start(&home).await;
         let BootstrapToken::Minted(token) = first.admin_token else {
             panic!("first start must mint a token");
         };
@@ -182,26 +172,26 @@ mod tests {
         let kek_id = first.kek.key_id().to_owned();
         drop((data_dir, store));
 
-        let (_data_dir, _store, second) = start(&home);
+        let (_data_dir, _store, second) = start(&home).await;
         assert!(matches!(second.admin_token, BootstrapToken::Existing));
         assert_eq!(second.kek.key_id(), kek_id);
     }
 
-    #[test]
-    fn a_foreign_or_missing_kek_is_refused() {
+    #[tokio::test]
+    async fn a_foreign_or_missing_kek_is_refused() {
         let parent = tempfile::tempdir().unwrap();
         let home = parent.path().join("home");
-        drop(start(&home));
+        drop(start(&home).await);
         std::fs::write(home.join(KEK_FILE), Kek::generate().unwrap().to_file_text()).unwrap();
         let data_dir = DataDir::open(&home).unwrap();
         let store = SqliteStore::open(&home.join("caracal.db")).unwrap();
-        let error = bootstrap(&data_dir, &store).unwrap_err();
+        let error = bootstrap(&data_dir, &store).await.unwrap_err();
         assert!(
             matches!(error, BootstrapError::KekMismatch { .. }),
             "{error}"
         );
         std::fs::remove_file(home.join(KEK_FILE)).unwrap();
-        let error = bootstrap(&data_dir, &store).unwrap_err();
+        let error = bootstrap(&data_dir, &store).await.unwrap_err();
         assert!(
             matches!(error, BootstrapError::KekMissing { .. }),
             "{error}"

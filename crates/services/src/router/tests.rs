@@ -1,4 +1,7 @@
 use axum::body::Body;
+use std::sync::Arc;
+
+use caracal_bus::EmbeddedBus;
 use caracal_core::Role;
 use caracal_store::SqliteStore;
 use http::{Request, StatusCode};
@@ -6,7 +9,7 @@ use http_body_util::BodyExt as _;
 use tower::ServiceExt as _;
 
 use super::router;
-use crate::state::{RoleState, Shared};
+use crate::state::{Bus, RoleState, Shared};
 use crate::wire::{ErrorBody, ReadyBody};
 
 struct Answer {
@@ -41,7 +44,11 @@ async fn send(app: &axum::Router, path: &str, request_id: Option<&str>) -> Answe
 fn role_state(role: Role) -> (tempfile::TempDir, RoleState) {
     let directory = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
-    (directory, RoleState::new(role, Shared::new(store)))
+    let shared = Shared::new(
+        Arc::new(store.clone()),
+        Bus::embedded(EmbeddedBus::new(store)),
+    );
+    (directory, RoleState::new(role, shared))
 }
 
 #[tokio::test]
@@ -63,7 +70,7 @@ async fn health_and_ready_answer_with_a_generated_request_id() {
         .iter()
         .map(|check| check.name.as_str())
         .collect();
-    assert_eq!(names, ["shutdown", "store"]);
+    assert_eq!(names, ["shutdown", "store", "bus", "outbox"]);
 }
 
 #[tokio::test]
@@ -140,4 +147,73 @@ async fn metrics_carry_only_the_role_prefix_and_count_by_route_template() {
     );
     assert!(metrics.body.contains(r#"route="unmatched""#));
     assert!(!metrics.body.contains("/no/such/path"));
+}
+
+#[tokio::test]
+async fn a_dead_outbox_row_makes_the_api_role_not_ready() {
+    let (_directory, state) = role_state(Role::Api);
+    let app = router(state.clone());
+    assert_eq!(send(&app, "/ready", None).await.status, StatusCode::OK);
+    let message = caracal_store::OutboxMessage {
+        stream: "caracal.sessions.revoke".into(),
+        fields: Default::default(),
+        dedupe_key: None,
+    };
+    let zone = caracal_store::NewZone {
+        id: "z".into(),
+        name: "z".into(),
+        slug: "z".into(),
+    };
+    state
+        .shared
+        .store
+        .create_zone(&zone, &[message])
+        .await
+        .unwrap();
+    let row = state
+        .shared
+        .store
+        .claim_outbox("t", 1, std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+    state
+        .shared
+        .store
+        .outbox_failed(row[0].id, "bus down", std::time::Duration::ZERO, 1)
+        .await
+        .unwrap();
+    let ready = send(&app, "/ready", None).await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    let body: ReadyBody = serde_json::from_str(&ready.body).unwrap();
+    assert_eq!(body.reason.as_deref(), Some("outbox_dead"));
+    // Other roles do not own the outbox and stay ready.
+    let (_other_directory, gateway) = role_state(Role::Gateway);
+    assert_eq!(
+        send(&router(gateway), "/ready", None).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_bus_makes_every_role_not_ready() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+    let down = Arc::new(crate::test_support::DownBus);
+    let bus = Bus {
+        streams: down.clone(),
+        replay: Arc::new(EmbeddedBus::new(store.clone())),
+        rates: Arc::new(EmbeddedBus::new(store.clone())),
+    };
+    let shared = Shared::new(Arc::new(store), bus);
+    for role in Role::ALL {
+        let ready = send(
+            &router(RoleState::new(role, shared.clone())),
+            "/ready",
+            None,
+        )
+        .await;
+        assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "{role}");
+        let body: ReadyBody = serde_json::from_str(&ready.body).unwrap();
+        assert_eq!(body.reason.as_deref(), Some("bus_unreachable"), "{role}");
+    }
 }

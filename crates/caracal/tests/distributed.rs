@@ -1,0 +1,150 @@
+//! Distributed mode: replicas of the same roles sharing PostgreSQL and Redis. PostgreSQL and
+//! Redis are required; outside CI `CARACAL_TEST_SKIP_EXTERNAL=1` skips (refused with `CI=true`).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "a test that cannot proceed should stop loudly"
+)]
+
+mod util;
+
+use std::process::Command;
+
+use util::{Running, free_ports, fresh_home, wait_ready};
+
+const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+fn external_backends() -> bool {
+    let in_ci = std::env::var("CI").is_ok_and(|value| value == "true");
+    let opted_out = std::env::var("CARACAL_TEST_SKIP_EXTERNAL").is_ok_and(|value| value == "1");
+    assert!(
+        !(in_ci && opted_out),
+        "CARACAL_TEST_SKIP_EXTERNAL is refused when CI=true"
+    );
+    if opted_out {
+        eprintln!("SKIPPED: needs PostgreSQL and Redis (CARACAL_TEST_SKIP_EXTERNAL=1)");
+    }
+    !opted_out
+}
+
+/// Drops the test's schema when the test ends, however it ends.
+struct Schema(String);
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc"])
+            .arg(format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0))
+            .output();
+    }
+}
+
+#[test]
+fn two_replicas_share_postgres_and_redis() {
+    if !external_backends() {
+        return;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let schema = Schema(format!("test_it_{}_{nanos}", std::process::id()));
+    let stream_key = "5a".repeat(32);
+    let args = || {
+        let mut args = free_ports();
+        args.extend(
+            [
+                "--store",
+                POSTGRES_URL,
+                "--store-schema",
+                &schema.0,
+                "--bus",
+                REDIS_URL,
+                "--stream-key",
+                &stream_key,
+                "serve",
+                "api",
+                "gateway",
+            ]
+            .map(String::from),
+        );
+        args
+    };
+
+    let (_parent_a, home_a) = fresh_home();
+    let first = Running::start(&home_a, &args());
+    for role in ["api", "gateway"] {
+        let ready = wait_ready(first.address(role));
+        assert_eq!(ready.status, 200, "replica a {role}: {}", ready.body);
+        assert!(
+            ready.body.contains(r#"{"name":"bus","ok":true"#),
+            "{}",
+            ready.body
+        );
+    }
+
+    // Every replica holds the deployment's KEK; the operator copies it (README, "Distributed").
+    let (_parent_b, home_b) = fresh_home();
+    std::fs::create_dir(&home_b).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&home_b, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::copy(home_a.join("kek"), home_b.join("kek")).unwrap();
+    let second = Running::start(&home_b, &args());
+    for role in ["api", "gateway"] {
+        let ready = wait_ready(second.address(role));
+        assert_eq!(ready.status, 200, "replica b {role}: {}", ready.body);
+    }
+    assert!(
+        !home_b.join("admin-token").exists(),
+        "the deployment's bootstrap token is minted once"
+    );
+
+    for replica in [first, second] {
+        let (status, _, stderr) = replica.terminate();
+        assert!(status.success(), "{stderr}");
+    }
+}
+
+#[test]
+fn a_replica_without_the_deployment_kek_refuses_to_start() {
+    if !external_backends() {
+        return;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let schema = Schema(format!("test_it_{}_{nanos}", std::process::id()));
+    let args = || {
+        let mut args = free_ports();
+        args.extend(
+            [
+                "--store",
+                POSTGRES_URL,
+                "--store-schema",
+                &schema.0,
+                "--bus",
+                REDIS_URL,
+                "serve",
+                "sts",
+            ]
+            .map(String::from),
+        );
+        args
+    };
+    let (_parent_a, home_a) = fresh_home();
+    let (status, _, _) = Running::start(&home_a, &args()).terminate();
+    assert!(status.success());
+    let (_parent_b, home_b) = fresh_home();
+    let output = util::run(util::caracal(&home_b).args(args()));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the KEK file is missing but the store was initialised with KEK"),
+        "{stderr}"
+    );
+}
