@@ -1,8 +1,9 @@
 //! Producers sign what they append; consumers verify, reclaim what a crashed consumer left
 //! pending, and dead-letter what they will not process, so nothing is lost or silently dropped.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::signature::{SIGNATURE_FIELD, StreamKey, sign, verify};
@@ -42,6 +43,8 @@ pub struct ConsumerConfig {
     pub reclaim_idle: Duration,
     /// After this many deliveries an entry goes to the dead-letter stream.
     pub max_deliveries: u64,
+    /// How many recent message keys are remembered to drop duplicates.
+    pub dedupe_window: usize,
 }
 
 /// Counters a role exports as metrics.
@@ -50,6 +53,49 @@ pub struct ConsumerStats {
     pub bad_signatures: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub reclaimed: AtomicU64,
+    /// Messages acknowledged without being handed out because their key was already handled.
+    pub duplicates: AtomicU64,
+}
+
+/// The keys of recently handled (acknowledged) messages, oldest evicted first, and the keys
+/// of entries handed out but not yet acknowledged.
+#[derive(Default)]
+struct RecentKeys {
+    order: VecDeque<String>,
+    members: HashSet<String>,
+    in_flight: HashMap<String, String>,
+}
+
+impl RecentKeys {
+    fn handled(&self, key: &str) -> bool {
+        self.members.contains(key)
+    }
+
+    /// Remembers `key` as handled.
+    fn insert(&mut self, key: String, capacity: usize) {
+        if self.members.contains(&key) {
+            return;
+        }
+        if self.order.len() >= capacity.max(1)
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.members.remove(&oldest);
+        }
+        self.order.push_back(key.clone());
+        self.members.insert(key);
+    }
+}
+
+/// What identifies a message across redeliveries and re-publication: the producer's
+/// `dedupe_key`, else its `outbox_id`, else the entry id.
+fn message_key(entry: &Entry) -> String {
+    if let Some(key) = entry.fields.get("dedupe_key") {
+        return format!("k:{key}");
+    }
+    if let Some(id) = entry.fields.get("outbox_id") {
+        return format!("o:{id}");
+    }
+    format!("e:{}", entry.id)
 }
 
 pub struct Consumer {
@@ -57,6 +103,7 @@ pub struct Consumer {
     key: StreamKey,
     config: ConsumerConfig,
     stats: Arc<ConsumerStats>,
+    recent: Mutex<RecentKeys>,
 }
 
 impl Consumer {
@@ -72,6 +119,7 @@ impl Consumer {
             key,
             config,
             stats: Arc::new(ConsumerStats::default()),
+            recent: Mutex::new(RecentKeys::default()),
         })
     }
 
@@ -81,7 +129,9 @@ impl Consumer {
 
     /// The next batch of entries with valid signatures: first entries other consumers left
     /// pending too long, then new ones. The caller processes them and then calls [`ack`];
-    /// whatever it does not acknowledge is delivered again later.
+    /// whatever it does not acknowledge is delivered again later. An entry whose message this
+    /// consumer already acknowledged (a redelivery after a lost ack, or a message published
+    /// twice) is acknowledged again and not handed out.
     ///
     /// [`ack`]: Consumer::ack
     pub async fn poll(&self) -> Result<Vec<Entry>, BusError> {
@@ -125,9 +175,22 @@ impl Consumer {
         );
 
         let mut verified = Vec::with_capacity(ready.len());
+        let mut duplicates = Vec::new();
         for entry in ready {
             match verify(&self.key, &config.stream, &entry.fields) {
-                Ok(()) => verified.push(entry),
+                Ok(()) => {
+                    let key = message_key(&entry);
+                    let mut recent = self
+                        .recent
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    if recent.handled(&key) {
+                        duplicates.push(entry.id);
+                    } else {
+                        recent.in_flight.insert(entry.id.clone(), key);
+                        verified.push(entry);
+                    }
+                }
                 Err(error) => {
                     self.stats.bad_signatures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(stream = %config.stream, id = %entry.id, reason = error.reason(), "dropping unsigned or forged stream message");
@@ -135,10 +198,29 @@ impl Consumer {
                 }
             }
         }
+        if !duplicates.is_empty() {
+            self.stats
+                .duplicates
+                .fetch_add(duplicates.len() as u64, Ordering::Relaxed);
+            self.ack(&duplicates).await?;
+        }
         Ok(verified)
     }
 
+    /// Acknowledges handled entries. Their messages count as handled from this moment, even if
+    /// the acknowledgement itself fails and the entries come back.
     pub async fn ack(&self, ids: &[String]) -> Result<u64, BusError> {
+        {
+            let mut recent = self
+                .recent
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for id in ids {
+                if let Some(key) = recent.in_flight.remove(id) {
+                    recent.insert(key, self.config.dedupe_window);
+                }
+            }
+        }
         self.streams
             .ack(&self.config.stream, &self.config.group, ids)
             .await

@@ -34,6 +34,7 @@ conformance!(
     consumers_drop_unsigned_and_forged_messages_to_the_dead_letter_stream,
     entries_past_the_delivery_bound_are_dead_lettered,
     a_crashed_consumers_entries_are_processed_once_by_its_group,
+    a_message_published_twice_is_handed_out_once,
     replay_keys_are_single_use_per_namespace,
     replay_keys_can_be_claimed_again_after_their_ttl,
     concurrent_claims_of_one_key_have_one_winner,
@@ -328,6 +329,7 @@ fn consumer_config(stream: &str) -> ConsumerConfig {
         block: Duration::from_millis(50),
         reclaim_idle: Duration::from_secs(60),
         max_deliveries: 3,
+        dedupe_window: 1000,
     }
 }
 
@@ -610,5 +612,48 @@ async fn rate_counts_rise_within_a_window_and_restart_in_the_next(backend: &Back
         rates.hit(&quick, short).await.unwrap(),
         1,
         "a new window starts from zero"
+    );
+}
+
+async fn a_message_published_twice_is_handed_out_once(backend: &Backend) {
+    let stream = backend.stream(stream_names::SESSIONS_REVOKE);
+    let key = StreamKey::new(b"k");
+    let consumer = Consumer::start(
+        Arc::clone(&backend.streams),
+        key.clone(),
+        consumer_config(&stream),
+    )
+    .await
+    .unwrap();
+    let producer = Producer::new(Arc::clone(&backend.streams), key);
+    let message = fields(&[
+        ("zone_id", "z1"),
+        ("outbox_id", "41"),
+        ("dedupe_key", "revoke:s1"),
+    ]);
+    producer.publish(&stream, message.clone()).await.unwrap();
+    let first = consumer.poll().await.unwrap();
+    consumer.ack(&ids(&first)).await.unwrap();
+    producer.publish(&stream, message).await.unwrap();
+    producer
+        .publish(&stream, fields(&[("zone_id", "z1"), ("outbox_id", "42")]))
+        .await
+        .unwrap();
+    let second = consumer.poll().await.unwrap();
+    let outbox_ids: Vec<&str> = first
+        .iter()
+        .chain(&second)
+        .map(|entry| entry.fields["outbox_id"].as_str())
+        .collect();
+    assert_eq!(outbox_ids, ["41", "42"]);
+    assert_eq!(consumer.stats().duplicates.load(Ordering::Relaxed), 1);
+    consumer.ack(&ids(&second)).await.unwrap();
+    assert!(
+        backend
+            .streams
+            .pending(&stream, "gateway-1", 10)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }

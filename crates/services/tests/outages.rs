@@ -1,0 +1,372 @@
+//! Backend outages: the roles fail closed while PostgreSQL or Redis is unreachable and recover
+//! without a restart; a stream burst across a Redis connection loss loses nothing and is handled
+//! once. Outages are made with a TCP proxy in front of the shared servers, so other tests keep
+//! their connections. PostgreSQL and Redis are required (see `crates/bus/tests/backends`).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "a test that cannot proceed should stop loudly"
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use caracal_bus::signature::StreamKey;
+use caracal_bus::{Consumer, ConsumerConfig, Producer, RedisBus};
+use caracal_core::Role;
+use caracal_services::outbox::{Dispatcher, DispatcherConfig};
+use caracal_services::{Bus, RoleState, Shared, router};
+use caracal_store::{NewZone, OutboxMessage, PgOptions, PgStore, SqliteStore, Store};
+use http_body_util::BodyExt as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tower::ServiceExt as _;
+
+const POSTGRES: &str = "127.0.0.1:5432";
+const REDIS: &str = "127.0.0.1:6379";
+
+fn external_backends() -> bool {
+    let in_ci = std::env::var("CI").is_ok_and(|value| value == "true");
+    let opted_out = std::env::var("CARACAL_TEST_SKIP_EXTERNAL").is_ok_and(|value| value == "1");
+    assert!(
+        !(in_ci && opted_out),
+        "CARACAL_TEST_SKIP_EXTERNAL is refused when CI=true"
+    );
+    !opted_out
+}
+
+/// A TCP forwarder that can be cut (listener and every connection closed) and restored on the
+/// same port.
+struct Proxy {
+    port: u16,
+    upstream: SocketAddr,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    async fn start(upstream: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut proxy = Proxy {
+            port: listener.local_addr().unwrap().port(),
+            upstream: upstream.parse().unwrap(),
+            task: None,
+        };
+        proxy.task = Some(Self::serve(listener, proxy.upstream));
+        proxy
+    }
+
+    fn serve(listener: TcpListener, upstream: SocketAddr) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            // Dropping the set (when this task is aborted) aborts every forwarding task.
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        })
+    }
+
+    fn cut(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    async fn restore(&mut self) {
+        for _ in 0..50 {
+            if let Ok(listener) = TcpListener::bind(("127.0.0.1", self.port)).await {
+                self.task = Some(Self::serve(listener, self.upstream));
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("could not rebind the proxy port {}", self.port);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+async fn ready_reason(app: &axum::Router) -> (u16, Option<String>) {
+    let response = app
+        .clone()
+        .oneshot(http::Request::get("/ready").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    (status, body["reason"].as_str().map(str::to_owned))
+}
+
+/// Polls until `check` holds or `limit` passes; returns whether it held.
+async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_outage_fails_closed_and_recovers_without_a_restart() {
+    if !external_backends() {
+        return;
+    }
+    let mut proxy = Proxy::start(POSTGRES).await;
+    let schema = format!("test_{}", uuid::Uuid::now_v7().simple());
+    let options = PgOptions {
+        pool_size: 4,
+        statement_timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(1),
+        schema: Some(schema.clone()),
+    };
+    let url = format!("postgres://postgres@127.0.0.1:{}/test", proxy.port);
+    let store: Arc<dyn Store> = Arc::new(PgStore::connect(&url, &options).await.unwrap());
+    let bus = Bus::redis(
+        RedisBus::connect(&format!("redis://{REDIS}"))
+            .await
+            .unwrap(),
+    );
+    let app = router(RoleState::new(
+        Role::Api,
+        Shared::new(Arc::clone(&store), bus),
+    ));
+    assert_eq!(ready_reason(&app).await, (200, None));
+
+    // Load while the database goes away.
+    let load = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(4) {
+                match store.outbox_stats().await {
+                    Ok(_) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.cut();
+    let failed_closed = eventually(Duration::from_secs(5), || async {
+        let (status, reason) = ready_reason(&app).await;
+        status == 503
+            && matches!(
+                reason.as_deref(),
+                Some("store_unreachable" | "store_timeout")
+            )
+    })
+    .await;
+    assert!(
+        failed_closed,
+        "readiness must fail closed while the store is unreachable"
+    );
+    assert!(store.ping().await.is_err());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    proxy.restore().await;
+    let recovered = eventually(Duration::from_secs(10), || async {
+        ready_reason(&app).await == (200, None)
+    })
+    .await;
+    assert!(
+        recovered,
+        "the same process recovers once the store is back"
+    );
+    let (ok, failed) = load.await.unwrap();
+    assert!(
+        ok > 0 && failed > 0,
+        "load saw both the outage and the recovery: {ok} ok, {failed} failed"
+    );
+
+    let (client, connection) = tokio_postgres::connect(
+        &format!("postgres://postgres@{POSTGRES}/test"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_during_a_burst_loses_nothing_and_handles_each_message_once() {
+    if !external_backends() {
+        return;
+    }
+    const MESSAGES: usize = 300;
+    let prefix = format!("test:{}:", uuid::Uuid::now_v7());
+    let stream = format!("{prefix}caracal.sessions.revoke");
+    let directory = tempfile::tempdir().unwrap();
+    let sqlite = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+    // Rows keep arriving for the whole test, before, during and after the outage.
+    let producing = {
+        let (sqlite, stream) = (sqlite.clone(), stream.clone());
+        tokio::spawn(async move {
+            for n in 0..MESSAGES {
+                let zone = NewZone {
+                    id: format!("zone-{n}"),
+                    name: format!("zone {n}"),
+                    slug: format!("zone-{n}"),
+                };
+                let message = OutboxMessage {
+                    stream: stream.clone(),
+                    fields: BTreeMap::from([("n".to_owned(), n.to_string())]),
+                    dedupe_key: Some(format!("revoke-{n}")),
+                };
+                sqlite.create_zone(&zone, &[message]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(8)).await;
+            }
+        })
+    };
+
+    let mut proxy = Proxy::start(REDIS).await;
+    let url = format!("redis://127.0.0.1:{}", proxy.port);
+    let key = StreamKey::new(b"burst key");
+    let producer_bus = Arc::new(RedisBus::connect(&url).await.unwrap());
+    let consumer_bus = Arc::new(RedisBus::connect(&url).await.unwrap());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let dispatcher = Dispatcher::new(
+        Arc::new(sqlite.clone()),
+        Producer::new(producer_bus, key.clone()),
+        DispatcherConfig {
+            batch: 20,
+            max_attempts: 1000,
+            idle_poll: Duration::from_millis(10),
+            ..DispatcherConfig::new("burst".into())
+        },
+        None,
+    );
+    let dispatching = tokio::spawn(dispatcher.run(stopped.clone()));
+
+    let consumer = Consumer::start(
+        consumer_bus,
+        key,
+        ConsumerConfig {
+            stream: stream.clone(),
+            group: "gateway-1".into(),
+            consumer: "gateway-1".into(),
+            batch: 10,
+            block: Duration::from_millis(50),
+            reclaim_idle: Duration::from_millis(300),
+            max_deliveries: 1000,
+            dedupe_window: 10_000,
+        },
+    )
+    .await
+    .unwrap();
+    let handled = Arc::new(Mutex::new(Vec::<usize>::new()));
+    let consuming = {
+        let handled = Arc::clone(&handled);
+        let stopped = stopped.clone();
+        tokio::spawn(async move {
+            let mut errors = 0u32;
+            while !*stopped.borrow() {
+                match consumer.poll().await {
+                    Ok(batch) => {
+                        let ids: Vec<String> = batch.iter().map(|entry| entry.id.clone()).collect();
+                        handled.lock().unwrap().extend(
+                            batch
+                                .iter()
+                                .map(|entry| entry.fields["n"].parse::<usize>().unwrap()),
+                        );
+                        let _ = consumer.ack(&ids).await;
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            errors
+        })
+    };
+
+    let started = eventually(Duration::from_secs(10), || async {
+        handled.lock().unwrap().len() >= 30
+    })
+    .await;
+    assert!(started, "the burst started");
+    proxy.cut();
+    let handled_at_cut = handled.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.restore().await;
+    let complete = eventually(Duration::from_secs(40), || async {
+        handled
+            .lock()
+            .unwrap()
+            .iter()
+            .collect::<BTreeSet<_>>()
+            .len()
+            == MESSAGES
+    })
+    .await;
+    producing.await.unwrap();
+    stop.send(true).unwrap();
+    dispatching.await.unwrap();
+    let consumer_errors = consuming.await.unwrap();
+    assert!(
+        handled_at_cut < MESSAGES / 2,
+        "the outage hit mid-burst ({handled_at_cut} handled before it)"
+    );
+    assert!(consumer_errors > 0, "the consumer saw the outage");
+
+    let handled = handled.lock().unwrap().clone();
+    let distinct: BTreeSet<usize> = handled.iter().copied().collect();
+    assert!(
+        complete,
+        "only {} of {MESSAGES} messages arrived",
+        distinct.len()
+    );
+    assert_eq!(
+        distinct,
+        (0..MESSAGES).collect::<BTreeSet<_>>(),
+        "nothing lost"
+    );
+    assert_eq!(handled.len(), MESSAGES, "nothing handled twice");
+    assert_eq!(sqlite.outbox_stats().await.unwrap().pending, 0);
+
+    let client = redis::Client::open(format!("redis://{REDIS}")).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+}
