@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use caracal_store::{SqliteStore, Store as _};
+use caracal_store::{Deployment as _, SqliteStore};
 use rusqlite::{OptionalExtension as _, params};
 use tokio::sync::Notify;
 

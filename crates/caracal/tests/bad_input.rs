@@ -173,7 +173,7 @@ fn a_database_from_a_newer_release_is_refused_untouched() {
     assert!(status.success());
     let database = home.join("caracal.db");
     let sql =
-        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (999, 'future', 0);";
+        "INSERT INTO schema_migrations (version, name, applied_at_ms) VALUES (999, 'future', 0);";
     let connection = rusqlite::Connection::open(&database).unwrap();
     connection.execute_batch(sql).unwrap();
     connection

@@ -151,7 +151,7 @@ mod tests {
 
     use caracal_bus::signature::{StreamKey, verify};
     use caracal_bus::{EmbeddedBus, Streams};
-    use caracal_store::{NewZone, OutboxMessage, SqliteStore};
+    use caracal_store::{Directory as _, NewZone, Outbox as _, OutboxMessage, SqliteStore};
 
     use super::*;
     use crate::test_support::DownBus;

@@ -22,6 +22,7 @@ use caracal_bus::{Consumer, ConsumerConfig, Producer, RedisBus};
 use caracal_core::Role;
 use caracal_services::outbox::{Dispatcher, DispatcherConfig};
 use caracal_services::{Bus, RoleState, Shared, router};
+use caracal_store::prelude::*;
 use caracal_store::{NewZone, OutboxMessage, PgOptions, PgStore, SqliteStore, Store};
 use http_body_util::BodyExt as _;
 use tokio::net::TcpListener;

@@ -1,10 +1,13 @@
 //! The system of record and the data directory it lives in.
 //!
-//! - [`Store`]: the interface every role uses, with two implementations that pass one
-//!   conformance suite (`tests/conformance.rs`): [`SqliteStore`] (embedded, one file, blocking
-//!   work on a worker thread) and [`PgStore`] (PostgreSQL through a connection pool, with a
-//!   statement timeout). Each tracks forward-only migrations in `schema_migrations` and refuses
-//!   a schema newer than it knows before writing anything.
+//! - [`Store`]: the interface every role uses — one trait per family of records
+//!   ([`Deployment`], [`Directory`], [`Policies`], [`Runtime`], [`Audit`], [`Outbox`]) whose
+//!   queries are written once over [`db::Db`], the small SQL surface both backends provide:
+//!   [`SqliteStore`] (embedded, one file, blocking work on a worker thread) and [`PgStore`]
+//!   (PostgreSQL through a connection pool, with a statement timeout). One conformance suite
+//!   (`tests/conformance.rs`) runs against both. Each backend tracks forward-only migrations in
+//!   `schema_migrations` (DDL in `src/schema/`) and refuses a schema newer than it knows before
+//!   writing anything.
 //! - Writes that other roles must hear about carry [`OutboxMessage`]s, committed in the same
 //!   transaction; a dispatcher publishes them later (at least once).
 //! - [`DataDir`]: `$CARACAL_HOME`, created mode 0700, locked against a second process, holding
@@ -14,8 +17,10 @@
 
 mod bootstrap;
 mod data_dir;
+pub mod db;
 mod model;
 mod postgres;
+mod queries;
 mod sqlite;
 mod store;
 mod url;
@@ -25,10 +30,21 @@ pub use bootstrap::{
 };
 pub use data_dir::{DataDir, DataDirError};
 pub use model::{
-    AdminTokenRecord, KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow,
-    OutboxStats, TokenScope, Zone,
+    AdminTokenRecord, Application, ApprovalHold, AuditEvent, AuthorityRecord, DelegationEdge,
+    IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow,
+    OutboxStats, PolicyBinding, PolicyHeader, PolicyVersion, Provider, ProviderConnection,
+    Resource, SealedSecret, Session, SigningKey, TokenScope, Zone,
 };
 pub use postgres::{PgOptions, PgStore};
 pub use sqlite::SqliteStore;
-pub use store::{Store, StoreError, now_ms};
+pub use store::{
+    Audit, Deployment, Directory, Outbox, Policies, Runtime, Store, StoreError, now_ms,
+};
 pub use url::{StoreUrl, StoreUrlError, redact_url};
+
+/// Brings every store trait into scope, for calling store methods on concrete stores.
+pub mod prelude {
+    pub use crate::{
+        Audit as _, Deployment as _, Directory as _, Outbox as _, Policies as _, Runtime as _,
+    };
+}

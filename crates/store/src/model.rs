@@ -90,3 +90,259 @@ pub struct OutboxStats {
     /// Age of the oldest row still waiting to be published.
     pub oldest_pending_age: Option<Duration>,
 }
+
+/// A confidential OAuth client of a zone (an agent's identity).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Application {
+    pub id: String,
+    pub zone_id: String,
+    pub name: String,
+    /// Argon2id PHC string; never the secret.
+    pub client_secret_hash: Option<String>,
+    pub traits: Vec<String>,
+    /// `managed` or `dcr`.
+    pub registration_method: String,
+    pub expires_at_ms: Option<i64>,
+    pub created_at_ms: i64,
+    pub archived_at_ms: Option<i64>,
+}
+
+/// An upstream credential source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provider {
+    pub id: String,
+    pub zone_id: String,
+    pub name: String,
+    pub identifier: String,
+    pub kind: String,
+    /// Non-secret configuration, JSON.
+    pub config: String,
+    /// References of the provider's sealed secrets.
+    pub secret_refs: Vec<String>,
+    pub created_at_ms: i64,
+    pub archived_at_ms: Option<i64>,
+}
+
+/// A `resource://…` audience agents call through the Gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    pub id: String,
+    pub zone_id: String,
+    pub name: String,
+    pub identifier: String,
+    pub upstream_url: String,
+    pub provider_id: String,
+    pub scopes: Vec<String>,
+    /// `[{method, path, scope}]`, JSON.
+    pub operations: String,
+    /// `enforced` or `transport_uniform`.
+    pub operation_enforcement: String,
+    pub created_at_ms: i64,
+    pub archived_at_ms: Option<i64>,
+}
+
+/// A subject's (or the zone's shared) connection to a provider; tokens are sealed secrets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderConnection {
+    pub id: String,
+    pub zone_id: String,
+    pub subject_id: String,
+    pub provider_id: String,
+    pub status: String,
+    pub access_token_ref: Option<String>,
+    pub refresh_token_ref: Option<String>,
+    pub expires_at_ms: Option<i64>,
+    pub refreshed_at_ms: Option<i64>,
+    pub created_at_ms: i64,
+}
+
+/// A secret sealed under the KEK; the store never sees it in clear.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedSecret {
+    pub zone_id: String,
+    pub secret_ref: String,
+    /// What the secret is for; bound into the envelope so it cannot be moved to another use.
+    pub purpose: String,
+    pub kek_id: String,
+    pub envelope: String,
+    /// Starts at 1, grows by one on every replacement.
+    pub version: i64,
+    pub updated_at_ms: i64,
+}
+
+/// A zone's ES256 signing key: public JWK in clear, private key sealed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningKey {
+    pub kid: String,
+    pub zone_id: String,
+    pub algorithm: String,
+    pub public_jwk: String,
+    pub private_envelope: String,
+    pub kek_id: String,
+    /// `pending`, `active`, `retiring` or `retired`.
+    pub status: String,
+    pub created_at_ms: i64,
+    pub activated_at_ms: Option<i64>,
+    pub retired_at_ms: Option<i64>,
+}
+
+/// A named policy or policy set (the mutable header of immutable versions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyHeader {
+    pub id: String,
+    pub zone_id: String,
+    pub name: String,
+    pub description: String,
+    pub created_at_ms: i64,
+    pub archived_at_ms: Option<i64>,
+}
+
+/// An immutable version of a policy (Rego data document) or of a policy set (manifest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyVersion {
+    pub id: String,
+    pub zone_id: String,
+    /// The policy or policy set this is a version of.
+    pub parent_id: String,
+    pub version: i64,
+    /// Rego source for a policy; the JSON manifest for a set.
+    pub content: String,
+    pub sha256: String,
+    pub created_at_ms: i64,
+}
+
+/// The policy set version a zone enforces, and the one before it (last known good).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyBinding {
+    pub zone_id: String,
+    pub policy_set_id: String,
+    pub active_version_id: String,
+    pub previous_version_id: Option<String>,
+    pub activated_at_ms: i64,
+}
+
+/// The immutable record of one STS exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorityRecord {
+    pub id: String,
+    pub zone_id: String,
+    /// `user` or `application`.
+    pub session_type: String,
+    pub subject_id: String,
+    pub parent_id: Option<String>,
+    /// `active`, `revoked` or `expired`.
+    pub status: String,
+    pub claims: String,
+    pub expires_at_ms: i64,
+    pub authenticated_at_ms: i64,
+    pub created_at_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+    pub revoked_reason: Option<String>,
+}
+
+/// A governed session (an agent run).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub id: String,
+    pub zone_id: String,
+    pub application_id: String,
+    pub parent_id: Option<String>,
+    pub authority_record_id: String,
+    /// `active`, `suspended`, `terminated` or `expired`.
+    pub status: String,
+    /// `task` or `service`.
+    pub lifecycle: String,
+    pub depth: i64,
+    pub labels: Vec<String>,
+    pub metadata: String,
+    pub ttl_seconds: Option<i64>,
+    pub lease_generation: i64,
+    pub heartbeat_deadline_ms: Option<i64>,
+    pub started_at_ms: i64,
+    pub last_active_ms: i64,
+    pub terminated_at_ms: Option<i64>,
+    pub termination_reason: Option<String>,
+}
+
+/// Authority handed from one session to another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelegationEdge {
+    pub id: String,
+    pub zone_id: String,
+    pub source_session_id: String,
+    pub target_session_id: String,
+    pub issuer_application_id: String,
+    pub receiver_application_id: String,
+    pub parent_edge_id: Option<String>,
+    pub resource_id: Option<String>,
+    pub scopes: Vec<String>,
+    /// TTL, hop budget and other narrowing constraints, JSON.
+    pub constraints: String,
+    /// `active`, `revoked` or `expired`.
+    pub status: String,
+    pub expires_at_ms: Option<i64>,
+    pub created_at_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// A human-approval hold on a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalHold {
+    pub id: String,
+    pub zone_id: String,
+    pub session_id: String,
+    pub principal_id: String,
+    pub application_id: String,
+    pub tier: String,
+    pub approver_class: String,
+    /// Hash of what the approval would grant; a decision applies to exactly this.
+    pub binding_hash: String,
+    pub metadata: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    /// `approved` or `rejected` once decided.
+    pub decision: Option<String>,
+    pub decided_at_ms: Option<i64>,
+    pub decision_reason: Option<String>,
+    pub approver_id: Option<String>,
+    pub consumed_at_ms: Option<i64>,
+}
+
+/// The stored answer to an idempotent create, replayed for the same key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyReceipt {
+    pub operation: String,
+    pub zone_id: String,
+    pub scope_id: String,
+    pub key_digest: String,
+    pub request_digest: String,
+    pub resource_type: String,
+    pub resource_id: String,
+    pub response_status: i64,
+    pub response_json: String,
+    pub expires_at_ms: i64,
+}
+
+/// One row of a zone's audit chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    pub id: String,
+    pub zone_id: String,
+    pub event_type: String,
+    pub request_id: String,
+    pub decision: String,
+    pub policy_set_id: Option<String>,
+    pub policy_set_version_id: Option<String>,
+    pub manifest_sha: Option<String>,
+    pub evaluation_status: String,
+    pub determining_policies: String,
+    pub diagnostics: String,
+    pub metadata: String,
+    pub occurred_at_ms: i64,
+    pub ingested_at_ms: i64,
+    pub chain_seq: i64,
+    pub content_sha256: String,
+    pub prev_content_sha256: String,
+    pub chain_mac: String,
+    pub chain_key_id: String,
+}

@@ -2,77 +2,34 @@
 //! with a statement timeout; broken connections are replaced on the next checkout, so the store
 //! recovers from a database restart without a process restart.
 
+use std::error::Error as StdError;
 use std::time::Duration;
 
-use caracal_crypto::TokenDigest;
+use bytes::BytesMut;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
-use crate::model::{
-    AdminTokenRecord, KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow,
-    OutboxStats, TokenScope, Zone,
-};
-use crate::store::{Store, StoreError, age, fields_from_json, fields_to_json, millis, now_ms};
+use crate::db::{Db, Dialect, Outcome, Row, Statement, Then, Value};
+use crate::store::{StoreError, millis, now_ms};
 
-/// Migrations in order; entry `i` brings the schema to version `i + 1`. Never edit a shipped
+/// Migrations in order; entry `i` brings the schema to version `i + 1`. Never edit a released
 /// entry: add a new one.
-const MIGRATIONS: &[(&str, &str)] = &[
-    (
-        "deployment and admin tokens",
-        "CREATE TABLE deployment (
-             singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
-             kek_id TEXT NOT NULL,
-             kek_check TEXT NOT NULL,
-             created_at TIMESTAMPTZ NOT NULL DEFAULT now()
-         );
-         CREATE TABLE admin_tokens (
-             id TEXT PRIMARY KEY,
-             name TEXT NOT NULL,
-             token_sha256 TEXT NOT NULL UNIQUE,
-             scope TEXT NOT NULL CHECK (scope IN ('global', 'zone')),
-             zone_id TEXT,
-             capabilities TEXT NOT NULL,
-             created_by TEXT NOT NULL,
-             created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-             last_used_at TIMESTAMPTZ,
-             revoked_at TIMESTAMPTZ,
-             CHECK ((scope = 'global') = (zone_id IS NULL))
-         );",
-    ),
-    (
-        "zones, outbox and leases",
-        "CREATE TABLE zones (
-             id TEXT PRIMARY KEY,
-             name TEXT NOT NULL,
-             slug TEXT NOT NULL UNIQUE,
-             created_at_ms BIGINT NOT NULL
-         );
-         CREATE TABLE outbox (
-             id BIGSERIAL PRIMARY KEY,
-             stream TEXT NOT NULL,
-             fields TEXT NOT NULL,
-             dedupe_key TEXT,
-             status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'published', 'dead')),
-             attempts INTEGER NOT NULL DEFAULT 0,
-             available_at_ms BIGINT NOT NULL,
-             locked_by TEXT,
-             locked_until_ms BIGINT,
-             last_error TEXT,
-             created_at_ms BIGINT NOT NULL,
-             published_at_ms BIGINT
-         );
-         CREATE INDEX outbox_publishable ON outbox (status, available_at_ms);
-         CREATE TABLE leases (
-             name TEXT PRIMARY KEY,
-             holder TEXT NOT NULL,
-             expires_ms BIGINT NOT NULL
-         );",
-    ),
-];
+fn migrations() -> Vec<(&'static str, String)> {
+    let common = include_str!("schema/common.sql")
+        .replace("{BIGINT}", "BIGINT")
+        .replace("{SERIAL}", "BIGSERIAL PRIMARY KEY");
+    vec![(
+        "initial schema",
+        format!("{common}\n{}", include_str!("schema/postgres.sql")),
+    )]
+}
 
 /// The schema version this binary writes and understands.
-pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+pub fn schema_version() -> i64 {
+    migrations().len() as i64
+}
 
 /// Serialises concurrent migrations from several replicas starting at once.
 const MIGRATION_LOCK: i64 = 0x6361_7261_6361_6c00;
@@ -148,7 +105,7 @@ fn is_identifier(text: &str) -> bool {
 }
 
 impl PgStore {
-    /// Connects, refuses a schema newer than [`SCHEMA_VERSION`], and applies pending migrations.
+    /// Connects, refuses a schema newer than [`schema_version`], and applies pending migrations.
     pub async fn connect(url: &str, options: &PgOptions) -> Result<PgStore, StoreError> {
         let open_error = |message: String| StoreError::Open {
             path: crate::redact_url(url),
@@ -227,10 +184,10 @@ async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StoreErro
     } else {
         0
     };
-    if applied > SCHEMA_VERSION {
+    if applied > schema_version() {
         return Err(StoreError::SchemaTooNew {
             found: applied,
-            supported: SCHEMA_VERSION,
+            supported: schema_version(),
         });
     }
     transaction
@@ -238,12 +195,12 @@ async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StoreErro
             "CREATE TABLE IF NOT EXISTS schema_migrations (
                  version BIGINT PRIMARY KEY,
                  name TEXT NOT NULL,
-                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                 applied_at_ms BIGINT NOT NULL
              )",
         )
         .await
         .map_err(pg_error)?;
-    for (index, (name, sql)) in MIGRATIONS.iter().enumerate() {
+    for (index, (name, sql)) in migrations().iter().enumerate() {
         let version = index as i64 + 1;
         if version <= applied {
             continue;
@@ -251,8 +208,8 @@ async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StoreErro
         transaction.batch_execute(sql).await.map_err(pg_error)?;
         transaction
             .execute(
-                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                &[&version, name],
+                "INSERT INTO schema_migrations (version, name, applied_at_ms) VALUES ($1, $2, $3)",
+                &[&version, name, &now_ms()],
             )
             .await
             .map_err(pg_error)?;
@@ -260,311 +217,118 @@ async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StoreErro
     transaction.commit().await.map_err(pg_error)
 }
 
-fn zone_from_row(row: &tokio_postgres::Row) -> Zone {
-    Zone {
-        id: row.get(0),
-        name: row.get(1),
-        slug: row.get(2),
-        created_at_ms: row.get(3),
+impl ToSql for Value {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        match self {
+            Value::Null => Ok(IsNull::Yes),
+            Value::Text(text) => text.as_str().to_sql(ty, out),
+            Value::Int(number) => match *ty {
+                Type::INT8 => number.to_sql(ty, out),
+                Type::INT4 => i32::try_from(*number)?.to_sql(ty, out),
+                Type::INT2 => i16::try_from(*number)?.to_sql(ty, out),
+                Type::BOOL => (*number != 0).to_sql(ty, out),
+                _ => number.to_string().as_str().to_sql(ty, out),
+            },
+        }
     }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+fn read_row(row: &tokio_postgres::Row) -> Result<Row, StoreError> {
+    let corrupt = |error: tokio_postgres::Error| StoreError::Corrupt(error.to_string());
+    let mut values = Vec::with_capacity(row.len());
+    for (index, column) in row.columns().iter().enumerate() {
+        let value = match *column.type_() {
+            Type::INT8 => row
+                .try_get::<_, Option<i64>>(index)
+                .map_err(corrupt)?
+                .map(Value::Int),
+            Type::INT4 => row
+                .try_get::<_, Option<i32>>(index)
+                .map_err(corrupt)?
+                .map(|n| Value::Int(i64::from(n))),
+            Type::INT2 => row
+                .try_get::<_, Option<i16>>(index)
+                .map_err(corrupt)?
+                .map(|n| Value::Int(i64::from(n))),
+            Type::BOOL => row
+                .try_get::<_, Option<bool>>(index)
+                .map_err(corrupt)?
+                .map(|b| Value::Int(i64::from(b))),
+            _ => row
+                .try_get::<_, Option<String>>(index)
+                .map_err(corrupt)?
+                .map(Value::Text),
+        };
+        values.push(value.unwrap_or(Value::Null));
+    }
+    Ok(Row(values))
+}
+
+async fn run_statement(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    statement: &Statement,
+) -> Result<Outcome, StoreError> {
+    let prepared = transaction
+        .prepare_cached(statement.sql)
+        .await
+        .map_err(pg_error)?;
+    let params: Vec<&(dyn ToSql + Sync)> = statement
+        .params
+        .iter()
+        .map(|value| value as &(dyn ToSql + Sync))
+        .collect();
+    let mut outcome = Outcome::default();
+    if prepared.columns().is_empty() {
+        outcome.changed = transaction
+            .execute(&prepared, &params)
+            .await
+            .map_err(pg_error)?;
+    } else {
+        let rows = transaction
+            .query(&prepared, &params)
+            .await
+            .map_err(pg_error)?;
+        outcome.rows = rows.iter().map(read_row).collect::<Result<_, _>>()?;
+        outcome.changed = outcome.rows.len() as u64;
+    }
+    if let (Some(error), 0) = (statement.must_change, outcome.changed) {
+        return Err(error());
+    }
+    Ok(outcome)
 }
 
 #[async_trait::async_trait]
-impl Store for PgStore {
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.client()
-            .await?
-            .execute("SELECT 1", &[])
-            .await
-            .map_err(pg_error)
-            .map(|_| ())
+impl Db for PgStore {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
     }
 
-    async fn deployment_kek(&self) -> Result<Option<KekRecord>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt("SELECT kek_id, kek_check FROM deployment", &[])
-            .await
-            .map_err(pg_error)?;
-        Ok(row.map(|row| KekRecord {
-            kek_id: row.get(0),
-            kek_check: row.get(1),
-        }))
-    }
-
-    async fn record_deployment_kek(&self, record: &KekRecord) -> Result<(), StoreError> {
-        self.client()
-            .await?
-            .execute(
-                "INSERT INTO deployment (singleton, kek_id, kek_check) VALUES (1, $1, $2)",
-                &[&record.kek_id, &record.kek_check],
-            )
-            .await
-            .map_err(pg_error)
-            .map(|_| ())
-    }
-
-    async fn insert_admin_token(&self, token: &NewAdminToken) -> Result<(), StoreError> {
-        let (scope, zone_id) = match &token.scope {
-            TokenScope::Global => ("global", None),
-            TokenScope::Zone(zone_id) => ("zone", Some(zone_id.as_str())),
-        };
-        self.client()
-            .await?
-            .execute(
-                "INSERT INTO admin_tokens (id, name, token_sha256, scope, zone_id, capabilities, created_by)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                &[
-                    &token.id,
-                    &token.name,
-                    &token.digest.as_str(),
-                    &scope,
-                    &zone_id,
-                    &token.capabilities,
-                    &token.created_by,
-                ],
-            )
-            .await
-            .map_err(pg_error)
-            .map(|_| ())
-    }
-
-    async fn has_active_token_by(&self, created_by: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .client()
-            .await?
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM admin_tokens WHERE created_by = $1 AND revoked_at IS NULL)",
-                &[&created_by],
-            )
-            .await
-            .map_err(pg_error)?
-            .get(0))
-    }
-
-    async fn find_admin_token(
+    async fn atomic_with(
         &self,
-        digest: &TokenDigest,
-    ) -> Result<Option<AdminTokenRecord>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "SELECT id, name, zone_id, capabilities, created_by, revoked_at IS NOT NULL
-                 FROM admin_tokens WHERE token_sha256 = $1",
-                &[&digest.as_str()],
-            )
-            .await
-            .map_err(pg_error)?;
-        Ok(row.map(|row| {
-            let zone_id: Option<String> = row.get(2);
-            AdminTokenRecord {
-                id: row.get(0),
-                name: row.get(1),
-                scope: zone_id.map_or(TokenScope::Global, TokenScope::Zone),
-                capabilities: row.get(3),
-                created_by: row.get(4),
-                revoked: row.get(5),
-            }
-        }))
-    }
-
-    async fn create_zone(
-        &self,
-        zone: &NewZone,
-        outbox: &[OutboxMessage],
-    ) -> Result<Zone, StoreError> {
+        first: Vec<Statement>,
+        then: Then,
+    ) -> Result<Vec<Outcome>, StoreError> {
         let mut client = self.client().await?;
         let transaction = client.transaction().await.map_err(pg_error)?;
-        let now = now_ms();
-        transaction
-            .execute(
-                "INSERT INTO zones (id, name, slug, created_at_ms) VALUES ($1, $2, $3, $4)",
-                &[&zone.id, &zone.name, &zone.slug, &now],
-            )
-            .await
-            .map_err(pg_error)?;
-        for message in outbox {
-            transaction
-                .execute(
-                    "INSERT INTO outbox (stream, fields, dedupe_key, available_at_ms, created_at_ms)
-                     VALUES ($1, $2, $3, $4, $4)",
-                    &[&message.stream, &fields_to_json(&message.fields), &message.dedupe_key, &now],
-                )
-                .await
-                .map_err(pg_error)?;
+        let mut outcomes = Vec::with_capacity(first.len());
+        for statement in &first {
+            outcomes.push(run_statement(&transaction, statement).await?);
         }
+        for statement in &then(&outcomes)? {
+            outcomes.push(run_statement(&transaction, statement).await?);
+        }
+        // Returning early above drops the transaction, which rolls it back.
         transaction.commit().await.map_err(pg_error)?;
-        Ok(Zone {
-            id: zone.id.clone(),
-            name: zone.name.clone(),
-            slug: zone.slug.clone(),
-            created_at_ms: now,
-        })
-    }
-
-    async fn get_zone(&self, zone_id: &str) -> Result<Option<Zone>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "SELECT id, name, slug, created_at_ms FROM zones WHERE id = $1",
-                &[&zone_id],
-            )
-            .await
-            .map_err(pg_error)?;
-        Ok(row.as_ref().map(zone_from_row))
-    }
-
-    async fn list_zones(&self) -> Result<Vec<Zone>, StoreError> {
-        let rows = self
-            .client()
-            .await?
-            .query(
-                "SELECT id, name, slug, created_at_ms FROM zones ORDER BY created_at_ms, id",
-                &[],
-            )
-            .await
-            .map_err(pg_error)?;
-        Ok(rows.iter().map(zone_from_row).collect())
-    }
-
-    async fn claim_outbox(
-        &self,
-        worker: &str,
-        batch: usize,
-        lease: Duration,
-    ) -> Result<Vec<OutboxRow>, StoreError> {
-        let now = now_ms();
-        let limit = i64::try_from(batch).unwrap_or(i64::MAX);
-        let rows = self
-            .client()
-            .await?
-            .query(
-                "UPDATE outbox SET locked_by = $1, locked_until_ms = $2
-                 WHERE id IN (
-                     SELECT id FROM outbox
-                     WHERE status = 'pending' AND available_at_ms <= $3
-                       AND (locked_until_ms IS NULL OR locked_until_ms <= $3)
-                     ORDER BY id LIMIT $4
-                     FOR UPDATE SKIP LOCKED)
-                 RETURNING id, stream, fields, dedupe_key, attempts",
-                &[&worker, &now.saturating_add(millis(lease)), &now, &limit],
-            )
-            .await
-            .map_err(pg_error)?;
-        let mut claimed = rows
-            .iter()
-            .map(|row| {
-                let fields: String = row.get(2);
-                let attempts: i32 = row.get(4);
-                Ok(OutboxRow {
-                    id: row.get(0),
-                    stream: row.get(1),
-                    fields: fields_from_json(&fields)?,
-                    dedupe_key: row.get(3),
-                    attempts: u32::try_from(attempts).unwrap_or(0),
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        claimed.sort_by_key(|row| row.id);
-        Ok(claimed)
-    }
-
-    async fn outbox_published(&self, ids: &[i64]) -> Result<(), StoreError> {
-        self.client()
-            .await?
-            .execute(
-                "UPDATE outbox SET status = 'published', published_at_ms = $2, locked_by = NULL,
-                     locked_until_ms = NULL
-                 WHERE id = ANY($1)",
-                &[&ids, &now_ms()],
-            )
-            .await
-            .map_err(pg_error)
-            .map(|_| ())
-    }
-
-    async fn outbox_failed(
-        &self,
-        id: i64,
-        error: &str,
-        retry_in: Duration,
-        max_attempts: u32,
-    ) -> Result<OutboxFailure, StoreError> {
-        let max_attempts = i32::try_from(max_attempts).unwrap_or(i32::MAX);
-        let row = self
-            .client()
-            .await?
-            .query_one(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = $2, locked_by = NULL,
-                     locked_until_ms = NULL, available_at_ms = $3,
-                     status = CASE WHEN attempts + 1 >= $4 THEN 'dead' ELSE 'pending' END
-                 WHERE id = $1 RETURNING status",
-                &[
-                    &id,
-                    &error,
-                    &now_ms().saturating_add(millis(retry_in)),
-                    &max_attempts,
-                ],
-            )
-            .await
-            .map_err(pg_error)?;
-        let status: String = row.get(0);
-        Ok(if status == "dead" {
-            OutboxFailure::Dead
-        } else {
-            OutboxFailure::Retrying
-        })
-    }
-
-    async fn outbox_stats(&self) -> Result<OutboxStats, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .query_one(
-                "SELECT COUNT(*) FILTER (WHERE status = 'pending'),
-                        COUNT(*) FILTER (WHERE status = 'dead'),
-                        MIN(created_at_ms) FILTER (WHERE status = 'pending')
-                 FROM outbox WHERE status <> 'published'",
-                &[],
-            )
-            .await
-            .map_err(pg_error)?;
-        let (pending, dead, oldest): (i64, i64, Option<i64>) = (row.get(0), row.get(1), row.get(2));
-        Ok(OutboxStats {
-            pending: u64::try_from(pending).unwrap_or(0),
-            dead: u64::try_from(dead).unwrap_or(0),
-            oldest_pending_age: oldest.map(|created| age(now_ms(), created)),
-        })
-    }
-
-    async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let now = now_ms();
-        let changed = self
-            .client()
-            .await?
-            .execute(
-                "INSERT INTO leases (name, holder, expires_ms) VALUES ($1, $2, $3)
-                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_ms = excluded.expires_ms
-                 WHERE leases.holder = excluded.holder OR leases.expires_ms <= $4",
-                &[&name, &holder, &now.saturating_add(millis(ttl)), &now],
-            )
-            .await
-            .map_err(pg_error)?;
-        Ok(changed == 1)
-    }
-
-    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
-        self.client()
-            .await?
-            .execute(
-                "DELETE FROM leases WHERE name = $1 AND holder = $2",
-                &[&name, &holder],
-            )
-            .await
-            .map_err(pg_error)
-            .map(|_| ())
+        Ok(outcomes)
     }
 }

@@ -1,14 +1,16 @@
-//! The one interface the roles use for the system of record, implemented by the embedded SQLite
-//! store and by PostgreSQL. `tests/conformance.rs` runs the same cases against both.
+//! The interface the roles use for the system of record. Each family of records has its own
+//! trait in `queries/`; [`Store`] is all of them, implemented once for every [`Db`] backend, so
+//! SQLite and PostgreSQL run the same statements. `tests/conformance.rs` checks both.
+//!
+//! Every read and update of a zone's records names the zone: a record of another zone is
+//! simply not found.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use caracal_crypto::TokenDigest;
-
-use crate::model::{
-    AdminTokenRecord, KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow,
-    OutboxStats, Zone,
-};
+use crate::db::{Db, Row, Statement, params};
+use crate::model::OutboxMessage;
+pub use crate::queries::{Audit, Deployment, Directory, Outbox, Policies, Runtime};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -22,66 +24,22 @@ pub enum StoreError {
     /// The store cannot be reached or did not answer in time. Callers fail closed.
     #[error("store unavailable: {0}")]
     Unavailable(String),
-    /// A uniqueness rule refused the write.
+    /// A uniqueness rule or a state precondition refused the write.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The record (in this zone), or one it refers to, does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
     #[error("store query failed: {0}")]
     Query(String),
     #[error("stored data is malformed: {0}")]
     Corrupt(String),
 }
 
-#[async_trait::async_trait]
-pub trait Store: Send + Sync {
-    /// A round trip to the database: the readiness probe.
-    async fn ping(&self) -> Result<(), StoreError>;
+/// Every family of records.
+pub trait Store: Deployment + Directory + Policies + Runtime + Audit + Outbox {}
 
-    async fn deployment_kek(&self) -> Result<Option<KekRecord>, StoreError>;
-    async fn record_deployment_kek(&self, record: &KekRecord) -> Result<(), StoreError>;
-
-    async fn insert_admin_token(&self, token: &NewAdminToken) -> Result<(), StoreError>;
-    /// Whether an unrevoked token created by `created_by` exists.
-    async fn has_active_token_by(&self, created_by: &str) -> Result<bool, StoreError>;
-    async fn find_admin_token(
-        &self,
-        digest: &TokenDigest,
-    ) -> Result<Option<AdminTokenRecord>, StoreError>;
-
-    /// Creates a zone and enqueues `outbox` in the same transaction. A taken slug is a
-    /// [`StoreError::Conflict`] and enqueues nothing.
-    async fn create_zone(
-        &self,
-        zone: &NewZone,
-        outbox: &[OutboxMessage],
-    ) -> Result<Zone, StoreError>;
-    async fn get_zone(&self, zone_id: &str) -> Result<Option<Zone>, StoreError>;
-    async fn list_zones(&self) -> Result<Vec<Zone>, StoreError>;
-
-    /// Takes up to `batch` publishable rows (oldest first) for `worker` for `lease`; rows
-    /// another worker holds are skipped, so several dispatchers can run at once.
-    async fn claim_outbox(
-        &self,
-        worker: &str,
-        batch: usize,
-        lease: Duration,
-    ) -> Result<Vec<OutboxRow>, StoreError>;
-    async fn outbox_published(&self, ids: &[i64]) -> Result<(), StoreError>;
-    /// Records a failed attempt: the row becomes publishable again after `retry_in`, or dead
-    /// once it has failed `max_attempts` times.
-    async fn outbox_failed(
-        &self,
-        id: i64,
-        error: &str,
-        retry_in: Duration,
-        max_attempts: u32,
-    ) -> Result<OutboxFailure, StoreError>;
-    async fn outbox_stats(&self) -> Result<OutboxStats, StoreError>;
-
-    /// Takes or renews the named lease for `holder` until `ttl` from now; `false` while another
-    /// holder's lease is live. Singleton jobs run only while they hold their lease.
-    async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError>;
-    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
-}
+impl<D: Db> Store for D {}
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -99,14 +57,78 @@ pub(crate) fn age(now: i64, then: i64) -> Duration {
     Duration::from_millis(u64::try_from(now.saturating_sub(then)).unwrap_or(0))
 }
 
-pub(crate) fn fields_to_json(fields: &std::collections::BTreeMap<String, String>) -> String {
+pub(crate) fn fields_to_json(fields: &BTreeMap<String, String>) -> String {
     // A map of strings always serialises.
     serde_json::to_string(fields).unwrap_or_else(|_| "{}".to_owned())
 }
 
-pub(crate) fn fields_from_json(
-    text: &str,
-) -> Result<std::collections::BTreeMap<String, String>, StoreError> {
+pub(crate) fn fields_from_json(text: &str) -> Result<BTreeMap<String, String>, StoreError> {
     serde_json::from_str(text)
         .map_err(|error| StoreError::Corrupt(format!("outbox fields: {error}")))
+}
+
+pub(crate) fn list_to_json(items: &[String]) -> String {
+    serde_json::to_string(items).unwrap_or_else(|_| "[]".to_owned())
+}
+
+pub(crate) fn list_from_json(text: &str) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(text).map_err(|error| StoreError::Corrupt(format!("list column: {error}")))
+}
+
+pub(crate) fn not_found() -> StoreError {
+    StoreError::NotFound("no such record in this zone".into())
+}
+
+/// The statements that enqueue `outbox` in the caller's transaction.
+pub(crate) fn enqueue(outbox: &[OutboxMessage], now: i64) -> Vec<Statement> {
+    outbox
+        .iter()
+        .map(|message| {
+            Statement::new(
+                "INSERT INTO outbox (stream, fields, dedupe_key, available_at_ms, created_at_ms)
+                 VALUES ($1, $2, $3, $4, $4)",
+                params![
+                    message.stream.as_str(),
+                    fields_to_json(&message.fields),
+                    message.dedupe_key.clone(),
+                    now
+                ],
+            )
+        })
+        .collect()
+}
+
+/// The first row of the first outcome, or not found.
+pub(crate) fn first_row(outcomes: &[crate::db::Outcome]) -> Result<&Row, StoreError> {
+    outcomes
+        .first()
+        .and_then(|outcome| outcome.rows.first())
+        .ok_or_else(not_found)
+}
+
+/// `first`, then the statements enqueueing `outbox`.
+pub(crate) fn with_outbox(first: Statement, outbox: &[OutboxMessage]) -> Vec<Statement> {
+    let mut statements = vec![first];
+    statements.extend(enqueue(outbox, now_ms()));
+    statements
+}
+
+/// The first row of a query, mapped.
+pub(crate) async fn one<D: Db + ?Sized, T>(
+    db: &D,
+    sql: &'static str,
+    params: Vec<crate::db::Value>,
+    map: fn(&Row) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    db.rows(sql, params).await?.first().map(map).transpose()
+}
+
+/// Every row of a query, mapped.
+pub(crate) async fn all<D: Db + ?Sized, T>(
+    db: &D,
+    sql: &'static str,
+    params: Vec<crate::db::Value>,
+    map: fn(&Row) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    db.rows(sql, params).await?.iter().map(map).collect()
 }

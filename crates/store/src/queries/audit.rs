@@ -1,0 +1,119 @@
+//! The audit ledger's rows. The chain itself (hashes, MACs, sequence) is computed by the audit
+//! pipeline; the store keeps rows idempotent on their event id and ordered per zone.
+
+use crate::db::{Db, Row, Statement, params};
+use crate::model::AuditEvent;
+use crate::store::{StoreError, all};
+
+#[async_trait::async_trait]
+pub trait Audit: Send + Sync {
+    /// Inserts events in one transaction; an event id already stored is skipped (ingestion is
+    /// at-least-once). Returns how many were new. A taken (zone, sequence) is a conflict.
+    async fn insert_audit_events(&self, events: &[AuditEvent]) -> Result<u64, StoreError>;
+    /// Events of the zone with a sequence above `after_seq`, in order, at most `limit`.
+    async fn list_audit_events(
+        &self,
+        zone_id: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditEvent>, StoreError>;
+    /// The zone's last chain position: (sequence, content hash).
+    async fn audit_head(&self, zone_id: &str) -> Result<Option<(i64, String)>, StoreError>;
+}
+
+fn event(row: &Row) -> Result<AuditEvent, StoreError> {
+    Ok(AuditEvent {
+        id: row.text(0)?,
+        zone_id: row.text(1)?,
+        event_type: row.text(2)?,
+        request_id: row.text(3)?,
+        decision: row.text(4)?,
+        policy_set_id: row.opt_text(5)?,
+        policy_set_version_id: row.opt_text(6)?,
+        manifest_sha: row.opt_text(7)?,
+        evaluation_status: row.text(8)?,
+        determining_policies: row.text(9)?,
+        diagnostics: row.text(10)?,
+        metadata: row.text(11)?,
+        occurred_at_ms: row.int(12)?,
+        ingested_at_ms: row.int(13)?,
+        chain_seq: row.int(14)?,
+        content_sha256: row.text(15)?,
+        prev_content_sha256: row.text(16)?,
+        chain_mac: row.text(17)?,
+        chain_key_id: row.text(18)?,
+    })
+}
+
+#[async_trait::async_trait]
+impl<D: Db> Audit for D {
+    async fn insert_audit_events(&self, events: &[AuditEvent]) -> Result<u64, StoreError> {
+        let statements = events
+            .iter()
+            .map(|e| {
+                Statement::new(
+                    "INSERT INTO audit_events (id, zone_id, event_type, request_id, decision, policy_set_id,
+                         policy_set_version_id, manifest_sha, evaluation_status, determining_policies, diagnostics,
+                         metadata, occurred_at_ms, ingested_at_ms, chain_seq, content_sha256, prev_content_sha256,
+                         chain_mac, chain_key_id)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
+                     ON CONFLICT (id) DO NOTHING",
+                    params![
+                        e.id.as_str(),
+                        e.zone_id.as_str(),
+                        e.event_type.as_str(),
+                        e.request_id.as_str(),
+                        e.decision.as_str(),
+                        e.policy_set_id.clone(),
+                        e.policy_set_version_id.clone(),
+                        e.manifest_sha.clone(),
+                        e.evaluation_status.as_str(),
+                        e.determining_policies.as_str(),
+                        e.diagnostics.as_str(),
+                        e.metadata.as_str(),
+                        e.occurred_at_ms,
+                        e.ingested_at_ms,
+                        e.chain_seq,
+                        e.content_sha256.as_str(),
+                        e.prev_content_sha256.as_str(),
+                        e.chain_mac.as_str(),
+                        e.chain_key_id.as_str(),
+                    ],
+                )
+            })
+            .collect();
+        let outcomes = self.atomic(statements).await?;
+        Ok(outcomes.iter().map(|outcome| outcome.changed).sum())
+    }
+
+    async fn list_audit_events(
+        &self,
+        zone_id: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        all(
+            self,
+            "SELECT id, zone_id, event_type, request_id, decision, policy_set_id, policy_set_version_id, manifest_sha,
+                    evaluation_status, determining_policies, diagnostics, metadata, occurred_at_ms, ingested_at_ms,
+                    chain_seq, content_sha256, prev_content_sha256, chain_mac, chain_key_id
+             FROM audit_events WHERE zone_id = $1 AND chain_seq > $2 ORDER BY chain_seq LIMIT $3",
+            params![zone_id, after_seq, limit],
+            event,
+        )
+        .await
+    }
+
+    async fn audit_head(&self, zone_id: &str) -> Result<Option<(i64, String)>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT chain_seq, content_sha256 FROM audit_events WHERE zone_id = $1
+                 ORDER BY chain_seq DESC LIMIT 1",
+                params![zone_id],
+            )
+            .await?;
+        rows.first()
+            .map(|row| Ok((row.int(0)?, row.text(1)?)))
+            .transpose()
+    }
+}

@@ -1,0 +1,131 @@
+//! Deployment-wide records: the KEK record and admin tokens.
+
+use caracal_crypto::TokenDigest;
+
+use crate::db::{Db, Row, params};
+use crate::model::{AdminTokenRecord, KekRecord, NewAdminToken, TokenScope};
+use crate::store::{StoreError, now_ms};
+
+#[async_trait::async_trait]
+pub trait Deployment: Send + Sync {
+    /// A round trip to the database: the readiness probe.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    async fn deployment_kek(&self) -> Result<Option<KekRecord>, StoreError>;
+    /// Records the deployment's KEK; a second record is a [`StoreError::Conflict`].
+    async fn record_deployment_kek(&self, record: &KekRecord) -> Result<(), StoreError>;
+
+    async fn insert_admin_token(&self, token: &NewAdminToken) -> Result<(), StoreError>;
+    /// Whether an unrevoked token created by `created_by` exists.
+    async fn has_active_token_by(&self, created_by: &str) -> Result<bool, StoreError>;
+    async fn find_admin_token(
+        &self,
+        digest: &TokenDigest,
+    ) -> Result<Option<AdminTokenRecord>, StoreError>;
+    /// Revokes a token; [`StoreError::NotFound`] if there is no such unrevoked token.
+    async fn revoke_admin_token(&self, id: &str) -> Result<(), StoreError>;
+}
+
+fn admin_token(row: &Row) -> Result<AdminTokenRecord, StoreError> {
+    Ok(AdminTokenRecord {
+        id: row.text(0)?,
+        name: row.text(1)?,
+        scope: row
+            .opt_text(2)?
+            .map_or(TokenScope::Global, TokenScope::Zone),
+        capabilities: row.text(3)?,
+        created_by: row.text(4)?,
+        revoked: row.opt_int(5)?.is_some(),
+    })
+}
+
+#[async_trait::async_trait]
+impl<D: Db> Deployment for D {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.rows("SELECT 1", params![]).await.map(|_| ())
+    }
+
+    async fn deployment_kek(&self) -> Result<Option<KekRecord>, StoreError> {
+        let rows = self
+            .rows("SELECT kek_id, kek_check FROM deployment", params![])
+            .await?;
+        rows.first()
+            .map(|row| {
+                Ok(KekRecord {
+                    kek_id: row.text(0)?,
+                    kek_check: row.text(1)?,
+                })
+            })
+            .transpose()
+    }
+
+    async fn record_deployment_kek(&self, record: &KekRecord) -> Result<(), StoreError> {
+        self.change(
+            "INSERT INTO deployment (singleton, kek_id, kek_check, created_at_ms) VALUES (1, $1, $2, $3)",
+            params![record.kek_id.as_str(), record.kek_check.as_str(), now_ms()],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn insert_admin_token(&self, token: &NewAdminToken) -> Result<(), StoreError> {
+        let (scope, zone_id) = match &token.scope {
+            TokenScope::Global => ("global", None),
+            TokenScope::Zone(zone_id) => ("zone", Some(zone_id.clone())),
+        };
+        self.change(
+            "INSERT INTO admin_tokens
+                 (id, name, token_sha256, scope, zone_id, capabilities, created_by, created_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            params![
+                token.id.as_str(),
+                token.name.as_str(),
+                token.digest.as_str(),
+                scope,
+                zone_id,
+                token.capabilities.as_str(),
+                token.created_by.as_str(),
+                now_ms(),
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn has_active_token_by(&self, created_by: &str) -> Result<bool, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT id FROM admin_tokens WHERE created_by = $1 AND revoked_at_ms IS NULL LIMIT 1",
+                params![created_by],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn find_admin_token(
+        &self,
+        digest: &TokenDigest,
+    ) -> Result<Option<AdminTokenRecord>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT id, name, zone_id, capabilities, created_by, revoked_at_ms
+                 FROM admin_tokens WHERE token_sha256 = $1",
+                params![digest.as_str()],
+            )
+            .await?;
+        rows.first().map(admin_token).transpose()
+    }
+
+    async fn revoke_admin_token(&self, id: &str) -> Result<(), StoreError> {
+        let changed = self
+            .change(
+                "UPDATE admin_tokens SET revoked_at_ms = $2 WHERE id = $1 AND revoked_at_ms IS NULL",
+                params![id, now_ms()],
+            )
+            .await?;
+        if changed == 0 {
+            return Err(crate::store::not_found());
+        }
+        Ok(())
+    }
+}

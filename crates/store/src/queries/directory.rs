@@ -1,0 +1,589 @@
+//! A zone and what is configured in it: applications, providers, resources, provider
+//! connections, sealed secrets and signing keys. Every write may carry outbox messages that
+//! commit with it.
+
+use crate::db::{Db, Row, Statement, params};
+use crate::model::{
+    Application, NewZone, OutboxMessage, Provider, ProviderConnection, Resource, SealedSecret,
+    SigningKey, Zone,
+};
+use crate::store::{
+    StoreError, all, first_row, list_from_json, list_to_json, not_found, now_ms, one, with_outbox,
+};
+
+#[async_trait::async_trait]
+pub trait Directory: Send + Sync {
+    /// Creates a zone and enqueues `outbox` in the same transaction. A taken slug is a
+    /// [`StoreError::Conflict`] and enqueues nothing.
+    async fn create_zone(
+        &self,
+        zone: &NewZone,
+        outbox: &[OutboxMessage],
+    ) -> Result<Zone, StoreError>;
+    async fn get_zone(&self, zone_id: &str) -> Result<Option<Zone>, StoreError>;
+    async fn list_zones(&self) -> Result<Vec<Zone>, StoreError>;
+
+    async fn create_application(
+        &self,
+        application: &Application,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+    async fn get_application(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<Application>, StoreError>;
+    async fn list_applications(&self, zone_id: &str) -> Result<Vec<Application>, StoreError>;
+    /// Replaces the client secret hash of an unarchived application.
+    async fn set_application_secret(
+        &self,
+        zone_id: &str,
+        id: &str,
+        hash: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+    async fn archive_application(
+        &self,
+        zone_id: &str,
+        id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+
+    async fn create_provider(
+        &self,
+        provider: &Provider,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+    async fn get_provider(&self, zone_id: &str, id: &str) -> Result<Option<Provider>, StoreError>;
+    async fn list_providers(&self, zone_id: &str) -> Result<Vec<Provider>, StoreError>;
+
+    async fn create_resource(
+        &self,
+        resource: &Resource,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+    async fn get_resource(&self, zone_id: &str, id: &str) -> Result<Option<Resource>, StoreError>;
+    async fn find_resource(
+        &self,
+        zone_id: &str,
+        identifier: &str,
+    ) -> Result<Option<Resource>, StoreError>;
+    async fn list_resources(&self, zone_id: &str) -> Result<Vec<Resource>, StoreError>;
+
+    /// Creates or replaces the connection of (zone, subject, provider).
+    async fn put_provider_connection(
+        &self,
+        connection: &ProviderConnection,
+    ) -> Result<(), StoreError>;
+    async fn get_provider_connection(
+        &self,
+        zone_id: &str,
+        subject_id: &str,
+        provider_id: &str,
+    ) -> Result<Option<ProviderConnection>, StoreError>;
+
+    /// Stores a sealed secret, replacing any previous one under the same reference; returns
+    /// the new version (1 for a new reference).
+    async fn put_sealed_secret(
+        &self,
+        secret: &SealedSecret,
+        outbox: &[OutboxMessage],
+    ) -> Result<i64, StoreError>;
+    async fn get_sealed_secret(
+        &self,
+        zone_id: &str,
+        secret_ref: &str,
+    ) -> Result<Option<SealedSecret>, StoreError>;
+
+    async fn insert_signing_key(
+        &self,
+        key: &SigningKey,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+    async fn list_signing_keys(&self, zone_id: &str) -> Result<Vec<SigningKey>, StoreError>;
+    /// Moves a key to `status` (`active` stamps its activation, `retired` its retirement).
+    async fn set_signing_key_status(
+        &self,
+        zone_id: &str,
+        kid: &str,
+        status: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+}
+
+fn zone(row: &Row) -> Result<Zone, StoreError> {
+    Ok(Zone {
+        id: row.text(0)?,
+        name: row.text(1)?,
+        slug: row.text(2)?,
+        created_at_ms: row.int(3)?,
+    })
+}
+
+fn application(row: &Row) -> Result<Application, StoreError> {
+    Ok(Application {
+        id: row.text(0)?,
+        zone_id: row.text(1)?,
+        name: row.text(2)?,
+        client_secret_hash: row.opt_text(3)?,
+        traits: list_from_json(&row.text(4)?)?,
+        registration_method: row.text(5)?,
+        expires_at_ms: row.opt_int(6)?,
+        created_at_ms: row.int(7)?,
+        archived_at_ms: row.opt_int(8)?,
+    })
+}
+
+fn provider(row: &Row) -> Result<Provider, StoreError> {
+    Ok(Provider {
+        id: row.text(0)?,
+        zone_id: row.text(1)?,
+        name: row.text(2)?,
+        identifier: row.text(3)?,
+        kind: row.text(4)?,
+        config: row.text(5)?,
+        secret_refs: list_from_json(&row.text(6)?)?,
+        created_at_ms: row.int(7)?,
+        archived_at_ms: row.opt_int(8)?,
+    })
+}
+
+fn resource(row: &Row) -> Result<Resource, StoreError> {
+    Ok(Resource {
+        id: row.text(0)?,
+        zone_id: row.text(1)?,
+        name: row.text(2)?,
+        identifier: row.text(3)?,
+        upstream_url: row.text(4)?,
+        provider_id: row.text(5)?,
+        scopes: list_from_json(&row.text(6)?)?,
+        operations: row.text(7)?,
+        operation_enforcement: row.text(8)?,
+        created_at_ms: row.int(9)?,
+        archived_at_ms: row.opt_int(10)?,
+    })
+}
+
+fn connection(row: &Row) -> Result<ProviderConnection, StoreError> {
+    Ok(ProviderConnection {
+        id: row.text(0)?,
+        zone_id: row.text(1)?,
+        subject_id: row.text(2)?,
+        provider_id: row.text(3)?,
+        status: row.text(4)?,
+        access_token_ref: row.opt_text(5)?,
+        refresh_token_ref: row.opt_text(6)?,
+        expires_at_ms: row.opt_int(7)?,
+        refreshed_at_ms: row.opt_int(8)?,
+        created_at_ms: row.int(9)?,
+    })
+}
+
+fn sealed_secret(row: &Row) -> Result<SealedSecret, StoreError> {
+    Ok(SealedSecret {
+        zone_id: row.text(0)?,
+        secret_ref: row.text(1)?,
+        purpose: row.text(2)?,
+        kek_id: row.text(3)?,
+        envelope: row.text(4)?,
+        version: row.int(5)?,
+        updated_at_ms: row.int(6)?,
+    })
+}
+
+fn signing_key(row: &Row) -> Result<SigningKey, StoreError> {
+    Ok(SigningKey {
+        kid: row.text(0)?,
+        zone_id: row.text(1)?,
+        algorithm: row.text(2)?,
+        public_jwk: row.text(3)?,
+        private_envelope: row.text(4)?,
+        kek_id: row.text(5)?,
+        status: row.text(6)?,
+        created_at_ms: row.int(7)?,
+        activated_at_ms: row.opt_int(8)?,
+        retired_at_ms: row.opt_int(9)?,
+    })
+}
+
+#[async_trait::async_trait]
+impl<D: Db> Directory for D {
+    async fn create_zone(
+        &self,
+        new: &NewZone,
+        outbox: &[OutboxMessage],
+    ) -> Result<Zone, StoreError> {
+        let insert = Statement::new(
+            "INSERT INTO zones (id, name, slug, created_at_ms) VALUES ($1, $2, $3, $4)
+             RETURNING id, name, slug, created_at_ms",
+            params![
+                new.id.as_str(),
+                new.name.as_str(),
+                new.slug.as_str(),
+                now_ms()
+            ],
+        );
+        let outcomes = self.atomic(with_outbox(insert, outbox)).await?;
+        zone(first_row(&outcomes)?)
+    }
+
+    async fn get_zone(&self, zone_id: &str) -> Result<Option<Zone>, StoreError> {
+        one(
+            self,
+            "SELECT id, name, slug, created_at_ms FROM zones WHERE id = $1",
+            params![zone_id],
+            zone,
+        )
+        .await
+    }
+
+    async fn list_zones(&self) -> Result<Vec<Zone>, StoreError> {
+        all(
+            self,
+            "SELECT id, name, slug, created_at_ms FROM zones ORDER BY created_at_ms, id",
+            params![],
+            zone,
+        )
+        .await
+    }
+
+    async fn create_application(
+        &self,
+        app: &Application,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let insert = Statement::new(
+            "INSERT INTO applications (id, zone_id, name, client_secret_hash, traits, registration_method,
+                 expires_at_ms, created_at_ms, archived_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            params![
+                app.id.as_str(),
+                app.zone_id.as_str(),
+                app.name.as_str(),
+                app.client_secret_hash.clone(),
+                list_to_json(&app.traits),
+                app.registration_method.as_str(),
+                app.expires_at_ms,
+                app.created_at_ms,
+                app.archived_at_ms,
+            ],
+        );
+        self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
+    }
+
+    async fn get_application(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<Application>, StoreError> {
+        one(
+            self,
+            "SELECT id, zone_id, name, client_secret_hash, traits, registration_method, expires_at_ms,
+                    created_at_ms, archived_at_ms
+             FROM applications WHERE zone_id = $1 AND id = $2",
+            params![zone_id, id],
+            application,
+        )
+        .await
+    }
+
+    async fn list_applications(&self, zone_id: &str) -> Result<Vec<Application>, StoreError> {
+        all(
+            self,
+            "SELECT id, zone_id, name, client_secret_hash, traits, registration_method, expires_at_ms,
+                    created_at_ms, archived_at_ms
+             FROM applications WHERE zone_id = $1 ORDER BY created_at_ms, id",
+            params![zone_id],
+            application,
+        )
+        .await
+    }
+
+    async fn set_application_secret(
+        &self,
+        zone_id: &str,
+        id: &str,
+        hash: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let update = Statement::new(
+            "UPDATE applications SET client_secret_hash = $3
+             WHERE zone_id = $1 AND id = $2 AND archived_at_ms IS NULL",
+            params![zone_id, id, hash],
+        )
+        .must_change(not_found);
+        self.atomic(with_outbox(update, outbox)).await.map(|_| ())
+    }
+
+    async fn archive_application(
+        &self,
+        zone_id: &str,
+        id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let update = Statement::new(
+            "UPDATE applications SET archived_at_ms = $3
+             WHERE zone_id = $1 AND id = $2 AND archived_at_ms IS NULL",
+            params![zone_id, id, now_ms()],
+        )
+        .must_change(not_found);
+        self.atomic(with_outbox(update, outbox)).await.map(|_| ())
+    }
+
+    async fn create_provider(
+        &self,
+        provider: &Provider,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let insert = Statement::new(
+            "INSERT INTO providers (id, zone_id, name, identifier, kind, config, secret_refs, created_at_ms,
+                 archived_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            params![
+                provider.id.as_str(),
+                provider.zone_id.as_str(),
+                provider.name.as_str(),
+                provider.identifier.as_str(),
+                provider.kind.as_str(),
+                provider.config.as_str(),
+                list_to_json(&provider.secret_refs),
+                provider.created_at_ms,
+                provider.archived_at_ms,
+            ],
+        );
+        self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
+    }
+
+    async fn get_provider(&self, zone_id: &str, id: &str) -> Result<Option<Provider>, StoreError> {
+        one(
+            self,
+            "SELECT id, zone_id, name, identifier, kind, config, secret_refs, created_at_ms, archived_at_ms
+             FROM providers WHERE zone_id = $1 AND id = $2",
+            params![zone_id, id],
+            provider,
+        )
+        .await
+    }
+
+    async fn list_providers(&self, zone_id: &str) -> Result<Vec<Provider>, StoreError> {
+        all(
+            self,
+            "SELECT id, zone_id, name, identifier, kind, config, secret_refs, created_at_ms, archived_at_ms
+             FROM providers WHERE zone_id = $1 ORDER BY created_at_ms, id",
+            params![zone_id],
+            provider,
+        )
+        .await
+    }
+
+    async fn create_resource(
+        &self,
+        resource: &Resource,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        // The provider must belong to the same zone: a cross-zone binding is "not found".
+        let insert = Statement::new(
+            "INSERT INTO resources (id, zone_id, name, identifier, upstream_url, provider_id, scopes, operations,
+                 operation_enforcement, created_at_ms, archived_at_ms)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11
+             WHERE EXISTS (SELECT 1 FROM providers WHERE zone_id = $2 AND id = $6)",
+            params![
+                resource.id.as_str(),
+                resource.zone_id.as_str(),
+                resource.name.as_str(),
+                resource.identifier.as_str(),
+                resource.upstream_url.as_str(),
+                resource.provider_id.as_str(),
+                list_to_json(&resource.scopes),
+                resource.operations.as_str(),
+                resource.operation_enforcement.as_str(),
+                resource.created_at_ms,
+                resource.archived_at_ms,
+            ],
+        )
+        .must_change(not_found);
+        self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
+    }
+
+    async fn get_resource(&self, zone_id: &str, id: &str) -> Result<Option<Resource>, StoreError> {
+        one(
+            self,
+            "SELECT id, zone_id, name, identifier, upstream_url, provider_id, scopes, operations,
+                    operation_enforcement, created_at_ms, archived_at_ms
+             FROM resources WHERE zone_id = $1 AND id = $2",
+            params![zone_id, id],
+            resource,
+        )
+        .await
+    }
+
+    async fn find_resource(
+        &self,
+        zone_id: &str,
+        identifier: &str,
+    ) -> Result<Option<Resource>, StoreError> {
+        one(
+            self,
+            "SELECT id, zone_id, name, identifier, upstream_url, provider_id, scopes, operations,
+                    operation_enforcement, created_at_ms, archived_at_ms
+             FROM resources WHERE zone_id = $1 AND identifier = $2",
+            params![zone_id, identifier],
+            resource,
+        )
+        .await
+    }
+
+    async fn list_resources(&self, zone_id: &str) -> Result<Vec<Resource>, StoreError> {
+        all(
+            self,
+            "SELECT id, zone_id, name, identifier, upstream_url, provider_id, scopes, operations,
+                    operation_enforcement, created_at_ms, archived_at_ms
+             FROM resources WHERE zone_id = $1 ORDER BY created_at_ms, id",
+            params![zone_id],
+            resource,
+        )
+        .await
+    }
+
+    async fn put_provider_connection(&self, c: &ProviderConnection) -> Result<(), StoreError> {
+        self.atomic(vec![
+            Statement::new(
+                "INSERT INTO provider_connections (id, zone_id, subject_id, provider_id, status, access_token_ref,
+                     refresh_token_ref, expires_at_ms, refreshed_at_ms, created_at_ms)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10
+                 WHERE EXISTS (SELECT 1 FROM providers WHERE zone_id = $2 AND id = $4)
+                 ON CONFLICT (zone_id, subject_id, provider_id) DO UPDATE SET
+                     status = excluded.status, access_token_ref = excluded.access_token_ref,
+                     refresh_token_ref = excluded.refresh_token_ref, expires_at_ms = excluded.expires_at_ms,
+                     refreshed_at_ms = excluded.refreshed_at_ms",
+                params![
+                    c.id.as_str(),
+                    c.zone_id.as_str(),
+                    c.subject_id.as_str(),
+                    c.provider_id.as_str(),
+                    c.status.as_str(),
+                    c.access_token_ref.clone(),
+                    c.refresh_token_ref.clone(),
+                    c.expires_at_ms,
+                    c.refreshed_at_ms,
+                    c.created_at_ms,
+                ],
+            )
+            .must_change(not_found),
+        ])
+        .await
+        .map(|_| ())
+    }
+
+    async fn get_provider_connection(
+        &self,
+        zone_id: &str,
+        subject_id: &str,
+        provider_id: &str,
+    ) -> Result<Option<ProviderConnection>, StoreError> {
+        one(
+            self,
+            "SELECT id, zone_id, subject_id, provider_id, status, access_token_ref, refresh_token_ref,
+                    expires_at_ms, refreshed_at_ms, created_at_ms
+             FROM provider_connections WHERE zone_id = $1 AND subject_id = $2 AND provider_id = $3",
+            params![zone_id, subject_id, provider_id],
+            connection,
+        )
+        .await
+    }
+
+    async fn put_sealed_secret(
+        &self,
+        secret: &SealedSecret,
+        outbox: &[OutboxMessage],
+    ) -> Result<i64, StoreError> {
+        let upsert = Statement::new(
+            "INSERT INTO sealed_secrets (zone_id, secret_ref, purpose, kek_id, envelope, version, updated_at_ms)
+             VALUES ($1, $2, $3, $4, $5, 1, $6)
+             ON CONFLICT (zone_id, secret_ref) DO UPDATE SET purpose = excluded.purpose,
+                 kek_id = excluded.kek_id, envelope = excluded.envelope,
+                 version = sealed_secrets.version + 1, updated_at_ms = excluded.updated_at_ms
+             RETURNING version",
+            params![
+                secret.zone_id.as_str(),
+                secret.secret_ref.as_str(),
+                secret.purpose.as_str(),
+                secret.kek_id.as_str(),
+                secret.envelope.as_str(),
+                now_ms(),
+            ],
+        );
+        let outcomes = self.atomic(with_outbox(upsert, outbox)).await?;
+        first_row(&outcomes)?.int(0)
+    }
+
+    async fn get_sealed_secret(
+        &self,
+        zone_id: &str,
+        secret_ref: &str,
+    ) -> Result<Option<SealedSecret>, StoreError> {
+        one(
+            self,
+            "SELECT zone_id, secret_ref, purpose, kek_id, envelope, version, updated_at_ms
+             FROM sealed_secrets WHERE zone_id = $1 AND secret_ref = $2",
+            params![zone_id, secret_ref],
+            sealed_secret,
+        )
+        .await
+    }
+
+    async fn insert_signing_key(
+        &self,
+        key: &SigningKey,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let insert = Statement::new(
+            "INSERT INTO signing_keys (kid, zone_id, algorithm, public_jwk, private_envelope, kek_id, status,
+                 created_at_ms, activated_at_ms, retired_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            params![
+                key.kid.as_str(),
+                key.zone_id.as_str(),
+                key.algorithm.as_str(),
+                key.public_jwk.as_str(),
+                key.private_envelope.as_str(),
+                key.kek_id.as_str(),
+                key.status.as_str(),
+                key.created_at_ms,
+                key.activated_at_ms,
+                key.retired_at_ms,
+            ],
+        );
+        self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
+    }
+
+    async fn list_signing_keys(&self, zone_id: &str) -> Result<Vec<SigningKey>, StoreError> {
+        all(
+            self,
+            "SELECT kid, zone_id, algorithm, public_jwk, private_envelope, kek_id, status, created_at_ms,
+                    activated_at_ms, retired_at_ms
+             FROM signing_keys WHERE zone_id = $1 ORDER BY created_at_ms, kid",
+            params![zone_id],
+            signing_key,
+        )
+        .await
+    }
+
+    async fn set_signing_key_status(
+        &self,
+        zone_id: &str,
+        kid: &str,
+        status: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let update = Statement::new(
+            "UPDATE signing_keys SET status = $3,
+                 activated_at_ms = CASE WHEN $3 = 'active' THEN $4 ELSE activated_at_ms END,
+                 retired_at_ms = CASE WHEN $3 = 'retired' THEN $4 ELSE retired_at_ms END
+             WHERE zone_id = $1 AND kid = $2",
+            params![zone_id, kid, status, now_ms()],
+        )
+        .must_change(not_found);
+        self.atomic(with_outbox(update, outbox)).await.map(|_| ())
+    }
+}

@@ -1,0 +1,15 @@
+//! The record families of the store, each a trait implemented once over [`Db`](crate::db::Db).
+
+mod audit;
+mod deployment;
+mod directory;
+mod outbox;
+mod policies;
+mod runtime;
+
+pub use audit::Audit;
+pub use deployment::Deployment;
+pub use directory::Directory;
+pub use outbox::Outbox;
+pub use policies::Policies;
+pub use runtime::Runtime;

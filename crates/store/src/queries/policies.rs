@@ -1,0 +1,332 @@
+//! Policies, policy sets, their immutable versions, and which set version a zone enforces.
+
+use crate::db::{Db, Row, Statement, params};
+use crate::model::{OutboxMessage, PolicyBinding, PolicyHeader, PolicyVersion};
+use crate::store::{StoreError, all, first_row, not_found, now_ms, one, with_outbox};
+
+#[async_trait::async_trait]
+pub trait Policies: Send + Sync {
+    async fn create_policy(&self, policy: &PolicyHeader) -> Result<(), StoreError>;
+    async fn get_policy(&self, zone_id: &str, id: &str)
+    -> Result<Option<PolicyHeader>, StoreError>;
+    async fn list_policies(&self, zone_id: &str) -> Result<Vec<PolicyHeader>, StoreError>;
+    /// Adds the next version of a policy of the zone (numbered from 1) and returns it. The
+    /// version can never change afterwards.
+    async fn add_policy_version(
+        &self,
+        zone_id: &str,
+        policy_id: &str,
+        id: &str,
+        content: &str,
+        sha256: &str,
+    ) -> Result<PolicyVersion, StoreError>;
+    async fn get_policy_version(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<PolicyVersion>, StoreError>;
+    async fn list_policy_versions(
+        &self,
+        zone_id: &str,
+        policy_id: &str,
+    ) -> Result<Vec<PolicyVersion>, StoreError>;
+
+    async fn create_policy_set(&self, set: &PolicyHeader) -> Result<(), StoreError>;
+    async fn get_policy_set(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<PolicyHeader>, StoreError>;
+    async fn list_policy_sets(&self, zone_id: &str) -> Result<Vec<PolicyHeader>, StoreError>;
+    /// Adds the next version of a policy set (its manifest) and returns it; immutable too.
+    async fn add_policy_set_version(
+        &self,
+        zone_id: &str,
+        set_id: &str,
+        id: &str,
+        manifest: &str,
+        sha256: &str,
+    ) -> Result<PolicyVersion, StoreError>;
+    async fn get_policy_set_version(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<PolicyVersion>, StoreError>;
+    async fn list_policy_set_versions(
+        &self,
+        zone_id: &str,
+        set_id: &str,
+    ) -> Result<Vec<PolicyVersion>, StoreError>;
+
+    /// Makes `version_id` the zone's enforced set version; the version it replaces becomes the
+    /// last known good. `outbox` (the invalidation) commits with it.
+    async fn activate_policy_set_version(
+        &self,
+        zone_id: &str,
+        version_id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<PolicyBinding, StoreError>;
+    async fn policy_binding(&self, zone_id: &str) -> Result<Option<PolicyBinding>, StoreError>;
+}
+
+fn header(row: &Row) -> Result<PolicyHeader, StoreError> {
+    Ok(PolicyHeader {
+        id: row.text(0)?,
+        zone_id: row.text(1)?,
+        name: row.text(2)?,
+        description: row.text(3)?,
+        created_at_ms: row.int(4)?,
+        archived_at_ms: row.opt_int(5)?,
+    })
+}
+
+fn version(row: &Row) -> Result<PolicyVersion, StoreError> {
+    Ok(PolicyVersion {
+        id: row.text(0)?,
+        zone_id: row.text(1)?,
+        parent_id: row.text(2)?,
+        version: row.int(3)?,
+        content: row.text(4)?,
+        sha256: row.text(5)?,
+        created_at_ms: row.int(6)?,
+    })
+}
+
+fn binding(row: &Row) -> Result<PolicyBinding, StoreError> {
+    Ok(PolicyBinding {
+        zone_id: row.text(0)?,
+        policy_set_id: row.text(1)?,
+        active_version_id: row.text(2)?,
+        previous_version_id: row.opt_text(3)?,
+        activated_at_ms: row.int(4)?,
+    })
+}
+
+#[async_trait::async_trait]
+impl<D: Db> Policies for D {
+    async fn create_policy(&self, policy: &PolicyHeader) -> Result<(), StoreError> {
+        self.change(
+            "INSERT INTO policies (id, zone_id, name, description, created_at_ms, archived_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            params![
+                policy.id.as_str(),
+                policy.zone_id.as_str(),
+                policy.name.as_str(),
+                policy.description.as_str(),
+                policy.created_at_ms,
+                policy.archived_at_ms,
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn get_policy(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<PolicyHeader>, StoreError> {
+        one(
+            self,
+            "SELECT id, zone_id, name, description, created_at_ms, archived_at_ms
+             FROM policies WHERE zone_id = $1 AND id = $2",
+            params![zone_id, id],
+            header,
+        )
+        .await
+    }
+
+    async fn list_policies(&self, zone_id: &str) -> Result<Vec<PolicyHeader>, StoreError> {
+        all(
+            self,
+            "SELECT id, zone_id, name, description, created_at_ms, archived_at_ms
+             FROM policies WHERE zone_id = $1 ORDER BY created_at_ms, id",
+            params![zone_id],
+            header,
+        )
+        .await
+    }
+
+    async fn add_policy_version(
+        &self,
+        zone_id: &str,
+        policy_id: &str,
+        id: &str,
+        content: &str,
+        sha256: &str,
+    ) -> Result<PolicyVersion, StoreError> {
+        // The next number comes from the table itself; two concurrent adds collide on the
+        // (policy, version) key and one of them gets a conflict to retry.
+        let insert = Statement::new(
+            "INSERT INTO policy_versions (id, zone_id, policy_id, version, content, content_sha256, created_at_ms)
+             SELECT $1, $2, $3, COALESCE(MAX(version), 0) + 1, $4, $5, $6
+             FROM policy_versions WHERE policy_id = $3
+             HAVING EXISTS (SELECT 1 FROM policies WHERE zone_id = $2 AND id = $3)
+             RETURNING id, zone_id, policy_id, version, content, content_sha256, created_at_ms",
+            params![id, zone_id, policy_id, content, sha256, now_ms()],
+        )
+        .must_change(not_found);
+        let outcomes = self.atomic(vec![insert]).await?;
+        version(first_row(&outcomes)?)
+    }
+
+    async fn get_policy_version(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<PolicyVersion>, StoreError> {
+        one(
+            self,
+            "SELECT id, zone_id, policy_id, version, content, content_sha256, created_at_ms
+             FROM policy_versions WHERE zone_id = $1 AND id = $2",
+            params![zone_id, id],
+            version,
+        )
+        .await
+    }
+
+    async fn list_policy_versions(
+        &self,
+        zone_id: &str,
+        policy_id: &str,
+    ) -> Result<Vec<PolicyVersion>, StoreError> {
+        all(
+            self,
+            "SELECT id, zone_id, policy_id, version, content, content_sha256, created_at_ms
+             FROM policy_versions WHERE zone_id = $1 AND policy_id = $2 ORDER BY version",
+            params![zone_id, policy_id],
+            version,
+        )
+        .await
+    }
+
+    async fn create_policy_set(&self, set: &PolicyHeader) -> Result<(), StoreError> {
+        self.change(
+            "INSERT INTO policy_sets (id, zone_id, name, description, created_at_ms, archived_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            params![
+                set.id.as_str(),
+                set.zone_id.as_str(),
+                set.name.as_str(),
+                set.description.as_str(),
+                set.created_at_ms,
+                set.archived_at_ms,
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn get_policy_set(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<PolicyHeader>, StoreError> {
+        one(
+            self,
+            "SELECT id, zone_id, name, description, created_at_ms, archived_at_ms
+             FROM policy_sets WHERE zone_id = $1 AND id = $2",
+            params![zone_id, id],
+            header,
+        )
+        .await
+    }
+
+    async fn list_policy_sets(&self, zone_id: &str) -> Result<Vec<PolicyHeader>, StoreError> {
+        all(
+            self,
+            "SELECT id, zone_id, name, description, created_at_ms, archived_at_ms
+             FROM policy_sets WHERE zone_id = $1 ORDER BY created_at_ms, id",
+            params![zone_id],
+            header,
+        )
+        .await
+    }
+
+    async fn add_policy_set_version(
+        &self,
+        zone_id: &str,
+        set_id: &str,
+        id: &str,
+        manifest: &str,
+        sha256: &str,
+    ) -> Result<PolicyVersion, StoreError> {
+        let insert = Statement::new(
+            "INSERT INTO policy_set_versions (id, zone_id, policy_set_id, version, manifest, manifest_sha256, created_at_ms)
+             SELECT $1, $2, $3, COALESCE(MAX(version), 0) + 1, $4, $5, $6
+             FROM policy_set_versions WHERE policy_set_id = $3
+             HAVING EXISTS (SELECT 1 FROM policy_sets WHERE zone_id = $2 AND id = $3)
+             RETURNING id, zone_id, policy_set_id, version, manifest, manifest_sha256, created_at_ms",
+            params![id, zone_id, set_id, manifest, sha256, now_ms()],
+        )
+        .must_change(not_found);
+        let outcomes = self.atomic(vec![insert]).await?;
+        version(first_row(&outcomes)?)
+    }
+
+    async fn get_policy_set_version(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<PolicyVersion>, StoreError> {
+        one(
+            self,
+            "SELECT id, zone_id, policy_set_id, version, manifest, manifest_sha256, created_at_ms
+             FROM policy_set_versions WHERE zone_id = $1 AND id = $2",
+            params![zone_id, id],
+            version,
+        )
+        .await
+    }
+
+    async fn list_policy_set_versions(
+        &self,
+        zone_id: &str,
+        set_id: &str,
+    ) -> Result<Vec<PolicyVersion>, StoreError> {
+        all(
+            self,
+            "SELECT id, zone_id, policy_set_id, version, manifest, manifest_sha256, created_at_ms
+             FROM policy_set_versions WHERE zone_id = $1 AND policy_set_id = $2 ORDER BY version",
+            params![zone_id, set_id],
+            version,
+        )
+        .await
+    }
+
+    async fn activate_policy_set_version(
+        &self,
+        zone_id: &str,
+        version_id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<PolicyBinding, StoreError> {
+        let upsert = Statement::new(
+            "INSERT INTO policy_bindings (zone_id, policy_set_id, active_version_id, previous_version_id, activated_at_ms)
+             SELECT $1, policy_set_id, id, NULL, $3 FROM policy_set_versions WHERE zone_id = $1 AND id = $2
+             ON CONFLICT (zone_id) DO UPDATE SET
+                 policy_set_id = excluded.policy_set_id,
+                 previous_version_id = CASE
+                     WHEN policy_bindings.active_version_id = excluded.active_version_id
+                     THEN policy_bindings.previous_version_id
+                     ELSE policy_bindings.active_version_id END,
+                 active_version_id = excluded.active_version_id,
+                 activated_at_ms = excluded.activated_at_ms
+             RETURNING zone_id, policy_set_id, active_version_id, previous_version_id, activated_at_ms",
+            params![zone_id, version_id, now_ms()],
+        )
+        .must_change(not_found);
+        let outcomes = self.atomic(with_outbox(upsert, outbox)).await?;
+        binding(first_row(&outcomes)?)
+    }
+
+    async fn policy_binding(&self, zone_id: &str) -> Result<Option<PolicyBinding>, StoreError> {
+        one(
+            self,
+            "SELECT zone_id, policy_set_id, active_version_id, previous_version_id, activated_at_ms
+             FROM policy_bindings WHERE zone_id = $1",
+            params![zone_id],
+            binding,
+        )
+        .await
+    }
+}

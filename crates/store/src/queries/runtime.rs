@@ -1,0 +1,755 @@
+//! What agents do at run time: authority records, sessions, delegation edges and the zone graph
+//! epoch, approval holds and idempotency receipts.
+
+use crate::db::{Db, Outcome, Row, Statement, Then, params};
+use crate::model::{
+    ApprovalHold, AuthorityRecord, DelegationEdge, IdempotencyReceipt, OutboxMessage, Session,
+};
+use crate::store::{
+    StoreError, all, enqueue, first_row, list_from_json, list_to_json, not_found, now_ms, one,
+    with_outbox,
+};
+
+#[async_trait::async_trait]
+pub trait Runtime: Send + Sync {
+    /// Inserts many records in one transaction (the STS group-commits its mints).
+    async fn insert_authority_records(&self, records: &[AuthorityRecord])
+    -> Result<(), StoreError>;
+    async fn get_authority_record(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<AuthorityRecord>, StoreError>;
+    async fn list_authority_records_of(
+        &self,
+        zone_id: &str,
+        subject_id: &str,
+    ) -> Result<Vec<AuthorityRecord>, StoreError>;
+    /// Revokes an active record; [`StoreError::NotFound`] if there is none.
+    async fn revoke_authority_record(
+        &self,
+        zone_id: &str,
+        id: &str,
+        reason: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+
+    async fn create_session(
+        &self,
+        session: &Session,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+    async fn get_session(&self, zone_id: &str, id: &str) -> Result<Option<Session>, StoreError>;
+    async fn list_sessions(&self, zone_id: &str) -> Result<Vec<Session>, StoreError>;
+    async fn list_child_sessions(
+        &self,
+        zone_id: &str,
+        parent_id: &str,
+    ) -> Result<Vec<Session>, StoreError>;
+    /// Moves a live session to `status` (`terminated` and `expired` are final and stamp the
+    /// time and reason); a session already final is not found.
+    async fn set_session_status(
+        &self,
+        zone_id: &str,
+        id: &str,
+        status: &str,
+        reason: Option<&str>,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+    /// Renews an active session's lease if `generation` is still current; returns the new
+    /// generation. A stale generation is a [`StoreError::Conflict`] (fencing).
+    async fn renew_session_lease(
+        &self,
+        zone_id: &str,
+        id: &str,
+        generation: i64,
+        deadline_ms: i64,
+    ) -> Result<i64, StoreError>;
+
+    /// Creates an edge and bumps the zone graph epoch in one transaction; every outbox message
+    /// gets the new epoch in its `epoch` field. Returns the new epoch.
+    async fn create_delegation_edge(
+        &self,
+        edge: &DelegationEdge,
+        outbox: &[OutboxMessage],
+    ) -> Result<i64, StoreError>;
+    async fn get_delegation_edge(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<DelegationEdge>, StoreError>;
+    async fn list_edges_from(
+        &self,
+        zone_id: &str,
+        session_id: &str,
+    ) -> Result<Vec<DelegationEdge>, StoreError>;
+    async fn list_edges_to(
+        &self,
+        zone_id: &str,
+        session_id: &str,
+    ) -> Result<Vec<DelegationEdge>, StoreError>;
+    /// Revokes the active edges among `ids` and bumps the epoch, stamping it into `outbox` as
+    /// above. Returns (new epoch, edges revoked).
+    async fn revoke_delegation_edges(
+        &self,
+        zone_id: &str,
+        ids: &[String],
+        outbox: &[OutboxMessage],
+    ) -> Result<(i64, u64), StoreError>;
+    /// The zone's graph epoch (0 before the first change).
+    async fn zone_graph_epoch(&self, zone_id: &str) -> Result<i64, StoreError>;
+
+    async fn create_approval_hold(
+        &self,
+        hold: &ApprovalHold,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+    async fn get_approval_hold(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<ApprovalHold>, StoreError>;
+    async fn list_pending_approval_holds(
+        &self,
+        zone_id: &str,
+    ) -> Result<Vec<ApprovalHold>, StoreError>;
+    /// Decides an undecided, unexpired hold; otherwise a [`StoreError::Conflict`].
+    async fn decide_approval_hold(
+        &self,
+        zone_id: &str,
+        id: &str,
+        decision: &str,
+        reason: &str,
+        approver_id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+    /// Consumes an approved hold once; a second use is a [`StoreError::Conflict`].
+    async fn consume_approval_hold(&self, zone_id: &str, id: &str) -> Result<(), StoreError>;
+
+    /// Stores a receipt; an existing live receipt for the same key is a conflict.
+    async fn put_idempotency_receipt(&self, receipt: &IdempotencyReceipt)
+    -> Result<(), StoreError>;
+    /// The live receipt for the key, if any.
+    async fn get_idempotency_receipt(
+        &self,
+        operation: &str,
+        zone_id: &str,
+        scope_id: &str,
+        key_digest: &str,
+    ) -> Result<Option<IdempotencyReceipt>, StoreError>;
+    /// Deletes expired receipts; returns how many.
+    async fn purge_idempotency_receipts(&self) -> Result<u64, StoreError>;
+}
+
+fn conflict_state() -> StoreError {
+    StoreError::Conflict("the record is not in a state that allows this change".into())
+}
+
+fn stale_lease() -> StoreError {
+    StoreError::Conflict("stale lease generation".into())
+}
+
+fn authority(row: &Row) -> Result<AuthorityRecord, StoreError> {
+    Ok(AuthorityRecord {
+        id: row.text(0)?,
+        zone_id: row.text(1)?,
+        session_type: row.text(2)?,
+        subject_id: row.text(3)?,
+        parent_id: row.opt_text(4)?,
+        status: row.text(5)?,
+        claims: row.text(6)?,
+        expires_at_ms: row.int(7)?,
+        authenticated_at_ms: row.int(8)?,
+        created_at_ms: row.int(9)?,
+        revoked_at_ms: row.opt_int(10)?,
+        revoked_reason: row.opt_text(11)?,
+    })
+}
+
+fn session(row: &Row) -> Result<Session, StoreError> {
+    Ok(Session {
+        id: row.text(0)?,
+        zone_id: row.text(1)?,
+        application_id: row.text(2)?,
+        parent_id: row.opt_text(3)?,
+        authority_record_id: row.text(4)?,
+        status: row.text(5)?,
+        lifecycle: row.text(6)?,
+        depth: row.int(7)?,
+        labels: list_from_json(&row.text(8)?)?,
+        metadata: row.text(9)?,
+        ttl_seconds: row.opt_int(10)?,
+        lease_generation: row.int(11)?,
+        heartbeat_deadline_ms: row.opt_int(12)?,
+        started_at_ms: row.int(13)?,
+        last_active_ms: row.int(14)?,
+        terminated_at_ms: row.opt_int(15)?,
+        termination_reason: row.opt_text(16)?,
+    })
+}
+
+fn edge(row: &Row) -> Result<DelegationEdge, StoreError> {
+    Ok(DelegationEdge {
+        id: row.text(0)?,
+        zone_id: row.text(1)?,
+        source_session_id: row.text(2)?,
+        target_session_id: row.text(3)?,
+        issuer_application_id: row.text(4)?,
+        receiver_application_id: row.text(5)?,
+        parent_edge_id: row.opt_text(6)?,
+        resource_id: row.opt_text(7)?,
+        scopes: list_from_json(&row.text(8)?)?,
+        constraints: row.text(9)?,
+        status: row.text(10)?,
+        expires_at_ms: row.opt_int(11)?,
+        created_at_ms: row.int(12)?,
+        revoked_at_ms: row.opt_int(13)?,
+    })
+}
+
+fn hold(row: &Row) -> Result<ApprovalHold, StoreError> {
+    Ok(ApprovalHold {
+        id: row.text(0)?,
+        zone_id: row.text(1)?,
+        session_id: row.text(2)?,
+        principal_id: row.text(3)?,
+        application_id: row.text(4)?,
+        tier: row.text(5)?,
+        approver_class: row.text(6)?,
+        binding_hash: row.text(7)?,
+        metadata: row.text(8)?,
+        created_at_ms: row.int(9)?,
+        expires_at_ms: row.int(10)?,
+        decision: row.opt_text(11)?,
+        decided_at_ms: row.opt_int(12)?,
+        decision_reason: row.opt_text(13)?,
+        approver_id: row.opt_text(14)?,
+        consumed_at_ms: row.opt_int(15)?,
+    })
+}
+
+fn receipt(row: &Row) -> Result<IdempotencyReceipt, StoreError> {
+    Ok(IdempotencyReceipt {
+        operation: row.text(0)?,
+        zone_id: row.text(1)?,
+        scope_id: row.text(2)?,
+        key_digest: row.text(3)?,
+        request_digest: row.text(4)?,
+        resource_type: row.text(5)?,
+        resource_id: row.text(6)?,
+        response_status: row.int(7)?,
+        response_json: row.text(8)?,
+        expires_at_ms: row.int(9)?,
+    })
+}
+
+fn bump_epoch(zone_id: &str) -> Statement {
+    Statement::new(
+        "INSERT INTO zone_graph_epochs (zone_id, epoch) VALUES ($1, 1)
+         ON CONFLICT (zone_id) DO UPDATE SET epoch = zone_graph_epochs.epoch + 1
+         RETURNING epoch",
+        params![zone_id],
+    )
+}
+
+/// The second phase of an epoch-changing transaction: the outbox, stamped with the new epoch
+/// returned by the statement at `epoch_index`.
+fn stamped_outbox(outbox: &[OutboxMessage], epoch_index: usize) -> Then {
+    let outbox = outbox.to_vec();
+    Box::new(move |outcomes: &[Outcome]| {
+        let epoch = outcomes
+            .get(epoch_index)
+            .and_then(|outcome| outcome.rows.first())
+            .ok_or_else(|| StoreError::Corrupt("epoch bump returned nothing".into()))?
+            .int(0)?;
+        let stamped: Vec<OutboxMessage> = outbox
+            .into_iter()
+            .map(|mut message| {
+                message.fields.insert("epoch".to_owned(), epoch.to_string());
+                message
+            })
+            .collect();
+        Ok(enqueue(&stamped, now_ms()))
+    })
+}
+
+fn epoch_of(outcomes: &[Outcome], index: usize) -> Result<i64, StoreError> {
+    outcomes
+        .get(index)
+        .and_then(|outcome| outcome.rows.first())
+        .ok_or_else(|| StoreError::Corrupt("epoch bump returned nothing".into()))?
+        .int(0)
+}
+
+#[async_trait::async_trait]
+impl<D: Db> Runtime for D {
+    async fn insert_authority_records(
+        &self,
+        records: &[AuthorityRecord],
+    ) -> Result<(), StoreError> {
+        let statements = records
+            .iter()
+            .map(|record| {
+                Statement::new(
+                    "INSERT INTO authority_records (id, zone_id, session_type, subject_id, parent_id, status, claims,
+                         expires_at_ms, authenticated_at_ms, created_at_ms, revoked_at_ms, revoked_reason)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                    params![
+                        record.id.as_str(),
+                        record.zone_id.as_str(),
+                        record.session_type.as_str(),
+                        record.subject_id.as_str(),
+                        record.parent_id.clone(),
+                        record.status.as_str(),
+                        record.claims.as_str(),
+                        record.expires_at_ms,
+                        record.authenticated_at_ms,
+                        record.created_at_ms,
+                        record.revoked_at_ms,
+                        record.revoked_reason.clone(),
+                    ],
+                )
+            })
+            .collect();
+        self.atomic(statements).await.map(|_| ())
+    }
+
+    async fn get_authority_record(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<AuthorityRecord>, StoreError> {
+        one(
+            self,
+            "SELECT id, zone_id, session_type, subject_id, parent_id, status, claims, expires_at_ms,
+                    authenticated_at_ms, created_at_ms, revoked_at_ms, revoked_reason
+             FROM authority_records WHERE zone_id = $1 AND id = $2",
+            params![zone_id, id],
+            authority,
+        )
+        .await
+    }
+
+    async fn list_authority_records_of(
+        &self,
+        zone_id: &str,
+        subject_id: &str,
+    ) -> Result<Vec<AuthorityRecord>, StoreError> {
+        all(
+            self,
+            "SELECT id, zone_id, session_type, subject_id, parent_id, status, claims, expires_at_ms,
+                    authenticated_at_ms, created_at_ms, revoked_at_ms, revoked_reason
+             FROM authority_records WHERE zone_id = $1 AND subject_id = $2 ORDER BY created_at_ms, id",
+            params![zone_id, subject_id],
+            authority,
+        )
+        .await
+    }
+
+    async fn revoke_authority_record(
+        &self,
+        zone_id: &str,
+        id: &str,
+        reason: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let update = Statement::new(
+            "UPDATE authority_records SET status = 'revoked', revoked_at_ms = $3, revoked_reason = $4
+             WHERE zone_id = $1 AND id = $2 AND status = 'active'",
+            params![zone_id, id, now_ms(), reason],
+        )
+        .must_change(not_found);
+        self.atomic(with_outbox(update, outbox)).await.map(|_| ())
+    }
+
+    async fn create_session(
+        &self,
+        s: &Session,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let insert = Statement::new(
+            "INSERT INTO sessions (id, zone_id, application_id, parent_id, authority_record_id, status, lifecycle,
+                 depth, labels, metadata, ttl_seconds, lease_generation, heartbeat_deadline_ms, started_at_ms,
+                 last_active_ms, terminated_at_ms, termination_reason)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+            params![
+                s.id.as_str(),
+                s.zone_id.as_str(),
+                s.application_id.as_str(),
+                s.parent_id.clone(),
+                s.authority_record_id.as_str(),
+                s.status.as_str(),
+                s.lifecycle.as_str(),
+                s.depth,
+                list_to_json(&s.labels),
+                s.metadata.as_str(),
+                s.ttl_seconds,
+                s.lease_generation,
+                s.heartbeat_deadline_ms,
+                s.started_at_ms,
+                s.last_active_ms,
+                s.terminated_at_ms,
+                s.termination_reason.clone(),
+            ],
+        );
+        self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
+    }
+
+    async fn get_session(&self, zone_id: &str, id: &str) -> Result<Option<Session>, StoreError> {
+        one(
+            self,
+            "SELECT id, zone_id, application_id, parent_id, authority_record_id, status, lifecycle, depth, labels,
+                    metadata, ttl_seconds, lease_generation, heartbeat_deadline_ms, started_at_ms, last_active_ms,
+                    terminated_at_ms, termination_reason
+             FROM sessions WHERE zone_id = $1 AND id = $2",
+            params![zone_id, id],
+            session,
+        )
+        .await
+    }
+
+    async fn list_sessions(&self, zone_id: &str) -> Result<Vec<Session>, StoreError> {
+        all(
+            self,
+            "SELECT id, zone_id, application_id, parent_id, authority_record_id, status, lifecycle, depth, labels,
+                    metadata, ttl_seconds, lease_generation, heartbeat_deadline_ms, started_at_ms, last_active_ms,
+                    terminated_at_ms, termination_reason
+             FROM sessions WHERE zone_id = $1 ORDER BY started_at_ms, id",
+            params![zone_id],
+            session,
+        )
+        .await
+    }
+
+    async fn list_child_sessions(
+        &self,
+        zone_id: &str,
+        parent_id: &str,
+    ) -> Result<Vec<Session>, StoreError> {
+        all(
+            self,
+            "SELECT id, zone_id, application_id, parent_id, authority_record_id, status, lifecycle, depth, labels,
+                    metadata, ttl_seconds, lease_generation, heartbeat_deadline_ms, started_at_ms, last_active_ms,
+                    terminated_at_ms, termination_reason
+             FROM sessions WHERE zone_id = $1 AND parent_id = $2 ORDER BY started_at_ms, id",
+            params![zone_id, parent_id],
+            session,
+        )
+        .await
+    }
+
+    async fn set_session_status(
+        &self,
+        zone_id: &str,
+        id: &str,
+        status: &str,
+        reason: Option<&str>,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let update = Statement::new(
+            "UPDATE sessions SET status = $3, last_active_ms = $4,
+                 terminated_at_ms = CASE WHEN $3 IN ('terminated', 'expired') THEN $4 ELSE terminated_at_ms END,
+                 termination_reason = CASE WHEN $3 IN ('terminated', 'expired') THEN $5 ELSE termination_reason END
+             WHERE zone_id = $1 AND id = $2 AND status NOT IN ('terminated', 'expired')",
+            params![zone_id, id, status, now_ms(), reason],
+        )
+        .must_change(not_found);
+        self.atomic(with_outbox(update, outbox)).await.map(|_| ())
+    }
+
+    async fn renew_session_lease(
+        &self,
+        zone_id: &str,
+        id: &str,
+        generation: i64,
+        deadline_ms: i64,
+    ) -> Result<i64, StoreError> {
+        let update = Statement::new(
+            "UPDATE sessions SET lease_generation = lease_generation + 1, heartbeat_deadline_ms = $4, last_active_ms = $5
+             WHERE zone_id = $1 AND id = $2 AND lease_generation = $3 AND status = 'active'
+             RETURNING lease_generation",
+            params![zone_id, id, generation, deadline_ms, now_ms()],
+        )
+        .must_change(stale_lease);
+        let outcomes = self.atomic(vec![update]).await?;
+        first_row(&outcomes)?.int(0)
+    }
+
+    async fn create_delegation_edge(
+        &self,
+        e: &DelegationEdge,
+        outbox: &[OutboxMessage],
+    ) -> Result<i64, StoreError> {
+        let insert = Statement::new(
+            "INSERT INTO delegation_edges (id, zone_id, source_session_id, target_session_id, issuer_application_id,
+                 receiver_application_id, parent_edge_id, resource_id, scopes, constraints, status, expires_at_ms,
+                 created_at_ms, revoked_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            params![
+                e.id.as_str(),
+                e.zone_id.as_str(),
+                e.source_session_id.as_str(),
+                e.target_session_id.as_str(),
+                e.issuer_application_id.as_str(),
+                e.receiver_application_id.as_str(),
+                e.parent_edge_id.clone(),
+                e.resource_id.clone(),
+                list_to_json(&e.scopes),
+                e.constraints.as_str(),
+                e.status.as_str(),
+                e.expires_at_ms,
+                e.created_at_ms,
+                e.revoked_at_ms,
+            ],
+        );
+        let outcomes = self
+            .atomic_with(
+                vec![insert, bump_epoch(&e.zone_id)],
+                stamped_outbox(outbox, 1),
+            )
+            .await?;
+        epoch_of(&outcomes, 1)
+    }
+
+    async fn get_delegation_edge(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<DelegationEdge>, StoreError> {
+        one(
+            self,
+            "SELECT id, zone_id, source_session_id, target_session_id, issuer_application_id, receiver_application_id,
+                    parent_edge_id, resource_id, scopes, constraints, status, expires_at_ms, created_at_ms, revoked_at_ms
+             FROM delegation_edges WHERE zone_id = $1 AND id = $2",
+            params![zone_id, id],
+            edge,
+        )
+        .await
+    }
+
+    async fn list_edges_from(
+        &self,
+        zone_id: &str,
+        session_id: &str,
+    ) -> Result<Vec<DelegationEdge>, StoreError> {
+        all(
+            self,
+            "SELECT id, zone_id, source_session_id, target_session_id, issuer_application_id, receiver_application_id,
+                    parent_edge_id, resource_id, scopes, constraints, status, expires_at_ms, created_at_ms, revoked_at_ms
+             FROM delegation_edges WHERE zone_id = $1 AND source_session_id = $2 ORDER BY created_at_ms, id",
+            params![zone_id, session_id],
+            edge,
+        )
+        .await
+    }
+
+    async fn list_edges_to(
+        &self,
+        zone_id: &str,
+        session_id: &str,
+    ) -> Result<Vec<DelegationEdge>, StoreError> {
+        all(
+            self,
+            "SELECT id, zone_id, source_session_id, target_session_id, issuer_application_id, receiver_application_id,
+                    parent_edge_id, resource_id, scopes, constraints, status, expires_at_ms, created_at_ms, revoked_at_ms
+             FROM delegation_edges WHERE zone_id = $1 AND target_session_id = $2 ORDER BY created_at_ms, id",
+            params![zone_id, session_id],
+            edge,
+        )
+        .await
+    }
+
+    async fn revoke_delegation_edges(
+        &self,
+        zone_id: &str,
+        ids: &[String],
+        outbox: &[OutboxMessage],
+    ) -> Result<(i64, u64), StoreError> {
+        let now = now_ms();
+        let mut first: Vec<Statement> = ids
+            .iter()
+            .map(|id| {
+                Statement::new(
+                    "UPDATE delegation_edges SET status = 'revoked', revoked_at_ms = $3
+                     WHERE zone_id = $1 AND id = $2 AND status = 'active'",
+                    params![zone_id, id.as_str(), now],
+                )
+            })
+            .collect();
+        let epoch_index = first.len();
+        first.push(bump_epoch(zone_id));
+        let outcomes = self
+            .atomic_with(first, stamped_outbox(outbox, epoch_index))
+            .await?;
+        let revoked = outcomes
+            .iter()
+            .take(epoch_index)
+            .map(|outcome| outcome.changed)
+            .sum();
+        Ok((epoch_of(&outcomes, epoch_index)?, revoked))
+    }
+
+    async fn zone_graph_epoch(&self, zone_id: &str) -> Result<i64, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT epoch FROM zone_graph_epochs WHERE zone_id = $1",
+                params![zone_id],
+            )
+            .await?;
+        rows.first().map_or(Ok(0), |row| row.int(0))
+    }
+
+    async fn create_approval_hold(
+        &self,
+        h: &ApprovalHold,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let insert = Statement::new(
+            "INSERT INTO approval_holds (id, zone_id, session_id, principal_id, application_id, tier, approver_class,
+                 binding_hash, metadata, created_at_ms, expires_at_ms, decision, decided_at_ms, decision_reason,
+                 approver_id, consumed_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+            params![
+                h.id.as_str(),
+                h.zone_id.as_str(),
+                h.session_id.as_str(),
+                h.principal_id.as_str(),
+                h.application_id.as_str(),
+                h.tier.as_str(),
+                h.approver_class.as_str(),
+                h.binding_hash.as_str(),
+                h.metadata.as_str(),
+                h.created_at_ms,
+                h.expires_at_ms,
+                h.decision.clone(),
+                h.decided_at_ms,
+                h.decision_reason.clone(),
+                h.approver_id.clone(),
+                h.consumed_at_ms,
+            ],
+        );
+        self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
+    }
+
+    async fn get_approval_hold(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<ApprovalHold>, StoreError> {
+        one(
+            self,
+            "SELECT id, zone_id, session_id, principal_id, application_id, tier, approver_class, binding_hash, metadata,
+                    created_at_ms, expires_at_ms, decision, decided_at_ms, decision_reason, approver_id, consumed_at_ms
+             FROM approval_holds WHERE zone_id = $1 AND id = $2",
+            params![zone_id, id],
+            hold,
+        )
+        .await
+    }
+
+    async fn list_pending_approval_holds(
+        &self,
+        zone_id: &str,
+    ) -> Result<Vec<ApprovalHold>, StoreError> {
+        all(
+            self,
+            "SELECT id, zone_id, session_id, principal_id, application_id, tier, approver_class, binding_hash, metadata,
+                    created_at_ms, expires_at_ms, decision, decided_at_ms, decision_reason, approver_id, consumed_at_ms
+             FROM approval_holds WHERE zone_id = $1 AND decision IS NULL AND expires_at_ms > $2
+             ORDER BY created_at_ms, id",
+            params![zone_id, now_ms()],
+            hold,
+        )
+        .await
+    }
+
+    async fn decide_approval_hold(
+        &self,
+        zone_id: &str,
+        id: &str,
+        decision: &str,
+        reason: &str,
+        approver_id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let update = Statement::new(
+            "UPDATE approval_holds SET decision = $3, decided_at_ms = $4, decision_reason = $5, approver_id = $6
+             WHERE zone_id = $1 AND id = $2 AND decision IS NULL AND expires_at_ms > $4",
+            params![zone_id, id, decision, now_ms(), reason, approver_id],
+        )
+        .must_change(conflict_state);
+        self.atomic(with_outbox(update, outbox)).await.map(|_| ())
+    }
+
+    async fn consume_approval_hold(&self, zone_id: &str, id: &str) -> Result<(), StoreError> {
+        self.atomic(vec![
+            Statement::new(
+                "UPDATE approval_holds SET consumed_at_ms = $3
+                 WHERE zone_id = $1 AND id = $2 AND decision = 'approved' AND consumed_at_ms IS NULL",
+                params![zone_id, id, now_ms()],
+            )
+            .must_change(conflict_state),
+        ])
+        .await
+        .map(|_| ())
+    }
+
+    async fn put_idempotency_receipt(&self, r: &IdempotencyReceipt) -> Result<(), StoreError> {
+        // An expired receipt for the same key is replaced; a live one is a conflict.
+        self.atomic(vec![
+            Statement::new(
+                "INSERT INTO idempotency_receipts (operation, zone_id, scope_id, key_digest, request_digest,
+                     resource_type, resource_id, response_status, response_json, expires_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                 ON CONFLICT (operation, zone_id, scope_id, key_digest) DO UPDATE SET
+                     request_digest = excluded.request_digest, resource_type = excluded.resource_type,
+                     resource_id = excluded.resource_id, response_status = excluded.response_status,
+                     response_json = excluded.response_json, expires_at_ms = excluded.expires_at_ms
+                 WHERE idempotency_receipts.expires_at_ms <= $11",
+                params![
+                    r.operation.as_str(),
+                    r.zone_id.as_str(),
+                    r.scope_id.as_str(),
+                    r.key_digest.as_str(),
+                    r.request_digest.as_str(),
+                    r.resource_type.as_str(),
+                    r.resource_id.as_str(),
+                    r.response_status,
+                    r.response_json.as_str(),
+                    r.expires_at_ms,
+                    now_ms(),
+                ],
+            )
+            .must_change(|| StoreError::Conflict("a live receipt exists for this idempotency key".into())),
+        ])
+        .await
+        .map(|_| ())
+    }
+
+    async fn get_idempotency_receipt(
+        &self,
+        operation: &str,
+        zone_id: &str,
+        scope_id: &str,
+        key_digest: &str,
+    ) -> Result<Option<IdempotencyReceipt>, StoreError> {
+        one(
+            self,
+            "SELECT operation, zone_id, scope_id, key_digest, request_digest, resource_type, resource_id,
+                    response_status, response_json, expires_at_ms
+             FROM idempotency_receipts
+             WHERE operation = $1 AND zone_id = $2 AND scope_id = $3 AND key_digest = $4 AND expires_at_ms > $5",
+            params![operation, zone_id, scope_id, key_digest, now_ms()],
+            receipt,
+        )
+        .await
+    }
+
+    async fn purge_idempotency_receipts(&self) -> Result<u64, StoreError> {
+        self.change(
+            "DELETE FROM idempotency_receipts WHERE expires_at_ms <= $1",
+            params![now_ms()],
+        )
+        .await
+    }
+}
