@@ -15,13 +15,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use caracal_crypto::AdminToken;
+use caracal_store::db::{Db, Value};
 use caracal_store::{
+    Application, ApprovalHold, AuditEvent, AuthorityRecord, DelegationEdge, IdempotencyReceipt,
     KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, PgOptions, PgStore,
+    PolicyHeader, Provider, ProviderConnection, Resource, SealedSecret, Session, SigningKey,
     SqliteStore, Store, StoreError, TokenScope,
 };
 
 struct Backend {
     store: Arc<dyn Store>,
+    /// The same store as raw SQL, to play an attacker or operator editing rows by hand.
+    db: Arc<dyn Db>,
     /// A second handle on the same data, as a second replica would have.
     replica: Arc<dyn Store>,
     schema: Option<String>,
@@ -38,6 +43,7 @@ fn embedded() -> Backend {
     let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
     Backend {
         store: Arc::new(store.clone()),
+        db: Arc::new(store.clone()),
         replica: Arc::new(store),
         schema: None,
         _directory: Some(directory),
@@ -75,7 +81,8 @@ async fn postgres() -> Option<Backend> {
     let store = connect().await;
     let replica = connect().await;
     Some(Backend {
-        store: Arc::new(store),
+        store: Arc::new(store.clone()),
+        db: Arc::new(store),
         replica: Arc::new(replica),
         schema: Some(schema),
         _directory: None,
@@ -126,6 +133,16 @@ conformance!(
     a_dead_dispatchers_claims_expire,
     leases_admit_one_holder_at_a_time,
     concurrent_dispatchers_claim_disjoint_rows,
+    no_read_or_update_crosses_zones,
+    policy_versions_are_numbered_and_immutable,
+    activation_keeps_the_last_known_good,
+    every_edge_change_bumps_the_zone_epoch_and_stamps_the_outbox,
+    session_leases_are_fenced_and_final_states_stay_final,
+    approval_holds_are_decided_once_and_consumed_once,
+    idempotency_receipts_conflict_while_live,
+    sealed_secrets_version_up_on_replace,
+    audit_rows_are_idempotent_on_id_and_ordered_per_zone,
+    authority_records_insert_in_batches_and_revoke_once,
 );
 
 fn message(stream: &str, n: usize) -> OutboxMessage {
@@ -401,5 +418,1035 @@ async fn concurrent_dispatchers_claim_disjoint_rows(backend: &Backend) {
         (all.len(), distinct.len()),
         (60, 60),
         "every row claimed exactly once"
+    );
+}
+
+/// Everything a zone can hold, created in zone `zone`, ids suffixed with `tag`.
+async fn populate(store: &dyn Store, zone: &str, tag: &str) {
+    let now = caracal_store::now_ms();
+    store
+        .create_zone(
+            &NewZone {
+                id: zone.into(),
+                name: zone.into(),
+                slug: zone.into(),
+            },
+            &[],
+        )
+        .await
+        .unwrap();
+    store
+        .create_application(
+            &Application {
+                id: format!("app-{tag}"),
+                zone_id: zone.into(),
+                name: "agent".into(),
+                client_secret_hash: Some("$argon2id$v=19$m=19456,t=2,p=1$salt$hash".into()),
+                traits: vec!["control:read".into()],
+                registration_method: "managed".into(),
+                expires_at_ms: None,
+                created_at_ms: now,
+                archived_at_ms: None,
+            },
+            &[],
+        )
+        .await
+        .unwrap();
+    store
+        .create_provider(
+            &Provider {
+                id: format!("prov-{tag}"),
+                zone_id: zone.into(),
+                name: "api key".into(),
+                identifier: "provider://crm".into(),
+                kind: "api_key".into(),
+                config: r#"{"header":"X-Api-Key"}"#.into(),
+                secret_refs: vec![format!("secret-{tag}")],
+                created_at_ms: now,
+                archived_at_ms: None,
+            },
+            &[],
+        )
+        .await
+        .unwrap();
+    store
+        .create_resource(
+            &Resource {
+                id: format!("res-{tag}"),
+                zone_id: zone.into(),
+                name: "crm".into(),
+                identifier: "resource://crm".into(),
+                upstream_url: "http://127.0.0.1:9/crm".into(),
+                provider_id: format!("prov-{tag}"),
+                scopes: vec!["crm:read".into()],
+                operations: r#"[{"method":"GET","path":"/contacts","scope":"crm:read"}]"#.into(),
+                operation_enforcement: "enforced".into(),
+                created_at_ms: now,
+                archived_at_ms: None,
+            },
+            &[],
+        )
+        .await
+        .unwrap();
+    store
+        .put_provider_connection(&ProviderConnection {
+            id: format!("conn-{tag}"),
+            zone_id: zone.into(),
+            subject_id: "caracal:shared".into(),
+            provider_id: format!("prov-{tag}"),
+            status: "connected".into(),
+            access_token_ref: Some(format!("secret-{tag}")),
+            refresh_token_ref: None,
+            expires_at_ms: None,
+            refreshed_at_ms: None,
+            created_at_ms: now,
+        })
+        .await
+        .unwrap();
+    store
+        .put_sealed_secret(&sealed(zone, &format!("secret-{tag}"), "envelope-1"), &[])
+        .await
+        .unwrap();
+    store
+        .insert_signing_key(
+            &SigningKey {
+                kid: format!("kid-{tag}"),
+                zone_id: zone.into(),
+                algorithm: "ES256".into(),
+                public_jwk: "{}".into(),
+                private_envelope: "sealed".into(),
+                kek_id: "kek_01".into(),
+                status: "active".into(),
+                created_at_ms: now,
+                activated_at_ms: Some(now),
+                retired_at_ms: None,
+            },
+            &[],
+        )
+        .await
+        .unwrap();
+    store
+        .create_policy(&header(zone, &format!("pol-{tag}")))
+        .await
+        .unwrap();
+    let policy_version = store
+        .add_policy_version(
+            zone,
+            &format!("pol-{tag}"),
+            &format!("polv-{tag}"),
+            "package caracal.authz",
+            "sha",
+        )
+        .await
+        .unwrap();
+    store
+        .create_policy_set(&header(zone, &format!("set-{tag}")))
+        .await
+        .unwrap();
+    let manifest = format!(r#"[{{"policy_version_id":"{}"}}]"#, policy_version.id);
+    store
+        .add_policy_set_version(
+            zone,
+            &format!("set-{tag}"),
+            &format!("setv-{tag}"),
+            &manifest,
+            "sha",
+        )
+        .await
+        .unwrap();
+    store
+        .activate_policy_set_version(zone, &format!("setv-{tag}"), &[])
+        .await
+        .unwrap();
+    store
+        .insert_authority_records(&[authority(zone, &format!("ar-{tag}"))])
+        .await
+        .unwrap();
+    store
+        .create_session(
+            &session(zone, &format!("s1-{tag}"), &format!("ar-{tag}")),
+            &[],
+        )
+        .await
+        .unwrap();
+    store
+        .create_session(
+            &session(zone, &format!("s2-{tag}"), &format!("ar-{tag}")),
+            &[],
+        )
+        .await
+        .unwrap();
+    store
+        .create_delegation_edge(
+            &edge(
+                zone,
+                &format!("edge-{tag}"),
+                &format!("s1-{tag}"),
+                &format!("s2-{tag}"),
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    store
+        .create_approval_hold(&hold(zone, &format!("hold-{tag}")), &[])
+        .await
+        .unwrap();
+    store
+        .put_idempotency_receipt(&receipt(zone, "key", 60_000))
+        .await
+        .unwrap();
+    store
+        .insert_audit_events(&[audit(zone, &format!("ev-{tag}"), 1)])
+        .await
+        .unwrap();
+}
+
+fn sealed(zone: &str, secret_ref: &str, envelope: &str) -> SealedSecret {
+    SealedSecret {
+        zone_id: zone.into(),
+        secret_ref: secret_ref.into(),
+        purpose: "provider:api_key".into(),
+        kek_id: "kek_01".into(),
+        envelope: envelope.into(),
+        version: 0,
+        updated_at_ms: 0,
+    }
+}
+
+fn header(zone: &str, id: &str) -> PolicyHeader {
+    PolicyHeader {
+        id: id.into(),
+        zone_id: zone.into(),
+        name: id.into(),
+        description: String::new(),
+        created_at_ms: caracal_store::now_ms(),
+        archived_at_ms: None,
+    }
+}
+
+fn authority(zone: &str, id: &str) -> AuthorityRecord {
+    let now = caracal_store::now_ms();
+    AuthorityRecord {
+        id: id.into(),
+        zone_id: zone.into(),
+        session_type: "application".into(),
+        subject_id: "app-subject".into(),
+        parent_id: None,
+        status: "active".into(),
+        claims: "{}".into(),
+        expires_at_ms: now + 600_000,
+        authenticated_at_ms: now,
+        created_at_ms: now,
+        revoked_at_ms: None,
+        revoked_reason: None,
+    }
+}
+
+fn session(zone: &str, id: &str, authority_record_id: &str) -> Session {
+    let now = caracal_store::now_ms();
+    Session {
+        id: id.into(),
+        zone_id: zone.into(),
+        application_id: "app".into(),
+        parent_id: None,
+        authority_record_id: authority_record_id.into(),
+        status: "active".into(),
+        lifecycle: "service".into(),
+        depth: 0,
+        labels: vec!["team:a".into()],
+        metadata: "{}".into(),
+        ttl_seconds: None,
+        lease_generation: 0,
+        heartbeat_deadline_ms: Some(now + 30_000),
+        started_at_ms: now,
+        last_active_ms: now,
+        terminated_at_ms: None,
+        termination_reason: None,
+    }
+}
+
+fn edge(zone: &str, id: &str, source: &str, target: &str) -> DelegationEdge {
+    DelegationEdge {
+        id: id.into(),
+        zone_id: zone.into(),
+        source_session_id: source.into(),
+        target_session_id: target.into(),
+        issuer_application_id: "app".into(),
+        receiver_application_id: "app".into(),
+        parent_edge_id: None,
+        resource_id: Some("resource://crm".into()),
+        scopes: vec!["crm:read".into()],
+        constraints: r#"{"max_hops":1}"#.into(),
+        status: "active".into(),
+        expires_at_ms: None,
+        created_at_ms: caracal_store::now_ms(),
+        revoked_at_ms: None,
+    }
+}
+
+fn hold(zone: &str, id: &str) -> ApprovalHold {
+    let now = caracal_store::now_ms();
+    ApprovalHold {
+        id: id.into(),
+        zone_id: zone.into(),
+        session_id: "ar".into(),
+        principal_id: "user".into(),
+        application_id: "app".into(),
+        tier: "high".into(),
+        approver_class: "operator".into(),
+        binding_hash: "abc".into(),
+        metadata: "{}".into(),
+        created_at_ms: now,
+        expires_at_ms: now + 600_000,
+        decision: None,
+        decided_at_ms: None,
+        decision_reason: None,
+        approver_id: None,
+        consumed_at_ms: None,
+    }
+}
+
+fn receipt(zone: &str, key: &str, ttl_ms: i64) -> IdempotencyReceipt {
+    IdempotencyReceipt {
+        operation: "session.start".into(),
+        zone_id: zone.into(),
+        scope_id: "app".into(),
+        key_digest: key.into(),
+        request_digest: "request".into(),
+        resource_type: "session".into(),
+        resource_id: "s1".into(),
+        response_status: 201,
+        response_json: r#"{"id":"s1"}"#.into(),
+        expires_at_ms: caracal_store::now_ms() + ttl_ms,
+    }
+}
+
+fn audit(zone: &str, id: &str, seq: i64) -> AuditEvent {
+    AuditEvent {
+        id: id.into(),
+        zone_id: zone.into(),
+        event_type: "sts.exchange".into(),
+        request_id: "req".into(),
+        decision: "allow".into(),
+        policy_set_id: None,
+        policy_set_version_id: None,
+        manifest_sha: None,
+        evaluation_status: "ok".into(),
+        determining_policies: "[]".into(),
+        diagnostics: "[]".into(),
+        metadata: "{}".into(),
+        occurred_at_ms: seq,
+        ingested_at_ms: seq,
+        chain_seq: seq,
+        content_sha256: format!("hash-{seq}"),
+        prev_content_sha256: format!("hash-{}", seq - 1),
+        chain_mac: "mac".into(),
+        chain_key_id: "chain-key-1".into(),
+    }
+}
+
+async fn no_read_or_update_crosses_zones(backend: &Backend) {
+    let store = backend.store.as_ref();
+    populate(store, "zone-a", "a").await;
+    store
+        .create_zone(
+            &NewZone {
+                id: "zone-b".into(),
+                name: "b".into(),
+                slug: "zone-b".into(),
+            },
+            &[],
+        )
+        .await
+        .unwrap();
+    let b = "zone-b";
+    // Reads through zone B never see zone A's rows.
+    assert_eq!(store.get_application(b, "app-a").await.unwrap(), None);
+    assert!(store.list_applications(b).await.unwrap().is_empty());
+    assert_eq!(store.get_provider(b, "prov-a").await.unwrap(), None);
+    assert!(store.list_providers(b).await.unwrap().is_empty());
+    assert_eq!(store.get_resource(b, "res-a").await.unwrap(), None);
+    assert_eq!(
+        store.find_resource(b, "resource://crm").await.unwrap(),
+        None
+    );
+    assert!(store.list_resources(b).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .get_provider_connection(b, "caracal:shared", "prov-a")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(store.get_sealed_secret(b, "secret-a").await.unwrap(), None);
+    assert!(store.list_signing_keys(b).await.unwrap().is_empty());
+    assert_eq!(store.get_policy(b, "pol-a").await.unwrap(), None);
+    assert!(store.list_policies(b).await.unwrap().is_empty());
+    assert_eq!(store.get_policy_version(b, "polv-a").await.unwrap(), None);
+    assert!(
+        store
+            .list_policy_versions(b, "pol-a")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.get_policy_set(b, "set-a").await.unwrap(), None);
+    assert!(store.list_policy_sets(b).await.unwrap().is_empty());
+    assert_eq!(
+        store.get_policy_set_version(b, "setv-a").await.unwrap(),
+        None
+    );
+    assert!(
+        store
+            .list_policy_set_versions(b, "set-a")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.policy_binding(b).await.unwrap(), None);
+    assert_eq!(store.get_authority_record(b, "ar-a").await.unwrap(), None);
+    assert!(
+        store
+            .list_authority_records_of(b, "app-subject")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.get_session(b, "s1-a").await.unwrap(), None);
+    assert!(store.list_sessions(b).await.unwrap().is_empty());
+    assert!(
+        store
+            .list_child_sessions(b, "s1-a")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.get_delegation_edge(b, "edge-a").await.unwrap(), None);
+    assert!(store.list_edges_from(b, "s1-a").await.unwrap().is_empty());
+    assert!(store.list_edges_to(b, "s2-a").await.unwrap().is_empty());
+    assert_eq!(store.zone_graph_epoch(b).await.unwrap(), 0);
+    assert_eq!(store.get_approval_hold(b, "hold-a").await.unwrap(), None);
+    assert!(
+        store
+            .list_pending_approval_holds(b)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .get_idempotency_receipt("session.start", b, "app", "key")
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(store.list_audit_events(b, 0, 100).await.unwrap().is_empty());
+    assert_eq!(store.audit_head(b).await.unwrap(), None);
+
+    // Updates through zone B cannot reach zone A's rows.
+    let not_found = |result: Result<(), StoreError>| matches!(result, Err(StoreError::NotFound(_)));
+    assert!(not_found(
+        store.set_application_secret(b, "app-a", "x", &[]).await
+    ));
+    assert!(not_found(store.archive_application(b, "app-a", &[]).await));
+    assert!(not_found(
+        store
+            .set_signing_key_status(b, "kid-a", "retired", &[])
+            .await
+    ));
+    assert!(not_found(
+        store.revoke_authority_record(b, "ar-a", "x", &[]).await
+    ));
+    assert!(not_found(
+        store
+            .set_session_status(b, "s1-a", "terminated", None, &[])
+            .await
+    ));
+    assert!(matches!(
+        store.renew_session_lease(b, "s1-a", 0, 0).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store
+            .decide_approval_hold(b, "hold-a", "approved", "", "op", &[])
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.activate_policy_set_version(b, "setv-a", &[]).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.add_policy_version(b, "pol-a", "polv-x", "", "").await,
+        Err(StoreError::NotFound(_))
+    ));
+    let (_, revoked) = store
+        .revoke_delegation_edges(b, &["edge-a".into()], &[])
+        .await
+        .unwrap();
+    assert_eq!(revoked, 0);
+    let cross_zone_resource = Resource {
+        id: "res-x".into(),
+        zone_id: b.into(),
+        provider_id: "prov-a".into(),
+        ..store
+            .get_resource("zone-a", "res-a")
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    assert!(
+        not_found(store.create_resource(&cross_zone_resource, &[]).await),
+        "a resource cannot bind another zone's provider"
+    );
+
+    // Zone A is untouched.
+    let app = store
+        .get_application("zone-a", "app-a")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (app.archived_at_ms, app.traits),
+        (None, vec!["control:read".to_owned()])
+    );
+    assert_eq!(
+        store
+            .get_session("zone-a", "s1-a")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "active"
+    );
+    assert_eq!(
+        store
+            .get_delegation_edge("zone-a", "edge-a")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "active"
+    );
+    assert_eq!(
+        store
+            .get_authority_record("zone-a", "ar-a")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "active"
+    );
+    assert_eq!(
+        store
+            .get_approval_hold("zone-a", "hold-a")
+            .await
+            .unwrap()
+            .unwrap()
+            .decision,
+        None
+    );
+    assert_eq!(
+        store.list_signing_keys("zone-a").await.unwrap()[0].status,
+        "active"
+    );
+    assert_eq!(store.zone_graph_epoch("zone-a").await.unwrap(), 1);
+}
+
+async fn policy_versions_are_numbered_and_immutable(backend: &Backend) {
+    let store = backend.store.as_ref();
+    store.create_zone(&zone(1), &[]).await.unwrap();
+    store.create_policy(&header("zone-1", "pol")).await.unwrap();
+    let first = store
+        .add_policy_version("zone-1", "pol", "v1", "a", "sha-a")
+        .await
+        .unwrap();
+    let second = store
+        .add_policy_version("zone-1", "pol", "v2", "b", "sha-b")
+        .await
+        .unwrap();
+    assert_eq!((first.version, second.version), (1, 2));
+    assert_eq!(
+        store.list_policy_versions("zone-1", "pol").await.unwrap(),
+        [first.clone(), second]
+    );
+    // Neither the API nor a hand-written statement may change a stored version.
+    let edit = backend
+        .db
+        .change(
+            "UPDATE policy_versions SET content = 'evil' WHERE id = $1",
+            vec![Value::from("v1")],
+        )
+        .await;
+    assert!(edit.is_err(), "{edit:?}");
+    let delete = backend
+        .db
+        .change(
+            "DELETE FROM policy_versions WHERE id = $1",
+            vec![Value::from("v1")],
+        )
+        .await;
+    assert!(delete.is_err(), "{delete:?}");
+    store
+        .create_policy_set(&header("zone-1", "set"))
+        .await
+        .unwrap();
+    store
+        .add_policy_set_version("zone-1", "set", "sv1", "[]", "sha")
+        .await
+        .unwrap();
+    let edit = backend
+        .db
+        .change(
+            "UPDATE policy_set_versions SET manifest = '[1]' WHERE id = $1",
+            vec![Value::from("sv1")],
+        )
+        .await;
+    assert!(edit.is_err(), "{edit:?}");
+    assert_eq!(
+        store.get_policy_version("zone-1", "v1").await.unwrap(),
+        Some(first)
+    );
+}
+
+async fn activation_keeps_the_last_known_good(backend: &Backend) {
+    let store = backend.store.as_ref();
+    store.create_zone(&zone(1), &[]).await.unwrap();
+    store
+        .create_policy_set(&header("zone-1", "set"))
+        .await
+        .unwrap();
+    for id in ["sv1", "sv2"] {
+        store
+            .add_policy_set_version("zone-1", "set", id, "[]", "sha")
+            .await
+            .unwrap();
+    }
+    let invalidate = message("caracal.policy.invalidate", 1);
+    let binding = store
+        .activate_policy_set_version("zone-1", "sv1", std::slice::from_ref(&invalidate))
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            binding.active_version_id.as_str(),
+            binding.previous_version_id
+        ),
+        ("sv1", None)
+    );
+    let binding = store
+        .activate_policy_set_version("zone-1", "sv2", std::slice::from_ref(&invalidate))
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            binding.active_version_id.as_str(),
+            binding.previous_version_id.as_deref()
+        ),
+        ("sv2", Some("sv1"))
+    );
+    let binding = store
+        .activate_policy_set_version("zone-1", "sv2", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        binding.previous_version_id.as_deref(),
+        Some("sv1"),
+        "re-activating keeps the last known good"
+    );
+    let rolled_back = store
+        .activate_policy_set_version("zone-1", "sv1", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            rolled_back.active_version_id.as_str(),
+            rolled_back.previous_version_id.as_deref()
+        ),
+        ("sv1", Some("sv2"))
+    );
+    assert_eq!(
+        store.policy_binding("zone-1").await.unwrap(),
+        Some(rolled_back)
+    );
+    assert_eq!(store.outbox_stats().await.unwrap().pending, 2);
+    assert!(matches!(
+        store
+            .activate_policy_set_version("zone-1", "missing", &[])
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn every_edge_change_bumps_the_zone_epoch_and_stamps_the_outbox(backend: &Backend) {
+    let store = backend.store.as_ref();
+    assert_eq!(store.zone_graph_epoch("zone-1").await.unwrap(), 0);
+    let invalidate = OutboxMessage {
+        stream: "caracal.delegations.invalidate".into(),
+        fields: BTreeMap::from([
+            ("zone_id".into(), "zone-1".into()),
+            ("event".into(), "edge_create".into()),
+        ]),
+        dedupe_key: None,
+    };
+    let epoch = store
+        .create_delegation_edge(
+            &edge("zone-1", "e1", "s1", "s2"),
+            std::slice::from_ref(&invalidate),
+        )
+        .await
+        .unwrap();
+    assert_eq!(epoch, 1);
+    let epoch = store
+        .create_delegation_edge(
+            &edge("zone-1", "e2", "s2", "s3"),
+            std::slice::from_ref(&invalidate),
+        )
+        .await
+        .unwrap();
+    assert_eq!(epoch, 2);
+    assert!(
+        matches!(
+            store
+                .create_delegation_edge(
+                    &edge("zone-1", "e3", "s3", "s3"),
+                    std::slice::from_ref(&invalidate)
+                )
+                .await,
+            Err(StoreError::Query(_))
+        ),
+        "a self edge is refused and bumps nothing"
+    );
+    let (epoch, revoked) = store
+        .revoke_delegation_edges("zone-1", &["e1".into(), "e2".into()], &[invalidate])
+        .await
+        .unwrap();
+    assert_eq!((epoch, revoked), (3, 2));
+    assert_eq!(store.zone_graph_epoch("zone-1").await.unwrap(), 3);
+    assert_eq!(
+        store.zone_graph_epoch("zone-2").await.unwrap(),
+        0,
+        "epochs are per zone"
+    );
+    let rows = store
+        .claim_outbox("t", 10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let epochs: Vec<&str> = rows
+        .iter()
+        .map(|row| row.fields["epoch"].as_str())
+        .collect();
+    assert_eq!(epochs, ["1", "2", "3"]);
+    let revoked = store
+        .get_delegation_edge("zone-1", "e1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(revoked.status, "revoked");
+    assert!(revoked.revoked_at_ms.is_some());
+    assert_eq!(store.list_edges_to("zone-1", "s3").await.unwrap().len(), 1);
+}
+
+async fn session_leases_are_fenced_and_final_states_stay_final(backend: &Backend) {
+    let store = backend.store.as_ref();
+    store
+        .create_session(&session("zone-1", "s1", "ar"), &[])
+        .await
+        .unwrap();
+    let mut child = session("zone-1", "s2", "ar");
+    child.parent_id = Some("s1".into());
+    child.depth = 1;
+    store.create_session(&child, &[]).await.unwrap();
+    assert_eq!(
+        store.list_child_sessions("zone-1", "s1").await.unwrap(),
+        [child]
+    );
+    assert_eq!(
+        store
+            .renew_session_lease("zone-1", "s1", 0, 1)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(
+        matches!(
+            store.renew_session_lease("zone-1", "s1", 0, 1).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "a stale holder is fenced off"
+    );
+    assert_eq!(
+        store
+            .renew_session_lease("zone-1", "s1", 1, 2)
+            .await
+            .unwrap(),
+        2
+    );
+    store
+        .set_session_status("zone-1", "s1", "suspended", None, &[])
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.renew_session_lease("zone-1", "s1", 2, 3).await,
+        Err(StoreError::Conflict(_))
+    ));
+    store
+        .set_session_status("zone-1", "s1", "active", None, &[])
+        .await
+        .unwrap();
+    store
+        .set_session_status(
+            "zone-1",
+            "s1",
+            "terminated",
+            Some("operator"),
+            &[message("caracal.sessions.revoke", 1)],
+        )
+        .await
+        .unwrap();
+    let ended = store.get_session("zone-1", "s1").await.unwrap().unwrap();
+    assert_eq!(
+        (ended.status.as_str(), ended.termination_reason.as_deref()),
+        ("terminated", Some("operator"))
+    );
+    assert!(ended.terminated_at_ms.is_some());
+    assert!(
+        matches!(
+            store
+                .set_session_status("zone-1", "s1", "active", None, &[])
+                .await,
+            Err(StoreError::NotFound(_))
+        ),
+        "terminated is final"
+    );
+    assert_eq!(store.outbox_stats().await.unwrap().pending, 1);
+}
+
+async fn approval_holds_are_decided_once_and_consumed_once(backend: &Backend) {
+    let store = backend.store.as_ref();
+    store
+        .create_approval_hold(&hold("zone-1", "h1"), &[])
+        .await
+        .unwrap();
+    let mut expired = hold("zone-1", "h2");
+    expired.expires_at_ms = caracal_store::now_ms() - 1;
+    store.create_approval_hold(&expired, &[]).await.unwrap();
+    let pending: Vec<String> = store
+        .list_pending_approval_holds("zone-1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.id)
+        .collect();
+    assert_eq!(pending, ["h1"]);
+    assert!(
+        matches!(
+            store.consume_approval_hold("zone-1", "h1").await,
+            Err(StoreError::Conflict(_))
+        ),
+        "undecided holds cannot be used"
+    );
+    store
+        .decide_approval_hold("zone-1", "h1", "approved", "looks right", "operator-1", &[])
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .decide_approval_hold("zone-1", "h1", "rejected", "", "operator-2", &[])
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(
+        matches!(
+            store
+                .decide_approval_hold("zone-1", "h2", "approved", "", "operator-1", &[])
+                .await,
+            Err(StoreError::Conflict(_))
+        ),
+        "expired holds cannot be decided"
+    );
+    store.consume_approval_hold("zone-1", "h1").await.unwrap();
+    assert!(
+        matches!(
+            store.consume_approval_hold("zone-1", "h1").await,
+            Err(StoreError::Conflict(_))
+        ),
+        "single use"
+    );
+    let decided = store
+        .get_approval_hold("zone-1", "h1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (decided.decision.as_deref(), decided.approver_id.as_deref()),
+        (Some("approved"), Some("operator-1"))
+    );
+}
+
+async fn idempotency_receipts_conflict_while_live(backend: &Backend) {
+    let store = backend.store.as_ref();
+    store
+        .put_idempotency_receipt(&receipt("zone-1", "k1", 60_000))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .put_idempotency_receipt(&receipt("zone-1", "k1", 60_000))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let found = store
+        .get_idempotency_receipt("session.start", "zone-1", "app", "k1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (found.response_status, found.response_json.as_str()),
+        (201, r#"{"id":"s1"}"#)
+    );
+    store
+        .put_idempotency_receipt(&receipt("zone-1", "k2", -1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get_idempotency_receipt("session.start", "zone-1", "app", "k2")
+            .await
+            .unwrap(),
+        None,
+        "expired receipts are not replayed"
+    );
+    store
+        .put_idempotency_receipt(&receipt("zone-1", "k2", 60_000))
+        .await
+        .unwrap();
+    assert_eq!(store.purge_idempotency_receipts().await.unwrap(), 0);
+}
+
+async fn sealed_secrets_version_up_on_replace(backend: &Backend) {
+    let store = backend.store.as_ref();
+    assert_eq!(
+        store
+            .put_sealed_secret(&sealed("zone-1", "s", "one"), &[])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .put_sealed_secret(
+                &sealed("zone-1", "s", "two"),
+                &[message("caracal.keys.invalidate", 1)]
+            )
+            .await
+            .unwrap(),
+        2
+    );
+    let secret = store
+        .get_sealed_secret("zone-1", "s")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            secret.envelope.as_str(),
+            secret.version,
+            secret.kek_id.as_str()
+        ),
+        ("two", 2, "kek_01")
+    );
+    assert_eq!(store.outbox_stats().await.unwrap().pending, 1);
+}
+
+async fn audit_rows_are_idempotent_on_id_and_ordered_per_zone(backend: &Backend) {
+    let store = backend.store.as_ref();
+    let batch = [
+        audit("zone-1", "e1", 1),
+        audit("zone-1", "e2", 2),
+        audit("zone-2", "e3", 1),
+    ];
+    assert_eq!(store.insert_audit_events(&batch).await.unwrap(), 3);
+    assert_eq!(
+        store.insert_audit_events(&batch[..2]).await.unwrap(),
+        0,
+        "redelivered events are skipped"
+    );
+    let clash = audit("zone-1", "e9", 2);
+    assert!(
+        matches!(
+            store.insert_audit_events(&[clash]).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "one row per chain position"
+    );
+    let listed: Vec<String> = store
+        .list_audit_events("zone-1", 0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(listed, ["e1", "e2"]);
+    assert_eq!(
+        store.list_audit_events("zone-1", 1, 10).await.unwrap()[0].id,
+        "e2"
+    );
+    assert_eq!(
+        store.audit_head("zone-1").await.unwrap(),
+        Some((2, "hash-2".into()))
+    );
+    assert_eq!(
+        store.audit_head("zone-2").await.unwrap(),
+        Some((1, "hash-1".into()))
+    );
+}
+
+async fn authority_records_insert_in_batches_and_revoke_once(backend: &Backend) {
+    let store = backend.store.as_ref();
+    let batch: Vec<AuthorityRecord> = (0..50)
+        .map(|n| authority("zone-1", &format!("ar-{n}")))
+        .collect();
+    store.insert_authority_records(&batch).await.unwrap();
+    assert_eq!(
+        store
+            .list_authority_records_of("zone-1", "app-subject")
+            .await
+            .unwrap()
+            .len(),
+        50
+    );
+    let duplicate = vec![authority("zone-1", "ar-new"), authority("zone-1", "ar-0")];
+    assert!(matches!(
+        store.insert_authority_records(&duplicate).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store
+            .get_authority_record("zone-1", "ar-new")
+            .await
+            .unwrap(),
+        None,
+        "a failed batch writes nothing"
+    );
+    store
+        .revoke_authority_record("zone-1", "ar-1", "kill switch", &[])
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .revoke_authority_record("zone-1", "ar-1", "again", &[])
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    let revoked = store
+        .get_authority_record("zone-1", "ar-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (revoked.status.as_str(), revoked.revoked_reason.as_deref()),
+        ("revoked", Some("kill switch"))
     );
 }
