@@ -104,17 +104,6 @@ impl EmbeddedBus {
             })
             .transpose()
     }
-
-    /// Deletes replay keys whose TTL has passed; returns how many.
-    pub async fn purge_expired_replay_keys(&self) -> Result<u64, BusError> {
-        let deleted = self
-            .store
-            .run(|connection| {
-                connection.execute("DELETE FROM replay_keys WHERE expires_ms <= ?1", [now_ms()])
-            })
-            .await?;
-        Ok(deleted as u64)
-    }
 }
 
 #[async_trait::async_trait]
@@ -145,6 +134,16 @@ impl ReplayRegistry for EmbeddedBus {
             })
             .await?;
         Ok(claimed == 1)
+    }
+
+    async fn purge_expired(&self) -> Result<u64, BusError> {
+        let deleted = self
+            .store
+            .run(|connection| {
+                connection.execute("DELETE FROM replay_keys WHERE expires_ms <= ?1", [now_ms()])
+            })
+            .await?;
+        Ok(deleted as u64)
     }
 }
 

@@ -504,6 +504,11 @@ impl ReplayRegistry for RedisBus {
             .await?;
         Ok(matches!(reply, Value::Okay))
     }
+
+    async fn purge_expired(&self) -> Result<u64, BusError> {
+        // Keys carry their own TTL in Redis.
+        Ok(0)
+    }
 }
 
 #[async_trait::async_trait]

@@ -32,6 +32,10 @@ pub trait ReplayRegistry: Send + Sync {
         key: &str,
         ttl: Duration,
     ) -> Result<bool, BusError>;
+
+    /// Forgets keys whose TTL has passed; returns how many. Backends that expire keys by
+    /// themselves (Redis) have nothing to do.
+    async fn purge_expired(&self) -> Result<u64, BusError>;
 }
 
 #[async_trait::async_trait]

@@ -43,6 +43,10 @@ impl Kek {
         &self.key_id
     }
 
+    pub(crate) fn key(&self) -> &[u8; 32] {
+        &self.key
+    }
+
     /// The file form: `caracal-kek:v1:<key id>:<base64url key>` and a newline.
     pub fn to_file_text(&self) -> String {
         format!(

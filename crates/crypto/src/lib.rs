@@ -1,8 +1,9 @@
 //! Key material and cryptographic primitives, all on aws-lc-rs.
 //!
-//! - [`Kek`]: the key-encryption key that seals every stored secret (envelope encryption). It
-//!   lives in a file under `$CARACAL_HOME`, never in the database; the database records only its
-//!   id and a check value, so a wrong or swapped KEK file is refused at start.
+//! - [`Kek`]: the key-encryption key that seals every stored secret ([`Kek::seal`], envelope
+//!   encryption with a fresh data key per secret, purpose-bound). It lives in a file under
+//!   `$CARACAL_HOME`, never in the database; the database records only its id and a check
+//!   value, so a wrong or swapped KEK file is refused at start.
 //! - [`AdminToken`]: bearer tokens for the admin API, `cat_` + 32 random bytes base64url. Only
 //!   their SHA-256 digest is stored: the token carries 256 bits of entropy, so a slow password
 //!   hash would add cost without adding strength.
@@ -10,9 +11,11 @@
 //! Every type that holds secret bytes has a `Debug` that prints no secret.
 
 mod admin_token;
+mod envelope;
 mod kek;
 
 pub use admin_token::{AdminToken, TokenDigest};
+pub use envelope::{EnvelopeError, envelope_kek_id};
 pub use kek::{Kek, KekError};
 
 /// Fills a fresh array from the operating system's CSPRNG.

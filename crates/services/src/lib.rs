@@ -8,12 +8,14 @@
 //! - [`Settings`]: the validated configuration the runtime needs; the CLI builds it.
 
 mod error;
+pub mod group_commit;
 mod metrics;
 pub mod outbox;
 mod probes;
 mod request_id;
 mod router;
 mod settings;
+pub mod singleton;
 mod stack;
 mod state;
 #[cfg(test)]

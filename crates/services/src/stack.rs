@@ -71,6 +71,8 @@ pub enum StartError {
 
 /// A started, not yet serving, set of roles.
 pub struct Stack {
+    /// Unique per process across replicas: names this process in outbox claims and leases.
+    instance: String,
     shared: Shared,
     stream_key: StreamKey,
     data_dir: DataDir,
@@ -139,6 +141,7 @@ impl Stack {
         };
         let bootstrap = caracal_store::bootstrap(&data_dir, store.as_ref()).await?;
         Ok(Stack {
+            instance: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7().simple()),
             shared: Shared::new(store, bus),
             stream_key,
             data_dir,
@@ -209,10 +212,25 @@ impl Stack {
                         Arc::clone(&self.shared.bus.streams),
                         self.stream_key.clone(),
                     ),
-                    DispatcherConfig::new(format!("api-{}", std::process::id())),
+                    DispatcherConfig::new(format!("api-{}", self.instance)),
                     state.metrics.outbox.clone(),
                 );
                 servers.spawn(dispatcher.run(stop_receiver.clone()));
+                let (store, replay) = (
+                    Arc::clone(&self.shared.store),
+                    Arc::clone(&self.shared.bus.replay),
+                );
+                servers.spawn(crate::singleton::run_singleton(
+                    Arc::clone(&self.shared.store),
+                    "retention",
+                    format!("api-{}", self.instance),
+                    Duration::from_secs(60),
+                    move || {
+                        let (store, replay) = (Arc::clone(&store), Arc::clone(&replay));
+                        async move { crate::singleton::retention(store.as_ref(), replay.as_ref()).await }
+                    },
+                    stop_receiver.clone(),
+                ));
             }
             let app = router(state);
             let stop = stop_receiver.clone();

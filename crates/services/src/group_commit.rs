@@ -1,0 +1,135 @@
+//! Group commit for authority records: many concurrent mints share one transaction, so a
+//! mint waits for one durable commit instead of queueing behind every other mint's commit.
+//! A caller is answered only after its record is committed (or known to have failed).
+
+use std::sync::Arc;
+
+use caracal_store::{AuthorityRecord, Store, StoreError};
+use tokio::sync::{mpsc, oneshot};
+
+type Reply = oneshot::Sender<Result<(), StoreError>>;
+
+/// Hands records to the committing task. Cheap to clone.
+#[derive(Clone)]
+pub struct AuthorityWriter {
+    sender: mpsc::Sender<(AuthorityRecord, Reply)>,
+}
+
+impl AuthorityWriter {
+    /// Starts the committing task; it ends when every writer is dropped.
+    pub fn start(
+        store: Arc<dyn Store>,
+        max_batch: usize,
+    ) -> (AuthorityWriter, tokio::task::JoinHandle<()>) {
+        let (sender, receiver) = mpsc::channel(max_batch.max(1) * 4);
+        let task = tokio::spawn(commit_loop(store, receiver, max_batch.max(1)));
+        (AuthorityWriter { sender }, task)
+    }
+
+    /// Writes `record`; returns once it is committed.
+    pub async fn write(&self, record: AuthorityRecord) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send((record, reply))
+            .await
+            .map_err(|_| StoreError::Unavailable("authority writer stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("authority writer stopped".into()))?
+    }
+}
+
+async fn commit_loop(
+    store: Arc<dyn Store>,
+    mut receiver: mpsc::Receiver<(AuthorityRecord, Reply)>,
+    max_batch: usize,
+) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while receiver.recv_many(&mut batch, max_batch).await > 0 {
+        let (records, replies): (Vec<AuthorityRecord>, Vec<Reply>) = batch.drain(..).unzip();
+        match store.insert_authority_records(&records).await {
+            Ok(()) => {
+                for reply in replies {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            // One bad record (a duplicate id) must not fail its neighbours: retry one by one.
+            Err(_) if records.len() > 1 => {
+                for (record, reply) in records.into_iter().zip(replies) {
+                    let _ = reply.send(
+                        store
+                            .insert_authority_records(std::slice::from_ref(&record))
+                            .await,
+                    );
+                }
+            }
+            Err(error) => {
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Unavailable(error.to_string())));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use caracal_store::SqliteStore;
+    use caracal_store::prelude::*;
+
+    use super::*;
+
+    fn record(id: &str) -> AuthorityRecord {
+        AuthorityRecord {
+            id: id.to_owned(),
+            zone_id: "zone-1".into(),
+            session_type: "application".into(),
+            subject_id: "app".into(),
+            parent_id: None,
+            status: "active".into(),
+            claims: "{}".into(),
+            expires_at_ms: 1,
+            authenticated_at_ms: 1,
+            created_at_ms: 1,
+            revoked_at_ms: None,
+            revoked_reason: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_commit_and_a_bad_record_fails_alone() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+        let (writer, task) = AuthorityWriter::start(Arc::new(store.clone()), 64);
+        writer.write(record("taken")).await.unwrap();
+        let writes: Vec<_> = (0..200)
+            .map(|n| {
+                let writer = writer.clone();
+                let id = if n == 100 {
+                    "taken".to_owned()
+                } else {
+                    format!("ar-{n}")
+                };
+                tokio::spawn(async move { (n, writer.write(record(&id)).await) })
+            })
+            .collect();
+        for write in writes {
+            let (n, result) = write.await.unwrap();
+            if n == 100 {
+                assert!(matches!(result, Err(StoreError::Conflict(_))), "{result:?}");
+            } else {
+                result.unwrap();
+            }
+        }
+        assert_eq!(
+            store
+                .list_authority_records_of("zone-1", "app")
+                .await
+                .unwrap()
+                .len(),
+            200
+        );
+        drop(writer);
+        task.await.unwrap();
+    }
+}

@@ -1,0 +1,120 @@
+//! Jobs that must run on exactly one replica at a time (sweepers, retention). Each runs only
+//! while its process holds the job's lease in the shared store; if the holder dies, the lease
+//! expires and another replica takes over.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use caracal_bus::ReplayRegistry;
+use caracal_store::Store;
+
+/// Runs `job` once per `period` while holding lease `name` as `holder`, until `stop` turns true;
+/// then releases the lease so another replica can take over at once.
+pub async fn run_singleton<F, Fut>(
+    store: Arc<dyn Store>,
+    name: &'static str,
+    holder: String,
+    period: Duration,
+    job: F,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    // A lease outlives a few missed renewals, not more.
+    let ttl = period.saturating_mul(3);
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        match store.try_lease(name, &holder, ttl).await {
+            Ok(true) => job().await,
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(job = name, %error, "cannot renew the job lease; not running it")
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            () = tokio::time::sleep(period) => {}
+        }
+    }
+    if let Err(error) = store.release_lease(name, &holder).await {
+        tracing::warn!(job = name, %error, "could not release the job lease; it will expire");
+    }
+}
+
+/// Retention: forgets expired idempotency receipts and replay keys.
+pub async fn retention(store: &dyn Store, replay: &dyn ReplayRegistry) {
+    match store.purge_idempotency_receipts().await {
+        Ok(0) => {}
+        Ok(purged) => tracing::debug!(purged, "expired idempotency receipts purged"),
+        Err(error) => tracing::warn!(%error, "idempotency receipt purge failed"),
+    }
+    if let Err(error) = replay.purge_expired().await {
+        tracing::warn!(%error, "replay key purge failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use caracal_store::SqliteStore;
+
+    use super::*;
+
+    fn runner(
+        store: &SqliteStore,
+        holder: &str,
+        runs: Arc<AtomicU32>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let store: Arc<dyn Store> = Arc::new(store.clone());
+        let holder = holder.to_owned();
+        tokio::spawn(run_singleton(
+            store,
+            "retention",
+            holder,
+            Duration::from_millis(20),
+            move || {
+                let runs = Arc::clone(&runs);
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                }
+            },
+            stop,
+        ))
+    }
+
+    #[tokio::test]
+    async fn one_replica_runs_the_job_and_another_takes_over_when_it_stops() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+        let (a_runs, b_runs) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let (stop_a, stopped_a) = tokio::sync::watch::channel(false);
+        let (stop_b, stopped_b) = tokio::sync::watch::channel(false);
+        let a = runner(&store, "replica-a", Arc::clone(&a_runs), stopped_a);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let b = runner(&store, "replica-b", Arc::clone(&b_runs), stopped_b);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            a_runs.load(Ordering::SeqCst) >= 5,
+            "the leader runs the job"
+        );
+        assert_eq!(b_runs.load(Ordering::SeqCst), 0, "the follower never does");
+
+        stop_a.send(true).unwrap();
+        a.await.unwrap();
+        let handed_over = a_runs.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(a_runs.load(Ordering::SeqCst), handed_over);
+        assert!(
+            b_runs.load(Ordering::SeqCst) >= 5,
+            "the follower takes over once the lease is released"
+        );
+        stop_b.send(true).unwrap();
+        b.await.unwrap();
+    }
+}
