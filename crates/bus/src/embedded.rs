@@ -204,31 +204,48 @@ fn age(now: i64, then: i64) -> Duration {
 #[async_trait::async_trait]
 impl Streams for EmbeddedBus {
     async fn append(&self, stream: &str, fields: &Fields) -> Result<String, BusError> {
-        let text =
-            serde_json::to_string(fields).map_err(|error| BusError::Protocol(error.to_string()))?;
+        let mut ids = self
+            .append_many(stream, std::slice::from_ref(fields))
+            .await?;
+        ids.pop()
+            .ok_or_else(|| BusError::Protocol("append returned no id".into()))
+    }
+
+    async fn append_many(&self, stream: &str, entries: &[Fields]) -> Result<Vec<String>, BusError> {
+        let texts = entries
+            .iter()
+            .map(|fields| {
+                serde_json::to_string(fields).map_err(|error| BusError::Protocol(error.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let name = stream.to_owned();
-        let id = self
+        let ids = self
             .store
             .run(move |connection| {
                 let transaction = connection.transaction()?;
-                let seq: i64 = transaction.query_row(
-                    "INSERT INTO streams (name, last_seq) VALUES (?1, 1)
-                     ON CONFLICT (name) DO UPDATE SET last_seq = last_seq + 1
-                     RETURNING last_seq",
-                    [&name],
-                    |row| row.get(0),
-                )?;
                 let appended_ms = now_ms();
-                transaction.execute(
-                    "INSERT INTO stream_entries (stream, seq, appended_ms, fields) VALUES (?1, ?2, ?3, ?4)",
-                    params![name, seq, appended_ms, text],
-                )?;
+                let mut ids = Vec::with_capacity(texts.len());
+                for text in texts {
+                    let seq: i64 = transaction.query_row(
+                        "INSERT INTO streams (name, last_seq) VALUES (?1, 1)
+                         ON CONFLICT (name) DO UPDATE SET last_seq = last_seq + 1
+                         RETURNING last_seq",
+                        [&name],
+                        |row| row.get(0),
+                    )?;
+                    transaction.execute(
+                        "INSERT INTO stream_entries (stream, seq, appended_ms, fields) VALUES (?1, ?2, ?3, ?4)",
+                        params![name, seq, appended_ms, text],
+                    )?;
+                    ids.push(entry_id(seq, appended_ms));
+                }
+                // One commit (one fsync) for the whole batch.
                 transaction.commit()?;
-                Ok(entry_id(seq, appended_ms))
+                Ok(ids)
             })
             .await?;
         self.waker(stream).notify_waiters();
-        Ok(id)
+        Ok(ids)
     }
 
     async fn ensure_group(&self, stream: &str, group: &str) -> Result<(), BusError> {

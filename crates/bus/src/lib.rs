@@ -87,6 +87,10 @@ pub trait Streams: Send + Sync {
     /// Appends an entry and returns its id. Ids grow within a stream.
     async fn append(&self, stream: &str, fields: &Fields) -> Result<String, BusError>;
 
+    /// Appends entries in order, all or none where the backend allows (one transaction on
+    /// SQLite; one pipelined round trip on Redis), and returns their ids.
+    async fn append_many(&self, stream: &str, entries: &[Fields]) -> Result<Vec<String>, BusError>;
+
     /// Creates `group` reading `stream` from its beginning; an existing group is kept as is.
     async fn ensure_group(&self, stream: &str, group: &str) -> Result<(), BusError>;
 

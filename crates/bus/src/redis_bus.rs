@@ -211,6 +211,32 @@ impl Streams for RedisBus {
         text(&reply).ok_or_else(|| BusError::Protocol("XADD returned no id".into()))
     }
 
+    async fn append_many(&self, stream: &str, entries: &[Fields]) -> Result<Vec<String>, BusError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipeline = redis::pipe();
+        // MULTI/EXEC: the batch lands whole or not at all.
+        pipeline.atomic();
+        for fields in entries {
+            let command = pipeline.cmd("XADD").arg(stream).arg("*");
+            for (name, value) in fields {
+                command.arg(name).arg(value);
+            }
+        }
+        let mut connection = self.shared.clone();
+        let replies: Vec<Value> = pipeline
+            .query_async(&mut connection)
+            .await
+            .map_err(bus_error)?;
+        replies
+            .iter()
+            .map(|reply| {
+                text(reply).ok_or_else(|| BusError::Protocol("XADD returned no id".into()))
+            })
+            .collect()
+    }
+
     async fn ensure_group(&self, stream: &str, group: &str) -> Result<(), BusError> {
         let mut connection = self.shared.clone();
         let result: Result<Value, RedisError> = redis::cmd("XGROUP")

@@ -23,6 +23,7 @@ use caracal_bus::{
 
 conformance!(
     entries_arrive_in_order_with_their_fields,
+    a_batch_appends_in_order,
     every_group_sees_every_entry,
     consumers_of_one_group_share_the_entries,
     acknowledged_entries_leave_the_pending_list,
@@ -656,4 +657,30 @@ async fn a_message_published_twice_is_handed_out_once(backend: &Backend) {
             .unwrap()
             .is_empty()
     );
+}
+
+async fn a_batch_appends_in_order(backend: &Backend) {
+    let stream = backend.stream(stream_names::AUDIT_EVENTS);
+    let streams = &backend.streams;
+    streams.ensure_group(&stream, "g").await.unwrap();
+    let first = streams
+        .append(&stream, &fields(&[("n", "first")]))
+        .await
+        .unwrap();
+    let batch: Vec<Fields> = (0..50).map(|n| fields(&[("n", &n.to_string())])).collect();
+    let appended = streams.append_many(&stream, &batch).await.unwrap();
+    assert_eq!(appended.len(), 50);
+    assert!(streams.append_many(&stream, &[]).await.unwrap().is_empty());
+    let read = streams
+        .read_group(&stream, "g", "c", 100, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(ids(&read), [vec![first], appended].concat());
+    let numbers: Vec<&str> = read
+        .iter()
+        .skip(1)
+        .map(|entry| entry.fields["n"].as_str())
+        .collect();
+    let expected: Vec<String> = (0..50).map(|n| n.to_string()).collect();
+    assert_eq!(numbers, expected);
 }

@@ -81,6 +81,11 @@ pub enum Command {
     },
     /// Probe each role's /health and /ready; exit 1 if any probed role is not ready
     Status(StatusArgs),
+    /// Run the benchmarks that live in this binary, printing side-by-side ratios
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Inspect the effective configuration
     Config {
         #[command(subcommand)]
@@ -102,6 +107,33 @@ pub struct StatusArgs {
     /// Print JSON instead of a table
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Streams, outbox and authority-record writes: embedded (SQLite + in-process streams)
+    /// beside distributed (PostgreSQL + Redis), measured in one run
+    Backends(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// PostgreSQL to measure (a fresh schema is created and dropped)
+    #[arg(
+        long,
+        default_value = "postgres://postgres@127.0.0.1:5432/test",
+        value_name = "URL"
+    )]
+    pub postgres: String,
+    /// Redis to measure (keys are prefixed and deleted afterwards)
+    #[arg(long, default_value = "redis://127.0.0.1:6379", value_name = "URL")]
+    pub redis: String,
+    /// Messages (or records) per case
+    #[arg(long, default_value_t = 20_000, value_name = "N")]
+    pub messages: usize,
+    /// A tiny run that only checks every case works
+    #[arg(long)]
+    pub quick: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -2,6 +2,7 @@
 //! library crates. Exit codes: 0 success, 1 runtime failure (including "not ready"), 2 usage
 //! or configuration error.
 
+mod bench;
 mod cli;
 mod config;
 mod logging;
@@ -13,7 +14,7 @@ use caracal_core::Role;
 use caracal_services::Stack;
 use clap::Parser as _;
 
-use crate::cli::{Cli, Command, ConfigCommand};
+use crate::cli::{BenchCommand, Cli, Command, ConfigCommand};
 use crate::config::Resolved;
 
 const EXIT_FAILURE: u8 = 1;
@@ -37,6 +38,17 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(EXIT_FAILURE)
+            }
+        }),
+        Command::Bench {
+            command: BenchCommand::Backends(args),
+        } => runtime(|| async {
+            match bench::run(&args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
             }
         }),
         Command::Up => serve(&resolved, &Role::ALL),

@@ -148,3 +148,30 @@ fn a_replica_without_the_deployment_kek_refuses_to_start() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_backend_benchmark_runs_every_case() {
+    if !external_backends() {
+        return;
+    }
+    let (_parent, home) = fresh_home();
+    let output = util::run(util::caracal(&home).args(["bench", "backends", "--quick"]));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for case in [
+        "stream append, 1 producer",
+        "stream append, 32 producers",
+        "stream append, batches of 100",
+        "stream consume",
+        "outbox drain",
+        "own commits",
+        "group commit",
+        "group commit speed-up",
+    ] {
+        assert!(stdout.contains(case), "missing `{case}` in\n{stdout}");
+    }
+}

@@ -12,6 +12,13 @@ impl Streams for DownBus {
     async fn append(&self, _: &str, _: &caracal_bus::Fields) -> Result<String, BusError> {
         Err(BusError::Unavailable("connection refused".into()))
     }
+    async fn append_many(
+        &self,
+        _: &str,
+        _: &[caracal_bus::Fields],
+    ) -> Result<Vec<String>, BusError> {
+        Err(BusError::Unavailable("connection refused".into()))
+    }
     async fn ensure_group(&self, _: &str, _: &str) -> Result<(), BusError> {
         Err(BusError::Unavailable("connection refused".into()))
     }
