@@ -22,11 +22,30 @@ impl Producer {
     }
 
     /// Signs `fields` (replacing any `_sig` they carry) and appends them to `stream`.
-    pub async fn publish(&self, stream: &str, mut fields: Fields) -> Result<String, BusError> {
+    pub async fn publish(&self, stream: &str, fields: Fields) -> Result<String, BusError> {
+        self.streams
+            .append(stream, &self.signed(stream, fields))
+            .await
+    }
+
+    /// Signs and appends several messages to `stream` in one batch, in order.
+    pub async fn publish_many(
+        &self,
+        stream: &str,
+        messages: Vec<Fields>,
+    ) -> Result<Vec<String>, BusError> {
+        let signed: Vec<Fields> = messages
+            .into_iter()
+            .map(|fields| self.signed(stream, fields))
+            .collect();
+        self.streams.append_many(stream, &signed).await
+    }
+
+    fn signed(&self, stream: &str, mut fields: Fields) -> Fields {
         fields.remove(SIGNATURE_FIELD);
         let signature = sign(&self.key, stream, &fields);
         fields.insert(SIGNATURE_FIELD.to_owned(), signature);
-        self.streams.append(stream, &fields).await
+        fields
     }
 }
 

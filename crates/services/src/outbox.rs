@@ -67,41 +67,57 @@ impl Dispatcher {
         }
     }
 
-    /// Publishes one batch; returns how many rows it handled (published or failed).
+    /// Publishes one batch; returns how many rows it handled (published or failed). Rows go out
+    /// in id order, each run of rows for the same stream as one append.
     pub async fn drain_once(&self) -> Result<usize, StoreError> {
         let rows = self
             .store
             .claim_outbox(&self.config.worker, self.config.batch, self.config.lease)
             .await?;
-        let mut published = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let mut fields = row.fields.clone();
-            fields.insert("outbox_id".to_owned(), row.id.to_string());
-            if let Some(dedupe_key) = &row.dedupe_key {
-                fields.insert("dedupe_key".to_owned(), dedupe_key.clone());
-            }
-            match self.producer.publish(&row.stream, fields).await {
-                Ok(_) => published.push(row.id),
+        for run in rows.chunk_by(|left, right| left.stream == right.stream) {
+            let Some(stream) = run.first().map(|row| row.stream.as_str()) else {
+                continue;
+            };
+            let messages = run
+                .iter()
+                .map(|row| {
+                    let mut fields = row.fields.clone();
+                    fields.insert("outbox_id".to_owned(), row.id.to_string());
+                    if let Some(dedupe_key) = &row.dedupe_key {
+                        fields.insert("dedupe_key".to_owned(), dedupe_key.clone());
+                    }
+                    fields
+                })
+                .collect();
+            match self.producer.publish_many(stream, messages).await {
+                Ok(_) => {}
                 Err(error) => {
-                    let attempt = row.attempts.saturating_add(1);
-                    let outcome = self
-                        .store
-                        .outbox_failed(
-                            row.id,
-                            &error.to_string(),
-                            backoff(attempt),
-                            self.config.max_attempts,
-                        )
-                        .await?;
-                    tracing::warn!(outbox_id = row.id, attempt, %error, ?outcome, "outbox publish failed");
-                    if let (OutboxFailure::Dead, Some(metrics)) = (outcome, &self.metrics) {
-                        metrics.dead_total.inc();
+                    for row in run {
+                        self.record_failure(row, &error.to_string()).await?;
                     }
                 }
             }
         }
-        self.store.outbox_published(&published).await?;
+        // Failed rows were released above; everything still held was sent.
+        self.store.outbox_published_by(&self.config.worker).await?;
         Ok(rows.len())
+    }
+
+    async fn record_failure(
+        &self,
+        row: &caracal_store::OutboxRow,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let attempt = row.attempts.saturating_add(1);
+        let outcome = self
+            .store
+            .outbox_failed(row.id, error, backoff(attempt), self.config.max_attempts)
+            .await?;
+        tracing::warn!(outbox_id = row.id, attempt, %error, ?outcome, "outbox publish failed");
+        if let (OutboxFailure::Dead, Some(metrics)) = (outcome, &self.metrics) {
+            metrics.dead_total.inc();
+        }
+        Ok(())
     }
 
     async fn refresh_gauges(&self) {
@@ -257,6 +273,51 @@ mod tests {
         assert_eq!(metrics.dead_total.get(), 1);
         down.refresh_gauges().await;
         assert_eq!(metrics.dead_rows.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn interleaved_streams_keep_their_order() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+        let streams = ["a", "a", "b", "a", "b", "b", "a"];
+        let outbox: Vec<OutboxMessage> = streams
+            .iter()
+            .enumerate()
+            .map(|(n, stream)| OutboxMessage {
+                stream: (*stream).to_owned(),
+                fields: BTreeMap::from([("n".into(), n.to_string())]),
+                dedupe_key: None,
+            })
+            .collect();
+        let zone = NewZone {
+            id: "z".into(),
+            name: "z".into(),
+            slug: "z".into(),
+        };
+        store.create_zone(&zone, &outbox).await.unwrap();
+        let bus = Arc::new(EmbeddedBus::new(store.clone()));
+        let dispatcher = Dispatcher::new(
+            Arc::new(store.clone()),
+            Producer::new(bus.clone(), StreamKey::new(b"k")),
+            DispatcherConfig::new("test".into()),
+            None,
+        );
+        assert_eq!(dispatcher.drain_once().await.unwrap(), 7);
+        for (stream, expected) in [
+            ("a", ["0", "1", "3", "6"].as_slice()),
+            ("b", ["2", "4", "5"].as_slice()),
+        ] {
+            bus.ensure_group(stream, "g").await.unwrap();
+            let entries = bus
+                .read_group(stream, "g", "c", 10, Duration::ZERO)
+                .await
+                .unwrap();
+            let numbers: Vec<&str> = entries
+                .iter()
+                .map(|entry| entry.fields["n"].as_str())
+                .collect();
+            assert_eq!(numbers, expected, "stream {stream}");
+        }
     }
 
     #[test]

@@ -291,8 +291,9 @@ async fn outbox_rows_are_claimed_oldest_first_and_never_twice(backend: &Backend)
     let stats = backend.store.outbox_stats().await.unwrap();
     assert_eq!((stats.pending, stats.dead), (3, 0));
     assert!(stats.oldest_pending_age.unwrap() >= Duration::from_millis(10));
-    let ids: Vec<i64> = first.iter().chain(&second).map(|row| row.id).collect();
-    backend.store.outbox_published(&ids).await.unwrap();
+    assert_eq!(backend.store.outbox_published_by("a").await.unwrap(), 2);
+    assert_eq!(backend.store.outbox_published_by("b").await.unwrap(), 1);
+    assert_eq!(backend.store.outbox_published_by("a").await.unwrap(), 0);
     let stats = backend.store.outbox_stats().await.unwrap();
     assert_eq!(
         (stats.pending, stats.dead, stats.oldest_pending_age),

@@ -16,7 +16,9 @@ pub trait Outbox: Send + Sync {
         batch: usize,
         lease: Duration,
     ) -> Result<Vec<OutboxRow>, StoreError>;
-    async fn outbox_published(&self, ids: &[i64]) -> Result<(), StoreError>;
+    /// Marks every row `worker` still holds as published. A dispatcher records its failed rows
+    /// first (which releases them), so this marks exactly what it sent.
+    async fn outbox_published_by(&self, worker: &str) -> Result<u64, StoreError>;
     /// Records a failed attempt: the row becomes publishable again after `retry_in`, or dead
     /// once it has failed `max_attempts` times.
     async fn outbox_failed(
@@ -89,20 +91,14 @@ impl<D: Db> Outbox for D {
         Ok(claimed)
     }
 
-    async fn outbox_published(&self, ids: &[i64]) -> Result<(), StoreError> {
-        let now = now_ms();
-        let statements = ids
-            .iter()
-            .map(|id| {
-                crate::db::Statement::new(
-                    "UPDATE outbox SET status = 'published', published_at_ms = $2, locked_by = NULL,
-                         locked_until_ms = NULL
-                     WHERE id = $1",
-                    params![*id, now],
-                )
-            })
-            .collect();
-        self.atomic(statements).await.map(|_| ())
+    async fn outbox_published_by(&self, worker: &str) -> Result<u64, StoreError> {
+        self.change(
+            "UPDATE outbox SET status = 'published', published_at_ms = $2, locked_by = NULL,
+                 locked_until_ms = NULL
+             WHERE locked_by = $1 AND status = 'pending'",
+            params![worker, now_ms()],
+        )
+        .await
     }
 
     async fn outbox_failed(
