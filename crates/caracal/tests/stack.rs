@@ -37,12 +37,30 @@ fn up_serves_every_role_bootstraps_once_and_stops_on_sigterm() {
         assert_eq!(get(address, "/health", &[]).status, 200);
         let metrics = get(address, "/metrics", &[]);
         assert_eq!(metrics.status, 200);
-        check_metrics(&metrics.body, &format!("caracal_{role}_"));
+        let own = format!("caracal_{role}_");
+        // The API role also serves the deployment-wide outbox families.
+        let prefixes: &[&str] = if role == "api" {
+            &[&own, "caracal_outbox_"]
+        } else {
+            &[&own]
+        };
+        check_metrics(&metrics.body, prefixes);
         assert!(
             metrics
                 .body
                 .contains(&format!("caracal_{role}_http_requests_total")),
             "{role}"
+        );
+    }
+
+    let api_metrics = get(running.address("api"), "/metrics", &[]).body;
+    for name in [
+        "caracal_outbox_pending_oldest_seconds",
+        "caracal_outbox_dead_total",
+    ] {
+        assert!(
+            api_metrics.contains(&format!("\n{name} ")),
+            "missing {name}:\n{api_metrics}"
         );
     }
 

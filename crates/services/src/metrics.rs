@@ -1,5 +1,7 @@
-//! Per-role Prometheus registries. Each role owns one registry whose every name starts with
-//! `caracal_<role>_`, so one process running six roles still serves six disjoint `/metrics`.
+//! Per-role Prometheus registries. Each role owns one registry whose names start with
+//! `caracal_<role>_`, so one process running six roles still serves six disjoint `/metrics`;
+//! deployment-wide families served by one role (the outbox, from the API role) are named
+//! `caracal_<name>`.
 //! Labels come from closed sets: route templates, methods, status codes.
 
 use std::sync::Arc;
@@ -113,7 +115,15 @@ pub struct RoleMetrics {
 
 impl RoleMetrics {
     pub fn new(role: Role) -> RoleMetrics {
-        let mut registry = Registry::with_prefix(role.metric_prefix());
+        let mut root = Registry::with_prefix("caracal");
+        // Deployment-wide families (the outbox) live at the root as `caracal_<name>`; the
+        // role's own families under `caracal_<role>_<name>`.
+        let outbox = (role == Role::Api).then(|| {
+            let outbox = Arc::new(OutboxMetrics::default());
+            outbox.register(&mut root);
+            outbox
+        });
+        let registry = root.sub_registry_with_prefix(role.name());
         let http_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -146,13 +156,8 @@ impl RoleMetrics {
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
-        let outbox = (role == Role::Api).then(|| {
-            let outbox = Arc::new(OutboxMetrics::default());
-            outbox.register(&mut registry);
-            outbox
-        });
         RoleMetrics {
-            registry,
+            registry: root,
             outbox,
             http_requests,
             http_request_duration,

@@ -224,6 +224,115 @@ async fn a_redis_outage_during_a_burst_loses_nothing_and_handles_each_message_on
     if !external_backends() {
         return;
     }
+    let proxy = Proxy::start(REDIS).await;
+    let url = format!("redis://127.0.0.1:{}", proxy.port);
+    burst_across(&url, || async move {
+        let mut proxy = proxy;
+        proxy.cut();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        proxy.restore().await;
+        proxy
+    })
+    .await;
+}
+
+/// A Redis server of this test's own, persisting every write (AOF, fsync always), so it can
+/// be killed and restarted without touching the shared server.
+struct PrivateRedis {
+    child: std::process::Child,
+    port: u16,
+    directory: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    async fn start(port: u16, directory: tempfile::TempDir) -> PrivateRedis {
+        let child = Self::spawn(port, directory.path());
+        Self::wait_up(port).await;
+        PrivateRedis {
+            child,
+            port,
+            directory,
+        }
+    }
+
+    fn spawn(port: u16, directory: &std::path::Path) -> std::process::Child {
+        std::process::Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(directory)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (the CI machine has it)")
+    }
+
+    async fn wait_up(port: u16) {
+        let url = format!("redis://127.0.0.1:{port}");
+        let up = eventually(Duration::from_secs(10), || async {
+            match redis::Client::open(url.as_str())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+            {
+                Ok(mut connection) => redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await;
+        assert!(up, "private redis-server did not start on port {port}");
+    }
+
+    /// SIGKILL (no chance to flush anything beyond what was already fsynced), then start again
+    /// on the same port and data.
+    async fn crash_and_restart(mut self) -> PrivateRedis {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.child = Self::spawn(self.port, self.directory.path());
+        Self::wait_up(self.port).await;
+        self
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_during_a_burst_loses_nothing_and_handles_each_message_once() {
+    if !external_backends() {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let redis = PrivateRedis::start(port, tempfile::tempdir().unwrap()).await;
+    let url = format!("redis://127.0.0.1:{port}");
+    burst_across(&url, || async move { redis.crash_and_restart().await }).await;
+}
+
+/// Streams 300 outbox messages through Redis at `url` while `outage` runs mid-burst; asserts
+/// nothing is lost and nothing is handled twice. Returns what `outage` returned (to keep alive).
+async fn burst_across<F, Fut, T>(url: &str, outage: F) -> T
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
     const MESSAGES: usize = 300;
     let prefix = format!("test:{}:", uuid::Uuid::now_v7());
     let stream = format!("{prefix}caracal.sessions.revoke");
@@ -250,11 +359,9 @@ async fn a_redis_outage_during_a_burst_loses_nothing_and_handles_each_message_on
         })
     };
 
-    let mut proxy = Proxy::start(REDIS).await;
-    let url = format!("redis://127.0.0.1:{}", proxy.port);
     let key = StreamKey::new(b"burst key");
-    let producer_bus = Arc::new(RedisBus::connect(&url).await.unwrap());
-    let consumer_bus = Arc::new(RedisBus::connect(&url).await.unwrap());
+    let producer_bus = Arc::new(RedisBus::connect(url).await.unwrap());
+    let consumer_bus = Arc::new(RedisBus::connect(url).await.unwrap());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let dispatcher = Dispatcher::new(
         Arc::new(sqlite.clone()),
@@ -317,10 +424,8 @@ async fn a_redis_outage_during_a_burst_loses_nothing_and_handles_each_message_on
     })
     .await;
     assert!(started, "the burst started");
-    proxy.cut();
     let handled_at_cut = handled.lock().unwrap().len();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    proxy.restore().await;
+    let kept = outage().await;
     let complete = eventually(Duration::from_secs(40), || async {
         handled
             .lock()
@@ -356,7 +461,7 @@ async fn a_redis_outage_during_a_burst_loses_nothing_and_handles_each_message_on
     assert_eq!(handled.len(), MESSAGES, "nothing handled twice");
     assert_eq!(sqlite.outbox_stats().await.unwrap().pending, 0);
 
-    let client = redis::Client::open(format!("redis://{REDIS}")).unwrap();
+    let client = redis::Client::open(url).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{prefix}*"))
@@ -370,4 +475,5 @@ async fn a_redis_outage_during_a_burst_loses_nothing_and_handles_each_message_on
             .await
             .unwrap();
     }
+    kept
 }

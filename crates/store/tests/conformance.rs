@@ -1451,3 +1451,49 @@ async fn authority_records_insert_in_batches_and_revoke_once(backend: &Backend) 
         ("revoked", Some("kill switch"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
+    let Some(backend) = postgres().await else {
+        return;
+    };
+    let schema = backend.schema.clone().unwrap();
+    backend
+        .db
+        .change(
+            "INSERT INTO schema_migrations (version, name, applied_at_ms) VALUES (999, 'future', 0)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let options = PgOptions {
+        pool_size: 1,
+        schema: Some(schema.clone()),
+        ..PgOptions::default()
+    };
+    let error = PgStore::connect(&postgres_url(), &options)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            error,
+            StoreError::SchemaTooNew {
+                found: 999,
+                supported: 1
+            }
+        ),
+        "{error}"
+    );
+    let rows = backend
+        .db
+        .rows(
+            "SELECT version FROM schema_migrations ORDER BY version",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let versions: Vec<i64> = rows.iter().map(|row| row.int(0).unwrap()).collect();
+    assert_eq!(versions, [1, 999], "the refused start wrote nothing");
+    drop_schema(&schema).await;
+}

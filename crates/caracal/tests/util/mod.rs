@@ -218,8 +218,9 @@ pub fn mode(path: &Path) -> u32 {
 }
 
 /// Checks Prometheus/OpenMetrics text: every sample line is `name{labels} value` with a name
-/// under `prefix`, every sample's family has a `# TYPE`, and the exposition ends with `# EOF`.
-pub fn check_metrics(text: &str, prefix: &str) {
+/// under one of `prefixes`, every sample's family has a `# TYPE`, and the exposition ends with
+/// `# EOF`.
+pub fn check_metrics(text: &str, prefixes: &[&str]) {
     let mut typed = Vec::new();
     let mut samples = 0;
     for line in text.lines() {
@@ -235,7 +236,10 @@ pub fn check_metrics(text: &str, prefix: &str) {
             .unwrap_or_else(|| panic!("no value: {line}"));
         assert!(value.parse::<f64>().is_ok(), "value of {line}");
         let name = series.split('{').next().unwrap();
-        assert!(name.starts_with(prefix), "{name} lacks prefix {prefix}");
+        assert!(
+            prefixes.iter().any(|prefix| name.starts_with(prefix)),
+            "{name} lacks a prefix of {prefixes:?}"
+        );
         assert!(
             name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
             "bad metric name {name}"
