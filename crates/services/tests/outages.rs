@@ -477,3 +477,81 @@ where
     }
     kept
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_sees_every_revocation_through_its_own_group() {
+    if !external_backends() {
+        return;
+    }
+    let stream = format!("test:{}:caracal.sessions.revoke", uuid::Uuid::now_v7());
+    let key = StreamKey::new(b"shared deployment key");
+    // Two replicas: separate connections, one consumer group each, as each Gateway replica runs.
+    let mut replicas = Vec::new();
+    for replica in ["gateway-a", "gateway-b"] {
+        let bus = Arc::new(
+            RedisBus::connect(&format!("redis://{REDIS}"))
+                .await
+                .unwrap(),
+        );
+        let config = ConsumerConfig {
+            stream: stream.clone(),
+            group: replica.into(),
+            consumer: replica.into(),
+            batch: 100,
+            block: Duration::from_millis(50),
+            reclaim_idle: Duration::from_secs(30),
+            max_deliveries: 5,
+            dedupe_window: 1000,
+        };
+        replicas.push(Consumer::start(bus, key.clone(), config).await.unwrap());
+    }
+    let producer = Producer::new(
+        Arc::new(
+            RedisBus::connect(&format!("redis://{REDIS}"))
+                .await
+                .unwrap(),
+        ),
+        key,
+    );
+    for n in 0..50 {
+        let fields = BTreeMap::from([
+            ("zone_id".to_owned(), "zone-1".to_owned()),
+            ("agent_session_id".to_owned(), format!("session-{n}")),
+            ("reason".to_owned(), "terminated".to_owned()),
+        ]);
+        producer.publish(&stream, fields).await.unwrap();
+    }
+    for replica in &replicas {
+        let mut seen = BTreeSet::new();
+        while seen.len() < 50 {
+            let batch = replica.poll().await.unwrap();
+            assert!(
+                !batch.is_empty(),
+                "a replica missed revocations: saw {}",
+                seen.len()
+            );
+            replica
+                .ack(
+                    &batch
+                        .iter()
+                        .map(|entry| entry.id.clone())
+                        .collect::<Vec<_>>(),
+                )
+                .await
+                .unwrap();
+            seen.extend(
+                batch
+                    .iter()
+                    .map(|entry| entry.fields["agent_session_id"].clone()),
+            );
+        }
+        assert_eq!(seen.len(), 50);
+    }
+    let client = redis::Client::open(format!("redis://{REDIS}")).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+}
