@@ -1,0 +1,290 @@
+//! The per-zone chain: each row's content hash, its link to the previous row, and a keyed MAC
+//! over the link; and the verification that finds every kind of tampering.
+//!
+//! The MAC key is named by an id stored on each row, so rotating the key leaves every older
+//! row verifiable with the key it was written under.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use aws_lc_rs::hmac;
+use caracal_crypto::{hex, sha256};
+
+use crate::Event;
+
+/// The previous hash of a zone's first row.
+pub const GENESIS: [u8; 32] = [0; 32];
+
+/// A chain MAC key and its id.
+#[derive(Clone)]
+pub struct ChainKey {
+    id: String,
+    key: hmac::Key,
+}
+
+impl ChainKey {
+    pub fn new(id: impl Into<String>, secret: &[u8]) -> ChainKey {
+        ChainKey {
+            id: id.into(),
+            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl fmt::Debug for ChainKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChainKey")
+            .field("id", &self.id)
+            .field("key", &"***")
+            .finish()
+    }
+}
+
+/// SHA-256 of the event's canonical content bytes.
+pub fn content_hash(event: &Event) -> [u8; 32] {
+    sha256(&event.content_bytes())
+}
+
+fn link_bytes(zone_id: &str, seq: i64, content: &[u8; 32], previous: &[u8; 32]) -> Vec<u8> {
+    let mut bytes = b"caracal-audit-link-v1\n".to_vec();
+    bytes.extend_from_slice(
+        &u32::try_from(zone_id.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    bytes.extend_from_slice(zone_id.as_bytes());
+    bytes.extend_from_slice(&seq.to_be_bytes());
+    bytes.extend_from_slice(content);
+    bytes.extend_from_slice(previous);
+    bytes
+}
+
+/// HMAC-SHA256 over (zone, sequence, content hash, previous hash).
+pub fn link_mac(
+    key: &ChainKey,
+    zone_id: &str,
+    seq: i64,
+    content: &[u8; 32],
+    previous: &[u8; 32],
+) -> [u8; 32] {
+    let tag = hmac::sign(&key.key, &link_bytes(zone_id, seq, content, previous));
+    let mut out = [0u8; 32];
+    out.copy_from_slice(tag.as_ref());
+    out
+}
+
+/// The chain columns of a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub seq: i64,
+    pub content_sha256: String,
+    pub prev_content_sha256: String,
+    pub chain_mac: String,
+    pub chain_key_id: String,
+}
+
+/// The link for `event` after `head` (the zone's last (sequence, content hash), if any).
+pub fn next_link(key: &ChainKey, head: Option<(i64, [u8; 32])>, event: &Event) -> Link {
+    let (previous_seq, previous) = head.unwrap_or((0, GENESIS));
+    let seq = previous_seq + 1;
+    let content = content_hash(event);
+    Link {
+        seq,
+        content_sha256: hex(&content),
+        prev_content_sha256: hex(&previous),
+        chain_mac: hex(&link_mac(key, &event.zone_id, seq, &content, &previous)),
+        chain_key_id: key.id.clone(),
+    }
+}
+
+/// A stored row: the event as stored and its chain columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRow {
+    pub event: Event,
+    pub link: Link,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FindingKind {
+    /// A stored field no longer matches the stored content hash: the row was edited.
+    ContentMismatch,
+    /// The link MAC does not verify: the chain columns were rewritten or the row was forged
+    /// (an inserted row cannot carry a valid MAC).
+    MacFailure,
+    /// The row names a MAC key id that is not known.
+    UnknownKey,
+    /// The row does not link to the row before it.
+    ChainBreak,
+    /// Sequence numbers skip: rows were deleted.
+    SequenceGap,
+    /// The row links to a row that now sits later in the chain: rows were reordered.
+    Reordered,
+    /// The chain ends before a point it is known to have reached (a checkpoint, or a head seen
+    /// earlier): the newest rows were deleted.
+    Truncated,
+}
+
+impl FindingKind {
+    /// The metric label and the readiness detail.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FindingKind::ContentMismatch => "content_mismatch",
+            FindingKind::MacFailure => "mac_failure",
+            FindingKind::UnknownKey => "unknown_key",
+            FindingKind::ChainBreak => "chain_break",
+            FindingKind::SequenceGap => "sequence_gap",
+            FindingKind::Reordered => "reordered",
+            FindingKind::Truncated => "truncated",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub kind: FindingKind,
+    pub zone_id: String,
+    /// The row concerned (for a truncation, the last row present).
+    pub seq: i64,
+    pub detail: String,
+}
+
+/// What the verifier already trusts about a zone before the rows it is given.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Anchor {
+    /// The last verified row before these rows: (sequence, content hash). `None` means the rows
+    /// start at the zone's first row.
+    pub after: Option<(i64, [u8; 32])>,
+    /// The chain is known to reach at least this sequence (a signed checkpoint's size, or the
+    /// highest head seen before).
+    pub at_least: i64,
+}
+
+fn decode(hex_text: &str) -> Option<[u8; 32]> {
+    if hex_text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (index, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex_text.get(index * 2..index * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Verifies one zone's rows, sorted by sequence, against `anchor`; returns every finding (an
+/// empty list means the chain is intact).
+pub fn verify(
+    zone_id: &str,
+    rows: &[StoredRow],
+    keys: &HashMap<String, ChainKey>,
+    anchor: Anchor,
+) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let mut finding = |kind: FindingKind, seq: i64, detail: String| {
+        findings.push(Finding {
+            kind,
+            zone_id: zone_id.to_owned(),
+            seq,
+            detail,
+        });
+    };
+    let later_hashes: HashMap<&str, i64> = rows
+        .iter()
+        .map(|row| (row.link.content_sha256.as_str(), row.link.seq))
+        .collect();
+    let (mut previous_seq, mut previous_hash) = anchor.after.unwrap_or((0, GENESIS));
+    for row in rows {
+        let link = &row.link;
+        let seq = link.seq;
+        let stored_content = decode(&link.content_sha256);
+        let stored_previous = decode(&link.prev_content_sha256);
+        if row.event.zone_id != zone_id {
+            finding(
+                FindingKind::ContentMismatch,
+                seq,
+                format!("row names zone `{}`", row.event.zone_id),
+            );
+        }
+        if stored_content != Some(content_hash(&row.event)) {
+            finding(
+                FindingKind::ContentMismatch,
+                seq,
+                format!("event `{}` differs from its content hash", row.event.id),
+            );
+        }
+        match (
+            keys.get(&link.chain_key_id),
+            stored_content,
+            stored_previous,
+        ) {
+            (None, ..) => finding(
+                FindingKind::UnknownKey,
+                seq,
+                format!("MAC key `{}` is not known", link.chain_key_id),
+            ),
+            (Some(key), Some(content), Some(previous)) => {
+                let expected = hex(&link_mac(key, zone_id, seq, &content, &previous));
+                let matches = aws_lc_rs::constant_time::verify_slices_are_equal(
+                    expected.as_bytes(),
+                    link.chain_mac.as_bytes(),
+                )
+                .is_ok();
+                if !matches {
+                    finding(
+                        FindingKind::MacFailure,
+                        seq,
+                        format!("event `{}`: link MAC does not verify", row.event.id),
+                    );
+                }
+            }
+            (Some(_), ..) => finding(
+                FindingKind::MacFailure,
+                seq,
+                "malformed chain hashes".to_owned(),
+            ),
+        }
+        let gap = seq != previous_seq + 1;
+        if gap {
+            finding(
+                FindingKind::SequenceGap,
+                seq,
+                format!(
+                    "sequence jumps from {previous_seq} to {seq}: {} row(s) missing",
+                    seq - previous_seq - 1
+                ),
+            );
+        } else if stored_previous != Some(previous_hash) {
+            match later_hashes.get(link.prev_content_sha256.as_str()) {
+                Some(&later) if later > seq => finding(
+                    FindingKind::Reordered,
+                    seq,
+                    format!("row {seq} links to row {later}, which now comes after it"),
+                ),
+                _ => finding(
+                    FindingKind::ChainBreak,
+                    seq,
+                    format!("row {seq} does not link to row {previous_seq}"),
+                ),
+            }
+        }
+        previous_seq = seq;
+        previous_hash = stored_content.unwrap_or(GENESIS);
+    }
+    if previous_seq < anchor.at_least {
+        finding(
+            FindingKind::Truncated,
+            previous_seq,
+            format!(
+                "the chain ends at {previous_seq} but is known to reach {}",
+                anchor.at_least
+            ),
+        );
+    }
+    findings
+}
+
+#[cfg(test)]
+mod tests;

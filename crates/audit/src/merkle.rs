@@ -1,0 +1,317 @@
+//! RFC 6962 Merkle trees over a zone's content hashes, inclusion proofs, and signed
+//! checkpoints (tree size + root), so a third party holding only the public key can check an
+//! export offline.
+
+use aws_lc_rs::signature::{self, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
+use caracal_crypto::{hex, sha256};
+use serde::{Deserialize, Serialize};
+
+/// The leaf hash of a row: SHA-256(0x00 ‖ content hash).
+pub fn leaf_hash(content: &[u8; 32]) -> [u8; 32] {
+    let mut bytes = [0u8; 33];
+    bytes[1..].copy_from_slice(content);
+    sha256(&bytes)
+}
+
+fn node_hash(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
+    let mut bytes = [0u8; 65];
+    bytes[0] = 1;
+    bytes[1..33].copy_from_slice(left);
+    bytes[33..].copy_from_slice(right);
+    sha256(&bytes)
+}
+
+/// The largest power of two strictly below `n` (n ≥ 2).
+fn split(n: usize) -> usize {
+    let mut k = 1;
+    while k * 2 < n {
+        k *= 2;
+    }
+    k
+}
+
+/// The Merkle tree hash of the leaves (RFC 6962 §2.1); the empty tree hashes the empty string.
+pub fn root(leaves: &[[u8; 32]]) -> [u8; 32] {
+    match leaves {
+        [] => sha256(b""),
+        [leaf] => *leaf,
+        _ => {
+            let (left, right) = leaves.split_at(split(leaves.len()));
+            node_hash(&root(left), &root(right))
+        }
+    }
+}
+
+/// The audit path of leaf `index` (RFC 6962 §2.1.1), or `None` if it is out of range.
+pub fn inclusion_proof(leaves: &[[u8; 32]], index: usize) -> Option<Vec<[u8; 32]>> {
+    if index >= leaves.len() {
+        return None;
+    }
+    let mut proof = Vec::new();
+    let mut slice = leaves;
+    let mut index = index;
+    let mut siblings = Vec::new();
+    while slice.len() > 1 {
+        let k = split(slice.len());
+        let (left, right) = slice.split_at(k);
+        if index < k {
+            siblings.push(root(right));
+            slice = left;
+        } else {
+            siblings.push(root(left));
+            slice = right;
+            index -= k;
+        }
+    }
+    // The path lists siblings from the leaf up.
+    while let Some(sibling) = siblings.pop() {
+        proof.push(sibling);
+    }
+    Some(proof)
+}
+
+/// Checks an inclusion proof (RFC 9162 §2.1.3.2).
+pub fn verify_inclusion(
+    leaf: &[u8; 32],
+    index: u64,
+    tree_size: u64,
+    proof: &[[u8; 32]],
+    expected_root: &[u8; 32],
+) -> bool {
+    if index >= tree_size {
+        return false;
+    }
+    let (mut fn_, mut sn) = (index, tree_size - 1);
+    let mut hash = *leaf;
+    for sibling in proof {
+        if sn == 0 {
+            return false;
+        }
+        if fn_ & 1 == 1 || fn_ == sn {
+            hash = node_hash(sibling, &hash);
+            while fn_ & 1 == 0 && fn_ != 0 {
+                fn_ >>= 1;
+                sn >>= 1;
+            }
+        } else {
+            hash = node_hash(&hash, sibling);
+        }
+        fn_ >>= 1;
+        sn >>= 1;
+    }
+    sn == 0 && hash == *expected_root
+}
+
+/// A signed statement that a zone's chain had `tree_size` rows with this root at `issued_at_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub zone_id: String,
+    pub tree_size: u64,
+    pub root_hash: String,
+    pub issued_at_ms: i64,
+    pub key_id: String,
+    pub signature: String,
+}
+
+fn checkpoint_bytes(zone_id: &str, tree_size: u64, root: &[u8; 32], issued_at_ms: i64) -> Vec<u8> {
+    let mut bytes = b"caracal-audit-checkpoint-v1\n".to_vec();
+    bytes.extend_from_slice(
+        &u32::try_from(zone_id.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    bytes.extend_from_slice(zone_id.as_bytes());
+    bytes.extend_from_slice(&tree_size.to_be_bytes());
+    bytes.extend_from_slice(root);
+    bytes.extend_from_slice(&issued_at_ms.to_be_bytes());
+    bytes
+}
+
+/// The deployment's checkpoint signing key (Ed25519). Its public half is published.
+pub struct CheckpointSigner {
+    key_id: String,
+    pair: Ed25519KeyPair,
+}
+
+impl std::fmt::Debug for CheckpointSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointSigner")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("the checkpoint signing key is malformed")]
+    BadKey,
+    #[error("the checkpoint signature does not verify")]
+    BadSignature,
+    #[error("the checkpoint is malformed")]
+    Malformed,
+}
+
+impl CheckpointSigner {
+    /// A new key; `pkcs8` is what to store (sealed) to load it again.
+    pub fn generate(
+        key_id: impl Into<String>,
+    ) -> Result<(CheckpointSigner, Vec<u8>), CheckpointError> {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new())
+            .map_err(|_| CheckpointError::BadKey)?;
+        let bytes = pkcs8.as_ref().to_vec();
+        Ok((CheckpointSigner::from_pkcs8(key_id, &bytes)?, bytes))
+    }
+
+    pub fn from_pkcs8(
+        key_id: impl Into<String>,
+        pkcs8: &[u8],
+    ) -> Result<CheckpointSigner, CheckpointError> {
+        Ok(CheckpointSigner {
+            key_id: key_id.into(),
+            pair: Ed25519KeyPair::from_pkcs8(pkcs8).map_err(|_| CheckpointError::BadKey)?,
+        })
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// The 32-byte public key, hex: what a verifier needs.
+    pub fn public_key_hex(&self) -> String {
+        hex(self.pair.public_key().as_ref())
+    }
+
+    pub fn sign(
+        &self,
+        zone_id: &str,
+        tree_size: u64,
+        root: &[u8; 32],
+        issued_at_ms: i64,
+    ) -> Checkpoint {
+        let signature = self
+            .pair
+            .sign(&checkpoint_bytes(zone_id, tree_size, root, issued_at_ms));
+        Checkpoint {
+            zone_id: zone_id.to_owned(),
+            tree_size,
+            root_hash: hex(root),
+            issued_at_ms,
+            key_id: self.key_id.clone(),
+            signature: hex(signature.as_ref()),
+        }
+    }
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|index| {
+            text.get(index..index + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+        })
+        .collect()
+}
+
+/// Checks a checkpoint's signature with the published public key (hex); returns its root.
+pub fn verify_checkpoint(
+    checkpoint: &Checkpoint,
+    public_key_hex: &str,
+) -> Result<[u8; 32], CheckpointError> {
+    let public_key = decode_hex(public_key_hex).ok_or(CheckpointError::BadKey)?;
+    let root: [u8; 32] = decode_hex(&checkpoint.root_hash)
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or(CheckpointError::Malformed)?;
+    let signature_bytes = decode_hex(&checkpoint.signature).ok_or(CheckpointError::Malformed)?;
+    let message = checkpoint_bytes(
+        &checkpoint.zone_id,
+        checkpoint.tree_size,
+        &root,
+        checkpoint.issued_at_ms,
+    );
+    UnparsedPublicKey::new(&signature::ED25519, public_key)
+        .verify(&message, &signature_bytes)
+        .map_err(|_| CheckpointError::BadSignature)?;
+    Ok(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaves(n: usize) -> Vec<[u8; 32]> {
+        (0..n)
+            .map(|i| leaf_hash(&sha256(&i.to_be_bytes())))
+            .collect()
+    }
+
+    #[test]
+    fn small_trees_hash_as_rfc_6962_defines() {
+        let l = leaves(3);
+        assert_eq!(root(&[]), sha256(b""));
+        assert_eq!(root(&l[..1]), l[0]);
+        assert_eq!(root(&l[..2]), node_hash(&l[0], &l[1]));
+        assert_eq!(root(&l), node_hash(&node_hash(&l[0], &l[1]), &l[2]));
+    }
+
+    #[test]
+    fn every_inclusion_proof_verifies_and_no_wrong_one_does() {
+        for size in 1..=33 {
+            let l = leaves(size);
+            let tree_root = root(&l);
+            for index in 0..size {
+                let proof = inclusion_proof(&l, index).unwrap();
+                assert!(
+                    verify_inclusion(&l[index], index as u64, size as u64, &proof, &tree_root),
+                    "{size}/{index}"
+                );
+                let other = (index + 1) % size;
+                if other != index {
+                    assert!(
+                        !verify_inclusion(&l[other], index as u64, size as u64, &proof, &tree_root),
+                        "{size}/{index}"
+                    );
+                }
+                // The tree size itself is bound by the signed checkpoint, not by the proof.
+                if let Some(first) = proof.first() {
+                    let mut tampered = proof.clone();
+                    tampered[0] = sha256(first);
+                    assert!(!verify_inclusion(
+                        &l[index],
+                        index as u64,
+                        size as u64,
+                        &tampered,
+                        &tree_root
+                    ));
+                }
+            }
+            assert_eq!(inclusion_proof(&l, size), None);
+        }
+    }
+
+    #[test]
+    fn checkpoints_verify_only_unaltered_with_the_right_key() {
+        let (signer, pkcs8) = CheckpointSigner::generate("ckpt-1").unwrap();
+        let reloaded = CheckpointSigner::from_pkcs8("ckpt-1", &pkcs8).unwrap();
+        assert_eq!(reloaded.public_key_hex(), signer.public_key_hex());
+        let tree_root = root(&leaves(5));
+        let checkpoint = signer.sign("zone-1", 5, &tree_root, 1_760_000_000_000);
+        assert_eq!(
+            verify_checkpoint(&checkpoint, &signer.public_key_hex()),
+            Ok(tree_root)
+        );
+        let mut altered = checkpoint.clone();
+        altered.tree_size = 4;
+        assert_eq!(
+            verify_checkpoint(&altered, &signer.public_key_hex()),
+            Err(CheckpointError::BadSignature)
+        );
+        let (stranger, _) = CheckpointSigner::generate("ckpt-2").unwrap();
+        assert_eq!(
+            verify_checkpoint(&checkpoint, &stranger.public_key_hex()),
+            Err(CheckpointError::BadSignature)
+        );
+    }
+}
