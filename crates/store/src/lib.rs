@@ -36,6 +36,7 @@ pub use model::{
     Resource, SealedSecret, Session, SigningKey, TokenScope, Zone,
 };
 pub use postgres::{PgOptions, PgStore};
+pub use queries::ChainBuilder;
 pub use sqlite::SqliteStore;
 pub use store::{
     Audit, Deployment, Directory, Outbox, Policies, Runtime, Store, StoreError, now_ms,

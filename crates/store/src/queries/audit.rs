@@ -1,9 +1,18 @@
 //! The audit ledger's rows. The chain itself (hashes, MACs, sequence) is computed by the audit
 //! pipeline; the store keeps rows idempotent on their event id and ordered per zone.
 
-use crate::db::{Db, Row, Statement, params};
+use std::collections::HashSet;
+
+use crate::db::{Db, Dialect, Outcome, Row, Statement, params};
 use crate::model::AuditEvent;
 use crate::store::{StoreError, all};
+
+/// Builds the rows to append from the zone's head (sequence, content hash) and the ids among
+/// the candidates that are already stored.
+pub type ChainBuilder = Box<
+    dyn FnOnce(Option<(i64, String)>, &HashSet<String>) -> Result<Vec<AuditEvent>, StoreError>
+        + Send,
+>;
 
 #[async_trait::async_trait]
 pub trait Audit: Send + Sync {
@@ -19,6 +28,55 @@ pub trait Audit: Send + Sync {
     ) -> Result<Vec<AuditEvent>, StoreError>;
     /// The zone's last chain position: (sequence, content hash).
     async fn audit_head(&self, zone_id: &str) -> Result<Option<(i64, String)>, StoreError>;
+    /// Appends to a zone's chain in one transaction serialised per zone: reads the head and
+    /// which of `candidate_ids` are already stored, lets `build` make the new rows, inserts
+    /// them. Returns how many rows were appended.
+    async fn append_audit_chain(
+        &self,
+        zone_id: &str,
+        candidate_ids: &[String],
+        build: ChainBuilder,
+    ) -> Result<u64, StoreError>;
+    /// Every row of the zone with a sequence in `from..=to`, in order.
+    async fn audit_range(
+        &self,
+        zone_id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<AuditEvent>, StoreError>;
+    /// The zones that have audit rows.
+    async fn audit_zones(&self) -> Result<Vec<String>, StoreError>;
+}
+
+fn insert_event(e: &AuditEvent) -> Statement {
+    Statement::new(
+        "INSERT INTO audit_events (id, zone_id, event_type, request_id, decision, policy_set_id,
+             policy_set_version_id, manifest_sha, evaluation_status, determining_policies, diagnostics,
+             metadata, occurred_at_ms, ingested_at_ms, chain_seq, content_sha256, prev_content_sha256,
+             chain_mac, chain_key_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+        params![
+            e.id.as_str(),
+            e.zone_id.as_str(),
+            e.event_type.as_str(),
+            e.request_id.as_str(),
+            e.decision.as_str(),
+            e.policy_set_id.clone(),
+            e.policy_set_version_id.clone(),
+            e.manifest_sha.clone(),
+            e.evaluation_status.as_str(),
+            e.determining_policies.as_str(),
+            e.diagnostics.as_str(),
+            e.metadata.as_str(),
+            e.occurred_at_ms,
+            e.ingested_at_ms,
+            e.chain_seq,
+            e.content_sha256.as_str(),
+            e.prev_content_sha256.as_str(),
+            e.chain_mac.as_str(),
+            e.chain_key_id.as_str(),
+        ],
+    )
 }
 
 fn event(row: &Row) -> Result<AuditEvent, StoreError> {
@@ -115,5 +173,81 @@ impl<D: Db> Audit for D {
         rows.first()
             .map(|row| Ok((row.int(0)?, row.text(1)?)))
             .transpose()
+    }
+
+    async fn append_audit_chain(
+        &self,
+        zone_id: &str,
+        candidate_ids: &[String],
+        build: ChainBuilder,
+    ) -> Result<u64, StoreError> {
+        let mut first = Vec::with_capacity(candidate_ids.len() + 2);
+        // Two ingestors appending to one zone take turns; SQLite has a single writer anyway.
+        if self.dialect() == Dialect::Postgres {
+            first.push(Statement::new(
+                "SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtext($1))) AS locked",
+                params![zone_id],
+            ));
+        }
+        let head_index = first.len();
+        first.push(Statement::new(
+            "SELECT chain_seq, content_sha256 FROM audit_events WHERE zone_id = $1 ORDER BY chain_seq DESC LIMIT 1",
+            params![zone_id],
+        ));
+        for id in candidate_ids {
+            first.push(Statement::new(
+                "SELECT id FROM audit_events WHERE id = $1",
+                params![id.as_str()],
+            ));
+        }
+        let then = Box::new(move |outcomes: &[Outcome]| {
+            let head = match outcomes
+                .get(head_index)
+                .and_then(|outcome| outcome.rows.first())
+            {
+                Some(row) => Some((row.int(0)?, row.text(1)?)),
+                None => None,
+            };
+            let mut existing = HashSet::new();
+            for outcome in outcomes.iter().skip(head_index + 1) {
+                for row in &outcome.rows {
+                    existing.insert(row.text(0)?);
+                }
+            }
+            Ok(build(head, &existing)?.iter().map(insert_event).collect())
+        });
+        let outcomes = self.atomic_with(first, then).await?;
+        let appended = outcomes
+            .len()
+            .saturating_sub(head_index + 1 + candidate_ids.len());
+        Ok(appended as u64)
+    }
+
+    async fn audit_range(
+        &self,
+        zone_id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        all(
+            self,
+            "SELECT id, zone_id, event_type, request_id, decision, policy_set_id, policy_set_version_id, manifest_sha,
+                    evaluation_status, determining_policies, diagnostics, metadata, occurred_at_ms, ingested_at_ms,
+                    chain_seq, content_sha256, prev_content_sha256, chain_mac, chain_key_id
+             FROM audit_events WHERE zone_id = $1 AND chain_seq >= $2 AND chain_seq <= $3 ORDER BY chain_seq",
+            params![zone_id, from, to],
+            event,
+        )
+        .await
+    }
+
+    async fn audit_zones(&self) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT DISTINCT zone_id FROM audit_events ORDER BY zone_id",
+                params![],
+            )
+            .await?;
+        rows.iter().map(|row| row.text(0)).collect()
     }
 }
