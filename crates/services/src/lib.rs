@@ -8,6 +8,7 @@
 //! - [`Settings`]: the validated configuration the runtime needs; the CLI builds it.
 
 mod error;
+pub mod evidence;
 pub mod group_commit;
 mod metrics;
 pub mod outbox;

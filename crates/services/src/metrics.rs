@@ -114,7 +114,7 @@ pub struct RoleMetrics {
 }
 
 impl RoleMetrics {
-    pub fn new(role: Role) -> RoleMetrics {
+    pub fn new(role: Role, evidence: &crate::evidence::EvidenceMetrics) -> RoleMetrics {
         let mut root = Registry::with_prefix("caracal");
         // Deployment-wide families (the outbox) live at the root as `caracal_<name>`; the
         // role's own families under `caracal_<role>_<name>`.
@@ -124,6 +124,7 @@ impl RoleMetrics {
             outbox
         });
         let registry = root.sub_registry_with_prefix(role.name());
+        evidence.register(registry);
         let http_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",

@@ -89,11 +89,30 @@ async fn evaluate(state: &RoleState) -> Readiness {
         }
         Err(_) => Check::fail("bus", "bus_timeout"),
     };
-    let mut checks = vec![shutdown, store, bus];
+    let mut checks = vec![shutdown, store, bus, evidence_check(state)];
     if state.role == Role::Api {
         checks.push(outbox_check(state).await);
     }
     Readiness::new(checks)
+}
+
+/// Invariant 5: with evidence lost (latched) or nowhere to spill it, protected traffic stops.
+fn evidence_check(state: &RoleState) -> Check {
+    if state.shared.evidence.is_lost() {
+        return Check::fail("evidence", "audit_evidence_lost");
+    }
+    let probe = state
+        .shared
+        .replay_dir
+        .join(format!(".ready-{}", std::process::id()));
+    let writable = std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .is_ok();
+    if writable {
+        Check::pass("evidence")
+    } else {
+        Check::fail("evidence", "audit_replay_unavailable")
+    }
 }
 
 /// A dead outbox row is a change other roles never heard about: not ready until an operator

@@ -18,10 +18,14 @@ use caracal_store::{
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+use crate::evidence::{Evidence, EvidenceConfig, EvidenceTasks};
 use crate::outbox::{Dispatcher, DispatcherConfig};
 use crate::router::router;
 use crate::settings::{BusUrl, Settings};
 use crate::state::{Bus, RoleState, Shared};
+
+/// Where audit events wait (fsynced) while the bus is unavailable.
+pub const REPLAY_DIR: &str = "audit-replay";
 
 /// The stream-signing key file, used when no key is configured.
 pub const STREAM_KEY_FILE: &str = "stream-key";
@@ -51,6 +55,8 @@ pub enum StartError {
     EmbeddedBusNeedsEmbeddedStore { store: String },
     #[error("bus `{url}`: {source}")]
     Bus { url: String, source: BusError },
+    #[error("audit replay directory {0}")]
+    Evidence(String),
     #[error("stream key file {path}: {message}")]
     StreamKey { path: String, message: String },
     #[error("{role}: cannot listen on {address}: {source}")]
@@ -71,6 +77,7 @@ pub enum StartError {
 
 /// A started, not yet serving, set of roles.
 pub struct Stack {
+    evidence_tasks: EvidenceTasks,
     /// Unique per process across replicas: names this process in outbox claims and leases.
     instance: String,
     shared: Shared,
@@ -140,9 +147,16 @@ impl Stack {
             None => StreamKey::new(&load_or_create_stream_key(&data_dir)?),
         };
         let bootstrap = caracal_store::bootstrap(&data_dir, store.as_ref()).await?;
+        let replay_dir = data_dir.path().join(REPLAY_DIR);
+        let (evidence, evidence_tasks) = Evidence::start(
+            Producer::new(Arc::clone(&bus.streams), stream_key.clone()),
+            EvidenceConfig::new(replay_dir.clone()),
+        )
+        .map_err(|error| StartError::Evidence(format!("{}: {error}", replay_dir.display())))?;
         Ok(Stack {
+            evidence_tasks,
             instance: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7().simple()),
-            shared: Shared::new(store, bus),
+            shared: Shared::new(store, bus, evidence, replay_dir),
             stream_key,
             data_dir,
             listeners,
@@ -256,7 +270,8 @@ impl Stack {
             );
             servers.abort_all();
         }
-        // Pending audit evidence is flushed here once the audit producer exists (issue 4).
+        // Invariant 5: every event a request recorded is on the bus or in a replay file.
+        self.evidence_tasks.shutdown().await;
         let run_path = self.data_dir.path().join(RUN_FILE);
         if let Err(error) = std::fs::remove_file(&run_path) {
             tracing::warn!(%error, path = %run_path.display(), "could not remove the run file");

@@ -7,6 +7,7 @@ use caracal_bus::{EmbeddedBus, RateCounter, RedisBus, ReplayRegistry, Streams};
 use caracal_core::Role;
 use caracal_store::Store;
 
+use crate::evidence::Evidence;
 use crate::metrics::RoleMetrics;
 
 /// The bus as the roles see it: streams, replay registries and rate counters, all from one
@@ -43,14 +44,25 @@ impl Bus {
 pub struct Shared {
     pub store: Arc<dyn Store>,
     pub bus: Bus,
+    /// Where every role records audit evidence.
+    pub evidence: Evidence,
+    /// The evidence replay directory, probed by readiness.
+    pub replay_dir: std::path::PathBuf,
     draining: Arc<AtomicBool>,
 }
 
 impl Shared {
-    pub fn new(store: Arc<dyn Store>, bus: Bus) -> Shared {
+    pub fn new(
+        store: Arc<dyn Store>,
+        bus: Bus,
+        evidence: Evidence,
+        replay_dir: std::path::PathBuf,
+    ) -> Shared {
         Shared {
             store,
             bus,
+            evidence,
+            replay_dir,
             draining: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -77,8 +89,8 @@ impl RoleState {
     pub fn new(role: Role, shared: Shared) -> RoleState {
         RoleState {
             role,
+            metrics: Arc::new(RoleMetrics::new(role, &shared.evidence.metrics())),
             shared,
-            metrics: Arc::new(RoleMetrics::new(role)),
         }
     }
 }

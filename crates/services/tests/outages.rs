@@ -20,6 +20,7 @@ use axum::body::Body;
 use caracal_bus::signature::StreamKey;
 use caracal_bus::{Consumer, ConsumerConfig, Producer, RedisBus};
 use caracal_core::Role;
+use caracal_services::evidence::{Evidence, EvidenceConfig};
 use caracal_services::outbox::{Dispatcher, DispatcherConfig};
 use caracal_services::{Bus, RoleState, Shared, router};
 use caracal_store::prelude::*;
@@ -151,9 +152,13 @@ async fn a_postgres_outage_fails_closed_and_recovers_without_a_restart() {
             .await
             .unwrap(),
     );
+    let replay = tempfile::tempdir().unwrap();
+    let producer = Producer::new(Arc::clone(&bus.streams), StreamKey::new(b"k"));
+    let (evidence, _evidence_tasks) =
+        Evidence::start(producer, EvidenceConfig::new(replay.path().to_owned())).unwrap();
     let app = router(RoleState::new(
         Role::Api,
-        Shared::new(Arc::clone(&store), bus),
+        Shared::new(Arc::clone(&store), bus, evidence, replay.path().to_owned()),
     ));
     assert_eq!(ready_reason(&app).await, (200, None));
 

@@ -9,6 +9,7 @@ use http_body_util::BodyExt as _;
 use tower::ServiceExt as _;
 
 use super::router;
+use crate::evidence::{Evidence, EvidenceConfig, EvidenceTasks};
 use crate::state::{Bus, RoleState, Shared};
 use crate::wire::{ErrorBody, ReadyBody};
 
@@ -41,14 +42,30 @@ async fn send(app: &axum::Router, path: &str, request_id: Option<&str>) -> Answe
     }
 }
 
-fn role_state(role: Role) -> (tempfile::TempDir, RoleState) {
+/// What a test must keep alive: the data directory and the evidence producer's tasks.
+type Keep = (tempfile::TempDir, EvidenceTasks);
+
+/// The shared state of a process over `store` and `bus`, with an evidence producer.
+fn shared_with_bus(directory: tempfile::TempDir, store: SqliteStore, bus: Bus) -> (Keep, Shared) {
+    let replay_dir = directory.path().join("audit-replay");
+    let producer = caracal_bus::Producer::new(
+        Arc::clone(&bus.streams),
+        caracal_bus::signature::StreamKey::new(b"k"),
+    );
+    let (evidence, tasks) =
+        Evidence::start(producer, EvidenceConfig::new(replay_dir.clone())).unwrap();
+    (
+        (directory, tasks),
+        Shared::new(Arc::new(store), bus, evidence, replay_dir),
+    )
+}
+
+fn role_state(role: Role) -> (Keep, RoleState) {
     let directory = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
-    let shared = Shared::new(
-        Arc::new(store.clone()),
-        Bus::embedded(EmbeddedBus::new(store)),
-    );
-    (directory, RoleState::new(role, shared))
+    let bus = Bus::embedded(EmbeddedBus::new(store.clone()));
+    let (keep, shared) = shared_with_bus(directory, store, bus);
+    (keep, RoleState::new(role, shared))
 }
 
 #[tokio::test]
@@ -70,7 +87,7 @@ async fn health_and_ready_answer_with_a_generated_request_id() {
         .iter()
         .map(|check| check.name.as_str())
         .collect();
-    assert_eq!(names, ["shutdown", "store", "bus", "outbox"]);
+    assert_eq!(names, ["shutdown", "store", "bus", "evidence", "outbox"]);
 }
 
 #[tokio::test]
@@ -204,7 +221,7 @@ async fn an_unreachable_bus_makes_every_role_not_ready() {
         replay: Arc::new(EmbeddedBus::new(store.clone())),
         rates: Arc::new(EmbeddedBus::new(store.clone())),
     };
-    let shared = Shared::new(Arc::new(store), bus);
+    let (_keep, shared) = shared_with_bus(directory, store, bus);
     for role in Role::ALL {
         let ready = send(
             &router(RoleState::new(role, shared.clone())),
@@ -216,4 +233,73 @@ async fn an_unreachable_bus_makes_every_role_not_ready() {
         let body: ReadyBody = serde_json::from_str(&ready.body).unwrap();
         assert_eq!(body.reason.as_deref(), Some("bus_unreachable"), "{role}");
     }
+}
+
+#[tokio::test]
+async fn lost_evidence_or_nowhere_to_spill_it_makes_roles_not_ready() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+    let bus = Bus {
+        streams: Arc::new(crate::test_support::DownBus),
+        replay: Arc::new(EmbeddedBus::new(store.clone())),
+        rates: Arc::new(EmbeddedBus::new(store.clone())),
+    };
+    let (_keep, shared) = shared_with_bus(directory, store, bus);
+    let evidence_reason = |body: &ReadyBody| {
+        body.checks
+            .iter()
+            .find(|check| check.name == "evidence")
+            .and_then(|check| check.reason.clone())
+    };
+    let app = router(RoleState::new(Role::Sts, shared.clone()));
+
+    // The replay directory is gone: nowhere to put evidence while the bus is down.
+    std::fs::remove_dir_all(&shared.replay_dir).unwrap();
+    std::fs::write(&shared.replay_dir, "blocked").unwrap();
+    let body: ReadyBody = serde_json::from_str(&send(&app, "/ready", None).await.body).unwrap();
+    assert_eq!(
+        evidence_reason(&body).as_deref(),
+        Some("audit_replay_unavailable")
+    );
+
+    // With the bus down and no replay file, recording loses evidence and the latch holds.
+    let event = caracal_audit::Event {
+        id: "ev-1".into(),
+        zone_id: "zone-1".into(),
+        event_type: "sts.exchange".into(),
+        request_id: "req-1".into(),
+        decision: "allow".into(),
+        policy_set_id: None,
+        policy_set_version_id: None,
+        manifest_sha: None,
+        evaluation_status: "complete".into(),
+        determining_policies_json: serde_json::json!([]),
+        diagnostics_json: serde_json::json!([]),
+        metadata_json: serde_json::json!({}),
+        occurred_at_ms: 1,
+    };
+    assert_eq!(
+        shared.evidence.record(event).await,
+        Err(crate::evidence::EvidenceError::Lost)
+    );
+    for role in Role::ALL {
+        let ready = send(
+            &router(RoleState::new(role, shared.clone())),
+            "/ready",
+            None,
+        )
+        .await;
+        assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+        let body: ReadyBody = serde_json::from_str(&ready.body).unwrap();
+        assert_eq!(
+            evidence_reason(&body).as_deref(),
+            Some("audit_evidence_lost"),
+            "{role}"
+        );
+    }
+    let metrics = send(&app, "/metrics", None).await.body;
+    assert!(
+        metrics.contains("caracal_sts_audit_evidence_lost_total 1"),
+        "{metrics}"
+    );
 }
