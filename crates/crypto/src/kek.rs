@@ -81,6 +81,17 @@ impl Kek {
         })
     }
 
+    /// A 256-bit key for one purpose, derived from the KEK: HMAC-SHA256(KEK,
+    /// `caracal:derive:v1:` ‖ label). Replicas that share the KEK derive the same keys; the
+    /// label (e.g. `audit-chain:chain-1`) is what a row stores to name its key.
+    pub fn derive(&self, label: &str) -> [u8; 32] {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &self.key);
+        let tag = hmac::sign(&key, format!("caracal:derive:v1:{label}").as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+
     /// HMAC-SHA256 of a fixed label under the KEK, hex. Stored beside the key id so that a KEK
     /// file which does not belong to the database is detected without revealing the key.
     pub fn check_value(&self) -> String {
@@ -126,6 +137,15 @@ mod tests {
             assert_eq!(Kek::from_file_text(text).unwrap_err(), expected, "{text}");
         }
         assert!(Kek::from_file_text(&good).is_ok());
+    }
+
+    #[test]
+    fn derived_keys_differ_by_label_and_by_kek() {
+        let kek = Kek::generate().unwrap();
+        assert_eq!(kek.derive("a"), kek.derive("a"));
+        assert_ne!(kek.derive("a"), kek.derive("b"));
+        assert_ne!(kek.derive("a"), Kek::generate().unwrap().derive("a"));
+        assert_ne!(&kek.derive("a"), kek.key());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 mod error;
 pub mod evidence;
 pub mod group_commit;
+pub mod ledger;
 mod metrics;
 pub mod outbox;
 mod probes;

@@ -107,6 +107,8 @@ pub struct RoleMetrics {
     registry: Registry,
     /// Present on the API role, which runs the outbox dispatcher.
     pub outbox: Option<Arc<OutboxMetrics>>,
+    /// Present on the Audit role, which ingests and sweeps.
+    pub ledger: Option<Arc<crate::ledger::LedgerMetrics>>,
     pub http_requests: Family<RequestLabels, Counter>,
     pub http_request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub ready: Gauge,
@@ -125,6 +127,11 @@ impl RoleMetrics {
         });
         let registry = root.sub_registry_with_prefix(role.name());
         evidence.register(registry);
+        let ledger = (role == Role::Audit).then(|| {
+            let ledger = Arc::new(crate::ledger::LedgerMetrics::default());
+            ledger.register(registry);
+            ledger
+        });
         let http_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -160,6 +167,7 @@ impl RoleMetrics {
         RoleMetrics {
             registry: root,
             outbox,
+            ledger,
             http_requests,
             http_request_duration,
             ready,

@@ -93,6 +93,9 @@ async fn evaluate(state: &RoleState) -> Readiness {
     if state.role == Role::Api {
         checks.push(outbox_check(state).await);
     }
+    if state.role == Role::Audit {
+        checks.push(tamper_check(state).await);
+    }
     Readiness::new(checks)
 }
 
@@ -112,6 +115,17 @@ fn evidence_check(state: &RoleState) -> Check {
         Check::pass("evidence")
     } else {
         Check::fail("evidence", "audit_replay_unavailable")
+    }
+}
+
+/// Invariant 7: a tamper finding keeps the Audit role not ready until an operator
+/// acknowledges it.
+async fn tamper_check(state: &RoleState) -> Check {
+    match tokio::time::timeout(CHECK_TIMEOUT, state.shared.store.open_tamper_findings()).await {
+        Ok(Ok(findings)) if !findings.is_empty() => Check::fail("tamper", "audit_tamper_detected"),
+        Ok(Ok(_)) => Check::pass("tamper"),
+        Ok(Err(_)) => Check::fail("tamper", "store_unreachable"),
+        Err(_) => Check::fail("tamper", "store_timeout"),
     }
 }
 

@@ -194,7 +194,7 @@ impl Stack {
     /// Serves every role until `shutdown` completes, then drains: `/ready` turns 503
     /// `draining`, listeners stop accepting, in-flight requests finish (bounded by the grace
     /// period), and the run file is removed.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    pub async fn serve(mut self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         let run_file = RunFile {
             pid: std::process::id(),
             roles: self
@@ -212,7 +212,8 @@ impl Stack {
 
         let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
         let mut servers = tokio::task::JoinSet::new();
-        for (role, listener) in self.listeners {
+        let listeners = std::mem::take(&mut self.listeners);
+        for (role, listener) in listeners {
             if let Ok(address) = listener.local_addr() {
                 tracing::info!(%role, %address, "serving");
             }
@@ -246,6 +247,10 @@ impl Stack {
                     stop_receiver.clone(),
                 ));
             }
+            if role == Role::Audit {
+                self.start_ledger(&state, &mut servers, &stop_receiver)
+                    .await?;
+            }
             let app = router(state);
             let stop = stop_receiver.clone();
             servers.spawn(async move {
@@ -277,6 +282,102 @@ impl Stack {
             tracing::warn!(%error, path = %run_path.display(), "could not remove the run file");
         }
         tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+impl Stack {
+    /// The Audit role's background work: ingestion, the tamper sweep (one replica at a time),
+    /// and the stream gauges.
+    async fn start_ledger(
+        &self,
+        state: &RoleState,
+        servers: &mut tokio::task::JoinSet<()>,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), StartError> {
+        use crate::ledger::{self, ingest, sweep};
+        let metrics = state.metrics.ledger.clone().unwrap_or_default();
+        let streams = Arc::clone(&self.shared.bus.streams);
+        let consumer = caracal_bus::Consumer::start(
+            Arc::clone(&streams),
+            self.stream_key.clone(),
+            caracal_bus::ConsumerConfig {
+                stream: caracal_bus::stream_names::AUDIT_EVENTS.to_owned(),
+                group: ingest::GROUP.to_owned(),
+                consumer: format!("audit-{}", self.instance),
+                batch: 512,
+                block: Duration::from_secs(1),
+                reclaim_idle: Duration::from_secs(30),
+                max_deliveries: 8,
+                dedupe_window: 100_000,
+            },
+        )
+        .await
+        .map_err(|source| StartError::Bus {
+            url: "audit stream".to_owned(),
+            source,
+        })?;
+        let kek = &self.bootstrap.kek;
+        let ingestor = ingest::Ingestor::new(
+            Arc::clone(&self.shared.store),
+            consumer,
+            ledger::chain_key(kek, ledger::CURRENT_CHAIN_KEY_ID),
+            Arc::clone(&metrics.ingest),
+        );
+        servers.spawn(ingestor.run(stop.clone()));
+
+        let sweeper = Arc::new(sweep::Sweeper::new(
+            Arc::clone(&self.shared.store),
+            ledger::chain_keys(kek),
+            Arc::clone(&metrics.sweep),
+        ));
+        let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        servers.spawn(crate::singleton::run_singleton(
+            Arc::clone(&self.shared.store),
+            "audit-sweep",
+            format!("audit-{}", self.instance),
+            Duration::from_secs(10),
+            move || {
+                let (sweeper, runs) = (Arc::clone(&sweeper), Arc::clone(&runs));
+                async move {
+                    // Full at start (the first run) and every tenth minute; incremental between.
+                    let run = runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let result = if run % 60 == 0 {
+                        sweeper.full().await
+                    } else {
+                        sweeper.incremental().await
+                    };
+                    if let Err(error) = result {
+                        tracing::warn!(%error, "audit sweep failed; it runs again next period");
+                    }
+                }
+            },
+            stop.clone(),
+        ));
+
+        let mut stopped = stop.clone();
+        servers.spawn(async move {
+            let dead = caracal_bus::dead_letter_stream(caracal_bus::stream_names::AUDIT_EVENTS);
+            loop {
+                if let Ok(info) = streams.info(caracal_bus::stream_names::AUDIT_EVENTS).await
+                    && let Some(group) =
+                        info.groups.iter().find(|group| group.name == ingest::GROUP)
+                {
+                    metrics
+                        .consumer_lag
+                        .set(i64::try_from(group.lag).unwrap_or(i64::MAX));
+                }
+                if let Ok(info) = streams.info(&dead).await {
+                    metrics
+                        .dlq_size
+                        .set(i64::try_from(info.length).unwrap_or(i64::MAX));
+                }
+                tokio::select! {
+                    _ = stopped.changed() => return,
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        });
         Ok(())
     }
 }

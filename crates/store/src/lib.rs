@@ -33,7 +33,7 @@ pub use model::{
     AdminTokenRecord, Application, ApprovalHold, AuditEvent, AuthorityRecord, DelegationEdge,
     IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow,
     OutboxStats, PolicyBinding, PolicyHeader, PolicyVersion, Provider, ProviderConnection,
-    Resource, SealedSecret, Session, SigningKey, TokenScope, Zone,
+    Resource, SealedSecret, Session, SigningKey, TamperFinding, TokenScope, Zone,
 };
 pub use postgres::{PgOptions, PgStore};
 pub use queries::ChainBuilder;

@@ -346,3 +346,16 @@ pub struct AuditEvent {
     pub chain_mac: String,
     pub chain_key_id: String,
 }
+
+/// A tamper finding of the audit sweep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TamperFinding {
+    pub zone_id: String,
+    pub seq: i64,
+    pub kind: String,
+    pub detail: String,
+    pub found_at_ms: i64,
+    pub acknowledged_at_ms: Option<i64>,
+    pub acknowledged_by: Option<String>,
+    pub ack_reason: Option<String>,
+}

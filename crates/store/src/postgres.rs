@@ -20,10 +20,16 @@ fn migrations() -> Vec<(&'static str, String)> {
     let common = include_str!("schema/common.sql")
         .replace("{BIGINT}", "BIGINT")
         .replace("{SERIAL}", "BIGSERIAL PRIMARY KEY");
-    vec![(
-        "initial schema",
-        format!("{common}\n{}", include_str!("schema/postgres.sql")),
-    )]
+    vec![
+        (
+            "initial schema",
+            format!("{common}\n{}", include_str!("schema/postgres.sql")),
+        ),
+        (
+            "audit tamper findings",
+            include_str!("schema/0002_audit_findings.sql").replace("{BIGINT}", "BIGINT"),
+        ),
+    ]
 }
 
 /// The schema version this binary writes and understands.

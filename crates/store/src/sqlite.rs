@@ -15,10 +15,16 @@ fn migrations() -> Vec<(&'static str, String)> {
     let common = include_str!("schema/common.sql")
         .replace("{BIGINT}", "INTEGER")
         .replace("{SERIAL}", "INTEGER PRIMARY KEY AUTOINCREMENT");
-    vec![(
-        "initial schema",
-        format!("{common}\n{}", include_str!("schema/sqlite.sql")),
-    )]
+    vec![
+        (
+            "initial schema",
+            format!("{common}\n{}", include_str!("schema/sqlite.sql")),
+        ),
+        (
+            "audit tamper findings",
+            include_str!("schema/0002_audit_findings.sql").replace("{BIGINT}", "INTEGER"),
+        ),
+    ]
 }
 
 /// The schema version this binary writes and understands.
@@ -312,6 +318,31 @@ mod tests {
             "{error}"
         );
         assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn an_older_database_is_migrated_forward() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("store.db");
+        // Make a version-1 database: what an earlier release left behind.
+        SqliteStore::open(&path)
+            .unwrap()
+            .run_blocking(|c| {
+                c.execute_batch("DROP TABLE audit_tamper_findings; DELETE FROM schema_migrations WHERE version = 2;")
+            })
+            .unwrap();
+        let store = SqliteStore::open(&path).unwrap();
+        let (version, tables): (i64, i64) = store
+            .run_blocking(|c| {
+                c.query_row(
+                    "SELECT (SELECT MAX(version) FROM schema_migrations),
+                            (SELECT COUNT(*) FROM sqlite_master WHERE name = 'audit_tamper_findings')",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+            })
+            .unwrap();
+        assert_eq!((version, tables), (2, 1));
     }
 
     #[tokio::test]

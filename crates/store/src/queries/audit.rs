@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use crate::db::{Db, Dialect, Outcome, Row, Statement, params};
-use crate::model::AuditEvent;
+use crate::model::{AuditEvent, TamperFinding};
 use crate::store::{StoreError, all};
 
 /// Builds the rows to append from the zone's head (sequence, content hash) and the ids among
@@ -46,6 +46,30 @@ pub trait Audit: Send + Sync {
     ) -> Result<Vec<AuditEvent>, StoreError>;
     /// The zones that have audit rows.
     async fn audit_zones(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Records findings; one already recorded (same zone, row and kind), acknowledged or not,
+    /// is kept as it was. Returns, per finding, whether it is new.
+    async fn record_tamper_findings(
+        &self,
+        findings: &[TamperFinding],
+    ) -> Result<Vec<bool>, StoreError>;
+    /// Findings no operator has acknowledged yet.
+    async fn open_tamper_findings(&self) -> Result<Vec<TamperFinding>, StoreError>;
+    /// Acknowledges every open finding; returns how many.
+    async fn acknowledge_tamper_findings(&self, by: &str, reason: &str) -> Result<u64, StoreError>;
+}
+
+fn finding(row: &Row) -> Result<TamperFinding, StoreError> {
+    Ok(TamperFinding {
+        zone_id: row.text(0)?,
+        seq: row.int(1)?,
+        kind: row.text(2)?,
+        detail: row.text(3)?,
+        found_at_ms: row.int(4)?,
+        acknowledged_at_ms: row.opt_int(5)?,
+        acknowledged_by: row.opt_text(6)?,
+        ack_reason: row.opt_text(7)?,
+    })
 }
 
 fn insert_event(e: &AuditEvent) -> Statement {
@@ -249,5 +273,50 @@ impl<D: Db> Audit for D {
             )
             .await?;
         rows.iter().map(|row| row.text(0)).collect()
+    }
+
+    async fn record_tamper_findings(
+        &self,
+        findings: &[TamperFinding],
+    ) -> Result<Vec<bool>, StoreError> {
+        let statements = findings
+            .iter()
+            .map(|f| {
+                Statement::new(
+                    "INSERT INTO audit_tamper_findings (zone_id, seq, kind, detail, found_at_ms)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (zone_id, seq, kind) DO NOTHING",
+                    params![
+                        f.zone_id.as_str(),
+                        f.seq,
+                        f.kind.as_str(),
+                        f.detail.as_str(),
+                        f.found_at_ms
+                    ],
+                )
+            })
+            .collect();
+        let outcomes = self.atomic(statements).await?;
+        Ok(outcomes.iter().map(|outcome| outcome.changed > 0).collect())
+    }
+
+    async fn open_tamper_findings(&self) -> Result<Vec<TamperFinding>, StoreError> {
+        all(
+            self,
+            "SELECT zone_id, seq, kind, detail, found_at_ms, acknowledged_at_ms, acknowledged_by, ack_reason
+             FROM audit_tamper_findings WHERE acknowledged_at_ms IS NULL ORDER BY found_at_ms, zone_id, seq",
+            params![],
+            finding,
+        )
+        .await
+    }
+
+    async fn acknowledge_tamper_findings(&self, by: &str, reason: &str) -> Result<u64, StoreError> {
+        self.change(
+            "UPDATE audit_tamper_findings SET acknowledged_at_ms = $1, acknowledged_by = $2, ack_reason = $3
+             WHERE acknowledged_at_ms IS NULL",
+            params![crate::store::now_ms(), by, reason],
+        )
+        .await
     }
 }
