@@ -10,7 +10,7 @@ use std::fmt;
 use aws_lc_rs::hmac;
 use caracal_crypto::{hex, sha256};
 
-use crate::Event;
+use crate::Content;
 
 /// The previous hash of a zone's first row.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -44,9 +44,9 @@ impl fmt::Debug for ChainKey {
     }
 }
 
-/// SHA-256 of the event's canonical content bytes.
-pub fn content_hash(event: &Event) -> [u8; 32] {
-    sha256(&event.content_bytes())
+/// SHA-256 of the content bytes.
+pub fn content_hash(content: &Content) -> [u8; 32] {
+    sha256(&content.bytes())
 }
 
 fn link_bytes(zone_id: &str, seq: i64, content: &[u8; 32], previous: &[u8; 32]) -> Vec<u8> {
@@ -87,24 +87,30 @@ pub struct Link {
     pub chain_key_id: String,
 }
 
-/// The link for `event` after `head` (the zone's last (sequence, content hash), if any).
-pub fn next_link(key: &ChainKey, head: Option<(i64, [u8; 32])>, event: &Event) -> Link {
+/// The link for `content` after `head` (the zone's last (sequence, content hash), if any),
+/// and the content hash it links.
+pub fn next_link(
+    key: &ChainKey,
+    head: Option<(i64, [u8; 32])>,
+    content: &Content,
+) -> (Link, [u8; 32]) {
     let (previous_seq, previous) = head.unwrap_or((0, GENESIS));
     let seq = previous_seq + 1;
-    let content = content_hash(event);
-    Link {
+    let hash = content_hash(content);
+    let link = Link {
         seq,
-        content_sha256: hex(&content),
+        content_sha256: hex(&hash),
         prev_content_sha256: hex(&previous),
-        chain_mac: hex(&link_mac(key, &event.zone_id, seq, &content, &previous)),
+        chain_mac: hex(&link_mac(key, &content.zone_id, seq, &hash, &previous)),
         chain_key_id: key.id.clone(),
-    }
+    };
+    (link, hash)
 }
 
-/// A stored row: the event as stored and its chain columns.
-#[derive(Debug, Clone, PartialEq)]
+/// A stored row: its hashed fields as stored, and its chain columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredRow {
-    pub event: Event,
+    pub content: Content,
     pub link: Link,
 }
 
@@ -201,18 +207,18 @@ pub fn verify(
         let seq = link.seq;
         let stored_content = decode(&link.content_sha256);
         let stored_previous = decode(&link.prev_content_sha256);
-        if row.event.zone_id != zone_id {
+        if row.content.zone_id != zone_id {
             finding(
                 FindingKind::ContentMismatch,
                 seq,
-                format!("row names zone `{}`", row.event.zone_id),
+                format!("row names zone `{}`", row.content.zone_id),
             );
         }
-        if stored_content != Some(content_hash(&row.event)) {
+        if stored_content != Some(content_hash(&row.content)) {
             finding(
                 FindingKind::ContentMismatch,
                 seq,
-                format!("event `{}` differs from its content hash", row.event.id),
+                format!("event `{}` differs from its content hash", row.content.id),
             );
         }
         match (
@@ -236,7 +242,7 @@ pub fn verify(
                     finding(
                         FindingKind::MacFailure,
                         seq,
-                        format!("event `{}`: link MAC does not verify", row.event.id),
+                        format!("event `{}`: link MAC does not verify", row.content.id),
                     );
                 }
             }

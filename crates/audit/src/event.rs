@@ -93,9 +93,56 @@ impl Event {
         ]
     }
 
+    /// The hashed fields in their canonical text form.
+    pub fn content(&self) -> Content {
+        let [determining_policies, diagnostics, metadata] = self.canonical_documents();
+        Content {
+            id: self.id.clone(),
+            zone_id: self.zone_id.clone(),
+            event_type: self.event_type.clone(),
+            request_id: self.request_id.clone(),
+            decision: self.decision.clone(),
+            policy_set_id: self.policy_set_id.clone().unwrap_or_default(),
+            policy_set_version_id: self.policy_set_version_id.clone().unwrap_or_default(),
+            manifest_sha: self.manifest_sha.clone().unwrap_or_default(),
+            evaluation_status: self.evaluation_status.clone(),
+            determining_policies,
+            diagnostics,
+            metadata,
+            occurred_at_ms: self.occurred_at_ms,
+        }
+    }
+
     /// The bytes of the content hash, specified in ARCHITECTURE.md ("Audit chain encoding").
     pub fn content_bytes(&self) -> Vec<u8> {
-        let [policies, diagnostics, metadata] = self.canonical_documents();
+        self.content().bytes()
+    }
+}
+
+/// The hashed fields of an event as text: what the ledger stores, and all a verifier needs.
+/// Absent optional fields are empty; documents are canonical JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Content {
+    pub id: String,
+    pub zone_id: String,
+    pub event_type: String,
+    pub request_id: String,
+    pub decision: String,
+    pub policy_set_id: String,
+    pub policy_set_version_id: String,
+    pub manifest_sha: String,
+    pub evaluation_status: String,
+    pub determining_policies: String,
+    pub diagnostics: String,
+    pub metadata: String,
+    pub occurred_at_ms: i64,
+}
+
+impl Content {
+    /// The content bytes (ARCHITECTURE.md, "Audit chain encoding"). Stored documents are hashed
+    /// as stored: a document rewritten into another form, even an equivalent one, no longer
+    /// matches its hash.
+    pub fn bytes(&self) -> Vec<u8> {
         let occurred = self.occurred_at_ms.to_string();
         let fields: [&str; 13] = [
             &self.id,
@@ -103,16 +150,18 @@ impl Event {
             &self.event_type,
             &self.request_id,
             &self.decision,
-            self.policy_set_id.as_deref().unwrap_or(""),
-            self.policy_set_version_id.as_deref().unwrap_or(""),
-            self.manifest_sha.as_deref().unwrap_or(""),
+            &self.policy_set_id,
+            &self.policy_set_version_id,
+            &self.manifest_sha,
             &self.evaluation_status,
-            &policies,
-            &diagnostics,
-            &metadata,
+            &self.determining_policies,
+            &self.diagnostics,
+            &self.metadata,
             &occurred,
         ];
-        let mut bytes = b"caracal-audit-event-v1\n".to_vec();
+        let mut bytes =
+            Vec::with_capacity(32 + fields.iter().map(|field| field.len() + 4).sum::<usize>());
+        bytes.extend_from_slice(b"caracal-audit-event-v1\n");
         for field in fields {
             let field = strip_nul(field);
             bytes.extend_from_slice(&u32::try_from(field.len()).unwrap_or(u32::MAX).to_be_bytes());

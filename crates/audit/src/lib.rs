@@ -12,4 +12,4 @@ pub mod chain;
 mod event;
 pub mod merkle;
 
-pub use event::{Event, EventError};
+pub use event::{Content, Event, EventError, canonical_json};

@@ -378,3 +378,194 @@ async fn cleanup(postgres: &str, schema: &str, redis: &str, prefix: &str) {
         }
     }
 }
+
+/// `caracal bench audit`: ingestion rate, sweep verification rate and stored bytes per event,
+/// embedded beside distributed (PostgreSQL store; the stream is embedded in both so the store
+/// is what is compared).
+pub async fn audit(args: &BenchArgs) -> anyhow::Result<()> {
+    use caracal_audit::Event;
+    use caracal_services::evidence::{Evidence, EvidenceConfig};
+    use caracal_services::ledger::ingest::{GROUP, IngestMetrics, Ingestor};
+    use caracal_services::ledger::sweep::{SweepMetrics, Sweeper};
+    use caracal_services::ledger::{CURRENT_CHAIN_KEY_ID, chain_key, chain_keys};
+
+    let count = if args.quick { 500 } else { args.messages };
+    let run_id = uuid::Uuid::now_v7().simple().to_string();
+    let directory = std::env::temp_dir().join(format!("caracal-bench-audit-{run_id}"));
+    std::fs::create_dir_all(&directory)?;
+    let schema = format!("bench_{run_id}");
+    let sqlite = SqliteStore::open(&directory.join("ledger.db"))?;
+    let postgres = PgStore::connect(
+        &args.postgres,
+        &PgOptions {
+            pool_size: 8,
+            schema: Some(schema.clone()),
+            ..PgOptions::default()
+        },
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "PostgreSQL at {}",
+            caracal_store::redact_url(&args.postgres)
+        )
+    })?;
+    let kek = caracal_crypto::Kek::generate()?;
+    let key = StreamKey::new(b"bench key");
+    let event = |n: usize| Event {
+        id: uuid::Uuid::now_v7().to_string(),
+        zone_id: format!("zone-{}", n % 4),
+        event_type: "gateway.request".into(),
+        request_id: uuid::Uuid::now_v7().to_string(),
+        decision: if n.is_multiple_of(10) {
+            "deny"
+        } else {
+            "allow"
+        }
+        .into(),
+        policy_set_id: Some("ps_01J9ZQ7M3K".into()),
+        policy_set_version_id: Some("psv_01J9ZQ7M3K_3".into()),
+        manifest_sha: None,
+        evaluation_status: "complete".into(),
+        determining_policies_json: serde_json::json!([{"id": "baseline-resource-scope"}]),
+        diagnostics_json: serde_json::json!([]),
+        metadata_json: serde_json::json!({
+            "resource": "resource://crm",
+            "agent_session_id": format!("ses_{n:08}"),
+            "latency_ms": 1
+        }),
+        occurred_at_ms: caracal_store::now_ms(),
+    };
+
+    let mut results = Vec::new();
+    for (name, store) in [
+        ("embedded", Arc::new(sqlite.clone()) as Arc<dyn Store>),
+        ("distributed", Arc::new(postgres.clone()) as Arc<dyn Store>),
+    ] {
+        // Each run has its own embedded stream, so only the store differs.
+        let bus_dir = directory.join(format!("bus-{name}"));
+        std::fs::create_dir_all(&bus_dir)?;
+        let bus = Arc::new(EmbeddedBus::new(SqliteStore::open(
+            &bus_dir.join("bus.db"),
+        )?));
+        let (evidence, tasks) = Evidence::start(
+            Producer::new(bus.clone(), key.clone()),
+            EvidenceConfig::new(bus_dir.join("replay")),
+        )?;
+        let mut producers = tokio::task::JoinSet::new();
+        for worker in 0..32 {
+            let evidence = evidence.clone();
+            let events: Vec<Event> = (worker..count).step_by(32).map(event).collect();
+            producers.spawn(async move {
+                for event in events {
+                    evidence.record(event).await?;
+                }
+                Ok::<_, caracal_services::evidence::EvidenceError>(())
+            });
+        }
+        while let Some(result) = producers.join_next().await {
+            result??;
+        }
+        tasks.shutdown().await;
+
+        let consumer = caracal_bus::Consumer::start(
+            bus.clone(),
+            key.clone(),
+            caracal_bus::ConsumerConfig {
+                stream: caracal_bus::stream_names::AUDIT_EVENTS.into(),
+                group: GROUP.into(),
+                consumer: "bench".into(),
+                batch: 2048,
+                block: Duration::from_millis(10),
+                reclaim_idle: Duration::from_secs(60),
+                max_deliveries: 8,
+                dedupe_window: 1,
+            },
+        )
+        .await?;
+        let ingestor = Ingestor::new(
+            Arc::clone(&store),
+            consumer,
+            chain_key(&kek, CURRENT_CHAIN_KEY_ID),
+            Arc::new(IngestMetrics::default()),
+        );
+        let started = Instant::now();
+        let mut ingested = 0;
+        while ingested < count {
+            let handled = ingestor
+                .ingest_once()
+                .await
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+            anyhow::ensure!(handled > 0, "ingestion stalled at {ingested} of {count}");
+            ingested += handled;
+        }
+        let ingest_rate = rate(ingested, started.elapsed());
+
+        let sweeper = Sweeper::new(
+            Arc::clone(&store),
+            chain_keys(&kek),
+            Arc::new(SweepMetrics::default()),
+        );
+        let started = Instant::now();
+        let findings = sweeper.full().await?;
+        anyhow::ensure!(
+            findings.is_empty(),
+            "the bench ledger has findings: {findings:?}"
+        );
+        let sweep_rate = rate(count, started.elapsed());
+        results.push((name, ingest_rate, sweep_rate));
+    }
+
+    let sqlite_bytes = sqlite
+        .run(|connection| {
+            // This database holds only the ledger: its compacted size is the ledger's size.
+            connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); VACUUM;")?;
+            connection.query_row(
+                "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+                [],
+                |row| row.get::<_, i64>(0),
+            )
+        })
+        .await
+        .unwrap_or(0);
+    let (client, connection) =
+        tokio_postgres::connect(&args.postgres, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("VACUUM ANALYZE {schema}.audit_events"))
+        .await?;
+    let pg_bytes: i64 = client
+        .query_one(
+            &format!("SELECT pg_total_relation_size('{schema}.audit_events')"),
+            &[],
+        )
+        .await?
+        .get(0);
+
+    println!(
+        "caracal bench audit: {count} events over 4 zones, 32 concurrent producers; embedded = SQLite, \
+         distributed = PostgreSQL (stream embedded in both)"
+    );
+    println!("{:<44} {:>16} {:>16}", "case", "embedded", "distributed");
+    if let [(_, sqlite_ingest, sqlite_sweep), (_, pg_ingest, pg_sweep)] = results.as_slice() {
+        println!(
+            "{:<44} {:>16.0} {:>16.0}",
+            "ingestion (events/s, stream to chain)", sqlite_ingest, pg_ingest
+        );
+        println!(
+            "{:<44} {:>16.0} {:>16.0}",
+            "sweep verification (events/s)", sqlite_sweep, pg_sweep
+        );
+    }
+    println!(
+        "{:<44} {:>16.0} {:>16.0}",
+        "stored bytes per event (table + indexes)",
+        sqlite_bytes as f64 / count as f64,
+        pg_bytes as f64 / count as f64
+    );
+    let _ = client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await;
+    let _ = std::fs::remove_dir_all(&directory);
+    Ok(())
+}

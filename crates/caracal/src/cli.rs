@@ -114,6 +114,9 @@ pub enum BenchCommand {
     /// Streams, outbox and authority-record writes: embedded (SQLite + in-process streams)
     /// beside distributed (PostgreSQL + Redis), measured in one run
     Backends(BenchArgs),
+    /// Audit ledger: ingestion rate, sweep verification rate and stored bytes per event,
+    /// SQLite beside PostgreSQL, measured in one run
+    Audit(BenchArgs),
 }
 
 #[derive(Debug, Args)]

@@ -40,10 +40,12 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_FAILURE)
             }
         }),
-        Command::Bench {
-            command: BenchCommand::Backends(args),
-        } => runtime(|| async {
-            match bench::run(&args).await {
+        Command::Bench { command } => runtime(|| async {
+            let result = match &command {
+                BenchCommand::Backends(args) => bench::run(args).await,
+                BenchCommand::Audit(args) => bench::audit(args).await,
+            };
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("error: {error:#}");

@@ -339,7 +339,7 @@ async fn the_sweep_reports_every_kind_of_tampering_by_kind(ledger: &Ledger) {
         .remove(0);
     edited.decision = "allow-all".into();
     let rehashed = hex(&content_hash(
-        &caracal_services::ledger::from_row(&edited).event,
+        &caracal_services::ledger::from_row(&edited).content,
     ));
     sql(
         "UPDATE audit_events SET decision = 'allow-all', content_sha256 = $2 WHERE zone_id = $1 AND chain_seq = 5",

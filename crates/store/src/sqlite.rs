@@ -125,6 +125,20 @@ impl SqliteStore {
     }
 }
 
+/// `$1`, `$2`, … become `?1`, `?2`, …; a `$` not followed by a digit (a JSON path) stays.
+fn sqlite_parameters(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut characters = sql.chars().peekable();
+    while let Some(character) = characters.next() {
+        if character == '$' && characters.peek().is_some_and(char::is_ascii_digit) {
+            out.push('?');
+        } else {
+            out.push(character);
+        }
+    }
+    out
+}
+
 fn sqlite_value(value: &Value) -> rusqlite::types::Value {
     match value {
         Value::Null => rusqlite::types::Value::Null,
@@ -196,7 +210,7 @@ fn run_statement(
     transaction: &rusqlite::Transaction<'_>,
     statement: &Statement,
 ) -> Result<Result<Outcome, StoreError>, rusqlite::Error> {
-    let sql = statement.sql.replace('$', "?");
+    let sql = sqlite_parameters(statement.sql);
     let mut prepared = transaction.prepare_cached(&sql)?;
     let columns = prepared.column_count();
     let params = rusqlite::params_from_iter(statement.params.iter().map(sqlite_value));
@@ -318,6 +332,14 @@ mod tests {
             "{error}"
         );
         assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn only_numbered_parameters_are_rewritten() {
+        assert_eq!(
+            sqlite_parameters("SELECT value ->> '$.id' FROM json_each($1) WHERE x = $12"),
+            "SELECT value ->> '$.id' FROM json_each(?1) WHERE x = ?12"
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
 use super::*;
+use crate::Event;
 
 fn event(zone_id: &str, n: usize) -> Event {
     Event {
@@ -38,9 +39,9 @@ fn chain(count: usize, rotate_at: usize) -> Vec<StoredRow> {
         let head = rows
             .last()
             .map(|row| (row.link.seq, decode(&row.link.content_sha256).unwrap()));
-        let event = event("zone-1", n);
-        let link = next_link(key, head, &event);
-        rows.push(StoredRow { event, link });
+        let content = event("zone-1", n).content();
+        let (link, _) = next_link(key, head, &content);
+        rows.push(StoredRow { content, link });
     }
     rows
 }
@@ -62,14 +63,14 @@ type Tamper = fn(&mut Vec<StoredRow>);
 const TAMPERS: &[(&str, Tamper, FindingKind)] = &[
     (
         "edit a field",
-        |rows| rows[4].event.decision = "allow-all".into(),
+        |rows| rows[4].content.decision = "allow-all".into(),
         FindingKind::ContentMismatch,
     ),
     (
         "edit a field and recompute its content hash",
         |rows| {
-            rows[4].event.decision = "allow-all".into();
-            rows[4].link.content_sha256 = hex(&content_hash(&rows[4].event));
+            rows[4].content.decision = "allow-all".into();
+            rows[4].link.content_sha256 = hex(&content_hash(&rows[4].content));
         },
         FindingKind::MacFailure,
     ),
@@ -97,15 +98,15 @@ const TAMPERS: &[(&str, Tamper, FindingKind)] = &[
         "insert a row",
         |rows| {
             let last = rows.last().unwrap();
-            let forged_event = event("zone-1", 99);
-            let mut link = next_link(
+            let forged = event("zone-1", 99).content();
+            let (mut link, _) = next_link(
                 &ChainKey::new("chain-2", b"guessed key"),
                 Some((last.link.seq, decode(&last.link.content_sha256).unwrap())),
-                &forged_event,
+                &forged,
             );
             link.chain_key_id = "chain-2".into();
             rows.push(StoredRow {
-                event: forged_event,
+                content: forged,
                 link,
             });
         },
@@ -114,12 +115,12 @@ const TAMPERS: &[(&str, Tamper, FindingKind)] = &[
     (
         "insert a row in the middle, renumbering the rest",
         |rows| {
-            let forged_event = event("zone-1", 99);
+            let forged = event("zone-1", 99).content();
             let link = rows[3].link.clone();
             rows.insert(
                 4,
                 StoredRow {
-                    event: forged_event,
+                    content: forged,
                     link,
                 },
             );
@@ -184,7 +185,7 @@ fn every_kind_of_tampering_is_reported() {
 #[test]
 fn findings_name_the_zone_and_row() {
     let mut rows = chain(5, 99);
-    rows[2].event.request_id = "forged".into();
+    rows[2].content.request_id = "forged".into();
     let findings = verify("zone-1", &rows, &keys().1, Anchor::default());
     assert_eq!(findings.len(), 1);
     assert_eq!(

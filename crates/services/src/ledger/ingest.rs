@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use caracal_audit::Event;
-use caracal_audit::chain::{ChainKey, content_hash, next_link};
+use caracal_audit::chain::{ChainKey, next_link};
 use caracal_bus::{Consumer, Entry};
 use caracal_store::{ChainBuilder, Store, StoreError, now_ms};
 use prometheus_client::metrics::counter::Counter;
@@ -61,9 +61,10 @@ pub fn chain_builder(key: ChainKey, events: Vec<Event>) -> ChainBuilder {
                 if existing.contains(&event.id) || !seen.insert(event.id.clone()) {
                     continue;
                 }
-                let link = next_link(&key, head, event);
-                head = Some((link.seq, content_hash(event)));
-                rows.push(to_row(event, &link, ingested_at_ms));
+                let content = event.content();
+                let (link, hash) = next_link(&key, head, &content);
+                head = Some((link.seq, hash));
+                rows.push(to_row(&content, &link, ingested_at_ms));
             }
             Ok(rows)
         },

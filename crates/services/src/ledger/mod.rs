@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use caracal_audit::Event;
+use caracal_audit::Content;
 use caracal_audit::chain::{ChainKey, Link, StoredRow};
 use caracal_crypto::Kek;
 use caracal_store::AuditEvent;
@@ -84,23 +84,23 @@ pub fn chain_keys(kek: &Kek) -> HashMap<String, ChainKey> {
         .collect()
 }
 
-/// The stored row for an event and its link.
-pub fn to_row(event: &Event, link: &Link, ingested_at_ms: i64) -> AuditEvent {
-    let [determining_policies, diagnostics, metadata] = event.canonical_documents();
+/// The stored row for an event's content and its link.
+pub fn to_row(content: &Content, link: &Link, ingested_at_ms: i64) -> AuditEvent {
+    let optional = |text: &str| (!text.is_empty()).then(|| text.to_owned());
     AuditEvent {
-        id: event.id.clone(),
-        zone_id: event.zone_id.clone(),
-        event_type: event.event_type.clone(),
-        request_id: event.request_id.clone(),
-        decision: event.decision.clone(),
-        policy_set_id: event.policy_set_id.clone(),
-        policy_set_version_id: event.policy_set_version_id.clone(),
-        manifest_sha: event.manifest_sha.clone(),
-        evaluation_status: event.evaluation_status.clone(),
-        determining_policies,
-        diagnostics,
-        metadata,
-        occurred_at_ms: event.occurred_at_ms,
+        id: content.id.clone(),
+        zone_id: content.zone_id.clone(),
+        event_type: content.event_type.clone(),
+        request_id: content.request_id.clone(),
+        decision: content.decision.clone(),
+        policy_set_id: optional(&content.policy_set_id),
+        policy_set_version_id: optional(&content.policy_set_version_id),
+        manifest_sha: optional(&content.manifest_sha),
+        evaluation_status: content.evaluation_status.clone(),
+        determining_policies: content.determining_policies.clone(),
+        diagnostics: content.diagnostics.clone(),
+        metadata: content.metadata.clone(),
+        occurred_at_ms: content.occurred_at_ms,
         ingested_at_ms,
         chain_seq: link.seq,
         content_sha256: link.content_sha256.clone(),
@@ -110,27 +110,23 @@ pub fn to_row(event: &Event, link: &Link, ingested_at_ms: i64) -> AuditEvent {
     }
 }
 
-/// The event and link as stored. A document that no longer parses becomes a JSON string of its
-/// text, which cannot match the content hash: the sweep reports the row as edited.
+/// A stored row as the chain sees it: its hashed fields exactly as stored (documents are not
+/// parsed, so any rewrite of them shows), and its link.
 pub fn from_row(row: &AuditEvent) -> StoredRow {
-    let document = |text: &str| {
-        serde_json::from_str(text)
-            .unwrap_or_else(|_| serde_json::Value::String(format!("unparseable: {text}")))
-    };
     StoredRow {
-        event: Event {
+        content: Content {
             id: row.id.clone(),
             zone_id: row.zone_id.clone(),
             event_type: row.event_type.clone(),
             request_id: row.request_id.clone(),
             decision: row.decision.clone(),
-            policy_set_id: row.policy_set_id.clone(),
-            policy_set_version_id: row.policy_set_version_id.clone(),
-            manifest_sha: row.manifest_sha.clone(),
+            policy_set_id: row.policy_set_id.clone().unwrap_or_default(),
+            policy_set_version_id: row.policy_set_version_id.clone().unwrap_or_default(),
+            manifest_sha: row.manifest_sha.clone().unwrap_or_default(),
             evaluation_status: row.evaluation_status.clone(),
-            determining_policies_json: document(&row.determining_policies),
-            diagnostics_json: document(&row.diagnostics),
-            metadata_json: document(&row.metadata),
+            determining_policies: row.determining_policies.clone(),
+            diagnostics: row.diagnostics.clone(),
+            metadata: row.metadata.clone(),
             occurred_at_ms: row.occurred_at_ms,
         },
         link: Link {

@@ -72,7 +72,8 @@ fn finding(row: &Row) -> Result<TamperFinding, StoreError> {
     })
 }
 
-fn insert_event(e: &AuditEvent) -> Statement {
+/// One row's insert.
+fn insert_row(e: &AuditEvent) -> Statement {
     Statement::new(
         "INSERT INTO audit_events (id, zone_id, event_type, request_id, decision, policy_set_id,
              policy_set_version_id, manifest_sha, evaluation_status, determining_policies, diagnostics,
@@ -101,6 +102,40 @@ fn insert_event(e: &AuditEvent) -> Statement {
             e.chain_key_id.as_str(),
         ],
     )
+}
+
+/// One PostgreSQL statement inserting every row, passed as one JSON array.
+fn insert_batch(rows: &[AuditEvent]) -> Result<Statement, StoreError> {
+    let documents: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "id": e.id, "zone_id": e.zone_id, "event_type": e.event_type, "request_id": e.request_id,
+                "decision": e.decision, "policy_set_id": e.policy_set_id,
+                "policy_set_version_id": e.policy_set_version_id, "manifest_sha": e.manifest_sha,
+                "evaluation_status": e.evaluation_status, "determining_policies": e.determining_policies,
+                "diagnostics": e.diagnostics, "metadata": e.metadata, "occurred_at_ms": e.occurred_at_ms,
+                "ingested_at_ms": e.ingested_at_ms, "chain_seq": e.chain_seq, "content_sha256": e.content_sha256,
+                "prev_content_sha256": e.prev_content_sha256, "chain_mac": e.chain_mac,
+                "chain_key_id": e.chain_key_id,
+            })
+        })
+        .collect();
+    let batch =
+        serde_json::to_string(&documents).map_err(|error| StoreError::Query(error.to_string()))?;
+    let sql = "INSERT INTO audit_events (id, zone_id, event_type, request_id, decision, policy_set_id,
+                 policy_set_version_id, manifest_sha, evaluation_status, determining_policies, diagnostics,
+                 metadata, occurred_at_ms, ingested_at_ms, chain_seq, content_sha256, prev_content_sha256,
+                 chain_mac, chain_key_id)
+             SELECT id, zone_id, event_type, request_id, decision, policy_set_id, policy_set_version_id,
+                 manifest_sha, evaluation_status, determining_policies, diagnostics, metadata, occurred_at_ms,
+                 ingested_at_ms, chain_seq, content_sha256, prev_content_sha256, chain_mac, chain_key_id
+             FROM jsonb_to_recordset($1::text::jsonb) AS batch(id text, zone_id text, event_type text,
+                 request_id text, decision text, policy_set_id text, policy_set_version_id text,
+                 manifest_sha text, evaluation_status text, determining_policies text, diagnostics text,
+                 metadata text, occurred_at_ms bigint, ingested_at_ms bigint, chain_seq bigint,
+                 content_sha256 text, prev_content_sha256 text, chain_mac text, chain_key_id text)";
+    Ok(Statement::new(sql, params![batch]))
 }
 
 fn event(row: &Row) -> Result<AuditEvent, StoreError> {
@@ -205,9 +240,10 @@ impl<D: Db> Audit for D {
         candidate_ids: &[String],
         build: ChainBuilder,
     ) -> Result<u64, StoreError> {
-        let mut first = Vec::with_capacity(candidate_ids.len() + 2);
+        let dialect = self.dialect();
+        let mut first = Vec::with_capacity(3);
         // Two ingestors appending to one zone take turns; SQLite has a single writer anyway.
-        if self.dialect() == Dialect::Postgres {
+        if dialect == Dialect::Postgres {
             first.push(Statement::new(
                 "SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtext($1))) AS locked",
                 params![zone_id],
@@ -218,12 +254,17 @@ impl<D: Db> Audit for D {
             "SELECT chain_seq, content_sha256 FROM audit_events WHERE zone_id = $1 ORDER BY chain_seq DESC LIMIT 1",
             params![zone_id],
         ));
-        for id in candidate_ids {
-            first.push(Statement::new(
-                "SELECT id FROM audit_events WHERE id = $1",
-                params![id.as_str()],
-            ));
-        }
+        let ids = serde_json::to_string(candidate_ids)
+            .map_err(|error| StoreError::Query(error.to_string()))?;
+        first.push(Statement::new(
+            match dialect {
+                Dialect::Sqlite => "SELECT id FROM audit_events WHERE id IN (SELECT value FROM json_each($1))",
+                Dialect::Postgres => {
+                    "SELECT id FROM audit_events WHERE id IN (SELECT jsonb_array_elements_text($1::text::jsonb))"
+                }
+            },
+            params![ids],
+        ));
         let then = Box::new(move |outcomes: &[Outcome]| {
             let head = match outcomes
                 .get(head_index)
@@ -233,18 +274,30 @@ impl<D: Db> Audit for D {
                 None => None,
             };
             let mut existing = HashSet::new();
-            for outcome in outcomes.iter().skip(head_index + 1) {
-                for row in &outcome.rows {
-                    existing.insert(row.text(0)?);
-                }
+            for row in outcomes
+                .get(head_index + 1)
+                .map(|outcome| outcome.rows.as_slice())
+                .unwrap_or_default()
+            {
+                existing.insert(row.text(0)?);
             }
-            Ok(build(head, &existing)?.iter().map(insert_event).collect())
+            let rows = build(head, &existing)?;
+            if rows.is_empty() {
+                return Ok(Vec::new());
+            }
+            match dialect {
+                // In-process SQLite runs prepared statements faster than it unpacks JSON.
+                Dialect::Sqlite => Ok(rows.iter().map(insert_row).collect()),
+                // A PostgreSQL round trip costs more than unpacking one JSON array.
+                Dialect::Postgres => Ok(vec![insert_batch(&rows)?]),
+            }
         });
         let outcomes = self.atomic_with(first, then).await?;
-        let appended = outcomes
-            .len()
-            .saturating_sub(head_index + 1 + candidate_ids.len());
-        Ok(appended as u64)
+        Ok(outcomes
+            .iter()
+            .skip(head_index + 2)
+            .map(|outcome| outcome.changed)
+            .sum())
     }
 
     async fn audit_range(
