@@ -7,9 +7,16 @@
 //! - [`chain`]: content hash, link MAC (with a key id per row), and [`chain::verify`], which
 //!   reports every tamper finding with its [`chain::FindingKind`].
 //! - [`merkle`]: RFC 6962 tree hashes, inclusion proofs, and signed checkpoints.
+//! - [`bundle`]: export bundles and their offline verification with the public key alone.
 
+pub mod bundle;
 pub mod chain;
 mod event;
 pub mod merkle;
+
+/// Lower-case hex.
+pub(crate) fn caracal_hex(bytes: &[u8]) -> String {
+    caracal_crypto::hex(bytes)
+}
 
 pub use event::{Content, Event, EventError, canonical_json};

@@ -113,14 +113,18 @@ pub struct Checkpoint {
     pub signature: String,
 }
 
-fn checkpoint_bytes(zone_id: &str, tree_size: u64, root: &[u8; 32], issued_at_ms: i64) -> Vec<u8> {
+fn checkpoint_bytes(
+    key_id: &str,
+    zone_id: &str,
+    tree_size: u64,
+    root: &[u8; 32],
+    issued_at_ms: i64,
+) -> Vec<u8> {
     let mut bytes = b"caracal-audit-checkpoint-v1\n".to_vec();
-    bytes.extend_from_slice(
-        &u32::try_from(zone_id.len())
-            .unwrap_or(u32::MAX)
-            .to_be_bytes(),
-    );
-    bytes.extend_from_slice(zone_id.as_bytes());
+    for text in [key_id, zone_id] {
+        bytes.extend_from_slice(&u32::try_from(text.len()).unwrap_or(u32::MAX).to_be_bytes());
+        bytes.extend_from_slice(text.as_bytes());
+    }
     bytes.extend_from_slice(&tree_size.to_be_bytes());
     bytes.extend_from_slice(root);
     bytes.extend_from_slice(&issued_at_ms.to_be_bytes());
@@ -188,9 +192,13 @@ impl CheckpointSigner {
         root: &[u8; 32],
         issued_at_ms: i64,
     ) -> Checkpoint {
-        let signature = self
-            .pair
-            .sign(&checkpoint_bytes(zone_id, tree_size, root, issued_at_ms));
+        let signature = self.pair.sign(&checkpoint_bytes(
+            &self.key_id,
+            zone_id,
+            tree_size,
+            root,
+            issued_at_ms,
+        ));
         Checkpoint {
             zone_id: zone_id.to_owned(),
             tree_size,
@@ -226,6 +234,7 @@ pub fn verify_checkpoint(
         .ok_or(CheckpointError::Malformed)?;
     let signature_bytes = decode_hex(&checkpoint.signature).ok_or(CheckpointError::Malformed)?;
     let message = checkpoint_bytes(
+        &checkpoint.key_id,
         &checkpoint.zone_id,
         checkpoint.tree_size,
         &root,
