@@ -86,6 +86,11 @@ pub enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// Audit ledger: export with proofs, verify an export offline, show checkpoint keys
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Inspect the effective configuration
     Config {
         #[command(subcommand)]
@@ -137,6 +142,38 @@ pub struct BenchArgs {
     /// A tiny run that only checks every case works
     #[arg(long)]
     pub quick: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Write a zone's rows with the latest signed checkpoint and an inclusion proof per row
+    Export(ExportArgs),
+    /// Check an export with the checkpoint public key alone; exit 1 and say what fails if not
+    Verify {
+        /// The export bundle (JSON lines)
+        bundle: std::path::PathBuf,
+        /// Checkpoint public key, lower-case hex (`caracal audit public-key` prints it)
+        #[arg(long, value_name = "HEX")]
+        public_key: String,
+    },
+    /// Print the published checkpoint public keys
+    PublicKey,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The zone to export
+    #[arg(long)]
+    pub zone: String,
+    /// First row (chain sequence) to include
+    #[arg(long, default_value_t = 1, value_name = "SEQ")]
+    pub from_seq: i64,
+    /// Last row to include (clipped to the latest checkpoint)
+    #[arg(long, default_value_t = i64::MAX, value_name = "SEQ")]
+    pub to_seq: i64,
+    /// Write here instead of standard output
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -2,6 +2,7 @@
 //! library crates. Exit codes: 0 success, 1 runtime failure (including "not ready"), 2 usage
 //! or configuration error.
 
+mod audit;
 mod bench;
 mod cli;
 mod config;
@@ -47,6 +48,16 @@ fn main() -> ExitCode {
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }),
+        Command::Audit { command } => runtime(|| async {
+            match audit::run(&resolved.settings, &command).await {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(EXIT_FAILURE),
                 Err(error) => {
                     eprintln!("error: {error:#}");
                     ExitCode::from(EXIT_FAILURE)

@@ -326,11 +326,17 @@ impl Stack {
         );
         servers.spawn(ingestor.run(stop.clone()));
 
-        let sweeper = Arc::new(sweep::Sweeper::new(
-            Arc::clone(&self.shared.store),
-            ledger::chain_keys(kek),
-            Arc::clone(&metrics.sweep),
-        ));
+        let signer = ledger::checkpoint_signer(self.shared.store.as_ref(), kek)
+            .await
+            .map_err(|error| StartError::Evidence(error.to_string()))?;
+        let sweeper = Arc::new(
+            sweep::Sweeper::new(
+                Arc::clone(&self.shared.store),
+                ledger::chain_keys(kek),
+                Arc::clone(&metrics.sweep),
+            )
+            .with_checkpoints(signer),
+        );
         let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
         servers.spawn(crate::singleton::run_singleton(
             Arc::clone(&self.shared.store),

@@ -359,3 +359,14 @@ pub struct TamperFinding {
     pub acknowledged_by: Option<String>,
     pub ack_reason: Option<String>,
 }
+
+/// A signed statement of a zone chain's size and Merkle root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditCheckpoint {
+    pub zone_id: String,
+    pub tree_size: i64,
+    pub root_hash: String,
+    pub issued_at_ms: i64,
+    pub key_id: String,
+    pub signature: String,
+}

@@ -29,6 +29,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "audit tamper findings",
             include_str!("schema/0002_audit_findings.sql").replace("{BIGINT}", "BIGINT"),
         ),
+        (
+            "audit checkpoints",
+            include_str!("schema/0003_audit_checkpoints.sql").replace("{BIGINT}", "BIGINT"),
+        ),
     ]
 }
 

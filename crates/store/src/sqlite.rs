@@ -24,6 +24,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "audit tamper findings",
             include_str!("schema/0002_audit_findings.sql").replace("{BIGINT}", "INTEGER"),
         ),
+        (
+            "audit checkpoints",
+            include_str!("schema/0003_audit_checkpoints.sql").replace("{BIGINT}", "INTEGER"),
+        ),
     ]
 }
 
@@ -350,7 +354,10 @@ mod tests {
         SqliteStore::open(&path)
             .unwrap()
             .run_blocking(|c| {
-                c.execute_batch("DROP TABLE audit_tamper_findings; DELETE FROM schema_migrations WHERE version = 2;")
+                c.execute_batch(
+                    "DROP TABLE audit_tamper_findings; DROP TABLE audit_checkpoints; DROP TABLE audit_checkpoint_keys;
+                     DELETE FROM schema_migrations WHERE version >= 2;",
+                )
             })
             .unwrap();
         let store = SqliteStore::open(&path).unwrap();
@@ -364,7 +371,7 @@ mod tests {
                 )
             })
             .unwrap();
-        assert_eq!((version, tables), (2, 1));
+        assert_eq!((version, tables), (3, 1));
     }
 
     #[tokio::test]

@@ -138,3 +138,137 @@ pub fn from_row(row: &AuditEvent) -> StoredRow {
         },
     }
 }
+
+/// Where deployment-wide secrets live in the store.
+pub const SYSTEM_ZONE: &str = "caracal.sys";
+const CHECKPOINT_KEY_REF: &str = "audit-checkpoint-key";
+const CHECKPOINT_KEY_PURPOSE: &str = "audit-checkpoint-signing-key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(transparent)]
+    Store(#[from] caracal_store::StoreError),
+    #[error("checkpoint key: {0}")]
+    Key(String),
+}
+
+/// The deployment's checkpoint signing key: loaded from the store (sealed under the KEK), or
+/// created and stored on first use. Its public half is published in the store.
+pub async fn checkpoint_signer(
+    store: &dyn caracal_store::Store,
+    kek: &Kek,
+) -> Result<caracal_audit::merkle::CheckpointSigner, LedgerError> {
+    use caracal_audit::merkle::CheckpointSigner;
+    let key_error = |error: &dyn std::fmt::Display| LedgerError::Key(error.to_string());
+    let pkcs8 = match store
+        .get_sealed_secret(SYSTEM_ZONE, CHECKPOINT_KEY_REF)
+        .await?
+    {
+        Some(secret) => kek
+            .open(CHECKPOINT_KEY_PURPOSE, &secret.envelope)
+            .map_err(|error| key_error(&error))?,
+        None => {
+            let (_, pkcs8) =
+                CheckpointSigner::generate("new").map_err(|error| key_error(&error))?;
+            let envelope = kek
+                .seal(CHECKPOINT_KEY_PURPOSE, &pkcs8)
+                .map_err(|error| key_error(&error))?;
+            store
+                .put_sealed_secret(
+                    &caracal_store::SealedSecret {
+                        zone_id: SYSTEM_ZONE.to_owned(),
+                        secret_ref: CHECKPOINT_KEY_REF.to_owned(),
+                        purpose: CHECKPOINT_KEY_PURPOSE.to_owned(),
+                        kek_id: kek.key_id().to_owned(),
+                        envelope,
+                        version: 0,
+                        updated_at_ms: 0,
+                    },
+                    &[],
+                )
+                .await?;
+            pkcs8
+        }
+    };
+    let unnamed =
+        CheckpointSigner::from_pkcs8("unnamed", &pkcs8).map_err(|error| key_error(&error))?;
+    let public_key = unnamed.public_key_hex();
+    // The key id names the public key, so a verifier can tell keys apart at a glance.
+    let key_id = format!("ckpt-{}", public_key.get(..16).unwrap_or_default());
+    let signer =
+        CheckpointSigner::from_pkcs8(key_id.clone(), &pkcs8).map_err(|error| key_error(&error))?;
+    store.publish_checkpoint_key(&key_id, &public_key).await?;
+    Ok(signer)
+}
+
+/// A bundle of a zone's rows `from..=to` (clipped to the latest checkpoint), proven against
+/// that checkpoint: what `caracal audit export` writes and `caracal audit verify` checks.
+pub async fn export_bundle(
+    store: &dyn caracal_store::Store,
+    zone_id: &str,
+    from: i64,
+    to: i64,
+) -> Result<String, LedgerError> {
+    use caracal_audit::merkle::{Checkpoint, leaf_hash};
+    let missing = |what: String| LedgerError::Key(what);
+    let checkpoint = store
+        .latest_audit_checkpoint(zone_id)
+        .await?
+        .ok_or_else(|| {
+            missing(format!(
+                "zone `{zone_id}` has no signed checkpoint yet (the sweep signs one)"
+            ))
+        })?;
+    let public_key = store
+        .checkpoint_keys()
+        .await?
+        .into_iter()
+        .find(|(key_id, _)| *key_id == checkpoint.key_id)
+        .map(|(_, public_key)| public_key)
+        .ok_or_else(|| {
+            missing(format!(
+                "checkpoint key `{}` is not published",
+                checkpoint.key_id
+            ))
+        })?;
+    let mut leaves = Vec::new();
+    let mut selected = Vec::new();
+    let mut next = 1;
+    while next <= checkpoint.tree_size {
+        let rows = store
+            .audit_range(zone_id, next, (next + 9_999).min(checkpoint.tree_size))
+            .await?;
+        let Some(last) = rows.last() else {
+            return Err(missing(format!(
+                "row {next} of zone `{zone_id}` is missing: run the sweep"
+            )));
+        };
+        next = last.chain_seq + 1;
+        for row in &rows {
+            let stored = from_row(row);
+            let hash: [u8; 32] = (0..32)
+                .map(|index| {
+                    row.content_sha256
+                        .get(index * 2..index * 2 + 2)
+                        .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+                })
+                .collect::<Option<Vec<u8>>>()
+                .and_then(|bytes| bytes.try_into().ok())
+                .ok_or_else(|| missing(format!("row {} has a malformed hash", row.chain_seq)))?;
+            leaves.push(leaf_hash(&hash));
+            if (from..=to).contains(&row.chain_seq) {
+                selected.push((stored.content, row.chain_seq, row.content_sha256.clone()));
+            }
+        }
+    }
+    let checkpoint = Checkpoint {
+        zone_id: checkpoint.zone_id,
+        tree_size: u64::try_from(checkpoint.tree_size).unwrap_or(0),
+        root_hash: checkpoint.root_hash,
+        issued_at_ms: checkpoint.issued_at_ms,
+        key_id: checkpoint.key_id,
+        signature: checkpoint.signature,
+    };
+    caracal_audit::bundle::export(&selected, &leaves, &checkpoint, &public_key)
+        .map_err(|error| missing(error.to_string()))
+}

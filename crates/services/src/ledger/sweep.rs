@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use caracal_audit::chain::{Anchor, ChainKey, Finding, FindingKind, verify};
+use caracal_audit::merkle::CheckpointSigner;
 use caracal_store::{Store, StoreError, TamperFinding, now_ms};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -43,6 +44,8 @@ struct Memory {
 pub struct Sweeper {
     store: Arc<dyn Store>,
     keys: HashMap<String, ChainKey>,
+    /// Signs a checkpoint after each clean full sweep of a zone that grew.
+    signer: Option<CheckpointSigner>,
     memory: Mutex<Memory>,
     metrics: Arc<SweepMetrics>,
 }
@@ -70,9 +73,16 @@ impl Sweeper {
         Sweeper {
             store,
             keys,
+            signer: None,
             memory: Mutex::new(Memory::default()),
             metrics,
         }
+    }
+
+    /// Signs checkpoints with `signer` after clean full sweeps.
+    pub fn with_checkpoints(mut self, signer: CheckpointSigner) -> Sweeper {
+        self.signer = Some(signer);
+        self
     }
 
     /// Verifies every zone from its first row.
@@ -104,6 +114,20 @@ impl Sweeper {
             .audit_head(zone_id)
             .await?
             .map_or(0, |(seq, _)| seq);
+        let checkpoint = self.store.latest_audit_checkpoint(zone_id).await?;
+        let checkpointed = checkpoint
+            .as_ref()
+            .map_or(0, |checkpoint| checkpoint.tree_size);
+        if head < checkpointed {
+            findings.push(Finding {
+                kind: FindingKind::Truncated,
+                zone_id: zone_id.to_owned(),
+                seq: head,
+                detail: format!(
+                    "the chain ends at {head} but a signed checkpoint covers {checkpointed} rows"
+                ),
+            });
+        }
         let (highest, verified) = {
             let memory = self
                 .memory
@@ -127,6 +151,8 @@ impl Sweeper {
             _ => None,
         };
         let mut from = after.map_or(1, |(seq, _)| seq + 1);
+        // A full sweep from row 1 also gathers the leaves of the zone's Merkle tree.
+        let mut leaves = Vec::new();
         while from <= head {
             let rows = self
                 .store
@@ -138,6 +164,9 @@ impl Sweeper {
                 continue;
             };
             let last_position = (last.chain_seq, decode(&last.content_sha256));
+            if full {
+                leaves.extend(rows.iter().map(|row| decode(&row.content_sha256)));
+            }
             let stored: Vec<_> = rows.iter().map(from_row).collect();
             findings.extend(verify(
                 zone_id,
@@ -148,6 +177,21 @@ impl Sweeper {
             self.metrics.rows_checked.inc_by(rows.len() as u64);
             after = Some(last_position);
             from = last_position.0 + 1;
+        }
+        let clean = findings.is_empty() && leaves.len() as i64 == head;
+        if let (true, true, Some(signer)) = (full && clean, head > checkpointed, &self.signer) {
+            let root = caracal_audit::bundle::tree_root(&leaves);
+            let signed = signer.sign(zone_id, u64::try_from(head).unwrap_or(0), &root, now_ms());
+            self.store
+                .insert_audit_checkpoint(&caracal_store::AuditCheckpoint {
+                    zone_id: signed.zone_id,
+                    tree_size: head,
+                    root_hash: signed.root_hash,
+                    issued_at_ms: signed.issued_at_ms,
+                    key_id: signed.key_id,
+                    signature: signed.signature,
+                })
+                .await?;
         }
         let mut memory = self
             .memory

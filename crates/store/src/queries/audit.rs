@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use crate::db::{Db, Dialect, Outcome, Row, Statement, params};
-use crate::model::{AuditEvent, TamperFinding};
+use crate::model::{AuditCheckpoint, AuditEvent, TamperFinding};
 use crate::store::{StoreError, all};
 
 /// Builds the rows to append from the zone's head (sequence, content hash) and the ids among
@@ -57,6 +57,34 @@ pub trait Audit: Send + Sync {
     async fn open_tamper_findings(&self) -> Result<Vec<TamperFinding>, StoreError>;
     /// Acknowledges every open finding; returns how many.
     async fn acknowledge_tamper_findings(&self, by: &str, reason: &str) -> Result<u64, StoreError>;
+
+    /// Stores a checkpoint; one for the same (zone, size) is kept as it was.
+    async fn insert_audit_checkpoint(&self, checkpoint: &AuditCheckpoint)
+    -> Result<(), StoreError>;
+    /// The zone's checkpoint with the largest tree.
+    async fn latest_audit_checkpoint(
+        &self,
+        zone_id: &str,
+    ) -> Result<Option<AuditCheckpoint>, StoreError>;
+    /// Publishes a checkpoint public key (hex); a key id already published keeps its key.
+    async fn publish_checkpoint_key(
+        &self,
+        key_id: &str,
+        public_key: &str,
+    ) -> Result<(), StoreError>;
+    /// Every published checkpoint key: (key id, public key hex).
+    async fn checkpoint_keys(&self) -> Result<Vec<(String, String)>, StoreError>;
+}
+
+fn checkpoint(row: &Row) -> Result<AuditCheckpoint, StoreError> {
+    Ok(AuditCheckpoint {
+        zone_id: row.text(0)?,
+        tree_size: row.int(1)?,
+        root_hash: row.text(2)?,
+        issued_at_ms: row.int(3)?,
+        key_id: row.text(4)?,
+        signature: row.text(5)?,
+    })
 }
 
 fn finding(row: &Row) -> Result<TamperFinding, StoreError> {
@@ -371,5 +399,59 @@ impl<D: Db> Audit for D {
             params![crate::store::now_ms(), by, reason],
         )
         .await
+    }
+
+    async fn insert_audit_checkpoint(&self, c: &AuditCheckpoint) -> Result<(), StoreError> {
+        self.change(
+            "INSERT INTO audit_checkpoints (zone_id, tree_size, root_hash, issued_at_ms, key_id, signature)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (zone_id, tree_size) DO NOTHING",
+            params![
+                c.zone_id.as_str(),
+                c.tree_size,
+                c.root_hash.as_str(),
+                c.issued_at_ms,
+                c.key_id.as_str(),
+                c.signature.as_str(),
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn latest_audit_checkpoint(
+        &self,
+        zone_id: &str,
+    ) -> Result<Option<AuditCheckpoint>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT zone_id, tree_size, root_hash, issued_at_ms, key_id, signature FROM audit_checkpoints
+                 WHERE zone_id = $1 ORDER BY tree_size DESC LIMIT 1",
+                params![zone_id],
+            )
+            .await?;
+        rows.first().map(checkpoint).transpose()
+    }
+
+    async fn publish_checkpoint_key(
+        &self,
+        key_id: &str,
+        public_key: &str,
+    ) -> Result<(), StoreError> {
+        self.change(
+            "INSERT INTO audit_checkpoint_keys (key_id, public_key, created_at_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (key_id) DO NOTHING",
+            params![key_id, public_key, crate::store::now_ms()],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn checkpoint_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = self
+            .rows("SELECT key_id, public_key FROM audit_checkpoint_keys ORDER BY created_at_ms, key_id", params![])
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.text(0)?, row.text(1)?)))
+            .collect()
     }
 }

@@ -1,0 +1,117 @@
+//! `caracal audit export | verify | public-key` against a real store.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "a test that cannot proceed should stop loudly"
+)]
+
+mod util;
+
+use std::sync::Arc;
+
+use caracal_audit::Event;
+use caracal_services::ledger::ingest::chain_builder;
+use caracal_services::ledger::sweep::{SweepMetrics, Sweeper};
+use caracal_services::ledger::{CURRENT_CHAIN_KEY_ID, chain_key, chain_keys, checkpoint_signer};
+use caracal_store::{SqliteStore, Store};
+use util::{caracal, fresh_home, run};
+
+/// A data directory whose store holds a checkpointed 6-row chain; returns the public key.
+async fn ledger_home(home: &std::path::Path) -> String {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new().mode(0o700).create(home).unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&home.join("caracal.db")).unwrap());
+    let kek = caracal_crypto::Kek::generate().unwrap();
+    let events: Vec<Event> = (1..=6)
+        .map(|n| Event {
+            id: format!("ev-{n}"),
+            zone_id: "zone-a".into(),
+            event_type: "sts.exchange".into(),
+            request_id: format!("req-{n}"),
+            decision: "allow".into(),
+            policy_set_id: None,
+            policy_set_version_id: None,
+            manifest_sha: None,
+            evaluation_status: "complete".into(),
+            determining_policies_json: serde_json::json!([]),
+            diagnostics_json: serde_json::json!([]),
+            metadata_json: serde_json::json!({"n": n}),
+            occurred_at_ms: 1_760_000_000_000 + n,
+        })
+        .collect();
+    let ids: Vec<String> = events.iter().map(|event| event.id.clone()).collect();
+    store
+        .append_audit_chain(
+            "zone-a",
+            &ids,
+            chain_builder(chain_key(&kek, CURRENT_CHAIN_KEY_ID), events),
+        )
+        .await
+        .unwrap();
+    let signer = checkpoint_signer(store.as_ref(), &kek).await.unwrap();
+    let public_key = signer.public_key_hex();
+    let sweeper = Sweeper::new(
+        Arc::clone(&store),
+        chain_keys(&kek),
+        Arc::new(SweepMetrics::default()),
+    )
+    .with_checkpoints(signer);
+    assert!(sweeper.full().await.unwrap().is_empty());
+    public_key
+}
+
+#[tokio::test]
+async fn export_then_verify_offline_and_refuse_a_tampered_copy() {
+    let (parent, home) = fresh_home();
+    let public_key = ledger_home(&home).await;
+
+    let keys = run(caracal(&home).args(["audit", "public-key"]));
+    assert!(keys.status.success());
+    assert!(String::from_utf8_lossy(&keys.stdout).contains(&public_key));
+
+    let bundle = parent.path().join("zone-a.jsonl");
+    let export = run(caracal(&home)
+        .args([
+            "audit",
+            "export",
+            "--zone",
+            "zone-a",
+            "--from-seq",
+            "2",
+            "--out",
+        ])
+        .arg(&bundle));
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+
+    let verify = run(caracal(&home)
+        .args(["audit", "verify", "--public-key", &public_key])
+        .arg(&bundle));
+    let stdout = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success(), "{stdout}");
+    assert!(stdout.contains("rows 2..=6 (5 rows)"), "{stdout}");
+
+    let tampered = std::fs::read_to_string(&bundle)
+        .unwrap()
+        .replacen("req-3", "req-9", 1);
+    std::fs::write(&bundle, tampered).unwrap();
+    let verify = run(caracal(&home)
+        .args(["audit", "verify", "--public-key", &public_key])
+        .arg(&bundle));
+    let stdout = String::from_utf8_lossy(&verify.stdout);
+    assert_eq!(verify.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAILED: line 4 (row 3): the fields do not match the content hash"),
+        "{stdout}"
+    );
+
+    let missing = run(caracal(&home).args(["audit", "export", "--zone", "zone-z"]));
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("has no signed checkpoint yet"));
+}
