@@ -158,6 +158,16 @@ pub enum AuditCommand {
     },
     /// Print the published checkpoint public keys
     PublicKey,
+    /// Acknowledge the open tamper findings (recorded in the ledger) so the Audit role is
+    /// ready again; talks to the running API role
+    AckTamper {
+        /// Why the findings are resolved (kept with them and in the audit event)
+        #[arg(long)]
+        reason: String,
+        /// Admin token file [default: $CARACAL_HOME/admin-token]
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -46,6 +46,30 @@ pub async fn run(resolved: &Resolved, args: &StatusArgs) -> bool {
     statuses.iter().all(|status| status.ready)
 }
 
+/// Where the API role listens: the running stack's run file, else the configured address.
+pub fn api_address(resolved_settings: &caracal_services::Settings) -> SocketAddr {
+    let running = std::fs::read_to_string(resolved_settings.home.join(RUN_FILE))
+        .ok()
+        .and_then(|text| serde_json::from_str::<RunFile>(&text).ok())
+        .and_then(|run_file| run_file.roles.into_iter().find(|entry| entry.role == "api"))
+        .map(|entry| entry.address);
+    running.unwrap_or_else(|| {
+        SocketAddr::new(
+            reachable(resolved_settings.bind),
+            resolved_settings.port(Role::Api),
+        )
+    })
+}
+
+/// The address to reach a role bound to `bind`: an unspecified bind is reached on loopback.
+fn reachable(bind: IpAddr) -> IpAddr {
+    match bind {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    }
+}
+
 /// The roles to probe: those the running process wrote to its run file (their ports may have
 /// been picked by the OS), else every role at its configured address.
 fn targets(resolved: &Resolved, wanted: &[Role]) -> Vec<(Role, SocketAddr)> {
@@ -68,12 +92,10 @@ fn targets(resolved: &Resolved, wanted: &[Role]) -> Vec<(Role, SocketAddr)> {
         })
         .unwrap_or_default();
     let configured = |role: Role| {
-        let ip = match settings.bind {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ip => ip,
-        };
-        (role, SocketAddr::new(ip, settings.port(role)))
+        (
+            role,
+            SocketAddr::new(reachable(settings.bind), settings.port(role)),
+        )
     };
     match (wanted.is_empty(), running.is_empty()) {
         (true, false) => running,

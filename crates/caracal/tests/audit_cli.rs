@@ -16,6 +16,7 @@ use caracal_audit::Event;
 use caracal_services::ledger::ingest::chain_builder;
 use caracal_services::ledger::sweep::{SweepMetrics, Sweeper};
 use caracal_services::ledger::{CURRENT_CHAIN_KEY_ID, chain_key, chain_keys, checkpoint_signer};
+use caracal_store::prelude::*;
 use caracal_store::{SqliteStore, Store};
 use util::{caracal, fresh_home, run};
 
@@ -114,4 +115,59 @@ async fn export_then_verify_offline_and_refuse_a_tampered_copy() {
     let missing = run(caracal(&home).args(["audit", "export", "--zone", "zone-z"]));
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("has no signed checkpoint yet"));
+}
+
+#[tokio::test]
+async fn ack_tamper_clears_the_audit_role_of_a_running_stack() {
+    let (_parent, home) = fresh_home();
+    let mut args = util::free_ports();
+    args.push("up".to_owned());
+    let running = util::Running::start(&home, &args);
+    assert_eq!(util::wait_ready(running.address("audit")).status, 200);
+
+    // A finding as the sweep would record it (a second connection to the running store).
+    let store = SqliteStore::open(&home.join("caracal.db")).unwrap();
+    store
+        .record_tamper_findings(&[caracal_store::TamperFinding {
+            zone_id: "zone-1".into(),
+            seq: 3,
+            kind: "sequence_gap".into(),
+            detail: "sequence jumps from 2 to 4: 1 row(s) missing".into(),
+            found_at_ms: 1,
+            acknowledged_at_ms: None,
+            acknowledged_by: None,
+            ack_reason: None,
+        }])
+        .await
+        .unwrap();
+    let ready = util::get(running.address("audit"), "/ready", &[]);
+    assert_eq!(ready.status, 503);
+    assert!(
+        ready.body.contains("audit_tamper_detected"),
+        "{}",
+        ready.body
+    );
+
+    let missing_reason = run(caracal(&home).args(["audit", "ack-tamper"]));
+    assert_eq!(
+        missing_reason.status.code(),
+        Some(2),
+        "--reason is required"
+    );
+    let ack = run(caracal(&home).args([
+        "audit",
+        "ack-tamper",
+        "--reason",
+        "row 3 restored from backup",
+    ]));
+    let stdout = String::from_utf8_lossy(&ack.stdout);
+    assert!(
+        ack.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&ack.stderr)
+    );
+    assert!(stdout.contains("acknowledged 1 finding(s)"), "{stdout}");
+    assert_eq!(util::wait_ready(running.address("audit")).status, 200);
+    let (status, _, _) = running.terminate();
+    assert!(status.success());
 }

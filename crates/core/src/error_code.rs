@@ -22,6 +22,18 @@ pub enum ErrorCode {
     StoreUnavailable,
     /// Anything unexpected. The client sees only this code; details go to the log once.
     InternalError,
+    /// No, malformed, unknown or revoked admin bearer token.
+    InvalidAdminToken,
+    /// A read-capability token tried to change something.
+    AdminTokenReadOnly,
+    /// An approve-capability token tried something other than reading or deciding approvals.
+    AdminTokenApproveOnly,
+    /// A zone-scoped token named another zone, or a global-only route.
+    AdminTokenZoneMismatch,
+    /// The audit pipeline's buffer stayed full: retry after the `Retry-After` delay.
+    AuditOverloaded,
+    /// Audit evidence could not be recorded; protected work is refused (invariant 5).
+    AuditEvidenceLost,
 }
 
 impl ErrorCode {
@@ -35,6 +47,12 @@ impl ErrorCode {
             ErrorCode::NotReady => "not_ready",
             ErrorCode::StoreUnavailable => "store_unavailable",
             ErrorCode::InternalError => "internal_error",
+            ErrorCode::InvalidAdminToken => "invalid_admin_token",
+            ErrorCode::AdminTokenReadOnly => "admin_token_read_only",
+            ErrorCode::AdminTokenApproveOnly => "admin_token_approve_only",
+            ErrorCode::AdminTokenZoneMismatch => "admin_token_zone_mismatch",
+            ErrorCode::AuditOverloaded => "audit_overloaded",
+            ErrorCode::AuditEvidenceLost => "audit_evidence_lost",
         }
     }
 
@@ -44,8 +62,16 @@ impl ErrorCode {
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::PayloadTooLarge => 413,
-            ErrorCode::Draining | ErrorCode::NotReady | ErrorCode::StoreUnavailable => 503,
+            ErrorCode::Draining
+            | ErrorCode::NotReady
+            | ErrorCode::StoreUnavailable
+            | ErrorCode::AuditOverloaded
+            | ErrorCode::AuditEvidenceLost => 503,
             ErrorCode::InternalError => 500,
+            ErrorCode::InvalidAdminToken => 401,
+            ErrorCode::AdminTokenReadOnly
+            | ErrorCode::AdminTokenApproveOnly
+            | ErrorCode::AdminTokenZoneMismatch => 403,
         }
     }
 }
@@ -65,6 +91,12 @@ mod tests {
             ErrorCode::NotReady,
             ErrorCode::StoreUnavailable,
             ErrorCode::InternalError,
+            ErrorCode::InvalidAdminToken,
+            ErrorCode::AdminTokenReadOnly,
+            ErrorCode::AdminTokenApproveOnly,
+            ErrorCode::AdminTokenZoneMismatch,
+            ErrorCode::AuditOverloaded,
+            ErrorCode::AuditEvidenceLost,
         ];
         for code in all {
             let text = code.as_str();

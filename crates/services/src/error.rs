@@ -40,10 +40,27 @@ impl IntoResponse for ApiError {
             error_description: self.description,
         };
         let mut response = (status, Json(body)).into_response();
-        response.headers_mut().insert(
+        let headers = response.headers_mut();
+        headers.insert(
             http::header::CACHE_CONTROL,
             http::HeaderValue::from_static("no-store"),
         );
+        match self.code {
+            ErrorCode::InvalidAdminToken => {
+                headers.insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer"),
+                );
+            }
+            // Back-pressure: the caller should come back shortly, not hammer.
+            ErrorCode::AuditOverloaded | ErrorCode::Draining => {
+                headers.insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from_static("1"),
+                );
+            }
+            _ => {}
+        }
         response
     }
 }

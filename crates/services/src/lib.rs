@@ -7,6 +7,8 @@
 //!   directory and store, serves, and drains on shutdown.
 //! - [`Settings`]: the validated configuration the runtime needs; the CLI builds it.
 
+pub mod api;
+pub mod auth;
 mod error;
 pub mod evidence;
 pub mod group_commit;

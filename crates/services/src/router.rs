@@ -3,7 +3,7 @@
 
 use axum::Router;
 use axum::routing::get;
-use caracal_core::ErrorCode;
+use caracal_core::{ErrorCode, Role};
 
 use crate::error::ApiError;
 use crate::state::RoleState;
@@ -19,7 +19,11 @@ pub fn router(state: RoleState) -> Router {
         .route("/ready", get(probes::ready))
         .route("/metrics", get(probes::metrics));
     // Each role's own routes are merged here as the role lands (STS, Gateway, ...).
-    probes
+    let routes = match state.role {
+        Role::Api => probes.merge(crate::api::routes()),
+        _ => probes,
+    };
+    routes
         .fallback(|| async { ApiError::new(ErrorCode::NotFound) })
         .method_not_allowed_fallback(|| async { ApiError::new(ErrorCode::MethodNotAllowed) })
         .layer(axum::middleware::from_fn_with_state(

@@ -28,3 +28,24 @@ pub struct CheckBody {
     pub ok: bool,
     pub reason: Option<String>,
 }
+
+/// `GET /v1/audit/tamper`.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TamperFindingsResponse {
+    pub items: Vec<TamperFindingBody>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TamperFindingBody {
+    pub zone_id: String,
+    pub seq: i64,
+    pub kind: String,
+    pub detail: String,
+    pub found_at_ms: i64,
+}
+
+/// `POST /v1/audit/tamper/ack`.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AckTamperResponse {
+    pub acknowledged: u64,
+}

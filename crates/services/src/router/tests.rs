@@ -303,3 +303,190 @@ async fn lost_evidence_or_nowhere_to_spill_it_makes_roles_not_ready() {
         "{metrics}"
     );
 }
+
+async fn token(shared: &Shared, capabilities: &str, scope: caracal_store::TokenScope) -> String {
+    let token = caracal_crypto::AdminToken::generate().unwrap();
+    shared
+        .store
+        .insert_admin_token(&caracal_store::NewAdminToken {
+            id: format!("tok_{}", uuid::Uuid::now_v7().simple()),
+            name: "test".into(),
+            digest: token.digest(),
+            scope,
+            capabilities: capabilities.into(),
+            created_by: "test".into(),
+        })
+        .await
+        .unwrap();
+    token.expose().to_owned()
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> (StatusCode, http::HeaderMap, serde_json::Value) {
+    let mut request = Request::builder().method(method).uri(path);
+    if let Some(bearer) = bearer {
+        request = request.header("authorization", format!("Bearer {bearer}"));
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::from(body.to_owned())).unwrap())
+        .await
+        .unwrap();
+    let (status, headers) = (response.status(), response.headers().clone());
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        headers,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn admin_tokens_gate_the_v1_routes_by_capability_and_zone() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let app = router(state);
+    use caracal_store::TokenScope;
+    let read = token(&shared, "read", TokenScope::Global).await;
+    let zoned = token(&shared, "write", TokenScope::Zone("zone-1".into())).await;
+    let cases: &[(&str, Option<&str>, &str, StatusCode, &str)] = &[
+        (
+            "GET",
+            None,
+            "",
+            StatusCode::UNAUTHORIZED,
+            "invalid_admin_token",
+        ),
+        (
+            "GET",
+            Some("cat_not-a-token"),
+            "",
+            StatusCode::UNAUTHORIZED,
+            "invalid_admin_token",
+        ),
+        (
+            "POST",
+            Some(&read),
+            r#"{"reason":"x"}"#,
+            StatusCode::FORBIDDEN,
+            "admin_token_read_only",
+        ),
+        (
+            "POST",
+            Some(&zoned),
+            r#"{"reason":"x"}"#,
+            StatusCode::FORBIDDEN,
+            "admin_token_zone_mismatch",
+        ),
+    ];
+    for (method, bearer, body, status, code) in cases {
+        let path = if *method == "GET" {
+            "/v1/audit/tamper"
+        } else {
+            "/v1/audit/tamper/ack"
+        };
+        let (got, headers, json) = call(&app, method, path, *bearer, body).await;
+        assert_eq!(
+            (got, json["error"].as_str()),
+            (*status, Some(*code)),
+            "{method} {bearer:?}"
+        );
+        if *status == StatusCode::UNAUTHORIZED {
+            assert_eq!(headers["www-authenticate"], "Bearer");
+        }
+    }
+    let revoked = token(&shared, "read", TokenScope::Global).await;
+    let digest = caracal_crypto::AdminToken::parse(&revoked)
+        .unwrap()
+        .digest();
+    let record = shared
+        .store
+        .find_admin_token(&digest)
+        .await
+        .unwrap()
+        .unwrap();
+    shared.store.revoke_admin_token(&record.id).await.unwrap();
+    let (status, _, _) = call(&app, "GET", "/v1/audit/tamper", Some(&revoked), "").await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a revoked token no longer authenticates"
+    );
+    let (status, _, _) = call(&app, "GET", "/v1/audit/tamper", Some(&read), "").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_tamper_finding_holds_the_audit_role_until_an_audited_acknowledgement() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let api = router(state);
+    let audit = router(RoleState::new(Role::Audit, shared.clone()));
+    let writer = token(&shared, "write,approve", caracal_store::TokenScope::Global).await;
+    shared
+        .store
+        .record_tamper_findings(&[caracal_store::TamperFinding {
+            zone_id: "zone-1".into(),
+            seq: 7,
+            kind: "content_mismatch".into(),
+            detail: "event `ev-7` differs from its content hash".into(),
+            found_at_ms: 1,
+            acknowledged_at_ms: None,
+            acknowledged_by: None,
+            ack_reason: None,
+        }])
+        .await
+        .unwrap();
+    let ready: ReadyBody = serde_json::from_str(&send(&audit, "/ready", None).await.body).unwrap();
+    assert_eq!(ready.reason.as_deref(), Some("audit_tamper_detected"));
+    let (_, _, listed) = call(&api, "GET", "/v1/audit/tamper", Some(&writer), "").await;
+    assert_eq!(listed["items"][0]["kind"], "content_mismatch");
+
+    for body in ["", "{}", r#"{"reason":""}"#, r#"{"reason":"x","extra":1}"#] {
+        let (status, _, json) =
+            call(&api, "POST", "/v1/audit/tamper/ack", Some(&writer), body).await;
+        assert_eq!(
+            (status, json["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_request")),
+            "{body}"
+        );
+    }
+    let (status, _, json) = call(
+        &api,
+        "POST",
+        "/v1/audit/tamper/ack",
+        Some(&writer),
+        r#"{"reason":"restored row 7 from backup"}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, json["acknowledged"].as_u64()),
+        (StatusCode::OK, Some(1))
+    );
+    assert_eq!(send(&audit, "/ready", None).await.status, StatusCode::OK);
+
+    // The acknowledgement itself is on the audit stream.
+    let streams = &shared.bus.streams;
+    streams
+        .ensure_group(caracal_bus::stream_names::AUDIT_EVENTS, "check")
+        .await
+        .unwrap();
+    let entries = streams
+        .read_group(
+            caracal_bus::stream_names::AUDIT_EVENTS,
+            "check",
+            "c",
+            10,
+            std::time::Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    let event = caracal_audit::Event::parse(entries[0].fields["data"].as_bytes()).unwrap();
+    assert_eq!(event.event_type, "audit.tamper_acknowledged");
+    assert_eq!(event.metadata_json["reason"], "restored row 7 from backup");
+}
