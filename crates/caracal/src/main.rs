@@ -93,6 +93,7 @@ where
 fn serve(resolved: &Resolved, roles: &[Role]) -> ExitCode {
     logging::init(resolved.log_format, &resolved.log_filter);
     runtime(|| async {
+        let shutdown = shutdown_signal();
         let stack = match Stack::start(&resolved.settings, roles).await {
             Ok(stack) => stack,
             Err(error) => {
@@ -101,7 +102,7 @@ fn serve(resolved: &Resolved, roles: &[Role]) -> ExitCode {
             }
         };
         print_banner(&stack);
-        match stack.serve(shutdown_signal()).await {
+        match stack.serve(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("error: {error}");
@@ -134,22 +135,26 @@ fn print_banner(stack: &Stack) {
     }
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+/// Completes on Ctrl-C or SIGTERM. The handlers are installed when this is called, not when
+/// the future is first polled, so a signal that arrives during start-up is not lost (and does
+/// not kill the process with the default action).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let terminate = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        match (terminate, interrupt) {
+            (Ok(mut terminate), Ok(mut interrupt)) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
             }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the process");
-                std::future::pending::<()>().await;
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::error!(%error, "cannot listen for SIGTERM/SIGINT; stopping only on Ctrl-C");
+                let _ = tokio::signal::ctrl_c().await;
             }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
     }
 }
 

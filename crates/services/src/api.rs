@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, RawQuery, State};
 use axum::routing::{get, post};
 use caracal_audit::Event;
 use caracal_core::{ErrorCode, RequestId};
@@ -23,6 +23,206 @@ pub fn routes() -> Router<RoleState> {
     Router::new()
         .route("/v1/audit/tamper", get(list_tamper))
         .route("/v1/audit/tamper/ack", post(acknowledge_tamper))
+        .route("/v1/zones/{zone_id}/audit", get(search_audit))
+        .route("/v1/zones/{zone_id}/audit/explain", get(explain_audit))
+}
+
+/// Query of `GET /v1/zones/{zone}/audit`; unknown parameters are refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchQuery {
+    since_ms: Option<i64>,
+    until_ms: Option<i64>,
+    event_type: Option<String>,
+    decision: Option<String>,
+    request_id: Option<String>,
+    session_id: Option<String>,
+    edge_id: Option<String>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+    format: Option<String>,
+}
+
+fn query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> Result<T, ApiError> {
+    serde_urlencoded::from_str(raw.unwrap_or_default()).map_err(|error| {
+        ApiError::with_description(ErrorCode::InvalidRequest, format!("query: {error}"))
+    })
+}
+
+fn event_body(row: caracal_store::AuditEvent) -> crate::wire::AuditEventBody {
+    let document = |text: &str| serde_json::from_str(text).unwrap_or(serde_json::Value::Null);
+    crate::wire::AuditEventBody {
+        determining_policies_json: document(&row.determining_policies),
+        diagnostics_json: document(&row.diagnostics),
+        metadata_json: document(&row.metadata),
+        id: row.id,
+        zone_id: row.zone_id,
+        event_type: row.event_type,
+        request_id: row.request_id,
+        decision: row.decision,
+        policy_set_id: row.policy_set_id,
+        policy_set_version_id: row.policy_set_version_id,
+        manifest_sha: row.manifest_sha,
+        evaluation_status: row.evaluation_status,
+        occurred_at_ms: row.occurred_at_ms,
+        chain_seq: row.chain_seq,
+        content_sha256: row.content_sha256,
+    }
+}
+
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_owned()
+    }
+}
+
+async fn search_audit(
+    State(state): State<RoleState>,
+    Path(zone_id): Path<String>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse as _;
+    authenticate(&state, &headers)
+        .await?
+        .require(Access::Read, Some(&zone_id))?;
+    let params: SearchQuery = query(raw.as_deref())?;
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::with_description(
+            ErrorCode::InvalidRequest,
+            "`limit` must be 1 to 1000",
+        ));
+    }
+    let before = params
+        .cursor
+        .as_deref()
+        .map(|cursor| {
+            cursor.parse::<i64>().map_err(|_| {
+                ApiError::with_description(
+                    ErrorCode::InvalidRequest,
+                    "`cursor` is not one this API issued",
+                )
+            })
+        })
+        .transpose()?;
+    if let Some(decision) = params.decision.as_deref()
+        && !matches!(decision, "allow" | "deny")
+    {
+        return Err(ApiError::with_description(
+            ErrorCode::InvalidRequest,
+            "`decision` must be allow or deny",
+        ));
+    }
+    let filter = caracal_store::AuditFilter {
+        since_ms: params.since_ms,
+        until_ms: params.until_ms,
+        event_type: params.event_type,
+        decision: params.decision,
+        request_id: params.request_id,
+        session_id: params.session_id,
+        edge_id: params.edge_id,
+    };
+    let rows = state
+        .shared
+        .store
+        .search_audit(&zone_id, &filter, before, limit)
+        .await
+        .map_err(store_error)?;
+    let next_cursor = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|row| row.chain_seq.to_string()))
+        .flatten();
+    match params.format.as_deref().unwrap_or("json") {
+        "json" => Ok(Json(crate::wire::AuditSearchResponse {
+            items: rows.into_iter().map(event_body).collect(),
+            next_cursor,
+        })
+        .into_response()),
+        "csv" => {
+            let mut text = String::from(
+                "chain_seq,id,occurred_at_ms,event_type,request_id,decision,evaluation_status,policy_set_id,policy_set_version_id,metadata\n",
+            );
+            for row in rows {
+                let fields = [
+                    row.chain_seq.to_string(),
+                    row.id,
+                    row.occurred_at_ms.to_string(),
+                    row.event_type,
+                    row.request_id,
+                    row.decision,
+                    row.evaluation_status,
+                    row.policy_set_id.unwrap_or_default(),
+                    row.policy_set_version_id.unwrap_or_default(),
+                    row.metadata,
+                ];
+                text.push_str(
+                    &fields
+                        .iter()
+                        .map(|field| csv_field(field))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                );
+                text.push('\n');
+            }
+            Ok((
+                [(http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+                text,
+            )
+                .into_response())
+        }
+        _ => Err(ApiError::with_description(
+            ErrorCode::InvalidRequest,
+            "`format` must be json or csv",
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExplainQuery {
+    request_id: String,
+}
+
+async fn explain_audit(
+    State(state): State<RoleState>,
+    Path(zone_id): Path<String>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Json<crate::wire::AuditExplainResponse>, ApiError> {
+    authenticate(&state, &headers)
+        .await?
+        .require(Access::Read, Some(&zone_id))?;
+    let params: ExplainQuery = query(raw.as_deref())?;
+    let filter = caracal_store::AuditFilter {
+        request_id: Some(params.request_id.clone()),
+        ..caracal_store::AuditFilter::default()
+    };
+    let mut rows = state
+        .shared
+        .store
+        .search_audit(&zone_id, &filter, None, 1000)
+        .await
+        .map_err(store_error)?;
+    if rows.is_empty() {
+        return Err(ApiError::new(ErrorCode::NotFound));
+    }
+    rows.reverse();
+    // Any deny decides; otherwise the last decision stands.
+    let final_decision = if rows.iter().any(|row| row.decision == "deny") {
+        "deny".to_owned()
+    } else {
+        rows.last()
+            .map(|row| row.decision.clone())
+            .unwrap_or_default()
+    };
+    Ok(Json(crate::wire::AuditExplainResponse {
+        request_id: params.request_id,
+        zone_id,
+        final_decision,
+        events: rows.into_iter().map(event_body).collect(),
+    }))
 }
 
 fn store_error(error: StoreError) -> ApiError {

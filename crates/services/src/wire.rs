@@ -49,3 +49,40 @@ pub struct TamperFindingBody {
 pub struct AckTamperResponse {
     pub acknowledged: u64,
 }
+
+/// One audit event in API answers.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct AuditEventBody {
+    pub id: String,
+    pub zone_id: String,
+    pub event_type: String,
+    pub request_id: String,
+    pub decision: String,
+    pub policy_set_id: Option<String>,
+    pub policy_set_version_id: Option<String>,
+    pub manifest_sha: Option<String>,
+    pub evaluation_status: String,
+    pub determining_policies_json: serde_json::Value,
+    pub diagnostics_json: serde_json::Value,
+    pub metadata_json: serde_json::Value,
+    pub occurred_at_ms: i64,
+    pub chain_seq: i64,
+    pub content_sha256: String,
+}
+
+/// `GET /v1/zones/{zone}/audit`.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct AuditSearchResponse {
+    pub items: Vec<AuditEventBody>,
+    /// Pass as `cursor` for the next (older) page; absent at the end.
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /v1/zones/{zone}/audit/explain`.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct AuditExplainResponse {
+    pub request_id: String,
+    pub zone_id: String,
+    pub final_decision: String,
+    pub events: Vec<AuditEventBody>,
+}

@@ -370,3 +370,17 @@ pub struct AuditCheckpoint {
     pub key_id: String,
     pub signature: String,
 }
+
+/// Filters of an audit search; `None` matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub event_type: Option<String>,
+    pub decision: Option<String>,
+    pub request_id: Option<String>,
+    /// Matches `agent_session_id` or `session_id` in the event metadata.
+    pub session_id: Option<String>,
+    /// Matches `delegation_edge_id` in the event metadata.
+    pub edge_id: Option<String>,
+}

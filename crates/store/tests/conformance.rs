@@ -144,6 +144,7 @@ conformance!(
     audit_rows_are_idempotent_on_id_and_ordered_per_zone,
     authority_records_insert_in_batches_and_revoke_once,
     chain_appends_skip_stored_ids_and_stay_contiguous_under_concurrency,
+    audit_search_filters_and_pages_newest_first,
 );
 
 fn message(stream: &str, n: usize) -> OutboxMessage {
@@ -1579,4 +1580,158 @@ async fn chain_appends_skip_stored_ids_and_stay_contiguous_under_concurrency(bac
     let sequence: Vec<i64> = rows.iter().map(|row| row.chain_seq).collect();
     assert_eq!(sequence, (1..=100).collect::<Vec<i64>>());
     assert_eq!(store.audit_zones().await.unwrap(), ["zone-1", "zone-2"]);
+}
+
+async fn audit_search_filters_and_pages_newest_first(backend: &Backend) {
+    let store = &backend.store;
+    let mut rows = Vec::new();
+    for seq in 1..=12 {
+        let mut row = audit("zone-1", &format!("e{seq}"), seq);
+        row.occurred_at_ms = 1000 + seq;
+        row.decision = if seq % 3 == 0 {
+            "deny".into()
+        } else {
+            "allow".into()
+        };
+        row.event_type = if seq % 2 == 0 {
+            "gateway.request".into()
+        } else {
+            "sts.exchange".into()
+        };
+        row.request_id = format!("req-{}", seq / 2);
+        row.metadata = format!(
+            r#"{{"agent_session_id":"s{}","delegation_edge_id":"edge-{}"}}"#,
+            seq % 4,
+            seq % 5
+        );
+        rows.push(row);
+    }
+    store.insert_audit_events(&rows).await.unwrap();
+    store
+        .insert_audit_events(&[audit("zone-2", "other", 1)])
+        .await
+        .unwrap();
+    let ids = |found: Vec<caracal_store::AuditEvent>| {
+        found.into_iter().map(|row| row.id).collect::<Vec<_>>()
+    };
+    let search = |filter: caracal_store::AuditFilter, before: Option<i64>, limit: i64| {
+        let store = Arc::clone(store);
+        async move {
+            ids(store
+                .search_audit("zone-1", &filter, before, limit)
+                .await
+                .unwrap())
+        }
+    };
+    use caracal_store::AuditFilter as F;
+    assert_eq!(search(F::default(), None, 3).await, ["e12", "e11", "e10"]);
+    assert_eq!(
+        search(F::default(), Some(10), 2).await,
+        ["e9", "e8"],
+        "the cursor pages on"
+    );
+    assert_eq!(
+        search(
+            F {
+                decision: Some("deny".into()),
+                ..F::default()
+            },
+            None,
+            100
+        )
+        .await,
+        ["e12", "e9", "e6", "e3"]
+    );
+    assert_eq!(
+        search(
+            F {
+                since_ms: Some(1010),
+                ..F::default()
+            },
+            None,
+            100
+        )
+        .await,
+        ["e12", "e11", "e10"]
+    );
+    assert_eq!(
+        search(
+            F {
+                until_ms: Some(1003),
+                ..F::default()
+            },
+            None,
+            100
+        )
+        .await,
+        ["e2", "e1"]
+    );
+    assert_eq!(
+        search(
+            F {
+                request_id: Some("req-3".into()),
+                ..F::default()
+            },
+            None,
+            100
+        )
+        .await,
+        ["e7", "e6"]
+    );
+    assert_eq!(
+        search(
+            F {
+                event_type: Some("gateway.request".into()),
+                decision: Some("deny".into()),
+                ..F::default()
+            },
+            None,
+            100
+        )
+        .await,
+        ["e12", "e6"]
+    );
+    assert_eq!(
+        search(
+            F {
+                session_id: Some("s1".into()),
+                ..F::default()
+            },
+            None,
+            100
+        )
+        .await,
+        ["e9", "e5", "e1"]
+    );
+    assert_eq!(
+        search(
+            F {
+                edge_id: Some("edge-0".into()),
+                ..F::default()
+            },
+            None,
+            100
+        )
+        .await,
+        ["e10", "e5"]
+    );
+    assert_eq!(
+        search(
+            F {
+                session_id: Some("s\"".into()),
+                ..F::default()
+            },
+            None,
+            100
+        )
+        .await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        ids(store
+            .search_audit("zone-2", &F::default(), None, 100)
+            .await
+            .unwrap()),
+        ["other"]
+    );
 }

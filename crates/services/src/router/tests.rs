@@ -490,3 +490,198 @@ async fn a_tamper_finding_holds_the_audit_role_until_an_audited_acknowledgement(
     assert_eq!(event.event_type, "audit.tamper_acknowledged");
     assert_eq!(event.metadata_json["reason"], "restored row 7 from backup");
 }
+
+#[tokio::test]
+async fn audit_search_and_explain_answer_by_zone_with_filters_pages_and_csv() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let app = router(state);
+    let rows: Vec<caracal_store::AuditEvent> = (1..=5)
+        .map(|seq| caracal_store::AuditEvent {
+            id: format!("e{seq}"),
+            zone_id: "zone-1".into(),
+            event_type: "gateway.request".into(),
+            request_id: if seq >= 4 {
+                "req-x".into()
+            } else {
+                format!("req-{seq}")
+            },
+            decision: if seq == 4 {
+                "deny".into()
+            } else {
+                "allow".into()
+            },
+            policy_set_id: None,
+            policy_set_version_id: None,
+            manifest_sha: None,
+            evaluation_status: "complete".into(),
+            determining_policies: "[]".into(),
+            diagnostics: "[]".into(),
+            metadata: format!(r#"{{"agent_session_id":"s{seq}","note":"a,b"}}"#),
+            occurred_at_ms: 1000 + seq,
+            ingested_at_ms: 1000 + seq,
+            chain_seq: seq,
+            content_sha256: "h".into(),
+            prev_content_sha256: "h".into(),
+            chain_mac: "m".into(),
+            chain_key_id: "chain-1".into(),
+        })
+        .collect();
+    shared.store.insert_audit_events(&rows).await.unwrap();
+    let zone_reader = token(
+        &shared,
+        "read",
+        caracal_store::TokenScope::Zone("zone-1".into()),
+    )
+    .await;
+    let other_zone = token(
+        &shared,
+        "read",
+        caracal_store::TokenScope::Zone("zone-2".into()),
+    )
+    .await;
+
+    let (status, _, page) = call(
+        &app,
+        "GET",
+        "/v1/zones/zone-1/audit?limit=2",
+        Some(&zone_reader),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        (ids, page["next_cursor"].as_str()),
+        (vec!["e5", "e4"], Some("4"))
+    );
+    let (_, _, next) = call(
+        &app,
+        "GET",
+        "/v1/zones/zone-1/audit?limit=2&cursor=4",
+        Some(&zone_reader),
+        "",
+    )
+    .await;
+    assert_eq!(next["items"][0]["id"], "e3");
+    assert_eq!(next["items"][0]["metadata_json"]["agent_session_id"], "s3");
+    let (_, _, filtered) = call(
+        &app,
+        "GET",
+        "/v1/zones/zone-1/audit?session_id=s2",
+        Some(&zone_reader),
+        "",
+    )
+    .await;
+    assert_eq!(filtered["items"].as_array().unwrap().len(), 1);
+    assert_eq!(filtered["next_cursor"], serde_json::Value::Null);
+
+    let response = app
+        .clone()
+        .oneshot(
+            Request::get("/v1/zones/zone-1/audit?format=csv&decision=deny")
+                .header("authorization", format!("Bearer {zone_reader}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/csv; charset=utf-8"
+    );
+    let csv = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 2, "{csv}");
+    assert!(
+        lines[1].starts_with("4,e4,1004,gateway.request,req-x,deny,"),
+        "{csv}"
+    );
+    assert!(
+        lines[1].ends_with(r#","{""agent_session_id"":""s4"",""note"":""a,b""}""#),
+        "{csv}"
+    );
+
+    let (_, _, explained) = call(
+        &app,
+        "GET",
+        "/v1/zones/zone-1/audit/explain?request_id=req-x",
+        Some(&zone_reader),
+        "",
+    )
+    .await;
+    assert_eq!(explained["final_decision"], "deny");
+    assert_eq!(explained["events"].as_array().unwrap().len(), 2);
+
+    for (path, bearer, status, code) in [
+        (
+            "/v1/zones/zone-1/audit",
+            &other_zone,
+            StatusCode::FORBIDDEN,
+            "admin_token_zone_mismatch",
+        ),
+        (
+            "/v1/zones/zone-1/audit?limit=0",
+            &zone_reader,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/zones/zone-1/audit?cursor=abc",
+            &zone_reader,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/zones/zone-1/audit?decision=maybe",
+            &zone_reader,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/zones/zone-1/audit?format=xml",
+            &zone_reader,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/zones/zone-1/audit?sort=asc",
+            &zone_reader,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/zones/zone-1/audit/explain",
+            &zone_reader,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/zones/zone-1/audit/explain?request_id=none",
+            &zone_reader,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+    ] {
+        let (got, _, json) = call(&app, "GET", path, Some(bearer), "").await;
+        assert_eq!(
+            (got, json["error"].as_str()),
+            (status, Some(code)),
+            "{path}"
+        );
+    }
+}

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use crate::db::{Db, Dialect, Outcome, Row, Statement, params};
-use crate::model::{AuditCheckpoint, AuditEvent, TamperFinding};
+use crate::model::{AuditCheckpoint, AuditEvent, AuditFilter, TamperFinding};
 use crate::store::{StoreError, all};
 
 /// Builds the rows to append from the zone's head (sequence, content hash) and the ids among
@@ -57,6 +57,16 @@ pub trait Audit: Send + Sync {
     async fn open_tamper_findings(&self) -> Result<Vec<TamperFinding>, StoreError>;
     /// Acknowledges every open finding; returns how many.
     async fn acknowledge_tamper_findings(&self, by: &str, reason: &str) -> Result<u64, StoreError>;
+
+    /// The zone's events matching `filter`, newest first, below `before_seq` if given, at most
+    /// `limit`.
+    async fn search_audit(
+        &self,
+        zone_id: &str,
+        filter: &AuditFilter,
+        before_seq: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<AuditEvent>, StoreError>;
 
     /// Stores a checkpoint; one for the same (zone, size) is kept as it was.
     async fn insert_audit_checkpoint(&self, checkpoint: &AuditCheckpoint)
@@ -453,5 +463,74 @@ impl<D: Db> Audit for D {
         rows.iter()
             .map(|row| Ok((row.text(0)?, row.text(1)?)))
             .collect()
+    }
+
+    async fn search_audit(
+        &self,
+        zone_id: &str,
+        filter: &AuditFilter,
+        before_seq: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        // Metadata is canonical JSON (no whitespace), so a key-value pair is an exact substring.
+        let needle = |key: &str, value: &Option<String>| {
+            value
+                .as_ref()
+                .map(|value| format!("\"{key}\":{}", serde_json::Value::String(value.clone())))
+        };
+        let sql = match self.dialect() {
+            Dialect::Sqlite => {
+                "SELECT id, zone_id, event_type, request_id, decision, policy_set_id, policy_set_version_id,
+                        manifest_sha, evaluation_status, determining_policies, diagnostics, metadata, occurred_at_ms,
+                        ingested_at_ms, chain_seq, content_sha256, prev_content_sha256, chain_mac, chain_key_id
+                 FROM audit_events
+                 WHERE zone_id = $1
+                   AND (CAST($2 AS BIGINT) IS NULL OR occurred_at_ms >= CAST($2 AS BIGINT))
+                   AND (CAST($3 AS BIGINT) IS NULL OR occurred_at_ms < CAST($3 AS BIGINT))
+                   AND (CAST($4 AS TEXT) IS NULL OR event_type = CAST($4 AS TEXT))
+                   AND (CAST($5 AS TEXT) IS NULL OR decision = CAST($5 AS TEXT))
+                   AND (CAST($6 AS TEXT) IS NULL OR request_id = CAST($6 AS TEXT))
+                   AND (CAST($7 AS TEXT) IS NULL OR instr(metadata, $7) > 0 OR instr(metadata, $8) > 0)
+                   AND (CAST($9 AS TEXT) IS NULL OR instr(metadata, $9) > 0)
+                   AND (CAST($10 AS BIGINT) IS NULL OR chain_seq < CAST($10 AS BIGINT))
+                 ORDER BY chain_seq DESC LIMIT $11"
+            }
+            Dialect::Postgres => {
+                "SELECT id, zone_id, event_type, request_id, decision, policy_set_id, policy_set_version_id,
+                        manifest_sha, evaluation_status, determining_policies, diagnostics, metadata, occurred_at_ms,
+                        ingested_at_ms, chain_seq, content_sha256, prev_content_sha256, chain_mac, chain_key_id
+                 FROM audit_events
+                 WHERE zone_id = $1
+                   AND (CAST($2 AS BIGINT) IS NULL OR occurred_at_ms >= CAST($2 AS BIGINT))
+                   AND (CAST($3 AS BIGINT) IS NULL OR occurred_at_ms < CAST($3 AS BIGINT))
+                   AND (CAST($4 AS TEXT) IS NULL OR event_type = CAST($4 AS TEXT))
+                   AND (CAST($5 AS TEXT) IS NULL OR decision = CAST($5 AS TEXT))
+                   AND (CAST($6 AS TEXT) IS NULL OR request_id = CAST($6 AS TEXT))
+                   AND (CAST($7 AS TEXT) IS NULL OR strpos(metadata, CAST($7 AS TEXT)) > 0
+                        OR strpos(metadata, CAST($8 AS TEXT)) > 0)
+                   AND (CAST($9 AS TEXT) IS NULL OR strpos(metadata, CAST($9 AS TEXT)) > 0)
+                   AND (CAST($10 AS BIGINT) IS NULL OR chain_seq < CAST($10 AS BIGINT))
+                 ORDER BY chain_seq DESC LIMIT $11"
+            }
+        };
+        all(
+            self,
+            sql,
+            params![
+                zone_id,
+                filter.since_ms,
+                filter.until_ms,
+                filter.event_type.clone(),
+                filter.decision.clone(),
+                filter.request_id.clone(),
+                needle("agent_session_id", &filter.session_id),
+                needle("session_id", &filter.session_id),
+                needle("delegation_edge_id", &filter.edge_id),
+                before_seq,
+                limit,
+            ],
+            event,
+        )
+        .await
     }
 }
