@@ -459,6 +459,58 @@ impl Streams for EmbeddedBus {
         })
     }
 
+    async fn range(
+        &self,
+        stream: &str,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<Entry>, BusError> {
+        let after = match after {
+            Some(id) => seq_of(id)
+                .ok_or_else(|| BusError::Protocol(format!("`{id}` is not an entry id")))?,
+            None => 0,
+        };
+        let (stream, limit) = (stream.to_owned(), i64::try_from(count).unwrap_or(i64::MAX));
+        let rows: Vec<(i64, i64, String)> = self
+            .store
+            .run(move |connection| {
+                let mut statement = connection.prepare_cached(
+                    "SELECT seq, appended_ms, fields FROM stream_entries
+                     WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                )?;
+                statement
+                    .query_map(params![stream, after, limit], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    })?
+                    .collect()
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(seq, appended_ms, fields)| entry(seq, appended_ms, &fields, 0))
+            .collect()
+    }
+
+    async fn delete(&self, stream: &str, ids: &[String]) -> Result<u64, BusError> {
+        let seqs: Vec<i64> = ids.iter().filter_map(|id| seq_of(id)).collect();
+        let stream = stream.to_owned();
+        let deleted = self
+            .store
+            .run(move |connection| {
+                let transaction = connection.transaction()?;
+                let mut deleted = 0;
+                for seq in seqs {
+                    deleted += transaction.execute(
+                        "DELETE FROM stream_entries WHERE stream = ?1 AND seq = ?2",
+                        params![stream, seq],
+                    )?;
+                }
+                transaction.commit()?;
+                Ok(deleted)
+            })
+            .await?;
+        Ok(deleted as u64)
+    }
+
     async fn trim_consumed(&self, stream: &str) -> Result<u64, BusError> {
         let stream = stream.to_owned();
         let deleted = self

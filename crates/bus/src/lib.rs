@@ -130,6 +130,19 @@ pub trait Streams: Send + Sync {
 
     async fn info(&self, stream: &str) -> Result<StreamInfo, BusError>;
 
+    /// Up to `count` entries after `after` (from the start if `None`), oldest first, without
+    /// delivering them to any group. `deliveries` is 0.
+    async fn range(
+        &self,
+        stream: &str,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<Entry>, BusError>;
+
+    /// Deletes entries by id (an operator action, e.g. after a dead letter is replayed);
+    /// returns how many existed.
+    async fn delete(&self, stream: &str, ids: &[String]) -> Result<u64, BusError>;
+
     /// Deletes entries that every group has both read and acknowledged; returns how many.
     /// A stream with no group keeps everything.
     async fn trim_consumed(&self, stream: &str) -> Result<u64, BusError>;

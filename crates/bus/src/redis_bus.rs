@@ -455,6 +455,34 @@ impl Streams for RedisBus {
         Ok(StreamInfo { length, groups })
     }
 
+    async fn range(
+        &self,
+        stream: &str,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<Entry>, BusError> {
+        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+        let reply = self
+            .query(
+                redis::cmd("XRANGE")
+                    .arg(stream)
+                    .arg(start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(count.max(1)),
+            )
+            .await?;
+        Ok(entries(&reply, |_| 0))
+    }
+
+    async fn delete(&self, stream: &str, ids: &[String]) -> Result<u64, BusError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let reply = self.query(redis::cmd("XDEL").arg(stream).arg(ids)).await?;
+        Ok(int(&reply).unwrap_or(0))
+    }
+
     async fn trim_consumed(&self, stream: &str) -> Result<u64, BusError> {
         let groups = self.groups(stream).await?;
         if groups.is_empty() {

@@ -24,6 +24,7 @@ use caracal_bus::{
 conformance!(
     entries_arrive_in_order_with_their_fields,
     a_batch_appends_in_order,
+    ranges_read_without_delivering_and_deletes_remove,
     every_group_sees_every_entry,
     consumers_of_one_group_share_the_entries,
     acknowledged_entries_leave_the_pending_list,
@@ -683,4 +684,33 @@ async fn a_batch_appends_in_order(backend: &Backend) {
         .collect();
     let expected: Vec<String> = (0..50).map(|n| n.to_string()).collect();
     assert_eq!(numbers, expected);
+}
+
+async fn ranges_read_without_delivering_and_deletes_remove(backend: &Backend) {
+    let stream = backend.stream("caracal.audit.events.dead");
+    let streams = &backend.streams;
+    let appended = append_numbered(backend, &stream, 5).await;
+    let all = streams.range(&stream, None, 10).await.unwrap();
+    assert_eq!(ids(&all), appended);
+    assert!(all.iter().all(|entry| entry.deliveries == 0));
+    assert_eq!(
+        ids(&streams.range(&stream, Some(&appended[1]), 2).await.unwrap()),
+        appended[2..4]
+    );
+    streams.ensure_group(&stream, "g").await.unwrap();
+    assert_eq!(
+        streams
+            .read_group(&stream, "g", "c", 10, Duration::ZERO)
+            .await
+            .unwrap()
+            .len(),
+        5,
+        "range delivered nothing"
+    );
+    assert_eq!(streams.delete(&stream, &appended[..2]).await.unwrap(), 2);
+    assert_eq!(streams.delete(&stream, &appended[..1]).await.unwrap(), 0);
+    assert_eq!(
+        ids(&streams.range(&stream, None, 10).await.unwrap()),
+        appended[2..]
+    );
 }

@@ -23,6 +23,8 @@ pub fn routes() -> Router<RoleState> {
     Router::new()
         .route("/v1/audit/tamper", get(list_tamper))
         .route("/v1/audit/tamper/ack", post(acknowledge_tamper))
+        .route("/v1/audit/dlq", get(list_dead_letters))
+        .route("/v1/audit/dlq/replay", post(replay_dead_letters))
         .route("/v1/zones/{zone_id}/audit", get(search_audit))
         .route("/v1/zones/{zone_id}/audit/explain", get(explain_audit))
 }
@@ -335,4 +337,145 @@ async fn acknowledge_tamper(
         .await
         .map_err(store_error)?;
     Ok(Json(AckTamperResponse { acknowledged }))
+}
+
+/// Dead letters whose failure was transient; the others (unsigned, forged, unparseable) are
+/// never re-sent as if they were trusted evidence.
+fn replayable(reason: &str) -> bool {
+    reason.starts_with("store_rejected:") || reason == "max_deliveries_exceeded"
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DlqQuery {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+fn dlq_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(100);
+    if (1..=1000).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::with_description(
+            ErrorCode::InvalidRequest,
+            "`limit` must be 1 to 1000",
+        ))
+    }
+}
+
+fn bus_error(error: caracal_bus::BusError) -> ApiError {
+    match error {
+        caracal_bus::BusError::Protocol(message) if message.contains("not an entry id") => {
+            ApiError::with_description(ErrorCode::InvalidRequest, "`after` is not an entry id")
+        }
+        other => {
+            tracing::warn!(error = %other, "bus failure");
+            ApiError::new(ErrorCode::NotReady)
+        }
+    }
+}
+
+async fn list_dead_letters(
+    State(state): State<RoleState>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Json<crate::wire::DeadLettersResponse>, ApiError> {
+    authenticate(&state, &headers)
+        .await?
+        .require(Access::Read, None)?;
+    let params: DlqQuery = query(raw.as_deref())?;
+    let limit = dlq_limit(params.limit)?;
+    let dead = caracal_bus::dead_letter_stream(caracal_bus::stream_names::AUDIT_EVENTS);
+    let entries = state
+        .shared
+        .bus
+        .streams
+        .range(&dead, params.after.as_deref(), limit)
+        .await
+        .map_err(bus_error)?;
+    let next_cursor = (entries.len() == limit)
+        .then(|| entries.last().map(|entry| entry.id.clone()))
+        .flatten();
+    let items = entries
+        .into_iter()
+        .map(|entry| {
+            let field = |name: &str| entry.fields.get(name).cloned().unwrap_or_default();
+            let payload: std::collections::BTreeMap<String, String> =
+                serde_json::from_str(&field("payload")).unwrap_or_default();
+            let reason = field("reason");
+            crate::wire::DeadLetterBody {
+                replayable: replayable(&reason),
+                id: entry.id.clone(),
+                source_id: field("source_id"),
+                reason,
+                deliveries: field("deliveries").parse().unwrap_or(0),
+                received_at_ms: entry
+                    .id
+                    .split('-')
+                    .next()
+                    .and_then(|ms| ms.parse().ok())
+                    .unwrap_or(0),
+                event_id: payload.get("id").cloned(),
+                zone_id: payload.get("zone_id").cloned(),
+            }
+        })
+        .collect();
+    Ok(Json(crate::wire::DeadLettersResponse {
+        items,
+        next_cursor,
+    }))
+}
+
+async fn replay_dead_letters(
+    State(state): State<RoleState>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Json<crate::wire::ReplayResponse>, ApiError> {
+    authenticate(&state, &headers)
+        .await?
+        .require(Access::Write, None)?;
+    let params: DlqQuery = query(raw.as_deref())?;
+    let limit = dlq_limit(params.limit)?;
+    let dead = caracal_bus::dead_letter_stream(caracal_bus::stream_names::AUDIT_EVENTS);
+    let streams = &state.shared.bus.streams;
+    let entries = streams
+        .range(&dead, params.after.as_deref(), limit)
+        .await
+        .map_err(bus_error)?;
+    let (mut replayed, mut skipped) = (0, 0);
+    for entry in &entries {
+        let reason = entry
+            .fields
+            .get("reason")
+            .map(String::as_str)
+            .unwrap_or_default();
+        let payload: Option<caracal_bus::Fields> = entry
+            .fields
+            .get("payload")
+            .and_then(|payload| serde_json::from_str(payload).ok());
+        let Some(payload) = payload.filter(|_| replayable(reason)) else {
+            skipped += 1;
+            continue;
+        };
+        // Re-sent first, deleted after: a crash in between re-sends twice, and ingestion is
+        // idempotent on the event id.
+        state
+            .shared
+            .evidence
+            .producer()
+            .publish(caracal_bus::stream_names::AUDIT_EVENTS, payload)
+            .await
+            .map_err(bus_error)?;
+        streams
+            .delete(&dead, std::slice::from_ref(&entry.id))
+            .await
+            .map_err(bus_error)?;
+        replayed += 1;
+    }
+    Ok(Json(crate::wire::ReplayResponse {
+        scanned: entries.len(),
+        replayed,
+        skipped,
+    }))
 }

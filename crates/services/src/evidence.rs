@@ -110,6 +110,7 @@ struct Job {
 #[derive(Clone)]
 pub struct Evidence {
     sender: mpsc::Sender<Job>,
+    producer: Producer,
     lost: Arc<AtomicBool>,
     metrics: Arc<EvidenceMetrics>,
     enqueue_wait: Duration,
@@ -135,6 +136,7 @@ impl Evidence {
             .create(&config.replay_dir)?;
         let (sender, receiver) = mpsc::channel(config.capacity.max(1));
         let (stop, stopped) = watch::channel(false);
+        let producer_handle = producer.clone();
         let lost = Arc::new(AtomicBool::new(false));
         let metrics = Arc::new(EvidenceMetrics::default());
         let spill = Spill {
@@ -161,6 +163,7 @@ impl Evidence {
         Ok((
             Evidence {
                 sender,
+                producer: producer_handle,
                 lost,
                 metrics,
                 enqueue_wait: config.enqueue_wait,
@@ -187,6 +190,11 @@ impl Evidence {
             Ok(Err(_)) => Err(EvidenceError::Stopped),
             Ok(Ok(())) => answer.await.unwrap_or(Err(EvidenceError::Stopped)),
         }
+    }
+
+    /// The signing producer of the audit stream (for re-sending dead letters).
+    pub fn producer(&self) -> &Producer {
+        &self.producer
     }
 
     /// Whether evidence has been lost (latched until the process is replaced).

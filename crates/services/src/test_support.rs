@@ -51,6 +51,12 @@ impl Streams for DownBus {
     async fn info(&self, _: &str) -> Result<StreamInfo, BusError> {
         Err(BusError::Unavailable("connection refused".into()))
     }
+    async fn range(&self, _: &str, _: Option<&str>, _: usize) -> Result<Vec<Entry>, BusError> {
+        Err(BusError::Unavailable("connection refused".into()))
+    }
+    async fn delete(&self, _: &str, _: &[String]) -> Result<u64, BusError> {
+        Err(BusError::Unavailable("connection refused".into()))
+    }
     async fn trim_consumed(&self, _: &str) -> Result<u64, BusError> {
         Err(BusError::Unavailable("connection refused".into()))
     }

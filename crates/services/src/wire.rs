@@ -86,3 +86,32 @@ pub struct AuditExplainResponse {
     pub final_decision: String,
     pub events: Vec<AuditEventBody>,
 }
+
+/// One entry of the audit dead-letter stream.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeadLetterBody {
+    pub id: String,
+    pub source_id: String,
+    pub reason: String,
+    pub deliveries: u64,
+    pub received_at_ms: i64,
+    /// Only transient failures are re-sent; forged or unparseable entries never are.
+    pub replayable: bool,
+    pub event_id: Option<String>,
+    pub zone_id: Option<String>,
+}
+
+/// `GET /v1/audit/dlq`.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeadLettersResponse {
+    pub items: Vec<DeadLetterBody>,
+    pub next_cursor: Option<String>,
+}
+
+/// `POST /v1/audit/dlq/replay`.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplayResponse {
+    pub scanned: usize,
+    pub replayed: usize,
+    pub skipped: usize,
+}

@@ -70,6 +70,17 @@ impl Streams for SwitchBus {
     async fn info(&self, stream: &str) -> Result<StreamInfo, BusError> {
         self.inner.info(stream).await
     }
+    async fn range(
+        &self,
+        stream: &str,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<Entry>, BusError> {
+        self.inner.range(stream, after, count).await
+    }
+    async fn delete(&self, stream: &str, ids: &[String]) -> Result<u64, BusError> {
+        self.inner.delete(stream, ids).await
+    }
     async fn trim_consumed(&self, stream: &str) -> Result<u64, BusError> {
         self.inner.trim_consumed(stream).await
     }

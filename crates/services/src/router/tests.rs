@@ -685,3 +685,106 @@ async fn audit_search_and_explain_answer_by_zone_with_filters_pages_and_csv() {
         );
     }
 }
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_only_transient_ones_are_replayed() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let app = router(state);
+    let writer = token(&shared, "write", caracal_store::TokenScope::Global).await;
+    let reader = token(&shared, "read", caracal_store::TokenScope::Global).await;
+    let dead = caracal_bus::dead_letter_stream(caracal_bus::stream_names::AUDIT_EVENTS);
+    let letter = |reason: &str, id: &str| {
+        let payload = serde_json::json!({"id": id, "zone_id": "zone-1", "data": "{}"}).to_string();
+        [
+            ("source_id", "1-1"),
+            ("reason", reason),
+            ("payload", payload.as_str()),
+            ("deliveries", "8"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect::<caracal_bus::Fields>()
+    };
+    for (reason, id) in [
+        ("store_rejected: conflict", "ev-1"),
+        ("bad_signature", "ev-2"),
+        ("max_deliveries_exceeded", "ev-3"),
+    ] {
+        shared
+            .bus
+            .streams
+            .append(&dead, &letter(reason, id))
+            .await
+            .unwrap();
+    }
+    let (status, _, listed) = call(&app, "GET", "/v1/audit/dlq", Some(&reader), "").await;
+    assert_eq!(status, StatusCode::OK);
+    let summary: Vec<(String, bool)> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| {
+            (
+                item["event_id"].as_str().unwrap().to_owned(),
+                item["replayable"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("ev-1".into(), true),
+            ("ev-2".into(), false),
+            ("ev-3".into(), true)
+        ]
+    );
+
+    let (status, _, json) = call(&app, "POST", "/v1/audit/dlq/replay", Some(&reader), "").await;
+    assert_eq!(
+        (status, json["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("admin_token_read_only"))
+    );
+    let (status, _, outcome) = call(
+        &app,
+        "POST",
+        "/v1/audit/dlq/replay?limit=10",
+        Some(&writer),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (
+            outcome["scanned"].as_u64(),
+            outcome["replayed"].as_u64(),
+            outcome["skipped"].as_u64()
+        ),
+        (Some(3), Some(2), Some(1))
+    );
+    let remaining = shared.bus.streams.range(&dead, None, 10).await.unwrap();
+    assert_eq!(remaining.len(), 1, "the forged one stays for the operator");
+    assert_eq!(remaining[0].fields["reason"], "bad_signature");
+    // Replayed entries are back on the audit stream, signed again.
+    let back = shared
+        .bus
+        .streams
+        .range(caracal_bus::stream_names::AUDIT_EVENTS, None, 10)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = back
+        .iter()
+        .map(|entry| entry.fields["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["ev-1", "ev-3"]);
+    assert!(back.iter().all(|entry| entry.fields.contains_key("_sig")));
+    let (status, _, _) = call(
+        &app,
+        "GET",
+        "/v1/audit/dlq?after=garbage",
+        Some(&reader),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
