@@ -55,6 +55,19 @@ pub async fn run(settings: &Settings, command: &AuditCommand) -> anyhow::Result<
         AuditCommand::AckTamper { reason, token_file } => {
             ack_tamper(settings, reason, token_file.as_deref()).await
         }
+        AuditCommand::RotateKey => {
+            let store = open_store(settings).await?;
+            let ids = store
+                .audit_chain_key_ids(caracal_services::ledger::INITIAL_CHAIN_KEY_ID)
+                .await?;
+            let next = (ids.len() + 1..)
+                .map(|n| format!("chain-{n}"))
+                .find(|id| !ids.contains(id))
+                .unwrap_or_else(|| "chain-next".to_owned());
+            store.add_audit_chain_key(&next).await?;
+            println!("current audit chain key: {next} (rows written before keep their own key)");
+            Ok(true)
+        }
         AuditCommand::PublicKey => {
             let store = open_store(settings).await?;
             for (key_id, public_key) in store.checkpoint_keys().await? {

@@ -387,7 +387,6 @@ pub async fn audit(args: &BenchArgs) -> anyhow::Result<()> {
     use caracal_services::evidence::{Evidence, EvidenceConfig};
     use caracal_services::ledger::ingest::{GROUP, IngestMetrics, Ingestor};
     use caracal_services::ledger::sweep::{SweepMetrics, Sweeper};
-    use caracal_services::ledger::{CURRENT_CHAIN_KEY_ID, chain_key, chain_keys};
 
     let count = if args.quick { 500 } else { args.messages };
     let run_id = uuid::Uuid::now_v7().simple().to_string();
@@ -486,7 +485,7 @@ pub async fn audit(args: &BenchArgs) -> anyhow::Result<()> {
         let ingestor = Ingestor::new(
             Arc::clone(&store),
             consumer,
-            chain_key(&kek, CURRENT_CHAIN_KEY_ID),
+            kek.clone(),
             Arc::new(IngestMetrics::default()),
         );
         let started = Instant::now();
@@ -503,7 +502,7 @@ pub async fn audit(args: &BenchArgs) -> anyhow::Result<()> {
 
         let sweeper = Sweeper::new(
             Arc::clone(&store),
-            chain_keys(&kek),
+            kek.clone(),
             Arc::new(SweepMetrics::default()),
         );
         let started = Instant::now();

@@ -158,6 +158,9 @@ pub enum AuditCommand {
     },
     /// Print the published checkpoint public keys
     PublicKey,
+    /// Start a new chain MAC key: new rows use it from the next batch on; older rows keep
+    /// verifying with the key they name
+    RotateKey,
     /// Acknowledge the open tamper findings (recorded in the ledger) so the Audit role is
     /// ready again; talks to the running API role
     AckTamper {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use caracal_audit::Event;
 use caracal_services::ledger::ingest::chain_builder;
 use caracal_services::ledger::sweep::{SweepMetrics, Sweeper};
-use caracal_services::ledger::{CURRENT_CHAIN_KEY_ID, chain_key, chain_keys, checkpoint_signer};
+use caracal_services::ledger::{INITIAL_CHAIN_KEY_ID, chain_key, checkpoint_signer};
 use caracal_store::prelude::*;
 use caracal_store::{SqliteStore, Store};
 use util::{caracal, fresh_home, run};
@@ -48,7 +48,7 @@ async fn ledger_home(home: &std::path::Path) -> String {
         .append_audit_chain(
             "zone-a",
             &ids,
-            chain_builder(chain_key(&kek, CURRENT_CHAIN_KEY_ID), events),
+            chain_builder(chain_key(&kek, INITIAL_CHAIN_KEY_ID), events),
         )
         .await
         .unwrap();
@@ -56,7 +56,7 @@ async fn ledger_home(home: &std::path::Path) -> String {
     let public_key = signer.public_key_hex();
     let sweeper = Sweeper::new(
         Arc::clone(&store),
-        chain_keys(&kek),
+        kek.clone(),
         Arc::new(SweepMetrics::default()),
     )
     .with_checkpoints(signer);
@@ -111,6 +111,15 @@ async fn export_then_verify_offline_and_refuse_a_tampered_copy() {
         stdout.contains("FAILED: line 4 (row 3): the fields do not match the content hash"),
         "{stdout}"
     );
+
+    for expected in ["chain-2", "chain-3"] {
+        let rotated = run(caracal(&home).args(["audit", "rotate-key"]));
+        assert!(rotated.status.success());
+        assert!(
+            String::from_utf8_lossy(&rotated.stdout)
+                .contains(&format!("current audit chain key: {expected}"))
+        );
+    }
 
     let missing = run(caracal(&home).args(["audit", "export", "--zone", "zone-z"]));
     assert_eq!(missing.status.code(), Some(1));

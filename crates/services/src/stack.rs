@@ -321,7 +321,7 @@ impl Stack {
         let ingestor = ingest::Ingestor::new(
             Arc::clone(&self.shared.store),
             consumer,
-            ledger::chain_key(kek, ledger::CURRENT_CHAIN_KEY_ID),
+            kek.clone(),
             Arc::clone(&metrics.ingest),
         );
         servers.spawn(ingestor.run(stop.clone()));
@@ -332,7 +332,7 @@ impl Stack {
         let sweeper = Arc::new(
             sweep::Sweeper::new(
                 Arc::clone(&self.shared.store),
-                ledger::chain_keys(kek),
+                kek.clone(),
                 Arc::clone(&metrics.sweep),
             )
             .with_checkpoints(signer),

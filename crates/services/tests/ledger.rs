@@ -23,9 +23,9 @@ use caracal_bus::{
 };
 use caracal_crypto::{Kek, hex};
 use caracal_services::evidence::{Evidence, EvidenceConfig};
+use caracal_services::ledger::INITIAL_CHAIN_KEY_ID;
 use caracal_services::ledger::ingest::{GROUP, IngestMetrics, Ingestor};
 use caracal_services::ledger::sweep::{SweepMetrics, Sweeper};
-use caracal_services::ledger::{CURRENT_CHAIN_KEY_ID, chain_key, chain_keys};
 use caracal_store::db::{Db, Value};
 use caracal_store::{PgOptions, PgStore, SqliteStore, Store};
 
@@ -123,7 +123,7 @@ impl Ledger {
         Ingestor::new(
             Arc::clone(&self.store),
             consumer,
-            chain_key(&self.kek, CURRENT_CHAIN_KEY_ID),
+            self.kek.clone(),
             Arc::new(IngestMetrics::default()),
         )
     }
@@ -131,7 +131,7 @@ impl Ledger {
     fn sweeper(&self) -> Sweeper {
         Sweeper::new(
             Arc::clone(&self.store),
-            chain_keys(&self.kek),
+            self.kek.clone(),
             Arc::new(SweepMetrics::default()),
         )
     }
@@ -202,6 +202,7 @@ on_both_stores!(
     recorded_events_form_one_verifiable_chain_per_zone_once_each,
     bad_entries_are_dead_lettered_with_their_reason,
     the_sweep_reports_every_kind_of_tampering_by_kind,
+    a_key_rotation_takes_effect_at_once_and_old_rows_keep_verifying,
 );
 
 async fn recorded_events_form_one_verifiable_chain_per_zone_once_each(ledger: &Ledger) {
@@ -228,7 +229,7 @@ async fn recorded_events_form_one_verifiable_chain_per_zone_once_each(ledger: &L
         assert_eq!(sequence, (1..=30).collect::<Vec<i64>>(), "{zone}");
         assert!(
             rows.iter()
-                .all(|row| row.chain_key_id == CURRENT_CHAIN_KEY_ID)
+                .all(|row| row.chain_key_id == INITIAL_CHAIN_KEY_ID)
         );
     }
     assert!(
@@ -517,3 +518,33 @@ macro_rules! on_both_stores_checkpoints {
     };
 }
 use on_both_stores_checkpoints;
+
+async fn a_key_rotation_takes_effect_at_once_and_old_rows_keep_verifying(ledger: &Ledger) {
+    let ingestor = ledger.ingestor().await;
+    ledger
+        .record((1..=5).map(|n| event("zone-a", n)).collect())
+        .await;
+    ledger.ingest_all(&ingestor).await;
+    ledger.store.add_audit_chain_key("chain-2").await.unwrap();
+    assert!(
+        ledger.store.add_audit_chain_key("chain-2").await.is_err(),
+        "a key id is never reused"
+    );
+    ledger
+        .record((6..=9).map(|n| event("zone-a", n)).collect())
+        .await;
+    ledger.ingest_all(&ingestor).await;
+    let keys: Vec<String> = ledger
+        .store
+        .audit_range("zone-a", 1, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| row.chain_key_id)
+        .collect();
+    assert_eq!(keys, [vec!["chain-1"; 5], vec!["chain-2"; 4]].concat());
+    assert!(
+        ledger.sweeper().full().await.unwrap().is_empty(),
+        "old rows verify with their own key"
+    );
+}

@@ -33,6 +33,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "audit checkpoints",
             include_str!("schema/0003_audit_checkpoints.sql").replace("{BIGINT}", "BIGINT"),
         ),
+        (
+            "audit chain keys",
+            include_str!("schema/0004_audit_chain_keys.sql").replace("{BIGINT}", "BIGINT"),
+        ),
     ]
 }
 

@@ -28,6 +28,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "audit checkpoints",
             include_str!("schema/0003_audit_checkpoints.sql").replace("{BIGINT}", "INTEGER"),
         ),
+        (
+            "audit chain keys",
+            include_str!("schema/0004_audit_chain_keys.sql").replace("{BIGINT}", "INTEGER"),
+        ),
     ]
 }
 
@@ -356,6 +360,7 @@ mod tests {
             .run_blocking(|c| {
                 c.execute_batch(
                     "DROP TABLE audit_tamper_findings; DROP TABLE audit_checkpoints; DROP TABLE audit_checkpoint_keys;
+                     DROP TABLE audit_chain_keys;
                      DELETE FROM schema_migrations WHERE version >= 2;",
                 )
             })
@@ -371,7 +376,7 @@ mod tests {
                 )
             })
             .unwrap();
-        assert_eq!((version, tables), (3, 1));
+        assert_eq!((version, tables), (4, 1));
     }
 
     #[tokio::test]

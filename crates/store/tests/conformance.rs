@@ -1482,7 +1482,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 3
+                supported: 4
             }
         ),
         "{error}"
@@ -1496,7 +1496,11 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
         .await
         .unwrap();
     let versions: Vec<i64> = rows.iter().map(|row| row.int(0).unwrap()).collect();
-    assert_eq!(versions, [1, 2, 3, 999], "the refused start wrote nothing");
+    assert_eq!(
+        versions,
+        [1, 2, 3, 4, 999],
+        "the refused start wrote nothing"
+    );
     drop_schema(&schema).await;
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use caracal_audit::Event;
 use caracal_audit::chain::{ChainKey, next_link};
 use caracal_bus::{Consumer, Entry};
+use caracal_crypto::Kek;
 use caracal_store::{ChainBuilder, Store, StoreError, now_ms};
 use prometheus_client::metrics::counter::Counter;
 
@@ -25,7 +26,7 @@ pub struct IngestMetrics {
 pub struct Ingestor {
     store: Arc<dyn Store>,
     consumer: Consumer,
-    key: ChainKey,
+    kek: Kek,
     metrics: Arc<IngestMetrics>,
 }
 
@@ -75,13 +76,13 @@ impl Ingestor {
     pub fn new(
         store: Arc<dyn Store>,
         consumer: Consumer,
-        key: ChainKey,
+        kek: Kek,
         metrics: Arc<IngestMetrics>,
     ) -> Ingestor {
         Ingestor {
             store,
             consumer,
-            key,
+            kek,
             metrics,
         }
     }
@@ -115,7 +116,11 @@ impl Ingestor {
         for (zone_id, items) in by_zone {
             let ids: Vec<String> = items.iter().map(|(_, event)| event.id.clone()).collect();
             let events: Vec<Event> = items.iter().map(|(_, event)| event.clone()).collect();
-            let build = chain_builder(self.key.clone(), events);
+            // Read per batch, so a key rotation applies from the next batch on every replica.
+            let (key, _) = super::current_chain_keys(self.store.as_ref(), &self.kek)
+                .await
+                .map_err(|error| IngestError::Store(error.to_string()))?;
+            let build = chain_builder(key, events);
             match self.store.append_audit_chain(&zone_id, &ids, build).await {
                 Ok(appended) => {
                     self.metrics.ingested_total.inc_by(appended);

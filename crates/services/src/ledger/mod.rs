@@ -67,8 +67,8 @@ impl LedgerMetrics {
     }
 }
 
-/// The id of the chain key new rows are written under.
-pub const CURRENT_CHAIN_KEY_ID: &str = "chain-1";
+/// The id of a deployment's first chain key; `caracal audit rotate-key` adds the next ones.
+pub const INITIAL_CHAIN_KEY_ID: &str = "chain-1";
 
 /// Chain keys are derived from the KEK by id, so every replica holding the deployment's KEK
 /// can write and verify, and a row's stored key id is all it takes to find its key.
@@ -76,12 +76,21 @@ pub fn chain_key(kek: &Kek, id: &str) -> ChainKey {
     ChainKey::new(id, &kek.derive(&format!("audit-chain:{id}")))
 }
 
-/// Every chain key a verifier may meet, by id.
-pub fn chain_keys(kek: &Kek) -> HashMap<String, ChainKey> {
-    [CURRENT_CHAIN_KEY_ID]
-        .into_iter()
-        .map(|id| (id.to_owned(), chain_key(kek, id)))
+/// The chain keys named by `ids`, by id.
+pub fn chain_keys(kek: &Kek, ids: &[String]) -> HashMap<String, ChainKey> {
+    ids.iter()
+        .map(|id| (id.clone(), chain_key(kek, id)))
         .collect()
+}
+
+/// The key new rows are written under (the newest id), and every key rows may carry.
+pub async fn current_chain_keys(
+    store: &dyn caracal_store::Store,
+    kek: &Kek,
+) -> Result<(ChainKey, HashMap<String, ChainKey>), caracal_store::StoreError> {
+    let ids = store.audit_chain_key_ids(INITIAL_CHAIN_KEY_ID).await?;
+    let current = ids.last().map_or(INITIAL_CHAIN_KEY_ID, String::as_str);
+    Ok((chain_key(kek, current), chain_keys(kek, &ids)))
 }
 
 /// The stored row for an event's content and its link.

@@ -43,7 +43,7 @@ struct Memory {
 
 pub struct Sweeper {
     store: Arc<dyn Store>,
-    keys: HashMap<String, ChainKey>,
+    kek: caracal_crypto::Kek,
     /// Signs a checkpoint after each clean full sweep of a zone that grew.
     signer: Option<CheckpointSigner>,
     memory: Mutex<Memory>,
@@ -67,12 +67,12 @@ fn decode(hex_text: &str) -> [u8; 32] {
 impl Sweeper {
     pub fn new(
         store: Arc<dyn Store>,
-        keys: HashMap<String, ChainKey>,
+        kek: caracal_crypto::Kek,
         metrics: Arc<SweepMetrics>,
     ) -> Sweeper {
         Sweeper {
             store,
-            keys,
+            kek,
             signer: None,
             memory: Mutex::new(Memory::default()),
             metrics,
@@ -99,15 +99,21 @@ impl Sweeper {
 
     async fn sweep(&self, full: bool) -> Result<Vec<Finding>, StoreError> {
         let mut findings = Vec::new();
+        let (_, keys) = super::current_chain_keys(self.store.as_ref(), &self.kek).await?;
         for zone_id in self.store.audit_zones().await? {
-            findings.extend(self.sweep_zone(&zone_id, full).await?);
+            findings.extend(self.sweep_zone(&zone_id, full, &keys).await?);
         }
         self.record(&findings).await?;
         self.metrics.last_sweep_unix.set(now_ms() / 1000);
         Ok(findings)
     }
 
-    async fn sweep_zone(&self, zone_id: &str, full: bool) -> Result<Vec<Finding>, StoreError> {
+    async fn sweep_zone(
+        &self,
+        zone_id: &str,
+        full: bool,
+        keys: &HashMap<String, ChainKey>,
+    ) -> Result<Vec<Finding>, StoreError> {
         let mut findings = Vec::new();
         let head = self
             .store
@@ -171,7 +177,7 @@ impl Sweeper {
             findings.extend(verify(
                 zone_id,
                 &stored,
-                &self.keys,
+                keys,
                 Anchor { after, at_least: 0 },
             ));
             self.metrics.rows_checked.inc_by(rows.len() as u64);

@@ -68,6 +68,11 @@ pub trait Audit: Send + Sync {
         limit: i64,
     ) -> Result<Vec<AuditEvent>, StoreError>;
 
+    /// The chain key ids, oldest first; the last is current. Adds `initial` when there are none.
+    async fn audit_chain_key_ids(&self, initial: &str) -> Result<Vec<String>, StoreError>;
+    /// Makes `id` the current chain key; an id used before is a [`StoreError::Conflict`].
+    async fn add_audit_chain_key(&self, id: &str) -> Result<(), StoreError>;
+
     /// Stores a checkpoint; one for the same (zone, size) is kept as it was.
     async fn insert_audit_checkpoint(&self, checkpoint: &AuditCheckpoint)
     -> Result<(), StoreError>;
@@ -532,5 +537,30 @@ impl<D: Db> Audit for D {
             event,
         )
         .await
+    }
+
+    async fn audit_chain_key_ids(&self, initial: &str) -> Result<Vec<String>, StoreError> {
+        self.change(
+            "INSERT INTO audit_chain_keys (id, created_at_ms)
+             SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM audit_chain_keys)",
+            params![initial, 0i64],
+        )
+        .await?;
+        let rows = self
+            .rows(
+                "SELECT id FROM audit_chain_keys ORDER BY created_at_ms, id",
+                params![],
+            )
+            .await?;
+        rows.iter().map(|row| row.text(0)).collect()
+    }
+
+    async fn add_audit_chain_key(&self, id: &str) -> Result<(), StoreError> {
+        self.change(
+            "INSERT INTO audit_chain_keys (id, created_at_ms) VALUES ($1, $2)",
+            params![id, crate::store::now_ms()],
+        )
+        .await
+        .map(|_| ())
     }
 }
