@@ -7,6 +7,13 @@ use crate::db::{Db, Dialect, Outcome, Row, Statement, params};
 use crate::model::{AuditCheckpoint, AuditEvent, AuditFilter, TamperFinding};
 use crate::store::{StoreError, all};
 
+/// The row columns of `audit_events`, for `concat!`.
+macro_rules! select_audit_events {
+    () => {
+        "SELECT id, zone_id, event_type, request_id, decision, policy_set_id, policy_set_version_id, manifest_sha, evaluation_status, determining_policies, diagnostics, metadata, occurred_at_ms, ingested_at_ms, chain_seq, content_sha256, prev_content_sha256, chain_mac, chain_key_id FROM audit_events"
+    };
+}
+
 /// Builds the rows to append from the zone's head (sequence, content hash) and the ids among
 /// the candidates that are already stored.
 pub type ChainBuilder = Box<
@@ -115,6 +122,31 @@ fn finding(row: &Row) -> Result<TamperFinding, StoreError> {
     })
 }
 
+/// The 19 values of an audit row, in column order.
+fn row_params(e: &AuditEvent) -> Vec<crate::db::Value> {
+    params![
+        e.id.as_str(),
+        e.zone_id.as_str(),
+        e.event_type.as_str(),
+        e.request_id.as_str(),
+        e.decision.as_str(),
+        e.policy_set_id.clone(),
+        e.policy_set_version_id.clone(),
+        e.manifest_sha.clone(),
+        e.evaluation_status.as_str(),
+        e.determining_policies.as_str(),
+        e.diagnostics.as_str(),
+        e.metadata.as_str(),
+        e.occurred_at_ms,
+        e.ingested_at_ms,
+        e.chain_seq,
+        e.content_sha256.as_str(),
+        e.prev_content_sha256.as_str(),
+        e.chain_mac.as_str(),
+        e.chain_key_id.as_str(),
+    ]
+}
+
 /// One row's insert.
 fn insert_row(e: &AuditEvent) -> Statement {
     Statement::new(
@@ -123,27 +155,7 @@ fn insert_row(e: &AuditEvent) -> Statement {
              metadata, occurred_at_ms, ingested_at_ms, chain_seq, content_sha256, prev_content_sha256,
              chain_mac, chain_key_id)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
-        params![
-            e.id.as_str(),
-            e.zone_id.as_str(),
-            e.event_type.as_str(),
-            e.request_id.as_str(),
-            e.decision.as_str(),
-            e.policy_set_id.clone(),
-            e.policy_set_version_id.clone(),
-            e.manifest_sha.clone(),
-            e.evaluation_status.as_str(),
-            e.determining_policies.as_str(),
-            e.diagnostics.as_str(),
-            e.metadata.as_str(),
-            e.occurred_at_ms,
-            e.ingested_at_ms,
-            e.chain_seq,
-            e.content_sha256.as_str(),
-            e.prev_content_sha256.as_str(),
-            e.chain_mac.as_str(),
-            e.chain_key_id.as_str(),
-        ],
+        row_params(e),
     )
 }
 
@@ -218,27 +230,7 @@ impl<D: Db> Audit for D {
                          chain_mac, chain_key_id)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
                      ON CONFLICT (id) DO NOTHING",
-                    params![
-                        e.id.as_str(),
-                        e.zone_id.as_str(),
-                        e.event_type.as_str(),
-                        e.request_id.as_str(),
-                        e.decision.as_str(),
-                        e.policy_set_id.clone(),
-                        e.policy_set_version_id.clone(),
-                        e.manifest_sha.clone(),
-                        e.evaluation_status.as_str(),
-                        e.determining_policies.as_str(),
-                        e.diagnostics.as_str(),
-                        e.metadata.as_str(),
-                        e.occurred_at_ms,
-                        e.ingested_at_ms,
-                        e.chain_seq,
-                        e.content_sha256.as_str(),
-                        e.prev_content_sha256.as_str(),
-                        e.chain_mac.as_str(),
-                        e.chain_key_id.as_str(),
-                    ],
+                    row_params(e),
                 )
             })
             .collect();
@@ -254,10 +246,10 @@ impl<D: Db> Audit for D {
     ) -> Result<Vec<AuditEvent>, StoreError> {
         all(
             self,
-            "SELECT id, zone_id, event_type, request_id, decision, policy_set_id, policy_set_version_id, manifest_sha,
-                    evaluation_status, determining_policies, diagnostics, metadata, occurred_at_ms, ingested_at_ms,
-                    chain_seq, content_sha256, prev_content_sha256, chain_mac, chain_key_id
-             FROM audit_events WHERE zone_id = $1 AND chain_seq > $2 ORDER BY chain_seq LIMIT $3",
+            concat!(
+                select_audit_events!(),
+                " WHERE zone_id = $1 AND chain_seq > $2 ORDER BY chain_seq LIMIT $3"
+            ),
             params![zone_id, after_seq, limit],
             event,
         )
@@ -351,10 +343,10 @@ impl<D: Db> Audit for D {
     ) -> Result<Vec<AuditEvent>, StoreError> {
         all(
             self,
-            "SELECT id, zone_id, event_type, request_id, decision, policy_set_id, policy_set_version_id, manifest_sha,
-                    evaluation_status, determining_policies, diagnostics, metadata, occurred_at_ms, ingested_at_ms,
-                    chain_seq, content_sha256, prev_content_sha256, chain_mac, chain_key_id
-             FROM audit_events WHERE zone_id = $1 AND chain_seq >= $2 AND chain_seq <= $3 ORDER BY chain_seq",
+            concat!(
+                select_audit_events!(),
+                " WHERE zone_id = $1 AND chain_seq >= $2 AND chain_seq <= $3 ORDER BY chain_seq"
+            ),
             params![zone_id, from, to],
             event,
         )
@@ -485,11 +477,7 @@ impl<D: Db> Audit for D {
         };
         let sql = match self.dialect() {
             Dialect::Sqlite => {
-                "SELECT id, zone_id, event_type, request_id, decision, policy_set_id, policy_set_version_id,
-                        manifest_sha, evaluation_status, determining_policies, diagnostics, metadata, occurred_at_ms,
-                        ingested_at_ms, chain_seq, content_sha256, prev_content_sha256, chain_mac, chain_key_id
-                 FROM audit_events
-                 WHERE zone_id = $1
+                concat!(select_audit_events!(), " WHERE zone_id = $1
                    AND (CAST($2 AS BIGINT) IS NULL OR occurred_at_ms >= CAST($2 AS BIGINT))
                    AND (CAST($3 AS BIGINT) IS NULL OR occurred_at_ms < CAST($3 AS BIGINT))
                    AND (CAST($4 AS TEXT) IS NULL OR event_type = CAST($4 AS TEXT))
@@ -498,14 +486,12 @@ impl<D: Db> Audit for D {
                    AND (CAST($7 AS TEXT) IS NULL OR instr(metadata, $7) > 0 OR instr(metadata, $8) > 0)
                    AND (CAST($9 AS TEXT) IS NULL OR instr(metadata, $9) > 0)
                    AND (CAST($10 AS BIGINT) IS NULL OR chain_seq < CAST($10 AS BIGINT))
-                 ORDER BY chain_seq DESC LIMIT $11"
+                 ORDER BY chain_seq DESC LIMIT $11")
             }
             Dialect::Postgres => {
-                "SELECT id, zone_id, event_type, request_id, decision, policy_set_id, policy_set_version_id,
-                        manifest_sha, evaluation_status, determining_policies, diagnostics, metadata, occurred_at_ms,
-                        ingested_at_ms, chain_seq, content_sha256, prev_content_sha256, chain_mac, chain_key_id
-                 FROM audit_events
-                 WHERE zone_id = $1
+                concat!(
+                    select_audit_events!(),
+                    " WHERE zone_id = $1
                    AND (CAST($2 AS BIGINT) IS NULL OR occurred_at_ms >= CAST($2 AS BIGINT))
                    AND (CAST($3 AS BIGINT) IS NULL OR occurred_at_ms < CAST($3 AS BIGINT))
                    AND (CAST($4 AS TEXT) IS NULL OR event_type = CAST($4 AS TEXT))
@@ -516,6 +502,7 @@ impl<D: Db> Audit for D {
                    AND (CAST($9 AS TEXT) IS NULL OR strpos(metadata, CAST($9 AS TEXT)) > 0)
                    AND (CAST($10 AS BIGINT) IS NULL OR chain_seq < CAST($10 AS BIGINT))
                  ORDER BY chain_seq DESC LIMIT $11"
+                )
             }
         };
         all(
@@ -540,18 +527,23 @@ impl<D: Db> Audit for D {
     }
 
     async fn audit_chain_key_ids(&self, initial: &str) -> Result<Vec<String>, StoreError> {
-        self.change(
-            "INSERT INTO audit_chain_keys (id, created_at_ms)
-             SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM audit_chain_keys)",
-            params![initial, 0i64],
-        )
-        .await?;
-        let rows = self
-            .rows(
+        let read = || {
+            self.rows(
                 "SELECT id FROM audit_chain_keys ORDER BY created_at_ms, id",
                 params![],
             )
+        };
+        let mut rows = read().await?;
+        // Only a deployment's very first read writes.
+        if rows.is_empty() {
+            self.change(
+                "INSERT INTO audit_chain_keys (id, created_at_ms)
+                 SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM audit_chain_keys)",
+                params![initial, 0i64],
+            )
             .await?;
+            rows = read().await?;
+        }
         rows.iter().map(|row| row.text(0)).collect()
     }
 

@@ -11,6 +11,34 @@ use crate::store::{
     StoreError, all, first_row, list_from_json, list_to_json, not_found, now_ms, one, with_outbox,
 };
 
+/// The row columns of `applications`, for `concat!`.
+macro_rules! select_applications {
+    () => {
+        "SELECT id, zone_id, name, client_secret_hash, traits, registration_method, expires_at_ms, created_at_ms, archived_at_ms FROM applications"
+    };
+}
+
+/// The row columns of `providers`, for `concat!`.
+macro_rules! select_providers {
+    () => {
+        "SELECT id, zone_id, name, identifier, kind, config, secret_refs, created_at_ms, archived_at_ms FROM providers"
+    };
+}
+
+/// The row columns of `resources`, for `concat!`.
+macro_rules! select_resources {
+    () => {
+        "SELECT id, zone_id, name, identifier, upstream_url, provider_id, scopes, operations, operation_enforcement, created_at_ms, archived_at_ms FROM resources"
+    };
+}
+
+/// The row columns of `zones`, for `concat!`.
+macro_rules! select_zones {
+    () => {
+        "SELECT id, name, slug, created_at_ms FROM zones"
+    };
+}
+
 #[async_trait::async_trait]
 pub trait Directory: Send + Sync {
     /// Creates a zone and enqueues `outbox` in the same transaction. A taken slug is a
@@ -230,7 +258,7 @@ impl<D: Db> Directory for D {
     async fn get_zone(&self, zone_id: &str) -> Result<Option<Zone>, StoreError> {
         one(
             self,
-            "SELECT id, name, slug, created_at_ms FROM zones WHERE id = $1",
+            concat!(select_zones!(), " WHERE id = $1"),
             params![zone_id],
             zone,
         )
@@ -240,7 +268,7 @@ impl<D: Db> Directory for D {
     async fn list_zones(&self) -> Result<Vec<Zone>, StoreError> {
         all(
             self,
-            "SELECT id, name, slug, created_at_ms FROM zones ORDER BY created_at_ms, id",
+            concat!(select_zones!(), " ORDER BY created_at_ms, id"),
             params![],
             zone,
         )
@@ -278,9 +306,7 @@ impl<D: Db> Directory for D {
     ) -> Result<Option<Application>, StoreError> {
         one(
             self,
-            "SELECT id, zone_id, name, client_secret_hash, traits, registration_method, expires_at_ms,
-                    created_at_ms, archived_at_ms
-             FROM applications WHERE zone_id = $1 AND id = $2",
+            concat!(select_applications!(), " WHERE zone_id = $1 AND id = $2"),
             params![zone_id, id],
             application,
         )
@@ -290,9 +316,10 @@ impl<D: Db> Directory for D {
     async fn list_applications(&self, zone_id: &str) -> Result<Vec<Application>, StoreError> {
         all(
             self,
-            "SELECT id, zone_id, name, client_secret_hash, traits, registration_method, expires_at_ms,
-                    created_at_ms, archived_at_ms
-             FROM applications WHERE zone_id = $1 ORDER BY created_at_ms, id",
+            concat!(
+                select_applications!(),
+                " WHERE zone_id = $1 ORDER BY created_at_ms, id"
+            ),
             params![zone_id],
             application,
         )
@@ -357,8 +384,7 @@ impl<D: Db> Directory for D {
     async fn get_provider(&self, zone_id: &str, id: &str) -> Result<Option<Provider>, StoreError> {
         one(
             self,
-            "SELECT id, zone_id, name, identifier, kind, config, secret_refs, created_at_ms, archived_at_ms
-             FROM providers WHERE zone_id = $1 AND id = $2",
+            concat!(select_providers!(), " WHERE zone_id = $1 AND id = $2"),
             params![zone_id, id],
             provider,
         )
@@ -368,8 +394,10 @@ impl<D: Db> Directory for D {
     async fn list_providers(&self, zone_id: &str) -> Result<Vec<Provider>, StoreError> {
         all(
             self,
-            "SELECT id, zone_id, name, identifier, kind, config, secret_refs, created_at_ms, archived_at_ms
-             FROM providers WHERE zone_id = $1 ORDER BY created_at_ms, id",
+            concat!(
+                select_providers!(),
+                " WHERE zone_id = $1 ORDER BY created_at_ms, id"
+            ),
             params![zone_id],
             provider,
         )
@@ -408,9 +436,7 @@ impl<D: Db> Directory for D {
     async fn get_resource(&self, zone_id: &str, id: &str) -> Result<Option<Resource>, StoreError> {
         one(
             self,
-            "SELECT id, zone_id, name, identifier, upstream_url, provider_id, scopes, operations,
-                    operation_enforcement, created_at_ms, archived_at_ms
-             FROM resources WHERE zone_id = $1 AND id = $2",
+            concat!(select_resources!(), " WHERE zone_id = $1 AND id = $2"),
             params![zone_id, id],
             resource,
         )
@@ -424,9 +450,10 @@ impl<D: Db> Directory for D {
     ) -> Result<Option<Resource>, StoreError> {
         one(
             self,
-            "SELECT id, zone_id, name, identifier, upstream_url, provider_id, scopes, operations,
-                    operation_enforcement, created_at_ms, archived_at_ms
-             FROM resources WHERE zone_id = $1 AND identifier = $2",
+            concat!(
+                select_resources!(),
+                " WHERE zone_id = $1 AND identifier = $2"
+            ),
             params![zone_id, identifier],
             resource,
         )
@@ -436,9 +463,10 @@ impl<D: Db> Directory for D {
     async fn list_resources(&self, zone_id: &str) -> Result<Vec<Resource>, StoreError> {
         all(
             self,
-            "SELECT id, zone_id, name, identifier, upstream_url, provider_id, scopes, operations,
-                    operation_enforcement, created_at_ms, archived_at_ms
-             FROM resources WHERE zone_id = $1 ORDER BY created_at_ms, id",
+            concat!(
+                select_resources!(),
+                " WHERE zone_id = $1 ORDER BY created_at_ms, id"
+            ),
             params![zone_id],
             resource,
         )

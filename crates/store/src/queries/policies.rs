@@ -4,6 +4,34 @@ use crate::db::{Db, Row, Statement, params};
 use crate::model::{OutboxMessage, PolicyBinding, PolicyHeader, PolicyVersion};
 use crate::store::{StoreError, all, first_row, not_found, now_ms, one, with_outbox};
 
+/// The row columns of `policies`, for `concat!`.
+macro_rules! select_policies {
+    () => {
+        "SELECT id, zone_id, name, description, created_at_ms, archived_at_ms FROM policies"
+    };
+}
+
+/// The row columns of `policy_sets`, for `concat!`.
+macro_rules! select_policy_sets {
+    () => {
+        "SELECT id, zone_id, name, description, created_at_ms, archived_at_ms FROM policy_sets"
+    };
+}
+
+/// The row columns of `policy_versions`, for `concat!`.
+macro_rules! select_policy_versions {
+    () => {
+        "SELECT id, zone_id, policy_id, version, content, content_sha256, created_at_ms FROM policy_versions"
+    };
+}
+
+/// The row columns of `policy_set_versions`, for `concat!`.
+macro_rules! select_policy_set_versions {
+    () => {
+        "SELECT id, zone_id, policy_set_id, version, manifest, manifest_sha256, created_at_ms FROM policy_set_versions"
+    };
+}
+
 #[async_trait::async_trait]
 pub trait Policies: Send + Sync {
     async fn create_policy(&self, policy: &PolicyHeader) -> Result<(), StoreError>;
@@ -128,8 +156,7 @@ impl<D: Db> Policies for D {
     ) -> Result<Option<PolicyHeader>, StoreError> {
         one(
             self,
-            "SELECT id, zone_id, name, description, created_at_ms, archived_at_ms
-             FROM policies WHERE zone_id = $1 AND id = $2",
+            concat!(select_policies!(), " WHERE zone_id = $1 AND id = $2"),
             params![zone_id, id],
             header,
         )
@@ -139,8 +166,10 @@ impl<D: Db> Policies for D {
     async fn list_policies(&self, zone_id: &str) -> Result<Vec<PolicyHeader>, StoreError> {
         all(
             self,
-            "SELECT id, zone_id, name, description, created_at_ms, archived_at_ms
-             FROM policies WHERE zone_id = $1 ORDER BY created_at_ms, id",
+            concat!(
+                select_policies!(),
+                " WHERE zone_id = $1 ORDER BY created_at_ms, id"
+            ),
             params![zone_id],
             header,
         )
@@ -177,8 +206,7 @@ impl<D: Db> Policies for D {
     ) -> Result<Option<PolicyVersion>, StoreError> {
         one(
             self,
-            "SELECT id, zone_id, policy_id, version, content, content_sha256, created_at_ms
-             FROM policy_versions WHERE zone_id = $1 AND id = $2",
+            concat!(select_policy_versions!(), " WHERE zone_id = $1 AND id = $2"),
             params![zone_id, id],
             version,
         )
@@ -192,8 +220,10 @@ impl<D: Db> Policies for D {
     ) -> Result<Vec<PolicyVersion>, StoreError> {
         all(
             self,
-            "SELECT id, zone_id, policy_id, version, content, content_sha256, created_at_ms
-             FROM policy_versions WHERE zone_id = $1 AND policy_id = $2 ORDER BY version",
+            concat!(
+                select_policy_versions!(),
+                " WHERE zone_id = $1 AND policy_id = $2 ORDER BY version"
+            ),
             params![zone_id, policy_id],
             version,
         )
@@ -224,8 +254,7 @@ impl<D: Db> Policies for D {
     ) -> Result<Option<PolicyHeader>, StoreError> {
         one(
             self,
-            "SELECT id, zone_id, name, description, created_at_ms, archived_at_ms
-             FROM policy_sets WHERE zone_id = $1 AND id = $2",
+            concat!(select_policy_sets!(), " WHERE zone_id = $1 AND id = $2"),
             params![zone_id, id],
             header,
         )
@@ -235,8 +264,10 @@ impl<D: Db> Policies for D {
     async fn list_policy_sets(&self, zone_id: &str) -> Result<Vec<PolicyHeader>, StoreError> {
         all(
             self,
-            "SELECT id, zone_id, name, description, created_at_ms, archived_at_ms
-             FROM policy_sets WHERE zone_id = $1 ORDER BY created_at_ms, id",
+            concat!(
+                select_policy_sets!(),
+                " WHERE zone_id = $1 ORDER BY created_at_ms, id"
+            ),
             params![zone_id],
             header,
         )
@@ -271,8 +302,10 @@ impl<D: Db> Policies for D {
     ) -> Result<Option<PolicyVersion>, StoreError> {
         one(
             self,
-            "SELECT id, zone_id, policy_set_id, version, manifest, manifest_sha256, created_at_ms
-             FROM policy_set_versions WHERE zone_id = $1 AND id = $2",
+            concat!(
+                select_policy_set_versions!(),
+                " WHERE zone_id = $1 AND id = $2"
+            ),
             params![zone_id, id],
             version,
         )
@@ -286,8 +319,10 @@ impl<D: Db> Policies for D {
     ) -> Result<Vec<PolicyVersion>, StoreError> {
         all(
             self,
-            "SELECT id, zone_id, policy_set_id, version, manifest, manifest_sha256, created_at_ms
-             FROM policy_set_versions WHERE zone_id = $1 AND policy_set_id = $2 ORDER BY version",
+            concat!(
+                select_policy_set_versions!(),
+                " WHERE zone_id = $1 AND policy_set_id = $2 ORDER BY version"
+            ),
             params![zone_id, set_id],
             version,
         )

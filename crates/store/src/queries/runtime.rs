@@ -10,6 +10,34 @@ use crate::store::{
     with_outbox,
 };
 
+/// The row columns of `sessions`, for `concat!`.
+macro_rules! select_sessions {
+    () => {
+        "SELECT id, zone_id, application_id, parent_id, authority_record_id, status, lifecycle, depth, labels, metadata, ttl_seconds, lease_generation, heartbeat_deadline_ms, started_at_ms, last_active_ms, terminated_at_ms, termination_reason FROM sessions"
+    };
+}
+
+/// The row columns of `delegation_edges`, for `concat!`.
+macro_rules! select_delegation_edges {
+    () => {
+        "SELECT id, zone_id, source_session_id, target_session_id, issuer_application_id, receiver_application_id, parent_edge_id, resource_id, scopes, constraints, status, expires_at_ms, created_at_ms, revoked_at_ms FROM delegation_edges"
+    };
+}
+
+/// The row columns of `approval_holds`, for `concat!`.
+macro_rules! select_approval_holds {
+    () => {
+        "SELECT id, zone_id, session_id, principal_id, application_id, tier, approver_class, binding_hash, metadata, created_at_ms, expires_at_ms, decision, decided_at_ms, decision_reason, approver_id, consumed_at_ms FROM approval_holds"
+    };
+}
+
+/// The row columns of `authority_records`, for `concat!`.
+macro_rules! select_authority_records {
+    () => {
+        "SELECT id, zone_id, session_type, subject_id, parent_id, status, claims, expires_at_ms, authenticated_at_ms, created_at_ms, revoked_at_ms, revoked_reason FROM authority_records"
+    };
+}
+
 #[async_trait::async_trait]
 pub trait Runtime: Send + Sync {
     /// Inserts many records in one transaction (the STS group-commits its mints).
@@ -321,9 +349,10 @@ impl<D: Db> Runtime for D {
     ) -> Result<Option<AuthorityRecord>, StoreError> {
         one(
             self,
-            "SELECT id, zone_id, session_type, subject_id, parent_id, status, claims, expires_at_ms,
-                    authenticated_at_ms, created_at_ms, revoked_at_ms, revoked_reason
-             FROM authority_records WHERE zone_id = $1 AND id = $2",
+            concat!(
+                select_authority_records!(),
+                " WHERE zone_id = $1 AND id = $2"
+            ),
             params![zone_id, id],
             authority,
         )
@@ -337,9 +366,10 @@ impl<D: Db> Runtime for D {
     ) -> Result<Vec<AuthorityRecord>, StoreError> {
         all(
             self,
-            "SELECT id, zone_id, session_type, subject_id, parent_id, status, claims, expires_at_ms,
-                    authenticated_at_ms, created_at_ms, revoked_at_ms, revoked_reason
-             FROM authority_records WHERE zone_id = $1 AND subject_id = $2 ORDER BY created_at_ms, id",
+            concat!(
+                select_authority_records!(),
+                " WHERE zone_id = $1 AND subject_id = $2 ORDER BY created_at_ms, id"
+            ),
             params![zone_id, subject_id],
             authority,
         )
@@ -398,10 +428,7 @@ impl<D: Db> Runtime for D {
     async fn get_session(&self, zone_id: &str, id: &str) -> Result<Option<Session>, StoreError> {
         one(
             self,
-            "SELECT id, zone_id, application_id, parent_id, authority_record_id, status, lifecycle, depth, labels,
-                    metadata, ttl_seconds, lease_generation, heartbeat_deadline_ms, started_at_ms, last_active_ms,
-                    terminated_at_ms, termination_reason
-             FROM sessions WHERE zone_id = $1 AND id = $2",
+            concat!(select_sessions!(), " WHERE zone_id = $1 AND id = $2"),
             params![zone_id, id],
             session,
         )
@@ -411,10 +438,10 @@ impl<D: Db> Runtime for D {
     async fn list_sessions(&self, zone_id: &str) -> Result<Vec<Session>, StoreError> {
         all(
             self,
-            "SELECT id, zone_id, application_id, parent_id, authority_record_id, status, lifecycle, depth, labels,
-                    metadata, ttl_seconds, lease_generation, heartbeat_deadline_ms, started_at_ms, last_active_ms,
-                    terminated_at_ms, termination_reason
-             FROM sessions WHERE zone_id = $1 ORDER BY started_at_ms, id",
+            concat!(
+                select_sessions!(),
+                " WHERE zone_id = $1 ORDER BY started_at_ms, id"
+            ),
             params![zone_id],
             session,
         )
@@ -428,10 +455,10 @@ impl<D: Db> Runtime for D {
     ) -> Result<Vec<Session>, StoreError> {
         all(
             self,
-            "SELECT id, zone_id, application_id, parent_id, authority_record_id, status, lifecycle, depth, labels,
-                    metadata, ttl_seconds, lease_generation, heartbeat_deadline_ms, started_at_ms, last_active_ms,
-                    terminated_at_ms, termination_reason
-             FROM sessions WHERE zone_id = $1 AND parent_id = $2 ORDER BY started_at_ms, id",
+            concat!(
+                select_sessions!(),
+                " WHERE zone_id = $1 AND parent_id = $2 ORDER BY started_at_ms, id"
+            ),
             params![zone_id, parent_id],
             session,
         )
@@ -518,9 +545,10 @@ impl<D: Db> Runtime for D {
     ) -> Result<Option<DelegationEdge>, StoreError> {
         one(
             self,
-            "SELECT id, zone_id, source_session_id, target_session_id, issuer_application_id, receiver_application_id,
-                    parent_edge_id, resource_id, scopes, constraints, status, expires_at_ms, created_at_ms, revoked_at_ms
-             FROM delegation_edges WHERE zone_id = $1 AND id = $2",
+            concat!(
+                select_delegation_edges!(),
+                " WHERE zone_id = $1 AND id = $2"
+            ),
             params![zone_id, id],
             edge,
         )
@@ -534,9 +562,10 @@ impl<D: Db> Runtime for D {
     ) -> Result<Vec<DelegationEdge>, StoreError> {
         all(
             self,
-            "SELECT id, zone_id, source_session_id, target_session_id, issuer_application_id, receiver_application_id,
-                    parent_edge_id, resource_id, scopes, constraints, status, expires_at_ms, created_at_ms, revoked_at_ms
-             FROM delegation_edges WHERE zone_id = $1 AND source_session_id = $2 ORDER BY created_at_ms, id",
+            concat!(
+                select_delegation_edges!(),
+                " WHERE zone_id = $1 AND source_session_id = $2 ORDER BY created_at_ms, id"
+            ),
             params![zone_id, session_id],
             edge,
         )
@@ -550,9 +579,10 @@ impl<D: Db> Runtime for D {
     ) -> Result<Vec<DelegationEdge>, StoreError> {
         all(
             self,
-            "SELECT id, zone_id, source_session_id, target_session_id, issuer_application_id, receiver_application_id,
-                    parent_edge_id, resource_id, scopes, constraints, status, expires_at_ms, created_at_ms, revoked_at_ms
-             FROM delegation_edges WHERE zone_id = $1 AND target_session_id = $2 ORDER BY created_at_ms, id",
+            concat!(
+                select_delegation_edges!(),
+                " WHERE zone_id = $1 AND target_session_id = $2 ORDER BY created_at_ms, id"
+            ),
             params![zone_id, session_id],
             edge,
         )
@@ -638,9 +668,7 @@ impl<D: Db> Runtime for D {
     ) -> Result<Option<ApprovalHold>, StoreError> {
         one(
             self,
-            "SELECT id, zone_id, session_id, principal_id, application_id, tier, approver_class, binding_hash, metadata,
-                    created_at_ms, expires_at_ms, decision, decided_at_ms, decision_reason, approver_id, consumed_at_ms
-             FROM approval_holds WHERE zone_id = $1 AND id = $2",
+            concat!(select_approval_holds!(), " WHERE zone_id = $1 AND id = $2"),
             params![zone_id, id],
             hold,
         )
@@ -653,10 +681,11 @@ impl<D: Db> Runtime for D {
     ) -> Result<Vec<ApprovalHold>, StoreError> {
         all(
             self,
-            "SELECT id, zone_id, session_id, principal_id, application_id, tier, approver_class, binding_hash, metadata,
-                    created_at_ms, expires_at_ms, decision, decided_at_ms, decision_reason, approver_id, consumed_at_ms
-             FROM approval_holds WHERE zone_id = $1 AND decision IS NULL AND expires_at_ms > $2
-             ORDER BY created_at_ms, id",
+            concat!(
+                select_approval_holds!(),
+                " WHERE zone_id = $1 AND decision IS NULL AND expires_at_ms > $2
+             ORDER BY created_at_ms, id"
+            ),
             params![zone_id, now_ms()],
             hold,
         )
