@@ -52,9 +52,15 @@ impl RedisBus {
             .query_async(&mut probe)
             .await
             .map_err(bus_error)?;
+        // While Redis is down a command fails within a few hundred milliseconds instead of
+        // riding out a long reconnect schedule: callers have somewhere better to go (the
+        // evidence replay file, the outbox retry) and must not stall a request.
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(COMMAND_TIMEOUT));
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(200));
         let shared = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(bus_error)?;

@@ -104,6 +104,11 @@ impl Ledger {
     }
 
     async fn ingestor(&self) -> Ingestor {
+        self.ingestor_with(Duration::from_secs(30)).await
+    }
+
+    /// An ingestor whose consumer takes over entries pending longer than `reclaim_idle`.
+    async fn ingestor_with(&self, reclaim_idle: Duration) -> Ingestor {
         let consumer = Consumer::start(
             self.bus.clone(),
             self.key.clone(),
@@ -113,7 +118,7 @@ impl Ledger {
                 consumer: "audit-test".into(),
                 batch: 64,
                 block: Duration::from_millis(20),
-                reclaim_idle: Duration::from_secs(30),
+                reclaim_idle,
                 max_deliveries: 8,
                 dedupe_window: 10_000,
             },
@@ -203,6 +208,7 @@ on_both_stores!(
     bad_entries_are_dead_lettered_with_their_reason,
     the_sweep_reports_every_kind_of_tampering_by_kind,
     a_key_rotation_takes_effect_at_once_and_old_rows_keep_verifying,
+    an_ingestor_killed_mid_load_loses_and_doubles_nothing,
 );
 
 async fn recorded_events_form_one_verifiable_chain_per_zone_once_each(ledger: &Ledger) {
@@ -546,5 +552,92 @@ async fn a_key_rotation_takes_effect_at_once_and_old_rows_keep_verifying(ledger:
     assert!(
         ledger.sweeper().full().await.unwrap().is_empty(),
         "old rows verify with their own key"
+    );
+}
+
+async fn an_ingestor_killed_mid_load_loses_and_doubles_nothing(ledger: &Ledger) {
+    ledger
+        .record(
+            (1..=200usize)
+                .map(|n| {
+                    event(
+                        if n.is_multiple_of(2) {
+                            "zone-a"
+                        } else {
+                            "zone-b"
+                        },
+                        n,
+                    )
+                })
+                .collect(),
+        )
+        .await;
+    // An ingestor stores a batch, then dies before acknowledging it: the worst moment.
+    let consumer = Consumer::start(
+        ledger.bus.clone(),
+        ledger.key.clone(),
+        ConsumerConfig {
+            stream: stream_names::AUDIT_EVENTS.into(),
+            group: GROUP.into(),
+            consumer: "audit-test".into(),
+            batch: 64,
+            block: Duration::from_millis(20),
+            reclaim_idle: Duration::from_millis(100),
+            max_deliveries: 8,
+            dedupe_window: 10_000,
+        },
+    )
+    .await
+    .unwrap();
+    let taken = consumer.poll().await.unwrap();
+    assert_eq!(taken.len(), 64);
+    let events: Vec<Event> = taken
+        .iter()
+        .map(|entry| Event::parse(entry.fields["data"].as_bytes()).unwrap())
+        .collect();
+    for zone in ["zone-a", "zone-b"] {
+        let mine: Vec<Event> = events
+            .iter()
+            .filter(|event| event.zone_id == zone)
+            .cloned()
+            .collect();
+        let ids: Vec<String> = mine.iter().map(|event| event.id.clone()).collect();
+        let key = caracal_services::ledger::chain_key(&ledger.kek, INITIAL_CHAIN_KEY_ID);
+        ledger
+            .store
+            .append_audit_chain(
+                zone,
+                &ids,
+                caracal_services::ledger::ingest::chain_builder(key, mine),
+            )
+            .await
+            .unwrap();
+    }
+    drop(consumer);
+
+    // The restarted ingestor takes the orphaned batch over once it is idle, and the rest.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let restarted = ledger.ingestor_with(Duration::from_millis(100)).await;
+    ledger.ingest_all(&restarted).await;
+    let mut stored = 0;
+    for zone in ["zone-a", "zone-b"] {
+        let rows = ledger.store.audit_range(zone, 1, 1000).await.unwrap();
+        let sequence: Vec<i64> = rows.iter().map(|row| row.chain_seq).collect();
+        assert_eq!(
+            sequence,
+            (1..=100).collect::<Vec<i64>>(),
+            "{zone}: contiguous, no duplicates"
+        );
+        stored += rows.len();
+    }
+    assert_eq!(stored, 200, "stored == produced");
+    assert!(ledger.sweeper().full().await.unwrap().is_empty());
+    assert!(
+        ledger
+            .bus
+            .pending(stream_names::AUDIT_EVENTS, GROUP, 10)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
