@@ -78,16 +78,57 @@ pub async fn run(settings: &Settings, command: &AuditCommand) -> anyhow::Result<
     }
 }
 
+/// Epoch milliseconds from RFC 3339 text or a plain integer.
+fn parse_time(text: &str) -> anyhow::Result<i64> {
+    if let Ok(millis) = text.parse::<i64>() {
+        return Ok(millis);
+    }
+    let time = humantime::parse_rfc3339_weak(text)
+        .with_context(|| format!("`{text}` is neither RFC 3339 nor epoch milliseconds"))?;
+    let since_epoch = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("time before 1970")?;
+    Ok(i64::try_from(since_epoch.as_millis())?)
+}
+
 async fn export(settings: &Settings, args: &ExportArgs) -> anyhow::Result<()> {
     let store = open_store(settings).await?;
-    let bundle = caracal_services::ledger::export_bundle(
-        store.as_ref(),
-        &args.zone,
-        args.from_seq,
-        args.to_seq,
-    )
-    .await
-    .with_context(|| format!("export of zone `{}`", args.zone))?;
+    let (mut from, mut to) = (args.from_seq, args.to_seq);
+    if args.from.is_some() || args.to.is_some() {
+        let since = args
+            .from
+            .as_deref()
+            .map(parse_time)
+            .transpose()?
+            .unwrap_or(i64::MIN);
+        let until = args
+            .to
+            .as_deref()
+            .map(parse_time)
+            .transpose()?
+            .unwrap_or(i64::MAX);
+        // Chain order is ingestion order: the rows covering the window, contiguous.
+        let (first, last) = store
+            .audit_seq_range(&args.zone, since, until)
+            .await?
+            .with_context(|| format!("zone `{}` has no events in that time range", args.zone))?;
+        from = from.max(first);
+        to = to.min(last);
+    }
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} rows")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("reading zone `{}`", args.zone));
+    let progress = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let bundle =
+        caracal_services::ledger::export_bundle(store.as_ref(), &args.zone, from, to, &progress)
+            .await
+            .with_context(|| format!("export of zone `{}`", args.zone))?;
+    bar.finish_and_clear();
     match &args.out {
         Some(path) => {
             std::fs::write(path, &bundle).with_context(|| format!("writing {}", path.display()))?;

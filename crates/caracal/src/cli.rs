@@ -178,6 +178,12 @@ pub struct ExportArgs {
     /// The zone to export
     #[arg(long)]
     pub zone: String,
+    /// Earliest event time to include: RFC 3339 (`2026-11-28T00:00:00Z`) or epoch milliseconds
+    #[arg(long, value_name = "TIME")]
+    pub from: Option<String>,
+    /// Events before this time only (same forms as --from)
+    #[arg(long, value_name = "TIME")]
+    pub to: Option<String>,
     /// First row (chain sequence) to include
     #[arg(long, default_value_t = 1, value_name = "SEQ")]
     pub from_seq: i64,

@@ -112,6 +112,51 @@ async fn export_then_verify_offline_and_refuse_a_tampered_copy() {
         "{stdout}"
     );
 
+    // A time window: events that occurred from …003 (RFC 3339) until before …005 (epoch ms).
+    let window = parent.path().join("window.jsonl");
+    let export = run(caracal(&home)
+        .args([
+            "audit",
+            "export",
+            "--zone",
+            "zone-a",
+            "--from",
+            "2025-10-09T08:53:20.003Z",
+            "--to",
+            "1760000000005",
+            "--out",
+        ])
+        .arg(&window));
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let verify = run(caracal(&home)
+        .args(["audit", "verify", "--public-key", &public_key])
+        .arg(&window));
+    assert!(
+        String::from_utf8_lossy(&verify.stdout).contains("rows 3..=4 (2 rows)"),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let empty = run(caracal(&home).args([
+        "audit",
+        "export",
+        "--zone",
+        "zone-a",
+        "--from",
+        "2030-01-01T00:00:00Z",
+    ]));
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("has no events in that time range"));
+    let bad =
+        run(caracal(&home).args(["audit", "export", "--zone", "zone-a", "--from", "yesterday"]));
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("neither RFC 3339 nor epoch milliseconds")
+    );
+
     for expected in ["chain-2", "chain-3"] {
         let rotated = run(caracal(&home).args(["audit", "rotate-key"]));
         assert!(rotated.status.success());

@@ -477,9 +477,10 @@ async fn checkpoints_anchor_exports_and_catch_truncation_after_a_restart(ledger:
         .unwrap();
     assert_eq!(checkpoint.tree_size, 12);
 
-    let bundle = caracal_services::ledger::export_bundle(ledger.store.as_ref(), "zone-a", 4, 9)
-        .await
-        .unwrap();
+    let bundle =
+        caracal_services::ledger::export_bundle(ledger.store.as_ref(), "zone-a", 4, 9, &|_, _| {})
+            .await
+            .unwrap();
     let verified = caracal_audit::bundle::verify(&bundle, &public_key).unwrap();
     assert_eq!(
         (verified.first_seq, verified.last_seq, verified.tree_size),

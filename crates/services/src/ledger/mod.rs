@@ -217,6 +217,7 @@ pub async fn export_bundle(
     zone_id: &str,
     from: i64,
     to: i64,
+    progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<String, LedgerError> {
     use caracal_audit::merkle::{Checkpoint, leaf_hash};
     let missing = |what: String| LedgerError::Key(what);
@@ -253,6 +254,10 @@ pub async fn export_bundle(
             )));
         };
         next = last.chain_seq + 1;
+        progress(
+            u64::try_from(last.chain_seq).unwrap_or(0),
+            u64::try_from(checkpoint.tree_size).unwrap_or(0),
+        );
         for row in &rows {
             let stored = from_row(row);
             let hash: [u8; 32] = (0..32)

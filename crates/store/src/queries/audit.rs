@@ -75,6 +75,14 @@ pub trait Audit: Send + Sync {
         limit: i64,
     ) -> Result<Vec<AuditEvent>, StoreError>;
 
+    /// The first and last sequence of the zone's events that occurred in `since_ms..until_ms`.
+    async fn audit_seq_range(
+        &self,
+        zone_id: &str,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Option<(i64, i64)>, StoreError>;
+
     /// The chain key ids, oldest first; the last is current. Adds `initial` when there are none.
     async fn audit_chain_key_ids(&self, initial: &str) -> Result<Vec<String>, StoreError>;
     /// Makes `id` the current chain key; an id used before is a [`StoreError::Conflict`].
@@ -554,5 +562,24 @@ impl<D: Db> Audit for D {
         )
         .await
         .map(|_| ())
+    }
+
+    async fn audit_seq_range(
+        &self,
+        zone_id: &str,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT MIN(chain_seq), MAX(chain_seq) FROM audit_events
+                 WHERE zone_id = $1 AND occurred_at_ms >= $2 AND occurred_at_ms < $3",
+                params![zone_id, since_ms, until_ms],
+            )
+            .await?;
+        match rows.first() {
+            Some(row) => Ok(row.opt_int(0)?.zip(row.opt_int(1)?)),
+            None => Ok(None),
+        }
     }
 }
