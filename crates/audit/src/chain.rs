@@ -94,17 +94,26 @@ pub fn next_link(
     head: Option<(i64, [u8; 32])>,
     content: &Content,
 ) -> (Link, [u8; 32]) {
+    let hash = content_hash(content);
+    (link_after(key, head, &content.zone_id, &hash), hash)
+}
+
+/// The link for a row whose content hash is already known.
+pub fn link_after(
+    key: &ChainKey,
+    head: Option<(i64, [u8; 32])>,
+    zone_id: &str,
+    hash: &[u8; 32],
+) -> Link {
     let (previous_seq, previous) = head.unwrap_or((0, GENESIS));
     let seq = previous_seq + 1;
-    let hash = content_hash(content);
-    let link = Link {
+    Link {
         seq,
-        content_sha256: hex(&hash),
+        content_sha256: hex(hash),
         prev_content_sha256: hex(&previous),
-        chain_mac: hex(&link_mac(key, &content.zone_id, seq, &hash, &previous)),
+        chain_mac: hex(&link_mac(key, zone_id, seq, hash, &previous)),
         chain_key_id: key.id.clone(),
-    };
-    (link, hash)
+    }
 }
 
 /// A stored row: its hashed fields as stored, and its chain columns.

@@ -6,8 +6,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use caracal_audit::Content;
 use caracal_audit::Event;
-use caracal_audit::chain::{ChainKey, next_link};
+use caracal_audit::chain::{ChainKey, content_hash, link_after};
 use caracal_bus::{Consumer, Entry};
 use caracal_crypto::Kek;
 use caracal_store::{ChainBuilder, Store, StoreError, now_ms};
@@ -42,8 +43,28 @@ fn decode(hex_text: &str) -> Option<[u8; 32]> {
     bytes?.try_into().ok()
 }
 
+/// An event ready to be linked: its id, content and content hash, computed before the store
+/// transaction so the transaction only links and inserts.
+pub struct Prepared {
+    pub content: Content,
+    pub hash: [u8; 32],
+}
+
+impl Prepared {
+    pub fn of(event: &Event) -> Prepared {
+        let content = event.content();
+        let hash = content_hash(&content);
+        Prepared { content, hash }
+    }
+}
+
 /// Links `events` after a zone's head, skipping ids already stored (or repeated in the batch).
 pub fn chain_builder(key: ChainKey, events: Vec<Event>) -> ChainBuilder {
+    prepared_chain_builder(key, events.iter().map(Prepared::of).collect())
+}
+
+/// [`chain_builder`] for events already prepared.
+pub fn prepared_chain_builder(key: ChainKey, events: Vec<Prepared>) -> ChainBuilder {
     Box::new(
         move |head: Option<(i64, String)>, existing: &HashSet<String>| {
             let mut head = match head {
@@ -57,19 +78,36 @@ pub fn chain_builder(key: ChainKey, events: Vec<Event>) -> ChainBuilder {
             };
             let mut seen = HashSet::new();
             let ingested_at_ms = now_ms();
-            let mut rows = Vec::new();
-            for event in &events {
-                if existing.contains(&event.id) || !seen.insert(event.id.clone()) {
+            let mut rows = Vec::with_capacity(events.len());
+            for prepared in &events {
+                let id = &prepared.content.id;
+                if existing.contains(id) || !seen.insert(id.clone()) {
                     continue;
                 }
-                let content = event.content();
-                let (link, hash) = next_link(&key, head, &content);
-                head = Some((link.seq, hash));
-                rows.push(to_row(&content, &link, ingested_at_ms));
+                let link = link_after(&key, head, &prepared.content.zone_id, &prepared.hash);
+                head = Some((link.seq, prepared.hash));
+                rows.push(to_row(&prepared.content, &link, ingested_at_ms));
             }
             Ok(rows)
         },
     )
+}
+
+/// Parses and prepares stream entries; an entry that cannot be ingested gets its dead-letter
+/// reason instead. (Spreading this over threads measured no faster: the store is the limit.)
+fn prepare_all(entries: &[Entry]) -> Vec<Result<Prepared, String>> {
+    entries
+        .iter()
+        .map(|entry| {
+            let data = entry
+                .fields
+                .get("data")
+                .ok_or_else(|| "missing_data_field".to_owned())?;
+            let event =
+                Event::parse(data.as_bytes()).map_err(|error| format!("invalid_event: {error}"))?;
+            Ok(Prepared::of(&event))
+        })
+        .collect()
 }
 
 impl Ingestor {
@@ -96,36 +134,37 @@ impl Ingestor {
             .await
             .map_err(|error| IngestError::Bus(error.to_string()))?;
         let handled = entries.len();
-        let mut by_zone: BTreeMap<String, Vec<(Entry, Event)>> = BTreeMap::new();
-        for entry in entries {
-            let parsed = entry
-                .fields
-                .get("data")
-                .ok_or_else(|| "missing_data_field".to_owned())
-                .and_then(|data| {
-                    Event::parse(data.as_bytes()).map_err(|error| format!("invalid_event: {error}"))
-                });
-            match parsed {
-                Ok(event) => by_zone
-                    .entry(event.zone_id.clone())
+        let (entries, prepared) = tokio::task::spawn_blocking(move || {
+            let prepared = prepare_all(&entries);
+            (entries, prepared)
+        })
+        .await
+        .map_err(|_| IngestError::Bus("preparation worker stopped".into()))?;
+        let mut by_zone: BTreeMap<String, Vec<(Entry, Prepared)>> = BTreeMap::new();
+        for (entry, prepared) in entries.into_iter().zip(prepared) {
+            match prepared {
+                Ok(prepared) => by_zone
+                    .entry(prepared.content.zone_id.clone())
                     .or_default()
-                    .push((entry, event)),
+                    .push((entry, prepared)),
                 Err(reason) => self.dead_letter(&entry, &reason).await?,
             }
         }
         for (zone_id, items) in by_zone {
-            let ids: Vec<String> = items.iter().map(|(_, event)| event.id.clone()).collect();
-            let events: Vec<Event> = items.iter().map(|(_, event)| event.clone()).collect();
+            let ids: Vec<String> = items
+                .iter()
+                .map(|(_, prepared)| prepared.content.id.clone())
+                .collect();
+            let entry_ids: Vec<String> = items.iter().map(|(entry, _)| entry.id.clone()).collect();
+            let (entries, events): (Vec<Entry>, Vec<Prepared>) = items.into_iter().unzip();
             // Read per batch, so a key rotation applies from the next batch on every replica.
             let (key, _) = super::current_chain_keys(self.store.as_ref(), &self.kek)
                 .await
                 .map_err(|error| IngestError::Store(error.to_string()))?;
-            let build = chain_builder(key, events);
+            let build = prepared_chain_builder(key, events);
             match self.store.append_audit_chain(&zone_id, &ids, build).await {
                 Ok(appended) => {
                     self.metrics.ingested_total.inc_by(appended);
-                    let entry_ids: Vec<String> =
-                        items.iter().map(|(entry, _)| entry.id.clone()).collect();
                     self.consumer
                         .ack(&entry_ids)
                         .await
@@ -134,7 +173,7 @@ impl Ingestor {
                 // Invariant 1: not stored means not acknowledged; the entries come back.
                 Err(StoreError::Unavailable(message)) => return Err(IngestError::Store(message)),
                 Err(error) => {
-                    for (entry, _) in &items {
+                    for entry in &entries {
                         self.dead_letter(entry, &format!("store_rejected: {error}"))
                             .await?;
                     }
