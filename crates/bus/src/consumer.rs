@@ -21,6 +21,12 @@ impl Producer {
         Producer { streams, key }
     }
 
+    /// Whether `fields` carry a genuine signature for `stream` under this producer's key; a
+    /// message taken from one stream is only re-published if this holds.
+    pub fn is_genuine(&self, stream: &str, fields: &Fields) -> bool {
+        verify(&self.key, stream, fields).is_ok()
+    }
+
     /// Signs `fields` (replacing any `_sig` they carry) and appends them to `stream`.
     pub async fn publish(&self, stream: &str, fields: Fields) -> Result<String, BusError> {
         self.streams
@@ -170,7 +176,10 @@ impl Consumer {
             .reclaimed
             .fetch_add(reclaimed.len() as u64, Ordering::Relaxed);
         for entry in reclaimed {
-            if entry.deliveries > config.max_deliveries {
+            // A forged entry is dead-lettered as forged, never under the replayable reason.
+            if entry.deliveries > config.max_deliveries
+                && verify(&self.key, &config.stream, &entry.fields).is_ok()
+            {
                 self.dead_letter(&entry, "max_deliveries_exceeded").await?;
             } else {
                 ready.push(entry);

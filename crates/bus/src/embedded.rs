@@ -466,8 +466,8 @@ impl Streams for EmbeddedBus {
         count: usize,
     ) -> Result<Vec<Entry>, BusError> {
         let after = match after {
-            Some(id) => seq_of(id)
-                .ok_or_else(|| BusError::Protocol(format!("`{id}` is not an entry id")))?,
+            Some(id) => i64::try_from(crate::parse_entry_id(id)?.1)
+                .map_err(|_| BusError::InvalidEntryId(id.to_owned()))?,
             None => 0,
         };
         let (stream, limit) = (stream.to_owned(), i64::try_from(count).unwrap_or(i64::MAX));

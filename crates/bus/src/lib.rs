@@ -75,10 +75,25 @@ pub enum BusError {
     Unavailable(String),
     #[error("bus protocol error: {0}")]
     Protocol(String),
+    #[error("`{0}` is not a stream entry id")]
+    InvalidEntryId(String),
     #[error("consumer group `{group}` does not exist on stream `{stream}`")]
     NoGroup { stream: String, group: String },
     #[error(transparent)]
     Store(#[from] caracal_store::StoreError),
+}
+
+/// Checks a caller-supplied entry id has the one shape both backends use, `<ms>-<seq>` in
+/// decimal digits, so a bad id is the caller's error on every backend, never a backend failure.
+pub fn parse_entry_id(id: &str) -> Result<(u64, u64), BusError> {
+    let number = |digits: &str| {
+        (!digits.is_empty() && digits.bytes().all(|byte| byte.is_ascii_digit()))
+            .then(|| digits.parse::<u64>().ok())
+            .flatten()
+    };
+    id.split_once('-')
+        .and_then(|(ms, seq)| Some((number(ms)?, number(seq)?)))
+        .ok_or_else(|| BusError::InvalidEntryId(id.to_owned()))
 }
 
 /// Streams with consumer groups, in the semantics of Redis Streams.

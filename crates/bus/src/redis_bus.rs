@@ -467,6 +467,9 @@ impl Streams for RedisBus {
         after: Option<&str>,
         count: usize,
     ) -> Result<Vec<Entry>, BusError> {
+        if let Some(id) = after {
+            crate::parse_entry_id(id)?;
+        }
         let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
         let reply = self
             .query(

@@ -697,6 +697,16 @@ async fn ranges_read_without_delivering_and_deletes_remove(backend: &Backend) {
         ids(&streams.range(&stream, Some(&appended[1]), 2).await.unwrap()),
         appended[2..4]
     );
+    // A malformed cursor is the caller's error on every backend, not a backend failure.
+    for bad in ["garbage", "12", "-3", "1-", "a-1", "1-b", "+1-2", "1-2-3"] {
+        assert!(
+            matches!(
+                streams.range(&stream, Some(bad), 2).await,
+                Err(BusError::InvalidEntryId(_))
+            ),
+            "`{bad}` was accepted as an entry id"
+        );
+    }
     streams.ensure_group(&stream, "g").await.unwrap();
     assert_eq!(
         streams

@@ -366,7 +366,7 @@ fn dlq_limit(limit: Option<usize>) -> Result<usize, ApiError> {
 
 fn bus_error(error: caracal_bus::BusError) -> ApiError {
     match error {
-        caracal_bus::BusError::Protocol(message) if message.contains("not an entry id") => {
+        caracal_bus::BusError::InvalidEntryId(_) => {
             ApiError::with_description(ErrorCode::InvalidRequest, "`after` is not an entry id")
         }
         other => {
@@ -454,16 +454,20 @@ async fn replay_dead_letters(
             .fields
             .get("payload")
             .and_then(|payload| serde_json::from_str(payload).ok());
-        let Some(payload) = payload.filter(|_| replayable(reason)) else {
+        let producer = state.shared.evidence.producer();
+        // Anyone able to write to the dead-letter stream must not get an event signed: only a
+        // genuine dead letter holding a genuinely signed event is re-sent.
+        let Some(payload) = payload.filter(|payload| {
+            replayable(reason)
+                && producer.is_genuine(&dead, &entry.fields)
+                && producer.is_genuine(caracal_bus::stream_names::AUDIT_EVENTS, payload)
+        }) else {
             skipped += 1;
             continue;
         };
         // Re-sent first, deleted after: a crash in between re-sends twice, and ingestion is
         // idempotent on the event id.
-        state
-            .shared
-            .evidence
-            .producer()
+        producer
             .publish(caracal_bus::stream_names::AUDIT_EVENTS, payload)
             .await
             .map_err(bus_error)?;

@@ -74,6 +74,7 @@ impl Dispatcher {
             .store
             .claim_outbox(&self.config.worker, self.config.batch, self.config.lease)
             .await?;
+        let (mut sent, mut first_error) = (Vec::with_capacity(rows.len()), None);
         for run in rows.chunk_by(|left, right| left.stream == right.stream) {
             let Some(stream) = run.first().map(|row| row.stream.as_str()) else {
                 continue;
@@ -90,16 +91,25 @@ impl Dispatcher {
                 })
                 .collect();
             match self.producer.publish_many(stream, messages).await {
-                Ok(_) => {}
+                Ok(_) => sent.extend(run.iter().map(|row| row.id)),
                 Err(error) => {
                     for row in run {
-                        self.record_failure(row, &error.to_string()).await?;
+                        if let Err(store_error) = self.record_failure(row, &error.to_string()).await
+                        {
+                            // The row stays held until its lease ends, then is sent again.
+                            first_error.get_or_insert(store_error);
+                        }
                     }
                 }
             }
         }
-        // Failed rows were released above; everything still held was sent.
-        self.store.outbox_published_by(&self.config.worker).await?;
+        // Only rows known to be sent are marked; anything else is retried, never lost.
+        self.store
+            .outbox_published(&self.config.worker, &sent)
+            .await?;
+        if let Some(error) = first_error {
+            return Err(error);
+        }
         Ok(rows.len())
     }
 

@@ -293,9 +293,50 @@ async fn outbox_rows_are_claimed_oldest_first_and_never_twice(backend: &Backend)
     let stats = backend.store.outbox_stats().await.unwrap();
     assert_eq!((stats.pending, stats.dead), (3, 0));
     assert!(stats.oldest_pending_age.unwrap() >= Duration::from_millis(10));
-    assert_eq!(backend.store.outbox_published_by("a").await.unwrap(), 2);
-    assert_eq!(backend.store.outbox_published_by("b").await.unwrap(), 1);
-    assert_eq!(backend.store.outbox_published_by("a").await.unwrap(), 0);
+    let ids = |rows: &[caracal_store::OutboxRow]| rows.iter().map(|row| row.id).collect::<Vec<_>>();
+    // Only the holder can mark a row, and only the rows it names.
+    assert_eq!(
+        backend
+            .store
+            .outbox_published("b", &ids(&first))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        backend
+            .store
+            .outbox_published("a", &ids(&first[..1]))
+            .await
+            .unwrap(),
+        1
+    );
+    let stats = backend.store.outbox_stats().await.unwrap();
+    assert_eq!(stats.pending, 2, "an unnamed row was marked published");
+    assert_eq!(
+        backend
+            .store
+            .outbox_published("a", &ids(&first))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        backend
+            .store
+            .outbox_published("b", &ids(&second))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        backend
+            .store
+            .outbox_published("a", &ids(&first))
+            .await
+            .unwrap(),
+        0
+    );
     let stats = backend.store.outbox_stats().await.unwrap();
     assert_eq!(
         (stats.pending, stats.dead, stats.oldest_pending_age),

@@ -694,9 +694,24 @@ async fn dead_letters_are_listed_and_only_transient_ones_are_replayed() {
     let writer = token(&shared, "write", caracal_store::TokenScope::Global).await;
     let reader = token(&shared, "read", caracal_store::TokenScope::Global).await;
     let dead = caracal_bus::dead_letter_stream(caracal_bus::stream_names::AUDIT_EVENTS);
-    let letter = |reason: &str, id: &str| {
-        let payload = serde_json::json!({"id": id, "zone_id": "zone-1", "data": "{}"}).to_string();
-        [
+    let key = caracal_bus::signature::StreamKey::new(b"k");
+    let signed = |stream: &str, mut fields: caracal_bus::Fields| {
+        let signature = caracal_bus::signature::sign(&key, stream, &fields);
+        fields.insert("_sig".into(), signature);
+        fields
+    };
+    let letter = |reason: &str, id: &str, genuine: bool| {
+        let event: caracal_bus::Fields = [("id", id), ("zone_id", "zone-1"), ("data", "{}")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let event = if genuine {
+            signed(caracal_bus::stream_names::AUDIT_EVENTS, event)
+        } else {
+            event
+        };
+        let payload = serde_json::to_string(&event).unwrap();
+        let fields = [
             ("source_id", "1-1"),
             ("reason", reason),
             ("payload", payload.as_str()),
@@ -704,17 +719,20 @@ async fn dead_letters_are_listed_and_only_transient_ones_are_replayed() {
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect::<caracal_bus::Fields>()
+        .collect::<caracal_bus::Fields>();
+        signed(&dead, fields)
     };
-    for (reason, id) in [
-        ("store_rejected: conflict", "ev-1"),
-        ("bad_signature", "ev-2"),
-        ("max_deliveries_exceeded", "ev-3"),
+    for (reason, id, genuine) in [
+        ("store_rejected: conflict", "ev-1", true),
+        ("bad_signature", "ev-2", false),
+        ("max_deliveries_exceeded", "ev-3", true),
+        // Written straight to the dead-letter stream with a replayable reason: not re-signed.
+        ("max_deliveries_exceeded", "ev-forged", false),
     ] {
         shared
             .bus
             .streams
-            .append(&dead, &letter(reason, id))
+            .append(&dead, &letter(reason, id, genuine))
             .await
             .unwrap();
     }
@@ -736,7 +754,8 @@ async fn dead_letters_are_listed_and_only_transient_ones_are_replayed() {
         [
             ("ev-1".into(), true),
             ("ev-2".into(), false),
-            ("ev-3".into(), true)
+            ("ev-3".into(), true),
+            ("ev-forged".into(), true)
         ]
     );
 
@@ -760,11 +779,18 @@ async fn dead_letters_are_listed_and_only_transient_ones_are_replayed() {
             outcome["replayed"].as_u64(),
             outcome["skipped"].as_u64()
         ),
-        (Some(3), Some(2), Some(1))
+        (Some(4), Some(2), Some(2))
     );
     let remaining = shared.bus.streams.range(&dead, None, 10).await.unwrap();
-    assert_eq!(remaining.len(), 1, "the forged one stays for the operator");
-    assert_eq!(remaining[0].fields["reason"], "bad_signature");
+    let left: Vec<&str> = remaining
+        .iter()
+        .map(|entry| entry.fields["reason"].as_str())
+        .collect();
+    assert_eq!(
+        left,
+        ["bad_signature", "max_deliveries_exceeded"],
+        "the forged ones stay for the operator"
+    );
     // Replayed entries are back on the audit stream, signed again.
     let back = shared
         .bus

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::db::{Db, Dialect, params};
+use crate::db::{Db, Dialect, Statement, params};
 use crate::model::{OutboxFailure, OutboxRow, OutboxStats};
 use crate::store::{StoreError, age, fields_from_json, millis, now_ms};
 
@@ -16,9 +16,10 @@ pub trait Outbox: Send + Sync {
         batch: usize,
         lease: Duration,
     ) -> Result<Vec<OutboxRow>, StoreError>;
-    /// Marks every row `worker` still holds as published. A dispatcher records its failed rows
-    /// first (which releases them), so this marks exactly what it sent.
-    async fn outbox_published_by(&self, worker: &str) -> Result<u64, StoreError>;
+    /// Marks the named rows published if `worker` still holds them; returns how many it marked.
+    /// Only rows the caller knows it sent are named, so a row whose failure could not be
+    /// recorded stays pending and is sent again after its lease, never marked unsent.
+    async fn outbox_published(&self, worker: &str, ids: &[i64]) -> Result<u64, StoreError>;
     /// Records a failed attempt: the row becomes publishable again after `retry_in`, or dead
     /// once it has failed `max_attempts` times.
     async fn outbox_failed(
@@ -91,14 +92,21 @@ impl<D: Db> Outbox for D {
         Ok(claimed)
     }
 
-    async fn outbox_published_by(&self, worker: &str) -> Result<u64, StoreError> {
-        self.change(
-            "UPDATE outbox SET status = 'published', published_at_ms = $2, locked_by = NULL,
-                 locked_until_ms = NULL
-             WHERE locked_by = $1 AND status = 'pending'",
-            params![worker, now_ms()],
-        )
-        .await
+    async fn outbox_published(&self, worker: &str, ids: &[i64]) -> Result<u64, StoreError> {
+        let now = now_ms();
+        let statements = ids
+            .iter()
+            .map(|id| {
+                Statement::new(
+                    "UPDATE outbox SET status = 'published', published_at_ms = $3, locked_by = NULL,
+                         locked_until_ms = NULL
+                     WHERE id = $1 AND locked_by = $2 AND status = 'pending'",
+                    params![*id, worker, now],
+                )
+            })
+            .collect();
+        let outcomes = self.atomic(statements).await?;
+        Ok(outcomes.iter().map(|outcome| outcome.changed).sum())
     }
 
     async fn outbox_failed(
