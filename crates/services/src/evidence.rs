@@ -157,7 +157,10 @@ impl Evidence {
             spill,
             config.batch.max(1),
             config.replay_interval,
-            Arc::clone(&metrics),
+            Watch {
+                lost: Arc::clone(&lost),
+                metrics: Arc::clone(&metrics),
+            },
             stopped,
         ));
         Ok((
@@ -269,14 +272,21 @@ impl Spill {
                     })
                     .collect()
             })
-            .unwrap_or_default();
+            .unwrap_or_else(|error| {
+                // Not fatal here: writing a new replay file fails loudly and latches.
+                tracing::warn!(%error, directory = %self.directory.display(), "audit replay directory unreadable");
+                Vec::new()
+            });
         files.sort();
         files
     }
 }
 
 async fn publish(producer: &Producer, events: &[Event]) -> bool {
-    let messages: Vec<Fields> = events.iter().filter_map(message).collect();
+    // An event that cannot be encoded fails the batch (it is spilled), never silently dropped.
+    let Some(messages) = events.iter().map(message).collect::<Option<Vec<Fields>>>() else {
+        return false;
+    };
     producer
         .publish_many(stream_names::AUDIT_EVENTS, messages)
         .await
@@ -303,13 +313,12 @@ async fn write_batch(
                 metrics.spilled_total.inc_by(count);
                 Ok(())
             }
-            Ok(Err(error)) => {
+            failed => {
+                let error = match failed {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => "the replay writer stopped".to_owned(),
+                };
                 tracing::error!(%error, count, "audit evidence lost: the bus and the replay file both failed");
-                lost.store(true, Ordering::SeqCst);
-                metrics.lost_total.inc_by(count);
-                Err(EvidenceError::Lost)
-            }
-            Err(_) => {
                 lost.store(true, Ordering::SeqCst);
                 metrics.lost_total.inc_by(count);
                 Err(EvidenceError::Lost)
@@ -369,16 +378,19 @@ async fn write_loop(
     }
 }
 
-/// Re-sends one replay file; `true` if it is gone afterwards.
-async fn replay_file(
-    producer: &Producer,
-    path: &Path,
-    batch: usize,
-    metrics: &EvidenceMetrics,
-) -> bool {
-    let Ok(text) = tokio::fs::read_to_string(path).await else {
-        return false;
+/// Re-sends one replay file; `true` if it is out of the way afterwards. A file with a line that
+/// cannot be read is corruption, not a transient failure: its readable events are sent, the
+/// file is kept beside the others as `<name>.unreadable` for the operator, and evidence counts
+/// as lost (latched), since what that line held can no longer reach the ledger.
+async fn replay_file(producer: &Producer, path: &Path, batch: usize, watch: &Watch) -> bool {
+    let text = match tokio::fs::read_to_string(path).await {
+        Ok(text) => text,
+        Err(error) => {
+            tracing::warn!(%error, file = %path.display(), "audit replay file unreadable for now");
+            return false;
+        }
     };
+    let mut unreadable = 0_u64;
     let events: Vec<Event> = text
         .lines()
         .filter(|line| !line.trim().is_empty())
@@ -386,6 +398,7 @@ async fn replay_file(
             Ok(event) => Some(event),
             Err(error) => {
                 tracing::error!(%error, file = %path.display(), "unreadable line in an audit replay file");
+                unreadable += 1;
                 None
             }
         })
@@ -395,10 +408,17 @@ async fn replay_file(
             return false;
         }
     }
-    metrics.replayed_total.inc_by(events.len() as u64);
-    // A re-send after a crash between publish and delete is absorbed: ingestion is
+    watch.metrics.replayed_total.inc_by(events.len() as u64);
+    // A re-send after a crash between publish and removal is absorbed: ingestion is
     // idempotent on the event id.
-    if tokio::fs::remove_file(path).await.is_err() {
+    let removed = if unreadable == 0 {
+        tokio::fs::remove_file(path).await
+    } else {
+        watch.lost.store(true, Ordering::SeqCst);
+        watch.metrics.lost_total.inc_by(unreadable);
+        tokio::fs::rename(path, path.with_extension("ndjson.unreadable")).await
+    };
+    if removed.is_err() {
         return false;
     }
     if let Some(directory) = path.parent() {
@@ -407,22 +427,29 @@ async fn replay_file(
     true
 }
 
+/// What the replayer reports to: the evidence-lost latch and the metrics.
+struct Watch {
+    lost: Arc<AtomicBool>,
+    metrics: Arc<EvidenceMetrics>,
+}
+
 async fn replay_loop(
     producer: Producer,
     spill: Spill,
     batch: usize,
     interval: Duration,
-    metrics: Arc<EvidenceMetrics>,
+    watch: Watch,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
         let files = spill.pending();
         for path in &files {
-            if !replay_file(&producer, path, batch, &metrics).await {
+            if !replay_file(&producer, path, batch, &watch).await {
                 break;
             }
         }
-        metrics
+        watch
+            .metrics
             .replay_files
             .set(i64::try_from(spill.pending().len()).unwrap_or(i64::MAX));
         if *stop.borrow() {

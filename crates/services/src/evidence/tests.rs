@@ -328,3 +328,37 @@ async fn replay_files_left_by_an_earlier_run_are_sent_on_start() {
     assert_eq!(fixture.stream_events().await.len(), 5);
     assert_eq!(std::fs::read_dir(fixture.replay_dir()).unwrap().count(), 0);
 }
+
+#[tokio::test]
+async fn a_corrupt_replay_file_is_kept_for_the_operator_and_latches_evidence_lost() {
+    let fixture = Fixture::new(Duration::ZERO);
+    std::fs::create_dir_all(fixture.replay_dir()).unwrap();
+    let spill = Spill {
+        directory: fixture.replay_dir(),
+        counter: Arc::new(AtomicU64::new(0)),
+    };
+    spill.write(&(0..3).map(event).collect::<Vec<_>>()).unwrap();
+    let file = spill.pending().remove(0);
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str("{\"id\": not json\n");
+    std::fs::write(&file, text).unwrap();
+    let (evidence, tasks) = fixture.start(|_| {});
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !evidence.is_lost() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tasks.shutdown().await;
+    assert!(evidence.is_lost(), "an unreadable replay line must latch");
+    assert_eq!(evidence.metrics().lost_total.get(), 1);
+    assert_eq!(
+        fixture.stream_events().await.len(),
+        3,
+        "readable events still sent"
+    );
+    let kept: Vec<String> = std::fs::read_dir(fixture.replay_dir())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert!(kept[0].ends_with(".ndjson.unreadable"), "{kept:?}");
+}
