@@ -54,7 +54,7 @@ async fn commit_loop(
                 }
             }
             // One bad record (a duplicate id) must not fail its neighbours: retry one by one.
-            Err(_) if records.len() > 1 => {
+            Err(StoreError::Conflict(_)) if records.len() > 1 => {
                 for (record, reply) in records.into_iter().zip(replies) {
                     let _ = reply.send(
                         store
@@ -65,7 +65,7 @@ async fn commit_loop(
             }
             Err(error) => {
                 for reply in replies {
-                    let _ = reply.send(Err(StoreError::Unavailable(error.to_string())));
+                    let _ = reply.send(Err(error.clone()));
                 }
             }
         }

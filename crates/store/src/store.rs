@@ -12,7 +12,7 @@ use crate::db::{Db, Row, Statement, params};
 use crate::model::OutboxMessage;
 pub use crate::queries::{Audit, Deployment, Directory, Outbox, Policies, Runtime};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store {path}: {message}")]
     Open { path: String, message: String },

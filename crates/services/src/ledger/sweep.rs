@@ -103,7 +103,6 @@ impl Sweeper {
         for zone_id in self.store.audit_zones().await? {
             findings.extend(self.sweep_zone(&zone_id, full, &keys).await?);
         }
-        self.record(&findings).await?;
         self.metrics.last_sweep_unix.set(now_ms() / 1000);
         Ok(findings)
     }
@@ -199,6 +198,9 @@ impl Sweeper {
                 })
                 .await?;
         }
+        // Findings are stored before the zone's progress moves on: if storing fails, the next
+        // sweep checks these rows again rather than passing over what it found.
+        self.record(&findings).await?;
         let mut memory = self
             .memory
             .lock()
