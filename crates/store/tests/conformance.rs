@@ -372,6 +372,14 @@ async fn failed_rows_back_off_then_die_at_the_bound(backend: &Backend) {
     );
     let stats = store.outbox_stats().await.unwrap();
     assert_eq!((stats.pending, stats.dead), (0, 1));
+    // A dead (or unknown) row is not brought back by a late failure report.
+    for id in [row.id, i64::MAX] {
+        assert!(matches!(
+            store.outbox_failed(id, "late", Duration::ZERO, 2).await,
+            Err(StoreError::NotFound(_))
+        ));
+    }
+    assert_eq!(store.outbox_stats().await.unwrap().dead, 1);
 }
 
 async fn a_dead_dispatchers_claims_expire(backend: &Backend) {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::db::{Db, Dialect, Statement, params};
 use crate::model::{OutboxFailure, OutboxRow, OutboxStats};
-use crate::store::{StoreError, age, fields_from_json, millis, now_ms};
+use crate::store::{StoreError, age, fields_from_json, millis, not_found, now_ms};
 
 #[async_trait::async_trait]
 pub trait Outbox: Send + Sync {
@@ -121,7 +121,7 @@ impl<D: Db> Outbox for D {
                 "UPDATE outbox SET attempts = attempts + 1, last_error = $2, locked_by = NULL,
                      locked_until_ms = NULL, available_at_ms = $3,
                      status = CASE WHEN attempts + 1 >= $4 THEN 'dead' ELSE 'pending' END
-                 WHERE id = $1 RETURNING status",
+                 WHERE id = $1 AND status = 'pending' RETURNING status",
                 params![
                     id,
                     error,
@@ -130,8 +130,9 @@ impl<D: Db> Outbox for D {
                 ],
             )
             .await?;
-        let status = rows.first().map(|row| row.text(0)).transpose()?;
-        Ok(if status.as_deref() == Some("dead") {
+        // A row that is gone or already published is never reported as "retrying".
+        let status = rows.first().ok_or_else(not_found)?.text(0)?;
+        Ok(if status == "dead" {
             OutboxFailure::Dead
         } else {
             OutboxFailure::Retrying
