@@ -8,7 +8,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::routing::{get, post};
 use caracal_audit::Event;
 use caracal_core::{ErrorCode, RequestId};
-use caracal_store::{StoreError, now_ms};
+use caracal_store::now_ms;
 use http::HeaderMap;
 use serde::Deserialize;
 
@@ -131,8 +131,7 @@ async fn search_audit(
         .shared
         .store
         .search_audit(&zone_id, &filter, before, limit)
-        .await
-        .map_err(store_error)?;
+        .await?;
     let next_cursor = (rows.len() as i64 == limit)
         .then(|| rows.last().map(|row| row.chain_seq.to_string()))
         .flatten();
@@ -205,8 +204,7 @@ async fn explain_audit(
         .shared
         .store
         .search_audit(&zone_id, &filter, None, 1000)
-        .await
-        .map_err(store_error)?;
+        .await?;
     if rows.is_empty() {
         return Err(ApiError::new(ErrorCode::NotFound));
     }
@@ -227,16 +225,6 @@ async fn explain_audit(
     }))
 }
 
-fn store_error(error: StoreError) -> ApiError {
-    match error {
-        StoreError::Unavailable(_) => ApiError::new(ErrorCode::StoreUnavailable),
-        other => {
-            tracing::error!(error = %other, "store failure");
-            ApiError::new(ErrorCode::InternalError)
-        }
-    }
-}
-
 /// Invariant 5: the change is not made (nor reported) unless its evidence is accepted.
 pub fn evidence_error(error: EvidenceError) -> ApiError {
     match error {
@@ -252,12 +240,7 @@ async fn list_tamper(
     authenticate(&state, &headers)
         .await?
         .require(Access::Read, None)?;
-    let findings = state
-        .shared
-        .store
-        .open_tamper_findings()
-        .await
-        .map_err(store_error)?;
+    let findings = state.shared.store.open_tamper_findings().await?;
     Ok(Json(TamperFindingsResponse {
         items: findings
             .into_iter()
@@ -299,12 +282,7 @@ async fn acknowledge_tamper(
             "`reason` must be 1 to 1000 characters",
         ));
     }
-    let open = state
-        .shared
-        .store
-        .open_tamper_findings()
-        .await
-        .map_err(store_error)?;
+    let open = state.shared.store.open_tamper_findings().await?;
     let event = Event {
         id: uuid::Uuid::now_v7().to_string(),
         zone_id: SYSTEM_ZONE.to_owned(),
@@ -334,8 +312,7 @@ async fn acknowledge_tamper(
         .shared
         .store
         .acknowledge_tamper_findings(&format!("admin:{}", caller.token_id), reason)
-        .await
-        .map_err(store_error)?;
+        .await?;
     Ok(Json(AckTamperResponse { acknowledged }))
 }
 

@@ -3,7 +3,7 @@
 
 use caracal_core::ErrorCode;
 use caracal_crypto::AdminToken;
-use caracal_store::{StoreError, TokenScope};
+use caracal_store::TokenScope;
 use http::HeaderMap;
 
 use crate::error::ApiError;
@@ -74,11 +74,7 @@ pub async fn authenticate(state: &RoleState, headers: &HeaderMap) -> Result<Admi
     let record = match state.shared.store.find_admin_token(&token.digest()).await {
         Ok(Some(record)) if !record.revoked => record,
         Ok(_) => return Err(invalid()),
-        Err(StoreError::Unavailable(_)) => return Err(ApiError::new(ErrorCode::StoreUnavailable)),
-        Err(error) => {
-            tracing::error!(%error, "admin token lookup failed");
-            return Err(ApiError::new(ErrorCode::InternalError));
-        }
+        Err(error) => return Err(error.into()),
     };
     Ok(AdminCaller {
         token_id: record.id,

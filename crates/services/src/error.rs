@@ -31,6 +31,20 @@ impl ApiError {
     }
 }
 
+/// A store failure as the caller sees it: unavailable is 503 (the request may be retried), any
+/// other failure is an internal error whose detail goes to the log, not to the caller.
+impl From<caracal_store::StoreError> for ApiError {
+    fn from(error: caracal_store::StoreError) -> ApiError {
+        match error {
+            caracal_store::StoreError::Unavailable(_) => ApiError::new(ErrorCode::StoreUnavailable),
+            other => {
+                tracing::error!(error = %other, "store failure");
+                ApiError::new(ErrorCode::InternalError)
+            }
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status())
@@ -63,4 +77,30 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// Gives every error response the documented JSON body. Handlers return [`ApiError`] already;
+/// this catches what the framework answers by itself before a handler runs (a path segment
+/// that is not UTF-8, a body over the limit, ...), which would otherwise be plain text.
+pub async fn json_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let code = match status {
+        StatusCode::NOT_FOUND => ErrorCode::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        status if status.is_client_error() => ErrorCode::InvalidRequest,
+        _ => ErrorCode::InternalError,
+    };
+    ApiError::new(code).into_response()
 }

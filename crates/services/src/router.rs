@@ -12,7 +12,9 @@ use crate::{probes, request_id};
 /// The router of one role. Layer order (outermost first):
 /// 1. `request_id::layer`: first, so every response (errors and 404s included) carries the
 ///    request id and every log line of the request sits in its span.
-/// 2. The role's routes, then JSON 404/405 for anything else.
+/// 2. `error::json_errors`: any error the framework answers by itself (an unreadable path, a
+///    body over the limit) gets the same JSON body as a handler's error.
+/// 3. The role's routes, then JSON 404/405 for anything else.
 pub fn router(state: RoleState) -> Router {
     let probes = Router::new()
         .route("/health", get(probes::health))
@@ -26,6 +28,7 @@ pub fn router(state: RoleState) -> Router {
     routes
         .fallback(|| async { ApiError::new(ErrorCode::NotFound) })
         .method_not_allowed_fallback(|| async { ApiError::new(ErrorCode::MethodNotAllowed) })
+        .layer(axum::middleware::from_fn(crate::error::json_errors))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             request_id::layer,

@@ -814,3 +814,25 @@ async fn dead_letters_are_listed_and_only_transient_ones_are_replayed() {
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn rejections_the_framework_answers_itself_get_the_json_error_body() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let app = router(state);
+    let writer = token(&shared, "write", caracal_store::TokenScope::Global).await;
+    // A zone segment that is not UTF-8 fails before the handler runs.
+    let (status, headers, json) = call(&app, "GET", "/v1/zones/%FF/audit", Some(&writer), "").await;
+    assert_eq!(
+        (status, json["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request"))
+    );
+    assert!(headers.contains_key("x-request-id"));
+    // A body over the limit.
+    let huge = "x".repeat(3 << 20);
+    let (status, _, json) = call(&app, "POST", "/v1/audit/tamper/ack", Some(&writer), &huge).await;
+    assert_eq!(
+        (status, json["error"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
+    );
+}
