@@ -150,6 +150,13 @@ impl Ingestor {
                 Err(reason) => self.dead_letter(&entry, &reason).await?,
             }
         }
+        if by_zone.is_empty() {
+            return Ok(handled);
+        }
+        // Read once per batch, so a key rotation applies from the next batch on every replica.
+        let key = super::current_chain_key(self.store.as_ref(), &self.kek)
+            .await
+            .map_err(|error| IngestError::Store(error.to_string()))?;
         for (zone_id, items) in by_zone {
             let ids: Vec<String> = items
                 .iter()
@@ -157,11 +164,7 @@ impl Ingestor {
                 .collect();
             let entry_ids: Vec<String> = items.iter().map(|(entry, _)| entry.id.clone()).collect();
             let (entries, events): (Vec<Entry>, Vec<Prepared>) = items.into_iter().unzip();
-            // Read per batch, so a key rotation applies from the next batch on every replica.
-            let (key, _) = super::current_chain_keys(self.store.as_ref(), &self.kek)
-                .await
-                .map_err(|error| IngestError::Store(error.to_string()))?;
-            let build = prepared_chain_builder(key, events);
+            let build = prepared_chain_builder(key.clone(), events);
             match self.store.append_audit_chain(&zone_id, &ids, build).await {
                 Ok(appended) => {
                     self.metrics.ingested_total.inc_by(appended);

@@ -83,14 +83,23 @@ pub fn chain_keys(kek: &Kek, ids: &[String]) -> HashMap<String, ChainKey> {
         .collect()
 }
 
-/// The key new rows are written under (the newest id), and every key rows may carry.
-pub async fn current_chain_keys(
+/// The key new rows are written under: the newest id.
+pub async fn current_chain_key(
     store: &dyn caracal_store::Store,
     kek: &Kek,
-) -> Result<(ChainKey, HashMap<String, ChainKey>), caracal_store::StoreError> {
+) -> Result<ChainKey, caracal_store::StoreError> {
     let ids = store.audit_chain_key_ids(INITIAL_CHAIN_KEY_ID).await?;
     let current = ids.last().map_or(INITIAL_CHAIN_KEY_ID, String::as_str);
-    Ok((chain_key(kek, current), chain_keys(kek, &ids)))
+    Ok(chain_key(kek, current))
+}
+
+/// Every key stored rows may carry, by id.
+pub async fn all_chain_keys(
+    store: &dyn caracal_store::Store,
+    kek: &Kek,
+) -> Result<HashMap<String, ChainKey>, caracal_store::StoreError> {
+    let ids = store.audit_chain_key_ids(INITIAL_CHAIN_KEY_ID).await?;
+    Ok(chain_keys(kek, &ids))
 }
 
 /// The stored row for an event's content and its link.

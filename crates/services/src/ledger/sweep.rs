@@ -99,7 +99,7 @@ impl Sweeper {
 
     async fn sweep(&self, full: bool) -> Result<Vec<Finding>, StoreError> {
         let mut findings = Vec::new();
-        let (_, keys) = super::current_chain_keys(self.store.as_ref(), &self.kek).await?;
+        let keys = super::all_chain_keys(self.store.as_ref(), &self.kek).await?;
         for zone_id in self.store.audit_zones().await? {
             findings.extend(self.sweep_zone(&zone_id, full, &keys).await?);
         }
