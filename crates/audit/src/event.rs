@@ -59,7 +59,20 @@ impl Event {
         Ok(event)
     }
 
+    /// Parses, checks and canonicalises in one pass: what ingestion needs, with the documents
+    /// canonicalised once rather than once to check and again to hash.
+    pub fn parse_content(data: &[u8]) -> Result<Content, EventError> {
+        let event: Event =
+            serde_json::from_slice(data).map_err(|error| EventError::Json(error.to_string()))?;
+        event.checked_content()
+    }
+
     pub fn check(&self) -> Result<(), EventError> {
+        self.checked_content().map(|_| ())
+    }
+
+    /// The event's content, if every field is within its bounds.
+    pub fn checked_content(&self) -> Result<Content, EventError> {
         for (name, value) in [
             ("id", &self.id),
             ("zone_id", &self.zone_id),
@@ -75,11 +88,21 @@ impl Event {
                 return Err(EventError::TooLong(name, MAX_FIELD));
             }
         }
-        let documents = self.canonical_documents();
-        if documents.iter().map(String::len).sum::<usize>() > MAX_DOCUMENTS {
+        let content = self.content();
+        let documents = [
+            &content.determining_policies,
+            &content.diagnostics,
+            &content.metadata,
+        ];
+        if documents
+            .iter()
+            .map(|document| document.len())
+            .sum::<usize>()
+            > MAX_DOCUMENTS
+        {
             return Err(EventError::TooLong("*_json", MAX_DOCUMENTS));
         }
-        Ok(())
+        Ok(content)
     }
 
     /// The three JSON documents in canonical form: keys sorted, no insignificant whitespace

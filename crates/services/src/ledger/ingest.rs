@@ -52,7 +52,10 @@ pub struct Prepared {
 
 impl Prepared {
     pub fn of(event: &Event) -> Prepared {
-        let content = event.content();
+        Prepared::from_content(event.content())
+    }
+
+    fn from_content(content: Content) -> Prepared {
         let hash = content_hash(&content);
         Prepared { content, hash }
     }
@@ -103,9 +106,9 @@ fn prepare_all(entries: &[Entry]) -> Vec<Result<Prepared, String>> {
                 .fields
                 .get("data")
                 .ok_or_else(|| "missing_data_field".to_owned())?;
-            let event =
-                Event::parse(data.as_bytes()).map_err(|error| format!("invalid_event: {error}"))?;
-            Ok(Prepared::of(&event))
+            let content = Event::parse_content(data.as_bytes())
+                .map_err(|error| format!("invalid_event: {error}"))?;
+            Ok(Prepared::from_content(content))
         })
         .collect()
 }
