@@ -96,13 +96,11 @@ impl EmbeddedBus {
                 Ok(Some(rows))
             })
             .await?;
-        delivered
-            .map(|rows| {
-                rows.into_iter()
-                    .map(|(seq, appended_ms, fields)| entry(seq, appended_ms, &fields, 1))
-                    .collect()
-            })
-            .transpose()
+        Ok(delivered.map(|rows| {
+            rows.into_iter()
+                .map(|(seq, appended_ms, fields)| entry(seq, appended_ms, &fields, 1))
+                .collect()
+        }))
     }
 }
 
@@ -183,14 +181,19 @@ fn seq_of(id: &str) -> Option<i64> {
     id.split_once('-').and_then(|(_, seq)| seq.parse().ok())
 }
 
-fn entry(seq: i64, appended_ms: i64, fields: &str, deliveries: u64) -> Result<Entry, BusError> {
-    let fields: Fields = serde_json::from_str(fields)
-        .map_err(|error| BusError::Protocol(format!("stored entry {seq}: {error}")))?;
-    Ok(Entry {
+/// A stored entry. One whose fields cannot be read is handed out with none, as Redis does with
+/// fields it cannot parse: it then fails its signature check and is dead-lettered, instead of
+/// failing every read of its batch for ever.
+fn entry(seq: i64, appended_ms: i64, fields: &str, deliveries: u64) -> Entry {
+    let fields: Fields = serde_json::from_str(fields).unwrap_or_else(|error| {
+        tracing::error!(seq, %error, "unreadable stream entry");
+        Fields::new()
+    });
+    Entry {
         id: entry_id(seq, appended_ms),
         fields,
         deliveries,
-    })
+    }
 }
 
 fn millis(duration: Duration) -> i64 {
@@ -406,7 +409,7 @@ impl Streams for EmbeddedBus {
                 Ok(claimed)
             })
             .await?;
-        claimed
+        Ok(claimed
             .into_iter()
             .map(|(seq, appended_ms, fields, deliveries)| {
                 entry(
@@ -416,7 +419,7 @@ impl Streams for EmbeddedBus {
                     u64::try_from(deliveries).unwrap_or(0),
                 )
             })
-            .collect()
+            .collect())
     }
 
     async fn info(&self, stream: &str) -> Result<StreamInfo, BusError> {
@@ -485,9 +488,10 @@ impl Streams for EmbeddedBus {
                     .collect()
             })
             .await?;
-        rows.into_iter()
+        Ok(rows
+            .into_iter()
             .map(|(seq, appended_ms, fields)| entry(seq, appended_ms, &fields, 0))
-            .collect()
+            .collect())
     }
 
     async fn delete(&self, stream: &str, ids: &[String]) -> Result<u64, BusError> {
@@ -542,5 +546,63 @@ impl Streams for EmbeddedBus {
 
     async fn ping(&self) -> Result<(), BusError> {
         Ok(self.store.ping().await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signature::StreamKey;
+    use crate::{Consumer, ConsumerConfig, Producer};
+
+    #[tokio::test]
+    async fn an_unreadable_stored_entry_is_dead_lettered_not_wedging_its_group() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("bus.db")).unwrap();
+        let bus = Arc::new(EmbeddedBus::new(store.clone()));
+        let key = StreamKey::new(b"k");
+        let producer = Producer::new(bus.clone(), key.clone());
+        for n in 0..3 {
+            let fields = Fields::from([("n".to_owned(), n.to_string())]);
+            producer.publish("s", fields).await.unwrap();
+        }
+        store
+            .run(|connection| {
+                connection.execute(
+                    "UPDATE stream_entries SET fields = '{not json' WHERE seq = 2",
+                    [],
+                )
+            })
+            .await
+            .unwrap();
+        let consumer = Consumer::start(
+            bus.clone(),
+            key,
+            ConsumerConfig {
+                stream: "s".into(),
+                group: "g".into(),
+                consumer: "c".into(),
+                batch: 10,
+                block: Duration::ZERO,
+                reclaim_idle: Duration::from_secs(60),
+                max_deliveries: 3,
+                dedupe_window: 16,
+            },
+        )
+        .await
+        .unwrap();
+        let delivered = consumer.poll().await.unwrap();
+        let numbers: Vec<&str> = delivered
+            .iter()
+            .map(|entry| entry.fields["n"].as_str())
+            .collect();
+        assert_eq!(numbers, ["0", "2"]);
+        let dead = bus
+            .range(&crate::dead_letter_stream("s"), None, 10)
+            .await
+            .unwrap();
+        assert_eq!(dead.len(), 1);
+        assert!(dead[0].fields["source_id"].ends_with("-2"), "{dead:?}");
+        assert_eq!(dead[0].fields["payload"], "{}");
     }
 }

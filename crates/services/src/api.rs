@@ -186,6 +186,9 @@ struct ExplainQuery {
     request_id: String,
 }
 
+/// Events listed by one explanation (the newest ones).
+const EXPLAIN_LIMIT: i64 = 1000;
+
 async fn explain_audit(
     State(state): State<RoleState>,
     Path(zone_id): Path<String>,
@@ -200,17 +203,27 @@ async fn explain_audit(
         request_id: Some(params.request_id.clone()),
         ..caracal_store::AuditFilter::default()
     };
-    let mut rows = state
-        .shared
-        .store
-        .search_audit(&zone_id, &filter, None, 1000)
+    let store = &state.shared.store;
+    let mut rows = store
+        .search_audit(&zone_id, &filter, None, EXPLAIN_LIMIT)
         .await?;
     if rows.is_empty() {
         return Err(ApiError::new(ErrorCode::NotFound));
     }
+    // The listing holds the newest events; a deny older than those still decides.
+    let older_deny = rows.len() == usize::try_from(EXPLAIN_LIMIT).unwrap_or(usize::MAX) && {
+        let denies = caracal_store::AuditFilter {
+            decision: Some("deny".into()),
+            ..filter
+        };
+        !store
+            .search_audit(&zone_id, &denies, None, 1)
+            .await?
+            .is_empty()
+    };
     rows.reverse();
     // Any deny decides; otherwise the last decision stands.
-    let final_decision = if rows.iter().any(|row| row.decision == "deny") {
+    let final_decision = if older_deny || rows.iter().any(|row| row.decision == "deny") {
         "deny".to_owned()
     } else {
         rows.last()

@@ -627,6 +627,28 @@ async fn audit_search_and_explain_answer_by_zone_with_filters_pages_and_csv() {
     assert_eq!(explained["final_decision"], "deny");
     assert_eq!(explained["events"].as_array().unwrap().len(), 2);
 
+    // A deny older than the newest 1000 events of a request still decides.
+    let long: Vec<caracal_store::AuditEvent> = (0..1001)
+        .map(|n| caracal_store::AuditEvent {
+            id: format!("long-{n}"),
+            request_id: "req-long".into(),
+            decision: if n == 0 { "deny" } else { "allow" }.into(),
+            chain_seq: 100 + n,
+            ..rows[0].clone()
+        })
+        .collect();
+    shared.store.insert_audit_events(&long).await.unwrap();
+    let (_, _, explained) = call(
+        &app,
+        "GET",
+        "/v1/zones/zone-1/audit/explain?request_id=req-long",
+        Some(&zone_reader),
+        "",
+    )
+    .await;
+    assert_eq!(explained["events"].as_array().unwrap().len(), 1000);
+    assert_eq!(explained["final_decision"], "deny");
+
     for (path, bearer, status, code) in [
         (
             "/v1/zones/zone-1/audit",
