@@ -154,22 +154,6 @@ pub fn export(
     Ok(text)
 }
 
-/// Strict lower-case hex of exactly 32 bytes.
-fn hash(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64
-        || !text
-            .bytes()
-            .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))
-    {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (index, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(index * 2..index * 2 + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 /// Verifies a bundle with the checkpoint public key (lower-case hex), and says exactly what
 /// fails.
 pub fn verify(text: &str, public_key: &str) -> Result<Verified, BundleError> {
@@ -196,7 +180,7 @@ pub fn verify(text: &str, public_key: &str) -> Result<Verified, BundleError> {
     if checkpoint.zone_id != header.zone_id {
         return Err(BundleError::Checkpoint("it names another zone".into()));
     }
-    if hash(&checkpoint.root_hash).is_none()
+    if caracal_crypto::unhex32(&checkpoint.root_hash).is_none()
         || checkpoint
             .signature
             .bytes()
@@ -232,7 +216,7 @@ pub fn verify(text: &str, public_key: &str) -> Result<Verified, BundleError> {
             return Err(failed("the row names another zone".into()));
         }
         let computed = content_hash(&row.content());
-        if hash(&row.content_sha256) != Some(computed) {
+        if caracal_crypto::unhex32(&row.content_sha256) != Some(computed) {
             return Err(failed("the fields do not match the content hash".into()));
         }
         match previous {
@@ -245,7 +229,7 @@ pub fn verify(text: &str, public_key: &str) -> Result<Verified, BundleError> {
         let proof = row
             .proof
             .iter()
-            .map(|text| hash(text))
+            .map(|text| caracal_crypto::unhex32(text))
             .collect::<Option<Vec<[u8; 32]>>>()
             .ok_or_else(|| failed("malformed proof".into()))?;
         let index =

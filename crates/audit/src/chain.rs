@@ -178,17 +178,6 @@ pub struct Anchor {
     pub at_least: i64,
 }
 
-fn decode(hex_text: &str) -> Option<[u8; 32]> {
-    if hex_text.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (index, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex_text.get(index * 2..index * 2 + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 /// Verifies one zone's rows, sorted by sequence, against `anchor`; returns every finding (an
 /// empty list means the chain is intact).
 pub fn verify(
@@ -214,8 +203,8 @@ pub fn verify(
     for row in rows {
         let link = &row.link;
         let seq = link.seq;
-        let stored_content = decode(&link.content_sha256);
-        let stored_previous = decode(&link.prev_content_sha256);
+        let stored_content = caracal_crypto::unhex32(&link.content_sha256);
+        let stored_previous = caracal_crypto::unhex32(&link.prev_content_sha256);
         if row.content.zone_id != zone_id {
             finding(
                 FindingKind::ContentMismatch,

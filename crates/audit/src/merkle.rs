@@ -210,29 +210,17 @@ impl CheckpointSigner {
     }
 }
 
-fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|index| {
-            text.get(index..index + 2)
-                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-        })
-        .collect()
-}
-
 /// Checks a checkpoint's signature with the published public key (hex); returns its root.
 pub fn verify_checkpoint(
     checkpoint: &Checkpoint,
     public_key_hex: &str,
 ) -> Result<[u8; 32], CheckpointError> {
-    let public_key = decode_hex(public_key_hex).ok_or(CheckpointError::BadKey)?;
-    let root: [u8; 32] = decode_hex(&checkpoint.root_hash)
+    let public_key = caracal_crypto::unhex(public_key_hex).ok_or(CheckpointError::BadKey)?;
+    let root: [u8; 32] = caracal_crypto::unhex(&checkpoint.root_hash)
         .and_then(|bytes| bytes.try_into().ok())
         .ok_or(CheckpointError::Malformed)?;
-    let signature_bytes = decode_hex(&checkpoint.signature).ok_or(CheckpointError::Malformed)?;
+    let signature_bytes =
+        caracal_crypto::unhex(&checkpoint.signature).ok_or(CheckpointError::Malformed)?;
     let message = checkpoint_bytes(
         &checkpoint.key_id,
         &checkpoint.zone_id,

@@ -68,22 +68,9 @@ pub fn sign(key: &StreamKey, stream: &str, fields: &Fields) -> String {
 /// Checks `_sig` in constant time.
 pub fn verify(key: &StreamKey, stream: &str, fields: &Fields) -> Result<(), SignatureError> {
     let claimed = fields.get(SIGNATURE_FIELD).ok_or(SignatureError::Missing)?;
-    let claimed = decode_hex(claimed).ok_or(SignatureError::Mismatch)?;
+    let claimed = caracal_crypto::unhex(claimed).ok_or(SignatureError::Mismatch)?;
     hmac::verify(&key.0, canonical(stream, fields).as_bytes(), &claimed)
         .map_err(|_| SignatureError::Mismatch)
-}
-
-fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|index| {
-            text.get(index..index + 2)
-                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -113,7 +100,8 @@ mod tests {
                     value.as_str().map(|value| (name.clone(), value.to_owned()))
                 })
                 .collect();
-            let key_bytes = decode_hex(vector["hmac_key_hex"].as_str().unwrap()).unwrap();
+            let key_bytes =
+                caracal_crypto::unhex(vector["hmac_key_hex"].as_str().unwrap()).unwrap();
             let key = StreamKey::new(&key_bytes);
             assert_eq!(
                 canonical(stream, &fields),

@@ -30,6 +30,34 @@ pub fn random_bytes<const N: usize>() -> Result<[u8; N], RandomError> {
 pub struct RandomError;
 
 /// Lower-case hex of `bytes`.
+/// Decodes lower-case hex, the only form this project writes. Anything else (odd length, a
+/// sign, upper case) is `None`, so one value has exactly one accepted spelling.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    fn nibble(digit: u8) -> Option<u8> {
+        match digit {
+            b'0'..=b'9' => Some(digit - b'0'),
+            b'a'..=b'f' => Some(digit - b'a' + 10),
+            _ => None,
+        }
+    }
+    let bytes = text.as_bytes();
+    if !bytes.len().is_multiple_of(2) {
+        return None;
+    }
+    bytes
+        .chunks_exact(2)
+        .map(|pair| match pair {
+            [high, low] => Some((nibble(*high)? << 4) | nibble(*low)?),
+            _ => None,
+        })
+        .collect()
+}
+
+/// [`unhex`] of exactly 32 bytes: a SHA-256 digest or an HMAC-SHA256.
+pub fn unhex32(text: &str) -> Option<[u8; 32]> {
+    unhex(text)?.try_into().ok()
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     let mut text = String::with_capacity(bytes.len() * 2);
@@ -51,6 +79,19 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unhex_accepts_only_the_spelling_hex_writes() {
+        let bytes = [0x00, 0x7f, 0xa5, 0xff];
+        assert_eq!(unhex(&hex(&bytes)), Some(bytes.to_vec()));
+        assert_eq!(unhex(""), Some(Vec::new()));
+        for bad in ["0", "0g", "+f", "-1", "FF", "aB", " 0", "0x"] {
+            assert_eq!(unhex(bad), None, "`{bad}`");
+        }
+        let digest = sha256(b"abc");
+        assert_eq!(unhex32(&hex(&digest)), Some(digest));
+        assert_eq!(unhex32(&hex(&digest[..31])), None);
+    }
 
     #[test]
     fn sha256_matches_the_fips_vector() {

@@ -72,12 +72,29 @@ fn event_body(row: caracal_store::AuditEvent) -> crate::wire::AuditEventBody {
     }
 }
 
+/// One CSV field. Text a spreadsheet would run as a formula (client-chosen request ids reach
+/// this export) is prefixed with `'`, the usual neutralisation; the JSON form is untouched.
 fn csv_field(text: &str) -> String {
+    let text = if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{text}")
+    } else {
+        text.to_owned()
+    };
     if text.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", text.replace('"', "\"\""))
     } else {
-        text.to_owned()
+        text
     }
+}
+
+#[cfg(test)]
+#[test]
+fn csv_fields_are_quoted_and_never_formulas() {
+    assert_eq!(csv_field("plain"), "plain");
+    assert_eq!(csv_field("a,\"b\""), "\"a,\"\"b\"\"\"");
+    assert_eq!(csv_field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+    assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
+    assert_eq!(csv_field("-1+2"), "'-1+2");
 }
 
 async fn search_audit(

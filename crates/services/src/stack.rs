@@ -407,16 +407,8 @@ fn load_or_create_stream_key(data_dir: &DataDir) -> Result<Vec<u8>, StartError> 
 
 /// Hex text of at least 32 bytes, as accepted for a stream key.
 pub fn decode_key_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() < 64 || !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|index| {
-            text.get(index..index + 2)
-                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-        })
-        .collect()
+    // Operators may paste upper-case hex; the key is the same bytes either way.
+    caracal_crypto::unhex(&text.to_ascii_lowercase()).filter(|key| key.len() >= 32)
 }
 
 /// Serves `app` until `stop` turns true, then stops accepting and waits for the requests already

@@ -36,9 +36,12 @@ fn chain(count: usize, rotate_at: usize) -> Vec<StoredRow> {
     let mut rows: Vec<StoredRow> = Vec::new();
     for n in 1..=count {
         let key = &keys[if n >= rotate_at { "chain-2" } else { "chain-1" }];
-        let head = rows
-            .last()
-            .map(|row| (row.link.seq, decode(&row.link.content_sha256).unwrap()));
+        let head = rows.last().map(|row| {
+            (
+                row.link.seq,
+                caracal_crypto::unhex32(&row.link.content_sha256).unwrap(),
+            )
+        });
         let content = event("zone-1", n).content();
         let (link, _) = next_link(key, head, &content);
         rows.push(StoredRow { content, link });
@@ -101,7 +104,10 @@ const TAMPERS: &[(&str, Tamper, FindingKind)] = &[
             let forged = event("zone-1", 99).content();
             let (mut link, _) = next_link(
                 &ChainKey::new("chain-2", b"guessed key"),
-                Some((last.link.seq, decode(&last.link.content_sha256).unwrap())),
+                Some((
+                    last.link.seq,
+                    caracal_crypto::unhex32(&last.link.content_sha256).unwrap(),
+                )),
                 &forged,
             );
             link.chain_key_id = "chain-2".into();
@@ -157,7 +163,10 @@ fn an_intact_chain_reports_nothing_even_across_a_key_rotation() {
     );
     // A window in the middle, anchored on the row before it.
     let anchor = Anchor {
-        after: Some((4, decode(&rows[3].link.content_sha256).unwrap())),
+        after: Some((
+            4,
+            caracal_crypto::unhex32(&rows[3].link.content_sha256).unwrap(),
+        )),
         at_least: 10,
     };
     assert_eq!(kinds(&rows[4..], anchor), []);

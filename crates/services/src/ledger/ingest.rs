@@ -31,18 +31,6 @@ pub struct Ingestor {
     metrics: Arc<IngestMetrics>,
 }
 
-fn decode(hex_text: &str) -> Option<[u8; 32]> {
-    let bytes: Option<Vec<u8>> = (0..hex_text.len())
-        .step_by(2)
-        .map(|index| {
-            hex_text
-                .get(index..index + 2)
-                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-        })
-        .collect();
-    bytes?.try_into().ok()
-}
-
 /// An event ready to be linked: its id, content and content hash, computed before the store
 /// transaction so the transaction only links and inserts.
 pub struct Prepared {
@@ -73,7 +61,7 @@ pub fn prepared_chain_builder(key: ChainKey, events: Vec<Prepared>) -> ChainBuil
             let mut head = match head {
                 Some((seq, hash)) => Some((
                     seq,
-                    decode(&hash).ok_or_else(|| {
+                    caracal_crypto::unhex32(&hash).ok_or_else(|| {
                         StoreError::Corrupt(format!("chain head {seq} has a malformed hash"))
                     })?,
                 )),

@@ -269,14 +269,7 @@ pub async fn export_bundle(
         );
         for row in &rows {
             let stored = from_row(row);
-            let hash: [u8; 32] = (0..32)
-                .map(|index| {
-                    row.content_sha256
-                        .get(index * 2..index * 2 + 2)
-                        .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-                })
-                .collect::<Option<Vec<u8>>>()
-                .and_then(|bytes| bytes.try_into().ok())
+            let hash = caracal_crypto::unhex32(&row.content_sha256)
                 .ok_or_else(|| missing(format!("row {} has a malformed hash", row.chain_seq)))?;
             leaves.push(leaf_hash(&hash));
             if (from..=to).contains(&row.chain_seq) {

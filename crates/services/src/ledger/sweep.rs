@@ -50,18 +50,9 @@ pub struct Sweeper {
     metrics: Arc<SweepMetrics>,
 }
 
+/// A stored hash; a malformed one (reported by `verify`) stands as zeros.
 fn decode(hex_text: &str) -> [u8; 32] {
-    let bytes: Option<Vec<u8>> = (0..hex_text.len())
-        .step_by(2)
-        .map(|index| {
-            hex_text
-                .get(index..index + 2)
-                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-        })
-        .collect();
-    bytes
-        .and_then(|bytes| bytes.try_into().ok())
-        .unwrap_or([0; 32])
+    caracal_crypto::unhex32(hex_text).unwrap_or([0; 32])
 }
 
 impl Sweeper {
