@@ -8,9 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::chain::content_hash;
-use crate::merkle::{
-    Checkpoint, inclusion_proof, leaf_hash, root, verify_checkpoint, verify_inclusion,
-};
+use crate::merkle::{Checkpoint, Tree, leaf_hash, verify_checkpoint, verify_inclusion};
 use crate::{Content, caracal_hex};
 
 pub const FORMAT: &str = "caracal-audit-bundle-v1";
@@ -97,15 +95,15 @@ pub struct Verified {
 }
 
 /// Builds a bundle of `rows` (a zone's consecutive rows, in order) proven against
-/// `checkpoint`, whose tree covers `leaves` (the zone's content hashes from row 1).
+/// `checkpoint`, whose tree is `tree` (the zone's leaf hashes, from its retention cut on).
 pub fn export(
     rows: &[(Content, i64, String)],
-    leaves: &[[u8; 32]],
+    tree: &Tree<'_>,
     checkpoint: &Checkpoint,
     public_key: &str,
 ) -> Result<String, BundleError> {
     let export_error = |message: String| BundleError::Export(message);
-    if u64::try_from(leaves.len()).unwrap_or(u64::MAX) != checkpoint.tree_size {
+    if tree.size() != checkpoint.tree_size {
         return Err(export_error(
             "the leaves do not match the checkpoint's tree size".into(),
         ));
@@ -124,9 +122,10 @@ pub fn export(
     );
     text.push('\n');
     for (content, seq, content_sha256) in rows {
-        let index = usize::try_from(*seq - 1)
+        let index = u64::try_from(*seq - 1)
             .map_err(|_| export_error(format!("row {seq} has no tree position")))?;
-        let proof = inclusion_proof(leaves, index)
+        let proof = tree
+            .inclusion_proof(index)
             .ok_or_else(|| export_error(format!("row {seq} lies beyond the checkpoint")))?;
         let row = BundleRow {
             id: content.id.clone(),
@@ -257,18 +256,13 @@ pub fn verify(text: &str, public_key: &str) -> Result<Verified, BundleError> {
     })
 }
 
-/// The Merkle root over content hashes (for building checkpoints).
-pub fn tree_root(contents: &[[u8; 32]]) -> [u8; 32] {
-    let leaves: Vec<[u8; 32]> = contents.iter().map(leaf_hash).collect();
-    root(&leaves)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::Event;
     use crate::chain::{ChainKey, next_link};
     use crate::merkle::CheckpointSigner;
+    use crate::merkle::root;
 
     /// A genuine bundle of rows 3..=6 of an 8-row zone, and its public key.
     fn genuine() -> (String, String) {
@@ -300,7 +294,13 @@ mod tests {
         }
         let (signer, _) = CheckpointSigner::generate("ckpt-1").unwrap();
         let checkpoint = signer.sign("zone-1", 8, &root(&leaves), 1_760_000_001_000);
-        let bundle = export(&rows[2..6], &leaves, &checkpoint, &signer.public_key_hex()).unwrap();
+        let bundle = export(
+            &rows[2..6],
+            &Tree::whole(&leaves),
+            &checkpoint,
+            &signer.public_key_hex(),
+        )
+        .unwrap();
         (bundle, signer.public_key_hex())
     }
 

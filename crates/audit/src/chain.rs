@@ -77,6 +77,47 @@ pub fn link_mac(
     out
 }
 
+/// A retention cut: rows `1..=seq` were dropped. The next row links to `last` (row `seq`'s
+/// content hash) and `frontier` stands in for the dropped Merkle leaves
+/// ([`crate::merkle::frontier_ranges`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    pub seq: i64,
+    pub last: [u8; 32],
+    pub frontier: Vec<[u8; 32]>,
+}
+
+/// HMAC-SHA256 over a zone's cut, so a forged cut (rows deleted with a made-up record) fails.
+pub fn cut_mac(key: &ChainKey, zone_id: &str, cut: &Cut) -> [u8; 32] {
+    let mut bytes = b"caracal-audit-cut-v1\n".to_vec();
+    bytes.extend_from_slice(
+        &u32::try_from(zone_id.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    bytes.extend_from_slice(zone_id.as_bytes());
+    bytes.extend_from_slice(&cut.seq.to_be_bytes());
+    bytes.extend_from_slice(&cut.last);
+    for node in &cut.frontier {
+        bytes.extend_from_slice(node);
+    }
+    let tag = hmac::sign(&key.key, &bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(tag.as_ref());
+    out
+}
+
+/// Whether `stored` (hex, as stored) is the cut's MAC under `key`.
+pub fn cut_mac_matches(key: &ChainKey, zone_id: &str, cut: &Cut, stored: &str) -> bool {
+    mac_matches(&cut_mac(key, zone_id, cut), stored)
+}
+
+/// Compares a computed MAC with a stored hex one in constant time.
+fn mac_matches(expected: &[u8; 32], stored: &str) -> bool {
+    aws_lc_rs::constant_time::verify_slices_are_equal(hex(expected).as_bytes(), stored.as_bytes())
+        .is_ok()
+}
+
 /// The chain columns of a row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
@@ -141,6 +182,9 @@ pub enum FindingKind {
     /// The chain ends before a point it is known to have reached (a checkpoint, or a head seen
     /// earlier): the newest rows were deleted.
     Truncated,
+    /// The rows no longer hash to the root of the zone's latest signed checkpoint, or that
+    /// checkpoint is older than the retention cut: rows or checkpoints were rewritten.
+    CheckpointMismatch,
 }
 
 impl FindingKind {
@@ -154,6 +198,7 @@ impl FindingKind {
             FindingKind::SequenceGap => "sequence_gap",
             FindingKind::Reordered => "reordered",
             FindingKind::Truncated => "truncated",
+            FindingKind::CheckpointMismatch => "checkpoint_mismatch",
         }
     }
 }
@@ -230,13 +275,8 @@ pub fn verify(
                 format!("MAC key `{}` is not known", link.chain_key_id),
             ),
             (Some(key), Some(content), Some(previous)) => {
-                let expected = hex(&link_mac(key, zone_id, seq, &content, &previous));
-                let matches = aws_lc_rs::constant_time::verify_slices_are_equal(
-                    expected.as_bytes(),
-                    link.chain_mac.as_bytes(),
-                )
-                .is_ok();
-                if !matches {
+                let expected = link_mac(key, zone_id, seq, &content, &previous);
+                if !mac_matches(&expected, &link.chain_mac) {
                     finding(
                         FindingKind::MacFailure,
                         seq,

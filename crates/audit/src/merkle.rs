@@ -22,7 +22,7 @@ fn node_hash(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
 }
 
 /// The largest power of two strictly below `n` (n ≥ 2).
-fn split(n: usize) -> usize {
+fn split(n: u64) -> u64 {
     let mut k = 1;
     while k * 2 < n {
         k *= 2;
@@ -36,7 +36,7 @@ pub fn root(leaves: &[[u8; 32]]) -> [u8; 32] {
         [] => sha256(b""),
         [leaf] => *leaf,
         _ => {
-            let (left, right) = leaves.split_at(split(leaves.len()));
+            let (left, right) = leaves.split_at(split(leaves.len() as u64) as usize);
             node_hash(&root(left), &root(right))
         }
     }
@@ -44,30 +44,105 @@ pub fn root(leaves: &[[u8; 32]]) -> [u8; 32] {
 
 /// The audit path of leaf `index` (RFC 6962 §2.1.1), or `None` if it is out of range.
 pub fn inclusion_proof(leaves: &[[u8; 32]], index: usize) -> Option<Vec<[u8; 32]>> {
-    if index >= leaves.len() {
-        return None;
-    }
-    let mut proof = Vec::new();
-    let mut slice = leaves;
-    let mut index = index;
-    let mut siblings = Vec::new();
-    while slice.len() > 1 {
-        let k = split(slice.len());
-        let (left, right) = slice.split_at(k);
-        if index < k {
-            siblings.push(root(right));
-            slice = left;
-        } else {
-            siblings.push(root(left));
-            slice = right;
-            index -= k;
+    Tree::whole(leaves).inclusion_proof(u64::try_from(index).ok()?)
+}
+
+/// The perfect subtrees that tile the first `cut` leaves, largest (leftmost) first: the
+/// leaves' compact range. Their roots stand in for leaves that retention dropped.
+pub fn frontier_ranges(cut: u64) -> impl Iterator<Item = (u64, u64)> {
+    let mut start = 0;
+    (0..u64::BITS).rev().filter_map(move |bit| {
+        let width = 1u64 << bit;
+        (cut & width != 0).then(|| {
+            let range = (start, start + width);
+            start += width;
+            range
+        })
+    })
+}
+
+/// A zone's Merkle tree whose first `cut` leaves may have been dropped: `frontier` holds the
+/// roots of [`frontier_ranges`]`(cut)` and `leaves` the leaf hashes from index `cut` on. Every
+/// root, proof and later frontier of the whole tree can still be computed from these.
+#[derive(Debug, Clone, Copy)]
+pub struct Tree<'a> {
+    pub cut: u64,
+    pub frontier: &'a [[u8; 32]],
+    pub leaves: &'a [[u8; 32]],
+}
+
+impl<'a> Tree<'a> {
+    /// A tree with every leaf present.
+    pub fn whole(leaves: &'a [[u8; 32]]) -> Tree<'a> {
+        Tree {
+            cut: 0,
+            frontier: &[],
+            leaves,
         }
     }
-    // The path lists siblings from the leaf up.
-    while let Some(sibling) = siblings.pop() {
-        proof.push(sibling);
+
+    pub fn size(&self) -> u64 {
+        self.cut + self.leaves.len() as u64
     }
-    Some(proof)
+
+    /// The tree's root, or `None` when the frontier does not match the cut.
+    pub fn root(&self) -> Option<[u8; 32]> {
+        if self.size() == 0 {
+            return Some(sha256(b""));
+        }
+        self.hash(0, self.size())
+    }
+
+    /// The audit path of leaf `index` (a leaf still present), siblings from the leaf up.
+    pub fn inclusion_proof(&self, index: u64) -> Option<Vec<[u8; 32]>> {
+        if index < self.cut || index >= self.size() {
+            return None;
+        }
+        let (mut lo, mut hi) = (0, self.size());
+        let mut siblings = Vec::new();
+        while hi - lo > 1 {
+            let middle = lo + split(hi - lo);
+            if index < middle {
+                siblings.push(self.hash(middle, hi)?);
+                hi = middle;
+            } else {
+                siblings.push(self.hash(lo, middle)?);
+                lo = middle;
+            }
+        }
+        siblings.reverse();
+        Some(siblings)
+    }
+
+    /// The frontier that stands in for the first `cut` leaves (`self.cut ≤ cut ≤ size`).
+    pub fn frontier_at(&self, cut: u64) -> Option<Vec<[u8; 32]>> {
+        if cut < self.cut || cut > self.size() {
+            return None;
+        }
+        frontier_ranges(cut)
+            .map(|(lo, hi)| self.hash(lo, hi))
+            .collect()
+    }
+
+    /// The Merkle tree hash of leaves `lo..hi`, a node of this tree.
+    fn hash(&self, lo: u64, hi: u64) -> Option<[u8; 32]> {
+        if lo >= self.cut {
+            let start = usize::try_from(lo - self.cut).ok()?;
+            let end = usize::try_from(hi - self.cut).ok()?;
+            return Some(root(self.leaves.get(start..end)?));
+        }
+        if hi <= self.cut {
+            // A node wholly among the dropped leaves: a frontier node, or a union of several.
+            if let Some(position) = frontier_ranges(self.cut).position(|range| range == (lo, hi)) {
+                return self.frontier.get(position).copied();
+            }
+            if hi - lo == 1 {
+                return None;
+            }
+        }
+        let middle = lo + split(hi - lo);
+        Some(node_hash(&self.hash(lo, middle)?, &self.hash(middle, hi)?))
+    }
 }
 
 /// Checks an inclusion proof (RFC 9162 §2.1.3.2).
@@ -310,5 +385,50 @@ mod tests {
             verify_checkpoint(&checkpoint, &stranger.public_key_hex()),
             Err(CheckpointError::BadSignature)
         );
+    }
+
+    #[test]
+    fn a_pruned_tree_keeps_every_root_and_proof_of_the_whole_one() {
+        for size in 1..=40u64 {
+            let l = leaves(size as usize);
+            let whole = Tree::whole(&l);
+            for cut in 0..=size {
+                let frontier = whole.frontier_at(cut).unwrap();
+                assert_eq!(frontier.len(), cut.count_ones() as usize);
+                let pruned = Tree {
+                    cut,
+                    frontier: &frontier,
+                    leaves: &l[cut as usize..],
+                };
+                assert_eq!(pruned.root(), Some(root(&l)), "{size}/{cut}");
+                for index in 0..size {
+                    let expected =
+                        (index >= cut).then(|| inclusion_proof(&l, index as usize).unwrap());
+                    assert_eq!(
+                        pruned.inclusion_proof(index),
+                        expected,
+                        "{size}/{cut}/{index}"
+                    );
+                }
+                // A later cut's frontier follows from an earlier one.
+                for later in cut..=size {
+                    assert_eq!(pruned.frontier_at(later), whole.frontier_at(later));
+                }
+                if cut > 0 {
+                    let mut forged = frontier.clone();
+                    forged[0] = sha256(&forged[0]);
+                    let forged_tree = Tree {
+                        frontier: &forged,
+                        ..pruned
+                    };
+                    assert_ne!(forged_tree.root(), Some(root(&l)));
+                    let short = Tree {
+                        frontier: &frontier[1..],
+                        ..pruned
+                    };
+                    assert_eq!(short.root(), None);
+                }
+            }
+        }
     }
 }

@@ -54,6 +54,10 @@ pub struct Overrides {
     /// Seconds shutdown waits for in-flight requests [env: CARACAL_SHUTDOWN_GRACE_SECONDS] [default: 30]
     #[arg(long, global = true, value_name = "SECONDS")]
     pub shutdown_grace_seconds: Option<String>,
+    /// Days audit rows are kept; older rows a signed checkpoint covers are dropped, 0 keeps
+    /// every row [env: CARACAL_AUDIT_RETENTION_DAYS] [default: 365]
+    #[arg(long, global = true, value_name = "DAYS")]
+    pub audit_retention_days: Option<String>,
     /// PostgreSQL connections per process [env: CARACAL_STORE_POOL_SIZE] [default: 16]
     #[arg(long, global = true, value_name = "N")]
     pub store_pool_size: Option<String>,

@@ -200,6 +200,12 @@ const KEYS: &[Key] = &[
         "a RUST_LOG-style filter such as info,caracal=debug",
     ),
     key(
+        "audit.retention_days",
+        &["CARACAL_AUDIT_RETENTION_DAYS"],
+        "--audit-retention-days",
+        "whole days 1-36500, or 0 to keep every audit row",
+    ),
+    key(
         "shutdown_grace_seconds",
         &["CARACAL_SHUTDOWN_GRACE_SECONDS"],
         "--shutdown-grace-seconds",
@@ -290,6 +296,12 @@ pub fn resolve(
                 .filter(|seconds| (1..=3600).contains(seconds))
                 .map(Duration::from_secs)
         })?,
+        audit_retention: parse.value("audit.retention_days", |text| {
+            text.parse::<u64>()
+                .ok()
+                .filter(|days| *days <= 36_500)
+                .map(|days| (days > 0).then(|| Duration::from_secs(days * 86_400)))
+        })?,
         store_pool_size: parse.value("store_pool_size", |text| {
             text.parse::<usize>()
                 .ok()
@@ -379,6 +391,7 @@ fn default_value(name: &str, default_store: &str) -> String {
         "log.format" => "text".to_owned(),
         "log.filter" => "info".to_owned(),
         "shutdown_grace_seconds" => "30".to_owned(),
+        "audit.retention_days" => "365".to_owned(),
         "store_pool_size" => "16".to_owned(),
         "store_statement_timeout_ms" => "5000".to_owned(),
         _ => String::new(),
@@ -431,6 +444,7 @@ fn flag_values(overrides: &Overrides) -> Result<BTreeMap<&'static str, String>, 
         ("log.format", &overrides.log_format),
         ("log.filter", &overrides.log),
         ("shutdown_grace_seconds", &overrides.shutdown_grace_seconds),
+        ("audit.retention_days", &overrides.audit_retention_days),
         ("store_pool_size", &overrides.store_pool_size),
         ("store_schema", &overrides.store_schema),
         (

@@ -25,6 +25,9 @@ pub struct Settings {
     pub issuer_url: String,
     /// How long shutdown waits for in-flight requests before cutting them off.
     pub shutdown_grace: Duration,
+    /// Audit rows ingested longer ago are dropped once a signed checkpoint covers them;
+    /// `None` keeps every row.
+    pub audit_retention: Option<Duration>,
     /// PostgreSQL connections per process.
     pub store_pool_size: usize,
     /// PostgreSQL schema holding Caracal's tables (created if missing); `None` uses the

@@ -86,6 +86,7 @@ pub struct Stack {
     listeners: Vec<(Role, TcpListener)>,
     bootstrap: Bootstrap,
     shutdown_grace: Duration,
+    audit_retention: Option<Duration>,
 }
 
 impl Stack {
@@ -162,6 +163,7 @@ impl Stack {
             listeners,
             bootstrap,
             shutdown_grace: settings.shutdown_grace,
+            audit_retention: settings.audit_retention,
         })
     }
 
@@ -329,14 +331,16 @@ impl Stack {
         let signer = ledger::checkpoint_signer(self.shared.store.as_ref(), kek)
             .await
             .map_err(|error| StartError::Evidence(error.to_string()))?;
-        let sweeper = Arc::new(
-            sweep::Sweeper::new(
-                Arc::clone(&self.shared.store),
-                kek.clone(),
-                Arc::clone(&metrics.sweep),
-            )
-            .with_checkpoints(signer),
-        );
+        let mut sweeper = sweep::Sweeper::new(
+            Arc::clone(&self.shared.store),
+            kek.clone(),
+            Arc::clone(&metrics.sweep),
+        )
+        .with_checkpoints(signer);
+        if let Some(keep) = self.audit_retention {
+            sweeper = sweeper.with_retention(keep);
+        }
+        let sweeper = Arc::new(sweeper);
         let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
         servers.spawn(crate::singleton::run_singleton(
             Arc::clone(&self.shared.store),

@@ -209,6 +209,7 @@ on_both_stores!(
     the_sweep_reports_every_kind_of_tampering_by_kind,
     a_key_rotation_takes_effect_at_once_and_old_rows_keep_verifying,
     an_ingestor_killed_mid_load_loses_and_doubles_nothing,
+    retention_drops_old_rows_and_the_rest_stays_verifiable,
 );
 
 async fn recorded_events_form_one_verifiable_chain_per_zone_once_each(ledger: &Ledger) {
@@ -641,4 +642,126 @@ async fn an_ingestor_killed_mid_load_loses_and_doubles_nothing(ledger: &Ledger) 
             .unwrap()
             .is_empty()
     );
+}
+
+async fn retention_drops_old_rows_and_the_rest_stays_verifiable(ledger: &Ledger) {
+    let ingestor = ledger.ingestor().await;
+    for zone in ["kept", "cut", "forged", "uncut", "root"] {
+        ledger
+            .record((1..=12).map(|n| event(zone, n)).collect())
+            .await;
+    }
+    ledger.ingest_all(&ingestor).await;
+    let signer = caracal_services::ledger::checkpoint_signer(ledger.store.as_ref(), &ledger.kek)
+        .await
+        .unwrap();
+    let public_key = signer.public_key_hex();
+
+    // A long retention keeps everything.
+    let keeping = ledger
+        .sweeper()
+        .with_checkpoints(
+            caracal_services::ledger::checkpoint_signer(ledger.store.as_ref(), &ledger.kek)
+                .await
+                .unwrap(),
+        )
+        .with_retention(Duration::from_secs(86_400));
+    assert_eq!(keeping.full().await.unwrap(), []);
+    assert_eq!(ledger.store.audit_cut("kept").await.unwrap(), None);
+    assert_eq!(
+        ledger.store.audit_range("kept", 1, 99).await.unwrap().len(),
+        12
+    );
+
+    // Everything has expired: all but the newest row goes, anchored on the signed checkpoint.
+    let sweeper = ledger
+        .sweeper()
+        .with_checkpoints(signer)
+        .with_retention(Duration::ZERO);
+    assert_eq!(sweeper.full().await.unwrap(), []);
+    let cut = ledger.store.audit_cut("cut").await.unwrap().unwrap();
+    assert_eq!(cut.cut_seq, 11);
+    let left: Vec<i64> = ledger
+        .store
+        .audit_range("cut", 1, 99)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.chain_seq)
+        .collect();
+    assert_eq!(left, [12]);
+
+    // The chain goes on from the kept row; later sweeps, exports and checkpoints still verify.
+    ledger
+        .record((13..=20).map(|n| event("cut", n)).collect())
+        .await;
+    ledger.ingest_all(&ingestor).await;
+    assert_eq!(sweeper.incremental().await.unwrap(), []);
+    assert_eq!(
+        ledger.sweeper().full().await.unwrap(),
+        [],
+        "a fresh sweeper starts at the cut"
+    );
+    assert_eq!(sweeper.full().await.unwrap(), []);
+    assert_eq!(
+        ledger
+            .store
+            .audit_cut("cut")
+            .await
+            .unwrap()
+            .unwrap()
+            .cut_seq,
+        19
+    );
+    let checkpoint = ledger
+        .store
+        .latest_audit_checkpoint("cut")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(checkpoint.tree_size, 20);
+    let bundle =
+        caracal_services::ledger::export_bundle(ledger.store.as_ref(), "cut", 1, 20, &|_, _| {})
+            .await
+            .unwrap();
+    let verified = caracal_audit::bundle::verify(&bundle, &public_key).unwrap();
+    assert_eq!(
+        (verified.first_seq, verified.last_seq, verified.tree_size),
+        (20, 20, 20)
+    );
+
+    // Tampering with what the cut left behind is caught.
+    let sql = |statement: &'static str, zone: &'static str| async move {
+        ledger
+            .db
+            .change(statement, vec![zone.into()])
+            .await
+            .unwrap();
+    };
+    sql(
+        "UPDATE audit_cuts SET last_content_sha256 = substr(frontier, 1, 64) WHERE zone_id = $1",
+        "forged",
+    )
+    .await;
+    sql("DELETE FROM audit_cuts WHERE zone_id = $1", "uncut").await;
+    sql(
+        "UPDATE audit_checkpoints SET root_hash = substr(signature, 1, 64) WHERE zone_id = $1",
+        "root",
+    )
+    .await;
+    let findings = ledger.sweeper().full().await.unwrap();
+    let kinds_of = |zone: &str| {
+        let mut kinds: Vec<FindingKind> = findings
+            .iter()
+            .filter(|f| f.zone_id == zone)
+            .map(|f| f.kind)
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        kinds
+    };
+    assert!(kinds_of("forged").contains(&FindingKind::MacFailure));
+    assert_eq!(kinds_of("uncut"), [FindingKind::SequenceGap]);
+    assert_eq!(kinds_of("root"), [FindingKind::CheckpointMismatch]);
+    assert_eq!(kinds_of("cut"), []);
 }

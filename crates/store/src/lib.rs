@@ -30,9 +30,9 @@ pub use bootstrap::{
 };
 pub use data_dir::{DataDir, DataDirError};
 pub use model::{
-    AdminTokenRecord, Application, ApprovalHold, AuditCheckpoint, AuditEvent, AuditFilter,
-    AuthorityRecord, DelegationEdge, IdempotencyReceipt, KekRecord, NewAdminToken, NewZone,
-    OutboxFailure, OutboxMessage, OutboxRow, OutboxStats, PolicyBinding, PolicyHeader,
+    AdminTokenRecord, Application, ApprovalHold, AuditCheckpoint, AuditCut, AuditEvent,
+    AuditFilter, AuthorityRecord, DelegationEdge, IdempotencyReceipt, KekRecord, NewAdminToken,
+    NewZone, OutboxFailure, OutboxMessage, OutboxRow, OutboxStats, PolicyBinding, PolicyHeader,
     PolicyVersion, Provider, ProviderConnection, Resource, SealedSecret, Session, SigningKey,
     TamperFinding, TokenScope, Zone,
 };

@@ -371,6 +371,19 @@ pub struct AuditCheckpoint {
     pub signature: String,
 }
 
+/// A zone's retention cut (see `0005_audit_cuts.sql`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditCut {
+    pub zone_id: String,
+    pub cut_seq: i64,
+    pub last_content_sha256: String,
+    /// Comma-separated hex node hashes.
+    pub frontier: String,
+    pub cut_at_ms: i64,
+    pub chain_key_id: String,
+    pub cut_mac: String,
+}
+
 /// Filters of an audit search; `None` matches everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditFilter {

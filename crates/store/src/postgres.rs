@@ -37,6 +37,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "audit chain keys",
             include_str!("schema/0004_audit_chain_keys.sql").replace("{BIGINT}", "BIGINT"),
         ),
+        (
+            "audit retention cuts",
+            include_str!("schema/0005_audit_cuts.sql").replace("{BIGINT}", "BIGINT"),
+        ),
     ]
 }
 

@@ -32,6 +32,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "audit chain keys",
             include_str!("schema/0004_audit_chain_keys.sql").replace("{BIGINT}", "INTEGER"),
         ),
+        (
+            "audit retention cuts",
+            include_str!("schema/0005_audit_cuts.sql").replace("{BIGINT}", "INTEGER"),
+        ),
     ]
 }
 
@@ -360,7 +364,7 @@ mod tests {
             .run_blocking(|c| {
                 c.execute_batch(
                     "DROP TABLE audit_tamper_findings; DROP TABLE audit_checkpoints; DROP TABLE audit_checkpoint_keys;
-                     DROP TABLE audit_chain_keys;
+                     DROP TABLE audit_chain_keys; DROP TABLE audit_cuts;
                      DELETE FROM schema_migrations WHERE version >= 2;",
                 )
             })
@@ -376,7 +380,7 @@ mod tests {
                 )
             })
             .unwrap();
-        assert_eq!((version, tables), (4, 1));
+        assert_eq!((version, tables), (schema_version(), 1));
     }
 
     #[tokio::test]

@@ -145,6 +145,7 @@ conformance!(
     authority_records_insert_in_batches_and_revoke_once,
     chain_appends_skip_stored_ids_and_stay_contiguous_under_concurrency,
     audit_search_filters_and_pages_newest_first,
+    a_retention_cut_only_moves_forward_and_drops_rows_with_it,
 );
 
 fn message(stream: &str, n: usize) -> OutboxMessage {
@@ -1531,7 +1532,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 4
+                supported: 5
             }
         ),
         "{error}"
@@ -1547,7 +1548,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
     let versions: Vec<i64> = rows.iter().map(|row| row.int(0).unwrap()).collect();
     assert_eq!(
         versions,
-        [1, 2, 3, 4, 999],
+        [1, 2, 3, 4, 5, 999],
         "the refused start wrote nothing"
     );
     drop_schema(&schema).await;
@@ -1787,4 +1788,49 @@ async fn audit_search_filters_and_pages_newest_first(backend: &Backend) {
             .unwrap()),
         ["other"]
     );
+}
+
+async fn a_retention_cut_only_moves_forward_and_drops_rows_with_it(backend: &Backend) {
+    let ids = (0..6).map(|n| format!("ev-{n}")).collect::<Vec<_>>();
+    let store = &backend.store;
+    store
+        .append_audit_chain("zone-1", &ids, link_after("zone-1", ids.clone()))
+        .await
+        .unwrap();
+    let others = (0..6).map(|n| format!("other-{n}")).collect::<Vec<_>>();
+    store
+        .append_audit_chain("zone-2", &others, link_after("zone-2", others.clone()))
+        .await
+        .unwrap();
+    assert_eq!(store.audit_cut("zone-1").await.unwrap(), None);
+    let cut = |seq: i64| caracal_store::AuditCut {
+        zone_id: "zone-1".into(),
+        cut_seq: seq,
+        last_content_sha256: format!("hash-{seq}"),
+        frontier: String::new(),
+        cut_at_ms: seq,
+        chain_key_id: "chain-1".into(),
+        cut_mac: format!("mac-{seq}"),
+    };
+    assert_eq!(store.cut_audit_chain(&cut(3)).await.unwrap(), 3);
+    assert_eq!(store.audit_cut("zone-1").await.unwrap(), Some(cut(3)));
+    // An older cut neither replaces the record nor brings rows back.
+    assert_eq!(store.cut_audit_chain(&cut(2)).await.unwrap(), 0);
+    assert_eq!(store.audit_cut("zone-1").await.unwrap(), Some(cut(3)));
+    assert_eq!(store.cut_audit_chain(&cut(5)).await.unwrap(), 2);
+    assert_eq!(store.audit_cut("zone-1").await.unwrap(), Some(cut(5)));
+    let left: Vec<i64> = store
+        .audit_range("zone-1", 1, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.chain_seq)
+        .collect();
+    assert_eq!(left, [6]);
+    assert_eq!(
+        store.audit_range("zone-2", 1, 100).await.unwrap().len(),
+        6,
+        "other zones keep theirs"
+    );
+    assert_eq!(store.audit_cut("zone-2").await.unwrap(), None);
 }

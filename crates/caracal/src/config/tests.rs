@@ -102,6 +102,19 @@ fn defaults_follow_the_home_directory() {
     assert_eq!(resolved.settings.issuer_url, "http://127.0.0.1:8080");
     assert_eq!(resolved.log_filter, "info");
     assert_eq!(resolved.settings.shutdown_grace, Duration::from_secs(30));
+    assert_eq!(
+        resolved.settings.audit_retention,
+        Some(Duration::from_secs(365 * 86_400))
+    );
+    let keep_all = Case::new(Some("[audit]\nretention_days = 0\n"), &[]);
+    assert_eq!(
+        keep_all
+            .resolve(&Overrides::default())
+            .unwrap()
+            .settings
+            .audit_retention,
+        None
+    );
     let no_home = resolve(&Overrides::default(), &|_| None).unwrap_err();
     assert_eq!(no_home, ConfigError::NoHome);
 }
@@ -177,6 +190,12 @@ fn bad_input_names_the_key_and_the_accepted_values() {
             &[("CARACAL_SHUTDOWN_GRACE_SECONDS", "0")],
             Overrides::default(),
             "invalid value `0` for `shutdown_grace_seconds` (from env CARACAL_SHUTDOWN_GRACE_SECONDS): expected whole seconds 1-3600",
+        ),
+        (
+            None,
+            &[("CARACAL_AUDIT_RETENTION_DAYS", "-1")],
+            Overrides::default(),
+            "invalid value `-1` for `audit.retention_days` (from env CARACAL_AUDIT_RETENTION_DAYS): expected whole days 1-36500, or 0 to keep every audit row",
         ),
         (
             None,

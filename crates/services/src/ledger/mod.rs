@@ -55,6 +55,11 @@ impl LedgerMetrics {
             self.sweep.last_full_sweep_unix.clone(),
         );
         registry.register(
+            "retention_dropped",
+            "Audit rows dropped by retention (a signed checkpoint and a cut record anchor them)",
+            self.sweep.retention_dropped.clone(),
+        );
+        registry.register(
             "consumer_lag",
             "Audit events appended but not yet read by the ingestor",
             self.consumer_lag.clone(),
@@ -250,9 +255,27 @@ pub async fn export_bundle(
                 checkpoint.key_id
             ))
         })?;
+    // Rows dropped by retention are stood in for by the cut's frontier (the sweep checks its MAC).
+    let (cut, frontier) = match store.audit_cut(zone_id).await? {
+        Some(cut) => {
+            let frontier: Option<Vec<[u8; 32]>> = cut
+                .frontier
+                .split(',')
+                .filter(|node| !node.is_empty())
+                .map(caracal_crypto::unhex32)
+                .collect();
+            let frontier = frontier.ok_or_else(|| {
+                missing(format!(
+                    "the retention cut of zone `{zone_id}` is malformed"
+                ))
+            })?;
+            (cut.cut_seq, frontier)
+        }
+        None => (0, Vec::new()),
+    };
     let mut leaves = Vec::new();
     let mut selected = Vec::new();
-    let mut next = 1;
+    let mut next = cut + 1;
     while next <= checkpoint.tree_size {
         let rows = store
             .audit_range(zone_id, next, (next + 9_999).min(checkpoint.tree_size))
@@ -277,6 +300,11 @@ pub async fn export_bundle(
             }
         }
     }
+    let tree = caracal_audit::merkle::Tree {
+        cut: u64::try_from(cut).unwrap_or(0),
+        frontier: &frontier,
+        leaves: &leaves,
+    };
     let checkpoint = Checkpoint {
         zone_id: checkpoint.zone_id,
         tree_size: u64::try_from(checkpoint.tree_size).unwrap_or(0),
@@ -285,6 +313,6 @@ pub async fn export_bundle(
         key_id: checkpoint.key_id,
         signature: checkpoint.signature,
     };
-    caracal_audit::bundle::export(&selected, &leaves, &checkpoint, &public_key)
+    caracal_audit::bundle::export(&selected, &tree, &checkpoint, &public_key)
         .map_err(|error| missing(error.to_string()))
 }

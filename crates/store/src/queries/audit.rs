@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use crate::db::{Db, Dialect, Outcome, Row, Statement, params};
-use crate::model::{AuditCheckpoint, AuditEvent, AuditFilter, TamperFinding};
+use crate::model::{AuditCheckpoint, AuditCut, AuditEvent, AuditFilter, TamperFinding};
 use crate::store::{StoreError, all};
 
 /// The row columns of `audit_events`, for `concat!`.
@@ -104,6 +104,12 @@ pub trait Audit: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Every published checkpoint key: (key id, public key hex).
     async fn checkpoint_keys(&self) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// The zone's retention cut, if rows were dropped.
+    async fn audit_cut(&self, zone_id: &str) -> Result<Option<AuditCut>, StoreError>;
+    /// In one transaction: records `cut` (only if it moves the zone's cut forward) and drops
+    /// the zone's rows up to `cut.cut_seq`. Returns how many rows were dropped.
+    async fn cut_audit_chain(&self, cut: &AuditCut) -> Result<u64, StoreError>;
 }
 
 fn checkpoint(row: &Row) -> Result<AuditCheckpoint, StoreError> {
@@ -114,6 +120,18 @@ fn checkpoint(row: &Row) -> Result<AuditCheckpoint, StoreError> {
         issued_at_ms: row.int(3)?,
         key_id: row.text(4)?,
         signature: row.text(5)?,
+    })
+}
+
+fn cut(row: &Row) -> Result<AuditCut, StoreError> {
+    Ok(AuditCut {
+        zone_id: row.text(0)?,
+        cut_seq: row.int(1)?,
+        last_content_sha256: row.text(2)?,
+        frontier: row.text(3)?,
+        cut_at_ms: row.int(4)?,
+        chain_key_id: row.text(5)?,
+        cut_mac: row.text(6)?,
     })
 }
 
@@ -562,6 +580,47 @@ impl<D: Db> Audit for D {
         )
         .await
         .map(|_| ())
+    }
+
+    async fn audit_cut(&self, zone_id: &str) -> Result<Option<AuditCut>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT zone_id, cut_seq, last_content_sha256, frontier, cut_at_ms, chain_key_id, cut_mac
+                 FROM audit_cuts WHERE zone_id = $1",
+                params![zone_id],
+            )
+            .await?;
+        rows.first().map(cut).transpose()
+    }
+
+    async fn cut_audit_chain(&self, c: &AuditCut) -> Result<u64, StoreError> {
+        let outcomes = self
+            .atomic(vec![
+                Statement::new(
+                    "INSERT INTO audit_cuts (zone_id, cut_seq, last_content_sha256, frontier, cut_at_ms, chain_key_id, cut_mac)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (zone_id) DO UPDATE SET cut_seq = excluded.cut_seq,
+                         last_content_sha256 = excluded.last_content_sha256, frontier = excluded.frontier,
+                         cut_at_ms = excluded.cut_at_ms, chain_key_id = excluded.chain_key_id,
+                         cut_mac = excluded.cut_mac
+                     WHERE audit_cuts.cut_seq < excluded.cut_seq",
+                    params![
+                        c.zone_id.as_str(),
+                        c.cut_seq,
+                        c.last_content_sha256.as_str(),
+                        c.frontier.as_str(),
+                        c.cut_at_ms,
+                        c.chain_key_id.as_str(),
+                        c.cut_mac.as_str(),
+                    ],
+                ),
+                Statement::new(
+                    "DELETE FROM audit_events WHERE zone_id = $1 AND chain_seq <= $2",
+                    params![c.zone_id.as_str(), c.cut_seq],
+                ),
+            ])
+            .await?;
+        Ok(outcomes.get(1).map_or(0, |outcome| outcome.changed))
     }
 
     async fn audit_seq_range(
