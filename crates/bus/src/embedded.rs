@@ -57,10 +57,7 @@ impl EmbeddedBus {
             .store
             .run(move |connection| {
                 let transaction = connection.transaction()?;
-                let last: Option<i64> = transaction
-                    .query_row(
-                        "SELECT last_delivered FROM stream_groups WHERE stream = ?1 AND name = ?2",
-                        params![stream, group],
+                let last: Option<i64> = transaction.prepare_cached("SELECT last_delivered FROM stream_groups WHERE stream = ?1 AND name = ?2")?.query_row(params![stream, group],
                         |row| row.get(0),
                     )
                     .optional()?;
@@ -80,16 +77,12 @@ impl EmbeddedBus {
                 };
                 let now = now_ms();
                 for (seq, _, _) in &rows {
-                    transaction.execute(
-                        "INSERT INTO stream_pending (stream, grp, seq, consumer, delivered_ms, deliveries)
-                         VALUES (?1, ?2, ?3, ?4, ?5, 1)",
-                        params![stream, group, seq, consumer, now],
+                    transaction.prepare_cached("INSERT INTO stream_pending (stream, grp, seq, consumer, delivered_ms, deliveries)
+                         VALUES (?1, ?2, ?3, ?4, ?5, 1)")?.execute(params![stream, group, seq, consumer, now],
                     )?;
                 }
                 if let Some((seq, _, _)) = rows.last() {
-                    transaction.execute(
-                        "UPDATE stream_groups SET last_delivered = ?3 WHERE stream = ?1 AND name = ?2",
-                        params![stream, group, seq],
+                    transaction.prepare_cached("UPDATE stream_groups SET last_delivered = ?3 WHERE stream = ?1 AND name = ?2")?.execute(params![stream, group, seq],
                     )?;
                 }
                 transaction.commit()?;
@@ -118,17 +111,18 @@ impl ReplayRegistry for EmbeddedBus {
             .run(move |connection| {
                 let now = now_ms();
                 // A key whose TTL has passed may be claimed again, as in Redis.
-                connection.execute(
-                    "INSERT INTO replay_keys (namespace, key, expires_ms) VALUES (?1, ?2, ?3)
+                connection
+                    .prepare_cached(
+                        "INSERT INTO replay_keys (namespace, key, expires_ms) VALUES (?1, ?2, ?3)
                      ON CONFLICT (namespace, key) DO UPDATE SET expires_ms = excluded.expires_ms
                      WHERE replay_keys.expires_ms <= ?4",
-                    params![
+                    )?
+                    .execute(params![
                         namespace.as_str(),
                         key,
                         now.saturating_add(millis(ttl)),
                         now
-                    ],
-                )
+                    ])
             })
             .await?;
         Ok(claimed == 1)
@@ -138,7 +132,9 @@ impl ReplayRegistry for EmbeddedBus {
         let deleted = self
             .store
             .run(|connection| {
-                connection.execute("DELETE FROM replay_keys WHERE expires_ms <= ?1", [now_ms()])
+                connection
+                    .prepare_cached("DELETE FROM replay_keys WHERE expires_ms <= ?1")?
+                    .execute([now_ms()])
             })
             .await?;
         Ok(deleted as u64)
@@ -229,16 +225,12 @@ impl Streams for EmbeddedBus {
                 let appended_ms = now_ms();
                 let mut ids = Vec::with_capacity(texts.len());
                 for text in texts {
-                    let seq: i64 = transaction.query_row(
-                        "INSERT INTO streams (name, last_seq) VALUES (?1, 1)
+                    let seq: i64 = transaction.prepare_cached("INSERT INTO streams (name, last_seq) VALUES (?1, 1)
                          ON CONFLICT (name) DO UPDATE SET last_seq = last_seq + 1
-                         RETURNING last_seq",
-                        [&name],
+                         RETURNING last_seq")?.query_row([&name],
                         |row| row.get(0),
                     )?;
-                    transaction.execute(
-                        "INSERT INTO stream_entries (stream, seq, appended_ms, fields) VALUES (?1, ?2, ?3, ?4)",
-                        params![name, seq, appended_ms, text],
+                    transaction.prepare_cached("INSERT INTO stream_entries (stream, seq, appended_ms, fields) VALUES (?1, ?2, ?3, ?4)")?.execute(params![name, seq, appended_ms, text],
                     )?;
                     ids.push(entry_id(seq, appended_ms));
                 }
@@ -255,10 +247,8 @@ impl Streams for EmbeddedBus {
         let (stream, group) = (stream.to_owned(), group.to_owned());
         self.store
             .run(move |connection| {
-                connection.execute(
-                    "INSERT INTO stream_groups (stream, name, last_delivered) VALUES (?1, ?2, 0)
-                     ON CONFLICT (stream, name) DO NOTHING",
-                    params![stream, group],
+                connection.prepare_cached("INSERT INTO stream_groups (stream, name, last_delivered) VALUES (?1, ?2, 0)
+                     ON CONFLICT (stream, name) DO NOTHING")?.execute(params![stream, group],
                 )
             })
             .await?;
@@ -304,9 +294,7 @@ impl Streams for EmbeddedBus {
                 let transaction = connection.transaction()?;
                 let mut acknowledged = 0;
                 for seq in seqs {
-                    acknowledged += transaction.execute(
-                        "DELETE FROM stream_pending WHERE stream = ?1 AND grp = ?2 AND seq = ?3",
-                        params![stream, group, seq],
+                    acknowledged += transaction.prepare_cached("DELETE FROM stream_pending WHERE stream = ?1 AND grp = ?2 AND seq = ?3")?.execute(params![stream, group, seq],
                     )?;
                 }
                 transaction.commit()?;
@@ -390,17 +378,13 @@ impl Streams for EmbeddedBus {
                 for (seq, deliveries, stored) in idle {
                     match stored {
                         Some((appended_ms, fields)) => {
-                            transaction.execute(
-                                "UPDATE stream_pending SET consumer = ?4, delivered_ms = ?5, deliveries = deliveries + 1
-                                 WHERE stream = ?1 AND grp = ?2 AND seq = ?3",
-                                params![stream, group, seq, consumer, now],
+                            transaction.prepare_cached("UPDATE stream_pending SET consumer = ?4, delivered_ms = ?5, deliveries = deliveries + 1
+                                 WHERE stream = ?1 AND grp = ?2 AND seq = ?3")?.execute(params![stream, group, seq, consumer, now],
                             )?;
                             claimed.push((seq, appended_ms, fields, deliveries + 1));
                         }
                         None => {
-                            transaction.execute(
-                                "DELETE FROM stream_pending WHERE stream = ?1 AND grp = ?2 AND seq = ?3",
-                                params![stream, group, seq],
+                            transaction.prepare_cached("DELETE FROM stream_pending WHERE stream = ?1 AND grp = ?2 AND seq = ?3")?.execute(params![stream, group, seq],
                             )?;
                         }
                     }
@@ -427,9 +411,7 @@ impl Streams for EmbeddedBus {
         let (length, groups) = self
             .store
             .run(move |connection| {
-                let length: i64 = connection.query_row(
-                    "SELECT COUNT(*) FROM stream_entries WHERE stream = ?1",
-                    [&stream],
+                let length: i64 = connection.prepare_cached("SELECT COUNT(*) FROM stream_entries WHERE stream = ?1")?.query_row([&stream],
                     |row| row.get(0),
                 )?;
                 let mut statement = connection.prepare_cached(
@@ -503,10 +485,11 @@ impl Streams for EmbeddedBus {
                 let transaction = connection.transaction()?;
                 let mut deleted = 0;
                 for seq in seqs {
-                    deleted += transaction.execute(
-                        "DELETE FROM stream_entries WHERE stream = ?1 AND seq = ?2",
-                        params![stream, seq],
-                    )?;
+                    deleted += transaction
+                        .prepare_cached(
+                            "DELETE FROM stream_entries WHERE stream = ?1 AND seq = ?2",
+                        )?
+                        .execute(params![stream, seq])?;
                 }
                 transaction.commit()?;
                 Ok(deleted)
@@ -522,18 +505,14 @@ impl Streams for EmbeddedBus {
             .run(move |connection| {
                 let transaction = connection.transaction()?;
                 // Per group, everything at or below this seq is delivered and acknowledged.
-                let floor: Option<i64> = transaction.query_row(
-                    "SELECT MIN(MIN(g.last_delivered,
+                let floor: Option<i64> = transaction.prepare_cached("SELECT MIN(MIN(g.last_delivered,
                                     COALESCE((SELECT MIN(p.seq) - 1 FROM stream_pending p
                                               WHERE p.stream = g.stream AND p.grp = g.name), g.last_delivered)))
-                     FROM stream_groups g WHERE g.stream = ?1",
-                    [&stream],
+                     FROM stream_groups g WHERE g.stream = ?1")?.query_row([&stream],
                     |row| row.get(0),
                 )?;
                 let deleted = match floor {
-                    Some(floor) => transaction.execute(
-                        "DELETE FROM stream_entries WHERE stream = ?1 AND seq <= ?2",
-                        params![stream, floor],
+                    Some(floor) => transaction.prepare_cached("DELETE FROM stream_entries WHERE stream = ?1 AND seq <= ?2")?.execute(params![stream, floor],
                     )?,
                     None => 0,
                 };
@@ -568,10 +547,9 @@ mod tests {
         }
         store
             .run(|connection| {
-                connection.execute(
-                    "UPDATE stream_entries SET fields = '{not json' WHERE seq = 2",
-                    [],
-                )
+                connection
+                    .prepare_cached("UPDATE stream_entries SET fields = '{not json' WHERE seq = 2")?
+                    .execute([])
             })
             .await
             .unwrap();

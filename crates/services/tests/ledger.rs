@@ -210,6 +210,7 @@ on_both_stores!(
     a_key_rotation_takes_effect_at_once_and_old_rows_keep_verifying,
     an_ingestor_killed_mid_load_loses_and_doubles_nothing,
     retention_drops_old_rows_and_the_rest_stays_verifiable,
+    a_zone_the_store_refuses_is_dead_lettered_alone,
 );
 
 async fn recorded_events_form_one_verifiable_chain_per_zone_once_each(ledger: &Ledger) {
@@ -764,4 +765,51 @@ async fn retention_drops_old_rows_and_the_rest_stays_verifiable(ledger: &Ledger)
     assert_eq!(kinds_of("uncut"), [FindingKind::SequenceGap]);
     assert_eq!(kinds_of("root"), [FindingKind::CheckpointMismatch]);
     assert_eq!(kinds_of("cut"), []);
+}
+
+async fn a_zone_the_store_refuses_is_dead_lettered_alone(ledger: &Ledger) {
+    let ingestor = ledger.ingestor().await;
+    ledger.record(vec![event("zone-bad", 1)]).await;
+    ledger.ingest_all(&ingestor).await;
+    // A head the chain cannot link to: appending to this zone is refused (not an outage).
+    ledger
+        .db
+        .change(
+            "UPDATE audit_events SET content_sha256 = 'not hex' WHERE zone_id = $1",
+            vec!["zone-bad".into()],
+        )
+        .await
+        .unwrap();
+    ledger
+        .record(vec![
+            event("zone-good", 1),
+            event("zone-bad", 2),
+            event("zone-good", 2),
+        ])
+        .await;
+    ledger.ingest_all(&ingestor).await;
+    let good = ledger.store.audit_range("zone-good", 1, 10).await.unwrap();
+    assert_eq!(good.len(), 2, "the other zone of the batch is stored");
+    assert_eq!(
+        ledger
+            .store
+            .audit_range("zone-bad", 1, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let dead = dead_letter_stream(stream_names::AUDIT_EVENTS);
+    ledger.bus.ensure_group(&dead, "inspect").await.unwrap();
+    let letters = ledger
+        .bus
+        .read_group(&dead, "inspect", "i", 10, Duration::ZERO)
+        .await
+        .unwrap();
+    let reasons: Vec<&str> = letters
+        .iter()
+        .map(|letter| letter.fields["reason"].as_str())
+        .collect();
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(reasons[0].starts_with("store_rejected: "), "{reasons:?}");
 }

@@ -37,7 +37,7 @@ pub use model::{
     TamperFinding, TokenScope, Zone,
 };
 pub use postgres::{PgOptions, PgStore};
-pub use queries::ChainBuilder;
+pub use queries::{ChainAppend, ChainBuilder};
 pub use sqlite::SqliteStore;
 pub use store::{
     Audit, Deployment, Directory, Outbox, Policies, Runtime, Store, StoreError, now_ms,

@@ -100,6 +100,8 @@ impl SqliteStore {
             )
             .map_err(|error| open_error(error.to_string()))?;
         migrate(&mut connection, found).map_err(|error| open_error(error.to_string()))?;
+        // Every query is prepared once and kept: parsing SQL costs more than running it.
+        connection.set_prepared_statement_cache_capacity(256);
         Ok(SqliteStore {
             connection: Arc::new(Mutex::new(connection)),
         })

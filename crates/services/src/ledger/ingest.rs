@@ -11,7 +11,7 @@ use caracal_audit::Event;
 use caracal_audit::chain::{ChainKey, content_hash, link_after};
 use caracal_bus::{Consumer, Entry};
 use caracal_crypto::Kek;
-use caracal_store::{ChainBuilder, Store, StoreError, now_ms};
+use caracal_store::{ChainAppend, ChainBuilder, Store, StoreError, now_ms};
 use prometheus_client::metrics::counter::Counter;
 
 use super::to_row;
@@ -51,11 +51,11 @@ impl Prepared {
 
 /// Links `events` after a zone's head, skipping ids already stored (or repeated in the batch).
 pub fn chain_builder(key: ChainKey, events: Vec<Event>) -> ChainBuilder {
-    prepared_chain_builder(key, events.iter().map(Prepared::of).collect())
+    prepared_chain_builder(key, Arc::new(events.iter().map(Prepared::of).collect()))
 }
 
 /// [`chain_builder`] for events already prepared.
-pub fn prepared_chain_builder(key: ChainKey, events: Vec<Prepared>) -> ChainBuilder {
+pub fn prepared_chain_builder(key: ChainKey, events: Arc<Vec<Prepared>>) -> ChainBuilder {
     Box::new(
         move |head: Option<(i64, String)>, existing: &HashSet<String>| {
             let mut head = match head {
@@ -70,7 +70,7 @@ pub fn prepared_chain_builder(key: ChainKey, events: Vec<Prepared>) -> ChainBuil
             let mut seen = HashSet::new();
             let ingested_at_ms = now_ms();
             let mut rows = Vec::with_capacity(events.len());
-            for prepared in &events {
+            for prepared in events.iter() {
                 let id = &prepared.content.id;
                 if existing.contains(id) || !seen.insert(id.clone()) {
                     continue;
@@ -148,33 +148,77 @@ impl Ingestor {
         let key = super::current_chain_key(self.store.as_ref(), &self.kek)
             .await
             .map_err(|error| IngestError::Store(error.to_string()))?;
+        // Every zone of the batch in one transaction, then one acknowledgement: two commits
+        // per batch, whatever the number of zones.
+        let mut appends = Vec::with_capacity(by_zone.len());
+        let mut zones = Vec::with_capacity(by_zone.len());
         for (zone_id, items) in by_zone {
-            let ids: Vec<String> = items
-                .iter()
-                .map(|(_, prepared)| prepared.content.id.clone())
-                .collect();
-            let entry_ids: Vec<String> = items.iter().map(|(entry, _)| entry.id.clone()).collect();
             let (entries, events): (Vec<Entry>, Vec<Prepared>) = items.into_iter().unzip();
-            let build = prepared_chain_builder(key.clone(), events);
-            match self.store.append_audit_chain(&zone_id, &ids, build).await {
-                Ok(appended) => {
-                    self.metrics.ingested_total.inc_by(appended);
-                    self.consumer
-                        .ack(&entry_ids)
-                        .await
-                        .map_err(|error| IngestError::Bus(error.to_string()))?;
-                }
-                // Invariant 1: not stored means not acknowledged; the entries come back.
-                Err(StoreError::Unavailable(message)) => return Err(IngestError::Store(message)),
-                Err(error) => {
-                    for entry in &entries {
-                        self.dead_letter(entry, &format!("store_rejected: {error}"))
-                            .await?;
-                    }
+            let events = Arc::new(events);
+            appends.push(ChainAppend {
+                zone_id: zone_id.clone(),
+                candidate_ids: events
+                    .iter()
+                    .map(|event| event.content.id.clone())
+                    .collect(),
+                build: prepared_chain_builder(key.clone(), Arc::clone(&events)),
+            });
+            zones.push((zone_id, entries, events));
+        }
+        match self.store.append_audit_chains(appends).await {
+            Ok(appended) => {
+                let entry_ids: Vec<String> = zones
+                    .iter()
+                    .flat_map(|(_, entries, _)| entries.iter().map(|entry| entry.id.clone()))
+                    .collect();
+                self.stored(appended, &entry_ids).await?;
+            }
+            // Invariant 1: not stored means not acknowledged; the entries come back.
+            Err(StoreError::Unavailable(message)) => return Err(IngestError::Store(message)),
+            // A rejection: zone by zone, so only the zone the store refuses is dead-lettered.
+            Err(_) => {
+                for (zone_id, entries, events) in zones {
+                    self.append_zone(&key, &zone_id, entries, events).await?;
                 }
             }
         }
         Ok(handled)
+    }
+
+    async fn append_zone(
+        &self,
+        key: &ChainKey,
+        zone_id: &str,
+        entries: Vec<Entry>,
+        events: Arc<Vec<Prepared>>,
+    ) -> Result<(), IngestError> {
+        let ids: Vec<String> = events
+            .iter()
+            .map(|event| event.content.id.clone())
+            .collect();
+        let entry_ids: Vec<String> = entries.iter().map(|entry| entry.id.clone()).collect();
+        let build = prepared_chain_builder(key.clone(), events);
+        match self.store.append_audit_chain(zone_id, &ids, build).await {
+            Ok(appended) => self.stored(appended, &entry_ids).await,
+            Err(StoreError::Unavailable(message)) => Err(IngestError::Store(message)),
+            Err(error) => {
+                for entry in &entries {
+                    self.dead_letter(entry, &format!("store_rejected: {error}"))
+                        .await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Counts what was appended and acknowledges the entries it came from.
+    async fn stored(&self, appended: u64, entry_ids: &[String]) -> Result<(), IngestError> {
+        self.metrics.ingested_total.inc_by(appended);
+        self.consumer
+            .ack(entry_ids)
+            .await
+            .map_err(|error| IngestError::Bus(error.to_string()))?;
+        Ok(())
     }
 
     async fn dead_letter(&self, entry: &Entry, reason: &str) -> Result<(), IngestError> {

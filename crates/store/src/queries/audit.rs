@@ -21,6 +21,13 @@ pub type ChainBuilder = Box<
         + Send,
 >;
 
+/// One zone's part of [`Audit::append_audit_chains`].
+pub struct ChainAppend {
+    pub zone_id: String,
+    pub candidate_ids: Vec<String>,
+    pub build: ChainBuilder,
+}
+
 #[async_trait::async_trait]
 pub trait Audit: Send + Sync {
     /// Inserts events in one transaction; an event id already stored is skipped (ingestion is
@@ -43,7 +50,16 @@ pub trait Audit: Send + Sync {
         zone_id: &str,
         candidate_ids: &[String],
         build: ChainBuilder,
-    ) -> Result<u64, StoreError>;
+    ) -> Result<u64, StoreError> {
+        self.append_audit_chains(vec![ChainAppend {
+            zone_id: zone_id.to_owned(),
+            candidate_ids: candidate_ids.to_vec(),
+            build,
+        }])
+        .await
+    }
+    /// [`Audit::append_audit_chain`] for several zones in one transaction (one commit).
+    async fn append_audit_chains(&self, appends: Vec<ChainAppend>) -> Result<u64, StoreError>;
     /// Every row of the zone with a sequence in `from..=to`, in order.
     async fn audit_range(
         &self,
@@ -295,54 +311,61 @@ impl<D: Db> Audit for D {
             .transpose()
     }
 
-    async fn append_audit_chain(
-        &self,
-        zone_id: &str,
-        candidate_ids: &[String],
-        build: ChainBuilder,
-    ) -> Result<u64, StoreError> {
+    async fn append_audit_chains(&self, appends: Vec<ChainAppend>) -> Result<u64, StoreError> {
         let dialect = self.dialect();
-        let mut first = Vec::with_capacity(3);
-        // Two ingestors appending to one zone take turns; SQLite has a single writer anyway.
-        if dialect == Dialect::Postgres {
+        let mut appends = appends;
+        // Zones in one order, so two ingestors locking several zones cannot deadlock.
+        appends.sort_by(|a, b| a.zone_id.cmp(&b.zone_id));
+        let mut first = Vec::with_capacity(3 * appends.len());
+        let mut builders = Vec::with_capacity(appends.len());
+        for append in appends {
+            let zone_id = append.zone_id.as_str();
+            // Two ingestors appending to one zone take turns; SQLite has a single writer anyway.
+            if dialect == Dialect::Postgres {
+                first.push(Statement::new(
+                    "SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtext($1))) AS locked",
+                    params![zone_id],
+                ));
+            }
+            let head_index = first.len();
             first.push(Statement::new(
-                "SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtext($1))) AS locked",
+                "SELECT chain_seq, content_sha256 FROM audit_events WHERE zone_id = $1 ORDER BY chain_seq DESC LIMIT 1",
                 params![zone_id],
             ));
+            let ids = serde_json::to_string(&append.candidate_ids)
+                .map_err(|error| StoreError::Query(error.to_string()))?;
+            first.push(Statement::new(
+                match dialect {
+                    Dialect::Sqlite => "SELECT id FROM audit_events WHERE id IN (SELECT value FROM json_each($1))",
+                    Dialect::Postgres => {
+                        "SELECT id FROM audit_events WHERE id IN (SELECT jsonb_array_elements_text($1::text::jsonb))"
+                    }
+                },
+                params![ids],
+            ));
+            builders.push((head_index, append.build));
         }
-        let head_index = first.len();
-        first.push(Statement::new(
-            "SELECT chain_seq, content_sha256 FROM audit_events WHERE zone_id = $1 ORDER BY chain_seq DESC LIMIT 1",
-            params![zone_id],
-        ));
-        let ids = serde_json::to_string(candidate_ids)
-            .map_err(|error| StoreError::Query(error.to_string()))?;
-        first.push(Statement::new(
-            match dialect {
-                Dialect::Sqlite => "SELECT id FROM audit_events WHERE id IN (SELECT value FROM json_each($1))",
-                Dialect::Postgres => {
-                    "SELECT id FROM audit_events WHERE id IN (SELECT jsonb_array_elements_text($1::text::jsonb))"
-                }
-            },
-            params![ids],
-        ));
+        let reads = first.len();
         let then = Box::new(move |outcomes: &[Outcome]| {
-            let head = match outcomes
-                .get(head_index)
-                .and_then(|outcome| outcome.rows.first())
-            {
-                Some(row) => Some((row.int(0)?, row.text(1)?)),
-                None => None,
-            };
-            let mut existing = HashSet::new();
-            for row in outcomes
-                .get(head_index + 1)
-                .map(|outcome| outcome.rows.as_slice())
-                .unwrap_or_default()
-            {
-                existing.insert(row.text(0)?);
+            let mut rows = Vec::new();
+            for (head_index, build) in builders {
+                let head = match outcomes
+                    .get(head_index)
+                    .and_then(|outcome| outcome.rows.first())
+                {
+                    Some(row) => Some((row.int(0)?, row.text(1)?)),
+                    None => None,
+                };
+                let mut existing = HashSet::new();
+                for row in outcomes
+                    .get(head_index + 1)
+                    .map(|outcome| outcome.rows.as_slice())
+                    .unwrap_or_default()
+                {
+                    existing.insert(row.text(0)?);
+                }
+                rows.extend(build(head, &existing)?);
             }
-            let rows = build(head, &existing)?;
             if rows.is_empty() {
                 return Ok(Vec::new());
             }
@@ -356,7 +379,7 @@ impl<D: Db> Audit for D {
         let outcomes = self.atomic_with(first, then).await?;
         Ok(outcomes
             .iter()
-            .skip(head_index + 2)
+            .skip(reads)
             .map(|outcome| outcome.changed)
             .sum())
     }

@@ -7,7 +7,7 @@ mod outbox;
 mod policies;
 mod runtime;
 
-pub use audit::{Audit, ChainBuilder};
+pub use audit::{Audit, ChainAppend, ChainBuilder};
 pub use deployment::Deployment;
 pub use directory::Directory;
 pub use outbox::Outbox;
