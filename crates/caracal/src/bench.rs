@@ -506,15 +506,14 @@ pub async fn audit(args: &BenchArgs) -> anyhow::Result<()> {
             Arc::new(IngestMetrics::default()),
         );
         let started = Instant::now();
-        let mut ingested = 0;
-        while ingested < count {
-            let handled = ingestor
-                .ingest_once()
-                .await
-                .map_err(|error| anyhow::anyhow!("{error}"))?;
-            anyhow::ensure!(handled > 0, "ingestion stalled at {ingested} of {count}");
-            ingested += handled;
-        }
+        let ingested = ingestor
+            .ingest_while(|handled| handled < count)
+            .await
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
+        anyhow::ensure!(
+            ingested >= count,
+            "ingestion stalled at {ingested} of {count}"
+        );
         let ingest_rate = rate(ingested, started.elapsed());
 
         let sweeper = Sweeper::new(

@@ -155,8 +155,9 @@ impl Ledger {
         tasks.shutdown().await;
     }
 
+    /// Ingests until the stream is drained, the way the Audit role does (pipelined).
     async fn ingest_all(&self, ingestor: &Ingestor) {
-        while ingestor.ingest_once().await.unwrap() > 0 {}
+        ingestor.ingest_while(|_| true).await.unwrap();
     }
 }
 

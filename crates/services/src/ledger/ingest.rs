@@ -49,6 +49,12 @@ impl Prepared {
     }
 }
 
+/// A polled batch: its entries to store, by zone, and how many stream entries it took.
+struct Batch {
+    handled: usize,
+    by_zone: BTreeMap<String, Vec<(Entry, Prepared)>>,
+}
+
 /// Links `events` after a zone's head, skipping ids already stored (or repeated in the batch).
 pub fn chain_builder(key: ChainKey, events: Vec<Event>) -> ChainBuilder {
     prepared_chain_builder(key, Arc::new(events.iter().map(Prepared::of).collect()))
@@ -119,6 +125,32 @@ impl Ingestor {
     /// Ingests one batch; returns how many entries it took off the stream. A store outage is
     /// an error and leaves the batch pending, to be delivered again.
     pub async fn ingest_once(&self) -> Result<usize, IngestError> {
+        let batch = self.poll_batch().await?;
+        self.store_batch(batch).await
+    }
+
+    /// Ingests batch after batch while `more(entries handled so far)` holds, reading the next
+    /// batch while the current one is stored: the stream and the store are separate
+    /// connections, so the two overlap. Stops early when a poll finds nothing. A batch it read
+    /// is stored (or left pending on error) before it returns; batches are stored in order.
+    pub async fn ingest_while(&self, more: impl Fn(usize) -> bool) -> Result<usize, IngestError> {
+        let mut total = 0;
+        let mut batch = self.poll_batch().await?;
+        loop {
+            if batch.handled == 0 {
+                return Ok(total);
+            }
+            if !more(total + batch.handled) {
+                return Ok(total + self.store_batch(batch).await?);
+            }
+            let (stored, next) = tokio::join!(self.store_batch(batch), self.poll_batch());
+            total += stored?;
+            batch = next?;
+        }
+    }
+
+    /// Reads a batch and prepares it; entries that cannot be ingested are dead-lettered here.
+    async fn poll_batch(&self) -> Result<Batch, IngestError> {
         let entries = self
             .consumer
             .poll()
@@ -141,6 +173,13 @@ impl Ingestor {
                 Err(reason) => self.dead_letter(&entry, &reason).await?,
             }
         }
+        Ok(Batch { handled, by_zone })
+    }
+
+    /// Appends a prepared batch to its zones' chains and acknowledges it; returns how many
+    /// stream entries it took.
+    async fn store_batch(&self, batch: Batch) -> Result<usize, IngestError> {
+        let Batch { handled, by_zone } = batch;
         if by_zone.is_empty() {
             return Ok(handled);
         }
@@ -237,7 +276,7 @@ impl Ingestor {
             if *stop.borrow() {
                 return;
             }
-            let pause = match self.ingest_once().await {
+            let pause = match self.ingest_while(|_| !*stop.borrow()).await {
                 Ok(_) => Duration::ZERO,
                 Err(error) => {
                     tracing::warn!(%error, "audit ingestion paused");
