@@ -240,10 +240,8 @@ pub fn verify(
             detail,
         });
     };
-    let later_hashes: HashMap<&str, i64> = rows
-        .iter()
-        .map(|row| (row.link.content_sha256.as_str(), row.link.seq))
-        .collect();
+    // Where each content hash sits, to tell a reorder from a break; built only on a break.
+    let mut later_hashes: Option<HashMap<&str, i64>> = None;
     let (mut previous_seq, mut previous_hash) = anchor.after.unwrap_or((0, GENESIS));
     for row in rows {
         let link = &row.link;
@@ -301,6 +299,11 @@ pub fn verify(
                 ),
             );
         } else if stored_previous != Some(previous_hash) {
+            let later_hashes = later_hashes.get_or_insert_with(|| {
+                rows.iter()
+                    .map(|row| (row.link.content_sha256.as_str(), row.link.seq))
+                    .collect()
+            });
             match later_hashes.get(link.prev_content_sha256.as_str()) {
                 Some(&later) if later > seq => finding(
                     FindingKind::Reordered,

@@ -29,10 +29,26 @@ pub fn random_bytes<const N: usize>() -> Result<[u8; N], RandomError> {
 #[error("the system random number generator failed")]
 pub struct RandomError;
 
-/// Lower-case hex of `bytes`.
 /// Decodes lower-case hex, the only form this project writes. Anything else (odd length, a
 /// sign, upper case) is `None`, so one value has exactly one accepted spelling.
 pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    let mut bytes = vec![0; text.len() / 2];
+    decode_into(text.as_bytes(), &mut bytes)?;
+    Some(bytes)
+}
+
+/// [`unhex`] of exactly 32 bytes: a SHA-256 digest or an HMAC-SHA256. Allocates nothing (the
+/// sweep decodes several per row).
+pub fn unhex32(text: &str) -> Option<[u8; 32]> {
+    let mut bytes = [0; 32];
+    decode_into(text.as_bytes(), &mut bytes)?;
+    Some(bytes)
+}
+
+fn decode_into(text: &[u8], out: &mut [u8]) -> Option<()> {
     fn nibble(digit: u8) -> Option<u8> {
         match digit {
             b'0'..=b'9' => Some(digit - b'0'),
@@ -40,24 +56,19 @@ pub fn unhex(text: &str) -> Option<Vec<u8>> {
             _ => None,
         }
     }
-    let bytes = text.as_bytes();
-    if !bytes.len().is_multiple_of(2) {
+    if text.len() != out.len() * 2 {
         return None;
     }
-    bytes
-        .chunks_exact(2)
-        .map(|pair| match pair {
-            [high, low] => Some((nibble(*high)? << 4) | nibble(*low)?),
-            _ => None,
-        })
-        .collect()
+    for (pair, byte) in text.chunks_exact(2).zip(out.iter_mut()) {
+        let [high, low] = pair else {
+            return None;
+        };
+        *byte = (nibble(*high)? << 4) | nibble(*low)?;
+    }
+    Some(())
 }
 
-/// [`unhex`] of exactly 32 bytes: a SHA-256 digest or an HMAC-SHA256.
-pub fn unhex32(text: &str) -> Option<[u8; 32]> {
-    unhex(text)?.try_into().ok()
-}
-
+/// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     let digit = |nibble: u8| {
         char::from(if nibble < 10 {

@@ -136,28 +136,33 @@ pub fn to_row(content: &Content, link: &Link, ingested_at_ms: i64) -> AuditEvent
 /// A stored row as the chain sees it: its hashed fields exactly as stored (documents are not
 /// parsed, so any rewrite of them shows), and its link.
 pub fn from_row(row: &AuditEvent) -> StoredRow {
+    into_stored(row.clone())
+}
+
+/// [`from_row`] without copying the row.
+pub fn into_stored(row: AuditEvent) -> StoredRow {
     StoredRow {
         content: Content {
-            id: row.id.clone(),
-            zone_id: row.zone_id.clone(),
-            event_type: row.event_type.clone(),
-            request_id: row.request_id.clone(),
-            decision: row.decision.clone(),
-            policy_set_id: row.policy_set_id.clone().unwrap_or_default(),
-            policy_set_version_id: row.policy_set_version_id.clone().unwrap_or_default(),
-            manifest_sha: row.manifest_sha.clone().unwrap_or_default(),
-            evaluation_status: row.evaluation_status.clone(),
-            determining_policies: row.determining_policies.clone(),
-            diagnostics: row.diagnostics.clone(),
-            metadata: row.metadata.clone(),
+            id: row.id,
+            zone_id: row.zone_id,
+            event_type: row.event_type,
+            request_id: row.request_id,
+            decision: row.decision,
+            policy_set_id: row.policy_set_id.unwrap_or_default(),
+            policy_set_version_id: row.policy_set_version_id.unwrap_or_default(),
+            manifest_sha: row.manifest_sha.unwrap_or_default(),
+            evaluation_status: row.evaluation_status,
+            determining_policies: row.determining_policies,
+            diagnostics: row.diagnostics,
+            metadata: row.metadata,
             occurred_at_ms: row.occurred_at_ms,
         },
         link: Link {
             seq: row.chain_seq,
-            content_sha256: row.content_sha256.clone(),
-            prev_content_sha256: row.prev_content_sha256.clone(),
-            chain_mac: row.chain_mac.clone(),
-            chain_key_id: row.chain_key_id.clone(),
+            content_sha256: row.content_sha256,
+            prev_content_sha256: row.prev_content_sha256,
+            chain_mac: row.chain_mac,
+            chain_key_id: row.chain_key_id,
         },
     }
 }

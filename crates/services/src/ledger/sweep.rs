@@ -18,7 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::from_row;
+use super::into_stored;
 
 /// Rows verified per store read.
 const PAGE: i64 = 10_000;
@@ -284,14 +284,14 @@ impl Sweeper {
                         .fold(expired, |expired, row| expired.max(row.chain_seq));
                 }
             }
-            let stored: Vec<_> = rows.iter().map(from_row).collect();
+            let stored: Vec<_> = rows.into_iter().map(into_stored).collect();
             findings.extend(verify(
                 zone_id,
                 &stored,
                 keys,
                 Anchor { after, at_least: 0 },
             ));
-            self.metrics.rows_checked.inc_by(rows.len() as u64);
+            self.metrics.rows_checked.inc_by(stored.len() as u64);
             after = Some(last_position);
             from = last_position.0 + 1;
         }
