@@ -264,36 +264,48 @@ impl Sweeper {
             now_ms().saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX))
         });
         let mut expired = 0;
-        while from <= head {
-            let rows = self
-                .store
+        // Each page is verified while the next one is read.
+        let page = |from: i64| async move {
+            if from > head {
+                return Ok(None);
+            }
+            self.store
                 .audit_range(zone_id, from, (from + PAGE - 1).min(head))
-                .await?;
-            let Some(last) = rows.last() else {
+                .await
+                .map(Some)
+        };
+        let mut rows = page(from).await?;
+        while let Some(current) = rows.take() {
+            let Some(last) = current.last() else {
                 // A whole page is missing: the next row present reports the gap.
                 from += PAGE;
+                rows = page(from).await?;
                 continue;
             };
             let last_position = (last.chain_seq, decode(&last.content_sha256));
-            if full {
-                contents.extend(rows.iter().map(|row| decode(&row.content_sha256)));
-                if let Some(before) = expired_before {
-                    expired = rows
-                        .iter()
-                        .filter(|row| row.ingested_at_ms < before)
-                        .fold(expired, |expired, row| expired.max(row.chain_seq));
-                }
-            }
-            let stored: Vec<_> = rows.into_iter().map(into_stored).collect();
-            findings.extend(verify(
-                zone_id,
-                &stored,
-                keys,
-                Anchor { after, at_least: 0 },
-            ));
-            self.metrics.rows_checked.inc_by(stored.len() as u64);
-            after = Some(last_position);
             from = last_position.0 + 1;
+            let verify_page = async {
+                if full {
+                    contents.extend(current.iter().map(|row| decode(&row.content_sha256)));
+                    if let Some(before) = expired_before {
+                        expired = current
+                            .iter()
+                            .filter(|row| row.ingested_at_ms < before)
+                            .fold(expired, |expired, row| expired.max(row.chain_seq));
+                    }
+                }
+                let stored: Vec<_> = current.into_iter().map(into_stored).collect();
+                findings.extend(verify(
+                    zone_id,
+                    &stored,
+                    keys,
+                    Anchor { after, at_least: 0 },
+                ));
+                self.metrics.rows_checked.inc_by(stored.len() as u64);
+            };
+            let (next, ()) = tokio::join!(page(from), verify_page);
+            rows = next?;
+            after = Some(last_position);
         }
         let clean = findings.is_empty() && cut_seq + contents.len() as i64 == head;
         if full && clean {
