@@ -13,6 +13,7 @@ pub enum Value {
     Null,
     Int(i64),
     Text(String),
+    Bytes(Vec<u8>),
 }
 
 impl From<&str> for Value {
@@ -30,6 +31,12 @@ impl From<String> for Value {
 impl From<&String> for Value {
     fn from(text: &String) -> Value {
         Value::Text(text.clone())
+    }
+}
+
+impl From<Vec<u8>> for Value {
+    fn from(bytes: Vec<u8>) -> Value {
+        Value::Bytes(bytes)
     }
 }
 
@@ -75,6 +82,18 @@ impl Row {
             Value::Text(text) => Ok(text.clone()),
             other => Err(StoreError::Corrupt(format!(
                 "column {index}: expected text, found {other:?}"
+            ))),
+        }
+    }
+
+    /// A byte column as lower-case hex. Text where bytes belong (written around Caracal) is
+    /// read as its bytes, so it never passes for a genuine hash.
+    pub fn hex(&self, index: usize) -> Result<String, StoreError> {
+        match self.value(index)? {
+            Value::Bytes(bytes) => Ok(caracal_crypto::hex(bytes)),
+            Value::Text(text) => Ok(caracal_crypto::hex(text.as_bytes())),
+            other => Err(StoreError::Corrupt(format!(
+                "column {index}: expected bytes, found {other:?}"
             ))),
         }
     }

@@ -41,6 +41,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "audit retention cuts",
             include_str!("schema/0005_audit_cuts.sql").replace("{BIGINT}", "BIGINT"),
         ),
+        (
+            "audit chain hashes as bytes",
+            include_str!("schema/0006_audit_binary_hashes.postgres.sql").to_owned(),
+        ),
     ]
 }
 
@@ -244,6 +248,7 @@ impl ToSql for Value {
         match self {
             Value::Null => Ok(IsNull::Yes),
             Value::Text(text) => text.as_str().to_sql(ty, out),
+            Value::Bytes(bytes) => bytes.as_slice().to_sql(ty, out),
             Value::Int(number) => match *ty {
                 Type::INT8 => number.to_sql(ty, out),
                 Type::INT4 => i32::try_from(*number)?.to_sql(ty, out),
@@ -282,6 +287,10 @@ fn read_row(row: &tokio_postgres::Row) -> Result<Row, StoreError> {
                 .try_get::<_, Option<bool>>(index)
                 .map_err(corrupt)?
                 .map(|b| Value::Int(i64::from(b))),
+            Type::BYTEA => row
+                .try_get::<_, Option<Vec<u8>>>(index)
+                .map_err(corrupt)?
+                .map(Value::Bytes),
             _ => row
                 .try_get::<_, Option<String>>(index)
                 .map_err(corrupt)?

@@ -36,6 +36,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "audit retention cuts",
             include_str!("schema/0005_audit_cuts.sql").replace("{BIGINT}", "INTEGER"),
         ),
+        (
+            "audit chain hashes as bytes",
+            include_str!("schema/0006_audit_binary_hashes.sqlite.sql").to_owned(),
+        ),
     ]
 }
 
@@ -158,6 +162,7 @@ fn sqlite_value(value: &Value) -> rusqlite::types::Value {
         Value::Null => rusqlite::types::Value::Null,
         Value::Int(number) => rusqlite::types::Value::Integer(*number),
         Value::Text(text) => rusqlite::types::Value::Text(text.clone()),
+        Value::Bytes(bytes) => rusqlite::types::Value::Blob(bytes.clone()),
     }
 }
 
@@ -169,13 +174,7 @@ fn read_row(row: &rusqlite::Row<'_>, columns: usize) -> Result<Row, rusqlite::Er
             ValueRef::Integer(number) => Value::Int(number),
             ValueRef::Text(bytes) => Value::Text(String::from_utf8_lossy(bytes).into_owned()),
             ValueRef::Real(number) => Value::Text(number.to_string()),
-            ValueRef::Blob(_) => {
-                return Err(rusqlite::Error::InvalidColumnType(
-                    index,
-                    "blob".into(),
-                    rusqlite::types::Type::Blob,
-                ));
-            }
+            ValueRef::Blob(bytes) => Value::Bytes(bytes.to_vec()),
         });
     }
     Ok(Row(values))

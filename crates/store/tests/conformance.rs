@@ -775,6 +775,11 @@ fn receipt(zone: &str, key: &str, ttl_ms: i64) -> IdempotencyReceipt {
     }
 }
 
+/// A well-formed hash standing in for a real one (the store checks the form, not the chain).
+fn stand_in_hash(text: &str) -> String {
+    caracal_crypto::hex(&caracal_crypto::sha256(text.as_bytes()))
+}
+
 fn audit(zone: &str, id: &str, seq: i64) -> AuditEvent {
     AuditEvent {
         id: id.into(),
@@ -792,9 +797,9 @@ fn audit(zone: &str, id: &str, seq: i64) -> AuditEvent {
         occurred_at_ms: seq,
         ingested_at_ms: seq,
         chain_seq: seq,
-        content_sha256: format!("hash-{seq}"),
-        prev_content_sha256: format!("hash-{}", seq - 1),
-        chain_mac: "mac".into(),
+        content_sha256: stand_in_hash(id),
+        prev_content_sha256: stand_in_hash(&format!("before {id}")),
+        chain_mac: stand_in_hash("mac"),
         chain_key_id: "chain-key-1".into(),
     }
 }
@@ -1448,11 +1453,29 @@ async fn audit_rows_are_idempotent_on_id_and_ordered_per_zone(backend: &Backend)
     );
     assert_eq!(
         store.audit_head("zone-1").await.unwrap(),
-        Some((2, "hash-2".into()))
+        Some((2, stand_in_hash("e2"))),
+        "hashes are stored as bytes and read back as the same hex"
     );
     assert_eq!(
         store.audit_head("zone-2").await.unwrap(),
-        Some((1, "hash-1".into()))
+        Some((1, stand_in_hash("e3")))
+    );
+    let mut malformed = audit("zone-2", "e4", 2);
+    malformed.chain_mac = "AB".repeat(32);
+    assert!(
+        matches!(
+            store.insert_audit_events(&[malformed]).await,
+            Err(StoreError::Query(_))
+        ),
+        "a hash is stored only from its one accepted spelling"
+    );
+    assert_eq!(
+        store
+            .list_audit_events("zone-2", 0, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
     );
 }
 
@@ -1532,7 +1555,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 5
+                supported: 6
             }
         ),
         "{error}"
@@ -1548,7 +1571,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
     let versions: Vec<i64> = rows.iter().map(|row| row.int(0).unwrap()).collect();
     assert_eq!(
         versions,
-        [1, 2, 3, 4, 5, 999],
+        [1, 2, 3, 4, 5, 6, 999],
         "the refused start wrote nothing"
     );
     drop_schema(&schema).await;
@@ -1557,7 +1580,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
 /// A builder that links `ids` after the head (hashes are stand-ins; the store does not check).
 fn link_after(zone: &'static str, ids: Vec<String>) -> caracal_store::ChainBuilder {
     Box::new(move |head, existing| {
-        let (mut seq, mut previous) = head.unwrap_or((0, "genesis".into()));
+        let (mut seq, mut previous) = head.unwrap_or((0, "00".repeat(32)));
         let mut rows = Vec::new();
         for id in ids.into_iter().filter(|id| !existing.contains(id)) {
             seq += 1;
@@ -1833,4 +1856,92 @@ async fn a_retention_cut_only_moves_forward_and_drops_rows_with_it(backend: &Bac
         "other zones keep theirs"
     );
     assert_eq!(store.audit_cut("zone-2").await.unwrap(), None);
+}
+
+/// Rows an earlier release wrote with hex hash columns, as raw SQL would have left them: one
+/// genuine, one with a column rewritten into something that is not hex.
+const EARLIER_ROWS: &str = "INSERT INTO audit_events (id, zone_id, event_type, request_id, decision,
+     evaluation_status, determining_policies, diagnostics, metadata, occurred_at_ms, ingested_at_ms,
+     chain_seq, content_sha256, prev_content_sha256, chain_mac, chain_key_id)
+     VALUES ($1, 'zone-1', 't', 'r', 'allow', 'complete', '[]', '[]', '{}', 1, 1, $2, $3, $4, $5, 'chain-1')";
+
+async fn write_earlier_rows(db: &dyn Db) {
+    let hex = stand_in_hash("old");
+    for (id, seq, mac) in [
+        ("old-1", 1_i64, hex.clone()),
+        ("old-2", 2, "tampered".to_owned()),
+    ] {
+        db.change(
+            EARLIER_ROWS,
+            vec![
+                id.into(),
+                seq.into(),
+                hex.clone().into(),
+                hex.clone().into(),
+                mac.into(),
+            ],
+        )
+        .await
+        .unwrap();
+    }
+}
+
+async fn check_upgraded_rows(store: &dyn Store) {
+    let rows = store.audit_range("zone-1", 1, 2).await.unwrap();
+    let hex = stand_in_hash("old");
+    assert_eq!(
+        (rows[0].content_sha256.as_str(), rows[0].chain_mac.as_str()),
+        (hex.as_str(), hex.as_str()),
+        "hex becomes bytes and reads back unchanged"
+    );
+    // Not hex: kept as its bytes, so the sweep still sees a MAC that does not verify.
+    assert_eq!(rows[1].chain_mac, caracal_crypto::hex(b"tampered"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_hex_hashes_of_an_earlier_release_become_bytes() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("store.db");
+    let store = SqliteStore::open(&path).unwrap();
+    // SQLite keeps text written into a BLOB column as text: what version 5 held.
+    write_earlier_rows(&store).await;
+    store
+        .change("DELETE FROM schema_migrations WHERE version = 6", vec![])
+        .await
+        .unwrap();
+    drop(store);
+    check_upgraded_rows(&SqliteStore::open(&path).unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_hex_hashes_of_an_earlier_release_become_bytes() {
+    let Some(backend) = postgres().await else {
+        return;
+    };
+    let schema = backend.schema.clone().unwrap();
+    backend
+        .db
+        .change(
+            "ALTER TABLE audit_events
+                 ALTER COLUMN content_sha256 TYPE TEXT USING encode(content_sha256, 'hex'),
+                 ALTER COLUMN prev_content_sha256 TYPE TEXT USING encode(prev_content_sha256, 'hex'),
+                 ALTER COLUMN chain_mac TYPE TEXT USING encode(chain_mac, 'hex')",
+            vec![],
+        )
+        .await
+        .unwrap();
+    write_earlier_rows(backend.db.as_ref()).await;
+    backend
+        .db
+        .change("DELETE FROM schema_migrations WHERE version = 6", vec![])
+        .await
+        .unwrap();
+    let options = PgOptions {
+        pool_size: 1,
+        schema: Some(schema.clone()),
+        ..PgOptions::default()
+    };
+    let upgraded = PgStore::connect(&postgres_url(), &options).await.unwrap();
+    check_upgraded_rows(&upgraded).await;
+    drop_schema(&schema).await;
 }

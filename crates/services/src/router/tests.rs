@@ -521,9 +521,9 @@ async fn audit_search_and_explain_answer_by_zone_with_filters_pages_and_csv() {
             occurred_at_ms: 1000 + seq,
             ingested_at_ms: 1000 + seq,
             chain_seq: seq,
-            content_sha256: "h".into(),
-            prev_content_sha256: "h".into(),
-            chain_mac: "m".into(),
+            content_sha256: "11".repeat(32),
+            prev_content_sha256: "11".repeat(32),
+            chain_mac: "22".repeat(32),
             chain_key_id: "chain-1".into(),
         })
         .collect();

@@ -164,9 +164,16 @@ fn finding(row: &Row) -> Result<TamperFinding, StoreError> {
     })
 }
 
+/// A chain hash as stored: 32 raw bytes (the model and everything above it speak hex).
+fn hash_bytes(text: &str) -> Result<crate::db::Value, StoreError> {
+    caracal_crypto::unhex32(text)
+        .map(|bytes| crate::db::Value::Bytes(bytes.to_vec()))
+        .ok_or_else(|| StoreError::Query(format!("`{text}` is not a lower-case hex SHA-256")))
+}
+
 /// The 19 values of an audit row, in column order.
-fn row_params(e: &AuditEvent) -> Vec<crate::db::Value> {
-    params![
+fn row_params(e: &AuditEvent) -> Result<Vec<crate::db::Value>, StoreError> {
+    Ok(params![
         e.id.as_str(),
         e.zone_id.as_str(),
         e.event_type.as_str(),
@@ -182,23 +189,23 @@ fn row_params(e: &AuditEvent) -> Vec<crate::db::Value> {
         e.occurred_at_ms,
         e.ingested_at_ms,
         e.chain_seq,
-        e.content_sha256.as_str(),
-        e.prev_content_sha256.as_str(),
-        e.chain_mac.as_str(),
+        hash_bytes(&e.content_sha256)?,
+        hash_bytes(&e.prev_content_sha256)?,
+        hash_bytes(&e.chain_mac)?,
         e.chain_key_id.as_str(),
-    ]
+    ])
 }
 
 /// One row's insert.
-fn insert_row(e: &AuditEvent) -> Statement {
-    Statement::new(
+fn insert_row(e: &AuditEvent) -> Result<Statement, StoreError> {
+    Ok(Statement::new(
         "INSERT INTO audit_events (id, zone_id, event_type, request_id, decision, policy_set_id,
              policy_set_version_id, manifest_sha, evaluation_status, determining_policies, diagnostics,
              metadata, occurred_at_ms, ingested_at_ms, chain_seq, content_sha256, prev_content_sha256,
              chain_mac, chain_key_id)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
-        row_params(e),
-    )
+        row_params(e)?,
+    ))
 }
 
 /// One PostgreSQL statement inserting every row, passed as one JSON array.
@@ -206,7 +213,10 @@ fn insert_batch(rows: &[AuditEvent]) -> Result<Statement, StoreError> {
     let documents: Vec<serde_json::Value> = rows
         .iter()
         .map(|e| {
-            serde_json::json!({
+            for hash in [&e.content_sha256, &e.prev_content_sha256, &e.chain_mac] {
+                hash_bytes(hash)?;
+            }
+            Ok(serde_json::json!({
                 "id": e.id, "zone_id": e.zone_id, "event_type": e.event_type, "request_id": e.request_id,
                 "decision": e.decision, "policy_set_id": e.policy_set_id,
                 "policy_set_version_id": e.policy_set_version_id, "manifest_sha": e.manifest_sha,
@@ -215,9 +225,9 @@ fn insert_batch(rows: &[AuditEvent]) -> Result<Statement, StoreError> {
                 "ingested_at_ms": e.ingested_at_ms, "chain_seq": e.chain_seq, "content_sha256": e.content_sha256,
                 "prev_content_sha256": e.prev_content_sha256, "chain_mac": e.chain_mac,
                 "chain_key_id": e.chain_key_id,
-            })
+            }))
         })
-        .collect();
+        .collect::<Result<_, StoreError>>()?;
     let batch =
         serde_json::to_string(&documents).map_err(|error| StoreError::Query(error.to_string()))?;
     let sql = "INSERT INTO audit_events (id, zone_id, event_type, request_id, decision, policy_set_id,
@@ -226,7 +236,8 @@ fn insert_batch(rows: &[AuditEvent]) -> Result<Statement, StoreError> {
                  chain_mac, chain_key_id)
              SELECT id, zone_id, event_type, request_id, decision, policy_set_id, policy_set_version_id,
                  manifest_sha, evaluation_status, determining_policies, diagnostics, metadata, occurred_at_ms,
-                 ingested_at_ms, chain_seq, content_sha256, prev_content_sha256, chain_mac, chain_key_id
+                 ingested_at_ms, chain_seq, decode(content_sha256, 'hex'), decode(prev_content_sha256, 'hex'),
+                 decode(chain_mac, 'hex'), chain_key_id
              FROM jsonb_to_recordset($1::text::jsonb) AS batch(id text, zone_id text, event_type text,
                  request_id text, decision text, policy_set_id text, policy_set_version_id text,
                  manifest_sha text, evaluation_status text, determining_policies text, diagnostics text,
@@ -252,9 +263,9 @@ fn event(row: &Row) -> Result<AuditEvent, StoreError> {
         occurred_at_ms: row.int(12)?,
         ingested_at_ms: row.int(13)?,
         chain_seq: row.int(14)?,
-        content_sha256: row.text(15)?,
-        prev_content_sha256: row.text(16)?,
-        chain_mac: row.text(17)?,
+        content_sha256: row.hex(15)?,
+        prev_content_sha256: row.hex(16)?,
+        chain_mac: row.hex(17)?,
         chain_key_id: row.text(18)?,
     })
 }
@@ -265,17 +276,17 @@ impl<D: Db> Audit for D {
         let statements = events
             .iter()
             .map(|e| {
-                Statement::new(
+                Ok(Statement::new(
                     "INSERT INTO audit_events (id, zone_id, event_type, request_id, decision, policy_set_id,
                          policy_set_version_id, manifest_sha, evaluation_status, determining_policies, diagnostics,
                          metadata, occurred_at_ms, ingested_at_ms, chain_seq, content_sha256, prev_content_sha256,
                          chain_mac, chain_key_id)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
                      ON CONFLICT (id) DO NOTHING",
-                    row_params(e),
-                )
+                    row_params(e)?,
+                ))
             })
-            .collect();
+            .collect::<Result<_, StoreError>>()?;
         let outcomes = self.atomic(statements).await?;
         Ok(outcomes.iter().map(|outcome| outcome.changed).sum())
     }
@@ -307,7 +318,7 @@ impl<D: Db> Audit for D {
             )
             .await?;
         rows.first()
-            .map(|row| Ok((row.int(0)?, row.text(1)?)))
+            .map(|row| Ok((row.int(0)?, row.hex(1)?)))
             .transpose()
     }
 
@@ -353,7 +364,7 @@ impl<D: Db> Audit for D {
                     .get(head_index)
                     .and_then(|outcome| outcome.rows.first())
                 {
-                    Some(row) => Some((row.int(0)?, row.text(1)?)),
+                    Some(row) => Some((row.int(0)?, row.hex(1)?)),
                     None => None,
                 };
                 let mut existing = HashSet::new();
@@ -371,7 +382,7 @@ impl<D: Db> Audit for D {
             }
             match dialect {
                 // In-process SQLite runs prepared statements faster than it unpacks JSON.
-                Dialect::Sqlite => Ok(rows.iter().map(insert_row).collect()),
+                Dialect::Sqlite => rows.iter().map(insert_row).collect(),
                 // A PostgreSQL round trip costs more than unpacking one JSON array.
                 Dialect::Postgres => Ok(vec![insert_batch(&rows)?]),
             }
