@@ -114,8 +114,9 @@ pub fn cut_mac_matches(key: &ChainKey, zone_id: &str, cut: &Cut, stored: &str) -
 
 /// Compares a computed MAC with a stored hex one in constant time.
 fn mac_matches(expected: &[u8; 32], stored: &str) -> bool {
-    aws_lc_rs::constant_time::verify_slices_are_equal(hex(expected).as_bytes(), stored.as_bytes())
-        .is_ok()
+    caracal_crypto::unhex32(stored).is_some_and(|stored| {
+        aws_lc_rs::constant_time::verify_slices_are_equal(expected, &stored).is_ok()
+    })
 }
 
 /// The chain columns of a row.
