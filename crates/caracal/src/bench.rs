@@ -414,7 +414,7 @@ async fn remove_redis_keys(redis: &str, prefix: &str) {
 pub async fn audit(args: &BenchArgs) -> anyhow::Result<()> {
     use caracal_audit::Event;
     use caracal_services::evidence::{Evidence, EvidenceConfig};
-    use caracal_services::ledger::ingest::{GROUP, IngestMetrics, Ingestor};
+    use caracal_services::ledger::ingest::{IngestMetrics, Ingestor, consumer_config};
     use caracal_services::ledger::sweep::{SweepMetrics, Sweeper};
 
     let count = if args.quick { 500 } else { args.messages };
@@ -484,21 +484,9 @@ pub async fn audit(args: &BenchArgs) -> anyhow::Result<()> {
         }
         tasks.shutdown().await;
 
-        let consumer = caracal_bus::Consumer::start(
-            bus.clone(),
-            key.clone(),
-            caracal_bus::ConsumerConfig {
-                stream: caracal_bus::stream_names::AUDIT_EVENTS.into(),
-                group: GROUP.into(),
-                consumer: "bench".into(),
-                batch: 2048,
-                block: Duration::from_millis(10),
-                reclaim_idle: Duration::from_secs(60),
-                max_deliveries: 8,
-                dedupe_window: 1,
-            },
-        )
-        .await?;
+        let consumer =
+            caracal_bus::Consumer::start(bus.clone(), key.clone(), consumer_config("bench".into()))
+                .await?;
         let ingestor = Ingestor::new(
             Arc::clone(&store),
             consumer,

@@ -303,16 +303,7 @@ impl Stack {
         let consumer = caracal_bus::Consumer::start(
             Arc::clone(&streams),
             self.stream_key.clone(),
-            caracal_bus::ConsumerConfig {
-                stream: caracal_bus::stream_names::AUDIT_EVENTS.to_owned(),
-                group: ingest::GROUP.to_owned(),
-                consumer: format!("audit-{}", self.instance),
-                batch: 512,
-                block: Duration::from_secs(1),
-                reclaim_idle: Duration::from_secs(30),
-                max_deliveries: 8,
-                dedupe_window: 100_000,
-            },
+            ingest::consumer_config(format!("audit-{}", self.instance)),
         )
         .await
         .map_err(|source| StartError::Bus {

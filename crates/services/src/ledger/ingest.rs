@@ -18,6 +18,21 @@ use super::to_row;
 
 pub const GROUP: &str = "audit-ingestor";
 
+/// How the Audit role reads `caracal.audit.events` (the benchmark measures the same).
+pub fn consumer_config(consumer: String) -> caracal_bus::ConsumerConfig {
+    caracal_bus::ConsumerConfig {
+        stream: caracal_bus::stream_names::AUDIT_EVENTS.to_owned(),
+        group: GROUP.to_owned(),
+        consumer,
+        // Two commits per batch whatever its size: larger batches ingest faster.
+        batch: 2048,
+        block: Duration::from_secs(1),
+        reclaim_idle: Duration::from_secs(30),
+        max_deliveries: 8,
+        dedupe_window: 100_000,
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct IngestMetrics {
     pub ingested_total: Counter,
