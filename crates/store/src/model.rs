@@ -37,6 +37,7 @@ pub struct AdminTokenRecord {
     pub capabilities: String,
     pub created_by: String,
     pub revoked: bool,
+    pub created_at_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +53,7 @@ pub struct Zone {
     pub name: String,
     pub slug: String,
     pub created_at_ms: i64,
+    pub archived_at_ms: Option<i64>,
 }
 
 /// A message to publish once the transaction that wrote it commits.

@@ -45,6 +45,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "audit chain hashes as bytes",
             include_str!("schema/0006_audit_binary_hashes.postgres.sql").to_owned(),
         ),
+        (
+            "admin api",
+            include_str!("schema/0007_admin_api.sql").replace("{BIGINT}", "BIGINT"),
+        ),
     ]
 }
 

@@ -40,6 +40,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "audit chain hashes as bytes",
             include_str!("schema/0006_audit_binary_hashes.sqlite.sql").to_owned(),
         ),
+        (
+            "admin api",
+            include_str!("schema/0007_admin_api.sql").replace("{BIGINT}", "INTEGER"),
+        ),
     ]
 }
 
@@ -366,6 +370,7 @@ mod tests {
                 c.execute_batch(
                     "DROP TABLE audit_tamper_findings; DROP TABLE audit_checkpoints; DROP TABLE audit_checkpoint_keys;
                      DROP TABLE audit_chain_keys; DROP TABLE audit_cuts;
+                     DROP INDEX applications_live_name; ALTER TABLE zones DROP COLUMN archived_at_ms;
                      DELETE FROM schema_migrations WHERE version >= 2;",
                 )
             })

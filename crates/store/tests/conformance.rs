@@ -146,6 +146,7 @@ conformance!(
     chain_appends_skip_stored_ids_and_stay_contiguous_under_concurrency,
     audit_search_filters_and_pages_newest_first,
     a_retention_cut_only_moves_forward_and_drops_rows_with_it,
+    zones_and_applications_are_renamed_and_archived_in_place,
 );
 
 fn message(stream: &str, n: usize) -> OutboxMessage {
@@ -1555,7 +1556,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 6
+                supported: 7
             }
         ),
         "{error}"
@@ -1571,7 +1572,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
     let versions: Vec<i64> = rows.iter().map(|row| row.int(0).unwrap()).collect();
     assert_eq!(
         versions,
-        [1, 2, 3, 4, 5, 6, 999],
+        [1, 2, 3, 4, 5, 6, 7, 999],
         "the refused start wrote nothing"
     );
     drop_schema(&schema).await;
@@ -1906,7 +1907,16 @@ async fn sqlite_hex_hashes_of_an_earlier_release_become_bytes() {
     // SQLite keeps text written into a BLOB column as text: what version 5 held.
     write_earlier_rows(&store).await;
     store
-        .change("DELETE FROM schema_migrations WHERE version = 6", vec![])
+        .change("DELETE FROM schema_migrations WHERE version >= 6", vec![])
+        .await
+        .unwrap();
+    // Migration 7 runs again too: undo what it added.
+    store
+        .change("DROP INDEX applications_live_name", vec![])
+        .await
+        .unwrap();
+    store
+        .change("ALTER TABLE zones DROP COLUMN archived_at_ms", vec![])
         .await
         .unwrap();
     drop(store);
@@ -1933,9 +1943,15 @@ async fn postgres_hex_hashes_of_an_earlier_release_become_bytes() {
     write_earlier_rows(backend.db.as_ref()).await;
     backend
         .db
-        .change("DELETE FROM schema_migrations WHERE version = 6", vec![])
+        .change("DELETE FROM schema_migrations WHERE version >= 6", vec![])
         .await
         .unwrap();
+    for undo in [
+        "DROP INDEX applications_live_name",
+        "ALTER TABLE zones DROP COLUMN archived_at_ms",
+    ] {
+        backend.db.change(undo, vec![]).await.unwrap();
+    }
     let options = PgOptions {
         pool_size: 1,
         schema: Some(schema.clone()),
@@ -1944,4 +1960,101 @@ async fn postgres_hex_hashes_of_an_earlier_release_become_bytes() {
     let upgraded = PgStore::connect(&postgres_url(), &options).await.unwrap();
     check_upgraded_rows(&upgraded).await;
     drop_schema(&schema).await;
+}
+
+async fn zones_and_applications_are_renamed_and_archived_in_place(backend: &Backend) {
+    let store = backend.store.as_ref();
+    store.create_zone(&zone(1), &[]).await.unwrap();
+    store.create_zone(&zone(2), &[]).await.unwrap();
+    let renamed = store
+        .update_zone("zone-1", "Payments", "payments", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (renamed.name.as_str(), renamed.slug.as_str()),
+        ("Payments", "payments")
+    );
+    assert!(matches!(
+        store.update_zone("zone-2", "x", "payments", &[]).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let app = |id: &str, name: &str| Application {
+        id: id.into(),
+        zone_id: "zone-1".into(),
+        name: name.into(),
+        client_secret_hash: None,
+        traits: vec![],
+        registration_method: "managed".into(),
+        expires_at_ms: None,
+        created_at_ms: 1,
+        archived_at_ms: None,
+    };
+    store
+        .create_application(&app("app-1", "Billing"), &[])
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            store
+                .create_application(&app("app-2", "billing"), &[])
+                .await,
+            Err(StoreError::Conflict(_))
+        ),
+        "live names are unique per zone regardless of case"
+    );
+    store
+        .create_application(&app("app-2", "Ledger"), &[])
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .update_application("zone-1", "app-2", "BILLING", &[], &[])
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    store
+        .update_application("zone-1", "app-2", "Ledger", &["tier:gold".into()], &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get_application("zone-1", "app-2")
+            .await
+            .unwrap()
+            .unwrap()
+            .traits,
+        ["tier:gold"]
+    );
+    assert!(matches!(
+        store
+            .update_application("zone-2", "app-2", "Other", &[], &[])
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    store
+        .archive_application("zone-1", "app-1", &[])
+        .await
+        .unwrap();
+    store
+        .create_application(&app("app-3", "billing"), &[])
+        .await
+        .unwrap();
+    store.archive_zone("zone-1", &[]).await.unwrap();
+    assert!(
+        store
+            .get_zone("zone-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .archived_at_ms
+            .is_some()
+    );
+    assert!(matches!(
+        store.archive_zone("zone-1", &[]).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.update_zone("zone-1", "again", "again", &[]).await,
+        Err(StoreError::NotFound(_))
+    ));
 }

@@ -24,6 +24,8 @@ pub trait Deployment: Send + Sync {
     ) -> Result<Option<AdminTokenRecord>, StoreError>;
     /// Revokes a token; [`StoreError::NotFound`] if there is no such unrevoked token.
     async fn revoke_admin_token(&self, id: &str) -> Result<(), StoreError>;
+    /// Every token, revoked ones included, oldest first.
+    async fn list_admin_tokens(&self) -> Result<Vec<AdminTokenRecord>, StoreError>;
 }
 
 fn admin_token(row: &Row) -> Result<AdminTokenRecord, StoreError> {
@@ -36,6 +38,7 @@ fn admin_token(row: &Row) -> Result<AdminTokenRecord, StoreError> {
         capabilities: row.text(3)?,
         created_by: row.text(4)?,
         revoked: row.opt_int(5)?.is_some(),
+        created_at_ms: row.int(6)?,
     })
 }
 
@@ -108,12 +111,23 @@ impl<D: Db> Deployment for D {
     ) -> Result<Option<AdminTokenRecord>, StoreError> {
         let rows = self
             .rows(
-                "SELECT id, name, zone_id, capabilities, created_by, revoked_at_ms
+                "SELECT id, name, zone_id, capabilities, created_by, revoked_at_ms, created_at_ms
                  FROM admin_tokens WHERE token_sha256 = $1",
                 params![digest.as_str()],
             )
             .await?;
         rows.first().map(admin_token).transpose()
+    }
+
+    async fn list_admin_tokens(&self) -> Result<Vec<AdminTokenRecord>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT id, name, zone_id, capabilities, created_by, revoked_at_ms, created_at_ms
+                 FROM admin_tokens ORDER BY created_at_ms, id",
+                params![],
+            )
+            .await?;
+        rows.iter().map(admin_token).collect()
     }
 
     async fn revoke_admin_token(&self, id: &str) -> Result<(), StoreError> {

@@ -35,7 +35,7 @@ macro_rules! select_resources {
 /// The row columns of `zones`, for `concat!`.
 macro_rules! select_zones {
     () => {
-        "SELECT id, name, slug, created_at_ms FROM zones"
+        "SELECT id, name, slug, created_at_ms, archived_at_ms FROM zones"
     };
 }
 
@@ -50,6 +50,18 @@ pub trait Directory: Send + Sync {
     ) -> Result<Zone, StoreError>;
     async fn get_zone(&self, zone_id: &str) -> Result<Option<Zone>, StoreError>;
     async fn list_zones(&self) -> Result<Vec<Zone>, StoreError>;
+    /// Renames a live zone; a taken slug is a [`StoreError::Conflict`], an archived or missing
+    /// zone [`StoreError::NotFound`].
+    async fn update_zone(
+        &self,
+        zone_id: &str,
+        name: &str,
+        slug: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<Zone, StoreError>;
+    /// Archives a live zone ([`StoreError::NotFound`] if there is none).
+    async fn archive_zone(&self, zone_id: &str, outbox: &[OutboxMessage])
+    -> Result<(), StoreError>;
 
     async fn create_application(
         &self,
@@ -74,6 +86,16 @@ pub trait Directory: Send + Sync {
         &self,
         zone_id: &str,
         id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+    /// Sets a live application's name and traits; a live namesake in the zone is a
+    /// [`StoreError::Conflict`].
+    async fn update_application(
+        &self,
+        zone_id: &str,
+        id: &str,
+        name: &str,
+        traits: &[String],
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError>;
 
@@ -145,6 +167,7 @@ fn zone(row: &Row) -> Result<Zone, StoreError> {
         name: row.text(1)?,
         slug: row.text(2)?,
         created_at_ms: row.int(3)?,
+        archived_at_ms: row.opt_int(4)?,
     })
 }
 
@@ -243,7 +266,7 @@ impl<D: Db> Directory for D {
     ) -> Result<Zone, StoreError> {
         let insert = Statement::new(
             "INSERT INTO zones (id, name, slug, created_at_ms) VALUES ($1, $2, $3, $4)
-             RETURNING id, name, slug, created_at_ms",
+             RETURNING id, name, slug, created_at_ms, archived_at_ms",
             params![
                 new.id.as_str(),
                 new.name.as_str(),
@@ -273,6 +296,36 @@ impl<D: Db> Directory for D {
             zone,
         )
         .await
+    }
+
+    async fn update_zone(
+        &self,
+        zone_id: &str,
+        name: &str,
+        slug: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<Zone, StoreError> {
+        let update = Statement::new(
+            "UPDATE zones SET name = $2, slug = $3 WHERE id = $1 AND archived_at_ms IS NULL
+             RETURNING id, name, slug, created_at_ms, archived_at_ms",
+            params![zone_id, name, slug],
+        )
+        .must_change(not_found);
+        let outcomes = self.atomic(with_outbox(update, outbox)).await?;
+        zone(first_row(&outcomes)?)
+    }
+
+    async fn archive_zone(
+        &self,
+        zone_id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let update = Statement::new(
+            "UPDATE zones SET archived_at_ms = $2 WHERE id = $1 AND archived_at_ms IS NULL",
+            params![zone_id, now_ms()],
+        )
+        .must_change(not_found);
+        self.atomic(with_outbox(update, outbox)).await.map(|_| ())
     }
 
     async fn create_application(
@@ -352,6 +405,23 @@ impl<D: Db> Directory for D {
             "UPDATE applications SET archived_at_ms = $3
              WHERE zone_id = $1 AND id = $2 AND archived_at_ms IS NULL",
             params![zone_id, id, now_ms()],
+        )
+        .must_change(not_found);
+        self.atomic(with_outbox(update, outbox)).await.map(|_| ())
+    }
+
+    async fn update_application(
+        &self,
+        zone_id: &str,
+        id: &str,
+        name: &str,
+        traits: &[String],
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let update = Statement::new(
+            "UPDATE applications SET name = $3, traits = $4
+             WHERE zone_id = $1 AND id = $2 AND archived_at_ms IS NULL",
+            params![zone_id, id, name, list_to_json(traits)],
         )
         .must_change(not_found);
         self.atomic(with_outbox(update, outbox)).await.map(|_| ())
