@@ -34,6 +34,16 @@ pub enum ErrorCode {
     AuditOverloaded,
     /// Audit evidence could not be recorded; protected work is refused (invariant 5).
     AuditEvidenceLost,
+    /// A JSON body that does not parse, has unknown fields, wrong types or invalid values.
+    InvalidBody,
+    /// Another live zone has this slug.
+    ZoneSlugConflict,
+    /// Another live application of the zone has this name (case-insensitive).
+    ApplicationNameConflict,
+    /// Caracal keeps only a hash of client secrets; they cannot be shown again.
+    ClientSecretNotStored,
+    /// The reserved system zone cannot be changed through the API.
+    SystemZoneReadOnly,
 }
 
 impl ErrorCode {
@@ -53,12 +63,20 @@ impl ErrorCode {
             ErrorCode::AdminTokenZoneMismatch => "admin_token_zone_mismatch",
             ErrorCode::AuditOverloaded => "audit_overloaded",
             ErrorCode::AuditEvidenceLost => "audit_evidence_lost",
+            ErrorCode::InvalidBody => "invalid_body",
+            ErrorCode::ZoneSlugConflict => "zone_slug_conflict",
+            ErrorCode::ApplicationNameConflict => "application_name_conflict",
+            ErrorCode::ClientSecretNotStored => "client_secret_not_stored",
+            ErrorCode::SystemZoneReadOnly => "system_zone_read_only",
         }
     }
 
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidRequest => 400,
+            ErrorCode::InvalidRequest | ErrorCode::InvalidBody => 400,
+            ErrorCode::ZoneSlugConflict | ErrorCode::ApplicationNameConflict => 409,
+            ErrorCode::ClientSecretNotStored => 404,
+            ErrorCode::SystemZoneReadOnly => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::PayloadTooLarge => 413,
@@ -97,6 +115,11 @@ mod tests {
             ErrorCode::AdminTokenZoneMismatch,
             ErrorCode::AuditOverloaded,
             ErrorCode::AuditEvidenceLost,
+            ErrorCode::InvalidBody,
+            ErrorCode::ZoneSlugConflict,
+            ErrorCode::ApplicationNameConflict,
+            ErrorCode::ClientSecretNotStored,
+            ErrorCode::SystemZoneReadOnly,
         ];
         for code in all {
             let text = code.as_str();

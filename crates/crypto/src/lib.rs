@@ -13,10 +13,12 @@
 mod admin_token;
 mod envelope;
 mod kek;
+mod secret_hash;
 
 pub use admin_token::{AdminToken, TokenDigest};
 pub use envelope::{EnvelopeError, envelope_kek_id};
 pub use kek::{Kek, KekError};
+pub use secret_hash::{MIN_SECRET_CHARS, SecretHashError, hash_secret, verify_secret};
 
 /// Fills a fresh array from the operating system's CSPRNG.
 pub fn random_bytes<const N: usize>() -> Result<[u8; N], RandomError> {

@@ -13,6 +13,8 @@ use crate::wire::ErrorBody;
 pub struct ApiError {
     pub code: ErrorCode,
     pub description: Option<String>,
+    /// Structured detail for the caller (which fields failed, which cases disagreed).
+    pub details: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -20,6 +22,7 @@ impl ApiError {
         ApiError {
             code,
             description: None,
+            details: None,
         }
     }
 
@@ -27,7 +30,13 @@ impl ApiError {
         ApiError {
             code,
             description: Some(description.into()),
+            details: None,
         }
+    }
+
+    pub fn with_details(mut self, details: serde_json::Value) -> ApiError {
+        self.details = Some(details);
+        self
     }
 }
 
@@ -37,6 +46,8 @@ impl From<caracal_store::StoreError> for ApiError {
     fn from(error: caracal_store::StoreError) -> ApiError {
         match error {
             caracal_store::StoreError::Unavailable(_) => ApiError::new(ErrorCode::StoreUnavailable),
+            // Gone between the check and the write (archived meanwhile): as if never there.
+            caracal_store::StoreError::NotFound(_) => ApiError::new(ErrorCode::NotFound),
             other => {
                 tracing::error!(error = %other, "store failure");
                 ApiError::new(ErrorCode::InternalError)
@@ -52,6 +63,7 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error: self.code.as_str().to_owned(),
             error_description: self.description,
+            details: self.details,
         };
         let mut response = (status, Json(body)).into_response();
         let headers = response.headers_mut();

@@ -220,7 +220,7 @@ impl EvidenceTasks {
     }
 }
 
-fn message(event: &Event) -> Option<Fields> {
+pub(crate) fn message(event: &Event) -> Option<Fields> {
     let data = serde_json::to_string(event).ok()?;
     Some(Fields::from([
         ("id".to_owned(), event.id.clone()),

@@ -7,6 +7,7 @@
 //!   directory and store, serves, and drains on shutdown.
 //! - [`Settings`]: the validated configuration the runtime needs; the CLI builds it.
 
+mod admin;
 pub mod api;
 pub mod auth;
 mod error;

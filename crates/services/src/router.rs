@@ -22,7 +22,9 @@ pub fn router(state: RoleState) -> Router {
         .route("/metrics", get(probes::metrics));
     // Each role's own routes are merged here as the role lands (STS, Gateway, ...).
     let routes = match state.role {
-        Role::Api => probes.merge(crate::api::routes()),
+        Role::Api => probes
+            .merge(crate::api::routes())
+            .merge(crate::admin::routes()),
         _ => probes,
     };
     routes

@@ -1,8 +1,18 @@
 //! Test doubles shared by the unit tests of this crate.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use caracal_bus::{BusError, Entry, PendingEntry, StreamInfo, Streams};
+use axum::body::Body;
+use caracal_bus::{BusError, EmbeddedBus, Entry, PendingEntry, StreamInfo, Streams};
+use caracal_core::Role;
+use caracal_store::SqliteStore;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt as _;
+use tower::ServiceExt as _;
+
+use crate::evidence::{Evidence, EvidenceConfig, EvidenceTasks};
+use crate::state::{Bus, RoleState, Shared};
 
 /// A bus whose appends always fail, as Redis does while it is down.
 pub struct DownBus;
@@ -63,4 +73,83 @@ impl Streams for DownBus {
     async fn ping(&self) -> Result<(), BusError> {
         Err(BusError::Unavailable("connection refused".into()))
     }
+}
+
+/// What a test must keep alive: the data directory and the evidence producer's tasks.
+pub(crate) type Keep = (tempfile::TempDir, EvidenceTasks);
+
+/// The shared state of a process over `store` and `bus`, with an evidence producer.
+pub(crate) fn shared_with_bus(
+    directory: tempfile::TempDir,
+    store: SqliteStore,
+    bus: Bus,
+) -> (Keep, Shared) {
+    let replay_dir = directory.path().join("audit-replay");
+    let producer = caracal_bus::Producer::new(
+        Arc::clone(&bus.streams),
+        caracal_bus::signature::StreamKey::new(b"k"),
+    );
+    let (evidence, tasks) =
+        Evidence::start(producer, EvidenceConfig::new(replay_dir.clone())).unwrap();
+    (
+        (directory, tasks),
+        Shared::new(Arc::new(store), bus, evidence, replay_dir),
+    )
+}
+
+pub(crate) fn role_state(role: Role) -> (Keep, RoleState) {
+    let directory = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+    let bus = Bus::embedded(EmbeddedBus::new(store.clone()));
+    let (keep, shared) = shared_with_bus(directory, store, bus);
+    (keep, RoleState::new(role, shared))
+}
+
+pub(crate) async fn token(
+    shared: &Shared,
+    capabilities: &str,
+    scope: caracal_store::TokenScope,
+) -> String {
+    let token = caracal_crypto::AdminToken::generate().unwrap();
+    shared
+        .store
+        .insert_admin_token(
+            &caracal_store::NewAdminToken {
+                id: format!("tok_{}", uuid::Uuid::now_v7().simple()),
+                name: "test".into(),
+                digest: token.digest(),
+                scope,
+                capabilities: capabilities.into(),
+                created_by: "test".into(),
+            },
+            &[],
+        )
+        .await
+        .unwrap();
+    token.expose().to_owned()
+}
+
+pub(crate) async fn call(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> (StatusCode, http::HeaderMap, serde_json::Value) {
+    let mut request = Request::builder().method(method).uri(path);
+    if let Some(bearer) = bearer {
+        request = request.header("authorization", format!("Bearer {bearer}"));
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::from(body.to_owned())).unwrap())
+        .await
+        .unwrap();
+    let (status, headers) = (response.status(), response.headers().clone());
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        headers,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
 }

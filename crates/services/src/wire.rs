@@ -9,6 +9,8 @@ pub struct ErrorBody {
     pub error: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_description: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
 /// The body of `/ready`, both when ready (200) and not (503).
@@ -114,4 +116,60 @@ pub struct ReplayResponse {
     pub scanned: usize,
     pub replayed: usize,
     pub skipped: usize,
+}
+
+/// A page of a `/v1` list: `next_cursor` is null on the last page.
+#[derive(Debug, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// A zone as the admin API shows it.
+#[derive(Debug, Serialize)]
+pub struct ZoneBody {
+    pub id: String,
+    pub name: String,
+    pub slug: String,
+    pub dcr_enabled: bool,
+    pub created_at: String,
+    pub archived_at: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DcrStatusBody {
+    pub dcr_enabled: bool,
+    pub live_dcr_applications: u64,
+}
+
+/// An application; `client_secret` appears only in the response that created or rotated it.
+#[derive(Debug, Serialize)]
+pub struct ApplicationBody {
+    pub id: String,
+    pub zone_id: String,
+    pub name: String,
+    pub registration_method: String,
+    pub credential_type: &'static str,
+    pub traits: Vec<String>,
+    pub has_client_secret: bool,
+    pub expires_at: Option<String>,
+    pub created_at: String,
+    pub archived_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+}
+
+/// An admin token; `token` appears only in the response that minted it.
+#[derive(Debug, Serialize)]
+pub struct AdminTokenBody {
+    pub id: String,
+    pub name: String,
+    pub scope: &'static str,
+    pub zone_id: Option<String>,
+    pub capability: String,
+    pub created_by: String,
+    pub created_at: String,
+    pub revoked: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }

@@ -121,14 +121,17 @@ async fn ensure_admin_token(
     data_dir.write_private_file(ADMIN_TOKEN_FILE, &format!("{}\n", token.expose()))?;
     let id_bytes: [u8; 16] = random_bytes()?;
     store
-        .insert_admin_token(&NewAdminToken {
-            id: format!("tok_{}", hex(&id_bytes)),
-            name: "bootstrap".to_owned(),
-            digest: token.digest(),
-            scope: TokenScope::Global,
-            capabilities: "write,approve".to_owned(),
-            created_by: BOOTSTRAP_CREATOR.to_owned(),
-        })
+        .insert_admin_token(
+            &NewAdminToken {
+                id: format!("tok_{}", hex(&id_bytes)),
+                name: "bootstrap".to_owned(),
+                digest: token.digest(),
+                scope: TokenScope::Global,
+                capabilities: "write,approve".to_owned(),
+                created_by: BOOTSTRAP_CREATOR.to_owned(),
+            },
+            &[],
+        )
         .await?;
     Ok(BootstrapToken::Minted(token))
 }

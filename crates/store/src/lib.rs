@@ -30,11 +30,11 @@ pub use bootstrap::{
 };
 pub use data_dir::{DataDir, DataDirError};
 pub use model::{
-    AdminTokenRecord, Application, ApprovalHold, AuditCheckpoint, AuditCut, AuditEvent,
-    AuditFilter, AuthorityRecord, DelegationEdge, IdempotencyReceipt, KekRecord, NewAdminToken,
-    NewZone, OutboxFailure, OutboxMessage, OutboxRow, OutboxStats, PolicyBinding, PolicyHeader,
-    PolicyVersion, Provider, ProviderConnection, Resource, SealedSecret, Session, SigningKey,
-    TamperFinding, TokenScope, Zone,
+    AdminTokenRecord, Application, ApplicationChange, ApprovalHold, AuditCheckpoint, AuditCut,
+    AuditEvent, AuditFilter, AuthorityRecord, DelegationEdge, IdempotencyReceipt, KekRecord,
+    NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow, OutboxStats, PolicyBinding,
+    PolicyHeader, PolicyVersion, Provider, ProviderConnection, Resource, SealedSecret, Session,
+    SigningKey, TamperFinding, TokenScope, Zone,
 };
 pub use postgres::{PgOptions, PgStore};
 pub use queries::{ChainAppend, ChainBuilder};

@@ -109,6 +109,15 @@ pub struct Application {
     pub archived_at_ms: Option<i64>,
 }
 
+/// The mutable fields of an application, as `update_application` sets them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplicationChange {
+    pub name: String,
+    pub traits: Vec<String>,
+    /// A new Argon2id hash; `None` keeps the current one.
+    pub client_secret_hash: Option<String>,
+}
+
 /// An upstream credential source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provider {

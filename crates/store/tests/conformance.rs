@@ -211,7 +211,7 @@ async fn admin_tokens_are_found_by_digest_only(backend: &Backend) {
         created_by: "admin:tok_0".into(),
     };
     assert!(!store.has_active_token_by("admin:tok_0").await.unwrap());
-    store.insert_admin_token(&new).await.unwrap();
+    store.insert_admin_token(&new, &[]).await.unwrap();
     assert!(store.has_active_token_by("admin:tok_0").await.unwrap());
     let found = store
         .find_admin_token(&token.digest())
@@ -234,7 +234,7 @@ async fn admin_tokens_are_found_by_digest_only(backend: &Backend) {
         ..new
     };
     assert!(matches!(
-        store.insert_admin_token(&duplicate).await,
+        store.insert_admin_token(&duplicate, &[]).await,
         Err(StoreError::Conflict(_))
     ));
 }
@@ -1964,6 +1964,12 @@ async fn postgres_hex_hashes_of_an_earlier_release_become_bytes() {
 
 async fn zones_and_applications_are_renamed_and_archived_in_place(backend: &Backend) {
     let store = backend.store.as_ref();
+    let change =
+        |name: &str, traits: &[&str], hash: Option<&str>| caracal_store::ApplicationChange {
+            name: name.into(),
+            traits: traits.iter().map(|t| t.to_string()).collect(),
+            client_secret_hash: hash.map(str::to_owned),
+        };
     store.create_zone(&zone(1), &[]).await.unwrap();
     store.create_zone(&zone(2), &[]).await.unwrap();
     let renamed = store
@@ -2008,12 +2014,17 @@ async fn zones_and_applications_are_renamed_and_archived_in_place(backend: &Back
         .unwrap();
     assert!(matches!(
         store
-            .update_application("zone-1", "app-2", "BILLING", &[], &[])
+            .update_application("zone-1", "app-2", &change("BILLING", &[], None), &[])
             .await,
         Err(StoreError::Conflict(_))
     ));
     store
-        .update_application("zone-1", "app-2", "Ledger", &["tier:gold".into()], &[])
+        .update_application(
+            "zone-1",
+            "app-2",
+            &change("Ledger", &["tier:gold"], Some("$argon2id$new")),
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -2027,7 +2038,7 @@ async fn zones_and_applications_are_renamed_and_archived_in_place(backend: &Back
     );
     assert!(matches!(
         store
-            .update_application("zone-2", "app-2", "Other", &[], &[])
+            .update_application("zone-2", "app-2", &change("Other", &[], None), &[])
             .await,
         Err(StoreError::NotFound(_))
     ));

@@ -9,8 +9,8 @@ use http_body_util::BodyExt as _;
 use tower::ServiceExt as _;
 
 use super::router;
-use crate::evidence::{Evidence, EvidenceConfig, EvidenceTasks};
-use crate::state::{Bus, RoleState, Shared};
+use crate::state::{Bus, RoleState};
+use crate::test_support::{call, role_state, shared_with_bus, token};
 use crate::wire::{ErrorBody, ReadyBody};
 
 struct Answer {
@@ -40,32 +40,6 @@ async fn send(app: &axum::Router, path: &str, request_id: Option<&str>) -> Answe
         request_id,
         body: String::from_utf8(bytes.to_vec()).unwrap(),
     }
-}
-
-/// What a test must keep alive: the data directory and the evidence producer's tasks.
-type Keep = (tempfile::TempDir, EvidenceTasks);
-
-/// The shared state of a process over `store` and `bus`, with an evidence producer.
-fn shared_with_bus(directory: tempfile::TempDir, store: SqliteStore, bus: Bus) -> (Keep, Shared) {
-    let replay_dir = directory.path().join("audit-replay");
-    let producer = caracal_bus::Producer::new(
-        Arc::clone(&bus.streams),
-        caracal_bus::signature::StreamKey::new(b"k"),
-    );
-    let (evidence, tasks) =
-        Evidence::start(producer, EvidenceConfig::new(replay_dir.clone())).unwrap();
-    (
-        (directory, tasks),
-        Shared::new(Arc::new(store), bus, evidence, replay_dir),
-    )
-}
-
-fn role_state(role: Role) -> (Keep, RoleState) {
-    let directory = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
-    let bus = Bus::embedded(EmbeddedBus::new(store.clone()));
-    let (keep, shared) = shared_with_bus(directory, store, bus);
-    (keep, RoleState::new(role, shared))
 }
 
 #[tokio::test]
@@ -304,48 +278,6 @@ async fn lost_evidence_or_nowhere_to_spill_it_makes_roles_not_ready() {
     );
 }
 
-async fn token(shared: &Shared, capabilities: &str, scope: caracal_store::TokenScope) -> String {
-    let token = caracal_crypto::AdminToken::generate().unwrap();
-    shared
-        .store
-        .insert_admin_token(&caracal_store::NewAdminToken {
-            id: format!("tok_{}", uuid::Uuid::now_v7().simple()),
-            name: "test".into(),
-            digest: token.digest(),
-            scope,
-            capabilities: capabilities.into(),
-            created_by: "test".into(),
-        })
-        .await
-        .unwrap();
-    token.expose().to_owned()
-}
-
-async fn call(
-    app: &axum::Router,
-    method: &str,
-    path: &str,
-    bearer: Option<&str>,
-    body: &str,
-) -> (StatusCode, http::HeaderMap, serde_json::Value) {
-    let mut request = Request::builder().method(method).uri(path);
-    if let Some(bearer) = bearer {
-        request = request.header("authorization", format!("Bearer {bearer}"));
-    }
-    let response = app
-        .clone()
-        .oneshot(request.body(Body::from(body.to_owned())).unwrap())
-        .await
-        .unwrap();
-    let (status, headers) = (response.status(), response.headers().clone());
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        headers,
-        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-    )
-}
-
 #[tokio::test]
 async fn admin_tokens_gate_the_v1_routes_by_capability_and_zone() {
     let (_keep, state) = role_state(Role::Api);
@@ -410,7 +342,11 @@ async fn admin_tokens_gate_the_v1_routes_by_capability_and_zone() {
         .await
         .unwrap()
         .unwrap();
-    shared.store.revoke_admin_token(&record.id).await.unwrap();
+    shared
+        .store
+        .revoke_admin_token(&record.id, &[])
+        .await
+        .unwrap();
     let (status, _, _) = call(&app, "GET", "/v1/audit/tamper", Some(&revoked), "").await;
     assert_eq!(
         status,

@@ -2,9 +2,9 @@
 
 use caracal_crypto::TokenDigest;
 
-use crate::db::{Db, Row, params};
-use crate::model::{AdminTokenRecord, KekRecord, NewAdminToken, TokenScope};
-use crate::store::{StoreError, now_ms};
+use crate::db::{Db, Row, Statement, params};
+use crate::model::{AdminTokenRecord, KekRecord, NewAdminToken, OutboxMessage, TokenScope};
+use crate::store::{StoreError, not_found, now_ms, with_outbox};
 
 #[async_trait::async_trait]
 pub trait Deployment: Send + Sync {
@@ -15,15 +15,25 @@ pub trait Deployment: Send + Sync {
     /// Records the deployment's KEK; a second record is a [`StoreError::Conflict`].
     async fn record_deployment_kek(&self, record: &KekRecord) -> Result<(), StoreError>;
 
-    async fn insert_admin_token(&self, token: &NewAdminToken) -> Result<(), StoreError>;
+    /// Stores a token and enqueues `outbox` in the same transaction.
+    async fn insert_admin_token(
+        &self,
+        token: &NewAdminToken,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
     /// Whether an unrevoked token created by `created_by` exists.
     async fn has_active_token_by(&self, created_by: &str) -> Result<bool, StoreError>;
     async fn find_admin_token(
         &self,
         digest: &TokenDigest,
     ) -> Result<Option<AdminTokenRecord>, StoreError>;
-    /// Revokes a token; [`StoreError::NotFound`] if there is no such unrevoked token.
-    async fn revoke_admin_token(&self, id: &str) -> Result<(), StoreError>;
+    /// Revokes a token and enqueues `outbox` in the same transaction; [`StoreError::NotFound`]
+    /// (and nothing enqueued) if there is no such unrevoked token.
+    async fn revoke_admin_token(
+        &self,
+        id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
     /// Every token, revoked ones included, oldest first.
     async fn list_admin_tokens(&self) -> Result<Vec<AdminTokenRecord>, StoreError>;
 }
@@ -71,12 +81,16 @@ impl<D: Db> Deployment for D {
         .map(|_| ())
     }
 
-    async fn insert_admin_token(&self, token: &NewAdminToken) -> Result<(), StoreError> {
+    async fn insert_admin_token(
+        &self,
+        token: &NewAdminToken,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
         let (scope, zone_id) = match &token.scope {
             TokenScope::Global => ("global", None),
             TokenScope::Zone(zone_id) => ("zone", Some(zone_id.clone())),
         };
-        self.change(
+        let insert = Statement::new(
             "INSERT INTO admin_tokens
                  (id, name, token_sha256, scope, zone_id, capabilities, created_by, created_at_ms)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -90,9 +104,8 @@ impl<D: Db> Deployment for D {
                 token.created_by.as_str(),
                 now_ms(),
             ],
-        )
-        .await
-        .map(|_| ())
+        );
+        self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
     }
 
     async fn has_active_token_by(&self, created_by: &str) -> Result<bool, StoreError> {
@@ -130,16 +143,16 @@ impl<D: Db> Deployment for D {
         rows.iter().map(admin_token).collect()
     }
 
-    async fn revoke_admin_token(&self, id: &str) -> Result<(), StoreError> {
-        let changed = self
-            .change(
-                "UPDATE admin_tokens SET revoked_at_ms = $2 WHERE id = $1 AND revoked_at_ms IS NULL",
-                params![id, now_ms()],
-            )
-            .await?;
-        if changed == 0 {
-            return Err(crate::store::not_found());
-        }
-        Ok(())
+    async fn revoke_admin_token(
+        &self,
+        id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let update = Statement::new(
+            "UPDATE admin_tokens SET revoked_at_ms = $2 WHERE id = $1 AND revoked_at_ms IS NULL",
+            params![id, now_ms()],
+        )
+        .must_change(not_found);
+        self.atomic(with_outbox(update, outbox)).await.map(|_| ())
     }
 }

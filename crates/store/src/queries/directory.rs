@@ -4,8 +4,8 @@
 
 use crate::db::{Db, Row, Statement, params};
 use crate::model::{
-    Application, NewZone, OutboxMessage, Provider, ProviderConnection, Resource, SealedSecret,
-    SigningKey, Zone,
+    Application, ApplicationChange, NewZone, OutboxMessage, Provider, ProviderConnection, Resource,
+    SealedSecret, SigningKey, Zone,
 };
 use crate::store::{
     StoreError, all, first_row, list_from_json, list_to_json, not_found, now_ms, one, with_outbox,
@@ -88,14 +88,13 @@ pub trait Directory: Send + Sync {
         id: &str,
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError>;
-    /// Sets a live application's name and traits; a live namesake in the zone is a
-    /// [`StoreError::Conflict`].
+    /// Sets a live application's name and traits, and its secret hash when given, in one
+    /// statement; a live namesake in the zone is a [`StoreError::Conflict`].
     async fn update_application(
         &self,
         zone_id: &str,
         id: &str,
-        name: &str,
-        traits: &[String],
+        change: &ApplicationChange,
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError>;
 
@@ -414,14 +413,20 @@ impl<D: Db> Directory for D {
         &self,
         zone_id: &str,
         id: &str,
-        name: &str,
-        traits: &[String],
+        change: &ApplicationChange,
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError> {
         let update = Statement::new(
-            "UPDATE applications SET name = $3, traits = $4
+            "UPDATE applications SET name = $3, traits = $4,
+                 client_secret_hash = COALESCE($5, client_secret_hash)
              WHERE zone_id = $1 AND id = $2 AND archived_at_ms IS NULL",
-            params![zone_id, id, name, list_to_json(traits)],
+            params![
+                zone_id,
+                id,
+                change.name.as_str(),
+                list_to_json(&change.traits),
+                change.client_secret_hash.clone(),
+            ],
         )
         .must_change(not_found);
         self.atomic(with_outbox(update, outbox)).await.map(|_| ())

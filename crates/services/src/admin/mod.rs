@@ -1,0 +1,201 @@
+//! The admin API on the API role (`/v1`): zones, applications and admin tokens so far
+//! (resources, providers and policy arrive next). What every route shares lives here: strict
+//! JSON bodies, `{items, next_cursor}` pages, the zone lookup, and evidence before success.
+
+mod applications;
+mod tokens;
+mod zones;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use caracal_audit::Event;
+use caracal_core::{ErrorCode, RequestId};
+use caracal_store::{OutboxMessage, TokenScope, Zone, now_ms};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::auth::{Access, AdminCaller};
+use crate::error::ApiError;
+use crate::ledger::SYSTEM_ZONE;
+use crate::state::RoleState;
+use crate::wire::Page;
+
+/// Request bodies above this get 413.
+pub const MAX_BODY: usize = 256 * 1024;
+/// Page sizes of list routes.
+const DEFAULT_LIMIT: usize = 200;
+const MAX_LIMIT: usize = 500;
+
+pub fn routes() -> Router<RoleState> {
+    Router::new()
+        .merge(zones::routes())
+        .merge(applications::routes())
+        .merge(tokens::routes())
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+/// A JSON body into `T`, whose unknown fields are refused; any failure is 400 `invalid_body`
+/// naming what is wrong.
+fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|error| invalid_body("", &error.to_string()))
+}
+
+/// 400 `invalid_body` about `path` (a field name, or empty for the whole body).
+fn invalid_body(path: &str, message: &str) -> ApiError {
+    let description = if path.is_empty() {
+        message.to_owned()
+    } else {
+        format!("`{path}`: {message}")
+    };
+    ApiError::with_description(ErrorCode::InvalidBody, description)
+        .with_details(serde_json::json!({"issues": [{"path": path, "message": message}]}))
+}
+
+/// `?limit=&cursor=` (and, on some lists, `status=`); anything else is refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+    status: Option<String>,
+}
+
+fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
+    serde_urlencoded::from_str(raw.unwrap_or_default()).map_err(|error| {
+        ApiError::with_description(ErrorCode::InvalidRequest, format!("query: {error}"))
+    })
+}
+
+/// One page of `rows`, newest first (by creation time, then id), after `query.cursor`. The
+/// cursor is opaque to callers: base64url of `<created_ms>:<id>` of the last item returned.
+fn page<T>(
+    mut rows: Vec<T>,
+    key: impl Fn(&T) -> (i64, String),
+    query: &ListQuery,
+) -> Result<Page<T>, ApiError> {
+    let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::with_description(
+            ErrorCode::InvalidRequest,
+            format!("`limit` must be 1 to {MAX_LIMIT}"),
+        ));
+    }
+    rows.sort_by_key(|row| std::cmp::Reverse(key(row)));
+    if let Some(cursor) = &query.cursor {
+        let after = decode_cursor(cursor).ok_or_else(|| {
+            ApiError::with_description(ErrorCode::InvalidRequest, "`cursor` is not one we issued")
+        })?;
+        rows.retain(|row| key(row) < after);
+    }
+    let next_cursor = (rows.len() > limit)
+        .then(|| rows.get(limit - 1).map(|row| encode_cursor(&key(row))))
+        .flatten();
+    rows.truncate(limit);
+    Ok(Page {
+        items: rows,
+        next_cursor,
+    })
+}
+
+fn encode_cursor((created_ms, id): &(i64, String)) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{created_ms}:{id}"))
+}
+
+fn decode_cursor(cursor: &str) -> Option<(i64, String)> {
+    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(cursor).ok()?).ok()?;
+    let (created_ms, id) = text.split_once(':')?;
+    Some((created_ms.parse().ok()?, id.to_owned()))
+}
+
+/// RFC 3339 with milliseconds, UTC: how every timestamp leaves the API.
+fn timestamp(ms: i64) -> String {
+    let since_epoch = std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + since_epoch).to_string()
+}
+
+/// A new object id.
+fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// The caller may act on `zone_id` with `access`, and it is a live zone; otherwise 403 (token)
+/// or 404 (no such live zone, which is also what another zone's token cannot tell apart).
+async fn live_zone(
+    state: &RoleState,
+    caller: &AdminCaller,
+    zone_id: &str,
+    access: Access,
+) -> Result<Zone, ApiError> {
+    caller.require(access, Some(zone_id))?;
+    if zone_id == SYSTEM_ZONE && access != Access::Read {
+        return Err(ApiError::new(ErrorCode::SystemZoneReadOnly));
+    }
+    match state.shared.store.get_zone(zone_id).await? {
+        Some(zone) if zone.archived_at_ms.is_none() => Ok(zone),
+        _ => Err(ApiError::with_description(
+            ErrorCode::NotFound,
+            format!("zone `{zone_id}` not found"),
+        )),
+    }
+}
+
+/// The zone a token is confined to, if any.
+fn token_zone(caller: &AdminCaller) -> Option<&str> {
+    match &caller.scope {
+        TokenScope::Global => None,
+        TokenScope::Zone(zone) => Some(zone),
+    }
+}
+
+/// What a mutation did, for its audit event: never a secret, only the names of changed fields.
+struct Change<'a> {
+    zone_id: &'a str,
+    action: &'static str,
+    entity_type: &'static str,
+    entity_id: &'a str,
+    fields: Vec<&'static str>,
+}
+
+/// Invariant 5 for admin changes: the change's audit event rides the change's own store
+/// transaction (through the outbox, which publishes it to `caracal.audit.events`), so the
+/// evidence is durable exactly when the change is, and a refused change leaves none.
+fn evidence(
+    caller: &AdminCaller,
+    request_id: Option<&RequestId>,
+    change: Change<'_>,
+) -> Result<OutboxMessage, ApiError> {
+    let event = Event {
+        id: new_id(),
+        zone_id: change.zone_id.to_owned(),
+        event_type: format!("admin.{}", change.action),
+        request_id: request_id.map_or_else(|| "none".to_owned(), ToString::to_string),
+        decision: "allow".to_owned(),
+        policy_set_id: None,
+        policy_set_version_id: None,
+        manifest_sha: None,
+        evaluation_status: "complete".to_owned(),
+        determining_policies_json: serde_json::json!([]),
+        diagnostics_json: serde_json::json!([]),
+        metadata_json: serde_json::json!({
+            "actor": format!("admin:{}", caller.token_id),
+            "entity_type": change.entity_type,
+            "entity_id": change.entity_id,
+            "changed_fields": change.fields,
+        }),
+        occurred_at_ms: now_ms(),
+    };
+    let fields = crate::evidence::message(&event).ok_or_else(|| {
+        tracing::error!(event = %event.id, "an admin audit event did not serialise");
+        ApiError::new(ErrorCode::InternalError)
+    })?;
+    Ok(OutboxMessage {
+        stream: caracal_bus::stream_names::AUDIT_EVENTS.to_owned(),
+        fields,
+        dedupe_key: Some(event.id),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,499 @@
+use caracal_core::Role;
+use caracal_store::TokenScope;
+use http::StatusCode;
+use serde_json::{Value, json};
+
+use crate::router::router;
+use crate::test_support::{call, role_state, token};
+
+fn code(body: &Value) -> Option<&str> {
+    body["error"].as_str()
+}
+
+/// The audit events waiting in the outbox, oldest first: (event type, the whole event).
+async fn audit_outbox(shared: &crate::state::Shared) -> Vec<(String, String)> {
+    shared
+        .store
+        .claim_outbox("test", 1000, std::time::Duration::from_secs(60))
+        .await
+        .unwrap()
+        .iter()
+        .filter(|row| row.stream == caracal_bus::stream_names::AUDIT_EVENTS)
+        .map(|row| {
+            let event: Value = serde_json::from_str(&row.fields["data"]).unwrap();
+            let event_type = event["event_type"].as_str().unwrap().to_owned();
+            (event_type, row.fields["data"].clone())
+        })
+        .collect()
+}
+
+fn types(events: &[(String, String)]) -> Vec<&str> {
+    events
+        .iter()
+        .map(|(event_type, _)| event_type.as_str())
+        .collect()
+}
+
+#[tokio::test]
+async fn zones_are_created_listed_renamed_and_archived_with_strict_bodies() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let reader = token(&shared, "read", TokenScope::Global).await;
+    let app = router(state);
+    let w = Some(writer.as_str());
+
+    let (status, _, first) = call(&app, "POST", "/v1/zones", w, r#"{"name":"Payments EU"}"#).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert_eq!(first["slug"], "payments-eu");
+    assert_eq!(first["dcr_enabled"], false);
+    assert!(first["created_at"].as_str().unwrap().ends_with('Z'));
+    let (_, _, second) = call(&app, "POST", "/v1/zones", w, r#"{"name":"payments  eu!"}"#).await;
+    assert_eq!(
+        second["slug"], "payments-eu-2",
+        "derived slugs are made unique"
+    );
+
+    // Bad input: each refused with its code, nothing stored.
+    for (body, status, expected) in [
+        ("{not json", StatusCode::BAD_REQUEST, "invalid_body"),
+        (
+            r#"{"name":"x","colour":"red"}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (r#"{"name":42}"#, StatusCode::BAD_REQUEST, "invalid_body"),
+        (r#"{"name":"   "}"#, StatusCode::BAD_REQUEST, "invalid_body"),
+        (
+            r#"{"name":"x","slug":"Not A Slug"}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            r#"{"name":"x","slug":"caracal-sys-x"}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            r#"{"name":"x","dcr_enabled":true}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            r#"{"name":"x","slug":"payments-eu"}"#,
+            StatusCode::CONFLICT,
+            "zone_slug_conflict",
+        ),
+    ] {
+        let (got, _, answer) = call(&app, "POST", "/v1/zones", w, body).await;
+        assert_eq!(
+            (got, code(&answer)),
+            (status, Some(expected)),
+            "{body}: {answer}"
+        );
+    }
+    let (_, _, unknown) = call(&app, "POST", "/v1/zones", w, r#"{"name":"x","colour":1}"#).await;
+    assert!(
+        unknown["details"]["issues"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("colour")
+    );
+    let oversize = format!(r#"{{"name":"{}"}}"#, "x".repeat(super::MAX_BODY));
+    let (got, _, answer) = call(&app, "POST", "/v1/zones", w, &oversize).await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
+    );
+    let (_, _, listed) = call(&app, "GET", "/v1/zones", w, "").await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 2, "{listed}");
+
+    // Pages, newest first, with an opaque cursor.
+    let (_, _, page_one) = call(&app, "GET", "/v1/zones?limit=1", Some(&reader), "").await;
+    assert_eq!(page_one["items"][0]["id"], second["id"]);
+    let cursor = page_one["next_cursor"].as_str().unwrap();
+    let (_, _, page_two) = call(
+        &app,
+        "GET",
+        &format!("/v1/zones?limit=1&cursor={cursor}"),
+        Some(&reader),
+        "",
+    )
+    .await;
+    assert_eq!(page_two["items"][0]["id"], first["id"]);
+    assert_eq!(page_two["next_cursor"], Value::Null);
+    for query in ["limit=0", "limit=501", "cursor=garbage", "colour=red"] {
+        let (got, _, _) = call(&app, "GET", &format!("/v1/zones?{query}"), w, "").await;
+        assert_eq!(got, StatusCode::BAD_REQUEST, "{query}");
+    }
+
+    // A read token reads but changes nothing.
+    let (got, _, answer) = call(&app, "POST", "/v1/zones", Some(&reader), r#"{"name":"y"}"#).await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::FORBIDDEN, Some("admin_token_read_only"))
+    );
+
+    let id = first["id"].as_str().unwrap();
+    let path = format!("/v1/zones/{id}");
+    let (status, _, renamed) = call(&app, "PATCH", &path, w, r#"{"name":"Payments"}"#).await;
+    assert_eq!(
+        (status, renamed["name"].as_str()),
+        (StatusCode::OK, Some("Payments"))
+    );
+    assert_eq!(
+        renamed["slug"], "payments-eu",
+        "an omitted field keeps its value"
+    );
+    let (got, _, answer) = call(&app, "PATCH", &path, w, r#"{"slug":"payments-eu-2"}"#).await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::CONFLICT, Some("zone_slug_conflict"))
+    );
+    let (got, _, _) = call(&app, "DELETE", &path, w, "").await;
+    assert_eq!(got, StatusCode::NO_CONTENT);
+    for method in ["GET", "PATCH", "DELETE"] {
+        let (got, _, answer) = call(&app, method, &path, w, r#"{"name":"z"}"#).await;
+        assert_eq!(
+            (got, code(&answer)),
+            (StatusCode::NOT_FOUND, Some("not_found")),
+            "{method}"
+        );
+    }
+    let (_, _, listed) = call(&app, "GET", "/v1/zones", w, "").await;
+    assert_eq!(
+        listed["items"].as_array().unwrap().len(),
+        1,
+        "archived zones are not listed"
+    );
+
+    // Every change carried its audit event in its own transaction; refused ones left none.
+    assert_eq!(
+        types(&audit_outbox(&shared).await),
+        [
+            "admin.zone.create",
+            "admin.zone.create",
+            "admin.zone.update",
+            "admin.zone.archive"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_zone_token_sees_and_changes_only_its_zone() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let app = router(state);
+    let (_, _, mine) = call(
+        &app,
+        "POST",
+        "/v1/zones",
+        Some(&writer),
+        r#"{"name":"mine"}"#,
+    )
+    .await;
+    let (_, _, theirs) = call(
+        &app,
+        "POST",
+        "/v1/zones",
+        Some(&writer),
+        r#"{"name":"theirs"}"#,
+    )
+    .await;
+    let mine_id = mine["id"].as_str().unwrap();
+    let zone_token = token(&shared, "write", TokenScope::Zone(mine_id.to_owned())).await;
+    let z = Some(zone_token.as_str());
+    let (_, _, listed) = call(&app, "GET", "/v1/zones", z, "").await;
+    let ids: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|zone| zone["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [mine_id]);
+    let theirs_path = format!("/v1/zones/{}", theirs["id"].as_str().unwrap());
+    let (got, _, answer) = call(&app, "GET", &theirs_path, z, "").await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::FORBIDDEN, Some("admin_token_zone_mismatch"))
+    );
+    let (got, _, _) = call(&app, "POST", "/v1/zones", z, r#"{"name":"more"}"#).await;
+    assert_eq!(
+        got,
+        StatusCode::FORBIDDEN,
+        "only a global token creates zones"
+    );
+    let (got, _, _) = call(&app, "GET", "/v1/admin-tokens", z, "").await;
+    assert_eq!(
+        got,
+        StatusCode::FORBIDDEN,
+        "only a global token manages tokens"
+    );
+    let apps = format!("/v1/zones/{mine_id}/applications");
+    let (got, _, answer) = call(
+        &app,
+        "POST",
+        &apps,
+        z,
+        r#"{"name":"ctl","registration_method":"managed","traits":["control:invoke"]}"#,
+    )
+    .await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::FORBIDDEN, Some("admin_token_zone_mismatch")),
+        "privileged traits need a global token"
+    );
+}
+
+#[tokio::test]
+async fn application_secrets_are_shown_once_stored_hashed_and_rotated() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let app = router(state);
+    let w = Some(writer.as_str());
+    let (_, _, zone) = call(&app, "POST", "/v1/zones", w, r#"{"name":"z1"}"#).await;
+    let (_, _, other_zone) = call(&app, "POST", "/v1/zones", w, r#"{"name":"z2"}"#).await;
+    let zone_id = zone["id"].as_str().unwrap();
+    let apps = format!("/v1/zones/{zone_id}/applications");
+
+    let (status, _, created) = call(
+        &app,
+        "POST",
+        &apps,
+        w,
+        r#"{"name":"Billing","registration_method":"managed","traits":["tier:gold"]}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let secret = created["client_secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("cs_") && secret.len() == 46, "{secret}");
+    let id = created["id"].as_str().unwrap();
+    let stored = shared
+        .store
+        .get_application(zone_id, id)
+        .await
+        .unwrap()
+        .unwrap();
+    let hash = stored.client_secret_hash.unwrap();
+    assert!(!hash.contains(&secret) && caracal_crypto::verify_secret(&secret, &hash));
+
+    let one = format!("{apps}/{id}");
+    let (_, _, read) = call(&app, "GET", &one, w, "").await;
+    assert_eq!(read.get("client_secret"), None, "shown once");
+    assert_eq!(
+        (
+            read["expires_at"].clone(),
+            read["registration_method"].clone()
+        ),
+        (Value::Null, json!("managed"))
+    );
+    let (_, _, listed) = call(&app, "GET", &apps, w, "").await;
+    assert_eq!(listed["items"][0]["name"], "Billing");
+    assert_eq!(listed["items"][0].get("client_secret"), None);
+
+    for (body, status, expected) in [
+        (
+            r#"{"name":"billing","registration_method":"managed"}"#,
+            StatusCode::CONFLICT,
+            "application_name_conflict",
+        ),
+        (
+            r#"{"name":"x","registration_method":"dcr"}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (r#"{"name":"x"}"#, StatusCode::BAD_REQUEST, "invalid_body"),
+        (
+            r#"{"name":"x","registration_method":"managed","traits":["9bad"]}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            r#"{"name":"x","registration_method":"managed","traits":["a","a"]}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+    ] {
+        let (got, _, answer) = call(&app, "POST", &apps, w, body).await;
+        assert_eq!(
+            (got, code(&answer)),
+            (status, Some(expected)),
+            "{body}: {answer}"
+        );
+    }
+
+    // PATCH: a short secret is refused and changes nothing; a good one replaces the hash.
+    let (got, _, answer) = call(&app, "PATCH", &one, w, r#"{"client_secret":"short"}"#).await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::BAD_REQUEST, Some("invalid_body"))
+    );
+    let unchanged = shared
+        .store
+        .get_application(zone_id, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(caracal_crypto::verify_secret(
+        &secret,
+        unchanged.client_secret_hash.as_deref().unwrap()
+    ));
+    let chosen = "k".repeat(40);
+    let (got, _, patched) = call(
+        &app,
+        "PATCH",
+        &one,
+        w,
+        &json!({"client_secret": chosen, "traits": []}).to_string(),
+    )
+    .await;
+    assert_eq!(got, StatusCode::OK, "{patched}");
+    assert_eq!(
+        (patched["name"].clone(), patched["traits"].clone()),
+        (json!("Billing"), json!([]))
+    );
+    let hash = shared
+        .store
+        .get_application(zone_id, id)
+        .await
+        .unwrap()
+        .unwrap()
+        .client_secret_hash
+        .unwrap();
+    assert!(
+        caracal_crypto::verify_secret(&chosen, &hash)
+            && !caracal_crypto::verify_secret(&secret, &hash)
+    );
+
+    // Rotation returns a new secret once; nothing reveals a stored one.
+    let (_, _, rotated) = call(&app, "POST", &format!("{one}/rotate-secret"), w, "").await;
+    let fresh = rotated["client_secret"].as_str().unwrap();
+    let hash = shared
+        .store
+        .get_application(zone_id, id)
+        .await
+        .unwrap()
+        .unwrap()
+        .client_secret_hash
+        .unwrap();
+    assert!(
+        caracal_crypto::verify_secret(fresh, &hash)
+            && !caracal_crypto::verify_secret(&chosen, &hash)
+    );
+    let (got, _, answer) = call(&app, "GET", &format!("{one}/client-secret"), w, "").await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::NOT_FOUND, Some("client_secret_not_stored"))
+    );
+
+    // Another zone's path does not reach this application.
+    let elsewhere = format!(
+        "/v1/zones/{}/applications/{id}",
+        other_zone["id"].as_str().unwrap()
+    );
+    let (got, _, answer) = call(&app, "GET", &elsewhere, w, "").await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (got, _, _) = call(&app, "PATCH", &elsewhere, w, r#"{"name":"stolen"}"#).await;
+    assert_eq!(got, StatusCode::NOT_FOUND);
+
+    let (got, _, _) = call(&app, "DELETE", &one, w, "").await;
+    assert_eq!(got, StatusCode::NO_CONTENT);
+    let (_, _, archived) = call(&app, "GET", &format!("{apps}?status=archived"), w, "").await;
+    assert_eq!(archived["items"][0]["id"], created["id"]);
+    let (_, _, active) = call(&app, "GET", &apps, w, "").await;
+    assert_eq!(active["items"], json!([]));
+    let events = audit_outbox(&shared).await;
+    assert_eq!(
+        types(&events)[2..],
+        [
+            "admin.application.create",
+            "admin.application.update",
+            "admin.application.rotate_secret",
+            "admin.application.archive"
+        ],
+        "refused requests left no evidence"
+    );
+    let evidence = format!("{events:?}");
+    assert!(
+        !evidence.contains(&chosen) && !evidence.contains(&secret) && !evidence.contains(fresh),
+        "no secret in the evidence"
+    );
+    assert!(evidence.contains("changed_fields"), "{evidence}");
+}
+
+#[tokio::test]
+async fn admin_tokens_are_minted_once_listed_without_secrets_and_revoked() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let app = router(state);
+    let w = Some(writer.as_str());
+    let (status, _, minted) = call(
+        &app,
+        "POST",
+        "/v1/admin-tokens",
+        w,
+        r#"{"name":"ci","scope":"global","capability":"read"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{minted}");
+    let plaintext = minted["token"].as_str().unwrap();
+    assert!(plaintext.starts_with("cat_"));
+    let (got, _, _) = call(&app, "GET", "/v1/zones", Some(plaintext), "").await;
+    assert_eq!(got, StatusCode::OK, "the minted token works");
+    let (got, _, _) = call(
+        &app,
+        "POST",
+        "/v1/zones",
+        Some(plaintext),
+        r#"{"name":"x"}"#,
+    )
+    .await;
+    assert_eq!(
+        got,
+        StatusCode::FORBIDDEN,
+        "with the capability it was given"
+    );
+    let (_, _, listed) = call(&app, "GET", "/v1/admin-tokens", w, "").await;
+    assert!(
+        !listed.to_string().contains(plaintext),
+        "never listed in clear"
+    );
+    for body in [
+        r#"{"name":"x","scope":"zone"}"#,
+        r#"{"name":"x","scope":"zone","zone_id":"nope"}"#,
+        r#"{"name":"x","scope":"global","zone_id":"z"}"#,
+        r#"{"name":"x","scope":"global","capability":"root"}"#,
+        r#"{"name":"x","scope":"planet"}"#,
+    ] {
+        let (got, _, _) = call(&app, "POST", "/v1/admin-tokens", w, body).await;
+        assert!(
+            got == StatusCode::BAD_REQUEST || got == StatusCode::NOT_FOUND,
+            "{body}: {got}"
+        );
+    }
+    let path = format!("/v1/admin-tokens/{}", minted["id"].as_str().unwrap());
+    let (got, _, _) = call(&app, "DELETE", &path, w, "").await;
+    assert_eq!(got, StatusCode::NO_CONTENT);
+    let (got, _, answer) = call(&app, "GET", "/v1/zones", Some(plaintext), "").await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::UNAUTHORIZED, Some("invalid_admin_token"))
+    );
+    let (got, _, _) = call(&app, "DELETE", &path, w, "").await;
+    assert_eq!(got, StatusCode::NOT_FOUND);
+    let events = audit_outbox(&shared).await;
+    assert_eq!(
+        types(&events),
+        ["admin.admin_token.mint", "admin.admin_token.revoke"]
+    );
+    assert!(
+        !format!("{events:?}").contains(plaintext),
+        "no token in the evidence"
+    );
+}

@@ -1,0 +1,327 @@
+//! `/v1/zones`: create, list, read, rename and archive zones.
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use caracal_core::{ErrorCode, RequestId};
+use caracal_store::{NewZone, StoreError, Zone};
+use http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+
+use super::{Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, timestamp};
+use crate::auth::{Access, authenticate};
+use crate::error::ApiError;
+use crate::ledger::SYSTEM_ZONE;
+use crate::state::RoleState;
+use crate::wire::{DcrStatusBody, Page, ZoneBody};
+
+pub fn routes() -> Router<RoleState> {
+    Router::new()
+        .route("/v1/zones", get(list).post(create))
+        .route(
+            "/v1/zones/{zone_id}",
+            get(read).patch(update).delete(archive),
+        )
+        .route("/v1/zones/{zone_id}/dcr-status", get(dcr_status))
+}
+
+/// Slugs a caller may not take: the reserved system zone's namespace.
+const RESERVED_SLUG_PREFIX: &str = "caracal-sys";
+const MAX_NAME: usize = 200;
+const MAX_SLUG: usize = 63;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateZone {
+    name: String,
+    slug: Option<String>,
+    dcr_enabled: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateZone {
+    name: Option<String>,
+    slug: Option<String>,
+    dcr_enabled: Option<bool>,
+}
+
+fn body(zone: Zone) -> ZoneBody {
+    ZoneBody {
+        id: zone.id,
+        name: zone.name,
+        slug: zone.slug,
+        dcr_enabled: false,
+        created_at: timestamp(zone.created_at_ms),
+        archived_at: zone.archived_at_ms.map(timestamp),
+    }
+}
+
+fn valid_name(name: &str) -> Result<String, ApiError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > MAX_NAME || name.chars().any(char::is_control) {
+        return Err(invalid_body(
+            "name",
+            &format!("must be 1 to {MAX_NAME} printable characters"),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+fn valid_slug(slug: &str) -> Result<String, ApiError> {
+    let well_formed = !slug.is_empty()
+        && slug.len() <= MAX_SLUG
+        && slug
+            .bytes()
+            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-');
+    if !well_formed {
+        return Err(invalid_body(
+            "slug",
+            &format!("must be 1 to {MAX_SLUG} characters of a-z, 0-9 and -"),
+        ));
+    }
+    if slug.starts_with(RESERVED_SLUG_PREFIX) {
+        return Err(invalid_body("slug", "is reserved for the system zone"));
+    }
+    Ok(slug.to_owned())
+}
+
+/// Dynamic client registration is not offered; saying so beats silently ignoring the flag.
+fn refuse_dcr(enabled: Option<bool>) -> Result<(), ApiError> {
+    match enabled {
+        Some(true) => Err(invalid_body(
+            "dcr_enabled",
+            "dynamic client registration is not supported",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A slug from a name: lower-case letters and digits, other runs become one `-`.
+fn slug_of(name: &str) -> String {
+    let mut slug = String::new();
+    for character in name.chars().flat_map(char::to_lowercase) {
+        if character.is_ascii_lowercase() || character.is_ascii_digit() {
+            slug.push(character);
+        } else if !slug.ends_with('-') && !slug.is_empty() {
+            slug.push('-');
+        }
+    }
+    let mut slug: String = slug
+        .trim_end_matches('-')
+        .chars()
+        .take(MAX_SLUG - 4)
+        .collect();
+    if slug.is_empty() || slug.starts_with(RESERVED_SLUG_PREFIX) {
+        slug.insert_str(0, "zone-");
+    }
+    slug.trim_end_matches('-').to_owned()
+}
+
+fn slug_conflict(slug: &str) -> ApiError {
+    ApiError::with_description(
+        ErrorCode::ZoneSlugConflict,
+        format!("slug `{slug}` is taken"),
+    )
+}
+
+async fn list(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Page<ZoneBody>>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    let own_zone = super::token_zone(&caller);
+    caller.require(Access::Read, own_zone)?;
+    let query = list_query(raw.as_deref())?;
+    if query.status.is_some() {
+        return Err(ApiError::with_description(
+            ErrorCode::InvalidRequest,
+            "zones have no `status` filter",
+        ));
+    }
+    let zones: Vec<Zone> = state
+        .shared
+        .store
+        .list_zones()
+        .await?
+        .into_iter()
+        .filter(|zone| zone.archived_at_ms.is_none() && zone.id != SYSTEM_ZONE)
+        .filter(|zone| own_zone.is_none_or(|own| own == zone.id))
+        .collect();
+    let page = page(zones, |zone| (zone.created_at_ms, zone.id.clone()), &query)?;
+    Ok(Json(Page {
+        items: page.items.into_iter().map(body).collect(),
+        next_cursor: page.next_cursor,
+    }))
+}
+
+async fn create(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    raw: Bytes,
+) -> Result<(StatusCode, Json<ZoneBody>), ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    caller.require(Access::Write, None)?;
+    let request: CreateZone = json(&raw)?;
+    let name = valid_name(&request.name)?;
+    refuse_dcr(request.dcr_enabled)?;
+    let slug = match &request.slug {
+        Some(slug) => valid_slug(slug)?,
+        None => free_slug(&state, &slug_of(&name)).await?,
+    };
+    let id = new_id();
+    let evidence = evidence(
+        &caller,
+        request_id.as_deref(),
+        Change {
+            zone_id: &id,
+            action: "zone.create",
+            entity_type: "zone",
+            entity_id: &id,
+            fields: vec!["name", "slug"],
+        },
+    )?;
+    let zone = state
+        .shared
+        .store
+        .create_zone(
+            &NewZone {
+                id,
+                name,
+                slug: slug.clone(),
+            },
+            &[evidence],
+        )
+        .await
+        .map_err(|error| match error {
+            StoreError::Conflict(_) => slug_conflict(&slug),
+            other => other.into(),
+        })?;
+    Ok((StatusCode::CREATED, Json(body(zone))))
+}
+
+/// `base`, or `base-2`, `base-3`, … whichever no zone has yet.
+async fn free_slug(state: &RoleState, base: &str) -> Result<String, ApiError> {
+    let taken: std::collections::HashSet<String> = state
+        .shared
+        .store
+        .list_zones()
+        .await?
+        .into_iter()
+        .map(|zone| zone.slug)
+        .collect();
+    let candidate = (1..)
+        .map(|n| {
+            if n == 1 {
+                base.to_owned()
+            } else {
+                format!("{base}-{n}")
+            }
+        })
+        .find(|slug| !taken.contains(slug))
+        .unwrap_or_else(|| base.to_owned());
+    Ok(candidate)
+}
+
+async fn read(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path(zone_id): Path<String>,
+) -> Result<Json<ZoneBody>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    Ok(Json(body(
+        live_zone(&state, &caller, &zone_id, Access::Read).await?,
+    )))
+}
+
+async fn dcr_status(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path(zone_id): Path<String>,
+) -> Result<Json<DcrStatusBody>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    Ok(Json(DcrStatusBody {
+        dcr_enabled: false,
+        live_dcr_applications: 0,
+    }))
+}
+
+async fn update(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    Path(zone_id): Path<String>,
+    raw: Bytes,
+) -> Result<Json<ZoneBody>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    let zone = live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let request: UpdateZone = json(&raw)?;
+    refuse_dcr(request.dcr_enabled)?;
+    let name = match &request.name {
+        Some(name) => valid_name(name)?,
+        None => zone.name,
+    };
+    let slug = match &request.slug {
+        Some(slug) => valid_slug(slug)?,
+        None => zone.slug,
+    };
+    let mut fields = Vec::new();
+    if request.name.is_some() {
+        fields.push("name");
+    }
+    if request.slug.is_some() {
+        fields.push("slug");
+    }
+    let evidence = evidence(
+        &caller,
+        request_id.as_deref(),
+        Change {
+            zone_id: &zone_id,
+            action: "zone.update",
+            entity_type: "zone",
+            entity_id: &zone_id,
+            fields,
+        },
+    )?;
+    let zone = state
+        .shared
+        .store
+        .update_zone(&zone_id, &name, &slug, &[evidence])
+        .await
+        .map_err(|error| match error {
+            StoreError::Conflict(_) => slug_conflict(&slug),
+            other => other.into(),
+        })?;
+    Ok(Json(body(zone)))
+}
+
+async fn archive(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    Path(zone_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let evidence = evidence(
+        &caller,
+        request_id.as_deref(),
+        Change {
+            zone_id: &zone_id,
+            action: "zone.archive",
+            entity_type: "zone",
+            entity_id: &zone_id,
+            fields: vec![],
+        },
+    )?;
+    state
+        .shared
+        .store
+        .archive_zone(&zone_id, &[evidence])
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
