@@ -1,0 +1,65 @@
+"""Drives a running Caracal with the published admin client (caracalai-admin 1.0), unmodified.
+
+Reads CARACAL_API_URL and CARACAL_ADMIN_TOKEN; prints one JSON object of what it observed.
+Any exception fails the run (non-zero exit), which fails the Rust test that started it.
+"""
+import json
+import os
+
+from caracalai_admin import AdminApiError, AdminClient, ensure_application
+
+client = AdminClient(api_url=os.environ["CARACAL_API_URL"], admin_token=os.environ["CARACAL_ADMIN_TOKEN"])
+seen = {}
+
+zone = client.zones.create({"name": "Interop Zone"})
+zone_id = zone["id"]
+seen["zone_slug"] = zone["slug"]
+seen["zone_listed"] = any(z["id"] == zone_id for z in client.zones.list())
+seen["zone_get"] = client.zones.get(zone_id)["name"]
+seen["zone_patched"] = client.zones.patch(zone_id, {"name": "Interop"})["name"]
+seen["dcr_status"] = client.zones.dcr_status(zone_id)
+
+first = ensure_application(client, zone_id, name="billing-agent", traits=["tier:gold"], client_secret="a" * 40)
+again = ensure_application(client, zone_id, name="billing-agent", traits=["tier:silver"], client_secret="b" * 40)
+seen["ensure_idempotent"] = first == again
+apps = client.applications.list(zone_id)
+seen["app_names"] = sorted(app["name"] for app in apps)
+seen["app_traits"] = client.applications.get(zone_id, first)["traits"]
+rotated = client.applications.rotate_secret(zone_id, first)
+seen["rotated_prefix"] = rotated["client_secret"][:3]
+
+# More applications, listed through the client's draining list() (it follows next_cursor).
+for n in range(3):
+    client.applications.create(zone_id, {"name": f"worker-{n}", "registration_method": "managed"})
+seen["app_count"] = len(client.applications.list(zone_id))
+
+errors = {}
+for label, call in {
+    "unknown_field": lambda: client.zones.create({"name": "x", "colour": "red"}),
+    "duplicate_app": lambda: client.applications.create(
+        zone_id, {"name": "BILLING-AGENT", "registration_method": "managed"}
+    ),
+    "short_secret": lambda: client.applications.patch(zone_id, first, {"client_secret": "short"}),
+    "missing_app": lambda: client.applications.get(zone_id, "no-such-app"),
+    "reveal": lambda: client.applications.get_client_secret(zone_id, first),
+}.items():
+    try:
+        call()
+        errors[label] = None
+    except AdminApiError as error:
+        errors[label] = [error.status, error.code]
+seen["errors"] = errors
+
+bad_token = AdminClient(api_url=os.environ["CARACAL_API_URL"], admin_token="cat_" + "A" * 43, retries=0)
+try:
+    bad_token.zones.list()
+    seen["bad_token"] = None
+except AdminApiError as error:
+    seen["bad_token"] = [error.status, error.code]
+
+client.applications.delete(zone_id, first)
+seen["after_delete"] = sorted(app["name"] for app in client.applications.list(zone_id))
+client.zones.delete(zone_id)
+seen["zone_after_delete"] = any(z["id"] == zone_id for z in client.zones.list())
+
+print(json.dumps(seen))

@@ -1,0 +1,100 @@
+//! The published admin client (`caracalai-admin` 1.0, Python) drives a running `caracal up`
+//! unmodified: zones, applications with `ensure_application`, pagination and error codes.
+//! The client is installed by `scripts/sdk-venv.sh` into `target/sdk-venv`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "a test that cannot proceed should stop loudly"
+)]
+
+mod util;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::{Value, json};
+use util::{Running, free_ports, fresh_home, wait_ready};
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The venv with the published SDKs, installed on first use. Failing to install fails the
+/// test: interop is not optional.
+fn sdk_python() -> PathBuf {
+    let output = Command::new("bash")
+        .arg(repo_root().join("scripts/sdk-venv.sh"))
+        .output()
+        .expect("bash runs");
+    assert!(
+        output.status.success(),
+        "installing the published SDK failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    PathBuf::from(stdout.lines().last().expect("the venv path")).join("bin/python")
+}
+
+#[test]
+fn the_published_admin_client_manages_zones_and_applications() {
+    let python = sdk_python();
+    let (_parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(&home, &args);
+    let api = running.address("api");
+    assert_eq!(wait_ready(api).status, 200);
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+
+    let output = Command::new(python)
+        .arg(repo_root().join("crates/caracal/tests/interop/admin_client.py"))
+        .env("CARACAL_API_URL", format!("http://{api}"))
+        .env("CARACAL_ADMIN_TOKEN", token.trim())
+        .output()
+        .expect("python runs");
+    let (status, stdout, stderr) = (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    );
+    let (exit, _, server_log) = running.terminate();
+    assert!(
+        status.success(),
+        "client failed:\n{stderr}\nserver:\n{server_log}"
+    );
+    assert!(exit.success(), "{server_log}");
+    let seen: Value = serde_json::from_str(stdout.trim()).unwrap();
+
+    assert_eq!(seen["zone_slug"], "interop-zone");
+    assert_eq!(seen["zone_listed"], true);
+    assert_eq!(seen["zone_get"], "Interop Zone");
+    assert_eq!(seen["zone_patched"], "Interop");
+    assert_eq!(
+        seen["dcr_status"],
+        json!({"dcr_enabled": false, "live_dcr_applications": 0})
+    );
+    assert_eq!(seen["ensure_idempotent"], true);
+    assert_eq!(seen["app_names"], json!(["billing-agent"]));
+    assert_eq!(seen["app_traits"], json!(["tier:silver"]));
+    assert_eq!(seen["rotated_prefix"], "cs_");
+    assert_eq!(seen["app_count"], 4);
+    assert_eq!(
+        seen["errors"],
+        json!({
+            "unknown_field": [400, "invalid_body"],
+            "duplicate_app": [409, "application_name_conflict"],
+            "short_secret": [400, "invalid_body"],
+            "missing_app": [404, "not_found"],
+            "reveal": [404, "client_secret_not_stored"],
+        })
+    );
+    assert_eq!(seen["bad_token"], json!([401, "invalid_admin_token"]));
+    assert_eq!(
+        seen["after_delete"],
+        json!(["worker-0", "worker-1", "worker-2"])
+    );
+    assert_eq!(seen["zone_after_delete"], false);
+}
