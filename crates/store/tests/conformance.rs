@@ -147,6 +147,7 @@ conformance!(
     audit_search_filters_and_pages_newest_first,
     a_retention_cut_only_moves_forward_and_drops_rows_with_it,
     zones_and_applications_are_renamed_and_archived_in_place,
+    providers_and_resources_are_saved_in_place_and_archived_only_when_unused,
 );
 
 fn message(stream: &str, n: usize) -> OutboxMessage {
@@ -2066,6 +2067,138 @@ async fn zones_and_applications_are_renamed_and_archived_in_place(backend: &Back
     ));
     assert!(matches!(
         store.update_zone("zone-1", "again", "again", &[]).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn providers_and_resources_are_saved_in_place_and_archived_only_when_unused(
+    backend: &Backend,
+) {
+    let store = backend.store.as_ref();
+    store.create_zone(&zone(1), &[]).await.unwrap();
+    store.create_zone(&zone(2), &[]).await.unwrap();
+    let provider = |id: &str, zone: &str, identifier: &str| Provider {
+        id: id.into(),
+        zone_id: zone.into(),
+        name: id.into(),
+        identifier: identifier.into(),
+        kind: "api_key".into(),
+        config: "{}".into(),
+        secret_refs: vec![format!("provider/{id}/api_key")],
+        created_at_ms: 1,
+        archived_at_ms: None,
+    };
+    let sealed = |zone: &str, reference: &str, envelope: &str| SealedSecret {
+        zone_id: zone.into(),
+        secret_ref: reference.into(),
+        purpose: "provider-secret".into(),
+        kek_id: "kek".into(),
+        envelope: envelope.into(),
+        version: 0,
+        updated_at_ms: 0,
+    };
+    let p1 = provider("p1", "zone-1", "provider://one");
+    store
+        .save_provider(
+            &p1,
+            &[sealed("zone-1", "provider/p1/api_key", "env-1")],
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut renamed = p1.clone();
+    renamed.config = r#"{"header":"x-api-key"}"#.into();
+    store
+        .save_provider(
+            &renamed,
+            &[sealed("zone-1", "provider/p1/api_key", "env-2")],
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get_provider("zone-1", "p1")
+            .await
+            .unwrap()
+            .unwrap()
+            .config,
+        renamed.config
+    );
+    let secret = store
+        .get_sealed_secret("zone-1", "provider/p1/api_key")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((secret.envelope.as_str(), secret.version), ("env-2", 2));
+    assert!(matches!(
+        store
+            .save_provider(&provider("p2", "zone-1", "provider://one"), &[], &[])
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(
+        matches!(
+            store
+                .save_provider(&provider("p1", "zone-2", "provider://x"), &[], &[])
+                .await,
+            Err(StoreError::NotFound(_))
+        ),
+        "another zone cannot take over a provider by id"
+    );
+
+    let resource = |id: &str, zone: &str, provider_id: &str, identifier: &str| Resource {
+        id: id.into(),
+        zone_id: zone.into(),
+        name: id.into(),
+        identifier: identifier.into(),
+        upstream_url: "http://127.0.0.1:9".into(),
+        provider_id: provider_id.into(),
+        scopes: vec!["crm:read".into()],
+        operations: "[]".into(),
+        operation_enforcement: "enforced".into(),
+        created_at_ms: 1,
+        archived_at_ms: None,
+    };
+    let r1 = resource("r1", "zone-1", "p1", "resource://crm");
+    store.save_resource(&r1, &[]).await.unwrap();
+    let mut wider = r1.clone();
+    wider.scopes.push("crm:write".into());
+    store.save_resource(&wider, &[]).await.unwrap();
+    assert_eq!(
+        store
+            .get_resource("zone-1", "r1")
+            .await
+            .unwrap()
+            .unwrap()
+            .scopes,
+        wider.scopes
+    );
+    assert!(matches!(
+        store
+            .save_resource(&resource("r2", "zone-1", "p1", "resource://crm"), &[])
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(
+        matches!(
+            store
+                .save_resource(&resource("r3", "zone-2", "p1", "resource://x"), &[])
+                .await,
+            Err(StoreError::NotFound(_))
+        ),
+        "a resource binds only a provider of its own zone"
+    );
+    assert!(matches!(
+        store.archive_provider("zone-1", "p1", &[]).await,
+        Err(StoreError::Conflict(_))
+    ));
+    store.archive_resource("zone-1", "r1", &[]).await.unwrap();
+    store.archive_provider("zone-1", "p1", &[]).await.unwrap();
+    assert!(matches!(
+        store
+            .save_resource(&resource("r4", "zone-1", "p1", "resource://new"), &[])
+            .await,
         Err(StoreError::NotFound(_))
     ));
 }

@@ -105,6 +105,22 @@ pub trait Directory: Send + Sync {
     ) -> Result<(), StoreError>;
     async fn get_provider(&self, zone_id: &str, id: &str) -> Result<Option<Provider>, StoreError>;
     async fn list_providers(&self, zone_id: &str) -> Result<Vec<Provider>, StoreError>;
+    /// Creates or updates a live provider and stores its new sealed secrets, in one
+    /// transaction. A taken identifier is a [`StoreError::Conflict`]; updating an archived
+    /// provider or another zone's is [`StoreError::NotFound`].
+    async fn save_provider(
+        &self,
+        provider: &Provider,
+        secrets: &[SealedSecret],
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+    /// Archives a live provider no live resource uses: one in use is a [`StoreError::Conflict`].
+    async fn archive_provider(
+        &self,
+        zone_id: &str,
+        id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
 
     async fn create_resource(
         &self,
@@ -118,6 +134,19 @@ pub trait Directory: Send + Sync {
         identifier: &str,
     ) -> Result<Option<Resource>, StoreError>;
     async fn list_resources(&self, zone_id: &str) -> Result<Vec<Resource>, StoreError>;
+    /// Creates or updates a live resource bound to a live provider of its zone (else
+    /// [`StoreError::NotFound`]); a taken identifier is a [`StoreError::Conflict`].
+    async fn save_resource(
+        &self,
+        resource: &Resource,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+    async fn archive_resource(
+        &self,
+        zone_id: &str,
+        id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
 
     /// Creates or replaces the connection of (zone, subject, provider).
     async fn put_provider_connection(
@@ -254,6 +283,26 @@ fn signing_key(row: &Row) -> Result<SigningKey, StoreError> {
         activated_at_ms: row.opt_int(8)?,
         retired_at_ms: row.opt_int(9)?,
     })
+}
+
+/// Stores a sealed secret, replacing (and versioning up) any under the same reference.
+fn seal_statement(secret: &SealedSecret) -> Statement {
+    Statement::new(
+        "INSERT INTO sealed_secrets (zone_id, secret_ref, purpose, kek_id, envelope, version, updated_at_ms)
+         VALUES ($1, $2, $3, $4, $5, 1, $6)
+         ON CONFLICT (zone_id, secret_ref) DO UPDATE SET purpose = excluded.purpose,
+             kek_id = excluded.kek_id, envelope = excluded.envelope,
+             version = sealed_secrets.version + 1, updated_at_ms = excluded.updated_at_ms
+         RETURNING version",
+        params![
+            secret.zone_id.as_str(),
+            secret.secret_ref.as_str(),
+            secret.purpose.as_str(),
+            secret.kek_id.as_str(),
+            secret.envelope.as_str(),
+            now_ms(),
+        ],
+    )
 }
 
 #[async_trait::async_trait]
@@ -508,6 +557,113 @@ impl<D: Db> Directory for D {
         self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
     }
 
+    async fn save_provider(
+        &self,
+        p: &Provider,
+        secrets: &[SealedSecret],
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let upsert = Statement::new(
+            "INSERT INTO providers (id, zone_id, name, identifier, kind, config, secret_refs, created_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, identifier = excluded.identifier,
+                 kind = excluded.kind, config = excluded.config, secret_refs = excluded.secret_refs
+             WHERE providers.zone_id = excluded.zone_id AND providers.archived_at_ms IS NULL",
+            params![
+                p.id.as_str(),
+                p.zone_id.as_str(),
+                p.name.as_str(),
+                p.identifier.as_str(),
+                p.kind.as_str(),
+                p.config.as_str(),
+                list_to_json(&p.secret_refs),
+                p.created_at_ms,
+            ],
+        )
+        .must_change(not_found);
+        let mut statements = with_outbox(upsert, outbox);
+        statements.extend(secrets.iter().map(seal_statement));
+        self.atomic(statements).await.map(|_| ())
+    }
+
+    async fn archive_provider(
+        &self,
+        zone_id: &str,
+        id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let in_use = self
+            .rows(
+                "SELECT id FROM resources WHERE zone_id = $1 AND provider_id = $2
+                 AND archived_at_ms IS NULL LIMIT 1",
+                params![zone_id, id],
+            )
+            .await?;
+        if !in_use.is_empty() {
+            return Err(StoreError::Conflict(format!(
+                "provider `{id}` is used by a live resource"
+            )));
+        }
+        let update = Statement::new(
+            "UPDATE providers SET archived_at_ms = $3
+             WHERE zone_id = $1 AND id = $2 AND archived_at_ms IS NULL
+             AND NOT EXISTS (SELECT 1 FROM resources WHERE zone_id = $1 AND provider_id = $2
+                             AND archived_at_ms IS NULL)",
+            params![zone_id, id, now_ms()],
+        )
+        .must_change(not_found);
+        self.atomic(with_outbox(update, outbox)).await.map(|_| ())
+    }
+
+    async fn save_resource(
+        &self,
+        r: &Resource,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        // The provider must be a live one of the same zone: anything else is "not found".
+        let upsert = Statement::new(
+            "INSERT INTO resources (id, zone_id, name, identifier, upstream_url, provider_id, scopes, operations,
+                 operation_enforcement, created_at_ms)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10
+             WHERE EXISTS (SELECT 1 FROM providers WHERE zone_id = $2 AND id = $6
+                           AND archived_at_ms IS NULL)
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, identifier = excluded.identifier,
+                 upstream_url = excluded.upstream_url, provider_id = excluded.provider_id,
+                 scopes = excluded.scopes, operations = excluded.operations,
+                 operation_enforcement = excluded.operation_enforcement
+             WHERE resources.zone_id = excluded.zone_id AND resources.archived_at_ms IS NULL",
+            params![
+                r.id.as_str(),
+                r.zone_id.as_str(),
+                r.name.as_str(),
+                r.identifier.as_str(),
+                r.upstream_url.as_str(),
+                r.provider_id.as_str(),
+                list_to_json(&r.scopes),
+                r.operations.as_str(),
+                r.operation_enforcement.as_str(),
+                r.created_at_ms,
+            ],
+        )
+        .must_change(not_found);
+        self.atomic(with_outbox(upsert, outbox)).await.map(|_| ())
+    }
+
+    async fn archive_resource(
+        &self,
+        zone_id: &str,
+        id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let update = Statement::new(
+            "UPDATE resources SET archived_at_ms = $3
+             WHERE zone_id = $1 AND id = $2 AND archived_at_ms IS NULL",
+            params![zone_id, id, now_ms()],
+        )
+        .must_change(not_found);
+        self.atomic(with_outbox(update, outbox)).await.map(|_| ())
+    }
+
     async fn get_resource(&self, zone_id: &str, id: &str) -> Result<Option<Resource>, StoreError> {
         one(
             self,
@@ -600,22 +756,7 @@ impl<D: Db> Directory for D {
         secret: &SealedSecret,
         outbox: &[OutboxMessage],
     ) -> Result<i64, StoreError> {
-        let upsert = Statement::new(
-            "INSERT INTO sealed_secrets (zone_id, secret_ref, purpose, kek_id, envelope, version, updated_at_ms)
-             VALUES ($1, $2, $3, $4, $5, 1, $6)
-             ON CONFLICT (zone_id, secret_ref) DO UPDATE SET purpose = excluded.purpose,
-                 kek_id = excluded.kek_id, envelope = excluded.envelope,
-                 version = sealed_secrets.version + 1, updated_at_ms = excluded.updated_at_ms
-             RETURNING version",
-            params![
-                secret.zone_id.as_str(),
-                secret.secret_ref.as_str(),
-                secret.purpose.as_str(),
-                secret.kek_id.as_str(),
-                secret.envelope.as_str(),
-                now_ms(),
-            ],
-        );
+        let upsert = seal_statement(secret);
         let outcomes = self.atomic(with_outbox(upsert, outbox)).await?;
         first_row(&outcomes)?.int(0)
     }
