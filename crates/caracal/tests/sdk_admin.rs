@@ -1,5 +1,6 @@
 //! The published admin client (`caracalai-admin` 1.0, Python) drives a running `caracal up`
-//! unmodified: zones, applications with `ensure_application`, pagination and error codes.
+//! unmodified: zones, applications (`ensure_application`), providers and resources
+//! (`ensure_api_key_provider`, `ensure_resource`), pagination and error codes.
 //! The client is installed by `scripts/sdk-venv.sh` into `target/sdk-venv`.
 
 #![allow(
@@ -39,7 +40,7 @@ fn sdk_python() -> PathBuf {
 }
 
 #[test]
-fn the_published_admin_client_manages_zones_and_applications() {
+fn the_published_admin_client_manages_zones_applications_providers_and_resources() {
     let python = sdk_python();
     let (_parent, home) = fresh_home();
     let mut args = free_ports();
@@ -89,7 +90,18 @@ fn the_published_admin_client_manages_zones_and_applications() {
             "short_secret": [400, "invalid_body"],
             "missing_app": [404, "not_found"],
             "reveal": [404, "client_secret_not_stored"],
+            "resource_without_provider": [400, "credential_provider_required"],
+            "provider_in_use": [409, "provider_in_use"],
         })
+    );
+    assert_eq!(
+        seen["provider"],
+        json!({"same": true, "config": {"header": "authorization"}, "secret_keys": ["api_key"],
+               "listed_without_secret": true})
+    );
+    assert_eq!(
+        seen["resource"],
+        json!({"same": true, "scopes": ["crm:read"], "enforcement": "enforced"})
     );
     assert_eq!(seen["bad_token"], json!([401, "invalid_admin_token"]));
     assert_eq!(

@@ -44,6 +44,16 @@ pub enum ErrorCode {
     ClientSecretNotStored,
     /// The reserved system zone cannot be changed through the API.
     SystemZoneReadOnly,
+    /// Another provider of the zone has this identifier.
+    ProviderIdentifierConflict,
+    /// A live resource still uses the provider.
+    ProviderInUse,
+    /// Another resource of the zone has this identifier.
+    ResourceIdentifierConflict,
+    /// A resource needs a credential provider.
+    CredentialProviderRequired,
+    /// A resource needs an upstream URL.
+    UpstreamUrlRequired,
 }
 
 impl ErrorCode {
@@ -68,13 +78,25 @@ impl ErrorCode {
             ErrorCode::ApplicationNameConflict => "application_name_conflict",
             ErrorCode::ClientSecretNotStored => "client_secret_not_stored",
             ErrorCode::SystemZoneReadOnly => "system_zone_read_only",
+            ErrorCode::ProviderIdentifierConflict => "provider_identifier_conflict",
+            ErrorCode::ProviderInUse => "provider_in_use",
+            ErrorCode::ResourceIdentifierConflict => "resource_identifier_conflict",
+            ErrorCode::CredentialProviderRequired => "credential_provider_required",
+            ErrorCode::UpstreamUrlRequired => "upstream_url_required",
         }
     }
 
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidRequest | ErrorCode::InvalidBody => 400,
-            ErrorCode::ZoneSlugConflict | ErrorCode::ApplicationNameConflict => 409,
+            ErrorCode::InvalidRequest
+            | ErrorCode::InvalidBody
+            | ErrorCode::CredentialProviderRequired
+            | ErrorCode::UpstreamUrlRequired => 400,
+            ErrorCode::ZoneSlugConflict
+            | ErrorCode::ApplicationNameConflict
+            | ErrorCode::ProviderIdentifierConflict
+            | ErrorCode::ProviderInUse
+            | ErrorCode::ResourceIdentifierConflict => 409,
             ErrorCode::ClientSecretNotStored => 404,
             ErrorCode::SystemZoneReadOnly => 403,
             ErrorCode::NotFound => 404,
@@ -120,6 +142,11 @@ mod tests {
             ErrorCode::ApplicationNameConflict,
             ErrorCode::ClientSecretNotStored,
             ErrorCode::SystemZoneReadOnly,
+            ErrorCode::ProviderIdentifierConflict,
+            ErrorCode::ProviderInUse,
+            ErrorCode::ResourceIdentifierConflict,
+            ErrorCode::CredentialProviderRequired,
+            ErrorCode::UpstreamUrlRequired,
         ];
         for code in all {
             let text = code.as_str();

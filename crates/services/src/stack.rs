@@ -157,7 +157,7 @@ impl Stack {
         Ok(Stack {
             evidence_tasks,
             instance: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7().simple()),
-            shared: Shared::new(store, bus, evidence, replay_dir),
+            shared: Shared::new(store, bus, evidence, replay_dir, bootstrap.kek.clone()),
             stream_key,
             data_dir,
             listeners,

@@ -48,6 +48,8 @@ pub struct Shared {
     pub evidence: Evidence,
     /// The evidence replay directory, probed by readiness.
     pub replay_dir: std::path::PathBuf,
+    /// The deployment's key-encryption key: seals provider secrets.
+    pub kek: caracal_crypto::Kek,
     draining: Arc<AtomicBool>,
 }
 
@@ -57,12 +59,14 @@ impl Shared {
         bus: Bus,
         evidence: Evidence,
         replay_dir: std::path::PathBuf,
+        kek: caracal_crypto::Kek,
     ) -> Shared {
         Shared {
             store,
             bus,
             evidence,
             replay_dir,
+            kek,
             draining: Arc::new(AtomicBool::new(false)),
         }
     }

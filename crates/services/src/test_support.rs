@@ -93,7 +93,13 @@ pub(crate) fn shared_with_bus(
         Evidence::start(producer, EvidenceConfig::new(replay_dir.clone())).unwrap();
     (
         (directory, tasks),
-        Shared::new(Arc::new(store), bus, evidence, replay_dir),
+        Shared::new(
+            Arc::new(store),
+            bus,
+            evidence,
+            replay_dir,
+            caracal_crypto::Kek::generate().unwrap(),
+        ),
     )
 }
 

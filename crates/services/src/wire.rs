@@ -173,3 +173,39 @@ pub struct AdminTokenBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
 }
+
+/// A provider: public configuration only; `secret_config_keys` names the sealed secrets.
+#[derive(Debug, Serialize)]
+pub struct ProviderBody {
+    pub id: String,
+    pub zone_id: String,
+    pub name: String,
+    pub identifier: String,
+    pub kind: String,
+    pub config_json: serde_json::Value,
+    pub secret_config_keys: Vec<String>,
+    pub created_at: String,
+    pub archived_at: Option<String>,
+}
+
+/// The answer of an explicit, audited secret reveal.
+#[derive(Debug, Serialize)]
+pub struct RevealedSecretsBody {
+    pub secrets: std::collections::BTreeMap<String, String>,
+}
+
+/// A `resource://…` audience.
+#[derive(Debug, Serialize)]
+pub struct ResourceBody {
+    pub id: String,
+    pub zone_id: String,
+    pub name: String,
+    pub identifier: String,
+    pub scopes: Vec<String>,
+    pub upstream_url: String,
+    pub credential_provider_id: String,
+    pub operations: serde_json::Value,
+    pub operation_enforcement: String,
+    pub created_at: String,
+    pub archived_at: Option<String>,
+}

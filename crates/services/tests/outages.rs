@@ -158,7 +158,13 @@ async fn a_postgres_outage_fails_closed_and_recovers_without_a_restart() {
         Evidence::start(producer, EvidenceConfig::new(replay.path().to_owned())).unwrap();
     let app = router(RoleState::new(
         Role::Api,
-        Shared::new(Arc::clone(&store), bus, evidence, replay.path().to_owned()),
+        Shared::new(
+            Arc::clone(&store),
+            bus,
+            evidence,
+            replay.path().to_owned(),
+            caracal_crypto::Kek::generate().unwrap(),
+        ),
     ));
     assert_eq!(ready_reason(&app).await, (200, None));
 

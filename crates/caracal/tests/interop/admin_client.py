@@ -6,7 +6,13 @@ Any exception fails the run (non-zero exit), which fails the Rust test that star
 import json
 import os
 
-from caracalai_admin import AdminApiError, AdminClient, ensure_application
+from caracalai_admin import (
+    AdminApiError,
+    AdminClient,
+    ensure_api_key_provider,
+    ensure_application,
+    ensure_resource,
+)
 
 client = AdminClient(api_url=os.environ["CARACAL_API_URL"], admin_token=os.environ["CARACAL_ADMIN_TOKEN"])
 seen = {}
@@ -33,6 +39,42 @@ for n in range(3):
     client.applications.create(zone_id, {"name": f"worker-{n}", "registration_method": "managed"})
 seen["app_count"] = len(client.applications.list(zone_id))
 
+# An api_key provider and a resource bound to it, converged twice (the second run changes
+# nothing but the provider's public placement).
+provider_id = ensure_api_key_provider(
+    client, zone_id, name="crm key", identifier="provider://crm",
+    public_config={"header": "x-api-key"}, api_key="sk-" + "k" * 30,
+)
+again_provider = ensure_api_key_provider(
+    client, zone_id, name="crm key", identifier="provider://crm",
+    public_config={"header": "authorization"},
+)
+provider = client.providers.get(zone_id, provider_id)
+seen["provider"] = {
+    "same": provider_id == again_provider,
+    "config": provider["config_json"],
+    "secret_keys": provider["secret_config_keys"],
+    "listed_without_secret": "sk-" not in json.dumps(client.providers.list(zone_id)),
+}
+operations = [{"method": "GET", "path": "/contacts", "scope": "crm:read"}]
+resource = ensure_resource(
+    client, zone_id, name="CRM", identifier="resource://crm", scopes=["crm:read", "crm:write"],
+    upstream_url="http://127.0.0.1:9/api", credential_provider_id=provider_id, operations=operations,
+)
+steady = ensure_resource(
+    client, zone_id, name="CRM", identifier="resource://crm", scopes=["crm:write", "crm:read"],
+    upstream_url="http://127.0.0.1:9/api", credential_provider_id=provider_id, operations=operations,
+)
+drifted = ensure_resource(
+    client, zone_id, name="CRM", identifier="resource://crm", scopes=["crm:read"],
+    upstream_url="http://127.0.0.1:9/api", credential_provider_id=provider_id, operations=operations,
+)
+seen["resource"] = {
+    "same": resource["id"] == steady["id"] == drifted["id"],
+    "scopes": drifted["scopes"],
+    "enforcement": drifted["operation_enforcement"],
+}
+
 errors = {}
 for label, call in {
     "unknown_field": lambda: client.zones.create({"name": "x", "colour": "red"}),
@@ -42,6 +84,10 @@ for label, call in {
     "short_secret": lambda: client.applications.patch(zone_id, first, {"client_secret": "short"}),
     "missing_app": lambda: client.applications.get(zone_id, "no-such-app"),
     "reveal": lambda: client.applications.get_client_secret(zone_id, first),
+    "resource_without_provider": lambda: client.resources.create(
+        zone_id, {"name": "bare", "scopes": ["x:read"], "upstream_url": "http://127.0.0.1:9"}
+    ),
+    "provider_in_use": lambda: client.providers.delete(zone_id, provider_id),
 }.items():
     try:
         call()

@@ -3,6 +3,8 @@
 //! JSON bodies, `{items, next_cursor}` pages, the zone lookup, and evidence before success.
 
 mod applications;
+mod providers;
+mod resources;
 mod tokens;
 mod zones;
 
@@ -32,6 +34,8 @@ pub fn routes() -> Router<RoleState> {
     Router::new()
         .merge(zones::routes())
         .merge(applications::routes())
+        .merge(providers::routes())
+        .merge(resources::routes())
         .merge(tokens::routes())
         .layer(DefaultBodyLimit::max(MAX_BODY))
 }
@@ -158,15 +162,10 @@ struct Change<'a> {
     fields: Vec<&'static str>,
 }
 
-/// Invariant 5 for admin changes: the change's audit event rides the change's own store
-/// transaction (through the outbox, which publishes it to `caracal.audit.events`), so the
-/// evidence is durable exactly when the change is, and a refused change leaves none.
-fn evidence(
-    caller: &AdminCaller,
-    request_id: Option<&RequestId>,
-    change: Change<'_>,
-) -> Result<OutboxMessage, ApiError> {
-    let event = Event {
+/// The audit event of an admin action: who, what, on which object, which fields (never a
+/// secret).
+fn audit_event(caller: &AdminCaller, request_id: Option<&RequestId>, change: Change<'_>) -> Event {
+    Event {
         id: new_id(),
         zone_id: change.zone_id.to_owned(),
         event_type: format!("admin.{}", change.action),
@@ -185,7 +184,18 @@ fn evidence(
             "changed_fields": change.fields,
         }),
         occurred_at_ms: now_ms(),
-    };
+    }
+}
+
+/// Invariant 5 for admin changes: the change's audit event rides the change's own store
+/// transaction (through the outbox, which publishes it to `caracal.audit.events`), so the
+/// evidence is durable exactly when the change is, and a refused change leaves none.
+fn evidence(
+    caller: &AdminCaller,
+    request_id: Option<&RequestId>,
+    change: Change<'_>,
+) -> Result<OutboxMessage, ApiError> {
+    let event = audit_event(caller, request_id, change);
     let fields = crate::evidence::message(&event).ok_or_else(|| {
         tracing::error!(event = %event.id, "an admin audit event did not serialise");
         ApiError::new(ErrorCode::InternalError)
@@ -195,6 +205,17 @@ fn evidence(
         fields,
         dedupe_key: Some(event.id),
     })
+}
+
+/// For actions that change nothing in the store (a reveal): the event must be on the stream
+/// or in a replay file before the action's result leaves.
+async fn record_now(state: &RoleState, event: Event) -> Result<(), ApiError> {
+    state
+        .shared
+        .evidence
+        .record(event)
+        .await
+        .map_err(crate::api::evidence_error)
 }
 
 #[cfg(test)]

@@ -497,3 +497,305 @@ async fn admin_tokens_are_minted_once_listed_without_secrets_and_revoked() {
         "no token in the evidence"
     );
 }
+
+#[tokio::test]
+async fn provider_secrets_are_sealed_never_listed_and_revealed_only_on_an_audited_write() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let reader = token(&shared, "read", TokenScope::Global).await;
+    let app = router(state);
+    let w = Some(writer.as_str());
+    let (_, _, zone) = call(&app, "POST", "/v1/zones", w, r#"{"name":"p"}"#).await;
+    let zone_id = zone["id"].as_str().unwrap();
+    let providers = format!("/v1/zones/{zone_id}/providers");
+    let api_key = "sk-live-0123456789abcdef";
+    let (status, _, created) = call(
+        &app,
+        "POST",
+        &providers,
+        w,
+        &json!({"name": "CRM key", "identifier": "provider://crm", "kind": "api_key",
+                "config_json": {"header": "x-api-key", "api_key": api_key}})
+        .to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["config_json"], json!({"header": "x-api-key"}));
+    assert_eq!(created["secret_config_keys"], json!(["api_key"]));
+    let id = created["id"].as_str().unwrap();
+    let one = format!("{providers}/{id}");
+    let (_, _, listed) = call(&app, "GET", &providers, Some(&reader), "").await;
+    let (_, _, read) = call(&app, "GET", &one, Some(&reader), "").await;
+    for shown in [listed.to_string(), read.to_string()] {
+        assert!(!shown.contains(api_key), "{shown}");
+    }
+    // Sealed under the KEK, bound to its purpose.
+    let reference = format!("provider/{id}/api_key");
+    let sealed = shared
+        .store
+        .get_sealed_secret(zone_id, &reference)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!sealed.envelope.contains(api_key));
+    assert_eq!(
+        shared
+            .kek
+            .open("provider-secret", &sealed.envelope)
+            .unwrap(),
+        api_key.as_bytes()
+    );
+
+    let reveal = format!("{one}/reveal-secrets");
+    let (got, _, answer) = call(&app, "POST", &reveal, Some(&reader), "").await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::FORBIDDEN, Some("admin_token_read_only"))
+    );
+    let (got, _, revealed) = call(&app, "POST", &reveal, w, "").await;
+    assert_eq!(got, StatusCode::OK);
+    assert_eq!(revealed["secrets"], json!({"api_key": api_key}));
+    let recorded = shared
+        .bus
+        .streams
+        .range(caracal_bus::stream_names::AUDIT_EVENTS, None, 10)
+        .await
+        .unwrap();
+    assert!(
+        recorded
+            .iter()
+            .any(|entry| entry.fields["data"].contains("admin.provider.reveal_secrets")),
+        "the reveal is on the audit stream before the secret leaves"
+    );
+
+    // A PATCH without secrets keeps them; with one it rotates (a new sealed version).
+    let (got, _, patched) = call(
+        &app,
+        "PATCH",
+        &one,
+        w,
+        r#"{"config_json":{"header":"authorization"}}"#,
+    )
+    .await;
+    assert_eq!(got, StatusCode::OK, "{patched}");
+    assert_eq!(patched["secret_config_keys"], json!(["api_key"]));
+    let (got, _, _) = call(
+        &app,
+        "PATCH",
+        &one,
+        w,
+        r#"{"config_json":{"api_key":"rotated-key-value"}}"#,
+    )
+    .await;
+    assert_eq!(got, StatusCode::OK);
+    let sealed = shared
+        .store
+        .get_sealed_secret(zone_id, &reference)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sealed.version, 2);
+
+    for (body, status, expected) in [
+        (
+            r#"{"name":"x","kind":"api_key"}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            r#"{"name":"x","kind":"ldap"}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            r#"{"name":"x","kind":"http_basic","config_json":{"password":"p"}}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            r#"{"name":"x","kind":"oauth2_client_credentials","config_json":{"token_url":"ftp://x","client_id":"c","client_secret":"s"}}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            r#"{"identifier":"crm","kind":"none"}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            r#"{"identifier":"provider://crm","kind":"none"}"#,
+            StatusCode::CONFLICT,
+            "provider_identifier_conflict",
+        ),
+        (
+            r#"{"name":"x","kind":"none","config_json":{"api_key":7}}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+    ] {
+        let (got, _, answer) = call(&app, "POST", &providers, w, body).await;
+        assert_eq!(
+            (got, code(&answer)),
+            (status, Some(expected)),
+            "{body}: {answer}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn resources_bind_a_provider_of_their_zone_and_check_scopes_and_operations() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let app = router(state);
+    let w = Some(writer.as_str());
+    let (_, _, zone) = call(&app, "POST", "/v1/zones", w, r#"{"name":"r"}"#).await;
+    let (_, _, other) = call(&app, "POST", "/v1/zones", w, r#"{"name":"other"}"#).await;
+    let zone_id = zone["id"].as_str().unwrap();
+    let other_id = other["id"].as_str().unwrap();
+    let (_, _, provider) = call(
+        &app,
+        "POST",
+        &format!("/v1/zones/{zone_id}/providers"),
+        w,
+        r#"{"name":"none","kind":"none"}"#,
+    )
+    .await;
+    let (_, _, foreign) = call(
+        &app,
+        "POST",
+        &format!("/v1/zones/{other_id}/providers"),
+        w,
+        r#"{"name":"theirs","kind":"none"}"#,
+    )
+    .await;
+    let provider_id = provider["id"].as_str().unwrap();
+    let resources = format!("/v1/zones/{zone_id}/resources");
+    let good = json!({
+        "name": "CRM", "identifier": "resource://crm", "scopes": ["crm:read", "crm:write"],
+        "upstream_url": "http://127.0.0.1:9/api", "credential_provider_id": provider_id,
+        "operations": [{"method": "GET", "path": "/contacts", "scope": "crm:read"}],
+    });
+    let (status, _, created) = call(&app, "POST", &resources, w, &good.to_string()).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["operation_enforcement"], "enforced");
+    assert_eq!(created["operations"][0]["scope"], "crm:read");
+
+    let with = |patch: Value| {
+        let mut body = good.clone();
+        for (key, value) in patch.as_object().unwrap() {
+            if value.is_null() {
+                body.as_object_mut().unwrap().remove(key);
+            } else {
+                body[key] = value.clone();
+            }
+        }
+        body.to_string()
+    };
+    for (body, status, expected) in [
+        (
+            with(json!({"identifier": "resource://other", "credential_provider_id": null})),
+            StatusCode::BAD_REQUEST,
+            "credential_provider_required",
+        ),
+        (
+            with(json!({"identifier": "resource://other", "upstream_url": null})),
+            StatusCode::BAD_REQUEST,
+            "upstream_url_required",
+        ),
+        (
+            with(json!({"identifier": "resource://other", "scopes": []})),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            with(json!({"identifier": "resource://other", "scopes": ["CRM READ"]})),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            with(json!({"identifier": "resource://other", "scopes": ["agent:lifecycle"]})),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            with(
+                json!({"identifier": "resource://other", "operations": [{"method": "GET", "path": "/x", "scope": "nope"}]}),
+            ),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            with(
+                json!({"identifier": "resource://other", "operations": [{"method": "BREW", "path": "/x", "scope": "crm:read"}]}),
+            ),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            with(json!({"identifier": "resource://other", "upstream_url": "file:///etc/passwd"})),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            with(json!({"identifier": "resource://other", "operation_enforcement": "sometimes"})),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            with(
+                json!({"identifier": "resource://other", "credential_provider_id": foreign["id"]}),
+            ),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            with(json!({})),
+            StatusCode::CONFLICT,
+            "resource_identifier_conflict",
+        ),
+    ] {
+        let (got, _, answer) = call(&app, "POST", &resources, w, &body).await;
+        assert_eq!(
+            (got, code(&answer)),
+            (status, Some(expected)),
+            "{body}: {answer}"
+        );
+    }
+
+    // Narrowing the scopes re-checks the operations already stored.
+    let one = format!("{resources}/{}", created["id"].as_str().unwrap());
+    let (got, _, answer) = call(&app, "PATCH", &one, w, r#"{"scopes":["crm:write"]}"#).await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::BAD_REQUEST, Some("invalid_body"))
+    );
+    let (got, _, patched) = call(
+        &app,
+        "PATCH",
+        &one,
+        w,
+        r#"{"scopes":["crm:read"],"operation_enforcement":"transport_uniform"}"#,
+    )
+    .await;
+    assert_eq!(got, StatusCode::OK, "{patched}");
+    assert_eq!(patched["scopes"], json!(["crm:read"]));
+
+    // A provider in use cannot be archived; once the resource goes, it can.
+    let provider_path = format!("/v1/zones/{zone_id}/providers/{provider_id}");
+    let (got, _, answer) = call(&app, "DELETE", &provider_path, w, "").await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::CONFLICT, Some("provider_in_use"))
+    );
+    let (got, _, _) = call(&app, "DELETE", &one, w, "").await;
+    assert_eq!(got, StatusCode::NO_CONTENT);
+    let (got, _, _) = call(&app, "DELETE", &provider_path, w, "").await;
+    assert_eq!(got, StatusCode::NO_CONTENT);
+    assert_eq!(
+        shared.store.list_resources(zone_id).await.unwrap().len(),
+        1,
+        "archived, not deleted"
+    );
+}
