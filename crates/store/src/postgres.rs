@@ -49,6 +49,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "admin api",
             include_str!("schema/0007_admin_api.sql").replace("{BIGINT}", "BIGINT"),
         ),
+        (
+            "outbox dedupe index",
+            include_str!("schema/0008_outbox_dedupe_index.sql").to_owned(),
+        ),
     ]
 }
 

@@ -44,6 +44,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "admin api",
             include_str!("schema/0007_admin_api.sql").replace("{BIGINT}", "INTEGER"),
         ),
+        (
+            "outbox dedupe index",
+            include_str!("schema/0008_outbox_dedupe_index.sql").to_owned(),
+        ),
     ]
 }
 
@@ -371,6 +375,7 @@ mod tests {
                     "DROP TABLE audit_tamper_findings; DROP TABLE audit_checkpoints; DROP TABLE audit_checkpoint_keys;
                      DROP TABLE audit_chain_keys; DROP TABLE audit_cuts;
                      DROP INDEX applications_live_name; ALTER TABLE zones DROP COLUMN archived_at_ms;
+                     DROP INDEX outbox_dedupe;
                      DELETE FROM schema_migrations WHERE version >= 2;",
                 )
             })

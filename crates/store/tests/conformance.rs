@@ -581,7 +581,7 @@ async fn populate(store: &dyn Store, zone: &str, tag: &str) {
         .await
         .unwrap();
     store
-        .create_policy(&header(zone, &format!("pol-{tag}")))
+        .create_policy(&header(zone, &format!("pol-{tag}")), &[])
         .await
         .unwrap();
     let policy_version = store
@@ -591,11 +591,12 @@ async fn populate(store: &dyn Store, zone: &str, tag: &str) {
             &format!("polv-{tag}"),
             "package caracal.authz",
             "sha",
+            &[],
         )
         .await
         .unwrap();
     store
-        .create_policy_set(&header(zone, &format!("set-{tag}")))
+        .create_policy_set(&header(zone, &format!("set-{tag}")), &[])
         .await
         .unwrap();
     let manifest = format!(r#"[{{"policy_version_id":"{}"}}]"#, policy_version.id);
@@ -606,6 +607,7 @@ async fn populate(store: &dyn Store, zone: &str, tag: &str) {
             &format!("setv-{tag}"),
             &manifest,
             "sha",
+            &[],
         )
         .await
         .unwrap();
@@ -938,7 +940,9 @@ async fn no_read_or_update_crosses_zones(backend: &Backend) {
         Err(StoreError::NotFound(_))
     ));
     assert!(matches!(
-        store.add_policy_version(b, "pol-a", "polv-x", "", "").await,
+        store
+            .add_policy_version(b, "pol-a", "polv-x", "", "", &[])
+            .await,
         Err(StoreError::NotFound(_))
     ));
     let (_, revoked) = store
@@ -1017,13 +1021,16 @@ async fn no_read_or_update_crosses_zones(backend: &Backend) {
 async fn policy_versions_are_numbered_and_immutable(backend: &Backend) {
     let store = backend.store.as_ref();
     store.create_zone(&zone(1), &[]).await.unwrap();
-    store.create_policy(&header("zone-1", "pol")).await.unwrap();
+    store
+        .create_policy(&header("zone-1", "pol"), &[])
+        .await
+        .unwrap();
     let first = store
-        .add_policy_version("zone-1", "pol", "v1", "a", "sha-a")
+        .add_policy_version("zone-1", "pol", "v1", "a", "sha-a", &[])
         .await
         .unwrap();
     let second = store
-        .add_policy_version("zone-1", "pol", "v2", "b", "sha-b")
+        .add_policy_version("zone-1", "pol", "v2", "b", "sha-b", &[])
         .await
         .unwrap();
     assert_eq!((first.version, second.version), (1, 2));
@@ -1049,11 +1056,11 @@ async fn policy_versions_are_numbered_and_immutable(backend: &Backend) {
         .await;
     assert!(delete.is_err(), "{delete:?}");
     store
-        .create_policy_set(&header("zone-1", "set"))
+        .create_policy_set(&header("zone-1", "set"), &[])
         .await
         .unwrap();
     store
-        .add_policy_set_version("zone-1", "set", "sv1", "[]", "sha")
+        .add_policy_set_version("zone-1", "set", "sv1", "[]", "sha", &[])
         .await
         .unwrap();
     let edit = backend
@@ -1074,12 +1081,12 @@ async fn activation_keeps_the_last_known_good(backend: &Backend) {
     let store = backend.store.as_ref();
     store.create_zone(&zone(1), &[]).await.unwrap();
     store
-        .create_policy_set(&header("zone-1", "set"))
+        .create_policy_set(&header("zone-1", "set"), &[])
         .await
         .unwrap();
     for id in ["sv1", "sv2"] {
         store
-            .add_policy_set_version("zone-1", "set", id, "[]", "sha")
+            .add_policy_set_version("zone-1", "set", id, "[]", "sha", &[])
             .await
             .unwrap();
     }
@@ -1557,7 +1564,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 7
+                supported: 8
             }
         ),
         "{error}"
@@ -1573,7 +1580,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
     let versions: Vec<i64> = rows.iter().map(|row| row.int(0).unwrap()).collect();
     assert_eq!(
         versions,
-        [1, 2, 3, 4, 5, 6, 7, 999],
+        [1, 2, 3, 4, 5, 6, 7, 8, 999],
         "the refused start wrote nothing"
     );
     drop_schema(&schema).await;
@@ -1911,9 +1918,13 @@ async fn sqlite_hex_hashes_of_an_earlier_release_become_bytes() {
         .change("DELETE FROM schema_migrations WHERE version >= 6", vec![])
         .await
         .unwrap();
-    // Migration 7 runs again too: undo what it added.
+    // Migrations 7 and 8 run again too: undo what they added.
     store
         .change("DROP INDEX applications_live_name", vec![])
+        .await
+        .unwrap();
+    store
+        .change("DROP INDEX outbox_dedupe", vec![])
         .await
         .unwrap();
     store
@@ -1949,6 +1960,7 @@ async fn postgres_hex_hashes_of_an_earlier_release_become_bytes() {
         .unwrap();
     for undo in [
         "DROP INDEX applications_live_name",
+        "DROP INDEX outbox_dedupe",
         "ALTER TABLE zones DROP COLUMN archived_at_ms",
     ] {
         backend.db.change(undo, vec![]).await.unwrap();

@@ -30,6 +30,8 @@ pub trait Outbox: Send + Sync {
         max_attempts: u32,
     ) -> Result<OutboxFailure, StoreError>;
     async fn outbox_stats(&self) -> Result<OutboxStats, StoreError>;
+    /// The status (`pending`, `published` or `dead`) of the newest row with this dedupe key.
+    async fn outbox_status(&self, dedupe_key: &str) -> Result<Option<String>, StoreError>;
 
     /// Takes or renews the named lease for `holder` until `ttl` from now; `false` while another
     /// holder's lease is live. Singleton jobs run only while they hold their lease.
@@ -137,6 +139,16 @@ impl<D: Db> Outbox for D {
         } else {
             OutboxFailure::Retrying
         })
+    }
+
+    async fn outbox_status(&self, dedupe_key: &str) -> Result<Option<String>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT status FROM outbox WHERE dedupe_key = $1 ORDER BY id DESC LIMIT 1",
+                params![dedupe_key],
+            )
+            .await?;
+        rows.first().map(|row| row.text(0)).transpose()
     }
 
     async fn outbox_stats(&self) -> Result<OutboxStats, StoreError> {

@@ -34,7 +34,11 @@ macro_rules! select_policy_set_versions {
 
 #[async_trait::async_trait]
 pub trait Policies: Send + Sync {
-    async fn create_policy(&self, policy: &PolicyHeader) -> Result<(), StoreError>;
+    async fn create_policy(
+        &self,
+        policy: &PolicyHeader,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
     async fn get_policy(&self, zone_id: &str, id: &str)
     -> Result<Option<PolicyHeader>, StoreError>;
     async fn list_policies(&self, zone_id: &str) -> Result<Vec<PolicyHeader>, StoreError>;
@@ -47,6 +51,7 @@ pub trait Policies: Send + Sync {
         id: &str,
         content: &str,
         sha256: &str,
+        outbox: &[OutboxMessage],
     ) -> Result<PolicyVersion, StoreError>;
     async fn get_policy_version(
         &self,
@@ -59,7 +64,11 @@ pub trait Policies: Send + Sync {
         policy_id: &str,
     ) -> Result<Vec<PolicyVersion>, StoreError>;
 
-    async fn create_policy_set(&self, set: &PolicyHeader) -> Result<(), StoreError>;
+    async fn create_policy_set(
+        &self,
+        set: &PolicyHeader,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
     async fn get_policy_set(
         &self,
         zone_id: &str,
@@ -74,6 +83,7 @@ pub trait Policies: Send + Sync {
         id: &str,
         manifest: &str,
         sha256: &str,
+        outbox: &[OutboxMessage],
     ) -> Result<PolicyVersion, StoreError>;
     async fn get_policy_set_version(
         &self,
@@ -132,8 +142,12 @@ fn binding(row: &Row) -> Result<PolicyBinding, StoreError> {
 
 #[async_trait::async_trait]
 impl<D: Db> Policies for D {
-    async fn create_policy(&self, policy: &PolicyHeader) -> Result<(), StoreError> {
-        self.change(
+    async fn create_policy(
+        &self,
+        policy: &PolicyHeader,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let insert = Statement::new(
             "INSERT INTO policies (id, zone_id, name, description, created_at_ms, archived_at_ms)
              VALUES ($1, $2, $3, $4, $5, $6)",
             params![
@@ -144,9 +158,8 @@ impl<D: Db> Policies for D {
                 policy.created_at_ms,
                 policy.archived_at_ms,
             ],
-        )
-        .await
-        .map(|_| ())
+        );
+        self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
     }
 
     async fn get_policy(
@@ -183,6 +196,7 @@ impl<D: Db> Policies for D {
         id: &str,
         content: &str,
         sha256: &str,
+        outbox: &[OutboxMessage],
     ) -> Result<PolicyVersion, StoreError> {
         // The next number comes from the table itself; two concurrent adds collide on the
         // (policy, version) key and one of them gets a conflict to retry.
@@ -195,7 +209,7 @@ impl<D: Db> Policies for D {
             params![id, zone_id, policy_id, content, sha256, now_ms()],
         )
         .must_change(not_found);
-        let outcomes = self.atomic(vec![insert]).await?;
+        let outcomes = self.atomic(with_outbox(insert, outbox)).await?;
         version(first_row(&outcomes)?)
     }
 
@@ -230,8 +244,12 @@ impl<D: Db> Policies for D {
         .await
     }
 
-    async fn create_policy_set(&self, set: &PolicyHeader) -> Result<(), StoreError> {
-        self.change(
+    async fn create_policy_set(
+        &self,
+        set: &PolicyHeader,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let insert = Statement::new(
             "INSERT INTO policy_sets (id, zone_id, name, description, created_at_ms, archived_at_ms)
              VALUES ($1, $2, $3, $4, $5, $6)",
             params![
@@ -242,9 +260,8 @@ impl<D: Db> Policies for D {
                 set.created_at_ms,
                 set.archived_at_ms,
             ],
-        )
-        .await
-        .map(|_| ())
+        );
+        self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
     }
 
     async fn get_policy_set(
@@ -281,6 +298,7 @@ impl<D: Db> Policies for D {
         id: &str,
         manifest: &str,
         sha256: &str,
+        outbox: &[OutboxMessage],
     ) -> Result<PolicyVersion, StoreError> {
         let insert = Statement::new(
             "INSERT INTO policy_set_versions (id, zone_id, policy_set_id, version, manifest, manifest_sha256, created_at_ms)
@@ -291,7 +309,7 @@ impl<D: Db> Policies for D {
             params![id, zone_id, set_id, manifest, sha256, now_ms()],
         )
         .must_change(not_found);
-        let outcomes = self.atomic(vec![insert]).await?;
+        let outcomes = self.atomic(with_outbox(insert, outbox)).await?;
         version(first_row(&outcomes)?)
     }
 
