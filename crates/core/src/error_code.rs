@@ -54,6 +54,16 @@ pub enum ErrorCode {
     CredentialProviderRequired,
     /// A resource needs an upstream URL.
     UpstreamUrlRequired,
+    /// A policy is not an acceptable data document; `details.diagnostics` says why.
+    InvalidRego,
+    /// A policy set version's documents do not compile into one bundle.
+    InvalidPolicyBundle,
+    /// A canary case of the version disagreed with its expected decision.
+    CanaryFailed,
+    /// The zone has no last known good version to roll back to.
+    NoLastKnownGood,
+    /// Another policy or policy set of the zone has this name.
+    PolicyNameConflict,
 }
 
 impl ErrorCode {
@@ -83,6 +93,11 @@ impl ErrorCode {
             ErrorCode::ResourceIdentifierConflict => "resource_identifier_conflict",
             ErrorCode::CredentialProviderRequired => "credential_provider_required",
             ErrorCode::UpstreamUrlRequired => "upstream_url_required",
+            ErrorCode::InvalidRego => "invalid_rego",
+            ErrorCode::InvalidPolicyBundle => "invalid_policy_bundle",
+            ErrorCode::CanaryFailed => "canary_failed",
+            ErrorCode::NoLastKnownGood => "no_last_known_good",
+            ErrorCode::PolicyNameConflict => "policy_name_conflict",
         }
     }
 
@@ -96,7 +111,11 @@ impl ErrorCode {
             | ErrorCode::ApplicationNameConflict
             | ErrorCode::ProviderIdentifierConflict
             | ErrorCode::ProviderInUse
-            | ErrorCode::ResourceIdentifierConflict => 409,
+            | ErrorCode::ResourceIdentifierConflict
+            | ErrorCode::CanaryFailed
+            | ErrorCode::NoLastKnownGood
+            | ErrorCode::PolicyNameConflict => 409,
+            ErrorCode::InvalidRego | ErrorCode::InvalidPolicyBundle => 422,
             ErrorCode::ClientSecretNotStored => 404,
             ErrorCode::SystemZoneReadOnly => 403,
             ErrorCode::NotFound => 404,
@@ -147,6 +166,11 @@ mod tests {
             ErrorCode::ResourceIdentifierConflict,
             ErrorCode::CredentialProviderRequired,
             ErrorCode::UpstreamUrlRequired,
+            ErrorCode::InvalidRego,
+            ErrorCode::InvalidPolicyBundle,
+            ErrorCode::CanaryFailed,
+            ErrorCode::NoLastKnownGood,
+            ErrorCode::PolicyNameConflict,
         ];
         for code in all {
             let text = code.as_str();

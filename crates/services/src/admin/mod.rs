@@ -3,6 +3,7 @@
 //! JSON bodies, `{items, next_cursor}` pages, the zone lookup, and evidence before success.
 
 mod applications;
+mod policies;
 mod providers;
 mod resources;
 mod tokens;
@@ -34,6 +35,7 @@ pub fn routes() -> Router<RoleState> {
     Router::new()
         .merge(zones::routes())
         .merge(applications::routes())
+        .merge(policies::routes())
         .merge(providers::routes())
         .merge(resources::routes())
         .merge(tokens::routes())

@@ -799,3 +799,264 @@ async fn resources_bind_a_provider_of_their_zone_and_check_scopes_and_operations
         "archived, not deleted"
     );
 }
+
+fn document(app_id: &str, scopes: &[&str]) -> String {
+    format!(
+        "# caracal:data-document\npackage caracal.authz\nimport rego.v1\napp_ids := {{\"billing\": \"{app_id}\"}}\ngrants := {{\"resource://ledger\": {{\"application\": \"billing\", \"roles\": {{\"{app_id}\": {}}}}}}}\n",
+        serde_json::to_string(scopes).unwrap()
+    )
+}
+
+#[tokio::test]
+async fn policies_activate_through_the_outbox_with_canaries_and_roll_back_to_last_known_good() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let reader = token(&shared, "read", TokenScope::Global).await;
+    let app = router(state);
+    let w = Some(writer.as_str());
+    let (_, _, zone) = call(&app, "POST", "/v1/zones", w, r#"{"name":"pol"}"#).await;
+    let zone_id = zone["id"].as_str().unwrap();
+    let base = format!("/v1/zones/{zone_id}");
+
+    // Validation: named diagnostics, 422, nothing stored.
+    let (got, _, answer) = call(
+        &app,
+        "POST",
+        "/v1/policies/validate",
+        Some(&reader),
+        &json!({"content": "package x"}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_rego"))
+    );
+    assert_eq!(
+        answer["details"]["diagnostics"][0]["code"],
+        "missing_data_document_header"
+    );
+    let (got, _, valid) = call(
+        &app,
+        "POST",
+        "/v1/policies/validate",
+        Some(&reader),
+        &json!({"content": document("app-1", &["ledger:read"])}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (got, valid["preview"]["rules"].clone()),
+        (StatusCode::OK, json!(["app_ids", "grants"]))
+    );
+    let (_, _, templates) = call(&app, "GET", "/v1/policy-templates", Some(&reader), "").await;
+    for template in templates.as_array().unwrap() {
+        let (got, _, _) = call(
+            &app,
+            "POST",
+            "/v1/policies/validate",
+            Some(&reader),
+            &json!({"content": template["content"]}).to_string(),
+        )
+        .await;
+        assert_eq!(got, StatusCode::OK, "template {}", template["id"]);
+    }
+    let (got, _, _) = call(
+        &app,
+        "POST",
+        &format!("{base}/policies"),
+        w,
+        &json!({"name": "bad", "content": "allow := true"}).to_string(),
+    )
+    .await;
+    assert_eq!(got, StatusCode::UNPROCESSABLE_ENTITY);
+    let (_, _, listed) = call(&app, "GET", &format!("{base}/policies"), w, "").await;
+    assert_eq!(listed["items"], json!([]), "a refused policy is not stored");
+
+    // A policy with two versions, a set with a version per policy version.
+    let (status, _, policy) = call(
+        &app,
+        "POST",
+        &format!("{base}/policies"),
+        w,
+        &json!({"name": "grants", "content": document("app-1", &["ledger:read", "ledger:refund"])})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{policy}");
+    let v1 = policy["version_id"].as_str().unwrap().to_owned();
+    let (_, _, second) = call(
+        &app,
+        "POST",
+        &format!(
+            "{base}/policies/{}/versions",
+            policy["id"].as_str().unwrap()
+        ),
+        w,
+        &json!({"content": document("app-1", &["ledger:read"])}).to_string(),
+    )
+    .await;
+    assert_eq!(second["version"], 2);
+    let v2 = second["version_id"].as_str().unwrap().to_owned();
+    let (_, _, set) = call(
+        &app,
+        "POST",
+        &format!("{base}/policy-sets"),
+        w,
+        r#"{"name":"main"}"#,
+    )
+    .await;
+    let sets = format!("{base}/policy-sets/{}", set["id"].as_str().unwrap());
+    let mint = |scopes: &[&str]| {
+        json!({
+            "flow": "mint", "application_id": "app-1", "resource": "resource://ledger",
+            "scopes": scopes, "labels": ["app-1"], "edge_scopes": ["ledger:read", "ledger:refund"], "session": true,
+        })
+    };
+    let canaries = json!([
+        {"name": "read allowed", "request": mint(&["ledger:read"]), "expect": "allow"},
+        {"name": "refund allowed", "request": mint(&["ledger:refund"]), "expect": "allow"},
+    ]);
+    let (_, _, generous) = call(
+        &app,
+        "POST",
+        &format!("{sets}/versions"),
+        w,
+        &json!({"manifest": [{"policy_version_id": v1}], "canaries": canaries}).to_string(),
+    )
+    .await;
+    let (_, _, strict) = call(
+        &app,
+        "POST",
+        &format!("{sets}/versions"),
+        w,
+        &json!({"manifest": [{"policy_version_id": v2}], "canaries": canaries}).to_string(),
+    )
+    .await;
+    let (_, _, strict_honest) = call(
+        &app,
+        "POST",
+        &format!("{sets}/versions"),
+        w,
+        &json!({"manifest": [{"policy_version_id": v2}]}).to_string(),
+    )
+    .await;
+    for bad in [
+        json!({"manifest": []}),
+        json!({"manifest": [{"policy_version_id": v1}, {"policy_version_id": v1}]}),
+        json!({"manifest": [{"policy_version_id": v1}], "canaries": [{"name": "x", "request": {"flow": "fly"}, "expect": "allow"}]}),
+    ] {
+        let (got, _, _) = call(
+            &app,
+            "POST",
+            &format!("{sets}/versions"),
+            w,
+            &bad.to_string(),
+        )
+        .await;
+        assert_eq!(got, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    let (got, _, _) = call(
+        &app,
+        "POST",
+        &format!("{sets}/versions"),
+        w,
+        &json!({"manifest": [{"policy_version_id": "elsewhere"}]}).to_string(),
+    )
+    .await;
+    assert_eq!(got, StatusCode::NOT_FOUND);
+
+    // Simulate any version without activating it (a read token may).
+    let (_, _, simulated) = call(
+        &app,
+        "POST",
+        &format!("{sets}/simulate"),
+        Some(&reader),
+        &json!({"version_id": strict["id"], "input": mint(&["ledger:refund"])}).to_string(),
+    )
+    .await;
+    assert_eq!(simulated["result"]["decision"], "deny");
+    assert_eq!(
+        simulated["result"]["diagnostics"][0]["code"],
+        "role_scope_mismatch"
+    );
+
+    // Activation: 202, the invalidation rides the outbox, the status follows it.
+    let (status, _, activated) = call(
+        &app,
+        "POST",
+        &format!("{sets}/activate"),
+        w,
+        &json!({"version_id": generous["id"]}).to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{activated}");
+    let status_url = activated["status_url"].as_str().unwrap().to_owned();
+    let (_, _, pending) = call(&app, "GET", &status_url, Some(&reader), "").await;
+    assert_eq!(pending["propagation_status"], "waiting_for_outbox");
+    let rows = shared
+        .store
+        .claim_outbox("test", 100, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    let invalidation = rows
+        .iter()
+        .find(|row| row.stream == "caracal.policy.invalidate")
+        .unwrap();
+    assert_eq!(
+        invalidation.fields["policy_set_version_id"],
+        generous["id"].as_str().unwrap()
+    );
+    let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+    shared.store.outbox_published("test", &ids).await.unwrap();
+    let (_, _, published) = call(&app, "GET", &status_url, Some(&reader), "").await;
+    assert_eq!(published["propagation_status"], "waiting_for_sts");
+
+    // A version whose canaries disagree is refused; the active version stays.
+    let (got, _, refused) = call(
+        &app,
+        "POST",
+        &format!("{sets}/activate"),
+        w,
+        &json!({"version_id": strict["id"]}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (got, code(&refused)),
+        (StatusCode::CONFLICT, Some("canary_failed"))
+    );
+    assert_eq!(refused["details"]["failures"][0]["name"], "refund allowed");
+    let (_, _, current) = call(&app, "GET", &sets, w, "").await;
+    assert_eq!(current["active_version_id"], generous["id"]);
+
+    // Activate the strict version, then roll back to the last known good in one call.
+    let (got, _, _) = call(
+        &app,
+        "POST",
+        &format!("{sets}/activate"),
+        w,
+        &json!({"version_id": strict_honest["id"]}).to_string(),
+    )
+    .await;
+    assert_eq!(got, StatusCode::ACCEPTED);
+    let (_, _, after) = call(&app, "GET", &sets, w, "").await;
+    assert_eq!(
+        (
+            after["active_version_id"].clone(),
+            after["last_known_good_version_id"].clone()
+        ),
+        (strict_honest["id"].clone(), generous["id"].clone())
+    );
+    let (got, _, rolled) = call(&app, "POST", &format!("{sets}/rollback"), w, "").await;
+    assert_eq!(got, StatusCode::ACCEPTED, "{rolled}");
+    let (_, _, restored) = call(&app, "GET", &sets, w, "").await;
+    assert_eq!(restored["active_version_id"], generous["id"]);
+
+    // A read token changes nothing.
+    let (got, _, _) = call(&app, "POST", &format!("{sets}/rollback"), Some(&reader), "").await;
+    assert_eq!(got, StatusCode::FORBIDDEN);
+    let events = audit_outbox(&shared).await;
+    assert!(
+        types(&events).contains(&"admin.policy_set.rollback"),
+        "{events:?}"
+    );
+}
