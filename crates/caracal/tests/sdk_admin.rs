@@ -1,6 +1,7 @@
 //! The published admin client (`caracalai-admin` 1.0, Python) drives a running `caracal up`
 //! unmodified: zones, applications (`ensure_application`), providers and resources
-//! (`ensure_api_key_provider`, `ensure_resource`), pagination and error codes.
+//! (`ensure_api_key_provider`, `ensure_resource`), grants (`ensure_grants`, activation status
+//! polled until the STS loaded it, simulate), pagination and error codes.
 //! The client is installed by `scripts/sdk-venv.sh` into `target/sdk-venv`.
 
 #![allow(
@@ -40,7 +41,7 @@ fn sdk_python() -> PathBuf {
 }
 
 #[test]
-fn the_published_admin_client_manages_zones_applications_providers_and_resources() {
+fn the_published_admin_client_manages_zones_applications_providers_resources_and_grants() {
     let python = sdk_python();
     let (_parent, home) = fresh_home();
     let mut args = free_ports();
@@ -92,6 +93,7 @@ fn the_published_admin_client_manages_zones_applications_providers_and_resources
             "reveal": [404, "client_secret_not_stored"],
             "resource_without_provider": [400, "credential_provider_required"],
             "provider_in_use": [409, "provider_in_use"],
+            "invalid_policy": [422, "invalid_rego"],
         })
     );
     assert_eq!(
@@ -102,6 +104,10 @@ fn the_published_admin_client_manages_zones_applications_providers_and_resources
     assert_eq!(
         seen["resource"],
         json!({"same": true, "scopes": ["crm:read"], "enforcement": "enforced"})
+    );
+    assert_eq!(
+        seen["grants"],
+        json!({"propagation": "loaded", "steady": true, "simulated": "allow"})
     );
     assert_eq!(seen["bad_token"], json!([401, "invalid_admin_token"]));
     assert_eq!(

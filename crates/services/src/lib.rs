@@ -16,6 +16,7 @@ pub mod group_commit;
 pub mod ledger;
 mod metrics;
 pub mod outbox;
+pub mod policy;
 mod probes;
 mod request_id;
 mod router;

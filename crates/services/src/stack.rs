@@ -249,6 +249,17 @@ impl Stack {
                     stop_receiver.clone(),
                 ));
             }
+            if role == Role::Sts {
+                // Each zone's active policy bundle, held in memory and acknowledged in the store.
+                servers.spawn(crate::policy::run_loader(
+                    crate::policy::PolicyCache::default(),
+                    Arc::clone(&self.shared.store),
+                    Arc::clone(&self.shared.bus.streams),
+                    format!("sts-{}", self.instance),
+                    Duration::from_secs(30),
+                    stop_receiver.clone(),
+                ));
+            }
             if role == Role::Audit {
                 self.start_ledger(&state, &mut servers, &stop_receiver)
                     .await?;

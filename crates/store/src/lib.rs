@@ -33,8 +33,8 @@ pub use model::{
     AdminTokenRecord, Application, ApplicationChange, ApprovalHold, AuditCheckpoint, AuditCut,
     AuditEvent, AuditFilter, AuthorityRecord, DelegationEdge, IdempotencyReceipt, KekRecord,
     NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow, OutboxStats, PolicyBinding,
-    PolicyHeader, PolicyVersion, Provider, ProviderConnection, Resource, SealedSecret, Session,
-    SigningKey, TamperFinding, TokenScope, Zone,
+    PolicyHeader, PolicyLoad, PolicyVersion, Provider, ProviderConnection, Resource, SealedSecret,
+    Session, SigningKey, TamperFinding, TokenScope, Zone,
 };
 pub use postgres::{PgOptions, PgStore};
 pub use queries::{ChainAppend, ChainBuilder};

@@ -232,6 +232,19 @@ pub struct PolicyBinding {
     pub activated_at_ms: i64,
 }
 
+/// What one STS replica has loaded for a zone (its acknowledgement of an activation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyLoad {
+    pub zone_id: String,
+    pub replica: String,
+    pub policy_set_version_id: String,
+    pub manifest_sha256: String,
+    /// `loaded`, or `failed` (the replica kept its previous bundle).
+    pub status: String,
+    pub detail: String,
+    pub updated_at_ms: i64,
+}
+
 /// The immutable record of one STS exchange.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthorityRecord {

@@ -53,6 +53,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "outbox dedupe index",
             include_str!("schema/0008_outbox_dedupe_index.sql").to_owned(),
         ),
+        (
+            "policy loads",
+            include_str!("schema/0009_policy_loads.sql").replace("{BIGINT}", "BIGINT"),
+        ),
     ]
 }
 

@@ -48,6 +48,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "outbox dedupe index",
             include_str!("schema/0008_outbox_dedupe_index.sql").to_owned(),
         ),
+        (
+            "policy loads",
+            include_str!("schema/0009_policy_loads.sql").replace("{BIGINT}", "INTEGER"),
+        ),
     ]
 }
 
@@ -375,7 +379,7 @@ mod tests {
                     "DROP TABLE audit_tamper_findings; DROP TABLE audit_checkpoints; DROP TABLE audit_checkpoint_keys;
                      DROP TABLE audit_chain_keys; DROP TABLE audit_cuts;
                      DROP INDEX applications_live_name; ALTER TABLE zones DROP COLUMN archived_at_ms;
-                     DROP INDEX outbox_dedupe;
+                     DROP INDEX outbox_dedupe; DROP TABLE policy_loads;
                      DELETE FROM schema_migrations WHERE version >= 2;",
                 )
             })

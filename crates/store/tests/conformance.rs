@@ -1564,7 +1564,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 8
+                supported: 9
             }
         ),
         "{error}"
@@ -1580,7 +1580,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
     let versions: Vec<i64> = rows.iter().map(|row| row.int(0).unwrap()).collect();
     assert_eq!(
         versions,
-        [1, 2, 3, 4, 5, 6, 7, 8, 999],
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 999],
         "the refused start wrote nothing"
     );
     drop_schema(&schema).await;
@@ -1928,6 +1928,10 @@ async fn sqlite_hex_hashes_of_an_earlier_release_become_bytes() {
         .await
         .unwrap();
     store
+        .change("DROP TABLE policy_loads", vec![])
+        .await
+        .unwrap();
+    store
         .change("ALTER TABLE zones DROP COLUMN archived_at_ms", vec![])
         .await
         .unwrap();
@@ -1961,6 +1965,7 @@ async fn postgres_hex_hashes_of_an_earlier_release_become_bytes() {
     for undo in [
         "DROP INDEX applications_live_name",
         "DROP INDEX outbox_dedupe",
+        "DROP TABLE policy_loads",
         "ALTER TABLE zones DROP COLUMN archived_at_ms",
     ] {
         backend.db.change(undo, vec![]).await.unwrap();

@@ -6,11 +6,15 @@ Any exception fails the run (non-zero exit), which fails the Rust test that star
 import json
 import os
 
+import time
+
 from caracalai_admin import (
     AdminApiError,
     AdminClient,
+    ResourceGrant,
     ensure_api_key_provider,
     ensure_application,
+    ensure_grants,
     ensure_resource,
 )
 
@@ -75,6 +79,31 @@ seen["resource"] = {
     "enforcement": drifted["operation_enforcement"],
 }
 
+# Grants: the client authors the data document, creates the policy and set, activates; the
+# activation is then polled until an STS replica acknowledges it as loaded.
+grants = [ResourceGrant(application_id=first, resource_identifier="resource://crm", scopes=["crm:read"])]
+ensure_grants(client, zone_id, grants=grants)
+policy_set = next(s for s in client.policy_sets.list(zone_id) if s["name"] == "application-grant-policy")
+deadline = time.monotonic() + 20
+status = client.policy_sets.activation_status(zone_id, policy_set["id"])
+while status["propagation_status"] != "loaded" and time.monotonic() < deadline:
+    time.sleep(0.1)
+    status = client.policy_sets.activation_status(zone_id, policy_set["id"])
+versions_before = len(client.policy_sets.list_versions(zone_id, policy_set["id"]))
+ensure_grants(client, zone_id, grants=grants)  # steady state: nothing new
+simulated = client.policy_sets.simulate(
+    zone_id,
+    policy_set["id"],
+    status["version_id"],
+    {"flow": "mint", "application_id": first, "resource": "resource://crm", "scopes": ["crm:read"],
+     "labels": [first], "edge_scopes": ["crm:read"], "session": True},
+)
+seen["grants"] = {
+    "propagation": status["propagation_status"],
+    "steady": len(client.policy_sets.list_versions(zone_id, policy_set["id"])) == versions_before,
+    "simulated": simulated["result"]["decision"],
+}
+
 errors = {}
 for label, call in {
     "unknown_field": lambda: client.zones.create({"name": "x", "colour": "red"}),
@@ -88,6 +117,7 @@ for label, call in {
         zone_id, {"name": "bare", "scopes": ["x:read"], "upstream_url": "http://127.0.0.1:9"}
     ),
     "provider_in_use": lambda: client.providers.delete(zone_id, provider_id),
+    "invalid_policy": lambda: client.policies.create(zone_id, {"name": "bad", "content": "package x"}),
 }.items():
     try:
         call()

@@ -7,15 +7,18 @@ use axum::extract::{Path, RawQuery, State};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use caracal_core::{ErrorCode, RequestId};
-use caracal_policy::{Bundle, Diagnostic, Request, Verdict};
+use caracal_policy::{Bundle, Diagnostic, Request};
 use caracal_store::{OutboxMessage, PolicyHeader, PolicyVersion, StoreError, now_ms};
 use http::{HeaderMap, StatusCode};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, timestamp};
 use crate::auth::{Access, authenticate};
 use crate::error::ApiError;
+use crate::policy::{
+    BundleError, Canary, ManifestEntry, POLICY_INVALIDATE, SetVersionContent, compile_manifest,
+};
 use crate::state::RoleState;
 use crate::wire::Page;
 
@@ -63,8 +66,6 @@ pub fn routes() -> Router<RoleState> {
         )
 }
 
-/// The stream STS replicas reload a zone's bundle from.
-pub const POLICY_INVALIDATE: &str = "caracal.policy.invalidate";
 const MAX_MANIFEST: usize = 256;
 const MAX_CANARIES: usize = 256;
 
@@ -89,33 +90,11 @@ struct CreateSet {
     description: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-struct ManifestEntry {
-    policy_version_id: String,
-}
-
-/// A request and the decision the version must give it before it may be activated.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-struct Canary {
-    name: String,
-    request: Request,
-    expect: Verdict,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateSetVersion {
     manifest: Vec<ManifestEntry>,
     #[serde(default)]
-    canaries: Vec<Canary>,
-}
-
-/// What a set version stores: its manifest and its canary cases.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-struct SetVersionContent {
-    manifest: Vec<ManifestEntry>,
     canaries: Vec<Canary>,
 }
 
@@ -129,13 +108,20 @@ struct VersionChoice {
 #[serde(deny_unknown_fields)]
 struct SimulateBody {
     version_id: String,
-    input: Request,
+    input: Option<Request>,
 }
 
+/// `version_id` defaults to the set's active version; `outbox_id` (sent by the published
+/// client) is accepted and not needed: the version names its invalidation.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StatusQuery {
-    version_id: String,
+    version_id: Option<String>,
+    #[allow(
+        dead_code,
+        reason = "accepted for the published client; the version suffices"
+    )]
+    outbox_id: Option<String>,
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -604,35 +590,19 @@ async fn bundle_of(
     zone_id: &str,
     manifest: &[ManifestEntry],
 ) -> Result<Bundle, ApiError> {
-    let mut documents = Vec::with_capacity(manifest.len());
-    for entry in manifest {
-        let version = state
-            .shared
-            .store
-            .get_policy_version(zone_id, &entry.policy_version_id)
-            .await?
-            .ok_or_else(|| not_found("policy version", &entry.policy_version_id))?;
-        let document = caracal_policy::compile(&version.content).map_err(|diagnostics| {
-            ApiError::with_description(
-                ErrorCode::InvalidPolicyBundle,
-                format!("policy version `{}` no longer compiles", version.id),
-            )
-            .with_details(json!({ "diagnostics": diagnostics }))
-        })?;
-        documents.push(document);
-    }
-    Bundle::merge(&documents).map_err(|diagnostics| {
-        ApiError::with_description(
-            ErrorCode::InvalidPolicyBundle,
-            "the documents do not merge into one bundle",
-        )
-        .with_details(json!({ "diagnostics": diagnostics }))
-    })
+    compile_manifest(state.shared.store.as_ref(), zone_id, manifest)
+        .await
+        .map_err(|error| match error {
+            BundleError::Store(error) => error.into(),
+            BundleError::MissingVersion(id) => not_found("policy version", &id),
+            other => ApiError::with_description(ErrorCode::InvalidPolicyBundle, other.to_string())
+                .with_details(json!({ "diagnostics": other.diagnostics() })),
+        })
 }
 
 fn content_of(version: &PolicyVersion) -> Result<SetVersionContent, ApiError> {
-    serde_json::from_str(&version.content).map_err(|error| {
-        tracing::error!(version = %version.id, %error, "a stored policy set version does not parse");
+    crate::policy::set_version_content(version).map_err(|error| {
+        tracing::error!(%error, "a stored policy set version does not parse");
         ApiError::new(ErrorCode::InternalError)
     })
 }
@@ -843,8 +813,9 @@ async fn rollback(
 }
 
 /// Where an activation stands: `waiting_for_activation` (not the active version),
-/// `waiting_for_outbox` (invalidation not yet published), `waiting_for_sts` (published; the STS
-/// acknowledges loading it once it exists), `failed` (the invalidation is dead).
+/// `waiting_for_outbox` (invalidation not yet published), `waiting_for_sts` (published, no STS
+/// replica has acknowledged it yet), `loaded` (an STS replica loaded it), `failed` (the
+/// invalidation is dead, or an STS replica refused the bundle and kept the previous one).
 async fn activation_status(
     State(state): State<RoleState>,
     headers: HeaderMap,
@@ -858,31 +829,51 @@ async fn activation_status(
         .map_err(|error| {
             ApiError::with_description(ErrorCode::InvalidRequest, format!("query: {error}"))
         })?;
-    set_version(&state, &zone_id, &id, &query.version_id).await?;
     let binding = state.shared.store.policy_binding(&zone_id).await?;
     let active = binding
         .as_ref()
         .filter(|binding| binding.policy_set_id == id)
         .map(|binding| binding.active_version_id.clone());
+    let version_id = query.version_id.or_else(|| active.clone()).ok_or_else(|| {
+        ApiError::with_description(
+            ErrorCode::InvalidRequest,
+            "`version_id` is required: the set has no active version",
+        )
+    })?;
+    set_version(&state, &zone_id, &id, &version_id).await?;
     let outbox = state
         .shared
         .store
-        .outbox_status(&activation_key(&query.version_id))
+        .outbox_status(&activation_key(&version_id))
         .await?;
-    let propagation = match (
-        active.as_deref() == Some(query.version_id.as_str()),
-        outbox.as_deref(),
-    ) {
+    let loads: Vec<caracal_store::PolicyLoad> = state
+        .shared
+        .store
+        .policy_loads(&zone_id)
+        .await?
+        .into_iter()
+        .filter(|load| load.policy_set_version_id == version_id)
+        .collect();
+    let loaded = loads.iter().any(|load| load.status == "loaded");
+    let failed = loads.iter().find(|load| load.status == "failed");
+    let is_active = active.as_deref() == Some(version_id.as_str());
+    let propagation = match (is_active, outbox.as_deref()) {
         (false, _) => "waiting_for_activation",
         (true, Some("dead")) => "failed",
+        (true, _) if failed.is_some() => "failed",
+        (true, _) if loaded => "loaded",
         (true, Some("published")) => "waiting_for_sts",
         (true, _) => "waiting_for_outbox",
     };
     Ok(Json(json!({
         "policy_set_id": id,
-        "version_id": query.version_id,
+        "version_id": version_id,
         "active_version_id": active,
         "outbox_status": outbox,
+        "sts_status": {
+            "loaded_replicas": loads.iter().filter(|load| load.status == "loaded").count(),
+            "failure": failed.map(|load| load.detail.clone()),
+        },
         "propagation_status": propagation,
     })))
 }
@@ -902,8 +893,15 @@ async fn simulate(
     let version = set_version(&state, &zone_id, &id, &request.version_id).await?;
     let content = content_of(&version)?;
     let bundle = bundle_of(&state, &zone_id, &content.manifest).await?;
-    let decision = caracal_policy::decide(Some(&bundle), &request.input);
+    // Without an input the version is only compiled (as the published client allows).
+    let decision = request
+        .input
+        .as_ref()
+        .map(|input| caracal_policy::decide(Some(&bundle), input));
     Ok(Json(json!({
+        "explanation": {
+            "evaluation": if decision.is_some() { "executed" } else { "not_executed" },
+        },
         "dry_run": true,
         "policy_set_id": id,
         "version_id": version.id,

@@ -1010,6 +1010,13 @@ async fn policies_activate_through_the_outbox_with_canaries_and_roll_back_to_las
     shared.store.outbox_published("test", &ids).await.unwrap();
     let (_, _, published) = call(&app, "GET", &status_url, Some(&reader), "").await;
     assert_eq!(published["propagation_status"], "waiting_for_sts");
+    crate::policy::PolicyCache::default()
+        .refresh_all(shared.store.as_ref(), "sts-test")
+        .await
+        .unwrap();
+    let (_, _, loaded) = call(&app, "GET", &status_url, Some(&reader), "").await;
+    assert_eq!(loaded["propagation_status"], "loaded", "{loaded}");
+    assert_eq!(loaded["sts_status"]["loaded_replicas"], 1);
 
     // A version whose canaries disagree is refused; the active version stays.
     let (got, _, refused) = call(

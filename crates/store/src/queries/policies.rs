@@ -1,7 +1,7 @@
 //! Policies, policy sets, their immutable versions, and which set version a zone enforces.
 
 use crate::db::{Db, Row, Statement, params};
-use crate::model::{OutboxMessage, PolicyBinding, PolicyHeader, PolicyVersion};
+use crate::model::{OutboxMessage, PolicyBinding, PolicyHeader, PolicyLoad, PolicyVersion};
 use crate::store::{StoreError, all, first_row, not_found, now_ms, one, with_outbox};
 
 /// The row columns of `policies`, for `concat!`.
@@ -105,6 +105,13 @@ pub trait Policies: Send + Sync {
         outbox: &[OutboxMessage],
     ) -> Result<PolicyBinding, StoreError>;
     async fn policy_binding(&self, zone_id: &str) -> Result<Option<PolicyBinding>, StoreError>;
+    /// Every zone's binding.
+    async fn policy_bindings(&self) -> Result<Vec<PolicyBinding>, StoreError>;
+
+    /// Records what a replica loaded (or failed to load) for a zone, replacing its last record.
+    async fn record_policy_load(&self, load: &PolicyLoad) -> Result<(), StoreError>;
+    /// The zone's load records, one per replica.
+    async fn policy_loads(&self, zone_id: &str) -> Result<Vec<PolicyLoad>, StoreError>;
 }
 
 fn header(row: &Row) -> Result<PolicyHeader, StoreError> {
@@ -370,6 +377,63 @@ impl<D: Db> Policies for D {
         .must_change(not_found);
         let outcomes = self.atomic(with_outbox(upsert, outbox)).await?;
         binding(first_row(&outcomes)?)
+    }
+
+    async fn policy_bindings(&self) -> Result<Vec<PolicyBinding>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT zone_id, policy_set_id, active_version_id, previous_version_id, activated_at_ms
+                 FROM policy_bindings ORDER BY zone_id",
+                params![],
+            )
+            .await?;
+        rows.iter().map(binding).collect()
+    }
+
+    async fn record_policy_load(&self, load: &PolicyLoad) -> Result<(), StoreError> {
+        self.change(
+            "INSERT INTO policy_loads (zone_id, replica, policy_set_version_id, manifest_sha256, status, detail,
+                 updated_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (zone_id, replica) DO UPDATE SET
+                 policy_set_version_id = excluded.policy_set_version_id,
+                 manifest_sha256 = excluded.manifest_sha256, status = excluded.status,
+                 detail = excluded.detail, updated_at_ms = excluded.updated_at_ms",
+            params![
+                load.zone_id.as_str(),
+                load.replica.as_str(),
+                load.policy_set_version_id.as_str(),
+                load.manifest_sha256.as_str(),
+                load.status.as_str(),
+                load.detail.as_str(),
+                load.updated_at_ms,
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn policy_loads(&self, zone_id: &str) -> Result<Vec<PolicyLoad>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT zone_id, replica, policy_set_version_id, manifest_sha256, status, detail, updated_at_ms
+                 FROM policy_loads WHERE zone_id = $1 ORDER BY replica",
+                params![zone_id],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(PolicyLoad {
+                    zone_id: row.text(0)?,
+                    replica: row.text(1)?,
+                    policy_set_version_id: row.text(2)?,
+                    manifest_sha256: row.text(3)?,
+                    status: row.text(4)?,
+                    detail: row.text(5)?,
+                    updated_at_ms: row.int(6)?,
+                })
+            })
+            .collect()
     }
 
     async fn policy_binding(&self, zone_id: &str) -> Result<Option<PolicyBinding>, StoreError> {
