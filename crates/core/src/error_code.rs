@@ -64,6 +64,12 @@ pub enum ErrorCode {
     NoLastKnownGood,
     /// Another policy or policy set of the zone has this name.
     PolicyNameConflict,
+    /// Deciding approvals needs a token with the approve capability.
+    ApproveCapabilityRequired,
+    /// The hold may only be decided by the subject (a federated user), not an operator.
+    SubjectApprovalRequired,
+    /// The hold is already decided, consumed or expired.
+    ApprovalNotDecidable,
 }
 
 impl ErrorCode {
@@ -98,6 +104,9 @@ impl ErrorCode {
             ErrorCode::CanaryFailed => "canary_failed",
             ErrorCode::NoLastKnownGood => "no_last_known_good",
             ErrorCode::PolicyNameConflict => "policy_name_conflict",
+            ErrorCode::ApproveCapabilityRequired => "approve_capability_required",
+            ErrorCode::SubjectApprovalRequired => "subject_approval_required",
+            ErrorCode::ApprovalNotDecidable => "approval_not_decidable",
         }
     }
 
@@ -114,10 +123,13 @@ impl ErrorCode {
             | ErrorCode::ResourceIdentifierConflict
             | ErrorCode::CanaryFailed
             | ErrorCode::NoLastKnownGood
-            | ErrorCode::PolicyNameConflict => 409,
+            | ErrorCode::PolicyNameConflict
+            | ErrorCode::ApprovalNotDecidable => 409,
             ErrorCode::InvalidRego | ErrorCode::InvalidPolicyBundle => 422,
             ErrorCode::ClientSecretNotStored => 404,
-            ErrorCode::SystemZoneReadOnly => 403,
+            ErrorCode::SystemZoneReadOnly
+            | ErrorCode::ApproveCapabilityRequired
+            | ErrorCode::SubjectApprovalRequired => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::PayloadTooLarge => 413,
@@ -171,6 +183,9 @@ mod tests {
             ErrorCode::CanaryFailed,
             ErrorCode::NoLastKnownGood,
             ErrorCode::PolicyNameConflict,
+            ErrorCode::ApproveCapabilityRequired,
+            ErrorCode::SubjectApprovalRequired,
+            ErrorCode::ApprovalNotDecidable,
         ];
         for code in all {
             let text = code.as_str();

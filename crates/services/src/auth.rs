@@ -42,7 +42,9 @@ impl AdminCaller {
             Access::Approve => self.has("approve"),
         };
         if !allowed {
-            let code = if self.has("approve") && !self.has("write") {
+            let code = if access == Access::Approve {
+                ErrorCode::ApproveCapabilityRequired
+            } else if self.has("approve") && !self.has("write") {
                 ErrorCode::AdminTokenApproveOnly
             } else {
                 ErrorCode::AdminTokenReadOnly

@@ -3,6 +3,7 @@
 //! JSON bodies, `{items, next_cursor}` pages, the zone lookup, and evidence before success.
 
 mod applications;
+mod approvals;
 mod policies;
 mod providers;
 mod resources;
@@ -35,6 +36,7 @@ pub fn routes() -> Router<RoleState> {
     Router::new()
         .merge(zones::routes())
         .merge(applications::routes())
+        .merge(approvals::routes())
         .merge(policies::routes())
         .merge(providers::routes())
         .merge(resources::routes())

@@ -1067,3 +1067,138 @@ async fn policies_activate_through_the_outbox_with_canaries_and_roll_back_to_las
         "{events:?}"
     );
 }
+
+#[tokio::test]
+async fn approvals_are_listed_by_state_and_decided_once_by_an_approve_token() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let approver = token(&shared, "approve", TokenScope::Global).await;
+    let app = router(state);
+    let (_, _, zone) = call(&app, "POST", "/v1/zones", Some(&writer), r#"{"name":"a"}"#).await;
+    let zone_id = zone["id"].as_str().unwrap();
+    let now = caracal_store::now_ms();
+    for (id, class, expires_at_ms) in [
+        ("hold-1", "operator", now + 600_000),
+        ("hold-2", "subject", now + 600_000),
+        ("hold-3", "any", now - 1),
+    ] {
+        shared
+            .store
+            .create_approval_hold(
+                &caracal_store::ApprovalHold {
+                    id: id.into(),
+                    zone_id: zone_id.into(),
+                    session_id: "ar-1".into(),
+                    principal_id: "user-1".into(),
+                    application_id: "app-1".into(),
+                    tier: "high".into(),
+                    approver_class: class.into(),
+                    binding_hash: "ab".repeat(32),
+                    metadata: "{}".into(),
+                    created_at_ms: now,
+                    expires_at_ms,
+                    decision: None,
+                    decided_at_ms: None,
+                    decision_reason: None,
+                    approver_id: None,
+                    consumed_at_ms: None,
+                },
+                &[],
+            )
+            .await
+            .unwrap();
+    }
+    let base = format!("/v1/zones/{zone_id}/approvals");
+    let (_, _, counts) = call(&app, "GET", &format!("{base}/counts"), Some(&writer), "").await;
+    assert_eq!(
+        counts,
+        json!({"pending": 2, "approved": 0, "rejected": 0, "expired": 1, "consumed": 0})
+    );
+    let (_, _, pending) = call(
+        &app,
+        "GET",
+        &format!("{base}?state=pending"),
+        Some(&approver),
+        "",
+    )
+    .await;
+    assert_eq!(pending["items"].as_array().unwrap().len(), 2);
+    let (got, _, _) = call(
+        &app,
+        "GET",
+        &format!("{base}?state=odd"),
+        Some(&approver),
+        "",
+    )
+    .await;
+    assert_eq!(got, StatusCode::BAD_REQUEST);
+
+    let approve = |id: &str| format!("{base}/{id}/approve");
+    let (got, _, answer) = call(&app, "POST", &approve("hold-1"), Some(&writer), "{}").await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::FORBIDDEN, Some("approve_capability_required"))
+    );
+    let (got, _, answer) = call(&app, "POST", &approve("hold-2"), Some(&approver), "{}").await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::FORBIDDEN, Some("subject_approval_required"))
+    );
+    let (got, _, answer) = call(&app, "POST", &approve("hold-3"), Some(&approver), "{}").await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::CONFLICT, Some("approval_not_decidable"))
+    );
+    assert_eq!(answer["details"]["state"], "expired");
+    let (got, _, answer) = call(
+        &app,
+        "POST",
+        &approve("hold-1"),
+        Some(&approver),
+        &json!({"reason": "x".repeat(501)}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::BAD_REQUEST, Some("invalid_body"))
+    );
+    let (got, _, decided) = call(
+        &app,
+        "POST",
+        &approve("hold-1"),
+        Some(&approver),
+        r#"{"reason":"on call"}"#,
+    )
+    .await;
+    assert_eq!(got, StatusCode::OK, "{decided}");
+    assert_eq!(
+        (decided["state"].clone(), decided["decision_reason"].clone()),
+        (json!("approved"), json!("on call"))
+    );
+    assert!(
+        decided["approver_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("admin:")
+    );
+    let (got, _, answer) = call(
+        &app,
+        "POST",
+        &format!("{base}/hold-1/reject"),
+        Some(&approver),
+        "",
+    )
+    .await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::CONFLICT, Some("approval_not_decidable")),
+        "decided once"
+    );
+    let (got, _, _) = call(&app, "GET", &format!("{base}/nope"), Some(&approver), "").await;
+    assert_eq!(got, StatusCode::NOT_FOUND);
+    assert_eq!(
+        types(&audit_outbox(&shared).await)[1..],
+        ["admin.step_up_decided.approved"]
+    );
+}

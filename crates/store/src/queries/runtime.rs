@@ -141,6 +141,8 @@ pub trait Runtime: Send + Sync {
         &self,
         zone_id: &str,
     ) -> Result<Vec<ApprovalHold>, StoreError>;
+    /// Every hold of the zone, decided or not, oldest first.
+    async fn list_approval_holds(&self, zone_id: &str) -> Result<Vec<ApprovalHold>, StoreError>;
     /// Decides an undecided, unexpired hold; otherwise a [`StoreError::Conflict`].
     async fn decide_approval_hold(
         &self,
@@ -670,6 +672,19 @@ impl<D: Db> Runtime for D {
             self,
             concat!(select_approval_holds!(), " WHERE zone_id = $1 AND id = $2"),
             params![zone_id, id],
+            hold,
+        )
+        .await
+    }
+
+    async fn list_approval_holds(&self, zone_id: &str) -> Result<Vec<ApprovalHold>, StoreError> {
+        all(
+            self,
+            concat!(
+                select_approval_holds!(),
+                " WHERE zone_id = $1 ORDER BY created_at_ms, id"
+            ),
+            params![zone_id],
             hold,
         )
         .await

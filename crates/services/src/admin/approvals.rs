@@ -1,0 +1,259 @@
+//! `/v1/zones/{zone}/approvals`: human-approval holds the STS raised, with their derived state,
+//! and the operator's decision (approve capability only).
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use caracal_core::{ErrorCode, RequestId};
+use caracal_store::{ApprovalHold, StoreError, now_ms};
+use http::HeaderMap;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{Change, evidence, invalid_body, json, live_zone, page, timestamp};
+use crate::auth::{Access, authenticate};
+use crate::error::ApiError;
+use crate::state::RoleState;
+use crate::wire::Page;
+
+pub fn routes() -> Router<RoleState> {
+    Router::new()
+        .route("/v1/zones/{zone_id}/approvals", get(list))
+        .route("/v1/zones/{zone_id}/approvals/counts", get(counts))
+        .route("/v1/zones/{zone_id}/approvals/{id}", get(read))
+        .route("/v1/zones/{zone_id}/approvals/{id}/approve", post(approve))
+        .route("/v1/zones/{zone_id}/approvals/{id}/reject", post(reject))
+}
+
+const STATES: [&str; 5] = ["pending", "approved", "rejected", "expired", "consumed"];
+const MAX_REASON: usize = 500;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    tier: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Decision {
+    reason: Option<String>,
+}
+
+/// The hold's state, by precedence: consumed > rejected > expired > approved > pending (an
+/// approved hold past its window reads expired).
+fn state_of(hold: &ApprovalHold, now: i64) -> &'static str {
+    if hold.consumed_at_ms.is_some() {
+        "consumed"
+    } else if hold.decision.as_deref() == Some("rejected") {
+        "rejected"
+    } else if hold.expires_at_ms <= now {
+        "expired"
+    } else if hold.decision.as_deref() == Some("approved") {
+        "approved"
+    } else {
+        "pending"
+    }
+}
+
+fn body(hold: &ApprovalHold, now: i64) -> Value {
+    json!({
+        "id": hold.id,
+        "zone_id": hold.zone_id,
+        "state": state_of(hold, now),
+        "tier": hold.tier,
+        "approver_class": hold.approver_class,
+        "principal_id": hold.principal_id,
+        "application_id": hold.application_id,
+        "session_id": hold.session_id,
+        "binding": hold.binding_hash,
+        "metadata": serde_json::from_str::<Value>(&hold.metadata).unwrap_or(Value::Null),
+        "created_at": timestamp(hold.created_at_ms),
+        "expires_at": timestamp(hold.expires_at_ms),
+        "decided_at": hold.decided_at_ms.map(timestamp),
+        "decision_reason": hold.decision_reason,
+        "approver_id": hold.approver_id,
+        "consumed_at": hold.consumed_at_ms.map(timestamp),
+    })
+}
+
+async fn list(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path(zone_id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Page<Value>>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    let query: ListQuery =
+        serde_urlencoded::from_str(raw.as_deref().unwrap_or_default()).map_err(|error| {
+            ApiError::with_description(ErrorCode::InvalidRequest, format!("query: {error}"))
+        })?;
+    if let Some(wanted) = &query.state
+        && !STATES.contains(&wanted.as_str())
+    {
+        return Err(ApiError::with_description(
+            ErrorCode::InvalidRequest,
+            format!("`state` is one of {}", STATES.join(", ")),
+        ));
+    }
+    let now = now_ms();
+    let holds: Vec<ApprovalHold> = state
+        .shared
+        .store
+        .list_approval_holds(&zone_id)
+        .await?
+        .into_iter()
+        .filter(|hold| {
+            query
+                .state
+                .as_deref()
+                .is_none_or(|wanted| state_of(hold, now) == wanted)
+        })
+        .filter(|hold| query.tier.as_deref().is_none_or(|tier| hold.tier == tier))
+        .collect();
+    let paging = super::ListQuery {
+        limit: query.limit,
+        cursor: query.cursor,
+        status: None,
+    };
+    let page = page(holds, |hold| (hold.created_at_ms, hold.id.clone()), &paging)?;
+    Ok(Json(Page {
+        items: page.items.iter().map(|hold| body(hold, now)).collect(),
+        next_cursor: page.next_cursor,
+    }))
+}
+
+async fn counts(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path(zone_id): Path<String>,
+) -> Result<Json<BTreeMap<&'static str, u64>>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    let now = now_ms();
+    let mut counts: BTreeMap<&'static str, u64> = STATES.iter().map(|state| (*state, 0)).collect();
+    for hold in state.shared.store.list_approval_holds(&zone_id).await? {
+        *counts.entry(state_of(&hold, now)).or_default() += 1;
+    }
+    Ok(Json(counts))
+}
+
+async fn hold_of(state: &RoleState, zone_id: &str, id: &str) -> Result<ApprovalHold, ApiError> {
+    state
+        .shared
+        .store
+        .get_approval_hold(zone_id, id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::with_description(ErrorCode::NotFound, format!("approval `{id}` not found"))
+        })
+}
+
+async fn read(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    Ok(Json(body(&hold_of(&state, &zone_id, &id).await?, now_ms())))
+}
+
+async fn approve(
+    state: State<RoleState>,
+    headers: HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    path: Path<(String, String)>,
+    raw: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    decide(state, headers, request_id, path, raw, "approved").await
+}
+
+async fn reject(
+    state: State<RoleState>,
+    headers: HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    path: Path<(String, String)>,
+    raw: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    decide(state, headers, request_id, path, raw, "rejected").await
+}
+
+/// An operator's decision: approve capability, an operator-decidable hold, still pending.
+async fn decide(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    Path((zone_id, id)): Path<(String, String)>,
+    raw: Bytes,
+    decision: &'static str,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Approve).await?;
+    let request: Decision = if raw.is_empty() {
+        Decision::default()
+    } else {
+        json(&raw)?
+    };
+    let reason = request.reason.unwrap_or_default();
+    if reason.chars().count() > MAX_REASON || reason.chars().any(char::is_control) {
+        return Err(invalid_body(
+            "reason",
+            &format!("at most {MAX_REASON} printable characters"),
+        ));
+    }
+    let hold = hold_of(&state, &zone_id, &id).await?;
+    if !["operator", "any"].contains(&hold.approver_class.as_str()) {
+        return Err(ApiError::new(ErrorCode::SubjectApprovalRequired));
+    }
+    let current = state_of(&hold, now_ms());
+    let not_decidable = || {
+        ApiError::with_description(
+            ErrorCode::ApprovalNotDecidable,
+            format!("the approval is {current}"),
+        )
+        .with_details(json!({ "state": current }))
+    };
+    if current != "pending" {
+        return Err(not_decidable());
+    }
+    let recorded = evidence(
+        &caller,
+        request_id.as_deref(),
+        Change {
+            zone_id: &zone_id,
+            action: if decision == "approved" {
+                "step_up_decided.approved"
+            } else {
+                "step_up_decided.rejected"
+            },
+            entity_type: "approval",
+            entity_id: &id,
+            fields: vec!["decision", "decision_reason"],
+        },
+    )?;
+    state
+        .shared
+        .store
+        .decide_approval_hold(
+            &zone_id,
+            &id,
+            decision,
+            &reason,
+            &format!("admin:{}", caller.token_id),
+            &[recorded],
+        )
+        .await
+        .map_err(|error| match error {
+            StoreError::Conflict(_) => not_decidable(),
+            other => other.into(),
+        })?;
+    Ok(Json(body(&hold_of(&state, &zone_id, &id).await?, now_ms())))
+}
