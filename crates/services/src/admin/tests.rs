@@ -1202,3 +1202,99 @@ async fn approvals_are_listed_by_state_and_decided_once_by_an_approve_token() {
         ["admin.step_up_decided.approved"]
     );
 }
+
+/// Every `(method, path)` the `/v1` modules declare with `.route(…)`, read from their source.
+fn declared_routes() -> Vec<(String, String)> {
+    let sources = [
+        include_str!("zones.rs"),
+        include_str!("applications.rs"),
+        include_str!("approvals.rs"),
+        include_str!("providers.rs"),
+        include_str!("resources.rs"),
+        include_str!("policies.rs"),
+        include_str!("tokens.rs"),
+        include_str!("openapi.rs"),
+        include_str!("../api.rs"),
+    ];
+    let mut routes = Vec::new();
+    for source in sources {
+        let mut rest = source;
+        while let Some(at) = rest.find(".route(") {
+            rest = &rest[at + ".route(".len()..];
+            let Some(open) = rest.find('"') else { break };
+            let Some(close) = rest[open + 1..].find('"') else {
+                break;
+            };
+            let path = &rest[open + 1..open + 1 + close];
+            // The handler chain runs to the call's closing parenthesis.
+            let mut depth = 1;
+            let mut end = 0;
+            for (index, character) in rest.char_indices() {
+                match character {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    _ => {}
+                }
+                if depth == 0 {
+                    end = index;
+                    break;
+                }
+            }
+            let chain = &rest[open + 1 + close..end];
+            for method in ["get", "post", "patch", "put", "delete"] {
+                let called = chain.match_indices(&format!("{method}(")).any(|(i, _)| {
+                    i == 0
+                        || !chain.as_bytes()[i - 1].is_ascii_alphanumeric()
+                            && chain.as_bytes()[i - 1] != b'_'
+                });
+                if called {
+                    routes.push((method.to_owned(), path.to_owned()));
+                }
+            }
+        }
+    }
+    routes
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route_and_only_served_ones() {
+    let declared = declared_routes();
+    assert!(
+        declared.len() > 40,
+        "the scan found {} routes",
+        declared.len()
+    );
+    let (_keep, state) = role_state(Role::Api);
+    let app = router(state);
+    let (status, _, document) = call(&app, "GET", "/v1/openapi.json", None, "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(document["openapi"], "3.1.0");
+    let mut documented = Vec::new();
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.push((method.clone(), path.clone()));
+        }
+    }
+    for route in &declared {
+        assert!(
+            documented.contains(route),
+            "{route:?} is served but not documented"
+        );
+    }
+    for (method, path) in &documented {
+        assert!(
+            declared.contains(&(method.clone(), path.clone())),
+            "{method} {path} is documented but not declared"
+        );
+        // And the router answers it (without a token: 401, never 404 or 405).
+        let concrete = path
+            .replace("{zone_id}", "z")
+            .replace("{version_id}", "v")
+            .replace("{id}", "x");
+        let (status, _, _) = call(&app, &method.to_uppercase(), &concrete, None, "").await;
+        assert!(
+            status != StatusCode::NOT_FOUND && status != StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}: {status}"
+        );
+    }
+}

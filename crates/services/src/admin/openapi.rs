@@ -1,0 +1,397 @@
+//! `GET /v1/openapi.json`: an OpenAPI 3.1 description of every `/v1` route, built from the
+//! table below. A test reads the route declarations of the source and fails when one is
+//! missing here (or listed here but not served).
+
+use axum::Json;
+use axum::Router;
+use axum::routing::get;
+use serde_json::{Map, Value, json};
+
+use crate::state::RoleState;
+
+pub fn routes() -> Router<RoleState> {
+    Router::new().route("/v1/openapi.json", get(document))
+}
+
+/// One operation: method, path (axum syntax), who may call it, what it does.
+pub struct Operation {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub access: &'static str,
+    pub summary: &'static str,
+}
+
+const fn op(
+    method: &'static str,
+    path: &'static str,
+    access: &'static str,
+    summary: &'static str,
+) -> Operation {
+    Operation {
+        method,
+        path,
+        access,
+        summary,
+    }
+}
+
+pub const OPERATIONS: &[Operation] = &[
+    op("get", "/v1/openapi.json", "none", "This document"),
+    op(
+        "get",
+        "/v1/zones",
+        "read",
+        "List zones (a zone token sees its own)",
+    ),
+    op("post", "/v1/zones", "write, global", "Create a zone"),
+    op("get", "/v1/zones/{zone_id}", "read", "Read a zone"),
+    op("patch", "/v1/zones/{zone_id}", "write", "Rename a zone"),
+    op("delete", "/v1/zones/{zone_id}", "write", "Archive a zone"),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/dcr-status",
+        "read",
+        "Dynamic client registration status (not offered)",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/applications",
+        "read",
+        "List applications (?status=active|archived)",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/applications",
+        "write",
+        "Create an application; its client secret is shown once",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/applications/{id}",
+        "read",
+        "Read an application",
+    ),
+    op(
+        "patch",
+        "/v1/zones/{zone_id}/applications/{id}",
+        "write",
+        "Change name, traits or client secret",
+    ),
+    op(
+        "delete",
+        "/v1/zones/{zone_id}/applications/{id}",
+        "write",
+        "Archive an application",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/applications/{id}/rotate-secret",
+        "write",
+        "New client secret, shown once",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/applications/{id}/client-secret",
+        "write",
+        "Always 404 client_secret_not_stored: only a hash is kept",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/providers",
+        "read",
+        "List providers (secrets never shown)",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/providers",
+        "write",
+        "Create a provider; secret fields are sealed",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/providers/{id}",
+        "read",
+        "Read a provider",
+    ),
+    op(
+        "patch",
+        "/v1/zones/{zone_id}/providers/{id}",
+        "write",
+        "Change a provider; new secret fields rotate",
+    ),
+    op(
+        "delete",
+        "/v1/zones/{zone_id}/providers/{id}",
+        "write",
+        "Archive an unused provider",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/providers/{id}/reveal-secrets",
+        "write",
+        "Audited reveal of the sealed secrets",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/resources",
+        "read",
+        "List resources",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/resources",
+        "write",
+        "Create a resource bound to a provider",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/resources/{id}",
+        "read",
+        "Read a resource",
+    ),
+    op(
+        "patch",
+        "/v1/zones/{zone_id}/resources/{id}",
+        "write",
+        "Change a resource",
+    ),
+    op(
+        "delete",
+        "/v1/zones/{zone_id}/resources/{id}",
+        "write",
+        "Archive a resource",
+    ),
+    op(
+        "post",
+        "/v1/policies/validate",
+        "read",
+        "Check a data document",
+    ),
+    op(
+        "get",
+        "/v1/policy-templates",
+        "read",
+        "Starter data documents",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/policies",
+        "read",
+        "List policies",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/policies",
+        "write",
+        "Create a policy and its version 1",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/policies/{id}",
+        "read",
+        "Read a policy with its versions",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/policies/{id}/versions",
+        "write",
+        "Add an immutable version",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/policy-sets",
+        "read",
+        "List policy sets",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/policy-sets",
+        "write",
+        "Create a policy set",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/policy-sets/{id}",
+        "read",
+        "Read a set: active and last known good versions",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/policy-sets/{id}/versions",
+        "read",
+        "List set versions",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/policy-sets/{id}/versions",
+        "write",
+        "Add a version: manifest and canary cases",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/policy-sets/{id}/versions/{version_id}",
+        "read",
+        "Read a set version",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/policy-sets/{id}/activate",
+        "write",
+        "Activate a version (202); its canaries run first",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/policy-sets/{id}/activation-status",
+        "read",
+        "Propagation of an activation",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/policy-sets/{id}/simulate",
+        "read",
+        "Decide a request against a version",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/policy-sets/{id}/rollback",
+        "write",
+        "Re-activate the last known good version",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/approvals",
+        "read",
+        "List approval holds (?state=&tier=)",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/approvals/counts",
+        "read",
+        "Holds by state",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/approvals/{id}",
+        "read",
+        "Read a hold",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/approvals/{id}/approve",
+        "approve",
+        "Approve a pending hold",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/approvals/{id}/reject",
+        "approve",
+        "Reject a pending hold",
+    ),
+    op(
+        "get",
+        "/v1/admin-tokens",
+        "write, global",
+        "List admin tokens",
+    ),
+    op(
+        "post",
+        "/v1/admin-tokens",
+        "write, global",
+        "Mint a token, shown once",
+    ),
+    op(
+        "delete",
+        "/v1/admin-tokens/{id}",
+        "write, global",
+        "Revoke a token",
+    ),
+    op(
+        "get",
+        "/v1/audit/tamper",
+        "read, global",
+        "Open tamper findings",
+    ),
+    op(
+        "post",
+        "/v1/audit/tamper/ack",
+        "write, global",
+        "Acknowledge tamper findings (audited)",
+    ),
+    op("get", "/v1/audit/dlq", "read, global", "Audit dead letters"),
+    op(
+        "post",
+        "/v1/audit/dlq/replay",
+        "write, global",
+        "Replay transient dead letters",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/audit",
+        "read",
+        "Search audit events (JSON or CSV)",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/audit/explain",
+        "read",
+        "Explain a request's decision",
+    ),
+];
+
+fn document_value() -> Value {
+    let mut paths = Map::new();
+    for operation in OPERATIONS {
+        let parameters: Vec<Value> = operation
+            .path
+            .split('/')
+            .filter_map(|segment| segment.strip_prefix('{')?.strip_suffix('}'))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        let mut responses = Map::new();
+        responses.insert("2XX".into(), json!({"description": "success"}));
+        responses.insert(
+            "default".into(),
+            json!({"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}),
+        );
+        let mut entry = json!({
+            "summary": operation.summary,
+            "description": format!("Token: {}.", operation.access),
+            "parameters": parameters,
+            "responses": responses,
+        });
+        if operation.access == "none"
+            && let Some(object) = entry.as_object_mut()
+        {
+            object.insert("security".into(), json!([]));
+        }
+        if let Some(item) = paths
+            .entry(operation.path)
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+        {
+            item.insert(operation.method.to_owned(), entry);
+        }
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Caracal admin API", "version": env!("CARGO_PKG_VERSION")},
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "An admin token (cat_…)"}},
+            "schemas": {"Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {"type": "string", "description": "A stable code"},
+                    "error_description": {"type": "string"},
+                    "details": {"type": "object"},
+                },
+            }},
+        },
+    })
+}
+
+async fn document() -> Json<Value> {
+    Json(document_value())
+}
