@@ -216,6 +216,18 @@ pub const OPERATIONS: &[Operation] = &[
         "Read a set: active and last known good versions",
     ),
     op(
+        "delete",
+        "/v1/zones/{zone_id}/policy-sets/{id}",
+        "write",
+        "Archive a set; archiving the active set leaves the zone denying everything",
+    ),
+    op(
+        "delete",
+        "/v1/zones/{zone_id}/policies/{id}",
+        "write",
+        "Archive a policy (its versions stay, immutable)",
+    ),
+    op(
         "get",
         "/v1/zones/{zone_id}/policy-sets/{id}/versions",
         "read",

@@ -30,7 +30,10 @@ pub fn routes() -> Router<RoleState> {
             "/v1/zones/{zone_id}/policies",
             get(list_policies).post(create_policy),
         )
-        .route("/v1/zones/{zone_id}/policies/{id}", get(read_policy))
+        .route(
+            "/v1/zones/{zone_id}/policies/{id}",
+            get(read_policy).delete(archive_policy),
+        )
         .route(
             "/v1/zones/{zone_id}/policies/{id}/versions",
             post(add_policy_version),
@@ -39,7 +42,10 @@ pub fn routes() -> Router<RoleState> {
             "/v1/zones/{zone_id}/policy-sets",
             get(list_sets).post(create_set),
         )
-        .route("/v1/zones/{zone_id}/policy-sets/{id}", get(read_set))
+        .route(
+            "/v1/zones/{zone_id}/policy-sets/{id}",
+            get(read_set).delete(archive_set),
+        )
         .route(
             "/v1/zones/{zone_id}/policy-sets/{id}/versions",
             get(list_set_versions).post(add_set_version),
@@ -909,4 +915,71 @@ async fn simulate(
         "schema_version": caracal_policy::SCHEMA_VERSION,
         "result": decision,
     })))
+}
+
+async fn archive_policy(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    Path((zone_id, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    live_policy(&state, &zone_id, &id).await?;
+    let recorded = evidence(
+        &caller,
+        request_id.as_deref(),
+        Change {
+            zone_id: &zone_id,
+            action: "policy.archive",
+            entity_type: "policy",
+            entity_id: &id,
+            fields: vec![],
+        },
+    )?;
+    state
+        .shared
+        .store
+        .archive_policy(&zone_id, &id, &[recorded])
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Archives a set. If it is the zone's active set, the zone drops to deny-all at once: the
+/// binding goes in the same transaction and the STS is told to reload.
+async fn archive_set(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    Path((zone_id, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    live_set(&state, &zone_id, &id).await?;
+    let recorded = evidence(
+        &caller,
+        request_id.as_deref(),
+        Change {
+            zone_id: &zone_id,
+            action: "policy_set.archive",
+            entity_type: "policy_set",
+            entity_id: &id,
+            fields: vec![],
+        },
+    )?;
+    let invalidate = OutboxMessage {
+        stream: POLICY_INVALIDATE.to_owned(),
+        fields: [
+            ("zone_id".to_owned(), zone_id.clone()),
+            ("policy_set_id".to_owned(), id.clone()),
+        ]
+        .into(),
+        dedupe_key: Some(format!("policy-archive:{id}")),
+    };
+    state
+        .shared
+        .store
+        .archive_policy_set(&zone_id, &id, &[invalidate, recorded])
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -1066,6 +1066,36 @@ async fn policies_activate_through_the_outbox_with_canaries_and_roll_back_to_las
         types(&events).contains(&"admin.policy_set.rollback"),
         "{events:?}"
     );
+
+    // Archiving the active set leaves the zone with no bundle: every request denies.
+    let cache = crate::policy::PolicyCache::default();
+    cache
+        .refresh_all(shared.store.as_ref(), "sts-test")
+        .await
+        .unwrap();
+    assert!(cache.get(zone_id).is_some());
+    let (got, _, _) = call(&app, "DELETE", &sets, w, "").await;
+    assert_eq!(got, StatusCode::NO_CONTENT);
+    assert!(
+        shared
+            .store
+            .policy_binding(zone_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    cache
+        .refresh_all(shared.store.as_ref(), "sts-test")
+        .await
+        .unwrap();
+    assert!(cache.get(zone_id).is_none(), "deny all");
+    let (got, _, _) = call(&app, "GET", &sets, w, "").await;
+    assert_eq!(got, StatusCode::NOT_FOUND);
+    let policy_path = format!("{base}/policies/{}", policy["id"].as_str().unwrap());
+    let (got, _, _) = call(&app, "DELETE", &policy_path, w, "").await;
+    assert_eq!(got, StatusCode::NO_CONTENT);
+    let (_, _, listed) = call(&app, "GET", &format!("{base}/policies"), w, "").await;
+    assert_eq!(listed["items"], json!([]));
 }
 
 #[tokio::test]

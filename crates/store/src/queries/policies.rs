@@ -107,6 +107,21 @@ pub trait Policies: Send + Sync {
     async fn policy_binding(&self, zone_id: &str) -> Result<Option<PolicyBinding>, StoreError>;
     /// Every zone's binding.
     async fn policy_bindings(&self) -> Result<Vec<PolicyBinding>, StoreError>;
+    /// Archives a live policy (its versions stay, immutable, for the sets that name them).
+    async fn archive_policy(
+        &self,
+        zone_id: &str,
+        id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+    /// Archives a live policy set; if it is the zone's active set, the binding goes with it in
+    /// the same transaction and the zone denies everything.
+    async fn archive_policy_set(
+        &self,
+        zone_id: &str,
+        id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
 
     /// Records what a replica loaded (or failed to load) for a zone, replacing its last record.
     async fn record_policy_load(&self, load: &PolicyLoad) -> Result<(), StoreError>;
@@ -377,6 +392,40 @@ impl<D: Db> Policies for D {
         .must_change(not_found);
         let outcomes = self.atomic(with_outbox(upsert, outbox)).await?;
         binding(first_row(&outcomes)?)
+    }
+
+    async fn archive_policy(
+        &self,
+        zone_id: &str,
+        id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let update = Statement::new(
+            "UPDATE policies SET archived_at_ms = $3 WHERE zone_id = $1 AND id = $2 AND archived_at_ms IS NULL",
+            params![zone_id, id, now_ms()],
+        )
+        .must_change(not_found);
+        self.atomic(with_outbox(update, outbox)).await.map(|_| ())
+    }
+
+    async fn archive_policy_set(
+        &self,
+        zone_id: &str,
+        id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let update = Statement::new(
+            "UPDATE policy_sets SET archived_at_ms = $3 WHERE zone_id = $1 AND id = $2 AND archived_at_ms IS NULL",
+            params![zone_id, id, now_ms()],
+        )
+        .must_change(not_found);
+        let unbind = Statement::new(
+            "DELETE FROM policy_bindings WHERE zone_id = $1 AND policy_set_id = $2",
+            params![zone_id, id],
+        );
+        let mut statements = with_outbox(update, outbox);
+        statements.insert(1, unbind);
+        self.atomic(statements).await.map(|_| ())
     }
 
     async fn policy_bindings(&self) -> Result<Vec<PolicyBinding>, StoreError> {
