@@ -13,7 +13,10 @@ use caracal_store::{Application, ApplicationChange, StoreError, now_ms};
 use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
-use super::{Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, timestamp};
+use super::{
+    Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, timestamp,
+    valid_name,
+};
 use crate::auth::{Access, AdminCaller, authenticate};
 use crate::error::ApiError;
 use crate::state::RoleState;
@@ -36,7 +39,6 @@ pub fn routes() -> Router<RoleState> {
         )
 }
 
-const MAX_NAME: usize = 200;
 const MAX_TRAITS: usize = 64;
 const MAX_TRAIT: usize = 128;
 const MAX_SECRET: usize = 1024;
@@ -73,17 +75,6 @@ fn body(application: Application, client_secret: Option<String>) -> ApplicationB
         archived_at: application.archived_at_ms.map(timestamp),
         client_secret,
     }
-}
-
-fn valid_name(name: &str) -> Result<String, ApiError> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > MAX_NAME || name.chars().any(char::is_control) {
-        return Err(invalid_body(
-            "name",
-            &format!("must be 1 to {MAX_NAME} printable characters"),
-        ));
-    }
-    Ok(name.to_owned())
 }
 
 /// Traits: at most 64, each `[A-Za-z][A-Za-z0-9._:-]*` up to 128 characters, no repeats;

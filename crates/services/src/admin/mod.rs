@@ -125,6 +125,41 @@ fn timestamp(ms: i64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + since_epoch).to_string()
 }
 
+/// Longest display name of any admin object, in characters.
+const MAX_NAME: usize = 200;
+
+/// A display name: trimmed, 1 to 200 printable characters.
+fn valid_name(name: &str) -> Result<String, ApiError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > MAX_NAME || name.chars().any(char::is_control) {
+        return Err(invalid_body(
+            "name",
+            &format!("must be 1 to {MAX_NAME} printable characters"),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// A slug made from a name: lower-case letters and digits, every other run one `-`, at most
+/// `max` characters; `fallback` when nothing is left.
+fn slug_of(name: &str, max: usize, fallback: &str) -> String {
+    let mut slug = String::new();
+    for character in name.chars().flat_map(char::to_lowercase) {
+        if character.is_ascii_lowercase() || character.is_ascii_digit() {
+            slug.push(character);
+        } else if !slug.is_empty() && !slug.ends_with('-') {
+            slug.push('-');
+        }
+    }
+    let slug: String = slug.chars().take(max).collect();
+    let slug = slug.trim_end_matches('-');
+    if slug.is_empty() {
+        fallback.to_owned()
+    } else {
+        slug.to_owned()
+    }
+}
+
 /// A new object id.
 fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()

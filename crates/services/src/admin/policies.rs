@@ -13,7 +13,10 @@ use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, timestamp};
+use super::{
+    Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, timestamp,
+    valid_name,
+};
 use crate::auth::{Access, authenticate};
 use crate::error::ApiError;
 use crate::policy::{
@@ -145,17 +148,6 @@ fn invalid_rego(diagnostics: Vec<Diagnostic>) -> ApiError {
         format!("not a data document: {summary}"),
     )
     .with_details(json!({ "diagnostics": diagnostics }))
-}
-
-fn valid_name(name: &str) -> Result<String, ApiError> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
-        return Err(invalid_body(
-            "name",
-            "must be 1 to 200 printable characters",
-        ));
-    }
-    Ok(name.to_owned())
 }
 
 fn name_conflict(name: &str) -> impl FnOnce(StoreError) -> ApiError + '_ {

@@ -14,7 +14,10 @@ use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::{Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, timestamp};
+use super::{
+    Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, slug_of, timestamp,
+    valid_name,
+};
 use crate::auth::{Access, authenticate};
 use crate::error::ApiError;
 use crate::state::RoleState;
@@ -57,7 +60,6 @@ const SECRET_KEYS: [&str; 10] = [
 ];
 /// What the envelope of a provider secret is bound to: it opens for nothing else.
 const SECRET_PURPOSE: &str = "provider-secret";
-const MAX_NAME: usize = 200;
 const MAX_CONFIG: usize = 64 * 1024;
 
 #[derive(Debug, Deserialize)]
@@ -107,23 +109,6 @@ fn valid_identifier(identifier: &str) -> Result<String, ApiError> {
         ));
     }
     Ok(identifier.to_owned())
-}
-
-fn slug_of(name: &str) -> String {
-    let mut slug = String::new();
-    for character in name.chars().flat_map(char::to_lowercase) {
-        if character.is_ascii_lowercase() || character.is_ascii_digit() {
-            slug.push(character);
-        } else if !slug.is_empty() && !slug.ends_with('-') {
-            slug.push('-');
-        }
-    }
-    let slug = slug.trim_end_matches('-');
-    if slug.is_empty() {
-        "provider".to_owned()
-    } else {
-        slug.chars().take(120).collect()
-    }
 }
 
 /// A provider's configuration: the public part, and the secrets by key.
@@ -307,7 +292,7 @@ async fn create(
             )
         }
         (Some(name), None) => {
-            let identifier = format!("provider://{}", slug_of(&name));
+            let identifier = format!("provider://{}", slug_of(&name, 120, "provider"));
             (name, identifier)
         }
     };
@@ -348,17 +333,6 @@ async fn create(
         .await
         .map_err(conflict(&provider.identifier))?;
     Ok((StatusCode::CREATED, Json(body(provider))))
-}
-
-fn valid_name(name: &str) -> Result<String, ApiError> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > MAX_NAME || name.chars().any(char::is_control) {
-        return Err(invalid_body(
-            "name",
-            &format!("must be 1 to {MAX_NAME} printable characters"),
-        ));
-    }
-    Ok(name.to_owned())
 }
 
 async fn read(

@@ -11,7 +11,10 @@ use http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::providers::live_provider;
-use super::{Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, timestamp};
+use super::{
+    Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, slug_of, timestamp,
+    valid_name,
+};
 use crate::auth::{Access, authenticate};
 use crate::error::ApiError;
 use crate::state::RoleState;
@@ -83,34 +86,6 @@ fn valid_identifier(identifier: &str) -> Result<String, ApiError> {
         ));
     }
     Ok(identifier.to_owned())
-}
-
-fn slug_of(name: &str) -> String {
-    let mut slug = String::new();
-    for character in name.chars().flat_map(char::to_lowercase) {
-        if character.is_ascii_lowercase() || character.is_ascii_digit() {
-            slug.push(character);
-        } else if !slug.is_empty() && !slug.ends_with('-') {
-            slug.push('-');
-        }
-    }
-    let slug = slug.trim_end_matches('-');
-    if slug.is_empty() {
-        "resource".to_owned()
-    } else {
-        slug.chars().take(200).collect()
-    }
-}
-
-fn valid_name(name: &str) -> Result<String, ApiError> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
-        return Err(invalid_body(
-            "name",
-            "must be 1 to 200 printable characters",
-        ));
-    }
-    Ok(name.to_owned())
 }
 
 fn valid_scopes(scopes: Vec<String>) -> Result<Vec<String>, ApiError> {
@@ -279,7 +254,7 @@ async fn create(
             (name, identifier)
         }
         (Some(name), None) => {
-            let identifier = format!("resource://{}", slug_of(&name));
+            let identifier = format!("resource://{}", slug_of(&name, 200, "resource"));
             (name, identifier)
         }
     };

@@ -24,8 +24,6 @@ pub fn routes() -> Router<RoleState> {
         .route("/v1/admin-tokens/{id}", delete(revoke))
 }
 
-const MAX_NAME: usize = 200;
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MintToken {
@@ -86,13 +84,7 @@ async fn mint(
     let caller = authenticate(&state, &headers).await?;
     caller.require(Access::Write, None)?;
     let request: MintToken = json(&raw)?;
-    let name = request.name.trim().to_owned();
-    if name.is_empty() || name.chars().count() > MAX_NAME || name.chars().any(char::is_control) {
-        return Err(invalid_body(
-            "name",
-            &format!("must be 1 to {MAX_NAME} printable characters"),
-        ));
-    }
+    let name = super::valid_name(&request.name)?;
     let capability = request.capability.unwrap_or_else(|| "write".to_owned());
     if !["read", "write", "approve"].contains(&capability.as_str()) {
         return Err(invalid_body("capability", "must be read, write or approve"));

@@ -9,7 +9,10 @@ use caracal_store::{NewZone, StoreError, Zone};
 use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
-use super::{Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, timestamp};
+use super::{
+    Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, slug_of, timestamp,
+    valid_name,
+};
 use crate::auth::{Access, authenticate};
 use crate::error::ApiError;
 use crate::ledger::SYSTEM_ZONE;
@@ -28,7 +31,6 @@ pub fn routes() -> Router<RoleState> {
 
 /// Slugs a caller may not take: the reserved system zone's namespace.
 const RESERVED_SLUG_PREFIX: &str = "caracal-sys";
-const MAX_NAME: usize = 200;
 const MAX_SLUG: usize = 63;
 
 #[derive(Debug, Deserialize)]
@@ -56,17 +58,6 @@ fn body(zone: Zone) -> ZoneBody {
         created_at: timestamp(zone.created_at_ms),
         archived_at: zone.archived_at_ms.map(timestamp),
     }
-}
-
-fn valid_name(name: &str) -> Result<String, ApiError> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > MAX_NAME || name.chars().any(char::is_control) {
-        return Err(invalid_body(
-            "name",
-            &format!("must be 1 to {MAX_NAME} printable characters"),
-        ));
-    }
-    Ok(name.to_owned())
 }
 
 fn valid_slug(slug: &str) -> Result<String, ApiError> {
@@ -98,25 +89,14 @@ fn refuse_dcr(enabled: Option<bool>) -> Result<(), ApiError> {
     }
 }
 
-/// A slug from a name: lower-case letters and digits, other runs become one `-`.
-fn slug_of(name: &str) -> String {
-    let mut slug = String::new();
-    for character in name.chars().flat_map(char::to_lowercase) {
-        if character.is_ascii_lowercase() || character.is_ascii_digit() {
-            slug.push(character);
-        } else if !slug.ends_with('-') && !slug.is_empty() {
-            slug.push('-');
-        }
+/// A zone slug from its name; never in the reserved namespace.
+fn zone_slug(name: &str) -> String {
+    let slug = slug_of(name, MAX_SLUG - 4, "zone");
+    if slug.starts_with(RESERVED_SLUG_PREFIX) {
+        format!("zone-{slug}").chars().take(MAX_SLUG - 4).collect()
+    } else {
+        slug
     }
-    let mut slug: String = slug
-        .trim_end_matches('-')
-        .chars()
-        .take(MAX_SLUG - 4)
-        .collect();
-    if slug.is_empty() || slug.starts_with(RESERVED_SLUG_PREFIX) {
-        slug.insert_str(0, "zone-");
-    }
-    slug.trim_end_matches('-').to_owned()
 }
 
 fn slug_conflict(slug: &str) -> ApiError {
@@ -170,7 +150,7 @@ async fn create(
     refuse_dcr(request.dcr_enabled)?;
     let slug = match &request.slug {
         Some(slug) => valid_slug(slug)?,
-        None => free_slug(&state, &slug_of(&name)).await?,
+        None => free_slug(&state, &zone_slug(&name)).await?,
     };
     let id = new_id();
     let evidence = evidence(
