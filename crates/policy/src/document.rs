@@ -16,6 +16,11 @@ pub const ALLOWED_RULES: [&str; 6] = [
 ];
 /// Largest document accepted, in bytes.
 pub const MAX_DOCUMENT: usize = 262_144;
+/// Deepest nesting of brackets accepted: data documents are shallow, and the Rego parser
+/// recurses (a deeply nested document would exhaust the stack or the CPU).
+pub const MAX_NESTING: usize = 12;
+/// Longest a document's evaluation may take.
+const EVALUATION_LIMIT: std::time::Duration = std::time::Duration::from_millis(500);
 /// The input and data schema these documents are written against.
 pub const SCHEMA_VERSION: &str = "2026-05-20";
 const HEADER: &str = "# caracal:data-document";
@@ -58,6 +63,12 @@ pub fn compile(content: &str) -> Result<DataDocument, Vec<Diagnostic>> {
             format!("documents are at most {MAX_DOCUMENT} bytes"),
         )]);
     }
+    if nesting(content) > MAX_NESTING {
+        return Err(vec![diagnostic(
+            "too_deeply_nested",
+            format!("brackets nest at most {MAX_NESTING} deep"),
+        )]);
+    }
     let mut problems = Vec::new();
     if content.lines().map(str::trim).find(|line| !line.is_empty()) != Some(HEADER) {
         problems.push(diagnostic(
@@ -87,6 +98,42 @@ pub fn compile(content: &str) -> Result<DataDocument, Vec<Diagnostic>> {
     Ok(DataDocument { rules })
 }
 
+/// The deepest bracket nesting outside strings and comments (an unbalanced close counts as
+/// nothing: the parser reports it).
+fn nesting(content: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut in_string = None;
+    let mut escaped = false;
+    let mut in_comment = false;
+    for character in content.chars() {
+        if in_comment {
+            in_comment = character != '\n';
+            continue;
+        }
+        if let Some(quote) = in_string {
+            if escaped {
+                escaped = false;
+            } else if character == '\\' && quote == '"' {
+                escaped = true;
+            } else if character == quote {
+                in_string = None;
+            }
+            continue;
+        }
+        match character {
+            '"' | '`' => in_string = Some(character),
+            '#' => in_comment = true,
+            '(' | '[' | '{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// Whether `input` appears as an identifier (not inside a longer word).
 fn mentions_input(content: &str) -> bool {
     let bytes = content.as_bytes();
@@ -102,6 +149,11 @@ fn evaluate(content: &str) -> Result<BTreeMap<String, Value>, Vec<Diagnostic>> {
     let compile_error =
         |error: &dyn std::fmt::Display| vec![diagnostic("compile_error", error.to_string())];
     let mut engine = regorus::Engine::new();
+    // Evaluating a document is bounded in time: a pathological one is refused, never a hang.
+    engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
+        limit: EVALUATION_LIMIT,
+        check_interval: std::num::NonZeroU32::MIN,
+    });
     let package = engine
         .add_policy("document.rego".to_owned(), content.to_owned())
         .map_err(|error| compile_error(&error))?;

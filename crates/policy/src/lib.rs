@@ -9,7 +9,8 @@ mod document;
 
 pub use decide::{Decision, Flow, Request, Verdict, decide};
 pub use document::{
-    ALLOWED_RULES, Bundle, DataDocument, Diagnostic, MAX_DOCUMENT, SCHEMA_VERSION, compile,
+    ALLOWED_RULES, Bundle, DataDocument, Diagnostic, MAX_DOCUMENT, MAX_NESTING, SCHEMA_VERSION,
+    compile,
 };
 
 #[cfg(test)]

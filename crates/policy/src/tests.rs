@@ -293,3 +293,47 @@ fn every_flow_allows_only_what_the_contract_allows_and_names_each_denial() {
         Some("malformed_approval_data")
     );
 }
+
+#[test]
+fn deeply_nested_input_is_refused_not_a_crash() {
+    let header = "# caracal:data-document\npackage caracal.authz\nimport rego.v1\n";
+    for (open, close) in [("[", "]"), ("{\"a\": ", "}"), ("(", ")")] {
+        let depth = 20_000;
+        // Just inside the limit still compiles (and quickly).
+        let shallow = format!(
+            "{header}app_ids := {}{}1{}{}\n",
+            "{\"a\": ".repeat(0),
+            open.repeat(MAX_NESTING - 2),
+            close.repeat(MAX_NESTING - 2),
+            ""
+        );
+        assert!(
+            !codes(compile(&shallow)).contains(&"too_deeply_nested".to_owned()),
+            "{open}"
+        );
+        let content = format!(
+            "{header}app_ids := {}1{}\n",
+            open.repeat(depth),
+            close.repeat(depth)
+        );
+        assert_eq!(codes(compile(&content)), ["too_deeply_nested"], "{open}");
+    }
+}
+
+#[test]
+fn a_document_that_is_slow_to_evaluate_is_refused_in_bounded_time() {
+    let header = "# caracal:data-document\npackage caracal.authz\nimport rego.v1\n";
+    let depth = MAX_NESTING - 1;
+    let one = format!("{}1{}", "[".repeat(depth - 1), "]".repeat(depth - 1));
+    let many = vec![one; (MAX_DOCUMENT - 200) / 24].join(",");
+    let content = format!("{header}app_ids := [{many}]\n");
+    assert!(content.len() <= MAX_DOCUMENT);
+    let started = std::time::Instant::now();
+    let result = compile(&content);
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    assert!(
+        result.is_err(),
+        "an array is not an app_ids object either way"
+    );
+}

@@ -68,6 +68,20 @@ impl BundleError {
     }
 }
 
+/// Checks a document on a blocking thread: regorus is CPU work (bounded, but not free).
+pub async fn compile_document(
+    content: String,
+) -> Result<caracal_policy::DataDocument, Vec<Diagnostic>> {
+    tokio::task::spawn_blocking(move || caracal_policy::compile(&content))
+        .await
+        .unwrap_or_else(|_| {
+            Err(vec![Diagnostic {
+                code: "compile_error".to_owned(),
+                message: "the compiler stopped".to_owned(),
+            }])
+        })
+}
+
 pub fn set_version_content(version: &PolicyVersion) -> Result<SetVersionContent, BundleError> {
     serde_json::from_str(&version.content).map_err(|_| BundleError::Corrupt(version.id.clone()))
 }
@@ -84,12 +98,12 @@ pub async fn compile_manifest(
             .get_policy_version(zone_id, &entry.policy_version_id)
             .await?
             .ok_or_else(|| BundleError::MissingVersion(entry.policy_version_id.clone()))?;
-        let document = caracal_policy::compile(&version.content).map_err(|diagnostics| {
-            BundleError::Compile {
+        let document = compile_document(version.content.clone())
+            .await
+            .map_err(|diagnostics| BundleError::Compile {
                 version: version.id.clone(),
                 diagnostics,
-            }
-        })?;
+            })?;
         documents.push(document);
     }
     Bundle::merge(&documents).map_err(BundleError::Merge)

@@ -20,7 +20,8 @@ use super::{
 use crate::auth::{Access, authenticate};
 use crate::error::ApiError;
 use crate::policy::{
-    BundleError, Canary, ManifestEntry, POLICY_INVALIDATE, SetVersionContent, compile_manifest,
+    BundleError, Canary, ManifestEntry, POLICY_INVALIDATE, SetVersionContent, compile_document,
+    compile_manifest,
 };
 use crate::state::RoleState;
 use crate::wire::Page;
@@ -183,7 +184,9 @@ async fn validate(
     let caller = authenticate(&state, &headers).await?;
     caller.require(Access::Read, super::token_zone(&caller))?;
     let request: Content = json(&raw)?;
-    let document = caracal_policy::compile(&request.content).map_err(invalid_rego)?;
+    let document = compile_document(request.content)
+        .await
+        .map_err(invalid_rego)?;
     Ok(Json(json!({
         "valid": true,
         "schema_version": caracal_policy::SCHEMA_VERSION,
@@ -302,7 +305,9 @@ async fn create_policy(
     live_zone(&state, &caller, &zone_id, Access::Write).await?;
     let request: CreatePolicy = json(&raw)?;
     let name = valid_name(&request.name)?;
-    caracal_policy::compile(&request.content).map_err(invalid_rego)?;
+    compile_document(request.content.clone())
+        .await
+        .map_err(invalid_rego)?;
     let header = PolicyHeader {
         id: new_id(),
         zone_id: zone_id.clone(),
@@ -414,7 +419,9 @@ async fn add_policy_version(
     live_zone(&state, &caller, &zone_id, Access::Write).await?;
     let request: Content = json(&raw)?;
     live_policy(&state, &zone_id, &id).await?;
-    caracal_policy::compile(&request.content).map_err(invalid_rego)?;
+    compile_document(request.content.clone())
+        .await
+        .map_err(invalid_rego)?;
     let version = store_policy_version(
         &state,
         &caller,
