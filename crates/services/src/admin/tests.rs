@@ -2,6 +2,7 @@ use caracal_core::Role;
 use caracal_store::TokenScope;
 use http::StatusCode;
 use serde_json::{Value, json};
+use tower::ServiceExt as _;
 
 use crate::router::router;
 use crate::test_support::{call, role_state, token};
@@ -1326,5 +1327,130 @@ async fn the_openapi_document_lists_every_route_and_only_served_ones() {
             status != StatusCode::NOT_FOUND && status != StatusCode::METHOD_NOT_ALLOWED,
             "{method} {path}: {status}"
         );
+    }
+}
+
+/// A small deterministic generator (xorshift), so a failing case can be replayed.
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[(self.next() % items.len() as u64) as usize]
+    }
+
+    /// A body: random bytes, a mutated valid body, or JSON of a random shape.
+    fn body(&mut self, seeds: &[&str]) -> Vec<u8> {
+        match self.next() % 3 {
+            0 => (0..self.next() % 64).map(|_| self.next() as u8).collect(),
+            1 => {
+                let mut bytes = self.pick(seeds).as_bytes().to_vec();
+                for _ in 0..=self.next() % 4 {
+                    if bytes.is_empty() {
+                        break;
+                    }
+                    let at = (self.next() % bytes.len() as u64) as usize;
+                    bytes[at] = self.next() as u8;
+                }
+                bytes
+            }
+            _ => {
+                let values = [
+                    "null",
+                    "0",
+                    "-1",
+                    "1e309",
+                    "\"\"",
+                    "[]",
+                    "{}",
+                    "true",
+                    "\"x\"",
+                    "[[[[[]]]]]",
+                ];
+                let keys = [
+                    "name",
+                    "kind",
+                    "scopes",
+                    "content",
+                    "manifest",
+                    "version_id",
+                    "input",
+                    "config_json",
+                    "traits",
+                    "client_secret",
+                    "identifier",
+                    "reason",
+                ];
+                let fields: Vec<String> = (0..self.next() % 4)
+                    .map(|_| format!("\"{}\": {}", self.pick(&keys), self.pick(&values)))
+                    .collect();
+                format!("{{{}}}", fields.join(",")).into_bytes()
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn no_body_sent_to_any_route_gets_a_server_error() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write,approve", TokenScope::Global).await;
+    let app = router(state);
+    let (_, _, zone) = call(
+        &app,
+        "POST",
+        "/v1/zones",
+        Some(&writer),
+        r#"{"name":"fuzz"}"#,
+    )
+    .await;
+    let zone_id = zone["id"].as_str().unwrap();
+    let seeds = [
+        r#"{"name":"n","registration_method":"managed","traits":["a"]}"#,
+        r#"{"name":"n","kind":"api_key","config_json":{"api_key":"k"}}"#,
+        r#"{"name":"n","scopes":["a:b"],"upstream_url":"http://h","credential_provider_id":"p"}"#,
+        r##"{"name":"n","content":"# caracal:data-document\npackage caracal.authz\napp_ids := {\"a\": \"b\"}"}"##,
+        r#"{"manifest":[{"policy_version_id":"v"}],"canaries":[]}"#,
+        r#"{"version_id":"v","input":{"flow":"mint","application_id":"a","resource":"r"}}"#,
+        r#"{"name":"t","scope":"global","capability":"read"}"#,
+    ];
+    let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
+    for operation in super::openapi::OPERATIONS {
+        if !matches!(operation.method, "post" | "patch") {
+            continue;
+        }
+        let path = operation
+            .path
+            .replace("{zone_id}", zone_id)
+            .replace("{version_id}", "v")
+            .replace("{id}", "x");
+        for round in 0..60 {
+            let body = noise.body(&seeds);
+            let response = app
+                .clone()
+                .oneshot(
+                    http::Request::builder()
+                        .method(operation.method.to_uppercase().as_str())
+                        .uri(&path)
+                        .header("authorization", format!("Bearer {writer}"))
+                        .body(axum::body::Body::from(body.clone()))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert!(
+                response.status().as_u16() < 500,
+                "{} {path} round {round}: {} for {:?}",
+                operation.method,
+                response.status(),
+                String::from_utf8_lossy(&body)
+            );
+        }
     }
 }
