@@ -70,6 +70,8 @@ pub enum ErrorCode {
     SubjectApprovalRequired,
     /// The hold is already decided, consumed or expired.
     ApprovalNotDecidable,
+    /// Too many failed attempts from this address: wait for `Retry-After`.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -107,6 +109,7 @@ impl ErrorCode {
             ErrorCode::ApproveCapabilityRequired => "approve_capability_required",
             ErrorCode::SubjectApprovalRequired => "subject_approval_required",
             ErrorCode::ApprovalNotDecidable => "approval_not_decidable",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 
@@ -126,6 +129,7 @@ impl ErrorCode {
             | ErrorCode::PolicyNameConflict
             | ErrorCode::ApprovalNotDecidable => 409,
             ErrorCode::InvalidRego | ErrorCode::InvalidPolicyBundle => 422,
+            ErrorCode::RateLimited => 429,
             ErrorCode::ClientSecretNotStored => 404,
             ErrorCode::SystemZoneReadOnly
             | ErrorCode::ApproveCapabilityRequired
@@ -186,6 +190,7 @@ mod tests {
             ErrorCode::ApproveCapabilityRequired,
             ErrorCode::SubjectApprovalRequired,
             ErrorCode::ApprovalNotDecidable,
+            ErrorCode::RateLimited,
         ];
         for code in all {
             let text = code.as_str();

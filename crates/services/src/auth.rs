@@ -88,3 +88,85 @@ pub async fn authenticate(state: &RoleState, headers: &HeaderMap) -> Result<Admi
             .collect(),
     })
 }
+
+/// Failed admin authentications allowed per client address per window, across replicas.
+pub const AUTH_FAILURES_PER_WINDOW: u64 = 60;
+const AUTH_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Addresses refused until a moment (Unix ms), on this replica; the count is shared.
+#[derive(Debug, Clone, Default)]
+pub struct Lockouts(
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, i64>>>,
+);
+
+impl Lockouts {
+    fn until(&self, address: std::net::IpAddr) -> Option<i64> {
+        let now = caracal_store::now_ms();
+        let mut locked = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        locked.retain(|_, until| *until > now);
+        locked.get(&address).copied()
+    }
+
+    fn lock(&self, address: std::net::IpAddr, until: i64) {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(address, until);
+    }
+}
+
+/// Counts failed admin authentications per client address (`invalid_admin_token` answers);
+/// past the limit, the address gets 429 `rate_limited` before any token lookup until the
+/// window ends. A request without a known peer address (in-process tests) is not limited.
+pub async fn limit_auth_failures(
+    axum::extract::State(state): axum::extract::State<RoleState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let extensions = request.extensions();
+    let address = extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip())
+        .or_else(|| {
+            extensions
+                .get::<axum::extract::connect_info::MockConnectInfo<std::net::SocketAddr>>()
+                .map(|info| info.0.ip())
+        });
+    if let Some(until) = address.and_then(|address| state.lockouts.until(address)) {
+        let seconds = ((until - caracal_store::now_ms()).max(0) / 1000 + 1).to_string();
+        let mut response = ApiError::new(ErrorCode::RateLimited).into_response();
+        if let Ok(value) = http::HeaderValue::from_str(&seconds) {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, value);
+        }
+        return response;
+    }
+    let response = next.run(request).await;
+    if let (Some(address), true) = (address, response.status() == http::StatusCode::UNAUTHORIZED) {
+        match state
+            .shared
+            .bus
+            .rates
+            .hit(
+                &format!("admin-auth-failures:{address}"),
+                AUTH_FAILURE_WINDOW,
+            )
+            .await
+        {
+            Ok(failures) if failures >= AUTH_FAILURES_PER_WINDOW => {
+                let window = i64::try_from(AUTH_FAILURE_WINDOW.as_millis()).unwrap_or(60_000);
+                let now = caracal_store::now_ms();
+                state.lockouts.lock(address, now - now % window + window);
+                tracing::warn!(%address, failures, "admin authentication failures over the limit; address locked out");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "cannot count admin authentication failures"),
+        }
+    }
+    response
+}

@@ -22,9 +22,9 @@ pub fn router(state: RoleState) -> Router {
         .route("/metrics", get(probes::metrics));
     // Each role's own routes are merged here as the role lands (STS, Gateway, ...).
     let routes = match state.role {
-        Role::Api => probes
-            .merge(crate::api::routes())
-            .merge(crate::admin::routes()),
+        Role::Api => probes.merge(crate::api::routes().merge(crate::admin::routes()).layer(
+            axum::middleware::from_fn_with_state(state.clone(), crate::auth::limit_auth_failures),
+        )),
         _ => probes,
     };
     routes

@@ -427,9 +427,13 @@ async fn serve_until_stopped(
     let stopped = async move {
         let _ = stop.wait_for(|stopping| *stopping).await;
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stopped)
-        .await
+    // The peer address lets the admin API count failed authentications per client.
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(stopped)
+    .await
 }
 
 #[cfg(test)]

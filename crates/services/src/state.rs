@@ -87,6 +87,8 @@ pub struct RoleState {
     pub role: Role,
     pub shared: Shared,
     pub metrics: Arc<RoleMetrics>,
+    /// Addresses locked out after too many failed admin authentications.
+    pub lockouts: crate::auth::Lockouts,
 }
 
 impl RoleState {
@@ -94,6 +96,7 @@ impl RoleState {
         RoleState {
             role,
             metrics: Arc::new(RoleMetrics::new(role, &shared.evidence.metrics())),
+            lockouts: crate::auth::Lockouts::default(),
             shared,
         }
     }

@@ -1454,3 +1454,37 @@ async fn no_body_sent_to_any_route_gets_a_server_error() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_address_with_too_many_failed_authentications_is_locked_out() {
+    use axum::extract::connect_info::MockConnectInfo;
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let app = router(state.clone()).layer(MockConnectInfo(std::net::SocketAddr::from((
+        [192, 0, 2, 7],
+        5000,
+    ))));
+    let bad = format!("cat_{}", "A".repeat(43));
+    for attempt in 1..=crate::auth::AUTH_FAILURES_PER_WINDOW {
+        let (got, _, answer) = call(&app, "GET", "/v1/zones", Some(&bad), "").await;
+        assert_eq!(
+            (got, code(&answer)),
+            (StatusCode::UNAUTHORIZED, Some("invalid_admin_token")),
+            "{attempt}"
+        );
+    }
+    // Locked out now, even with a good token; another address is not.
+    let (got, headers, answer) = call(&app, "GET", "/v1/zones", Some(&writer), "").await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::TOO_MANY_REQUESTS, Some("rate_limited"))
+    );
+    assert!(headers.contains_key("retry-after"));
+    let elsewhere = router(state).layer(MockConnectInfo(std::net::SocketAddr::from((
+        [192, 0, 2, 8],
+        5000,
+    ))));
+    let (got, _, _) = call(&elsewhere, "GET", "/v1/zones", Some(&writer), "").await;
+    assert_eq!(got, StatusCode::OK);
+}
