@@ -239,6 +239,10 @@ async fn explain_audit(
             .is_empty()
     };
     rows.reverse();
+    let mut denied = Vec::new();
+    for row in rows.iter().filter(|row| row.decision == "deny") {
+        denied.push(rebuild_deny(&state, &zone_id, row).await?);
+    }
     // Any deny decides; otherwise the last decision stands.
     let final_decision = if older_deny || rows.iter().any(|row| row.decision == "deny") {
         "deny".to_owned()
@@ -252,7 +256,69 @@ async fn explain_audit(
         zone_id,
         final_decision,
         events: rows.into_iter().map(event_body).collect(),
+        denied,
     }))
+}
+
+/// Decides a recorded deny again: its `metadata.policy_input` under the policy set version it
+/// names, with the same evaluator the STS uses. `matches_record` compares the rebuilt reason
+/// with the first recorded diagnostic.
+async fn rebuild_deny(
+    state: &RoleState,
+    zone_id: &str,
+    row: &caracal_store::AuditEvent,
+) -> Result<crate::wire::DeniedBody, ApiError> {
+    let metadata: serde_json::Value = serde_json::from_str(&row.metadata).unwrap_or_default();
+    let input = metadata.get("policy_input").cloned();
+    let mut body = crate::wire::DeniedBody {
+        event_id: row.id.clone(),
+        policy_set_version_id: row.policy_set_version_id.clone(),
+        policy_input: input.clone(),
+        rebuilt: None,
+        matches_record: None,
+        unavailable: None,
+    };
+    let request =
+        input.and_then(|input| serde_json::from_value::<caracal_policy::Request>(input).ok());
+    let (Some(request), Some(version_id)) = (request, &row.policy_set_version_id) else {
+        body.unavailable =
+            Some("the event recorded no policy input or no policy set version".into());
+        return Ok(body);
+    };
+    let Some(version) = state
+        .shared
+        .store
+        .get_policy_set_version(zone_id, version_id)
+        .await?
+    else {
+        body.unavailable = Some(format!(
+            "policy set version `{version_id}` is not in this zone"
+        ));
+        return Ok(body);
+    };
+    let bundle = match crate::policy::set_version_content(&version) {
+        Ok(content) => {
+            crate::policy::compile_manifest(state.shared.store.as_ref(), zone_id, &content.manifest)
+                .await
+        }
+        Err(error) => Err(error),
+    };
+    match bundle {
+        Ok(bundle) => {
+            let decision = caracal_policy::decide(Some(&bundle), &request);
+            let recorded: serde_json::Value =
+                serde_json::from_str(&row.diagnostics).unwrap_or_default();
+            let recorded_reason = recorded
+                .get(0)
+                .and_then(|first| first.get("code"))
+                .and_then(serde_json::Value::as_str);
+            body.matches_record = Some(decision.reason() == recorded_reason);
+            body.rebuilt = Some(decision);
+        }
+        Err(crate::policy::BundleError::Store(error)) => return Err(error.into()),
+        Err(error) => body.unavailable = Some(error.to_string()),
+    }
+    Ok(body)
 }
 
 /// Invariant 5: the change is not made (nor reported) unless its evidence is accepted.

@@ -87,6 +87,23 @@ pub struct AuditExplainResponse {
     pub zone_id: String,
     pub final_decision: String,
     pub events: Vec<AuditEventBody>,
+    /// Each deny that recorded its policy input, decided again by the same evaluator against
+    /// the policy set version it names.
+    #[serde(default)]
+    pub denied: Vec<DeniedBody>,
+}
+
+/// A deny rebuilt: the input it recorded, and what the evaluator decides for it now under
+/// the version it was decided under (`rebuilt` is null when that cannot be done, with why).
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct DeniedBody {
+    pub event_id: String,
+    pub policy_set_version_id: Option<String>,
+    pub policy_input: Option<serde_json::Value>,
+    pub rebuilt: Option<caracal_policy::Decision>,
+    pub matches_record: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }
 
 /// One entry of the audit dead-letter stream.

@@ -1488,3 +1488,105 @@ async fn an_address_with_too_many_failed_authentications_is_locked_out() {
     let (got, _, _) = call(&elsewhere, "GET", "/v1/zones", Some(&writer), "").await;
     assert_eq!(got, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn explain_rebuilds_a_recorded_deny_with_the_version_it_was_decided_under() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let app = router(state);
+    let w = Some(writer.as_str());
+    let (_, _, zone) = call(&app, "POST", "/v1/zones", w, r#"{"name":"ex"}"#).await;
+    let zone_id = zone["id"].as_str().unwrap();
+    let base = format!("/v1/zones/{zone_id}");
+    let (_, _, policy) = call(
+        &app,
+        "POST",
+        &format!("{base}/policies"),
+        w,
+        &json!({"name": "g", "content": document("app-1", &["ledger:read"])}).to_string(),
+    )
+    .await;
+    let (_, _, set) = call(
+        &app,
+        "POST",
+        &format!("{base}/policy-sets"),
+        w,
+        r#"{"name":"s"}"#,
+    )
+    .await;
+    let (_, _, version) = call(
+        &app,
+        "POST",
+        &format!(
+            "{base}/policy-sets/{}/versions",
+            set["id"].as_str().unwrap()
+        ),
+        w,
+        &json!({"manifest": [{"policy_version_id": policy["version_id"]}]}).to_string(),
+    )
+    .await;
+    let input = json!({
+        "flow": "mint", "application_id": "app-1", "resource": "resource://ledger",
+        "scopes": ["ledger:refund"], "labels": ["app-1"], "edge_scopes": ["ledger:refund"], "session": true,
+    });
+    let event =
+        |id: &str, seq: i64, metadata: Value, version: Option<&str>| caracal_store::AuditEvent {
+            id: id.into(),
+            zone_id: zone_id.into(),
+            event_type: "sts.exchange".into(),
+            request_id: "req-explain".into(),
+            decision: "deny".into(),
+            policy_set_id: None,
+            policy_set_version_id: version.map(str::to_owned),
+            manifest_sha: None,
+            evaluation_status: "complete".into(),
+            determining_policies: "[]".into(),
+            diagnostics: r#"[{"code":"role_scope_mismatch"}]"#.into(),
+            metadata: metadata.to_string(),
+            occurred_at_ms: seq,
+            ingested_at_ms: seq,
+            chain_seq: seq,
+            content_sha256: "11".repeat(32),
+            prev_content_sha256: "11".repeat(32),
+            chain_mac: "22".repeat(32),
+            chain_key_id: "chain-1".into(),
+        };
+    shared
+        .store
+        .insert_audit_events(&[
+            event(
+                "ev-1",
+                1,
+                json!({"policy_input": input}),
+                version["id"].as_str(),
+            ),
+            event("ev-2", 2, json!({}), None),
+        ])
+        .await
+        .unwrap();
+    let (got, _, explained) = call(
+        &app,
+        "GET",
+        &format!("{base}/audit/explain?request_id=req-explain"),
+        w,
+        "",
+    )
+    .await;
+    assert_eq!(got, StatusCode::OK, "{explained}");
+    assert_eq!(explained["final_decision"], "deny");
+    let denied = explained["denied"].as_array().unwrap();
+    assert_eq!(denied[0]["rebuilt"]["decision"], "deny");
+    assert_eq!(
+        denied[0]["rebuilt"]["diagnostics"][0]["code"],
+        "role_scope_mismatch"
+    );
+    assert_eq!(denied[0]["matches_record"], true);
+    assert_eq!(denied[0]["policy_input"], input);
+    assert!(
+        denied[1]["unavailable"]
+            .as_str()
+            .unwrap()
+            .contains("no policy input")
+    );
+}
