@@ -91,6 +91,8 @@ pub async fn authenticate(state: &RoleState, headers: &HeaderMap) -> Result<Admi
 
 /// Failed admin authentications allowed per client address per window, across replicas.
 pub const AUTH_FAILURES_PER_WINDOW: u64 = 60;
+/// `/v1` requests allowed per client address, and per presented token, per window.
+pub const REQUESTS_PER_WINDOW: u64 = 600;
 const AUTH_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Addresses refused until a moment (Unix ms), on this replica; the count is shared.
@@ -118,9 +120,24 @@ impl Lockouts {
     }
 }
 
-/// Counts failed admin authentications per client address (`invalid_admin_token` answers);
+/// 429 `rate_limited` with the seconds left until `until` (Unix ms) as `Retry-After`.
+fn rate_limited(until: i64) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let seconds = ((until - caracal_store::now_ms()).max(0) / 1000 + 1).to_string();
+    let mut response = ApiError::new(ErrorCode::RateLimited).into_response();
+    if let Ok(value) = http::HeaderValue::from_str(&seconds) {
+        response
+            .headers_mut()
+            .insert(http::header::RETRY_AFTER, value);
+    }
+    response
+}
+
+/// Budgets `/v1` requests (600 a minute per client address and per presented token) and
+/// counts failed admin authentications per client address (`invalid_admin_token` answers);
 /// past the limit, the address gets 429 `rate_limited` before any token lookup until the
-/// window ends. A request without a known peer address (in-process tests) is not limited.
+/// window ends. A request without a known peer address (in-process tests) is budgeted per
+/// token only.
 pub async fn limit_auth_failures(
     axum::extract::State(state): axum::extract::State<RoleState>,
     request: axum::extract::Request,
@@ -137,14 +154,37 @@ pub async fn limit_auth_failures(
                 .map(|info| info.0.ip())
         });
     if let Some(until) = address.and_then(|address| state.lockouts.until(address)) {
-        let seconds = ((until - caracal_store::now_ms()).max(0) / 1000 + 1).to_string();
-        let mut response = ApiError::new(ErrorCode::RateLimited).into_response();
-        if let Ok(value) = http::HeaderValue::from_str(&seconds) {
-            response
-                .headers_mut()
-                .insert(http::header::RETRY_AFTER, value);
+        return rate_limited(until);
+    }
+    // Request budgets, per address and per presented token (its digest; valid or not).
+    let token = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .map(|value| caracal_crypto::hex(&caracal_crypto::sha256(value.as_bytes())));
+    let buckets = [
+        address.map(|address| format!("admin-requests:{address}")),
+        token.map(|digest| format!("admin-actor:{}", digest.get(..32).unwrap_or_default())),
+    ];
+    for bucket in buckets.into_iter().flatten() {
+        match state
+            .shared
+            .bus
+            .rates
+            .hit(&bucket, AUTH_FAILURE_WINDOW)
+            .await
+        {
+            Ok(requests) if requests > REQUESTS_PER_WINDOW => {
+                let window = i64::try_from(AUTH_FAILURE_WINDOW.as_millis()).unwrap_or(60_000);
+                let now = caracal_store::now_ms();
+                return rate_limited(now - now % window + window);
+            }
+            Ok(_) => {}
+            // The budget cannot be checked: refuse (invariant 1), as readiness already does.
+            Err(error) => {
+                tracing::warn!(%error, "cannot count admin requests; refusing");
+                return ApiError::new(ErrorCode::NotReady).into_response();
+            }
         }
-        return response;
     }
     let response = next.run(request).await;
     if let (Some(address), true) = (address, response.status() == http::StatusCode::UNAUTHORIZED) {

@@ -18,6 +18,13 @@ use crate::state::{Bus, RoleState, Shared};
 pub struct DownBus;
 
 #[async_trait::async_trait]
+impl caracal_bus::RateCounter for DownBus {
+    async fn hit(&self, _: &str, _: Duration) -> Result<u64, BusError> {
+        Err(BusError::Unavailable("connection refused".into()))
+    }
+}
+
+#[async_trait::async_trait]
 impl Streams for DownBus {
     async fn append(&self, _: &str, _: &caracal_bus::Fields) -> Result<String, BusError> {
         Err(BusError::Unavailable("connection refused".into()))

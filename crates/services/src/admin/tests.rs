@@ -1425,6 +1425,8 @@ async fn no_body_sent_to_any_route_gets_a_server_error() {
         if !matches!(operation.method, "post" | "patch") {
             continue;
         }
+        // A token per route keeps every round inside the per-token request budget.
+        let writer = token(&shared, "write,approve", TokenScope::Global).await;
         let path = operation
             .path
             .replace("{zone_id}", zone_id)
@@ -1588,5 +1590,57 @@ async fn explain_rebuilds_a_recorded_deny_with_the_version_it_was_decided_under(
             .as_str()
             .unwrap()
             .contains("no policy input")
+    );
+}
+
+#[tokio::test]
+async fn requests_beyond_the_budget_of_an_address_or_a_token_are_refused() {
+    use axum::extract::connect_info::MockConnectInfo;
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let spender = token(&shared, "read", TokenScope::Global).await;
+    let other = token(&shared, "read", TokenScope::Global).await;
+    let app = router(state.clone()).layer(MockConnectInfo(std::net::SocketAddr::from((
+        [192, 0, 2, 9],
+        5000,
+    ))));
+    for _ in 0..crate::auth::REQUESTS_PER_WINDOW {
+        let (got, _, _) = call(&app, "GET", "/v1/zones", Some(&spender), "").await;
+        assert_eq!(got, StatusCode::OK);
+    }
+    // The address is spent, whatever the token; the token is spent, wherever it comes from.
+    let (got, headers, answer) = call(&app, "GET", "/v1/zones", Some(&other), "").await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::TOO_MANY_REQUESTS, Some("rate_limited"))
+    );
+    assert!(headers.contains_key("retry-after"));
+    let elsewhere = router(state).layer(MockConnectInfo(std::net::SocketAddr::from((
+        [192, 0, 2, 10],
+        5000,
+    ))));
+    let (got, _, _) = call(&elsewhere, "GET", "/v1/zones", Some(&spender), "").await;
+    assert_eq!(got, StatusCode::TOO_MANY_REQUESTS);
+    let (got, _, _) = call(&elsewhere, "GET", "/v1/zones", Some(&other), "").await;
+    assert_eq!(got, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn without_a_rate_counter_the_admin_api_refuses() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = caracal_store::SqliteStore::open(&directory.path().join("store.db")).unwrap();
+    let embedded = std::sync::Arc::new(caracal_bus::EmbeddedBus::new(store.clone()));
+    let bus = crate::state::Bus {
+        streams: embedded.clone(),
+        replay: embedded,
+        rates: std::sync::Arc::new(crate::test_support::DownBus),
+    };
+    let (_keep, shared) = crate::test_support::shared_with_bus(directory, store, bus);
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let app = router(crate::state::RoleState::new(Role::Api, shared));
+    let (got, _, answer) = call(&app, "GET", "/v1/zones", Some(&writer), "").await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("not_ready"))
     );
 }
