@@ -14,7 +14,8 @@ use crate::{probes, request_id};
 ///    request id and every log line of the request sits in its span.
 /// 2. `error::json_errors`: any error the framework answers by itself (an unreadable path, a
 ///    body over the limit) gets the same JSON body as a handler's error.
-/// 3. The role's routes, then JSON 404/405 for anything else.
+/// 3. The role's routes, then JSON 404/405 for anything else. The API role's `/v1` routes add
+///    their own layers: refused once draining, then request budgets and the lockout.
 pub fn router(state: RoleState) -> Router {
     let probes = Router::new()
         .route("/health", get(probes::health))
@@ -22,9 +23,19 @@ pub fn router(state: RoleState) -> Router {
         .route("/metrics", get(probes::metrics));
     // Each role's own routes are merged here as the role lands (STS, Gateway, ...).
     let routes = match state.role {
-        Role::Api => probes.merge(crate::api::routes().merge(crate::admin::routes()).layer(
-            axum::middleware::from_fn_with_state(state.clone(), crate::auth::limit_auth_failures),
-        )),
+        // `/v1`: refused once draining, then budgets and the authentication-failure lockout.
+        Role::Api => probes.merge(
+            crate::api::routes()
+                .merge(crate::admin::routes())
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    crate::auth::limit_auth_failures,
+                ))
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    refuse_when_draining,
+                )),
+        ),
         _ => probes,
     };
     routes
@@ -36,6 +47,20 @@ pub fn router(state: RoleState) -> Router {
             request_id::layer,
         ))
         .with_state(state)
+}
+
+/// Once shutdown starts, new `/v1` work is refused with 503 `draining` (and `Retry-After`), so
+/// a client moves to another replica; requests already running finish.
+async fn refuse_when_draining(
+    axum::extract::State(state): axum::extract::State<RoleState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    if state.shared.is_draining() {
+        return ApiError::new(ErrorCode::Draining).into_response();
+    }
+    next.run(request).await
 }
 
 #[cfg(test)]

@@ -83,6 +83,33 @@ async fn draining_makes_ready_fail_closed_with_a_reason() {
 }
 
 #[tokio::test]
+async fn a_draining_api_refuses_new_v1_work() {
+    let (_directory, state) = role_state(Role::Api);
+    let writer = token(&state.shared, "write", caracal_store::TokenScope::Global).await;
+    let app = router(state.clone());
+    let (status, _, _) = call(&app, "GET", "/v1/zones", Some(&writer), "").await;
+    assert_eq!(status, StatusCode::OK);
+    state.shared.start_draining();
+    let (status, headers, body) = call(
+        &app,
+        "POST",
+        "/v1/zones",
+        Some(&writer),
+        r#"{"name":"late"}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("draining"))
+    );
+    assert_eq!(headers["retry-after"], "1");
+    assert!(
+        state.shared.store.list_zones().await.unwrap().is_empty(),
+        "nothing was created"
+    );
+}
+
+#[tokio::test]
 async fn inbound_request_ids_are_echoed_only_when_well_formed() {
     let (_directory, state) = role_state(Role::Sts);
     let app = router(state);
