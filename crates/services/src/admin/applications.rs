@@ -206,19 +206,12 @@ async fn list(
         .into_iter()
         .filter(|application| application.archived_at_ms.is_some() == archived)
         .collect();
-    let page = page(
+    Ok(Json(page(
         applications,
         |application| (application.created_at_ms, application.id.clone()),
         &query,
-    )?;
-    Ok(Json(Page {
-        items: page
-            .items
-            .into_iter()
-            .map(|application| body(application, None))
-            .collect(),
-        next_cursor: page.next_cursor,
-    }))
+        |application| body(application, None),
+    )?))
 }
 
 async fn create(

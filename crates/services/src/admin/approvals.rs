@@ -123,11 +123,12 @@ async fn list(
         cursor: query.cursor,
         status: None,
     };
-    let page = page(holds, |hold| (hold.created_at_ms, hold.id.clone()), &paging)?;
-    Ok(Json(Page {
-        items: page.items.iter().map(|hold| body(hold, now)).collect(),
-        next_cursor: page.next_cursor,
-    }))
+    Ok(Json(page(
+        holds,
+        |hold| (hold.created_at_ms, hold.id.clone()),
+        &paging,
+        |hold| body(&hold, now),
+    )?))
 }
 
 async fn counts(

@@ -78,13 +78,14 @@ fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
     })
 }
 
-/// One page of `rows`, newest first (by creation time, then id), after `query.cursor`. The
+/// One page of `rows` as `body` shows them, newest first (by creation time, then id), after `query.cursor`. The
 /// cursor is opaque to callers: base64url of `<created_ms>:<id>` of the last item returned.
-fn page<T>(
+fn page<T, B>(
     mut rows: Vec<T>,
     key: impl Fn(&T) -> (i64, String),
     query: &ListQuery,
-) -> Result<Page<T>, ApiError> {
+    body: impl FnMut(T) -> B,
+) -> Result<Page<B>, ApiError> {
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ApiError::with_description(
@@ -104,7 +105,7 @@ fn page<T>(
         .flatten();
     rows.truncate(limit);
     Ok(Page {
-        items: rows,
+        items: rows.into_iter().map(body).collect(),
         next_cursor,
     })
 }

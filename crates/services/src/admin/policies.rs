@@ -269,11 +269,12 @@ async fn list_policies(
         .into_iter()
         .filter(|policy| policy.archived_at_ms.is_none())
         .collect();
-    let page = page(policies, |p| (p.created_at_ms, p.id.clone()), &query)?;
-    Ok(Json(Page {
-        items: page.items.iter().map(header_body).collect(),
-        next_cursor: page.next_cursor,
-    }))
+    Ok(Json(page(
+        policies,
+        |p| (p.created_at_ms, p.id.clone()),
+        &query,
+        |row| header_body(&row),
+    )?))
 }
 
 /// `base` with `extra`'s fields added (both objects).
@@ -463,7 +464,7 @@ async fn list_sets(
         .into_iter()
         .filter(|set| set.archived_at_ms.is_none())
         .collect();
-    let page = page(sets, |s| (s.created_at_ms, s.id.clone()), &query)?;
+    let page = page(sets, |s| (s.created_at_ms, s.id.clone()), &query, |set| set)?;
     let mut items = Vec::with_capacity(page.items.len());
     for set in &page.items {
         items.push(set_body(&state, set).await?);
@@ -554,11 +555,12 @@ async fn list_set_versions(
         .store
         .list_policy_set_versions(&zone_id, &id)
         .await?;
-    let page = page(versions, |v| (v.version, v.id.clone()), &query)?;
-    Ok(Json(Page {
-        items: page.items.iter().map(set_version_body).collect(),
-        next_cursor: page.next_cursor,
-    }))
+    Ok(Json(page(
+        versions,
+        |v| (v.version, v.id.clone()),
+        &query,
+        |row| set_version_body(&row),
+    )?))
 }
 
 async fn set_version(

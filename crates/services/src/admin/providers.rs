@@ -256,11 +256,12 @@ async fn list(
         .into_iter()
         .filter(|provider| provider.archived_at_ms.is_none())
         .collect();
-    let page = page(providers, |p| (p.created_at_ms, p.id.clone()), &query)?;
-    Ok(Json(Page {
-        items: page.items.into_iter().map(body).collect(),
-        next_cursor: page.next_cursor,
-    }))
+    Ok(Json(page(
+        providers,
+        |p| (p.created_at_ms, p.id.clone()),
+        &query,
+        body,
+    )?))
 }
 
 async fn create(

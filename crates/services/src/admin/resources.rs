@@ -228,11 +228,12 @@ async fn list(
         .into_iter()
         .filter(|resource| resource.archived_at_ms.is_none())
         .collect();
-    let page = page(resources, |r| (r.created_at_ms, r.id.clone()), &query)?;
-    Ok(Json(Page {
-        items: page.items.into_iter().map(body).collect(),
-        next_cursor: page.next_cursor,
-    }))
+    Ok(Json(page(
+        resources,
+        |r| (r.created_at_ms, r.id.clone()),
+        &query,
+        body,
+    )?))
 }
 
 async fn create(

@@ -60,19 +60,12 @@ async fn list(
     caller.require(Access::Write, None)?;
     let query = list_query(raw.as_deref())?;
     let tokens = state.shared.store.list_admin_tokens().await?;
-    let page = page(
+    Ok(Json(page(
         tokens,
         |token| (token.created_at_ms, token.id.clone()),
         &query,
-    )?;
-    Ok(Json(Page {
-        items: page
-            .items
-            .into_iter()
-            .map(|token| body(token, None))
-            .collect(),
-        next_cursor: page.next_cursor,
-    }))
+        |token| body(token, None),
+    )?))
 }
 
 async fn mint(

@@ -130,11 +130,12 @@ async fn list(
         .filter(|zone| zone.archived_at_ms.is_none() && zone.id != SYSTEM_ZONE)
         .filter(|zone| own_zone.is_none_or(|own| own == zone.id))
         .collect();
-    let page = page(zones, |zone| (zone.created_at_ms, zone.id.clone()), &query)?;
-    Ok(Json(Page {
-        items: page.items.into_iter().map(body).collect(),
-        next_cursor: page.next_cursor,
-    }))
+    Ok(Json(page(
+        zones,
+        |zone| (zone.created_at_ms, zone.id.clone()),
+        &query,
+        body,
+    )?))
 }
 
 async fn create(
