@@ -89,7 +89,7 @@ async fn evaluate(state: &RoleState) -> Readiness {
         }
         Err(_) => Check::fail("bus", "bus_timeout"),
     };
-    let mut checks = vec![shutdown, store, bus, evidence_check(state)];
+    let mut checks = vec![shutdown, store, bus, evidence_check(state).await];
     if state.role == Role::Api {
         checks.push(outbox_check(state).await);
     }
@@ -100,21 +100,22 @@ async fn evaluate(state: &RoleState) -> Readiness {
 }
 
 /// Invariant 5: with evidence lost (latched) or nowhere to spill it, protected traffic stops.
-fn evidence_check(state: &RoleState) -> Check {
+/// The spill check writes and removes a probe file of its own (concurrent probes do not trip
+/// over each other) on a blocking thread, within the check timeout.
+async fn evidence_check(state: &RoleState) -> Check {
     if state.shared.evidence.is_lost() {
         return Check::fail("evidence", "audit_evidence_lost");
     }
     let probe = state
         .shared
         .replay_dir
-        .join(format!(".ready-{}", std::process::id()));
-    let writable = std::fs::write(&probe, b"")
-        .and_then(|()| std::fs::remove_file(&probe))
-        .is_ok();
-    if writable {
-        Check::pass("evidence")
-    } else {
-        Check::fail("evidence", "audit_replay_unavailable")
+        .join(format!(".ready-{}", uuid::Uuid::now_v7().simple()));
+    let attempt = tokio::task::spawn_blocking(move || {
+        std::fs::write(&probe, b"").and_then(|()| std::fs::remove_file(&probe))
+    });
+    match tokio::time::timeout(CHECK_TIMEOUT, attempt).await {
+        Ok(Ok(Ok(()))) => Check::pass("evidence"),
+        _ => Check::fail("evidence", "audit_replay_unavailable"),
     }
 }
 

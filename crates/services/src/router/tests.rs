@@ -82,6 +82,21 @@ async fn draining_makes_ready_fail_closed_with_a_reason() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_readiness_probes_do_not_trip_over_each_other() {
+    let (_directory, state) = role_state(Role::Sts);
+    let app = router(state);
+    let probes: Vec<_> = (0..32)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { send(&app, "/ready", None).await.status })
+        })
+        .collect();
+    for probe in probes {
+        assert_eq!(probe.await.unwrap(), StatusCode::OK);
+    }
+}
+
 #[tokio::test]
 async fn a_draining_api_refuses_new_v1_work() {
     let (_directory, state) = role_state(Role::Api);
