@@ -45,7 +45,8 @@ struct SearchQuery {
     format: Option<String>,
 }
 
-fn query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> Result<T, ApiError> {
+/// A query string into `T` (unknown parameters refused by `T`); any failure is 400.
+pub(crate) fn query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> Result<T, ApiError> {
     serde_urlencoded::from_str(raw.unwrap_or_default()).map_err(|error| {
         ApiError::with_description(ErrorCode::InvalidRequest, format!("query: {error}"))
     })

@@ -144,15 +144,16 @@ pub async fn limit_auth_failures(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse as _;
-    let extensions = request.extensions();
-    let address = extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|info| info.0.ip())
-        .or_else(|| {
-            extensions
-                .get::<axum::extract::connect_info::MockConnectInfo<std::net::SocketAddr>>()
-                .map(|info| info.0.ip())
-        });
+    // The extractor reads the peer address the server records (tests supply it the same way).
+    let (mut parts, body) = request.into_parts();
+    let address =
+        axum::RequestPartsExt::extract::<axum::extract::ConnectInfo<std::net::SocketAddr>>(
+            &mut parts,
+        )
+        .await
+        .ok()
+        .map(|info| info.0.ip());
+    let request = axum::extract::Request::from_parts(parts, body);
     if let Some(until) = address.and_then(|address| state.lockouts.until(address)) {
         return rate_limited(until);
     }

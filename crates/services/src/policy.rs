@@ -166,7 +166,22 @@ impl PolicyCache {
             .get_policy_set_version(zone_id, &binding.active_version_id)
             .await?
         else {
-            return Ok(());
+            // The binding names a version that is not there: nothing trustworthy to enforce,
+            // so the zone denies everything (fail closed) and the refusal is acknowledged.
+            self.install(zone_id, None);
+            tracing::error!(zone = zone_id, version = %binding.active_version_id,
+                "the active policy set version is missing; the zone denies everything");
+            return store
+                .record_policy_load(&PolicyLoad {
+                    zone_id: zone_id.to_owned(),
+                    replica: replica.to_owned(),
+                    policy_set_version_id: binding.active_version_id,
+                    manifest_sha256: String::new(),
+                    status: "failed".to_owned(),
+                    detail: "the active policy set version is missing".to_owned(),
+                    updated_at_ms: now_ms(),
+                })
+                .await;
         };
         let compiled = match set_version_content(&version) {
             Ok(content) => compile_manifest(store, zone_id, &content.manifest).await,

@@ -9,13 +9,13 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use caracal_core::{ErrorCode, RequestId};
 use caracal_crypto::{MIN_SECRET_CHARS, hash_secret};
-use caracal_store::{Application, ApplicationChange, StoreError, now_ms};
+use caracal_store::{Application, ApplicationChange, now_ms};
 use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
 use super::{
-    Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, timestamp,
-    valid_name,
+    Change, evidence, invalid_body, json, list_query, live_zone, new_id, on_conflict, page,
+    timestamp, valid_name,
 };
 use crate::auth::{Access, AdminCaller, authenticate};
 use crate::error::ApiError;
@@ -158,13 +158,6 @@ fn name_conflict(name: &str) -> ApiError {
     )
 }
 
-fn conflict_is_name(name: &str) -> impl FnOnce(StoreError) -> ApiError + '_ {
-    move |error| match error {
-        StoreError::Conflict(_) => name_conflict(name),
-        other => other.into(),
-    }
-}
-
 async fn live_application(
     state: &RoleState,
     zone_id: &str,
@@ -260,7 +253,7 @@ async fn create(
         .store
         .create_application(&application, &[evidence])
         .await
-        .map_err(conflict_is_name(&application.name))?;
+        .map_err(on_conflict(name_conflict(&application.name)))?;
     Ok((StatusCode::CREATED, Json(body(application, Some(secret)))))
 }
 
@@ -332,7 +325,7 @@ async fn update(
         .store
         .update_application(&zone_id, &id, &change, &[evidence])
         .await
-        .map_err(conflict_is_name(&change.name))?;
+        .map_err(on_conflict(name_conflict(&change.name)))?;
     Ok(Json(body(
         live_application(&state, &zone_id, &id).await?,
         None,

@@ -8,12 +8,12 @@ use axum::extract::{Path, RawQuery, State};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use caracal_core::{ErrorCode, RequestId};
-use caracal_store::{ApprovalHold, StoreError, now_ms};
+use caracal_store::{ApprovalHold, now_ms};
 use http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Change, evidence, invalid_body, json, live_zone, page, timestamp};
+use super::{Change, evidence, invalid_body, json, live_zone, on_conflict, page, timestamp};
 use crate::auth::{Access, authenticate};
 use crate::error::ApiError;
 use crate::state::RoleState;
@@ -91,10 +91,7 @@ async fn list(
 ) -> Result<Json<Page<Value>>, ApiError> {
     let caller = authenticate(&state, &headers).await?;
     live_zone(&state, &caller, &zone_id, Access::Read).await?;
-    let query: ListQuery =
-        serde_urlencoded::from_str(raw.as_deref().unwrap_or_default()).map_err(|error| {
-            ApiError::with_description(ErrorCode::InvalidRequest, format!("query: {error}"))
-        })?;
+    let query: ListQuery = crate::api::query(raw.as_deref())?;
     if let Some(wanted) = &query.state
         && !STATES.contains(&wanted.as_str())
     {
@@ -252,9 +249,6 @@ async fn decide(
             &[recorded],
         )
         .await
-        .map_err(|error| match error {
-            StoreError::Conflict(_) => not_decidable(),
-            other => other.into(),
-        })?;
+        .map_err(on_conflict(not_decidable()))?;
     Ok(Json(body(&hold_of(&state, &zone_id, &id).await?, now_ms())))
 }

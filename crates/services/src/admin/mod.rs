@@ -73,9 +73,7 @@ struct ListQuery {
 }
 
 fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
-    serde_urlencoded::from_str(raw.unwrap_or_default()).map_err(|error| {
-        ApiError::with_description(ErrorCode::InvalidRequest, format!("query: {error}"))
-    })
+    crate::api::query(raw)
 }
 
 /// One page of `rows` as `body` shows them, newest first (by creation time, then id), after `query.cursor`. The
@@ -164,6 +162,15 @@ fn slug_of(name: &str, max: usize, fallback: &str) -> String {
 /// A new object id.
 fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
+}
+
+/// Maps a store conflict (a taken name, a state that forbids the change) to `conflict`, and
+/// any other store error as usual.
+fn on_conflict(conflict: ApiError) -> impl FnOnce(caracal_store::StoreError) -> ApiError {
+    move |error| match error {
+        caracal_store::StoreError::Conflict(_) => conflict,
+        other => other.into(),
+    }
 }
 
 /// The caller may act on `zone_id` with `access`, and it is a live zone; otherwise 403 (token)

@@ -8,14 +8,14 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use caracal_core::{ErrorCode, RequestId};
 use caracal_policy::{Bundle, Diagnostic, Request};
-use caracal_store::{OutboxMessage, PolicyHeader, PolicyVersion, StoreError, now_ms};
+use caracal_store::{OutboxMessage, PolicyHeader, PolicyVersion, now_ms};
 use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, timestamp,
-    valid_name,
+    Change, evidence, invalid_body, json, list_query, live_zone, new_id, on_conflict, page,
+    timestamp, valid_name,
 };
 use crate::auth::{Access, authenticate};
 use crate::error::ApiError;
@@ -151,14 +151,11 @@ fn invalid_rego(diagnostics: Vec<Diagnostic>) -> ApiError {
     .with_details(json!({ "diagnostics": diagnostics }))
 }
 
-fn name_conflict(name: &str) -> impl FnOnce(StoreError) -> ApiError + '_ {
-    move |error| match error {
-        StoreError::Conflict(_) => ApiError::with_description(
-            ErrorCode::PolicyNameConflict,
-            format!("`{name}` exists in this zone"),
-        ),
-        other => other.into(),
-    }
+fn name_taken(name: &str) -> ApiError {
+    ApiError::with_description(
+        ErrorCode::PolicyNameConflict,
+        format!("`{name}` exists in this zone"),
+    )
 }
 
 fn not_found(what: &str, id: &str) -> ApiError {
@@ -333,7 +330,7 @@ async fn create_policy(
         .store
         .create_policy(&header, &[created])
         .await
-        .map_err(name_conflict(&name))?;
+        .map_err(on_conflict(name_taken(&name)))?;
     let version = store_policy_version(
         &state,
         &caller,
@@ -510,7 +507,7 @@ async fn create_set(
         .store
         .create_policy_set(&set, &[recorded])
         .await
-        .map_err(name_conflict(&name))?;
+        .map_err(on_conflict(name_taken(&name)))?;
     Ok((StatusCode::CREATED, Json(set_body(&state, &set).await?)))
 }
 
@@ -832,10 +829,7 @@ async fn activation_status(
     let caller = authenticate(&state, &headers).await?;
     live_zone(&state, &caller, &zone_id, Access::Read).await?;
     live_set(&state, &zone_id, &id).await?;
-    let query: StatusQuery = serde_urlencoded::from_str(raw.as_deref().unwrap_or_default())
-        .map_err(|error| {
-            ApiError::with_description(ErrorCode::InvalidRequest, format!("query: {error}"))
-        })?;
+    let query: StatusQuery = crate::api::query(raw.as_deref())?;
     let binding = state.shared.store.policy_binding(&zone_id).await?;
     let active = binding
         .as_ref()

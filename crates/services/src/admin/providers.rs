@@ -9,14 +9,14 @@ use axum::extract::{Path, RawQuery, State};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use caracal_core::{ErrorCode, RequestId};
-use caracal_store::{Provider, SealedSecret, StoreError, now_ms};
+use caracal_store::{Provider, SealedSecret, now_ms};
 use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{
-    Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, slug_of, timestamp,
-    valid_name,
+    Change, evidence, invalid_body, json, list_query, live_zone, new_id, on_conflict, page,
+    slug_of, timestamp, valid_name,
 };
 use crate::auth::{Access, authenticate};
 use crate::error::ApiError;
@@ -215,14 +215,11 @@ fn seal(
         .collect()
 }
 
-fn conflict(identifier: &str) -> impl FnOnce(StoreError) -> ApiError + '_ {
-    move |error| match error {
-        StoreError::Conflict(_) => ApiError::with_description(
-            ErrorCode::ProviderIdentifierConflict,
-            format!("a provider `{identifier}` exists in this zone"),
-        ),
-        other => other.into(),
-    }
+fn identifier_taken(identifier: &str) -> ApiError {
+    ApiError::with_description(
+        ErrorCode::ProviderIdentifierConflict,
+        format!("a provider `{identifier}` exists in this zone"),
+    )
 }
 
 pub(super) async fn live_provider(
@@ -332,7 +329,7 @@ async fn create(
         .store
         .save_provider(&provider, &sealed, &[evidence])
         .await
-        .map_err(conflict(&provider.identifier))?;
+        .map_err(on_conflict(identifier_taken(&provider.identifier)))?;
     Ok((StatusCode::CREATED, Json(body(provider))))
 }
 
@@ -435,7 +432,7 @@ async fn update(
         .store
         .save_provider(&provider, &sealed, &[evidence])
         .await
-        .map_err(conflict(&provider.identifier))?;
+        .map_err(on_conflict(identifier_taken(&provider.identifier)))?;
     Ok(Json(body(provider)))
 }
 
@@ -512,12 +509,9 @@ async fn archive(
         .store
         .archive_provider(&zone_id, &id, &[evidence])
         .await
-        .map_err(|error| match error {
-            StoreError::Conflict(_) => ApiError::with_description(
-                ErrorCode::ProviderInUse,
-                "a live resource uses this provider; archive or rebind it first",
-            ),
-            other => other.into(),
-        })?;
+        .map_err(on_conflict(ApiError::with_description(
+            ErrorCode::ProviderInUse,
+            "a live resource uses this provider; archive or rebind it first",
+        )))?;
     Ok(StatusCode::NO_CONTENT)
 }

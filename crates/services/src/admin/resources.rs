@@ -6,14 +6,14 @@ use axum::extract::{Path, RawQuery, State};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use caracal_core::{ErrorCode, RequestId};
-use caracal_store::{Resource, StoreError, now_ms};
+use caracal_store::{Resource, now_ms};
 use http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::providers::live_provider;
 use super::{
-    Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, slug_of, timestamp,
-    valid_name,
+    Change, evidence, invalid_body, json, list_query, live_zone, new_id, on_conflict, page,
+    slug_of, timestamp, valid_name,
 };
 use crate::auth::{Access, authenticate};
 use crate::error::ApiError;
@@ -191,14 +191,11 @@ fn valid_enforcement(enforcement: Option<String>) -> Result<String, ApiError> {
     Ok(enforcement)
 }
 
-fn conflict(identifier: &str) -> impl FnOnce(StoreError) -> ApiError + '_ {
-    move |error| match error {
-        StoreError::Conflict(_) => ApiError::with_description(
-            ErrorCode::ResourceIdentifierConflict,
-            format!("a resource `{identifier}` exists in this zone"),
-        ),
-        other => other.into(),
-    }
+fn identifier_taken(identifier: &str) -> ApiError {
+    ApiError::with_description(
+        ErrorCode::ResourceIdentifierConflict,
+        format!("a resource `{identifier}` exists in this zone"),
+    )
 }
 
 async fn live_resource(state: &RoleState, zone_id: &str, id: &str) -> Result<Resource, ApiError> {
@@ -314,7 +311,7 @@ async fn create(
         .store
         .save_resource(&resource, &[evidence])
         .await
-        .map_err(conflict(&resource.identifier))?;
+        .map_err(on_conflict(identifier_taken(&resource.identifier)))?;
     Ok((StatusCode::CREATED, Json(body(resource))))
 }
 
@@ -391,7 +388,7 @@ async fn update(
         .store
         .save_resource(&next, &[evidence])
         .await
-        .map_err(conflict(&next.identifier))?;
+        .map_err(on_conflict(identifier_taken(&next.identifier)))?;
     Ok(Json(body(next)))
 }
 

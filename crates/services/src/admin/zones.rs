@@ -5,13 +5,13 @@ use axum::extract::{Path, RawQuery, State};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use caracal_core::{ErrorCode, RequestId};
-use caracal_store::{NewZone, StoreError, Zone};
+use caracal_store::{NewZone, Zone};
 use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
 use super::{
-    Change, evidence, invalid_body, json, list_query, live_zone, new_id, page, slug_of, timestamp,
-    valid_name,
+    Change, evidence, invalid_body, json, list_query, live_zone, new_id, on_conflict, page,
+    slug_of, timestamp, valid_name,
 };
 use crate::auth::{Access, authenticate};
 use crate::error::ApiError;
@@ -177,10 +177,7 @@ async fn create(
             &[evidence],
         )
         .await
-        .map_err(|error| match error {
-            StoreError::Conflict(_) => slug_conflict(&slug),
-            other => other.into(),
-        })?;
+        .map_err(on_conflict(slug_conflict(&slug)))?;
     Ok((StatusCode::CREATED, Json(body(zone))))
 }
 
@@ -273,10 +270,7 @@ async fn update(
         .store
         .update_zone(&zone_id, &name, &slug, &[evidence])
         .await
-        .map_err(|error| match error {
-            StoreError::Conflict(_) => slug_conflict(&slug),
-            other => other.into(),
-        })?;
+        .map_err(on_conflict(slug_conflict(&slug)))?;
     Ok(Json(body(zone)))
 }
 

@@ -167,6 +167,23 @@ pub fn into_stored(row: AuditEvent) -> StoredRow {
     }
 }
 
+/// A retention cut's frontier as stored (comma-separated hex nodes); `None` if malformed.
+pub fn parse_frontier(text: &str) -> Option<Vec<[u8; 32]>> {
+    text.split(',')
+        .filter(|node| !node.is_empty())
+        .map(caracal_crypto::unhex32)
+        .collect()
+}
+
+/// The stored form of a frontier.
+pub fn format_frontier(frontier: &[[u8; 32]]) -> String {
+    frontier
+        .iter()
+        .map(|node| caracal_crypto::hex(node))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Where deployment-wide secrets live in the store.
 pub const SYSTEM_ZONE: &str = "caracal.sys";
 const CHECKPOINT_KEY_REF: &str = "audit-checkpoint-key";
@@ -263,13 +280,7 @@ pub async fn export_bundle(
     // Rows dropped by retention are stood in for by the cut's frontier (the sweep checks its MAC).
     let (cut, frontier) = match store.audit_cut(zone_id).await? {
         Some(cut) => {
-            let frontier: Option<Vec<[u8; 32]>> = cut
-                .frontier
-                .split(',')
-                .filter(|node| !node.is_empty())
-                .map(caracal_crypto::unhex32)
-                .collect();
-            let frontier = frontier.ok_or_else(|| {
+            let frontier = parse_frontier(&cut.frontier).ok_or_else(|| {
                 missing(format!(
                     "the retention cut of zone `{zone_id}` is malformed"
                 ))

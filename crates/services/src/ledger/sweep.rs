@@ -65,12 +65,7 @@ fn check_cut(
     stored: &caracal_store::AuditCut,
     keys: &HashMap<String, ChainKey>,
 ) -> (Cut, Option<(FindingKind, String)>) {
-    let frontier: Option<Vec<[u8; 32]>> = stored
-        .frontier
-        .split(',')
-        .filter(|node| !node.is_empty())
-        .map(caracal_crypto::unhex32)
-        .collect();
+    let frontier = super::parse_frontier(&stored.frontier);
     let last = caracal_crypto::unhex32(&stored.last_content_sha256);
     let cut = Cut {
         seq: stored.cut_seq,
@@ -405,12 +400,7 @@ impl Sweeper {
                 zone_id: zone_id.to_owned(),
                 cut_seq: target,
                 last_content_sha256: caracal_crypto::hex(&last),
-                frontier: cut
-                    .frontier
-                    .iter()
-                    .map(|node| caracal_crypto::hex(node))
-                    .collect::<Vec<_>>()
-                    .join(","),
+                frontier: super::format_frontier(&cut.frontier),
                 cut_at_ms: now_ms(),
                 chain_key_id: key.id().to_owned(),
                 cut_mac: caracal_crypto::hex(&cut_mac(&key, zone_id, &cut)),
