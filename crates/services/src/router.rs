@@ -27,6 +27,7 @@ pub fn router(state: RoleState) -> Router {
         Role::Api => probes.merge(
             crate::api::routes()
                 .merge(crate::admin::routes())
+                .layer(axum::extract::DefaultBodyLimit::max(crate::admin::MAX_BODY))
                 .layer(axum::middleware::from_fn_with_state(
                     state.clone(),
                     crate::auth::limit_auth_failures,

@@ -98,6 +98,22 @@ async fn concurrent_readiness_probes_do_not_trip_over_each_other() {
 }
 
 #[tokio::test]
+async fn every_v1_route_refuses_bodies_over_256_kib() {
+    let (_directory, state) = role_state(Role::Api);
+    let writer = token(&state.shared, "write", caracal_store::TokenScope::Global).await;
+    let app = router(state);
+    let oversize = format!(r#"{{"reason":"{}"}}"#, "x".repeat(300 * 1024));
+    for path in ["/v1/audit/tamper/ack", "/v1/zones"] {
+        let (status, _, body) = call(&app, "POST", path, Some(&writer), &oversize).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large")),
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_draining_api_refuses_new_v1_work() {
     let (_directory, state) = role_state(Role::Api);
     let writer = token(&state.shared, "write", caracal_store::TokenScope::Global).await;
