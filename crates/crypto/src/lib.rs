@@ -12,6 +12,7 @@
 
 mod admin_token;
 mod envelope;
+pub mod es256;
 mod kek;
 mod secret_hash;
 

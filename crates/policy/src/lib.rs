@@ -7,7 +7,7 @@
 mod decide;
 mod document;
 
-pub use decide::{Decision, Flow, Request, Verdict, decide};
+pub use decide::{Decision, Flow, Reason, Request, Verdict, decide};
 pub use document::{
     ALLOWED_RULES, Bundle, DataDocument, Diagnostic, MAX_DOCUMENT, MAX_NESTING, SCHEMA_VERSION,
     compile,

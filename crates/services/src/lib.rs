@@ -14,6 +14,7 @@ mod error;
 pub mod evidence;
 pub mod group_commit;
 pub mod ledger;
+pub mod mandate;
 mod metrics;
 pub mod outbox;
 pub mod policy;
@@ -24,6 +25,7 @@ mod settings;
 pub mod singleton;
 mod stack;
 mod state;
+pub mod sts;
 #[cfg(test)]
 mod test_support;
 pub mod wire;

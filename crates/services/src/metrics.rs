@@ -109,6 +109,8 @@ pub struct RoleMetrics {
     pub outbox: Option<Arc<OutboxMetrics>>,
     /// Present on the Audit role, which ingests and sweeps.
     pub ledger: Option<Arc<crate::ledger::LedgerMetrics>>,
+    /// Present on the STS role.
+    pub sts: Option<Arc<crate::sts::StsMetrics>>,
     pub http_requests: Family<RequestLabels, Counter>,
     pub http_request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub ready: Gauge,
@@ -131,6 +133,11 @@ impl RoleMetrics {
             let ledger = Arc::new(crate::ledger::LedgerMetrics::default());
             ledger.register(registry);
             ledger
+        });
+        let sts = (role == Role::Sts).then(|| {
+            let sts = Arc::new(crate::sts::StsMetrics::default());
+            sts.register(registry);
+            sts
         });
         let http_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -168,6 +175,7 @@ impl RoleMetrics {
             registry: root,
             outbox,
             ledger,
+            sts,
             http_requests,
             http_request_duration,
             ready,

@@ -122,6 +122,8 @@ pub struct Loaded {
 #[derive(Debug, Clone, Default)]
 pub struct PolicyCache {
     zones: Arc<RwLock<HashMap<String, Arc<Loaded>>>>,
+    /// When every zone was last confirmed against the store (0: never).
+    confirmed_at_ms: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl PolicyCache {
@@ -220,8 +222,28 @@ impl PolicyCache {
             .await
     }
 
+    /// Seconds since the bundles were last confirmed against the store (since start, if never):
+    /// `caracal_sts_policy_bundle_age_seconds`.
+    pub fn age_seconds(&self, now_ms: i64) -> i64 {
+        let confirmed = self
+            .confirmed_at_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if confirmed == 0 {
+            return -1;
+        }
+        (now_ms - confirmed) / 1000
+    }
+
     /// Refreshes every zone that has a binding, and forgets zones that lost theirs.
     pub async fn refresh_all(&self, store: &dyn Store, replica: &str) -> Result<(), StoreError> {
+        let started = now_ms();
+        self.refresh_bindings(store, replica).await?;
+        self.confirmed_at_ms
+            .store(started, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn refresh_bindings(&self, store: &dyn Store, replica: &str) -> Result<(), StoreError> {
         let bindings = store.policy_bindings().await?;
         let known: Vec<String> = self
             .zones

@@ -37,6 +37,7 @@ pub fn router(state: RoleState) -> Router {
                     refuse_when_draining,
                 )),
         ),
+        Role::Sts => probes.merge(crate::sts::routes()),
         _ => probes,
     };
     routes

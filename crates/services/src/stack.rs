@@ -57,6 +57,8 @@ pub enum StartError {
     Bus { url: String, source: BusError },
     #[error("audit replay directory {0}")]
     Evidence(String),
+    #[error("the STS could not start: {0}")]
+    Sts(String),
     #[error("stream key file {path}: {message}")]
     StreamKey { path: String, message: String },
     #[error("{role}: cannot listen on {address}: {source}")]
@@ -87,6 +89,7 @@ pub struct Stack {
     bootstrap: Bootstrap,
     shutdown_grace: Duration,
     audit_retention: Option<Duration>,
+    issuer: String,
 }
 
 impl Stack {
@@ -164,6 +167,7 @@ impl Stack {
             bootstrap,
             shutdown_grace: settings.shutdown_grace,
             audit_retention: settings.audit_retention,
+            issuer: settings.issuer_url.clone(),
         })
     }
 
@@ -219,7 +223,7 @@ impl Stack {
             if let Ok(address) = listener.local_addr() {
                 tracing::info!(%role, %address, "serving");
             }
-            let state = RoleState::new(role, self.shared.clone());
+            let mut state = RoleState::new(role, self.shared.clone());
             if role == Role::Api {
                 // The API role owns the outbox; it stops with the servers and leaves unsent
                 // rows in place for the next start.
@@ -250,15 +254,8 @@ impl Stack {
                 ));
             }
             if role == Role::Sts {
-                // Each zone's active policy bundle, held in memory and acknowledged in the store.
-                servers.spawn(crate::policy::run_loader(
-                    crate::policy::PolicyCache::default(),
-                    Arc::clone(&self.shared.store),
-                    Arc::clone(&self.shared.bus.streams),
-                    format!("sts-{}", self.instance),
-                    Duration::from_secs(30),
-                    stop_receiver.clone(),
-                ));
+                self.start_sts(&mut state, &mut servers, &stop_receiver)
+                    .await?;
             }
             if role == Role::Audit {
                 self.start_ledger(&state, &mut servers, &stop_receiver)
@@ -300,6 +297,61 @@ impl Stack {
 }
 
 impl Stack {
+    /// The STS's state and background work: every live zone gets a signing key if it lacks
+    /// one, each zone's active policy bundle is held in memory (and acknowledged in the
+    /// store), and rotations elsewhere flush the key cache.
+    async fn start_sts(
+        &self,
+        state: &mut RoleState,
+        servers: &mut tokio::task::JoinSet<()>,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), StartError> {
+        let created =
+            crate::sts::keys::ensure_zone_keys(self.shared.store.as_ref(), &self.shared.kek)
+                .await
+                .map_err(|error| StartError::Sts(error.to_string()))?;
+        if created > 0 {
+            tracing::info!(
+                zones = created,
+                "created signing keys for zones that had none"
+            );
+        }
+        let policies = crate::policy::PolicyCache::default();
+        let sts = Arc::new(crate::sts::Sts::start(
+            self.issuer.clone(),
+            policies.clone(),
+            Arc::clone(&self.shared.store),
+        ));
+        servers.spawn(crate::policy::run_loader(
+            policies.clone(),
+            Arc::clone(&self.shared.store),
+            Arc::clone(&self.shared.bus.streams),
+            format!("sts-{}", self.instance),
+            Duration::from_secs(30),
+            stop.clone(),
+        ));
+        servers.spawn(crate::sts::run_key_invalidations(
+            sts.keys.clone(),
+            Arc::clone(&self.shared.bus.streams),
+            stop.clone(),
+        ));
+        if let Some(metrics) = state.metrics.sts.clone() {
+            let mut stop = stop.clone();
+            servers.spawn(async move {
+                loop {
+                    let age = policies.age_seconds(caracal_store::now_ms());
+                    metrics.policy_bundle_age_seconds.set(age);
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            });
+        }
+        state.sts = Some(sts);
+        Ok(())
+    }
+
     /// The Audit role's background work: ingestion, the tamper sweep (one replica at a time),
     /// and the stream gauges.
     async fn start_ledger(

@@ -89,6 +89,8 @@ pub struct RoleState {
     pub metrics: Arc<RoleMetrics>,
     /// Addresses locked out after too many failed admin authentications.
     pub lockouts: crate::auth::Lockouts,
+    /// The STS's state, on the STS role.
+    pub sts: Option<Arc<crate::sts::Sts>>,
 }
 
 impl RoleState {
@@ -97,6 +99,7 @@ impl RoleState {
             role,
             metrics: Arc::new(RoleMetrics::new(role, &shared.evidence.metrics())),
             lockouts: crate::auth::Lockouts::default(),
+            sts: None,
             shared,
         }
     }

@@ -166,3 +166,30 @@ pub(crate) async fn call(
         serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// A store that works until `down` is set, then answers every statement as unavailable, as a
+/// database that went away does.
+pub struct SwitchableStore {
+    pub inner: SqliteStore,
+    pub down: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl caracal_store::db::Db for SwitchableStore {
+    fn dialect(&self) -> caracal_store::db::Dialect {
+        caracal_store::db::Db::dialect(&self.inner)
+    }
+
+    async fn atomic_with(
+        &self,
+        first: Vec<caracal_store::db::Statement>,
+        then: caracal_store::db::Then,
+    ) -> Result<Vec<caracal_store::db::Outcome>, caracal_store::StoreError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(caracal_store::StoreError::Unavailable(
+                "connection refused".into(),
+            ));
+        }
+        caracal_store::db::Db::atomic_with(&self.inner, first, then).await
+    }
+}

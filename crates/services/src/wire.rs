@@ -226,3 +226,130 @@ pub struct ResourceBody {
     pub created_at: String,
     pub archived_at: Option<String>,
 }
+
+/// A mandate's claims (`sts-mandates.md` §3). Optional claims are omitted when absent, never
+/// sent empty; unknown claims are refused when a mandate is read back.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MandateClaims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: Vec<String>,
+    pub exp: i64,
+    pub iat: i64,
+    pub jti: String,
+    pub zone_id: String,
+    pub client_id: String,
+    pub sid: String,
+    pub root_sid: String,
+    #[serde(rename = "use")]
+    pub use_: String,
+    pub sub_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_session_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation_edge_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_session_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_session_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation_path: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation_chain: Option<Vec<ChainHop>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hop_count: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation_graph_epoch: Option<i64>,
+}
+
+/// One entry of `delegation_chain`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ChainHop {
+    pub application_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_session_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation_edge_id: Option<String>,
+}
+
+/// A mandate's JOSE header as read back: only ES256 with a key id.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MandateHeader {
+    pub alg: String,
+    pub kid: String,
+    #[serde(default)]
+    pub typ: Option<String>,
+}
+
+/// `POST /oauth/2/token` success (RFC 8693 §2.2.1 plus Caracal's fields).
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenResponse {
+    pub access_token: String,
+    pub token_type: String,
+    pub expires_in: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    pub issued_token_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_resources: Option<Vec<String>>,
+}
+
+/// The token endpoint's error body: the OAuth fields plus the request id (camel case, as the
+/// SDK reads it).
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OAuthErrorBody {
+    pub error: String,
+    pub error_description: String,
+    #[serde(rename = "requestId")]
+    pub request_id: String,
+}
+
+/// `GET /.well-known/jwks.json?zone_id=`.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Jwks {
+    pub keys: Vec<Jwk>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Jwk {
+    pub kty: String,
+    pub crv: String,
+    #[serde(rename = "use")]
+    pub use_: String,
+    pub kid: String,
+    pub alg: String,
+    pub x: String,
+    pub y: String,
+}
+
+/// `GET /v1/zones/{zone_id}/signing-keys`: newest first.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SigningKeysBody {
+    pub items: Vec<SigningKeyBody>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SigningKeyBody {
+    pub kid: String,
+    /// `active` (signs), `retiring` (verifies until `verifies_until`), `retired`.
+    pub status: String,
+    pub algorithm: String,
+    pub created_at: String,
+    pub verifies_until: Option<String>,
+}
+
+/// `POST /v1/zones/{zone_id}/signing-keys/rotate`.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RotatedKeyBody {
+    pub rotated: bool,
+    pub zone_id: String,
+    pub kid: String,
+}

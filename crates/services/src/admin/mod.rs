@@ -4,6 +4,7 @@
 
 mod applications;
 mod approvals;
+mod keys;
 mod openapi;
 mod policies;
 mod providers;
@@ -37,6 +38,7 @@ pub fn routes() -> Router<RoleState> {
         .merge(zones::routes())
         .merge(applications::routes())
         .merge(approvals::routes())
+        .merge(keys::routes())
         .merge(openapi::routes())
         .merge(policies::routes())
         .merge(providers::routes())

@@ -49,6 +49,18 @@ pub const OPERATIONS: &[Operation] = &[
     op("delete", "/v1/zones/{zone_id}", "write", "Archive a zone"),
     op(
         "get",
+        "/v1/zones/{zone_id}/signing-keys",
+        "read",
+        "The zone's mandate signing keys, newest first",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/signing-keys/rotate",
+        "write",
+        "Rotate the zone's signing key (the previous key verifies for `overlap_seconds`, default 24 h)",
+    ),
+    op(
+        "get",
         "/v1/zones/{zone_id}/dcr-status",
         "read",
         "Dynamic client registration status (not offered)",

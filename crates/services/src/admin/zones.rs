@@ -165,15 +165,21 @@ async fn create(
             fields: vec!["name", "slug"],
         },
     )?;
+    // The zone's first signing key is created with it, so its JWKS never 404s.
+    let key = crate::sts::keys::new_zone_key(&state.shared.kek, &id).map_err(|error| {
+        tracing::error!(%error, "could not create a zone signing key");
+        ApiError::new(ErrorCode::InternalError)
+    })?;
     let zone = state
         .shared
         .store
-        .create_zone(
+        .create_zone_with_key(
             &NewZone {
                 id,
                 name,
                 slug: slug.clone(),
             },
+            &key,
             &[evidence],
         )
         .await

@@ -48,6 +48,13 @@ pub trait Directory: Send + Sync {
         zone: &NewZone,
         outbox: &[OutboxMessage],
     ) -> Result<Zone, StoreError>;
+    /// Creates a zone together with its first signing key, so its JWKS exists from the start.
+    async fn create_zone_with_key(
+        &self,
+        zone: &NewZone,
+        key: &SigningKey,
+        outbox: &[OutboxMessage],
+    ) -> Result<Zone, StoreError>;
     async fn get_zone(&self, zone_id: &str) -> Result<Option<Zone>, StoreError>;
     async fn list_zones(&self) -> Result<Vec<Zone>, StoreError>;
     /// Renames a live zone; a taken slug is a [`StoreError::Conflict`], an archived or missing
@@ -179,6 +186,14 @@ pub trait Directory: Send + Sync {
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError>;
     async fn list_signing_keys(&self, zone_id: &str) -> Result<Vec<SigningKey>, StoreError>;
+    /// Makes `key` the zone's active key: the active one becomes `retiring` and verifies until
+    /// `previous_until_ms`; keys already retiring stop at once (at most two keys verify).
+    async fn rotate_signing_key(
+        &self,
+        key: &SigningKey,
+        previous_until_ms: i64,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
     /// Moves a key to `status` (`active` stamps its activation, `retired` its retirement).
     async fn set_signing_key_status(
         &self,
@@ -286,6 +301,44 @@ fn signing_key(row: &Row) -> Result<SigningKey, StoreError> {
 }
 
 /// Stores a sealed secret, replacing (and versioning up) any under the same reference.
+fn zone_insert(new: &NewZone) -> Statement {
+    Statement::new(
+        "INSERT INTO zones (id, name, slug, created_at_ms) VALUES ($1, $2, $3, $4)
+         RETURNING id, name, slug, created_at_ms, archived_at_ms",
+        params![
+            new.id.as_str(),
+            new.name.as_str(),
+            new.slug.as_str(),
+            now_ms()
+        ],
+    )
+}
+
+fn key_insert(key: &SigningKey) -> Statement {
+    Statement::new(
+        "INSERT INTO signing_keys (kid, zone_id, algorithm, public_jwk, private_envelope, kek_id, status,
+             created_at_ms, activated_at_ms, retired_at_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        params![
+            key.kid.as_str(),
+            key.zone_id.as_str(),
+            key.algorithm.as_str(),
+            key.public_jwk.as_str(),
+            key.private_envelope.as_str(),
+            key.kek_id.as_str(),
+            key.status.as_str(),
+            key.created_at_ms,
+            key.activated_at_ms,
+            key.retired_at_ms,
+        ],
+    )
+}
+
+/// The outbox statements alone (for batches whose first statement is not a single one).
+fn enqueue_only(outbox: &[OutboxMessage]) -> Vec<Statement> {
+    crate::store::enqueue(outbox, now_ms())
+}
+
 fn seal_statement(secret: &SealedSecret) -> Statement {
     Statement::new(
         "INSERT INTO sealed_secrets (zone_id, secret_ref, purpose, kek_id, envelope, version, updated_at_ms)
@@ -312,17 +365,19 @@ impl<D: Db> Directory for D {
         new: &NewZone,
         outbox: &[OutboxMessage],
     ) -> Result<Zone, StoreError> {
-        let insert = Statement::new(
-            "INSERT INTO zones (id, name, slug, created_at_ms) VALUES ($1, $2, $3, $4)
-             RETURNING id, name, slug, created_at_ms, archived_at_ms",
-            params![
-                new.id.as_str(),
-                new.name.as_str(),
-                new.slug.as_str(),
-                now_ms()
-            ],
-        );
-        let outcomes = self.atomic(with_outbox(insert, outbox)).await?;
+        let outcomes = self.atomic(with_outbox(zone_insert(new), outbox)).await?;
+        zone(first_row(&outcomes)?)
+    }
+
+    async fn create_zone_with_key(
+        &self,
+        new: &NewZone,
+        key: &SigningKey,
+        outbox: &[OutboxMessage],
+    ) -> Result<Zone, StoreError> {
+        let mut statements = vec![zone_insert(new), key_insert(key)];
+        statements.extend(enqueue_only(outbox));
+        let outcomes = self.atomic(statements).await?;
         zone(first_row(&outcomes)?)
     }
 
@@ -683,7 +738,7 @@ impl<D: Db> Directory for D {
             self,
             concat!(
                 select_resources!(),
-                " WHERE zone_id = $1 AND identifier = $2"
+                " WHERE zone_id = $1 AND (identifier = $2 OR id = $2)"
             ),
             params![zone_id, identifier],
             resource,
@@ -781,24 +836,31 @@ impl<D: Db> Directory for D {
         key: &SigningKey,
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError> {
-        let insert = Statement::new(
-            "INSERT INTO signing_keys (kid, zone_id, algorithm, public_jwk, private_envelope, kek_id, status,
-                 created_at_ms, activated_at_ms, retired_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            params![
-                key.kid.as_str(),
-                key.zone_id.as_str(),
-                key.algorithm.as_str(),
-                key.public_jwk.as_str(),
-                key.private_envelope.as_str(),
-                key.kek_id.as_str(),
-                key.status.as_str(),
-                key.created_at_ms,
-                key.activated_at_ms,
-                key.retired_at_ms,
-            ],
+        self.atomic(with_outbox(key_insert(key), outbox))
+            .await
+            .map(|_| ())
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        key: &SigningKey,
+        previous_until_ms: i64,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        let retire_retiring = Statement::new(
+            "UPDATE signing_keys SET status = 'retired', retired_at_ms = $2
+             WHERE zone_id = $1 AND status = 'retiring'",
+            params![key.zone_id.as_str(), now],
         );
-        self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
+        let retire_active = Statement::new(
+            "UPDATE signing_keys SET status = 'retiring', retired_at_ms = $2
+             WHERE zone_id = $1 AND status = 'active'",
+            params![key.zone_id.as_str(), previous_until_ms],
+        );
+        let mut statements = vec![retire_retiring, retire_active, key_insert(key)];
+        statements.extend(enqueue_only(outbox));
+        self.atomic(statements).await.map(|_| ())
     }
 
     async fn list_signing_keys(&self, zone_id: &str) -> Result<Vec<SigningKey>, StoreError> {

@@ -1,0 +1,911 @@
+//! `POST /oauth/2/token`: transport rules, client authentication, the exchange classes, the
+//! live delegation checks, the decision, and the mint.
+
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use caracal_audit::Event;
+use caracal_core::RequestId;
+use caracal_policy::{Decision, Flow, Verdict};
+use caracal_store::{
+    Application, AuthorityRecord, DelegationEdge, Resource, Session, Store, now_ms,
+};
+use http::{HeaderValue, StatusCode};
+use serde::Deserialize;
+
+use super::{ExchangeLabels, Sts, TokenError, form};
+use crate::state::RoleState;
+use crate::wire::{ChainHop, MandateClaims, TokenResponse};
+
+/// The token endpoint's body limit.
+pub const MAX_FORM_BYTES: usize = 64 * 1024;
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+const ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
+const LIFECYCLE: &str = "agent:lifecycle";
+/// Mandate lifetime when none is asked for, and the caps with and without a subject token.
+const DEFAULT_TTL: i64 = 900;
+const TTL_CAP: i64 = 3600;
+const TTL_CAP_WITH_SUBJECT: i64 = 900;
+/// The longest delegation lineage, in edges.
+pub const MAX_HOPS: u32 = 10;
+/// Failed client authentications per application and minute before it is locked out.
+const AUTH_FAILURES_PER_MINUTE: u32 = 60;
+
+pub async fn token(
+    State(state): State<RoleState>,
+    request_id: Option<Extension<RequestId>>,
+    request: Request,
+) -> Response {
+    let request_id = request_id.map(|id| id.to_string()).unwrap_or_default();
+    let Some(sts) = state.sts.clone() else {
+        return TokenError::internal().render(&request_id);
+    };
+    let mut class = "refused";
+    let result = exchange(&state, &sts, &request_id, request, &mut class).await;
+    let outcome = match &result {
+        Ok(_) => "allow",
+        Err(error) => error.code,
+    };
+    if let Some(metrics) = &state.metrics.sts {
+        metrics
+            .exchanges
+            .get_or_create(&ExchangeLabels {
+                class: class.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+    match result {
+        Ok(body) => {
+            let mut response = axum::Json(body).into_response();
+            let headers = response.headers_mut();
+            headers.insert(
+                http::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-store"),
+            );
+            headers.insert(http::header::PRAGMA, HeaderValue::from_static("no-cache"));
+            response
+        }
+        Err(error) => error.render(&request_id),
+    }
+}
+
+/// The checks every request passes before its fields mean anything.
+async fn read_form(request: Request) -> Result<form::TokenForm, TokenError> {
+    let (parts, body) = request.into_parts();
+    if parts.uri.query().is_some() {
+        return Err(TokenError::malformed(
+            "the token endpoint takes no query parameters",
+        ));
+    }
+    let form_type = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|value| {
+            value
+                .trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if !form_type {
+        return Err(TokenError {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            code: "invalid_token",
+            description: "the body must be application/x-www-form-urlencoded".to_owned(),
+            retry_after: None,
+        });
+    }
+    let too_large = || TokenError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        code: "payload_too_large",
+        description: format!("the body is larger than {MAX_FORM_BYTES} bytes"),
+        retry_after: None,
+    };
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_FORM_BYTES as u64) {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, MAX_FORM_BYTES)
+        .await
+        .map_err(|_| too_large())?;
+    let form = form::parse(&bytes).map_err(|error| TokenError::malformed(error.to_string()))?;
+    if let Some(field) = form.refused_field {
+        return Err(TokenError::malformed(format!("`{field}` is not supported")));
+    }
+    if form.grant_type.as_deref() != Some(TOKEN_EXCHANGE) {
+        return Err(TokenError::malformed("unsupported grant_type"));
+    }
+    Ok(form)
+}
+
+/// What was asked, validated.
+struct Ask {
+    zone_id: String,
+    resources: Vec<String>,
+    scopes: Vec<String>,
+    ttl: Option<i64>,
+}
+
+fn ask(form: &form::TokenForm) -> Result<Ask, TokenError> {
+    let subject = form.subject_token.is_some();
+    if subject != form.subject_token_type.is_some() {
+        return Err(TokenError::malformed(
+            "subject_token and subject_token_type come together",
+        ));
+    }
+    let ttl = match form.ttl_seconds.as_deref() {
+        None => None,
+        Some(text) => {
+            let ttl: i64 = text
+                .parse()
+                .map_err(|_| TokenError::malformed("ttl_seconds must be an integer"))?;
+            let cap = if subject {
+                TTL_CAP_WITH_SUBJECT
+            } else {
+                TTL_CAP
+            };
+            if ttl < 0 {
+                return Err(TokenError::malformed("ttl_seconds must not be negative"));
+            }
+            if ttl > cap {
+                return Err(TokenError::malformed(format!(
+                    "ttl_seconds must be at most {cap}"
+                )));
+            }
+            (ttl > 0).then_some(ttl)
+        }
+    };
+    let mut resources = Vec::with_capacity(form.resources.len());
+    for resource in &form.resources {
+        let resource = resource.trim();
+        if resource.is_empty() {
+            return Err(TokenError::malformed("resource must not be empty"));
+        }
+        resources.push(resource.to_owned());
+    }
+    resources.sort();
+    resources.dedup();
+    if resources.is_empty() {
+        return Err(TokenError::malformed("at least one resource is required"));
+    }
+    let zone_id = match form.zone_id.as_deref().map(str::trim) {
+        Some(zone) if !zone.is_empty() => zone.to_owned(),
+        _ => return Err(TokenError::malformed("zone_id is required")),
+    };
+    let mut scopes: Vec<String> = form
+        .scope
+        .as_deref()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    scopes.sort();
+    scopes.dedup();
+    Ok(Ask {
+        zone_id,
+        resources,
+        scopes,
+        ttl,
+    })
+}
+
+async fn exchange(
+    state: &RoleState,
+    sts: &Arc<Sts>,
+    request_id: &str,
+    request: Request,
+    class: &mut &'static str,
+) -> Result<TokenResponse, TokenError> {
+    if state.shared.is_draining() {
+        return Err(TokenError::unavailable("the STS is shutting down"));
+    }
+    let form = read_form(request).await?;
+    let ask = ask(&form)?;
+    let store = state.shared.store.as_ref();
+    let application = authenticate(state, sts, &ask.zone_id, &form).await?;
+
+    if let Some(kind) = form.subject_token_type.as_deref() {
+        if kind == ID_TOKEN {
+            return Err(TokenError::malformed(
+                "subject federation (id_token) is not offered by this STS",
+            ));
+        }
+        if kind != ACCESS_TOKEN {
+            return Err(TokenError::malformed("unsupported subject_token_type"));
+        }
+        // A valid session mandate is still no way in: resource exchanges go through the
+        // Gateway, which signs its calls.
+        let subject = form.subject_token.as_deref().unwrap_or_default();
+        verify_subject(state, sts, &ask.zone_id, subject, "session").await?;
+        return Err(TokenError::denied(
+            "resource exchanges must use the Gateway",
+        ));
+    }
+
+    let now = now_ms();
+    let mut ttl = ask.ttl.unwrap_or(DEFAULT_TTL);
+    let delegation = match (&form.agent_session_id, &form.delegation_edge_id) {
+        (Some(session_id), Some(edge_id)) => {
+            *class = "delegated";
+            if ask.scopes.is_empty() {
+                return Err(TokenError::malformed("a delegated mint needs scope"));
+            }
+            let delegation = delegation(
+                store,
+                &ask.zone_id,
+                &application,
+                session_id,
+                edge_id,
+                &ask.scopes,
+                ask.ttl,
+                now,
+            )
+            .await?;
+            ttl = ttl.min(delegation.ttl_bound_seconds);
+            if ttl <= 0 {
+                return Err(TokenError::denied("the delegation has no lifetime left"));
+            }
+            Some(delegation)
+        }
+        (None, Some(_)) => {
+            return Err(TokenError::denied(
+                "delegation_edge_id needs agent_session_id",
+            ));
+        }
+        (Some(session_id), None) => {
+            *class = "bootstrap";
+            let session = store
+                .get_session(&ask.zone_id, session_id)
+                .await?
+                .filter(|session| session.application_id == application.id && live(session, now))
+                .ok_or_else(|| TokenError::denied("agent session not active or not owned"))?;
+            drop(session);
+            None
+        }
+        (None, None) => {
+            *class = "bootstrap";
+            None
+        }
+    };
+    if let Some(record_id) = &form.session_id {
+        let record = store
+            .get_authority_record(&ask.zone_id, record_id)
+            .await?
+            .filter(|record| {
+                record.status == "active"
+                    && record.expires_at_ms > now
+                    && record.session_type == "application"
+                    && record.subject_id == application.id
+            });
+        if record.is_none() {
+            return Err(TokenError::denied(
+                "authority record not active or not the caller's",
+            ));
+        }
+    }
+
+    let loaded = sts.policies.get(&ask.zone_id);
+    let bundle = loaded.as_deref().map(|loaded| &loaded.bundle);
+    let session_context = form.agent_session_id.is_some() || form.session_id.is_some();
+    let mut granted = Vec::new();
+    let mut events = Vec::new();
+    let mut first_refusal: Option<String> = None;
+    for identifier in &ask.resources {
+        let outcome = decide_resource(
+            store,
+            &ask,
+            &application,
+            identifier,
+            delegation.as_ref(),
+            bundle,
+            session_context,
+        )
+        .await?;
+        let (decision, refusal) = match outcome {
+            Ok(decision) => (decision, None),
+            Err((decision, description)) => (decision, Some(description)),
+        };
+        events.push(exchange_event(
+            &ask,
+            request_id,
+            &application,
+            identifier,
+            &decision,
+            loaded.as_deref(),
+            &form,
+        ));
+        match refusal {
+            None => granted.push(identifier.clone()),
+            Some(description) => {
+                first_refusal.get_or_insert(description);
+            }
+        }
+    }
+    if granted.is_empty() {
+        // Evidence before the answer, for refusals too.
+        record_all(state, events).await?;
+        return Err(TokenError::denied(
+            first_refusal.unwrap_or_else(|| "policy denied (no_rule_matched)".to_owned()),
+        ));
+    }
+
+    let keys = sts
+        .keys
+        .zone(store, &state.shared.kek, &ask.zone_id)
+        .await?;
+    let sid = uuid::Uuid::now_v7().to_string();
+    let jti = uuid::Uuid::now_v7().to_string();
+    let use_ = if delegation.is_some() {
+        "gateway"
+    } else {
+        "session"
+    };
+    let iat = now / 1000;
+    let mut claims = MandateClaims {
+        iss: sts.issuer.clone(),
+        sub: application.id.clone(),
+        aud: vec![sts.issuer.clone()],
+        exp: iat + ttl,
+        iat,
+        jti: jti.clone(),
+        zone_id: ask.zone_id.clone(),
+        client_id: application.id.clone(),
+        sid: sid.clone(),
+        root_sid: sid.clone(),
+        use_: use_.to_owned(),
+        sub_type: "application".to_owned(),
+        scope: (!ask.scopes.is_empty()).then(|| ask.scopes.join(" ")),
+        target: Some(granted.clone()),
+        agent_session_id: form.agent_session_id.clone(),
+        delegation_edge_id: None,
+        source_session_id: None,
+        target_session_id: None,
+        delegation_path: None,
+        delegation_chain: None,
+        hop_count: None,
+        delegation_graph_epoch: None,
+    };
+    if let Some(delegation) = &delegation {
+        delegation.stamp(&mut claims);
+    }
+    let token = crate::mandate::sign(&keys.header, &keys.signer, &claims).map_err(|error| {
+        tracing::error!(%error, "mandate signing failed");
+        TokenError::internal()
+    })?;
+    let record = AuthorityRecord {
+        id: sid,
+        zone_id: ask.zone_id.clone(),
+        session_type: "application".to_owned(),
+        subject_id: application.id.clone(),
+        parent_id: None,
+        status: "active".to_owned(),
+        claims: serde_json::json!({"jti": jti, "client_id": application.id, "use": use_})
+            .to_string(),
+        expires_at_ms: now + ttl * 1000,
+        authenticated_at_ms: now,
+        created_at_ms: now,
+        revoked_at_ms: None,
+        revoked_reason: None,
+    };
+    // The authority record (the revocation anchor and the issued-JTI registry) and the
+    // evidence commit side by side; the mandate leaves only if both did.
+    let (written, recorded) = tokio::join!(sts.authority.write(record), record_all(state, events));
+    written?;
+    recorded?;
+    Ok(TokenResponse {
+        access_token: token,
+        token_type: "Bearer".to_owned(),
+        expires_in: ttl,
+        scope: claims.scope,
+        issued_token_type: ACCESS_TOKEN.to_owned(),
+        target_resources: Some(granted),
+    })
+}
+
+async fn record_all(state: &RoleState, events: Vec<Event>) -> Result<(), TokenError> {
+    for event in events {
+        state.shared.evidence.record(event).await?;
+    }
+    Ok(())
+}
+
+/// Client authentication: the application of `zone_id` and its secret. Failures all look the
+/// same to the caller; an application that keeps failing is locked out for a minute.
+async fn authenticate(
+    state: &RoleState,
+    sts: &Sts,
+    zone_id: &str,
+    form: &form::TokenForm,
+) -> Result<Application, TokenError> {
+    let refused = || TokenError::unauthenticated("invalid client credentials");
+    let (Some(application_id), Some(secret)) = (&form.application_id, &form.client_secret) else {
+        return Err(refused());
+    };
+    let now = now_ms();
+    if let Some(until) = locked_until(sts, application_id, now) {
+        let mut error = TokenError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many failed authentications; try again later",
+        );
+        error.retry_after = Some(u64::try_from((until - now) / 1000 + 1).unwrap_or(60));
+        return Err(error);
+    }
+    let application = state
+        .shared
+        .store
+        .get_application(zone_id, application_id)
+        .await?
+        .filter(|app| {
+            app.archived_at_ms.is_none() && app.expires_at_ms.is_none_or(|expires| expires > now)
+        });
+    let verified = match application
+        .as_ref()
+        .and_then(|app| app.client_secret_hash.as_deref())
+    {
+        Some(hash) => sts.secrets.verify(application_id, secret, hash).await,
+        None => false,
+    };
+    match application {
+        Some(application) if verified => Ok(application),
+        _ => {
+            count_failure(sts, application_id, now);
+            if let Some(metrics) = &state.metrics.sts {
+                metrics.auth_failures.inc();
+            }
+            Err(refused())
+        }
+    }
+}
+
+fn locked_until(sts: &Sts, application_id: &str, now: i64) -> Option<i64> {
+    let lockouts = sts
+        .lockouts
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    lockouts
+        .get(application_id)
+        .filter(|(window_start, failures)| {
+            *failures > AUTH_FAILURES_PER_MINUTE && now < window_start + 60_000
+        })
+        .map(|(window_start, _)| window_start + 60_000)
+}
+
+fn count_failure(sts: &Sts, application_id: &str, now: i64) {
+    let mut lockouts = sts
+        .lockouts
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if lockouts.len() > 65_536 {
+        lockouts.retain(|_, (window_start, _)| now < *window_start + 60_000);
+    }
+    let entry = lockouts
+        .entry(application_id.to_owned())
+        .or_insert((now, 0));
+    if now >= entry.0 + 60_000 {
+        *entry = (now, 0);
+    }
+    entry.1 += 1;
+}
+
+/// Verifies a subject token for `zone_id`: an ES256 mandate of this STS under one of the
+/// zone's keys, unexpired, with the expected `use`, whose authority record is still active.
+async fn verify_subject(
+    state: &RoleState,
+    sts: &Sts,
+    zone_id: &str,
+    token: &str,
+    expected_use: &str,
+) -> Result<MandateClaims, TokenError> {
+    let keys = match sts
+        .keys
+        .zone(state.shared.store.as_ref(), &state.shared.kek, zone_id)
+        .await
+    {
+        Ok(keys) => keys,
+        Err(super::keys::KeyError::NoKey(_)) => {
+            return Err(TokenError::bad_subject(
+                "subject token not issued for this zone",
+            ));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let now = now_ms();
+    let claims = crate::mandate::verify(token, |kid| keys.verifier(kid, now))
+        .map_err(|error| TokenError::bad_subject(format!("subject token rejected: {error}")))?;
+    crate::mandate::check_times(&claims, now / 1000)
+        .and_then(|()| crate::mandate::check_issuer(&claims, &sts.issuer))
+        .map_err(|error| TokenError::bad_subject(format!("subject token rejected: {error}")))?;
+    if claims.zone_id != zone_id {
+        return Err(TokenError::bad_subject(
+            "subject token belongs to another zone",
+        ));
+    }
+    if claims.use_ != expected_use {
+        return Err(TokenError::bad_subject(format!(
+            "subject token must have use={expected_use}"
+        )));
+    }
+    let record = state
+        .shared
+        .store
+        .get_authority_record(zone_id, &claims.sid)
+        .await?;
+    let active = record.is_some_and(|record| {
+        record.status == "active" && record.expires_at_ms > now && record.subject_id == claims.sub
+    });
+    if !active {
+        return Err(TokenError::bad_subject(
+            "subject token's authority is no longer active",
+        ));
+    }
+    Ok(claims)
+}
+
+/// Whether a session may act now: active, and within its TTL (task) or heartbeat (service).
+fn live(session: &Session, now: i64) -> bool {
+    session.status == "active"
+        && match session.lifecycle.as_str() {
+            "service" => session
+                .heartbeat_deadline_ms
+                .is_some_and(|deadline| deadline > now),
+            _ => session
+                .ttl_seconds
+                .is_some_and(|ttl| ttl > 0 && session.started_at_ms + ttl * 1000 > now),
+        }
+}
+
+/// A delegation edge's narrowing constraints. Unknown keys are refused: a constraint the STS
+/// does not understand must not be silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Constraints {
+    #[serde(default)]
+    pub resources: Vec<String>,
+    #[serde(default)]
+    pub ttl_seconds: Option<u32>,
+    #[serde(default)]
+    pub max_depth: Option<u32>,
+    #[serde(default)]
+    pub max_hops: Option<u32>,
+    /// Recorded by the Coordinator; parsed (so a malformed one refuses) but not acted on.
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub policy_approved: Option<bool>,
+    /// RFC 3339.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub broad_reason: Option<String>,
+}
+
+impl Constraints {
+    pub fn parse(text: &str) -> Option<Constraints> {
+        let constraints: Constraints = if text.trim().is_empty() {
+            Constraints::default()
+        } else {
+            serde_json::from_str(text).ok()?
+        };
+        if let (Some(depth), Some(hops)) = (constraints.max_depth, constraints.max_hops)
+            && depth != hops
+        {
+            return None;
+        }
+        if constraints.resources.len() > 64 || constraints.max_hops() > MAX_HOPS {
+            return None;
+        }
+        Some(constraints)
+    }
+
+    /// The edge's hop budget: how many edges, this one included, a lineage may use from this
+    /// edge down. One meaning for the Coordinator (a child's budget is at most its parent's
+    /// minus one) and the STS (every edge on a path covers the edges below it), so every
+    /// chain the Coordinator lets exist can mint and no other can.
+    pub fn max_hops(&self) -> u32 {
+        self.max_hops.or(self.max_depth).unwrap_or(1)
+    }
+
+    fn expires_at_ms(&self) -> Option<Option<i64>> {
+        self.expires_at.as_deref().map(|text| {
+            humantime::parse_rfc3339(text).ok().and_then(|time| {
+                time.duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .and_then(|since| i64::try_from(since.as_millis()).ok())
+            })
+        })
+    }
+}
+
+/// A delegation checked against live state: the edge, its lineage (root first), the target
+/// session, and how long a mandate along it may live.
+struct Delegation {
+    leaf: DelegationEdge,
+    path: Vec<(DelegationEdge, Constraints)>,
+    target: Session,
+    ttl_bound_seconds: i64,
+    epoch: i64,
+}
+
+impl Delegation {
+    fn stamp(&self, claims: &mut MandateClaims) {
+        let mut chain: Vec<ChainHop> = self
+            .path
+            .iter()
+            .map(|(edge, _)| ChainHop {
+                application_id: edge.issuer_application_id.clone(),
+                agent_session_id: Some(edge.source_session_id.clone()),
+                delegation_edge_id: Some(edge.id.clone()),
+            })
+            .collect();
+        chain.push(ChainHop {
+            application_id: self.leaf.receiver_application_id.clone(),
+            agent_session_id: Some(self.target.id.clone()),
+            delegation_edge_id: None,
+        });
+        claims.delegation_edge_id = Some(self.leaf.id.clone());
+        claims.source_session_id = Some(self.leaf.source_session_id.clone());
+        claims.target_session_id = Some(self.leaf.target_session_id.clone());
+        claims.delegation_path = Some(self.path.iter().map(|(edge, _)| edge.id.clone()).collect());
+        claims.delegation_chain = Some(chain);
+        claims.hop_count = u32::try_from(self.path.len()).ok();
+        claims.delegation_graph_epoch = (self.epoch > 0).then_some(self.epoch);
+    }
+
+    /// Whether every edge on the path lets `resource` through: its own resource, its listed
+    /// resources, or no restriction (a broad edge).
+    fn allows(&self, resource: &Resource) -> bool {
+        self.path
+            .iter()
+            .all(|(edge, constraints)| match &edge.resource_id {
+                Some(id) => *id == resource.id,
+                None => {
+                    constraints.resources.is_empty()
+                        || constraints.resources.contains(&resource.identifier)
+                }
+            })
+    }
+}
+
+fn edge_live(edge: &DelegationEdge, now: i64) -> bool {
+    edge.status == "active"
+        && edge.revoked_at_ms.is_none()
+        && edge.expires_at_ms.is_some_and(|at| at > now)
+}
+
+/// The checks of `sts-mandates.md` §4, against the store as it is now.
+#[allow(clippy::too_many_arguments)]
+async fn delegation(
+    store: &dyn Store,
+    zone_id: &str,
+    application: &Application,
+    session_id: &str,
+    edge_id: &str,
+    scopes: &[String],
+    requested_ttl: Option<i64>,
+    now: i64,
+) -> Result<Delegation, TokenError> {
+    let denied = TokenError::denied;
+    if scopes.iter().any(|scope| scope == LIFECYCLE) {
+        return Err(denied("agent:lifecycle cannot be delegated"));
+    }
+    let leaf = store
+        .get_delegation_edge(zone_id, edge_id)
+        .await?
+        .filter(|edge| edge_live(edge, now))
+        .ok_or_else(|| denied("delegation not active"))?;
+    if leaf.target_session_id != session_id {
+        return Err(denied("delegation does not target this agent session"));
+    }
+    let (target, source) = tokio::join!(
+        store.get_session(zone_id, &leaf.target_session_id),
+        store.get_session(zone_id, &leaf.source_session_id)
+    );
+    let target = target?
+        .filter(|session| live(session, now))
+        .ok_or_else(|| denied("agent session not active"))?;
+    let source = source?
+        .filter(|session| live(session, now))
+        .ok_or_else(|| denied("delegating session not active"))?;
+    if target.application_id != application.id {
+        return Err(denied("agent session is not the caller's"));
+    }
+    if leaf.issuer_application_id != source.application_id
+        || leaf.receiver_application_id != target.application_id
+    {
+        return Err(denied("delegation applications do not match its sessions"));
+    }
+    // The lineage, leaf first, each edge live and continuing the one below it.
+    let mut lineage = vec![leaf.clone()];
+    while let Some(parent_id) = lineage.last().and_then(|edge| edge.parent_edge_id.clone()) {
+        if lineage.len() >= MAX_HOPS as usize {
+            return Err(denied("delegation chain exceeds the hop limit"));
+        }
+        let child_source = lineage.last().map(|edge| {
+            (
+                edge.source_session_id.clone(),
+                edge.issuer_application_id.clone(),
+            )
+        });
+        let parent = store
+            .get_delegation_edge(zone_id, &parent_id)
+            .await?
+            .filter(|edge| edge_live(edge, now))
+            .ok_or_else(|| denied("a delegation in the chain is not active"))?;
+        if child_source
+            != Some((
+                parent.target_session_id.clone(),
+                parent.receiver_application_id.clone(),
+            ))
+        {
+            return Err(denied("delegation chain is not continuous"));
+        }
+        lineage.push(parent);
+    }
+    lineage.reverse();
+    let hops = lineage.len();
+    let mut path = Vec::with_capacity(hops);
+    let mut ttl_bound = i64::MAX;
+    for (index, edge) in lineage.into_iter().enumerate() {
+        let constraints = Constraints::parse(&edge.constraints)
+            .ok_or_else(|| denied("delegation constraints invalid"))?;
+        // Every edge's budget covers the edges from it down to the leaf.
+        if (constraints.max_hops() as usize) < hops - index {
+            return Err(denied("delegation chain exceeds its hop budget"));
+        }
+        if !scopes.iter().all(|scope| edge.scopes.contains(scope)) {
+            return Err(denied("policy denied (delegation_scope_exceeded)"));
+        }
+        if let Some(limit) = constraints.ttl_seconds {
+            if requested_ttl.is_some_and(|ttl| ttl > i64::from(limit)) {
+                return Err(denied("ttl_seconds exceeds the delegation's ttl_seconds"));
+            }
+            ttl_bound = ttl_bound.min(i64::from(limit));
+        }
+        if let Some(expires) = constraints.expires_at_ms() {
+            let expires = expires.ok_or_else(|| denied("delegation constraints invalid"))?;
+            ttl_bound = ttl_bound.min((expires - now) / 1000);
+        }
+        if let Some(expires) = edge.expires_at_ms {
+            ttl_bound = ttl_bound.min((expires - now) / 1000);
+        }
+        path.push((edge, constraints));
+    }
+    let epoch = store.zone_graph_epoch(zone_id).await?;
+    Ok(Delegation {
+        leaf,
+        path,
+        target,
+        ttl_bound_seconds: ttl_bound,
+        epoch,
+    })
+}
+
+/// One resource's decision: the STS's own checks, then the zone's policy. `Err` carries the
+/// refusal's decision (for the audit event) and its description.
+async fn decide_resource(
+    store: &dyn Store,
+    ask: &Ask,
+    application: &Application,
+    identifier: &str,
+    delegation: Option<&Delegation>,
+    bundle: Option<&caracal_policy::Bundle>,
+    session_context: bool,
+) -> Result<Result<Decision, (Decision, String)>, TokenError> {
+    let refuse = |reason: &str, description: String| {
+        let decision = Decision {
+            decision: Verdict::Deny,
+            evaluation_status: "complete".to_owned(),
+            determining_policies: Vec::new(),
+            diagnostics: vec![caracal_policy::Reason {
+                code: reason.to_owned(),
+                detail: description.clone(),
+            }],
+            step_up_required: None,
+        };
+        Ok(Err((decision, description)))
+    };
+    let Some(resource) = store
+        .find_resource(&ask.zone_id, identifier)
+        .await?
+        .filter(|resource| resource.archived_at_ms.is_none())
+    else {
+        return refuse(
+            "resource_not_found",
+            "policy denied (resource_not_granted)".to_owned(),
+        );
+    };
+    let lifecycle_allowed = !resource.upstream_url.is_empty();
+    let declared = ask
+        .scopes
+        .iter()
+        .all(|scope| resource.scopes.contains(scope) || (scope == LIFECYCLE && lifecycle_allowed));
+    if !declared {
+        return refuse(
+            "scope_not_declared",
+            format!("scope not declared by resource `{}`", resource.identifier),
+        );
+    }
+    if let Some(delegation) = delegation
+        && !delegation.allows(&resource)
+    {
+        return refuse(
+            "resource_not_delegated",
+            format!(
+                "resource `{}` is outside the delegation",
+                resource.identifier
+            ),
+        );
+    }
+    let request = caracal_policy::Request {
+        flow: if delegation.is_some() {
+            Flow::Mint
+        } else {
+            Flow::Bootstrap
+        },
+        application_id: application.id.clone(),
+        resource: resource.identifier.clone(),
+        scopes: ask.scopes.clone(),
+        labels: delegation
+            .map(|d| d.target.labels.clone())
+            .unwrap_or_default(),
+        edge_scopes: delegation.map(|d| d.leaf.scopes.clone()),
+        session: delegation.is_some() || session_context,
+        subject: false,
+        target: Vec::new(),
+    };
+    let decision = caracal_policy::decide(bundle, &request);
+    if let Some(reason) = decision.reason() {
+        let description = format!("policy denied ({reason})");
+        return Ok(Err((decision, description)));
+    }
+    if decision.step_up_required.is_some() {
+        // Approval holds are not issued yet: a gated scope is refused, never minted.
+        let description =
+            "policy requires human approval, which this STS does not issue yet".to_owned();
+        return Ok(Err((decision, description)));
+    }
+    Ok(Ok(decision))
+}
+
+fn exchange_event(
+    ask: &Ask,
+    request_id: &str,
+    application: &Application,
+    resource: &str,
+    decision: &Decision,
+    loaded: Option<&crate::policy::Loaded>,
+    form: &form::TokenForm,
+) -> Event {
+    let allowed = decision.decision == Verdict::Allow && decision.step_up_required.is_none();
+    Event {
+        id: uuid::Uuid::now_v7().to_string(),
+        zone_id: ask.zone_id.clone(),
+        event_type: "token_exchange".to_owned(),
+        request_id: request_id.to_owned(),
+        decision: if allowed { "allow" } else { "deny" }.to_owned(),
+        policy_set_id: None,
+        policy_set_version_id: loaded.map(|loaded| loaded.version_id.clone()),
+        manifest_sha: loaded.map(|loaded| loaded.manifest_sha256.clone()),
+        evaluation_status: decision.evaluation_status.clone(),
+        determining_policies_json: serde_json::to_value(&decision.determining_policies)
+            .unwrap_or_default(),
+        diagnostics_json: serde_json::to_value(&decision.diagnostics).unwrap_or_default(),
+        metadata_json: serde_json::json!({
+            "application_id": application.id,
+            "resource": resource,
+            "scopes": ask.scopes,
+            "agent_session_id": form.agent_session_id,
+            "delegation_edge_id": form.delegation_edge_id,
+        }),
+        occurred_at_ms: now_ms(),
+    }
+}

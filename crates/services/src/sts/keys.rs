@@ -1,0 +1,245 @@
+//! Zone signing keys: created with the zone, sealed under the KEK, held decrypted in memory per
+//! zone, rotated with an overlap during which the previous key still verifies.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use caracal_crypto::Kek;
+use caracal_crypto::es256::{PublicKey, SigningKey};
+use caracal_store::{OutboxMessage, Store, StoreError};
+
+use crate::wire::Jwk;
+
+/// The stream that tells every STS and Gateway replica to drop a zone's cached keys.
+pub const KEYS_INVALIDATE: &str = "caracal.keys.invalidate";
+
+/// How long the previous key keeps verifying after a rotation, unless configured.
+pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(24 * 3600);
+
+/// How long a replica trusts its cached keys without an invalidation.
+const CACHE_TTL: Duration = Duration::from_secs(15 * 60);
+
+fn purpose(zone_id: &str) -> String {
+    format!("zone-signing-key:{zone_id}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("zone `{0}` has no active signing key")]
+    NoKey(String),
+    #[error("signing key `{0}` does not open under the loaded KEK")]
+    Unopenable(String),
+    #[error("key generation failed")]
+    Generation,
+}
+
+/// A fresh active key for `zone_id`, ready to store: the private half sealed under the KEK.
+pub fn new_zone_key(kek: &Kek, zone_id: &str) -> Result<caracal_store::SigningKey, KeyError> {
+    let key = SigningKey::generate().map_err(|_| KeyError::Generation)?;
+    let kid = uuid::Uuid::now_v7().to_string();
+    let envelope = kek
+        .seal(&purpose(zone_id), key.pkcs8())
+        .map_err(|_| KeyError::Generation)?;
+    let jwk = jwk(&kid, key.public_key());
+    let now = caracal_store::now_ms();
+    Ok(caracal_store::SigningKey {
+        kid,
+        zone_id: zone_id.to_owned(),
+        algorithm: "ES256".to_owned(),
+        public_jwk: serde_json::to_string(&jwk).map_err(|_| KeyError::Generation)?,
+        private_envelope: envelope,
+        kek_id: kek.key_id().to_owned(),
+        status: "active".to_owned(),
+        created_at_ms: now,
+        activated_at_ms: Some(now),
+        retired_at_ms: None,
+    })
+}
+
+fn jwk(kid: &str, public: &PublicKey) -> Jwk {
+    Jwk {
+        kty: "EC".to_owned(),
+        crv: "P-256".to_owned(),
+        use_: "sig".to_owned(),
+        kid: kid.to_owned(),
+        alg: "ES256".to_owned(),
+        x: URL_SAFE_NO_PAD.encode(public.x()),
+        y: URL_SAFE_NO_PAD.encode(public.y()),
+    }
+}
+
+/// The invalidation message for `zone_id`'s keys.
+pub fn invalidation(zone_id: &str) -> OutboxMessage {
+    OutboxMessage {
+        stream: KEYS_INVALIDATE.to_owned(),
+        fields: [("zone_id".to_owned(), zone_id.to_owned())].into(),
+        dedupe_key: None,
+    }
+}
+
+/// A key that verifies, until `until_ms` if it is being retired.
+#[derive(Debug)]
+pub struct Verifier {
+    pub kid: String,
+    pub public: PublicKey,
+    pub until_ms: Option<i64>,
+    pub jwk: Jwk,
+}
+
+/// One zone's keys as a replica holds them.
+#[derive(Debug)]
+pub struct ZoneKeys {
+    pub signer_kid: String,
+    pub signer: SigningKey,
+    /// The encoded JOSE header for the signer, built once.
+    pub header: String,
+    pub verifiers: Vec<Verifier>,
+    loaded: Instant,
+}
+
+impl ZoneKeys {
+    /// The key for `kid` if it verifies at `now_ms`.
+    pub fn verifier(&self, kid: &str, now_ms: i64) -> Option<&PublicKey> {
+        self.verifiers
+            .iter()
+            .find(|v| v.kid == kid && v.until_ms.is_none_or(|until| until > now_ms))
+            .map(|v| &v.public)
+    }
+
+    /// What the JWKS publishes at `now_ms`: the signer and every key still in its overlap.
+    pub fn jwks(&self, now_ms: i64) -> Vec<Jwk> {
+        self.verifiers
+            .iter()
+            .filter(|v| v.until_ms.is_none_or(|until| until > now_ms))
+            .map(|v| v.jwk.clone())
+            .collect()
+    }
+}
+
+/// Every zone's keys, loaded on first use and dropped on invalidation or after 15 minutes.
+#[derive(Clone, Default)]
+pub struct KeyRing {
+    zones: Arc<RwLock<HashMap<String, Arc<ZoneKeys>>>>,
+}
+
+impl KeyRing {
+    pub fn flush(&self, zone_id: &str) {
+        self.zones
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(zone_id);
+    }
+
+    /// `zone_id`'s keys; a zone without an active key is [`KeyError::NoKey`].
+    pub async fn zone(
+        &self,
+        store: &dyn Store,
+        kek: &Kek,
+        zone_id: &str,
+    ) -> Result<Arc<ZoneKeys>, KeyError> {
+        if let Some(keys) = self
+            .zones
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(zone_id)
+            .filter(|keys| keys.loaded.elapsed() < CACHE_TTL)
+        {
+            return Ok(Arc::clone(keys));
+        }
+        let keys = Arc::new(load(store, kek, zone_id).await?);
+        self.zones
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(zone_id.to_owned(), Arc::clone(&keys));
+        Ok(keys)
+    }
+}
+
+async fn load(store: &dyn Store, kek: &Kek, zone_id: &str) -> Result<ZoneKeys, KeyError> {
+    let rows = store.list_signing_keys(zone_id).await?;
+    let now = caracal_store::now_ms();
+    let mut signer = None;
+    let mut verifiers = Vec::new();
+    // Newest first: the newest active key signs.
+    for row in rows.iter().rev() {
+        let until_ms = match row.status.as_str() {
+            "active" => None,
+            "retiring" if row.retired_at_ms.is_some_and(|until| until > now) => row.retired_at_ms,
+            _ => continue,
+        };
+        let Some(public) = public_of(&row.public_jwk) else {
+            tracing::error!(zone = zone_id, kid = %row.kid, "a stored public key does not parse; skipped");
+            continue;
+        };
+        if until_ms.is_none() && signer.is_none() {
+            let opened = kek
+                .open(&purpose(zone_id), &row.private_envelope)
+                .map_err(|_| KeyError::Unopenable(row.kid.clone()))?;
+            let key = SigningKey::from_pkcs8(&opened)
+                .map_err(|_| KeyError::Unopenable(row.kid.clone()))?;
+            signer = Some((row.kid.clone(), key));
+        }
+        verifiers.push(Verifier {
+            kid: row.kid.clone(),
+            jwk: jwk(&row.kid, &public),
+            public,
+            until_ms,
+        });
+    }
+    let (signer_kid, signer) = signer.ok_or_else(|| KeyError::NoKey(zone_id.to_owned()))?;
+    Ok(ZoneKeys {
+        header: crate::mandate::encoded_header(&signer_kid),
+        signer_kid,
+        signer,
+        verifiers,
+        loaded: Instant::now(),
+    })
+}
+
+fn public_of(jwk_text: &str) -> Option<PublicKey> {
+    let jwk: Jwk = serde_json::from_str(jwk_text).ok()?;
+    let x = URL_SAFE_NO_PAD.decode(jwk.x).ok()?;
+    let y = URL_SAFE_NO_PAD.decode(jwk.y).ok()?;
+    PublicKey::from_xy(&x, &y).ok()
+}
+
+/// Gives every live zone without an active key its first one (zones created before keys were
+/// created with the zone). Run when the STS starts.
+pub async fn ensure_zone_keys(store: &dyn Store, kek: &Kek) -> Result<usize, KeyError> {
+    let mut created = 0;
+    for zone in store.list_zones().await? {
+        if zone.archived_at_ms.is_some() {
+            continue;
+        }
+        let keys = store.list_signing_keys(&zone.id).await?;
+        if !keys.iter().any(|key| key.status == "active") {
+            store
+                .insert_signing_key(&new_zone_key(kek, &zone.id)?, &[])
+                .await?;
+            created += 1;
+        }
+    }
+    Ok(created)
+}
+
+/// Rotates `zone_id`'s key: the new key signs at once, the previous one verifies for
+/// `overlap`, and every replica is told to reload. Returns the new key id.
+pub async fn rotate(
+    store: &dyn Store,
+    kek: &Kek,
+    zone_id: &str,
+    overlap: Duration,
+    audit: OutboxMessage,
+) -> Result<String, KeyError> {
+    let key = new_zone_key(kek, zone_id)?;
+    let until = caracal_store::now_ms() + i64::try_from(overlap.as_millis()).unwrap_or(i64::MAX);
+    store
+        .rotate_signing_key(&key, until, &[invalidation(zone_id), audit])
+        .await?;
+    Ok(key.kid)
+}

@@ -1,0 +1,313 @@
+//! The STS role: `POST /oauth/2/token` (RFC 8693 token exchange into ES256 mandates) and
+//! `GET /.well-known/jwks.json`. Everything a mint depends on — the client's secret, the
+//! zone's key, live sessions and delegation edges, the zone's policy bundle, the authority
+//! record, the audit event — must succeed before a mandate leaves; any failure refuses.
+
+mod exchange;
+pub mod form;
+pub mod keys;
+mod secrets;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::{HeaderValue, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::group_commit::AuthorityWriter;
+use crate::policy::PolicyCache;
+use crate::state::RoleState;
+use crate::wire::{Jwks, OAuthErrorBody};
+
+pub use exchange::MAX_FORM_BYTES;
+
+/// The STS's state: what every replica holds in memory.
+pub struct Sts {
+    /// `iss` of every mandate and the audience of session and gateway mandates.
+    pub issuer: String,
+    pub policies: PolicyCache,
+    pub keys: keys::KeyRing,
+    secrets: secrets::SecretCache,
+    authority: AuthorityWriter,
+    lockouts: std::sync::Mutex<std::collections::HashMap<String, (i64, u32)>>,
+}
+
+impl Sts {
+    /// Starts the STS's authority-record writer; call inside the runtime.
+    pub fn start(
+        issuer: String,
+        policies: PolicyCache,
+        store: Arc<dyn caracal_store::Store>,
+    ) -> Sts {
+        let (authority, _task) = AuthorityWriter::start(store, 512);
+        Sts {
+            issuer,
+            policies,
+            keys: keys::KeyRing::default(),
+            secrets: secrets::SecretCache::default(),
+            authority,
+            lockouts: std::sync::Mutex::default(),
+        }
+    }
+}
+
+pub fn routes() -> Router<RoleState> {
+    Router::new()
+        .route("/oauth/2/token", post(exchange::token))
+        .route("/.well-known/jwks.json", get(jwks))
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExchangeLabels {
+    /// `bootstrap`, `delegated` or `refused` (before a class was known).
+    pub class: String,
+    /// `allow`, or the error code.
+    pub outcome: String,
+}
+
+/// The STS role's own families.
+#[derive(Debug, Default)]
+pub struct StsMetrics {
+    pub exchanges: Family<ExchangeLabels, Counter>,
+    /// Seconds since the policy bundles were last confirmed against the store.
+    pub policy_bundle_age_seconds: Gauge,
+    pub auth_failures: Counter,
+}
+
+impl StsMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "token_exchanges",
+            "Token exchanges by class and outcome",
+            self.exchanges.clone(),
+        );
+        registry.register(
+            "policy_bundle_age_seconds",
+            "Seconds since the policy bundles were last confirmed against the store",
+            self.policy_bundle_age_seconds.clone(),
+        );
+        registry.register(
+            "client_auth_failures",
+            "Failed client authentications",
+            self.auth_failures.clone(),
+        );
+    }
+}
+
+/// An error in the token endpoint's envelope: `{"error", "error_description", "requestId"}`.
+/// The same code can come with different statuses (the reference's table), so the status is
+/// carried, not derived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub description: String,
+    pub retry_after: Option<u64>,
+}
+
+impl TokenError {
+    fn new(status: StatusCode, code: &'static str, description: impl Into<String>) -> TokenError {
+        TokenError {
+            status,
+            code,
+            description: description.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 400 `invalid_token`: the request is malformed.
+    pub fn malformed(description: impl Into<String>) -> TokenError {
+        TokenError::new(StatusCode::BAD_REQUEST, "invalid_token", description)
+    }
+
+    /// 401 `access_denied`: the client or an approval does not authenticate.
+    pub fn unauthenticated(description: impl Into<String>) -> TokenError {
+        TokenError::new(StatusCode::UNAUTHORIZED, "access_denied", description)
+    }
+
+    /// 401 `invalid_token`: the subject token does not verify.
+    pub fn bad_subject(description: impl Into<String>) -> TokenError {
+        TokenError::new(StatusCode::UNAUTHORIZED, "invalid_token", description)
+    }
+
+    /// 403 `access_denied`: authenticated, but not allowed.
+    pub fn denied(description: impl Into<String>) -> TokenError {
+        TokenError::new(StatusCode::FORBIDDEN, "access_denied", description)
+    }
+
+    /// 503 `sts_unavailable`: a dependency is down; refused, retry later.
+    pub fn unavailable(description: impl Into<String>) -> TokenError {
+        let mut error = TokenError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sts_unavailable",
+            description,
+        );
+        error.retry_after = Some(1);
+        error
+    }
+
+    pub fn internal() -> TokenError {
+        TokenError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "internal error",
+        )
+    }
+
+    pub fn render(self, request_id: &str) -> Response {
+        let body = OAuthErrorBody {
+            error: self.code.to_owned(),
+            error_description: self.description,
+            request_id: request_id.to_owned(),
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+        if let Some(seconds) = self.retry_after
+            && let Ok(value) = HeaderValue::from_str(&seconds.to_string())
+        {
+            headers.insert(http::header::RETRY_AFTER, value);
+        }
+        response
+    }
+}
+
+impl From<caracal_store::StoreError> for TokenError {
+    fn from(error: caracal_store::StoreError) -> TokenError {
+        match error {
+            caracal_store::StoreError::Unavailable(detail) => {
+                tracing::warn!(%detail, "store unavailable: exchange refused");
+                TokenError::unavailable("the store is unavailable")
+            }
+            other => {
+                tracing::error!(error = %other, "store failure during an exchange");
+                TokenError::internal()
+            }
+        }
+    }
+}
+
+impl From<crate::evidence::EvidenceError> for TokenError {
+    fn from(error: crate::evidence::EvidenceError) -> TokenError {
+        let api = crate::api::evidence_error(error);
+        let mut refused = TokenError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            api.code.as_str(),
+            "audit evidence could not be recorded",
+        );
+        refused.retry_after = Some(1);
+        refused
+    }
+}
+
+impl From<keys::KeyError> for TokenError {
+    fn from(error: keys::KeyError) -> TokenError {
+        match error {
+            keys::KeyError::Store(store) => store.into(),
+            other => {
+                tracing::error!(error = %other, "zone signing key unusable");
+                TokenError::internal()
+            }
+        }
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct JwksQuery {
+    zone_id: Option<String>,
+}
+
+/// `GET /.well-known/jwks.json?zone_id=`: the zone's signer and every key in its overlap.
+async fn jwks(
+    State(state): State<RoleState>,
+    request_id: Option<axum::Extension<caracal_core::RequestId>>,
+    query: Result<Query<JwksQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let request_id = request_id.map(|id| id.to_string()).unwrap_or_default();
+    let Some(sts) = state.sts.as_ref() else {
+        return TokenError::internal().render(&request_id);
+    };
+    let zone_id = match query {
+        Ok(Query(JwksQuery {
+            zone_id: Some(zone),
+        })) if !zone.is_empty() => zone,
+        _ => return TokenError::malformed("zone_id is required").render(&request_id),
+    };
+    let store = state.shared.store.as_ref();
+    match sts.keys.zone(store, &state.shared.kek, &zone_id).await {
+        Ok(keys) => {
+            let body = Jwks {
+                keys: keys.jwks(caracal_store::now_ms()),
+            };
+            let mut response = axum::Json(body).into_response();
+            response.headers_mut().insert(
+                http::header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=300, must-revalidate"),
+            );
+            response
+        }
+        Err(keys::KeyError::NoKey(_)) => TokenError::new(
+            StatusCode::NOT_FOUND,
+            "resource_not_found",
+            format!("zone `{zone_id}` has no signing keys"),
+        )
+        .render(&request_id),
+        Err(error) => TokenError::from(error).render(&request_id),
+    }
+}
+
+/// Keeps the STS's key cache in step with rotations anywhere: a `caracal.keys.invalidate`
+/// message drops the named zone's keys (read without a consumer group, like the policy
+/// loader: every replica needs every message, and a message only causes a reload).
+pub async fn run_key_invalidations(
+    ring: keys::KeyRing,
+    streams: Arc<dyn caracal_bus::Streams>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last_entry: Option<String> = None;
+    while let Ok(entries) = streams
+        .range(keys::KEYS_INVALIDATE, last_entry.as_deref(), 1024)
+        .await
+    {
+        match entries.last() {
+            Some(last) => last_entry = Some(last.id.clone()),
+            None => break,
+        }
+    }
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if let Ok(entries) = streams
+            .range(keys::KEYS_INVALIDATE, last_entry.as_deref(), 256)
+            .await
+        {
+            for entry in &entries {
+                if let Some(zone_id) = entry.fields.get("zone_id") {
+                    ring.flush(zone_id);
+                }
+            }
+            if let Some(last) = entries.last() {
+                last_entry = Some(last.id.clone());
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1091 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::body::Body;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use caracal_bus::EmbeddedBus;
+use caracal_core::Role;
+use caracal_crypto::es256::PublicKey;
+use caracal_store::{DelegationEdge, Session, SqliteStore, TokenScope};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt as _;
+use serde_json::{Value, json};
+use tower::ServiceExt as _;
+
+use super::Sts;
+use crate::evidence::{Evidence, EvidenceConfig};
+use crate::router;
+use crate::state::{Bus, RoleState, Shared};
+use crate::test_support::{SwitchableStore, call, token};
+use crate::wire::{Jwks, MandateClaims};
+
+const ISSUER: &str = "http://sts.test";
+
+/// A zone with an application, a resource it owns, and an active grants policy; the API and
+/// STS roles over one store that a test can take down.
+struct World {
+    _keep: (tempfile::TempDir, crate::evidence::EvidenceTasks),
+    store: Arc<SwitchableStore>,
+    shared: Shared,
+    api: axum::Router,
+    sts: axum::Router,
+    core: Arc<Sts>,
+    writer: String,
+    zone_id: String,
+    app_id: String,
+    secret: String,
+}
+
+fn document(app_id: &str) -> String {
+    format!(
+        "# caracal:data-document\npackage caracal.authz\nimport rego.v1\napp_ids := {{\"billing\": \"{app_id}\"}}\ngrants := {{\"resource://ledger\": {{\"application\": \"billing\", \"roles\": {{\"{app_id}\": [\"ledger:read\", \"ledger:refund\"]}}}}}}\n"
+    )
+}
+
+async fn world() -> World {
+    let directory = tempfile::tempdir().unwrap();
+    let sqlite = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+    let store = Arc::new(SwitchableStore {
+        inner: sqlite.clone(),
+        down: false.into(),
+    });
+    let bus = Bus::embedded(EmbeddedBus::new(sqlite));
+    let replay_dir = directory.path().join("audit-replay");
+    let (evidence, tasks) = Evidence::start(
+        caracal_bus::Producer::new(
+            Arc::clone(&bus.streams),
+            caracal_bus::signature::StreamKey::new(b"k"),
+        ),
+        EvidenceConfig::new(replay_dir.clone()),
+    )
+    .unwrap();
+    let shared = Shared::new(
+        store.clone(),
+        bus,
+        evidence,
+        replay_dir,
+        caracal_crypto::Kek::generate().unwrap(),
+    );
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let api = router(RoleState::new(Role::Api, shared.clone()));
+    let w = Some(writer.as_str());
+    let (status, _, zone) = call(&api, "POST", "/v1/zones", w, r#"{"name":"sts"}"#).await;
+    assert_eq!(status, StatusCode::CREATED, "{zone}");
+    let zone_id = zone["id"].as_str().unwrap().to_owned();
+    let base = format!("/v1/zones/{zone_id}");
+    let (status, _, app) = call(
+        &api,
+        "POST",
+        &format!("{base}/applications"),
+        w,
+        r#"{"name":"billing","registration_method":"managed"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{app}");
+    let app_id = app["id"].as_str().unwrap().to_owned();
+    let secret = app["client_secret"].as_str().unwrap().to_owned();
+    let (_, _, provider) = call(
+        &api,
+        "POST",
+        &format!("{base}/providers"),
+        w,
+        r#"{"name":"none","kind":"none"}"#,
+    )
+    .await;
+    let resource = json!({
+        "name": "Ledger", "identifier": "resource://ledger", "scopes": ["ledger:read", "ledger:refund"],
+        "upstream_url": "http://127.0.0.1:9/api", "credential_provider_id": provider["id"],
+    });
+    let (status, _, created) = call(
+        &api,
+        "POST",
+        &format!("{base}/resources"),
+        w,
+        &resource.to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+
+    let mut sts_state = RoleState::new(Role::Sts, shared.clone());
+    let sts = Arc::new(Sts::start(
+        ISSUER.to_owned(),
+        crate::policy::PolicyCache::default(),
+        shared.store.clone(),
+    ));
+    sts_state.sts = Some(Arc::clone(&sts));
+    let world = World {
+        _keep: (directory, tasks),
+        store,
+        shared,
+        api,
+        sts: router(sts_state),
+        core: Arc::clone(&sts),
+        writer,
+        zone_id,
+        app_id,
+        secret,
+    };
+    world.activate(&document(&world.app_id)).await;
+    sts.policies
+        .refresh_all(world.shared.store.as_ref(), "sts-test")
+        .await
+        .unwrap();
+    world
+}
+
+impl World {
+    async fn activate(&self, content: &str) {
+        let w = Some(self.writer.as_str());
+        let base = format!("/v1/zones/{}", self.zone_id);
+        let (status, _, policy) = call(
+            &self.api,
+            "POST",
+            &format!("{base}/policies"),
+            w,
+            &json!({"name": format!("p{}", uuid::Uuid::now_v7().simple()), "content": content})
+                .to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{policy}");
+        let (_, _, set) = call(
+            &self.api,
+            "POST",
+            &format!("{base}/policy-sets"),
+            w,
+            &json!({"name": format!("s{}", uuid::Uuid::now_v7().simple())}).to_string(),
+        )
+        .await;
+        let sets = format!("{base}/policy-sets/{}", set["id"].as_str().unwrap());
+        let (_, _, version) = call(
+            &self.api,
+            "POST",
+            &format!("{sets}/versions"),
+            w,
+            &json!({"manifest": [{"policy_version_id": policy["version_id"]}]}).to_string(),
+        )
+        .await;
+        let (status, _, body) = call(
+            &self.api,
+            "POST",
+            &format!("{sets}/activate"),
+            w,
+            &json!({"version_id": version["id"]}).to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+
+    fn form(&self, extra: &[(&str, &str)]) -> String {
+        let mut fields = vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("zone_id", self.zone_id.as_str()),
+            ("application_id", self.app_id.as_str()),
+            ("client_secret", self.secret.as_str()),
+        ];
+        fields.extend_from_slice(extra);
+        serde_urlencoded::to_string(fields).unwrap()
+    }
+
+    async fn exchange(&self, body: &str) -> (StatusCode, http::HeaderMap, Value) {
+        self.post("/oauth/2/token", "application/x-www-form-urlencoded", body)
+            .await
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: &str,
+    ) -> (StatusCode, http::HeaderMap, Value) {
+        let response = self
+            .sts
+            .clone()
+            .oneshot(
+                Request::post(path)
+                    .header("content-type", content_type)
+                    .body(Body::from(body.to_owned()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let (status, headers) = (response.status(), response.headers().clone());
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            headers,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn bootstrap(&self) -> Value {
+        let (status, _, body) = self
+            .exchange(&self.form(&[
+                ("scope", "agent:lifecycle"),
+                ("resource", "resource://ledger"),
+            ]))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    async fn jwks(&self) -> Jwks {
+        let (status, _, body) = call(
+            &self.sts,
+            "GET",
+            &format!("/.well-known/jwks.json?zone_id={}", self.zone_id),
+            None,
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        serde_json::from_value(body).unwrap()
+    }
+
+    /// Verifies `token` the way a third party does: with the published JWKS only.
+    async fn verify(&self, token: &str) -> Result<MandateClaims, crate::mandate::MandateError> {
+        let keys: Vec<(String, PublicKey)> = self
+            .jwks()
+            .await
+            .keys
+            .into_iter()
+            .map(|jwk| {
+                let x = URL_SAFE_NO_PAD.decode(&jwk.x).unwrap();
+                let y = URL_SAFE_NO_PAD.decode(&jwk.y).unwrap();
+                (jwk.kid, PublicKey::from_xy(&x, &y).unwrap())
+            })
+            .collect();
+        crate::mandate::verify(token, |kid| {
+            keys.iter().find(|(id, _)| id == kid).map(|(_, key)| key)
+        })
+    }
+
+    fn session(&self, id: &str, labels: &[&str]) -> Session {
+        let now = caracal_store::now_ms();
+        Session {
+            id: id.to_owned(),
+            zone_id: self.zone_id.clone(),
+            application_id: self.app_id.clone(),
+            parent_id: None,
+            authority_record_id: "ar".to_owned(),
+            status: "active".to_owned(),
+            lifecycle: "task".to_owned(),
+            depth: 0,
+            labels: labels.iter().map(|label| (*label).to_owned()).collect(),
+            metadata: "{}".to_owned(),
+            ttl_seconds: Some(3600),
+            lease_generation: 1,
+            heartbeat_deadline_ms: None,
+            started_at_ms: now,
+            last_active_ms: now,
+            terminated_at_ms: None,
+            termination_reason: None,
+        }
+    }
+
+    fn edge(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        parent: Option<&str>,
+        constraints: Value,
+    ) -> DelegationEdge {
+        DelegationEdge {
+            id: id.to_owned(),
+            zone_id: self.zone_id.clone(),
+            source_session_id: from.to_owned(),
+            target_session_id: to.to_owned(),
+            issuer_application_id: self.app_id.clone(),
+            receiver_application_id: self.app_id.clone(),
+            parent_edge_id: parent.map(str::to_owned),
+            resource_id: None,
+            scopes: vec!["ledger:read".to_owned(), "ledger:refund".to_owned()],
+            constraints: constraints.to_string(),
+            status: "active".to_owned(),
+            expires_at_ms: Some(caracal_store::now_ms() + 600_000),
+            created_at_ms: caracal_store::now_ms(),
+            revoked_at_ms: None,
+        }
+    }
+
+    fn delegated(&self, session: &str, edge: &str, scope: &str) -> String {
+        self.form(&[
+            ("scope", scope),
+            ("resource", "resource://ledger"),
+            ("agent_session_id", session),
+            ("delegation_edge_id", edge),
+        ])
+    }
+}
+
+fn claims_of(token: &str) -> Value {
+    let payload = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+}
+
+async fn audit_events(shared: &Shared) -> Vec<Value> {
+    // Evidence is flushed in batches: wait for it to reach the stream.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let entries = shared
+        .bus
+        .streams
+        .range(caracal_bus::stream_names::AUDIT_EVENTS, None, 1000)
+        .await
+        .unwrap();
+    entries
+        .iter()
+        .filter_map(|entry| serde_json::from_str(entry.fields.get("data")?).ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_bootstrap_mint_is_a_session_mandate_verifiable_with_the_published_keys_alone() {
+    let world = world().await;
+    let body = world.bootstrap().await;
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 900);
+    assert_eq!(body["scope"], "agent:lifecycle");
+    assert_eq!(body["target_resources"], json!(["resource://ledger"]));
+    assert_eq!(
+        body["issued_token_type"],
+        "urn:ietf:params:oauth:token-type:access_token"
+    );
+    assert_eq!(body.get("upstreams"), None, "never to public callers");
+    let token = body["access_token"].as_str().unwrap();
+    let claims = world.verify(token).await.unwrap();
+    assert_eq!(claims.use_, "session");
+    assert_eq!(claims.aud, [ISSUER]);
+    assert_eq!(claims.iss, ISSUER);
+    assert_eq!(claims.sid, claims.root_sid);
+    assert_eq!(
+        (claims.sub.as_str(), claims.client_id.as_str()),
+        (world.app_id.as_str(), world.app_id.as_str())
+    );
+    assert_eq!(claims.exp - claims.iat, 900);
+    // Exactly the claim set: optional claims absent, never empty.
+    let raw = claims_of(token);
+    let mut names: Vec<&str> = raw
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "aud",
+            "client_id",
+            "exp",
+            "iat",
+            "iss",
+            "jti",
+            "root_sid",
+            "scope",
+            "sid",
+            "sub",
+            "sub_type",
+            "target",
+            "use",
+            "zone_id"
+        ]
+    );
+    // The authority record exists, and the evidence says allow.
+    let record = world
+        .shared
+        .store
+        .get_authority_record(&world.zone_id, &claims.sid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.status, "active");
+    assert!(record.claims.contains(&claims.jti));
+    let events = audit_events(&world.shared).await;
+    let exchange = events
+        .iter()
+        .find(|event| event["event_type"] == "token_exchange")
+        .unwrap();
+    assert_eq!(exchange["decision"], "allow");
+    assert_eq!(
+        exchange["determining_policies_json"][0]["policy"],
+        "caracal-bootstrap"
+    );
+
+    // A bootstrap asking for more than agent:lifecycle is denied by the contract.
+    let (status, _, denied) = world
+        .exchange(&world.form(&[("scope", "ledger:read"), ("resource", "resource://ledger")]))
+        .await;
+    assert_eq!(
+        (status, denied["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("access_denied"))
+    );
+    assert_eq!(
+        denied["error_description"],
+        "policy denied (no_rule_matched)"
+    );
+}
+
+#[tokio::test]
+async fn transport_and_client_errors_have_their_status_code_and_request_id() {
+    let world = world().await;
+    let good = world.form(&[
+        ("scope", "agent:lifecycle"),
+        ("resource", "resource://ledger"),
+    ]);
+    let cases: Vec<(String, &str, StatusCode, &str)> = vec![
+        (
+            good.clone(),
+            "application/json",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_token",
+        ),
+        (
+            format!("{good}&scope=again"),
+            "application/x-www-form-urlencoded",
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+        ),
+        (
+            format!("{good}&actor_token=x"),
+            "application/x-www-form-urlencoded",
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+        ),
+        (
+            format!("{good}&client_assertion=x"),
+            "application/x-www-form-urlencoded",
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+        ),
+        (
+            good.replace("token-exchange", "client_credentials"),
+            "application/x-www-form-urlencoded",
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+        ),
+        (
+            format!("{good}&ttl_seconds=ten"),
+            "application/x-www-form-urlencoded",
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+        ),
+        (
+            format!("{good}&ttl_seconds=-1"),
+            "application/x-www-form-urlencoded",
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+        ),
+        (
+            format!("{good}&ttl_seconds=3601"),
+            "application/x-www-form-urlencoded",
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+        ),
+        (
+            format!("{good}&resource=+"),
+            "application/x-www-form-urlencoded",
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+        ),
+        (
+            world.form(&[("scope", "agent:lifecycle")]),
+            "application/x-www-form-urlencoded",
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+        ),
+        (
+            format!("{good}&subject_token=x"),
+            "application/x-www-form-urlencoded",
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+        ),
+        (
+            format!("{good}&scope=%ZZ"),
+            "application/x-www-form-urlencoded",
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+        ),
+        (
+            format!("{good}&x=%FF"),
+            "application/x-www-form-urlencoded",
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+        ),
+        (
+            "a=".to_owned() + &"b".repeat(super::MAX_FORM_BYTES),
+            "application/x-www-form-urlencoded",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            good.replace(&world.secret, &"x".repeat(40)),
+            "application/x-www-form-urlencoded",
+            StatusCode::UNAUTHORIZED,
+            "access_denied",
+        ),
+        (
+            good.replace(&world.app_id, "nobody"),
+            "application/x-www-form-urlencoded",
+            StatusCode::UNAUTHORIZED,
+            "access_denied",
+        ),
+    ];
+    for (body, content_type, status, code) in cases {
+        let (got, headers, answer) = world.post("/oauth/2/token", content_type, &body).await;
+        assert_eq!(
+            (got, answer["error"].as_str()),
+            (status, Some(code)),
+            "{}",
+            &body[..body.len().min(200)]
+        );
+        assert_eq!(
+            answer["requestId"].as_str(),
+            headers.get("x-request-id").and_then(|v| v.to_str().ok()),
+            "the body names the request id"
+        );
+        assert!(!answer["error_description"].as_str().unwrap().is_empty());
+    }
+    let (got, _, answer) = world
+        .post(
+            "/oauth/2/token?zone_id=x",
+            "application/x-www-form-urlencoded",
+            &good,
+        )
+        .await;
+    assert_eq!(
+        (got, answer["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_token"))
+    );
+    let (got, _, answer) = call(&world.sts, "GET", "/.well-known/jwks.json", None, "").await;
+    assert_eq!(
+        (got, answer["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_token"))
+    );
+    let (got, _, answer) = call(
+        &world.sts,
+        "GET",
+        "/.well-known/jwks.json?zone_id=nope",
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(
+        (got, answer["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("resource_not_found"))
+    );
+
+    // More than 60 failures in a minute lock the application out, good secret or not.
+    let wrong = good.replace(&world.secret, &"y".repeat(40));
+    for _ in 0..61 {
+        world.exchange(&wrong).await;
+    }
+    let (got, headers, answer) = world.exchange(&good).await;
+    assert_eq!(
+        (got, answer["error"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("rate_limited"))
+    );
+    assert!(headers.contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn a_delegated_mint_carries_the_live_lineage_and_every_narrowing_is_enforced() {
+    let world = world().await;
+    let store = world.shared.store.as_ref();
+    let app = world.app_id.clone();
+    for id in ["s-root", "s-mid", "s-leaf"] {
+        store
+            .create_session(&world.session(id, &[&app]), &[])
+            .await
+            .unwrap();
+    }
+    // root → mid (budget 2), mid → leaf (budget 1): a two-hop chain.
+    store
+        .create_delegation_edge(
+            &world.edge("e-1", "s-root", "s-mid", None, json!({"max_hops": 2})),
+            &[],
+        )
+        .await
+        .unwrap();
+    store
+        .create_delegation_edge(
+            &world.edge(
+                "e-2",
+                "s-mid",
+                "s-leaf",
+                Some("e-1"),
+                json!({"max_hops": 1, "ttl_seconds": 300}),
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (status, _, body) = world
+        .exchange(&world.delegated("s-leaf", "e-2", "ledger:read"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["expires_in"], 300, "clamped to the edge's ttl_seconds");
+    let claims = world
+        .verify(body["access_token"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(claims.use_, "gateway");
+    assert_eq!(claims.scope.as_deref(), Some("ledger:read"));
+    assert_eq!(claims.delegation_edge_id.as_deref(), Some("e-2"));
+    assert_eq!(
+        claims.delegation_path,
+        Some(vec!["e-1".to_owned(), "e-2".to_owned()])
+    );
+    assert_eq!(claims.hop_count, Some(2));
+    assert_eq!(claims.delegation_graph_epoch, Some(2));
+    let chain = claims.delegation_chain.unwrap();
+    assert_eq!(chain.len(), 3);
+    assert_eq!(chain[2].agent_session_id.as_deref(), Some("s-leaf"));
+    assert_eq!(chain[2].delegation_edge_id, None);
+
+    // Each narrowing refuses with 403 access_denied and a reason.
+    let refused = |body: String, needle: &'static str| {
+        let world = &world;
+        async move {
+            let (status, _, answer) = world.exchange(&body).await;
+            assert_eq!(
+                (status, answer["error"].as_str()),
+                (StatusCode::FORBIDDEN, Some("access_denied")),
+                "{answer}"
+            );
+            let description = answer["error_description"].as_str().unwrap().to_owned();
+            assert!(
+                description.contains(needle),
+                "{description} should mention {needle}"
+            );
+        }
+    };
+    refused(
+        world.delegated("s-leaf", "e-2", "ledger:delete"),
+        "delegation_scope_exceeded",
+    )
+    .await;
+    refused(
+        world.delegated("s-leaf", "e-2", "agent:lifecycle"),
+        "agent:lifecycle",
+    )
+    .await;
+    refused(
+        world.delegated("s-mid", "e-2", "ledger:read"),
+        "does not target",
+    )
+    .await;
+    refused(
+        format!(
+            "{}&ttl_seconds=600",
+            world.delegated("s-leaf", "e-2", "ledger:read")
+        ),
+        "ttl_seconds",
+    )
+    .await;
+    // A budget that does not cover the chain below it (the parent allows only itself).
+    store
+        .create_delegation_edge(
+            &world.edge("e-3", "s-root", "s-mid", None, json!({"max_hops": 1})),
+            &[],
+        )
+        .await
+        .unwrap();
+    store
+        .create_delegation_edge(
+            &world.edge("e-4", "s-mid", "s-leaf", Some("e-3"), json!({})),
+            &[],
+        )
+        .await
+        .unwrap();
+    refused(
+        world.delegated("s-leaf", "e-4", "ledger:read"),
+        "hop budget",
+    )
+    .await;
+    // Unknown constraint keys are refused, not ignored.
+    store
+        .create_delegation_edge(
+            &world.edge("e-5", "s-mid", "s-leaf", None, json!({"budget": 3})),
+            &[],
+        )
+        .await
+        .unwrap();
+    refused(
+        world.delegated("s-leaf", "e-5", "ledger:read"),
+        "constraints invalid",
+    )
+    .await;
+    // An edge limited to another resource.
+    store
+        .create_delegation_edge(
+            &world.edge(
+                "e-6",
+                "s-mid",
+                "s-leaf",
+                None,
+                json!({"resources": ["resource://other"]}),
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    refused(
+        world.delegated("s-leaf", "e-6", "ledger:read"),
+        "outside the delegation",
+    )
+    .await;
+    // A session without the role label: the policy refuses.
+    store
+        .create_session(&world.session("s-nolabel", &["intern"]), &[])
+        .await
+        .unwrap();
+    store
+        .create_delegation_edge(
+            &world.edge("e-7", "s-mid", "s-nolabel", None, json!({})),
+            &[],
+        )
+        .await
+        .unwrap();
+    refused(
+        world.delegated("s-nolabel", "e-7", "ledger:read"),
+        "role_scope_mismatch",
+    )
+    .await;
+    // Revoking the parent edge, or ending a session, stops the chain at once.
+    store
+        .revoke_delegation_edges(&world.zone_id, &["e-1".to_owned()], &[])
+        .await
+        .unwrap();
+    refused(
+        world.delegated("s-leaf", "e-2", "ledger:read"),
+        "not active",
+    )
+    .await;
+    store
+        .set_session_status(&world.zone_id, "s-nolabel", "terminated", Some("done"), &[])
+        .await
+        .unwrap();
+    refused(
+        world.delegated("s-nolabel", "e-7", "ledger:read"),
+        "agent session not active",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn every_failure_fails_closed_with_its_code() {
+    let world = world().await;
+    let session = world.bootstrap().await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // A valid session mandate as a subject token on a direct call: only via the Gateway.
+    let subject = |token: &str| {
+        world.form(&[
+            ("resource", "resource://ledger"),
+            ("subject_token", token),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:access_token",
+            ),
+        ])
+    };
+    let (status, _, answer) = world.exchange(&subject(&session)).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("access_denied"))
+    );
+    // Forged, foreign-zone, wrong-use and expired subject tokens: 401 invalid_token.
+    let keys = world
+        .shared
+        .store
+        .list_signing_keys(&world.zone_id)
+        .await
+        .unwrap();
+    let signer = caracal_crypto::es256::SigningKey::from_pkcs8(
+        &world
+            .shared
+            .kek
+            .open(
+                &format!("zone-signing-key:{}", world.zone_id),
+                &keys[0].private_envelope,
+            )
+            .unwrap(),
+    )
+    .unwrap();
+    let header = crate::mandate::encoded_header(&keys[0].kid);
+    let base: MandateClaims = serde_json::from_value(claims_of(&session)).unwrap();
+    let sign = |edit: &dyn Fn(&mut MandateClaims)| {
+        let mut claims = base.clone();
+        edit(&mut claims);
+        crate::mandate::sign(&header, &signer, &claims).unwrap()
+    };
+    let now = caracal_store::now_ms() / 1000;
+    for (token, needle) in [
+        (sign(&|c| c.zone_id = "other".into()), "another zone"),
+        (sign(&|c| c.use_ = "gateway".into()), "use=session"),
+        (sign(&|c| c.exp = now - 120), "expired"),
+        (sign(&|c| c.iss = "http://evil".into()), "not issued"),
+        (
+            sign(&|c| c.sid = "no-such-record".into()),
+            "no longer active",
+        ),
+        (format!("{}AAAA", &session[..session.len() - 4]), "rejected"),
+        ("not.a.jwt".to_owned(), "rejected"),
+    ] {
+        let (status, _, answer) = world.exchange(&subject(&token)).await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("invalid_token")),
+            "{needle}: {answer}"
+        );
+        assert!(
+            answer["error_description"]
+                .as_str()
+                .unwrap()
+                .contains(needle),
+            "{needle}: {answer}"
+        );
+    }
+
+    // No active policy set: deny all, named.
+    let w = Some(world.writer.as_str());
+    let (_, _, other) = call(&world.api, "POST", "/v1/zones", w, r#"{"name":"bare"}"#).await;
+    let bare = world
+        .form(&[
+            ("scope", "agent:lifecycle"),
+            ("resource", "resource://ledger"),
+        ])
+        .replace(&world.zone_id, other["id"].as_str().unwrap());
+    let (status, _, answer) = world.exchange(&bare).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the app is not in that zone: {answer}"
+    );
+
+    // The store goes away: 503 sts_unavailable, nothing minted.
+    world.store.down.store(true, Ordering::SeqCst);
+    let (status, headers, answer) = world
+        .exchange(&world.form(&[
+            ("scope", "agent:lifecycle"),
+            ("resource", "resource://ledger"),
+        ]))
+        .await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("sts_unavailable"))
+    );
+    assert!(headers.contains_key("retry-after"));
+    world.store.down.store(false, Ordering::SeqCst);
+    world.bootstrap().await;
+}
+
+#[tokio::test]
+async fn without_a_bundle_or_evidence_nothing_is_minted() {
+    let world = world().await;
+    // An STS that has loaded no bundle for the zone: no_active_policy_set.
+    let mut bare_state = RoleState::new(Role::Sts, world.shared.clone());
+    bare_state.sts = Some(Arc::new(Sts::start(
+        ISSUER.to_owned(),
+        crate::policy::PolicyCache::default(),
+        world.shared.store.clone(),
+    )));
+    let bare = router(bare_state);
+    let body = world.form(&[
+        ("scope", "agent:lifecycle"),
+        ("resource", "resource://ledger"),
+    ]);
+    let response = bare
+        .oneshot(
+            Request::post("/oauth/2/token")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let answer: Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(
+        answer["error_description"],
+        "policy denied (no_active_policy_set)"
+    );
+
+    // Evidence cannot be recorded (bus down, nowhere to spill): refused, nothing minted.
+    let directory = tempfile::tempdir().unwrap();
+    let replay_dir = directory.path().join("replay");
+    let (evidence, _tasks) = Evidence::start(
+        caracal_bus::Producer::new(
+            Arc::new(crate::test_support::DownBus),
+            caracal_bus::signature::StreamKey::new(b"k"),
+        ),
+        EvidenceConfig::new(replay_dir.clone()),
+    )
+    .unwrap();
+    // Nowhere to spill: the replay directory is replaced by a file.
+    std::fs::remove_dir_all(&replay_dir).unwrap();
+    std::fs::write(&replay_dir, "blocked").unwrap();
+    let shared = Shared::new(
+        world.shared.store.clone(),
+        world.shared.bus.clone(),
+        evidence,
+        replay_dir,
+        world.shared.kek.clone(),
+    );
+    let mut state = RoleState::new(Role::Sts, shared);
+    let sts = Arc::new(Sts::start(
+        ISSUER.to_owned(),
+        crate::policy::PolicyCache::default(),
+        world.shared.store.clone(),
+    ));
+    sts.policies
+        .refresh_all(world.shared.store.as_ref(), "sts-test")
+        .await
+        .unwrap();
+    state.sts = Some(sts);
+    let lost = router(state);
+    let before = world
+        .shared
+        .store
+        .list_authority_records_of(&world.zone_id, &world.app_id)
+        .await
+        .unwrap()
+        .len();
+    let response = lost
+        .oneshot(
+            Request::post("/oauth/2/token")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(Body::from(world.form(&[
+                    ("scope", "agent:lifecycle"),
+                    ("resource", "resource://ledger"),
+                ])))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let answer: Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert!(answer.get("access_token").is_none());
+    assert!(
+        matches!(
+            answer["error"].as_str(),
+            Some("audit_evidence_lost" | "audit_overloaded")
+        ),
+        "{answer}"
+    );
+    let after = world
+        .shared
+        .store
+        .list_authority_records_of(&world.zone_id, &world.app_id)
+        .await
+        .unwrap()
+        .len();
+    assert!(
+        after <= before + 1,
+        "a record may be written, but no mandate leaves"
+    );
+}
+
+#[tokio::test]
+async fn rotation_signs_with_the_new_key_at_once_and_the_old_one_verifies_through_the_overlap() {
+    let world = world().await;
+    let before = world.bootstrap().await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let old_kid = world.jwks().await.keys[0].kid.clone();
+    let w = Some(world.writer.as_str());
+    let rotate = format!("/v1/zones/{}/signing-keys/rotate", world.zone_id);
+    let (status, _, rotated) = call(&world.api, "POST", &rotate, w, "").await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    assert_eq!(rotated["rotated"], true);
+    let new_kid = rotated["kid"].as_str().unwrap().to_owned();
+    // Replicas learn through `caracal.keys.invalidate` (in the rotation's outbox); the test
+    // flushes by hand.
+    world.core.keys.flush(&world.zone_id);
+    let kids: Vec<String> = world
+        .jwks()
+        .await
+        .keys
+        .into_iter()
+        .map(|key| key.kid)
+        .collect();
+    assert_eq!(kids, [new_kid.clone(), old_kid.clone()]);
+    let after = world.bootstrap().await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let header: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(after.split('.').next().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(header["kid"], new_kid.as_str());
+    assert_eq!(header["alg"], "ES256");
+    assert!(
+        world.verify(&before).await.is_ok(),
+        "the old key verifies in the overlap"
+    );
+    assert!(world.verify(&after).await.is_ok());
+
+    // A second rotation with no overlap: only the newest key is left; the first is gone too.
+    let (status, _, _) = call(&world.api, "POST", &rotate, w, r#"{"overlap_seconds":0}"#).await;
+    assert_eq!(status, StatusCode::OK);
+    world.core.keys.flush(&world.zone_id);
+    let jwks = world.jwks().await;
+    assert_eq!(jwks.keys.len(), 1);
+    assert_eq!(
+        world.verify(&before).await,
+        Err(crate::mandate::MandateError::UnknownKey)
+    );
+    let (status, _, _) = call(
+        &world.api,
+        "POST",
+        &rotate,
+        w,
+        r#"{"overlap_seconds":999999999}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (_, _, listed) = call(
+        &world.api,
+        "GET",
+        &format!("/v1/zones/{}/signing-keys", world.zone_id),
+        w,
+        "",
+    )
+    .await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 3);
+    let outbox = world
+        .shared
+        .store
+        .claim_outbox("test", 100, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(outbox.iter().any(
+        |row| row.stream == "caracal.keys.invalidate" && row.fields["zone_id"] == world.zone_id
+    ));
+    assert!(
+        outbox.iter().any(|row| row
+            .fields
+            .get("data")
+            .is_some_and(|data| data.contains("admin.signing_key.rotate"))),
+        "rotation is audited"
+    );
+}
