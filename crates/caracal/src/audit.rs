@@ -148,32 +148,13 @@ async fn ack_tamper(
     reason: &str,
     token_file: Option<&std::path::Path>,
 ) -> anyhow::Result<bool> {
-    use http_body_util::{BodyExt as _, Full};
-    use hyper::body::Bytes;
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-
-    let token_path = token_file.map_or_else(
-        || settings.home.join(caracal_store::ADMIN_TOKEN_FILE),
-        ToOwned::to_owned,
-    );
-    let token = std::fs::read_to_string(&token_path)
-        .with_context(|| format!("admin token {}", token_path.display()))?;
-    let address = crate::status::api_address(settings);
-    let body = serde_json::json!({ "reason": reason }).to_string();
-    let request = hyper::Request::post(format!("http://{address}/v1/audit/tamper/ack"))
-        .header("authorization", format!("Bearer {}", token.trim()))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))?;
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let response =
-        tokio::time::timeout(std::time::Duration::from_secs(10), client.request(request))
-            .await
-            .context("the API role did not answer in 10 s")?
-            .with_context(|| format!("the API role at {address}"))?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let (status, json) = crate::admin_http::post(
+        settings,
+        token_file,
+        "/v1/audit/tamper/ack",
+        serde_json::json!({ "reason": reason }),
+    )
+    .await?;
     if status.is_success() {
         println!(
             "acknowledged {} finding(s)",
@@ -186,9 +167,7 @@ async fn ack_tamper(
         println!(
             "refused ({}): {}",
             status.as_u16(),
-            json.get("error")
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("unknown")
+            crate::admin_http::error_code(&json)
         );
         Ok(false)
     }

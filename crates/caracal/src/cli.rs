@@ -95,6 +95,11 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Zone signing keys: rotate through the running API role
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Inspect the effective configuration
     Config {
         #[command(subcommand)]
@@ -171,6 +176,26 @@ pub enum AuditCommand {
         /// Why the findings are resolved (kept with them and in the audit event)
         #[arg(long)]
         reason: String,
+        /// Admin token file [default: $CARACAL_HOME/admin-token]
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a new signing key for a zone: it signs at once; the previous key keeps verifying
+    /// for the overlap, then drops out of the JWKS (audited, needs a write admin token)
+    Rotate {
+        /// The zone whose key to rotate
+        #[arg(long)]
+        zone: String,
+        /// How long the previous key keeps verifying, in seconds (at most 604800)
+        #[arg(long, default_value_t = 86_400, value_name = "SECONDS")]
+        overlap_seconds: u64,
+        /// Why (kept in the log and the audit event's fields)
+        #[arg(long)]
+        reason: Option<String>,
         /// Admin token file [default: $CARACAL_HOME/admin-token]
         #[arg(long, value_name = "PATH")]
         token_file: Option<std::path::PathBuf>,

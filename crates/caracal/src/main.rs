@@ -2,6 +2,7 @@
 //! library crates. Exit codes: 0 success, 1 runtime failure (including "not ready"), 2 usage
 //! or configuration error.
 
+mod admin_http;
 mod audit;
 mod bench;
 mod cli;
@@ -15,7 +16,7 @@ use caracal_core::Role;
 use caracal_services::Stack;
 use clap::Parser as _;
 
-use crate::cli::{BenchCommand, Cli, Command, ConfigCommand};
+use crate::cli::{BenchCommand, Cli, Command, ConfigCommand, KeysCommand};
 use crate::config::Resolved;
 
 const EXIT_FAILURE: u8 = 1;
@@ -58,6 +59,38 @@ fn main() -> ExitCode {
             match audit::run(&resolved.settings, &command).await {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(EXIT_FAILURE),
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }),
+        Command::Keys {
+            command:
+                KeysCommand::Rotate {
+                    zone,
+                    overlap_seconds,
+                    reason,
+                    token_file,
+                },
+        } => runtime(|| async {
+            let path = format!("/v1/zones/{zone}/signing-keys/rotate");
+            let mut body = serde_json::json!({ "overlap_seconds": overlap_seconds });
+            if let Some(reason) = reason {
+                body["reason"] = reason.into();
+            }
+            match admin_http::post(&resolved.settings, token_file.as_deref(), &path, body).await {
+                Ok((status, answer)) if status.is_success() => {
+                    println!(
+                        "zone `{zone}` now signs with key {}",
+                        answer.get("kid").and_then(serde_json::Value::as_str).unwrap_or("?")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok((status, answer)) => {
+                    println!("refused ({}): {}", status.as_u16(), admin_http::error_code(&answer));
+                    ExitCode::from(EXIT_FAILURE)
+                }
                 Err(error) => {
                     eprintln!("error: {error:#}");
                     ExitCode::from(EXIT_FAILURE)

@@ -1,0 +1,196 @@
+//! The published SDK (`caracalai-oauth`, `caracalai-identity`, `caracalai-verify` 1.0, Python)
+//! against a running `caracal up`'s STS, unmodified: a bootstrap mint verified through the
+//! zone's JWKS, a delegated mint along a live delegation, then `caracal keys rotate` and a
+//! fresh verifier accepting the mandates signed before and after.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "a test that cannot proceed should stop loudly"
+)]
+
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use caracal_store::prelude::*;
+use serde_json::{Value, json};
+use util::{Running, caracal, fresh_home, wait_ready};
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn sdk_python() -> PathBuf {
+    let output = Command::new("bash")
+        .arg(repo_root().join("scripts/sdk-venv.sh"))
+        .output()
+        .expect("bash runs");
+    assert!(
+        output.status.success(),
+        "installing the published SDK failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    PathBuf::from(stdout.lines().last().expect("the venv path")).join("bin/python")
+}
+
+/// A port that was free a moment ago: the STS must listen where its issuer URL says.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn phase(python: &Path, running: &Running, env: &[(&str, String)], name: &str, state: &Value) -> Value {
+    let output = Command::new(python)
+        .arg(repo_root().join("crates/caracal/tests/interop/sts_client.py"))
+        .arg(name)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("CARACAL_TEST_STATE", state.to_string())
+        .output()
+        .expect("python runs");
+    assert!(
+        output.status.success(),
+        "phase {name} failed (server home {}):\n{}",
+        running.home.display(),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn session(zone_id: &str, app_id: &str, id: &str) -> caracal_store::Session {
+    let now = caracal_store::now_ms();
+    caracal_store::Session {
+        id: id.to_owned(),
+        zone_id: zone_id.to_owned(),
+        application_id: app_id.to_owned(),
+        parent_id: None,
+        authority_record_id: "interop".to_owned(),
+        status: "active".to_owned(),
+        lifecycle: "task".to_owned(),
+        depth: 0,
+        labels: vec![app_id.to_owned()],
+        metadata: "{}".to_owned(),
+        ttl_seconds: Some(3600),
+        lease_generation: 1,
+        heartbeat_deadline_ms: None,
+        started_at_ms: now,
+        last_active_ms: now,
+        terminated_at_ms: None,
+        termination_reason: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_published_sdk_mints_verifies_and_survives_a_key_rotation() {
+    let python = sdk_python();
+    let (_parent, home) = fresh_home();
+    let sts_port = free_port();
+    let mut args: Vec<String> = util::ROLES
+        .iter()
+        .filter(|role| **role != "sts")
+        .flat_map(|role| ["--port".to_owned(), format!("{role}=0")])
+        .collect();
+    args.extend([
+        "--port".to_owned(),
+        format!("sts={sts_port}"),
+        "--issuer-url".to_owned(),
+        format!("http://127.0.0.1:{sts_port}"),
+        "up".to_owned(),
+    ]);
+    let running = Running::start(&home, &args);
+    let api = running.address("api");
+    assert_eq!(wait_ready(api).status, 200);
+    assert_eq!(wait_ready(running.address("sts")).status, 200);
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let env = [
+        ("CARACAL_API_URL", format!("http://{api}")),
+        ("CARACAL_ADMIN_TOKEN", token.trim().to_owned()),
+        ("CARACAL_STS_URL", format!("http://127.0.0.1:{sts_port}")),
+    ];
+
+    let setup = phase(&python, &running, &env, "setup", &json!({}));
+    assert_eq!(
+        setup["bootstrap_claims"],
+        json!({"use": "session", "scope": "agent:lifecycle", "target": ["resource://ledger"], "sub_type": "application"})
+    );
+    assert_eq!(setup["bootstrap_verified"]["ok"], true, "{setup}");
+    assert_eq!(setup["bootstrap_verified"]["use"], "session");
+    assert_eq!(setup["bad_secret"], json!(["AccessDenied", 401]));
+    let mut state = setup["state"].clone();
+    let (zone_id, app_id) = (
+        state["zone_id"].as_str().unwrap().to_owned(),
+        state["app_id"].as_str().unwrap().to_owned(),
+    );
+
+    // Sessions and a delegation between them, written to the store the way the Coordinator
+    // will (WAL lets this second connection write beside the running server).
+    let store = caracal_store::SqliteStore::open(&home.join("caracal.db")).unwrap();
+    for id in ["interop-source", "interop-target"] {
+        store.create_session(&session(&zone_id, &app_id, id), &[]).await.unwrap();
+    }
+    store
+        .create_delegation_edge(
+            &caracal_store::DelegationEdge {
+                id: "interop-edge".to_owned(),
+                zone_id: zone_id.clone(),
+                source_session_id: "interop-source".to_owned(),
+                target_session_id: "interop-target".to_owned(),
+                issuer_application_id: app_id.clone(),
+                receiver_application_id: app_id.clone(),
+                parent_edge_id: None,
+                resource_id: None,
+                scopes: vec!["ledger:read".to_owned()],
+                constraints: "{}".to_owned(),
+                status: "active".to_owned(),
+                expires_at_ms: Some(caracal_store::now_ms() + 600_000),
+                created_at_ms: caracal_store::now_ms(),
+                revoked_at_ms: None,
+            },
+            &[],
+        )
+        .await
+        .unwrap();
+    state["session_id"] = "interop-target".into();
+    state["delegation_id"] = "interop-edge".into();
+    let minted = phase(&python, &running, &env, "mint", &state);
+    assert_eq!(
+        minted["delegated"],
+        json!({"use": "gateway", "scope": "ledger:read", "agent_session_id": "interop-target",
+               "delegation_edge_id": "interop-edge", "hop_count": 1, "delegation_path": ["interop-edge"]})
+    );
+    assert_eq!(minted["delegated_chain_apps"], json!([app_id, app_id]));
+
+    let rotated = caracal(&home)
+        .args(["keys", "rotate", "--zone", &zone_id, "--reason", "interop test"])
+        .output()
+        .unwrap();
+    assert!(
+        rotated.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&rotated.stdout),
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    // The STS replica drops its cached keys when `caracal.keys.invalidate` arrives through the
+    // outbox; give it a moment.
+    let mut verified = Value::Null;
+    for _ in 0..50 {
+        verified = phase(&python, &running, &env, "verify", &state);
+        if verified["kids"][0] != verified["kids"][1] {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_ne!(verified["kids"][0], verified["kids"][1], "the new key signs: {verified}");
+    assert_eq!(verified["before_verified"]["ok"], true, "{verified}");
+    assert_eq!(verified["after_verified"]["ok"], true, "{verified}");
+
+    let (exit, _, server_log) = running.terminate();
+    assert!(exit.success(), "{server_log}");
+}
