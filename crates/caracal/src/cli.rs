@@ -131,6 +131,9 @@ pub enum BenchCommand {
     /// Audit ledger: ingestion rate, sweep verification rate and stored bytes per event,
     /// SQLite beside PostgreSQL, measured in one run
     Audit(BenchArgs),
+    /// Token exchange: raw ES256 signing beside full bootstrap and delegated mints with the
+    /// embedded store in the loop, measured in one run
+    Sts(BenchArgs),
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@
 mod admin_http;
 mod audit;
 mod bench;
+mod bench_sts;
 mod cli;
 mod config;
 mod logging;
@@ -46,6 +47,7 @@ fn main() -> ExitCode {
             let result = match &command {
                 BenchCommand::Backends(args) => bench::run(args).await,
                 BenchCommand::Audit(args) => bench::audit(args).await,
+                BenchCommand::Sts(args) => bench_sts::run(args).await,
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,
@@ -75,20 +77,24 @@ fn main() -> ExitCode {
                 },
         } => runtime(|| async {
             let path = format!("/v1/zones/{zone}/signing-keys/rotate");
-            let mut body = serde_json::json!({ "overlap_seconds": overlap_seconds });
-            if let Some(reason) = reason {
-                body["reason"] = reason.into();
-            }
+            let body = serde_json::json!({ "overlap_seconds": overlap_seconds, "reason": reason });
             match admin_http::post(&resolved.settings, token_file.as_deref(), &path, body).await {
                 Ok((status, answer)) if status.is_success() => {
                     println!(
                         "zone `{zone}` now signs with key {}",
-                        answer.get("kid").and_then(serde_json::Value::as_str).unwrap_or("?")
+                        answer
+                            .get("kid")
+                            .and_then(serde_json::Value::as_str)
+                            .unwrap_or("?")
                     );
                     ExitCode::SUCCESS
                 }
                 Ok((status, answer)) => {
-                    println!("refused ({}): {}", status.as_u16(), admin_http::error_code(&answer));
+                    println!(
+                        "refused ({}): {}",
+                        status.as_u16(),
+                        admin_http::error_code(&answer)
+                    );
                     ExitCode::from(EXIT_FAILURE)
                 }
                 Err(error) => {

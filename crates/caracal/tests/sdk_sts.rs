@@ -47,7 +47,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn phase(python: &Path, running: &Running, env: &[(&str, String)], name: &str, state: &Value) -> Value {
+fn phase(
+    python: &Path,
+    running: &Running,
+    env: &[(&str, String)],
+    name: &str,
+    state: &Value,
+) -> Value {
     let output = Command::new(python)
         .arg(repo_root().join("crates/caracal/tests/interop/sts_client.py"))
         .arg(name)
@@ -133,7 +139,10 @@ async fn the_published_sdk_mints_verifies_and_survives_a_key_rotation() {
     // will (WAL lets this second connection write beside the running server).
     let store = caracal_store::SqliteStore::open(&home.join("caracal.db")).unwrap();
     for id in ["interop-source", "interop-target"] {
-        store.create_session(&session(&zone_id, &app_id, id), &[]).await.unwrap();
+        store
+            .create_session(&session(&zone_id, &app_id, id), &[])
+            .await
+            .unwrap();
     }
     store
         .create_delegation_edge(
@@ -168,7 +177,14 @@ async fn the_published_sdk_mints_verifies_and_survives_a_key_rotation() {
     assert_eq!(minted["delegated_chain_apps"], json!([app_id, app_id]));
 
     let rotated = caracal(&home)
-        .args(["keys", "rotate", "--zone", &zone_id, "--reason", "interop test"])
+        .args([
+            "keys",
+            "rotate",
+            "--zone",
+            &zone_id,
+            "--reason",
+            "interop test",
+        ])
         .output()
         .unwrap();
     assert!(
@@ -187,7 +203,10 @@ async fn the_published_sdk_mints_verifies_and_survives_a_key_rotation() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_ne!(verified["kids"][0], verified["kids"][1], "the new key signs: {verified}");
+    assert_ne!(
+        verified["kids"][0], verified["kids"][1],
+        "the new key signs: {verified}"
+    );
     assert_eq!(verified["before_verified"]["ok"], true, "{verified}");
     assert_eq!(verified["after_verified"]["ok"], true, "{verified}");
 

@@ -162,3 +162,23 @@ fn serve_runs_only_the_chosen_roles() {
     let (status, _, _) = running.terminate();
     assert!(status.success());
 }
+
+#[test]
+fn the_sts_benchmark_runs_every_case() {
+    let (_parent, home) = fresh_home();
+    let output = util::run(util::caracal(&home).args(["bench", "sts", "--quick"]));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for case in [
+        "raw ES256 sign",
+        "bootstrap mint (use=session)",
+        "delegated mint (use=gateway)",
+        "delegated at half peak (open loop)",
+    ] {
+        assert!(stdout.contains(case), "missing `{case}` in\n{stdout}");
+    }
+}

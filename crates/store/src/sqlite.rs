@@ -60,11 +60,19 @@ pub fn schema_version() -> i64 {
     migrations().len() as i64
 }
 
-/// The embedded store. Cloning shares the one connection.
+/// The embedded store. Cloning shares the connections: one writer, through which every
+/// transaction goes, and a few read-only connections for single `SELECT`s. In WAL mode a
+/// reader sees the last committed state and never waits for the writer's commit (an fsync),
+/// so reads on the request path do not queue behind durable writes.
 #[derive(Clone)]
 pub struct SqliteStore {
     connection: Arc<Mutex<Connection>>,
+    readers: Arc<Vec<Mutex<Connection>>>,
+    next_reader: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Read-only connections per store.
+const READERS: usize = 4;
 
 /// Maps SQLite failures to the backend-neutral error: uniqueness → conflict, a missing
 /// referenced row → not found, busy/locked → unavailable (fail closed), anything else → query.
@@ -118,9 +126,53 @@ impl SqliteStore {
         migrate(&mut connection, found).map_err(|error| open_error(error.to_string()))?;
         // Every query is prepared once and kept: parsing SQL costs more than running it.
         connection.set_prepared_statement_cache_capacity(256);
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            let reader = Connection::open_with_flags(
+                path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|error| open_error(error.to_string()))?;
+            reader
+                .execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;")
+                .map_err(|error| open_error(error.to_string()))?;
+            reader.set_prepared_statement_cache_capacity(256);
+            readers.push(Mutex::new(reader));
+        }
         Ok(SqliteStore {
             connection: Arc::new(Mutex::new(connection)),
+            readers: Arc::new(readers),
+            next_reader: Arc::default(),
         })
+    }
+
+    /// Runs one `SELECT` on a read-only connection. A free reader runs it right here: an
+    /// indexed read takes microseconds, less than handing it to another thread would. With
+    /// every reader busy, it waits for one on a blocking thread.
+    async fn read(&self, sql: &'static str, params: Vec<Value>) -> Result<Vec<Row>, StoreError> {
+        let start = self
+            .next_reader
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let count = self.readers.len().max(1);
+        for offset in 0..count {
+            if let Some(reader) = self.readers.get((start + offset) % count)
+                && let Ok(mut guard) = reader.try_lock()
+            {
+                return select(&mut guard, sql, &params);
+            }
+        }
+        let readers = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = readers
+                .get(start % count)
+                .ok_or_else(|| StoreError::Unavailable("no reader".into()))?
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            select(&mut guard, sql, &params)
+        })
+        .await
+        .map_err(|_| StoreError::Unavailable("store worker stopped".into()))?
     }
 
     /// Runs `work` on the connection on a blocking thread, so SQLite never stalls the runtime.
@@ -153,6 +205,24 @@ impl SqliteStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         work(&mut guard).map_err(store_error)
     }
+}
+
+fn select(
+    connection: &mut Connection,
+    sql: &str,
+    params: &[Value],
+) -> Result<Vec<Row>, StoreError> {
+    let sql = sqlite_parameters(sql);
+    let mut prepared = connection.prepare_cached(&sql).map_err(store_error)?;
+    let columns = prepared.column_count();
+    let mut rows = prepared
+        .query(rusqlite::params_from_iter(params.iter().map(sqlite_value)))
+        .map_err(store_error)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(store_error)? {
+        out.push(read_row(row, columns).map_err(store_error)?);
+    }
+    Ok(out)
 }
 
 /// `$1`, `$2`, … become `?1`, `?2`, …; a `$` not followed by a digit (a JSON path) stays.
@@ -226,6 +296,21 @@ impl Db for SqliteStore {
             Ok(Ok(outcomes))
         })
         .await?
+    }
+
+    async fn rows(&self, sql: &'static str, params: Vec<Value>) -> Result<Vec<Row>, StoreError> {
+        let is_select = sql
+            .trim_start()
+            .get(..6)
+            .is_some_and(|word| word.eq_ignore_ascii_case("select"));
+        if !is_select {
+            let mut outcomes = self.atomic(vec![Statement::new(sql, params)]).await?;
+            return Ok(outcomes
+                .pop()
+                .map(|outcome| outcome.rows)
+                .unwrap_or_default());
+        }
+        self.read(sql, params).await
     }
 }
 
