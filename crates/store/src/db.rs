@@ -182,6 +182,18 @@ pub trait Db: Send + Sync {
             .await
     }
 
+    /// Like [`Db::atomic`], visible to every reader once it returns, but a backend may return
+    /// before the commit reaches the disk; the next durable commit carries it there. For
+    /// records whose loss in a power cut fails closed (an authority record: a mandate whose
+    /// record is missing is refused wherever its record is checked). The embedded store skips
+    /// the fsync; PostgreSQL commits as usual.
+    async fn atomic_unsynced(
+        &self,
+        statements: Vec<Statement>,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        self.atomic(statements).await
+    }
+
     /// Rows of one statement (a `SELECT`, or a write with `RETURNING`).
     async fn rows(&self, sql: &'static str, params: Vec<Value>) -> Result<Vec<Row>, StoreError> {
         let mut outcomes = self.atomic(vec![Statement::new(sql, params)]).await?;

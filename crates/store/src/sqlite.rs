@@ -298,6 +298,32 @@ impl Db for SqliteStore {
         .await?
     }
 
+    async fn atomic_unsynced(
+        &self,
+        statements: Vec<Statement>,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        self.run(move |connection| {
+            // WAL frames are appended in order, so the next FULL commit's fsync persists
+            // these too.
+            connection.pragma_update(None, "synchronous", "NORMAL")?;
+            let result = (|| {
+                let transaction = connection.transaction()?;
+                let mut outcomes = Vec::with_capacity(statements.len());
+                for statement in &statements {
+                    match run_statement(&transaction, statement)? {
+                        Ok(outcome) => outcomes.push(outcome),
+                        Err(error) => return Ok(Err(error)),
+                    }
+                }
+                transaction.commit()?;
+                Ok(Ok(outcomes))
+            })();
+            connection.pragma_update(None, "synchronous", "FULL")?;
+            result
+        })
+        .await?
+    }
+
     async fn rows(&self, sql: &'static str, params: Vec<Value>) -> Result<Vec<Row>, StoreError> {
         let is_select = sql
             .trim_start()

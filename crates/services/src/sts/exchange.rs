@@ -395,11 +395,11 @@ async fn exchange(
         revoked_at_ms: None,
         revoked_reason: None,
     };
-    // The authority record (the revocation anchor and the issued-JTI registry) and the
-    // evidence commit side by side; the mandate leaves only if both did.
-    let (written, recorded) = tokio::join!(sts.authority.write(record), record_all(state, events));
-    written?;
-    recorded?;
+    // The authority record (the revocation anchor and the issued-JTI registry) first, then
+    // the evidence; the mandate leaves only if both are stored. On the embedded store the
+    // record's commit skips its own fsync and the evidence commit's fsync carries it to disk.
+    sts.authority.write(record).await?;
+    record_all(state, events).await?;
     Ok(TokenResponse {
         access_token: token,
         token_type: "Bearer".to_owned(),

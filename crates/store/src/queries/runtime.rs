@@ -341,7 +341,7 @@ impl<D: Db> Runtime for D {
                 )
             })
             .collect();
-        self.atomic(statements).await.map(|_| ())
+        self.atomic_unsynced(statements).await.map(|_| ())
     }
 
     async fn get_authority_record(
