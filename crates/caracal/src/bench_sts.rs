@@ -58,6 +58,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         issuer,
         caracal_services::policy::PolicyCache::default(),
         Arc::clone(&store),
+        &shared.kek,
     ));
     sts.policies.refresh_all(store.as_ref(), "bench").await?;
     let mut state = RoleState::new(Role::Sts, shared.clone());

@@ -321,6 +321,7 @@ impl Stack {
             self.issuer.clone(),
             policies.clone(),
             Arc::clone(&self.shared.store),
+            &self.shared.kek,
         ));
         servers.spawn(crate::policy::run_loader(
             policies.clone(),

@@ -25,6 +25,21 @@ impl caracal_bus::RateCounter for DownBus {
 }
 
 #[async_trait::async_trait]
+impl caracal_bus::ReplayRegistry for DownBus {
+    async fn claim_once(
+        &self,
+        _: caracal_bus::ReplayNamespace,
+        _: &str,
+        _: Duration,
+    ) -> Result<bool, BusError> {
+        Err(BusError::Unavailable("connection refused".into()))
+    }
+    async fn purge_expired(&self) -> Result<u64, BusError> {
+        Err(BusError::Unavailable("connection refused".into()))
+    }
+}
+
+#[async_trait::async_trait]
 impl Streams for DownBus {
     async fn append(&self, _: &str, _: &caracal_bus::Fields) -> Result<String, BusError> {
         Err(BusError::Unavailable("connection refused".into()))

@@ -299,6 +299,32 @@ pub struct TokenResponse {
     pub issued_token_type: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_resources: Option<Vec<String>>,
+    /// Only on gateway-authenticated exchanges: how to reach each resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstreams: Option<std::collections::BTreeMap<String, Upstream>>,
+}
+
+/// One resource's upstream directive for the Gateway. Holds the provider credential: never
+/// sent to anyone but an HMAC-authenticated Gateway.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Upstream {
+    pub url: String,
+    /// `none`, `caracal_jwt`, `provider_apikey` or `provider_oauth`.
+    pub auth_mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_location: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_param_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_token_hosts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_id: Option<String>,
 }
 
 /// The token endpoint's error body: the OAuth fields plus the request id (camel case, as the

@@ -437,21 +437,18 @@ async fn update(
 }
 
 /// The provider's secrets in clear: write capability, and recorded before they are returned.
-async fn reveal(
-    State(state): State<RoleState>,
-    headers: HeaderMap,
-    request_id: Option<Extension<RequestId>>,
-    Path((zone_id, id)): Path<(String, String)>,
-) -> Result<Json<RevealedSecretsBody>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
-    let provider = live_provider(&state, &zone_id, &id).await?;
+/// A provider's secrets in clear, by configuration key. Only for the audited reveal and the
+/// STS's directive to an authenticated Gateway.
+pub(crate) async fn provider_secrets(
+    state: &RoleState,
+    provider: &Provider,
+) -> Result<BTreeMap<String, String>, ApiError> {
     let mut secrets = BTreeMap::new();
     for reference in &provider.secret_refs {
         let Some(sealed) = state
             .shared
             .store
-            .get_sealed_secret(&zone_id, reference)
+            .get_sealed_secret(&provider.zone_id, reference)
             .await?
         else {
             continue;
@@ -467,6 +464,19 @@ async fn reveal(
         let key = reference.rsplit('/').next().unwrap_or_default().to_owned();
         secrets.insert(key, String::from_utf8_lossy(&plaintext).into_owned());
     }
+    Ok(secrets)
+}
+
+async fn reveal(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    Path((zone_id, id)): Path<(String, String)>,
+) -> Result<Json<RevealedSecretsBody>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let provider = live_provider(&state, &zone_id, &id).await?;
+    let secrets = provider_secrets(&state, &provider).await?;
     // A reveal changes nothing in the store, so its evidence goes through the producer, which
     // answers only once the event is on the stream or in a replay file.
     let message = super::audit_event(

@@ -22,11 +22,11 @@ use crate::wire::{ChainHop, MandateClaims, TokenResponse};
 /// The token endpoint's body limit.
 pub const MAX_FORM_BYTES: usize = 64 * 1024;
 const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+pub(super) const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 const ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
 const LIFECYCLE: &str = "agent:lifecycle";
 /// Mandate lifetime when none is asked for, and the caps with and without a subject token.
-const DEFAULT_TTL: i64 = 900;
+pub(super) const DEFAULT_TTL: i64 = 900;
 const TTL_CAP: i64 = 3600;
 const TTL_CAP_WITH_SUBJECT: i64 = 900;
 /// The longest delegation lineage, in edges.
@@ -73,8 +73,16 @@ pub async fn token(
     }
 }
 
+/// A request that passed the transport rules: its head, raw body (gateway calls sign it) and
+/// form.
+pub(super) struct Received {
+    pub parts: http::request::Parts,
+    pub body: axum::body::Bytes,
+    pub form: form::TokenForm,
+}
+
 /// The checks every request passes before its fields mean anything.
-async fn read_form(request: Request) -> Result<form::TokenForm, TokenError> {
+async fn read_form(request: Request) -> Result<Received, TokenError> {
     let (parts, body) = request.into_parts();
     if parts.uri.query().is_some() {
         return Err(TokenError::malformed(
@@ -123,15 +131,19 @@ async fn read_form(request: Request) -> Result<form::TokenForm, TokenError> {
     if form.grant_type.as_deref() != Some(TOKEN_EXCHANGE) {
         return Err(TokenError::malformed("unsupported grant_type"));
     }
-    Ok(form)
+    Ok(Received {
+        parts,
+        body: bytes,
+        form,
+    })
 }
 
 /// What was asked, validated.
-struct Ask {
-    zone_id: String,
-    resources: Vec<String>,
-    scopes: Vec<String>,
-    ttl: Option<i64>,
+pub(super) struct Ask {
+    pub zone_id: String,
+    pub resources: Vec<String>,
+    pub scopes: Vec<String>,
+    pub ttl: Option<i64>,
 }
 
 fn ask(form: &form::TokenForm) -> Result<Ask, TokenError> {
@@ -207,8 +219,14 @@ async fn exchange(
     if state.shared.is_draining() {
         return Err(TokenError::unavailable("the STS is shutting down"));
     }
-    let form = read_form(request).await?;
-    let ask = ask(&form)?;
+    let received = read_form(request).await?;
+    let ask = ask(&received.form)?;
+    if super::gateway::is_gateway_call(&received.parts.headers) {
+        *class = "gateway";
+        super::gateway::authenticate(state, sts, request_id, &received).await?;
+        return super::gateway::reexchange(state, sts, request_id, &received.form, &ask).await;
+    }
+    let form = received.form;
     let store = state.shared.store.as_ref();
     let application = authenticate(state, sts, &ask.zone_id, &form).await?;
 
@@ -407,10 +425,11 @@ async fn exchange(
         scope: claims.scope,
         issued_token_type: ACCESS_TOKEN.to_owned(),
         target_resources: Some(granted),
+        upstreams: None,
     })
 }
 
-async fn record_all(state: &RoleState, events: Vec<Event>) -> Result<(), TokenError> {
+pub(super) async fn record_all(state: &RoleState, events: Vec<Event>) -> Result<(), TokenError> {
     for event in events {
         state.shared.evidence.record(event).await?;
     }
@@ -498,7 +517,7 @@ fn count_failure(sts: &Sts, application_id: &str, now: i64) {
 
 /// Verifies a subject token for `zone_id`: an ES256 mandate of this STS under one of the
 /// zone's keys, unexpired, with the expected `use`, whose authority record is still active.
-async fn verify_subject(
+pub(super) async fn verify_subject(
     state: &RoleState,
     sts: &Sts,
     zone_id: &str,
@@ -551,7 +570,7 @@ async fn verify_subject(
 }
 
 /// Whether a session may act now: active, and within its TTL (task) or heartbeat (service).
-fn live(session: &Session, now: i64) -> bool {
+pub(super) fn live(session: &Session, now: i64) -> bool {
     session.status == "active"
         && match session.lifecycle.as_str() {
             "service" => session
@@ -627,16 +646,16 @@ impl Constraints {
 
 /// A delegation checked against live state: the edge, its lineage (root first), the target
 /// session, and how long a mandate along it may live.
-struct Delegation {
-    leaf: DelegationEdge,
-    path: Vec<(DelegationEdge, Constraints)>,
-    target: Session,
-    ttl_bound_seconds: i64,
-    epoch: i64,
+pub(super) struct Delegation {
+    pub leaf: DelegationEdge,
+    pub path: Vec<(DelegationEdge, Constraints)>,
+    pub target: Session,
+    pub ttl_bound_seconds: i64,
+    pub epoch: i64,
 }
 
 impl Delegation {
-    fn stamp(&self, claims: &mut MandateClaims) {
+    pub(super) fn stamp(&self, claims: &mut MandateClaims) {
         let mut chain: Vec<ChainHop> = self
             .path
             .iter()
@@ -662,7 +681,7 @@ impl Delegation {
 
     /// Whether every edge on the path lets `resource` through: its own resource, its listed
     /// resources, or no restriction (a broad edge).
-    fn allows(&self, resource: &Resource) -> bool {
+    pub(super) fn allows(&self, resource: &Resource) -> bool {
         self.path
             .iter()
             .all(|(edge, constraints)| match &edge.resource_id {
@@ -683,7 +702,7 @@ fn edge_live(edge: &DelegationEdge, now: i64) -> bool {
 
 /// The checks of `sts-mandates.md` §4, against the store as it is now.
 #[allow(clippy::too_many_arguments)]
-async fn delegation(
+pub(super) async fn delegation(
     store: &dyn Store,
     zone_id: &str,
     application: &Application,
@@ -791,7 +810,7 @@ async fn delegation(
 
 /// One resource's decision: the STS's own checks, then the zone's policy. `Err` carries the
 /// refusal's decision (for the audit event) and its description.
-async fn decide_resource(
+pub(super) async fn decide_resource(
     store: &dyn Store,
     ask: &Ask,
     application: &Application,
@@ -876,7 +895,7 @@ async fn decide_resource(
     Ok(Ok(decision))
 }
 
-fn exchange_event(
+pub(super) fn exchange_event(
     ask: &Ask,
     request_id: &str,
     application: &Application,

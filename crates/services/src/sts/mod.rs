@@ -5,6 +5,7 @@
 
 mod exchange;
 pub mod form;
+pub mod gateway;
 pub mod keys;
 mod secrets;
 
@@ -37,6 +38,8 @@ pub struct Sts {
     pub keys: keys::KeyRing,
     secrets: secrets::SecretCache,
     authority: AuthorityWriter,
+    /// Authenticates the Gateway's calls (derived from the KEK, so every replica shares it).
+    gateway_key: [u8; 32],
     lockouts: std::sync::Mutex<std::collections::HashMap<String, (i64, u32)>>,
 }
 
@@ -46,9 +49,11 @@ impl Sts {
         issuer: String,
         policies: PolicyCache,
         store: Arc<dyn caracal_store::Store>,
+        kek: &caracal_crypto::Kek,
     ) -> Sts {
         let (authority, _task) = AuthorityWriter::start(store, 512);
         Sts {
+            gateway_key: kek.derive(gateway::KEY_LABEL),
             issuer,
             policies,
             keys: keys::KeyRing::default(),

@@ -103,6 +103,8 @@ async fn world() -> World {
     let resource = json!({
         "name": "Ledger", "identifier": "resource://ledger", "scopes": ["ledger:read", "ledger:refund"],
         "upstream_url": "http://127.0.0.1:9/api", "credential_provider_id": provider["id"],
+        "operations": [{"method": "GET", "path": "/entries", "scope": "ledger:read"},
+                       {"method": "POST", "path": "/refunds", "scope": "ledger:refund"}],
     });
     let (status, _, created) = call(
         &api,
@@ -119,6 +121,7 @@ async fn world() -> World {
         ISSUER.to_owned(),
         crate::policy::PolicyCache::default(),
         shared.store.clone(),
+        &shared.kek,
     ));
     sts_state.sts = Some(Arc::clone(&sts));
     let world = World {
@@ -902,6 +905,7 @@ async fn without_a_bundle_or_evidence_nothing_is_minted() {
         ISSUER.to_owned(),
         crate::policy::PolicyCache::default(),
         world.shared.store.clone(),
+        &world.shared.kek,
     )));
     let bare = router(bare_state);
     let body = world.form(&[
@@ -951,6 +955,7 @@ async fn without_a_bundle_or_evidence_nothing_is_minted() {
         ISSUER.to_owned(),
         crate::policy::PolicyCache::default(),
         world.shared.store.clone(),
+        &world.shared.kek,
     ));
     sts.policies
         .refresh_all(world.shared.store.as_ref(), "sts-test")
@@ -1088,4 +1093,238 @@ async fn rotation_signs_with_the_new_key_at_once_and_the_old_one_verifies_throug
             .is_some_and(|data| data.contains("admin.signing_key.rotate"))),
         "rotation is audited"
     );
+}
+
+/// A gateway call as the Gateway signs it.
+fn gateway_request(
+    world: &World,
+    body: &str,
+    timestamp: i64,
+    nonce: &str,
+    request_id: &str,
+) -> Request<Body> {
+    let key = world.shared.kek.derive(super::gateway::KEY_LABEL);
+    let signature = super::gateway::signature(
+        &key,
+        &timestamp.to_string(),
+        nonce,
+        "POST",
+        "/oauth/2/token",
+        body.as_bytes(),
+    );
+    Request::post("/oauth/2/token")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-request-id", request_id)
+        .header(super::gateway::TIMESTAMP_HEADER, timestamp.to_string())
+        .header(super::gateway::NONCE_HEADER, nonce)
+        .header(super::gateway::SIGNATURE_HEADER, signature)
+        .body(Body::from(body.to_owned()))
+        .unwrap()
+}
+
+async fn send(world: &World, request: Request<Body>) -> (StatusCode, Value) {
+    let response = world.sts.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn the_gateway_re_exchange_is_signed_fresh_once_only_and_inside_the_operations() {
+    let world = world().await;
+    let store = world.shared.store.as_ref();
+    let app = world.app_id.clone();
+    for id in ["g-source", "g-target"] {
+        store
+            .create_session(&world.session(id, &[&app]), &[])
+            .await
+            .unwrap();
+    }
+    store
+        .create_delegation_edge(
+            &world.edge("g-edge", "g-source", "g-target", None, json!({})),
+            &[],
+        )
+        .await
+        .unwrap();
+    let mint = || async {
+        let (status, _, body) = world
+            .exchange(&world.delegated("g-target", "g-edge", "ledger:read"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["access_token"].as_str().unwrap().to_owned()
+    };
+    let now = caracal_store::now_ms() / 1000;
+    let form = |token: &str, request_id: &str, method: &str, path: &str| {
+        serde_urlencoded::to_string([
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("zone_id", world.zone_id.as_str()),
+            ("resource", "resource://ledger"),
+            ("subject_token", token),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:access_token",
+            ),
+            ("gateway_request_id", request_id),
+            ("request_method", method),
+            ("request_path", path),
+        ])
+        .unwrap()
+    };
+
+    let gateway_mandate = mint().await;
+    let body = form(&gateway_mandate, "req-1", "GET", "/entries");
+    let (status, answer) = send(
+        &world,
+        gateway_request(&world, &body, now, "nonce-1", "req-1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let resource_mandate = answer["access_token"].as_str().unwrap();
+    let claims = world.verify(resource_mandate).await.unwrap();
+    let presented: MandateClaims = serde_json::from_value(claims_of(&gateway_mandate)).unwrap();
+    assert_eq!(claims.use_, "resource");
+    assert_eq!(claims.aud, ["resource://ledger"]);
+    assert_eq!(claims.scope.as_deref(), Some("ledger:read"), "inherited");
+    assert_eq!(claims.root_sid, presented.root_sid);
+    assert_ne!(claims.sid, presented.sid);
+    assert_eq!(claims.delegation_edge_id.as_deref(), Some("g-edge"));
+    let record = store
+        .get_authority_record(&world.zone_id, &claims.sid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.parent_id.as_deref(), Some(presented.sid.as_str()));
+    assert_eq!(
+        answer["upstreams"]["resource://ledger"]["auth_mode"],
+        "none"
+    );
+    assert_eq!(
+        answer["upstreams"]["resource://ledger"]["url"],
+        "http://127.0.0.1:9/api"
+    );
+
+    // The same gateway mandate again (a new nonce): spent.
+    let body = form(&gateway_mandate, "req-2", "GET", "/entries");
+    let (status, answer) = send(
+        &world,
+        gateway_request(&world, &body, now, "nonce-2", "req-2"),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_token")),
+        "{answer}"
+    );
+    assert!(
+        answer["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("replay")
+    );
+
+    // A replayed nonce, a stale or future timestamp, a wrong signature, a request id that is
+    // not the call's: 401 access_denied, before the mandate is looked at (so it stays unspent).
+    let fresh = mint().await;
+    let body = form(&fresh, "req-3", "GET", "/entries");
+    for (request, why) in [
+        (
+            gateway_request(&world, &body, now, "nonce-1", "req-3"),
+            "replayed nonce",
+        ),
+        (
+            gateway_request(&world, &body, now - 61, "nonce-3", "req-3"),
+            "clock skew",
+        ),
+        (
+            gateway_request(&world, &body, now + 61, "nonce-4", "req-3"),
+            "clock skew",
+        ),
+        (
+            gateway_request(&world, &body, now, "nonce-5", "req-other"),
+            "gateway_request_id",
+        ),
+        (
+            {
+                let mut request = gateway_request(&world, &body, now, "nonce-6", "req-3");
+                request.headers_mut().insert(
+                    super::gateway::SIGNATURE_HEADER,
+                    "00".repeat(32).parse().unwrap(),
+                );
+                request
+            },
+            "signature",
+        ),
+    ] {
+        let (status, answer) = send(&world, request).await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("access_denied")),
+            "{why}: {answer}"
+        );
+        assert!(
+            answer["error_description"].as_str().unwrap().contains(why),
+            "{why}: {answer}"
+        );
+    }
+    // An operation the mandate's scope does not cover: 403 operation_not_permitted.
+    let body = form(&fresh, "req-7", "POST", "/refunds");
+    let (status, answer) = send(
+        &world,
+        gateway_request(&world, &body, now, "nonce-7", "req-7"),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("operation_not_permitted")),
+        "{answer}"
+    );
+    // A session mandate is not a gateway mandate.
+    let session = world.bootstrap().await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let body = form(&session, "req-8", "GET", "/entries");
+    let (status, answer) = send(
+        &world,
+        gateway_request(&world, &body, now, "nonce-8", "req-8"),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_token")),
+        "{answer}"
+    );
+    // The replay registry is down: nothing can prove the nonce is new, so 503.
+    let shared = Shared::new(
+        world.shared.store.clone(),
+        Bus {
+            replay: Arc::new(crate::test_support::DownBus),
+            ..world.shared.bus.clone()
+        },
+        world.shared.evidence.clone(),
+        world.shared.replay_dir.clone(),
+        world.shared.kek.clone(),
+    );
+    let mut state = RoleState::new(Role::Sts, shared);
+    state.sts = Some(Arc::clone(&world.core));
+    let cut_off = router(state);
+    let fresh = mint().await;
+    let body = form(&fresh, "req-9", "GET", "/entries");
+    let response = cut_off
+        .oneshot(gateway_request(&world, &body, now, "nonce-9", "req-9"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Upstream directives never reach a public caller: a direct exchange has none.
+    let (_, _, direct) = world
+        .exchange(&world.delegated("g-target", "g-edge", "ledger:read"))
+        .await;
+    assert_eq!(direct.get("upstreams"), None);
 }

@@ -1,0 +1,462 @@
+//! The Gateway's re-exchange: a `use=gateway` mandate, presented once by the Gateway on an
+//! HMAC-signed call, becomes a `use=resource` mandate for one resource plus the directive
+//! telling the Gateway how to reach the upstream and which credential to inject.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine as _;
+use caracal_bus::ReplayNamespace;
+use caracal_policy::{Flow, Verdict};
+use caracal_store::{AuthorityRecord, Resource, now_ms};
+use http::{HeaderMap, StatusCode};
+
+use super::exchange::{
+    ACCESS_TOKEN, Ask, DEFAULT_TTL, Received, delegation, record_all, verify_subject,
+};
+use super::{Sts, TokenError};
+use crate::state::RoleState;
+use crate::wire::{MandateClaims, TokenResponse, Upstream};
+
+pub const TIMESTAMP_HEADER: &str = "x-caracal-gateway-timestamp";
+pub const NONCE_HEADER: &str = "x-caracal-gateway-request";
+pub const SIGNATURE_HEADER: &str = "x-caracal-gateway-signature";
+/// How far a gateway call's timestamp may be from the STS's clock.
+pub const MAX_SKEW_SECONDS: i64 = 60;
+/// How long a nonce is remembered: past the skew window on both sides.
+const NONCE_TTL: Duration = Duration::from_secs(120);
+/// The label the Gateway↔STS key is derived under from the KEK (every replica shares it).
+pub const KEY_LABEL: &str = "gateway-sts-hmac";
+
+/// Any of the three headers makes it a gateway call, which must then verify.
+pub fn is_gateway_call(headers: &HeaderMap) -> bool {
+    [TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER]
+        .iter()
+        .any(|name| headers.contains_key(*name))
+}
+
+/// The signature of a gateway call: hex HMAC-SHA256 over
+/// `"{ts}\n{nonce}\n{METHOD}\n{path}\n{hex sha256(body)}"`.
+pub fn signature(
+    key: &[u8; 32],
+    timestamp: &str,
+    nonce: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> String {
+    let message = format!(
+        "{timestamp}\n{nonce}\n{method}\n{path}\n{}",
+        caracal_crypto::hex(&caracal_crypto::sha256(body))
+    );
+    let tag = aws_lc_rs::hmac::sign(
+        &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key),
+        message.as_bytes(),
+    );
+    caracal_crypto::hex(tag.as_ref())
+}
+
+/// Verifies the call's signature, its time and that its nonce is new. Every failure is 401
+/// `access_denied`; a nonce registry that cannot answer refuses with 503.
+pub(super) async fn authenticate(
+    state: &RoleState,
+    sts: &Sts,
+    request_id: &str,
+    received: &Received,
+) -> Result<(), TokenError> {
+    let refused = |why: &str| {
+        TokenError::unauthenticated(format!("invalid gateway exchange signature ({why})"))
+    };
+    let header = |name: &str| {
+        received
+            .parts
+            .headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+    };
+    let (timestamp, nonce, presented) = (
+        header(TIMESTAMP_HEADER),
+        header(NONCE_HEADER),
+        header(SIGNATURE_HEADER),
+    );
+    if timestamp.is_empty() || nonce.is_empty() || nonce.len() > 128 || presented.is_empty() {
+        return Err(refused("missing headers"));
+    }
+    let expected = signature(
+        &sts.gateway_key,
+        timestamp,
+        nonce,
+        received.parts.method.as_str(),
+        received.parts.uri.path(),
+        &received.body,
+    );
+    if aws_lc_rs::constant_time::verify_slices_are_equal(expected.as_bytes(), presented.as_bytes())
+        .is_err()
+    {
+        return Err(refused("signature"));
+    }
+    let sent: i64 = timestamp.parse().map_err(|_| refused("timestamp"))?;
+    if (now_ms() / 1000 - sent).abs() > MAX_SKEW_SECONDS {
+        return Err(refused("clock skew"));
+    }
+    if received.form.gateway_request_id.as_deref() != Some(request_id) {
+        return Err(refused("gateway_request_id does not match X-Request-Id"));
+    }
+    match state
+        .shared
+        .bus
+        .replay
+        .claim_once(ReplayNamespace::GatewayNonce, nonce, NONCE_TTL)
+        .await
+    {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(refused("replayed nonce")),
+        Err(error) => {
+            tracing::warn!(%error, "nonce registry unavailable: gateway exchange refused");
+            Err(TokenError::unavailable(
+                "the replay registry is unavailable",
+            ))
+        }
+    }
+}
+
+/// The re-exchange itself, after [`authenticate`].
+pub(super) async fn reexchange(
+    state: &RoleState,
+    sts: &Sts,
+    request_id: &str,
+    form: &super::form::TokenForm,
+    ask: &Ask,
+) -> Result<TokenResponse, TokenError> {
+    let store = state.shared.store.as_ref();
+    let (Some(token), Some(ACCESS_TOKEN)) = (
+        form.subject_token.as_deref(),
+        form.subject_token_type.as_deref(),
+    ) else {
+        return Err(TokenError::malformed(
+            "a gateway exchange presents a subject_token access token",
+        ));
+    };
+    if !ask.scopes.is_empty() {
+        return Err(TokenError::malformed(
+            "a gateway exchange inherits the mandate's scope; send none",
+        ));
+    }
+    let [identifier] = ask.resources.as_slice() else {
+        return Err(TokenError::malformed(
+            "a gateway exchange names exactly one resource",
+        ));
+    };
+    let presented = verify_subject(state, sts, &ask.zone_id, token, "gateway").await?;
+    // A gateway mandate is one-shot: the first presentation spends it.
+    match state
+        .shared
+        .bus
+        .replay
+        .claim_once(
+            ReplayNamespace::Jti,
+            &presented.jti,
+            Duration::from_secs(3600),
+        )
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => return Err(TokenError::bad_subject("token replay detected")),
+        Err(error) => {
+            tracing::warn!(%error, "JTI registry unavailable: gateway exchange refused");
+            return Err(TokenError::unavailable(
+                "the replay registry is unavailable",
+            ));
+        }
+    }
+    let (Some(session_id), Some(edge_id)) =
+        (&presented.agent_session_id, &presented.delegation_edge_id)
+    else {
+        return Err(TokenError::denied("the mandate carries no delegation"));
+    };
+    let application = store
+        .get_application(&ask.zone_id, &presented.client_id)
+        .await?
+        .filter(|app| app.archived_at_ms.is_none())
+        .ok_or_else(|| TokenError::denied("the mandate's application is no longer active"))?;
+    let scopes: Vec<String> = presented
+        .scope
+        .as_deref()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let now = now_ms();
+    // The delegation, re-checked against live state as at the mint.
+    let delegation = delegation(
+        store,
+        &ask.zone_id,
+        &application,
+        session_id,
+        edge_id,
+        &scopes,
+        ask.ttl,
+        now,
+    )
+    .await?;
+    let resource = store
+        .find_resource(&ask.zone_id, identifier)
+        .await?
+        .filter(|resource| resource.archived_at_ms.is_none())
+        .ok_or_else(|| TokenError::denied("policy denied (resource_not_granted)"))?;
+    if !presented
+        .target
+        .as_ref()
+        .is_some_and(|target| target.contains(&resource.identifier))
+    {
+        return Err(TokenError::denied(
+            "policy denied (mandate_target_mismatch)",
+        ));
+    }
+    if !delegation.allows(&resource) {
+        return Err(TokenError::denied(format!(
+            "resource `{}` is outside the delegation",
+            resource.identifier
+        )));
+    }
+    operation_floor(&resource, form, &scopes)?;
+    let loaded = sts.policies.get(&ask.zone_id);
+    let decision = caracal_policy::decide(
+        loaded.as_deref().map(|loaded| &loaded.bundle),
+        &caracal_policy::Request {
+            flow: Flow::Use,
+            application_id: application.id.clone(),
+            resource: resource.identifier.clone(),
+            scopes: scopes.clone(),
+            labels: delegation.target.labels.clone(),
+            edge_scopes: Some(delegation.leaf.scopes.clone()),
+            session: true,
+            subject: true,
+            target: presented.target.clone().unwrap_or_default(),
+        },
+    );
+    let event = super::exchange::exchange_event(
+        ask,
+        request_id,
+        &application,
+        &resource.identifier,
+        &decision,
+        loaded.as_deref(),
+        form,
+    );
+    if decision.decision != Verdict::Allow {
+        record_all(state, vec![event]).await?;
+        return Err(TokenError::denied(format!(
+            "policy denied ({})",
+            decision.reason().unwrap_or("no_rule_matched")
+        )));
+    }
+    let upstream = upstream(state, &resource).await?;
+
+    let ttl = ask
+        .ttl
+        .unwrap_or(DEFAULT_TTL)
+        .min(delegation.ttl_bound_seconds);
+    if ttl <= 0 {
+        return Err(TokenError::denied("the delegation has no lifetime left"));
+    }
+    let keys = sts
+        .keys
+        .zone(store, &state.shared.kek, &ask.zone_id)
+        .await?;
+    let sid = uuid::Uuid::now_v7().to_string();
+    let jti = uuid::Uuid::now_v7().to_string();
+    let iat = now / 1000;
+    let mut claims = MandateClaims {
+        iss: sts.issuer.clone(),
+        sub: presented.sub.clone(),
+        aud: vec![resource.identifier.clone()],
+        exp: iat + ttl,
+        iat,
+        jti: jti.clone(),
+        zone_id: ask.zone_id.clone(),
+        client_id: application.id.clone(),
+        sid: sid.clone(),
+        root_sid: presented.root_sid.clone(),
+        use_: "resource".to_owned(),
+        sub_type: presented.sub_type.clone(),
+        scope: presented.scope.clone(),
+        target: Some(vec![resource.identifier.clone()]),
+        agent_session_id: Some(session_id.clone()),
+        delegation_edge_id: None,
+        source_session_id: None,
+        target_session_id: None,
+        delegation_path: None,
+        delegation_chain: None,
+        hop_count: None,
+        delegation_graph_epoch: None,
+    };
+    delegation.stamp(&mut claims);
+    let token = crate::mandate::sign(&keys.header, &keys.signer, &claims).map_err(|error| {
+        tracing::error!(%error, "mandate signing failed");
+        TokenError::internal()
+    })?;
+    sts.authority
+        .write(AuthorityRecord {
+            id: sid,
+            zone_id: ask.zone_id.clone(),
+            session_type: "application".to_owned(),
+            subject_id: presented.sub.clone(),
+            parent_id: Some(presented.sid.clone()),
+            status: "active".to_owned(),
+            claims: serde_json::json!({"jti": jti, "client_id": application.id, "use": "resource"})
+                .to_string(),
+            expires_at_ms: now + ttl * 1000,
+            authenticated_at_ms: now,
+            created_at_ms: now,
+            revoked_at_ms: None,
+            revoked_reason: None,
+        })
+        .await?;
+    record_all(state, vec![event]).await?;
+    Ok(TokenResponse {
+        access_token: token,
+        token_type: "Bearer".to_owned(),
+        expires_in: ttl,
+        scope: claims.scope,
+        issued_token_type: ACCESS_TOKEN.to_owned(),
+        target_resources: Some(vec![resource.identifier.clone()]),
+        upstreams: Some(BTreeMap::from([(resource.identifier, upstream)])),
+    })
+}
+
+/// For a resource whose operations are enforced, `(METHOD, path)` must be a declared operation
+/// whose scope the mandate holds.
+fn operation_floor(
+    resource: &Resource,
+    form: &super::form::TokenForm,
+    scopes: &[String],
+) -> Result<(), TokenError> {
+    if resource.operation_enforcement != "enforced" {
+        return Ok(());
+    }
+    #[derive(serde::Deserialize)]
+    struct Operation {
+        method: String,
+        path: String,
+        scope: String,
+    }
+    let operations: Vec<Operation> = serde_json::from_str(&resource.operations).unwrap_or_default();
+    let (method, path) = (
+        form.request_method.as_deref().unwrap_or_default(),
+        form.request_path.as_deref().unwrap_or_default(),
+    );
+    let permitted = operations.iter().any(|operation| {
+        operation.method.eq_ignore_ascii_case(method)
+            && operation.path == path
+            && scopes.contains(&operation.scope)
+    });
+    if permitted {
+        Ok(())
+    } else {
+        Err(TokenError::new(
+            StatusCode::FORBIDDEN,
+            "operation_not_permitted",
+            format!(
+                "`{method} {path}` is not a permitted operation of `{}`",
+                resource.identifier
+            ),
+        ))
+    }
+}
+
+/// How the Gateway reaches `resource` and what it injects, from the resource's provider.
+async fn upstream(state: &RoleState, resource: &Resource) -> Result<Upstream, TokenError> {
+    let provider = state
+        .shared
+        .store
+        .get_provider(&resource.zone_id, &resource.provider_id)
+        .await?
+        .filter(|provider| provider.archived_at_ms.is_none())
+        .ok_or_else(|| {
+            TokenError::new(
+                StatusCode::BAD_GATEWAY,
+                "http_request_failed",
+                "the resource's credential provider is gone",
+            )
+        })?;
+    let config: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&provider.config).unwrap_or_default();
+    let text = |key: &str| {
+        config
+            .get(key)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+    };
+    let secrets = crate::admin::provider_secrets(state, &provider)
+        .await
+        .map_err(|_| {
+            TokenError::new(
+                StatusCode::BAD_GATEWAY,
+                "http_request_failed",
+                "the provider credential is unavailable",
+            )
+        })?;
+    let mut upstream = Upstream {
+        url: resource.upstream_url.clone(),
+        auth_mode: "none".to_owned(),
+        auth_location: None,
+        auth_header: None,
+        query_param_name: None,
+        auth_scheme: None,
+        allowed_token_hosts: config
+            .get("allowed_token_hosts")
+            .and_then(|hosts| serde_json::from_value(hosts.clone()).ok()),
+        provider_token: None,
+        provider_id: None,
+    };
+    match provider.kind.as_str() {
+        "none" => {}
+        "caracal_mandate" => upstream.auth_mode = "caracal_jwt".to_owned(),
+        "api_key" => {
+            upstream.auth_mode = "provider_apikey".to_owned();
+            upstream.provider_id = Some(provider.id.clone());
+            let query = text("query_param_name");
+            upstream.auth_location = Some(text("auth_location").unwrap_or_else(|| {
+                if query.is_some() {
+                    "query".to_owned()
+                } else {
+                    "header".to_owned()
+                }
+            }));
+            upstream.auth_header = text("header_name")
+                .or_else(|| text("header"))
+                .or_else(|| text("auth_header"));
+            upstream.query_param_name = query;
+            upstream.provider_token = secrets.get("api_key").cloned();
+        }
+        "bearer_token" => {
+            upstream.auth_mode = "provider_oauth".to_owned();
+            upstream.provider_id = Some(provider.id.clone());
+            upstream.auth_scheme = Some("Bearer".to_owned());
+            upstream.provider_token = secrets
+                .get("bearer_token")
+                .or_else(|| secrets.get("token"))
+                .cloned();
+        }
+        "http_basic" => {
+            upstream.auth_mode = "provider_oauth".to_owned();
+            upstream.provider_id = Some(provider.id.clone());
+            upstream.auth_scheme = Some("Basic".to_owned());
+            let pair = format!(
+                "{}:{}",
+                text("username").unwrap_or_default(),
+                secrets.get("password").cloned().unwrap_or_default()
+            );
+            upstream.provider_token = Some(base64::engine::general_purpose::STANDARD.encode(pair));
+        }
+        // Client-credentials tokens are fetched and cached by the Gateway.
+        _ => {
+            upstream.auth_mode = "provider_oauth".to_owned();
+            upstream.provider_id = Some(provider.id.clone());
+            upstream.auth_scheme = Some("Bearer".to_owned());
+        }
+    }
+    Ok(upstream)
+}
