@@ -58,6 +58,10 @@ pub struct Overrides {
     /// every row [env: CARACAL_AUDIT_RETENTION_DAYS] [default: 365]
     #[arg(long, global = true, value_name = "DAYS")]
     pub audit_retention_days: Option<String>,
+    /// Mints a minute per zone, resource and application before the STS answers 429
+    /// [env: CARACAL_STS_MINT_RATE_LIMIT_PER_MINUTE] [default: 1000]
+    #[arg(long, global = true, value_name = "N")]
+    pub mint_rate_limit_per_minute: Option<String>,
     /// PostgreSQL connections per process [env: CARACAL_STORE_POOL_SIZE] [default: 16]
     #[arg(long, global = true, value_name = "N")]
     pub store_pool_size: Option<String>,

@@ -206,6 +206,12 @@ const KEYS: &[Key] = &[
         "whole days 1-36500, or 0 to keep every audit row",
     ),
     key(
+        "sts.mint_rate_limit_per_minute",
+        &["CARACAL_STS_MINT_RATE_LIMIT_PER_MINUTE"],
+        "--mint-rate-limit-per-minute",
+        "mints a minute per zone, resource and application, 1-10000000",
+    ),
+    key(
         "shutdown_grace_seconds",
         &["CARACAL_SHUTDOWN_GRACE_SECONDS"],
         "--shutdown-grace-seconds",
@@ -302,6 +308,11 @@ pub fn resolve(
                 .filter(|days| *days <= 36_500)
                 .map(|days| (days > 0).then(|| Duration::from_secs(days * 86_400)))
         })?,
+        mint_rate_limit_per_minute: parse.value("sts.mint_rate_limit_per_minute", |text| {
+            text.parse::<u64>()
+                .ok()
+                .filter(|limit| (1..=10_000_000).contains(limit))
+        })?,
         store_pool_size: parse.value("store_pool_size", |text| {
             text.parse::<usize>()
                 .ok()
@@ -392,6 +403,7 @@ fn default_value(name: &str, default_store: &str) -> String {
         "log.filter" => "info".to_owned(),
         "shutdown_grace_seconds" => "30".to_owned(),
         "audit.retention_days" => "365".to_owned(),
+        "sts.mint_rate_limit_per_minute" => "1000".to_owned(),
         "store_pool_size" => "16".to_owned(),
         "store_statement_timeout_ms" => "5000".to_owned(),
         _ => String::new(),
@@ -445,6 +457,10 @@ fn flag_values(overrides: &Overrides) -> Result<BTreeMap<&'static str, String>, 
         ("log.filter", &overrides.log),
         ("shutdown_grace_seconds", &overrides.shutdown_grace_seconds),
         ("audit.retention_days", &overrides.audit_retention_days),
+        (
+            "sts.mint_rate_limit_per_minute",
+            &overrides.mint_rate_limit_per_minute,
+        ),
         ("store_pool_size", &overrides.store_pool_size),
         ("store_schema", &overrides.store_schema),
         (

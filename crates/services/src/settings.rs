@@ -28,6 +28,8 @@ pub struct Settings {
     /// Audit rows ingested longer ago are dropped once a signed checkpoint covers them;
     /// `None` keeps every row.
     pub audit_retention: Option<Duration>,
+    /// Mints a minute per (zone, resource, application) before the STS answers 429.
+    pub mint_rate_limit_per_minute: u64,
     /// PostgreSQL connections per process.
     pub store_pool_size: usize,
     /// PostgreSQL schema holding Caracal's tables (created if missing); `None` uses the

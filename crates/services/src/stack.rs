@@ -90,6 +90,7 @@ pub struct Stack {
     shutdown_grace: Duration,
     audit_retention: Option<Duration>,
     issuer: String,
+    mint_rate_limit_per_minute: u64,
 }
 
 impl Stack {
@@ -168,6 +169,7 @@ impl Stack {
             shutdown_grace: settings.shutdown_grace,
             audit_retention: settings.audit_retention,
             issuer: settings.issuer_url.clone(),
+            mint_rate_limit_per_minute: settings.mint_rate_limit_per_minute,
         })
     }
 
@@ -317,12 +319,15 @@ impl Stack {
             );
         }
         let policies = crate::policy::PolicyCache::default();
-        let sts = Arc::new(crate::sts::Sts::start(
-            self.issuer.clone(),
-            policies.clone(),
-            Arc::clone(&self.shared.store),
-            &self.shared.kek,
-        ));
+        let sts = Arc::new(
+            crate::sts::Sts::start(
+                self.issuer.clone(),
+                policies.clone(),
+                Arc::clone(&self.shared.store),
+                &self.shared.kek,
+            )
+            .with_mint_limit(self.mint_rate_limit_per_minute),
+        );
         servers.spawn(crate::policy::run_loader(
             policies.clone(),
             Arc::clone(&self.shared.store),

@@ -355,6 +355,9 @@ async fn exchange(
         ));
     }
 
+    for resource in &granted {
+        within_mint_limit(state, sts, &ask.zone_id, resource, &application.id).await?;
+    }
     let keys = sts
         .keys
         .zone(store, &state.shared.kek, &ask.zone_id)
@@ -427,6 +430,38 @@ async fn exchange(
         target_resources: Some(granted),
         upstreams: None,
     })
+}
+
+/// The mint budget of (zone, resource, application) in this minute. Over it: 429
+/// `rate_limited` with the seconds to the next window; a counter that cannot answer refuses.
+pub(super) async fn within_mint_limit(
+    state: &RoleState,
+    sts: &Sts,
+    zone_id: &str,
+    resource: &str,
+    application_id: &str,
+) -> Result<(), TokenError> {
+    let bucket = format!("sts-mint:{zone_id}:{resource}:{application_id}");
+    let count = state
+        .shared
+        .bus
+        .rates
+        .hit(&bucket, std::time::Duration::from_secs(60))
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, "rate counter unavailable: mint refused");
+            TokenError::unavailable("the rate counter is unavailable")
+        })?;
+    if count > sts.mint_limit_per_minute {
+        let mut error = TokenError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("the mint limit for `{resource}` is reached; retry after the window"),
+        );
+        error.retry_after = Some(60 - u64::try_from(now_ms() / 1000 % 60).unwrap_or(0));
+        return Err(error);
+    }
+    Ok(())
 }
 
 pub(super) async fn record_all(state: &RoleState, events: Vec<Event>) -> Result<(), TokenError> {

@@ -252,6 +252,14 @@ pub(super) async fn reexchange(
             decision.reason().unwrap_or("no_rule_matched")
         )));
     }
+    super::exchange::within_mint_limit(
+        state,
+        sts,
+        &ask.zone_id,
+        &resource.identifier,
+        &application.id,
+    )
+    .await?;
     let upstream = upstream(state, &resource).await?;
 
     let ttl = ask

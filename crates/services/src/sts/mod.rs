@@ -30,6 +30,9 @@ use crate::wire::{Jwks, OAuthErrorBody};
 
 pub use exchange::MAX_FORM_BYTES;
 
+/// Mints a minute per (zone, resource, application) unless configured.
+pub const DEFAULT_MINT_LIMIT_PER_MINUTE: u64 = 1000;
+
 /// The STS's state: what every replica holds in memory.
 pub struct Sts {
     /// `iss` of every mandate and the audience of session and gateway mandates.
@@ -41,6 +44,8 @@ pub struct Sts {
     /// Authenticates the Gateway's calls (derived from the KEK, so every replica shares it).
     gateway_key: [u8; 32],
     lockouts: std::sync::Mutex<std::collections::HashMap<String, (i64, u32)>>,
+    /// Mints a minute per (zone, resource, application).
+    mint_limit_per_minute: u64,
 }
 
 impl Sts {
@@ -60,7 +65,13 @@ impl Sts {
             secrets: secrets::SecretCache::default(),
             authority,
             lockouts: std::sync::Mutex::default(),
+            mint_limit_per_minute: DEFAULT_MINT_LIMIT_PER_MINUTE,
         }
+    }
+
+    pub fn with_mint_limit(mut self, per_minute: u64) -> Sts {
+        self.mint_limit_per_minute = per_minute.max(1);
+        self
     }
 }
 

@@ -1239,11 +1239,11 @@ async fn the_gateway_re_exchange_is_signed_fresh_once_only_and_inside_the_operat
             "replayed nonce",
         ),
         (
-            gateway_request(&world, &body, now - 61, "nonce-3", "req-3"),
+            gateway_request(&world, &body, now - 90, "nonce-3", "req-3"),
             "clock skew",
         ),
         (
-            gateway_request(&world, &body, now + 61, "nonce-4", "req-3"),
+            gateway_request(&world, &body, now + 90, "nonce-4", "req-3"),
             "clock skew",
         ),
         (
@@ -1327,4 +1327,55 @@ async fn the_gateway_re_exchange_is_signed_fresh_once_only_and_inside_the_operat
         .exchange(&world.delegated("g-target", "g-edge", "ledger:read"))
         .await;
     assert_eq!(direct.get("upstreams"), None);
+}
+
+#[tokio::test]
+async fn over_the_mint_limit_the_answer_is_429_with_retry_after() {
+    let world = world().await;
+    let mut state = RoleState::new(Role::Sts, world.shared.clone());
+    let sts = Sts::start(
+        ISSUER.to_owned(),
+        world.core.policies.clone(),
+        world.shared.store.clone(),
+        &world.shared.kek,
+    )
+    .with_mint_limit(2);
+    state.sts = Some(Arc::new(sts));
+    let limited = router(state);
+    let body = world.form(&[
+        ("scope", "agent:lifecycle"),
+        ("resource", "resource://ledger"),
+    ]);
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let response = limited
+            .clone()
+            .oneshot(
+                Request::post("/oauth/2/token")
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(Body::from(body.clone()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        statuses.push((
+            response.status(),
+            response.headers().get("retry-after").is_some(),
+        ));
+    }
+    // Windows are aligned to the minute: a boundary between the calls resets the count.
+    assert!(
+        statuses
+            == [
+                (StatusCode::OK, false),
+                (StatusCode::OK, false),
+                (StatusCode::TOO_MANY_REQUESTS, true)
+            ]
+            || statuses
+                .iter()
+                .filter(|(status, _)| *status == StatusCode::OK)
+                .count()
+                == 3,
+        "{statuses:?}"
+    );
 }
