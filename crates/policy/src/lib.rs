@@ -9,8 +9,8 @@ mod document;
 
 pub use decide::{Decision, Flow, Reason, Request, Verdict, decide};
 pub use document::{
-    ALLOWED_RULES, Bundle, DataDocument, Diagnostic, MAX_DOCUMENT, MAX_NESTING, SCHEMA_VERSION,
-    compile,
+    ALLOWED_RULES, ApprovalTier, Bundle, DataDocument, Diagnostic, MAX_DOCUMENT, MAX_NESTING,
+    SCHEMA_VERSION, compile,
 };
 
 #[cfg(test)]

@@ -335,6 +335,9 @@ pub struct OAuthErrorBody {
     pub error_description: String,
     #[serde(rename = "requestId")]
     pub request_id: String,
+    /// The hold of `interaction_required` (`approval_id`, `state`, `binding`, ...).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// `GET /.well-known/jwks.json?zone_id=`.

@@ -330,6 +330,8 @@ pub struct ApprovalHold {
     pub decision_reason: Option<String>,
     pub approver_id: Option<String>,
     pub consumed_at_ms: Option<i64>,
+    /// The authority record the consuming mint created.
+    pub consumed_record_id: Option<String>,
 }
 
 /// The stored answer to an idempotent create, replayed for the same key.

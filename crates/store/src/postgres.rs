@@ -57,6 +57,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "policy loads",
             include_str!("schema/0009_policy_loads.sql").replace("{BIGINT}", "BIGINT"),
         ),
+        (
+            "approval consumption",
+            include_str!("schema/0010_approval_consumption.sql").to_owned(),
+        ),
     ]
 }
 

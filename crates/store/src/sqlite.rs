@@ -52,6 +52,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "policy loads",
             include_str!("schema/0009_policy_loads.sql").replace("{BIGINT}", "INTEGER"),
         ),
+        (
+            "approval consumption",
+            include_str!("schema/0010_approval_consumption.sql").to_owned(),
+        ),
     ]
 }
 
@@ -491,6 +495,7 @@ mod tests {
                      DROP TABLE audit_chain_keys; DROP TABLE audit_cuts;
                      DROP INDEX applications_live_name; ALTER TABLE zones DROP COLUMN archived_at_ms;
                      DROP INDEX outbox_dedupe; DROP TABLE policy_loads;
+                     ALTER TABLE approval_holds DROP COLUMN consumed_record_id;
                      DELETE FROM schema_migrations WHERE version >= 2;",
                 )
             })

@@ -761,6 +761,7 @@ fn hold(zone: &str, id: &str) -> ApprovalHold {
         decision_reason: None,
         approver_id: None,
         consumed_at_ms: None,
+        consumed_record_id: None,
     }
 }
 
@@ -1309,7 +1310,9 @@ async fn approval_holds_are_decided_once_and_consumed_once(backend: &Backend) {
     assert_eq!(pending, ["h1"]);
     assert!(
         matches!(
-            store.consume_approval_hold("zone-1", "h1").await,
+            store
+                .consume_approval_hold("zone-1", "h1", &authority("zone-1", "ar-h1"))
+                .await,
             Err(StoreError::Conflict(_))
         ),
         "undecided holds cannot be used"
@@ -1333,10 +1336,23 @@ async fn approval_holds_are_decided_once_and_consumed_once(backend: &Backend) {
         ),
         "expired holds cannot be decided"
     );
-    store.consume_approval_hold("zone-1", "h1").await.unwrap();
+    store
+        .consume_approval_hold("zone-1", "h1", &authority("zone-1", "ar-h1"))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .get_authority_record("zone-1", "ar-h1")
+            .await
+            .unwrap()
+            .is_some(),
+        "the consuming mint's record is created with the consumption"
+    );
     assert!(
         matches!(
-            store.consume_approval_hold("zone-1", "h1").await,
+            store
+                .consume_approval_hold("zone-1", "h1", &authority("zone-1", "ar-h1"))
+                .await,
             Err(StoreError::Conflict(_))
         ),
         "single use"
@@ -1350,6 +1366,7 @@ async fn approval_holds_are_decided_once_and_consumed_once(backend: &Backend) {
         (decided.decision.as_deref(), decided.approver_id.as_deref()),
         (Some("approved"), Some("operator-1"))
     );
+    assert_eq!(decided.consumed_record_id.as_deref(), Some("ar-h1"));
 }
 
 async fn idempotency_receipts_conflict_while_live(backend: &Backend) {
@@ -1564,7 +1581,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 9
+                supported: 10
             }
         ),
         "{error}"
@@ -1580,7 +1597,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
     let versions: Vec<i64> = rows.iter().map(|row| row.int(0).unwrap()).collect();
     assert_eq!(
         versions,
-        [1, 2, 3, 4, 5, 6, 7, 8, 9, 999],
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 999],
         "the refused start wrote nothing"
     );
     drop_schema(&schema).await;
@@ -1932,6 +1949,13 @@ async fn sqlite_hex_hashes_of_an_earlier_release_become_bytes() {
         .await
         .unwrap();
     store
+        .change(
+            "ALTER TABLE approval_holds DROP COLUMN consumed_record_id",
+            vec![],
+        )
+        .await
+        .unwrap();
+    store
         .change("ALTER TABLE zones DROP COLUMN archived_at_ms", vec![])
         .await
         .unwrap();
@@ -1966,6 +1990,7 @@ async fn postgres_hex_hashes_of_an_earlier_release_become_bytes() {
         "DROP INDEX applications_live_name",
         "DROP INDEX outbox_dedupe",
         "DROP TABLE policy_loads",
+        "ALTER TABLE approval_holds DROP COLUMN consumed_record_id",
         "ALTER TABLE zones DROP COLUMN archived_at_ms",
     ] {
         backend.db.change(undo, vec![]).await.unwrap();

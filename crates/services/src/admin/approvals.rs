@@ -48,7 +48,7 @@ struct Decision {
 
 /// The hold's state, by precedence: consumed > rejected > expired > approved > pending (an
 /// approved hold past its window reads expired).
-fn state_of(hold: &ApprovalHold, now: i64) -> &'static str {
+pub(crate) fn state_of(hold: &ApprovalHold, now: i64) -> &'static str {
     if hold.consumed_at_ms.is_some() {
         "consumed"
     } else if hold.decision.as_deref() == Some("rejected") {

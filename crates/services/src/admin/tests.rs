@@ -1134,6 +1134,7 @@ async fn approvals_are_listed_by_state_and_decided_once_by_an_approve_token() {
                     decision_reason: None,
                     approver_id: None,
                     consumed_at_ms: None,
+                    consumed_record_id: None,
                 },
                 &[],
             )

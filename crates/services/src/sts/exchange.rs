@@ -105,6 +105,7 @@ async fn read_form(request: Request) -> Result<Received, TokenError> {
             code: "invalid_token",
             description: "the body must be application/x-www-form-urlencoded".to_owned(),
             retry_after: None,
+            extra: None,
         });
     }
     let too_large = || TokenError {
@@ -112,6 +113,7 @@ async fn read_form(request: Request) -> Result<Received, TokenError> {
         code: "payload_too_large",
         description: format!("the body is larger than {MAX_FORM_BYTES} bytes"),
         retry_after: None,
+        extra: None,
     };
     let declared = parts
         .headers
@@ -316,6 +318,7 @@ async fn exchange(
     let mut granted = Vec::new();
     let mut events = Vec::new();
     let mut first_refusal: Option<String> = None;
+    let mut gated_tiers: Vec<String> = Vec::new();
     for identifier in &ask.resources {
         let outcome = decide_resource(
             store,
@@ -331,6 +334,11 @@ async fn exchange(
             Ok(decision) => (decision, None),
             Err((decision, description)) => (decision, Some(description)),
         };
+        if refusal.is_none()
+            && let Some(step_up) = &decision.step_up_required
+        {
+            gated_tiers.extend(step_up.tiers.iter().cloned());
+        }
         events.push(exchange_event(
             &ask,
             request_id,
@@ -358,11 +366,60 @@ async fn exchange(
     for resource in &granted {
         within_mint_limit(state, sts, &ask.zone_id, resource, &application.id).await?;
     }
+    // A gated scope: the mint waits for a human decision, then spends it once.
+    let mut approved = None;
+    if !gated_tiers.is_empty() {
+        let gate = super::approvals::gate(bundle, &gated_tiers)?;
+        let binding = super::approvals::Binding {
+            resources: &granted,
+            scopes: &ask.scopes,
+            principal: &application.id,
+            authority_record: form.session_id.as_deref().unwrap_or_default(),
+            session: form.agent_session_id.as_deref().unwrap_or_default(),
+            delegation: form.delegation_edge_id.as_deref().unwrap_or_default(),
+            policy_version: loaded
+                .as_deref()
+                .map_or("", |loaded| loaded.version_id.as_str()),
+            manifest_sha256: loaded
+                .as_deref()
+                .map_or("", |loaded| loaded.manifest_sha256.as_str()),
+        }
+        .hex();
+        let settled = super::approvals::settle(
+            state,
+            &ask.zone_id,
+            &application.id,
+            form.session_id.as_deref().unwrap_or_default(),
+            form.approval_id.as_deref(),
+            &binding,
+            &gate,
+            serde_json::json!({"resources": granted, "scopes": ask.scopes,
+                "agent_session_id": form.agent_session_id, "delegation_edge_id": form.delegation_edge_id}),
+        )
+        .await;
+        match settled {
+            Ok(settled) => approved = Some(settled),
+            Err(answer) => {
+                record_all(state, events).await?;
+                return Err(answer);
+            }
+        }
+    }
     let keys = sts
         .keys
         .zone(store, &state.shared.kek, &ask.zone_id)
         .await?;
-    let sid = uuid::Uuid::now_v7().to_string();
+    let sid = match &approved {
+        Some(super::approvals::Approved::Reissue { sid, expires_at_ms }) => {
+            // The same record again: no longer than it has left.
+            ttl = ttl.min((expires_at_ms - now) / 1000);
+            if ttl <= 0 {
+                return Err(super::approvals::consumed());
+            }
+            sid.clone()
+        }
+        _ => uuid::Uuid::now_v7().to_string(),
+    };
     let jti = uuid::Uuid::now_v7().to_string();
     let use_ = if delegation.is_some() {
         "gateway"
@@ -419,7 +476,15 @@ async fn exchange(
     // The authority record (the revocation anchor and the issued-JTI registry) first, then
     // the evidence; the mandate leaves only if both are stored. On the embedded store the
     // record's commit skips its own fsync and the evidence commit's fsync carries it to disk.
-    sts.authority.write(record).await?;
+    // An approved mint creates its record as it spends the approval.
+    match approved {
+        None => sts.authority.write(record).await?,
+        Some(super::approvals::Approved::Consume(hold_id)) => store
+            .consume_approval_hold(&ask.zone_id, &hold_id, &record)
+            .await
+            .map_err(super::approvals::consume_error)?,
+        Some(super::approvals::Approved::Reissue { .. }) => {}
+    }
     record_all(state, events).await?;
     Ok(TokenResponse {
         access_token: token,
@@ -919,12 +984,6 @@ pub(super) async fn decide_resource(
     let decision = caracal_policy::decide(bundle, &request);
     if let Some(reason) = decision.reason() {
         let description = format!("policy denied ({reason})");
-        return Ok(Err((decision, description)));
-    }
-    if decision.step_up_required.is_some() {
-        // Approval holds are not issued yet: a gated scope is refused, never minted.
-        let description =
-            "policy requires human approval, which this STS does not issue yet".to_owned();
         return Ok(Err((decision, description)));
     }
     Ok(Ok(decision))

@@ -3,6 +3,7 @@
 //! zone's key, live sessions and delegation edges, the zone's policy bundle, the authority
 //! record, the audit event — must succeed before a mandate leaves; any failure refuses.
 
+mod approvals;
 mod exchange;
 pub mod form;
 pub mod gateway;
@@ -79,6 +80,8 @@ pub fn routes() -> Router<RoleState> {
     Router::new()
         .route("/oauth/2/token", post(exchange::token))
         .route("/.well-known/jwks.json", get(jwks))
+        .route("/approvals/{id}", get(approvals::poll))
+        .route("/approvals/{id}/decision", post(approvals::decide))
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -127,6 +130,8 @@ pub struct TokenError {
     pub code: &'static str,
     pub description: String,
     pub retry_after: Option<u64>,
+    /// More fields for the body (the approval hold of `interaction_required`).
+    pub extra: Option<serde_json::Value>,
 }
 
 impl TokenError {
@@ -136,6 +141,7 @@ impl TokenError {
             code,
             description: description.into(),
             retry_after: None,
+            extra: None,
         }
     }
 
@@ -183,9 +189,19 @@ impl TokenError {
             error: self.code.to_owned(),
             error_description: self.description,
             request_id: request_id.to_owned(),
+            extra: match self.extra {
+                Some(serde_json::Value::Object(fields)) => fields,
+                _ => serde_json::Map::new(),
+            },
         };
         let mut response = (self.status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
+        if self.code == "interaction_required" {
+            headers.insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"interaction_required\""),
+            );
+        }
         headers.insert(
             http::header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),

@@ -1379,3 +1379,193 @@ async fn over_the_mint_limit_the_answer_is_429_with_retry_after() {
         "{statuses:?}"
     );
 }
+
+#[tokio::test]
+async fn a_gated_scope_waits_for_a_human_and_the_approval_is_spent_once() {
+    let world = world().await;
+    let app = world.app_id.clone();
+    world
+        .activate(&format!(
+            "{}risk := [{{\"scope\": \"ledger:refund\", \"tier\": \"high\"}}]\napproval_tiers := [{{\"tier\": \"high\", \"approver\": \"operator\", \"ttl_seconds\": 600}}]\n",
+            document(&app)
+        ))
+        .await;
+    world
+        .core
+        .policies
+        .refresh_all(world.shared.store.as_ref(), "sts-test")
+        .await
+        .unwrap();
+    let store = world.shared.store.as_ref();
+    for id in ["a-source", "a-target", "b-target"] {
+        store
+            .create_session(&world.session(id, &[&app]), &[])
+            .await
+            .unwrap();
+    }
+    store
+        .create_delegation_edge(
+            &world.edge("a-edge", "a-source", "a-target", None, json!({})),
+            &[],
+        )
+        .await
+        .unwrap();
+    store
+        .create_delegation_edge(
+            &world.edge("b-edge", "a-source", "b-target", None, json!({})),
+            &[],
+        )
+        .await
+        .unwrap();
+    let refund = world.delegated("a-target", "a-edge", "ledger:refund");
+
+    // The gate: 401 interaction_required with the hold, the same hold on a retry.
+    let (status, headers, held) = world.exchange(&refund).await;
+    assert_eq!(
+        (status, held["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("interaction_required")),
+        "{held}"
+    );
+    assert_eq!(
+        headers["www-authenticate"],
+        "Bearer error=\"interaction_required\""
+    );
+    assert_eq!(held["approval_type"], "human_approval");
+    assert_eq!(held["state"], "pending");
+    assert_eq!(held["tier"], "high");
+    assert_eq!(held["binding"].as_str().unwrap().len(), 64);
+    assert!(held["approval_expires_at"].as_str().unwrap().ends_with('Z'));
+    let hold_id = held["approval_id"].as_str().unwrap().to_owned();
+    let (_, _, again) = world.exchange(&refund).await;
+    assert_eq!(again["approval_id"], hold_id.as_str());
+    let with_approval = format!("{refund}&approval_id={hold_id}");
+    let (status, _, pending) = world.exchange(&with_approval).await;
+    assert_eq!(
+        (status, pending["state"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("pending"))
+    );
+    // Ungated scopes are not held.
+    let (status, _, _) = world
+        .exchange(&world.delegated("a-target", "a-edge", "ledger:read"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Polling: the capability id alone; malformed or unknown ids are 404.
+    let sts = world.sts.clone();
+    let poll = |id: String| {
+        let sts = sts.clone();
+        async move { call(&sts, "GET", &format!("/approvals/{id}?wait=0"), None, "").await }
+    };
+    let (status, _, polled) = poll(hold_id.clone()).await;
+    assert_eq!(
+        (status, polled["state"].as_str()),
+        (StatusCode::OK, Some("pending"))
+    );
+    assert_eq!(poll("not-a-uuid".into()).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        poll("4a4b5e7c-1d2e-4f00-8a00-000000000000".into()).await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    // An application session is not a subject: the decision endpoint refuses it.
+    let session = world.bootstrap().await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let response = world
+        .sts
+        .clone()
+        .oneshot(
+            Request::post(format!("/approvals/{hold_id}/decision"))
+                .header("authorization", format!("Bearer {session}"))
+                .header("content-type", "application/json")
+                .body(Body::from(
+                    json!({"decision": "approved", "binding": held["binding"]}).to_string(),
+                ))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+
+    // An operator approves through the admin API; the retry mints, once.
+    let approver = token(&world.shared, "approve", TokenScope::Global).await;
+    let (status, _, decided) = call(
+        &world.api,
+        "POST",
+        &format!("/v1/zones/{}/approvals/{hold_id}/approve", world.zone_id),
+        Some(&approver),
+        r#"{"reason":"refund checked"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{decided}");
+    assert_eq!(poll(hold_id.clone()).await.2["state"], "approved");
+    let (status, _, minted) = world.exchange(&with_approval).await;
+    assert_eq!(status, StatusCode::OK, "{minted}");
+    let first: MandateClaims =
+        serde_json::from_value(claims_of(minted["access_token"].as_str().unwrap())).unwrap();
+    assert_eq!(first.scope.as_deref(), Some("ledger:refund"));
+    assert_eq!(poll(hold_id.clone()).await.2["state"], "consumed");
+    // Within two minutes the same request is answered for the same record, not decided again.
+    let (status, _, reissued) = world.exchange(&with_approval).await;
+    assert_eq!(status, StatusCode::OK, "{reissued}");
+    let second: MandateClaims =
+        serde_json::from_value(claims_of(reissued["access_token"].as_str().unwrap())).unwrap();
+    assert_eq!(second.sid, first.sid);
+    assert_ne!(second.jti, first.jti);
+    // The approval is bound to its request: another session cannot use it.
+    let (status, _, mismatch) = world
+        .exchange(&format!(
+            "{}&approval_id={hold_id}",
+            world.delegated("b-target", "b-edge", "ledger:refund")
+        ))
+        .await;
+    assert_eq!(
+        (status, mismatch["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("access_denied")),
+        "{mismatch}"
+    );
+    assert!(
+        mismatch["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("binding")
+    );
+
+    // A rejected hold refuses with 403.
+    let other = world.delegated("b-target", "b-edge", "ledger:refund");
+    let (_, _, held) = world.exchange(&other).await;
+    let other_id = held["approval_id"].as_str().unwrap().to_owned();
+    assert_ne!(other_id, hold_id);
+    // A long poll returns as soon as the decision lands, not at the end of its wait.
+    let started = std::time::Instant::now();
+    let reject_path = format!("/v1/zones/{}/approvals/{other_id}/reject", world.zone_id);
+    let poll_path = format!("/approvals/{other_id}?wait=20");
+    let ((_, _, polled), (status, _, _)) =
+        tokio::join!(call(&world.sts, "GET", &poll_path, None, ""), async {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            call(
+                &world.api,
+                "POST",
+                &reject_path,
+                Some(&approver),
+                r#"{"reason":"no"}"#,
+            )
+            .await
+        });
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(polled["state"], "rejected");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let (status, _, rejected) = world
+        .exchange(&format!("{other}&approval_id={other_id}"))
+        .await;
+    assert_eq!(
+        (status, rejected["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("access_denied")),
+        "{rejected}"
+    );
+}

@@ -27,7 +27,7 @@ macro_rules! select_delegation_edges {
 /// The row columns of `approval_holds`, for `concat!`.
 macro_rules! select_approval_holds {
     () => {
-        "SELECT id, zone_id, session_id, principal_id, application_id, tier, approver_class, binding_hash, metadata, created_at_ms, expires_at_ms, decision, decided_at_ms, decision_reason, approver_id, consumed_at_ms FROM approval_holds"
+        "SELECT id, zone_id, session_id, principal_id, application_id, tier, approver_class, binding_hash, metadata, created_at_ms, expires_at_ms, decision, decided_at_ms, decision_reason, approver_id, consumed_at_ms, consumed_record_id FROM approval_holds"
     };
 }
 
@@ -143,6 +143,9 @@ pub trait Runtime: Send + Sync {
     ) -> Result<Vec<ApprovalHold>, StoreError>;
     /// Every hold of the zone, decided or not, oldest first.
     async fn list_approval_holds(&self, zone_id: &str) -> Result<Vec<ApprovalHold>, StoreError>;
+    /// A hold by id alone: the one read that does not name a zone. A hold id is a random
+    /// 122-bit capability handed to the requester, who polls it without knowing more.
+    async fn approval_hold_by_id(&self, id: &str) -> Result<Option<ApprovalHold>, StoreError>;
     /// Decides an undecided, unexpired hold; otherwise a [`StoreError::Conflict`].
     async fn decide_approval_hold(
         &self,
@@ -154,7 +157,15 @@ pub trait Runtime: Send + Sync {
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError>;
     /// Consumes an approved hold once; a second use is a [`StoreError::Conflict`].
-    async fn consume_approval_hold(&self, zone_id: &str, id: &str) -> Result<(), StoreError>;
+    /// Spends an approved, unexpired, unspent hold and creates the authority record of the mint
+    /// it allows, in one transaction; a hold in any other state is a [`StoreError::Conflict`]
+    /// and creates nothing.
+    async fn consume_approval_hold(
+        &self,
+        zone_id: &str,
+        id: &str,
+        record: &AuthorityRecord,
+    ) -> Result<(), StoreError>;
 
     /// Stores a receipt; an existing live receipt for the same key is a conflict.
     async fn put_idempotency_receipt(&self, receipt: &IdempotencyReceipt)
@@ -255,6 +266,7 @@ fn hold(row: &Row) -> Result<ApprovalHold, StoreError> {
         decision_reason: row.opt_text(13)?,
         approver_id: row.opt_text(14)?,
         consumed_at_ms: row.opt_int(15)?,
+        consumed_record_id: row.opt_text(16)?,
     })
 }
 
@@ -271,6 +283,33 @@ fn receipt(row: &Row) -> Result<IdempotencyReceipt, StoreError> {
         response_json: row.text(8)?,
         expires_at_ms: row.int(9)?,
     })
+}
+
+fn authority_inserts(records: &[AuthorityRecord]) -> Vec<Statement> {
+    records
+            .iter()
+            .map(|record| {
+                Statement::new(
+                    "INSERT INTO authority_records (id, zone_id, session_type, subject_id, parent_id, status, claims,
+                         expires_at_ms, authenticated_at_ms, created_at_ms, revoked_at_ms, revoked_reason)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                    params![
+                        record.id.as_str(),
+                        record.zone_id.as_str(),
+                        record.session_type.as_str(),
+                        record.subject_id.as_str(),
+                        record.parent_id.clone(),
+                        record.status.as_str(),
+                        record.claims.as_str(),
+                        record.expires_at_ms,
+                        record.authenticated_at_ms,
+                        record.created_at_ms,
+                        record.revoked_at_ms,
+                        record.revoked_reason.clone(),
+                    ],
+                )
+            })
+            .collect()
 }
 
 fn bump_epoch(zone_id: &str) -> Statement {
@@ -317,31 +356,9 @@ impl<D: Db> Runtime for D {
         &self,
         records: &[AuthorityRecord],
     ) -> Result<(), StoreError> {
-        let statements = records
-            .iter()
-            .map(|record| {
-                Statement::new(
-                    "INSERT INTO authority_records (id, zone_id, session_type, subject_id, parent_id, status, claims,
-                         expires_at_ms, authenticated_at_ms, created_at_ms, revoked_at_ms, revoked_reason)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-                    params![
-                        record.id.as_str(),
-                        record.zone_id.as_str(),
-                        record.session_type.as_str(),
-                        record.subject_id.as_str(),
-                        record.parent_id.clone(),
-                        record.status.as_str(),
-                        record.claims.as_str(),
-                        record.expires_at_ms,
-                        record.authenticated_at_ms,
-                        record.created_at_ms,
-                        record.revoked_at_ms,
-                        record.revoked_reason.clone(),
-                    ],
-                )
-            })
-            .collect();
-        self.atomic_unsynced(statements).await.map(|_| ())
+        self.atomic_unsynced(authority_inserts(records))
+            .await
+            .map(|_| ())
     }
 
     async fn get_authority_record(
@@ -677,6 +694,16 @@ impl<D: Db> Runtime for D {
         .await
     }
 
+    async fn approval_hold_by_id(&self, id: &str) -> Result<Option<ApprovalHold>, StoreError> {
+        one(
+            self,
+            concat!(select_approval_holds!(), " WHERE id = $1"),
+            params![id],
+            hold,
+        )
+        .await
+    }
+
     async fn list_approval_holds(&self, zone_id: &str) -> Result<Vec<ApprovalHold>, StoreError> {
         all(
             self,
@@ -725,17 +752,24 @@ impl<D: Db> Runtime for D {
         self.atomic(with_outbox(update, outbox)).await.map(|_| ())
     }
 
-    async fn consume_approval_hold(&self, zone_id: &str, id: &str) -> Result<(), StoreError> {
-        self.atomic(vec![
+    async fn consume_approval_hold(
+        &self,
+        zone_id: &str,
+        id: &str,
+        record: &AuthorityRecord,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut statements = vec![
             Statement::new(
-                "UPDATE approval_holds SET consumed_at_ms = $3
-                 WHERE zone_id = $1 AND id = $2 AND decision = 'approved' AND consumed_at_ms IS NULL",
-                params![zone_id, id, now_ms()],
+                "UPDATE approval_holds SET consumed_at_ms = $3, consumed_record_id = $4
+                 WHERE zone_id = $1 AND id = $2 AND decision = 'approved' AND consumed_at_ms IS NULL
+                   AND expires_at_ms > $3",
+                params![zone_id, id, now, record.id.as_str()],
             )
             .must_change(conflict_state),
-        ])
-        .await
-        .map(|_| ())
+        ];
+        statements.extend(authority_inserts(std::slice::from_ref(record)));
+        self.atomic(statements).await.map(|_| ())
     }
 
     async fn put_idempotency_receipt(&self, r: &IdempotencyReceipt) -> Result<(), StoreError> {
