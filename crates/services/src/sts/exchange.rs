@@ -192,6 +192,13 @@ fn ask(form: &form::TokenForm) -> Result<Ask, TokenError> {
     }
     let zone_id = match form.zone_id.as_deref().map(str::trim) {
         Some(zone) if !zone.is_empty() => zone.to_owned(),
+        // A control key's zone is its application's.
+        _ if resources
+            .iter()
+            .all(|resource| resource == super::control::AUDIENCE) =>
+        {
+            String::new()
+        }
         _ => return Err(TokenError::malformed("zone_id is required")),
     };
     let mut scopes: Vec<String> = form
@@ -231,6 +238,16 @@ async fn exchange(
     let form = received.form;
     let store = state.shared.store.as_ref();
     let application = authenticate(state, sts, &ask.zone_id, &form).await?;
+    if ask
+        .resources
+        .iter()
+        .any(|resource| resource == super::control::AUDIENCE)
+    {
+        *class = "control";
+        let mut ask = ask;
+        ask.zone_id.clone_from(&application.zone_id);
+        return super::control::mint(state, sts, request_id, &form, &ask, &application).await;
+    }
 
     if let Some(kind) = form.subject_token_type.as_deref() {
         if kind == ID_TOKEN {
@@ -561,7 +578,7 @@ async fn authenticate(
     let application = state
         .shared
         .store
-        .get_application(zone_id, application_id)
+        .application_by_id(application_id)
         .await?
         .filter(|app| {
             app.archived_at_ms.is_none() && app.expires_at_ms.is_none_or(|expires| expires > now)
@@ -574,6 +591,17 @@ async fn authenticate(
         None => false,
     };
     match application {
+        // The secret proves the caller, who named the wrong zone: say which.
+        Some(application) if verified && !zone_id.is_empty() && application.zone_id != zone_id => {
+            Err(TokenError::new(
+                StatusCode::FORBIDDEN,
+                "zone_invalid",
+                format!(
+                    "application `{application_id}` belongs to zone `{}`, not `{zone_id}`",
+                    application.zone_id
+                ),
+            ))
+        }
         Some(application) if verified => Ok(application),
         _ => {
             count_failure(sts, application_id, now);

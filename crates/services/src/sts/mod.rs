@@ -4,6 +4,7 @@
 //! record, the audit event — must succeed before a mandate leaves; any failure refuses.
 
 mod approvals;
+pub mod control;
 mod exchange;
 pub mod form;
 pub mod gateway;

@@ -873,10 +873,25 @@ async fn every_failure_fails_closed_with_its_code() {
         ])
         .replace(&world.zone_id, other["id"].as_str().unwrap());
     let (status, _, answer) = world.exchange(&bare).await;
+    // The secret proves the application, which lives in another zone: say so.
     assert_eq!(
-        status,
-        StatusCode::UNAUTHORIZED,
-        "the app is not in that zone: {answer}"
+        (status, answer["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("zone_invalid")),
+        "{answer}"
+    );
+    assert!(
+        answer["error_description"]
+            .as_str()
+            .unwrap()
+            .contains(&world.zone_id)
+    );
+    // A wrong secret never learns where the application lives.
+    let (status, _, answer) = world
+        .exchange(&bare.replace(&world.secret, &"z".repeat(40)))
+        .await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("access_denied"))
     );
 
     // The store goes away: 503 sts_unavailable, nothing minted.
@@ -1568,4 +1583,134 @@ async fn a_gated_scope_waits_for_a_human_and_the_approval_is_spent_once() {
         (StatusCode::FORBIDDEN, Some("access_denied")),
         "{rejected}"
     );
+}
+
+#[tokio::test]
+async fn a_control_key_mints_only_the_control_audience_within_its_traits() {
+    let world = world().await;
+    let w = Some(world.writer.as_str());
+    let create = |name: &str, traits: Value| {
+        let body =
+            json!({"name": name, "registration_method": "managed", "traits": traits}).to_string();
+        let path = format!("/v1/zones/{}/applications", world.zone_id);
+        let api = world.api.clone();
+        async move {
+            let (status, _, app) = call(&api, "POST", &path, w, &body).await;
+            assert_eq!(status, StatusCode::CREATED, "{app}");
+            (
+                app["id"].as_str().unwrap().to_owned(),
+                app["client_secret"].as_str().unwrap().to_owned(),
+            )
+        }
+    };
+    let (control_id, control_secret) = create(
+        "operator-key",
+        json!([
+            "control:invoke",
+            "control:scope:control:sessions.read",
+            "control:max-ttl:120"
+        ]),
+    )
+    .await;
+    let (expired_id, expired_secret) = create(
+        "old-key",
+        json!([
+            "control:invoke",
+            "control:scope:control:sessions.read",
+            "control:expires:2020-01-01T00:00:00Z"
+        ]),
+    )
+    .await;
+    let form = |id: &str, secret: &str, extra: &[(&str, &str)]| {
+        let mut fields = vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("application_id", id),
+            ("client_secret", secret),
+            ("resource", "caracal-control"),
+        ];
+        fields.extend_from_slice(extra);
+        serde_urlencoded::to_string(fields).unwrap()
+    };
+    // No zone_id: the key's zone is its application's.
+    let (status, _, body) = world
+        .exchange(&form(
+            &control_id,
+            &control_secret,
+            &[("scope", "control:sessions.read")],
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["expires_in"], 120, "capped by control:max-ttl");
+    let claims = world
+        .verify(body["access_token"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        (claims.use_.as_str(), claims.aud.clone()),
+        ("resource", vec!["caracal-control".to_owned()])
+    );
+    assert_eq!(claims.zone_id, world.zone_id);
+    for (body, needle) in [
+        (
+            form(
+                &control_id,
+                &control_secret,
+                &[("scope", "control:sessions.kill")],
+            ),
+            "scope not granted",
+        ),
+        (
+            form(
+                &control_id,
+                &control_secret,
+                &[("scope", "control:sessions.read"), ("ttl_seconds", "300")],
+            ),
+            "max-ttl",
+        ),
+        (
+            form(
+                &control_id,
+                &control_secret,
+                &[
+                    ("scope", "control:sessions.read"),
+                    ("resource", "resource://ledger"),
+                    ("zone_id", &world.zone_id),
+                ],
+            ),
+            "alone",
+        ),
+        (
+            form(
+                &expired_id,
+                &expired_secret,
+                &[("scope", "control:sessions.read")],
+            ),
+            "expired",
+        ),
+        (
+            form(
+                &world.app_id,
+                &world.secret,
+                &[("scope", "control:sessions.read")],
+            ),
+            "control key",
+        ),
+    ] {
+        let (status, _, answer) = world.exchange(&body).await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (StatusCode::FORBIDDEN, Some("access_denied")),
+            "{needle}: {answer}"
+        );
+        assert!(
+            answer["error_description"]
+                .as_str()
+                .unwrap()
+                .contains(needle),
+            "{needle}: {answer}"
+        );
+    }
 }

@@ -81,6 +81,10 @@ pub trait Directory: Send + Sync {
         id: &str,
     ) -> Result<Option<Application>, StoreError>;
     async fn list_applications(&self, zone_id: &str) -> Result<Vec<Application>, StoreError>;
+    /// An application by id alone: the STS's client authentication uses it to tell a caller
+    /// that named the wrong zone (`zone_invalid`, once the secret proves it) and to find a
+    /// control key's zone. Nothing else reads across zones.
+    async fn application_by_id(&self, id: &str) -> Result<Option<Application>, StoreError>;
     /// Replaces the client secret hash of an unarchived application.
     async fn set_application_secret(
         &self,
@@ -464,6 +468,16 @@ impl<D: Db> Directory for D {
             self,
             concat!(select_applications!(), " WHERE zone_id = $1 AND id = $2"),
             params![zone_id, id],
+            application,
+        )
+        .await
+    }
+
+    async fn application_by_id(&self, id: &str) -> Result<Option<Application>, StoreError> {
+        one(
+            self,
+            concat!(select_applications!(), " WHERE id = $1"),
+            params![id],
             application,
         )
         .await
