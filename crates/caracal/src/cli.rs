@@ -200,7 +200,7 @@ pub enum KeysCommand {
         /// How long the previous key keeps verifying, in seconds (at most 604800)
         #[arg(long, default_value_t = 86_400, value_name = "SECONDS")]
         overlap_seconds: u64,
-        /// Why (kept in the log and the audit event's fields)
+        /// Why (written to the API role's log with the rotation)
         #[arg(long)]
         reason: Option<String>,
         /// Admin token file [default: $CARACAL_HOME/admin-token]
