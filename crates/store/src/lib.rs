@@ -31,10 +31,11 @@ pub use bootstrap::{
 pub use data_dir::{DataDir, DataDirError};
 pub use model::{
     AdminTokenRecord, Application, ApplicationChange, ApprovalHold, AuditCheckpoint, AuditCut,
-    AuditEvent, AuditFilter, AuthorityRecord, DelegationEdge, IdempotencyReceipt, KekRecord,
-    NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow, OutboxStats, PolicyBinding,
-    PolicyHeader, PolicyLoad, PolicyVersion, Provider, ProviderConnection, Resource, SealedSecret,
-    Session, SigningKey, TamperFinding, TokenScope, Zone,
+    AuditEvent, AuditFilter, AuthorityRecord, DelegationContext, DelegationEdge,
+    IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow,
+    OutboxStats, PolicyBinding, PolicyHeader, PolicyLoad, PolicyVersion, Provider,
+    ProviderConnection, Resource, SealedSecret, Session, SigningKey, TamperFinding, TokenScope,
+    Zone,
 };
 pub use postgres::{PgOptions, PgStore};
 pub use queries::{ChainAppend, ChainBuilder};

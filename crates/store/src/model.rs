@@ -309,6 +309,16 @@ pub struct DelegationEdge {
     pub revoked_at_ms: Option<i64>,
 }
 
+/// A delegation edge with both its sessions and the zone's graph epoch, read together (the
+/// STS reads them at every delegated mint).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelegationContext {
+    pub edge: DelegationEdge,
+    pub source: Option<Session>,
+    pub target: Option<Session>,
+    pub epoch: i64,
+}
+
 /// A human-approval hold on a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApprovalHold {

@@ -140,6 +140,7 @@ conformance!(
     session_leases_are_fenced_and_final_states_stay_final,
     approval_holds_are_decided_once_and_consumed_once,
     idempotency_receipts_conflict_while_live,
+    a_delegation_context_is_the_edge_its_sessions_and_the_epoch,
     sealed_secrets_version_up_on_replace,
     audit_rows_are_idempotent_on_id_and_ordered_per_zone,
     authority_records_insert_in_batches_and_revoke_once,
@@ -1367,6 +1368,64 @@ async fn approval_holds_are_decided_once_and_consumed_once(backend: &Backend) {
         (Some("approved"), Some("operator-1"))
     );
     assert_eq!(decided.consumed_record_id.as_deref(), Some("ar-h1"));
+}
+
+async fn a_delegation_context_is_the_edge_its_sessions_and_the_epoch(backend: &Backend) {
+    let store = backend.store.as_ref();
+    store
+        .create_session(&session("zone-1", "s-1", "ar-1"), &[])
+        .await
+        .unwrap();
+    store
+        .create_session(&session("zone-1", "s-2", "ar-2"), &[])
+        .await
+        .unwrap();
+    store
+        .create_delegation_edge(&edge("zone-1", "e-1", "s-1", "s-2"), &[])
+        .await
+        .unwrap();
+    // The target session is missing for this one.
+    store
+        .create_delegation_edge(&edge("zone-1", "e-2", "s-1", "s-gone"), &[])
+        .await
+        .unwrap();
+    let context = store
+        .delegation_context("zone-1", "e-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        context.edge,
+        store
+            .get_delegation_edge("zone-1", "e-1")
+            .await
+            .unwrap()
+            .unwrap()
+    );
+    assert_eq!(
+        context.source,
+        store.get_session("zone-1", "s-1").await.unwrap()
+    );
+    assert_eq!(
+        context.target,
+        store.get_session("zone-1", "s-2").await.unwrap()
+    );
+    assert_eq!(context.epoch, 2);
+    let partial = store
+        .delegation_context("zone-1", "e-2")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((partial.source.is_some(), partial.target), (true, None));
+    assert_eq!(
+        store.delegation_context("zone-2", "e-1").await.unwrap(),
+        None,
+        "zone-scoped"
+    );
+    assert_eq!(
+        store.delegation_context("zone-1", "nope").await.unwrap(),
+        None
+    );
 }
 
 async fn idempotency_receipts_conflict_while_live(backend: &Backend) {

@@ -490,19 +490,24 @@ async fn exchange(
         revoked_at_ms: None,
         revoked_reason: None,
     };
-    // The authority record (the revocation anchor and the issued-JTI registry) first, then
-    // the evidence; the mandate leaves only if both are stored. On the embedded store the
-    // record's commit skips its own fsync and the evidence commit's fsync carries it to disk.
-    // An approved mint creates its record as it spends the approval.
-    match approved {
-        None => sts.authority.write(record).await?,
-        Some(super::approvals::Approved::Consume(hold_id)) => store
-            .consume_approval_hold(&ask.zone_id, &hold_id, &record)
-            .await
-            .map_err(super::approvals::consume_error)?,
-        Some(super::approvals::Approved::Reissue { .. }) => {}
-    }
-    record_all(state, events).await?;
+    // The authority record (the revocation anchor and the issued-JTI registry) and the
+    // evidence are written side by side; the mandate leaves only if both are stored. On the
+    // embedded store the record's commit skips its own fsync (a record lost in a power cut
+    // only makes its mandate unusable: every use checks the record). An approved mint
+    // creates its record as it spends the approval.
+    let record_written = async {
+        match approved {
+            None => sts.authority.write(record).await.map_err(TokenError::from),
+            Some(super::approvals::Approved::Consume(hold_id)) => store
+                .consume_approval_hold(&ask.zone_id, &hold_id, &record)
+                .await
+                .map_err(super::approvals::consume_error),
+            Some(super::approvals::Approved::Reissue { .. }) => Ok(()),
+        }
+    };
+    let (written, recorded) = tokio::join!(record_written, record_all(state, events));
+    written?;
+    recorded?;
     Ok(TokenResponse {
         access_token: token,
         token_type: "Bearer".to_owned(),
@@ -844,22 +849,22 @@ pub(super) async fn delegation(
     if scopes.iter().any(|scope| scope == LIFECYCLE) {
         return Err(denied("agent:lifecycle cannot be delegated"));
     }
-    let leaf = store
-        .get_delegation_edge(zone_id, edge_id)
+    // The edge, both sessions and the graph epoch in one read (one snapshot).
+    let context = store
+        .delegation_context(zone_id, edge_id)
         .await?
-        .filter(|edge| edge_live(edge, now))
+        .filter(|context| edge_live(&context.edge, now))
         .ok_or_else(|| denied("delegation not active"))?;
+    let (leaf, epoch) = (context.edge, context.epoch);
     if leaf.target_session_id != session_id {
         return Err(denied("delegation does not target this agent session"));
     }
-    let (target, source) = tokio::join!(
-        store.get_session(zone_id, &leaf.target_session_id),
-        store.get_session(zone_id, &leaf.source_session_id)
-    );
-    let target = target?
+    let target = context
+        .target
         .filter(|session| live(session, now))
         .ok_or_else(|| denied("agent session not active"))?;
-    let source = source?
+    let source = context
+        .source
         .filter(|session| live(session, now))
         .ok_or_else(|| denied("delegating session not active"))?;
     if target.application_id != application.id {
@@ -926,7 +931,6 @@ pub(super) async fn delegation(
         }
         path.push((edge, constraints));
     }
-    let epoch = store.zone_graph_epoch(zone_id).await?;
     Ok(Delegation {
         leaf,
         path,

@@ -1,9 +1,10 @@
 //! What agents do at run time: authority records, sessions, delegation edges and the zone graph
 //! epoch, approval holds and idempotency receipts.
 
-use crate::db::{Db, Outcome, Row, Statement, Then, params};
+use crate::db::{Db, Outcome, Row, Statement, Then, Value, params};
 use crate::model::{
-    ApprovalHold, AuthorityRecord, DelegationEdge, IdempotencyReceipt, OutboxMessage, Session,
+    ApprovalHold, AuthorityRecord, DelegationContext, DelegationEdge, IdempotencyReceipt,
+    OutboxMessage, Session,
 };
 use crate::store::{
     StoreError, all, enqueue, first_row, list_from_json, list_to_json, not_found, now_ms, one,
@@ -126,6 +127,13 @@ pub trait Runtime: Send + Sync {
     ) -> Result<(i64, u64), StoreError>;
     /// The zone's graph epoch (0 before the first change).
     async fn zone_graph_epoch(&self, zone_id: &str) -> Result<i64, StoreError>;
+    /// The edge `id` of `zone_id`, its source and target sessions and the zone graph epoch, in
+    /// one read (one snapshot).
+    async fn delegation_context(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<DelegationContext>, StoreError>;
 
     async fn create_approval_hold(
         &self,
@@ -636,6 +644,63 @@ impl<D: Db> Runtime for D {
             .map(|outcome| outcome.changed)
             .sum();
         Ok((epoch_of(&outcomes, epoch_index)?, revoked))
+    }
+
+    async fn delegation_context(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<Option<DelegationContext>, StoreError> {
+        const EDGE_COLUMNS: usize = 14;
+        const SESSION_COLUMNS: usize = 17;
+        let rows = self
+            .rows(
+                "SELECT e.id, e.zone_id, e.source_session_id, e.target_session_id, e.issuer_application_id,
+                        e.receiver_application_id, e.parent_edge_id, e.resource_id, e.scopes, e.constraints,
+                        e.status, e.expires_at_ms, e.created_at_ms, e.revoked_at_ms,
+                        s.id, s.zone_id, s.application_id, s.parent_id, s.authority_record_id, s.status,
+                        s.lifecycle, s.depth, s.labels, s.metadata, s.ttl_seconds, s.lease_generation,
+                        s.heartbeat_deadline_ms, s.started_at_ms, s.last_active_ms, s.terminated_at_ms,
+                        s.termination_reason,
+                        t.id, t.zone_id, t.application_id, t.parent_id, t.authority_record_id, t.status,
+                        t.lifecycle, t.depth, t.labels, t.metadata, t.ttl_seconds, t.lease_generation,
+                        t.heartbeat_deadline_ms, t.started_at_ms, t.last_active_ms, t.terminated_at_ms,
+                        t.termination_reason,
+                        (SELECT g.epoch FROM zone_graph_epochs g WHERE g.zone_id = e.zone_id)
+                 FROM delegation_edges e
+                 LEFT JOIN sessions s ON s.zone_id = e.zone_id AND s.id = e.source_session_id
+                 LEFT JOIN sessions t ON t.zone_id = e.zone_id AND t.id = e.target_session_id
+                 WHERE e.zone_id = $1 AND e.id = $2",
+                params![zone_id, id],
+            )
+            .await?;
+        let Some(Row(mut values)) = rows.into_iter().next() else {
+            return Ok(None);
+        };
+        if values.len() != EDGE_COLUMNS + 2 * SESSION_COLUMNS + 1 {
+            return Err(StoreError::Corrupt(
+                "delegation context has the wrong shape".into(),
+            ));
+        }
+        let epoch_value = values.split_off(EDGE_COLUMNS + 2 * SESSION_COLUMNS);
+        let target_values = values.split_off(EDGE_COLUMNS + SESSION_COLUMNS);
+        let source_values = values.split_off(EDGE_COLUMNS);
+        let joined = |values: Vec<Value>| -> Result<Option<Session>, StoreError> {
+            if matches!(values.first(), None | Some(Value::Null)) {
+                return Ok(None);
+            }
+            session(&Row(values)).map(Some)
+        };
+        let epoch = match epoch_value.first() {
+            Some(Value::Int(epoch)) => *epoch,
+            _ => 0,
+        };
+        Ok(Some(DelegationContext {
+            edge: edge(&Row(values))?,
+            source: joined(source_values)?,
+            target: joined(target_values)?,
+            epoch,
+        }))
     }
 
     async fn zone_graph_epoch(&self, zone_id: &str) -> Result<i64, StoreError> {
