@@ -64,6 +64,13 @@ fn up_serves_every_role_bootstraps_once_and_stops_on_sigterm() {
         );
     }
 
+    // The STS says how old its policy bundles are (seconds since confirmed against the store).
+    let sts_metrics = get(running.address("sts"), "/metrics", &[]).body;
+    assert!(
+        sts_metrics.contains("\ncaracal_sts_policy_bundle_age_seconds "),
+        "missing the bundle age:\n{sts_metrics}"
+    );
+
     assert_eq!(mode(&home), 0o700);
     assert_eq!(mode(&home.join("admin-token")), 0o600);
     assert_eq!(mode(&home.join("kek")), 0o600);
