@@ -14,31 +14,10 @@
 
 mod util;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::{Value, json};
-use util::{Running, free_ports, fresh_home, wait_ready};
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The venv with the published SDKs, installed on first use. Failing to install fails the
-/// test: interop is not optional.
-fn sdk_python() -> PathBuf {
-    let output = Command::new("bash")
-        .arg(repo_root().join("scripts/sdk-venv.sh"))
-        .output()
-        .expect("bash runs");
-    assert!(
-        output.status.success(),
-        "installing the published SDK failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    PathBuf::from(stdout.lines().last().expect("the venv path")).join("bin/python")
-}
+use util::{Running, free_ports, fresh_home, repo_root, sdk_python, wait_ready};
 
 #[test]
 fn the_published_admin_client_manages_zones_applications_providers_resources_and_grants() {

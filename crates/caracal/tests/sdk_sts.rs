@@ -13,30 +13,12 @@
 
 mod util;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use caracal_store::prelude::*;
 use serde_json::{Value, json};
-use util::{Running, caracal, fresh_home, wait_ready};
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn sdk_python() -> PathBuf {
-    let output = Command::new("bash")
-        .arg(repo_root().join("scripts/sdk-venv.sh"))
-        .output()
-        .expect("bash runs");
-    assert!(
-        output.status.success(),
-        "installing the published SDK failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    PathBuf::from(stdout.lines().last().expect("the venv path")).join("bin/python")
-}
+use util::{Running, caracal, fresh_home, repo_root, sdk_python, wait_ready};
 
 /// A port that was free a moment ago: the STS must listen where its issuer URL says.
 fn free_port() -> u16 {

@@ -261,3 +261,24 @@ pub fn check_metrics(text: &str, prefixes: &[&str]) {
     assert!(samples > 0, "no samples in\n{text}");
     assert_eq!(text.lines().last(), Some("# EOF"));
 }
+
+/// The repository's root, for scripts and interop clients.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The venv with the published SDKs, installed on first use by `scripts/sdk-venv.sh`. Failing
+/// to install fails the test: interop is not optional.
+pub fn sdk_python() -> PathBuf {
+    let output = Command::new("bash")
+        .arg(repo_root().join("scripts/sdk-venv.sh"))
+        .output()
+        .expect("bash runs");
+    assert!(
+        output.status.success(),
+        "installing the published SDK failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    PathBuf::from(stdout.lines().last().expect("the venv path")).join("bin/python")
+}

@@ -6,12 +6,12 @@
 //! cannot be reached any other way.
 
 use caracal_audit::Event;
-use caracal_store::{Application, AuthorityRecord, now_ms};
+use caracal_store::{Application, now_ms};
 
-use super::exchange::{ACCESS_TOKEN, Ask, DEFAULT_TTL, record_all};
+use super::exchange::{Ask, DEFAULT_TTL, Issue, Issued, answer, commit, issue};
 use super::{Sts, TokenError, form};
 use crate::state::RoleState;
-use crate::wire::{MandateClaims, TokenResponse};
+use crate::wire::TokenResponse;
 
 /// The resource a control mandate is for.
 pub const AUDIENCE: &str = "caracal-control";
@@ -83,61 +83,36 @@ pub(super) async fn mint(
         return Err(denied("the control key allows no lifetime"));
     }
     super::exchange::within_mint_limit(state, sts, &ask.zone_id, AUDIENCE, &application.id).await?;
-    let store = state.shared.store.as_ref();
-    let keys = sts
-        .keys
-        .zone(store, &state.shared.kek, &ask.zone_id)
-        .await?;
-    let sid = uuid::Uuid::now_v7().to_string();
-    let jti = uuid::Uuid::now_v7().to_string();
-    let iat = now / 1000;
-    let claims = MandateClaims {
-        iss: sts.issuer.clone(),
-        sub: application.id.clone(),
-        aud: vec![AUDIENCE.to_owned()],
-        exp: iat + ttl,
-        iat,
-        jti: jti.clone(),
-        zone_id: ask.zone_id.clone(),
-        client_id: application.id.clone(),
-        sid: sid.clone(),
-        root_sid: sid.clone(),
-        use_: "resource".to_owned(),
-        sub_type: "application".to_owned(),
-        scope: Some(ask.scopes.join(" ")),
-        target: Some(vec![AUDIENCE.to_owned()]),
-        agent_session_id: None,
-        delegation_edge_id: None,
-        source_session_id: None,
-        target_session_id: None,
-        delegation_path: None,
-        delegation_chain: None,
-        hop_count: None,
-        delegation_graph_epoch: None,
-    };
-    let token = crate::mandate::sign(&keys.header, &keys.signer, &claims).map_err(|error| {
-        tracing::error!(%error, "mandate signing failed");
-        TokenError::internal()
-    })?;
-    sts.authority
-        .write(AuthorityRecord {
-            id: sid,
-            zone_id: ask.zone_id.clone(),
-            session_type: "application".to_owned(),
-            subject_id: application.id.clone(),
-            parent_id: None,
-            status: "active".to_owned(),
-            claims: serde_json::json!({"jti": jti, "client_id": application.id, "use": "resource"})
-                .to_string(),
-            expires_at_ms: now + ttl * 1000,
-            authenticated_at_ms: now,
-            created_at_ms: now,
-            revoked_at_ms: None,
-            revoked_reason: None,
-        })
-        .await?;
-    record_all(
+    let Issued {
+        token,
+        record,
+        scope,
+    } = issue(
         state,
+        sts,
+        Issue {
+            zone_id: &ask.zone_id,
+            sid: uuid::Uuid::now_v7().to_string(),
+            root_sid: None,
+            parent_id: None,
+            sub: &application.id,
+            sub_type: "application",
+            client_id: &application.id,
+            aud: vec![AUDIENCE.to_owned()],
+            use_: "resource",
+            scope: Some(ask.scopes.join(" ")),
+            target: vec![AUDIENCE.to_owned()],
+            agent_session_id: None,
+            delegation: None,
+            ttl,
+            now,
+        },
+    )
+    .await?;
+    commit(
+        state,
+        sts,
+        record,
         vec![Event {
             id: uuid::Uuid::now_v7().to_string(),
             zone_id: ask.zone_id.clone(),
@@ -155,13 +130,5 @@ pub(super) async fn mint(
         }],
     )
     .await?;
-    Ok(TokenResponse {
-        access_token: token,
-        token_type: "Bearer".to_owned(),
-        expires_in: ttl,
-        scope: claims.scope,
-        issued_token_type: ACCESS_TOKEN.to_owned(),
-        target_resources: Some(vec![AUDIENCE.to_owned()]),
-        upstreams: None,
-    })
+    Ok(answer(token, ttl, scope, vec![AUDIENCE.to_owned()], None))
 }

@@ -422,10 +422,6 @@ async fn exchange(
             }
         }
     }
-    let keys = sts
-        .keys
-        .zone(store, &state.shared.kek, &ask.zone_id)
-        .await?;
     let sid = match &approved {
         Some(super::approvals::Approved::Reissue { sid, expires_at_ms }) => {
             // The same record again: no longer than it has left.
@@ -437,59 +433,36 @@ async fn exchange(
         }
         _ => uuid::Uuid::now_v7().to_string(),
     };
-    let jti = uuid::Uuid::now_v7().to_string();
-    let use_ = if delegation.is_some() {
-        "gateway"
-    } else {
-        "session"
-    };
-    let iat = now / 1000;
-    let mut claims = MandateClaims {
-        iss: sts.issuer.clone(),
-        sub: application.id.clone(),
-        aud: vec![sts.issuer.clone()],
-        exp: iat + ttl,
-        iat,
-        jti: jti.clone(),
-        zone_id: ask.zone_id.clone(),
-        client_id: application.id.clone(),
-        sid: sid.clone(),
-        root_sid: sid.clone(),
-        use_: use_.to_owned(),
-        sub_type: "application".to_owned(),
-        scope: (!ask.scopes.is_empty()).then(|| ask.scopes.join(" ")),
-        target: Some(granted.clone()),
-        agent_session_id: form.agent_session_id.clone(),
-        delegation_edge_id: None,
-        source_session_id: None,
-        target_session_id: None,
-        delegation_path: None,
-        delegation_chain: None,
-        hop_count: None,
-        delegation_graph_epoch: None,
-    };
-    if let Some(delegation) = &delegation {
-        delegation.stamp(&mut claims);
-    }
-    let token = crate::mandate::sign(&keys.header, &keys.signer, &claims).map_err(|error| {
-        tracing::error!(%error, "mandate signing failed");
-        TokenError::internal()
-    })?;
-    let record = AuthorityRecord {
-        id: sid,
-        zone_id: ask.zone_id.clone(),
-        session_type: "application".to_owned(),
-        subject_id: application.id.clone(),
-        parent_id: None,
-        status: "active".to_owned(),
-        claims: serde_json::json!({"jti": jti, "client_id": application.id, "use": use_})
-            .to_string(),
-        expires_at_ms: now + ttl * 1000,
-        authenticated_at_ms: now,
-        created_at_ms: now,
-        revoked_at_ms: None,
-        revoked_reason: None,
-    };
+    let Issued {
+        token,
+        record,
+        scope,
+    } = issue(
+        state,
+        sts,
+        Issue {
+            zone_id: &ask.zone_id,
+            sid,
+            root_sid: None,
+            parent_id: None,
+            sub: &application.id,
+            sub_type: "application",
+            client_id: &application.id,
+            aud: vec![sts.issuer.clone()],
+            use_: if delegation.is_some() {
+                "gateway"
+            } else {
+                "session"
+            },
+            scope: (!ask.scopes.is_empty()).then(|| ask.scopes.join(" ")),
+            target: granted.clone(),
+            agent_session_id: form.agent_session_id.clone(),
+            delegation: delegation.as_ref(),
+            ttl,
+            now,
+        },
+    )
+    .await?;
     // The authority record (the revocation anchor and the issued-JTI registry) and the
     // evidence are written side by side; the mandate leaves only if both are stored. On the
     // embedded store the record's commit skips its own fsync (a record lost in a power cut
@@ -508,15 +481,142 @@ async fn exchange(
     let (written, recorded) = tokio::join!(record_written, record_all(state, events));
     written?;
     recorded?;
-    Ok(TokenResponse {
+    Ok(answer(token, ttl, scope, granted, None))
+}
+
+/// One mandate to issue: for whom, by whom, to what, for how long, in which lineage.
+pub(super) struct Issue<'a> {
+    pub zone_id: &'a str,
+    pub sid: String,
+    /// The lineage root; the mandate's own `sid` when it starts one.
+    pub root_sid: Option<String>,
+    /// The presented mandate's record, for a re-exchange.
+    pub parent_id: Option<String>,
+    pub sub: &'a str,
+    pub sub_type: &'a str,
+    pub client_id: &'a str,
+    pub aud: Vec<String>,
+    pub use_: &'static str,
+    pub scope: Option<String>,
+    pub target: Vec<String>,
+    pub agent_session_id: Option<String>,
+    pub delegation: Option<&'a Delegation>,
+    pub ttl: i64,
+    pub now: i64,
+}
+
+/// A signed mandate and the authority record that anchors it (not yet written).
+pub(super) struct Issued {
+    pub token: String,
+    pub record: AuthorityRecord,
+    pub scope: Option<String>,
+}
+
+/// Builds the claims (absent optional ones omitted), signs them with the zone's current key,
+/// and builds the authority record: the revocation anchor and the issued-JTI registry.
+pub(super) async fn issue(
+    state: &RoleState,
+    sts: &Sts,
+    issue: Issue<'_>,
+) -> Result<Issued, TokenError> {
+    let keys = sts
+        .keys
+        .zone(
+            state.shared.store.as_ref(),
+            &state.shared.kek,
+            issue.zone_id,
+        )
+        .await?;
+    let jti = uuid::Uuid::now_v7().to_string();
+    let iat = issue.now / 1000;
+    let mut claims = MandateClaims {
+        iss: sts.issuer.clone(),
+        sub: issue.sub.to_owned(),
+        aud: issue.aud,
+        exp: iat + issue.ttl,
+        iat,
+        jti: jti.clone(),
+        zone_id: issue.zone_id.to_owned(),
+        client_id: issue.client_id.to_owned(),
+        root_sid: issue.root_sid.unwrap_or_else(|| issue.sid.clone()),
+        sid: issue.sid.clone(),
+        use_: issue.use_.to_owned(),
+        sub_type: issue.sub_type.to_owned(),
+        scope: issue.scope,
+        target: (!issue.target.is_empty()).then_some(issue.target),
+        agent_session_id: issue.agent_session_id,
+        delegation_edge_id: None,
+        source_session_id: None,
+        target_session_id: None,
+        delegation_path: None,
+        delegation_chain: None,
+        hop_count: None,
+        delegation_graph_epoch: None,
+    };
+    if let Some(delegation) = issue.delegation {
+        delegation.stamp(&mut claims);
+    }
+    let token = crate::mandate::sign(&keys.header, &keys.signer, &claims).map_err(|error| {
+        tracing::error!(%error, "mandate signing failed");
+        TokenError::internal()
+    })?;
+    let record = AuthorityRecord {
+        id: issue.sid,
+        zone_id: issue.zone_id.to_owned(),
+        session_type: if issue.sub_type == "user" {
+            "user"
+        } else {
+            "application"
+        }
+        .to_owned(),
+        subject_id: issue.sub.to_owned(),
+        parent_id: issue.parent_id,
+        status: "active".to_owned(),
+        claims: serde_json::json!({"jti": jti, "client_id": issue.client_id, "use": issue.use_})
+            .to_string(),
+        expires_at_ms: issue.now + issue.ttl * 1000,
+        authenticated_at_ms: issue.now,
+        created_at_ms: issue.now,
+        revoked_at_ms: None,
+        revoked_reason: None,
+    };
+    Ok(Issued {
+        token,
+        record,
+        scope: claims.scope,
+    })
+}
+
+/// Writes a mint's authority record and records its evidence, side by side; the mandate may
+/// leave only if both succeeded.
+pub(super) async fn commit(
+    state: &RoleState,
+    sts: &Sts,
+    record: AuthorityRecord,
+    events: Vec<Event>,
+) -> Result<(), TokenError> {
+    let (written, recorded) = tokio::join!(sts.authority.write(record), record_all(state, events));
+    written?;
+    recorded
+}
+
+/// The token endpoint's success body.
+pub(super) fn answer(
+    token: String,
+    ttl: i64,
+    scope: Option<String>,
+    targets: Vec<String>,
+    upstreams: Option<std::collections::BTreeMap<String, crate::wire::Upstream>>,
+) -> TokenResponse {
+    TokenResponse {
         access_token: token,
         token_type: "Bearer".to_owned(),
         expires_in: ttl,
-        scope: claims.scope,
+        scope,
         issued_token_type: ACCESS_TOKEN.to_owned(),
-        target_resources: Some(granted),
-        upstreams: None,
-    })
+        target_resources: Some(targets),
+        upstreams,
+    }
 }
 
 /// The mint budget of (zone, resource, application) in this minute. Over it: 429

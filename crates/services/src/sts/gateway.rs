@@ -8,15 +8,16 @@ use std::time::Duration;
 use base64::Engine as _;
 use caracal_bus::ReplayNamespace;
 use caracal_policy::{Flow, Verdict};
-use caracal_store::{AuthorityRecord, Resource, now_ms};
+use caracal_store::{Resource, now_ms};
 use http::{HeaderMap, StatusCode};
 
 use super::exchange::{
-    ACCESS_TOKEN, Ask, DEFAULT_TTL, Received, delegation, record_all, verify_subject,
+    ACCESS_TOKEN, Ask, DEFAULT_TTL, Issue, Issued, Received, answer, commit, delegation, issue,
+    record_all, verify_subject,
 };
 use super::{Sts, TokenError};
 use crate::state::RoleState;
-use crate::wire::{MandateClaims, TokenResponse, Upstream};
+use crate::wire::{TokenResponse, Upstream};
 
 pub const TIMESTAMP_HEADER: &str = "x-caracal-gateway-timestamp";
 pub const NONCE_HEADER: &str = "x-caracal-gateway-request";
@@ -269,69 +270,40 @@ pub(super) async fn reexchange(
     if ttl <= 0 {
         return Err(TokenError::denied("the delegation has no lifetime left"));
     }
-    let keys = sts
-        .keys
-        .zone(store, &state.shared.kek, &ask.zone_id)
-        .await?;
-    let sid = uuid::Uuid::now_v7().to_string();
-    let jti = uuid::Uuid::now_v7().to_string();
-    let iat = now / 1000;
-    let mut claims = MandateClaims {
-        iss: sts.issuer.clone(),
-        sub: presented.sub.clone(),
-        aud: vec![resource.identifier.clone()],
-        exp: iat + ttl,
-        iat,
-        jti: jti.clone(),
-        zone_id: ask.zone_id.clone(),
-        client_id: application.id.clone(),
-        sid: sid.clone(),
-        root_sid: presented.root_sid.clone(),
-        use_: "resource".to_owned(),
-        sub_type: presented.sub_type.clone(),
-        scope: presented.scope.clone(),
-        target: Some(vec![resource.identifier.clone()]),
-        agent_session_id: Some(session_id.clone()),
-        delegation_edge_id: None,
-        source_session_id: None,
-        target_session_id: None,
-        delegation_path: None,
-        delegation_chain: None,
-        hop_count: None,
-        delegation_graph_epoch: None,
-    };
-    delegation.stamp(&mut claims);
-    let token = crate::mandate::sign(&keys.header, &keys.signer, &claims).map_err(|error| {
-        tracing::error!(%error, "mandate signing failed");
-        TokenError::internal()
-    })?;
-    sts.authority
-        .write(AuthorityRecord {
-            id: sid,
-            zone_id: ask.zone_id.clone(),
-            session_type: "application".to_owned(),
-            subject_id: presented.sub.clone(),
+    let Issued {
+        token,
+        record,
+        scope,
+    } = issue(
+        state,
+        sts,
+        Issue {
+            zone_id: &ask.zone_id,
+            sid: uuid::Uuid::now_v7().to_string(),
+            root_sid: Some(presented.root_sid.clone()),
             parent_id: Some(presented.sid.clone()),
-            status: "active".to_owned(),
-            claims: serde_json::json!({"jti": jti, "client_id": application.id, "use": "resource"})
-                .to_string(),
-            expires_at_ms: now + ttl * 1000,
-            authenticated_at_ms: now,
-            created_at_ms: now,
-            revoked_at_ms: None,
-            revoked_reason: None,
-        })
-        .await?;
-    record_all(state, vec![event]).await?;
-    Ok(TokenResponse {
-        access_token: token,
-        token_type: "Bearer".to_owned(),
-        expires_in: ttl,
-        scope: claims.scope,
-        issued_token_type: ACCESS_TOKEN.to_owned(),
-        target_resources: Some(vec![resource.identifier.clone()]),
-        upstreams: Some(BTreeMap::from([(resource.identifier, upstream)])),
-    })
+            sub: &presented.sub,
+            sub_type: &presented.sub_type,
+            client_id: &application.id,
+            aud: vec![resource.identifier.clone()],
+            use_: "resource",
+            scope: presented.scope.clone(),
+            target: vec![resource.identifier.clone()],
+            agent_session_id: Some(session_id.clone()),
+            delegation: Some(&delegation),
+            ttl,
+            now,
+        },
+    )
+    .await?;
+    commit(state, sts, record, vec![event]).await?;
+    Ok(answer(
+        token,
+        ttl,
+        scope,
+        vec![resource.identifier.clone()],
+        Some(BTreeMap::from([(resource.identifier, upstream)])),
+    ))
 }
 
 /// For a resource whose operations are enforced, `(METHOD, path)` must be a declared operation
