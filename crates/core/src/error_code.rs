@@ -72,6 +72,26 @@ pub enum ErrorCode {
     ApprovalNotDecidable,
     /// Too many failed attempts from this address: wait for `Retry-After`.
     RateLimited,
+    /// Coordinator: no bearer lifecycle mandate.
+    MissingToken,
+    /// Coordinator: the bearer is not a valid lifecycle mandate of this deployment.
+    InvalidToken,
+    /// Coordinator: the bearer's authority record or application is no longer active.
+    IdentityRevoked,
+    /// Coordinator: the bearer lacks `agent:lifecycle`.
+    MissingScope,
+    /// Coordinator: the bearer belongs to another zone than the path's.
+    ZoneMismatch,
+    /// Coordinator: a path id is not `[A-Za-z0-9_.-:]{1,128}`, or a body field is invalid.
+    InvalidParams,
+    /// Coordinator: no such live session in the zone.
+    SessionNotFound,
+    /// Coordinator: the session is another application's.
+    ParentOwnershipRequired,
+    /// Coordinator: the session tree would be deeper than allowed.
+    SessionDepthLimitExceeded,
+    /// Coordinator: the parent already has as many children as allowed.
+    SessionChildrenLimitExceeded,
 }
 
 impl ErrorCode {
@@ -110,6 +130,16 @@ impl ErrorCode {
             ErrorCode::SubjectApprovalRequired => "subject_approval_required",
             ErrorCode::ApprovalNotDecidable => "approval_not_decidable",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::MissingToken => "missing_token",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::IdentityRevoked => "identity_revoked",
+            ErrorCode::MissingScope => "missing_scope",
+            ErrorCode::ZoneMismatch => "zone_mismatch",
+            ErrorCode::InvalidParams => "invalid_params",
+            ErrorCode::SessionNotFound => "session_not_found",
+            ErrorCode::ParentOwnershipRequired => "parent_ownership_required",
+            ErrorCode::SessionDepthLimitExceeded => "session_depth_limit_exceeded",
+            ErrorCode::SessionChildrenLimitExceeded => "session_children_limit_exceeded",
         }
     }
 
@@ -129,7 +159,15 @@ impl ErrorCode {
             | ErrorCode::PolicyNameConflict
             | ErrorCode::ApprovalNotDecidable => 409,
             ErrorCode::InvalidRego | ErrorCode::InvalidPolicyBundle => 422,
-            ErrorCode::RateLimited => 429,
+            ErrorCode::RateLimited
+            | ErrorCode::SessionDepthLimitExceeded
+            | ErrorCode::SessionChildrenLimitExceeded => 429,
+            ErrorCode::MissingToken | ErrorCode::InvalidToken | ErrorCode::IdentityRevoked => 401,
+            ErrorCode::MissingScope
+            | ErrorCode::ZoneMismatch
+            | ErrorCode::ParentOwnershipRequired => 403,
+            ErrorCode::InvalidParams => 400,
+            ErrorCode::SessionNotFound => 404,
             ErrorCode::ClientSecretNotStored => 404,
             ErrorCode::SystemZoneReadOnly
             | ErrorCode::ApproveCapabilityRequired
@@ -191,6 +229,16 @@ mod tests {
             ErrorCode::SubjectApprovalRequired,
             ErrorCode::ApprovalNotDecidable,
             ErrorCode::RateLimited,
+            ErrorCode::MissingToken,
+            ErrorCode::InvalidToken,
+            ErrorCode::IdentityRevoked,
+            ErrorCode::MissingScope,
+            ErrorCode::ZoneMismatch,
+            ErrorCode::InvalidParams,
+            ErrorCode::SessionNotFound,
+            ErrorCode::ParentOwnershipRequired,
+            ErrorCode::SessionDepthLimitExceeded,
+            ErrorCode::SessionChildrenLimitExceeded,
         ];
         for code in all {
             let text = code.as_str();

@@ -10,9 +10,11 @@
 mod admin;
 pub mod api;
 pub mod auth;
+pub mod coordinator;
 mod error;
 pub mod evidence;
 pub mod group_commit;
+pub mod keys;
 pub mod ledger;
 pub mod mandate;
 mod metrics;

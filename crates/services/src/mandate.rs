@@ -101,6 +101,21 @@ pub fn verify<'k>(
     serde_json::from_slice(&decode_part(payload)?).map_err(|_| MandateError::Claims)
 }
 
+/// The `zone_id` a token claims, read without verifying anything: only to choose which zone's
+/// keys to verify it with (a lie there fails the signature check).
+pub fn claimed_zone(token: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct ZoneOnly {
+        zone_id: String,
+    }
+    if token.len() > MAX_MANDATE_BYTES {
+        return None;
+    }
+    let payload = token.split('.').nth(1)?;
+    let claims: ZoneOnly = serde_json::from_slice(&decode_part(payload).ok()?).ok()?;
+    Some(claims.zone_id)
+}
+
 /// `exp` not passed and `iat` not in the future, each with [`LEEWAY_SECONDS`].
 pub fn check_times(claims: &MandateClaims, now_seconds: i64) -> Result<(), MandateError> {
     if claims.exp + LEEWAY_SECONDS <= now_seconds {

@@ -38,6 +38,7 @@ pub fn router(state: RoleState) -> Router {
                 )),
         ),
         Role::Sts => probes.merge(crate::sts::routes()),
+        Role::Coordinator => probes.merge(crate::coordinator::routes()),
         _ => probes,
     };
     routes

@@ -259,6 +259,15 @@ impl Stack {
                 self.start_sts(&mut state, &mut servers, &stop_receiver)
                     .await?;
             }
+            if role == Role::Coordinator {
+                let coordinator = crate::coordinator::start_state(self.issuer.clone());
+                servers.spawn(crate::keys::follow_invalidations(
+                    coordinator.keys.clone(),
+                    Arc::clone(&self.shared.bus.streams),
+                    stop_receiver.clone(),
+                ));
+                state.coordinator = Some(coordinator);
+            }
             if role == Role::Audit {
                 self.start_ledger(&state, &mut servers, &stop_receiver)
                     .await?;
@@ -308,10 +317,9 @@ impl Stack {
         servers: &mut tokio::task::JoinSet<()>,
         stop: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), StartError> {
-        let created =
-            crate::sts::keys::ensure_zone_keys(self.shared.store.as_ref(), &self.shared.kek)
-                .await
-                .map_err(|error| StartError::Sts(error.to_string()))?;
+        let created = crate::keys::ensure_zone_keys(self.shared.store.as_ref(), &self.shared.kek)
+            .await
+            .map_err(|error| StartError::Sts(error.to_string()))?;
         if created > 0 {
             tracing::info!(
                 zones = created,
@@ -336,7 +344,7 @@ impl Stack {
             Duration::from_secs(30),
             stop.clone(),
         ));
-        servers.spawn(crate::sts::run_key_invalidations(
+        servers.spawn(crate::keys::follow_invalidations(
             sts.keys.clone(),
             Arc::clone(&self.shared.bus.streams),
             stop.clone(),

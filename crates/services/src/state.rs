@@ -91,6 +91,8 @@ pub struct RoleState {
     pub lockouts: crate::auth::Lockouts,
     /// The STS's state, on the STS role.
     pub sts: Option<Arc<crate::sts::Sts>>,
+    /// The Coordinator's state, on the Coordinator role.
+    pub coordinator: Option<Arc<crate::coordinator::Coordinator>>,
 }
 
 impl RoleState {
@@ -100,6 +102,7 @@ impl RoleState {
             metrics: Arc::new(RoleMetrics::new(role, &shared.evidence.metrics())),
             lockouts: crate::auth::Lockouts::default(),
             sts: None,
+            coordinator: None,
             shared,
         }
     }

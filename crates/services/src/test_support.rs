@@ -164,9 +164,26 @@ pub(crate) async fn call(
     bearer: Option<&str>,
     body: &str,
 ) -> (StatusCode, http::HeaderMap, serde_json::Value) {
+    let authorization = bearer.map(|bearer| format!("Bearer {bearer}"));
+    let headers: Vec<(&str, &str)> = authorization
+        .as_deref()
+        .map(|value| ("authorization", value))
+        .into_iter()
+        .collect();
+    call_with(app, method, path, &headers, body).await
+}
+
+/// [`call`] with any headers.
+pub(crate) async fn call_with(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (StatusCode, http::HeaderMap, serde_json::Value) {
     let mut request = Request::builder().method(method).uri(path);
-    if let Some(bearer) = bearer {
-        request = request.header("authorization", format!("Bearer {bearer}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let response = app
         .clone()

@@ -319,6 +319,19 @@ pub struct DelegationContext {
     pub epoch: i64,
 }
 
+/// What terminating a session took down, in one transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TerminatedTree {
+    pub zone_id: String,
+    /// `(session id, its authority record id)` of every session that was live and is now
+    /// terminated: the root and its whole `parent_id` subtree.
+    pub sessions: Vec<(String, String)>,
+    /// `(edge id, target session id)` of every active edge that touched the subtree.
+    pub edges: Vec<(String, String)>,
+    /// The zone graph epoch after the change.
+    pub epoch: i64,
+}
+
 /// A human-approval hold on a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApprovalHold {

@@ -141,6 +141,7 @@ conformance!(
     approval_holds_are_decided_once_and_consumed_once,
     idempotency_receipts_conflict_while_live,
     a_delegation_context_is_the_edge_its_sessions_and_the_epoch,
+    terminating_a_session_takes_its_subtree_and_edges_in_one_transaction,
     sealed_secrets_version_up_on_replace,
     audit_rows_are_idempotent_on_id_and_ordered_per_zone,
     authority_records_insert_in_batches_and_revoke_once,
@@ -1426,6 +1427,117 @@ async fn a_delegation_context_is_the_edge_its_sessions_and_the_epoch(backend: &B
         store.delegation_context("zone-1", "nope").await.unwrap(),
         None
     );
+}
+
+fn termination_messages(tree: &caracal_store::TerminatedTree) -> Vec<OutboxMessage> {
+    tree.sessions
+        .iter()
+        .map(|(id, _)| message("caracal.sessions.revoke", id.len()))
+        .collect()
+}
+
+async fn terminating_a_session_takes_its_subtree_and_edges_in_one_transaction(backend: &Backend) {
+    let store = backend.store.as_ref();
+    for (id, parent) in [
+        ("root", None),
+        ("child", Some("root")),
+        ("grandchild", Some("child")),
+        ("other", None),
+    ] {
+        let mut session = session("zone-1", id, "ar");
+        session.parent_id = parent.map(str::to_owned);
+        store.create_session(&session, &[]).await.unwrap();
+    }
+    // An edge into the subtree from outside, one out of it, and one elsewhere.
+    store
+        .create_delegation_edge(&edge("zone-1", "e-in", "other", "child"), &[])
+        .await
+        .unwrap();
+    store
+        .create_delegation_edge(&edge("zone-1", "e-out", "grandchild", "other"), &[])
+        .await
+        .unwrap();
+    let (unrelated_a, unrelated_b) = ("x-1", "x-2");
+    store
+        .create_session(&session("zone-1", unrelated_a, "ar"), &[])
+        .await
+        .unwrap();
+    store
+        .create_session(&session("zone-1", unrelated_b, "ar"), &[])
+        .await
+        .unwrap();
+    store
+        .create_delegation_edge(&edge("zone-1", "e-else", unrelated_a, unrelated_b), &[])
+        .await
+        .unwrap();
+
+    let tree = store
+        .terminate_session_tree("zone-1", "root", "done", termination_messages)
+        .await
+        .unwrap();
+    let mut sessions: Vec<&str> = tree.sessions.iter().map(|(id, _)| id.as_str()).collect();
+    sessions.sort_unstable();
+    assert_eq!(sessions, ["child", "grandchild", "root"]);
+    let mut edges: Vec<&str> = tree.edges.iter().map(|(id, _)| id.as_str()).collect();
+    edges.sort_unstable();
+    assert_eq!(edges, ["e-in", "e-out"]);
+    assert_eq!((tree.zone_id.as_str(), tree.epoch), ("zone-1", 4));
+    assert_eq!(
+        store
+            .get_session("zone-1", "other")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "active"
+    );
+    assert_eq!(
+        store
+            .get_delegation_edge("zone-1", "e-else")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "active"
+    );
+    assert_eq!(
+        store
+            .get_session("zone-1", "grandchild")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "terminated"
+    );
+    let queued = store
+        .claim_outbox("w", 100, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let revokes = queued
+        .iter()
+        .filter(|row| row.stream == "caracal.sessions.revoke")
+        .count();
+    assert_eq!(
+        revokes, 3,
+        "the messages built from the result, in the same transaction"
+    );
+    assert!(
+        queued
+            .iter()
+            .all(|row| row.fields.get("epoch").map(String::as_str) != Some(""))
+    );
+    // Again: nothing left to change; another zone or an unknown session is not found.
+    let again = store
+        .terminate_session_tree("zone-1", "root", "done", termination_messages)
+        .await
+        .unwrap();
+    assert!(again.sessions.is_empty() && again.edges.is_empty());
+    assert!(matches!(
+        store
+            .terminate_session_tree("zone-2", "root", "x", termination_messages)
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 async fn idempotency_receipts_conflict_while_live(backend: &Backend) {

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use super::{Change, evidence, invalid_body, json, live_zone, timestamp};
 use crate::auth::{Access, authenticate};
 use crate::error::ApiError;
+use crate::keys;
 use crate::state::RoleState;
-use crate::sts::keys;
 use crate::wire::{RotatedKeyBody, SigningKeyBody, SigningKeysBody};
 
 pub fn routes() -> Router<RoleState> {

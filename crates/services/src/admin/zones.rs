@@ -166,7 +166,7 @@ async fn create(
         },
     )?;
     // The zone's first signing key is created with it, so its JWKS never 404s.
-    let key = crate::sts::keys::new_zone_key(&state.shared.kek, &id).map_err(|error| {
+    let key = crate::keys::new_zone_key(&state.shared.kek, &id).map_err(|error| {
         tracing::error!(%error, "could not create a zone signing key");
         ApiError::new(ErrorCode::InternalError)
     })?;

@@ -763,7 +763,7 @@ pub(super) async fn verify_subject(
         .await
     {
         Ok(keys) => keys,
-        Err(super::keys::KeyError::NoKey(_)) => {
+        Err(crate::keys::KeyError::NoKey(_)) => {
             return Err(TokenError::bad_subject(
                 "subject token not issued for this zone",
             ));

@@ -8,11 +8,9 @@ pub mod control;
 mod exchange;
 pub mod form;
 pub mod gateway;
-pub mod keys;
 mod secrets;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
@@ -26,6 +24,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::group_commit::AuthorityWriter;
+use crate::keys;
 use crate::policy::PolicyCache;
 use crate::state::RoleState;
 use crate::wire::{Jwks, OAuthErrorBody};
@@ -297,48 +296,6 @@ async fn jwks(
         )
         .render(&request_id),
         Err(error) => TokenError::from(error).render(&request_id),
-    }
-}
-
-/// Keeps the STS's key cache in step with rotations anywhere: a `caracal.keys.invalidate`
-/// message drops the named zone's keys (read without a consumer group, like the policy
-/// loader: every replica needs every message, and a message only causes a reload).
-pub async fn run_key_invalidations(
-    ring: keys::KeyRing,
-    streams: Arc<dyn caracal_bus::Streams>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut last_entry: Option<String> = None;
-    while let Ok(entries) = streams
-        .range(keys::KEYS_INVALIDATE, last_entry.as_deref(), 1024)
-        .await
-    {
-        match entries.last() {
-            Some(last) => last_entry = Some(last.id.clone()),
-            None => break,
-        }
-    }
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        if let Ok(entries) = streams
-            .range(keys::KEYS_INVALIDATE, last_entry.as_deref(), 256)
-            .await
-        {
-            for entry in &entries {
-                if let Some(zone_id) = entry.fields.get("zone_id") {
-                    ring.flush(zone_id);
-                }
-            }
-            if let Some(last) = entries.last() {
-                last_entry = Some(last.id.clone());
-            }
-        }
-        tokio::select! {
-            _ = stop.changed() => {}
-            () = tokio::time::sleep(Duration::from_millis(250)) => {}
-        }
     }
 }
 

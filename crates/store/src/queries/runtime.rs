@@ -4,7 +4,7 @@
 use crate::db::{Db, Outcome, Row, Statement, Then, Value, params};
 use crate::model::{
     ApprovalHold, AuthorityRecord, DelegationContext, DelegationEdge, IdempotencyReceipt,
-    OutboxMessage, Session,
+    OutboxMessage, Session, TerminatedTree,
 };
 use crate::store::{
     StoreError, all, enqueue, first_row, list_from_json, list_to_json, not_found, now_ms, one,
@@ -85,6 +85,18 @@ pub trait Runtime: Send + Sync {
         reason: Option<&str>,
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError>;
+    /// Terminates session `id` and its whole `parent_id` subtree, revokes every active edge
+    /// whose source or target is in it, bumps the zone graph epoch, and enqueues what
+    /// `outbox` builds from the result (stamped with the new epoch), all in one transaction.
+    /// Sessions already final stay as they are; an unknown session is
+    /// [`StoreError::NotFound`].
+    async fn terminate_session_tree(
+        &self,
+        zone_id: &str,
+        id: &str,
+        reason: &str,
+        outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
+    ) -> Result<TerminatedTree, StoreError>;
     /// Renews an active session's lease if `generation` is still current; returns the new
     /// generation. A stale generation is a [`StoreError::Conflict`] (fencing).
     async fn renew_session_lease(
@@ -509,6 +521,78 @@ impl<D: Db> Runtime for D {
         )
         .must_change(not_found);
         self.atomic(with_outbox(update, outbox)).await.map(|_| ())
+    }
+
+    async fn terminate_session_tree(
+        &self,
+        zone_id: &str,
+        id: &str,
+        reason: &str,
+        outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
+    ) -> Result<TerminatedTree, StoreError> {
+        let now = now_ms();
+        let exists = Statement::new(
+            "SELECT id FROM sessions WHERE zone_id = $1 AND id = $2",
+            params![zone_id, id],
+        )
+        .must_change(not_found);
+        let sessions = Statement::new(
+            "WITH RECURSIVE tree (id) AS (
+                 SELECT id FROM sessions WHERE zone_id = $1 AND id = $2
+                 UNION SELECT s.id FROM sessions s JOIN tree t ON s.parent_id = t.id WHERE s.zone_id = $1)
+             UPDATE sessions SET status = 'terminated', terminated_at_ms = $3, termination_reason = $4
+             WHERE zone_id = $1 AND id IN (SELECT id FROM tree) AND status IN ('active', 'suspended')
+             RETURNING id, authority_record_id",
+            params![zone_id, id, now, reason],
+        );
+        let edges = Statement::new(
+            "WITH RECURSIVE tree (id) AS (
+                 SELECT id FROM sessions WHERE zone_id = $1 AND id = $2
+                 UNION SELECT s.id FROM sessions s JOIN tree t ON s.parent_id = t.id WHERE s.zone_id = $1)
+             UPDATE delegation_edges SET status = 'revoked', revoked_at_ms = $3
+             WHERE zone_id = $1 AND status = 'active'
+               AND (source_session_id IN (SELECT id FROM tree) OR target_session_id IN (SELECT id FROM tree))
+             RETURNING id, target_session_id",
+            params![zone_id, id, now],
+        );
+        let result = std::sync::Arc::new(std::sync::Mutex::new(TerminatedTree::default()));
+        let seen = std::sync::Arc::clone(&result);
+        let zone = zone_id.to_owned();
+        let outcomes = self
+            .atomic_with(
+                vec![exists, sessions, edges, bump_epoch(zone_id)],
+                Box::new(move |outcomes: &[Outcome]| {
+                    let pairs = |index: usize| -> Result<Vec<(String, String)>, StoreError> {
+                        outcomes
+                            .get(index)
+                            .map(|outcome| {
+                                outcome
+                                    .rows
+                                    .iter()
+                                    .map(|row| Ok((row.text(0)?, row.text(1)?)))
+                                    .collect()
+                            })
+                            .unwrap_or(Ok(Vec::new()))
+                    };
+                    let tree = TerminatedTree {
+                        zone_id: zone,
+                        sessions: pairs(1)?,
+                        edges: pairs(2)?,
+                        epoch: epoch_of(outcomes, 3)?,
+                    };
+                    let messages = outbox(&tree);
+                    *seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = tree;
+                    Ok(enqueue(&messages, now_ms()))
+                }),
+            )
+            .await?;
+        drop(outcomes);
+        let tree = std::mem::take(
+            &mut *result
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        Ok(tree)
     }
 
     async fn renew_session_lease(

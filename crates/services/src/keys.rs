@@ -243,3 +243,45 @@ pub async fn rotate(
         .await?;
     Ok(key.kid)
 }
+
+/// Keeps a replica's key cache in step with rotations anywhere: a `caracal.keys.invalidate`
+/// message drops the named zone's keys (read without a consumer group, like the policy
+/// loader: every replica needs every message, and a message only causes a reload).
+pub async fn follow_invalidations(
+    ring: KeyRing,
+    streams: Arc<dyn caracal_bus::Streams>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last_entry: Option<String> = None;
+    while let Ok(entries) = streams
+        .range(KEYS_INVALIDATE, last_entry.as_deref(), 1024)
+        .await
+    {
+        match entries.last() {
+            Some(last) => last_entry = Some(last.id.clone()),
+            None => break,
+        }
+    }
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if let Ok(entries) = streams
+            .range(KEYS_INVALIDATE, last_entry.as_deref(), 256)
+            .await
+        {
+            for entry in &entries {
+                if let Some(zone_id) = entry.fields.get("zone_id") {
+                    ring.flush(zone_id);
+                }
+            }
+            if let Some(last) = entries.last() {
+                last_entry = Some(last.id.clone());
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}

@@ -1,0 +1,448 @@
+//! The Coordinator role: governed sessions (`/zones/{zone}/agents`). A caller proves itself
+//! with a lifecycle mandate of the zone (`use=session`, `agent:lifecycle`, its authority record
+//! and application still active) and acts for its own application. Terminating a session
+//! takes its whole subtree and every delegation edge touching it down in one transaction,
+//! with the revocation messages in the same transaction's outbox.
+//!
+//! This is the first part of issue 7: delegations, idempotency keys, heartbeats and leases,
+//! impact previews and the sweepers follow.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use caracal_core::ErrorCode;
+use caracal_store::{OutboxMessage, Session, TerminatedTree, now_ms};
+use http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+use crate::keys::KeyRing;
+use crate::state::RoleState;
+use crate::wire::MandateClaims;
+
+/// The stream resource servers and Gateways follow for revoked anchors.
+pub const SESSIONS_REVOKE: &str = "caracal.sessions.revoke";
+/// The stream carrying each zone's new delegation graph epoch.
+pub const DELEGATIONS_INVALIDATE: &str = "caracal.delegations.invalidate";
+const LIFECYCLE: &str = "agent:lifecycle";
+/// Tree limits (the reference's values).
+pub const MAX_DEPTH: i64 = 10;
+pub const MAX_CHILDREN: usize = 10;
+const MAX_LABELS: usize = 32;
+const MAX_LABEL_CHARS: usize = 64;
+const DEFAULT_TASK_TTL: i64 = 3600;
+const MAX_TASK_TTL: i64 = 86_400;
+/// How long a service session lives without a heartbeat.
+const SERVICE_LEASE_MS: i64 = 60_000;
+
+/// What the Coordinator holds in memory.
+pub struct Coordinator {
+    pub issuer: String,
+    pub keys: KeyRing,
+}
+
+pub fn routes() -> Router<RoleState> {
+    Router::new()
+        .route("/zones/{zone_id}/agents", post(start).get(list))
+        .route("/zones/{zone_id}/agents/{id}", get(read).delete(terminate))
+}
+
+/// Ids in paths: what the SDK sends and the reference accepts.
+fn valid_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b'-' | b':'))
+}
+
+fn invalid(description: impl Into<String>) -> ApiError {
+    ApiError::with_description(ErrorCode::InvalidParams, description)
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::with_description(
+        ErrorCode::SessionNotFound,
+        format!("session `{id}` not found"),
+    )
+}
+
+/// The caller: the verified lifecycle mandate of `zone_id`.
+async fn authenticate(
+    state: &RoleState,
+    headers: &HeaderMap,
+    zone_id: &str,
+) -> Result<MandateClaims, ApiError> {
+    if !valid_id(zone_id) {
+        return Err(invalid("zone id must be [A-Za-z0-9_.-:]{1,128}"));
+    }
+    let Some(coordinator) = state.coordinator.as_ref() else {
+        return Err(ApiError::new(ErrorCode::InternalError));
+    };
+    let token = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| ApiError::new(ErrorCode::MissingToken))?;
+    let bad = |why: &str| ApiError::with_description(ErrorCode::InvalidToken, why.to_owned());
+    let store = state.shared.store.as_ref();
+    // Verified with the keys of the zone it claims, then held to the path's zone.
+    let claimed = crate::mandate::claimed_zone(token)
+        .filter(|zone| valid_id(zone))
+        .ok_or_else(|| bad("not a mandate"))?;
+    let keys = match coordinator
+        .keys
+        .zone(store, &state.shared.kek, &claimed)
+        .await
+    {
+        Ok(keys) => keys,
+        Err(crate::keys::KeyError::Store(error)) => return Err(error.into()),
+        Err(_) => return Err(bad("not a mandate of this zone")),
+    };
+    let now = now_ms();
+    let claims = crate::mandate::verify(token, |kid| keys.verifier(kid, now))
+        .map_err(|error| bad(&error.to_string()))?;
+    crate::mandate::check_times(&claims, now / 1000)
+        .and_then(|()| crate::mandate::check_issuer(&claims, &coordinator.issuer))
+        .map_err(|error| bad(&error.to_string()))?;
+    if claims.zone_id != zone_id {
+        return Err(ApiError::with_description(
+            ErrorCode::ZoneMismatch,
+            "the mandate belongs to another zone",
+        ));
+    }
+    if claims.use_ != "session" {
+        return Err(bad("a lifecycle (use=session) mandate is required"));
+    }
+    if !claims
+        .scope
+        .as_deref()
+        .is_some_and(|scope| scope.split(' ').any(|s| s == LIFECYCLE))
+    {
+        return Err(ApiError::with_description(
+            ErrorCode::MissingScope,
+            "the mandate lacks agent:lifecycle",
+        ));
+    }
+    let record_active = store
+        .get_authority_record(zone_id, &claims.sid)
+        .await?
+        .is_some_and(|record| record.status == "active" && record.expires_at_ms > now);
+    let app_active = store
+        .get_application(zone_id, &claims.client_id)
+        .await?
+        .is_some_and(|app| app.archived_at_ms.is_none());
+    if !record_active || !app_active {
+        return Err(ApiError::new(ErrorCode::IdentityRevoked));
+    }
+    Ok(claims)
+}
+
+fn timestamp(ms: i64) -> String {
+    let since_epoch = std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + since_epoch).to_string()
+}
+
+fn live(session: &Session, now: i64) -> bool {
+    session.status == "active"
+        && match session.lifecycle.as_str() {
+            "service" => session
+                .heartbeat_deadline_ms
+                .is_some_and(|deadline| deadline > now),
+            _ => session
+                .ttl_seconds
+                .is_some_and(|ttl| session.started_at_ms + ttl * 1000 > now),
+        }
+}
+
+fn body(session: &Session) -> Value {
+    json!({
+        "agent_session_id": session.id,
+        "zone_id": session.zone_id,
+        "application_id": session.application_id,
+        "parent_id": session.parent_id,
+        "subject_authority_record_id": session.authority_record_id,
+        "lifecycle": session.lifecycle,
+        "labels": session.labels,
+        "metadata": serde_json::from_str::<Value>(&session.metadata).unwrap_or(Value::Null),
+        "status": session.status,
+        "depth": session.depth,
+        "ttl_seconds": session.ttl_seconds,
+        "lease_generation": session.lease_generation,
+        "heartbeat_deadline_at": session.heartbeat_deadline_ms.map(timestamp),
+        "started_at": timestamp(session.started_at_ms),
+        "delegation_edge_id": Value::Null,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartRequest {
+    application_id: String,
+    #[serde(default)]
+    lifecycle: Option<String>,
+    #[serde(default)]
+    parent_id: Option<String>,
+    #[serde(default)]
+    ttl_seconds: Option<i64>,
+    #[serde(default)]
+    metadata: Option<serde_json::Map<String, Value>>,
+    #[serde(default)]
+    labels: Vec<String>,
+    #[serde(default)]
+    subject_session_id: Option<String>,
+    /// Accepted and ignored, as the SDK may send it.
+    #[serde(default)]
+    #[allow(dead_code)]
+    subject_token: Option<String>,
+    #[serde(default)]
+    parent_authority: Option<String>,
+}
+
+/// `POST /zones/{zone}/agents`: starts a task (default) or service session for the caller's
+/// application, optionally under a parent of the same application.
+async fn start(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path(zone_id): Path<String>,
+    raw: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let caller = authenticate(&state, &headers, &zone_id).await?;
+    let request: StartRequest =
+        serde_json::from_slice(&raw).map_err(|error| invalid(format!("invalid body: {error}")))?;
+    if request.application_id != caller.client_id {
+        return Err(ApiError::with_description(
+            ErrorCode::ParentOwnershipRequired,
+            "a session is started for the caller's own application",
+        ));
+    }
+    let lifecycle = request.lifecycle.as_deref().unwrap_or("task");
+    if !matches!(lifecycle, "task" | "service") {
+        return Err(invalid("lifecycle must be task or service"));
+    }
+    if !matches!(
+        request.parent_authority.as_deref(),
+        None | Some("inherit" | "none")
+    ) {
+        return Err(invalid("parent_authority must be inherit or none"));
+    }
+    if request.labels.len() > MAX_LABELS
+        || request
+            .labels
+            .iter()
+            .any(|label| label.is_empty() || label.chars().count() > MAX_LABEL_CHARS)
+    {
+        return Err(invalid("at most 32 labels of 1 to 64 characters"));
+    }
+    let ttl_seconds = match (lifecycle, request.ttl_seconds) {
+        ("service", Some(_)) => return Err(invalid("ttl_seconds applies to task sessions")),
+        ("service", None) => None,
+        (_, None) => Some(DEFAULT_TASK_TTL),
+        (_, Some(ttl)) if (1..=MAX_TASK_TTL).contains(&ttl) => Some(ttl),
+        (_, Some(_)) => return Err(invalid("ttl_seconds must be 1 to 86400")),
+    };
+    let store = state.shared.store.as_ref();
+    let now = now_ms();
+    let depth = match &request.parent_id {
+        None => 0,
+        Some(parent_id) => {
+            if !valid_id(parent_id) {
+                return Err(invalid("parent_id has an invalid id syntax"));
+            }
+            let parent = store
+                .get_session(&zone_id, parent_id)
+                .await?
+                .filter(|parent| live(parent, now))
+                .ok_or_else(|| not_found(parent_id))?;
+            if parent.application_id != caller.client_id {
+                return Err(ApiError::new(ErrorCode::ParentOwnershipRequired));
+            }
+            if parent.lifecycle == "task" && lifecycle == "service" {
+                return Err(invalid("a task session cannot start a service session"));
+            }
+            if parent.depth + 1 > MAX_DEPTH {
+                return Err(ApiError::new(ErrorCode::SessionDepthLimitExceeded));
+            }
+            let children = store.list_child_sessions(&zone_id, parent_id).await?;
+            if children.iter().filter(|child| live(child, now)).count() >= MAX_CHILDREN {
+                return Err(ApiError::new(ErrorCode::SessionChildrenLimitExceeded));
+            }
+            parent.depth + 1
+        }
+    };
+    let session = Session {
+        id: uuid::Uuid::now_v7().to_string(),
+        zone_id: zone_id.clone(),
+        application_id: caller.client_id.clone(),
+        parent_id: request.parent_id,
+        authority_record_id: request.subject_session_id.unwrap_or(caller.sid),
+        status: "active".to_owned(),
+        lifecycle: lifecycle.to_owned(),
+        depth,
+        labels: request.labels,
+        metadata: Value::Object(request.metadata.unwrap_or_default()).to_string(),
+        ttl_seconds,
+        lease_generation: i64::from(lifecycle == "service"),
+        heartbeat_deadline_ms: (lifecycle == "service").then_some(now + SERVICE_LEASE_MS),
+        started_at_ms: now,
+        last_active_ms: now,
+        terminated_at_ms: None,
+        termination_reason: None,
+    };
+    store.create_session(&session, &[]).await?;
+    Ok((StatusCode::CREATED, Json(body(&session))))
+}
+
+async fn read(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&state, &headers, &zone_id).await?;
+    if !valid_id(&id) {
+        return Err(invalid("session id has an invalid id syntax"));
+    }
+    let session = state
+        .shared
+        .store
+        .get_session(&zone_id, &id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(body(&session)))
+}
+
+async fn list(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path(zone_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(&state, &headers, &zone_id).await?;
+    let sessions = state.shared.store.list_sessions(&zone_id).await?;
+    let items: Vec<Value> = sessions
+        .iter()
+        .filter(|session| session.application_id == caller.client_id)
+        .map(body)
+        .collect();
+    Ok(Json(json!({ "items": items, "agents": items })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TerminateQuery {
+    reason: Option<String>,
+}
+
+/// `DELETE /zones/{zone}/agents/{id}`: the session, its subtree and every edge touching them,
+/// in one transaction whose outbox carries one `caracal.sessions.revoke` message per session
+/// and the new epoch on `caracal.delegations.invalidate`. Terminating a terminated session
+/// again changes nothing and answers the same.
+async fn terminate(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, id)): Path<(String, String)>,
+    Query(query): Query<TerminateQuery>,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&state, &headers, &zone_id).await?;
+    if !valid_id(&id) {
+        return Err(invalid("session id has an invalid id syntax"));
+    }
+    let store = state.shared.store.as_ref();
+    let session = store
+        .get_session(&zone_id, &id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    if session.application_id != caller.client_id {
+        return Err(ApiError::new(ErrorCode::ParentOwnershipRequired));
+    }
+    let reason = query
+        .reason
+        .filter(|reason| !reason.is_empty() && reason.len() <= 200)
+        .unwrap_or_else(|| "session_terminated".to_owned());
+    store
+        .terminate_session_tree(&zone_id, &id, &reason, revocations)
+        .await
+        .map_err(|error| match error {
+            caracal_store::StoreError::NotFound(_) => not_found(&id),
+            other => other.into(),
+        })?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The propagation of a termination (`sdk-wire-contract.md` §6): per terminated session, a
+/// revoke message anchored on it (and on the edge that targeted it, if any); per revoked edge
+/// not already covered, one anchored on the edge; and the zone's new epoch.
+fn revocations(tree: &TerminatedTree) -> Vec<OutboxMessage> {
+    let message = |fields: Vec<(&str, String)>| OutboxMessage {
+        stream: SESSIONS_REVOKE.to_owned(),
+        fields: fields
+            .into_iter()
+            .chain([("zone_id", tree.zone_id.clone())])
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect(),
+        dedupe_key: None,
+    };
+    let mut messages: Vec<OutboxMessage> = tree
+        .sessions
+        .iter()
+        .map(|(session_id, _)| {
+            let mut fields = vec![
+                ("agent_session_id", session_id.clone()),
+                ("reason", "session_terminated".to_owned()),
+            ];
+            if let Some((edge_id, _)) = tree.edges.iter().find(|(_, target)| target == session_id) {
+                fields.push(("delegation_edge_id", edge_id.clone()));
+            }
+            message(fields)
+        })
+        .collect();
+    for (edge_id, target) in &tree.edges {
+        if !tree
+            .sessions
+            .iter()
+            .any(|(session_id, _)| session_id == target)
+        {
+            messages.push(message(vec![
+                ("delegation_edge_id", edge_id.clone()),
+                ("reason", "delegation_revoked".to_owned()),
+            ]));
+        }
+    }
+    messages.push(OutboxMessage {
+        stream: DELEGATIONS_INVALIDATE.to_owned(),
+        fields: [
+            ("zone_id".to_owned(), tree.zone_id.clone()),
+            ("epoch".to_owned(), tree.epoch.to_string()),
+            ("event".to_owned(), "edge_revoke".to_owned()),
+            (
+                "affected_edges".to_owned(),
+                tree.edges
+                    .iter()
+                    .map(|(edge_id, _)| edge_id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            ("reason".to_owned(), "session_terminated".to_owned()),
+        ]
+        .into_iter()
+        .filter(|(_, value)| !value.is_empty())
+        .collect(),
+        dedupe_key: None,
+    });
+    messages
+}
+
+/// Starts the Coordinator's in-memory state.
+pub fn start_state(issuer: String) -> Arc<Coordinator> {
+    Arc::new(Coordinator {
+        issuer,
+        keys: KeyRing::default(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,411 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+use std::sync::Arc;
+
+use caracal_core::Role;
+use caracal_store::TokenScope;
+use http::StatusCode;
+use serde_json::{Value, json};
+
+use crate::router;
+use crate::state::RoleState;
+use crate::test_support::{call, role_state, token};
+
+const ISSUER: &str = "http://sts.test";
+
+/// A zone with an application and a resource it owns (grants active), an STS to mint its
+/// lifecycle mandate, and the Coordinator.
+struct World {
+    _keep: crate::test_support::Keep,
+    shared: crate::state::Shared,
+    api: axum::Router,
+    sts: axum::Router,
+    coordinator: axum::Router,
+    writer: String,
+    zone_id: String,
+    app_id: String,
+    secret: String,
+}
+
+async fn world() -> World {
+    let (keep, api_state) = role_state(Role::Api);
+    let shared = api_state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let api = router(api_state);
+    let w = Some(writer.as_str());
+    let (_, _, zone) = call(&api, "POST", "/v1/zones", w, r#"{"name":"coord"}"#).await;
+    let zone_id = zone["id"].as_str().unwrap().to_owned();
+    let base = format!("/v1/zones/{zone_id}");
+    let (_, _, app) = call(
+        &api,
+        "POST",
+        &format!("{base}/applications"),
+        w,
+        r#"{"name":"agent","registration_method":"managed"}"#,
+    )
+    .await;
+    let (app_id, secret) = (
+        app["id"].as_str().unwrap().to_owned(),
+        app["client_secret"].as_str().unwrap().to_owned(),
+    );
+    let (_, _, provider) = call(
+        &api,
+        "POST",
+        &format!("{base}/providers"),
+        w,
+        r#"{"name":"none","kind":"none"}"#,
+    )
+    .await;
+    let resource = json!({"name": "Ledger", "identifier": "resource://ledger", "scopes": ["ledger:read"],
+        "upstream_url": "http://127.0.0.1:9/api", "credential_provider_id": provider["id"], "operation_enforcement": "transport_uniform"});
+    call(
+        &api,
+        "POST",
+        &format!("{base}/resources"),
+        w,
+        &resource.to_string(),
+    )
+    .await;
+    let document = format!(
+        "# caracal:data-document\npackage caracal.authz\nimport rego.v1\napp_ids := {{\"agent\": \"{app_id}\"}}\ngrants := {{\"resource://ledger\": {{\"application\": \"agent\", \"roles\": {{\"{app_id}\": [\"ledger:read\"]}}}}}}\n"
+    );
+    let (_, _, policy) = call(
+        &api,
+        "POST",
+        &format!("{base}/policies"),
+        w,
+        &json!({"name": "g", "content": document}).to_string(),
+    )
+    .await;
+    let (_, _, set) = call(
+        &api,
+        "POST",
+        &format!("{base}/policy-sets"),
+        w,
+        r#"{"name":"s"}"#,
+    )
+    .await;
+    let sets = format!("{base}/policy-sets/{}", set["id"].as_str().unwrap());
+    let (_, _, version) = call(
+        &api,
+        "POST",
+        &format!("{sets}/versions"),
+        w,
+        &json!({"manifest": [{"policy_version_id": policy["version_id"]}]}).to_string(),
+    )
+    .await;
+    call(
+        &api,
+        "POST",
+        &format!("{sets}/activate"),
+        w,
+        &json!({"version_id": version["id"]}).to_string(),
+    )
+    .await;
+
+    let mut sts_state = RoleState::new(Role::Sts, shared.clone());
+    let sts = Arc::new(crate::sts::Sts::start(
+        ISSUER.to_owned(),
+        crate::policy::PolicyCache::default(),
+        shared.store.clone(),
+        &shared.kek,
+    ));
+    sts.policies
+        .refresh_all(shared.store.as_ref(), "t")
+        .await
+        .unwrap();
+    sts_state.sts = Some(sts);
+    let mut coordinator_state = RoleState::new(Role::Coordinator, shared.clone());
+    coordinator_state.coordinator = Some(super::start_state(ISSUER.to_owned()));
+    World {
+        _keep: keep,
+        shared,
+        api,
+        sts: router(sts_state),
+        coordinator: router(coordinator_state),
+        writer,
+        zone_id,
+        app_id,
+        secret,
+    }
+}
+
+impl World {
+    async fn exchange(&self, extra: &[(&str, &str)]) -> (StatusCode, Value) {
+        let mut fields = vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("zone_id", self.zone_id.as_str()),
+            ("application_id", self.app_id.as_str()),
+            ("client_secret", self.secret.as_str()),
+            ("resource", "resource://ledger"),
+        ];
+        fields.extend_from_slice(extra);
+        let body = serde_urlencoded::to_string(fields).unwrap();
+        let (status, _, answer) = crate::test_support::call_with(
+            &self.sts,
+            "POST",
+            "/oauth/2/token",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            &body,
+        )
+        .await;
+        (status, answer)
+    }
+
+    async fn lifecycle(&self) -> String {
+        let (status, answer) = self.exchange(&[("scope", "agent:lifecycle")]).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        answer["access_token"].as_str().unwrap().to_owned()
+    }
+
+    async fn agents(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, Value) {
+        let path = format!("/zones/{}/agents{path}", self.zone_id);
+        let (status, _, answer) = call(&self.coordinator, method, &path, bearer, body).await;
+        (status, answer)
+    }
+}
+
+#[tokio::test]
+async fn sessions_start_under_a_lifecycle_mandate_and_terminate_with_their_subtree_and_edges() {
+    let world = world().await;
+    let bearer = world.lifecycle().await;
+    let b = Some(bearer.as_str());
+    let start = |parent: Option<&str>| {
+        let mut body = json!({"application_id": world.app_id, "labels": [world.app_id], "metadata": {"task": "t"}});
+        if let Some(parent) = parent {
+            body["parent_id"] = parent.into();
+        }
+        body.to_string()
+    };
+    let (status, root) = world.agents("POST", "", b, &start(None)).await;
+    assert_eq!(status, StatusCode::CREATED, "{root}");
+    assert_eq!(
+        (
+            root["lifecycle"].as_str(),
+            root["lease_generation"].as_i64(),
+            root["ttl_seconds"].as_i64()
+        ),
+        (Some("task"), Some(0), Some(3600))
+    );
+    let root_id = root["agent_session_id"].as_str().unwrap().to_owned();
+    let (_, child) = world.agents("POST", "", b, &start(Some(&root_id))).await;
+    let child_id = child["agent_session_id"].as_str().unwrap().to_owned();
+    assert_eq!(child["depth"], 1);
+    let (_, grandchild) = world.agents("POST", "", b, &start(Some(&child_id))).await;
+    let grandchild_id = grandchild["agent_session_id"].as_str().unwrap().to_owned();
+    let (status, service) = world
+        .agents(
+            "POST",
+            "",
+            b,
+            &json!({"application_id": world.app_id, "lifecycle": "service"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(
+        service["lease_generation"], 1,
+        "a service session starts at generation 1"
+    );
+    assert!(service["heartbeat_deadline_at"].is_string());
+    let (_, listed) = world.agents("GET", "", b, "").await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 4);
+
+    // A delegation root → child; the child can mint along it.
+    world
+        .shared
+        .store
+        .create_delegation_edge(
+            &caracal_store::DelegationEdge {
+                id: "edge-1".into(),
+                zone_id: world.zone_id.clone(),
+                source_session_id: root_id.clone(),
+                target_session_id: child_id.clone(),
+                issuer_application_id: world.app_id.clone(),
+                receiver_application_id: world.app_id.clone(),
+                parent_edge_id: None,
+                resource_id: None,
+                scopes: vec!["ledger:read".into()],
+                constraints: "{}".into(),
+                status: "active".into(),
+                expires_at_ms: Some(caracal_store::now_ms() + 600_000),
+                created_at_ms: caracal_store::now_ms(),
+                revoked_at_ms: None,
+            },
+            &[],
+        )
+        .await
+        .unwrap();
+    let delegated = [
+        ("scope", "ledger:read"),
+        ("agent_session_id", child_id.as_str()),
+        ("delegation_edge_id", "edge-1"),
+    ];
+    assert_eq!(world.exchange(&delegated).await.0, StatusCode::OK);
+
+    // Terminating the root takes the subtree and the edge down at once.
+    let (status, _) = world.agents("DELETE", &format!("/{root_id}"), b, "").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    for id in [&root_id, &child_id, &grandchild_id] {
+        let (_, session) = world.agents("GET", &format!("/{id}"), b, "").await;
+        assert_eq!(session["status"], "terminated", "{id}");
+    }
+    let (_, service_after) = world
+        .agents(
+            "GET",
+            &format!("/{}", service["agent_session_id"].as_str().unwrap()),
+            b,
+            "",
+        )
+        .await;
+    assert_eq!(service_after["status"], "active", "outside the subtree");
+    let (status, refused) = world.exchange(&delegated).await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "no mint after the revocation: {refused}"
+    );
+    // Terminating again changes nothing and answers the same.
+    assert_eq!(
+        world
+            .agents("DELETE", &format!("/{root_id}"), b, "")
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+
+    // The propagation rides the outbox: a revoke message per session, the edge, the epoch.
+    let rows = world
+        .shared
+        .store
+        .claim_outbox("test", 1000, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    let revoked: Vec<&str> = rows
+        .iter()
+        .filter(|row| row.stream == super::SESSIONS_REVOKE)
+        .filter_map(|row| row.fields.get("agent_session_id").map(String::as_str))
+        .collect();
+    for id in [&root_id, &child_id, &grandchild_id] {
+        assert!(revoked.contains(&id.as_str()), "{id} in {revoked:?}");
+    }
+    let child_message = rows
+        .iter()
+        .find(|row| row.fields.get("agent_session_id") == Some(&child_id))
+        .unwrap();
+    assert_eq!(child_message.fields["delegation_edge_id"], "edge-1");
+    assert_eq!(child_message.fields["zone_id"], world.zone_id);
+    let epochs: Vec<&str> = rows
+        .iter()
+        .filter(|row| row.stream == super::DELEGATIONS_INVALIDATE)
+        .map(|row| row.fields["epoch"].as_str())
+        .collect();
+    assert_eq!(epochs.first(), Some(&"2"), "{epochs:?}");
+}
+
+#[tokio::test]
+async fn the_coordinator_refuses_bad_callers_and_bad_input_with_their_codes() {
+    let world = world().await;
+    let bearer = world.lifecycle().await;
+    let b = Some(bearer.as_str());
+    let body = json!({"application_id": world.app_id}).to_string();
+    let code = |answer: &Value| answer["error"].as_str().unwrap_or_default().to_owned();
+    let (status, answer) = world.agents("POST", "", None, &body).await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::UNAUTHORIZED, "missing_token")
+    );
+    let (status, answer) = world.agents("POST", "", Some("not.a.token"), &body).await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::UNAUTHORIZED, "invalid_token")
+    );
+    // A gateway mandate is not a lifecycle mandate.
+    let (status, answer) = world.exchange(&[("scope", "ledger:read")]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    // Another zone in the path: the mandate is held to its own zone.
+    let w = Some(world.writer.as_str());
+    let (_, other) = {
+        let (s, _, z) = call(&world.api, "POST", "/v1/zones", w, r#"{"name":"other"}"#).await;
+        (s, z)
+    };
+    let other_path = format!("/zones/{}/agents", other["id"].as_str().unwrap());
+    let (status, _, answer) = call(&world.coordinator, "POST", &other_path, b, &body).await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::FORBIDDEN, "zone_mismatch")
+    );
+    // Another application's session cannot be started or ended by this caller.
+    let (status, answer) = world
+        .agents(
+            "POST",
+            "",
+            b,
+            &json!({"application_id": "someone-else"}).to_string(),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::FORBIDDEN, "parent_ownership_required")
+    );
+    // Bad ids, unknown sessions, bad bodies.
+    let (status, answer) = world.agents("GET", "/bad%20id", b, "").await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_params")
+    );
+    let (status, answer) = world.agents("GET", "/no-such-session", b, "").await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::NOT_FOUND, "session_not_found")
+    );
+    let (status, answer) = world.agents("DELETE", "/no-such-session", b, "").await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::NOT_FOUND, "session_not_found")
+    );
+    for bad in [
+        json!({"application_id": world.app_id, "ttl_seconds": 0}),
+        json!({"application_id": world.app_id, "lifecycle": "forever"}),
+        json!({"application_id": world.app_id, "labels": ["x".repeat(65)]}),
+        json!({"application_id": world.app_id, "colour": "red"}),
+        json!({"application_id": world.app_id, "parent_id": "missing"}),
+    ] {
+        let (status, answer) = world.agents("POST", "", b, &bad.to_string()).await;
+        assert!(
+            status == StatusCode::BAD_REQUEST || status == StatusCode::NOT_FOUND,
+            "{bad}: {status} {answer}"
+        );
+    }
+    // A revoked identity: the record behind the mandate is gone.
+    let payload = bearer.split('.').nth(1).unwrap();
+    let claims: Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+            .unwrap(),
+    )
+    .unwrap();
+    world
+        .shared
+        .store
+        .revoke_authority_record(&world.zone_id, claims["sid"].as_str().unwrap(), "test", &[])
+        .await
+        .unwrap();
+    let (status, answer) = world.agents("GET", "", b, "").await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::UNAUTHORIZED, "identity_revoked")
+    );
+}
