@@ -142,6 +142,7 @@ conformance!(
     idempotency_receipts_conflict_while_live,
     a_delegation_context_is_the_edge_its_sessions_and_the_epoch,
     terminating_a_session_takes_its_subtree_and_edges_in_one_transaction,
+    revoking_an_edge_takes_its_descendants_and_their_targets,
     sealed_secrets_version_up_on_replace,
     audit_rows_are_idempotent_on_id_and_ordered_per_zone,
     authority_records_insert_in_batches_and_revoke_once,
@@ -1535,6 +1536,67 @@ async fn terminating_a_session_takes_its_subtree_and_edges_in_one_transaction(ba
     assert!(matches!(
         store
             .terminate_session_tree("zone-2", "root", "x", termination_messages)
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn revoking_an_edge_takes_its_descendants_and_their_targets(backend: &Backend) {
+    let store = backend.store.as_ref();
+    for (id, parent) in [
+        ("a", None),
+        ("b", None),
+        ("c", None),
+        ("c-child", Some("c")),
+        ("d", None),
+    ] {
+        let mut session = session("zone-1", id, "ar");
+        session.parent_id = parent.map(str::to_owned);
+        store.create_session(&session, &[]).await.unwrap();
+    }
+    // a → b (e-1), b → c (e-2, child of e-1), and an unrelated a → d (e-3).
+    store
+        .create_delegation_edge(&edge("zone-1", "e-1", "a", "b"), &[])
+        .await
+        .unwrap();
+    let mut second = edge("zone-1", "e-2", "b", "c");
+    second.parent_edge_id = Some("e-1".into());
+    store.create_delegation_edge(&second, &[]).await.unwrap();
+    store
+        .create_delegation_edge(&edge("zone-1", "e-3", "a", "d"), &[])
+        .await
+        .unwrap();
+    let tree = store
+        .revoke_delegation_tree("zone-1", "e-1", "revoked", termination_messages)
+        .await
+        .unwrap();
+    let mut sessions: Vec<&str> = tree.sessions.iter().map(|(id, _)| id.as_str()).collect();
+    sessions.sort_unstable();
+    assert_eq!(sessions, ["b", "c", "c-child"]);
+    let mut edges: Vec<&str> = tree.edges.iter().map(|(id, _)| id.as_str()).collect();
+    edges.sort_unstable();
+    assert_eq!(edges, ["e-1", "e-2"]);
+    assert_eq!(
+        store
+            .get_session("zone-1", "a")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "active"
+    );
+    assert_eq!(
+        store
+            .get_delegation_edge("zone-1", "e-3")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "active"
+    );
+    assert!(matches!(
+        store
+            .revoke_delegation_tree("zone-1", "nope", "x", termination_messages)
             .await,
         Err(StoreError::NotFound(_))
     ));

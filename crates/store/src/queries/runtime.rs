@@ -97,6 +97,17 @@ pub trait Runtime: Send + Sync {
         reason: &str,
         outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
     ) -> Result<TerminatedTree, StoreError>;
+    /// Revokes edge `id` and every edge descending from it (`parent_edge_id`), terminates the
+    /// sessions those edges target with their subtrees, revokes every other active edge
+    /// touching those sessions, bumps the epoch and enqueues what `outbox` builds, in one
+    /// transaction. An unknown edge is [`StoreError::NotFound`].
+    async fn revoke_delegation_tree(
+        &self,
+        zone_id: &str,
+        id: &str,
+        reason: &str,
+        outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
+    ) -> Result<TerminatedTree, StoreError>;
     /// Renews an active session's lease if `generation` is still current; returns the new
     /// generation. A stale generation is a [`StoreError::Conflict`] (fencing).
     async fn renew_session_lease(
@@ -332,6 +343,82 @@ fn authority_inserts(records: &[AuthorityRecord]) -> Vec<Statement> {
             .collect()
 }
 
+/// A cascade's sessions: a `WITH RECURSIVE … tree (id)` prefix over `$1` (zone) and `$2`
+/// (root), then the two updates over `tree`.
+macro_rules! cascade_updates {
+    ($tree:expr) => {
+        (
+            concat!(
+                $tree,
+                " UPDATE sessions SET status = 'terminated', terminated_at_ms = $3, termination_reason = $4
+                 WHERE zone_id = $1 AND id IN (SELECT id FROM tree) AND status IN ('active', 'suspended')
+                 RETURNING id, authority_record_id"
+            ),
+            concat!(
+                $tree,
+                " UPDATE delegation_edges SET status = 'revoked', revoked_at_ms = $3
+                 WHERE zone_id = $1 AND status = 'active'
+                   AND (source_session_id IN (SELECT id FROM tree) OR target_session_id IN (SELECT id FROM tree))
+                 RETURNING id, target_session_id"
+            ),
+        )
+    };
+}
+
+/// One cascade transaction: `exists` (refuses an unknown root), the live sessions of the tree
+/// terminated, every active edge touching them revoked, the epoch bumped, and the outbox
+/// built from the result.
+#[allow(clippy::too_many_arguments)]
+async fn cascade<D: Db + ?Sized>(
+    db: &D,
+    zone_id: &str,
+    id: &str,
+    reason: &str,
+    exists: Statement,
+    (sessions_sql, edges_sql): (&'static str, &'static str),
+    outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
+) -> Result<TerminatedTree, StoreError> {
+    let now = now_ms();
+    let sessions = Statement::new(sessions_sql, params![zone_id, id, now, reason]);
+    let edges = Statement::new(edges_sql, params![zone_id, id, now]);
+    let result = std::sync::Arc::new(std::sync::Mutex::new(TerminatedTree::default()));
+    let seen = std::sync::Arc::clone(&result);
+    let zone = zone_id.to_owned();
+    db.atomic_with(
+        vec![exists, sessions, edges, bump_epoch(zone_id)],
+        Box::new(move |outcomes: &[Outcome]| {
+            let pairs = |index: usize| -> Result<Vec<(String, String)>, StoreError> {
+                outcomes
+                    .get(index)
+                    .map(|outcome| {
+                        outcome
+                            .rows
+                            .iter()
+                            .map(|row| Ok((row.text(0)?, row.text(1)?)))
+                            .collect()
+                    })
+                    .unwrap_or(Ok(Vec::new()))
+            };
+            let tree = TerminatedTree {
+                zone_id: zone,
+                sessions: pairs(1)?,
+                edges: pairs(2)?,
+                epoch: epoch_of(outcomes, 3)?,
+            };
+            let messages = outbox(&tree);
+            *seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = tree;
+            Ok(enqueue(&messages, now_ms()))
+        }),
+    )
+    .await?;
+    let tree = std::mem::take(
+        &mut *result
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+    );
+    Ok(tree)
+}
+
 fn bump_epoch(zone_id: &str) -> Statement {
     Statement::new(
         "INSERT INTO zone_graph_epochs (zone_id, epoch) VALUES ($1, 1)
@@ -530,69 +617,44 @@ impl<D: Db> Runtime for D {
         reason: &str,
         outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
     ) -> Result<TerminatedTree, StoreError> {
-        let now = now_ms();
+        // The sessions: `id` and its subtree.
+        let updates = cascade_updates!(
+            "WITH RECURSIVE tree (id) AS (
+                 SELECT id FROM sessions WHERE zone_id = $1 AND id = $2
+                 UNION SELECT s.id FROM sessions s JOIN tree t ON s.parent_id = t.id WHERE s.zone_id = $1)"
+        );
         let exists = Statement::new(
             "SELECT id FROM sessions WHERE zone_id = $1 AND id = $2",
             params![zone_id, id],
         )
         .must_change(not_found);
-        let sessions = Statement::new(
-            "WITH RECURSIVE tree (id) AS (
-                 SELECT id FROM sessions WHERE zone_id = $1 AND id = $2
-                 UNION SELECT s.id FROM sessions s JOIN tree t ON s.parent_id = t.id WHERE s.zone_id = $1)
-             UPDATE sessions SET status = 'terminated', terminated_at_ms = $3, termination_reason = $4
-             WHERE zone_id = $1 AND id IN (SELECT id FROM tree) AND status IN ('active', 'suspended')
-             RETURNING id, authority_record_id",
-            params![zone_id, id, now, reason],
+        cascade(self, zone_id, id, reason, exists, updates, outbox).await
+    }
+
+    async fn revoke_delegation_tree(
+        &self,
+        zone_id: &str,
+        id: &str,
+        reason: &str,
+        outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
+    ) -> Result<TerminatedTree, StoreError> {
+        // The sessions: the targets of the edge and its descendants, and their subtrees. The
+        // edges touching them include the edge and its descendants.
+        let updates = cascade_updates!(
+            "WITH RECURSIVE down (id, target) AS (
+                 SELECT id, target_session_id FROM delegation_edges WHERE zone_id = $1 AND id = $2
+                 UNION SELECT e.id, e.target_session_id FROM delegation_edges e JOIN down d
+                     ON e.parent_edge_id = d.id WHERE e.zone_id = $1),
+             tree (id) AS (
+                 SELECT target FROM down
+                 UNION SELECT s.id FROM sessions s JOIN tree t ON s.parent_id = t.id WHERE s.zone_id = $1)"
         );
-        let edges = Statement::new(
-            "WITH RECURSIVE tree (id) AS (
-                 SELECT id FROM sessions WHERE zone_id = $1 AND id = $2
-                 UNION SELECT s.id FROM sessions s JOIN tree t ON s.parent_id = t.id WHERE s.zone_id = $1)
-             UPDATE delegation_edges SET status = 'revoked', revoked_at_ms = $3
-             WHERE zone_id = $1 AND status = 'active'
-               AND (source_session_id IN (SELECT id FROM tree) OR target_session_id IN (SELECT id FROM tree))
-             RETURNING id, target_session_id",
-            params![zone_id, id, now],
-        );
-        let result = std::sync::Arc::new(std::sync::Mutex::new(TerminatedTree::default()));
-        let seen = std::sync::Arc::clone(&result);
-        let zone = zone_id.to_owned();
-        let outcomes = self
-            .atomic_with(
-                vec![exists, sessions, edges, bump_epoch(zone_id)],
-                Box::new(move |outcomes: &[Outcome]| {
-                    let pairs = |index: usize| -> Result<Vec<(String, String)>, StoreError> {
-                        outcomes
-                            .get(index)
-                            .map(|outcome| {
-                                outcome
-                                    .rows
-                                    .iter()
-                                    .map(|row| Ok((row.text(0)?, row.text(1)?)))
-                                    .collect()
-                            })
-                            .unwrap_or(Ok(Vec::new()))
-                    };
-                    let tree = TerminatedTree {
-                        zone_id: zone,
-                        sessions: pairs(1)?,
-                        edges: pairs(2)?,
-                        epoch: epoch_of(outcomes, 3)?,
-                    };
-                    let messages = outbox(&tree);
-                    *seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = tree;
-                    Ok(enqueue(&messages, now_ms()))
-                }),
-            )
-            .await?;
-        drop(outcomes);
-        let tree = std::mem::take(
-            &mut *result
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        );
-        Ok(tree)
+        let exists = Statement::new(
+            "SELECT id FROM delegation_edges WHERE zone_id = $1 AND id = $2",
+            params![zone_id, id],
+        )
+        .must_change(not_found);
+        cascade(self, zone_id, id, reason, exists, updates, outbox).await
     }
 
     async fn renew_session_lease(
