@@ -92,6 +92,14 @@ pub enum ErrorCode {
     SessionDepthLimitExceeded,
     /// Coordinator: the parent already has as many children as allowed.
     SessionChildrenLimitExceeded,
+    /// Coordinator: no such delegation in the zone.
+    DelegationNotFound,
+    /// Coordinator: a new delegation would widen what its parent grants; the rule is named.
+    DelegationWidening,
+    /// Coordinator: the delegation would close a cycle.
+    DelegationCycle,
+    /// Coordinator: a delegation without resources needs the broad-delegation permission.
+    BroadDelegationForbidden,
 }
 
 impl ErrorCode {
@@ -140,6 +148,10 @@ impl ErrorCode {
             ErrorCode::ParentOwnershipRequired => "parent_ownership_required",
             ErrorCode::SessionDepthLimitExceeded => "session_depth_limit_exceeded",
             ErrorCode::SessionChildrenLimitExceeded => "session_children_limit_exceeded",
+            ErrorCode::DelegationNotFound => "delegation_not_found",
+            ErrorCode::DelegationWidening => "delegation_widening",
+            ErrorCode::DelegationCycle => "delegation_cycle",
+            ErrorCode::BroadDelegationForbidden => "broad_delegation_forbidden",
         }
     }
 
@@ -167,7 +179,10 @@ impl ErrorCode {
             | ErrorCode::ZoneMismatch
             | ErrorCode::ParentOwnershipRequired => 403,
             ErrorCode::InvalidParams => 400,
-            ErrorCode::SessionNotFound => 404,
+            ErrorCode::SessionNotFound | ErrorCode::DelegationNotFound => 404,
+            ErrorCode::DelegationWidening
+            | ErrorCode::DelegationCycle
+            | ErrorCode::BroadDelegationForbidden => 403,
             ErrorCode::ClientSecretNotStored => 404,
             ErrorCode::SystemZoneReadOnly
             | ErrorCode::ApproveCapabilityRequired
@@ -239,6 +254,10 @@ mod tests {
             ErrorCode::ParentOwnershipRequired,
             ErrorCode::SessionDepthLimitExceeded,
             ErrorCode::SessionChildrenLimitExceeded,
+            ErrorCode::DelegationNotFound,
+            ErrorCode::DelegationWidening,
+            ErrorCode::DelegationCycle,
+            ErrorCode::BroadDelegationForbidden,
         ];
         for code in all {
             let text = code.as_str();

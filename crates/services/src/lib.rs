@@ -10,6 +10,7 @@
 mod admin;
 pub mod api;
 pub mod auth;
+pub mod constraints;
 pub mod coordinator;
 mod error;
 pub mod evidence;

@@ -323,6 +323,8 @@ pub struct DelegationContext {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TerminatedTree {
     pub zone_id: String,
+    /// Why, as given to the cascade.
+    pub reason: String,
     /// `(session id, its authority record id)` of every session that was live and is now
     /// terminated: the root and its whole `parent_id` subtree.
     pub sessions: Vec<(String, String)>,

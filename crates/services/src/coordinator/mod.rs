@@ -20,6 +20,8 @@ use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+mod delegations;
+
 use crate::error::ApiError;
 use crate::keys::KeyRing;
 use crate::state::RoleState;
@@ -50,17 +52,18 @@ pub fn routes() -> Router<RoleState> {
     Router::new()
         .route("/zones/{zone_id}/agents", post(start).get(list))
         .route("/zones/{zone_id}/agents/{id}", get(read).delete(terminate))
+        .merge(delegations::routes())
 }
 
 /// Ids in paths: what the SDK sends and the reference accepts.
-fn valid_id(id: &str) -> bool {
+pub(super) fn valid_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
         && id
             .bytes()
             .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b'-' | b':'))
 }
 
-fn invalid(description: impl Into<String>) -> ApiError {
+pub(super) fn invalid(description: impl Into<String>) -> ApiError {
     ApiError::with_description(ErrorCode::InvalidParams, description)
 }
 
@@ -72,7 +75,7 @@ fn not_found(id: &str) -> ApiError {
 }
 
 /// The caller: the verified lifecycle mandate of `zone_id`.
-async fn authenticate(
+pub(super) async fn authenticate(
     state: &RoleState,
     headers: &HeaderMap,
     zone_id: &str,
@@ -144,12 +147,12 @@ async fn authenticate(
     Ok(claims)
 }
 
-fn timestamp(ms: i64) -> String {
+pub(super) fn timestamp(ms: i64) -> String {
     let since_epoch = std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + since_epoch).to_string()
 }
 
-fn live(session: &Session, now: i64) -> bool {
+pub(super) fn live(session: &Session, now: i64) -> bool {
     session.status == "active"
         && match session.lifecycle.as_str() {
             "service" => session
@@ -376,7 +379,7 @@ async fn terminate(
 /// The propagation of a termination (`sdk-wire-contract.md` §6): per terminated session, a
 /// revoke message anchored on it (and on the edge that targeted it, if any); per revoked edge
 /// not already covered, one anchored on the edge; and the zone's new epoch.
-fn revocations(tree: &TerminatedTree) -> Vec<OutboxMessage> {
+pub(crate) fn revocations(tree: &TerminatedTree) -> Vec<OutboxMessage> {
     let message = |fields: Vec<(&str, String)>| OutboxMessage {
         stream: SESSIONS_REVOKE.to_owned(),
         fields: fields
@@ -392,7 +395,7 @@ fn revocations(tree: &TerminatedTree) -> Vec<OutboxMessage> {
         .map(|(session_id, _)| {
             let mut fields = vec![
                 ("agent_session_id", session_id.clone()),
-                ("reason", "session_terminated".to_owned()),
+                ("reason", tree.reason.clone()),
             ];
             if let Some((edge_id, _)) = tree.edges.iter().find(|(_, target)| target == session_id) {
                 fields.push(("delegation_edge_id", edge_id.clone()));
@@ -408,7 +411,7 @@ fn revocations(tree: &TerminatedTree) -> Vec<OutboxMessage> {
         {
             messages.push(message(vec![
                 ("delegation_edge_id", edge_id.clone()),
-                ("reason", "delegation_revoked".to_owned()),
+                ("reason", tree.reason.clone()),
             ]));
         }
     }
@@ -426,7 +429,7 @@ fn revocations(tree: &TerminatedTree) -> Vec<OutboxMessage> {
                     .collect::<Vec<_>>()
                     .join(","),
             ),
-            ("reason".to_owned(), "session_terminated".to_owned()),
+            ("reason".to_owned(), tree.reason.clone()),
         ]
         .into_iter()
         .filter(|(_, value)| !value.is_empty())

@@ -409,3 +409,178 @@ async fn the_coordinator_refuses_bad_callers_and_bad_input_with_their_codes() {
         (StatusCode::UNAUTHORIZED, "identity_revoked")
     );
 }
+
+#[tokio::test]
+async fn delegations_only_narrow_chains_mint_along_them_and_revocation_takes_the_rest_down() {
+    let world = world().await;
+    let bearer = world.lifecycle().await;
+    let b = Some(bearer.as_str());
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        let (status, session) = world
+            .agents(
+                "POST",
+                "",
+                b,
+                &json!({"application_id": world.app_id, "labels": [world.app_id]}).to_string(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+        sessions.push(session["agent_session_id"].as_str().unwrap().to_owned());
+    }
+    let (root, child, grandchild) = (&sessions[0], &sessions[1], &sessions[2]);
+    let delegate = |from: &str, to: &str, extra: Value| {
+        let mut body = json!({
+            "issuer_application_id": world.app_id, "receiver_application_id": world.app_id,
+            "source_session_id": from, "target_session_id": to, "scopes": ["ledger:read"],
+            "resource_id": "resource://ledger",
+        });
+        for (key, value) in extra.as_object().unwrap() {
+            if value.is_null() {
+                body.as_object_mut().unwrap().remove(key);
+            } else {
+                body[key] = value.clone();
+            }
+        }
+        let path = format!("/zones/{}/delegations", world.zone_id);
+        let coordinator = world.coordinator.clone();
+        async move {
+            let (status, _, answer) = call(&coordinator, "POST", &path, b, &body.to_string()).await;
+            (status, answer)
+        }
+    };
+    let (status, first) = delegate(
+        root,
+        child,
+        json!({"ttl_seconds": 600, "constraints": {"max_hops": 2}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let first_id = first["delegation_edge_id"].as_str().unwrap().to_owned();
+
+    // Every widening is refused, naming its rule.
+    for (extra, expected, needle) in [
+        (
+            json!({"scopes": ["ledger:write"], "ttl_seconds": 60}),
+            StatusCode::FORBIDDEN,
+            "not a scope",
+        ),
+        (
+            json!({"ttl_seconds": 86_400}),
+            StatusCode::FORBIDDEN,
+            "outlive",
+        ),
+        (
+            json!({"ttl_seconds": 60, "constraints": {"max_hops": 2}}),
+            StatusCode::FORBIDDEN,
+            "max_hops",
+        ),
+        (
+            json!({"ttl_seconds": 60, "resource_id": null}),
+            StatusCode::FORBIDDEN,
+            "names its resources",
+        ),
+        (json!({}), StatusCode::BAD_REQUEST, "expiry"),
+        (
+            json!({"ttl_seconds": 60, "constraints": {"budget": 3}}),
+            StatusCode::BAD_REQUEST,
+            "constraints",
+        ),
+        (
+            json!({"ttl_seconds": 60, "scopes": ["agent:lifecycle"]}),
+            StatusCode::FORBIDDEN,
+            "agent:lifecycle",
+        ),
+    ] {
+        let (status, answer) = delegate(child, grandchild, extra.clone()).await;
+        assert_eq!(status, expected, "{extra}: {answer}");
+        assert!(
+            answer["error_description"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(needle),
+            "{extra}: {answer}"
+        );
+    }
+    let (status, cycle) = delegate(child, root, json!({"ttl_seconds": 60})).await;
+    assert_eq!(
+        (status, cycle["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("delegation_cycle")),
+        "{cycle}"
+    );
+
+    // A narrower child edge; its parent is found from the source session's inbound edge.
+    let (status, second) = delegate(child, grandchild, json!({"ttl_seconds": 300})).await;
+    assert_eq!(status, StatusCode::CREATED, "{second}");
+    assert_eq!(second["parent_edge_id"], first_id.as_str());
+    let second_id = second["delegation_edge_id"].as_str().unwrap().to_owned();
+    // What the Coordinator lets exist, the STS lets mint: a two-hop chain under a budget of 2.
+    let minted_along = [
+        ("scope", "ledger:read"),
+        ("agent_session_id", grandchild.as_str()),
+        ("delegation_edge_id", second_id.as_str()),
+    ];
+    let (status, minted) = world.exchange(&minted_along).await;
+    assert_eq!(status, StatusCode::OK, "{minted}");
+
+    // Revoking the first edge takes the second and both targets down.
+    let path = format!("/zones/{}/delegations/{first_id}", world.zone_id);
+    let (status, _, _) = call(&world.coordinator, "DELETE", &path, b, "").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, _, second_after) = call(
+        &world.coordinator,
+        "GET",
+        &format!("/zones/{}/delegations/{second_id}", world.zone_id),
+        b,
+        "",
+    )
+    .await;
+    assert_eq!(second_after["status"], "revoked");
+    for id in [child, grandchild] {
+        let (_, session) = world.agents("GET", &format!("/{id}"), b, "").await;
+        assert_eq!(session["status"], "terminated");
+    }
+    let (_, root_after) = world.agents("GET", &format!("/{root}"), b, "").await;
+    assert_eq!(root_after["status"], "active");
+    assert_eq!(
+        world.exchange(&minted_along).await.0,
+        StatusCode::FORBIDDEN,
+        "no mint after revocation"
+    );
+    let rows = world
+        .shared
+        .store
+        .claim_outbox("test", 1000, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    let anchored: Vec<(&str, &str)> = rows
+        .iter()
+        .filter(|row| row.stream == super::SESSIONS_REVOKE)
+        .filter_map(|row| {
+            Some((
+                row.fields.get("agent_session_id")?.as_str(),
+                row.fields.get("delegation_edge_id")?.as_str(),
+            ))
+        })
+        .collect();
+    assert!(
+        anchored.contains(&(grandchild.as_str(), second_id.as_str())),
+        "{anchored:?}"
+    );
+    assert!(
+        anchored.contains(&(child.as_str(), first_id.as_str())),
+        "{anchored:?}"
+    );
+    let (status, _, answer) = call(
+        &world.coordinator,
+        "DELETE",
+        &format!("/zones/{}/delegations/nope", world.zone_id),
+        b,
+        "",
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("delegation_not_found"))
+    );
+}

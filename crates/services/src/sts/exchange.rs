@@ -13,9 +13,9 @@ use caracal_store::{
     Application, AuthorityRecord, DelegationEdge, Resource, Session, Store, now_ms,
 };
 use http::{HeaderValue, StatusCode};
-use serde::Deserialize;
 
 use super::{ExchangeLabels, Sts, TokenError, form};
+use crate::constraints::Constraints;
 use crate::state::RoleState;
 use crate::wire::{ChainHop, MandateClaims, TokenResponse};
 
@@ -29,8 +29,7 @@ const LIFECYCLE: &str = "agent:lifecycle";
 pub(super) const DEFAULT_TTL: i64 = 900;
 const TTL_CAP: i64 = 3600;
 const TTL_CAP_WITH_SUBJECT: i64 = 900;
-/// The longest delegation lineage, in edges.
-pub const MAX_HOPS: u32 = 10;
+use crate::constraints::MAX_HOPS;
 /// Failed client authentications per application and minute before it is locked out.
 const AUTH_FAILURES_PER_MINUTE: u32 = 60;
 
@@ -813,68 +812,6 @@ pub(super) fn live(session: &Session, now: i64) -> bool {
                 .ttl_seconds
                 .is_some_and(|ttl| ttl > 0 && session.started_at_ms + ttl * 1000 > now),
         }
-}
-
-/// A delegation edge's narrowing constraints. Unknown keys are refused: a constraint the STS
-/// does not understand must not be silently ignored.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Constraints {
-    #[serde(default)]
-    pub resources: Vec<String>,
-    #[serde(default)]
-    pub ttl_seconds: Option<u32>,
-    #[serde(default)]
-    pub max_depth: Option<u32>,
-    #[serde(default)]
-    pub max_hops: Option<u32>,
-    /// Recorded by the Coordinator; parsed (so a malformed one refuses) but not acted on.
-    #[serde(default)]
-    #[allow(dead_code)]
-    pub policy_approved: Option<bool>,
-    /// RFC 3339.
-    #[serde(default)]
-    pub expires_at: Option<String>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    pub broad_reason: Option<String>,
-}
-
-impl Constraints {
-    pub fn parse(text: &str) -> Option<Constraints> {
-        let constraints: Constraints = if text.trim().is_empty() {
-            Constraints::default()
-        } else {
-            serde_json::from_str(text).ok()?
-        };
-        if let (Some(depth), Some(hops)) = (constraints.max_depth, constraints.max_hops)
-            && depth != hops
-        {
-            return None;
-        }
-        if constraints.resources.len() > 64 || constraints.max_hops() > MAX_HOPS {
-            return None;
-        }
-        Some(constraints)
-    }
-
-    /// The edge's hop budget: how many edges, this one included, a lineage may use from this
-    /// edge down. One meaning for the Coordinator (a child's budget is at most its parent's
-    /// minus one) and the STS (every edge on a path covers the edges below it), so every
-    /// chain the Coordinator lets exist can mint and no other can.
-    pub fn max_hops(&self) -> u32 {
-        self.max_hops.or(self.max_depth).unwrap_or(1)
-    }
-
-    fn expires_at_ms(&self) -> Option<Option<i64>> {
-        self.expires_at.as_deref().map(|text| {
-            humantime::parse_rfc3339(text).ok().and_then(|time| {
-                time.duration_since(std::time::UNIX_EPOCH)
-                    .ok()
-                    .and_then(|since| i64::try_from(since.as_millis()).ok())
-            })
-        })
-    }
 }
 
 /// A delegation checked against live state: the edge, its lineage (root first), the target

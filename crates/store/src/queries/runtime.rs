@@ -383,7 +383,7 @@ async fn cascade<D: Db + ?Sized>(
     let edges = Statement::new(edges_sql, params![zone_id, id, now]);
     let result = std::sync::Arc::new(std::sync::Mutex::new(TerminatedTree::default()));
     let seen = std::sync::Arc::clone(&result);
-    let zone = zone_id.to_owned();
+    let (zone, why) = (zone_id.to_owned(), reason.to_owned());
     db.atomic_with(
         vec![exists, sessions, edges, bump_epoch(zone_id)],
         Box::new(move |outcomes: &[Outcome]| {
@@ -401,6 +401,7 @@ async fn cascade<D: Db + ?Sized>(
             };
             let tree = TerminatedTree {
                 zone_id: zone,
+                reason: why,
                 sessions: pairs(1)?,
                 edges: pairs(2)?,
                 epoch: epoch_of(outcomes, 3)?,

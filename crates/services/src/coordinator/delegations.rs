@@ -1,0 +1,417 @@
+//! `/zones/{zone}/delegations`: a session hands part of its authority to another session.
+//! Every edge narrows: its scopes lie within its resources' scopes and its parent edge's, its
+//! resources within its parent's, its expiry before its parent's, its hop budget below its
+//! parent's. A refusal names the rule. Revoking an edge takes its descendants and the sessions
+//! they target down with it, in one transaction.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use caracal_core::ErrorCode;
+use caracal_store::{DelegationEdge, OutboxMessage, now_ms};
+use http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{DELEGATIONS_INVALIDATE, authenticate, invalid, live, timestamp, valid_id};
+use crate::constraints::{Constraints, MAX_HOPS};
+use crate::error::ApiError;
+use crate::state::RoleState;
+
+pub fn routes() -> Router<RoleState> {
+    Router::new()
+        .route("/zones/{zone_id}/delegations", post(create))
+        .route(
+            "/zones/{zone_id}/delegations/{id}",
+            get(read).delete(revoke),
+        )
+}
+
+const MAX_TTL_SECONDS: i64 = 86_400;
+
+fn widening(rule: &str) -> ApiError {
+    ApiError::with_description(ErrorCode::DelegationWidening, rule.to_owned())
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::with_description(
+        ErrorCode::DelegationNotFound,
+        format!("delegation `{id}` not found"),
+    )
+}
+
+fn body(edge: &DelegationEdge) -> Value {
+    let constraints = Constraints::parse(&edge.constraints).unwrap_or_default();
+    json!({
+        "delegation_edge_id": edge.id,
+        "zone_id": edge.zone_id,
+        "source_session_id": edge.source_session_id,
+        "target_session_id": edge.target_session_id,
+        "issuer_application_id": edge.issuer_application_id,
+        "receiver_application_id": edge.receiver_application_id,
+        "parent_edge_id": edge.parent_edge_id,
+        "resource_id": edge.resource_id,
+        "scopes": edge.scopes,
+        "constraints": serde_json::from_str::<Value>(&edge.constraints).unwrap_or(Value::Null),
+        "max_hops": constraints.max_hops(),
+        "status": edge.status,
+        "expires_at": edge.expires_at_ms.map(timestamp),
+        "created_at": timestamp(edge.created_at_ms),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateEdge {
+    issuer_application_id: String,
+    source_session_id: String,
+    target_session_id: String,
+    receiver_application_id: String,
+    scopes: Vec<String>,
+    #[serde(default)]
+    resource_id: Option<String>,
+    #[serde(default)]
+    parent_edge_id: Option<String>,
+    #[serde(default)]
+    ttl_seconds: Option<i64>,
+    #[serde(default)]
+    constraints: Option<serde_json::Map<String, Value>>,
+}
+
+/// The resources an edge reaches: its own (by id), or its constraint list (by identifier);
+/// `None` is a broad edge.
+fn reach(edge_resource: Option<&str>, constraints: &Constraints) -> Option<Vec<String>> {
+    match edge_resource {
+        Some(resource) => Some(vec![resource.to_owned()]),
+        None if constraints.resources.is_empty() => None,
+        None => Some(constraints.resources.clone()),
+    }
+}
+
+#[allow(clippy::too_many_lines)]
+async fn create(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path(zone_id): Path<String>,
+    raw: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let caller = authenticate(&state, &headers, &zone_id).await?;
+    let request: CreateEdge =
+        serde_json::from_slice(&raw).map_err(|error| invalid(format!("invalid body: {error}")))?;
+    if request.issuer_application_id != caller.client_id {
+        return Err(ApiError::with_description(
+            ErrorCode::ParentOwnershipRequired,
+            "a delegation is issued by the caller's own application",
+        ));
+    }
+    for id in [&request.source_session_id, &request.target_session_id]
+        .into_iter()
+        .chain(request.parent_edge_id.as_ref())
+    {
+        if !valid_id(id) {
+            return Err(invalid(format!("`{id}` has an invalid id syntax")));
+        }
+    }
+    if request.source_session_id == request.target_session_id {
+        return Err(invalid("a session cannot delegate to itself"));
+    }
+    let mut scopes = request.scopes.clone();
+    scopes.sort();
+    scopes.dedup();
+    if scopes.is_empty() || scopes.iter().any(|scope| scope.trim().is_empty()) {
+        return Err(invalid("scopes must be a non-empty list of scopes"));
+    }
+    if scopes.iter().any(|scope| scope == "agent:lifecycle") {
+        return Err(widening("agent:lifecycle cannot be delegated"));
+    }
+    let constraints_text =
+        Value::Object(request.constraints.clone().unwrap_or_default()).to_string();
+    let constraints = Constraints::parse(&constraints_text).ok_or_else(|| {
+        invalid("constraints: unknown key, bad type, more than 64 resources, max_hops above 10, or max_depth ≠ max_hops")
+    })?;
+    let now = now_ms();
+    // An expiry is mandatory: ttl_seconds, constraints.expires_at, or both (the earlier wins).
+    let by_ttl = match request.ttl_seconds {
+        None => None,
+        Some(ttl) if (1..=MAX_TTL_SECONDS).contains(&ttl) => Some(now + ttl * 1000),
+        Some(_) => return Err(invalid("ttl_seconds must be 1 to 86400")),
+    };
+    let by_constraint = match constraints.expires_at_ms() {
+        None => None,
+        Some(Some(at)) if at > now => Some(at),
+        Some(_) => {
+            return Err(invalid(
+                "constraints.expires_at must be a future RFC 3339 time",
+            ));
+        }
+    };
+    let expires_at_ms = match (by_ttl, by_constraint) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(at), None) | (None, Some(at)) => at,
+        (None, None) => {
+            return Err(invalid(
+                "an expiry is required: ttl_seconds or constraints.expires_at",
+            ));
+        }
+    };
+
+    let store = state.shared.store.as_ref();
+    let (source, target) = (
+        store
+            .get_session(&zone_id, &request.source_session_id)
+            .await?,
+        store
+            .get_session(&zone_id, &request.target_session_id)
+            .await?,
+    );
+    let source = source.filter(|session| live(session, now)).ok_or_else(|| {
+        ApiError::with_description(
+            ErrorCode::SessionNotFound,
+            "the source session is not active",
+        )
+    })?;
+    let target = target.filter(|session| live(session, now)).ok_or_else(|| {
+        ApiError::with_description(
+            ErrorCode::SessionNotFound,
+            "the target session is not active",
+        )
+    })?;
+    if source.application_id != request.issuer_application_id
+        || target.application_id != request.receiver_application_id
+    {
+        return Err(ApiError::with_description(
+            ErrorCode::ParentOwnershipRequired,
+            "the sessions' applications are not the issuer and receiver named",
+        ));
+    }
+
+    // The resources, which must exist; the scopes within theirs. No resources: a broad edge,
+    // which needs a permission no caller holds yet.
+    let resource_row_id = match &request.resource_id {
+        None => None,
+        Some(resource) => Some(
+            store
+                .find_resource(&zone_id, resource)
+                .await?
+                .filter(|row| row.archived_at_ms.is_none())
+                .ok_or_else(|| invalid(format!("resource `{resource}` not found")))?,
+        ),
+    };
+    let mut reachable_scopes: Vec<String> = Vec::new();
+    if let Some(row) = &resource_row_id {
+        reachable_scopes.extend(row.scopes.iter().cloned());
+    }
+    for identifier in &constraints.resources {
+        let row = store
+            .find_resource(&zone_id, identifier)
+            .await?
+            .filter(|row| row.archived_at_ms.is_none())
+            .ok_or_else(|| invalid(format!("resource `{identifier}` not found")))?;
+        reachable_scopes.extend(row.scopes);
+    }
+    if resource_row_id.is_none() && constraints.resources.is_empty() {
+        return Err(ApiError::with_description(
+            ErrorCode::BroadDelegationForbidden,
+            "a delegation names its resources (resource_id or constraints.resources)",
+        ));
+    }
+    if let Some(scope) = scopes
+        .iter()
+        .find(|scope| !reachable_scopes.contains(scope))
+    {
+        return Err(widening(&format!(
+            "scope `{scope}` is not a scope of the delegated resources"
+        )));
+    }
+
+    // The parent: named, or the one live edge into the source session.
+    let parent = match &request.parent_edge_id {
+        Some(parent_id) => Some(
+            store
+                .get_delegation_edge(&zone_id, parent_id)
+                .await?
+                .ok_or_else(|| not_found(parent_id))?,
+        ),
+        None => {
+            let inbound: Vec<DelegationEdge> = store
+                .list_edges_to(&zone_id, &request.source_session_id)
+                .await?
+                .into_iter()
+                .filter(|edge| {
+                    edge.status == "active" && edge.expires_at_ms.is_some_and(|at| at > now)
+                })
+                .collect();
+            match inbound.len() {
+                0 => None,
+                1 => inbound.into_iter().next(),
+                _ => {
+                    return Err(invalid(
+                        "the source session has several delegations; name parent_edge_id",
+                    ));
+                }
+            }
+        }
+    };
+    if let Some(parent) = &parent {
+        if parent.status != "active" || parent.expires_at_ms.is_none_or(|at| at <= now) {
+            return Err(widening("the parent delegation is not active"));
+        }
+        if parent.target_session_id != request.source_session_id {
+            return Err(widening(
+                "the parent delegation does not target the source session",
+            ));
+        }
+        let parent_constraints = Constraints::parse(&parent.constraints).unwrap_or_default();
+        if let Some(scope) = scopes.iter().find(|scope| !parent.scopes.contains(scope)) {
+            return Err(widening(&format!(
+                "scope `{scope}` is not delegated by the parent"
+            )));
+        }
+        if parent.expires_at_ms.is_some_and(|at| expires_at_ms > at) {
+            return Err(widening("the delegation would outlive its parent"));
+        }
+        if let Some(parent_reach) = reach(parent.resource_id.as_deref(), &parent_constraints) {
+            // Compare by identifier: an edge names its own resource by row id, its constraint
+            // list by identifier.
+            let mut allowed = Vec::new();
+            for name in &parent_reach {
+                if let Some(row) = store.find_resource(&zone_id, name).await? {
+                    allowed.push(row.identifier);
+                }
+            }
+            let child: Vec<&str> = resource_row_id
+                .iter()
+                .map(|row| row.identifier.as_str())
+                .chain(constraints.resources.iter().map(String::as_str))
+                .collect();
+            if let Some(outside) = child
+                .iter()
+                .find(|name| !allowed.iter().any(|allowed| allowed == *name))
+            {
+                return Err(widening(&format!(
+                    "resource `{outside}` is outside the parent delegation"
+                )));
+            }
+        }
+        if parent_constraints.max_hops() < 2
+            || constraints.max_hops() > parent_constraints.max_hops() - 1
+        {
+            return Err(widening(
+                "max_hops must be below the parent's, which must allow another hop",
+            ));
+        }
+        if let Some(parent_ttl) = parent_constraints.ttl_seconds
+            && constraints.ttl_seconds.is_none_or(|ttl| ttl > parent_ttl)
+        {
+            return Err(widening(
+                "constraints.ttl_seconds must be set and at most the parent's",
+            ));
+        }
+        // No cycles: the target may not appear upstream in the lineage.
+        let mut cursor = Some(parent.clone());
+        let mut steps = 0;
+        while let Some(edge) = cursor {
+            if edge.source_session_id == request.target_session_id
+                || edge.target_session_id == request.target_session_id
+            {
+                return Err(ApiError::with_description(
+                    ErrorCode::DelegationCycle,
+                    "the target session already delegates into this lineage",
+                ));
+            }
+            steps += 1;
+            if steps > MAX_HOPS {
+                break;
+            }
+            cursor = match &edge.parent_edge_id {
+                Some(id) => store.get_delegation_edge(&zone_id, id).await?,
+                None => None,
+            };
+        }
+    }
+
+    let edge = DelegationEdge {
+        id: uuid::Uuid::now_v7().to_string(),
+        zone_id: zone_id.clone(),
+        source_session_id: request.source_session_id,
+        target_session_id: request.target_session_id,
+        issuer_application_id: request.issuer_application_id,
+        receiver_application_id: request.receiver_application_id,
+        parent_edge_id: parent.map(|parent| parent.id),
+        resource_id: resource_row_id.map(|row| row.id),
+        scopes,
+        constraints: constraints_text,
+        status: "active".to_owned(),
+        expires_at_ms: Some(expires_at_ms),
+        created_at_ms: now,
+        revoked_at_ms: None,
+    };
+    let created = OutboxMessage {
+        stream: DELEGATIONS_INVALIDATE.to_owned(),
+        fields: [
+            ("zone_id", edge.zone_id.clone()),
+            ("event", "edge_create".to_owned()),
+            ("edge_id", edge.id.clone()),
+            ("source_session_id", edge.source_session_id.clone()),
+            ("target_session_id", edge.target_session_id.clone()),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect(),
+        dedupe_key: None,
+    };
+    store.create_delegation_edge(&edge, &[created]).await?;
+    Ok((StatusCode::CREATED, Json(body(&edge))))
+}
+
+async fn read(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&state, &headers, &zone_id).await?;
+    if !valid_id(&id) {
+        return Err(invalid("delegation id has an invalid id syntax"));
+    }
+    let edge = state
+        .shared
+        .store
+        .get_delegation_edge(&zone_id, &id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(body(&edge)))
+}
+
+/// `DELETE /zones/{zone}/delegations/{id}`: the edge, its descendants and the sessions they
+/// target (with their subtrees), in one transaction with their revocation messages.
+async fn revoke(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&state, &headers, &zone_id).await?;
+    if !valid_id(&id) {
+        return Err(invalid("delegation id has an invalid id syntax"));
+    }
+    let store = state.shared.store.as_ref();
+    let edge = store
+        .get_delegation_edge(&zone_id, &id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    if edge.issuer_application_id != caller.client_id {
+        return Err(ApiError::with_description(
+            ErrorCode::ParentOwnershipRequired,
+            "only the issuing application revokes a delegation",
+        ));
+    }
+    store
+        .revoke_delegation_tree(&zone_id, &id, "delegation_revoked", super::revocations)
+        .await
+        .map_err(|error| match error {
+            caracal_store::StoreError::NotFound(_) => not_found(&id),
+            other => other.into(),
+        })?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
