@@ -195,3 +195,50 @@ async fn the_published_sdk_mints_verifies_and_survives_a_key_rotation() {
     let (exit, _, server_log) = running.terminate();
     assert!(exit.success(), "{server_log}");
 }
+
+#[test]
+fn the_published_sdk_starts_sessions_delegates_narrowly_and_revocation_stops_the_child() {
+    let python = sdk_python();
+    let (_parent, home) = fresh_home();
+    let sts_port = free_port();
+    let mut args: Vec<String> = util::ROLES
+        .iter()
+        .filter(|role| **role != "sts")
+        .flat_map(|role| ["--port".to_owned(), format!("{role}=0")])
+        .collect();
+    args.extend([
+        "--port".to_owned(),
+        format!("sts={sts_port}"),
+        "--issuer-url".to_owned(),
+        format!("http://127.0.0.1:{sts_port}"),
+        "up".to_owned(),
+    ]);
+    let running = Running::start(&home, &args);
+    let api = running.address("api");
+    assert_eq!(wait_ready(api).status, 200);
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let output = Command::new(python)
+        .arg(repo_root().join("crates/caracal/tests/interop/coordinator_client.py"))
+        .env("CARACAL_API_URL", format!("http://{api}"))
+        .env("CARACAL_ADMIN_TOKEN", token.trim())
+        .env("CARACAL_STS_URL", format!("http://127.0.0.1:{sts_port}"))
+        .env(
+            "CARACAL_COORDINATOR_URL",
+            format!("http://{}", running.address("coordinator")),
+        )
+        .output()
+        .expect("python runs");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let (exit, _, server_log) = running.terminate();
+    assert!(
+        output.status.success(),
+        "client failed:\n{stderr}\nserver:\n{server_log}"
+    );
+    assert!(exit.success(), "{server_log}");
+    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(seen["parent_started"], true);
+    assert_eq!(seen["delegation_scopes"], json!(["ledger:read"]));
+    assert_eq!(seen["child_mint"], json!({"use": "gateway", "edge": true}));
+    assert_eq!(seen["wider_mint"], "access_denied", "{seen}");
+    assert_eq!(seen["after_revoke"], "access_denied", "{seen}");
+}

@@ -7,7 +7,7 @@
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use caracal_core::ErrorCode;
 use caracal_store::{DelegationEdge, OutboxMessage, now_ms};
@@ -26,6 +26,16 @@ pub fn routes() -> Router<RoleState> {
         .route(
             "/zones/{zone_id}/delegations/{id}",
             get(read).delete(revoke),
+        )
+        // The SDK's `revoke_delegation` sends this form.
+        .route("/zones/{zone_id}/delegations/{id}/revoke", patch(revoke))
+        .route(
+            "/zones/{zone_id}/delegations/inbound/{session_id}",
+            get(inbound),
+        )
+        .route(
+            "/zones/{zone_id}/delegations/outbound/{session_id}",
+            get(outbound),
         )
 }
 
@@ -382,6 +392,51 @@ async fn read(
         .await?
         .ok_or_else(|| not_found(&id))?;
     Ok(Json(body(&edge)))
+}
+
+/// The edges into (`inbound`) or out of (`outbound`) a session.
+async fn inbound(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, session_id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    listing(&state, &headers, &zone_id, &session_id, true).await
+}
+
+async fn outbound(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, session_id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    listing(&state, &headers, &zone_id, &session_id, false).await
+}
+
+async fn listing(
+    state: &RoleState,
+    headers: &HeaderMap,
+    zone_id: &str,
+    session_id: &str,
+    into: bool,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(state, headers, zone_id).await?;
+    if !valid_id(session_id) {
+        return Err(invalid("session id has an invalid id syntax"));
+    }
+    let store = state.shared.store.as_ref();
+    let edges = if into {
+        store.list_edges_to(zone_id, session_id).await?
+    } else {
+        store.list_edges_from(zone_id, session_id).await?
+    };
+    let items: Vec<Value> = edges
+        .iter()
+        .map(|edge| {
+            let mut item = body(edge);
+            item["id"] = Value::String(edge.id.clone());
+            item
+        })
+        .collect();
+    Ok(Json(json!({ "items": items })))
 }
 
 /// `DELETE /zones/{zone}/delegations/{id}`: the edge, its descendants and the sessions they

@@ -1,0 +1,78 @@
+"""Drives a running Caracal's Coordinator and STS with the published main SDK (caracalai 1.0),
+unmodified: a governed session started with an idempotency key, a sub-agent session, a
+narrowed delegation to it, a mint the delegation allows and one wider that it does not, then
+the delegation revoked and the sub-agent's mint refused. Prints one JSON object.
+Reads CARACAL_API_URL, CARACAL_ADMIN_TOKEN, CARACAL_STS_URL, CARACAL_COORDINATOR_URL.
+"""
+import asyncio
+import base64
+import dataclasses
+import json
+import os
+import time
+
+from caracalai import Caracal
+from caracalai_admin import AdminClient, ResourceGrant, ensure_application, ensure_grants, ensure_resource
+
+STS = os.environ["CARACAL_STS_URL"]
+COORDINATOR = os.environ["CARACAL_COORDINATOR_URL"]
+seen = {}
+
+admin = AdminClient(api_url=os.environ["CARACAL_API_URL"], admin_token=os.environ["CARACAL_ADMIN_TOKEN"])
+zone_id = admin.zones.create({"name": "Coordinator Interop"})["id"]
+secret = "c" * 40
+app_id = ensure_application(admin, zone_id, name="orchestrator", traits=[], client_secret=secret)
+provider = admin.providers.create(zone_id, {"name": "none", "kind": "none"})
+ensure_resource(
+    admin, zone_id, name="Ledger", identifier="resource://ledger", scopes=["ledger:read", "ledger:write"],
+    upstream_url="http://127.0.0.1:9/api", credential_provider_id=provider["id"],
+)
+ensure_grants(admin, zone_id, grants=[
+    ResourceGrant(application_id=app_id, resource_identifier="resource://ledger", scopes=["ledger:read", "ledger:write"]),
+])
+policy_set = next(s for s in admin.policy_sets.list(zone_id) if s["name"] == "application-grant-policy")
+deadline = time.monotonic() + 20
+while admin.policy_sets.activation_status(zone_id, policy_set["id"])["propagation_status"] != "loaded":
+    if time.monotonic() > deadline:
+        raise SystemExit("the STS never loaded the grants")
+    time.sleep(0.1)
+
+caracal = Caracal.from_client_secret(
+    coordinator_url=COORDINATOR, sts_url=STS, zone_id=zone_id, application_id=app_id,
+    client_secret=secret, resources=["resource://ledger"],
+)
+
+
+def refused(call):
+    try:
+        call()
+        return None
+    except Exception as err:  # the SDK's typed errors carry .code
+        return getattr(err, "code", None) or type(err).__name__
+
+
+async def main():
+    # A worker that outlives a block (a service session; a task parent cannot start one, so it
+    # starts on its own): a handle, renewed by hand here.
+    handle = await caracal.start_session(labels=[app_id], task="worker", heartbeat_interval=0)
+    child = handle.context
+    async with caracal.session(labels=[app_id], task="reconcile", idempotency_key="op-1") as parent:
+        seen["parent_started"] = bool(parent.session_id)
+        delegation = await caracal.delegate(
+            to_session_id=child.session_id, scopes=["ledger:read"], ttl_seconds=300,
+            resource_id="resource://ledger",
+        )
+        seen["delegation_scopes"] = list(delegation.scopes)
+        bound = dataclasses.replace(child, delegation_id=delegation.delegation_id)
+        minted = caracal.mint_mandate("resource://ledger", ["ledger:read"], ctx=bound)
+        payload = minted.token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        seen["child_mint"] = {"use": claims["use"], "edge": claims.get("delegation_edge_id") == delegation.delegation_id}
+        seen["wider_mint"] = refused(lambda: caracal.mint_mandate("resource://ledger", ["ledger:write"], ctx=bound))
+        await caracal.revoke_delegation(delegation.delegation_id)
+        seen["after_revoke"] = refused(lambda: caracal.mint_mandate("resource://ledger", ["ledger:read"], ctx=bound))
+        await handle.aclose()
+    return seen
+
+asyncio.run(main())
+print(json.dumps(seen))
