@@ -56,6 +56,7 @@ fn body(edge: &DelegationEdge) -> Value {
     let constraints = Constraints::parse(&edge.constraints).unwrap_or_default();
     json!({
         "delegation_edge_id": edge.id,
+        "id": edge.id,
         "zone_id": edge.zone_id,
         "source_session_id": edge.source_session_id,
         "target_session_id": edge.target_session_id,
@@ -428,14 +429,7 @@ async fn listing(
     } else {
         store.list_edges_from(zone_id, session_id).await?
     };
-    let items: Vec<Value> = edges
-        .iter()
-        .map(|edge| {
-            let mut item = body(edge);
-            item["id"] = Value::String(edge.id.clone());
-            item
-        })
-        .collect();
+    let items: Vec<Value> = edges.iter().map(body).collect();
     Ok(Json(json!({ "items": items })))
 }
 
