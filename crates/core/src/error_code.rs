@@ -100,6 +100,10 @@ pub enum ErrorCode {
     DelegationCycle,
     /// Coordinator: a delegation without resources needs the broad-delegation permission.
     BroadDelegationForbidden,
+    /// Coordinator: the idempotency key was used for a different request.
+    IdempotencyKeyConflict,
+    /// Coordinator: the idempotency key's result (a session) is no longer live.
+    IdempotencyResultInactive,
 }
 
 impl ErrorCode {
@@ -152,6 +156,8 @@ impl ErrorCode {
             ErrorCode::DelegationWidening => "delegation_widening",
             ErrorCode::DelegationCycle => "delegation_cycle",
             ErrorCode::BroadDelegationForbidden => "broad_delegation_forbidden",
+            ErrorCode::IdempotencyKeyConflict => "idempotency_key_conflict",
+            ErrorCode::IdempotencyResultInactive => "idempotency_result_inactive",
         }
     }
 
@@ -169,7 +175,9 @@ impl ErrorCode {
             | ErrorCode::CanaryFailed
             | ErrorCode::NoLastKnownGood
             | ErrorCode::PolicyNameConflict
-            | ErrorCode::ApprovalNotDecidable => 409,
+            | ErrorCode::ApprovalNotDecidable
+            | ErrorCode::IdempotencyKeyConflict
+            | ErrorCode::IdempotencyResultInactive => 409,
             ErrorCode::InvalidRego | ErrorCode::InvalidPolicyBundle => 422,
             ErrorCode::RateLimited
             | ErrorCode::SessionDepthLimitExceeded
@@ -258,6 +266,8 @@ mod tests {
             ErrorCode::DelegationWidening,
             ErrorCode::DelegationCycle,
             ErrorCode::BroadDelegationForbidden,
+            ErrorCode::IdempotencyKeyConflict,
+            ErrorCode::IdempotencyResultInactive,
         ];
         for code in all {
             let text = code.as_str();

@@ -107,10 +107,33 @@ async fn create(
     headers: HeaderMap,
     Path(zone_id): Path<String>,
     raw: Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<Response, ApiError> {
     let caller = authenticate(&state, &headers, &zone_id).await?;
-    let request: CreateEdge =
+    let canonical: Value =
         serde_json::from_slice(&raw).map_err(|error| invalid(format!("invalid body: {error}")))?;
+    let request: CreateEdge = serde_json::from_value(canonical.clone())
+        .map_err(|error| invalid(format!("invalid body: {error}")))?;
+    let key = super::idempotency::from_request(
+        &state,
+        &headers,
+        "delegation.create",
+        &zone_id,
+        &caller.client_id,
+        &canonical,
+    )?;
+    if let Some(key) = &key {
+        let store = state.shared.store.as_ref();
+        let replay = super::idempotency::replay(&state, key, async |id: &str| {
+            Ok(store
+                .get_delegation_edge(&zone_id, id)
+                .await?
+                .is_some_and(|edge| edge.status == "active"))
+        })
+        .await?;
+        if let Some(replay) = replay {
+            return Ok(replay);
+        }
+    }
     if request.issuer_application_id != caller.client_id {
         return Err(ApiError::with_description(
             ErrorCode::ParentOwnershipRequired,
@@ -374,7 +397,21 @@ async fn create(
         dedupe_key: None,
     };
     store.create_delegation_edge(&edge, &[created]).await?;
-    Ok((StatusCode::CREATED, Json(body(&edge))))
+    let answer = body(&edge);
+    if let Some(key) = &key
+        && let Some(earlier) = super::idempotency::remember(
+            &state,
+            key,
+            "delegation",
+            &edge.id,
+            StatusCode::CREATED,
+            &answer,
+        )
+        .await?
+    {
+        return Ok(earlier);
+    }
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
 
 async fn read(

@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 mod delegations;
+mod idempotency;
 
 use crate::error::ApiError;
 use crate::keys::KeyRing;
@@ -215,10 +216,33 @@ async fn start(
     headers: HeaderMap,
     Path(zone_id): Path<String>,
     raw: Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<Response, ApiError> {
     let caller = authenticate(&state, &headers, &zone_id).await?;
-    let request: StartRequest =
+    let canonical: Value =
         serde_json::from_slice(&raw).map_err(|error| invalid(format!("invalid body: {error}")))?;
+    let request: StartRequest = serde_json::from_value(canonical.clone())
+        .map_err(|error| invalid(format!("invalid body: {error}")))?;
+    let key = idempotency::from_request(
+        &state,
+        &headers,
+        "session.start",
+        &zone_id,
+        &caller.client_id,
+        &canonical,
+    )?;
+    if let Some(key) = &key {
+        let store = state.shared.store.as_ref();
+        let replay = idempotency::replay(&state, key, async |id: &str| {
+            Ok(store
+                .get_session(&zone_id, id)
+                .await?
+                .is_some_and(|session| live(&session, now_ms())))
+        })
+        .await?;
+        if let Some(replay) = replay {
+            return Ok(replay);
+        }
+    }
     if request.application_id != caller.client_id {
         return Err(ApiError::with_description(
             ErrorCode::ParentOwnershipRequired,
@@ -299,7 +323,21 @@ async fn start(
         termination_reason: None,
     };
     store.create_session(&session, &[]).await?;
-    Ok((StatusCode::CREATED, Json(body(&session))))
+    let answer = body(&session);
+    if let Some(key) = &key
+        && let Some(earlier) = idempotency::remember(
+            &state,
+            key,
+            "session",
+            &session.id,
+            StatusCode::CREATED,
+            &answer,
+        )
+        .await?
+    {
+        return Ok(earlier);
+    }
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
 
 async fn read(

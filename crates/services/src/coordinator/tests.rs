@@ -584,3 +584,63 @@ async fn delegations_only_narrow_chains_mint_along_them_and_revocation_takes_the
         (StatusCode::NOT_FOUND, Some("delegation_not_found"))
     );
 }
+
+#[tokio::test]
+async fn an_idempotency_key_replays_the_same_create_and_refuses_a_different_one() {
+    let world = world().await;
+    let bearer = world.lifecycle().await;
+    let authorization = format!("Bearer {bearer}");
+    let path = format!("/zones/{}/agents", world.zone_id);
+    let post = |key: &str, body: Value| {
+        let (path, authorization, key, coordinator) = (
+            path.clone(),
+            authorization.clone(),
+            key.to_owned(),
+            world.coordinator.clone(),
+        );
+        async move {
+            crate::test_support::call_with(
+                &coordinator,
+                "POST",
+                &path,
+                &[
+                    ("authorization", authorization.as_str()),
+                    ("idempotency-key", key.as_str()),
+                ],
+                &body.to_string(),
+            )
+            .await
+        }
+    };
+    let body = json!({"application_id": world.app_id, "metadata": {"task": "nightly"}});
+    let (status, headers, first) = post("op-42", body.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert!(!headers.contains_key("idempotency-replayed"));
+    let (status, headers, again) = post("op-42", body.clone()).await;
+    assert_eq!((status, &again), (StatusCode::CREATED, &first));
+    assert_eq!(headers["idempotency-replayed"], "true");
+    let (status, _, conflict) = post("op-42", json!({"application_id": world.app_id})).await;
+    assert_eq!(
+        (status, conflict["error"].as_str()),
+        (StatusCode::CONFLICT, Some("idempotency_key_conflict"))
+    );
+    let (status, _, bad) = post(" padded", body.clone()).await;
+    assert_eq!(
+        (status, bad["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_params"))
+    );
+    // Once the session is gone, its receipt no longer answers.
+    let id = first["agent_session_id"].as_str().unwrap();
+    assert_eq!(
+        world
+            .agents("DELETE", &format!("/{id}"), Some(&bearer), "")
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    let (status, _, inactive) = post("op-42", body).await;
+    assert_eq!(
+        (status, inactive["error"].as_str()),
+        (StatusCode::CONFLICT, Some("idempotency_result_inactive"))
+    );
+}
