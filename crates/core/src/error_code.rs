@@ -104,6 +104,14 @@ pub enum ErrorCode {
     IdempotencyKeyConflict,
     /// Coordinator: the idempotency key's result (a session) is no longer live.
     IdempotencyResultInactive,
+    /// Coordinator: a newer lease holder fenced this one.
+    SessionLeaseFenced,
+    /// Coordinator: the session is no longer live (ended, or its lease lapsed).
+    SessionNotLive,
+    /// Coordinator: leases and heartbeats are for service sessions.
+    SessionNotService,
+    /// Coordinator: a service session's heartbeat or termination names its lease generation.
+    LeaseGenerationRequired,
 }
 
 impl ErrorCode {
@@ -158,6 +166,10 @@ impl ErrorCode {
             ErrorCode::BroadDelegationForbidden => "broad_delegation_forbidden",
             ErrorCode::IdempotencyKeyConflict => "idempotency_key_conflict",
             ErrorCode::IdempotencyResultInactive => "idempotency_result_inactive",
+            ErrorCode::SessionLeaseFenced => "session_lease_fenced",
+            ErrorCode::SessionNotLive => "session_not_live",
+            ErrorCode::SessionNotService => "session_not_service",
+            ErrorCode::LeaseGenerationRequired => "lease_generation_required",
         }
     }
 
@@ -177,7 +189,11 @@ impl ErrorCode {
             | ErrorCode::PolicyNameConflict
             | ErrorCode::ApprovalNotDecidable
             | ErrorCode::IdempotencyKeyConflict
-            | ErrorCode::IdempotencyResultInactive => 409,
+            | ErrorCode::IdempotencyResultInactive
+            | ErrorCode::SessionLeaseFenced
+            | ErrorCode::SessionNotLive
+            | ErrorCode::SessionNotService => 409,
+            ErrorCode::LeaseGenerationRequired => 400,
             ErrorCode::InvalidRego | ErrorCode::InvalidPolicyBundle => 422,
             ErrorCode::RateLimited
             | ErrorCode::SessionDepthLimitExceeded
@@ -268,6 +284,10 @@ mod tests {
             ErrorCode::BroadDelegationForbidden,
             ErrorCode::IdempotencyKeyConflict,
             ErrorCode::IdempotencyResultInactive,
+            ErrorCode::SessionLeaseFenced,
+            ErrorCode::SessionNotLive,
+            ErrorCode::SessionNotService,
+            ErrorCode::LeaseGenerationRequired,
         ];
         for code in all {
             let text = code.as_str();

@@ -53,6 +53,8 @@ pub fn routes() -> Router<RoleState> {
     Router::new()
         .route("/zones/{zone_id}/agents", post(start).get(list))
         .route("/zones/{zone_id}/agents/{id}", get(read).delete(terminate))
+        .route("/zones/{zone_id}/agents/{id}/heartbeat", post(heartbeat))
+        .route("/zones/{zone_id}/agents/{id}/lease", post(lease))
         .merge(delegations::routes())
 }
 
@@ -371,6 +373,98 @@ async fn list(
         .map(body)
         .collect();
     Ok(Json(json!({ "items": items, "agents": items })))
+}
+
+#[derive(Debug, Deserialize)]
+struct HeartbeatRequest {
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    lease_generation: Option<i64>,
+}
+
+/// Why a lease operation on `id` was refused: fenced, lapsed or not a service session.
+async fn lease_refusal(state: &RoleState, zone_id: &str, id: &str) -> ApiError {
+    match state.shared.store.get_session(zone_id, id).await {
+        Ok(None) => not_found(id),
+        Ok(Some(session)) if session.lifecycle != "service" => {
+            ApiError::new(ErrorCode::SessionNotService)
+        }
+        Ok(Some(session)) if !live(&session, now_ms()) => ApiError::new(ErrorCode::SessionNotLive),
+        Ok(Some(_)) => ApiError::new(ErrorCode::SessionLeaseFenced),
+        Err(error) => error.into(),
+    }
+}
+
+fn lease_body(status: &str, deadline_ms: i64, generation: i64) -> Value {
+    json!({"status": status, "heartbeat_deadline_at": timestamp(deadline_ms), "lease_generation": generation})
+}
+
+/// `POST …/agents/{id}/heartbeat`: the holder of the current lease generation extends it.
+async fn heartbeat(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, id)): Path<(String, String)>,
+    raw: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&state, &headers, &zone_id).await?;
+    if !valid_id(&id) {
+        return Err(invalid("session id has an invalid id syntax"));
+    }
+    let request: HeartbeatRequest =
+        serde_json::from_slice(&raw).map_err(|error| invalid(format!("invalid body: {error}")))?;
+    if !matches!(
+        request.status.as_deref(),
+        None | Some("starting" | "healthy" | "degraded" | "unhealthy")
+    ) {
+        return Err(invalid(
+            "status must be starting, healthy, degraded or unhealthy",
+        ));
+    }
+    let generation = request
+        .lease_generation
+        .ok_or_else(|| ApiError::new(ErrorCode::LeaseGenerationRequired))?;
+    let deadline = now_ms() + SERVICE_LEASE_MS;
+    match state
+        .shared
+        .store
+        .heartbeat_session(&zone_id, &id, generation, deadline)
+        .await
+    {
+        Ok(()) => Ok(Json(
+            json!({"agent": lease_body("active", deadline, generation)}),
+        )),
+        Err(caracal_store::StoreError::Conflict(_)) => {
+            Err(lease_refusal(&state, &zone_id, &id).await)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// `POST …/agents/{id}/lease`: takes the lease (the next generation), fencing the previous
+/// holder.
+async fn lease(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&state, &headers, &zone_id).await?;
+    if !valid_id(&id) {
+        return Err(invalid("session id has an invalid id syntax"));
+    }
+    let deadline = now_ms() + SERVICE_LEASE_MS;
+    match state
+        .shared
+        .store
+        .acquire_session_lease(&zone_id, &id, deadline)
+        .await
+    {
+        Ok(generation) => Ok(Json(lease_body("active", deadline, generation))),
+        Err(caracal_store::StoreError::Conflict(_)) => {
+            Err(lease_refusal(&state, &zone_id, &id).await)
+        }
+        Err(error) => Err(error.into()),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -644,3 +644,75 @@ async fn an_idempotency_key_replays_the_same_create_and_refuses_a_different_one(
         (StatusCode::CONFLICT, Some("idempotency_result_inactive"))
     );
 }
+
+#[tokio::test]
+async fn service_leases_are_renewed_by_their_holder_and_fenced_by_a_new_one() {
+    let world = world().await;
+    let bearer = world.lifecycle().await;
+    let b = Some(bearer.as_str());
+    let (_, service) = world
+        .agents(
+            "POST",
+            "",
+            b,
+            &json!({"application_id": world.app_id, "lifecycle": "service"}).to_string(),
+        )
+        .await;
+    let id = service["agent_session_id"].as_str().unwrap().to_owned();
+    let beat = |generation: Value| {
+        let body = json!({"status": "healthy", "lease_generation": generation}).to_string();
+        let path = format!("/{id}/heartbeat");
+        let world = &world;
+        async move { world.agents("POST", &path, b, &body).await }
+    };
+    let code = |answer: &Value| answer["error"].as_str().unwrap_or_default().to_owned();
+    let (status, renewed) = beat(json!(1)).await;
+    assert_eq!(status, StatusCode::OK, "{renewed}");
+    assert_eq!(renewed["agent"]["lease_generation"], 1);
+    let (status, taken) = world.agents("POST", &format!("/{id}/lease"), b, "").await;
+    assert_eq!(
+        (status, taken["lease_generation"].as_i64()),
+        (StatusCode::OK, Some(2))
+    );
+    let (status, fenced) = beat(json!(1)).await;
+    assert_eq!(
+        (status, code(&fenced).as_str()),
+        (StatusCode::CONFLICT, "session_lease_fenced")
+    );
+    assert_eq!(beat(json!(2)).await.0, StatusCode::OK);
+    let (status, missing) = beat(Value::Null).await;
+    assert_eq!(
+        (status, code(&missing).as_str()),
+        (StatusCode::BAD_REQUEST, "lease_generation_required")
+    );
+    let (_, task) = world
+        .agents(
+            "POST",
+            "",
+            b,
+            &json!({"application_id": world.app_id}).to_string(),
+        )
+        .await;
+    let task_id = task["agent_session_id"].as_str().unwrap();
+    let (status, not_service) = world
+        .agents(
+            "POST",
+            &format!("/{task_id}/heartbeat"),
+            b,
+            r#"{"lease_generation":0}"#,
+        )
+        .await;
+    assert_eq!(
+        (status, code(&not_service).as_str()),
+        (StatusCode::CONFLICT, "session_not_service")
+    );
+    assert_eq!(
+        world.agents("DELETE", &format!("/{id}"), b, "").await.0,
+        StatusCode::NO_CONTENT
+    );
+    let (status, ended) = beat(json!(2)).await;
+    assert_eq!(
+        (status, code(&ended).as_str()),
+        (StatusCode::CONFLICT, "session_not_live")
+    );
+}

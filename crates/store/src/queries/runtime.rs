@@ -97,6 +97,23 @@ pub trait Runtime: Send + Sync {
         reason: &str,
         outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
     ) -> Result<TerminatedTree, StoreError>;
+    /// Extends a live service session's lease to `deadline_ms` if `generation` is current;
+    /// anything else (stale generation, lapsed, not a service) is [`StoreError::Conflict`].
+    async fn heartbeat_session(
+        &self,
+        zone_id: &str,
+        id: &str,
+        generation: i64,
+        deadline_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Takes a live service session's lease: the next generation, which fences the holder of
+    /// the previous one. Returns it; a session that is not a live service is a conflict.
+    async fn acquire_session_lease(
+        &self,
+        zone_id: &str,
+        id: &str,
+        deadline_ms: i64,
+    ) -> Result<i64, StoreError>;
     /// Revokes edge `id` and every edge descending from it (`parent_edge_id`), terminates the
     /// sessions those edges target with their subtrees, revokes every other active edge
     /// touching those sessions, bumps the epoch and enqueues what `outbox` builds, in one
@@ -670,6 +687,47 @@ impl<D: Db> Runtime for D {
              WHERE zone_id = $1 AND id = $2 AND lease_generation = $3 AND status = 'active'
              RETURNING lease_generation",
             params![zone_id, id, generation, deadline_ms, now_ms()],
+        )
+        .must_change(stale_lease);
+        let outcomes = self.atomic(vec![update]).await?;
+        first_row(&outcomes)?.int(0)
+    }
+
+    async fn heartbeat_session(
+        &self,
+        zone_id: &str,
+        id: &str,
+        generation: i64,
+        deadline_ms: i64,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        self.atomic(vec![
+            Statement::new(
+                "UPDATE sessions SET heartbeat_deadline_ms = $4, last_active_ms = $5
+                 WHERE zone_id = $1 AND id = $2 AND lease_generation = $3 AND status = 'active'
+                   AND lifecycle = 'service' AND heartbeat_deadline_ms > $5",
+                params![zone_id, id, generation, deadline_ms, now],
+            )
+            .must_change(stale_lease),
+        ])
+        .await
+        .map(|_| ())
+    }
+
+    async fn acquire_session_lease(
+        &self,
+        zone_id: &str,
+        id: &str,
+        deadline_ms: i64,
+    ) -> Result<i64, StoreError> {
+        let now = now_ms();
+        let update = Statement::new(
+            "UPDATE sessions SET lease_generation = lease_generation + 1, heartbeat_deadline_ms = $3,
+                 last_active_ms = $4
+             WHERE zone_id = $1 AND id = $2 AND status = 'active' AND lifecycle = 'service'
+               AND heartbeat_deadline_ms > $4
+             RETURNING lease_generation",
+            params![zone_id, id, deadline_ms, now],
         )
         .must_change(stale_lease);
         let outcomes = self.atomic(vec![update]).await?;
