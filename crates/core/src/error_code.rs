@@ -92,6 +92,8 @@ pub enum ErrorCode {
     SessionDepthLimitExceeded,
     /// Coordinator: the parent already has as many children as allowed.
     SessionChildrenLimitExceeded,
+    /// Coordinator: the zone or the application already has as many live sessions as allowed.
+    SessionLimitExceeded,
     /// Coordinator: no such delegation in the zone.
     DelegationNotFound,
     /// Coordinator: a new delegation would widen what its parent grants; the rule is named.
@@ -160,6 +162,7 @@ impl ErrorCode {
             ErrorCode::ParentOwnershipRequired => "parent_ownership_required",
             ErrorCode::SessionDepthLimitExceeded => "session_depth_limit_exceeded",
             ErrorCode::SessionChildrenLimitExceeded => "session_children_limit_exceeded",
+            ErrorCode::SessionLimitExceeded => "session_limit_exceeded",
             ErrorCode::DelegationNotFound => "delegation_not_found",
             ErrorCode::DelegationWidening => "delegation_widening",
             ErrorCode::DelegationCycle => "delegation_cycle",
@@ -197,7 +200,8 @@ impl ErrorCode {
             ErrorCode::InvalidRego | ErrorCode::InvalidPolicyBundle => 422,
             ErrorCode::RateLimited
             | ErrorCode::SessionDepthLimitExceeded
-            | ErrorCode::SessionChildrenLimitExceeded => 429,
+            | ErrorCode::SessionChildrenLimitExceeded
+            | ErrorCode::SessionLimitExceeded => 429,
             ErrorCode::MissingToken | ErrorCode::InvalidToken | ErrorCode::IdentityRevoked => 401,
             ErrorCode::MissingScope
             | ErrorCode::ZoneMismatch
@@ -278,6 +282,7 @@ mod tests {
             ErrorCode::ParentOwnershipRequired,
             ErrorCode::SessionDepthLimitExceeded,
             ErrorCode::SessionChildrenLimitExceeded,
+            ErrorCode::SessionLimitExceeded,
             ErrorCode::DelegationNotFound,
             ErrorCode::DelegationWidening,
             ErrorCode::DelegationCycle,

@@ -260,7 +260,10 @@ impl Stack {
                     .await?;
             }
             if role == Role::Coordinator {
-                let coordinator = crate::coordinator::start_state(self.issuer.clone());
+                let coordinator = crate::coordinator::start_state(
+                    self.issuer.clone(),
+                    crate::coordinator::Limits::default(),
+                );
                 servers.spawn(crate::keys::follow_invalidations(
                     coordinator.keys.clone(),
                     Arc::clone(&self.shared.bus.streams),

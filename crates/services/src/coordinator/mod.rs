@@ -33,9 +33,25 @@ pub const SESSIONS_REVOKE: &str = "caracal.sessions.revoke";
 /// The stream carrying each zone's new delegation graph epoch.
 pub const DELEGATIONS_INVALIDATE: &str = "caracal.delegations.invalidate";
 const LIFECYCLE: &str = "agent:lifecycle";
-/// Tree limits (the reference's values).
-pub const MAX_DEPTH: i64 = 10;
-pub const MAX_CHILDREN: usize = 10;
+/// How large session trees may grow; the defaults are the reference's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_depth: i64,
+    pub max_children: usize,
+    pub sessions_per_zone: i64,
+    pub sessions_per_application: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_depth: 10,
+            max_children: 10,
+            sessions_per_zone: 50,
+            sessions_per_application: 200,
+        }
+    }
+}
 const MAX_LABELS: usize = 32;
 const MAX_LABEL_CHARS: usize = 64;
 const DEFAULT_TASK_TTL: i64 = 3600;
@@ -47,6 +63,7 @@ const SERVICE_LEASE_MS: i64 = 60_000;
 pub struct Coordinator {
     pub issuer: String,
     pub keys: KeyRing,
+    pub limits: Limits,
 }
 
 pub fn routes() -> Router<RoleState> {
@@ -278,6 +295,17 @@ async fn start(
     };
     let store = state.shared.store.as_ref();
     let now = now_ms();
+    let limits = state
+        .coordinator
+        .as_ref()
+        .map(|coordinator| coordinator.limits)
+        .unwrap_or_default();
+    let (in_zone, of_app) = store
+        .count_active_sessions(&zone_id, &caller.client_id)
+        .await?;
+    if in_zone >= limits.sessions_per_zone || of_app >= limits.sessions_per_application {
+        return Err(ApiError::new(ErrorCode::SessionLimitExceeded));
+    }
     let depth = match &request.parent_id {
         None => 0,
         Some(parent_id) => {
@@ -295,11 +323,11 @@ async fn start(
             if parent.lifecycle == "task" && lifecycle == "service" {
                 return Err(invalid("a task session cannot start a service session"));
             }
-            if parent.depth + 1 > MAX_DEPTH {
+            if parent.depth + 1 > limits.max_depth {
                 return Err(ApiError::new(ErrorCode::SessionDepthLimitExceeded));
             }
             let children = store.list_child_sessions(&zone_id, parent_id).await?;
-            if children.iter().filter(|child| live(child, now)).count() >= MAX_CHILDREN {
+            if children.iter().filter(|child| live(child, now)).count() >= limits.max_children {
                 return Err(ApiError::new(ErrorCode::SessionChildrenLimitExceeded));
             }
             parent.depth + 1
@@ -572,10 +600,11 @@ pub(crate) fn revocations(tree: &TerminatedTree) -> Vec<OutboxMessage> {
 }
 
 /// Starts the Coordinator's in-memory state.
-pub fn start_state(issuer: String) -> Arc<Coordinator> {
+pub fn start_state(issuer: String, limits: Limits) -> Arc<Coordinator> {
     Arc::new(Coordinator {
         issuer,
         keys: KeyRing::default(),
+        limits,
     })
 }
 

@@ -121,7 +121,10 @@ async fn world() -> World {
         .unwrap();
     sts_state.sts = Some(sts);
     let mut coordinator_state = RoleState::new(Role::Coordinator, shared.clone());
-    coordinator_state.coordinator = Some(super::start_state(ISSUER.to_owned()));
+    coordinator_state.coordinator = Some(super::start_state(
+        ISSUER.to_owned(),
+        super::Limits::default(),
+    ));
     World {
         _keep: keep,
         shared,
@@ -714,5 +717,61 @@ async fn service_leases_are_renewed_by_their_holder_and_fenced_by_a_new_one() {
     assert_eq!(
         (status, code(&ended).as_str()),
         (StatusCode::CONFLICT, "session_not_live")
+    );
+}
+
+#[tokio::test]
+async fn session_trees_stay_within_their_limits() {
+    let mut world = world().await;
+    let mut state = RoleState::new(Role::Coordinator, world.shared.clone());
+    state.coordinator = Some(super::start_state(
+        ISSUER.to_owned(),
+        super::Limits {
+            max_depth: 1,
+            max_children: 1,
+            sessions_per_zone: 3,
+            sessions_per_application: 3,
+        },
+    ));
+    world.coordinator = router(state);
+    let bearer = world.lifecycle().await;
+    let b = Some(bearer.as_str());
+    let start = |parent: Option<&str>| {
+        let mut body = json!({"application_id": world.app_id});
+        if let Some(parent) = parent {
+            body["parent_id"] = parent.into();
+        }
+        body.to_string()
+    };
+    let (_, root) = world.agents("POST", "", b, &start(None)).await;
+    let root_id = root["agent_session_id"].as_str().unwrap().to_owned();
+    let (status, child) = world.agents("POST", "", b, &start(Some(&root_id))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let child_id = child["agent_session_id"].as_str().unwrap();
+    let code = |answer: &Value| answer["error"].as_str().unwrap_or_default().to_owned();
+    let (status, answer) = world.agents("POST", "", b, &start(Some(&root_id))).await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            "session_children_limit_exceeded"
+        )
+    );
+    let (status, answer) = world.agents("POST", "", b, &start(Some(child_id))).await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            "session_depth_limit_exceeded"
+        )
+    );
+    assert_eq!(
+        world.agents("POST", "", b, &start(None)).await.0,
+        StatusCode::CREATED
+    );
+    let (status, answer) = world.agents("POST", "", b, &start(None)).await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "session_limit_exceeded")
     );
 }

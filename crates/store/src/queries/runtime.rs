@@ -70,6 +70,12 @@ pub trait Runtime: Send + Sync {
     ) -> Result<(), StoreError>;
     async fn get_session(&self, zone_id: &str, id: &str) -> Result<Option<Session>, StoreError>;
     async fn list_sessions(&self, zone_id: &str) -> Result<Vec<Session>, StoreError>;
+    /// Active sessions of the zone, and of those, `application_id`'s.
+    async fn count_active_sessions(
+        &self,
+        zone_id: &str,
+        application_id: &str,
+    ) -> Result<(i64, i64), StoreError>;
     async fn list_child_sessions(
         &self,
         zone_id: &str,
@@ -577,6 +583,24 @@ impl<D: Db> Runtime for D {
             session,
         )
         .await
+    }
+
+    async fn count_active_sessions(
+        &self,
+        zone_id: &str,
+        application_id: &str,
+    ) -> Result<(i64, i64), StoreError> {
+        let rows = self
+            .rows(
+                "SELECT COUNT(*), COALESCE(SUM(CASE WHEN application_id = $2 THEN 1 ELSE 0 END), 0)
+                 FROM sessions WHERE zone_id = $1 AND status = 'active'",
+                params![zone_id, application_id],
+            )
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| StoreError::Corrupt("a count returned no row".into()))?;
+        Ok((row.int(0)?, row.int(1)?))
     }
 
     async fn list_sessions(&self, zone_id: &str) -> Result<Vec<Session>, StoreError> {
