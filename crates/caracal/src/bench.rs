@@ -88,16 +88,20 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
 /// A run's own temporary directory with a SQLite store in it, and a PostgreSQL store in a schema
 /// of its own, so concurrent runs and earlier crashed runs never meet.
-struct Scratch {
-    run_id: String,
+pub(crate) struct Scratch {
+    pub(crate) run_id: String,
     directory: std::path::PathBuf,
     schema: String,
-    sqlite: SqliteStore,
-    postgres: PgStore,
+    pub(crate) sqlite: SqliteStore,
+    pub(crate) postgres: PgStore,
 }
 
 impl Scratch {
-    async fn create(args: &BenchArgs, bench: &str, pool_size: usize) -> anyhow::Result<Scratch> {
+    pub(crate) async fn create(
+        args: &BenchArgs,
+        bench: &str,
+        pool_size: usize,
+    ) -> anyhow::Result<Scratch> {
         let run_id = uuid::Uuid::now_v7().simple().to_string();
         let directory = std::env::temp_dir().join(format!("caracal-bench-{bench}-{run_id}"));
         std::fs::create_dir_all(&directory)?;
@@ -128,7 +132,7 @@ impl Scratch {
     }
 
     /// Best effort: a leftover schema or directory costs space, never correctness.
-    async fn remove(&self, postgres: &str) {
+    pub(crate) async fn remove(&self, postgres: &str) {
         if let Ok((client, connection)) =
             tokio_postgres::connect(postgres, tokio_postgres::NoTls).await
         {

@@ -138,6 +138,9 @@ pub enum BenchCommand {
     /// Token exchange: raw ES256 signing beside full bootstrap and delegated mints with the
     /// embedded store in the loop, measured in one run
     Sts(BenchArgs),
+    /// Revocation: terminating the root of a 1,111-session tree with its edges, committed and
+    /// every message published, embedded beside distributed
+    Coordinator(BenchArgs),
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@
 mod admin_http;
 mod audit;
 mod bench;
+mod bench_coordinator;
 mod bench_sts;
 mod cli;
 mod config;
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
                 BenchCommand::Backends(args) => bench::run(args).await,
                 BenchCommand::Audit(args) => bench::audit(args).await,
                 BenchCommand::Sts(args) => bench_sts::run(args).await,
+                BenchCommand::Coordinator(args) => bench_coordinator::run(args).await,
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,

@@ -175,3 +175,28 @@ fn the_backend_benchmark_runs_every_case() {
         assert!(stdout.contains(case), "missing `{case}` in\n{stdout}");
     }
 }
+
+#[test]
+fn the_coordinator_benchmark_runs_every_case() {
+    if !external_backends() {
+        return;
+    }
+    let (_parent, home) = fresh_home();
+    let output = util::run(util::caracal(&home).args(["bench", "coordinator", "--quick"]));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for case in [
+        "sessions terminated",
+        "edges revoked",
+        "messages published",
+        "commit + every message published, ms",
+    ] {
+        assert!(stdout.contains(case), "missing `{case}` in\n{stdout}");
+    }
+    // 1 + 10 + 100 sessions at --quick, each with its revoke message, plus the epoch.
+    assert!(stdout.contains("111.0"), "{stdout}");
+}

@@ -61,6 +61,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "approval consumption",
             include_str!("schema/0010_approval_consumption.sql").to_owned(),
         ),
+        (
+            "delegation parent index",
+            include_str!("schema/0011_delegation_parent_index.sql").to_owned(),
+        ),
     ]
 }
 

@@ -56,6 +56,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "approval consumption",
             include_str!("schema/0010_approval_consumption.sql").to_owned(),
         ),
+        (
+            "delegation parent index",
+            include_str!("schema/0011_delegation_parent_index.sql").to_owned(),
+        ),
     ]
 }
 
@@ -496,6 +500,7 @@ mod tests {
                      DROP INDEX applications_live_name; ALTER TABLE zones DROP COLUMN archived_at_ms;
                      DROP INDEX outbox_dedupe; DROP TABLE policy_loads;
                      ALTER TABLE approval_holds DROP COLUMN consumed_record_id;
+                     DROP INDEX delegation_edges_parent;
                      DELETE FROM schema_migrations WHERE version >= 2;",
                 )
             })

@@ -1814,7 +1814,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 10
+                supported: 11
             }
         ),
         "{error}"
@@ -1830,7 +1830,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
     let versions: Vec<i64> = rows.iter().map(|row| row.int(0).unwrap()).collect();
     assert_eq!(
         versions,
-        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 999],
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 999],
         "the refused start wrote nothing"
     );
     drop_schema(&schema).await;
@@ -2189,6 +2189,10 @@ async fn sqlite_hex_hashes_of_an_earlier_release_become_bytes() {
         .await
         .unwrap();
     store
+        .change("DROP INDEX delegation_edges_parent", vec![])
+        .await
+        .unwrap();
+    store
         .change("ALTER TABLE zones DROP COLUMN archived_at_ms", vec![])
         .await
         .unwrap();
@@ -2224,6 +2228,7 @@ async fn postgres_hex_hashes_of_an_earlier_release_become_bytes() {
         "DROP INDEX outbox_dedupe",
         "DROP TABLE policy_loads",
         "ALTER TABLE approval_holds DROP COLUMN consumed_record_id",
+        "DROP INDEX delegation_edges_parent",
         "ALTER TABLE zones DROP COLUMN archived_at_ms",
     ] {
         backend.db.change(undo, vec![]).await.unwrap();

@@ -539,7 +539,7 @@ async fn terminate(
 /// The propagation of a termination (`sdk-wire-contract.md` §6): per terminated session, a
 /// revoke message anchored on it (and on the edge that targeted it, if any); per revoked edge
 /// not already covered, one anchored on the edge; and the zone's new epoch.
-pub(crate) fn revocations(tree: &TerminatedTree) -> Vec<OutboxMessage> {
+pub fn revocations(tree: &TerminatedTree) -> Vec<OutboxMessage> {
     let message = |fields: Vec<(&str, String)>| OutboxMessage {
         stream: SESSIONS_REVOKE.to_owned(),
         fields: fields

@@ -367,7 +367,9 @@ fn authority_inserts(records: &[AuthorityRecord]) -> Vec<Statement> {
 }
 
 /// A cascade's sessions: a `WITH RECURSIVE … tree (id)` prefix over `$1` (zone) and `$2`
-/// (root), then the two updates over `tree`.
+/// (root), then the two updates over `tree`. The recursive steps read `tree CROSS JOIN
+/// sessions`: SQLite then keeps the queue row outside and looks children up by index; left
+/// to choose, it scans the zone's sessions for every row (quadratic in the tree's size).
 macro_rules! cascade_updates {
     ($tree:expr) => {
         (
@@ -663,7 +665,8 @@ impl<D: Db> Runtime for D {
         let updates = cascade_updates!(
             "WITH RECURSIVE tree (id) AS (
                  SELECT id FROM sessions WHERE zone_id = $1 AND id = $2
-                 UNION SELECT s.id FROM sessions s JOIN tree t ON s.parent_id = t.id WHERE s.zone_id = $1)"
+                 UNION SELECT s.id FROM tree t CROSS JOIN sessions s
+                     WHERE s.zone_id = $1 AND s.parent_id = t.id)"
         );
         let exists = Statement::new(
             "SELECT id FROM sessions WHERE zone_id = $1 AND id = $2",
@@ -685,11 +688,12 @@ impl<D: Db> Runtime for D {
         let updates = cascade_updates!(
             "WITH RECURSIVE down (id, target) AS (
                  SELECT id, target_session_id FROM delegation_edges WHERE zone_id = $1 AND id = $2
-                 UNION SELECT e.id, e.target_session_id FROM delegation_edges e JOIN down d
-                     ON e.parent_edge_id = d.id WHERE e.zone_id = $1),
+                 UNION SELECT e.id, e.target_session_id FROM down d CROSS JOIN delegation_edges e
+                     WHERE e.zone_id = $1 AND e.parent_edge_id = d.id),
              tree (id) AS (
                  SELECT target FROM down
-                 UNION SELECT s.id FROM sessions s JOIN tree t ON s.parent_id = t.id WHERE s.zone_id = $1)"
+                 UNION SELECT s.id FROM tree t CROSS JOIN sessions s
+                     WHERE s.zone_id = $1 AND s.parent_id = t.id)"
         );
         let exists = Statement::new(
             "SELECT id FROM delegation_edges WHERE zone_id = $1 AND id = $2",
