@@ -29,6 +29,7 @@ pub fn routes() -> Router<RoleState> {
         )
         // The SDK's `revoke_delegation` sends this form.
         .route("/zones/{zone_id}/delegations/{id}/revoke", patch(revoke))
+        .route("/zones/{zone_id}/delegations/{id}/impact", get(impact))
         .route(
             "/zones/{zone_id}/delegations/inbound/{session_id}",
             get(inbound),
@@ -468,6 +469,27 @@ async fn listing(
     };
     let items: Vec<Value> = edges.iter().map(body).collect();
     Ok(Json(json!({ "items": items })))
+}
+
+async fn impact(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&state, &headers, &zone_id).await?;
+    if !valid_id(&id) {
+        return Err(invalid("delegation id has an invalid id syntax"));
+    }
+    let tree = state
+        .shared
+        .store
+        .delegation_tree_impact(&zone_id, &id)
+        .await
+        .map_err(|error| match error {
+            caracal_store::StoreError::NotFound(_) => not_found(&id),
+            other => other.into(),
+        })?;
+    Ok(Json(super::impact_body(&tree)))
 }
 
 /// `DELETE /zones/{zone}/delegations/{id}`: the edge, its descendants and the sessions they

@@ -72,6 +72,7 @@ pub fn routes() -> Router<RoleState> {
         .route("/zones/{zone_id}/agents/{id}", get(read).delete(terminate))
         .route("/zones/{zone_id}/agents/{id}/heartbeat", post(heartbeat))
         .route("/zones/{zone_id}/agents/{id}/lease", post(lease))
+        .route("/zones/{zone_id}/agents/{id}/impact", get(session_impact))
         .merge(delegations::routes())
 }
 
@@ -493,6 +494,40 @@ async fn lease(
         }
         Err(error) => Err(error.into()),
     }
+}
+
+/// What a revocation would take down, without taking it: `affected_sessions` (also as
+/// `affected_agents`) and `affected_edges`.
+pub(super) fn impact_body(tree: &TerminatedTree) -> Value {
+    let sessions: Vec<&str> = tree.sessions.iter().map(|(id, _)| id.as_str()).collect();
+    let edges: Vec<&str> = tree.edges.iter().map(|(id, _)| id.as_str()).collect();
+    json!({
+        "affected_sessions": sessions,
+        "affected_agents": sessions,
+        "affected_edges": edges,
+        "graph_epoch": tree.epoch,
+    })
+}
+
+async fn session_impact(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&state, &headers, &zone_id).await?;
+    if !valid_id(&id) {
+        return Err(invalid("session id has an invalid id syntax"));
+    }
+    let tree = state
+        .shared
+        .store
+        .session_tree_impact(&zone_id, &id)
+        .await
+        .map_err(|error| match error {
+            caracal_store::StoreError::NotFound(_) => not_found(&id),
+            other => other.into(),
+        })?;
+    Ok(Json(impact_body(&tree)))
 }
 
 #[derive(Debug, Default, Deserialize)]

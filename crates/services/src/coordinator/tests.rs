@@ -526,6 +526,46 @@ async fn delegations_only_narrow_chains_mint_along_them_and_revocation_takes_the
     let (status, minted) = world.exchange(&minted_along).await;
     assert_eq!(status, StatusCode::OK, "{minted}");
 
+    // The impact, previewed without taking anything down.
+    let sorted = |value: &Value| {
+        let mut items: Vec<String> = value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        items.sort();
+        items
+    };
+    let (status, _, impact) = call(
+        &world.coordinator,
+        "GET",
+        &format!("/zones/{}/delegations/{first_id}/impact", world.zone_id),
+        b,
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{impact}");
+    let mut expected_sessions = vec![child.clone(), grandchild.clone()];
+    expected_sessions.sort();
+    assert_eq!(sorted(&impact["affected_sessions"]), expected_sessions);
+    assert_eq!(impact["affected_agents"], impact["affected_sessions"]);
+    let mut expected_edges = vec![first_id.clone(), second_id.clone()];
+    expected_edges.sort();
+    assert_eq!(sorted(&impact["affected_edges"]), expected_edges);
+    let (_, session_impact) = world
+        .agents("GET", &format!("/{child}/impact"), b, "")
+        .await;
+    assert_eq!(
+        sorted(&session_impact["affected_sessions"]),
+        vec![child.clone()]
+    );
+    assert_eq!(
+        world.exchange(&minted_along).await.0,
+        StatusCode::OK,
+        "a preview changes nothing"
+    );
+
     // Revoking the first edge takes the second and both targets down.
     let path = format!("/zones/{}/delegations/{first_id}", world.zone_id);
     let (status, _, _) = call(&world.coordinator, "DELETE", &path, b, "").await;

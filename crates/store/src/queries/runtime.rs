@@ -103,6 +103,18 @@ pub trait Runtime: Send + Sync {
         reason: &str,
         outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
     ) -> Result<TerminatedTree, StoreError>;
+    /// What terminating session `id` would take down (nothing changes).
+    async fn session_tree_impact(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<TerminatedTree, StoreError>;
+    /// What revoking edge `id` would take down (nothing changes).
+    async fn delegation_tree_impact(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<TerminatedTree, StoreError>;
     /// Extends a live service session's lease to `deadline_ms` if `generation` is current;
     /// anything else (stale generation, lapsed, not a service) is [`StoreError::Conflict`].
     async fn heartbeat_session(
@@ -366,28 +378,111 @@ fn authority_inserts(records: &[AuthorityRecord]) -> Vec<Statement> {
             .collect()
 }
 
-/// A cascade's sessions: a `WITH RECURSIVE … tree (id)` prefix over `$1` (zone) and `$2`
-/// (root), then the two updates over `tree`. The recursive steps read `tree CROSS JOIN
-/// sessions`: SQLite then keeps the queue row outside and looks children up by index; left
-/// to choose, it scans the zone's sessions for every row (quadratic in the tree's size).
-macro_rules! cascade_updates {
+/// The sessions under session `$2` of zone `$1` (itself included), as `tree (id)`. The
+/// recursive steps read `tree CROSS JOIN sessions`: SQLite then keeps the queue row outside
+/// and looks children up by index; left to choose, it scans the zone's sessions for every row
+/// (quadratic in the tree's size).
+macro_rules! session_tree {
+    () => {
+        "WITH RECURSIVE tree (id) AS (
+             SELECT id FROM sessions WHERE zone_id = $1 AND id = $2
+             UNION SELECT s.id FROM tree t CROSS JOIN sessions s
+                 WHERE s.zone_id = $1 AND s.parent_id = t.id)"
+    };
+}
+
+/// The sessions reached by revoking edge `$2` of zone `$1`: the targets of the edge and of its
+/// descendants (by `parent_edge_id`), and their subtrees, as `tree (id)`.
+macro_rules! delegation_tree {
+    () => {
+        "WITH RECURSIVE down (id, target) AS (
+             SELECT id, target_session_id FROM delegation_edges WHERE zone_id = $1 AND id = $2
+             UNION SELECT e.id, e.target_session_id FROM down d CROSS JOIN delegation_edges e
+                 WHERE e.zone_id = $1 AND e.parent_edge_id = d.id),
+         tree (id) AS (
+             SELECT target FROM down
+             UNION SELECT s.id FROM tree t CROSS JOIN sessions s
+                 WHERE s.zone_id = $1 AND s.parent_id = t.id)"
+    };
+}
+
+/// A cascade over `tree`: the two updates, and the two reads that preview them.
+struct CascadeSql {
+    terminate: &'static str,
+    revoke: &'static str,
+    sessions: &'static str,
+    edges: &'static str,
+}
+
+macro_rules! cascade_sql {
     ($tree:expr) => {
-        (
-            concat!(
+        CascadeSql {
+            terminate: concat!(
                 $tree,
                 " UPDATE sessions SET status = 'terminated', terminated_at_ms = $3, termination_reason = $4
                  WHERE zone_id = $1 AND id IN (SELECT id FROM tree) AND status IN ('active', 'suspended')
                  RETURNING id, authority_record_id"
             ),
-            concat!(
+            revoke: concat!(
                 $tree,
                 " UPDATE delegation_edges SET status = 'revoked', revoked_at_ms = $3
                  WHERE zone_id = $1 AND status = 'active'
                    AND (source_session_id IN (SELECT id FROM tree) OR target_session_id IN (SELECT id FROM tree))
                  RETURNING id, target_session_id"
             ),
-        )
+            sessions: concat!(
+                $tree,
+                " SELECT id, authority_record_id FROM sessions
+                 WHERE zone_id = $1 AND id IN (SELECT id FROM tree) AND status IN ('active', 'suspended')"
+            ),
+            edges: concat!(
+                $tree,
+                " SELECT id, target_session_id FROM delegation_edges
+                 WHERE zone_id = $1 AND status = 'active'
+                   AND (source_session_id IN (SELECT id FROM tree) OR target_session_id IN (SELECT id FROM tree))"
+            ),
+        }
     };
+}
+
+fn pairs_of(rows: &[Row]) -> Result<Vec<(String, String)>, StoreError> {
+    rows.iter()
+        .map(|row| Ok((row.text(0)?, row.text(1)?)))
+        .collect()
+}
+
+/// What a cascade would take down, read in one snapshot; the epoch is the current one.
+async fn preview<D: Db + ?Sized>(
+    db: &D,
+    zone_id: &str,
+    id: &str,
+    exists: Statement,
+    sql: CascadeSql,
+) -> Result<TerminatedTree, StoreError> {
+    let outcomes = db
+        .atomic(vec![
+            exists,
+            Statement::new(sql.sessions, params![zone_id, id]),
+            Statement::new(sql.edges, params![zone_id, id]),
+            Statement::new(
+                "SELECT COALESCE(MAX(epoch), 0) FROM zone_graph_epochs WHERE zone_id = $1",
+                params![zone_id],
+            ),
+        ])
+        .await?;
+    let rows = |index: usize| {
+        outcomes
+            .get(index)
+            .map(|outcome| outcome.rows.as_slice())
+            .unwrap_or_default()
+    };
+    Ok(TerminatedTree {
+        zone_id: zone_id.to_owned(),
+        reason: String::new(),
+        sessions: pairs_of(rows(1))?,
+        edges: pairs_of(rows(2))?,
+        epoch: rows(3).first().map_or(Ok(0), |row| row.int(0))?,
+    })
 }
 
 /// One cascade transaction: `exists` (refuses an unknown root), the live sessions of the tree
@@ -400,29 +495,25 @@ async fn cascade<D: Db + ?Sized>(
     id: &str,
     reason: &str,
     exists: Statement,
-    (sessions_sql, edges_sql): (&'static str, &'static str),
+    sql: CascadeSql,
     outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
 ) -> Result<TerminatedTree, StoreError> {
     let now = now_ms();
-    let sessions = Statement::new(sessions_sql, params![zone_id, id, now, reason]);
-    let edges = Statement::new(edges_sql, params![zone_id, id, now]);
+    let sessions = Statement::new(sql.terminate, params![zone_id, id, now, reason]);
+    let edges = Statement::new(sql.revoke, params![zone_id, id, now]);
     let result = std::sync::Arc::new(std::sync::Mutex::new(TerminatedTree::default()));
     let seen = std::sync::Arc::clone(&result);
     let (zone, why) = (zone_id.to_owned(), reason.to_owned());
     db.atomic_with(
         vec![exists, sessions, edges, bump_epoch(zone_id)],
         Box::new(move |outcomes: &[Outcome]| {
-            let pairs = |index: usize| -> Result<Vec<(String, String)>, StoreError> {
-                outcomes
-                    .get(index)
-                    .map(|outcome| {
-                        outcome
-                            .rows
-                            .iter()
-                            .map(|row| Ok((row.text(0)?, row.text(1)?)))
-                            .collect()
-                    })
-                    .unwrap_or(Ok(Vec::new()))
+            let pairs = |index: usize| {
+                pairs_of(
+                    outcomes
+                        .get(index)
+                        .map(|outcome| outcome.rows.as_slice())
+                        .unwrap_or_default(),
+                )
             };
             let tree = TerminatedTree {
                 zone_id: zone,
@@ -662,18 +753,13 @@ impl<D: Db> Runtime for D {
         outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
     ) -> Result<TerminatedTree, StoreError> {
         // The sessions: `id` and its subtree.
-        let updates = cascade_updates!(
-            "WITH RECURSIVE tree (id) AS (
-                 SELECT id FROM sessions WHERE zone_id = $1 AND id = $2
-                 UNION SELECT s.id FROM tree t CROSS JOIN sessions s
-                     WHERE s.zone_id = $1 AND s.parent_id = t.id)"
-        );
+        let sql = cascade_sql!(session_tree!());
         let exists = Statement::new(
             "SELECT id FROM sessions WHERE zone_id = $1 AND id = $2",
             params![zone_id, id],
         )
         .must_change(not_found);
-        cascade(self, zone_id, id, reason, exists, updates, outbox).await
+        cascade(self, zone_id, id, reason, exists, sql, outbox).await
     }
 
     async fn revoke_delegation_tree(
@@ -685,22 +771,13 @@ impl<D: Db> Runtime for D {
     ) -> Result<TerminatedTree, StoreError> {
         // The sessions: the targets of the edge and its descendants, and their subtrees. The
         // edges touching them include the edge and its descendants.
-        let updates = cascade_updates!(
-            "WITH RECURSIVE down (id, target) AS (
-                 SELECT id, target_session_id FROM delegation_edges WHERE zone_id = $1 AND id = $2
-                 UNION SELECT e.id, e.target_session_id FROM down d CROSS JOIN delegation_edges e
-                     WHERE e.zone_id = $1 AND e.parent_edge_id = d.id),
-             tree (id) AS (
-                 SELECT target FROM down
-                 UNION SELECT s.id FROM tree t CROSS JOIN sessions s
-                     WHERE s.zone_id = $1 AND s.parent_id = t.id)"
-        );
+        let sql = cascade_sql!(delegation_tree!());
         let exists = Statement::new(
             "SELECT id FROM delegation_edges WHERE zone_id = $1 AND id = $2",
             params![zone_id, id],
         )
         .must_change(not_found);
-        cascade(self, zone_id, id, reason, exists, updates, outbox).await
+        cascade(self, zone_id, id, reason, exists, sql, outbox).await
     }
 
     async fn renew_session_lease(
@@ -719,6 +796,32 @@ impl<D: Db> Runtime for D {
         .must_change(stale_lease);
         let outcomes = self.atomic(vec![update]).await?;
         first_row(&outcomes)?.int(0)
+    }
+
+    async fn session_tree_impact(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<TerminatedTree, StoreError> {
+        let exists = Statement::new(
+            "SELECT id FROM sessions WHERE zone_id = $1 AND id = $2",
+            params![zone_id, id],
+        )
+        .must_change(not_found);
+        preview(self, zone_id, id, exists, cascade_sql!(session_tree!())).await
+    }
+
+    async fn delegation_tree_impact(
+        &self,
+        zone_id: &str,
+        id: &str,
+    ) -> Result<TerminatedTree, StoreError> {
+        let exists = Statement::new(
+            "SELECT id FROM delegation_edges WHERE zone_id = $1 AND id = $2",
+            params![zone_id, id],
+        )
+        .must_change(not_found);
+        preview(self, zone_id, id, exists, cascade_sql!(delegation_tree!())).await
     }
 
     async fn heartbeat_session(
