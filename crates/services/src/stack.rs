@@ -270,6 +270,18 @@ impl Stack {
                     stop_receiver.clone(),
                 ));
                 state.coordinator = Some(coordinator);
+                let store = Arc::clone(&self.shared.store);
+                servers.spawn(crate::singleton::run_singleton(
+                    Arc::clone(&self.shared.store),
+                    "session-sweep",
+                    format!("coordinator-{}", self.instance),
+                    Duration::from_secs(5),
+                    move || {
+                        let store = Arc::clone(&store);
+                        async move { crate::coordinator::sweep_lapsed(store.as_ref()).await }
+                    },
+                    stop_receiver.clone(),
+                ));
             }
             if role == Role::Audit {
                 self.start_ledger(&state, &mut servers, &stop_receiver)

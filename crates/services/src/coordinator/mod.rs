@@ -73,6 +73,8 @@ pub fn routes() -> Router<RoleState> {
         .route("/zones/{zone_id}/agents/{id}/heartbeat", post(heartbeat))
         .route("/zones/{zone_id}/agents/{id}/lease", post(lease))
         .route("/zones/{zone_id}/agents/{id}/impact", get(session_impact))
+        .route("/zones/{zone_id}/agents/{id}/suspend", post(suspend))
+        .route("/zones/{zone_id}/agents/{id}/resume", post(resume))
         .merge(delegations::routes())
 }
 
@@ -493,6 +495,89 @@ async fn lease(
             Err(lease_refusal(&state, &zone_id, &id).await)
         }
         Err(error) => Err(error.into()),
+    }
+}
+
+/// `POST …/agents/{id}/suspend`: the session stops minting at once (the STS reads its status)
+/// and resource servers are told through `caracal.sessions.revoke`; `resume` lifts it.
+async fn suspend(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    set_status(&state, &headers, &zone_id, &id, "suspended").await
+}
+
+async fn resume(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    set_status(&state, &headers, &zone_id, &id, "active").await
+}
+
+async fn set_status(
+    state: &RoleState,
+    headers: &HeaderMap,
+    zone_id: &str,
+    id: &str,
+    status: &str,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(state, headers, zone_id).await?;
+    if !valid_id(id) {
+        return Err(invalid("session id has an invalid id syntax"));
+    }
+    let store = state.shared.store.as_ref();
+    let session = store
+        .get_session(zone_id, id)
+        .await?
+        .filter(|session| matches!(session.status.as_str(), "active" | "suspended"))
+        .ok_or_else(|| not_found(id))?;
+    if session.application_id != caller.client_id {
+        return Err(ApiError::new(ErrorCode::ParentOwnershipRequired));
+    }
+    let outbox: Vec<OutboxMessage> = (status == "suspended")
+        .then(|| OutboxMessage {
+            stream: SESSIONS_REVOKE.to_owned(),
+            fields: [
+                ("zone_id", zone_id.to_owned()),
+                ("agent_session_id", id.to_owned()),
+                ("reason", "session_suspended".to_owned()),
+            ]
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect(),
+            dedupe_key: None,
+        })
+        .into_iter()
+        .collect();
+    store
+        .set_session_status(zone_id, id, status, None, &outbox)
+        .await?;
+    let session = store
+        .get_session(zone_id, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    Ok(Json(body(&session)))
+}
+
+/// Ends sessions whose task TTL or service lease ran out, each with its subtree and edges
+/// and their revocation messages, as a termination would. Runs on one replica at a time.
+pub async fn sweep_lapsed(store: &dyn caracal_store::Store) {
+    let lapsed = match store.lapsed_sessions(now_ms(), 500).await {
+        Ok(lapsed) => lapsed,
+        Err(error) => {
+            tracing::warn!(%error, "session sweep could not read; the next run retries");
+            return;
+        }
+    };
+    for (zone_id, id) in lapsed {
+        if let Err(error) = store
+            .terminate_session_tree(&zone_id, &id, "session_expired", revocations)
+            .await
+        {
+            tracing::warn!(%error, zone = %zone_id, session = %id, "could not end a lapsed session");
+        }
     }
 }
 

@@ -815,3 +815,107 @@ async fn session_trees_stay_within_their_limits() {
         (StatusCode::TOO_MANY_REQUESTS, "session_limit_exceeded")
     );
 }
+
+#[tokio::test]
+async fn suspension_stops_minting_until_resumed_and_lapsed_sessions_are_swept() {
+    let world = world().await;
+    let bearer = world.lifecycle().await;
+    let b = Some(bearer.as_str());
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (_, session) = world
+            .agents(
+                "POST",
+                "",
+                b,
+                &json!({"application_id": world.app_id, "labels": [world.app_id]}).to_string(),
+            )
+            .await;
+        ids.push(session["agent_session_id"].as_str().unwrap().to_owned());
+    }
+    let (status, _, edge) = call(
+        &world.coordinator,
+        "POST",
+        &format!("/zones/{}/delegations", world.zone_id),
+        b,
+        &json!({"issuer_application_id": world.app_id, "receiver_application_id": world.app_id,
+                "source_session_id": ids[0], "target_session_id": ids[1], "scopes": ["ledger:read"],
+                "resource_id": "resource://ledger", "ttl_seconds": 600})
+        .to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{edge}");
+    let along = [
+        ("scope", "ledger:read"),
+        ("agent_session_id", ids[1].as_str()),
+        (
+            "delegation_edge_id",
+            edge["delegation_edge_id"].as_str().unwrap(),
+        ),
+    ];
+    assert_eq!(world.exchange(&along).await.0, StatusCode::OK);
+    let (status, suspended) = world
+        .agents("POST", &format!("/{}/suspend", ids[1]), b, "")
+        .await;
+    assert_eq!(
+        (status, suspended["status"].as_str()),
+        (StatusCode::OK, Some("suspended"))
+    );
+    assert_eq!(
+        world.exchange(&along).await.0,
+        StatusCode::FORBIDDEN,
+        "no mint while suspended"
+    );
+    let (status, resumed) = world
+        .agents("POST", &format!("/{}/resume", ids[1]), b, "")
+        .await;
+    assert_eq!(
+        (status, resumed["status"].as_str()),
+        (StatusCode::OK, Some("active"))
+    );
+    assert_eq!(world.exchange(&along).await.0, StatusCode::OK);
+
+    // A task whose TTL ran out is ended by the sweep, with its revocation message.
+    let store = world.shared.store.as_ref();
+    let mut lapsed = store
+        .get_session(&world.zone_id, &ids[0])
+        .await
+        .unwrap()
+        .unwrap();
+    lapsed.id = "lapsed-task".into();
+    lapsed.started_at_ms -= 7_200_000;
+    store.create_session(&lapsed, &[]).await.unwrap();
+    super::sweep_lapsed(store).await;
+    assert_eq!(
+        store
+            .get_session(&world.zone_id, "lapsed-task")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "terminated"
+    );
+    assert_eq!(
+        store
+            .get_session(&world.zone_id, &ids[0])
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "active"
+    );
+    let rows = store
+        .claim_outbox("t", 1000, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(
+        rows.iter()
+            .any(|row| row.fields.get("agent_session_id").map(String::as_str)
+                == Some("lapsed-task")
+                && row.fields.get("reason").map(String::as_str) == Some("session_expired"))
+    );
+    assert!(
+        rows.iter()
+            .any(|row| row.fields.get("reason").map(String::as_str) == Some("session_suspended"))
+    );
+}

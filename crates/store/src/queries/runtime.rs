@@ -103,6 +103,13 @@ pub trait Runtime: Send + Sync {
         reason: &str,
         outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
     ) -> Result<TerminatedTree, StoreError>;
+    /// Sessions of every zone whose task TTL or service lease has run out while still active,
+    /// as `(zone, id)`, at most `limit`: for the expiry sweeper, which reads across zones.
+    async fn lapsed_sessions(
+        &self,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<(String, String)>, StoreError>;
     /// What terminating session `id` would take down (nothing changes).
     async fn session_tree_impact(
         &self,
@@ -796,6 +803,24 @@ impl<D: Db> Runtime for D {
         .must_change(stale_lease);
         let outcomes = self.atomic(vec![update]).await?;
         first_row(&outcomes)?.int(0)
+    }
+
+    async fn lapsed_sessions(
+        &self,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT zone_id, id FROM sessions
+                 WHERE status = 'active'
+                   AND ((lifecycle = 'task' AND started_at_ms + ttl_seconds * 1000 <= $1)
+                     OR (lifecycle = 'service' AND heartbeat_deadline_ms <= $1))
+                 ORDER BY started_at_ms LIMIT $2",
+                params![now_ms, limit],
+            )
+            .await?;
+        pairs_of(&rows)
     }
 
     async fn session_tree_impact(
