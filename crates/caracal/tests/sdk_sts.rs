@@ -196,16 +196,20 @@ async fn the_published_sdk_mints_verifies_and_survives_a_key_rotation() {
     assert!(exit.success(), "{server_log}");
 }
 
+/// With the Redis bus, so the published Redis revocation consumer sees what the Coordinator
+/// publishes. Redis at 127.0.0.1:6379 is required.
 #[test]
 fn the_published_sdk_starts_sessions_delegates_narrowly_and_revocation_stops_the_child() {
     let python = sdk_python();
     let (_parent, home) = fresh_home();
     let sts_port = free_port();
-    let mut args: Vec<String> = util::ROLES
-        .iter()
-        .filter(|role| **role != "sts")
-        .flat_map(|role| ["--port".to_owned(), format!("{role}=0")])
-        .collect();
+    let mut args: Vec<String> = vec!["--bus".to_owned(), "redis://127.0.0.1:6379".to_owned()];
+    args.extend(
+        util::ROLES
+            .iter()
+            .filter(|role| **role != "sts")
+            .flat_map(|role| ["--port".to_owned(), format!("{role}=0")]),
+    );
     args.extend([
         "--port".to_owned(),
         format!("sts={sts_port}"),
@@ -217,7 +221,10 @@ fn the_published_sdk_starts_sessions_delegates_narrowly_and_revocation_stops_the
     let api = running.address("api");
     assert_eq!(wait_ready(api).status, 200);
     let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let stream_key = std::fs::read_to_string(home.join("stream-key")).unwrap();
     let output = Command::new(python)
+        .env("CARACAL_REDIS_URL", "redis://127.0.0.1:6379")
+        .env("CARACAL_STREAM_KEY_HEX", stream_key.trim())
         .arg(repo_root().join("crates/caracal/tests/interop/coordinator_client.py"))
         .env("CARACAL_API_URL", format!("http://{api}"))
         .env("CARACAL_ADMIN_TOKEN", token.trim())
@@ -241,4 +248,10 @@ fn the_published_sdk_starts_sessions_delegates_narrowly_and_revocation_stops_the
     assert_eq!(seen["child_mint"], json!({"use": "gateway", "edge": true}));
     assert_eq!(seen["wider_mint"], "access_denied", "{seen}");
     assert_eq!(seen["after_revoke"], "access_denied", "{seen}");
+    assert_eq!(seen["revoked_before"], false);
+    assert_eq!(
+        seen["revoked_in_redis"],
+        json!({"session": true, "delegation": true}),
+        "the Redis revocation consumer marks the child's anchors"
+    );
 }

@@ -69,7 +69,30 @@ async def main():
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         seen["child_mint"] = {"use": claims["use"], "edge": claims.get("delegation_edge_id") == delegation.delegation_id}
         seen["wider_mint"] = refused(lambda: caracal.mint_mandate("resource://ledger", ["ledger:write"], ctx=bound))
+        consumer = revocations = None
+        if os.environ.get("CARACAL_REDIS_URL"):
+            # The resource-server side: the published Redis revocation consumer, on a group of
+            # its own that starts at the stream's end (older runs' messages are not its own).
+            import redis
+            from caracalai_revocation_redis import RedisRevocationConsumer, RedisRevocationStore
+            client = redis.Redis.from_url(os.environ["CARACAL_REDIS_URL"], decode_responses=True)
+            group = f"interop-{child.session_id}"
+            client.xgroup_create("caracal.sessions.revoke", group, id="$", mkstream=True)
+            revocations = RedisRevocationStore(client)
+            consumer = RedisRevocationConsumer(
+                client, revocations, consumer="interop", group=group, block_ms=100,
+                stream_hmac_key=bytes.fromhex(os.environ["CARACAL_STREAM_KEY_HEX"]),
+            )
+            seen["revoked_before"] = revocations.is_revoked(child.session_id)
         await caracal.revoke_delegation(delegation.delegation_id)
+        if consumer is not None:
+            deadline = time.monotonic() + 15
+            while not revocations.is_revoked(child.session_id) and time.monotonic() < deadline:
+                consumer.poll_once()
+            seen["revoked_in_redis"] = {
+                "session": revocations.is_revoked(child.session_id),
+                "delegation": revocations.is_revoked(delegation.delegation_id),
+            }
         seen["after_revoke"] = refused(lambda: caracal.mint_mandate("resource://ledger", ["ledger:read"], ctx=bound))
         await handle.aclose()
     return seen
