@@ -62,6 +62,18 @@ pub struct Overrides {
     /// [env: CARACAL_STS_MINT_RATE_LIMIT_PER_MINUTE] [default: 1000]
     #[arg(long, global = true, value_name = "N")]
     pub mint_rate_limit_per_minute: Option<String>,
+    /// Session tree depth, 1-100 [env: CARACAL_COORDINATOR_MAX_DEPTH] [default: 10]
+    #[arg(long, global = true, value_name = "N")]
+    pub coordinator_max_depth: Option<String>,
+    /// Live children per session, 1-10000 [env: CARACAL_COORDINATOR_MAX_CHILDREN] [default: 10]
+    #[arg(long, global = true, value_name = "N")]
+    pub coordinator_max_children: Option<String>,
+    /// Live sessions per zone, 1-10000000 [env: CARACAL_COORDINATOR_SESSIONS_PER_ZONE] [default: 50]
+    #[arg(long, global = true, value_name = "N")]
+    pub coordinator_sessions_per_zone: Option<String>,
+    /// Live sessions per application, 1-10000000 [env: CARACAL_COORDINATOR_SESSIONS_PER_APPLICATION] [default: 200]
+    #[arg(long, global = true, value_name = "N")]
+    pub coordinator_sessions_per_application: Option<String>,
     /// PostgreSQL connections per process [env: CARACAL_STORE_POOL_SIZE] [default: 16]
     #[arg(long, global = true, value_name = "N")]
     pub store_pool_size: Option<String>,

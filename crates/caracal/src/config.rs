@@ -212,6 +212,30 @@ const KEYS: &[Key] = &[
         "mints a minute per zone, resource and application, 1-10000000",
     ),
     key(
+        "coordinator.max_depth",
+        &["CARACAL_COORDINATOR_MAX_DEPTH"],
+        "--coordinator-max-depth",
+        "session tree depth, 1-100",
+    ),
+    key(
+        "coordinator.max_children",
+        &["CARACAL_COORDINATOR_MAX_CHILDREN"],
+        "--coordinator-max-children",
+        "live children per session, 1-10000",
+    ),
+    key(
+        "coordinator.sessions_per_zone",
+        &["CARACAL_COORDINATOR_SESSIONS_PER_ZONE"],
+        "--coordinator-sessions-per-zone",
+        "live sessions per zone, 1-10000000",
+    ),
+    key(
+        "coordinator.sessions_per_application",
+        &["CARACAL_COORDINATOR_SESSIONS_PER_APPLICATION"],
+        "--coordinator-sessions-per-application",
+        "live sessions per application, 1-10000000",
+    ),
+    key(
         "shutdown_grace_seconds",
         &["CARACAL_SHUTDOWN_GRACE_SECONDS"],
         "--shutdown-grace-seconds",
@@ -308,6 +332,27 @@ pub fn resolve(
                 .filter(|days| *days <= 36_500)
                 .map(|days| (days > 0).then(|| Duration::from_secs(days * 86_400)))
         })?,
+        coordinator_max_depth: parse.value("coordinator.max_depth", |text| {
+            text.parse::<u64>().ok().filter(|n| (1..=100).contains(n))
+        })?,
+        coordinator_max_children: parse.value("coordinator.max_children", |text| {
+            text.parse::<u64>()
+                .ok()
+                .filter(|n| (1..=10_000).contains(n))
+        })?,
+        coordinator_sessions_per_zone: parse.value("coordinator.sessions_per_zone", |text| {
+            text.parse::<u64>()
+                .ok()
+                .filter(|n| (1..=10_000_000).contains(n))
+        })?,
+        coordinator_sessions_per_application: parse.value(
+            "coordinator.sessions_per_application",
+            |text| {
+                text.parse::<u64>()
+                    .ok()
+                    .filter(|n| (1..=10_000_000).contains(n))
+            },
+        )?,
         mint_rate_limit_per_minute: parse.value("sts.mint_rate_limit_per_minute", |text| {
             text.parse::<u64>()
                 .ok()
@@ -404,6 +449,10 @@ fn default_value(name: &str, default_store: &str) -> String {
         "shutdown_grace_seconds" => "30".to_owned(),
         "audit.retention_days" => "365".to_owned(),
         "sts.mint_rate_limit_per_minute" => "1000".to_owned(),
+        "coordinator.max_depth" => "10".to_owned(),
+        "coordinator.max_children" => "10".to_owned(),
+        "coordinator.sessions_per_zone" => "50".to_owned(),
+        "coordinator.sessions_per_application" => "200".to_owned(),
         "store_pool_size" => "16".to_owned(),
         "store_statement_timeout_ms" => "5000".to_owned(),
         _ => String::new(),
@@ -460,6 +509,19 @@ fn flag_values(overrides: &Overrides) -> Result<BTreeMap<&'static str, String>, 
         (
             "sts.mint_rate_limit_per_minute",
             &overrides.mint_rate_limit_per_minute,
+        ),
+        ("coordinator.max_depth", &overrides.coordinator_max_depth),
+        (
+            "coordinator.max_children",
+            &overrides.coordinator_max_children,
+        ),
+        (
+            "coordinator.sessions_per_zone",
+            &overrides.coordinator_sessions_per_zone,
+        ),
+        (
+            "coordinator.sessions_per_application",
+            &overrides.coordinator_sessions_per_application,
         ),
         ("store_pool_size", &overrides.store_pool_size),
         ("store_schema", &overrides.store_schema),

@@ -27,7 +27,6 @@ pub struct Constraints {
     #[serde(default)]
     pub expires_at: Option<String>,
     #[serde(default)]
-    #[allow(dead_code)]
     pub broad_reason: Option<String>,
 }
 

@@ -30,6 +30,12 @@ pub struct Settings {
     pub audit_retention: Option<Duration>,
     /// Mints a minute per (zone, resource, application) before the STS answers 429.
     pub mint_rate_limit_per_minute: u64,
+    /// Coordinator limits: tree depth, live children per session, live sessions per zone and
+    /// per application.
+    pub coordinator_max_depth: u64,
+    pub coordinator_max_children: u64,
+    pub coordinator_sessions_per_zone: u64,
+    pub coordinator_sessions_per_application: u64,
     /// PostgreSQL connections per process.
     pub store_pool_size: usize,
     /// PostgreSQL schema holding Caracal's tables (created if missing); `None` uses the

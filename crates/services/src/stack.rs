@@ -91,6 +91,7 @@ pub struct Stack {
     audit_retention: Option<Duration>,
     issuer: String,
     mint_rate_limit_per_minute: u64,
+    coordinator_limits: crate::coordinator::Limits,
 }
 
 impl Stack {
@@ -170,6 +171,17 @@ impl Stack {
             audit_retention: settings.audit_retention,
             issuer: settings.issuer_url.clone(),
             mint_rate_limit_per_minute: settings.mint_rate_limit_per_minute,
+            coordinator_limits: crate::coordinator::Limits {
+                max_depth: i64::try_from(settings.coordinator_max_depth).unwrap_or(i64::MAX),
+                max_children: usize::try_from(settings.coordinator_max_children)
+                    .unwrap_or(usize::MAX),
+                sessions_per_zone: i64::try_from(settings.coordinator_sessions_per_zone)
+                    .unwrap_or(i64::MAX),
+                sessions_per_application: i64::try_from(
+                    settings.coordinator_sessions_per_application,
+                )
+                .unwrap_or(i64::MAX),
+            },
         })
     }
 
@@ -260,10 +272,8 @@ impl Stack {
                     .await?;
             }
             if role == Role::Coordinator {
-                let coordinator = crate::coordinator::start_state(
-                    self.issuer.clone(),
-                    crate::coordinator::Limits::default(),
-                );
+                let coordinator =
+                    crate::coordinator::start_state(self.issuer.clone(), self.coordinator_limits);
                 servers.spawn(crate::keys::follow_invalidations(
                     coordinator.keys.clone(),
                     Arc::clone(&self.shared.bus.streams),

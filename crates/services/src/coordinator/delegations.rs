@@ -246,13 +246,29 @@ async fn create(
             .ok_or_else(|| invalid(format!("resource `{identifier}` not found")))?;
         reachable_scopes.extend(row.scopes);
     }
-    if resource_row_id.is_none() && constraints.resources.is_empty() {
-        return Err(ApiError::with_description(
-            ErrorCode::BroadDelegationForbidden,
-            "a delegation names its resources (resource_id or constraints.resources)",
-        ));
-    }
-    if let Some(scope) = scopes
+    let broad = resource_row_id.is_none() && constraints.resources.is_empty();
+    if broad {
+        // A resource-less edge reaches every resource: only a caller holding the
+        // broad-delegation permission may issue one, and it must say why.
+        let permitted = caller.scope.as_deref().is_some_and(|scope| {
+            scope
+                .split(' ')
+                .any(|s| s == "coordinator.delegate_broad" || s == "coordinator.admin")
+        });
+        if !permitted {
+            return Err(ApiError::with_description(
+                ErrorCode::BroadDelegationForbidden,
+                "a delegation names its resources (resource_id or constraints.resources) unless the caller holds coordinator.delegate_broad",
+            ));
+        }
+        if constraints
+            .broad_reason
+            .as_deref()
+            .is_none_or(str::is_empty)
+        {
+            return Err(invalid("a broad delegation needs constraints.broad_reason"));
+        }
+    } else if let Some(scope) = scopes
         .iter()
         .find(|scope| !reachable_scopes.contains(scope))
     {
