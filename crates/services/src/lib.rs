@@ -22,6 +22,7 @@ mod metrics;
 pub mod outbox;
 pub mod policy;
 mod probes;
+pub mod propagation;
 mod request_id;
 mod router;
 mod settings;

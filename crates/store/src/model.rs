@@ -330,6 +330,8 @@ pub struct TerminatedTree {
     pub sessions: Vec<(String, String)>,
     /// `(edge id, target session id)` of every active edge that touched the subtree.
     pub edges: Vec<(String, String)>,
+    /// Authority records revoked with it (the subject kill switch).
+    pub records: Vec<String>,
     /// The zone graph epoch after the change.
     pub epoch: i64,
 }

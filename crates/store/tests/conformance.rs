@@ -143,6 +143,7 @@ conformance!(
     a_delegation_context_is_the_edge_its_sessions_and_the_epoch,
     terminating_a_session_takes_its_subtree_and_edges_in_one_transaction,
     revoking_an_edge_takes_its_descendants_and_their_targets,
+    the_subject_kill_switch_takes_records_sessions_and_edges,
     sealed_secrets_version_up_on_replace,
     audit_rows_are_idempotent_on_id_and_ordered_per_zone,
     authority_records_insert_in_batches_and_revoke_once,
@@ -1600,6 +1601,56 @@ async fn revoking_an_edge_takes_its_descendants_and_their_targets(backend: &Back
             .await,
         Err(StoreError::NotFound(_))
     ));
+}
+
+async fn the_subject_kill_switch_takes_records_sessions_and_edges(backend: &Backend) {
+    let store = backend.store.as_ref();
+    let mut record = authority("zone-1", "ar-subject");
+    record.subject_id = "user-7".into();
+    store.insert_authority_records(&[record]).await.unwrap();
+    let mut bound = session("zone-1", "bound", "ar-subject");
+    bound.parent_id = None;
+    store.create_session(&bound, &[]).await.unwrap();
+    let mut below = session("zone-1", "below", "ar-other");
+    below.parent_id = Some("bound".into());
+    store.create_session(&below, &[]).await.unwrap();
+    store
+        .create_session(&session("zone-1", "elsewhere", "ar-other"), &[])
+        .await
+        .unwrap();
+    store
+        .create_delegation_edge(&edge("zone-1", "e-k", "elsewhere", "bound"), &[])
+        .await
+        .unwrap();
+    let tree = store
+        .revoke_subject("zone-1", "user-7", "subject_revoked", termination_messages)
+        .await
+        .unwrap();
+    assert_eq!(tree.records, ["ar-subject"]);
+    let mut sessions: Vec<&str> = tree.sessions.iter().map(|(id, _)| id.as_str()).collect();
+    sessions.sort_unstable();
+    assert_eq!(sessions, ["below", "bound"]);
+    assert_eq!(tree.edges.len(), 1);
+    let revoked = store
+        .get_authority_record("zone-1", "ar-subject")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(revoked.status, "revoked");
+    assert_eq!(
+        store
+            .get_session("zone-1", "elsewhere")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "active"
+    );
+    let again = store
+        .revoke_subject("zone-1", "user-7", "subject_revoked", termination_messages)
+        .await
+        .unwrap();
+    assert!(again.records.is_empty() && again.sessions.is_empty());
 }
 
 async fn idempotency_receipts_conflict_while_live(backend: &Backend) {

@@ -11,6 +11,7 @@ mod providers;
 pub(crate) use approvals::state_of as approval_state;
 pub(crate) use providers::provider_secrets;
 mod resources;
+mod subjects;
 mod tokens;
 mod zones;
 
@@ -45,6 +46,7 @@ pub fn routes() -> Router<RoleState> {
         .merge(policies::routes())
         .merge(providers::routes())
         .merge(resources::routes())
+        .merge(subjects::routes())
         .merge(tokens::routes())
 }
 

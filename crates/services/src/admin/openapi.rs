@@ -60,6 +60,12 @@ pub const OPERATIONS: &[Operation] = &[
         "Rotate the zone's signing key (the previous key verifies for `overlap_seconds`, default 24 h)",
     ),
     op(
+        "post",
+        "/v1/zones/{zone_id}/subjects/{subject_id}/revoke",
+        "write",
+        "Subject kill switch: revoke every authority record, session and delegation of a subject",
+    ),
+    op(
         "get",
         "/v1/zones/{zone_id}/dcr-status",
         "read",

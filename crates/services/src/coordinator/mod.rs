@@ -28,10 +28,7 @@ use crate::keys::KeyRing;
 use crate::state::RoleState;
 use crate::wire::MandateClaims;
 
-/// The stream resource servers and Gateways follow for revoked anchors.
-pub const SESSIONS_REVOKE: &str = "caracal.sessions.revoke";
-/// The stream carrying each zone's new delegation graph epoch.
-pub const DELEGATIONS_INVALIDATE: &str = "caracal.delegations.invalidate";
+pub use crate::propagation::{DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, revocations};
 const LIFECYCLE: &str = "agent:lifecycle";
 /// How large session trees may grow; the defaults are the reference's values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -654,69 +651,6 @@ async fn terminate(
             other => other.into(),
         })?;
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-/// The propagation of a termination (`sdk-wire-contract.md` §6): per terminated session, a
-/// revoke message anchored on it (and on the edge that targeted it, if any); per revoked edge
-/// not already covered, one anchored on the edge; and the zone's new epoch.
-pub fn revocations(tree: &TerminatedTree) -> Vec<OutboxMessage> {
-    let message = |fields: Vec<(&str, String)>| OutboxMessage {
-        stream: SESSIONS_REVOKE.to_owned(),
-        fields: fields
-            .into_iter()
-            .chain([("zone_id", tree.zone_id.clone())])
-            .map(|(name, value)| (name.to_owned(), value))
-            .collect(),
-        dedupe_key: None,
-    };
-    let mut messages: Vec<OutboxMessage> = tree
-        .sessions
-        .iter()
-        .map(|(session_id, _)| {
-            let mut fields = vec![
-                ("agent_session_id", session_id.clone()),
-                ("reason", tree.reason.clone()),
-            ];
-            if let Some((edge_id, _)) = tree.edges.iter().find(|(_, target)| target == session_id) {
-                fields.push(("delegation_edge_id", edge_id.clone()));
-            }
-            message(fields)
-        })
-        .collect();
-    for (edge_id, target) in &tree.edges {
-        if !tree
-            .sessions
-            .iter()
-            .any(|(session_id, _)| session_id == target)
-        {
-            messages.push(message(vec![
-                ("delegation_edge_id", edge_id.clone()),
-                ("reason", tree.reason.clone()),
-            ]));
-        }
-    }
-    messages.push(OutboxMessage {
-        stream: DELEGATIONS_INVALIDATE.to_owned(),
-        fields: [
-            ("zone_id".to_owned(), tree.zone_id.clone()),
-            ("epoch".to_owned(), tree.epoch.to_string()),
-            ("event".to_owned(), "edge_revoke".to_owned()),
-            (
-                "affected_edges".to_owned(),
-                tree.edges
-                    .iter()
-                    .map(|(edge_id, _)| edge_id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ),
-            ("reason".to_owned(), tree.reason.clone()),
-        ]
-        .into_iter()
-        .filter(|(_, value)| !value.is_empty())
-        .collect(),
-        dedupe_key: None,
-    });
-    messages
 }
 
 /// Starts the Coordinator's in-memory state.

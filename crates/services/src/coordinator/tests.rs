@@ -919,3 +919,73 @@ async fn suspension_stops_minting_until_resumed_and_lapsed_sessions_are_swept() 
             .any(|row| row.fields.get("reason").map(String::as_str) == Some("session_suspended"))
     );
 }
+
+#[tokio::test]
+async fn the_subject_kill_switch_revokes_everything_issued_for_the_subject() {
+    let world = world().await;
+    let bearer = world.lifecycle().await;
+    let b = Some(bearer.as_str());
+    let (_, root) = world
+        .agents(
+            "POST",
+            "",
+            b,
+            &json!({"application_id": world.app_id}).to_string(),
+        )
+        .await;
+    let root_id = root["agent_session_id"].as_str().unwrap().to_owned();
+    let (_, child) = world
+        .agents(
+            "POST",
+            "",
+            b,
+            &json!({"application_id": world.app_id, "parent_id": root_id}).to_string(),
+        )
+        .await;
+    let child_id = child["agent_session_id"].as_str().unwrap().to_owned();
+    let w = Some(world.writer.as_str());
+    let path = format!(
+        "/v1/zones/{}/subjects/{}/revoke",
+        world.zone_id, world.app_id
+    );
+    let (status, _, answer) =
+        call(&world.api, "POST", &path, w, r#"{"reason":"compromised"}"#).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["terminated_sessions"], 2);
+    assert!(answer["revoked_records"].as_u64().unwrap() >= 1);
+    // The lifecycle mandate's record is revoked: the Coordinator refuses it now.
+    let (status, refused) = world.agents("GET", "", b, "").await;
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("identity_revoked"))
+    );
+    for id in [&root_id, &child_id] {
+        let session = world
+            .shared
+            .store
+            .get_session(&world.zone_id, id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(session.status, "terminated");
+    }
+    let rows = world
+        .shared
+        .store
+        .claim_outbox("t", 1000, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(
+        rows.iter().any(
+            |row| row.stream == super::SESSIONS_REVOKE && row.fields.contains_key("session_id")
+        )
+    );
+    assert!(
+        rows.iter()
+            .any(|row| row.fields.get("agent_session_id") == Some(&child_id))
+    );
+    // A read token cannot pull the switch.
+    let reader = token(&world.shared, "read", TokenScope::Global).await;
+    let (status, _, _) = call(&world.api, "POST", &path, Some(&reader), "").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}

@@ -110,6 +110,16 @@ pub trait Runtime: Send + Sync {
         now_ms: i64,
         limit: i64,
     ) -> Result<Vec<(String, String)>, StoreError>;
+    /// The subject kill switch: revokes every active authority record of `subject_id` in the
+    /// zone, terminates every session bound to one of them (with subtrees) and revokes every
+    /// edge touching those, in one transaction with what `outbox` builds.
+    async fn revoke_subject(
+        &self,
+        zone_id: &str,
+        subject_id: &str,
+        reason: &str,
+        outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
+    ) -> Result<TerminatedTree, StoreError>;
     /// What terminating session `id` would take down (nothing changes).
     async fn session_tree_impact(
         &self,
@@ -400,6 +410,17 @@ macro_rules! session_tree {
 
 /// The sessions reached by revoking edge `$2` of zone `$1`: the targets of the edge and of its
 /// descendants (by `parent_edge_id`), and their subtrees, as `tree (id)`.
+/// The sessions bound to an authority record of subject `$2` in zone `$1`, and their subtrees.
+macro_rules! subject_tree {
+    () => {
+        "WITH RECURSIVE tree (id) AS (
+             SELECT id FROM sessions WHERE zone_id = $1 AND authority_record_id IN
+                 (SELECT id FROM authority_records WHERE zone_id = $1 AND subject_id = $2)
+             UNION SELECT s.id FROM tree t CROSS JOIN sessions s
+                 WHERE s.zone_id = $1 AND s.parent_id = t.id)"
+    };
+}
+
 macro_rules! delegation_tree {
     () => {
         "WITH RECURSIVE down (id, target) AS (
@@ -486,6 +507,7 @@ async fn preview<D: Db + ?Sized>(
     Ok(TerminatedTree {
         zone_id: zone_id.to_owned(),
         reason: String::new(),
+        records: Vec::new(),
         sessions: pairs_of(rows(1))?,
         edges: pairs_of(rows(2))?,
         epoch: rows(3).first().map_or(Ok(0), |row| row.int(0))?,
@@ -504,6 +526,7 @@ async fn cascade<D: Db + ?Sized>(
     exists: Statement,
     sql: CascadeSql,
     outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
+    first_revokes_records: bool,
 ) -> Result<TerminatedTree, StoreError> {
     let now = now_ms();
     let sessions = Statement::new(sql.terminate, params![zone_id, id, now, reason]);
@@ -522,9 +545,18 @@ async fn cascade<D: Db + ?Sized>(
                         .unwrap_or_default(),
                 )
             };
+            let records = if first_revokes_records {
+                outcomes
+                    .first()
+                    .map(|outcome| outcome.rows.iter().map(|row| row.text(0)).collect())
+                    .unwrap_or(Ok(Vec::new()))?
+            } else {
+                Vec::new()
+            };
             let tree = TerminatedTree {
                 zone_id: zone,
                 reason: why,
+                records,
                 sessions: pairs(1)?,
                 edges: pairs(2)?,
                 epoch: epoch_of(outcomes, 3)?,
@@ -766,7 +798,7 @@ impl<D: Db> Runtime for D {
             params![zone_id, id],
         )
         .must_change(not_found);
-        cascade(self, zone_id, id, reason, exists, sql, outbox).await
+        cascade(self, zone_id, id, reason, exists, sql, outbox, false).await
     }
 
     async fn revoke_delegation_tree(
@@ -784,7 +816,7 @@ impl<D: Db> Runtime for D {
             params![zone_id, id],
         )
         .must_change(not_found);
-        cascade(self, zone_id, id, reason, exists, sql, outbox).await
+        cascade(self, zone_id, id, reason, exists, sql, outbox, false).await
     }
 
     async fn renew_session_lease(
@@ -803,6 +835,33 @@ impl<D: Db> Runtime for D {
         .must_change(stale_lease);
         let outcomes = self.atomic(vec![update]).await?;
         first_row(&outcomes)?.int(0)
+    }
+
+    async fn revoke_subject(
+        &self,
+        zone_id: &str,
+        subject_id: &str,
+        reason: &str,
+        outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
+    ) -> Result<TerminatedTree, StoreError> {
+        // The records first; the tree finds sessions by record whatever its status.
+        let records = Statement::new(
+            "UPDATE authority_records SET status = 'revoked', revoked_at_ms = $3, revoked_reason = $4
+             WHERE zone_id = $1 AND subject_id = $2 AND status = 'active'
+             RETURNING id",
+            params![zone_id, subject_id, now_ms(), reason],
+        );
+        cascade(
+            self,
+            zone_id,
+            subject_id,
+            reason,
+            records,
+            cascade_sql!(subject_tree!()),
+            outbox,
+            true,
+        )
+        .await
     }
 
     async fn lapsed_sessions(
