@@ -414,21 +414,7 @@ async fn create(
         dedupe_key: None,
     };
     store.create_delegation_edge(&edge, &[created]).await?;
-    let answer = body(&edge);
-    if let Some(key) = &key
-        && let Some(earlier) = super::idempotency::remember(
-            &state,
-            key,
-            "delegation",
-            &edge.id,
-            StatusCode::CREATED,
-            &answer,
-        )
-        .await?
-    {
-        return Ok(earlier);
-    }
-    Ok((StatusCode::CREATED, Json(answer)).into_response())
+    super::idempotency::created(&state, key.as_ref(), "delegation", &edge.id, body(&edge)).await
 }
 
 async fn read(
@@ -436,10 +422,7 @@ async fn read(
     headers: HeaderMap,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate(&state, &headers, &zone_id).await?;
-    if !valid_id(&id) {
-        return Err(invalid("delegation id has an invalid id syntax"));
-    }
+    super::authenticate_for(&state, &headers, &zone_id, &id).await?;
     let edge = state
         .shared
         .store
@@ -473,10 +456,7 @@ async fn listing(
     session_id: &str,
     into: bool,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate(state, headers, zone_id).await?;
-    if !valid_id(session_id) {
-        return Err(invalid("session id has an invalid id syntax"));
-    }
+    super::authenticate_for(state, headers, zone_id, session_id).await?;
     let store = state.shared.store.as_ref();
     let edges = if into {
         store.list_edges_to(zone_id, session_id).await?
@@ -492,10 +472,7 @@ async fn impact(
     headers: HeaderMap,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate(&state, &headers, &zone_id).await?;
-    if !valid_id(&id) {
-        return Err(invalid("delegation id has an invalid id syntax"));
-    }
+    super::authenticate_for(&state, &headers, &zone_id, &id).await?;
     let tree = state
         .shared
         .store
@@ -515,10 +492,7 @@ async fn revoke(
     headers: HeaderMap,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&state, &headers, &zone_id).await?;
-    if !valid_id(&id) {
-        return Err(invalid("delegation id has an invalid id syntax"));
-    }
+    let caller = super::authenticate_for(&state, &headers, &zone_id, &id).await?;
     let store = state.shared.store.as_ref();
     let edge = store
         .get_delegation_edge(&zone_id, &id)

@@ -147,3 +147,28 @@ pub(super) async fn remember(
         Err(other) => Err(other.into()),
     }
 }
+
+/// The answer to a create: 201 with `body`, remembered under `key` if the request sent one
+/// (or what an earlier request with the same key stored, if it won the race).
+pub(super) async fn created(
+    state: &RoleState,
+    key: Option<&Key>,
+    resource_type: &str,
+    resource_id: &str,
+    body: Value,
+) -> Result<Response, ApiError> {
+    if let Some(key) = key
+        && let Some(earlier) = remember(
+            state,
+            key,
+            resource_type,
+            resource_id,
+            StatusCode::CREATED,
+            &body,
+        )
+        .await?
+    {
+        return Ok(earlier);
+    }
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}

@@ -167,6 +167,20 @@ pub(super) async fn authenticate(
     Ok(claims)
 }
 
+/// [`authenticate`], then `id` (a path id) checked.
+pub(super) async fn authenticate_for(
+    state: &RoleState,
+    headers: &HeaderMap,
+    zone_id: &str,
+    id: &str,
+) -> Result<MandateClaims, ApiError> {
+    let caller = authenticate(state, headers, zone_id).await?;
+    if !valid_id(id) {
+        return Err(invalid(format!("`{id}` has an invalid id syntax")));
+    }
+    Ok(caller)
+}
+
 pub(super) fn timestamp(ms: i64) -> String {
     let since_epoch = std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + since_epoch).to_string()
@@ -353,21 +367,7 @@ async fn start(
         termination_reason: None,
     };
     store.create_session(&session, &[]).await?;
-    let answer = body(&session);
-    if let Some(key) = &key
-        && let Some(earlier) = idempotency::remember(
-            &state,
-            key,
-            "session",
-            &session.id,
-            StatusCode::CREATED,
-            &answer,
-        )
-        .await?
-    {
-        return Ok(earlier);
-    }
-    Ok((StatusCode::CREATED, Json(answer)).into_response())
+    idempotency::created(&state, key.as_ref(), "session", &session.id, body(&session)).await
 }
 
 async fn read(
@@ -375,10 +375,7 @@ async fn read(
     headers: HeaderMap,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate(&state, &headers, &zone_id).await?;
-    if !valid_id(&id) {
-        return Err(invalid("session id has an invalid id syntax"));
-    }
+    authenticate_for(&state, &headers, &zone_id, &id).await?;
     let session = state
         .shared
         .store
@@ -435,10 +432,7 @@ async fn heartbeat(
     Path((zone_id, id)): Path<(String, String)>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate(&state, &headers, &zone_id).await?;
-    if !valid_id(&id) {
-        return Err(invalid("session id has an invalid id syntax"));
-    }
+    authenticate_for(&state, &headers, &zone_id, &id).await?;
     let request: HeartbeatRequest =
         serde_json::from_slice(&raw).map_err(|error| invalid(format!("invalid body: {error}")))?;
     if !matches!(
@@ -476,10 +470,7 @@ async fn lease(
     headers: HeaderMap,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate(&state, &headers, &zone_id).await?;
-    if !valid_id(&id) {
-        return Err(invalid("session id has an invalid id syntax"));
-    }
+    authenticate_for(&state, &headers, &zone_id, &id).await?;
     let deadline = now_ms() + SERVICE_LEASE_MS;
     match state
         .shared
@@ -520,10 +511,7 @@ async fn set_status(
     id: &str,
     status: &str,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(state, headers, zone_id).await?;
-    if !valid_id(id) {
-        return Err(invalid("session id has an invalid id syntax"));
-    }
+    let caller = authenticate_for(state, headers, zone_id, id).await?;
     let store = state.shared.store.as_ref();
     let session = store
         .get_session(zone_id, id)
@@ -596,10 +584,7 @@ async fn session_impact(
     headers: HeaderMap,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate(&state, &headers, &zone_id).await?;
-    if !valid_id(&id) {
-        return Err(invalid("session id has an invalid id syntax"));
-    }
+    authenticate_for(&state, &headers, &zone_id, &id).await?;
     let tree = state
         .shared
         .store
@@ -627,10 +612,7 @@ async fn terminate(
     Path((zone_id, id)): Path<(String, String)>,
     Query(query): Query<TerminateQuery>,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&state, &headers, &zone_id).await?;
-    if !valid_id(&id) {
-        return Err(invalid("session id has an invalid id syntax"));
-    }
+    let caller = authenticate_for(&state, &headers, &zone_id, &id).await?;
     let store = state.shared.store.as_ref();
     let session = store
         .get_session(&zone_id, &id)
