@@ -8,8 +8,6 @@ mod keys;
 mod openapi;
 mod policies;
 mod providers;
-pub(crate) use approvals::state_of as approval_state;
-pub(crate) use providers::provider_secrets;
 mod resources;
 mod subjects;
 mod tokens;

@@ -59,7 +59,7 @@ const SECRET_KEYS: [&str; 10] = [
     "refresh_token",
 ];
 /// What the envelope of a provider secret is bound to: it opens for nothing else.
-const SECRET_PURPOSE: &str = "provider-secret";
+use crate::provider_secrets::SECRET_PURPOSE;
 const MAX_CONFIG: usize = 64 * 1024;
 
 #[derive(Debug, Deserialize)]
@@ -437,36 +437,6 @@ async fn update(
 }
 
 /// The provider's secrets in clear: write capability, and recorded before they are returned.
-/// A provider's secrets in clear, by configuration key. Only for the audited reveal and the
-/// STS's directive to an authenticated Gateway.
-pub(crate) async fn provider_secrets(
-    state: &RoleState,
-    provider: &Provider,
-) -> Result<BTreeMap<String, String>, ApiError> {
-    let mut secrets = BTreeMap::new();
-    for reference in &provider.secret_refs {
-        let Some(sealed) = state
-            .shared
-            .store
-            .get_sealed_secret(&provider.zone_id, reference)
-            .await?
-        else {
-            continue;
-        };
-        let plaintext = state
-            .shared
-            .kek
-            .open(SECRET_PURPOSE, &sealed.envelope)
-            .map_err(|error| {
-                tracing::error!(%error, reference, "a provider secret does not open");
-                ApiError::new(ErrorCode::InternalError)
-            })?;
-        let key = reference.rsplit('/').next().unwrap_or_default().to_owned();
-        secrets.insert(key, String::from_utf8_lossy(&plaintext).into_owned());
-    }
-    Ok(secrets)
-}
-
 async fn reveal(
     State(state): State<RoleState>,
     headers: HeaderMap,
@@ -476,7 +446,14 @@ async fn reveal(
     let caller = authenticate(&state, &headers).await?;
     live_zone(&state, &caller, &zone_id, Access::Write).await?;
     let provider = live_provider(&state, &zone_id, &id).await?;
-    let secrets = provider_secrets(&state, &provider).await?;
+    let secrets = crate::provider_secrets::open(&state.shared, &provider)
+        .await
+        .map_err(|error| match error {
+            crate::provider_secrets::OpenError::Store(store) => ApiError::from(store),
+            crate::provider_secrets::OpenError::Unopenable => {
+                ApiError::new(ErrorCode::InternalError)
+            }
+        })?;
     // A reveal changes nothing in the store, so its evidence goes through the producer, which
     // answers only once the event is on the stream or in a replay file.
     let message = super::audit_event(

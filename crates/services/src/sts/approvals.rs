@@ -163,7 +163,7 @@ pub(super) fn interaction_required(hold: &ApprovalHold, now: i64) -> TokenError 
     error.extra = Some(json!({
         "approval_id": hold.id,
         "approval_type": "human_approval",
-        "state": crate::admin::approval_state(hold, now),
+        "state": crate::holds::state_of(hold, now),
         "tier": hold.tier,
         "binding": hold.binding_hash,
         "approval_expires_at": rfc3339(hold.expires_at_ms),
@@ -232,7 +232,7 @@ pub(super) async fn settle(
     if hold.binding_hash != binding || hold.principal_id != application_id {
         return Err(TokenError::unauthenticated("approval binding mismatch"));
     }
-    match crate::admin::approval_state(&hold, now) {
+    match crate::holds::state_of(&hold, now) {
         "pending" => Err(interaction_required(&hold, now)),
         "rejected" => Err(TokenError::denied("approval rejected")),
         "expired" => Err(TokenError::unauthenticated("approval expired")),
@@ -307,7 +307,7 @@ pub async fn poll(
             Err(error) => return TokenError::from(error).render(&request_id),
         };
         let now = now_ms();
-        let current = crate::admin::approval_state(&hold, now);
+        let current = crate::holds::state_of(&hold, now);
         if current != "pending"
             || tokio::time::Instant::now() >= deadline
             || state.shared.is_draining()

@@ -369,7 +369,7 @@ async fn upstream(state: &RoleState, resource: &Resource) -> Result<Upstream, To
             .and_then(serde_json::Value::as_str)
             .map(str::to_owned)
     };
-    let secrets = crate::admin::provider_secrets(state, &provider)
+    let secrets = crate::provider_secrets::open(&state.shared, &provider)
         .await
         .map_err(|_| {
             TokenError::new(

@@ -1,0 +1,46 @@
+//! Provider secrets in clear, for the two places allowed to see them: the admin API's audited
+//! reveal and the STS's upstream directive to an authenticated Gateway.
+
+use std::collections::BTreeMap;
+
+use caracal_store::{Provider, StoreError};
+
+use crate::state::Shared;
+
+/// What a provider secret is sealed for: an envelope opens only for this purpose.
+pub const SECRET_PURPOSE: &str = "provider-secret";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("a provider secret does not open under the loaded KEK")]
+    Unopenable,
+}
+
+/// `provider`'s secrets by configuration key.
+pub async fn open(
+    shared: &Shared,
+    provider: &Provider,
+) -> Result<BTreeMap<String, String>, OpenError> {
+    let mut secrets = BTreeMap::new();
+    for reference in &provider.secret_refs {
+        let Some(sealed) = shared
+            .store
+            .get_sealed_secret(&provider.zone_id, reference)
+            .await?
+        else {
+            continue;
+        };
+        let plaintext = shared
+            .kek
+            .open(SECRET_PURPOSE, &sealed.envelope)
+            .map_err(|error| {
+                tracing::error!(%error, reference, "a provider secret does not open");
+                OpenError::Unopenable
+            })?;
+        let key = reference.rsplit('/').next().unwrap_or_default().to_owned();
+        secrets.insert(key, String::from_utf8_lossy(&plaintext).into_owned());
+    }
+    Ok(secrets)
+}
