@@ -220,6 +220,16 @@ impl EvidenceTasks {
     }
 }
 
+/// `event` as an outbox message on the audit stream: evidence that commits with the change it
+/// describes (and, refused with it, never exists).
+pub(crate) fn outbox_message(event: &Event) -> Option<caracal_store::OutboxMessage> {
+    Some(caracal_store::OutboxMessage {
+        stream: caracal_bus::stream_names::AUDIT_EVENTS.to_owned(),
+        fields: message(event)?,
+        dedupe_key: Some(event.id.clone()),
+    })
+}
+
 pub(crate) fn message(event: &Event) -> Option<Fields> {
     let data = serde_json::to_string(event).ok()?;
     Some(Fields::from([

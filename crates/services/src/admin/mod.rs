@@ -247,14 +247,9 @@ fn evidence(
     change: Change<'_>,
 ) -> Result<OutboxMessage, ApiError> {
     let event = audit_event(caller, request_id, change);
-    let fields = crate::evidence::message(&event).ok_or_else(|| {
+    crate::evidence::outbox_message(&event).ok_or_else(|| {
         tracing::error!(event = %event.id, "an admin audit event did not serialise");
         ApiError::new(ErrorCode::InternalError)
-    })?;
-    Ok(OutboxMessage {
-        stream: caracal_bus::stream_names::AUDIT_EVENTS.to_owned(),
-        fields,
-        dedupe_key: Some(event.id),
     })
 }
 

@@ -106,6 +106,7 @@ fn reach(edge_resource: Option<&str>, constraints: &Constraints) -> Option<Vec<S
 async fn create(
     State(state): State<RoleState>,
     headers: HeaderMap,
+    request_id: Option<axum::Extension<caracal_core::RequestId>>,
     Path(zone_id): Path<String>,
     raw: Bytes,
 ) -> Result<Response, ApiError> {
@@ -413,7 +414,17 @@ async fn create(
         .collect(),
         dedupe_key: None,
     };
-    store.create_delegation_edge(&edge, &[created]).await?;
+    let evidence = super::change_evidence(&super::change_event(
+        &caller,
+        &zone_id,
+        "delegation.create",
+        "delegation",
+        &edge.id,
+        request_id.as_deref(),
+    ))?;
+    store
+        .create_delegation_edge(&edge, &[created, evidence])
+        .await?;
     super::idempotency::created(&state, key.as_ref(), "delegation", &edge.id, body(&edge)).await
 }
 
@@ -490,6 +501,7 @@ async fn impact(
 async fn revoke(
     State(state): State<RoleState>,
     headers: HeaderMap,
+    request_id: Option<axum::Extension<caracal_core::RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let caller = super::authenticate_for(&state, &headers, &zone_id, &id).await?;
@@ -503,6 +515,20 @@ async fn revoke(
             ErrorCode::ParentOwnershipRequired,
             "only the issuing application revokes a delegation",
         ));
+    }
+    if edge.status == "active" {
+        super::record_change(
+            &state,
+            super::change_event(
+                &caller,
+                &zone_id,
+                "delegation.revoke",
+                "delegation",
+                &id,
+                request_id.as_deref(),
+            ),
+        )
+        .await?;
     }
     store
         .revoke_delegation_tree(&zone_id, &id, "delegation_revoked", super::revocations)

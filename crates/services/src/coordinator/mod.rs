@@ -167,6 +167,56 @@ pub(super) async fn authenticate(
     Ok(claims)
 }
 
+/// The audit event of a Coordinator change: the caller (its application and authority record),
+/// the action and the object.
+pub(super) fn change_event(
+    caller: &MandateClaims,
+    zone_id: &str,
+    action: &str,
+    entity_type: &str,
+    entity_id: &str,
+    request_id: Option<&caracal_core::RequestId>,
+) -> caracal_audit::Event {
+    caracal_audit::Event {
+        id: uuid::Uuid::now_v7().to_string(),
+        zone_id: zone_id.to_owned(),
+        event_type: format!("coordinator.{action}"),
+        request_id: request_id.map_or_else(|| "none".to_owned(), ToString::to_string),
+        decision: "allow".to_owned(),
+        policy_set_id: None,
+        policy_set_version_id: None,
+        manifest_sha: None,
+        evaluation_status: "complete".to_owned(),
+        determining_policies_json: json!([]),
+        diagnostics_json: json!([]),
+        metadata_json: json!({
+            "actor": format!("application:{}", caller.client_id),
+            "authority_record": caller.sid,
+            "entity_type": entity_type,
+            "entity_id": entity_id,
+        }),
+        occurred_at_ms: now_ms(),
+    }
+}
+
+/// The event as an outbox message, to commit with the change.
+pub(super) fn change_evidence(event: &caracal_audit::Event) -> Result<OutboxMessage, ApiError> {
+    crate::evidence::outbox_message(event).ok_or_else(|| ApiError::new(ErrorCode::InternalError))
+}
+
+/// Records the event before a cascade is applied (the cascade builds its own outbox).
+pub(super) async fn record_change(
+    state: &RoleState,
+    event: caracal_audit::Event,
+) -> Result<(), ApiError> {
+    state
+        .shared
+        .evidence
+        .record(event)
+        .await
+        .map_err(crate::api::evidence_error)
+}
+
 /// [`authenticate`], then `id` (a path id) checked.
 pub(super) async fn authenticate_for(
     state: &RoleState,
@@ -247,6 +297,7 @@ struct StartRequest {
 async fn start(
     State(state): State<RoleState>,
     headers: HeaderMap,
+    request_id: Option<axum::Extension<caracal_core::RequestId>>,
     Path(zone_id): Path<String>,
     raw: Bytes,
 ) -> Result<Response, ApiError> {
@@ -352,7 +403,9 @@ async fn start(
         zone_id: zone_id.clone(),
         application_id: caller.client_id.clone(),
         parent_id: request.parent_id,
-        authority_record_id: request.subject_session_id.unwrap_or(caller.sid),
+        authority_record_id: request
+            .subject_session_id
+            .unwrap_or_else(|| caller.sid.clone()),
         status: "active".to_owned(),
         lifecycle: lifecycle.to_owned(),
         depth,
@@ -366,7 +419,15 @@ async fn start(
         terminated_at_ms: None,
         termination_reason: None,
     };
-    store.create_session(&session, &[]).await?;
+    let evidence = change_evidence(&change_event(
+        &caller,
+        &zone_id,
+        "session.start",
+        "session",
+        &session.id,
+        request_id.as_deref(),
+    ))?;
+    store.create_session(&session, &[evidence]).await?;
     idempotency::created(&state, key.as_ref(), "session", &session.id, body(&session)).await
 }
 
@@ -491,22 +552,41 @@ async fn lease(
 async fn suspend(
     State(state): State<RoleState>,
     headers: HeaderMap,
+    request_id: Option<axum::Extension<caracal_core::RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    set_status(&state, &headers, &zone_id, &id, "suspended").await
+    set_status(
+        &state,
+        &headers,
+        request_id.as_deref(),
+        &zone_id,
+        &id,
+        "suspended",
+    )
+    .await
 }
 
 async fn resume(
     State(state): State<RoleState>,
     headers: HeaderMap,
+    request_id: Option<axum::Extension<caracal_core::RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    set_status(&state, &headers, &zone_id, &id, "active").await
+    set_status(
+        &state,
+        &headers,
+        request_id.as_deref(),
+        &zone_id,
+        &id,
+        "active",
+    )
+    .await
 }
 
 async fn set_status(
     state: &RoleState,
     headers: &HeaderMap,
+    request_id: Option<&caracal_core::RequestId>,
     zone_id: &str,
     id: &str,
     status: &str,
@@ -521,6 +601,14 @@ async fn set_status(
     if session.application_id != caller.client_id {
         return Err(ApiError::new(ErrorCode::ParentOwnershipRequired));
     }
+    let action = if status == "suspended" {
+        "session.suspend"
+    } else {
+        "session.resume"
+    };
+    let evidence = change_evidence(&change_event(
+        &caller, zone_id, action, "session", id, request_id,
+    ))?;
     let outbox: Vec<OutboxMessage> = (status == "suspended")
         .then(|| OutboxMessage {
             stream: SESSIONS_REVOKE.to_owned(),
@@ -535,6 +623,7 @@ async fn set_status(
             dedupe_key: None,
         })
         .into_iter()
+        .chain([evidence])
         .collect();
     store
         .set_session_status(zone_id, id, status, None, &outbox)
@@ -609,6 +698,7 @@ struct TerminateQuery {
 async fn terminate(
     State(state): State<RoleState>,
     headers: HeaderMap,
+    request_id: Option<axum::Extension<caracal_core::RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
     Query(query): Query<TerminateQuery>,
 ) -> Result<Response, ApiError> {
@@ -625,6 +715,20 @@ async fn terminate(
         .reason
         .filter(|reason| !reason.is_empty() && reason.len() <= 200)
         .unwrap_or_else(|| "session_terminated".to_owned());
+    if matches!(session.status.as_str(), "active" | "suspended") {
+        record_change(
+            &state,
+            change_event(
+                &caller,
+                &zone_id,
+                "session.terminate",
+                "session",
+                &id,
+                request_id.as_deref(),
+            ),
+        )
+        .await?;
+    }
     store
         .terminate_session_tree(&zone_id, &id, &reason, revocations)
         .await

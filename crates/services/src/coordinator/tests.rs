@@ -317,6 +317,32 @@ async fn sessions_start_under_a_lifecycle_mandate_and_terminate_with_their_subtr
         .map(|row| row.fields["epoch"].as_str())
         .collect();
     assert_eq!(epochs.first(), Some(&"2"), "{epochs:?}");
+
+    // Evidence: a start commits its audit event with it; a termination records one first.
+    let audit = |rows: &[caracal_store::OutboxRow], kind: &str| {
+        rows.iter().any(|row| {
+            row.stream == caracal_bus::stream_names::AUDIT_EVENTS
+                && row
+                    .fields
+                    .get("data")
+                    .is_some_and(|data| data.contains(kind))
+        })
+    };
+    assert!(audit(&rows, "coordinator.session.start"));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let recorded = world
+        .shared
+        .bus
+        .streams
+        .range(caracal_bus::stream_names::AUDIT_EVENTS, None, 1000)
+        .await
+        .unwrap();
+    assert!(recorded.iter().any(|entry| {
+        entry
+            .fields
+            .get("data")
+            .is_some_and(|data| data.contains("coordinator.session.terminate"))
+    }));
 }
 
 #[tokio::test]
