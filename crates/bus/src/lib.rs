@@ -170,3 +170,16 @@ pub trait Streams: Send + Sync {
 pub fn dead_letter_stream(stream: &str) -> String {
     format!("{stream}.dead")
 }
+
+/// The id of the last entry of `stream`, for a reader that follows it from its end (`None`:
+/// empty, or unreadable now — the reader then starts from the beginning of what it can read).
+pub async fn last_entry_id(streams: &dyn Streams, stream: &str) -> Option<String> {
+    let mut last: Option<String> = None;
+    while let Ok(entries) = streams.range(stream, last.as_deref(), 1024).await {
+        match entries.last() {
+            Some(entry) => last = Some(entry.id.clone()),
+            None => break,
+        }
+    }
+    last
+}

@@ -252,16 +252,7 @@ pub async fn follow_invalidations(
     streams: Arc<dyn caracal_bus::Streams>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut last_entry: Option<String> = None;
-    while let Ok(entries) = streams
-        .range(KEYS_INVALIDATE, last_entry.as_deref(), 1024)
-        .await
-    {
-        match entries.last() {
-            Some(last) => last_entry = Some(last.id.clone()),
-            None => break,
-        }
-    }
+    let mut last_entry = caracal_bus::last_entry_id(streams.as_ref(), KEYS_INVALIDATE).await;
     loop {
         if *stop.borrow() {
             return;

@@ -277,16 +277,7 @@ pub async fn run_loader(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     // What is already on the stream is covered by the first full refresh: skip to its end.
-    let mut last_entry: Option<String> = None;
-    while let Ok(entries) = streams
-        .range(POLICY_INVALIDATE, last_entry.as_deref(), 1024)
-        .await
-    {
-        match entries.last() {
-            Some(last) => last_entry = Some(last.id.clone()),
-            None => break,
-        }
-    }
+    let mut last_entry = caracal_bus::last_entry_id(streams.as_ref(), POLICY_INVALIDATE).await;
     let mut next_full = tokio::time::Instant::now();
     loop {
         if *stop.borrow() {

@@ -109,6 +109,13 @@ pub struct Application {
     pub archived_at_ms: Option<i64>,
 }
 
+impl Application {
+    /// Whether it may authenticate at `now_ms`: not archived, not past its expiry.
+    pub fn active(&self, now_ms: i64) -> bool {
+        self.archived_at_ms.is_none() && self.expires_at_ms.is_none_or(|expires| expires > now_ms)
+    }
+}
+
 /// The mutable fields of an application, as `update_application` sets them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApplicationChange {
@@ -264,6 +271,13 @@ pub struct AuthorityRecord {
     pub revoked_reason: Option<String>,
 }
 
+impl AuthorityRecord {
+    /// Whether mandates anchored on it still count at `now_ms`.
+    pub fn active(&self, now_ms: i64) -> bool {
+        self.status == "active" && self.expires_at_ms > now_ms
+    }
+}
+
 /// A governed session (an agent run).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
@@ -286,6 +300,23 @@ pub struct Session {
     pub last_active_ms: i64,
     pub terminated_at_ms: Option<i64>,
     pub termination_reason: Option<String>,
+}
+
+impl Session {
+    /// Whether it may act at `now_ms`: active, and within its TTL (task) or its lease
+    /// (service). The one rule the STS and the Coordinator both apply (the expiry sweep's query
+    /// is its complement in SQL).
+    pub fn live(&self, now_ms: i64) -> bool {
+        self.status == "active"
+            && match self.lifecycle.as_str() {
+                "service" => self
+                    .heartbeat_deadline_ms
+                    .is_some_and(|deadline| deadline > now_ms),
+                _ => self
+                    .ttl_seconds
+                    .is_some_and(|ttl| ttl > 0 && self.started_at_ms + ttl * 1000 > now_ms),
+            }
+    }
 }
 
 /// Authority handed from one session to another.
@@ -334,6 +365,16 @@ pub struct TerminatedTree {
     pub records: Vec<String>,
     /// The zone graph epoch after the change.
     pub epoch: i64,
+}
+
+impl DelegationEdge {
+    /// Whether it grants anything at `now_ms`: active, not revoked, not expired (an edge
+    /// without an expiry grants nothing).
+    pub fn live(&self, now_ms: i64) -> bool {
+        self.status == "active"
+            && self.revoked_at_ms.is_none()
+            && self.expires_at_ms.is_some_and(|at| at > now_ms)
+    }
 }
 
 /// A human-approval hold on a request.

@@ -15,7 +15,7 @@ use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{DELEGATIONS_INVALIDATE, authenticate, invalid, live, timestamp, valid_id};
+use super::{DELEGATIONS_INVALIDATE, authenticate, invalid, timestamp, valid_id};
 use crate::constraints::{Constraints, MAX_HOPS};
 use crate::error::ApiError;
 use crate::state::RoleState;
@@ -129,7 +129,7 @@ async fn create(
             Ok(store
                 .get_delegation_edge(&zone_id, id)
                 .await?
-                .is_some_and(|edge| edge.status == "active"))
+                .is_some_and(|edge| edge.live(now_ms())))
         })
         .await?;
         if let Some(replay) = replay {
@@ -202,13 +202,13 @@ async fn create(
             .get_session(&zone_id, &request.target_session_id)
             .await?,
     );
-    let source = source.filter(|session| live(session, now)).ok_or_else(|| {
+    let source = source.filter(|session| session.live(now)).ok_or_else(|| {
         ApiError::with_description(
             ErrorCode::SessionNotFound,
             "the source session is not active",
         )
     })?;
-    let target = target.filter(|session| live(session, now)).ok_or_else(|| {
+    let target = target.filter(|session| session.live(now)).ok_or_else(|| {
         ApiError::with_description(
             ErrorCode::SessionNotFound,
             "the target session is not active",
@@ -291,9 +291,7 @@ async fn create(
                 .list_edges_to(&zone_id, &request.source_session_id)
                 .await?
                 .into_iter()
-                .filter(|edge| {
-                    edge.status == "active" && edge.expires_at_ms.is_some_and(|at| at > now)
-                })
+                .filter(|edge| edge.live(now))
                 .collect();
             match inbound.len() {
                 0 => None,
@@ -307,7 +305,7 @@ async fn create(
         }
     };
     if let Some(parent) = &parent {
-        if parent.status != "active" || parent.expires_at_ms.is_none_or(|at| at <= now) {
+        if !parent.live(now) {
             return Err(widening("the parent delegation is not active"));
         }
         if parent.target_session_id != request.source_session_id {

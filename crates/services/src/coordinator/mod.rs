@@ -156,11 +156,11 @@ pub(super) async fn authenticate(
     let record_active = store
         .get_authority_record(zone_id, &claims.sid)
         .await?
-        .is_some_and(|record| record.status == "active" && record.expires_at_ms > now);
+        .is_some_and(|record| record.active(now));
     let app_active = store
         .get_application(zone_id, &claims.client_id)
         .await?
-        .is_some_and(|app| app.archived_at_ms.is_none());
+        .is_some_and(|app| app.active(now));
     if !record_active || !app_active {
         return Err(ApiError::new(ErrorCode::IdentityRevoked));
     }
@@ -236,18 +236,6 @@ pub(super) fn timestamp(ms: i64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + since_epoch).to_string()
 }
 
-pub(super) fn live(session: &Session, now: i64) -> bool {
-    session.status == "active"
-        && match session.lifecycle.as_str() {
-            "service" => session
-                .heartbeat_deadline_ms
-                .is_some_and(|deadline| deadline > now),
-            _ => session
-                .ttl_seconds
-                .is_some_and(|ttl| session.started_at_ms + ttl * 1000 > now),
-        }
-}
-
 fn body(session: &Session) -> Value {
     json!({
         "agent_session_id": session.id,
@@ -320,7 +308,7 @@ async fn start(
             Ok(store
                 .get_session(&zone_id, id)
                 .await?
-                .is_some_and(|session| live(&session, now_ms())))
+                .is_some_and(|session| session.live(now_ms())))
         })
         .await?;
         if let Some(replay) = replay {
@@ -380,7 +368,7 @@ async fn start(
             let parent = store
                 .get_session(&zone_id, parent_id)
                 .await?
-                .filter(|parent| live(parent, now))
+                .filter(|parent| parent.live(now))
                 .ok_or_else(|| not_found(parent_id))?;
             if parent.application_id != caller.client_id {
                 return Err(ApiError::new(ErrorCode::ParentOwnershipRequired));
@@ -392,7 +380,7 @@ async fn start(
                 return Err(ApiError::new(ErrorCode::SessionDepthLimitExceeded));
             }
             let children = store.list_child_sessions(&zone_id, parent_id).await?;
-            if children.iter().filter(|child| live(child, now)).count() >= limits.max_children {
+            if children.iter().filter(|child| child.live(now)).count() >= limits.max_children {
                 return Err(ApiError::new(ErrorCode::SessionChildrenLimitExceeded));
             }
             parent.depth + 1
@@ -476,7 +464,7 @@ async fn lease_refusal(state: &RoleState, zone_id: &str, id: &str) -> ApiError {
         Ok(Some(session)) if session.lifecycle != "service" => {
             ApiError::new(ErrorCode::SessionNotService)
         }
-        Ok(Some(session)) if !live(&session, now_ms()) => ApiError::new(ErrorCode::SessionNotLive),
+        Ok(Some(session)) if !session.live(now_ms()) => ApiError::new(ErrorCode::SessionNotLive),
         Ok(Some(_)) => ApiError::new(ErrorCode::SessionLeaseFenced),
         Err(error) => error.into(),
     }

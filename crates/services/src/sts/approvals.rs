@@ -245,12 +245,10 @@ pub(super) async fn settle(
                 _ => None,
             };
             match record {
-                Some(record) if record.status == "active" && record.expires_at_ms > now => {
-                    Ok(Approved::Reissue {
-                        sid: record.id,
-                        expires_at_ms: record.expires_at_ms,
-                    })
-                }
+                Some(record) if record.active(now) => Ok(Approved::Reissue {
+                    sid: record.id,
+                    expires_at_ms: record.expires_at_ms,
+                }),
                 _ => Err(consumed()),
             }
         }

@@ -298,12 +298,15 @@ async fn exchange(
         }
         (Some(session_id), None) => {
             *class = "bootstrap";
-            let session = store
+            let owned = store
                 .get_session(&ask.zone_id, session_id)
                 .await?
-                .filter(|session| session.application_id == application.id && live(session, now))
-                .ok_or_else(|| TokenError::denied("agent session not active or not owned"))?;
-            drop(session);
+                .is_some_and(|session| {
+                    session.application_id == application.id && session.live(now)
+                });
+            if !owned {
+                return Err(TokenError::denied("agent session not active or not owned"));
+            }
             None
         }
         (None, None) => {
@@ -316,8 +319,7 @@ async fn exchange(
             .get_authority_record(&ask.zone_id, record_id)
             .await?
             .filter(|record| {
-                record.status == "active"
-                    && record.expires_at_ms > now
+                record.active(now)
                     && record.session_type == "application"
                     && record.subject_id == application.id
             });
@@ -684,9 +686,7 @@ async fn authenticate(
         .store
         .application_by_id(application_id)
         .await?
-        .filter(|app| {
-            app.archived_at_ms.is_none() && app.expires_at_ms.is_none_or(|expires| expires > now)
-        });
+        .filter(|app| app.active(now));
     let verified = match application
         .as_ref()
         .and_then(|app| app.client_secret_hash.as_deref())
@@ -790,28 +790,13 @@ pub(super) async fn verify_subject(
         .store
         .get_authority_record(zone_id, &claims.sid)
         .await?;
-    let active = record.is_some_and(|record| {
-        record.status == "active" && record.expires_at_ms > now && record.subject_id == claims.sub
-    });
+    let active = record.is_some_and(|record| record.active(now) && record.subject_id == claims.sub);
     if !active {
         return Err(TokenError::bad_subject(
             "subject token's authority is no longer active",
         ));
     }
     Ok(claims)
-}
-
-/// Whether a session may act now: active, and within its TTL (task) or heartbeat (service).
-pub(super) fn live(session: &Session, now: i64) -> bool {
-    session.status == "active"
-        && match session.lifecycle.as_str() {
-            "service" => session
-                .heartbeat_deadline_ms
-                .is_some_and(|deadline| deadline > now),
-            _ => session
-                .ttl_seconds
-                .is_some_and(|ttl| ttl > 0 && session.started_at_ms + ttl * 1000 > now),
-        }
 }
 
 /// A delegation checked against live state: the edge, its lineage (root first), the target
@@ -864,12 +849,6 @@ impl Delegation {
     }
 }
 
-fn edge_live(edge: &DelegationEdge, now: i64) -> bool {
-    edge.status == "active"
-        && edge.revoked_at_ms.is_none()
-        && edge.expires_at_ms.is_some_and(|at| at > now)
-}
-
 /// The checks of `sts-mandates.md` §4, against the store as it is now.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn delegation(
@@ -890,7 +869,7 @@ pub(super) async fn delegation(
     let context = store
         .delegation_context(zone_id, edge_id)
         .await?
-        .filter(|context| edge_live(&context.edge, now))
+        .filter(|context| context.edge.live(now))
         .ok_or_else(|| denied("delegation not active"))?;
     let (leaf, epoch) = (context.edge, context.epoch);
     if leaf.target_session_id != session_id {
@@ -898,11 +877,11 @@ pub(super) async fn delegation(
     }
     let target = context
         .target
-        .filter(|session| live(session, now))
+        .filter(|session| session.live(now))
         .ok_or_else(|| denied("agent session not active"))?;
     let source = context
         .source
-        .filter(|session| live(session, now))
+        .filter(|session| session.live(now))
         .ok_or_else(|| denied("delegating session not active"))?;
     if target.application_id != application.id {
         return Err(denied("agent session is not the caller's"));
@@ -927,7 +906,7 @@ pub(super) async fn delegation(
         let parent = store
             .get_delegation_edge(zone_id, &parent_id)
             .await?
-            .filter(|edge| edge_live(edge, now))
+            .filter(|edge| edge.live(now))
             .ok_or_else(|| denied("a delegation in the chain is not active"))?;
         if child_source
             != Some((

@@ -179,7 +179,7 @@ pub(super) async fn reexchange(
     let application = store
         .get_application(&ask.zone_id, &presented.client_id)
         .await?
-        .filter(|app| app.archived_at_ms.is_none())
+        .filter(|app| app.active(now_ms()))
         .ok_or_else(|| TokenError::denied("the mandate's application is no longer active"))?;
     let scopes: Vec<String> = presented
         .scope
