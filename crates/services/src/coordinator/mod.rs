@@ -689,6 +689,7 @@ async fn terminate(
     request_id: Option<axum::Extension<caracal_core::RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
     Query(query): Query<TerminateQuery>,
+    raw: Bytes,
 ) -> Result<Response, ApiError> {
     let caller = authenticate_for(&state, &headers, &zone_id, &id).await?;
     let store = state.shared.store.as_ref();
@@ -703,7 +704,20 @@ async fn terminate(
         .reason
         .filter(|reason| !reason.is_empty() && reason.len() <= 200)
         .unwrap_or_else(|| "session_terminated".to_owned());
-    if matches!(session.status.as_str(), "active" | "suspended") {
+    let ending = matches!(session.status.as_str(), "active" | "suspended");
+    // A service session is ended by the holder of its current lease: the body names it.
+    if ending && session.lifecycle == "service" {
+        let generation = (!raw.is_empty())
+            .then(|| serde_json::from_slice::<HeartbeatRequest>(&raw))
+            .transpose()
+            .map_err(|error| invalid(format!("invalid body: {error}")))?
+            .and_then(|body| body.lease_generation)
+            .ok_or_else(|| ApiError::new(ErrorCode::LeaseGenerationRequired))?;
+        if generation != session.lease_generation {
+            return Err(ApiError::new(ErrorCode::SessionLeaseFenced));
+        }
+    }
+    if ending {
         record_change(
             &state,
             change_event(

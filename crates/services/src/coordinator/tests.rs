@@ -775,8 +775,24 @@ async fn service_leases_are_renewed_by_their_holder_and_fenced_by_a_new_one() {
         (status, code(&not_service).as_str()),
         (StatusCode::CONFLICT, "session_not_service")
     );
+    // Ending a service session takes its current lease generation.
+    let (status, missing) = world.agents("DELETE", &format!("/{id}"), b, "").await;
     assert_eq!(
-        world.agents("DELETE", &format!("/{id}"), b, "").await.0,
+        (status, code(&missing).as_str()),
+        (StatusCode::BAD_REQUEST, "lease_generation_required")
+    );
+    let (status, stale) = world
+        .agents("DELETE", &format!("/{id}"), b, r#"{"lease_generation":1}"#)
+        .await;
+    assert_eq!(
+        (status, code(&stale).as_str()),
+        (StatusCode::CONFLICT, "session_lease_fenced")
+    );
+    assert_eq!(
+        world
+            .agents("DELETE", &format!("/{id}"), b, r#"{"lease_generation":2}"#)
+            .await
+            .0,
         StatusCode::NO_CONTENT
     );
     let (status, ended) = beat(json!(2)).await;
