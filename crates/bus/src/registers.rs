@@ -11,6 +11,9 @@ pub enum ReplayNamespace {
     Jti,
     /// Nonces of HMAC-signed Gateway → STS calls.
     GatewayNonce,
+    /// Mandate ids the Gateway has accepted once (apart from the STS's own register, so the
+    /// Gateway's check does not spend the STS's).
+    GatewayJti,
 }
 
 impl ReplayNamespace {
@@ -18,6 +21,7 @@ impl ReplayNamespace {
         match self {
             ReplayNamespace::Jti => "jti",
             ReplayNamespace::GatewayNonce => "gateway_nonce",
+            ReplayNamespace::GatewayJti => "gateway_jti",
         }
     }
 }

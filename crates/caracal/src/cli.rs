@@ -88,6 +88,30 @@ pub struct Overrides {
     /// [env: CARACAL_STREAM_KEY] [default: $CARACAL_HOME/stream-key, created on first start]
     #[arg(long, global = true, value_name = "HEX")]
     pub stream_key: Option<String>,
+    /// The STS's http:// base URL when it runs in another process than the Gateway
+    /// [env: CARACAL_GATEWAY_STS_URL] [default: issuer_url]
+    #[arg(long, global = true, value_name = "URL")]
+    pub gateway_sts_url: Option<String>,
+    /// Comma-separated upstream host names the Gateway may dial
+    /// [env: CARACAL_GATEWAY_UPSTREAM_HOST_ALLOWLIST] [default: any host]
+    #[arg(long, global = true, value_name = "HOSTS")]
+    pub gateway_upstream_host_allowlist: Option<String>,
+    /// Largest request body the Gateway forwards [env: CARACAL_GATEWAY_MAX_REQUEST_BYTES]
+    /// [default: 10485760]
+    #[arg(long, global = true, value_name = "BYTES")]
+    pub gateway_max_request_bytes: Option<String>,
+    /// Seconds the upstream may take to answer [env: CARACAL_GATEWAY_UPSTREAM_TIMEOUT_SECONDS]
+    /// [default: 30]
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub gateway_upstream_timeout_seconds: Option<String>,
+    /// Seconds a response stream may stay silent
+    /// [env: CARACAL_GATEWAY_STREAM_IDLE_TIMEOUT_SECONDS] [default: 60]
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub gateway_stream_idle_timeout_seconds: Option<String>,
+    /// Seconds after which an unconfirmed revocation view refuses every call
+    /// [env: CARACAL_GATEWAY_REVOCATION_FRESHNESS_SECONDS] [default: 70]
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub gateway_revocation_freshness_seconds: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

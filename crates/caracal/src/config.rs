@@ -241,6 +241,42 @@ const KEYS: &[Key] = &[
         "--shutdown-grace-seconds",
         "whole seconds 1-3600",
     ),
+    key(
+        "gateway.sts_url",
+        &["CARACAL_GATEWAY_STS_URL"],
+        "--gateway-sts-url",
+        "the STS's http:// base URL, used when the STS runs in another process; empty means issuer_url",
+    ),
+    key(
+        "gateway.upstream_host_allowlist",
+        &["CARACAL_GATEWAY_UPSTREAM_HOST_ALLOWLIST"],
+        "--gateway-upstream-host-allowlist",
+        "comma-separated host names the Gateway may dial; empty allows any host",
+    ),
+    key(
+        "gateway.max_request_bytes",
+        &["CARACAL_GATEWAY_MAX_REQUEST_BYTES"],
+        "--gateway-max-request-bytes",
+        "request body bytes, 1-1073741824",
+    ),
+    key(
+        "gateway.upstream_timeout_seconds",
+        &["CARACAL_GATEWAY_UPSTREAM_TIMEOUT_SECONDS"],
+        "--gateway-upstream-timeout-seconds",
+        "seconds for the upstream's response head, 1-600",
+    ),
+    key(
+        "gateway.stream_idle_timeout_seconds",
+        &["CARACAL_GATEWAY_STREAM_IDLE_TIMEOUT_SECONDS"],
+        "--gateway-stream-idle-timeout-seconds",
+        "seconds a response body may stay silent, 1-3600",
+    ),
+    key(
+        "gateway.revocation_freshness_seconds",
+        &["CARACAL_GATEWAY_REVOCATION_FRESHNESS_SECONDS"],
+        "--gateway-revocation-freshness-seconds",
+        "seconds after which an unconfirmed revocation view refuses every call, 31-3600",
+    ),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,7 +349,9 @@ pub fn resolve(
         let name = port_key(role);
         ports.insert(role, parse.value(name, |text| text.parse::<u16>().ok())?);
     }
+    let gateway = gateway_config(&parse)?;
     let settings = Settings {
+        gateway,
         home: home.clone(),
         bind: parse.value("bind", |text| text.parse::<IpAddr>().ok())?,
         ports,
@@ -455,6 +493,10 @@ fn default_value(name: &str, default_store: &str) -> String {
         "coordinator.sessions_per_application" => "200".to_owned(),
         "store_pool_size" => "16".to_owned(),
         "store_statement_timeout_ms" => "5000".to_owned(),
+        "gateway.max_request_bytes" => "10485760".to_owned(),
+        "gateway.upstream_timeout_seconds" => "30".to_owned(),
+        "gateway.stream_idle_timeout_seconds" => "60".to_owned(),
+        "gateway.revocation_freshness_seconds" => "70".to_owned(),
         _ => String::new(),
     }
 }
@@ -480,6 +522,52 @@ impl Parser<'_> {
             accepted: key.map(|key| key.accepted).unwrap_or_default().to_owned(),
         })
     }
+}
+
+fn gateway_config(
+    parse: &Parser<'_>,
+) -> Result<caracal_services::gateway::GatewayConfig, ConfigError> {
+    let issuer: String = parse.value("issuer_url", parse_issuer_url)?;
+    let sts_url: String = parse.value("gateway.sts_url", |text| {
+        if text.is_empty() {
+            return Some(issuer.clone());
+        }
+        parse_issuer_url(text).filter(|url| url.starts_with("http://"))
+    })?;
+    let seconds = |name: &str, range: std::ops::RangeInclusive<u64>| {
+        parse.value(name, |text| {
+            text.parse::<u64>()
+                .ok()
+                .filter(|n| range.contains(n))
+                .map(Duration::from_secs)
+        })
+    };
+    let mut config = caracal_services::gateway::GatewayConfig::new(sts_url);
+    config.host_allowlist = parse.value("gateway.upstream_host_allowlist", |text| {
+        let hosts: Vec<String> = text
+            .split(',')
+            .map(|host| host.trim().to_ascii_lowercase())
+            .filter(|host| !host.is_empty())
+            .collect();
+        hosts
+            .iter()
+            .all(|host| {
+                host.len() <= 253
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+            })
+            .then_some(hosts)
+    })?;
+    config.max_request_bytes = parse.value("gateway.max_request_bytes", |text| {
+        text.parse::<u64>()
+            .ok()
+            .filter(|n| (1..=1 << 30).contains(n))
+    })?;
+    config.upstream_timeout = seconds("gateway.upstream_timeout_seconds", 1..=600)?;
+    config.stream_idle_timeout = seconds("gateway.stream_idle_timeout_seconds", 1..=3600)?;
+    config.revocation_freshness = seconds("gateway.revocation_freshness_seconds", 31..=3600)?;
+    Ok(config)
 }
 
 fn parse_issuer_url(text: &str) -> Option<String> {
@@ -530,6 +618,27 @@ fn flag_values(overrides: &Overrides) -> Result<BTreeMap<&'static str, String>, 
             &overrides.store_statement_timeout_ms,
         ),
         ("stream_key", &overrides.stream_key),
+        ("gateway.sts_url", &overrides.gateway_sts_url),
+        (
+            "gateway.upstream_host_allowlist",
+            &overrides.gateway_upstream_host_allowlist,
+        ),
+        (
+            "gateway.max_request_bytes",
+            &overrides.gateway_max_request_bytes,
+        ),
+        (
+            "gateway.upstream_timeout_seconds",
+            &overrides.gateway_upstream_timeout_seconds,
+        ),
+        (
+            "gateway.stream_idle_timeout_seconds",
+            &overrides.gateway_stream_idle_timeout_seconds,
+        ),
+        (
+            "gateway.revocation_freshness_seconds",
+            &overrides.gateway_revocation_freshness_seconds,
+        ),
     ];
     for (name, value) in singles {
         if let Some(value) = value {

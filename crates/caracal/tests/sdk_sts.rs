@@ -255,3 +255,72 @@ fn the_published_sdk_starts_sessions_delegates_narrowly_and_revocation_stops_the
         "the Redis revocation consumer marks the child's anchors"
     );
 }
+
+/// `Caracal.fetch` through the Gateway (STS in the same process, embedded bus) to a loopback
+/// upstream behind a `caracal_mandate` provider, which verifies what it receives with
+/// `caracalai_verify`.
+#[test]
+fn the_published_sdk_fetches_through_the_gateway_and_the_upstream_verifies_the_mandate() {
+    let python = sdk_python();
+    let (_parent, home) = fresh_home();
+    let sts_port = free_port();
+    let mut args: Vec<String> = util::ROLES
+        .iter()
+        .filter(|role| **role != "sts")
+        .flat_map(|role| ["--port".to_owned(), format!("{role}=0")])
+        .collect();
+    args.extend([
+        "--port".to_owned(),
+        format!("sts={sts_port}"),
+        "--issuer-url".to_owned(),
+        format!("http://127.0.0.1:{sts_port}"),
+        "up".to_owned(),
+    ]);
+    let running = Running::start(&home, &args);
+    let api = running.address("api");
+    assert_eq!(wait_ready(api).status, 200);
+    assert_eq!(wait_ready(running.address("gateway")).status, 200);
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let output = Command::new(python)
+        .arg(repo_root().join("crates/caracal/tests/interop/gateway_client.py"))
+        .env("CARACAL_API_URL", format!("http://{api}"))
+        .env("CARACAL_ADMIN_TOKEN", token.trim())
+        .env("CARACAL_STS_URL", format!("http://127.0.0.1:{sts_port}"))
+        .env(
+            "CARACAL_COORDINATOR_URL",
+            format!("http://{}", running.address("coordinator")),
+        )
+        .env(
+            "CARACAL_GATEWAY_URL",
+            format!("http://{}", running.address("gateway")),
+        )
+        .output()
+        .expect("python runs");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let (exit, _, server_log) = running.terminate();
+    assert!(
+        output.status.success(),
+        "client failed:\n{stderr}\nserver:\n{server_log}"
+    );
+    assert!(exit.success(), "{server_log}");
+    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(seen["status"], 200, "{seen}");
+    assert_eq!(seen["body"], json!({"entries": [1, 2, 3]}));
+    assert_eq!(seen["upstream_path"], "/api/entries");
+    assert_eq!(
+        seen["upstream_verified"],
+        json!({"ok": true, "use": "resource"}),
+        "{seen}"
+    );
+    assert_eq!(seen["caracal_headers_upstream"], json!([]));
+    assert_eq!(
+        seen["undeclared"],
+        json!([403, "operation_not_permitted"]),
+        "{seen}"
+    );
+    assert_ne!(seen["after_revoke"][0], 200, "{seen}");
+    assert_eq!(
+        seen["upstream_calls"], 1,
+        "only the permitted call reached it"
+    );
+}

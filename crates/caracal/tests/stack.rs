@@ -122,15 +122,17 @@ fn request_ids_are_echoed_and_written_in_log_lines() {
     args.extend(["--log-format", "json", "--log", "debug", "serve", "gateway"].map(String::from));
     let running = Running::start(&home, &args);
     let address = running.address("gateway");
+    // Every path but the probes is a governed call: without a bearer it is refused.
     let missing = get(
         address,
         "/no-such-route",
         &[("X-Request-Id", "trace-me-4711")],
     );
-    assert_eq!(missing.status, 404);
+    assert_eq!(missing.status, 401);
     assert_eq!(missing.headers["x-request-id"], "trace-me-4711");
     let body: serde_json::Value = serde_json::from_str(&missing.body).unwrap();
-    assert_eq!(body["error"], "not_found");
+    assert_eq!(body["error"], "invalid_token");
+    assert_eq!(body["requestId"], "trace-me-4711");
     let generated = get(
         address,
         "/health",

@@ -14,6 +14,7 @@ pub mod constraints;
 pub mod coordinator;
 mod error;
 pub mod evidence;
+pub mod gateway;
 pub mod group_commit;
 pub mod holds;
 pub mod keys;

@@ -111,6 +111,8 @@ pub struct RoleMetrics {
     pub ledger: Option<Arc<crate::ledger::LedgerMetrics>>,
     /// Present on the STS role.
     pub sts: Option<Arc<crate::sts::StsMetrics>>,
+    /// Present on the Gateway role.
+    pub gateway: Option<Arc<crate::gateway::GatewayMetrics>>,
     pub http_requests: Family<RequestLabels, Counter>,
     pub http_request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub ready: Gauge,
@@ -138,6 +140,11 @@ impl RoleMetrics {
             let sts = Arc::new(crate::sts::StsMetrics::default());
             sts.register(registry);
             sts
+        });
+        let gateway = (role == Role::Gateway).then(|| {
+            let gateway = Arc::new(crate::gateway::GatewayMetrics::default());
+            gateway.register(registry);
+            gateway
         });
         let http_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -176,6 +183,7 @@ impl RoleMetrics {
             outbox,
             ledger,
             sts,
+            gateway,
             http_requests,
             http_request_duration,
             ready,

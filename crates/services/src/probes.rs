@@ -96,6 +96,9 @@ async fn evaluate(state: &RoleState) -> Readiness {
     if state.role == Role::Audit {
         checks.push(tamper_check(state).await);
     }
+    if let Some(revocation) = crate::gateway::readiness(state) {
+        checks.push(revocation);
+    }
     Readiness::new(checks)
 }
 

@@ -39,10 +39,16 @@ pub fn router(state: RoleState) -> Router {
         ),
         Role::Sts => probes.merge(crate::sts::routes()),
         Role::Coordinator => probes.merge(crate::coordinator::routes()),
+        // Every other path is a governed call.
+        Role::Gateway => probes.fallback(crate::gateway::proxy),
         _ => probes,
     };
+    let routes = if state.role == Role::Gateway {
+        routes
+    } else {
+        routes.fallback(|| async { ApiError::new(ErrorCode::NotFound) })
+    };
     routes
-        .fallback(|| async { ApiError::new(ErrorCode::NotFound) })
         .method_not_allowed_fallback(|| async { ApiError::new(ErrorCode::MethodNotAllowed) })
         .layer(axum::middleware::from_fn(crate::error::json_errors))
         .layer(axum::middleware::from_fn_with_state(

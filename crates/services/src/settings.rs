@@ -46,6 +46,8 @@ pub struct Settings {
     /// The key that signs stream messages. Replicas sharing a bus must share it; when unset,
     /// `$CARACAL_HOME/stream-key` is used (created on first start).
     pub stream_key: Option<SecretBytes>,
+    /// The Gateway's limits and where it finds the STS when that runs elsewhere.
+    pub gateway: crate::gateway::GatewayConfig,
 }
 
 /// Secret bytes whose `Debug` shows nothing.

@@ -59,6 +59,8 @@ pub enum StartError {
     Evidence(String),
     #[error("the STS could not start: {0}")]
     Sts(String),
+    #[error("the Gateway could not start: {0}")]
+    Gateway(String),
     #[error("stream key file {path}: {message}")]
     StreamKey { path: String, message: String },
     #[error("{role}: cannot listen on {address}: {source}")]
@@ -92,6 +94,7 @@ pub struct Stack {
     issuer: String,
     mint_rate_limit_per_minute: u64,
     coordinator_limits: crate::coordinator::Limits,
+    gateway_config: crate::gateway::GatewayConfig,
 }
 
 impl Stack {
@@ -171,6 +174,7 @@ impl Stack {
             audit_retention: settings.audit_retention,
             issuer: settings.issuer_url.clone(),
             mint_rate_limit_per_minute: settings.mint_rate_limit_per_minute,
+            gateway_config: settings.gateway.clone(),
             coordinator_limits: crate::coordinator::Limits {
                 max_depth: i64::try_from(settings.coordinator_max_depth).unwrap_or(i64::MAX),
                 max_children: usize::try_from(settings.coordinator_max_children)
@@ -232,7 +236,10 @@ impl Stack {
 
         let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
         let mut servers = tokio::task::JoinSet::new();
-        let listeners = std::mem::take(&mut self.listeners);
+        let mut listeners = std::mem::take(&mut self.listeners);
+        // The STS starts before the Gateway, which then exchanges with it in process.
+        listeners.sort_by_key(|(role, _)| *role);
+        let mut in_process_sts = None;
         for (role, listener) in listeners {
             if let Ok(address) = listener.local_addr() {
                 tracing::info!(%role, %address, "serving");
@@ -270,6 +277,15 @@ impl Stack {
             if role == Role::Sts {
                 self.start_sts(&mut state, &mut servers, &stop_receiver)
                     .await?;
+                in_process_sts.clone_from(&state.sts);
+            }
+            if role == Role::Gateway {
+                self.start_gateway(
+                    &mut state,
+                    in_process_sts.clone(),
+                    &mut servers,
+                    &stop_receiver,
+                )?;
             }
             if role == Role::Coordinator {
                 let coordinator =
@@ -388,6 +404,64 @@ impl Stack {
             });
         }
         state.sts = Some(sts);
+        Ok(())
+    }
+
+    /// The Gateway's state and background work: its revocation view (snapshot loop and stream
+    /// consumer), its key cache following rotations, and its gauges.
+    fn start_gateway(
+        &self,
+        state: &mut RoleState,
+        in_process_sts: Option<Arc<crate::sts::Sts>>,
+        servers: &mut tokio::task::JoinSet<()>,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), StartError> {
+        use crate::gateway::{Gateway, exchange, revocation};
+        let config = self.gateway_config.clone();
+        let exchanger = match in_process_sts {
+            Some(sts) => exchange::Exchanger::InProcess(sts),
+            None => exchange::Exchanger::Remote(Box::new(
+                exchange::RemoteSts::new(
+                    &config.sts_url,
+                    self.shared.kek.derive(crate::sts::gateway::KEY_LABEL),
+                    config.sts_timeout,
+                )
+                .map_err(StartError::Gateway)?,
+            )),
+        };
+        let metrics = state.metrics.gateway.clone().unwrap_or_default();
+        let gateway = Arc::new(Gateway::new(config, exchanger, Arc::clone(&metrics)));
+        servers.spawn(revocation::keep_confirmed(
+            Arc::clone(&gateway.revocations),
+            Arc::clone(&self.shared.store),
+            Arc::clone(&metrics),
+            revocation::SNAPSHOT_INTERVAL,
+            stop.clone(),
+        ));
+        servers.spawn(revocation::follow_stream(
+            Arc::clone(&gateway.revocations),
+            Arc::clone(&self.shared.bus.streams),
+            self.stream_key.clone(),
+            self.instance.clone(),
+            Arc::clone(&metrics),
+            stop.clone(),
+        ));
+        servers.spawn(crate::keys::follow_invalidations(
+            gateway.keys.clone(),
+            Arc::clone(&self.shared.bus.streams),
+            stop.clone(),
+        ));
+        let (observed, mut stop) = (Arc::clone(&gateway), stop.clone());
+        servers.spawn(async move {
+            loop {
+                observed.metrics.observe(&observed);
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+        state.gateway = Some(gateway);
         Ok(())
     }
 

@@ -93,6 +93,8 @@ pub struct RoleState {
     pub sts: Option<Arc<crate::sts::Sts>>,
     /// The Coordinator's state, on the Coordinator role.
     pub coordinator: Option<Arc<crate::coordinator::Coordinator>>,
+    /// The Gateway's state, on the Gateway role.
+    pub gateway: Option<Arc<crate::gateway::Gateway>>,
 }
 
 impl RoleState {
@@ -103,6 +105,7 @@ impl RoleState {
             lockouts: crate::auth::Lockouts::default(),
             sts: None,
             coordinator: None,
+            gateway: None,
             shared,
         }
     }

@@ -325,6 +325,10 @@ pub struct Upstream {
     pub provider_token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider_id: Option<String>,
+    /// Also send the `use=resource` mandate as `X-Caracal-Identity` (provider credentials
+    /// only): the upstream then knows on whose behalf the call comes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forward_caracal_identity: bool,
 }
 
 /// The token endpoint's error body: the OAuth fields plus the request id (camel case, as the

@@ -34,8 +34,8 @@ pub use model::{
     AuditEvent, AuditFilter, AuthorityRecord, DelegationContext, DelegationEdge,
     IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow,
     OutboxStats, PolicyBinding, PolicyHeader, PolicyLoad, PolicyVersion, Provider,
-    ProviderConnection, Resource, SealedSecret, Session, SigningKey, TamperFinding, TerminatedTree,
-    TokenScope, Zone,
+    ProviderConnection, Resource, RevokedAnchors, SealedSecret, Session, SigningKey, TamperFinding,
+    TerminatedTree, TokenScope, Zone,
 };
 pub use postgres::{PgOptions, PgStore};
 pub use queries::{ChainAppend, ChainBuilder};

@@ -350,6 +350,17 @@ pub struct DelegationContext {
     pub epoch: i64,
 }
 
+/// Every revoked anchor a Gateway must refuse, read across zones in one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RevokedAnchors {
+    /// Revoked authority records (`sid` and `root_sid` of a mandate).
+    pub records: Vec<String>,
+    /// Sessions that are suspended, or were terminated or expired in the window.
+    pub sessions: Vec<String>,
+    /// Delegation edges revoked in the window.
+    pub edges: Vec<String>,
+}
+
 /// What terminating a session took down, in one transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TerminatedTree {

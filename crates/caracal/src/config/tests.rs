@@ -206,6 +206,27 @@ fn bad_input_names_the_key_and_the_accepted_values() {
             },
             "invalid value `localhost` for `bind` (from flag --bind): expected an IP address such as 127.0.0.1",
         ),
+        (
+            None,
+            &[("CARACAL_GATEWAY_REVOCATION_FRESHNESS_SECONDS", "30")],
+            Overrides::default(),
+            "invalid value `30` for `gateway.revocation_freshness_seconds` (from env CARACAL_GATEWAY_REVOCATION_FRESHNESS_SECONDS): expected seconds after which an unconfirmed revocation view refuses every call, 31-3600",
+        ),
+        (
+            None,
+            &[],
+            Overrides {
+                gateway_sts_url: Some("https://sts.internal".into()),
+                ..Overrides::default()
+            },
+            "invalid value `https://sts.internal` for `gateway.sts_url` (from flag --gateway-sts-url): expected the STS's http:// base URL, used when the STS runs in another process; empty means issuer_url",
+        ),
+        (
+            None,
+            &[("CARACAL_GATEWAY_MAX_REQUEST_BYTES", "0")],
+            Overrides::default(),
+            "invalid value `0` for `gateway.max_request_bytes` (from env CARACAL_GATEWAY_MAX_REQUEST_BYTES): expected request body bytes, 1-1073741824",
+        ),
     ];
     for (file, env, overrides, expected) in cases {
         let case = Case::new(*file, env);

@@ -21,8 +21,8 @@ use crate::wire::{ChainHop, MandateClaims, TokenResponse};
 
 /// The token endpoint's body limit.
 pub const MAX_FORM_BYTES: usize = 64 * 1024;
-const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-pub(super) const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 const ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
 const LIFECYCLE: &str = "agent:lifecycle";
 /// Mandate lifetime when none is asked for, and the caps with and without a subject token.
@@ -147,7 +147,7 @@ pub(super) struct Ask {
     pub ttl: Option<i64>,
 }
 
-fn ask(form: &form::TokenForm) -> Result<Ask, TokenError> {
+pub(super) fn ask(form: &form::TokenForm) -> Result<Ask, TokenError> {
     let subject = form.subject_token.is_some();
     if subject != form.subject_token_type.is_some() {
         return Err(TokenError::malformed(

@@ -122,6 +122,52 @@ pub(super) async fn authenticate(
     }
 }
 
+/// What the Gateway asks for one proxied call.
+#[derive(Debug, Clone)]
+pub struct GatewayCall {
+    pub zone_id: String,
+    pub application_id: String,
+    /// The presented `use=gateway` mandate.
+    pub token: String,
+    pub resource: String,
+    pub method: String,
+    pub path: String,
+}
+
+impl GatewayCall {
+    /// The form of the signed HTTP exchange (and of the in-process one).
+    pub fn form(&self, request_id: &str) -> super::form::TokenForm {
+        super::form::TokenForm {
+            grant_type: Some(super::exchange::TOKEN_EXCHANGE.to_owned()),
+            zone_id: Some(self.zone_id.clone()),
+            application_id: Some(self.application_id.clone()),
+            resources: vec![self.resource.clone()],
+            subject_token: Some(self.token.clone()),
+            subject_token_type: Some(ACCESS_TOKEN.to_owned()),
+            request_method: Some(self.method.clone()),
+            request_path: Some(self.path.clone()),
+            gateway_request_id: Some(request_id.to_owned()),
+            ..super::form::TokenForm::default()
+        }
+    }
+}
+
+/// The re-exchange for a Gateway in the same process as this STS: no HTTP and no signature
+/// (the process is the trust boundary); everything else as for a signed call.
+pub async fn reexchange_in_process(
+    state: &RoleState,
+    sts: &Sts,
+    request_id: &str,
+    call: &GatewayCall,
+) -> Result<TokenResponse, TokenError> {
+    if state.shared.is_draining() {
+        return Err(TokenError::unavailable("the STS is shutting down"));
+    }
+    let form = call.form(request_id);
+    let ask = super::exchange::ask(&form)?;
+    reexchange(state, sts, request_id, &form, &ask).await
+}
+
 /// The re-exchange itself, after [`authenticate`].
 pub(super) async fn reexchange(
     state: &RoleState,
@@ -390,6 +436,10 @@ async fn upstream(state: &RoleState, resource: &Resource) -> Result<Upstream, To
             .and_then(|hosts| serde_json::from_value(hosts.clone()).ok()),
         provider_token: None,
         provider_id: None,
+        forward_caracal_identity: config
+            .get("forward_caracal_identity")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false),
     };
     match provider.kind.as_str() {
         "none" => {}

@@ -29,7 +29,7 @@ use crate::policy::PolicyCache;
 use crate::state::RoleState;
 use crate::wire::{Jwks, OAuthErrorBody};
 
-pub use exchange::MAX_FORM_BYTES;
+pub use exchange::{ACCESS_TOKEN, MAX_FORM_BYTES, TOKEN_EXCHANGE};
 
 /// Mints a minute per (zone, resource, application) unless configured.
 pub const DEFAULT_MINT_LIMIT_PER_MINUTE: u64 = 1000;
@@ -300,4 +300,4 @@ async fn jwks(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -31,17 +31,17 @@ const ISSUER: &str = "http://sts.test";
 
 /// A zone with an application, a resource it owns, and an active grants policy; the API and
 /// STS roles over one store that a test can take down.
-struct World {
-    _keep: (tempfile::TempDir, crate::evidence::EvidenceTasks),
-    store: Arc<SwitchableStore>,
-    shared: Shared,
-    api: axum::Router,
-    sts: axum::Router,
-    core: Arc<Sts>,
-    writer: String,
-    zone_id: String,
-    app_id: String,
-    secret: String,
+pub(crate) struct World {
+    pub(crate) _keep: (tempfile::TempDir, crate::evidence::EvidenceTasks),
+    pub(crate) store: Arc<SwitchableStore>,
+    pub(crate) shared: Shared,
+    pub(crate) api: axum::Router,
+    pub(crate) sts: axum::Router,
+    pub(crate) core: Arc<Sts>,
+    pub(crate) writer: String,
+    pub(crate) zone_id: String,
+    pub(crate) app_id: String,
+    pub(crate) secret: String,
 }
 
 fn document(app_id: &str) -> String {
@@ -50,7 +50,7 @@ fn document(app_id: &str) -> String {
     )
 }
 
-async fn world() -> World {
+pub(crate) async fn world() -> World {
     let directory = tempfile::tempdir().unwrap();
     let sqlite = SqliteStore::open(&directory.path().join("store.db")).unwrap();
     let store = Arc::new(SwitchableStore {
@@ -145,7 +145,7 @@ async fn world() -> World {
 }
 
 impl World {
-    async fn activate(&self, content: &str) {
+    pub(crate) async fn activate(&self, content: &str) {
         let w = Some(self.writer.as_str());
         let base = format!("/v1/zones/{}", self.zone_id);
         let (status, _, policy) = call(
@@ -186,7 +186,7 @@ impl World {
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     }
 
-    fn form(&self, extra: &[(&str, &str)]) -> String {
+    pub(crate) fn form(&self, extra: &[(&str, &str)]) -> String {
         let mut fields = vec![
             (
                 "grant_type",
@@ -200,12 +200,12 @@ impl World {
         serde_urlencoded::to_string(fields).unwrap()
     }
 
-    async fn exchange(&self, body: &str) -> (StatusCode, http::HeaderMap, Value) {
+    pub(crate) async fn exchange(&self, body: &str) -> (StatusCode, http::HeaderMap, Value) {
         self.post("/oauth/2/token", "application/x-www-form-urlencoded", body)
             .await
     }
 
-    async fn post(
+    pub(crate) async fn post(
         &self,
         path: &str,
         content_type: &str,
@@ -231,7 +231,7 @@ impl World {
         )
     }
 
-    async fn bootstrap(&self) -> Value {
+    pub(crate) async fn bootstrap(&self) -> Value {
         let (status, _, body) = self
             .exchange(&self.form(&[
                 ("scope", "agent:lifecycle"),
@@ -242,7 +242,7 @@ impl World {
         body
     }
 
-    async fn jwks(&self) -> Jwks {
+    pub(crate) async fn jwks(&self) -> Jwks {
         let (status, _, body) = call(
             &self.sts,
             "GET",
@@ -256,7 +256,10 @@ impl World {
     }
 
     /// Verifies `token` the way a third party does: with the published JWKS only.
-    async fn verify(&self, token: &str) -> Result<MandateClaims, crate::mandate::MandateError> {
+    pub(crate) async fn verify(
+        &self,
+        token: &str,
+    ) -> Result<MandateClaims, crate::mandate::MandateError> {
         let keys: Vec<(String, PublicKey)> = self
             .jwks()
             .await
@@ -273,7 +276,7 @@ impl World {
         })
     }
 
-    fn session(&self, id: &str, labels: &[&str]) -> Session {
+    pub(crate) fn session(&self, id: &str, labels: &[&str]) -> Session {
         let now = caracal_store::now_ms();
         Session {
             id: id.to_owned(),
@@ -296,7 +299,7 @@ impl World {
         }
     }
 
-    fn edge(
+    pub(crate) fn edge(
         &self,
         id: &str,
         from: &str,
@@ -322,7 +325,7 @@ impl World {
         }
     }
 
-    fn delegated(&self, session: &str, edge: &str, scope: &str) -> String {
+    pub(crate) fn delegated(&self, session: &str, edge: &str, scope: &str) -> String {
         self.form(&[
             ("scope", scope),
             ("resource", "resource://ledger"),
@@ -332,12 +335,12 @@ impl World {
     }
 }
 
-fn claims_of(token: &str) -> Value {
+pub(crate) fn claims_of(token: &str) -> Value {
     let payload = token.split('.').nth(1).unwrap();
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
 }
 
-async fn audit_events(shared: &Shared) -> Vec<Value> {
+pub(crate) async fn audit_events(shared: &Shared) -> Vec<Value> {
     // Evidence is flushed in batches: wait for it to reach the stream.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let entries = shared

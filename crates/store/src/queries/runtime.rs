@@ -4,7 +4,7 @@
 use crate::db::{Db, Outcome, Row, Statement, Then, Value, params};
 use crate::model::{
     ApprovalHold, AuthorityRecord, DelegationContext, DelegationEdge, IdempotencyReceipt,
-    OutboxMessage, Session, TerminatedTree,
+    OutboxMessage, RevokedAnchors, Session, TerminatedTree,
 };
 use crate::store::{
     StoreError, all, enqueue, first_row, list_from_json, list_to_json, not_found, now_ms, one,
@@ -110,6 +110,10 @@ pub trait Runtime: Send + Sync {
         now_ms: i64,
         limit: i64,
     ) -> Result<Vec<(String, String)>, StoreError>;
+    /// Every anchor a Gateway must refuse, across zones: revoked authority records that
+    /// expire after `since_ms`, suspended sessions, sessions terminated or expired since
+    /// `since_ms`, edges revoked since `since_ms`. The Gateway's revocation snapshot.
+    async fn revoked_anchors(&self, since_ms: i64) -> Result<RevokedAnchors, StoreError>;
     /// The subject kill switch: revokes every active authority record of `subject_id` in the
     /// zone, terminates every session bound to one of them (with subtrees) and revokes every
     /// edge touching those, in one transaction with what `outbox` builds.
@@ -880,6 +884,40 @@ impl<D: Db> Runtime for D {
             )
             .await?;
         pairs_of(&rows)
+    }
+
+    async fn revoked_anchors(&self, since_ms: i64) -> Result<RevokedAnchors, StoreError> {
+        let outcomes = self
+            .atomic(vec![
+                Statement::new(
+                    "SELECT id FROM authority_records WHERE status = 'revoked' AND expires_at_ms > $1",
+                    params![since_ms],
+                ),
+                Statement::new(
+                    "SELECT id FROM sessions WHERE status = 'suspended'
+                        OR (status IN ('terminated', 'expired') AND terminated_at_ms > $1)",
+                    params![since_ms],
+                ),
+                Statement::new(
+                    "SELECT id FROM delegation_edges WHERE status = 'revoked' AND revoked_at_ms > $1",
+                    params![since_ms],
+                ),
+            ])
+            .await?;
+        let ids = |index: usize| -> Result<Vec<String>, StoreError> {
+            outcomes
+                .get(index)
+                .map(|outcome| outcome.rows.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .map(|row| row.text(0))
+                .collect()
+        };
+        Ok(RevokedAnchors {
+            records: ids(0)?,
+            sessions: ids(1)?,
+            edges: ids(2)?,
+        })
     }
 
     async fn session_tree_impact(

@@ -1,0 +1,1109 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use caracal_core::Role;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::BodyExt as _;
+use serde_json::{Value, json};
+use tower::ServiceExt as _;
+
+use super::exchange::{Exchanger, RemoteSts};
+use super::{Gateway, GatewayConfig};
+use crate::router;
+use crate::state::RoleState;
+use crate::sts::tests::{World, audit_events, world};
+use crate::test_support::call;
+
+/// What the loopback upstream saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    uri: String,
+    headers: HeaderMap,
+}
+
+type SeenLog = Arc<Mutex<Vec<Seen>>>;
+
+/// A loopback upstream: `/api/stream` trickles twenty chunks, everything else answers JSON.
+async fn upstream() -> (SocketAddr, SeenLog) {
+    let seen: SeenLog = Arc::default();
+    let log = Arc::clone(&seen);
+    let app = axum::Router::new().fallback(move |request: Request<Body>| {
+        let log = Arc::clone(&log);
+        async move {
+            log.lock().unwrap().push(Seen {
+                method: request.method().to_string(),
+                uri: request.uri().to_string(),
+                headers: request.headers().clone(),
+            });
+            if request.uri().path() == "/api/stream" {
+                return axum::response::Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::new(ticks(20, Duration::from_millis(40))))
+                    .unwrap();
+            }
+            axum::response::Response::builder()
+                .header("content-type", "application/json")
+                .header("server", "upstream/1.0")
+                .header("location", "http://elsewhere.example/x")
+                .header("x-caracal-identity", "leak")
+                .body(Body::from(r#"{"entries":[1,2,3]}"#))
+                .unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (address, seen)
+}
+
+/// A body of `left` chunks `interval` apart.
+struct Ticks {
+    left: usize,
+    interval: tokio::time::Interval,
+}
+
+fn ticks(left: usize, interval: Duration) -> Ticks {
+    Ticks {
+        left,
+        interval: tokio::time::interval(interval),
+    }
+}
+
+impl http_body::Body for Ticks {
+    type Data = axum::body::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<axum::body::Bytes>, std::io::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        match self.interval.poll_tick(cx) {
+            std::task::Poll::Ready(_) => {
+                self.left -= 1;
+                std::task::Poll::Ready(Some(Ok(http_body::Frame::data(
+                    axum::body::Bytes::from_static(b"data: tick\n\n"),
+                ))))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// The STS world plus a Gateway (in-process exchange) in front of a loopback upstream, with a
+/// live session, its delegation edge, and the resource pointed at the upstream.
+struct Fixture {
+    world: World,
+    gateway: Arc<Gateway>,
+    router: axum::Router,
+    seen: SeenLog,
+    upstream: SocketAddr,
+    resource_id: String,
+}
+
+async fn fixture() -> Fixture {
+    let world = world().await;
+    let store = world.shared.store.as_ref();
+    let app = world.app_id.clone();
+    for id in ["g-source", "g-target"] {
+        store
+            .create_session(&world.session(id, &[&app]), &[])
+            .await
+            .unwrap();
+    }
+    store
+        .create_delegation_edge(
+            &world.edge("g-edge", "g-source", "g-target", None, json!({})),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (upstream, seen) = upstream().await;
+    let w = Some(world.writer.as_str());
+    let (_, _, resources) = call(
+        &world.api,
+        "GET",
+        &format!("/v1/zones/{}/resources", world.zone_id),
+        w,
+        "",
+    )
+    .await;
+    let resource_id = resources["items"][0]["id"].as_str().unwrap().to_owned();
+    let mut fixture = Fixture {
+        gateway: Arc::new(Gateway::new(
+            GatewayConfig::new("http://127.0.0.1:1".into()),
+            Exchanger::InProcess(Arc::clone(&world.core)),
+            Arc::default(),
+        )),
+        router: axum::Router::new(),
+        world,
+        seen,
+        upstream,
+        resource_id,
+    };
+    fixture
+        .use_provider(json!({"name": "jwt", "kind": "caracal_mandate"}))
+        .await;
+    fixture.point_at(&format!("http://{upstream}/api")).await;
+    fixture
+        .gateway
+        .revocations
+        .reload(fixture.world.shared.store.as_ref())
+        .await
+        .unwrap();
+    fixture.router = fixture.router_for(Arc::clone(&fixture.gateway));
+    fixture
+}
+
+impl Fixture {
+    fn router_for(&self, gateway: Arc<Gateway>) -> axum::Router {
+        let mut state = RoleState::new(Role::Gateway, self.world.shared.clone());
+        state.gateway = Some(gateway);
+        router(state)
+    }
+
+    async fn point_at(&self, url: &str) {
+        let (status, _, body) = call(
+            &self.world.api,
+            "PATCH",
+            &format!(
+                "/v1/zones/{}/resources/{}",
+                self.world.zone_id, self.resource_id
+            ),
+            Some(&self.world.writer),
+            &json!({"upstream_url": url}).to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    /// Binds the resource to a new provider.
+    async fn use_provider(&self, provider: Value) {
+        let mut provider = provider;
+        provider["identifier"] = json!(format!("provider://p{}", uuid::Uuid::now_v7().simple()));
+        let (status, _, created) = call(
+            &self.world.api,
+            "POST",
+            &format!("/v1/zones/{}/providers", self.world.zone_id),
+            Some(&self.world.writer),
+            &provider.to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        let (status, _, body) = call(
+            &self.world.api,
+            "PATCH",
+            &format!(
+                "/v1/zones/{}/resources/{}",
+                self.world.zone_id, self.resource_id
+            ),
+            Some(&self.world.writer),
+            &json!({"credential_provider_id": created["id"]}).to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    /// A fresh one-shot `use=gateway` mandate for the live edge.
+    async fn mint(&self) -> String {
+        let (status, _, body) = self
+            .world
+            .exchange(&self.world.delegated("g-target", "g-edge", "ledger:read"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    fn request(&self, method: &str, path: &str, token: &str) -> http::request::Builder {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"))
+            .header("x-caracal-resource", "resource://ledger")
+    }
+
+    async fn send_to(&self, router: &axum::Router, request: Request<Body>) -> Answer {
+        let response = router.clone().oneshot(request).await.unwrap();
+        let (status, headers) = (response.status(), response.headers().clone());
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        Answer {
+            status,
+            headers,
+            json: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            bytes: bytes.len(),
+        }
+    }
+
+    async fn send(&self, request: Request<Body>) -> Answer {
+        self.send_to(&self.router, request).await
+    }
+
+    async fn get(&self, path: &str) -> Answer {
+        let token = self.mint().await;
+        self.send(
+            self.request("GET", path, &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+    }
+
+    fn upstream_calls(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    fn last_seen(&self) -> Seen {
+        self.seen.lock().unwrap().last().cloned().unwrap()
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    json: Value,
+    bytes: usize,
+}
+
+impl Answer {
+    fn refused(&self) -> (StatusCode, &str, &str) {
+        (
+            self.status,
+            self.json["error"].as_str().unwrap_or_default(),
+            self.json["error_description"].as_str().unwrap_or_default(),
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_governed_call_reaches_the_upstream_with_the_resource_mandate_and_nothing_of_the_caller()
+{
+    let fixture = fixture().await;
+    let token = fixture.mint().await;
+    let mut request = fixture
+        .request("GET", "/entries?q=1&limit=5", &token)
+        .header("x-request-id", "call-1")
+        .header("x-caracal-session", "forged")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-host", "evil.example")
+        .header("forwarded", "for=6.6.6.6")
+        .header("x-real-ip", "6.6.6.6")
+        .header("connection", "x-hop")
+        .header("x-hop", "1")
+        .header("proxy-authorization", "Basic x")
+        .header("baggage", "caracal.session=abc,tenant=blue")
+        .header("accept", "application/json")
+        .body(Body::empty())
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(ConnectInfo(SocketAddr::from(([10, 9, 8, 7], 5555))));
+    let answer = fixture.send(request).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(answer.json, json!({"entries": [1, 2, 3]}));
+    // The response: no banner, no absolute redirect target, no identity echo.
+    assert!(answer.headers.get("server").is_none());
+    assert!(answer.headers.get("location").is_none());
+    assert!(answer.headers.get("x-caracal-identity").is_none());
+    assert_eq!(answer.headers["x-request-id"], "call-1");
+    let expires_in: i64 = answer.headers["x-caracal-token-expires-in"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((35..=900).contains(&expires_in), "{expires_in}");
+
+    let seen = fixture.last_seen();
+    assert_eq!(seen.method, "GET");
+    assert_eq!(seen.uri, "/api/entries?limit=5&q=1");
+    let header = |name: &str| {
+        seen.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    // The upstream's credential is a use=resource mandate for this resource, verifiable with
+    // the zone's published keys; the caller's gateway mandate never reaches it.
+    let bearer = header("authorization").unwrap();
+    let resource_mandate = bearer.strip_prefix("Bearer ").unwrap();
+    assert_ne!(resource_mandate, token);
+    let claims = fixture.world.verify(resource_mandate).await.unwrap();
+    assert_eq!(claims.use_, "resource");
+    assert_eq!(claims.aud, ["resource://ledger"]);
+    assert_eq!(claims.agent_session_id.as_deref(), Some("g-target"));
+    for stripped in [
+        "x-caracal-session",
+        "x-caracal-resource",
+        "forwarded",
+        "x-real-ip",
+        "x-hop",
+        "connection",
+        "proxy-authorization",
+    ] {
+        assert_eq!(
+            header(stripped),
+            None,
+            "{stripped} must not reach the upstream"
+        );
+    }
+    assert_eq!(
+        header("x-forwarded-for").as_deref(),
+        Some("10.9.8.7"),
+        "fresh, not appended"
+    );
+    assert_eq!(header("x-forwarded-host"), None, "the caller sent no Host");
+    assert_eq!(header("baggage").as_deref(), Some("tenant=blue"));
+    assert_eq!(header("x-request-id").as_deref(), Some("call-1"));
+    assert_eq!(header("accept").as_deref(), Some("application/json"));
+    assert!(header("traceparent").unwrap().starts_with("00-"));
+
+    // One audit event for the call, with the outcome and without the token.
+    let events = audit_events(&fixture.world.shared).await;
+    let event = events
+        .iter()
+        .find(|event| event["event_type"] == "gateway_resource_request")
+        .expect("the call is audited");
+    assert_eq!(event["request_id"], "call-1");
+    assert_eq!(event["decision"], "allow");
+    assert_eq!(event["evaluation_status"], "executed");
+    let metadata = &event["metadata_json"];
+    assert_eq!(metadata["upstream_status"], 200);
+    assert_eq!(metadata["auth_mode"], "caracal_jwt");
+    assert_eq!(metadata["result_class"], "success");
+    assert_eq!(metadata["response_bytes"], 19);
+    assert!(!event.to_string().contains(&token));
+
+    // The same mandate again: a replay, refused before the STS or the upstream.
+    let calls = fixture.upstream_calls();
+    let again = fixture
+        .send(
+            fixture
+                .request("GET", "/entries", &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        again.refused(),
+        (
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "token replay detected"
+        )
+    );
+    assert_eq!(fixture.upstream_calls(), calls);
+    let events = audit_events(&fixture.world.shared).await;
+    assert!(
+        events
+            .iter()
+            .any(|event| event["event_type"] == "replay_detected")
+    );
+}
+
+#[tokio::test]
+async fn malformed_calls_are_refused_with_their_code_before_anything_is_contacted() {
+    let fixture = fixture().await;
+    let token = fixture.mint().await;
+    let long = "a".repeat(super::MAX_BEARER_BYTES + 1);
+    let expired = {
+        // A structurally valid token whose exp is inside the pre-flight window.
+        use base64::Engine as _;
+        let payload =
+            json!({"exp": caracal_store::now_ms() / 1000 + 10, "zone_id": "z", "client_id": "c"});
+        format!(
+            "e30.{}.sig",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(payload.to_string())
+        )
+    };
+    let cases: Vec<(Request<Body>, StatusCode, &str, &str)> = vec![
+        (
+            Request::get("/entries")
+                .header("x-caracal-resource", "resource://ledger")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "missing bearer token",
+        ),
+        (
+            fixture
+                .request("GET", "/entries", &long)
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "bearer token too large",
+        ),
+        (
+            fixture
+                .request("GET", "/entries", "not.a-token")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "malformed bearer token",
+        ),
+        (
+            fixture
+                .request("GET", "/entries", &expired)
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::UNAUTHORIZED,
+            "credential_expired_not_renewable",
+            "credential expiring within pre-flight window",
+        ),
+        (
+            fixture
+                .request("GET", "/entries", &token)
+                .header("x-caracal-client-id", "x")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+            "client identity derives from the bearer token",
+        ),
+        (
+            Request::get("/entries")
+                .header("authorization", format!("Bearer {token}"))
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+            "missing routing headers",
+        ),
+        (
+            fixture
+                .request("GET", "/a/../entries", &token)
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+            "path traversal not permitted",
+        ),
+        (
+            fixture
+                .request("GET", "/a/%2e%2e/entries", &token)
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+            "path traversal not permitted",
+        ),
+        (
+            fixture
+                .request("GET", "/a/%252e%252e%252fentries", &token)
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+            "path traversal not permitted",
+        ),
+        (
+            fixture
+                .request("GET", "/a%5c..%5centries", &token)
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+            "path traversal not permitted",
+        ),
+        (
+            fixture
+                .request(
+                    "GET",
+                    "/entries",
+                    &format!("{}x", &token[..token.len() - 2]),
+                )
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "bearer signature invalid",
+        ),
+    ];
+    for (request, status, code, description) in cases {
+        let answer = fixture.send(request).await;
+        assert_eq!(
+            answer.refused(),
+            (status, code, description),
+            "{}",
+            answer.json
+        );
+        assert!(answer.json["requestId"].is_string());
+    }
+    assert_eq!(fixture.upstream_calls(), 0);
+    // None of these spent the real mandate: it still works once.
+    let answer = fixture
+        .send(
+            fixture
+                .request("GET", "/entries", &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+}
+
+#[tokio::test]
+async fn every_fail_closed_condition_refuses_and_the_upstream_sees_nothing() {
+    let fixture = fixture().await;
+
+    // A view never confirmed against the store: stale.
+    let unconfirmed = Arc::new(Gateway::new(
+        GatewayConfig::new("http://127.0.0.1:1".into()),
+        Exchanger::InProcess(Arc::clone(&fixture.world.core)),
+        Arc::default(),
+    ));
+    let stale = fixture.router_for(Arc::clone(&unconfirmed));
+    let token = fixture.mint().await;
+    let answer = fixture
+        .send_to(
+            &stale,
+            fixture
+                .request("GET", "/entries", &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        answer.refused(),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "revocation_snapshot_stale",
+            "revocation state unavailable"
+        )
+    );
+    let (status, _, ready) = call(&stale, "GET", "/ready", None, "").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready["reason"], "revocation_snapshot_stale");
+
+    // The STS unreachable: three refusals open the circuit, then it fails fast.
+    let remote = Arc::new(Gateway::new(
+        GatewayConfig::new("http://127.0.0.1:1".into()),
+        Exchanger::Remote(Box::new(
+            RemoteSts::new(
+                "http://127.0.0.1:1",
+                fixture
+                    .world
+                    .shared
+                    .kek
+                    .derive(crate::sts::gateway::KEY_LABEL),
+                Duration::from_secs(1),
+            )
+            .unwrap(),
+        )),
+        Arc::default(),
+    ));
+    remote
+        .revocations
+        .reload(fixture.world.shared.store.as_ref())
+        .await
+        .unwrap();
+    let remote_router = fixture.router_for(Arc::clone(&remote));
+    for _ in 0..3 {
+        let token = fixture.mint().await;
+        let answer = fixture
+            .send_to(
+                &remote_router,
+                fixture
+                    .request("GET", "/entries", &token)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(
+            answer.refused(),
+            (
+                StatusCode::BAD_GATEWAY,
+                "sts_unavailable",
+                "sts unavailable"
+            )
+        );
+    }
+    assert_eq!(remote.circuit.state(), super::exchange::CircuitState::Open);
+    let token = fixture.mint().await;
+    let answer = fixture
+        .send_to(
+            &remote_router,
+            fixture
+                .request("GET", "/entries", &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        answer.refused(),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sts_unavailable",
+            "sts unavailable"
+        )
+    );
+    assert_eq!(answer.headers["retry-after"], "1");
+    assert_eq!(remote.metrics.sts_circuit_fast_fail.get(), 1);
+    remote.metrics.observe(&remote);
+    assert_eq!(remote.metrics.sts_circuit_state.get(), 1);
+
+    // The zone's keys cannot be read (the store is down): no signature can be checked.
+    let token = fixture.mint().await;
+    fixture.world.store.down.store(true, Ordering::SeqCst);
+    let answer = fixture
+        .send(
+            fixture
+                .request("GET", "/entries", &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    fixture.world.store.down.store(false, Ordering::SeqCst);
+    assert_eq!(
+        answer.refused(),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sts_unavailable",
+            "signing keys unavailable"
+        )
+    );
+
+    // Evidence lost: nothing protected passes.
+    let mut shared = fixture.world.shared.clone();
+    let directory = tempfile::tempdir().unwrap();
+    let replay = directory.path().join("replay");
+    let (evidence, _tasks) = crate::evidence::Evidence::start(
+        caracal_bus::Producer::new(
+            Arc::new(crate::test_support::DownBus),
+            caracal_bus::signature::StreamKey::new(b"k"),
+        ),
+        crate::evidence::EvidenceConfig::new(replay.clone()),
+    )
+    .unwrap();
+    // The replay directory becomes unusable too.
+    std::fs::remove_dir_all(&replay).unwrap();
+    std::fs::write(&replay, "not a directory").unwrap();
+    let probe = caracal_audit::Event {
+        id: "probe".into(),
+        zone_id: "z".into(),
+        event_type: "probe".into(),
+        request_id: "r".into(),
+        decision: "allow".into(),
+        policy_set_id: None,
+        policy_set_version_id: None,
+        manifest_sha: None,
+        evaluation_status: "executed".into(),
+        determining_policies_json: json!([]),
+        diagnostics_json: json!([]),
+        metadata_json: json!({}),
+        occurred_at_ms: 0,
+    };
+    assert!(evidence.record(probe).await.is_err());
+    assert!(evidence.is_lost());
+    shared.evidence = evidence;
+    let mut state = RoleState::new(Role::Gateway, shared);
+    state.gateway = Some(Arc::clone(&fixture.gateway));
+    let lost = router(state);
+    let token = fixture.mint().await;
+    let answer = fixture
+        .send_to(
+            &lost,
+            fixture
+                .request("GET", "/entries", &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.json["error"], "audit_evidence_lost");
+
+    // A revoked anchor: the edge revoked in the store, seen through the snapshot.
+    let store = fixture.world.shared.store.as_ref();
+    let token = fixture.mint().await;
+    store
+        .revoke_delegation_tree(
+            &fixture.world.zone_id,
+            "g-edge",
+            "test",
+            crate::propagation::revocations,
+        )
+        .await
+        .unwrap();
+    fixture.gateway.revocations.reload(store).await.unwrap();
+    let answer = fixture
+        .send(
+            fixture
+                .request("GET", "/entries", &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        answer.refused(),
+        (StatusCode::UNAUTHORIZED, "invalid_token", "session revoked")
+    );
+
+    assert_eq!(
+        fixture.upstream_calls(),
+        0,
+        "no refusal reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn revocation_messages_mark_every_anchor_and_a_snapshot_keeps_concurrent_marks() {
+    let fixture = fixture().await;
+    let store = fixture.world.shared.store.as_ref();
+    let token = fixture.mint().await;
+    // Terminating the target session produces the messages the Coordinator publishes; the
+    // Gateway applies them as they arrive on the stream.
+    let tree = store
+        .terminate_session_tree(
+            &fixture.world.zone_id,
+            "g-target",
+            "test",
+            crate::propagation::revocations,
+        )
+        .await
+        .unwrap();
+    let view = &fixture.gateway.revocations;
+    let read_at = view.generation();
+    let messages = crate::propagation::revocations(&tree);
+    assert!(!messages.is_empty());
+    for (index, message) in messages.iter().enumerate() {
+        if message.stream != caracal_bus::stream_names::SESSIONS_REVOKE {
+            continue;
+        }
+        let entry = caracal_bus::Entry {
+            id: format!("{}-{index}", caracal_store::now_ms()),
+            fields: message.fields.clone(),
+            deliveries: 1,
+        };
+        assert!(view.apply_message(&entry));
+    }
+    // A snapshot read before the messages were applied does not erase them.
+    view.apply_snapshot(caracal_store::RevokedAnchors::default(), read_at);
+    let answer = fixture
+        .send(
+            fixture
+                .request("GET", "/entries", &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        answer.refused(),
+        (StatusCode::UNAUTHORIZED, "invalid_token", "session revoked")
+    );
+    // A message naming no anchor is not applied (it is left for the dead-letter path).
+    let poison = caracal_bus::Entry {
+        id: "1-0".into(),
+        fields: [("zone_id".to_owned(), "z".to_owned())].into(),
+        deliveries: 1,
+    };
+    assert!(!view.apply_message(&poison));
+}
+
+#[tokio::test]
+async fn a_stream_is_cut_with_a_trailer_when_the_mandate_is_revoked_mid_response() {
+    let fixture = fixture().await;
+    // The stream path must be a declared operation.
+    let (status, _, body) = call(
+        &fixture.world.api,
+        "PATCH",
+        &format!(
+            "/v1/zones/{}/resources/{}",
+            fixture.world.zone_id, fixture.resource_id
+        ),
+        Some(&fixture.world.writer),
+        &json!({"operations": [{"method": "GET", "path": "/entries", "scope": "ledger:read"},
+                               {"method": "GET", "path": "/stream", "scope": "ledger:read"}]})
+        .to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Unrevoked: all twenty chunks.
+    let whole = fixture.get("/stream").await;
+    assert_eq!(whole.status, StatusCode::OK);
+    assert_eq!(whole.bytes, 20 * 12);
+
+    let token = fixture.mint().await;
+    let response = fixture
+        .router
+        .clone()
+        .oneshot(
+            fixture
+                .request("GET", "/stream", &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["trailer"], "X-Caracal-Revoked");
+    let mut body = response.into_body();
+    let mut received = 0;
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap();
+        if let Some(data) = frame.data_ref() {
+            received += data.len();
+            if received == 3 * 12 {
+                let entry = caracal_bus::Entry {
+                    id: format!("{}-0", caracal_store::now_ms()),
+                    fields: [("agent_session_id".to_owned(), "g-target".to_owned())].into(),
+                    deliveries: 1,
+                };
+                fixture.gateway.revocations.apply_message(&entry);
+            }
+        } else if let Ok(found) = frame.into_trailers() {
+            trailers = Some(found);
+        }
+    }
+    assert!(received < 20 * 12, "the stream was cut ({received} bytes)");
+    assert_eq!(trailers.unwrap()["x-caracal-revoked"], "true");
+    assert_eq!(fixture.gateway.metrics.streams_revoked.get(), 1);
+}
+
+#[tokio::test]
+async fn the_upstream_address_guard_refuses_metadata_and_kin_and_the_operation_floor_holds() {
+    let fixture = fixture().await;
+    for url in [
+        "http://169.254.169.254/latest",
+        "http://[::ffff:169.254.169.254]/",
+        "http://0.0.0.0/",
+        "http://224.0.0.251/",
+        "http://[fe80::1]/",
+        // Names that resolve to the metadata address (numeric forms the resolver accepts).
+        "http://2852039166/",
+        "http://0xa9fea9fe/",
+    ] {
+        fixture.point_at(url).await;
+        let answer = fixture.get("/entries").await;
+        assert_eq!(
+            answer.refused(),
+            (
+                StatusCode::BAD_GATEWAY,
+                "internal_error",
+                "upstream not addressable"
+            ),
+            "{url}"
+        );
+    }
+    let events = audit_events(&fixture.world.shared).await;
+    assert!(
+        events
+            .iter()
+            .any(|event| event["metadata_json"]["error_kind"] == "upstream_not_addressable")
+    );
+
+    // An allowlist without the host refuses it too.
+    fixture
+        .point_at(&format!("http://{}/api", fixture.upstream))
+        .await;
+    let mut config = GatewayConfig::new("http://127.0.0.1:1".into());
+    config.host_allowlist = vec!["api.example".into()];
+    let pinned = Arc::new(Gateway::new(
+        config,
+        Exchanger::InProcess(Arc::clone(&fixture.world.core)),
+        Arc::default(),
+    ));
+    pinned
+        .revocations
+        .reload(fixture.world.shared.store.as_ref())
+        .await
+        .unwrap();
+    let token = fixture.mint().await;
+    let answer = fixture
+        .send_to(
+            &fixture.router_for(pinned),
+            fixture
+                .request("GET", "/entries", &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        answer.refused(),
+        (
+            StatusCode::BAD_GATEWAY,
+            "internal_error",
+            "upstream not addressable"
+        )
+    );
+
+    // Operation enforcement: an undeclared method or path never reaches the upstream.
+    for (method, path) in [
+        ("GET", "/other"),
+        ("DELETE", "/entries"),
+        ("POST", "/refunds"),
+    ] {
+        let token = fixture.mint().await;
+        let answer = fixture
+            .send(
+                fixture
+                    .request(method, path, &token)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(
+            (answer.status, answer.json["error"].as_str().unwrap()),
+            (StatusCode::FORBIDDEN, "operation_not_permitted"),
+            "{method} {path}: {}",
+            answer.json
+        );
+    }
+    assert_eq!(fixture.upstream_calls(), 0);
+}
+
+#[tokio::test]
+async fn provider_credentials_are_injected_as_configured_and_pinned_to_their_hosts() {
+    let fixture = fixture().await;
+    let header = |name: &str| {
+        fixture
+            .last_seen()
+            .headers
+            .get(name)
+            .map(|value| value.to_str().unwrap().to_owned())
+    };
+
+    fixture
+        .use_provider(json!({"name": "key", "kind": "api_key",
+            "config_json": {"header_name": "X-Api-Key", "api_key": "k-123"}}))
+        .await;
+    assert_eq!(fixture.get("/entries").await.status, StatusCode::OK);
+    assert_eq!(header("x-api-key").as_deref(), Some("k-123"));
+    assert_eq!(header("authorization"), None);
+    assert_eq!(header("x-caracal-identity"), None);
+
+    fixture
+        .use_provider(json!({"name": "query", "kind": "api_key",
+            "config_json": {"query_param_name": "key", "api_key": "q-456", "forward_caracal_identity": true}}))
+        .await;
+    let token = fixture.mint().await;
+    let answer = fixture
+        .send(
+            fixture
+                .request("GET", "/entries?key=mine", &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(fixture.last_seen().uri, "/api/entries?key=q-456");
+    let identity = header("x-caracal-identity").unwrap();
+    assert_eq!(
+        fixture.world.verify(&identity).await.unwrap().use_,
+        "resource"
+    );
+
+    fixture
+        .use_provider(json!({"name": "bearer", "kind": "bearer_token",
+            "config_json": {"bearer_token": "b-789"}}))
+        .await;
+    assert_eq!(fixture.get("/entries").await.status, StatusCode::OK);
+    assert_eq!(header("authorization").as_deref(), Some("Bearer b-789"));
+
+    fixture
+        .use_provider(json!({"name": "basic", "kind": "http_basic",
+            "config_json": {"username": "svc", "password": "pw"}}))
+        .await;
+    assert_eq!(fixture.get("/entries").await.status, StatusCode::OK);
+    assert_eq!(header("authorization").as_deref(), Some("Basic c3ZjOnB3"));
+
+    fixture
+        .use_provider(json!({"name": "none", "kind": "none"}))
+        .await;
+    assert_eq!(fixture.get("/entries").await.status, StatusCode::OK);
+    assert_eq!(header("authorization"), None);
+
+    // A credential pinned to other hosts is never sent to this one.
+    let calls = fixture.upstream_calls();
+    fixture
+        .use_provider(json!({"name": "pinned", "kind": "bearer_token",
+            "config_json": {"bearer_token": "b-1", "allowed_token_hosts": ["api.example"]}}))
+        .await;
+    let answer = fixture.get("/entries").await;
+    assert_eq!(
+        answer.refused(),
+        (
+            StatusCode::BAD_GATEWAY,
+            "internal_error",
+            "provider credential not allowed for upstream host"
+        )
+    );
+    assert_eq!(fixture.upstream_calls(), calls);
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_refused_before_the_upstream() {
+    let fixture = fixture().await;
+    let (status, _, body) = call(
+        &fixture.world.api,
+        "PATCH",
+        &format!(
+            "/v1/zones/{}/resources/{}",
+            fixture.world.zone_id, fixture.resource_id
+        ),
+        Some(&fixture.world.writer),
+        &json!({"operations": [{"method": "POST", "path": "/entries", "scope": "ledger:read"}]})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut config = GatewayConfig::new("http://127.0.0.1:1".into());
+    config.max_request_bytes = 1024;
+    let small = Arc::new(Gateway::new(
+        config,
+        Exchanger::InProcess(Arc::clone(&fixture.world.core)),
+        Arc::default(),
+    ));
+    small
+        .revocations
+        .reload(fixture.world.shared.store.as_ref())
+        .await
+        .unwrap();
+    let router = fixture.router_for(small);
+    let token = fixture.mint().await;
+    let answer = fixture
+        .send_to(
+            &router,
+            fixture
+                .request("POST", "/entries", &token)
+                .header("content-length", "2048")
+                .body(Body::from(vec![b'x'; 2048]))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        answer.refused(),
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "request body too large"
+        )
+    );
+    assert_eq!(fixture.upstream_calls(), 0);
+    let token = fixture.mint().await;
+    let answer = fixture
+        .send_to(
+            &router,
+            fixture
+                .request("POST", "/entries", &token)
+                .body(Body::from(vec![b'x'; 512]))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+}
