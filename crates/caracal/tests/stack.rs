@@ -157,6 +157,34 @@ fn request_ids_are_echoed_and_written_in_log_lines() {
     assert!(traced.iter().all(|line| line["span"]["role"] == "gateway"));
 }
 
+/// A Gateway on its own (the STS elsewhere): ready once its revocation view is confirmed, and
+/// its metrics carry the freshness, propagation and circuit gauges the alerts read.
+#[test]
+fn a_lone_gateway_is_ready_and_exposes_its_alert_gauges() {
+    let (_parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.extend(["serve", "gateway"].map(String::from));
+    let running = Running::start(&home, &args);
+    let address = running.address("gateway");
+    assert_eq!(wait_ready(address).status, 200);
+    let metrics = get(address, "/metrics", &[]);
+    assert_eq!(metrics.status, 200);
+    for name in [
+        "caracal_gateway_sts_circuit_state 0",
+        "caracal_gateway_revocation_snapshot_age_seconds",
+        "caracal_gateway_revocation_propagation_lag_seconds",
+        "caracal_gateway_requests_total",
+    ] {
+        assert!(
+            metrics.body.contains(name),
+            "{name} missing:\n{}",
+            metrics.body
+        );
+    }
+    let (status, _, _) = running.terminate();
+    assert!(status.success());
+}
+
 #[test]
 fn serve_runs_only_the_chosen_roles() {
     let (_parent, home) = fresh_home();

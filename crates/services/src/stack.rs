@@ -280,9 +280,20 @@ impl Stack {
                 in_process_sts.clone_from(&state.sts);
             }
             if role == Role::Gateway {
+                // Stable across restarts of the same replica, distinct between replicas: its
+                // revocation consumer group resumes where it stopped instead of piling up.
+                let replica = format!(
+                    "{}:{}",
+                    host_name().unwrap_or_else(|| self.instance.clone()),
+                    listener
+                        .local_addr()
+                        .map(|address| address.port())
+                        .unwrap_or(0)
+                );
                 self.start_gateway(
                     &mut state,
                     in_process_sts.clone(),
+                    replica,
                     &mut servers,
                     &stop_receiver,
                 )?;
@@ -413,6 +424,7 @@ impl Stack {
         &self,
         state: &mut RoleState,
         in_process_sts: Option<Arc<crate::sts::Sts>>,
+        replica: String,
         servers: &mut tokio::task::JoinSet<()>,
         stop: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), StartError> {
@@ -442,7 +454,7 @@ impl Stack {
             Arc::clone(&gateway.revocations),
             Arc::clone(&self.shared.bus.streams),
             self.stream_key.clone(),
-            self.instance.clone(),
+            replica,
             Arc::clone(&metrics),
             stop.clone(),
         ));
@@ -584,6 +596,21 @@ pub fn decode_key_hex(text: &str) -> Option<Vec<u8>> {
 
 /// Serves `app` until `stop` turns true, then stops accepting and waits for the requests already
 /// in flight to be answered.
+/// This machine's name (`$HOSTNAME`, else `/etc/hostname`), if it has a usable one.
+fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| {
+            !name.is_empty()
+                && name.len() <= 253
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        })
+}
+
 async fn serve_until_stopped(
     listener: TcpListener,
     app: axum::Router,

@@ -329,6 +329,14 @@ pub struct Upstream {
     /// only): the upstream then knows on whose behalf the call comes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forward_caracal_identity: bool,
+    /// OAuth 2.0 client credentials: the Gateway fetches the access token from `token_url` as
+    /// `client_id` with the secret in `provider_token`, and caches it until near its expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_scope: Option<String>,
 }
 
 /// The token endpoint's error body: the OAuth fields plus the request id (camel case, as the

@@ -8,6 +8,7 @@
 //! durably before the response is released.
 
 pub mod exchange;
+pub mod oauth;
 pub mod revocation;
 pub mod upstream;
 
@@ -81,7 +82,7 @@ impl GatewayConfig {
     }
 }
 
-type UpstreamClient =
+pub(crate) type UpstreamClient =
     Client<HttpConnector<CheckedResolver>, http_body_util::Limited<axum::body::Body>>;
 
 /// One Gateway replica's state.
@@ -92,6 +93,7 @@ pub struct Gateway {
     pub keys: KeyRing,
     exchanger: Exchanger,
     upstream: UpstreamClient,
+    oauth_tokens: oauth::TokenCache,
     /// When each zone's keys were last reloaded because of an unknown key id.
     key_refreshes: Mutex<HashMap<String, Instant>>,
     pub metrics: Arc<GatewayMetrics>,
@@ -118,6 +120,7 @@ impl Gateway {
             keys: KeyRing::default(),
             exchanger,
             upstream,
+            oauth_tokens: oauth::TokenCache::default(),
             key_refreshes: Mutex::default(),
             metrics,
         }
@@ -912,6 +915,39 @@ async fn dispatch(
             "request_too_large",
         )
         .await;
+    }
+    let mut directive = directive;
+    if directive.auth_mode == "provider_oauth" && directive.token_url.is_some() {
+        match gateway
+            .oauth_tokens
+            .token(
+                &gateway.upstream,
+                &directive,
+                &gateway.config.host_allowlist,
+            )
+            .await
+        {
+            Ok(token) => {
+                directive.provider_token = Some(token);
+            }
+            Err(error) => {
+                tracing::warn!(%error, resource = %call.resource, "provider token unavailable");
+                return failed(
+                    state,
+                    &call,
+                    &directive,
+                    Some(&host),
+                    Refusal::new(
+                        StatusCode::BAD_GATEWAY,
+                        "http_request_failed",
+                        "provider credential unavailable",
+                    ),
+                    "upstream_error",
+                    "provider_token_failed",
+                )
+                .await;
+            }
+        }
     }
     let (parts, body) = request.into_parts();
     let outbound = match build_request(

@@ -47,6 +47,14 @@ async fn upstream() -> (SocketAddr, SeenLog) {
                 uri: request.uri().to_string(),
                 headers: request.headers().clone(),
             });
+            if request.uri().path() == "/token" {
+                return axum::response::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Body::from(
+                        r#"{"access_token":"cc-1","token_type":"Bearer","expires_in":3600}"#,
+                    ))
+                    .unwrap();
+            }
             if request.uri().path() == "/api/stream" {
                 return axum::response::Response::builder()
                     .header("content-type", "text/event-stream")
@@ -1106,4 +1114,246 @@ async fn bodies_over_the_limit_are_refused_before_the_upstream() {
         )
         .await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+}
+
+#[tokio::test]
+async fn client_credentials_tokens_are_fetched_once_and_reused() {
+    let fixture = fixture().await;
+    fixture
+        .use_provider(json!({"name": "cc", "kind": "oauth2_client_credentials",
+            "config_json": {"token_url": format!("http://{}/token", fixture.upstream),
+                            "client_id": "gw", "client_secret": "cc-secret", "scope": "read"}}))
+        .await;
+    for _ in 0..2 {
+        let answer = fixture.get("/entries").await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+        assert_eq!(fixture.last_seen().headers["authorization"], "Bearer cc-1");
+    }
+    let token_calls = fixture
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|seen| seen.uri == "/token")
+        .count();
+    assert_eq!(token_calls, 1, "the token is cached until near its expiry");
+
+    // A token endpoint at a forbidden address is never called.
+    fixture
+        .use_provider(
+            json!({"name": "cc-bad", "kind": "oauth2_client_credentials",
+            "config_json": {"token_url": "http://169.254.169.254/token",
+                            "client_id": "gw", "client_secret": "cc-secret"}}),
+        )
+        .await;
+    let answer = fixture.get("/entries").await;
+    assert_eq!(
+        answer.refused(),
+        (
+            StatusCode::BAD_GATEWAY,
+            "http_request_failed",
+            "provider credential unavailable"
+        )
+    );
+}
+
+#[tokio::test]
+async fn the_signed_http_exchange_reaches_a_separate_sts_and_a_down_replay_registry_refuses() {
+    let fixture = fixture().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sts_address = listener.local_addr().unwrap();
+    let sts = fixture.world.sts.clone();
+    tokio::spawn(async move { axum::serve(listener, sts).await.unwrap() });
+    let remote = Arc::new(Gateway::new(
+        GatewayConfig::new(format!("http://{sts_address}")),
+        Exchanger::Remote(Box::new(
+            RemoteSts::new(
+                &format!("http://{sts_address}"),
+                fixture
+                    .world
+                    .shared
+                    .kek
+                    .derive(crate::sts::gateway::KEY_LABEL),
+                Duration::from_secs(5),
+            )
+            .unwrap(),
+        )),
+        Arc::default(),
+    ));
+    remote
+        .revocations
+        .reload(fixture.world.shared.store.as_ref())
+        .await
+        .unwrap();
+    let remote_router = fixture.router_for(Arc::clone(&remote));
+    let token = fixture.mint().await;
+    let answer = fixture
+        .send_to(
+            &remote_router,
+            fixture
+                .request("GET", "/entries", &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    let bearer = fixture.last_seen().headers["authorization"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let claims = fixture
+        .world
+        .verify(bearer.strip_prefix("Bearer ").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(claims.use_, "resource");
+    // A policy answer from the STS passes through with its status and code.
+    let token = fixture.mint().await;
+    let answer = fixture
+        .send_to(
+            &remote_router,
+            fixture
+                .request("GET", "/undeclared", &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        (answer.status, answer.json["error"].as_str().unwrap()),
+        (StatusCode::FORBIDDEN, "operation_not_permitted")
+    );
+    assert_eq!(
+        remote.circuit.state(),
+        super::exchange::CircuitState::Closed
+    );
+
+    // With the replay registry down (Redis gone) no one-shot mandate can be checked.
+    let mut shared = fixture.world.shared.clone();
+    shared.bus.replay = Arc::new(crate::test_support::DownBus);
+    let mut state = RoleState::new(Role::Gateway, shared);
+    state.gateway = Some(Arc::clone(&fixture.gateway));
+    let calls = fixture.upstream_calls();
+    let token = fixture.mint().await;
+    let answer = fixture
+        .send_to(
+            &router(state),
+            fixture
+                .request("GET", "/entries", &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        answer.refused(),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sts_unavailable",
+            "replay registry unavailable"
+        )
+    );
+    assert_eq!(fixture.upstream_calls(), calls);
+}
+
+#[tokio::test]
+async fn the_stream_consumer_applies_signed_revocations_within_moments() {
+    let fixture = fixture().await;
+    let key = caracal_bus::signature::StreamKey::new(b"gateway-test-key");
+    let streams = Arc::clone(&fixture.world.shared.bus.streams);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let metrics = Arc::new(super::GatewayMetrics::default());
+    let task = tokio::spawn(super::revocation::follow_stream(
+        Arc::clone(&fixture.gateway.revocations),
+        Arc::clone(&streams),
+        key.clone(),
+        "replica-a".into(),
+        Arc::clone(&metrics),
+        stopped,
+    ));
+    let anchors = super::revocation::Anchors {
+        sid: "ar-1".into(),
+        root_sid: String::new(),
+        agent_session_id: None,
+        delegation_edge_id: None,
+    };
+    assert!(!fixture.gateway.revocations.is_revoked(&anchors));
+    // A forged message (wrong key) is not applied.
+    caracal_bus::Producer::new(
+        Arc::clone(&streams),
+        caracal_bus::signature::StreamKey::new(b"other"),
+    )
+    .publish(
+        caracal_bus::stream_names::SESSIONS_REVOKE,
+        [
+            ("zone_id".to_owned(), "z".to_owned()),
+            ("session_id".to_owned(), "ar-1".to_owned()),
+            ("reason".to_owned(), "forged".to_owned()),
+        ]
+        .into(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !fixture.gateway.revocations.is_revoked(&anchors),
+        "a forged revocation is ignored"
+    );
+    caracal_bus::Producer::new(Arc::clone(&streams), key)
+        .publish(
+            caracal_bus::stream_names::SESSIONS_REVOKE,
+            [
+                ("zone_id".to_owned(), "z".to_owned()),
+                ("session_id".to_owned(), "ar-1".to_owned()),
+                ("reason".to_owned(), "test".to_owned()),
+            ]
+            .into(),
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !fixture.gateway.revocations.is_revoked(&anchors) && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(fixture.gateway.revocations.is_revoked(&anchors));
+    assert_eq!(metrics.revocation_messages.get(), 1);
+    assert!(fixture.gateway.revocations.propagation_lag_seconds() < 5.0);
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn path_checks_and_token_peeks_never_panic(input in ".{0,300}") {
+            let _ = super::super::is_traversal(&input);
+            let _ = super::super::peek(&input);
+            let _ = super::super::upstream::merge_query(Some(&input), Some(&input), Some(("k", &input)));
+        }
+
+        #[test]
+        fn a_path_with_a_dot_segment_is_always_traversal(prefix in "[a-z/]{0,20}", encoded in prop::sample::select(vec!["..", "%2e%2e", "%2E.", "%252e%252e", "."])) {
+            let path = format!("/{prefix}/{encoded}/x");
+            prop_assert!(super::super::is_traversal(&path), "{}", path);
+        }
+
+        #[test]
+        fn header_sanitising_never_keeps_caller_forwarding_or_caracal_headers(names in prop::collection::vec("[a-z-]{1,24}", 0..16)) {
+            let mut headers = http::HeaderMap::new();
+            for name in &names {
+                if let Ok(name) = http::HeaderName::from_bytes(name.as_bytes()) {
+                    headers.insert(name, http::HeaderValue::from_static("v"));
+                }
+            }
+            headers.insert("x-caracal-x", http::HeaderValue::from_static("v"));
+            headers.insert("x-forwarded-for", http::HeaderValue::from_static("1.1.1.1"));
+            let clean = super::super::upstream::sanitise_request_headers(&headers);
+            for name in clean.keys() {
+                let name = name.as_str();
+                prop_assert!(!name.starts_with("x-caracal-") && !name.starts_with("x-forwarded-"));
+                prop_assert!(!["authorization", "forwarded", "x-real-ip", "connection", "te", "upgrade"].contains(&name));
+            }
+        }
+    }
 }

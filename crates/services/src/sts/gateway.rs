@@ -440,6 +440,9 @@ async fn upstream(state: &RoleState, resource: &Resource) -> Result<Upstream, To
             .get("forward_caracal_identity")
             .and_then(serde_json::Value::as_bool)
             .unwrap_or(false),
+        token_url: None,
+        client_id: None,
+        token_scope: None,
     };
     match provider.kind.as_str() {
         "none" => {}
@@ -486,6 +489,10 @@ async fn upstream(state: &RoleState, resource: &Resource) -> Result<Upstream, To
             upstream.auth_mode = "provider_oauth".to_owned();
             upstream.provider_id = Some(provider.id.clone());
             upstream.auth_scheme = Some("Bearer".to_owned());
+            upstream.token_url = text("token_url");
+            upstream.client_id = text("client_id");
+            upstream.token_scope = text("scope");
+            upstream.provider_token = secrets.get("client_secret").cloned();
         }
     }
     Ok(upstream)
