@@ -15,6 +15,7 @@ pub mod coordinator;
 mod error;
 pub mod evidence;
 pub mod gateway;
+pub mod gateway_sts;
 pub mod group_commit;
 pub mod holds;
 pub mod keys;

@@ -277,7 +277,10 @@ impl Stack {
             if role == Role::Sts {
                 self.start_sts(&mut state, &mut servers, &stop_receiver)
                     .await?;
-                in_process_sts.clone_from(&state.sts);
+                in_process_sts = state
+                    .sts
+                    .clone()
+                    .map(|sts| sts as Arc<dyn crate::gateway_sts::InProcessExchange>);
             }
             if role == Role::Gateway {
                 // Stable across restarts of the same replica, distinct between replicas: its
@@ -423,7 +426,7 @@ impl Stack {
     fn start_gateway(
         &self,
         state: &mut RoleState,
-        in_process_sts: Option<Arc<crate::sts::Sts>>,
+        in_process_sts: Option<Arc<dyn crate::gateway_sts::InProcessExchange>>,
         replica: String,
         servers: &mut tokio::task::JoinSet<()>,
         stop: &tokio::sync::watch::Receiver<bool>,
@@ -435,7 +438,7 @@ impl Stack {
             None => exchange::Exchanger::Remote(Box::new(
                 exchange::RemoteSts::new(
                     &config.sts_url,
-                    self.shared.kek.derive(crate::sts::gateway::KEY_LABEL),
+                    self.shared.kek.derive(crate::gateway_sts::KEY_LABEL),
                     config.sts_timeout,
                 )
                 .map_err(StartError::Gateway)?,

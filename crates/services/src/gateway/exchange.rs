@@ -13,9 +13,12 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
+pub use crate::gateway_sts::Refusal;
+use crate::gateway_sts::{
+    ACCESS_TOKEN, GatewayCall, InProcessExchange, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
+    TOKEN_EXCHANGE,
+};
 use crate::state::RoleState;
-use crate::sts::gateway::{GatewayCall, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
-use crate::sts::{Sts, TokenError};
 use crate::wire::TokenResponse;
 
 /// Failures in a row that open the circuit.
@@ -25,42 +28,8 @@ pub const OPEN_FOR: Duration = Duration::from_secs(10);
 /// The STS's answer body is read up to this size.
 const MAX_ANSWER_BYTES: usize = 16 * 1024;
 
-/// A refusal the Gateway passes to its caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub code: String,
-    pub description: String,
-}
-
-impl Refusal {
-    pub fn new(status: StatusCode, code: &str, description: impl Into<String>) -> Refusal {
-        Refusal {
-            status,
-            code: code.to_owned(),
-            description: description.into(),
-        }
-    }
-
-    fn unavailable(status: StatusCode, description: &str) -> Refusal {
-        Refusal::new(status, "sts_unavailable", description)
-    }
-
-    /// Only the STS being unavailable counts toward the circuit: never a policy answer, a
-    /// missing provider credential or a cancelled client.
-    pub fn counts_against_sts(&self) -> bool {
-        self.code == "sts_unavailable" && self.status.is_server_error()
-    }
-}
-
-impl From<TokenError> for Refusal {
-    fn from(error: TokenError) -> Refusal {
-        Refusal {
-            status: error.status,
-            code: error.code.to_owned(),
-            description: error.description,
-        }
-    }
+fn unavailable(status: StatusCode, description: &str) -> Refusal {
+    Refusal::new(status, "sts_unavailable", description)
 }
 
 /// `closed` → (failures) → `open` → (after [`OPEN_FOR`]) `half_open`: one probe goes through;
@@ -181,7 +150,7 @@ impl Circuit {
 
 /// Where the exchange goes.
 pub enum Exchanger {
-    InProcess(Arc<Sts>),
+    InProcess(Arc<dyn InProcessExchange>),
     Remote(Box<RemoteSts>),
 }
 
@@ -222,20 +191,17 @@ impl RemoteSts {
         request_id: &str,
         call: &GatewayCall,
     ) -> Result<TokenResponse, Refusal> {
-        let form = call.form(request_id);
         let mut pairs: Vec<(&str, &str)> = vec![
-            ("grant_type", crate::sts::TOKEN_EXCHANGE),
+            ("grant_type", TOKEN_EXCHANGE),
             ("zone_id", &call.zone_id),
             ("application_id", &call.application_id),
             ("subject_token", &call.token),
-            ("subject_token_type", crate::sts::ACCESS_TOKEN),
+            ("subject_token_type", ACCESS_TOKEN),
             ("resource", &call.resource),
             ("request_method", &call.method),
             ("request_path", &call.path),
         ];
-        if let Some(id) = form.gateway_request_id.as_deref() {
-            pairs.push(("gateway_request_id", id));
-        }
+        pairs.push(("gateway_request_id", request_id));
         let body = serde_urlencoded::to_string(&pairs).map_err(|_| {
             Refusal::new(
                 StatusCode::BAD_REQUEST,
@@ -246,8 +212,8 @@ impl RemoteSts {
         let timestamp = (caracal_store::now_ms() / 1000).to_string();
         let nonce = caracal_crypto::random_bytes::<32>()
             .map(|bytes| caracal_crypto::hex(&bytes))
-            .map_err(|_| Refusal::unavailable(StatusCode::SERVICE_UNAVAILABLE, "no randomness"))?;
-        let signature = crate::sts::gateway::signature(
+            .map_err(|_| unavailable(StatusCode::SERVICE_UNAVAILABLE, "no randomness"))?;
+        let signature = crate::gateway_sts::signature(
             &self.key,
             &timestamp,
             &nonce,
@@ -267,22 +233,22 @@ impl RemoteSts {
             .header(NONCE_HEADER, nonce)
             .header(SIGNATURE_HEADER, signature)
             .body(Full::new(Bytes::from(body)))
-            .map_err(|_| Refusal::unavailable(StatusCode::BAD_GATEWAY, "sts unavailable"))?;
+            .map_err(|_| unavailable(StatusCode::BAD_GATEWAY, "sts unavailable"))?;
         let answered = tokio::time::timeout(self.timeout, async {
             let response = self.client.request(request).await.map_err(|error| {
                 tracing::warn!(%error, "STS exchange failed in transport");
-                Refusal::unavailable(StatusCode::BAD_GATEWAY, "sts unavailable")
+                unavailable(StatusCode::BAD_GATEWAY, "sts unavailable")
             })?;
             let (parts, body) = response.into_parts();
             let body = http_body_util::Limited::new(body, MAX_ANSWER_BYTES)
                 .collect()
                 .await
-                .map_err(|_| Refusal::unavailable(StatusCode::BAD_GATEWAY, "sts response invalid"))?
+                .map_err(|_| unavailable(StatusCode::BAD_GATEWAY, "sts response invalid"))?
                 .to_bytes();
             Ok::<_, Refusal>((parts, body))
         })
         .await
-        .map_err(|_| Refusal::unavailable(StatusCode::GATEWAY_TIMEOUT, "sts timeout"))??;
+        .map_err(|_| unavailable(StatusCode::GATEWAY_TIMEOUT, "sts timeout"))??;
         let (parts, body) = answered;
         if parts.status != StatusCode::OK {
             #[derive(serde::Deserialize)]
@@ -297,7 +263,7 @@ impl RemoteSts {
                     code: error.error,
                     description: error.error_description,
                 },
-                _ => Refusal::unavailable(
+                _ => unavailable(
                     parts.status,
                     parts.status.canonical_reason().unwrap_or("sts error"),
                 ),
@@ -313,10 +279,7 @@ impl RemoteSts {
             });
         match serde_json::from_slice::<TokenResponse>(&body) {
             Ok(answer) if json && !answer.access_token.is_empty() => Ok(answer),
-            _ => Err(Refusal::unavailable(
-                StatusCode::BAD_GATEWAY,
-                "sts response invalid",
-            )),
+            _ => Err(unavailable(StatusCode::BAD_GATEWAY, "sts response invalid")),
         }
     }
 }
@@ -329,11 +292,7 @@ impl Exchanger {
         call: &GatewayCall,
     ) -> Result<TokenResponse, Refusal> {
         match self {
-            Exchanger::InProcess(sts) => {
-                crate::sts::gateway::reexchange_in_process(state, sts, request_id, call)
-                    .await
-                    .map_err(Refusal::from)
-            }
+            Exchanger::InProcess(sts) => sts.exchange(state, request_id, call).await,
             Exchanger::Remote(remote) => remote.exchange(request_id, call).await,
         }
     }
@@ -344,7 +303,7 @@ mod tests {
     use super::*;
 
     fn down() -> Refusal {
-        Refusal::unavailable(StatusCode::BAD_GATEWAY, "sts unavailable")
+        unavailable(StatusCode::BAD_GATEWAY, "sts unavailable")
     }
 
     #[test]

@@ -36,9 +36,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::gateway_sts::GatewayCall;
 use crate::keys::KeyRing;
 use crate::state::RoleState;
-use crate::sts::gateway::GatewayCall;
 use crate::wire::{OAuthErrorBody, Upstream};
 use exchange::{Admission, Circuit, Exchanger, Refusal};
 use revocation::{Anchors, RevocationView};

@@ -154,7 +154,7 @@ async fn fixture() -> Fixture {
     let mut fixture = Fixture {
         gateway: Arc::new(Gateway::new(
             GatewayConfig::new("http://127.0.0.1:1".into()),
-            Exchanger::InProcess(Arc::clone(&world.core)),
+            Exchanger::InProcess(world.core.clone()),
             Arc::default(),
         )),
         router: axum::Router::new(),
@@ -571,7 +571,7 @@ async fn every_fail_closed_condition_refuses_and_the_upstream_sees_nothing() {
     // A view never confirmed against the store: stale.
     let unconfirmed = Arc::new(Gateway::new(
         GatewayConfig::new("http://127.0.0.1:1".into()),
-        Exchanger::InProcess(Arc::clone(&fixture.world.core)),
+        Exchanger::InProcess(fixture.world.core.clone()),
         Arc::default(),
     ));
     let stale = fixture.router_for(Arc::clone(&unconfirmed));
@@ -607,7 +607,7 @@ async fn every_fail_closed_condition_refuses_and_the_upstream_sees_nothing() {
                     .world
                     .shared
                     .kek
-                    .derive(crate::sts::gateway::KEY_LABEL),
+                    .derive(crate::gateway_sts::KEY_LABEL),
                 Duration::from_secs(1),
             )
             .unwrap(),
@@ -923,7 +923,7 @@ async fn the_upstream_address_guard_refuses_metadata_and_kin_and_the_operation_f
     config.host_allowlist = vec!["api.example".into()];
     let pinned = Arc::new(Gateway::new(
         config,
-        Exchanger::InProcess(Arc::clone(&fixture.world.core)),
+        Exchanger::InProcess(fixture.world.core.clone()),
         Arc::default(),
     ));
     pinned
@@ -1074,7 +1074,7 @@ async fn bodies_over_the_limit_are_refused_before_the_upstream() {
     config.max_request_bytes = 1024;
     let small = Arc::new(Gateway::new(
         config,
-        Exchanger::InProcess(Arc::clone(&fixture.world.core)),
+        Exchanger::InProcess(fixture.world.core.clone()),
         Arc::default(),
     ));
     small
@@ -1173,7 +1173,7 @@ async fn the_signed_http_exchange_reaches_a_separate_sts_and_a_down_replay_regis
                     .world
                     .shared
                     .kek
-                    .derive(crate::sts::gateway::KEY_LABEL),
+                    .derive(crate::gateway_sts::KEY_LABEL),
                 Duration::from_secs(5),
             )
             .unwrap(),

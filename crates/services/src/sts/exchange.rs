@@ -21,8 +21,8 @@ use crate::wire::{ChainHop, MandateClaims, TokenResponse};
 
 /// The token endpoint's body limit.
 pub const MAX_FORM_BYTES: usize = 64 * 1024;
-pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-pub const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+pub(super) use crate::gateway_sts::ACCESS_TOKEN;
+use crate::gateway_sts::TOKEN_EXCHANGE;
 const ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
 const LIFECYCLE: &str = "agent:lifecycle";
 /// Mandate lifetime when none is asked for, and the caps with and without a subject token.

@@ -19,42 +19,19 @@ use super::{Sts, TokenError};
 use crate::state::RoleState;
 use crate::wire::{TokenResponse, Upstream};
 
-pub const TIMESTAMP_HEADER: &str = "x-caracal-gateway-timestamp";
-pub const NONCE_HEADER: &str = "x-caracal-gateway-request";
-pub const SIGNATURE_HEADER: &str = "x-caracal-gateway-signature";
-/// How far a gateway call's timestamp may be from the STS's clock.
-pub const MAX_SKEW_SECONDS: i64 = 60;
+use crate::gateway_sts::{GatewayCall, Refusal};
+pub use crate::gateway_sts::{
+    KEY_LABEL, MAX_SKEW_SECONDS, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, signature,
+};
+
 /// How long a nonce is remembered: past the skew window on both sides.
 const NONCE_TTL: Duration = Duration::from_secs(120);
-/// The label the Gateway↔STS key is derived under from the KEK (every replica shares it).
-pub const KEY_LABEL: &str = "gateway-sts-hmac";
 
 /// Any of the three headers makes it a gateway call, which must then verify.
 pub fn is_gateway_call(headers: &HeaderMap) -> bool {
     [TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER]
         .iter()
         .any(|name| headers.contains_key(*name))
-}
-
-/// The signature of a gateway call: hex HMAC-SHA256 over
-/// `"{ts}\n{nonce}\n{METHOD}\n{path}\n{hex sha256(body)}"`.
-pub fn signature(
-    key: &[u8; 32],
-    timestamp: &str,
-    nonce: &str,
-    method: &str,
-    path: &str,
-    body: &[u8],
-) -> String {
-    let message = format!(
-        "{timestamp}\n{nonce}\n{method}\n{path}\n{}",
-        caracal_crypto::hex(&caracal_crypto::sha256(body))
-    );
-    let tag = aws_lc_rs::hmac::sign(
-        &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key),
-        message.as_bytes(),
-    );
-    caracal_crypto::hex(tag.as_ref())
 }
 
 /// Verifies the call's signature, its time and that its nonce is new. Every failure is 401
@@ -122,50 +99,39 @@ pub(super) async fn authenticate(
     }
 }
 
-/// What the Gateway asks for one proxied call.
-#[derive(Debug, Clone)]
-pub struct GatewayCall {
-    pub zone_id: String,
-    pub application_id: String,
-    /// The presented `use=gateway` mandate.
-    pub token: String,
-    pub resource: String,
-    pub method: String,
-    pub path: String,
+/// The form of a Gateway's call, as the signed HTTP exchange sends it.
+fn form_of(call: &GatewayCall, request_id: &str) -> super::form::TokenForm {
+    super::form::TokenForm {
+        grant_type: Some(crate::gateway_sts::TOKEN_EXCHANGE.to_owned()),
+        zone_id: Some(call.zone_id.clone()),
+        application_id: Some(call.application_id.clone()),
+        resources: vec![call.resource.clone()],
+        subject_token: Some(call.token.clone()),
+        subject_token_type: Some(ACCESS_TOKEN.to_owned()),
+        request_method: Some(call.method.clone()),
+        request_path: Some(call.path.clone()),
+        gateway_request_id: Some(request_id.to_owned()),
+        ..super::form::TokenForm::default()
+    }
 }
 
-impl GatewayCall {
-    /// The form of the signed HTTP exchange (and of the in-process one).
-    pub fn form(&self, request_id: &str) -> super::form::TokenForm {
-        super::form::TokenForm {
-            grant_type: Some(super::exchange::TOKEN_EXCHANGE.to_owned()),
-            zone_id: Some(self.zone_id.clone()),
-            application_id: Some(self.application_id.clone()),
-            resources: vec![self.resource.clone()],
-            subject_token: Some(self.token.clone()),
-            subject_token_type: Some(ACCESS_TOKEN.to_owned()),
-            request_method: Some(self.method.clone()),
-            request_path: Some(self.path.clone()),
-            gateway_request_id: Some(request_id.to_owned()),
-            ..super::form::TokenForm::default()
+#[async_trait::async_trait]
+impl crate::gateway_sts::InProcessExchange for Sts {
+    async fn exchange(
+        &self,
+        state: &RoleState,
+        request_id: &str,
+        call: &GatewayCall,
+    ) -> Result<TokenResponse, Refusal> {
+        if state.shared.is_draining() {
+            return Err(TokenError::unavailable("the STS is shutting down").into());
         }
+        let form = form_of(call, request_id);
+        let ask = super::exchange::ask(&form)?;
+        reexchange(state, self, request_id, &form, &ask)
+            .await
+            .map_err(Refusal::from)
     }
-}
-
-/// The re-exchange for a Gateway in the same process as this STS: no HTTP and no signature
-/// (the process is the trust boundary); everything else as for a signed call.
-pub async fn reexchange_in_process(
-    state: &RoleState,
-    sts: &Sts,
-    request_id: &str,
-    call: &GatewayCall,
-) -> Result<TokenResponse, TokenError> {
-    if state.shared.is_draining() {
-        return Err(TokenError::unavailable("the STS is shutting down"));
-    }
-    let form = call.form(request_id);
-    let ask = super::exchange::ask(&form)?;
-    reexchange(state, sts, request_id, &form, &ask).await
 }
 
 /// The re-exchange itself, after [`authenticate`].

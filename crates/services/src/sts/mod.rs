@@ -29,7 +29,7 @@ use crate::policy::PolicyCache;
 use crate::state::RoleState;
 use crate::wire::{Jwks, OAuthErrorBody};
 
-pub use exchange::{ACCESS_TOKEN, MAX_FORM_BYTES, TOKEN_EXCHANGE};
+pub use exchange::MAX_FORM_BYTES;
 
 /// Mints a minute per (zone, resource, application) unless configured.
 pub const DEFAULT_MINT_LIMIT_PER_MINUTE: u64 = 1000;
@@ -212,6 +212,16 @@ impl TokenError {
             headers.insert(http::header::RETRY_AFTER, value);
         }
         response
+    }
+}
+
+impl From<TokenError> for crate::gateway_sts::Refusal {
+    fn from(error: TokenError) -> crate::gateway_sts::Refusal {
+        crate::gateway_sts::Refusal {
+            status: error.status,
+            code: error.code.to_owned(),
+            description: error.description,
+        }
     }
 }
 
