@@ -445,7 +445,9 @@ impl Stack {
             )),
         };
         let metrics = state.metrics.gateway.clone().unwrap_or_default();
-        let gateway = Arc::new(Gateway::new(config, exchanger, Arc::clone(&metrics)));
+        let gateway = Arc::new(
+            Gateway::new(config, exchanger, Arc::clone(&metrics)).map_err(StartError::Gateway)?,
+        );
         servers.spawn(revocation::keep_confirmed(
             Arc::clone(&gateway.revocations),
             Arc::clone(&self.shared.store),

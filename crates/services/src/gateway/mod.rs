@@ -82,8 +82,10 @@ impl GatewayConfig {
     }
 }
 
-pub(crate) type UpstreamClient =
-    Client<HttpConnector<CheckedResolver>, http_body_util::Limited<axum::body::Body>>;
+pub(crate) type UpstreamClient = Client<
+    hyper_rustls::HttpsConnector<HttpConnector<CheckedResolver>>,
+    http_body_util::Limited<axum::body::Body>,
+>;
 
 /// One Gateway replica's state.
 pub struct Gateway {
@@ -104,16 +106,34 @@ impl Gateway {
         config: GatewayConfig,
         exchanger: Exchanger,
         metrics: Arc<GatewayMetrics>,
-    ) -> Gateway {
+    ) -> Result<Gateway, String> {
         let mut connector = HttpConnector::new_with_resolver(CheckedResolver);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         connector.set_keepalive(Some(Duration::from_secs(30)));
         connector.set_nodelay(true);
+        connector.enforce_http(false);
+        // TLS to https upstreams, verified against the Mozilla roots (webpki-roots), with the
+        // aws-lc-rs provider named explicitly (no process-wide default is relied on).
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|error| format!("TLS configuration: {error}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let upstream = Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(100)
             .build(connector);
-        Gateway {
+        Ok(Gateway {
             config,
             revocations: Arc::new(RevocationView::default()),
             circuit: Circuit::new(exchange::FAILURE_LIMIT, exchange::OPEN_FOR),
@@ -123,7 +143,7 @@ impl Gateway {
             oauth_tokens: oauth::TokenCache::default(),
             key_refreshes: Mutex::default(),
             metrics,
-        }
+        })
     }
 }
 
@@ -1160,9 +1180,10 @@ fn build_request(
     let path = upstream::join_path(base.path(), parts.uri.path());
     let query = upstream::merge_query(base.query(), parts.uri.query(), query_credential);
     let authority = base.authority().ok_or("upstream request build failed")?;
+    let scheme = base.scheme_str().unwrap_or("http");
     let uri = match query {
-        Some(query) => format!("http://{authority}{path}?{query}"),
-        None => format!("http://{authority}{path}"),
+        Some(query) => format!("{scheme}://{authority}{path}?{query}"),
+        None => format!("{scheme}://{authority}{path}"),
     };
     let mut outbound = http::Request::builder()
         .method(parts.method.clone())

@@ -152,11 +152,14 @@ async fn fixture() -> Fixture {
     .await;
     let resource_id = resources["items"][0]["id"].as_str().unwrap().to_owned();
     let mut fixture = Fixture {
-        gateway: Arc::new(Gateway::new(
-            GatewayConfig::new("http://127.0.0.1:1".into()),
-            Exchanger::InProcess(world.core.clone()),
-            Arc::default(),
-        )),
+        gateway: Arc::new(
+            Gateway::new(
+                GatewayConfig::new("http://127.0.0.1:1".into()),
+                Exchanger::InProcess(world.core.clone()),
+                Arc::default(),
+            )
+            .unwrap(),
+        ),
         router: axum::Router::new(),
         world,
         seen,
@@ -569,11 +572,14 @@ async fn every_fail_closed_condition_refuses_and_the_upstream_sees_nothing() {
     let fixture = fixture().await;
 
     // A view never confirmed against the store: stale.
-    let unconfirmed = Arc::new(Gateway::new(
-        GatewayConfig::new("http://127.0.0.1:1".into()),
-        Exchanger::InProcess(fixture.world.core.clone()),
-        Arc::default(),
-    ));
+    let unconfirmed = Arc::new(
+        Gateway::new(
+            GatewayConfig::new("http://127.0.0.1:1".into()),
+            Exchanger::InProcess(fixture.world.core.clone()),
+            Arc::default(),
+        )
+        .unwrap(),
+    );
     let stale = fixture.router_for(Arc::clone(&unconfirmed));
     let token = fixture.mint().await;
     let answer = fixture
@@ -598,22 +604,25 @@ async fn every_fail_closed_condition_refuses_and_the_upstream_sees_nothing() {
     assert_eq!(ready["reason"], "revocation_snapshot_stale");
 
     // The STS unreachable: three refusals open the circuit, then it fails fast.
-    let remote = Arc::new(Gateway::new(
-        GatewayConfig::new("http://127.0.0.1:1".into()),
-        Exchanger::Remote(Box::new(
-            RemoteSts::new(
-                "http://127.0.0.1:1",
-                fixture
-                    .world
-                    .shared
-                    .kek
-                    .derive(crate::gateway_sts::KEY_LABEL),
-                Duration::from_secs(1),
-            )
-            .unwrap(),
-        )),
-        Arc::default(),
-    ));
+    let remote = Arc::new(
+        Gateway::new(
+            GatewayConfig::new("http://127.0.0.1:1".into()),
+            Exchanger::Remote(Box::new(
+                RemoteSts::new(
+                    "http://127.0.0.1:1",
+                    fixture
+                        .world
+                        .shared
+                        .kek
+                        .derive(crate::gateway_sts::KEY_LABEL),
+                    Duration::from_secs(1),
+                )
+                .unwrap(),
+            )),
+            Arc::default(),
+        )
+        .unwrap(),
+    );
     remote
         .revocations
         .reload(fixture.world.shared.store.as_ref())
@@ -915,17 +924,36 @@ async fn the_upstream_address_guard_refuses_metadata_and_kin_and_the_operation_f
             .any(|event| event["metadata_json"]["error_kind"] == "upstream_not_addressable")
     );
 
+    // An https upstream is spoken to over TLS, never in clear: a plain-HTTP server there
+    // fails the handshake and the call fails closed.
+    fixture
+        .point_at(&format!("https://{}/api", fixture.upstream))
+        .await;
+    let answer = fixture.get("/entries").await;
+    assert_eq!(
+        answer.refused(),
+        (
+            StatusCode::BAD_GATEWAY,
+            "internal_error",
+            "upstream unreachable"
+        )
+    );
+    assert_eq!(fixture.upstream_calls(), 0, "nothing readable reached it");
+
     // An allowlist without the host refuses it too.
     fixture
         .point_at(&format!("http://{}/api", fixture.upstream))
         .await;
     let mut config = GatewayConfig::new("http://127.0.0.1:1".into());
     config.host_allowlist = vec!["api.example".into()];
-    let pinned = Arc::new(Gateway::new(
-        config,
-        Exchanger::InProcess(fixture.world.core.clone()),
-        Arc::default(),
-    ));
+    let pinned = Arc::new(
+        Gateway::new(
+            config,
+            Exchanger::InProcess(fixture.world.core.clone()),
+            Arc::default(),
+        )
+        .unwrap(),
+    );
     pinned
         .revocations
         .reload(fixture.world.shared.store.as_ref())
@@ -1072,11 +1100,14 @@ async fn bodies_over_the_limit_are_refused_before_the_upstream() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let mut config = GatewayConfig::new("http://127.0.0.1:1".into());
     config.max_request_bytes = 1024;
-    let small = Arc::new(Gateway::new(
-        config,
-        Exchanger::InProcess(fixture.world.core.clone()),
-        Arc::default(),
-    ));
+    let small = Arc::new(
+        Gateway::new(
+            config,
+            Exchanger::InProcess(fixture.world.core.clone()),
+            Arc::default(),
+        )
+        .unwrap(),
+    );
     small
         .revocations
         .reload(fixture.world.shared.store.as_ref())
@@ -1164,22 +1195,25 @@ async fn the_signed_http_exchange_reaches_a_separate_sts_and_a_down_replay_regis
     let sts_address = listener.local_addr().unwrap();
     let sts = fixture.world.sts.clone();
     tokio::spawn(async move { axum::serve(listener, sts).await.unwrap() });
-    let remote = Arc::new(Gateway::new(
-        GatewayConfig::new(format!("http://{sts_address}")),
-        Exchanger::Remote(Box::new(
-            RemoteSts::new(
-                &format!("http://{sts_address}"),
-                fixture
-                    .world
-                    .shared
-                    .kek
-                    .derive(crate::gateway_sts::KEY_LABEL),
-                Duration::from_secs(5),
-            )
-            .unwrap(),
-        )),
-        Arc::default(),
-    ));
+    let remote = Arc::new(
+        Gateway::new(
+            GatewayConfig::new(format!("http://{sts_address}")),
+            Exchanger::Remote(Box::new(
+                RemoteSts::new(
+                    &format!("http://{sts_address}"),
+                    fixture
+                        .world
+                        .shared
+                        .kek
+                        .derive(crate::gateway_sts::KEY_LABEL),
+                    Duration::from_secs(5),
+                )
+                .unwrap(),
+            )),
+            Arc::default(),
+        )
+        .unwrap(),
+    );
     remote
         .revocations
         .reload(fixture.world.shared.store.as_ref())

@@ -57,7 +57,7 @@ fn forbidden_v4(v4: Ipv4Addr) -> bool {
 /// Why an upstream URL is refused before any connection.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GuardError {
-    #[error("the upstream URL is not an absolute http URL without credentials")]
+    #[error("the upstream URL is not an absolute http(s) URL without credentials")]
     Url,
     #[error("the upstream host is not on the allowlist")]
     NotAllowed,
@@ -67,13 +67,13 @@ pub enum GuardError {
     Unresolvable,
 }
 
-/// Checks `url` and returns it parsed: http only, a host, no userinfo, on the allowlist when
+/// Checks `url` and returns it parsed: http or https, a host, no userinfo, on the allowlist when
 /// one is set, and every address it resolves to allowed. The connector checks again when it
 /// dials (the name may resolve differently by then).
 pub async fn check_url(url: &str, allowlist: &[String]) -> Result<http::Uri, GuardError> {
     let uri: http::Uri = url.parse().map_err(|_| GuardError::Url)?;
     let authority = uri.authority().ok_or(GuardError::Url)?;
-    if uri.scheme_str() != Some("http") || authority.as_str().contains('@') {
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || authority.as_str().contains('@') {
         return Err(GuardError::Url);
     }
     let host = authority.host();
@@ -95,8 +95,13 @@ pub async fn check_url(url: &str, allowlist: &[String]) -> Result<http::Uri, Gua
             Ok(uri)
         };
     }
+    let default_port = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
     let addresses: Vec<SocketAddr> =
-        tokio::net::lookup_host((bare, authority.port_u16().unwrap_or(80)))
+        tokio::net::lookup_host((bare, authority.port_u16().unwrap_or(default_port)))
             .await
             .map_err(|_| GuardError::Unresolvable)?
             .collect();
@@ -503,6 +508,7 @@ mod tests {
             assert_eq!(check_url(url, &[]).await, Err(error), "{url}");
         }
         assert!(check_url("http://127.0.0.1:9/x", &[]).await.is_ok());
+        assert!(check_url("https://127.0.0.1:9/x", &[]).await.is_ok());
         assert_eq!(
             check_url("http://127.0.0.1:9/x", &["api.example".to_owned()]).await,
             Err(GuardError::NotAllowed)
