@@ -83,7 +83,7 @@ pub trait Directory: Send + Sync {
     async fn list_applications(&self, zone_id: &str) -> Result<Vec<Application>, StoreError>;
     /// An application by id alone: the STS's client authentication uses it to tell a caller
     /// that named the wrong zone (`zone_invalid`, once the secret proves it) and to find a
-    /// control key's zone. Nothing else reads across zones.
+    /// control key's zone. The other cross-zone reads are listed in ARCHITECTURE.md.
     async fn application_by_id(&self, id: &str) -> Result<Option<Application>, StoreError>;
     /// Replaces the client secret hash of an unarchived application.
     async fn set_application_secret(
