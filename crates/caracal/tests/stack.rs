@@ -157,16 +157,36 @@ fn request_ids_are_echoed_and_written_in_log_lines() {
     assert!(traced.iter().all(|line| line["span"]["role"] == "gateway"));
 }
 
-/// A Gateway on its own (the STS elsewhere): ready once its revocation view is confirmed, and
-/// its metrics carry the freshness, propagation and circuit gauges the alerts read.
+/// A Gateway on its own whose STS is not there: not ready (`sts_unreachable`) though its
+/// revocation view is confirmed, and its metrics carry the freshness, propagation and circuit
+/// gauges the alerts read.
 #[test]
-fn a_lone_gateway_is_ready_and_exposes_its_alert_gauges() {
+fn a_lone_gateway_without_its_sts_is_not_ready_and_exposes_its_alert_gauges() {
     let (_parent, home) = fresh_home();
     let mut args = free_ports();
-    args.extend(["serve", "gateway"].map(String::from));
+    args.extend(
+        [
+            "--gateway-sts-url",
+            "http://127.0.0.1:1",
+            "serve",
+            "gateway",
+        ]
+        .map(String::from),
+    );
     let running = Running::start(&home, &args);
     let address = running.address("gateway");
-    assert_eq!(wait_ready(address).status, 200);
+    let ready = get(address, "/ready", &[]);
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    let body: serde_json::Value = serde_json::from_str(&ready.body).unwrap();
+    assert_eq!(body["reason"], "sts_unreachable", "{body}");
+    let revocation = body["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|check| check["name"] == "revocation")
+        .cloned()
+        .unwrap();
+    assert_eq!(revocation["ok"], true, "{body}");
     let metrics = get(address, "/metrics", &[]);
     assert_eq!(metrics.status, 200);
     for name in [

@@ -96,9 +96,7 @@ async fn evaluate(state: &RoleState) -> Readiness {
     if state.role == Role::Audit {
         checks.push(tamper_check(state).await);
     }
-    if let Some(revocation) = crate::gateway::readiness(state) {
-        checks.push(revocation);
-    }
+    checks.extend(crate::gateway::readiness(state).await);
     Readiness::new(checks)
 }
 

@@ -157,6 +157,7 @@ pub enum Exchanger {
 /// The STS over HTTP: `POST {base}/oauth/2/token`, signed with the KEK-derived key.
 pub struct RemoteSts {
     pub token_url: http::Uri,
+    pub health_url: http::Uri,
     pub key: [u8; 32],
     pub client: Client<HttpConnector, Full<Bytes>>,
     pub timeout: Duration,
@@ -172,6 +173,9 @@ impl RemoteSts {
                 "the STS URL `{base_url}` must be http:// (put TLS in front of both roles)"
             ));
         }
+        let health_url: http::Uri = format!("{}/health", base_url.trim_end_matches('/'))
+            .parse()
+            .map_err(|error| format!("the STS URL `{base_url}` is not a URL: {error}"))?;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);
@@ -180,10 +184,23 @@ impl RemoteSts {
             .build(connector);
         Ok(RemoteSts {
             token_url,
+            health_url,
             key,
             client,
             timeout,
         })
+    }
+
+    /// `GET {base}/health` answers 2xx within two seconds.
+    pub async fn healthy(&self) -> bool {
+        let Ok(request) = http::Request::get(self.health_url.clone()).body(Full::new(Bytes::new()))
+        else {
+            return false;
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), self.client.request(request)).await,
+            Ok(Ok(response)) if response.status().is_success()
+        )
     }
 
     async fn exchange(

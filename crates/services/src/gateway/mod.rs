@@ -1197,19 +1197,29 @@ fn build_request(
     Ok(outbound)
 }
 
-/// The Gateway's readiness: its revocation view must be fresh.
-pub fn readiness(state: &RoleState) -> Option<caracal_core::Check> {
-    let gateway = state.gateway.as_ref()?;
-    Some(
-        if gateway
-            .revocations
-            .is_fresh(gateway.config.revocation_freshness, now_ms())
-        {
-            caracal_core::Check::pass("revocation")
+/// The Gateway's readiness: its revocation view must be fresh, and an STS in another process
+/// must answer its health probe.
+pub async fn readiness(state: &RoleState) -> Vec<caracal_core::Check> {
+    use caracal_core::Check;
+    let Some(gateway) = state.gateway.as_ref() else {
+        return Vec::new();
+    };
+    let mut checks = vec![if gateway
+        .revocations
+        .is_fresh(gateway.config.revocation_freshness, now_ms())
+    {
+        Check::pass("revocation")
+    } else {
+        Check::fail("revocation", "revocation_snapshot_stale")
+    }];
+    if let Exchanger::Remote(remote) = &gateway.exchanger {
+        checks.push(if remote.healthy().await {
+            Check::pass("sts")
         } else {
-            caracal_core::Check::fail("revocation", "revocation_snapshot_stale")
-        },
-    )
+            Check::fail("sts", "sts_unreachable")
+        });
+    }
+    checks
 }
 
 #[cfg(test)]

@@ -672,6 +672,9 @@ async fn every_fail_closed_condition_refuses_and_the_upstream_sees_nothing() {
     assert_eq!(remote.metrics.sts_circuit_fast_fail.get(), 1);
     remote.metrics.observe(&remote);
     assert_eq!(remote.metrics.sts_circuit_state.get(), 1);
+    let (status, _, ready) = call(&remote_router, "GET", "/ready", None, "").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready["reason"], "sts_unreachable");
 
     // The zone's keys cannot be read (the store is down): no signature can be checked.
     let token = fixture.mint().await;
@@ -1260,6 +1263,8 @@ async fn the_signed_http_exchange_reaches_a_separate_sts_and_a_down_replay_regis
         remote.circuit.state(),
         super::exchange::CircuitState::Closed
     );
+    let (status, _, ready) = call(&remote_router, "GET", "/ready", None, "").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
 
     // With the replay registry down (Redis gone) no one-shot mandate can be checked.
     let mut shared = fixture.world.shared.clone();
