@@ -420,10 +420,20 @@ async fn create(
         &edge.id,
         request_id.as_deref(),
     ))?;
-    store
-        .create_delegation_edge(&edge, &[created, evidence])
-        .await?;
-    super::idempotency::created(&state, key.as_ref(), "delegation", &edge.id, body(&edge)).await
+    super::idempotency::create(
+        &state,
+        key.as_ref(),
+        "delegation",
+        &edge.id,
+        body(&edge),
+        async |receipt| {
+            store
+                .create_delegation_edge_with_receipt(&edge, &[created, evidence], receipt)
+                .await
+                .map(|_| ())
+        },
+    )
+    .await
 }
 
 async fn read(

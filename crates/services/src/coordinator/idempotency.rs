@@ -3,8 +3,9 @@
 //! `idempotency_key_conflict`. Keys are stored only as HMAC digests (a KEK-derived key), with a
 //! digest of the request; receipts live 7 days, 1 day for SDK-generated keys.
 //!
-//! The receipt is written after the create it describes, not in its transaction: a crash
-//! between the two lets a retry create a second object (never a wrong answer).
+//! The receipt is written in the create's own transaction: a create is remembered exactly when
+//! it happened, and of two concurrent requests with one key only one creates (the other
+//! answers what it stored).
 
 use axum::Json;
 use axum::response::{IntoResponse, Response};
@@ -119,17 +120,18 @@ pub(super) async fn replay(
     )))
 }
 
-/// Stores the answer for `key`. Losing a race to another request with the same key answers
-/// what that one stored.
-pub(super) async fn remember(
+/// Creates through `insert`, which stores the receipt (if the request sent a key) in the
+/// create's own transaction, and answers 201 with `body`. If another request with the same key
+/// won, nothing is created and its stored answer is replayed (or 409 if it asked otherwise).
+pub(super) async fn create(
     state: &RoleState,
-    key: &Key,
+    key: Option<&Key>,
     resource_type: &str,
     resource_id: &str,
-    status: StatusCode,
-    body: &Value,
-) -> Result<Option<Response>, ApiError> {
-    let receipt = IdempotencyReceipt {
+    body: Value,
+    insert: impl AsyncFnOnce(Option<&IdempotencyReceipt>) -> Result<(), StoreError>,
+) -> Result<Response, ApiError> {
+    let receipt = key.map(|key| IdempotencyReceipt {
         operation: key.operation.to_owned(),
         zone_id: key.zone_id.clone(),
         scope_id: key.scope_id.clone(),
@@ -137,38 +139,19 @@ pub(super) async fn remember(
         request_digest: key.request_digest.clone(),
         resource_type: resource_type.to_owned(),
         resource_id: resource_id.to_owned(),
-        response_status: i64::from(status.as_u16()),
+        response_status: i64::from(StatusCode::CREATED.as_u16()),
         response_json: body.to_string(),
         expires_at_ms: now_ms() + key.ttl_ms,
-    };
-    match state.shared.store.put_idempotency_receipt(&receipt).await {
-        Ok(()) => Ok(None),
-        Err(StoreError::Conflict(_)) => replay(state, key, async |_| Ok(true)).await,
+    });
+    match insert(receipt.as_ref()).await {
+        Ok(()) => Ok((StatusCode::CREATED, Json(body)).into_response()),
+        Err(StoreError::Conflict(conflict)) => match key {
+            Some(key) => match replay(state, key, async |_| Ok(true)).await? {
+                Some(earlier) => Ok(earlier),
+                None => Err(StoreError::Conflict(conflict).into()),
+            },
+            None => Err(StoreError::Conflict(conflict).into()),
+        },
         Err(other) => Err(other.into()),
     }
-}
-
-/// The answer to a create: 201 with `body`, remembered under `key` if the request sent one
-/// (or what an earlier request with the same key stored, if it won the race).
-pub(super) async fn created(
-    state: &RoleState,
-    key: Option<&Key>,
-    resource_type: &str,
-    resource_id: &str,
-    body: Value,
-) -> Result<Response, ApiError> {
-    if let Some(key) = key
-        && let Some(earlier) = remember(
-            state,
-            key,
-            resource_type,
-            resource_id,
-            StatusCode::CREATED,
-            &body,
-        )
-        .await?
-    {
-        return Ok(earlier);
-    }
-    Ok((StatusCode::CREATED, Json(body)).into_response())
 }

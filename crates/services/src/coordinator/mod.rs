@@ -415,8 +415,19 @@ async fn start(
         &session.id,
         request_id.as_deref(),
     ))?;
-    store.create_session(&session, &[evidence]).await?;
-    idempotency::created(&state, key.as_ref(), "session", &session.id, body(&session)).await
+    idempotency::create(
+        &state,
+        key.as_ref(),
+        "session",
+        &session.id,
+        body(&session),
+        async |receipt| {
+            store
+                .create_session_with_receipt(&session, &[evidence], receipt)
+                .await
+        },
+    )
+    .await
 }
 
 async fn read(

@@ -707,11 +707,58 @@ async fn an_idempotency_key_replays_the_same_create_and_refuses_a_different_one(
             .0,
         StatusCode::NO_CONTENT
     );
-    let (status, _, inactive) = post("op-42", body).await;
+    let (status, _, inactive) = post("op-42", body.clone()).await;
     assert_eq!(
         (status, inactive["error"].as_str()),
         (StatusCode::CONFLICT, Some("idempotency_result_inactive"))
     );
+
+    // The receipt is stored with the create: of concurrent requests with one new key, exactly
+    // one creates and every other answers its result.
+    let before = world
+        .shared
+        .store
+        .list_sessions(&world.zone_id)
+        .await
+        .unwrap()
+        .len();
+    let answers = futures_join_all(
+        (0..6)
+            .map(|_| post("op-race", body.clone()))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let created: Vec<&Value> = answers
+        .iter()
+        .map(|(status, _, answer)| {
+            assert_eq!(*status, StatusCode::CREATED, "{answer}");
+            answer
+        })
+        .collect();
+    assert!(created.iter().all(|answer| *answer == created[0]));
+    let after = world
+        .shared
+        .store
+        .list_sessions(&world.zone_id)
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(after, before + 1, "one session for one key");
+}
+
+/// Runs the futures concurrently on the test's runtime and collects their outputs in order.
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futures: Vec<F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut outputs = Vec::with_capacity(handles.len());
+    for handle in handles {
+        outputs.push(handle.await.unwrap());
+    }
+    outputs
 }
 
 #[tokio::test]

@@ -67,6 +67,17 @@ pub trait Runtime: Send + Sync {
         &self,
         session: &Session,
         outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        self.create_session_with_receipt(session, outbox, None)
+            .await
+    }
+    /// Creates the session and, in the same transaction, stores the idempotency receipt that
+    /// answers a retry; a live receipt for the same key is a conflict and creates nothing.
+    async fn create_session_with_receipt(
+        &self,
+        session: &Session,
+        outbox: &[OutboxMessage],
+        receipt: Option<&IdempotencyReceipt>,
     ) -> Result<(), StoreError>;
     async fn get_session(&self, zone_id: &str, id: &str) -> Result<Option<Session>, StoreError>;
     async fn list_sessions(&self, zone_id: &str) -> Result<Vec<Session>, StoreError>;
@@ -180,6 +191,17 @@ pub trait Runtime: Send + Sync {
         &self,
         edge: &DelegationEdge,
         outbox: &[OutboxMessage],
+    ) -> Result<i64, StoreError> {
+        self.create_delegation_edge_with_receipt(edge, outbox, None)
+            .await
+    }
+    /// As [`create_session_with_receipt`](Self::create_session_with_receipt), for an edge;
+    /// returns the new graph epoch.
+    async fn create_delegation_edge_with_receipt(
+        &self,
+        edge: &DelegationEdge,
+        outbox: &[OutboxMessage],
+        receipt: Option<&IdempotencyReceipt>,
     ) -> Result<i64, StoreError>;
     async fn get_delegation_edge(
         &self,
@@ -477,6 +499,35 @@ macro_rules! cascade_sql {
     };
 }
 
+/// Stores a receipt: an expired receipt for the same key is replaced; a live one is a
+/// conflict (which fails the whole transaction it is part of).
+fn receipt_insert(r: &IdempotencyReceipt) -> Statement {
+    Statement::new(
+        "INSERT INTO idempotency_receipts (operation, zone_id, scope_id, key_digest, request_digest,
+             resource_type, resource_id, response_status, response_json, expires_at_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         ON CONFLICT (operation, zone_id, scope_id, key_digest) DO UPDATE SET
+             request_digest = excluded.request_digest, resource_type = excluded.resource_type,
+             resource_id = excluded.resource_id, response_status = excluded.response_status,
+             response_json = excluded.response_json, expires_at_ms = excluded.expires_at_ms
+         WHERE idempotency_receipts.expires_at_ms <= $11",
+        params![
+            r.operation.as_str(),
+            r.zone_id.as_str(),
+            r.scope_id.as_str(),
+            r.key_digest.as_str(),
+            r.request_digest.as_str(),
+            r.resource_type.as_str(),
+            r.resource_id.as_str(),
+            r.response_status,
+            r.response_json.as_str(),
+            r.expires_at_ms,
+            now_ms(),
+        ],
+    )
+    .must_change(|| StoreError::Conflict("a live receipt exists for this idempotency key".into()))
+}
+
 fn pairs_of(rows: &[Row]) -> Result<Vec<(String, String)>, StoreError> {
     rows.iter()
         .map(|row| Ok((row.text(0)?, row.text(1)?)))
@@ -678,10 +729,11 @@ impl<D: Db> Runtime for D {
         self.atomic(with_outbox(update, outbox)).await.map(|_| ())
     }
 
-    async fn create_session(
+    async fn create_session_with_receipt(
         &self,
         s: &Session,
         outbox: &[OutboxMessage],
+        receipt: Option<&IdempotencyReceipt>,
     ) -> Result<(), StoreError> {
         let insert = Statement::new(
             "INSERT INTO sessions (id, zone_id, application_id, parent_id, authority_record_id, status, lifecycle,
@@ -708,7 +760,9 @@ impl<D: Db> Runtime for D {
                 s.termination_reason.clone(),
             ],
         );
-        self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
+        let mut statements = with_outbox(insert, outbox);
+        statements.extend(receipt.map(receipt_insert));
+        self.atomic(statements).await.map(|_| ())
     }
 
     async fn get_session(&self, zone_id: &str, id: &str) -> Result<Option<Session>, StoreError> {
@@ -987,10 +1041,11 @@ impl<D: Db> Runtime for D {
         first_row(&outcomes)?.int(0)
     }
 
-    async fn create_delegation_edge(
+    async fn create_delegation_edge_with_receipt(
         &self,
         e: &DelegationEdge,
         outbox: &[OutboxMessage],
+        receipt: Option<&IdempotencyReceipt>,
     ) -> Result<i64, StoreError> {
         let insert = Statement::new(
             "INSERT INTO delegation_edges (id, zone_id, source_session_id, target_session_id, issuer_application_id,
@@ -1014,11 +1069,10 @@ impl<D: Db> Runtime for D {
                 e.revoked_at_ms,
             ],
         );
+        let mut statements = vec![insert, bump_epoch(&e.zone_id)];
+        statements.extend(receipt.map(receipt_insert));
         let outcomes = self
-            .atomic_with(
-                vec![insert, bump_epoch(&e.zone_id)],
-                stamped_outbox(outbox, 1),
-            )
+            .atomic_with(statements, stamped_outbox(outbox, 1))
             .await?;
         epoch_of(&outcomes, 1)
     }
@@ -1296,35 +1350,7 @@ impl<D: Db> Runtime for D {
     }
 
     async fn put_idempotency_receipt(&self, r: &IdempotencyReceipt) -> Result<(), StoreError> {
-        // An expired receipt for the same key is replaced; a live one is a conflict.
-        self.atomic(vec![
-            Statement::new(
-                "INSERT INTO idempotency_receipts (operation, zone_id, scope_id, key_digest, request_digest,
-                     resource_type, resource_id, response_status, response_json, expires_at_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                 ON CONFLICT (operation, zone_id, scope_id, key_digest) DO UPDATE SET
-                     request_digest = excluded.request_digest, resource_type = excluded.resource_type,
-                     resource_id = excluded.resource_id, response_status = excluded.response_status,
-                     response_json = excluded.response_json, expires_at_ms = excluded.expires_at_ms
-                 WHERE idempotency_receipts.expires_at_ms <= $11",
-                params![
-                    r.operation.as_str(),
-                    r.zone_id.as_str(),
-                    r.scope_id.as_str(),
-                    r.key_digest.as_str(),
-                    r.request_digest.as_str(),
-                    r.resource_type.as_str(),
-                    r.resource_id.as_str(),
-                    r.response_status,
-                    r.response_json.as_str(),
-                    r.expires_at_ms,
-                    now_ms(),
-                ],
-            )
-            .must_change(|| StoreError::Conflict("a live receipt exists for this idempotency key".into())),
-        ])
-        .await
-        .map(|_| ())
+        self.atomic(vec![receipt_insert(r)]).await.map(|_| ())
     }
 
     async fn get_idempotency_receipt(
