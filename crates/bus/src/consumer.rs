@@ -88,12 +88,26 @@ pub struct ConsumerStats {
 struct RecentKeys {
     order: VecDeque<String>,
     members: HashSet<String>,
-    in_flight: HashMap<String, String>,
+    /// Entry id → (message key, the poll that handed it out).
+    in_flight: HashMap<String, (String, u64)>,
+    polls: u64,
 }
+
+/// An entry handed out this many polls ago and never acknowledged here (another consumer
+/// reclaimed it, or its handler gave up) is forgotten, so the map cannot grow without bound.
+const IN_FLIGHT_POLLS: u64 = 10_000;
 
 impl RecentKeys {
     fn handled(&self, key: &str) -> bool {
         self.members.contains(key)
+    }
+
+    /// Counts a poll and forgets entries handed out [`IN_FLIGHT_POLLS`] polls ago and never
+    /// acknowledged.
+    fn start_poll(&mut self) {
+        self.polls += 1;
+        let oldest = self.polls.saturating_sub(IN_FLIGHT_POLLS);
+        self.in_flight.retain(|_, (_, poll)| *poll >= oldest);
     }
 
     /// Remembers `key` as handled.
@@ -202,6 +216,10 @@ impl Consumer {
                 .await?,
         );
 
+        self.recent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .start_poll();
         let mut verified = Vec::with_capacity(ready.len());
         let mut duplicates = Vec::new();
         for entry in ready {
@@ -215,7 +233,8 @@ impl Consumer {
                     if recent.handled(&key) {
                         duplicates.push(entry.id);
                     } else {
-                        recent.in_flight.insert(entry.id.clone(), key);
+                        let poll = recent.polls;
+                        recent.in_flight.insert(entry.id.clone(), (key, poll));
                         verified.push(entry);
                     }
                 }
@@ -244,7 +263,7 @@ impl Consumer {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             for id in ids {
-                if let Some(key) = recent.in_flight.remove(id) {
+                if let Some((key, _)) = recent.in_flight.remove(id) {
                     recent.insert(key, self.config.dedupe_window);
                 }
             }
@@ -272,5 +291,28 @@ impl Consumer {
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         self.ack(std::slice::from_ref(&entry.id)).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_never_acknowledged_here_are_forgotten_after_a_bound() {
+        let mut recent = RecentKeys::default();
+        recent.start_poll();
+        recent
+            .in_flight
+            .insert("1-0".into(), ("k:a".into(), recent.polls));
+        for _ in 0..IN_FLIGHT_POLLS {
+            recent.start_poll();
+        }
+        assert!(
+            recent.in_flight.contains_key("1-0"),
+            "kept for the whole window"
+        );
+        recent.start_poll();
+        assert!(recent.in_flight.is_empty(), "then forgotten");
     }
 }
