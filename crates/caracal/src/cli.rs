@@ -74,6 +74,10 @@ pub struct Overrides {
     /// Live sessions per application, 1-10000000 [env: CARACAL_COORDINATOR_SESSIONS_PER_APPLICATION] [default: 200]
     #[arg(long, global = true, value_name = "N")]
     pub coordinator_sessions_per_application: Option<String>,
+    /// Days ended sessions, edges and expired authority records are kept, 2-36500
+    /// [env: CARACAL_COORDINATOR_RETENTION_DAYS] [default: 30]
+    #[arg(long, global = true, value_name = "DAYS")]
+    pub coordinator_retention_days: Option<String>,
     /// PostgreSQL connections per process [env: CARACAL_STORE_POOL_SIZE] [default: 16]
     #[arg(long, global = true, value_name = "N")]
     pub store_pool_size: Option<String>,

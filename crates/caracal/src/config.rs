@@ -236,6 +236,12 @@ const KEYS: &[Key] = &[
         "live sessions per application, 1-10000000",
     ),
     key(
+        "coordinator.retention_days",
+        &["CARACAL_COORDINATOR_RETENTION_DAYS"],
+        "--coordinator-retention-days",
+        "whole days 2-36500 ended sessions, edges and expired authority records are kept",
+    ),
+    key(
         "shutdown_grace_seconds",
         &["CARACAL_SHUTDOWN_GRACE_SECONDS"],
         "--shutdown-grace-seconds",
@@ -391,6 +397,12 @@ pub fn resolve(
                     .filter(|n| (1..=10_000_000).contains(n))
             },
         )?,
+        coordinator_retention: parse.value("coordinator.retention_days", |text| {
+            text.parse::<u64>()
+                .ok()
+                .filter(|days| (2..=36_500).contains(days))
+                .map(|days| Duration::from_secs(days * 86_400))
+        })?,
         mint_rate_limit_per_minute: parse.value("sts.mint_rate_limit_per_minute", |text| {
             text.parse::<u64>()
                 .ok()
@@ -491,6 +503,7 @@ fn default_value(name: &str, default_store: &str) -> String {
         "coordinator.max_children" => "10".to_owned(),
         "coordinator.sessions_per_zone" => "50".to_owned(),
         "coordinator.sessions_per_application" => "200".to_owned(),
+        "coordinator.retention_days" => "30".to_owned(),
         "store_pool_size" => "16".to_owned(),
         "store_statement_timeout_ms" => "5000".to_owned(),
         "gateway.max_request_bytes" => "10485760".to_owned(),
@@ -610,6 +623,10 @@ fn flag_values(overrides: &Overrides) -> Result<BTreeMap<&'static str, String>, 
         (
             "coordinator.sessions_per_application",
             &overrides.coordinator_sessions_per_application,
+        ),
+        (
+            "coordinator.retention_days",
+            &overrides.coordinator_retention_days,
         ),
         ("store_pool_size", &overrides.store_pool_size),
         ("store_schema", &overrides.store_schema),

@@ -36,6 +36,9 @@ pub struct Settings {
     pub coordinator_max_children: u64,
     pub coordinator_sessions_per_zone: u64,
     pub coordinator_sessions_per_application: u64,
+    /// Ended sessions, revoked or expired edges and expired authority records are deleted
+    /// this long after they ended.
+    pub coordinator_retention: Duration,
     /// PostgreSQL connections per process.
     pub store_pool_size: usize,
     /// PostgreSQL schema holding Caracal's tables (created if missing); `None` uses the

@@ -95,6 +95,7 @@ pub struct Stack {
     mint_rate_limit_per_minute: u64,
     coordinator_limits: crate::coordinator::Limits,
     gateway_config: crate::gateway::GatewayConfig,
+    runtime_retention: Duration,
 }
 
 impl Stack {
@@ -175,6 +176,7 @@ impl Stack {
             issuer: settings.issuer_url.clone(),
             mint_rate_limit_per_minute: settings.mint_rate_limit_per_minute,
             gateway_config: settings.gateway.clone(),
+            runtime_retention: settings.coordinator_retention,
             coordinator_limits: crate::coordinator::Limits {
                 max_depth: i64::try_from(settings.coordinator_max_depth).unwrap_or(i64::MAX),
                 max_children: usize::try_from(settings.coordinator_max_children)
@@ -310,6 +312,18 @@ impl Stack {
                     stop_receiver.clone(),
                 ));
                 state.coordinator = Some(coordinator);
+                let (store, keep) = (Arc::clone(&self.shared.store), self.runtime_retention);
+                servers.spawn(crate::singleton::run_singleton(
+                    Arc::clone(&self.shared.store),
+                    "runtime-retention",
+                    format!("coordinator-{}", self.instance),
+                    Duration::from_secs(3600),
+                    move || {
+                        let store = Arc::clone(&store);
+                        async move { crate::coordinator::purge_ended(store.as_ref(), keep).await }
+                    },
+                    stop_receiver.clone(),
+                ));
                 let store = Arc::clone(&self.shared.store);
                 servers.spawn(crate::singleton::run_singleton(
                     Arc::clone(&self.shared.store),

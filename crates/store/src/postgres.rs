@@ -65,6 +65,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "delegation parent index",
             include_str!("schema/0011_delegation_parent_index.sql").to_owned(),
         ),
+        (
+            "runtime retention indexes",
+            include_str!("schema/0012_runtime_retention_indexes.sql").to_owned(),
+        ),
     ]
 }
 

@@ -145,6 +145,7 @@ conformance!(
     revoking_an_edge_takes_its_descendants_and_their_targets,
     the_subject_kill_switch_takes_records_sessions_and_edges,
     sealed_secrets_version_up_on_replace,
+    retention_deletes_only_what_ended_long_enough_ago,
     audit_rows_are_idempotent_on_id_and_ordered_per_zone,
     authority_records_insert_in_batches_and_revoke_once,
     chain_appends_skip_stored_ids_and_stay_contiguous_under_concurrency,
@@ -2532,4 +2533,110 @@ async fn providers_and_resources_are_saved_in_place_and_archived_only_when_unuse
             .await,
         Err(StoreError::NotFound(_))
     ));
+}
+
+async fn retention_deletes_only_what_ended_long_enough_ago(backend: &Backend) {
+    let store = backend.store.as_ref();
+    let now = caracal_store::now_ms();
+    let day = 24 * 3600 * 1000;
+    // Records: one long expired and unbound, one long expired but bound to a live session,
+    // one current.
+    let mut old = authority("zone-1", "ar-old");
+    old.expires_at_ms = now - 40 * day;
+    let mut bound = authority("zone-1", "ar-bound");
+    bound.expires_at_ms = now - 40 * day;
+    store
+        .insert_authority_records(&[old, bound, authority("zone-1", "ar-now")])
+        .await
+        .unwrap();
+    for (id, record) in [
+        ("s-old", "ar-now"),
+        ("s-live", "ar-bound"),
+        ("s-recent", "ar-now"),
+    ] {
+        store
+            .create_session(&session("zone-1", id, record), &[])
+            .await
+            .unwrap();
+    }
+    store
+        .create_delegation_edge(&edge("zone-1", "e-old", "s-old", "s-recent"), &[])
+        .await
+        .unwrap();
+    store
+        .create_delegation_edge(&edge("zone-1", "e-live", "s-live", "s-recent"), &[])
+        .await
+        .unwrap();
+    store
+        .terminate_session_tree("zone-1", "s-old", "done", |_| Vec::new())
+        .await
+        .unwrap();
+    store
+        .terminate_session_tree("zone-1", "s-recent", "done", |_| Vec::new())
+        .await
+        .unwrap();
+    // Nothing ended before the cut yet.
+    assert_eq!(
+        store
+            .purge_ended_runtime(now - 30 * day, 100)
+            .await
+            .unwrap(),
+        1,
+        "only ar-old"
+    );
+    // With the cut after everything that ended: the ended sessions and revoked edges go, the
+    // live session, its edge-free record and the current record stay.
+    let later = caracal_store::now_ms() + 1;
+    assert_eq!(store.purge_ended_runtime(later, 100).await.unwrap(), 4);
+    assert!(
+        store
+            .get_session("zone-1", "s-old")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .get_session("zone-1", "s-recent")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .get_session("zone-1", "s-live")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        store
+            .get_delegation_edge("zone-1", "e-old")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .get_delegation_edge("zone-1", "e-live")
+            .await
+            .unwrap()
+            .is_none(),
+        "revoked with its target"
+    );
+    assert!(
+        store
+            .get_authority_record("zone-1", "ar-bound")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        store
+            .get_authority_record("zone-1", "ar-now")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(store.purge_ended_runtime(later, 100).await.unwrap(), 0);
 }

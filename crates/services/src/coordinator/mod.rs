@@ -654,6 +654,29 @@ pub async fn sweep_lapsed(store: &dyn caracal_store::Store) {
     }
 }
 
+/// Deletes sessions, edges and authority records that ended more than `keep` ago, in batches,
+/// as a singleton job. `keep` is longer than the Gateway's 24 h revocation window, so nothing
+/// it still has to refuse disappears from its snapshot.
+pub async fn purge_ended(store: &dyn caracal_store::Store, keep: std::time::Duration) {
+    const BATCH: i64 = 5_000;
+    let before = now_ms() - i64::try_from(keep.as_millis()).unwrap_or(i64::MAX / 2);
+    for _ in 0..100 {
+        match store.purge_ended_runtime(before, BATCH).await {
+            Ok(0) => return,
+            Ok(purged) => {
+                tracing::debug!(purged, "ended sessions, edges and records purged");
+                if purged < u64::try_from(BATCH).unwrap_or(u64::MAX) {
+                    return;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "runtime retention failed; the next run retries");
+                return;
+            }
+        }
+    }
+}
+
 /// What a revocation would take down, without taking it: `affected_sessions` (also as
 /// `affected_agents`) and `affected_edges`.
 pub(super) fn impact_body(tree: &TerminatedTree) -> Value {

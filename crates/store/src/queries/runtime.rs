@@ -125,6 +125,11 @@ pub trait Runtime: Send + Sync {
     /// expire after `since_ms`, suspended sessions, sessions terminated or expired since
     /// `since_ms`, edges revoked since `since_ms`. The Gateway's revocation snapshot.
     async fn revoked_anchors(&self, since_ms: i64) -> Result<RevokedAnchors, StoreError>;
+    /// Retention, across zones: deletes up to `limit` each of the sessions that ended, the
+    /// edges that were revoked or expired, and the authority records that expired, before
+    /// `before_ms` (a record stays while a live session is bound to it). Returns how many rows
+    /// went.
+    async fn purge_ended_runtime(&self, before_ms: i64, limit: i64) -> Result<u64, StoreError>;
     /// The subject kill switch: revokes every active authority record of `subject_id` in the
     /// zone, terminates every session bound to one of them (with subtrees) and revokes every
     /// edge touching those, in one transaction with what `outbox` builds.
@@ -972,6 +977,39 @@ impl<D: Db> Runtime for D {
             sessions: ids(1)?,
             edges: ids(2)?,
         })
+    }
+
+    async fn purge_ended_runtime(&self, before_ms: i64, limit: i64) -> Result<u64, StoreError> {
+        let outcomes = self
+            .atomic(vec![
+                Statement::new(
+                    "DELETE FROM sessions WHERE id IN (
+                         SELECT id FROM sessions
+                         WHERE status IN ('terminated', 'expired') AND terminated_at_ms < $1
+                         LIMIT $2)",
+                    params![before_ms, limit],
+                ),
+                Statement::new(
+                    "DELETE FROM delegation_edges WHERE id IN (
+                         SELECT id FROM delegation_edges
+                         WHERE (status = 'revoked' AND revoked_at_ms < $1)
+                            OR expires_at_ms < $1
+                         LIMIT $2)",
+                    params![before_ms, limit],
+                ),
+                Statement::new(
+                    "DELETE FROM authority_records WHERE id IN (
+                         SELECT r.id FROM authority_records r
+                         WHERE r.expires_at_ms < $1
+                           AND NOT EXISTS (SELECT 1 FROM sessions s
+                                           WHERE s.authority_record_id = r.id
+                                             AND s.status IN ('active', 'suspended'))
+                         LIMIT $2)",
+                    params![before_ms, limit],
+                ),
+            ])
+            .await?;
+        Ok(outcomes.iter().map(|outcome| outcome.changed).sum())
     }
 
     async fn session_tree_impact(
