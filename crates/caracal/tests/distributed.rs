@@ -68,6 +68,7 @@ fn two_replicas_share_postgres_and_redis() {
                 &stream_key,
                 "serve",
                 "api",
+                "sts",
                 "gateway",
             ]
             .map(String::from),
@@ -77,7 +78,7 @@ fn two_replicas_share_postgres_and_redis() {
 
     let (_parent_a, home_a) = fresh_home();
     let first = Running::start(&home_a, &args());
-    for role in ["api", "gateway"] {
+    for role in ["api", "sts", "gateway"] {
         let ready = wait_ready(first.address(role));
         assert_eq!(ready.status, 200, "replica a {role}: {}", ready.body);
         assert!(
@@ -94,7 +95,7 @@ fn two_replicas_share_postgres_and_redis() {
     std::fs::set_permissions(&home_b, std::fs::Permissions::from_mode(0o700)).unwrap();
     std::fs::copy(home_a.join("kek"), home_b.join("kek")).unwrap();
     let second = Running::start(&home_b, &args());
-    for role in ["api", "gateway"] {
+    for role in ["api", "sts", "gateway"] {
         let ready = wait_ready(second.address(role));
         assert_eq!(ready.status, 200, "replica b {role}: {}", ready.body);
     }
