@@ -255,6 +255,22 @@ impl Streams for EmbeddedBus {
         Ok(())
     }
 
+    async fn ensure_group_at_end(&self, stream: &str, group: &str) -> Result<(), BusError> {
+        let (stream, group) = (stream.to_owned(), group.to_owned());
+        self.store
+            .run(move |connection| {
+                connection
+                    .prepare_cached(
+                        "INSERT INTO stream_groups (stream, name, last_delivered)
+                     VALUES (?1, ?2, COALESCE((SELECT last_seq FROM streams WHERE name = ?1), 0))
+                     ON CONFLICT (stream, name) DO NOTHING",
+                    )?
+                    .execute(params![stream, group])
+            })
+            .await?;
+        Ok(())
+    }
+
     async fn read_group(
         &self,
         stream: &str,

@@ -109,6 +109,10 @@ pub trait Streams: Send + Sync {
     /// Creates `group` reading `stream` from its beginning; an existing group is kept as is.
     async fn ensure_group(&self, stream: &str, group: &str) -> Result<(), BusError>;
 
+    /// Creates `group` reading only what is appended from now on (for a reader that loads the
+    /// past another way); an existing group is kept as is.
+    async fn ensure_group_at_end(&self, stream: &str, group: &str) -> Result<(), BusError>;
+
     /// Delivers up to `count` entries the group has not seen yet to `consumer`, waiting up to
     /// `block` for the first one. Delivered entries stay pending until acknowledged.
     async fn read_group(

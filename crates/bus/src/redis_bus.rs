@@ -36,6 +36,24 @@ fn bus_error(error: RedisError) -> BusError {
 }
 
 impl RedisBus {
+    /// `XGROUP CREATE stream group <start> MKSTREAM`; an existing group is kept.
+    async fn create_group(&self, stream: &str, group: &str, start: &str) -> Result<(), BusError> {
+        let mut connection = self.shared.clone();
+        let result: Result<Value, RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg(start)
+            .arg("MKSTREAM")
+            .query_async(&mut connection)
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
+            Err(error) => Err(bus_error(error)),
+        }
+    }
+
     /// Connects to `url` (`redis://…`). Fails if the server cannot be reached now; later
     /// outages are retried with backoff by the connection manager.
     pub async fn connect(url: &str) -> Result<RedisBus, BusError> {
@@ -244,20 +262,11 @@ impl Streams for RedisBus {
     }
 
     async fn ensure_group(&self, stream: &str, group: &str) -> Result<(), BusError> {
-        let mut connection = self.shared.clone();
-        let result: Result<Value, RedisError> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(stream)
-            .arg(group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut connection)
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
-            Err(error) => Err(bus_error(error)),
-        }
+        self.create_group(stream, group, "0").await
+    }
+
+    async fn ensure_group_at_end(&self, stream: &str, group: &str) -> Result<(), BusError> {
+        self.create_group(stream, group, "$").await
     }
 
     async fn read_group(

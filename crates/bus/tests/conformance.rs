@@ -113,6 +113,22 @@ async fn every_group_sees_every_entry(backend: &Backend) {
         .await
         .unwrap();
     assert_eq!(ids(&read), appended);
+    // One created at the end sees only what comes after it, and keeps its place if created
+    // again.
+    streams
+        .ensure_group_at_end(&stream, "replica-d")
+        .await
+        .unwrap();
+    let later = append_numbered(backend, &stream, 2).await;
+    streams
+        .ensure_group_at_end(&stream, "replica-d")
+        .await
+        .unwrap();
+    let read = streams
+        .read_group(&stream, "replica-d", "only", 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(ids(&read), later);
 }
 
 async fn consumers_of_one_group_share_the_entries(backend: &Backend) {

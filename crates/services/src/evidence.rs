@@ -68,6 +68,8 @@ pub struct EvidenceMetrics {
     pub replayed_total: Counter,
     pub overloaded_total: Counter,
     pub replay_files: Gauge,
+    /// Seconds since the oldest waiting replay file was written (0 with none).
+    pub replay_oldest_age_seconds: Gauge,
 }
 
 impl EvidenceMetrics {
@@ -97,6 +99,11 @@ impl EvidenceMetrics {
             "audit_replay_files",
             "Replay files waiting to be re-sent",
             self.replay_files.clone(),
+        );
+        registry.register(
+            "audit_replay_oldest_age_seconds",
+            "Seconds since the oldest waiting replay file was written",
+            self.replay_oldest_age_seconds.clone(),
         );
     }
 }
@@ -458,10 +465,22 @@ async fn replay_loop(
                 break;
             }
         }
+        let waiting = spill.pending();
         watch
             .metrics
             .replay_files
-            .set(i64::try_from(spill.pending().len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(waiting.len()).unwrap_or(i64::MAX));
+        let oldest = waiting
+            .iter()
+            .filter_map(|path| {
+                std::fs::metadata(path)
+                    .and_then(|meta| meta.modified())
+                    .ok()
+            })
+            .min()
+            .and_then(|written| written.elapsed().ok())
+            .map_or(0, |age| i64::try_from(age.as_secs()).unwrap_or(i64::MAX));
+        watch.metrics.replay_oldest_age_seconds.set(oldest);
         if *stop.borrow() {
             return;
         }

@@ -124,6 +124,8 @@ pub struct PolicyCache {
     zones: Arc<RwLock<HashMap<String, Arc<Loaded>>>>,
     /// When every zone was last confirmed against the store (0: never).
     confirmed_at_ms: Arc<std::sync::atomic::AtomicI64>,
+    /// Bundles refused at load (the previous one stayed in force).
+    pub load_failures: prometheus_client::metrics::counter::Counter,
 }
 
 impl PolicyCache {
@@ -206,6 +208,7 @@ impl PolicyCache {
             Err(error) => {
                 tracing::error!(zone = zone_id, version = %version.id, %error,
                     "policy bundle refused; the previous bundle stays in force");
+                self.load_failures.inc();
                 ("failed", error.to_string())
             }
         };

@@ -395,7 +395,10 @@ impl Stack {
                 "created signing keys for zones that had none"
             );
         }
-        let policies = crate::policy::PolicyCache::default();
+        let mut policies = crate::policy::PolicyCache::default();
+        if let Some(metrics) = &state.metrics.sts {
+            policies.load_failures = metrics.policy_load_failures.clone();
+        }
         let sts = Arc::new(
             crate::sts::Sts::start(
                 self.issuer.clone(),

@@ -54,6 +54,9 @@ impl Streams for DownBus {
     async fn ensure_group(&self, _: &str, _: &str) -> Result<(), BusError> {
         Err(BusError::Unavailable("connection refused".into()))
     }
+    async fn ensure_group_at_end(&self, _: &str, _: &str) -> Result<(), BusError> {
+        Err(BusError::Unavailable("connection refused".into()))
+    }
     async fn read_group(
         &self,
         _: &str,

@@ -32,6 +32,9 @@ impl Streams for SwitchBus {
     async fn ensure_group(&self, stream: &str, group: &str) -> Result<(), BusError> {
         self.inner.ensure_group(stream, group).await
     }
+    async fn ensure_group_at_end(&self, stream: &str, group: &str) -> Result<(), BusError> {
+        self.inner.ensure_group_at_end(stream, group).await
+    }
     async fn read_group(
         &self,
         stream: &str,

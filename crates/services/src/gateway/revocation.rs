@@ -242,8 +242,18 @@ pub async fn follow_stream(
         dedupe_window: 4096,
     };
     let consumer = loop {
-        match caracal_bus::Consumer::start(Arc::clone(&streams), key.clone(), config.clone()).await
+        // The group starts at the stream's end: the snapshot covers everything before it.
+        let started = match streams
+            .ensure_group_at_end(&config.stream, &config.group)
+            .await
         {
+            Ok(()) => {
+                caracal_bus::Consumer::start(Arc::clone(&streams), key.clone(), config.clone())
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        match started {
             Ok(consumer) => break consumer,
             Err(error) => {
                 tracing::warn!(%error, "revocation stream unavailable; retrying");

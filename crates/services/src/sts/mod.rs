@@ -98,6 +98,8 @@ pub struct StsMetrics {
     pub exchanges: Family<ExchangeLabels, Counter>,
     /// Seconds since the policy bundles were last confirmed against the store.
     pub policy_bundle_age_seconds: Gauge,
+    /// Bundles the STS refused to load (counted by its policy cache).
+    pub policy_load_failures: Counter,
     pub auth_failures: Counter,
 }
 
@@ -112,6 +114,11 @@ impl StsMetrics {
             "policy_bundle_age_seconds",
             "Seconds since the policy bundles were last confirmed against the store",
             self.policy_bundle_age_seconds.clone(),
+        );
+        registry.register(
+            "policy_load_failures",
+            "Policy bundles refused at load; the previous bundle stayed in force",
+            self.policy_load_failures.clone(),
         );
         registry.register(
             "client_auth_failures",
