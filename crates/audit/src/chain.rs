@@ -189,6 +189,17 @@ pub enum FindingKind {
 }
 
 impl FindingKind {
+    pub const ALL: [FindingKind; 8] = [
+        FindingKind::ContentMismatch,
+        FindingKind::MacFailure,
+        FindingKind::UnknownKey,
+        FindingKind::ChainBreak,
+        FindingKind::SequenceGap,
+        FindingKind::Reordered,
+        FindingKind::Truncated,
+        FindingKind::CheckpointMismatch,
+    ];
+
     /// The metric label and the readiness detail.
     pub fn as_str(self) -> &'static str {
         match self {

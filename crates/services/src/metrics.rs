@@ -116,6 +116,10 @@ pub struct RoleMetrics {
     pub http_requests: Family<RequestLabels, Counter>,
     pub http_request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub ready: Gauge,
+    /// Share of the PostgreSQL pool in use, set at each scrape.
+    pub store_pool_in_use_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Policy activations refused because a canary case disagreed (API role).
+    pub policy_canary_failures: Counter,
     pub ready_check_failures: Family<CheckLabels, Counter>,
 }
 
@@ -161,6 +165,20 @@ impl RoleMetrics {
             "Time to answer an HTTP request, by route template",
             http_request_duration.clone(),
         );
+        let store_pool_in_use_ratio = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "store_pool_in_use_ratio",
+            "Share of the PostgreSQL connection pool in use (0 on the embedded store)",
+            store_pool_in_use_ratio.clone(),
+        );
+        let policy_canary_failures = Counter::default();
+        if role == Role::Api {
+            registry.register(
+                "policy_canary_failures",
+                "Policy activations refused because a canary case disagreed",
+                policy_canary_failures.clone(),
+            );
+        }
         let ready = Gauge::default();
         registry.register(
             "ready",
@@ -187,6 +205,8 @@ impl RoleMetrics {
             http_requests,
             http_request_duration,
             ready,
+            store_pool_in_use_ratio,
+            policy_canary_failures,
             ready_check_failures,
         }
     }

@@ -143,6 +143,10 @@ async fn outbox_check(state: &RoleState) -> Check {
 }
 
 pub async fn metrics(State(state): State<RoleState>) -> Response {
+    state
+        .metrics
+        .store_pool_in_use_ratio
+        .set(state.shared.store.pool_usage().unwrap_or(0.0));
     match state.metrics.render() {
         Ok(text) => (
             [(

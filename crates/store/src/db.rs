@@ -167,6 +167,11 @@ pub type Then = Box<dyn FnOnce(&[Outcome]) -> Result<Vec<Statement>, StoreError>
 pub trait Db: Send + Sync {
     fn dialect(&self) -> Dialect;
 
+    /// The share of pooled connections in use, where there is a pool (PostgreSQL).
+    fn pool_in_use_ratio(&self) -> Option<f64> {
+        None
+    }
+
     /// Runs `first`, then the statements `then` builds from their outcomes, all in one
     /// transaction, and returns every outcome in order. Any error, or a `must_change` statement
     /// that changed nothing, rolls everything back.

@@ -364,6 +364,12 @@ impl Db for PgStore {
         Dialect::Postgres
     }
 
+    fn pool_in_use_ratio(&self) -> Option<f64> {
+        let status = self.pool.status();
+        let in_use = status.size.saturating_sub(status.available);
+        (status.max_size > 0).then(|| in_use as f64 / status.max_size as f64)
+    }
+
     async fn atomic_with(
         &self,
         first: Vec<Statement>,

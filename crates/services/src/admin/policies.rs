@@ -706,6 +706,7 @@ async fn activate_version(
     let bundle = bundle_of(state, &set.zone_id, &content.manifest).await?;
     let failures = failed_canaries(&bundle, &content.canaries);
     if !failures.is_empty() {
+        state.metrics.policy_canary_failures.inc();
         return Err(ApiError::with_description(
             ErrorCode::CanaryFailed,
             format!(

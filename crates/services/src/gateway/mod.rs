@@ -170,6 +170,7 @@ pub struct GatewayMetrics {
     pub revocation_propagation_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub revocations_active: Gauge,
     pub streams_revoked: Counter,
+    pub provider_token_failures: Counter,
 }
 
 impl GatewayMetrics {
@@ -220,6 +221,11 @@ impl GatewayMetrics {
                 "streams_revoked",
                 "Response streams cut because the mandate was revoked",
                 &self.streams_revoked,
+            ),
+            (
+                "provider_token_failures",
+                "Client-credentials tokens that could not be fetched",
+                &self.provider_token_failures,
             ),
         ];
         for (name, help, counter) in counters {
@@ -952,6 +958,7 @@ async fn dispatch(
             }
             Err(error) => {
                 tracing::warn!(%error, resource = %call.resource, "provider token unavailable");
+                gateway.metrics.provider_token_failures.inc();
                 return failed(
                     state,
                     &call,

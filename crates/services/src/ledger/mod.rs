@@ -34,6 +34,12 @@ impl LedgerMetrics {
             "Audit stream entries moved to the dead-letter stream",
             self.ingest.dead_lettered_total.clone(),
         );
+        // Every kind starts at zero, so an alert's `increase()` sees the first finding.
+        for kind in caracal_audit::chain::FindingKind::ALL {
+            let _zero = self.sweep.tamper_detected.get_or_create(&sweep::KindLabel {
+                kind: kind.as_str().to_owned(),
+            });
+        }
         registry.register(
             "tamper_detected",
             "Tamper findings of the sweep, by kind",

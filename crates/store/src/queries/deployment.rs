@@ -10,6 +10,8 @@ use crate::store::{StoreError, not_found, now_ms, with_outbox};
 pub trait Deployment: Send + Sync {
     /// A round trip to the database: the readiness probe.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// The share of pooled connections in use (PostgreSQL); `None` without a pool.
+    fn pool_usage(&self) -> Option<f64>;
 
     async fn deployment_kek(&self) -> Result<Option<KekRecord>, StoreError>;
     /// Records the deployment's KEK; a second record is a [`StoreError::Conflict`].
@@ -56,6 +58,10 @@ fn admin_token(row: &Row) -> Result<AdminTokenRecord, StoreError> {
 impl<D: Db> Deployment for D {
     async fn ping(&self) -> Result<(), StoreError> {
         self.rows("SELECT 1", params![]).await.map(|_| ())
+    }
+
+    fn pool_usage(&self) -> Option<f64> {
+        self.pool_in_use_ratio()
     }
 
     async fn deployment_kek(&self) -> Result<Option<KekRecord>, StoreError> {
