@@ -12,6 +12,25 @@ pub async fn post(
     path: &str,
     body: serde_json::Value,
 ) -> anyhow::Result<(hyper::StatusCode, serde_json::Value)> {
+    call(settings, token_file, hyper::Method::POST, path, Some(body)).await
+}
+
+/// `GET {api}{path}` with the admin token, as [`post`].
+pub async fn get(
+    settings: &Settings,
+    token_file: Option<&std::path::Path>,
+    path: &str,
+) -> anyhow::Result<(hyper::StatusCode, serde_json::Value)> {
+    call(settings, token_file, hyper::Method::GET, path, None).await
+}
+
+async fn call(
+    settings: &Settings,
+    token_file: Option<&std::path::Path>,
+    method: hyper::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<(hyper::StatusCode, serde_json::Value)> {
     use http_body_util::{BodyExt as _, Full};
     use hyper::body::Bytes;
     use hyper_util::client::legacy::Client;
@@ -24,10 +43,14 @@ pub async fn post(
     let token = std::fs::read_to_string(&token_path)
         .with_context(|| format!("admin token {}", token_path.display()))?;
     let address = crate::status::api_address(settings);
-    let request = hyper::Request::post(format!("http://{address}{path}"))
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{address}{path}"))
         .header("authorization", format!("Bearer {}", token.trim()))
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))?;
+        .body(Full::new(body.map_or_else(Bytes::new, |body| {
+            Bytes::from(body.to_string())
+        })))?;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let response =
         tokio::time::timeout(std::time::Duration::from_secs(10), client.request(request))

@@ -11,7 +11,7 @@ use crate::cli::{AuditCommand, ExportArgs};
 
 /// The configured store. SQLite is opened beside a running `caracal up` safely (WAL allows a
 /// second connection; nothing here writes rows).
-async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
+pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match &settings.store {
         StoreUrl::Sqlite(path) => {
             Arc::new(SqliteStore::open(path).with_context(|| format!("store {}", path.display()))?)
@@ -79,7 +79,7 @@ pub async fn run(settings: &Settings, command: &AuditCommand) -> anyhow::Result<
 }
 
 /// Epoch milliseconds from RFC 3339 text or a plain integer.
-fn parse_time(text: &str) -> anyhow::Result<i64> {
+pub fn parse_time(text: &str) -> anyhow::Result<i64> {
     if let Ok(millis) = text.parse::<i64>() {
         return Ok(millis);
     }

@@ -139,6 +139,12 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Incident runbook: contain (freeze, fail closed, revoke, last known good), release, show
+    /// what is in force, and the ledger's timeline of a zone
+    Incident {
+        #[command(subcommand)]
+        command: IncidentCommand,
+    },
     /// Zone signing keys: rotate through the running API role
     Keys {
         #[command(subcommand)]
@@ -249,6 +255,85 @@ pub enum KeysCommand {
         /// Admin token file [default: $CARACAL_HOME/admin-token]
         #[arg(long, value_name = "PATH")]
         token_file: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IncidentCommand {
+    /// Contain an incident through the running API role; each action is audited with the
+    /// reason. Several actions may be combined in one call.
+    Contain {
+        /// Refuse policy activations, provider and resource changes (423 `change_freeze`);
+        /// revocation, rollback and rotation stay allowed
+        #[arg(long)]
+        freeze: bool,
+        /// Refuse protected traffic at the STS and the Gateway (503 `contained`): the whole
+        /// deployment, or only `--zone`
+        #[arg(long)]
+        fail_closed: bool,
+        /// The zone of `--fail-closed`, `--revoke-*` and `--policy`
+        #[arg(long)]
+        zone: Option<String>,
+        /// Revoke everything issued for this subject in `--zone`
+        #[arg(long, value_name = "SUBJECT")]
+        revoke_subject: Option<String>,
+        /// End this session, its subtree and its delegations in `--zone`
+        #[arg(long, value_name = "SESSION")]
+        revoke_session: Option<String>,
+        /// `last-known-good`: re-activate `--policy-set`'s last known good version in `--zone`
+        #[arg(long, value_name = "WHICH")]
+        policy: Option<String>,
+        /// The policy set of `--policy`
+        #[arg(long, value_name = "ID")]
+        policy_set: Option<String>,
+        /// Why (recorded with every action)
+        #[arg(long)]
+        reason: String,
+        /// Admin token file [default: $CARACAL_HOME/admin-token]
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<std::path::PathBuf>,
+    },
+    /// Switch containment off (audited with the reason)
+    Release {
+        #[arg(long)]
+        freeze: bool,
+        #[arg(long)]
+        fail_closed: bool,
+        /// The zone of `--fail-closed` (omit for the deployment-wide switch)
+        #[arg(long)]
+        zone: Option<String>,
+        #[arg(long)]
+        reason: String,
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<std::path::PathBuf>,
+    },
+    /// Show the containment switches in force (exit 1 if any is)
+    Status {
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<std::path::PathBuf>,
+    },
+    /// A zone's events from the audit ledger, oldest first
+    Timeline {
+        #[arg(long)]
+        zone: String,
+        /// Earliest event time: RFC 3339 or epoch milliseconds
+        #[arg(long, value_name = "TIME")]
+        from: Option<String>,
+        /// Latest event time: RFC 3339 or epoch milliseconds
+        #[arg(long, value_name = "TIME")]
+        to: Option<String>,
+        /// Only this request id
+        #[arg(long, value_name = "ID")]
+        request: Option<String>,
+        /// Only events naming this session
+        #[arg(long, value_name = "ID")]
+        session: Option<String>,
+        /// One JSON object per line instead of text
+        #[arg(long)]
+        json: bool,
+        /// At most this many events (the newest ones within the window)
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
     },
 }
 

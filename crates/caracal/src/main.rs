@@ -9,6 +9,7 @@ mod bench_coordinator;
 mod bench_sts;
 mod cli;
 mod config;
+mod incident;
 mod logging;
 mod status;
 
@@ -53,6 +54,16 @@ fn main() -> ExitCode {
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }),
+        Command::Incident { command } => runtime(|| async {
+            match incident::run(&resolved.settings, &command).await {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(EXIT_FAILURE),
                 Err(error) => {
                     eprintln!("error: {error:#}");
                     ExitCode::from(EXIT_FAILURE)

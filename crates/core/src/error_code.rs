@@ -114,6 +114,10 @@ pub enum ErrorCode {
     SessionNotService,
     /// Coordinator: a service session's heartbeat or termination names its lease generation.
     LeaseGenerationRequired,
+    /// An incident freeze is in force: policy activations, provider and resource changes wait.
+    ChangeFreeze,
+    /// An incident containment refuses protected traffic (deployment-wide or for the zone).
+    Contained,
 }
 
 impl ErrorCode {
@@ -173,6 +177,8 @@ impl ErrorCode {
             ErrorCode::SessionNotLive => "session_not_live",
             ErrorCode::SessionNotService => "session_not_service",
             ErrorCode::LeaseGenerationRequired => "lease_generation_required",
+            ErrorCode::ChangeFreeze => "change_freeze",
+            ErrorCode::Contained => "contained",
         }
     }
 
@@ -197,6 +203,8 @@ impl ErrorCode {
             | ErrorCode::SessionNotLive
             | ErrorCode::SessionNotService => 409,
             ErrorCode::LeaseGenerationRequired => 400,
+            ErrorCode::ChangeFreeze => 423,
+            ErrorCode::Contained => 503,
             ErrorCode::InvalidRego | ErrorCode::InvalidPolicyBundle => 422,
             ErrorCode::RateLimited
             | ErrorCode::SessionDepthLimitExceeded
@@ -293,6 +301,8 @@ mod tests {
             ErrorCode::SessionNotLive,
             ErrorCode::SessionNotService,
             ErrorCode::LeaseGenerationRequired,
+            ErrorCode::ChangeFreeze,
+            ErrorCode::Contained,
         ];
         for code in all {
             let text = code.as_str();

@@ -11,6 +11,7 @@ mod admin;
 pub mod api;
 pub mod auth;
 pub mod constraints;
+pub mod containment;
 pub mod coordinator;
 mod error;
 pub mod evidence;

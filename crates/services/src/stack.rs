@@ -238,6 +238,20 @@ impl Stack {
 
         let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
         let mut servers = tokio::task::JoinSet::new();
+        // Containment switches are in force before the first request is served.
+        if let Err(error) = self
+            .shared
+            .containment
+            .refresh(self.shared.store.as_ref())
+            .await
+        {
+            tracing::warn!(%error, "containment switches could not be read at start");
+        }
+        servers.spawn(crate::containment::follow(
+            self.shared.containment.clone(),
+            Arc::clone(&self.shared.store),
+            stop_receiver.clone(),
+        ));
         let mut listeners = std::mem::take(&mut self.listeners);
         // The STS starts before the Gateway, which then exchanges with it in process.
         listeners.sort_by_key(|(role, _)| *role);

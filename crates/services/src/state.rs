@@ -50,6 +50,8 @@ pub struct Shared {
     pub replay_dir: std::path::PathBuf,
     /// The deployment's key-encryption key: seals provider secrets.
     pub kek: caracal_crypto::Kek,
+    /// Incident containment switches in force.
+    pub containment: crate::containment::ContainmentView,
     draining: Arc<AtomicBool>,
 }
 
@@ -67,6 +69,7 @@ impl Shared {
             evidence,
             replay_dir,
             kek,
+            containment: crate::containment::ContainmentView::default(),
             draining: Arc::new(AtomicBool::new(false)),
         }
     }

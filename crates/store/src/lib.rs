@@ -31,7 +31,7 @@ pub use bootstrap::{
 pub use data_dir::{DataDir, DataDirError};
 pub use model::{
     AdminTokenRecord, Application, ApplicationChange, ApprovalHold, AuditCheckpoint, AuditCut,
-    AuditEvent, AuditFilter, AuthorityRecord, DelegationContext, DelegationEdge,
+    AuditEvent, AuditFilter, AuthorityRecord, Containment, DelegationContext, DelegationEdge,
     IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow,
     OutboxStats, PolicyBinding, PolicyHeader, PolicyLoad, PolicyVersion, Provider,
     ProviderConnection, Resource, RevokedAnchors, SealedSecret, Session, SigningKey, TamperFinding,

@@ -350,6 +350,18 @@ pub struct DelegationContext {
     pub epoch: i64,
 }
 
+/// One incident containment switch in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Containment {
+    /// `freeze` or `fail_closed`.
+    pub kind: String,
+    /// Empty for the whole deployment.
+    pub zone_id: String,
+    pub reason: String,
+    pub actor: String,
+    pub since_ms: i64,
+}
+
 /// Every revoked anchor a Gateway must refuse, read across zones in one snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RevokedAnchors {

@@ -64,6 +64,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "runtime retention indexes",
             include_str!("schema/0012_runtime_retention_indexes.sql").to_owned(),
         ),
+        (
+            "containment",
+            include_str!("schema/0013_containment.sql").replace("{BIGINT}", "INTEGER"),
+        ),
     ]
 }
 

@@ -4,6 +4,7 @@
 
 mod applications;
 mod approvals;
+mod incident;
 mod keys;
 mod openapi;
 mod policies;
@@ -39,6 +40,7 @@ pub fn routes() -> Router<RoleState> {
         .merge(zones::routes())
         .merge(applications::routes())
         .merge(approvals::routes())
+        .merge(incident::routes())
         .merge(keys::routes())
         .merge(openapi::routes())
         .merge(policies::routes())

@@ -67,6 +67,30 @@ pub const OPERATIONS: &[Operation] = &[
     ),
     op(
         "get",
+        "/v1/incident/containment",
+        "read",
+        "Incident containment switches in force",
+    ),
+    op(
+        "post",
+        "/v1/incident/contain",
+        "write",
+        "Switch on a freeze (changes wait) or fail-closed (protected traffic refused), with a reason",
+    ),
+    op(
+        "post",
+        "/v1/incident/release",
+        "write",
+        "Switch containment off, with a reason",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/sessions/{session_id}/terminate",
+        "write",
+        "End a session with its subtree and delegations (operator)",
+    ),
+    op(
+        "get",
         "/v1/zones/{zone_id}/dcr-status",
         "read",
         "Dynamic client registration status (not offered)",

@@ -771,6 +771,7 @@ async fn activate(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let caller = authenticate(&state, &headers).await?;
     live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    super::incident::refuse_when_frozen(&state)?;
     let request: VersionChoice = json(&raw)?;
     let set = live_set(&state, &zone_id, &id).await?;
     let version = set_version(&state, &zone_id, &id, &request.version_id).await?;

@@ -269,6 +269,7 @@ async fn create(
     raw: Bytes,
 ) -> Result<(StatusCode, Json<ProviderBody>), ApiError> {
     let caller = authenticate(&state, &headers).await?;
+    super::incident::refuse_when_frozen(&state)?;
     live_zone(&state, &caller, &zone_id, Access::Write).await?;
     let request: SaveProvider = json(&raw)?;
     let kind = request
@@ -351,6 +352,7 @@ async fn update(
     raw: Bytes,
 ) -> Result<Json<ProviderBody>, ApiError> {
     let caller = authenticate(&state, &headers).await?;
+    super::incident::refuse_when_frozen(&state)?;
     live_zone(&state, &caller, &zone_id, Access::Write).await?;
     let request: SaveProvider = json(&raw)?;
     let current = live_provider(&state, &zone_id, &id).await?;
@@ -478,6 +480,7 @@ async fn archive(
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let caller = authenticate(&state, &headers).await?;
+    super::incident::refuse_when_frozen(&state)?;
     live_zone(&state, &caller, &zone_id, Access::Write).await?;
     live_provider(&state, &zone_id, &id).await?;
     let evidence = evidence(

@@ -241,6 +241,7 @@ async fn create(
     raw: Bytes,
 ) -> Result<(StatusCode, Json<ResourceBody>), ApiError> {
     let caller = authenticate(&state, &headers).await?;
+    super::incident::refuse_when_frozen(&state)?;
     live_zone(&state, &caller, &zone_id, Access::Write).await?;
     let request: SaveResource = json(&raw)?;
     let (name, identifier) = match (request.name, request.identifier) {
@@ -333,6 +334,7 @@ async fn update(
     raw: Bytes,
 ) -> Result<Json<ResourceBody>, ApiError> {
     let caller = authenticate(&state, &headers).await?;
+    super::incident::refuse_when_frozen(&state)?;
     live_zone(&state, &caller, &zone_id, Access::Write).await?;
     let request: SaveResource = json(&raw)?;
     let current = live_resource(&state, &zone_id, &id).await?;
@@ -399,6 +401,7 @@ async fn archive(
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let caller = authenticate(&state, &headers).await?;
+    super::incident::refuse_when_frozen(&state)?;
     live_zone(&state, &caller, &zone_id, Access::Write).await?;
     live_resource(&state, &zone_id, &id).await?;
     let evidence = evidence(

@@ -502,6 +502,16 @@ async fn checked(
             invalid(StatusCode::UNAUTHORIZED, "missing token client"),
         ));
     }
+    if state.shared.containment.fail_closed(&peeked.zone_id) {
+        return Err((
+            "contained",
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "contained",
+                "an incident containment refuses protected traffic",
+            ),
+        ));
+    }
     let path = request.uri().path().to_owned();
     if is_traversal(&path) {
         return Err((

@@ -1396,3 +1396,228 @@ mod fuzz {
         }
     }
 }
+
+#[tokio::test]
+async fn incident_containment_freezes_changes_and_fails_protected_traffic_closed() {
+    let fixture = fixture().await;
+    let w = Some(fixture.world.writer.as_str());
+    let zone = fixture.world.zone_id.clone();
+    let post = |path: &str, body: Value| {
+        let api = fixture.world.api.clone();
+        let path = path.to_owned();
+        async move { call(&api, "POST", &path, w, &body.to_string()).await }
+    };
+    // A read token cannot contain; a reason is required.
+    let reader = crate::test_support::token(
+        &fixture.world.shared,
+        "read",
+        caracal_store::TokenScope::Global,
+    )
+    .await;
+    let (status, _, _) = call(
+        &fixture.world.api,
+        "POST",
+        "/v1/incident/contain",
+        Some(&reader),
+        &json!({"freeze": true, "reason": "drill"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, refused) = post(
+        "/v1/incident/contain",
+        json!({"freeze": true, "reason": " "}),
+    )
+    .await;
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_body"))
+    );
+
+    // Freeze: provider and resource changes and activations wait; revocation does not.
+    let (status, _, state) = post(
+        "/v1/incident/contain",
+        json!({"freeze": true, "reason": "tamper drill"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{state}");
+    assert_eq!(state["frozen"], true);
+    let (status, _, frozen) = post(
+        &format!("/v1/zones/{zone}/providers"),
+        json!({"name": "late", "identifier": "provider://late", "kind": "none"}),
+    )
+    .await;
+    assert_eq!(
+        (status, frozen["error"].as_str()),
+        (StatusCode::LOCKED, Some("change_freeze"))
+    );
+    let (status, _, frozen) = call(
+        &fixture.world.api,
+        "PATCH",
+        &format!("/v1/zones/{zone}/resources/{}", fixture.resource_id),
+        w,
+        &json!({"upstream_url": "http://127.0.0.1:1/x"}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, frozen["error"].as_str()),
+        (StatusCode::LOCKED, Some("change_freeze"))
+    );
+    let (status, _, _) = post(
+        &format!("/v1/zones/{zone}/subjects/nobody/revoke"),
+        json!({"reason": "still allowed"}),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "revocation stays allowed under a freeze"
+    );
+    // Calls still flow under a freeze.
+    assert_eq!(fixture.get("/entries").await.status, StatusCode::OK);
+
+    // Fail closed for the zone: the STS and the Gateway refuse with 503 `contained`.
+    let (status, _, state) = post(
+        "/v1/incident/contain",
+        json!({"fail_closed": true, "zone_id": zone, "reason": "exposure"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{state}");
+    let (status, _, minted) = fixture
+        .world
+        .exchange(&fixture.world.delegated("g-target", "g-edge", "ledger:read"))
+        .await;
+    assert_eq!(
+        (status, minted["error"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("contained"))
+    );
+    let calls = fixture.upstream_calls();
+    let release_token =
+        |reason: &str| json!({"fail_closed": true, "zone_id": zone, "reason": reason});
+    // A mandate minted before the containment is refused at the Gateway.
+    post("/v1/incident/release", release_token("mint one")).await;
+    let token = fixture.mint().await;
+    post(
+        "/v1/incident/contain",
+        json!({"fail_closed": true, "zone_id": zone, "reason": "exposure"}),
+    )
+    .await;
+    let answer = fixture
+        .send(
+            fixture
+                .request("GET", "/entries", &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.json["error"], "contained");
+    assert_eq!(
+        fixture.upstream_calls(),
+        calls,
+        "nothing reached the upstream"
+    );
+
+    // Release both; traffic and changes resume. Every action is audited with its reason.
+    let (status, _, state) = post(
+        "/v1/incident/release",
+        json!({"freeze": true, "fail_closed": true, "zone_id": zone, "reason": "recovered"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{state}");
+    // Releasing what is already off changes nothing and still answers the state.
+    let (status, _, _) = post("/v1/incident/release", release_token("again")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, refused) = post(
+        "/v1/incident/release",
+        json!({"freeze": true, "zone_id": zone, "reason": "x"}),
+    )
+    .await;
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_body")),
+        "a zone goes only with fail_closed"
+    );
+    let (_, _, state) = call(&fixture.world.api, "GET", "/v1/incident/containment", w, "").await;
+    assert_eq!(state["switches"], json!([]));
+    assert_eq!(fixture.get("/entries").await.status, StatusCode::OK);
+    let outbox = fixture.world.shared.store.outbox_stats().await.unwrap();
+    assert!(outbox.pending > 0);
+    let events: Vec<Value> = fixture
+        .world
+        .shared
+        .store
+        .claim_outbox("test", 1000, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|row| serde_json::from_str(row.fields.get("data")?).ok())
+        .collect();
+    let reasons: Vec<&str> = events
+        .iter()
+        .filter(|event| {
+            event["event_type"]
+                .as_str()
+                .is_some_and(|kind| kind.starts_with("admin.incident."))
+        })
+        .filter_map(|event| event["metadata_json"]["reason"].as_str())
+        .collect();
+    assert!(
+        reasons.contains(&"tamper drill")
+            && reasons.contains(&"exposure")
+            && reasons.contains(&"recovered"),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_operator_terminates_a_session_and_the_gateway_refuses_its_mandates() {
+    let fixture = fixture().await;
+    let token = fixture.mint().await;
+    let (status, _, ended) = call(
+        &fixture.world.api,
+        "POST",
+        &format!(
+            "/v1/zones/{}/sessions/g-target/terminate",
+            fixture.world.zone_id
+        ),
+        Some(&fixture.world.writer),
+        &json!({"reason": "compromised agent"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{ended}");
+    assert_eq!(ended["terminated_sessions"], json!(["g-target"]));
+    assert_eq!(ended["revoked_edges"], json!(["g-edge"]));
+    fixture
+        .gateway
+        .revocations
+        .reload(fixture.world.shared.store.as_ref())
+        .await
+        .unwrap();
+    let answer = fixture
+        .send(
+            fixture
+                .request("GET", "/entries", &token)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        answer.refused(),
+        (StatusCode::UNAUTHORIZED, "invalid_token", "session revoked")
+    );
+    let (status, _, missing) = call(
+        &fixture.world.api,
+        "POST",
+        &format!(
+            "/v1/zones/{}/sessions/nope/terminate",
+            fixture.world.zone_id
+        ),
+        Some(&fixture.world.writer),
+        &json!({"reason": "x"}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, missing["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+}

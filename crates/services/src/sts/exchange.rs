@@ -229,6 +229,12 @@ async fn exchange(
     }
     let received = read_form(request).await?;
     let ask = ask(&received.form)?;
+    if state.shared.containment.fail_closed(&ask.zone_id) {
+        let mut contained =
+            TokenError::unavailable("an incident containment refuses protected traffic");
+        contained.code = "contained";
+        return Err(contained);
+    }
     if super::gateway::is_gateway_call(&received.parts.headers) {
         *class = "gateway";
         super::gateway::authenticate(state, sts, request_id, &received).await?;

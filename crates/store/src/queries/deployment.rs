@@ -3,7 +3,9 @@
 use caracal_crypto::TokenDigest;
 
 use crate::db::{Db, Row, Statement, params};
-use crate::model::{AdminTokenRecord, KekRecord, NewAdminToken, OutboxMessage, TokenScope};
+use crate::model::{
+    AdminTokenRecord, Containment, KekRecord, NewAdminToken, OutboxMessage, TokenScope,
+};
 use crate::store::{StoreError, not_found, now_ms, with_outbox};
 
 #[async_trait::async_trait]
@@ -12,6 +14,22 @@ pub trait Deployment: Send + Sync {
     async fn ping(&self) -> Result<(), StoreError>;
     /// The share of pooled connections in use (PostgreSQL); `None` without a pool.
     fn pool_usage(&self) -> Option<f64>;
+
+    /// The containment switches in force.
+    async fn list_containment(&self) -> Result<Vec<Containment>, StoreError>;
+    /// Turns a switch on (or renews its reason) with `outbox` in the same transaction.
+    async fn set_containment(
+        &self,
+        containment: &Containment,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+    /// Turns a switch off; one that was off is [`StoreError::NotFound`].
+    async fn clear_containment(
+        &self,
+        kind: &str,
+        zone_id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
 
     async fn deployment_kek(&self) -> Result<Option<KekRecord>, StoreError>;
     /// Records the deployment's KEK; a second record is a [`StoreError::Conflict`].
@@ -62,6 +80,59 @@ impl<D: Db> Deployment for D {
 
     fn pool_usage(&self) -> Option<f64> {
         self.pool_in_use_ratio()
+    }
+
+    async fn list_containment(&self) -> Result<Vec<Containment>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT kind, zone_id, reason, actor, since_ms FROM containment ORDER BY kind, zone_id",
+                params![],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Containment {
+                    kind: row.text(0)?,
+                    zone_id: row.text(1)?,
+                    reason: row.text(2)?,
+                    actor: row.text(3)?,
+                    since_ms: row.int(4)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn set_containment(
+        &self,
+        c: &Containment,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let upsert = Statement::new(
+            "INSERT INTO containment (kind, zone_id, reason, actor, since_ms) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (kind, zone_id) DO UPDATE SET reason = excluded.reason, actor = excluded.actor",
+            params![
+                c.kind.as_str(),
+                c.zone_id.as_str(),
+                c.reason.as_str(),
+                c.actor.as_str(),
+                c.since_ms,
+            ],
+        );
+        self.atomic(with_outbox(upsert, outbox)).await.map(|_| ())
+    }
+
+    async fn clear_containment(
+        &self,
+        kind: &str,
+        zone_id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let delete = Statement::new(
+            "DELETE FROM containment WHERE kind = $1 AND zone_id = $2",
+            params![kind, zone_id],
+        )
+        .must_change(not_found);
+        self.atomic(with_outbox(delete, outbox)).await.map(|_| ())
     }
 
     async fn deployment_kek(&self) -> Result<Option<KekRecord>, StoreError> {

@@ -1,0 +1,154 @@
+//! `caracal incident` against a running `caracal up`: a freeze refuses changes and is shown
+//! by `status`, release lifts it, and the timeline shows what was recorded, oldest first.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "a test that cannot proceed should stop loudly"
+)]
+
+mod util;
+
+use std::time::{Duration, Instant};
+
+use util::{Running, caracal, free_ports, fresh_home, request, wait_ready};
+
+fn text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn contain_freeze_status_release_and_the_timeline_of_a_zone() {
+    let (_parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(&home, &args);
+    let api = running.address("api");
+    assert_eq!(wait_ready(api).status, 200);
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let bearer = format!("Bearer {}", token.trim());
+    let auth = [("authorization", bearer.as_str())];
+    let zone = request(api, "POST", "/v1/zones", &auth, r#"{"name":"drill"}"#);
+    assert_eq!(zone.status, 201, "{}", zone.body);
+    let zone_id = serde_json::from_str::<serde_json::Value>(&zone.body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let contained = caracal(&home)
+        .args([
+            "incident",
+            "contain",
+            "--freeze",
+            "--reason",
+            "tamper drill",
+        ])
+        .output()
+        .unwrap();
+    assert!(contained.status.success(), "{}", text(&contained));
+    let status = caracal(&home)
+        .args(["incident", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        status.status.code(),
+        Some(1),
+        "containment in force: {}",
+        text(&status)
+    );
+    assert!(
+        text(&status).contains("freeze (deployment)"),
+        "{}",
+        text(&status)
+    );
+    let provider = request(
+        api,
+        "POST",
+        &format!("/v1/zones/{zone_id}/providers"),
+        &auth,
+        r#"{"name":"p","identifier":"provider://p","kind":"none"}"#,
+    );
+    assert_eq!(provider.status, 423, "{}", provider.body);
+    assert!(provider.body.contains("change_freeze"));
+
+    let missing_zone = caracal(&home)
+        .args([
+            "incident",
+            "contain",
+            "--revoke-session",
+            "s",
+            "--reason",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(missing_zone.status.code(), Some(1));
+    assert!(
+        text(&missing_zone).contains("--zone is required"),
+        "{}",
+        text(&missing_zone)
+    );
+
+    let released = caracal(&home)
+        .args(["incident", "release", "--freeze", "--reason", "drill over"])
+        .output()
+        .unwrap();
+    assert!(released.status.success(), "{}", text(&released));
+    let status = caracal(&home)
+        .args(["incident", "status"])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", text(&status));
+    let provider = request(
+        api,
+        "POST",
+        &format!("/v1/zones/{zone_id}/providers"),
+        &auth,
+        r#"{"name":"p","identifier":"provider://p","kind":"none"}"#,
+    );
+    assert_eq!(provider.status, 201, "{}", provider.body);
+
+    // The zone's changes reach the ledger (outbox → stream → Audit role); the timeline lists
+    // them oldest first.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let lines = loop {
+        let timeline = caracal(&home)
+            .args(["incident", "timeline", "--zone", &zone_id, "--json"])
+            .output()
+            .unwrap();
+        assert!(timeline.status.success(), "{}", text(&timeline));
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&timeline.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        if lines
+            .iter()
+            .any(|event| event["event_type"] == "admin.provider.create")
+            || Instant::now() > deadline
+        {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let types: Vec<&str> = lines
+        .iter()
+        .map(|event| event["event_type"].as_str().unwrap())
+        .collect();
+    assert!(types.contains(&"admin.provider.create"), "{types:?}");
+    let times: Vec<i64> = lines
+        .iter()
+        .map(|event| event["occurred_at_ms"].as_i64().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|pair| pair[0] <= pair[1]),
+        "oldest first"
+    );
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+}
