@@ -307,6 +307,33 @@ pub enum IncidentCommand {
         #[arg(long, value_name = "PATH")]
         token_file: Option<std::path::PathBuf>,
     },
+    /// Check recovery: every role ready, backlogs drained, revocation and policy fresh, no
+    /// containment left, and with `--zone`/`--app`/`--secret-file` canary exchanges (the
+    /// right secret allowed, a wrong one denied), `--old-secret-file` refused, `--old-kid`
+    /// gone from the JWKS. Each check prints its evidence; exit 0 only if all pass.
+    Validate {
+        #[arg(long)]
+        zone: Option<String>,
+        /// An application of `--zone` for the canary exchanges
+        #[arg(long, value_name = "ID")]
+        app: Option<String>,
+        /// A file holding that application's current client secret
+        #[arg(long, value_name = "PATH")]
+        secret_file: Option<std::path::PathBuf>,
+        /// The resource of the canary exchanges
+        #[arg(long, value_name = "ID")]
+        resource: Option<String>,
+        /// A file holding an exposed, rotated-away client secret that must no longer work
+        #[arg(long, value_name = "PATH")]
+        old_secret_file: Option<std::path::PathBuf>,
+        /// A rotated-away signing key id that must no longer be published for `--zone`
+        #[arg(long, value_name = "KID")]
+        old_kid: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<std::path::PathBuf>,
+    },
     /// Show the containment switches in force (exit 1 if any is)
     Status {
         #[arg(long, value_name = "PATH")]

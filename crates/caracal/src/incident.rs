@@ -7,10 +7,32 @@ use serde_json::{Value, json};
 
 use crate::admin_http;
 use crate::cli::IncidentCommand;
+use crate::config::Resolved;
 
 /// Runs an incident command; `Ok(false)` means "ran, but the answer is no" (exit 1).
-pub async fn run(settings: &Settings, command: &IncidentCommand) -> anyhow::Result<bool> {
+pub async fn run(resolved: &Resolved, command: &IncidentCommand) -> anyhow::Result<bool> {
+    let settings = &resolved.settings;
     match command {
+        IncidentCommand::Validate {
+            zone,
+            app,
+            secret_file,
+            resource,
+            old_secret_file,
+            old_kid,
+            json,
+            token_file,
+        } => {
+            let canary = Canary {
+                zone: zone.clone(),
+                app: app.clone(),
+                secret: read_secret(secret_file.as_deref())?,
+                resource: resource.clone(),
+                old_secret: read_secret(old_secret_file.as_deref())?,
+                old_kid: old_kid.clone(),
+            };
+            validate(resolved, &canary, *json, token_file.as_deref()).await
+        }
         IncidentCommand::Contain {
             freeze,
             fail_closed,
@@ -250,4 +272,282 @@ async fn timeline(
         eprintln!("{} event(s) in zone `{zone}`", rows.len());
     }
     Ok(true)
+}
+
+fn read_secret(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    path.map(|path| {
+        std::fs::read_to_string(path)
+            .map(|text| text.trim().to_owned())
+            .with_context(|| format!("secret file {}", path.display()))
+    })
+    .transpose()
+}
+
+/// What `validate` proves with real exchanges, when given.
+struct Canary {
+    zone: Option<String>,
+    app: Option<String>,
+    secret: Option<String>,
+    resource: Option<String>,
+    old_secret: Option<String>,
+    old_kid: Option<String>,
+}
+
+/// One recovery check and what it saw.
+#[derive(serde::Serialize)]
+struct Check {
+    name: String,
+    ok: bool,
+    evidence: String,
+}
+
+/// Sample values of a `/metrics` text, summed over label sets, by metric name.
+fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut values = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|line| !line.starts_with('#')) {
+        let Some((name_part, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let name = name_part.split('{').next().unwrap_or_default();
+        if let Ok(value) = value.parse::<f64>() {
+            *values.entry(name.to_owned()).or_insert(0.0) += value;
+        }
+    }
+    values
+}
+
+async fn validate(
+    resolved: &Resolved,
+    canary: &Canary,
+    as_json: bool,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<bool> {
+    use hyper_util::client::legacy::Client;
+    let settings = &resolved.settings;
+    let client: crate::status::HttpClient =
+        Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let mut checks = Vec::new();
+    let mut metrics = std::collections::BTreeMap::new();
+    let targets = crate::status::targets(resolved, &[]);
+    for (role, address) in &targets {
+        let status = crate::status::probe(&client, *role, *address).await;
+        checks.push(Check {
+            name: format!("{role} ready"),
+            ok: status.ready,
+            evidence: status
+                .reason
+                .unwrap_or_else(|| format!("ready at {address}")),
+        });
+        if let Ok((200, body)) = crate::status::get(&client, *address, "/metrics").await {
+            metrics.extend(samples(&String::from_utf8_lossy(&body)));
+        }
+    }
+    let mut bound = |name: &str, metric: &str, limit: f64| {
+        if let Some(value) = metrics.get(metric) {
+            checks.push(Check {
+                name: name.to_owned(),
+                ok: *value <= limit,
+                evidence: format!("{metric} = {value} (at most {limit})"),
+            });
+        }
+    };
+    bound("outbox dead rows", "caracal_outbox_dead_rows", 0.0);
+    bound(
+        "outbox draining",
+        "caracal_outbox_pending_oldest_seconds",
+        300.0,
+    );
+    bound("audit DLQ drained", "caracal_audit_dlq_size", 0.0);
+    bound(
+        "audit ingestion caught up",
+        "caracal_audit_consumer_lag",
+        1000.0,
+    );
+    bound(
+        "gateway revocation view fresh",
+        "caracal_gateway_revocation_snapshot_age_seconds",
+        70.0,
+    );
+    bound(
+        "gateway STS circuit closed",
+        "caracal_gateway_sts_circuit_state",
+        0.0,
+    );
+    bound(
+        "STS policy bundles fresh",
+        "caracal_sts_policy_bundle_age_seconds",
+        300.0,
+    );
+    for (name, value) in metrics.iter().filter(|(name, _)| {
+        name.ends_with("_audit_replay_files") || name.ends_with("_audit_evidence_lost_total")
+    }) {
+        checks.push(Check {
+            name: format!("{name} is 0"),
+            ok: *value == 0.0,
+            evidence: format!("{name} = {value}"),
+        });
+    }
+    match admin_http::get(settings, token_file, "/v1/incident/containment").await {
+        Ok((status, answer)) if status.is_success() => {
+            let switches = answer
+                .get("switches")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            checks.push(Check {
+                name: "no containment left in force".to_owned(),
+                ok: switches == 0,
+                evidence: format!("{switches} switch(es) in force"),
+            });
+        }
+        Ok((status, answer)) => checks.push(Check {
+            name: "no containment left in force".to_owned(),
+            ok: false,
+            evidence: format!(
+                "refused ({}): {}",
+                status.as_u16(),
+                admin_http::error_code(&answer)
+            ),
+        }),
+        Err(error) => checks.push(Check {
+            name: "no containment left in force".to_owned(),
+            ok: false,
+            evidence: format!("{error:#}"),
+        }),
+    }
+    let sts = targets
+        .iter()
+        .find(|(role, _)| *role == caracal_core::Role::Sts)
+        .map(|(_, address)| *address);
+    if let (Some(zone), Some(sts)) = (canary.zone.as_deref(), sts) {
+        canary_checks(&mut checks, canary, zone, sts).await;
+    }
+    let ok = checks.iter().all(|check| check.ok);
+    if as_json {
+        println!("{}", json!({ "ok": ok, "checks": checks }));
+    } else {
+        for check in &checks {
+            println!(
+                "{} {:<40} {}",
+                if check.ok { "PASS" } else { "FAIL" },
+                check.name,
+                check.evidence
+            );
+        }
+        println!(
+            "{}",
+            if ok {
+                "recovered: every check passes"
+            } else {
+                "not recovered"
+            }
+        );
+    }
+    Ok(ok)
+}
+
+/// Bootstrap exchanges at the STS: the current secret allowed, a wrong one and an exposed old
+/// one denied; an old signing key no longer published.
+async fn canary_checks(
+    checks: &mut Vec<Check>,
+    canary: &Canary,
+    zone: &str,
+    sts: std::net::SocketAddr,
+) {
+    let exchange = |secret: String| {
+        let form = serde_urlencoded::to_string([
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("zone_id", zone),
+            ("application_id", canary.app.as_deref().unwrap_or_default()),
+            ("client_secret", secret.as_str()),
+            ("scope", "agent:lifecycle"),
+            ("resource", canary.resource.as_deref().unwrap_or_default()),
+        ])
+        .unwrap_or_default();
+        async move { post_form(sts, "/oauth/2/token", form).await }
+    };
+    let describe = |result: &anyhow::Result<(u16, Value)>| match result {
+        Ok((status, body)) => format!(
+            "{status} {}",
+            body.get("error").and_then(Value::as_str).unwrap_or("ok")
+        ),
+        Err(error) => format!("{error:#}"),
+    };
+    if let (Some(_), Some(secret), Some(_)) = (&canary.app, &canary.secret, &canary.resource) {
+        let allowed = exchange(secret.clone()).await;
+        checks.push(Check {
+            name: "canary exchange allowed".to_owned(),
+            ok: matches!(allowed, Ok((200, _))),
+            evidence: describe(&allowed),
+        });
+        let denied = exchange(format!("{secret}-wrong")).await;
+        checks.push(Check {
+            name: "canary exchange with a wrong secret denied".to_owned(),
+            ok: matches!(denied, Ok((401, _))),
+            evidence: describe(&denied),
+        });
+    }
+    if let (Some(_), Some(old), Some(_)) = (&canary.app, &canary.old_secret, &canary.resource) {
+        let refused = exchange(old.clone()).await;
+        checks.push(Check {
+            name: "exposed secret no longer authenticates".to_owned(),
+            ok: matches!(refused, Ok((401, _))),
+            evidence: describe(&refused),
+        });
+    }
+    if let Some(kid) = &canary.old_kid {
+        let jwks = get_json(sts, &format!("/.well-known/jwks.json?zone_id={zone}")).await;
+        let published = jwks.as_ref().ok().is_some_and(|keys| {
+            keys.get("keys")
+                .and_then(Value::as_array)
+                .is_some_and(|keys| {
+                    keys.iter()
+                        .any(|key| key.get("kid").and_then(Value::as_str) == Some(kid))
+                })
+        });
+        checks.push(Check {
+            name: "rotated signing key no longer published".to_owned(),
+            ok: jwks.is_ok() && !published,
+            evidence: match &jwks {
+                Ok(_) if published => format!("`{kid}` is still in the JWKS"),
+                Ok(_) => format!("`{kid}` is not in the JWKS"),
+                Err(error) => format!("{error:#}"),
+            },
+        });
+    }
+}
+
+async fn post_form(
+    address: std::net::SocketAddr,
+    path: &str,
+    form: String,
+) -> anyhow::Result<(u16, Value)> {
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::body::Bytes;
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let request = hyper::Request::post(format!("http://{address}{path}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(form)))?;
+    let response =
+        tokio::time::timeout(std::time::Duration::from_secs(10), client.request(request))
+            .await
+            .context("the STS did not answer in 10 s")??;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, serde_json::from_slice(&body).unwrap_or_default()))
+}
+
+async fn get_json(address: std::net::SocketAddr, path: &str) -> anyhow::Result<Value> {
+    use hyper_util::client::legacy::Client;
+    let client: crate::status::HttpClient =
+        Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    match crate::status::get(&client, address, path).await {
+        Ok((200, body)) => Ok(serde_json::from_slice(&body)?),
+        Ok((status, _)) => bail!("{path} answered {status}"),
+        Err(reason) => bail!("{path}: {reason}"),
+    }
 }

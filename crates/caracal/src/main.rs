@@ -61,7 +61,7 @@ fn main() -> ExitCode {
             }
         }),
         Command::Incident { command } => runtime(|| async {
-            match incident::run(&resolved.settings, &command).await {
+            match incident::run(&resolved, &command).await {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(EXIT_FAILURE),
                 Err(error) => {

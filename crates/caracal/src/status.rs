@@ -21,14 +21,14 @@ const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Serialize)]
 pub struct RoleStatus {
-    role: String,
-    address: SocketAddr,
-    live: bool,
-    ready: bool,
-    reason: Option<String>,
+    pub role: String,
+    pub address: SocketAddr,
+    pub live: bool,
+    pub ready: bool,
+    pub reason: Option<String>,
 }
 
-type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+pub(crate) type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
 /// Probes the roles and prints the report; returns whether every probed role is ready.
 pub async fn run(resolved: &Resolved, args: &StatusArgs) -> bool {
@@ -72,7 +72,7 @@ fn reachable(bind: IpAddr) -> IpAddr {
 
 /// The roles to probe: those the running process wrote to its run file (their ports may have
 /// been picked by the OS), else every role at its configured address.
-fn targets(resolved: &Resolved, wanted: &[Role]) -> Vec<(Role, SocketAddr)> {
+pub(crate) fn targets(resolved: &Resolved, wanted: &[Role]) -> Vec<(Role, SocketAddr)> {
     let settings = &resolved.settings;
     let running: Vec<(Role, SocketAddr)> = std::fs::read_to_string(settings.home.join(RUN_FILE))
         .ok()
@@ -124,7 +124,7 @@ async fn probe_all(client: &HttpClient, targets: &[(Role, SocketAddr)]) -> Vec<R
     statuses
 }
 
-async fn probe(client: &HttpClient, role: Role, address: SocketAddr) -> RoleStatus {
+pub(crate) async fn probe(client: &HttpClient, role: Role, address: SocketAddr) -> RoleStatus {
     let live = matches!(get(client, address, "/health").await, Ok((200, _)));
     let (ready, reason) = match get(client, address, "/ready").await {
         Ok((status, body)) => match serde_json::from_slice::<ReadyBody>(&body) {
@@ -142,7 +142,7 @@ async fn probe(client: &HttpClient, role: Role, address: SocketAddr) -> RoleStat
     }
 }
 
-async fn get(
+pub(crate) async fn get(
     client: &HttpClient,
     address: SocketAddr,
     path: &str,

@@ -105,6 +105,38 @@ fn contain_freeze_status_release_and_the_timeline_of_a_zone() {
         .output()
         .unwrap();
     assert!(status.status.success(), "{}", text(&status));
+    // Recovered: every role ready, nothing backed up, nothing contained; a key id that was
+    // never the zone's is not published.
+    let validated = caracal(&home)
+        .args([
+            "incident",
+            "validate",
+            "--zone",
+            &zone_id,
+            "--old-kid",
+            "exposed-kid",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(validated.status.success(), "{}", text(&validated));
+    let report: serde_json::Value = serde_json::from_slice(&validated.stdout).unwrap();
+    let names: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|check| check["name"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "gateway ready",
+        "audit DLQ drained",
+        "gateway revocation view fresh",
+        "STS policy bundles fresh",
+        "no containment left in force",
+        "rotated signing key no longer published",
+    ] {
+        assert!(names.contains(&expected), "{expected} missing: {names:?}");
+    }
     let provider = request(
         api,
         "POST",

@@ -315,7 +315,8 @@ impl Stack {
                     replica,
                     &mut servers,
                     &stop_receiver,
-                )?;
+                )
+                .await?;
             }
             if role == Role::Coordinator {
                 let coordinator =
@@ -454,7 +455,7 @@ impl Stack {
 
     /// The Gateway's state and background work: its revocation view (snapshot loop and stream
     /// consumer), its key cache following rotations, and its gauges.
-    fn start_gateway(
+    async fn start_gateway(
         &self,
         state: &mut RoleState,
         in_process_sts: Option<Arc<dyn crate::gateway_sts::InProcessExchange>>,
@@ -479,6 +480,11 @@ impl Stack {
         let gateway = Arc::new(
             Gateway::new(config, exchanger, Arc::clone(&metrics)).map_err(StartError::Gateway)?,
         );
+        // The first snapshot before serving: the Gateway is fresh from its first request (a
+        // failure leaves it stale, refusing, until the loop's next attempt succeeds).
+        if let Err(error) = gateway.revocations.reload(self.shared.store.as_ref()).await {
+            tracing::warn!(%error, "the first revocation snapshot failed; the Gateway refuses until one loads");
+        }
         servers.spawn(revocation::keep_confirmed(
             Arc::clone(&gateway.revocations),
             Arc::clone(&self.shared.store),

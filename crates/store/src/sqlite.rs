@@ -509,6 +509,9 @@ mod tests {
                      DROP INDEX outbox_dedupe; DROP TABLE policy_loads;
                      ALTER TABLE approval_holds DROP COLUMN consumed_record_id;
                      DROP INDEX delegation_edges_parent;
+                     DROP INDEX authority_records_status_expiry; DROP INDEX authority_records_expiry;
+                     DROP INDEX sessions_status_ended; DROP INDEX sessions_authority_record;
+                     DROP INDEX delegation_edges_status_revoked; DROP TABLE containment;
                      DELETE FROM schema_migrations WHERE version >= 2;",
                 )
             })

@@ -1866,7 +1866,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 11
+                supported: 13
             }
         ),
         "{error}"
@@ -1882,7 +1882,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
     let versions: Vec<i64> = rows.iter().map(|row| row.int(0).unwrap()).collect();
     assert_eq!(
         versions,
-        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 999],
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 999],
         "the refused start wrote nothing"
     );
     drop_schema(&schema).await;
@@ -2244,6 +2244,9 @@ async fn sqlite_hex_hashes_of_an_earlier_release_become_bytes() {
         .change("DROP INDEX delegation_edges_parent", vec![])
         .await
         .unwrap();
+    for undo in LATER_MIGRATIONS {
+        store.change(undo, vec![]).await.unwrap();
+    }
     store
         .change("ALTER TABLE zones DROP COLUMN archived_at_ms", vec![])
         .await
@@ -2282,7 +2285,10 @@ async fn postgres_hex_hashes_of_an_earlier_release_become_bytes() {
         "ALTER TABLE approval_holds DROP COLUMN consumed_record_id",
         "DROP INDEX delegation_edges_parent",
         "ALTER TABLE zones DROP COLUMN archived_at_ms",
-    ] {
+    ]
+    .into_iter()
+    .chain(LATER_MIGRATIONS)
+    {
         backend.db.change(undo, vec![]).await.unwrap();
     }
     let options = PgOptions {
@@ -2640,3 +2646,13 @@ async fn retention_deletes_only_what_ended_long_enough_ago(backend: &Backend) {
     );
     assert_eq!(store.purge_ended_runtime(later, 100).await.unwrap(), 0);
 }
+
+/// Undoes the migrations after 11 (runtime retention indexes, containment).
+const LATER_MIGRATIONS: [&str; 6] = [
+    "DROP INDEX authority_records_status_expiry",
+    "DROP INDEX authority_records_expiry",
+    "DROP INDEX sessions_status_ended",
+    "DROP INDEX sessions_authority_record",
+    "DROP INDEX delegation_edges_status_revoked",
+    "DROP TABLE containment",
+];
