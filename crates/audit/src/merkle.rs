@@ -285,6 +285,34 @@ impl CheckpointSigner {
     }
 }
 
+/// What an evidence manifest's signature covers: a domain tag, so a manifest signature can
+/// never pass for a checkpoint signature or the reverse, then the manifest's SHA-256.
+fn manifest_bytes(digest: &[u8; 32]) -> Vec<u8> {
+    let mut bytes = b"caracal-evidence-manifest-v1\n".to_vec();
+    bytes.extend_from_slice(digest);
+    bytes
+}
+
+impl CheckpointSigner {
+    /// Signs an evidence bundle's manifest (by its SHA-256); the signature in hex.
+    pub fn sign_manifest(&self, digest: &[u8; 32]) -> String {
+        hex(self.pair.sign(&manifest_bytes(digest)).as_ref())
+    }
+}
+
+/// Checks an evidence manifest's signature with the published public key (hex).
+pub fn verify_manifest(
+    digest: &[u8; 32],
+    signature_hex: &str,
+    public_key_hex: &str,
+) -> Result<(), CheckpointError> {
+    let public_key = caracal_crypto::unhex(public_key_hex).ok_or(CheckpointError::BadKey)?;
+    let signature = caracal_crypto::unhex(signature_hex).ok_or(CheckpointError::Malformed)?;
+    aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, public_key)
+        .verify(&manifest_bytes(digest), &signature)
+        .map_err(|_| CheckpointError::BadSignature)
+}
+
 /// Checks a checkpoint's signature with the published public key (hex); returns its root.
 pub fn verify_checkpoint(
     checkpoint: &Checkpoint,
@@ -317,6 +345,28 @@ mod tests {
         (0..n)
             .map(|i| leaf_hash(&sha256(&i.to_be_bytes())))
             .collect()
+    }
+
+    #[test]
+    fn a_manifest_signature_verifies_only_for_its_digest_and_key_and_never_as_a_checkpoint() {
+        let (signer, _) = CheckpointSigner::generate("k").unwrap();
+        let (other, _) = CheckpointSigner::generate("o").unwrap();
+        let digest = sha256(b"manifest");
+        let signature = signer.sign_manifest(&digest);
+        assert_eq!(
+            verify_manifest(&digest, &signature, &signer.public_key_hex()),
+            Ok(())
+        );
+        assert_eq!(
+            verify_manifest(&sha256(b"other"), &signature, &signer.public_key_hex()),
+            Err(CheckpointError::BadSignature)
+        );
+        assert_eq!(
+            verify_manifest(&digest, &signature, &other.public_key_hex()),
+            Err(CheckpointError::BadSignature)
+        );
+        let checkpoint = signer.sign("z", 1, &digest, 0);
+        assert!(verify_manifest(&digest, &checkpoint.signature, &signer.public_key_hex()).is_err());
     }
 
     #[test]

@@ -334,6 +334,23 @@ pub enum IncidentCommand {
         #[arg(long, value_name = "PATH")]
         token_file: Option<std::path::PathBuf>,
     },
+    /// Write one evidence bundle to DIR: every zone's audit export with its verification,
+    /// stream state and dead letters, a database snapshot, the effective configuration and its
+    /// difference from the defaults, containment, every role's metrics, and a manifest signed
+    /// with the deployment key
+    Preserve {
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
+    /// Check an evidence bundle: the manifest's signature and every file's hash
+    VerifyBundle {
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
+        /// The deployment key (hex) to check with [default: the key the manifest names, if
+        /// this deployment published it]
+        #[arg(long, value_name = "HEX")]
+        public_key: Option<String>,
+    },
     /// Show the containment switches in force (exit 1 if any is)
     Status {
         #[arg(long, value_name = "PATH")]

@@ -13,6 +13,10 @@ use crate::config::Resolved;
 pub async fn run(resolved: &Resolved, command: &IncidentCommand) -> anyhow::Result<bool> {
     let settings = &resolved.settings;
     match command {
+        IncidentCommand::Preserve { out } => crate::preserve::preserve(resolved, out).await,
+        IncidentCommand::VerifyBundle { dir, public_key } => {
+            crate::preserve::verify_bundle(resolved, dir, public_key.as_deref()).await
+        }
         IncidentCommand::Validate {
             zone,
             app,

@@ -11,6 +11,7 @@ mod cli;
 mod config;
 mod incident;
 mod logging;
+mod preserve;
 mod status;
 
 use std::process::ExitCode;

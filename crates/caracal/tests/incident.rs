@@ -181,6 +181,56 @@ fn contain_freeze_status_release_and_the_timeline_of_a_zone() {
         times.windows(2).all(|pair| pair[0] <= pair[1]),
         "oldest first"
     );
+
+    // One evidence bundle, signed; any change to it is found.
+    let bundle = home.parent().unwrap().join("evidence");
+    let preserved = caracal(&home)
+        .args(["incident", "preserve", "--out"])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(preserved.status.success(), "{}", text(&preserved));
+    for file in [
+        "manifest.json",
+        "manifest.sig",
+        "streams.json",
+        "database.sqlite",
+        "config.json",
+        "config-diff.json",
+        "containment.json",
+        "audit/verification.json",
+        "metrics/gateway.prom",
+    ] {
+        assert!(bundle.join(file).exists(), "{file} missing from the bundle");
+    }
+    let verify = |expect: i32, needle: &str| {
+        let verified = caracal(&home)
+            .args(["incident", "verify-bundle"])
+            .arg(&bundle)
+            .output()
+            .unwrap();
+        assert_eq!(verified.status.code(), Some(expect), "{}", text(&verified));
+        assert!(text(&verified).contains(needle), "{}", text(&verified));
+    };
+    verify(0, "files match the signed manifest");
+    let config = bundle.join("config.json");
+    let original = std::fs::read(&config).unwrap();
+    let mut changed = original.clone();
+    changed.push(b' ');
+    std::fs::write(&config, &changed).unwrap();
+    verify(1, "config.json was changed");
+    std::fs::write(&config, &original).unwrap();
+    std::fs::write(bundle.join("extra.txt"), "planted").unwrap();
+    verify(1, "extra.txt is not in the manifest");
+    std::fs::remove_file(bundle.join("extra.txt")).unwrap();
+    let manifest = bundle.join("manifest.json");
+    let manifest_text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        manifest_text.replace("\"complete\": true", "\"complete\": false"),
+    )
+    .unwrap();
+    verify(1, "signature does not verify");
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }
