@@ -4,7 +4,8 @@
 //! The bundle: every zone's audit export with its verification result, every stream's length,
 //! groups, lag and pending entries, the dead-letter entries, a database snapshot (SQLite
 //! `VACUUM INTO`, or `pg_dump`), the effective configuration and its difference from the
-//! defaults, the containment switches, every role's metrics; then `manifest.json` (SHA-256 and
+//! defaults, the containment switches, the running process's recent log lines, every role's
+//! metrics; then `manifest.json` (SHA-256 and
 //! size of each file) and `manifest.sig`, the deployment key's signature over the manifest.
 
 use std::collections::BTreeMap;
@@ -141,6 +142,40 @@ pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<bool> {
         .map(|switch| json!({"kind": switch.kind, "zone_id": switch.zone_id, "reason": switch.reason, "actor": switch.actor, "since_ms": switch.since_ms}))
         .collect();
     write_json(out, "containment.json", &json!(containment))?;
+
+    // The recent log lines the running process keeps (all roles of an embedded stack).
+    match crate::admin_http::get(settings, None, "/v1/incident/logs").await {
+        Ok((status, answer)) if status.is_success() => {
+            let lines: Vec<String> = answer
+                .get("lines")
+                .and_then(Value::as_array)
+                .map(|lines| {
+                    lines
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .map(|line| format!("{line}\n"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            std::fs::write(out.join("logs.jsonl"), lines.concat())?;
+        }
+        Ok((status, answer)) => {
+            complete = false;
+            write_json(
+                out,
+                "logs-error.json",
+                &json!({"status": status.as_u16(), "answer": answer}),
+            )?;
+        }
+        Err(error) => {
+            complete = false;
+            write_json(
+                out,
+                "logs-error.json",
+                &json!({"error": format!("{error:#}")}),
+            )?;
+        }
+    }
 
     // Every running role's metrics.
     use hyper_util::client::legacy::Client;

@@ -200,6 +200,7 @@ fn contain_freeze_status_release_and_the_timeline_of_a_zone() {
         "containment.json",
         "audit/verification.json",
         "metrics/gateway.prom",
+        "logs.jsonl",
     ] {
         assert!(bundle.join(file).exists(), "{file} missing from the bundle");
     }
@@ -213,6 +214,8 @@ fn contain_freeze_status_release_and_the_timeline_of_a_zone() {
         assert!(text(&verified).contains(needle), "{}", text(&verified));
     };
     verify(0, "files match the signed manifest");
+    let logs = std::fs::read_to_string(bundle.join("logs.jsonl")).unwrap();
+    assert!(logs.lines().any(|line| line.contains("serving")), "{logs}");
     let config = bundle.join("config.json");
     let original = std::fs::read(&config).unwrap();
     let mut changed = original.clone();

@@ -28,6 +28,7 @@ pub mod policy;
 mod probes;
 pub mod propagation;
 pub mod provider_secrets;
+pub mod recent_logs;
 mod request_id;
 mod router;
 mod settings;

@@ -23,6 +23,7 @@ use crate::state::RoleState;
 pub fn routes() -> Router<RoleState> {
     Router::new()
         .route("/v1/incident/containment", get(status))
+        .route("/v1/incident/logs", get(logs))
         .route("/v1/incident/contain", post(contain))
         .route("/v1/incident/release", post(release))
         .route(
@@ -95,6 +96,17 @@ async fn status(
         .refresh(state.shared.store.as_ref())
         .await?;
     Ok(Json(body(&state)))
+}
+
+/// This process's recent log lines (JSON, oldest first): for the evidence bundle.
+async fn logs(
+    State(state): State<RoleState>,
+    headers: http::HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&state, &headers)
+        .await?
+        .require(Access::Read, None)?;
+    Ok(Json(json!({ "lines": crate::recent_logs::recent() })))
 }
 
 /// The switches a request names, as `(kind, zone)`; at least one.

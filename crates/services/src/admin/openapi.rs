@@ -72,6 +72,12 @@ pub const OPERATIONS: &[Operation] = &[
         "Incident containment switches in force",
     ),
     op(
+        "get",
+        "/v1/incident/logs",
+        "read",
+        "This process's recent log lines, oldest first",
+    ),
+    op(
         "post",
         "/v1/incident/contain",
         "write",
