@@ -280,6 +280,9 @@ pub enum IncidentCommand {
         /// End this session, its subtree and its delegations in `--zone`
         #[arg(long, value_name = "SESSION")]
         revoke_session: Option<String>,
+        /// Revoke everything issued to this application in `--zone`
+        #[arg(long, value_name = "APP")]
+        revoke_app: Option<String>,
         /// `last-known-good`: re-activate `--policy-set`'s last known good version in `--zone`
         #[arg(long, value_name = "WHICH")]
         policy: Option<String>,
@@ -292,6 +295,12 @@ pub enum IncidentCommand {
         /// Admin token file [default: $CARACAL_HOME/admin-token]
         #[arg(long, value_name = "PATH")]
         token_file: Option<std::path::PathBuf>,
+    },
+    /// Rotate exposed material; with `--invalidate-sessions` also revoke what was minted
+    /// under the old material
+    Rotate {
+        #[command(subcommand)]
+        what: RotateCommand,
     },
     /// Switch containment off (audited with the reason)
     Release {
@@ -379,6 +388,40 @@ pub enum IncidentCommand {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RotateCommand {
+    /// A zone's signing key (the old one keeps verifying for the overlap unless
+    /// `--invalidate-sessions` ends every session and revokes every authority record)
+    SigningKey {
+        #[arg(long)]
+        zone: String,
+        #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+        overlap_seconds: u64,
+        #[arg(long)]
+        invalidate_sessions: bool,
+        #[arg(long)]
+        reason: String,
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<std::path::PathBuf>,
+    },
+    /// An application's client secret (printed once); `--invalidate-sessions` also revokes
+    /// everything issued to the application
+    AppSecret {
+        #[arg(long)]
+        zone: String,
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        invalidate_sessions: bool,
+        #[arg(long)]
+        reason: String,
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<std::path::PathBuf>,
+    },
+    /// The audit chain MAC key (rows written before keep verifying with theirs)
+    ChainKey,
 }
 
 #[derive(Debug, Args)]

@@ -13,6 +13,7 @@ use crate::config::Resolved;
 pub async fn run(resolved: &Resolved, command: &IncidentCommand) -> anyhow::Result<bool> {
     let settings = &resolved.settings;
     match command {
+        IncidentCommand::Rotate { what } => rotate(settings, what).await,
         IncidentCommand::Preserve { out } => crate::preserve::preserve(resolved, out).await,
         IncidentCommand::VerifyBundle { dir, public_key } => {
             crate::preserve::verify_bundle(resolved, dir, public_key.as_deref()).await
@@ -43,17 +44,20 @@ pub async fn run(resolved: &Resolved, command: &IncidentCommand) -> anyhow::Resu
             zone,
             revoke_subject,
             revoke_session,
+            revoke_app,
             policy,
             policy_set,
             reason,
             token_file,
         } => {
             let token = token_file.as_deref();
-            let needs_zone =
-                revoke_subject.is_some() || revoke_session.is_some() || policy.is_some();
+            let needs_zone = revoke_subject.is_some()
+                || revoke_session.is_some()
+                || revoke_app.is_some()
+                || policy.is_some();
             let zone_of = || {
                 zone.as_deref().context(
-                    "--zone is required with --revoke-subject, --revoke-session and --policy",
+                    "--zone is required with --revoke-subject, --revoke-session, --revoke-app and --policy",
                 )
             };
             if needs_zone {
@@ -88,6 +92,13 @@ pub async fn run(resolved: &Resolved, command: &IncidentCommand) -> anyhow::Resu
                 let path = format!("/v1/zones/{}/sessions/{session}/terminate", zone_of()?);
                 ok &= report(
                     "session termination",
+                    admin_http::post(settings, token, &path, json!({ "reason": reason })).await?,
+                );
+            }
+            if let Some(app) = revoke_app {
+                let path = format!("/v1/zones/{}/applications/{app}/revoke", zone_of()?);
+                ok &= report(
+                    "application revocation",
                     admin_http::post(settings, token, &path, json!({ "reason": reason })).await?,
                 );
             }
@@ -553,5 +564,67 @@ async fn get_json(address: std::net::SocketAddr, path: &str) -> anyhow::Result<V
         Ok((200, body)) => Ok(serde_json::from_slice(&body)?),
         Ok((status, _)) => bail!("{path} answered {status}"),
         Err(reason) => bail!("{path}: {reason}"),
+    }
+}
+
+async fn rotate(settings: &Settings, what: &crate::cli::RotateCommand) -> anyhow::Result<bool> {
+    use crate::cli::RotateCommand;
+    match what {
+        RotateCommand::SigningKey {
+            zone,
+            overlap_seconds,
+            invalidate_sessions,
+            reason,
+            token_file,
+        } => {
+            let token = token_file.as_deref();
+            let path = format!("/v1/zones/{zone}/signing-keys/rotate");
+            let body = json!({ "overlap_seconds": overlap_seconds, "reason": reason });
+            let mut ok = report(
+                "signing key rotation",
+                admin_http::post(settings, token, &path, body).await?,
+            );
+            if ok && *invalidate_sessions {
+                let path = format!("/v1/zones/{zone}/invalidate-sessions");
+                ok &= report(
+                    "sessions invalidated",
+                    admin_http::post(settings, token, &path, json!({ "reason": reason })).await?,
+                );
+            }
+            Ok(ok)
+        }
+        RotateCommand::AppSecret {
+            zone,
+            app,
+            invalidate_sessions,
+            reason,
+            token_file,
+        } => {
+            let token = token_file.as_deref();
+            let path = format!("/v1/zones/{zone}/applications/{app}/rotate-secret");
+            let (status, answer) = admin_http::post(settings, token, &path, json!({})).await?;
+            if !status.is_success() {
+                return Ok(report("secret rotation", (status, answer)));
+            }
+            println!("secret rotation: done; the new client secret (shown once):");
+            println!(
+                "{}",
+                answer
+                    .get("client_secret")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+            );
+            if *invalidate_sessions {
+                let path = format!("/v1/zones/{zone}/applications/{app}/revoke");
+                return Ok(report(
+                    "application revocation",
+                    admin_http::post(settings, token, &path, json!({ "reason": reason })).await?,
+                ));
+            }
+            Ok(true)
+        }
+        RotateCommand::ChainKey => {
+            crate::audit::run(settings, &crate::cli::AuditCommand::RotateKey).await
+        }
     }
 }

@@ -237,3 +237,166 @@ fn contain_freeze_status_release_and_the_timeline_of_a_zone() {
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }
+
+fn json_of(response: &util::Response) -> serde_json::Value {
+    serde_json::from_str(&response.body).unwrap_or(serde_json::Value::Null)
+}
+
+/// The secret-exposure drill: canaries pass, the application's secret and the zone's signing
+/// key are rotated with everything minted under them revoked, and `validate` proves the old
+/// secret and the old key no longer work while the new secret does.
+#[test]
+fn secret_exposure_drill_rotates_and_proves_the_old_material_dead() {
+    let (parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(&home, &args);
+    let (api, sts) = (running.address("api"), running.address("sts"));
+    assert_eq!(wait_ready(api).status, 200);
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let bearer = format!("Bearer {}", token.trim());
+    let auth = [("authorization", bearer.as_str())];
+    let post = |path: &str, body: serde_json::Value| {
+        let response = request(api, "POST", path, &auth, &body.to_string());
+        assert!(
+            response.status < 300,
+            "{path}: {} {}",
+            response.status,
+            response.body
+        );
+        json_of(&response)
+    };
+    let zone = post("/v1/zones", serde_json::json!({"name": "exposure"}))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let base = format!("/v1/zones/{zone}");
+    let app = post(
+        &format!("{base}/applications"),
+        serde_json::json!({"name": "billing", "registration_method": "managed"}),
+    );
+    let (app_id, old_secret) = (
+        app["id"].as_str().unwrap().to_owned(),
+        app["client_secret"].as_str().unwrap().to_owned(),
+    );
+    let provider = post(
+        &format!("{base}/providers"),
+        serde_json::json!({"name": "none", "identifier": "provider://none", "kind": "none"}),
+    );
+    post(
+        &format!("{base}/resources"),
+        serde_json::json!({"name": "Ledger", "identifier": "resource://ledger", "scopes": ["ledger:read"],
+            "upstream_url": "http://127.0.0.1:9/api", "credential_provider_id": provider["id"]}),
+    );
+    let document = format!(
+        "# caracal:data-document\npackage caracal.authz\nimport rego.v1\napp_ids := {{\"billing\": \"{app_id}\"}}\ngrants := {{\"resource://ledger\": {{\"application\": \"billing\", \"roles\": {{\"{app_id}\": [\"ledger:read\"]}}}}}}\n"
+    );
+    let policy = post(
+        &format!("{base}/policies"),
+        serde_json::json!({"name": "grants", "content": document}),
+    );
+    let set = post(
+        &format!("{base}/policy-sets"),
+        serde_json::json!({"name": "main"}),
+    );
+    let sets = format!("{base}/policy-sets/{}", set["id"].as_str().unwrap());
+    let version = post(
+        &format!("{sets}/versions"),
+        serde_json::json!({"manifest": [{"policy_version_id": policy["version_id"]}]}),
+    );
+    let version_id = version["id"].as_str().unwrap().to_owned();
+    post(
+        &format!("{sets}/activate"),
+        serde_json::json!({"version_id": version_id}),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while json_of(&util::get(
+        api,
+        &format!("{sets}/activation-status?version_id={version_id}"),
+        &auth,
+    ))["propagation_status"]
+        != "loaded"
+    {
+        assert!(Instant::now() < deadline, "the STS never loaded the policy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let old_file = parent.path().join("old-secret");
+    std::fs::write(&old_file, &old_secret).unwrap();
+    let validate = |secret: &std::path::Path, extra: &[&str]| {
+        let mut command = caracal(&home);
+        command
+            .args([
+                "incident", "validate", "--json", "--zone", &zone, "--app", &app_id,
+            ])
+            .args(["--resource", "resource://ledger", "--secret-file"])
+            .arg(secret)
+            .args(extra);
+        command.output().unwrap()
+    };
+    let before = validate(&old_file, &[]);
+    assert!(before.status.success(), "{}", text(&before));
+
+    let jwks = json_of(&util::get(
+        sts,
+        &format!("/.well-known/jwks.json?zone_id={zone}"),
+        &[],
+    ));
+    let old_kid = jwks["keys"][0]["kid"].as_str().unwrap().to_owned();
+    let rotated = caracal(&home)
+        .args([
+            "incident",
+            "rotate",
+            "app-secret",
+            "--zone",
+            &zone,
+            "--app",
+            &app_id,
+        ])
+        .args(["--invalidate-sessions", "--reason", "secret exposure"])
+        .output()
+        .unwrap();
+    assert!(rotated.status.success(), "{}", text(&rotated));
+    let stdout = String::from_utf8_lossy(&rotated.stdout).into_owned();
+    let new_secret = stdout.lines().nth(1).unwrap().trim().to_owned();
+    assert_ne!(new_secret, old_secret);
+    let keys = caracal(&home)
+        .args(["incident", "rotate", "signing-key", "--zone", &zone])
+        .args(["--invalidate-sessions", "--reason", "key exposure"])
+        .output()
+        .unwrap();
+    assert!(keys.status.success(), "{}", text(&keys));
+    let new_file = parent.path().join("new-secret");
+    std::fs::write(&new_file, &new_secret).unwrap();
+    let old_path = old_file.display().to_string();
+    // The STS replica drops its cached keys when the rotation's message arrives.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let after = validate(
+            &new_file,
+            &["--old-secret-file", &old_path, "--old-kid", &old_kid],
+        );
+        if after.status.success() || Instant::now() > deadline {
+            break after;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(after.status.success(), "{}", text(&after));
+    let report: serde_json::Value = serde_json::from_slice(&after.stdout).unwrap();
+    let passed: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|check| check["ok"] == true)
+        .map(|check| check["name"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "canary exchange allowed",
+        "canary exchange with a wrong secret denied",
+        "exposed secret no longer authenticates",
+        "rotated signing key no longer published",
+    ] {
+        assert!(passed.contains(&expected), "{expected}: {report}");
+    }
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+}

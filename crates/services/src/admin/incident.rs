@@ -30,6 +30,14 @@ pub fn routes() -> Router<RoleState> {
             "/v1/zones/{zone_id}/sessions/{session_id}/terminate",
             post(terminate_session),
         )
+        .route(
+            "/v1/zones/{zone_id}/applications/{application_id}/revoke",
+            post(revoke_application),
+        )
+        .route(
+            "/v1/zones/{zone_id}/invalidate-sessions",
+            post(invalidate_zone),
+        )
 }
 
 #[derive(Debug, Deserialize)]
@@ -309,5 +317,162 @@ async fn terminate_session(
         "terminated_sessions": tree.sessions.iter().map(|(id, _)| id).collect::<Vec<_>>(),
         "revoked_edges": tree.edges.iter().map(|(id, _)| id).collect::<Vec<_>>(),
         "graph_epoch": tree.epoch,
+    })))
+}
+
+/// Terminates every live session of the zone (of `application_id` only, if given), with
+/// their subtrees and delegations; returns the ended sessions and revoked edges.
+async fn end_sessions(
+    state: &RoleState,
+    zone_id: &str,
+    application_id: Option<&str>,
+    reason: &str,
+) -> Result<(Vec<String>, Vec<String>), ApiError> {
+    let store = state.shared.store.as_ref();
+    let (mut sessions, mut edges) = (Vec::new(), Vec::new());
+    for session in store.list_sessions(zone_id).await? {
+        if !matches!(session.status.as_str(), "active" | "suspended")
+            || application_id.is_some_and(|app| session.application_id != app)
+        {
+            continue;
+        }
+        match store
+            .terminate_session_tree(
+                zone_id,
+                &session.id,
+                reason,
+                crate::propagation::revocations,
+            )
+            .await
+        {
+            Ok(tree) => {
+                sessions.extend(tree.sessions.into_iter().map(|(id, _)| id));
+                edges.extend(tree.edges.into_iter().map(|(id, _)| id));
+            }
+            // Already ended with an earlier session's subtree.
+            Err(
+                caracal_store::StoreError::NotFound(_) | caracal_store::StoreError::Conflict(_),
+            ) => {}
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Ok((sessions, edges))
+}
+
+async fn record_with_reason(
+    state: &RoleState,
+    caller: &AdminCaller,
+    request_id: Option<&RequestId>,
+    change: Change<'_>,
+    reason: &str,
+) -> Result<(), ApiError> {
+    let mut event = super::audit_event(caller, request_id, change);
+    if let Some(metadata) = event.metadata_json.as_object_mut() {
+        metadata.insert("reason".to_owned(), json!(reason));
+    }
+    super::record_now(state, event).await
+}
+
+/// Revokes everything issued to an application: its sessions (with subtrees and
+/// delegations) and the authority records it holds as a subject. Its secret is unchanged:
+/// rotate it too (`caracal incident rotate app-secret`) to stop new mints.
+async fn revoke_application(
+    State(state): State<RoleState>,
+    headers: http::HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    Path((zone_id, application_id)): Path<(String, String)>,
+    raw: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let request: TerminateRequest = json(&raw)?;
+    let reason = valid_reason(&request.reason)?;
+    if state
+        .shared
+        .store
+        .get_application(&zone_id, &application_id)
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::with_description(
+            ErrorCode::NotFound,
+            format!("application `{application_id}` not found"),
+        ));
+    }
+    record_with_reason(
+        &state,
+        &caller,
+        request_id.as_deref(),
+        Change {
+            zone_id: &zone_id,
+            action: "application.revoke",
+            entity_type: "application",
+            entity_id: &application_id,
+            fields: vec!["sessions", "authority_records"],
+        },
+        &reason,
+    )
+    .await?;
+    let (sessions, edges) = end_sessions(
+        &state,
+        &zone_id,
+        Some(&application_id),
+        "application_revoked",
+    )
+    .await?;
+    let tree = state
+        .shared
+        .store
+        .revoke_subject(
+            &zone_id,
+            &application_id,
+            "application_revoked",
+            crate::propagation::revocations,
+        )
+        .await?;
+    Ok(Json(json!({
+        "terminated_sessions": sessions,
+        "revoked_edges": edges,
+        "revoked_authority_records": tree.records,
+    })))
+}
+
+/// After a signing key's exposure: every live session of the zone ends and every active
+/// authority record is revoked, so nothing minted under the old key can be used.
+async fn invalidate_zone(
+    State(state): State<RoleState>,
+    headers: http::HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    Path(zone_id): Path<String>,
+    raw: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let request: TerminateRequest = json(&raw)?;
+    let reason = valid_reason(&request.reason)?;
+    record_with_reason(
+        &state,
+        &caller,
+        request_id.as_deref(),
+        Change {
+            zone_id: &zone_id,
+            action: "zone.invalidate_sessions",
+            entity_type: "zone",
+            entity_id: &zone_id,
+            fields: vec!["sessions", "authority_records"],
+        },
+        &reason,
+    )
+    .await?;
+    let (sessions, edges) = end_sessions(&state, &zone_id, None, "sessions_invalidated").await?;
+    let records = state
+        .shared
+        .store
+        .revoke_zone_authority(&zone_id, "sessions_invalidated")
+        .await?;
+    Ok(Json(json!({
+        "terminated_sessions": sessions,
+        "revoked_edges": edges,
+        "revoked_authority_records": records,
     })))
 }

@@ -72,6 +72,18 @@ pub const OPERATIONS: &[Operation] = &[
         "Incident containment switches in force",
     ),
     op(
+        "post",
+        "/v1/zones/{zone_id}/applications/{application_id}/revoke",
+        "write",
+        "Revoke everything issued to an application: its sessions, delegations and records",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/invalidate-sessions",
+        "write",
+        "End every session and revoke every authority record of a zone (after a key exposure)",
+    ),
+    op(
         "get",
         "/v1/incident/logs",
         "read",

@@ -1621,3 +1621,60 @@ async fn an_operator_terminates_a_session_and_the_gateway_refuses_its_mandates()
         (StatusCode::NOT_FOUND, Some("not_found"))
     );
 }
+
+#[tokio::test]
+async fn revoking_an_application_or_invalidating_a_zone_stops_its_mandates_at_the_gateway() {
+    for path in ["applications/{app}/revoke", "invalidate-sessions"] {
+        let fixture = fixture().await;
+        let token = fixture.mint().await;
+        let path = format!(
+            "/v1/zones/{}/{}",
+            fixture.world.zone_id,
+            path.replace("{app}", &fixture.world.app_id)
+        );
+        let (status, _, answer) = call(
+            &fixture.world.api,
+            "POST",
+            &path,
+            Some(&fixture.world.writer),
+            &json!({"reason": "exposure drill"}).to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{path}: {answer}");
+        assert!(
+            answer["terminated_sessions"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("g-target")),
+            "{answer}"
+        );
+        fixture
+            .gateway
+            .revocations
+            .reload(fixture.world.shared.store.as_ref())
+            .await
+            .unwrap();
+        let answer = fixture
+            .send(
+                fixture
+                    .request("GET", "/entries", &token)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(
+            answer.refused(),
+            (StatusCode::UNAUTHORIZED, "invalid_token", "session revoked"),
+            "{path}"
+        );
+        let (status, _, _) = fixture
+            .world
+            .exchange(&fixture.world.delegated("g-target", "g-edge", "ledger:read"))
+            .await;
+        assert_ne!(
+            status,
+            StatusCode::OK,
+            "{path}: no new mint for an ended session"
+        );
+    }
+}

@@ -63,6 +63,15 @@ pub trait Runtime: Send + Sync {
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError>;
 
+    /// Revokes every active authority record of the zone (a signing key was exposed: nothing
+    /// minted under it may be used), with one `caracal.sessions.revoke` message per record in
+    /// the same transaction. Returns the revoked ids.
+    async fn revoke_zone_authority(
+        &self,
+        zone_id: &str,
+        reason: &str,
+    ) -> Result<Vec<String>, StoreError>;
+
     async fn create_session(
         &self,
         session: &Session,
@@ -716,6 +725,54 @@ impl<D: Db> Runtime for D {
             authority,
         )
         .await
+    }
+
+    async fn revoke_zone_authority(
+        &self,
+        zone_id: &str,
+        reason: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let update = Statement::new(
+            "UPDATE authority_records SET status = 'revoked', revoked_at_ms = $2, revoked_reason = $3
+             WHERE zone_id = $1 AND status = 'active' RETURNING id",
+            params![zone_id, now_ms(), reason],
+        );
+        let (zone, why) = (zone_id.to_owned(), reason.to_owned());
+        let outcomes = self
+            .atomic_with(
+                vec![update],
+                Box::new(move |outcomes: &[Outcome]| {
+                    let ids: Vec<String> = outcomes
+                        .first()
+                        .map(|outcome| outcome.rows.as_slice())
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|row| row.text(0))
+                        .collect::<Result<_, _>>()?;
+                    let messages: Vec<OutboxMessage> = ids
+                        .iter()
+                        .map(|id| OutboxMessage {
+                            stream: "caracal.sessions.revoke".to_owned(),
+                            fields: [
+                                ("zone_id".to_owned(), zone.clone()),
+                                ("session_id".to_owned(), id.clone()),
+                                ("reason".to_owned(), why.clone()),
+                            ]
+                            .into(),
+                            dedupe_key: Some(format!("zone-authority-revoke:{id}")),
+                        })
+                        .collect();
+                    Ok(enqueue(&messages, now_ms()))
+                }),
+            )
+            .await?;
+        outcomes
+            .first()
+            .map(|outcome| outcome.rows.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|row| row.text(0))
+            .collect()
     }
 
     async fn revoke_authority_record(
