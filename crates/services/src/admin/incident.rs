@@ -263,7 +263,7 @@ async fn release(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TerminateRequest {
+struct ReasonBody {
     reason: String,
 }
 
@@ -276,26 +276,21 @@ async fn terminate_session(
     Path((zone_id, session_id)): Path<(String, String)>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
-    let request: TerminateRequest = json(&raw)?;
-    let reason = valid_reason(&request.reason)?;
-    let mut event = super::audit_event(
-        &caller,
-        request_id.as_deref(),
-        Change {
-            zone_id: &zone_id,
-            action: "session.terminate",
-            entity_type: "session",
-            entity_id: &session_id,
-            fields: vec!["status", "reason"],
-        },
-    );
-    if let Some(metadata) = event.metadata_json.as_object_mut() {
-        metadata.insert("reason".to_owned(), json!(reason));
-    }
+    let operator = Operator::authorise(&state, &headers, &zone_id, &raw).await?;
     // Evidence first: the termination is recorded before it is applied.
-    super::record_now(&state, event).await?;
+    operator
+        .record(
+            &state,
+            request_id.as_deref(),
+            Change {
+                zone_id: &zone_id,
+                action: "session.terminate",
+                entity_type: "session",
+                entity_id: &session_id,
+                fields: vec!["status", "reason"],
+            },
+        )
+        .await?;
     let tree = state
         .shared
         .store
@@ -359,18 +354,41 @@ async fn end_sessions(
     Ok((sessions, edges))
 }
 
-async fn record_with_reason(
-    state: &RoleState,
-    caller: &AdminCaller,
-    request_id: Option<&RequestId>,
-    change: Change<'_>,
-    reason: &str,
-) -> Result<(), ApiError> {
-    let mut event = super::audit_event(caller, request_id, change);
-    if let Some(metadata) = event.metadata_json.as_object_mut() {
-        metadata.insert("reason".to_owned(), json!(reason));
+/// An operator's action on a zone: a write token for the live zone, and a reason.
+struct Operator {
+    caller: AdminCaller,
+    reason: String,
+}
+
+impl Operator {
+    async fn authorise(
+        state: &RoleState,
+        headers: &http::HeaderMap,
+        zone_id: &str,
+        raw: &[u8],
+    ) -> Result<Operator, ApiError> {
+        let caller = authenticate(state, headers).await?;
+        live_zone(state, &caller, zone_id, Access::Write).await?;
+        let request: ReasonBody = json(raw)?;
+        Ok(Operator {
+            caller,
+            reason: valid_reason(&request.reason)?,
+        })
     }
-    super::record_now(state, event).await
+
+    /// Records the action's audit event, with the reason, before it is applied.
+    async fn record(
+        &self,
+        state: &RoleState,
+        request_id: Option<&RequestId>,
+        change: Change<'_>,
+    ) -> Result<(), ApiError> {
+        let mut event = super::audit_event(&self.caller, request_id, change);
+        if let Some(metadata) = event.metadata_json.as_object_mut() {
+            metadata.insert("reason".to_owned(), json!(self.reason));
+        }
+        super::record_now(state, event).await
+    }
 }
 
 /// Revokes everything issued to an application: its sessions (with subtrees and
@@ -383,10 +401,7 @@ async fn revoke_application(
     Path((zone_id, application_id)): Path<(String, String)>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
-    let request: TerminateRequest = json(&raw)?;
-    let reason = valid_reason(&request.reason)?;
+    let operator = Operator::authorise(&state, &headers, &zone_id, &raw).await?;
     if state
         .shared
         .store
@@ -399,20 +414,19 @@ async fn revoke_application(
             format!("application `{application_id}` not found"),
         ));
     }
-    record_with_reason(
-        &state,
-        &caller,
-        request_id.as_deref(),
-        Change {
-            zone_id: &zone_id,
-            action: "application.revoke",
-            entity_type: "application",
-            entity_id: &application_id,
-            fields: vec!["sessions", "authority_records"],
-        },
-        &reason,
-    )
-    .await?;
+    operator
+        .record(
+            &state,
+            request_id.as_deref(),
+            Change {
+                zone_id: &zone_id,
+                action: "application.revoke",
+                entity_type: "application",
+                entity_id: &application_id,
+                fields: vec!["sessions", "authority_records"],
+            },
+        )
+        .await?;
     let (sessions, edges) = end_sessions(
         &state,
         &zone_id,
@@ -446,24 +460,20 @@ async fn invalidate_zone(
     Path(zone_id): Path<String>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
-    let request: TerminateRequest = json(&raw)?;
-    let reason = valid_reason(&request.reason)?;
-    record_with_reason(
-        &state,
-        &caller,
-        request_id.as_deref(),
-        Change {
-            zone_id: &zone_id,
-            action: "zone.invalidate_sessions",
-            entity_type: "zone",
-            entity_id: &zone_id,
-            fields: vec!["sessions", "authority_records"],
-        },
-        &reason,
-    )
-    .await?;
+    let operator = Operator::authorise(&state, &headers, &zone_id, &raw).await?;
+    operator
+        .record(
+            &state,
+            request_id.as_deref(),
+            Change {
+                zone_id: &zone_id,
+                action: "zone.invalidate_sessions",
+                entity_type: "zone",
+                entity_id: &zone_id,
+                fields: vec!["sessions", "authority_records"],
+            },
+        )
+        .await?;
     let (sessions, edges) = end_sessions(&state, &zone_id, None, "sessions_invalidated").await?;
     let records = state
         .shared

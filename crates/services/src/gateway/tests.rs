@@ -125,21 +125,7 @@ struct Fixture {
 
 async fn fixture() -> Fixture {
     let world = world().await;
-    let store = world.shared.store.as_ref();
-    let app = world.app_id.clone();
-    for id in ["g-source", "g-target"] {
-        store
-            .create_session(&world.session(id, &[&app]), &[])
-            .await
-            .unwrap();
-    }
-    store
-        .create_delegation_edge(
-            &world.edge("g-edge", "g-source", "g-target", None, json!({})),
-            &[],
-        )
-        .await
-        .unwrap();
+    world.gateway_delegation().await;
     let (upstream, seen) = upstream().await;
     let w = Some(world.writer.as_str());
     let (_, _, resources) = call(
@@ -265,8 +251,14 @@ impl Fixture {
 
     async fn get(&self, path: &str) -> Answer {
         let token = self.mint().await;
-        self.send(
-            self.request("GET", path, &token)
+        self.call(&self.router, "GET", path, &token).await
+    }
+
+    /// `method path` with `token` and no body, through `router`.
+    async fn call(&self, router: &axum::Router, method: &str, path: &str, token: &str) -> Answer {
+        self.send_to(
+            router,
+            self.request(method, path, token)
                 .body(Body::empty())
                 .unwrap(),
         )
@@ -399,12 +391,7 @@ async fn a_governed_call_reaches_the_upstream_with_the_resource_mandate_and_noth
     // The same mandate again: a replay, refused before the STS or the upstream.
     let calls = fixture.upstream_calls();
     let again = fixture
-        .send(
-            fixture
-                .request("GET", "/entries", &token)
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .call(&fixture.router, "GET", "/entries", &token)
         .await;
     assert_eq!(
         again.refused(),
@@ -557,12 +544,7 @@ async fn malformed_calls_are_refused_with_their_code_before_anything_is_contacte
     assert_eq!(fixture.upstream_calls(), 0);
     // None of these spent the real mandate: it still works once.
     let answer = fixture
-        .send(
-            fixture
-                .request("GET", "/entries", &token)
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .call(&fixture.router, "GET", "/entries", &token)
         .await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
 }
@@ -582,15 +564,7 @@ async fn every_fail_closed_condition_refuses_and_the_upstream_sees_nothing() {
     );
     let stale = fixture.router_for(Arc::clone(&unconfirmed));
     let token = fixture.mint().await;
-    let answer = fixture
-        .send_to(
-            &stale,
-            fixture
-                .request("GET", "/entries", &token)
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
+    let answer = fixture.call(&stale, "GET", "/entries", &token).await;
     assert_eq!(
         answer.refused(),
         (
@@ -632,13 +606,7 @@ async fn every_fail_closed_condition_refuses_and_the_upstream_sees_nothing() {
     for _ in 0..3 {
         let token = fixture.mint().await;
         let answer = fixture
-            .send_to(
-                &remote_router,
-                fixture
-                    .request("GET", "/entries", &token)
-                    .body(Body::empty())
-                    .unwrap(),
-            )
+            .call(&remote_router, "GET", "/entries", &token)
             .await;
         assert_eq!(
             answer.refused(),
@@ -652,13 +620,7 @@ async fn every_fail_closed_condition_refuses_and_the_upstream_sees_nothing() {
     assert_eq!(remote.circuit.state(), super::exchange::CircuitState::Open);
     let token = fixture.mint().await;
     let answer = fixture
-        .send_to(
-            &remote_router,
-            fixture
-                .request("GET", "/entries", &token)
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .call(&remote_router, "GET", "/entries", &token)
         .await;
     assert_eq!(
         answer.refused(),
@@ -680,12 +642,7 @@ async fn every_fail_closed_condition_refuses_and_the_upstream_sees_nothing() {
     let token = fixture.mint().await;
     fixture.world.store.down.store(true, Ordering::SeqCst);
     let answer = fixture
-        .send(
-            fixture
-                .request("GET", "/entries", &token)
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .call(&fixture.router, "GET", "/entries", &token)
         .await;
     fixture.world.store.down.store(false, Ordering::SeqCst);
     assert_eq!(
@@ -734,15 +691,7 @@ async fn every_fail_closed_condition_refuses_and_the_upstream_sees_nothing() {
     state.gateway = Some(Arc::clone(&fixture.gateway));
     let lost = router(state);
     let token = fixture.mint().await;
-    let answer = fixture
-        .send_to(
-            &lost,
-            fixture
-                .request("GET", "/entries", &token)
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
+    let answer = fixture.call(&lost, "GET", "/entries", &token).await;
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(answer.json["error"], "audit_evidence_lost");
 
@@ -760,12 +709,7 @@ async fn every_fail_closed_condition_refuses_and_the_upstream_sees_nothing() {
         .unwrap();
     fixture.gateway.revocations.reload(store).await.unwrap();
     let answer = fixture
-        .send(
-            fixture
-                .request("GET", "/entries", &token)
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .call(&fixture.router, "GET", "/entries", &token)
         .await;
     assert_eq!(
         answer.refused(),
@@ -813,12 +757,7 @@ async fn revocation_messages_mark_every_anchor_and_a_snapshot_keeps_concurrent_m
     // A snapshot read before the messages were applied does not erase them.
     view.apply_snapshot(caracal_store::RevokedAnchors::default(), read_at);
     let answer = fixture
-        .send(
-            fixture
-                .request("GET", "/entries", &token)
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .call(&fixture.router, "GET", "/entries", &token)
         .await;
     assert_eq!(
         answer.refused(),
@@ -1032,12 +971,7 @@ async fn provider_credentials_are_injected_as_configured_and_pinned_to_their_hos
         .await;
     let token = fixture.mint().await;
     let answer = fixture
-        .send(
-            fixture
-                .request("GET", "/entries?key=mine", &token)
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .call(&fixture.router, "GET", "/entries?key=mine", &token)
         .await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
     assert_eq!(fixture.last_seen().uri, "/api/entries?key=q-456");
@@ -1225,13 +1159,7 @@ async fn the_signed_http_exchange_reaches_a_separate_sts_and_a_down_replay_regis
     let remote_router = fixture.router_for(Arc::clone(&remote));
     let token = fixture.mint().await;
     let answer = fixture
-        .send_to(
-            &remote_router,
-            fixture
-                .request("GET", "/entries", &token)
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .call(&remote_router, "GET", "/entries", &token)
         .await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
     let bearer = fixture.last_seen().headers["authorization"]
@@ -1247,13 +1175,7 @@ async fn the_signed_http_exchange_reaches_a_separate_sts_and_a_down_replay_regis
     // A policy answer from the STS passes through with its status and code.
     let token = fixture.mint().await;
     let answer = fixture
-        .send_to(
-            &remote_router,
-            fixture
-                .request("GET", "/undeclared", &token)
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .call(&remote_router, "GET", "/undeclared", &token)
         .await;
     assert_eq!(
         (answer.status, answer.json["error"].as_str().unwrap()),
@@ -1502,12 +1424,7 @@ async fn incident_containment_freezes_changes_and_fails_protected_traffic_closed
     )
     .await;
     let answer = fixture
-        .send(
-            fixture
-                .request("GET", "/entries", &token)
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .call(&fixture.router, "GET", "/entries", &token)
         .await;
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(answer.json["error"], "contained");
@@ -1594,12 +1511,7 @@ async fn an_operator_terminates_a_session_and_the_gateway_refuses_its_mandates()
         .await
         .unwrap();
     let answer = fixture
-        .send(
-            fixture
-                .request("GET", "/entries", &token)
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .call(&fixture.router, "GET", "/entries", &token)
         .await;
     assert_eq!(
         answer.refused(),
@@ -1655,12 +1567,7 @@ async fn revoking_an_application_or_invalidating_a_zone_stops_its_mandates_at_th
             .await
             .unwrap();
         let answer = fixture
-            .send(
-                fixture
-                    .request("GET", "/entries", &token)
-                    .body(Body::empty())
-                    .unwrap(),
-            )
+            .call(&fixture.router, "GET", "/entries", &token)
             .await;
         assert_eq!(
             answer.refused(),

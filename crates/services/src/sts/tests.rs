@@ -325,6 +325,25 @@ impl World {
         }
     }
 
+    /// Two live sessions of the application, `g-source` delegating to `g-target` along
+    /// `g-edge`: what a gateway mandate is minted along.
+    pub(crate) async fn gateway_delegation(&self) {
+        let store = self.shared.store.as_ref();
+        for id in ["g-source", "g-target"] {
+            store
+                .create_session(&self.session(id, &[&self.app_id]), &[])
+                .await
+                .unwrap();
+        }
+        store
+            .create_delegation_edge(
+                &self.edge("g-edge", "g-source", "g-target", None, json!({})),
+                &[],
+            )
+            .await
+            .unwrap();
+    }
+
     pub(crate) fn delegated(&self, session: &str, edge: &str, scope: &str) -> String {
         self.form(&[
             ("scope", scope),
@@ -1153,21 +1172,8 @@ async fn send(world: &World, request: Request<Body>) -> (StatusCode, Value) {
 #[tokio::test]
 async fn the_gateway_re_exchange_is_signed_fresh_once_only_and_inside_the_operations() {
     let world = world().await;
+    world.gateway_delegation().await;
     let store = world.shared.store.as_ref();
-    let app = world.app_id.clone();
-    for id in ["g-source", "g-target"] {
-        store
-            .create_session(&world.session(id, &[&app]), &[])
-            .await
-            .unwrap();
-    }
-    store
-        .create_delegation_edge(
-            &world.edge("g-edge", "g-source", "g-target", None, json!({})),
-            &[],
-        )
-        .await
-        .unwrap();
     let mint = || async {
         let (status, _, body) = world
             .exchange(&world.delegated("g-target", "g-edge", "ledger:read"))
