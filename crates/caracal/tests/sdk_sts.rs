@@ -29,6 +29,26 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// `caracal [extra] up` with every role on a free port but the STS, which listens where its
+/// issuer URL says.
+fn up_with_sts_at(sts_port: u16, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = extra.iter().map(|arg| (*arg).to_owned()).collect();
+    args.extend(
+        util::ROLES
+            .iter()
+            .filter(|role| **role != "sts")
+            .flat_map(|role| ["--port".to_owned(), format!("{role}=0")]),
+    );
+    args.extend([
+        "--port".to_owned(),
+        format!("sts={sts_port}"),
+        "--issuer-url".to_owned(),
+        format!("http://127.0.0.1:{sts_port}"),
+        "up".to_owned(),
+    ]);
+    args
+}
+
 fn phase(
     python: &Path,
     running: &Running,
@@ -80,19 +100,7 @@ async fn the_published_sdk_mints_verifies_and_survives_a_key_rotation() {
     let python = sdk_python();
     let (_parent, home) = fresh_home();
     let sts_port = free_port();
-    let mut args: Vec<String> = util::ROLES
-        .iter()
-        .filter(|role| **role != "sts")
-        .flat_map(|role| ["--port".to_owned(), format!("{role}=0")])
-        .collect();
-    args.extend([
-        "--port".to_owned(),
-        format!("sts={sts_port}"),
-        "--issuer-url".to_owned(),
-        format!("http://127.0.0.1:{sts_port}"),
-        "up".to_owned(),
-    ]);
-    let running = Running::start(&home, &args);
+    let running = Running::start(&home, &up_with_sts_at(sts_port, &[]));
     let api = running.address("api");
     assert_eq!(wait_ready(api).status, 200);
     assert_eq!(wait_ready(running.address("sts")).status, 200);
@@ -203,21 +211,10 @@ fn the_published_sdk_starts_sessions_delegates_narrowly_and_revocation_stops_the
     let python = sdk_python();
     let (_parent, home) = fresh_home();
     let sts_port = free_port();
-    let mut args: Vec<String> = vec!["--bus".to_owned(), "redis://127.0.0.1:6379".to_owned()];
-    args.extend(
-        util::ROLES
-            .iter()
-            .filter(|role| **role != "sts")
-            .flat_map(|role| ["--port".to_owned(), format!("{role}=0")]),
+    let running = Running::start(
+        &home,
+        &up_with_sts_at(sts_port, &["--bus", "redis://127.0.0.1:6379"]),
     );
-    args.extend([
-        "--port".to_owned(),
-        format!("sts={sts_port}"),
-        "--issuer-url".to_owned(),
-        format!("http://127.0.0.1:{sts_port}"),
-        "up".to_owned(),
-    ]);
-    let running = Running::start(&home, &args);
     let api = running.address("api");
     assert_eq!(wait_ready(api).status, 200);
     let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
@@ -264,19 +261,7 @@ fn the_published_sdk_fetches_through_the_gateway_and_the_upstream_verifies_the_m
     let python = sdk_python();
     let (_parent, home) = fresh_home();
     let sts_port = free_port();
-    let mut args: Vec<String> = util::ROLES
-        .iter()
-        .filter(|role| **role != "sts")
-        .flat_map(|role| ["--port".to_owned(), format!("{role}=0")])
-        .collect();
-    args.extend([
-        "--port".to_owned(),
-        format!("sts={sts_port}"),
-        "--issuer-url".to_owned(),
-        format!("http://127.0.0.1:{sts_port}"),
-        "up".to_owned(),
-    ]);
-    let running = Running::start(&home, &args);
+    let running = Running::start(&home, &up_with_sts_at(sts_port, &[]));
     let api = running.address("api");
     assert_eq!(wait_ready(api).status, 200);
     assert_eq!(wait_ready(running.address("gateway")).status, 200);
