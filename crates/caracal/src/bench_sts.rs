@@ -24,15 +24,44 @@ use crate::cli::BenchArgs;
 /// Requests in flight at once for the mint cases.
 const CONCURRENCY: usize = 32;
 
-struct Figures {
-    name: &'static str,
-    rate: f64,
-    p50: Duration,
-    p99: Duration,
+pub(crate) struct Figures {
+    pub name: &'static str,
+    pub rate: f64,
+    pub p50: Duration,
+    pub p99: Duration,
 }
 
-pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let count = if args.quick { 300 } else { args.messages };
+/// An embedded stack with a provisioned zone and an STS, for the benchmarks that mint.
+pub(crate) struct Bench {
+    pub _directory: tempfile::TempDir,
+    pub shared: Shared,
+    pub sts: Arc<caracal_services::sts::Sts>,
+    pub world: World,
+    pub evidence_tasks: caracal_services::evidence::EvidenceTasks,
+}
+
+impl Bench {
+    /// The STS router over this stack.
+    pub fn sts_router(&self) -> axum::Router {
+        let mut state = RoleState::new(Role::Sts, self.shared.clone());
+        state.sts = Some(Arc::clone(&self.sts));
+        caracal_services::router(state)
+    }
+
+    /// The form of a delegated mint along the provisioned edge.
+    pub fn delegated_form(&self) -> String {
+        form(
+            &self.world,
+            &[
+                ("scope", "ledger:read"),
+                ("agent_session_id", "bench-target"),
+                ("delegation_edge_id", "bench-edge"),
+            ],
+        )
+    }
+}
+
+pub(crate) async fn bench_stack(upstream_url: &str) -> anyhow::Result<Bench> {
     let directory = tempfile::tempdir()?;
     let sqlite = SqliteStore::open(&directory.path().join("bench.db"))?;
     let bus = Bus::embedded(EmbeddedBus::new(sqlite.clone()));
@@ -52,7 +81,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         replay_dir,
         caracal_crypto::Kek::generate()?,
     );
-    let world = provision(&shared).await?;
+    let world = provision(&shared, upstream_url).await?;
     let issuer = "http://127.0.0.1:8080".to_owned();
     let sts = Arc::new(
         caracal_services::sts::Sts::start(
@@ -65,9 +94,20 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .with_mint_limit(u64::MAX),
     );
     sts.policies.refresh_all(store.as_ref(), "bench").await?;
-    let mut state = RoleState::new(Role::Sts, shared.clone());
-    state.sts = Some(Arc::clone(&sts));
-    let app = caracal_services::router(state);
+    Ok(Bench {
+        _directory: directory,
+        shared,
+        sts,
+        world,
+        evidence_tasks,
+    })
+}
+
+pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let count = if args.quick { 300 } else { args.messages };
+    let bench = bench_stack("http://127.0.0.1:9/api").await?;
+    let app = bench.sts_router();
+    let world = &bench.world;
 
     println!(
         "caracal bench sts: {count} operations per case, {CONCURRENCY} in flight; embedded store \
@@ -75,15 +115,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     let mut rows = vec![sign_rate(count).await?];
-    let bootstrap = form(&world, &[("scope", "agent:lifecycle")]);
-    let delegated = form(
-        &world,
-        &[
-            ("scope", "ledger:read"),
-            ("agent_session_id", "bench-target"),
-            ("delegation_edge_id", "bench-edge"),
-        ],
-    );
+    let bootstrap = form(world, &[("scope", "agent:lifecycle")]);
+    let delegated = bench.delegated_form();
     // Warm the verified-secret cache and the key cache: steady state, not the first call.
     mint_once(&app, &bootstrap).await?;
     mint_once(&app, &delegated).await?;
@@ -119,8 +152,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     drop(app);
-    drop(sts);
-    drop(shared);
+    let Bench { evidence_tasks, .. } = bench;
     evidence_tasks.shutdown().await;
     Ok(())
 }
@@ -222,7 +254,11 @@ async fn open_loop(
     Ok(figures)
 }
 
-fn figures(name: &'static str, elapsed: Duration, mut latencies: Vec<Duration>) -> Figures {
+pub(crate) fn figures(
+    name: &'static str,
+    elapsed: Duration,
+    mut latencies: Vec<Duration>,
+) -> Figures {
     latencies.sort_unstable();
     let at = |fraction: f64| {
         let index =
@@ -237,7 +273,7 @@ fn figures(name: &'static str, elapsed: Duration, mut latencies: Vec<Duration>) 
     }
 }
 
-async fn mint_once(app: &axum::Router, body: &str) -> anyhow::Result<()> {
+pub(crate) async fn mint_once(app: &axum::Router, body: &str) -> anyhow::Result<()> {
     let response = app
         .clone()
         .oneshot(
@@ -258,7 +294,7 @@ async fn mint_once(app: &axum::Router, body: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct World {
+pub(crate) struct World {
     zone_id: String,
     app_id: String,
     secret: String,
@@ -293,7 +329,7 @@ fn form(world: &World, extra: &[(&str, &str)]) -> String {
 
 /// A zone, an application, a resource, grants (activated), two sessions and a delegation,
 /// provisioned through the admin API as an operator would.
-async fn provision(shared: &Shared) -> anyhow::Result<World> {
+async fn provision(shared: &Shared, upstream_url: &str) -> anyhow::Result<World> {
     let token = caracal_crypto::AdminToken::generate()?;
     shared
         .store
@@ -353,13 +389,14 @@ async fn provision(shared: &Shared) -> anyhow::Result<World> {
         .to_owned();
     let provider = call(
         format!("{base}/providers"),
-        json!({"name": "none", "kind": "none"}),
+        json!({"name": "mandate", "kind": "caracal_mandate"}),
     )
     .await?;
     call(
         format!("{base}/resources"),
         json!({"name": "Ledger", "identifier": "resource://ledger", "scopes": ["ledger:read"],
-               "upstream_url": "http://127.0.0.1:9/api", "credential_provider_id": provider.get("id")}),
+               "upstream_url": upstream_url, "credential_provider_id": provider.get("id"),
+               "operations": [{"method": "GET", "path": "/entries", "scope": "ledger:read"}]}),
     )
     .await?;
     let document = format!(

@@ -187,6 +187,9 @@ pub enum BenchCommand {
     /// Revocation: terminating the root of a 1,111-session tree with its edges, committed and
     /// every message published, embedded beside distributed
     Coordinator(BenchArgs),
+    /// Governed requests (a fresh delegated mint plus the Gateway call, proxied to a loopback
+    /// upstream) beside direct requests to the same upstream, measured in one run
+    Gateway(BenchArgs),
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@ mod admin_http;
 mod audit;
 mod bench;
 mod bench_coordinator;
+mod bench_gateway;
 mod bench_sts;
 mod cli;
 mod config;
@@ -52,6 +53,7 @@ fn main() -> ExitCode {
                 BenchCommand::Audit(args) => bench::audit(args).await,
                 BenchCommand::Sts(args) => bench_sts::run(args).await,
                 BenchCommand::Coordinator(args) => bench_coordinator::run(args).await,
+                BenchCommand::Gateway(args) => bench_gateway::run(args).await,
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,

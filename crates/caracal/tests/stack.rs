@@ -239,3 +239,22 @@ fn the_sts_benchmark_runs_every_case() {
         assert!(stdout.contains(case), "missing `{case}` in\n{stdout}");
     }
 }
+
+#[test]
+fn the_gateway_benchmark_runs_every_case() {
+    let (_parent, home) = fresh_home();
+    let output = util::run(util::caracal(&home).args(["bench", "gateway", "--quick"]));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for case in [
+        "direct upstream",
+        "delegated mint alone",
+        "governed (mint + gateway)",
+    ] {
+        assert!(stdout.contains(case), "missing `{case}` in\n{stdout}");
+    }
+}
