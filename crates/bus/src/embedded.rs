@@ -110,8 +110,12 @@ impl ReplayRegistry for EmbeddedBus {
             .store
             .run(move |connection| {
                 let now = now_ms();
+                // Committed without waiting for the disk (WAL, synchronous=NORMAL): a claim
+                // survives a process crash, and only a power cut can lose the last ones, as with
+                // Redis's once-a-second AOF; the next FULL commit persists it anyway.
+                connection.pragma_update(None, "synchronous", "NORMAL")?;
                 // A key whose TTL has passed may be claimed again, as in Redis.
-                connection
+                let claimed = connection
                     .prepare_cached(
                         "INSERT INTO replay_keys (namespace, key, expires_ms) VALUES (?1, ?2, ?3)
                      ON CONFLICT (namespace, key) DO UPDATE SET expires_ms = excluded.expires_ms
@@ -122,7 +126,9 @@ impl ReplayRegistry for EmbeddedBus {
                         key,
                         now.saturating_add(millis(ttl)),
                         now
-                    ])
+                    ]);
+                connection.pragma_update(None, "synchronous", "FULL")?;
+                claimed
             })
             .await?;
         Ok(claimed == 1)
