@@ -423,6 +423,13 @@ pub enum RotateCommand {
         #[arg(long, value_name = "PATH")]
         token_file: Option<std::path::PathBuf>,
     },
+    /// The admin token in the token file: a new one with the same scope and capabilities
+    /// replaces it (the old one stops working at once) and is written back to the file
+    AdminToken {
+        /// Admin token file [default: $CARACAL_HOME/admin-token]
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<std::path::PathBuf>,
+    },
     /// The audit chain MAC key (rows written before keep verifying with theirs)
     ChainKey,
 }

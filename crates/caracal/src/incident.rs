@@ -623,6 +623,43 @@ async fn rotate(settings: &Settings, what: &crate::cli::RotateCommand) -> anyhow
             }
             Ok(true)
         }
+        RotateCommand::AdminToken { token_file } => {
+            let path = token_file
+                .clone()
+                .unwrap_or_else(|| settings.home.join(caracal_store::ADMIN_TOKEN_FILE));
+            let (status, answer) =
+                admin_http::post(settings, Some(&path), "/v1/admin-tokens/rotate", json!({}))
+                    .await?;
+            if !status.is_success() {
+                return Ok(report("admin token rotation", (status, answer)));
+            }
+            let token = answer
+                .get("token")
+                .and_then(Value::as_str)
+                .context("the API answered no token")?;
+            // Written beside and renamed over: the file never holds half a token.
+            let staged = path.with_extension("rotating");
+            {
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&staged)
+                    .with_context(|| format!("writing {}", staged.display()))?;
+                file.write_all(token.as_bytes())?;
+                file.sync_all()?;
+            }
+            std::fs::rename(&staged, &path)
+                .with_context(|| format!("replacing {}", path.display()))?;
+            println!(
+                "admin token rotation: done; the new token is in {} (the old one no longer works)",
+                path.display()
+            );
+            Ok(true)
+        }
         RotateCommand::ChainKey => {
             crate::audit::run(settings, &crate::cli::AuditCommand::RotateKey).await
         }

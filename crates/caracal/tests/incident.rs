@@ -234,6 +234,23 @@ fn contain_freeze_status_release_and_the_timeline_of_a_zone() {
     )
     .unwrap();
     verify(1, "signature does not verify");
+
+    // The admin token rotates: the old one stops at once, the file holds the new one.
+    let rotated = caracal(&home)
+        .args(["incident", "rotate", "admin-token"])
+        .output()
+        .unwrap();
+    assert!(rotated.status.success(), "{}", text(&rotated));
+    let old = request(api, "GET", "/v1/incident/containment", &auth, "");
+    assert_eq!(old.status, 401, "{}", old.body);
+    let new_token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    assert_ne!(new_token.trim(), token.trim());
+    assert_eq!(util::mode(&home.join("admin-token")) & 0o777, 0o600);
+    let status = caracal(&home)
+        .args(["incident", "status"])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", text(&status));
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }

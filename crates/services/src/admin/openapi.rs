@@ -84,6 +84,12 @@ pub const OPERATIONS: &[Operation] = &[
         "End every session and revoke every authority record of a zone (after a key exposure)",
     ),
     op(
+        "post",
+        "/v1/admin-tokens/rotate",
+        "read",
+        "Replace the caller's own token with a new one (same name, scope, capabilities)",
+    ),
+    op(
         "get",
         "/v1/incident/logs",
         "read",

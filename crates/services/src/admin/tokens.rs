@@ -3,7 +3,7 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use caracal_core::{ErrorCode, RequestId};
 use caracal_crypto::AdminToken;
@@ -21,6 +21,7 @@ use crate::wire::{AdminTokenBody, Page};
 pub fn routes() -> Router<RoleState> {
     Router::new()
         .route("/v1/admin-tokens", get(list).post(mint))
+        .route("/v1/admin-tokens/rotate", post(rotate))
         .route("/v1/admin-tokens/{id}", delete(revoke))
 }
 
@@ -177,4 +178,65 @@ async fn revoke(
         .revoke_admin_token(&id, &[evidence])
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Rotates the caller's own token: a new one with the same name, scope and capabilities
+/// replaces it in one transaction (audited); the new secret is shown once.
+async fn rotate(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+) -> Result<(StatusCode, Json<AdminTokenBody>), ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    let current = state
+        .shared
+        .store
+        .list_admin_tokens()
+        .await?
+        .into_iter()
+        .find(|token| token.id == caller.token_id && !token.revoked)
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidAdminToken))?;
+    let token = AdminToken::generate().map_err(|_| ApiError::new(ErrorCode::InternalError))?;
+    let id = format!("tok_{}", new_id().replace('-', ""));
+    let audit_zone = match &current.scope {
+        TokenScope::Global => SYSTEM_ZONE.to_owned(),
+        TokenScope::Zone(zone) => zone.clone(),
+    };
+    let evidence = evidence(
+        &caller,
+        request_id.as_deref(),
+        Change {
+            zone_id: &audit_zone,
+            action: "admin_token.rotate",
+            entity_type: "admin_token",
+            entity_id: &current.id,
+            fields: vec!["token"],
+        },
+    )?;
+    let new = NewAdminToken {
+        id: id.clone(),
+        name: current.name.clone(),
+        digest: token.digest(),
+        scope: current.scope.clone(),
+        capabilities: current.capabilities.clone(),
+        created_by: format!("admin:{}", caller.token_id),
+    };
+    state
+        .shared
+        .store
+        .rotate_admin_token(&current.id, &new, &[evidence])
+        .await?;
+    let rotated = AdminTokenRecord {
+        id,
+        name: new.name,
+        scope: new.scope,
+        capabilities: new.capabilities,
+        created_by: new.created_by,
+        revoked: false,
+        created_at_ms: caracal_store::now_ms(),
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(body(rotated, Some(token.expose().to_owned()))),
+    ))
 }

@@ -6,7 +6,7 @@ use crate::db::{Db, Row, Statement, params};
 use crate::model::{
     AdminTokenRecord, Containment, KekRecord, NewAdminToken, OutboxMessage, TokenScope,
 };
-use crate::store::{StoreError, not_found, now_ms, with_outbox};
+use crate::store::{StoreError, enqueue, not_found, now_ms, with_outbox};
 
 #[async_trait::async_trait]
 pub trait Deployment: Send + Sync {
@@ -54,8 +54,38 @@ pub trait Deployment: Send + Sync {
         id: &str,
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError>;
+    /// Revokes `old_id` (live) and stores `new` in one transaction with `outbox`: at no moment
+    /// are both valid or neither.
+    async fn rotate_admin_token(
+        &self,
+        old_id: &str,
+        new: &NewAdminToken,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
     /// Every token, revoked ones included, oldest first.
     async fn list_admin_tokens(&self) -> Result<Vec<AdminTokenRecord>, StoreError>;
+}
+
+fn admin_token_insert(token: &NewAdminToken) -> Statement {
+    let (scope, zone_id) = match &token.scope {
+        TokenScope::Global => ("global", None),
+        TokenScope::Zone(zone_id) => ("zone", Some(zone_id.clone())),
+    };
+    Statement::new(
+        "INSERT INTO admin_tokens
+                 (id, name, token_sha256, scope, zone_id, capabilities, created_by, created_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        params![
+            token.id.as_str(),
+            token.name.as_str(),
+            token.digest.as_str(),
+            scope,
+            zone_id,
+            token.capabilities.as_str(),
+            token.created_by.as_str(),
+            now_ms(),
+        ],
+    )
 }
 
 fn admin_token(row: &Row) -> Result<AdminTokenRecord, StoreError> {
@@ -163,25 +193,7 @@ impl<D: Db> Deployment for D {
         token: &NewAdminToken,
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError> {
-        let (scope, zone_id) = match &token.scope {
-            TokenScope::Global => ("global", None),
-            TokenScope::Zone(zone_id) => ("zone", Some(zone_id.clone())),
-        };
-        let insert = Statement::new(
-            "INSERT INTO admin_tokens
-                 (id, name, token_sha256, scope, zone_id, capabilities, created_by, created_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            params![
-                token.id.as_str(),
-                token.name.as_str(),
-                token.digest.as_str(),
-                scope,
-                zone_id,
-                token.capabilities.as_str(),
-                token.created_by.as_str(),
-                now_ms(),
-            ],
-        );
+        let insert = admin_token_insert(token);
         self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
     }
 
@@ -231,5 +243,21 @@ impl<D: Db> Deployment for D {
         )
         .must_change(not_found);
         self.atomic(with_outbox(update, outbox)).await.map(|_| ())
+    }
+
+    async fn rotate_admin_token(
+        &self,
+        old_id: &str,
+        new: &NewAdminToken,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let revoke = Statement::new(
+            "UPDATE admin_tokens SET revoked_at_ms = $2 WHERE id = $1 AND revoked_at_ms IS NULL",
+            params![old_id, now_ms()],
+        )
+        .must_change(not_found);
+        let mut statements = vec![revoke, admin_token_insert(new)];
+        statements.extend(enqueue(outbox, now_ms()));
+        self.atomic(statements).await.map(|_| ())
     }
 }
