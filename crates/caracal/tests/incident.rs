@@ -417,3 +417,147 @@ fn secret_exposure_drill_rotates_and_proves_the_old_material_dead() {
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }
+
+/// The audit-tamper drill: a row edited behind Caracal's back is found by the sweep at the
+/// next start (the Audit role not ready, the alert's metric raised), changes are frozen, the
+/// evidence is preserved, the finding acknowledged, and `validate` passes once released.
+#[test]
+fn audit_tamper_drill_detects_contains_preserves_and_validates() {
+    let (parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(&home, &args);
+    let api = running.address("api");
+    assert_eq!(wait_ready(api).status, 200);
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let bearer = format!("Bearer {}", token.trim());
+    let auth = [("authorization", bearer.as_str())];
+    let zone = request(api, "POST", "/v1/zones", &auth, r#"{"name":"ledger"}"#);
+    let zone_id = json_of(&zone)["id"].as_str().unwrap().to_owned();
+    for n in 0..3 {
+        let created = request(
+            api,
+            "POST",
+            &format!("/v1/zones/{zone_id}/providers"),
+            &auth,
+            &format!(r#"{{"name":"p{n}","identifier":"provider://p{n}","kind":"none"}}"#),
+        );
+        assert_eq!(created.status, 201, "{}", created.body);
+    }
+    // Wait until the zone's events are in its chain.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let timeline = caracal(&home)
+            .args(["incident", "timeline", "--zone", &zone_id, "--json"])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&timeline.stdout).lines().count() >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the events never reached the ledger"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+
+    // Someone edits a stored event directly in the database.
+    let store = caracal_store::SqliteStore::open(&home.join("caracal.db")).unwrap();
+    let edited = store
+        .run_blocking(|c| {
+            c.execute(
+                "UPDATE audit_events SET decision = 'deny' WHERE zone_id = ?1 AND chain_seq = 2",
+                [&zone_id],
+            )
+        })
+        .unwrap();
+    assert_eq!(edited, 1);
+    drop(store);
+
+    // The full sweep at start finds it: the Audit role is not ready and the metric is raised.
+    let running = Running::start(&home, &args);
+    let audit = running.address("audit");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ready = loop {
+        let ready = util::get(audit, "/ready", &[]);
+        if ready.body.contains("audit_tamper_detected") || Instant::now() > deadline {
+            break ready;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    let metrics = util::get(audit, "/metrics", &[]).body;
+    assert!(
+        metrics.contains("caracal_audit_tamper_detected_total{kind=\"content_mismatch\"} 1"),
+        "{metrics}"
+    );
+    let api = running.address("api");
+    assert_eq!(wait_ready(api).status, 200);
+
+    // Contain, preserve, acknowledge, release, validate.
+    let step = |args: &[&str]| {
+        let output = caracal(&home).args(args).output().unwrap();
+        assert!(output.status.success(), "{args:?}: {}", text(&output));
+    };
+    step(&[
+        "incident",
+        "contain",
+        "--freeze",
+        "--reason",
+        "audit tamper",
+    ]);
+    let frozen = request(
+        api,
+        "POST",
+        &format!("/v1/zones/{zone_id}/providers"),
+        &auth,
+        r#"{"name":"late","identifier":"provider://late","kind":"none"}"#,
+    );
+    assert_eq!(frozen.status, 423, "{}", frozen.body);
+    let bundle = parent.path().join("tamper-evidence");
+    let preserved = caracal(&home)
+        .args(["incident", "preserve", "--out"])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(preserved.status.success(), "{}", text(&preserved));
+    let not_yet = caracal(&home)
+        .args(["incident", "validate"])
+        .output()
+        .unwrap();
+    assert_eq!(not_yet.status.code(), Some(1), "{}", text(&not_yet));
+    assert!(
+        text(&not_yet).contains("FAIL audit ready"),
+        "{}",
+        text(&not_yet)
+    );
+    step(&[
+        "audit",
+        "ack-tamper",
+        "--reason",
+        "edited row restored from backup",
+    ]);
+    step(&[
+        "incident",
+        "release",
+        "--freeze",
+        "--reason",
+        "tamper explained",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let validated = loop {
+        let validated = caracal(&home)
+            .args(["incident", "validate"])
+            .output()
+            .unwrap();
+        if validated.status.success() || Instant::now() > deadline {
+            break validated;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(validated.status.success(), "{}", text(&validated));
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+}
