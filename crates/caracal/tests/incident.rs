@@ -270,73 +270,10 @@ fn secret_exposure_drill_rotates_and_proves_the_old_material_dead() {
     let running = Running::start(&home, &args);
     let (api, sts) = (running.address("api"), running.address("sts"));
     assert_eq!(wait_ready(api).status, 200);
-    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
-    let bearer = format!("Bearer {}", token.trim());
-    let auth = [("authorization", bearer.as_str())];
-    let post = |path: &str, body: serde_json::Value| {
-        let response = request(api, "POST", path, &auth, &body.to_string());
-        assert!(
-            response.status < 300,
-            "{path}: {} {}",
-            response.status,
-            response.body
-        );
-        json_of(&response)
-    };
-    let zone = post("/v1/zones", serde_json::json!({"name": "exposure"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let base = format!("/v1/zones/{zone}");
-    let app = post(
-        &format!("{base}/applications"),
-        serde_json::json!({"name": "billing", "registration_method": "managed"}),
-    );
-    let (app_id, old_secret) = (
-        app["id"].as_str().unwrap().to_owned(),
-        app["client_secret"].as_str().unwrap().to_owned(),
-    );
-    let provider = post(
-        &format!("{base}/providers"),
-        serde_json::json!({"name": "none", "identifier": "provider://none", "kind": "none"}),
-    );
-    post(
-        &format!("{base}/resources"),
-        serde_json::json!({"name": "Ledger", "identifier": "resource://ledger", "scopes": ["ledger:read"],
-            "upstream_url": "http://127.0.0.1:9/api", "credential_provider_id": provider["id"]}),
-    );
-    let document = format!(
-        "# caracal:data-document\npackage caracal.authz\nimport rego.v1\napp_ids := {{\"billing\": \"{app_id}\"}}\ngrants := {{\"resource://ledger\": {{\"application\": \"billing\", \"roles\": {{\"{app_id}\": [\"ledger:read\"]}}}}}}\n"
-    );
-    let policy = post(
-        &format!("{base}/policies"),
-        serde_json::json!({"name": "grants", "content": document}),
-    );
-    let set = post(
-        &format!("{base}/policy-sets"),
-        serde_json::json!({"name": "main"}),
-    );
-    let sets = format!("{base}/policy-sets/{}", set["id"].as_str().unwrap());
-    let version = post(
-        &format!("{sets}/versions"),
-        serde_json::json!({"manifest": [{"policy_version_id": policy["version_id"]}]}),
-    );
-    let version_id = version["id"].as_str().unwrap().to_owned();
-    post(
-        &format!("{sets}/activate"),
-        serde_json::json!({"version_id": version_id}),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while json_of(&util::get(
-        api,
-        &format!("{sets}/activation-status?version_id={version_id}"),
-        &auth,
-    ))["propagation_status"]
-        != "loaded"
-    {
-        assert!(Instant::now() < deadline, "the STS never loaded the policy");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let zone = Provisioned::new(&home, api, &["resource://ledger"]);
+    let sets = zone.policy_set(&[(1, "resource://ledger")]);
+    let (zone, app_id, old_secret) = (zone.id.clone(), zone.app_id.clone(), zone.secret.clone());
+    let _ = sets;
     let old_file = parent.path().join("old-secret");
     std::fs::write(&old_file, &old_secret).unwrap();
     let validate = |secret: &std::path::Path, extra: &[&str]| {
@@ -558,6 +495,172 @@ fn audit_tamper_drill_detects_contains_preserves_and_validates() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(validated.status.success(), "{}", text(&validated));
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+}
+
+/// A zone provisioned through the API of a running stack: an application (and its secret),
+/// resources, and a policy set whose versions grant the application some of them.
+struct Provisioned {
+    api: std::net::SocketAddr,
+    bearer: String,
+    id: String,
+    app_id: String,
+    secret: String,
+    sets: String,
+}
+
+impl Provisioned {
+    fn new(home: &std::path::Path, api: std::net::SocketAddr, resources: &[&str]) -> Provisioned {
+        let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+        let mut zone = Provisioned {
+            api,
+            bearer: format!("Bearer {}", token.trim()),
+            id: String::new(),
+            app_id: String::new(),
+            secret: String::new(),
+            sets: String::new(),
+        };
+        zone.id = zone.post("/v1/zones", serde_json::json!({"name": "drill"}))["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let base = format!("/v1/zones/{}", zone.id);
+        let app = zone.post(
+            &format!("{base}/applications"),
+            serde_json::json!({"name": "billing", "registration_method": "managed"}),
+        );
+        zone.app_id = app["id"].as_str().unwrap().to_owned();
+        zone.secret = app["client_secret"].as_str().unwrap().to_owned();
+        let provider = zone.post(
+            &format!("{base}/providers"),
+            serde_json::json!({"name": "none", "identifier": "provider://none", "kind": "none"}),
+        );
+        for (n, identifier) in resources.iter().enumerate() {
+            zone.post(
+                &format!("{base}/resources"),
+                serde_json::json!({"name": format!("r{n}"), "identifier": identifier, "scopes": ["read"],
+                    "upstream_url": "http://127.0.0.1:9/api", "credential_provider_id": provider["id"]}),
+            );
+        }
+        let set = zone.post(
+            &format!("{base}/policy-sets"),
+            serde_json::json!({"name": "main"}),
+        );
+        zone.sets = format!("{base}/policy-sets/{}", set["id"].as_str().unwrap());
+        zone
+    }
+
+    fn post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let auth = [("authorization", self.bearer.as_str())];
+        let response = request(self.api, "POST", path, &auth, &body.to_string());
+        assert!(
+            response.status < 300,
+            "{path}: {} {}",
+            response.status,
+            response.body
+        );
+        json_of(&response)
+    }
+
+    /// A new version of the set granting the application `resources` (with a unique policy
+    /// name per `n`), activated and loaded by the STS; returns the version id.
+    fn policy_set(&self, grants: &[(u32, &str)]) -> String {
+        let n = grants.first().map_or(0, |(n, _)| *n);
+        let app = &self.app_id;
+        let grants: Vec<String> = grants
+            .iter()
+            .map(|(_, resource)| {
+                format!(
+                    "\"{resource}\": {{\"application\": \"billing\", \"roles\": {{\"{app}\": [\"read\"]}}}}"
+                )
+            })
+            .collect();
+        let document = format!(
+            "# caracal:data-document\npackage caracal.authz\nimport rego.v1\napp_ids := {{\"billing\": \"{app}\"}}\ngrants := {{{}}}\n",
+            grants.join(", ")
+        );
+        let policy = self.post(
+            &format!("/v1/zones/{}/policies", self.id),
+            serde_json::json!({"name": format!("grants-{n}"), "content": document}),
+        );
+        let version = self.post(
+            &format!("{}/versions", self.sets),
+            serde_json::json!({"manifest": [{"policy_version_id": policy["version_id"]}]}),
+        );
+        let version_id = version["id"].as_str().unwrap().to_owned();
+        self.post(
+            &format!("{}/activate", self.sets),
+            serde_json::json!({"version_id": version_id}),
+        );
+        self.wait_loaded(&version_id);
+        version_id
+    }
+
+    fn wait_loaded(&self, version_id: &str) {
+        let auth = [("authorization", self.bearer.as_str())];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while json_of(&util::get(
+            self.api,
+            &format!("{}/activation-status?version_id={version_id}", self.sets),
+            &auth,
+        ))["propagation_status"]
+            != "loaded"
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the STS never loaded {version_id}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The bad-policy drill: a version that allows too much is active; `contain --policy
+/// last-known-good` puts the previous one back in force, and the STS confirms it loaded.
+#[test]
+fn bad_policy_drill_rolls_back_to_the_last_known_good_version() {
+    let (_parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(&home, &args);
+    let api = running.address("api");
+    assert_eq!(wait_ready(api).status, 200);
+    let zone = Provisioned::new(&home, api, &["resource://ledger", "resource://payroll"]);
+    let good = zone.policy_set(&[(1, "resource://ledger")]);
+    // The bad version also grants payroll.
+    let bad = zone.policy_set(&[(2, "resource://ledger"), (2, "resource://payroll")]);
+    let auth = [("authorization", zone.bearer.as_str())];
+    let active = || {
+        json_of(&util::get(
+            api,
+            &format!("{}/activation-status", zone.sets),
+            &auth,
+        ))
+    };
+    assert_eq!(active()["active_version_id"], bad.as_str());
+    let set_id = zone.sets.rsplit('/').next().unwrap().to_owned();
+    let contained = caracal(&home)
+        .args([
+            "incident",
+            "contain",
+            "--zone",
+            &zone.id,
+            "--policy",
+            "last-known-good",
+        ])
+        .args([
+            "--policy-set",
+            &set_id,
+            "--reason",
+            "payroll was opened by mistake",
+        ])
+        .output()
+        .unwrap();
+    assert!(contained.status.success(), "{}", text(&contained));
+    assert!(text(&contained).contains("policy rollback to last known good: done"));
+    assert_eq!(active()["active_version_id"], good.as_str());
+    zone.wait_loaded(&good);
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }
