@@ -480,6 +480,20 @@ impl Stack {
         let gateway = Arc::new(
             Gateway::new(config, exchanger, Arc::clone(&metrics)).map_err(StartError::Gateway)?,
         );
+        // The replica's group exists before the first snapshot is read, so a revocation
+        // published in between is in the snapshot or read from the stream, never lost.
+        if let Err(error) = self
+            .shared
+            .bus
+            .streams
+            .ensure_group_at_end(
+                caracal_bus::stream_names::SESSIONS_REVOKE,
+                &revocation::group_name(&replica),
+            )
+            .await
+        {
+            tracing::warn!(%error, "the revocation stream group could not be created yet; retrying in the consumer");
+        }
         // The first snapshot before serving: the Gateway is fresh from its first request (a
         // failure leaves it stale, refusing, until the loop's next attempt succeeds).
         if let Err(error) = gateway.revocations.reload(self.shared.store.as_ref()).await {

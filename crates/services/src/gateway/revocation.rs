@@ -220,6 +220,11 @@ pub async fn keep_confirmed(
     }
 }
 
+/// The consumer group of one Gateway replica on `caracal.sessions.revoke`.
+pub fn group_name(replica: &str) -> String {
+    format!("gateway-revocation:{replica}")
+}
+
 /// Applies `caracal.sessions.revoke` with this replica's own consumer group, so every replica
 /// sees every message. A message naming no anchor stays pending and is dead-lettered after
 /// five deliveries; forged ones are dead-lettered by the consumer.
@@ -233,7 +238,7 @@ pub async fn follow_stream(
 ) {
     let config = ConsumerConfig {
         stream: SESSIONS_REVOKE.to_owned(),
-        group: format!("gateway-revocation:{replica}"),
+        group: group_name(&replica),
         consumer: format!("gateway-{replica}"),
         batch: 50,
         block: Duration::from_millis(500),
