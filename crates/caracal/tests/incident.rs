@@ -661,6 +661,26 @@ fn bad_policy_drill_rolls_back_to_the_last_known_good_version() {
     assert!(text(&contained).contains("policy rollback to last known good: done"));
     assert_eq!(active()["active_version_id"], good.as_str());
     zone.wait_loaded(&good);
+    // The bad version is not remembered as good: a second rollback has nothing to go to.
+    let again = caracal(&home)
+        .args([
+            "incident",
+            "contain",
+            "--zone",
+            &zone.id,
+            "--policy",
+            "last-known-good",
+        ])
+        .args(["--policy-set", &set_id, "--reason", "again"])
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+    assert!(
+        text(&again).contains("no_last_known_good"),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(active()["active_version_id"], good.as_str());
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }

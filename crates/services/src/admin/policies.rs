@@ -738,11 +738,21 @@ async fn activate_version(
             fields: vec!["active_version_id"],
         },
     )?;
-    let binding = state
-        .shared
-        .store
-        .activate_policy_set_version(&set.zone_id, &version.id, &[invalidate, recorded])
-        .await?;
+    let store = state.shared.store.as_ref();
+    let binding = if action == "policy_set.rollback" {
+        store
+            .rollback_policy_set_version(&set.zone_id, &version.id, &[invalidate, recorded])
+            .await
+            .map_err(|error| match error {
+                // Another activation or rollback moved the binding meanwhile.
+                caracal_store::StoreError::NotFound(_) => ApiError::new(ErrorCode::NoLastKnownGood),
+                other => other.into(),
+            })?
+    } else {
+        store
+            .activate_policy_set_version(&set.zone_id, &version.id, &[invalidate, recorded])
+            .await?
+    };
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({

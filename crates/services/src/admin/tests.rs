@@ -1058,6 +1058,19 @@ async fn policies_activate_through_the_outbox_with_canaries_and_roll_back_to_las
     assert_eq!(got, StatusCode::ACCEPTED, "{rolled}");
     let (_, _, restored) = call(&app, "GET", &sets, w, "").await;
     assert_eq!(restored["active_version_id"], generous["id"]);
+    // The version rolled back from is not known good: nothing to return to until a new
+    // activation succeeds.
+    assert_eq!(
+        rolled["last_known_good_version_id"],
+        Value::Null,
+        "{rolled}"
+    );
+    let (got, _, again) = call(&app, "POST", &format!("{sets}/rollback"), w, "").await;
+    assert_eq!(
+        (got, again["error"].as_str()),
+        (StatusCode::CONFLICT, Some("no_last_known_good")),
+        "{again}"
+    );
 
     // A read token changes nothing.
     let (got, _, _) = call(&app, "POST", &format!("{sets}/rollback"), Some(&reader), "").await;

@@ -104,6 +104,15 @@ pub trait Policies: Send + Sync {
         version_id: &str,
         outbox: &[OutboxMessage],
     ) -> Result<PolicyBinding, StoreError>;
+    /// Rolls the zone back to `version_id` (its last known good): it becomes active and the
+    /// version rolled back from is *not* remembered as good, so a second rollback has nothing
+    /// to return to until a new activation succeeds.
+    async fn rollback_policy_set_version(
+        &self,
+        zone_id: &str,
+        version_id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<PolicyBinding, StoreError>;
     async fn policy_binding(&self, zone_id: &str) -> Result<Option<PolicyBinding>, StoreError>;
     /// Every zone's binding.
     async fn policy_bindings(&self) -> Result<Vec<PolicyBinding>, StoreError>;
@@ -391,6 +400,23 @@ impl<D: Db> Policies for D {
         )
         .must_change(not_found);
         let outcomes = self.atomic(with_outbox(upsert, outbox)).await?;
+        binding(first_row(&outcomes)?)
+    }
+
+    async fn rollback_policy_set_version(
+        &self,
+        zone_id: &str,
+        version_id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<PolicyBinding, StoreError> {
+        let update = Statement::new(
+            "UPDATE policy_bindings SET active_version_id = $2, previous_version_id = NULL, activated_at_ms = $3
+             WHERE zone_id = $1 AND previous_version_id = $2
+             RETURNING zone_id, policy_set_id, active_version_id, previous_version_id, activated_at_ms",
+            params![zone_id, version_id, now_ms()],
+        )
+        .must_change(not_found);
+        let outcomes = self.atomic(with_outbox(update, outbox)).await?;
         binding(first_row(&outcomes)?)
     }
 
