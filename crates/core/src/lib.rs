@@ -15,3 +15,11 @@ pub use error_code::ErrorCode;
 pub use readiness::{Check, Readiness};
 pub use request_id::RequestId;
 pub use role::{Role, UnknownRoleError};
+
+/// An id as the SDK sends it in paths and mandate claims: 1 to 128 of `A-Za-z0-9._:-`.
+pub fn is_plain_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b'-' | b':'))
+}

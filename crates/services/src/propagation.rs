@@ -8,10 +8,29 @@ pub const SESSIONS_REVOKE: &str = "caracal.sessions.revoke";
 /// The stream carrying each zone's new delegation graph epoch.
 pub const DELEGATIONS_INVALIDATE: &str = "caracal.delegations.invalidate";
 
+/// Every revoked authority record of `tree` as a `session_id` anchor (the subject kill switch,
+/// a zone's invalidation).
+pub fn record_revocations(tree: &TerminatedTree) -> Vec<OutboxMessage> {
+    tree.records
+        .iter()
+        .map(|record| OutboxMessage {
+            stream: SESSIONS_REVOKE.to_owned(),
+            fields: [
+                ("zone_id".to_owned(), tree.zone_id.clone()),
+                ("session_id".to_owned(), record.clone()),
+                ("reason".to_owned(), tree.reason.clone()),
+            ]
+            .into(),
+            dedupe_key: None,
+        })
+        .collect()
+}
+
 /// The propagation of a termination (`sdk-wire-contract.md` §6): per terminated session, a
 /// revoke message anchored on it (and on the edge that targeted it, if any); per revoked edge
 /// not already covered, one anchored on the edge; and the zone's new epoch.
 pub fn revocations(tree: &TerminatedTree) -> Vec<OutboxMessage> {
+    let mut messages = record_revocations(tree);
     let message = |fields: Vec<(&str, String)>| OutboxMessage {
         stream: SESSIONS_REVOKE.to_owned(),
         fields: fields
@@ -21,17 +40,6 @@ pub fn revocations(tree: &TerminatedTree) -> Vec<OutboxMessage> {
             .collect(),
         dedupe_key: None,
     };
-    // Every revoked authority record (the subject kill switch) as a `session_id` anchor.
-    let mut messages: Vec<OutboxMessage> = tree
-        .records
-        .iter()
-        .map(|record| {
-            message(vec![
-                ("session_id", record.clone()),
-                ("reason", tree.reason.clone()),
-            ])
-        })
-        .collect();
     messages.extend(tree.sessions.iter().map(|(session_id, _)| {
         let mut fields = vec![
             ("agent_session_id", session_id.clone()),

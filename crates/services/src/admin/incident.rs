@@ -180,43 +180,7 @@ async fn contain(
     request_id: Option<Extension<RequestId>>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    let request: Switches = json(&raw)?;
-    let reason = valid_reason(&request.reason)?;
-    for (kind, zone) in named(&request)? {
-        if zone.is_empty() {
-            caller.require(Access::Write, None)?;
-        } else {
-            live_zone(&state, &caller, &zone, Access::Write).await?;
-        }
-        let switch = Containment {
-            kind: kind.to_owned(),
-            zone_id: zone.clone(),
-            reason: reason.clone(),
-            actor: format!("admin:{}", caller.token_id),
-            since_ms: now_ms(),
-        };
-        let outbox = evidence(
-            &caller,
-            request_id.as_deref(),
-            "incident.contain",
-            kind,
-            &zone,
-            &reason,
-        )?;
-        state
-            .shared
-            .store
-            .set_containment(&switch, &[outbox])
-            .await?;
-    }
-    state
-        .shared
-        .containment
-        .refresh(state.shared.store.as_ref())
-        .await?;
-    tracing::warn!(reason = %reason, "incident containment switched on");
-    Ok(Json(body(&state)))
+    switch(&state, &headers, request_id.as_deref(), &raw, true).await
 }
 
 async fn release(
@@ -225,31 +189,51 @@ async fn release(
     request_id: Option<Extension<RequestId>>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    let request: Switches = json(&raw)?;
+    switch(&state, &headers, request_id.as_deref(), &raw, false).await
+}
+
+/// Turns the named switches on or off, each with its audit event in its own transaction;
+/// switching off what is off changes nothing. A zone's switch is turned on only for a live
+/// zone, and off for any zone the token may act on.
+async fn switch(
+    state: &RoleState,
+    headers: &http::HeaderMap,
+    request_id: Option<&RequestId>,
+    raw: &[u8],
+    on: bool,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(state, headers).await?;
+    let request: Switches = json(raw)?;
     let reason = valid_reason(&request.reason)?;
+    let action = if on {
+        "incident.contain"
+    } else {
+        "incident.release"
+    };
     for (kind, zone) in named(&request)? {
         if zone.is_empty() {
             caller.require(Access::Write, None)?;
+        } else if on {
+            live_zone(state, &caller, &zone, Access::Write).await?;
         } else {
             caller.require(Access::Write, Some(&zone))?;
         }
-        let outbox = evidence(
-            &caller,
-            request_id.as_deref(),
-            "incident.release",
-            kind,
-            &zone,
-            &reason,
-        )?;
-        match state
-            .shared
-            .store
-            .clear_containment(kind, &zone, &[outbox])
-            .await
-        {
-            Ok(()) | Err(caracal_store::StoreError::NotFound(_)) => {}
-            Err(other) => return Err(other.into()),
+        let outbox = evidence(&caller, request_id, action, kind, &zone, &reason)?;
+        let store = state.shared.store.as_ref();
+        if on {
+            let switch = Containment {
+                kind: kind.to_owned(),
+                zone_id: zone.clone(),
+                reason: reason.clone(),
+                actor: format!("admin:{}", caller.token_id),
+                since_ms: now_ms(),
+            };
+            store.set_containment(&switch, &[outbox]).await?;
+        } else {
+            match store.clear_containment(kind, &zone, &[outbox]).await {
+                Ok(()) | Err(caracal_store::StoreError::NotFound(_)) => {}
+                Err(other) => return Err(other.into()),
+            }
         }
     }
     state
@@ -257,8 +241,8 @@ async fn release(
         .containment
         .refresh(state.shared.store.as_ref())
         .await?;
-    tracing::warn!(reason = %reason, "incident containment switched off");
-    Ok(Json(body(&state)))
+    tracing::warn!(reason = %reason, on, "incident containment switched");
+    Ok(Json(body(state)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -478,7 +462,11 @@ async fn invalidate_zone(
     let records = state
         .shared
         .store
-        .revoke_zone_authority(&zone_id, "sessions_invalidated")
+        .revoke_zone_authority(
+            &zone_id,
+            "sessions_invalidated",
+            crate::propagation::record_revocations,
+        )
         .await?;
     Ok(Json(json!({
         "terminated_sessions": sessions,

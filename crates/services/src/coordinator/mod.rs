@@ -77,10 +77,7 @@ pub fn routes() -> Router<RoleState> {
 
 /// Ids in paths: what the SDK sends and the reference accepts.
 pub(super) fn valid_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b'-' | b':'))
+    caracal_core::is_plain_id(id)
 }
 
 pub(super) fn invalid(description: impl Into<String>) -> ApiError {

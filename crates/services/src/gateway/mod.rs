@@ -332,14 +332,6 @@ fn peek(token: &str) -> Option<Peek> {
     (claims.exp != 0).then_some(claims)
 }
 
-/// `^[A-Za-z0-9._:-]{1,128}$`
-fn plain_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-}
-
 /// A path that could reach somewhere else once decoded: decoded repeatedly until stable, any
 /// malformed escape, backslash, NUL, or `.`/`..` segment at any stage counts.
 pub fn is_traversal(path: &str) -> bool {
@@ -490,13 +482,13 @@ async fn checked(
             invalid(StatusCode::BAD_REQUEST, "missing routing headers"),
         ));
     }
-    if !plain_id(&peeked.zone_id) {
+    if !caracal_core::is_plain_id(&peeked.zone_id) {
         return Err((
             "bad_routing",
             invalid(StatusCode::UNAUTHORIZED, "missing token zone"),
         ));
     }
-    if !plain_id(&peeked.client_id) {
+    if !caracal_core::is_plain_id(&peeked.client_id) {
         return Err((
             "bad_routing",
             invalid(StatusCode::UNAUTHORIZED, "missing token client"),

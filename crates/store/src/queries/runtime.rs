@@ -65,11 +65,12 @@ pub trait Runtime: Send + Sync {
 
     /// Revokes every active authority record of the zone (a signing key was exposed: nothing
     /// minted under it may be used), with one `caracal.sessions.revoke` message per record in
-    /// the same transaction. Returns the revoked ids.
+    /// the same transaction (what `outbox` builds from the revoked records). Returns their ids.
     async fn revoke_zone_authority(
         &self,
         zone_id: &str,
         reason: &str,
+        outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
     ) -> Result<Vec<String>, StoreError>;
 
     async fn create_session(
@@ -542,6 +543,16 @@ fn receipt_insert(r: &IdempotencyReceipt) -> Statement {
     .must_change(|| StoreError::Conflict("a live receipt exists for this idempotency key".into()))
 }
 
+/// The first column of an outcome's rows (none for a missing outcome).
+fn first_column(outcome: Option<&Outcome>) -> Result<Vec<String>, StoreError> {
+    outcome
+        .map(|outcome| outcome.rows.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|row| row.text(0))
+        .collect()
+}
+
 fn pairs_of(rows: &[Row]) -> Result<Vec<(String, String)>, StoreError> {
     rows.iter()
         .map(|row| Ok((row.text(0)?, row.text(1)?)))
@@ -615,10 +626,7 @@ async fn cascade<D: Db + ?Sized>(
                 )
             };
             let records = if first_revokes_records {
-                outcomes
-                    .first()
-                    .map(|outcome| outcome.rows.iter().map(|row| row.text(0)).collect())
-                    .unwrap_or(Ok(Vec::new()))?
+                first_column(outcomes.first())?
             } else {
                 Vec::new()
             };
@@ -731,6 +739,7 @@ impl<D: Db> Runtime for D {
         &self,
         zone_id: &str,
         reason: &str,
+        outbox: for<'t> fn(&'t TerminatedTree) -> Vec<OutboxMessage>,
     ) -> Result<Vec<String>, StoreError> {
         let update = Statement::new(
             "UPDATE authority_records SET status = 'revoked', revoked_at_ms = $2, revoked_reason = $3
@@ -742,37 +751,17 @@ impl<D: Db> Runtime for D {
             .atomic_with(
                 vec![update],
                 Box::new(move |outcomes: &[Outcome]| {
-                    let ids: Vec<String> = outcomes
-                        .first()
-                        .map(|outcome| outcome.rows.as_slice())
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|row| row.text(0))
-                        .collect::<Result<_, _>>()?;
-                    let messages: Vec<OutboxMessage> = ids
-                        .iter()
-                        .map(|id| OutboxMessage {
-                            stream: "caracal.sessions.revoke".to_owned(),
-                            fields: [
-                                ("zone_id".to_owned(), zone.clone()),
-                                ("session_id".to_owned(), id.clone()),
-                                ("reason".to_owned(), why.clone()),
-                            ]
-                            .into(),
-                            dedupe_key: Some(format!("zone-authority-revoke:{id}")),
-                        })
-                        .collect();
-                    Ok(enqueue(&messages, now_ms()))
+                    let tree = TerminatedTree {
+                        zone_id: zone,
+                        reason: why,
+                        records: first_column(outcomes.first())?,
+                        ..TerminatedTree::default()
+                    };
+                    Ok(enqueue(&outbox(&tree), now_ms()))
                 }),
             )
             .await?;
-        outcomes
-            .first()
-            .map(|outcome| outcome.rows.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .map(|row| row.text(0))
-            .collect()
+        first_column(outcomes.first())
     }
 
     async fn revoke_authority_record(
@@ -1020,15 +1009,7 @@ impl<D: Db> Runtime for D {
                 ),
             ])
             .await?;
-        let ids = |index: usize| -> Result<Vec<String>, StoreError> {
-            outcomes
-                .get(index)
-                .map(|outcome| outcome.rows.as_slice())
-                .unwrap_or_default()
-                .iter()
-                .map(|row| row.text(0))
-                .collect()
-        };
+        let ids = |index: usize| first_column(outcomes.get(index));
         Ok(RevokedAnchors {
             records: ids(0)?,
             sessions: ids(1)?,
