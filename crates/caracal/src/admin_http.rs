@@ -31,32 +31,54 @@ async fn call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<(hyper::StatusCode, serde_json::Value)> {
-    use http_body_util::{BodyExt as _, Full};
-    use hyper::body::Bytes;
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-
     let token_path = token_file.map_or_else(
         || settings.home.join(caracal_store::ADMIN_TOKEN_FILE),
         ToOwned::to_owned,
     );
     let token = std::fs::read_to_string(&token_path)
         .with_context(|| format!("admin token {}", token_path.display()))?;
+    let bearer = format!("Bearer {}", token.trim());
     let address = crate::status::api_address(settings);
-    let request = hyper::Request::builder()
+    send(
+        address,
+        method,
+        path,
+        &[
+            ("authorization", bearer.as_str()),
+            ("content-type", "application/json"),
+        ],
+        body.map(|body| body.to_string()).unwrap_or_default(),
+    )
+    .await
+    .with_context(|| format!("the API role at {address}"))
+}
+
+/// One request to a role at `address` (10 s at most): the answer's status and its JSON body
+/// (null when the body is not JSON).
+pub async fn send(
+    address: std::net::SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: String,
+) -> anyhow::Result<(hyper::StatusCode, serde_json::Value)> {
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::body::Bytes;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let mut request = hyper::Request::builder()
         .method(method)
-        .uri(format!("http://{address}{path}"))
-        .header("authorization", format!("Bearer {}", token.trim()))
-        .header("content-type", "application/json")
-        .body(Full::new(body.map_or_else(Bytes::new, |body| {
-            Bytes::from(body.to_string())
-        })))?;
+        .uri(format!("http://{address}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(Bytes::from(body)))?;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let response =
         tokio::time::timeout(std::time::Duration::from_secs(10), client.request(request))
             .await
-            .context("the API role did not answer in 10 s")?
-            .with_context(|| format!("the API role at {address}"))?;
+            .with_context(|| format!("{address} did not answer in 10 s"))??;
     let status = response.status();
     let bytes = response.into_body().collect().await?.to_bytes();
     Ok((status, serde_json::from_slice(&bytes).unwrap_or_default()))

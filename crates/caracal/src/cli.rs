@@ -112,7 +112,8 @@ pub struct Overrides {
     /// [env: CARACAL_GATEWAY_STREAM_IDLE_TIMEOUT_SECONDS] [default: 60]
     #[arg(long, global = true, value_name = "SECONDS")]
     pub gateway_stream_idle_timeout_seconds: Option<String>,
-    /// Seconds after which an unconfirmed revocation view refuses every call
+    /// Seconds after which a revocation view not confirmed by the store, or whose stream was
+    /// not read, refuses every call
     /// [env: CARACAL_GATEWAY_REVOCATION_FRESHNESS_SECONDS] [default: 70]
     #[arg(long, global = true, value_name = "SECONDS")]
     pub gateway_revocation_freshness_seconds: Option<String>,

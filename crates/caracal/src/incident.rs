@@ -379,11 +379,6 @@ async fn validate(
         1000.0,
     );
     bound(
-        "gateway revocation view fresh",
-        "caracal_gateway_revocation_snapshot_age_seconds",
-        70.0,
-    );
-    bound(
         "gateway STS circuit closed",
         "caracal_gateway_sts_circuit_state",
         0.0,
@@ -393,6 +388,23 @@ async fn validate(
         "caracal_sts_policy_bundle_age_seconds",
         300.0,
     );
+    if let Some(fresh) = metrics.get("caracal_gateway_revocation_snapshot_fresh") {
+        checks.push(Check {
+            name: "gateway revocation view fresh".to_owned(),
+            ok: *fresh >= 1.0,
+            evidence: format!(
+                "caracal_gateway_revocation_snapshot_fresh = {fresh} (store age {} s, stream age {} s)",
+                metrics
+                    .get("caracal_gateway_revocation_snapshot_age_seconds")
+                    .copied()
+                    .unwrap_or(f64::NAN),
+                metrics
+                    .get("caracal_gateway_revocation_stream_age_seconds")
+                    .copied()
+                    .unwrap_or(f64::NAN)
+            ),
+        });
+    }
     for (name, value) in metrics.iter().filter(|(name, _)| {
         name.ends_with("_audit_replay_files") || name.ends_with("_audit_evidence_lost_total")
     }) {
@@ -435,6 +447,25 @@ async fn validate(
         .map(|(_, address)| *address);
     if let (Some(zone), Some(sts)) = (canary.zone.as_deref(), sts) {
         canary_checks(&mut checks, canary, zone, sts).await;
+    }
+    let address_of = |wanted: caracal_core::Role| {
+        targets
+            .iter()
+            .find(|(role, _)| *role == wanted)
+            .map(|(_, address)| *address)
+    };
+    if let (Some(zone), Some(sts), Some(coordinator), Some(gateway)) = (
+        canary.zone.as_deref(),
+        sts,
+        address_of(caracal_core::Role::Coordinator),
+        address_of(caracal_core::Role::Gateway),
+    ) {
+        let roles = Roles {
+            sts,
+            coordinator,
+            gateway,
+        };
+        gateway_canaries(&mut checks, canary, zone, &roles, settings, token_file).await;
     }
     let ok = checks.iter().all(|check| check.ok);
     if as_json {
@@ -539,21 +570,299 @@ async fn post_form(
     path: &str,
     form: String,
 ) -> anyhow::Result<(u16, Value)> {
-    use http_body_util::{BodyExt as _, Full};
-    use hyper::body::Bytes;
-    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
-    let request = hyper::Request::post(format!("http://{address}{path}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(Full::new(Bytes::from(form)))?;
-    let response =
-        tokio::time::timeout(std::time::Duration::from_secs(10), client.request(request))
-            .await
-            .context("the STS did not answer in 10 s")??;
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, serde_json::from_slice(&body).unwrap_or_default()))
+    let (status, body) = admin_http::send(
+        address,
+        hyper::Method::POST,
+        path,
+        &[("content-type", "application/x-www-form-urlencoded")],
+        form,
+    )
+    .await?;
+    Ok((status.as_u16(), body))
+}
+
+/// The roles a Gateway canary goes through.
+struct Roles {
+    sts: std::net::SocketAddr,
+    coordinator: std::net::SocketAddr,
+    gateway: std::net::SocketAddr,
+}
+
+/// A refusal by the Gateway itself (its error body carries `requestId`), not an upstream's
+/// answer and not an upstream the Gateway could not reach after authorising the call.
+fn refused_by_gateway(answer: &(u16, Value)) -> bool {
+    let (status, body) = answer;
+    body.get("error").is_some() && body.get("requestId").is_some() && !matches!(status, 502 | 504)
+}
+
+/// As an agent would, through the Coordinator, the STS and the Gateway: a delegated mandate
+/// is let through; once its session is terminated, another mandate of that session is not.
+async fn gateway_canaries(
+    checks: &mut Vec<Check>,
+    canary: &Canary,
+    zone: &str,
+    roles: &Roles,
+    settings: &Settings,
+    token_file: Option<&std::path::Path>,
+) {
+    const ALLOWED: &str = "canary call authorised by the Gateway";
+    const REVOKED: &str = "terminated session refused at the Gateway";
+    let (Some(app), Some(secret), Some(resource)) = (
+        canary.app.as_deref(),
+        canary.secret.as_deref(),
+        canary.resource.as_deref(),
+    ) else {
+        return;
+    };
+    let describe = |answer: &anyhow::Result<(u16, Value)>| match answer {
+        Ok((status, body)) => format!(
+            "{status} {}",
+            body.get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("from the upstream")
+        ),
+        Err(error) => format!("{error:#}"),
+    };
+    let delegated = delegated_mandates(roles, zone, app, secret, resource, settings, token_file);
+    let (mandates, path, target, bearer) = match delegated.await {
+        Ok(delegated) => delegated,
+        Err(error) => {
+            checks.push(Check {
+                name: ALLOWED.to_owned(),
+                ok: false,
+                evidence: format!("{error:#}"),
+            });
+            return;
+        }
+    };
+    let call = |mandate: &str| {
+        let bearer = format!("Bearer {mandate}");
+        let path = path.clone();
+        async move {
+            let headers = [
+                ("authorization", bearer.as_str()),
+                ("x-caracal-resource", resource),
+            ];
+            let (status, body) = admin_http::send(
+                roles.gateway,
+                hyper::Method::GET,
+                &path,
+                &headers,
+                String::new(),
+            )
+            .await?;
+            Ok((status.as_u16(), body))
+        }
+    };
+    let mut mandates = mandates.iter();
+    let first = match mandates.next() {
+        Some(mandate) => call(mandate).await,
+        None => Err(anyhow::anyhow!("no mandate minted")),
+    };
+    checks.push(Check {
+        name: ALLOWED.to_owned(),
+        ok: first
+            .as_ref()
+            .is_ok_and(|answer| !refused_by_gateway(answer)),
+        evidence: describe(&first),
+    });
+    let terminate = format!("/zones/{zone}/agents/{target}?reason=incident_validate");
+    let auth = format!("Bearer {bearer}");
+    let ended = admin_http::send(
+        roles.coordinator,
+        hyper::Method::DELETE,
+        &terminate,
+        &[("authorization", auth.as_str())],
+        String::new(),
+    )
+    .await;
+    if !ended.as_ref().is_ok_and(|(status, _)| status.is_success()) {
+        checks.push(Check {
+            name: REVOKED.to_owned(),
+            ok: false,
+            evidence: format!("the session could not be terminated: {ended:?}"),
+        });
+        return;
+    }
+    // The revocation reaches the Gateway within moments: one fresh mandate per try.
+    let started = std::time::Instant::now();
+    let mut last = Err(anyhow::anyhow!("no mandate left to try"));
+    for mandate in mandates {
+        last = call(mandate).await;
+        if last.as_ref().is_ok_and(refused_by_gateway) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    checks.push(Check {
+        name: REVOKED.to_owned(),
+        ok: last.as_ref().is_ok_and(refused_by_gateway),
+        evidence: format!(
+            "{} {} ms after the termination",
+            describe(&last),
+            started.elapsed().as_millis()
+        ),
+    });
+}
+
+/// Two sessions of `app` (labelled with its id) and a delegation between them for the
+/// resource's first scope, then
+/// six one-shot `use=gateway` mandates for the target session; returns them with the path to
+/// call, the target session and the lifecycle mandate that can terminate it.
+async fn delegated_mandates(
+    roles: &Roles,
+    zone: &str,
+    app: &str,
+    secret: &str,
+    resource: &str,
+    settings: &Settings,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<(Vec<String>, String, String, String)> {
+    let (_, resources) = admin_http::get(
+        settings,
+        token_file,
+        &format!("/v1/zones/{zone}/resources?limit=500"),
+    )
+    .await?;
+    let item = resources
+        .get("items")
+        .and_then(Value::as_array)
+        .and_then(|items| {
+            items
+                .iter()
+                .find(|item| item.get("identifier").and_then(Value::as_str) == Some(resource))
+        })
+        .with_context(|| format!("no resource `{resource}` in zone `{zone}`"))?;
+    let (path, scope) = canary_operation(item)
+        .with_context(|| format!("`{resource}` declares no GET operation for the canary"))?;
+    let token = |extra: Vec<(&'static str, String)>| {
+        let mut form = vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange".to_owned(),
+            ),
+            ("zone_id", zone.to_owned()),
+            ("application_id", app.to_owned()),
+            ("client_secret", secret.to_owned()),
+            ("resource", resource.to_owned()),
+        ];
+        form.extend(extra);
+        async move {
+            let form = serde_urlencoded::to_string(&form)?;
+            match post_form(roles.sts, "/oauth/2/token", form).await? {
+                (200, body) => body
+                    .get("access_token")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .context("no access_token"),
+                (status, body) => bail!(
+                    "the STS refused the canary mint: {status} {} ({})",
+                    admin_http::error_code(&body),
+                    body.get("error_description")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                ),
+            }
+        }
+    };
+    let lifecycle = token(vec![("scope", "agent:lifecycle".to_owned())]).await?;
+    let auth = format!("Bearer {lifecycle}");
+    let coordinator = |path: String, body: Value| {
+        let auth = auth.clone();
+        async move {
+            let headers = [
+                ("authorization", auth.as_str()),
+                ("content-type", "application/json"),
+            ];
+            let (status, answer) = admin_http::send(
+                roles.coordinator,
+                hyper::Method::POST,
+                &path,
+                &headers,
+                body.to_string(),
+            )
+            .await?;
+            if !status.is_success() {
+                bail!(
+                    "the Coordinator refused {path}: {} {}",
+                    status.as_u16(),
+                    admin_http::error_code(&answer)
+                );
+            }
+            answer
+                .get("agent_session_id")
+                .or_else(|| answer.get("id"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .with_context(|| format!("no id in the answer to {path}: {answer}"))
+        }
+    };
+    let agents = format!("/zones/{zone}/agents");
+    // Labelled with the application's id: the role the grants of `ensure_grants` name.
+    let session = json!({ "application_id": app, "labels": [app], "metadata": {"purpose": "incident validate canary"} });
+    let source = coordinator(agents.clone(), session.clone()).await?;
+    let target = coordinator(agents, session).await?;
+    let edge = coordinator(
+        format!("/zones/{zone}/delegations"),
+        json!({
+            "issuer_application_id": app,
+            "source_session_id": source,
+            "target_session_id": target,
+            "receiver_application_id": app,
+            "scopes": [scope],
+            "resource_id": resource,
+            "ttl_seconds": 300,
+        }),
+    )
+    .await?;
+    let mut mandates = Vec::new();
+    for _ in 0..6 {
+        mandates.push(
+            token(vec![
+                ("scope", scope.clone()),
+                ("agent_session_id", target.clone()),
+                ("delegation_edge_id", edge.clone()),
+            ])
+            .await?,
+        );
+    }
+    Ok((mandates, path, target, lifecycle))
+}
+
+/// What the canary calls: the resource's first declared `GET` operation, or `GET /` with its
+/// first scope when operations are not enforced. Never a method that could change anything.
+fn canary_operation(resource: &Value) -> Option<(String, String)> {
+    let get = resource
+        .get("operations")
+        .and_then(Value::as_array)
+        .and_then(|operations| {
+            operations.iter().find(|operation| {
+                operation
+                    .get("method")
+                    .and_then(Value::as_str)
+                    .is_some_and(|method| method.eq_ignore_ascii_case("GET"))
+            })
+        })
+        .and_then(|operation| {
+            Some((
+                operation.get("path")?.as_str()?.to_owned(),
+                operation.get("scope")?.as_str()?.to_owned(),
+            ))
+        });
+    let enforced = resource
+        .get("operation_enforcement")
+        .and_then(Value::as_str)
+        == Some("enforced");
+    get.or_else(|| {
+        (!enforced)
+            .then(|| {
+                resource
+                    .pointer("/scopes/0")?
+                    .as_str()
+                    .map(|scope| ("/".to_owned(), scope.to_owned()))
+            })
+            .flatten()
+    })
 }
 
 async fn get_json(address: std::net::SocketAddr, path: &str) -> anyhow::Result<Value> {

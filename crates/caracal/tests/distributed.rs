@@ -13,23 +13,10 @@ mod util;
 
 use std::process::Command;
 
-use util::{Running, free_ports, fresh_home, wait_ready};
+use util::{Running, external_backends, free_ports, fresh_home, wait_ready};
 
 const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const REDIS_URL: &str = "redis://127.0.0.1:6379";
-
-fn external_backends() -> bool {
-    let in_ci = std::env::var("CI").is_ok_and(|value| value == "true");
-    let opted_out = std::env::var("CARACAL_TEST_SKIP_EXTERNAL").is_ok_and(|value| value == "1");
-    assert!(
-        !(in_ci && opted_out),
-        "CARACAL_TEST_SKIP_EXTERNAL is refused when CI=true"
-    );
-    if opted_out {
-        eprintln!("SKIPPED: needs PostgreSQL and Redis (CARACAL_TEST_SKIP_EXTERNAL=1)");
-    }
-    !opted_out
-}
 
 /// Drops the test's schema when the test ends, however it ends.
 struct Schema(String);

@@ -13,7 +13,7 @@ mod util;
 
 use std::time::{Duration, Instant};
 
-use util::{Running, caracal, free_ports, fresh_home, request, wait_ready};
+use util::{Provisioned, Running, caracal, free_ports, fresh_home, json_of, request, wait_ready};
 
 fn text(output: &std::process::Output) -> String {
     format!(
@@ -255,10 +255,6 @@ fn contain_freeze_status_release_and_the_timeline_of_a_zone() {
     assert!(exit.success());
 }
 
-fn json_of(response: &util::Response) -> serde_json::Value {
-    serde_json::from_str(&response.body).unwrap_or(serde_json::Value::Null)
-}
-
 /// The secret-exposure drill: canaries pass, the application's secret and the zone's signing
 /// key are rotated with everything minted under them revoked, and `validate` proves the old
 /// secret and the old key no longer work while the new secret does.
@@ -346,6 +342,8 @@ fn secret_exposure_drill_rotates_and_proves_the_old_material_dead() {
     for expected in [
         "canary exchange allowed",
         "canary exchange with a wrong secret denied",
+        "canary call authorised by the Gateway",
+        "terminated session refused at the Gateway",
         "exposed secret no longer authenticates",
         "rotated signing key no longer published",
     ] {
@@ -501,121 +499,6 @@ fn audit_tamper_drill_detects_contains_preserves_and_validates() {
 
 /// A zone provisioned through the API of a running stack: an application (and its secret),
 /// resources, and a policy set whose versions grant the application some of them.
-struct Provisioned {
-    api: std::net::SocketAddr,
-    bearer: String,
-    id: String,
-    app_id: String,
-    secret: String,
-    sets: String,
-}
-
-impl Provisioned {
-    fn new(home: &std::path::Path, api: std::net::SocketAddr, resources: &[&str]) -> Provisioned {
-        let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
-        let mut zone = Provisioned {
-            api,
-            bearer: format!("Bearer {}", token.trim()),
-            id: String::new(),
-            app_id: String::new(),
-            secret: String::new(),
-            sets: String::new(),
-        };
-        zone.id = zone.post("/v1/zones", serde_json::json!({"name": "drill"}))["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let base = format!("/v1/zones/{}", zone.id);
-        let app = zone.post(
-            &format!("{base}/applications"),
-            serde_json::json!({"name": "billing", "registration_method": "managed"}),
-        );
-        zone.app_id = app["id"].as_str().unwrap().to_owned();
-        zone.secret = app["client_secret"].as_str().unwrap().to_owned();
-        let provider = zone.post(
-            &format!("{base}/providers"),
-            serde_json::json!({"name": "none", "identifier": "provider://none", "kind": "none"}),
-        );
-        for (n, identifier) in resources.iter().enumerate() {
-            zone.post(
-                &format!("{base}/resources"),
-                serde_json::json!({"name": format!("r{n}"), "identifier": identifier, "scopes": ["read"],
-                    "upstream_url": "http://127.0.0.1:9/api", "credential_provider_id": provider["id"]}),
-            );
-        }
-        let set = zone.post(
-            &format!("{base}/policy-sets"),
-            serde_json::json!({"name": "main"}),
-        );
-        zone.sets = format!("{base}/policy-sets/{}", set["id"].as_str().unwrap());
-        zone
-    }
-
-    fn post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
-        let auth = [("authorization", self.bearer.as_str())];
-        let response = request(self.api, "POST", path, &auth, &body.to_string());
-        assert!(
-            response.status < 300,
-            "{path}: {} {}",
-            response.status,
-            response.body
-        );
-        json_of(&response)
-    }
-
-    /// A new version of the set granting the application `resources` (with a unique policy
-    /// name per `n`), activated and loaded by the STS; returns the version id.
-    fn policy_set(&self, grants: &[(u32, &str)]) -> String {
-        let n = grants.first().map_or(0, |(n, _)| *n);
-        let app = &self.app_id;
-        let grants: Vec<String> = grants
-            .iter()
-            .map(|(_, resource)| {
-                format!(
-                    "\"{resource}\": {{\"application\": \"billing\", \"roles\": {{\"{app}\": [\"read\"]}}}}"
-                )
-            })
-            .collect();
-        let document = format!(
-            "# caracal:data-document\npackage caracal.authz\nimport rego.v1\napp_ids := {{\"billing\": \"{app}\"}}\ngrants := {{{}}}\n",
-            grants.join(", ")
-        );
-        let policy = self.post(
-            &format!("/v1/zones/{}/policies", self.id),
-            serde_json::json!({"name": format!("grants-{n}"), "content": document}),
-        );
-        let version = self.post(
-            &format!("{}/versions", self.sets),
-            serde_json::json!({"manifest": [{"policy_version_id": policy["version_id"]}]}),
-        );
-        let version_id = version["id"].as_str().unwrap().to_owned();
-        self.post(
-            &format!("{}/activate", self.sets),
-            serde_json::json!({"version_id": version_id}),
-        );
-        self.wait_loaded(&version_id);
-        version_id
-    }
-
-    fn wait_loaded(&self, version_id: &str) {
-        let auth = [("authorization", self.bearer.as_str())];
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while json_of(&util::get(
-            self.api,
-            &format!("{}/activation-status?version_id={version_id}", self.sets),
-            &auth,
-        ))["propagation_status"]
-            != "loaded"
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the STS never loaded {version_id}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
 /// The bad-policy drill: a version that allows too much is active; `contain --policy
 /// last-known-good` puts the previous one back in force, and the STS confirms it loaded.
 #[test]

@@ -192,6 +192,8 @@ fn a_lone_gateway_without_its_sts_is_not_ready_and_exposes_its_alert_gauges() {
     for name in [
         "caracal_gateway_sts_circuit_state 0",
         "caracal_gateway_revocation_snapshot_age_seconds",
+        "caracal_gateway_revocation_stream_age_seconds",
+        "caracal_gateway_revocation_snapshot_fresh 1",
         "caracal_gateway_revocation_propagation_lag_seconds",
         "caracal_gateway_requests_total",
     ] {

@@ -482,7 +482,7 @@ impl Stack {
         );
         // The replica's group exists before the first snapshot is read, so a revocation
         // published in between is in the snapshot or read from the stream, never lost.
-        if let Err(error) = self
+        match self
             .shared
             .bus
             .streams
@@ -492,7 +492,10 @@ impl Stack {
             )
             .await
         {
-            tracing::warn!(%error, "the revocation stream group could not be created yet; retrying in the consumer");
+            Ok(()) => gateway.revocations.stream_followed(),
+            Err(error) => {
+                tracing::warn!(%error, "the revocation stream group could not be created yet; retrying in the consumer");
+            }
         }
         // The first snapshot before serving: the Gateway is fresh from its first request (a
         // failure leaves it stale, refusing, until the loop's next attempt succeeds).

@@ -301,3 +301,204 @@ pub fn sdk_python() -> PathBuf {
     let stdout = String::from_utf8(output.stdout).unwrap();
     PathBuf::from(stdout.lines().last().expect("the venv path")).join("bin/python")
 }
+
+/// A loopback TCP relay to a backend that a drill cuts and restores, like a network partition
+/// between one process and its Redis, PostgreSQL or STS.
+pub struct Relay {
+    pub port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    live: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    pub fn start(target: SocketAddr) -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let relay = Relay {
+            port,
+            open: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            live: std::sync::Arc::default(),
+        };
+        let (open, live) = (relay.open.clone(), relay.live.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let server = if open.load(Ordering::SeqCst) {
+                    TcpStream::connect(target).ok()
+                } else {
+                    None
+                };
+                let Some(server) = server else {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                };
+                let mut tracked = live.lock().unwrap();
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+                        continue;
+                    };
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                tracked.extend([client, server]);
+            }
+        });
+        relay
+    }
+
+    /// Drops every open connection and refuses new ones until [`restore`](Self::restore).
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for stream in self.live.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Whether the tests that need PostgreSQL and Redis run: always under `CI=true`; outside CI
+/// `CARACAL_TEST_SKIP_EXTERNAL=1` skips them, loudly.
+pub fn external_backends() -> bool {
+    let in_ci = std::env::var("CI").is_ok_and(|value| value == "true");
+    let opted_out = std::env::var("CARACAL_TEST_SKIP_EXTERNAL").is_ok_and(|value| value == "1");
+    assert!(
+        !(in_ci && opted_out),
+        "CARACAL_TEST_SKIP_EXTERNAL is refused when CI=true"
+    );
+    if opted_out {
+        eprintln!("SKIPPED: needs PostgreSQL and Redis (CARACAL_TEST_SKIP_EXTERNAL=1)");
+    }
+    !opted_out
+}
+
+pub fn json_of(response: &Response) -> serde_json::Value {
+    serde_json::from_str(&response.body).unwrap_or(serde_json::Value::Null)
+}
+
+/// A zone provisioned through the API for a drill: an application (`billing`, with its
+/// secret), a `none` provider, resources with a `GET /entries` operation, and a policy set.
+pub struct Provisioned {
+    pub api: std::net::SocketAddr,
+    pub bearer: String,
+    pub id: String,
+    pub app_id: String,
+    pub secret: String,
+    pub sets: String,
+}
+
+impl Provisioned {
+    pub fn new(
+        home: &std::path::Path,
+        api: std::net::SocketAddr,
+        resources: &[&str],
+    ) -> Provisioned {
+        let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+        let mut zone = Provisioned {
+            api,
+            bearer: format!("Bearer {}", token.trim()),
+            id: String::new(),
+            app_id: String::new(),
+            secret: String::new(),
+            sets: String::new(),
+        };
+        zone.id = zone.post("/v1/zones", serde_json::json!({"name": "drill"}))["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let base = format!("/v1/zones/{}", zone.id);
+        let app = zone.post(
+            &format!("{base}/applications"),
+            serde_json::json!({"name": "billing", "registration_method": "managed"}),
+        );
+        zone.app_id = app["id"].as_str().unwrap().to_owned();
+        zone.secret = app["client_secret"].as_str().unwrap().to_owned();
+        let provider = zone.post(
+            &format!("{base}/providers"),
+            serde_json::json!({"name": "none", "identifier": "provider://none", "kind": "none"}),
+        );
+        for (n, identifier) in resources.iter().enumerate() {
+            zone.post(
+                &format!("{base}/resources"),
+                serde_json::json!({"name": format!("r{n}"), "identifier": identifier, "scopes": ["read"],
+                    "upstream_url": "http://127.0.0.1:9/api", "credential_provider_id": provider["id"],
+                    "operations": [{"method": "GET", "path": "/entries", "scope": "read"}]}),
+            );
+        }
+        let set = zone.post(
+            &format!("{base}/policy-sets"),
+            serde_json::json!({"name": "main"}),
+        );
+        zone.sets = format!("{base}/policy-sets/{}", set["id"].as_str().unwrap());
+        zone
+    }
+
+    pub fn post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let auth = [("authorization", self.bearer.as_str())];
+        let response = request(self.api, "POST", path, &auth, &body.to_string());
+        assert!(
+            response.status < 300,
+            "{path}: {} {}",
+            response.status,
+            response.body
+        );
+        json_of(&response)
+    }
+
+    /// A new version of the set granting the application `resources` (with a unique policy
+    /// name per `n`), activated and loaded by the STS; returns the version id.
+    pub fn policy_set(&self, grants: &[(u32, &str)]) -> String {
+        let n = grants.first().map_or(0, |(n, _)| *n);
+        let app = &self.app_id;
+        let grants: Vec<String> = grants
+            .iter()
+            .map(|(_, resource)| {
+                format!(
+                    "\"{resource}\": {{\"application\": \"billing\", \"roles\": {{\"{app}\": [\"read\"]}}}}"
+                )
+            })
+            .collect();
+        let document = format!(
+            "# caracal:data-document\npackage caracal.authz\nimport rego.v1\napp_ids := {{\"billing\": \"{app}\"}}\ngrants := {{{}}}\n",
+            grants.join(", ")
+        );
+        let policy = self.post(
+            &format!("/v1/zones/{}/policies", self.id),
+            serde_json::json!({"name": format!("grants-{n}"), "content": document}),
+        );
+        let version = self.post(
+            &format!("{}/versions", self.sets),
+            serde_json::json!({"manifest": [{"policy_version_id": policy["version_id"]}]}),
+        );
+        let version_id = version["id"].as_str().unwrap().to_owned();
+        self.post(
+            &format!("{}/activate", self.sets),
+            serde_json::json!({"version_id": version_id}),
+        );
+        self.wait_loaded(&version_id);
+        version_id
+    }
+
+    pub fn wait_loaded(&self, version_id: &str) {
+        let auth = [("authorization", self.bearer.as_str())];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while json_of(&get(
+            self.api,
+            &format!("{}/activation-status?version_id={version_id}", self.sets),
+            &auth,
+        ))["propagation_status"]
+            != "loaded"
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the STS never loaded {version_id}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}

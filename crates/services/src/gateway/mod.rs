@@ -167,6 +167,8 @@ pub struct GatewayMetrics {
     pub revocation_reloads: Counter,
     pub revocation_reload_errors: Counter,
     pub revocation_snapshot_age_seconds: Gauge,
+    pub revocation_stream_age_seconds: Gauge,
+    pub revocation_snapshot_fresh: Gauge,
     pub revocation_propagation_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub revocations_active: Gauge,
     pub streams_revoked: Counter,
@@ -247,6 +249,16 @@ impl GatewayMetrics {
             self.revocation_snapshot_age_seconds.clone(),
         );
         registry.register(
+            "revocation_stream_age_seconds",
+            "Seconds since caracal.sessions.revoke was last read",
+            self.revocation_stream_age_seconds.clone(),
+        );
+        registry.register(
+            "revocation_snapshot_fresh",
+            "1 while the revocation view is fresh (store and stream within the window), else 0",
+            self.revocation_snapshot_fresh.clone(),
+        );
+        registry.register(
             "revocation_propagation_lag_seconds",
             "Age of the last revocation message when it was applied",
             self.revocation_propagation_lag_seconds.clone(),
@@ -260,9 +272,14 @@ impl GatewayMetrics {
 
     /// Refreshes the gauges computed from the Gateway's state.
     pub fn observe(&self, gateway: &Gateway) {
-        let view = &gateway.revocations;
+        let (view, now) = (&gateway.revocations, now_ms());
         self.revocation_snapshot_age_seconds
-            .set(view.age_seconds(now_ms()).unwrap_or(i64::MAX / 2));
+            .set(view.age_seconds(now).unwrap_or(i64::MAX / 2));
+        self.revocation_stream_age_seconds
+            .set(view.stream_age_seconds(now).unwrap_or(i64::MAX / 2));
+        self.revocation_snapshot_fresh.set(i64::from(
+            view.is_fresh(gateway.config.revocation_freshness, now),
+        ));
         self.revocation_propagation_lag_seconds
             .set(view.propagation_lag_seconds());
         self.revocations_active
@@ -1206,7 +1223,7 @@ fn build_request(
     Ok(outbound)
 }
 
-/// The Gateway's readiness: its revocation view must be fresh, and an STS in another process
+/// The Gateway's readiness: its revocation view must be fresh (store and stream), and an STS in another process
 /// must answer its health probe.
 pub async fn readiness(state: &RoleState) -> Vec<caracal_core::Check> {
     use caracal_core::Check;

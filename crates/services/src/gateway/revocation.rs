@@ -1,8 +1,9 @@
 //! The Gateway's view of what is revoked: authority records, sessions and delegation edges,
 //! held in memory and fed two ways. `caracal.sessions.revoke` marks anchors within moments of
 //! a revocation; a full snapshot from the store every 30 s catches whatever the stream missed
-//! and drops resumed suspensions. A view that has not been confirmed against the store within
-//! the freshness window refuses everything (fail closed).
+//! and drops resumed suspensions. A view that has not been confirmed against the store, or
+//! whose stream has not been read, within the freshness window refuses everything (fail
+//! closed): with the bus down a revocation would wait for the next snapshot unseen.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -48,6 +49,8 @@ pub struct RevocationView {
     generation: AtomicU64,
     /// When the store last confirmed the view (ms); 0 before the first snapshot.
     confirmed_ms: AtomicI64,
+    /// When `caracal.sessions.revoke` was last read successfully (ms); 0 before the first read.
+    followed_ms: AtomicI64,
     /// Age of the last applied stream message when it was applied (ms).
     last_lag_ms: AtomicI64,
 }
@@ -83,13 +86,29 @@ impl RevocationView {
         }
     }
 
-    /// Confirmed against the store within `window` (never before the first snapshot).
+    /// Seconds since the stream was last read; `None` before the first read.
+    pub fn stream_age_seconds(&self, now: i64) -> Option<i64> {
+        match self.followed_ms.load(Ordering::Acquire) {
+            0 => None,
+            at => Some((now - at).max(0) / 1000),
+        }
+    }
+
+    /// Records a successful read of `caracal.sessions.revoke` (messages or none).
+    pub fn stream_followed(&self) {
+        self.followed_ms.store(now_ms(), Ordering::Release);
+    }
+
+    /// Confirmed against the store and its stream read, both within `window` (never before
+    /// the first snapshot and the first read).
     pub fn is_fresh(&self, window: Duration, now: i64) -> bool {
         let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
-        match self.confirmed_ms.load(Ordering::Acquire) {
-            0 => false,
-            at => now - at <= window_ms,
-        }
+        [&self.confirmed_ms, &self.followed_ms]
+            .iter()
+            .all(|at| match at.load(Ordering::Acquire) {
+                0 => false,
+                at => now - at <= window_ms,
+            })
     }
 
     pub fn propagation_lag_seconds(&self) -> f64 {
@@ -259,7 +278,10 @@ pub async fn follow_stream(
             Err(error) => Err(error),
         };
         match started {
-            Ok(consumer) => break consumer,
+            Ok(consumer) => {
+                view.stream_followed();
+                break consumer;
+            }
             Err(error) => {
                 tracing::warn!(%error, "revocation stream unavailable; retrying");
                 tokio::select! {
@@ -279,6 +301,7 @@ pub async fn follow_stream(
         };
         match polled {
             Ok(entries) => {
+                view.stream_followed();
                 let applied: Vec<String> = entries
                     .iter()
                     .filter(|entry| view.apply_message(entry))

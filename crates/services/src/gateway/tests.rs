@@ -162,6 +162,7 @@ async fn fixture() -> Fixture {
         .reload(fixture.world.shared.store.as_ref())
         .await
         .unwrap();
+    fixture.gateway.revocations.stream_followed();
     fixture.router = fixture.router_for(Arc::clone(&fixture.gateway));
     fixture
 }
@@ -576,6 +577,27 @@ async fn every_fail_closed_condition_refuses_and_the_upstream_sees_nothing() {
     let (status, _, ready) = call(&stale, "GET", "/ready", None, "").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(ready["reason"], "revocation_snapshot_stale");
+    // Confirmed by the store but its stream never read (the bus down): still stale.
+    unconfirmed
+        .revocations
+        .reload(fixture.world.shared.store.as_ref())
+        .await
+        .unwrap();
+    let token = fixture.mint().await;
+    let answer = fixture.call(&stale, "GET", "/entries", &token).await;
+    assert_eq!(answer.refused().1, "revocation_snapshot_stale");
+    unconfirmed.revocations.stream_followed();
+    assert!(
+        unconfirmed
+            .revocations
+            .is_fresh(Duration::from_secs(31), caracal_store::now_ms())
+    );
+    assert!(
+        !unconfirmed
+            .revocations
+            .is_fresh(Duration::from_secs(31), caracal_store::now_ms() + 32_000),
+        "a stream last read 32 s ago is stale"
+    );
 
     // The STS unreachable: three refusals open the circuit, then it fails fast.
     let remote = Arc::new(
@@ -602,6 +624,7 @@ async fn every_fail_closed_condition_refuses_and_the_upstream_sees_nothing() {
         .reload(fixture.world.shared.store.as_ref())
         .await
         .unwrap();
+    remote.revocations.stream_followed();
     let remote_router = fixture.router_for(Arc::clone(&remote));
     for _ in 0..3 {
         let token = fixture.mint().await;
@@ -901,6 +924,7 @@ async fn the_upstream_address_guard_refuses_metadata_and_kin_and_the_operation_f
         .reload(fixture.world.shared.store.as_ref())
         .await
         .unwrap();
+    pinned.revocations.stream_followed();
     let token = fixture.mint().await;
     let answer = fixture
         .send_to(
@@ -1050,6 +1074,7 @@ async fn bodies_over_the_limit_are_refused_before_the_upstream() {
         .reload(fixture.world.shared.store.as_ref())
         .await
         .unwrap();
+    small.revocations.stream_followed();
     let router = fixture.router_for(small);
     let token = fixture.mint().await;
     let answer = fixture
@@ -1156,6 +1181,7 @@ async fn the_signed_http_exchange_reaches_a_separate_sts_and_a_down_replay_regis
         .reload(fixture.world.shared.store.as_ref())
         .await
         .unwrap();
+    remote.revocations.stream_followed();
     let remote_router = fixture.router_for(Arc::clone(&remote));
     let token = fixture.mint().await;
     let answer = fixture
