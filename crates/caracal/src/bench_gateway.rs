@@ -41,6 +41,27 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .revocations
         .reload(bench.shared.store.as_ref())
         .await?;
+    // The revocation stream followed as in a running Gateway (its freshness needs it).
+    let (stop_follower, stop) = tokio::sync::watch::channel(false);
+    let follower = tokio::spawn(caracal_services::gateway::revocation::follow_stream(
+        Arc::clone(&gateway.revocations),
+        Arc::clone(&bench.shared.bus.streams),
+        caracal_bus::signature::StreamKey::new(b"bench"),
+        "bench".to_owned(),
+        Arc::clone(&gateway.metrics),
+        stop,
+    ));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !gateway
+        .revocations
+        .is_fresh(std::time::Duration::from_secs(60), caracal_store::now_ms())
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the revocation stream was not followed within 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let mut state = RoleState::new(Role::Gateway, bench.shared.clone());
     state.gateway = Some(Arc::clone(&gateway));
     let gateway_router = caracal_services::router(state);
@@ -106,6 +127,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             row.rate / direct.rate.max(f64::EPSILON)
         );
     }
+    let _ = stop_follower.send(true);
+    let _ = follower.await;
     drop((sts, gateway_router, gateway));
     bench.evidence_tasks.shutdown().await;
     Ok(())
