@@ -289,7 +289,20 @@ impl Consumer {
         fields.insert(SIGNATURE_FIELD.to_owned(), signature);
         self.streams.append(&dead, &fields).await?;
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        self.ack(std::slice::from_ref(&entry.id)).await?;
+        // Acknowledged but not handled: the message replayed from the dead letters must be
+        // delivered, not dropped as a duplicate.
+        self.recent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .in_flight
+            .remove(&entry.id);
+        self.streams
+            .ack(
+                &self.config.stream,
+                &self.config.group,
+                std::slice::from_ref(&entry.id),
+            )
+            .await?;
         Ok(())
     }
 }

@@ -442,10 +442,9 @@ async fn entries_past_the_delivery_bound_are_dead_lettered(backend: &Backend) {
     let consumer = Consumer::start(Arc::clone(&backend.streams), key.clone(), config)
         .await
         .unwrap();
-    let id = Producer::new(Arc::clone(&backend.streams), key)
-        .publish(&stream, fields(&[("id", "event-1")]))
-        .await
-        .unwrap();
+    let producer = Producer::new(Arc::clone(&backend.streams), key);
+    let message = fields(&[("id", "event-1"), ("dedupe_key", "event-1")]);
+    let id = producer.publish(&stream, message.clone()).await.unwrap();
     // A handler that keeps failing never acknowledges.
     let deliveries: Vec<u64> = {
         let mut seen = Vec::new();
@@ -476,6 +475,10 @@ async fn entries_past_the_delivery_bound_are_dead_lettered(backend: &Backend) {
         .await
         .unwrap();
     assert_eq!(dead.length, 1);
+    // Dead-lettered is not handled: the same message replayed is delivered, not deduplicated.
+    let replayed = producer.publish(&stream, message).await.unwrap();
+    let batch = consumer.poll().await.unwrap();
+    assert_eq!(ids(&batch), [replayed]);
 }
 
 async fn a_crashed_consumers_entries_are_processed_once_by_its_group(backend: &Backend) {

@@ -55,6 +55,9 @@ pub async fn run(settings: &Settings, command: &AuditCommand) -> anyhow::Result<
         AuditCommand::AckTamper { reason, token_file } => {
             ack_tamper(settings, reason, token_file.as_deref()).await
         }
+        AuditCommand::Dlq { replay, token_file } => {
+            dead_letters(settings, *replay, token_file.as_deref()).await
+        }
         AuditCommand::RotateKey => {
             let store = open_store(settings).await?;
             let ids = store
@@ -141,6 +144,87 @@ async fn export(settings: &Settings, args: &ExportArgs) -> anyhow::Result<()> {
         None => print!("{bundle}"),
     }
     Ok(())
+}
+
+/// Replays (when asked) then lists the dead letters; `Ok(false)` while any is left.
+async fn dead_letters(
+    settings: &Settings,
+    replay: bool,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<bool> {
+    use serde_json::Value;
+    let refused = |status: hyper::StatusCode, json: &Value| {
+        anyhow::anyhow!(
+            "refused ({}): {}",
+            status.as_u16(),
+            crate::admin_http::error_code(json)
+        )
+    };
+    if replay {
+        let mut replayed = 0;
+        let skipped = loop {
+            let (status, json) = crate::admin_http::post(
+                settings,
+                token_file,
+                "/v1/audit/dlq/replay?limit=1000",
+                serde_json::json!({}),
+            )
+            .await?;
+            if !status.is_success() {
+                return Err(refused(status, &json));
+            }
+            let count = |name: &str| json.get(name).and_then(Value::as_u64).unwrap_or(0);
+            replayed += count("replayed");
+            // Replayed entries leave the stream; stop once a pass re-sends nothing more.
+            if count("replayed") == 0 || count("scanned") < 1000 {
+                break count("skipped");
+            }
+        };
+        println!("replayed {replayed} dead letter(s); {skipped} not replayable");
+    }
+    let mut reasons = std::collections::BTreeMap::<(String, bool), u64>::new();
+    let mut after: Option<String> = None;
+    loop {
+        let path = match &after {
+            Some(cursor) => format!("/v1/audit/dlq?limit=1000&after={cursor}"),
+            None => "/v1/audit/dlq?limit=1000".to_owned(),
+        };
+        let (status, json) = crate::admin_http::get(settings, token_file, &path).await?;
+        if !status.is_success() {
+            return Err(refused(status, &json));
+        }
+        for item in json
+            .get("items")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let reason = item
+                .get("reason")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown");
+            let replayable = item.get("replayable").and_then(Value::as_bool) == Some(true);
+            *reasons.entry((reason.to_owned(), replayable)).or_default() += 1;
+        }
+        after = json
+            .get("next_cursor")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        if after.is_none() {
+            break;
+        }
+    }
+    let total: u64 = reasons.values().sum();
+    println!("{total} audit dead letter(s)");
+    for ((reason, replayable), count) in &reasons {
+        let kind = if *replayable {
+            "replayable"
+        } else {
+            "not replayable"
+        };
+        println!("{count:>8}  {reason} ({kind})");
+    }
+    Ok(total == 0)
 }
 
 async fn ack_tamper(

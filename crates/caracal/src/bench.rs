@@ -488,9 +488,12 @@ pub async fn audit(args: &BenchArgs) -> anyhow::Result<()> {
         }
         tasks.shutdown().await;
 
-        let consumer =
-            caracal_bus::Consumer::start(bus.clone(), key.clone(), consumer_config("bench".into()))
-                .await?;
+        let consumer = caracal_bus::Consumer::start(
+            bus.clone(),
+            key.clone(),
+            consumer_config("bench".into(), std::time::Duration::from_secs(30)),
+        )
+        .await?;
         let ingestor = Ingestor::new(
             Arc::clone(&store),
             consumer,

@@ -58,6 +58,10 @@ pub struct Overrides {
     /// every row [env: CARACAL_AUDIT_RETENTION_DAYS] [default: 365]
     #[arg(long, global = true, value_name = "DAYS")]
     pub audit_retention_days: Option<String>,
+    /// Seconds an audit event read but not stored waits before it is delivered again; after
+    /// eight deliveries it is dead-lettered [env: CARACAL_AUDIT_RECLAIM_IDLE_SECONDS] [default: 30]
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub audit_reclaim_idle_seconds: Option<String>,
     /// Mints a minute per zone, resource and application before the STS answers 429
     /// [env: CARACAL_STS_MINT_RATE_LIMIT_PER_MINUTE] [default: 1000]
     #[arg(long, global = true, value_name = "N")]
@@ -236,6 +240,16 @@ pub enum AuditCommand {
         /// Why the findings are resolved (kept with them and in the audit event)
         #[arg(long)]
         reason: String,
+        /// Admin token file [default: $CARACAL_HOME/admin-token]
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<std::path::PathBuf>,
+    },
+    /// Show the audit dead letters by reason; with --replay, re-send the replayable ones
+    /// (transient store failures) to ingestion first. Exit 1 while any dead letter is left.
+    /// Talks to the running API role
+    Dlq {
+        #[arg(long)]
+        replay: bool,
         /// Admin token file [default: $CARACAL_HOME/admin-token]
         #[arg(long, value_name = "PATH")]
         token_file: Option<std::path::PathBuf>,

@@ -206,6 +206,12 @@ const KEYS: &[Key] = &[
         "whole days 1-36500, or 0 to keep every audit row",
     ),
     key(
+        "audit.reclaim_idle_seconds",
+        &["CARACAL_AUDIT_RECLAIM_IDLE_SECONDS"],
+        "--audit-reclaim-idle-seconds",
+        "seconds an audit event read but not stored waits before it is delivered again (eight deliveries, then the DLQ), 1-3600",
+    ),
+    key(
         "sts.mint_rate_limit_per_minute",
         &["CARACAL_STS_MINT_RATE_LIMIT_PER_MINUTE"],
         "--mint-rate-limit-per-minute",
@@ -376,6 +382,12 @@ pub fn resolve(
                 .filter(|days| *days <= 36_500)
                 .map(|days| (days > 0).then(|| Duration::from_secs(days * 86_400)))
         })?,
+        audit_reclaim_idle: parse.value("audit.reclaim_idle_seconds", |text| {
+            text.parse::<u64>()
+                .ok()
+                .filter(|seconds| (1..=3600).contains(seconds))
+                .map(Duration::from_secs)
+        })?,
         coordinator_max_depth: parse.value("coordinator.max_depth", |text| {
             text.parse::<u64>().ok().filter(|n| (1..=100).contains(n))
         })?,
@@ -498,6 +510,7 @@ fn default_value(name: &str, default_store: &str) -> String {
         "log.filter" => "info".to_owned(),
         "shutdown_grace_seconds" => "30".to_owned(),
         "audit.retention_days" => "365".to_owned(),
+        "audit.reclaim_idle_seconds" => "30".to_owned(),
         "sts.mint_rate_limit_per_minute" => "1000".to_owned(),
         "coordinator.max_depth" => "10".to_owned(),
         "coordinator.max_children" => "10".to_owned(),
@@ -607,6 +620,10 @@ fn flag_values(overrides: &Overrides) -> Result<BTreeMap<&'static str, String>, 
         ("log.filter", &overrides.log),
         ("shutdown_grace_seconds", &overrides.shutdown_grace_seconds),
         ("audit.retention_days", &overrides.audit_retention_days),
+        (
+            "audit.reclaim_idle_seconds",
+            &overrides.audit_reclaim_idle_seconds,
+        ),
         (
             "sts.mint_rate_limit_per_minute",
             &overrides.mint_rate_limit_per_minute,

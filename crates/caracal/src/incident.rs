@@ -592,7 +592,9 @@ struct Roles {
 /// answer and not an upstream the Gateway could not reach after authorising the call.
 fn refused_by_gateway(answer: &(u16, Value)) -> bool {
     let (status, body) = answer;
-    body.get("error").is_some() && body.get("requestId").is_some() && !matches!(status, 502 | 504)
+    let unreachable_upstream = matches!(status, 502 | 504)
+        && body.get("error").and_then(Value::as_str) == Some("internal_error");
+    body.get("error").is_some() && body.get("requestId").is_some() && !unreachable_upstream
 }
 
 /// As an agent would, through the Coordinator, the STS and the Gateway: a delegated mandate

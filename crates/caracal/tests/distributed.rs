@@ -11,35 +11,18 @@
 
 mod util;
 
-use std::process::Command;
 
-use util::{Running, external_backends, free_ports, fresh_home, wait_ready};
+use util::{Running, Schema, external_backends, free_ports, fresh_home, wait_ready};
 
 const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const REDIS_URL: &str = "redis://127.0.0.1:6379";
-
-/// Drops the test's schema when the test ends, however it ends.
-struct Schema(String);
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc"])
-            .arg(format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0))
-            .output();
-    }
-}
 
 #[test]
 fn two_replicas_share_postgres_and_redis() {
     if !external_backends() {
         return;
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let schema = Schema(format!("test_it_{}_{nanos}", std::process::id()));
+    let schema = Schema::fresh();
     let stream_key = "5a".repeat(32);
     let args = || {
         let mut args = free_ports();
@@ -102,11 +85,7 @@ fn a_replica_without_the_deployment_kek_refuses_to_start() {
     if !external_backends() {
         return;
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let schema = Schema(format!("test_it_{}_{nanos}", std::process::id()));
+    let schema = Schema::fresh();
     let args = || {
         let mut args = free_ports();
         args.extend(

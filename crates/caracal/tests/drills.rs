@@ -24,6 +24,20 @@ use util::{Provisioned, Relay, Running, caracal, external_backends, free_ports, 
 
 const REDIS: &str = "127.0.0.1:6379";
 
+/// A Redis database of its own for one drill, emptied first: drills run side by side, and
+/// deployments sharing streams would read (and dead-letter) each other's messages.
+fn redis_db(db: u8) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut redis = std::net::TcpStream::connect(REDIS).unwrap();
+    redis
+        .write_all(format!("SELECT {db}\r\nFLUSHDB\r\n").as_bytes())
+        .unwrap();
+    let mut answer = [0u8; 10];
+    redis.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"+OK\r\n+OK\r\n", "Redis answered {answer:?}");
+    format!("/{db}")
+}
+
 fn text(output: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -97,7 +111,7 @@ fn revocation_stale_drill_fails_closed_while_the_bus_is_cut() {
     args.extend(
         [
             "--bus",
-            &format!("redis://127.0.0.1:{}", relay.port),
+            &format!("redis://127.0.0.1:{}{}", relay.port, redis_db(11)),
             "--stream-key",
             &"5b".repeat(32),
             "--gateway-revocation-freshness-seconds",
@@ -182,4 +196,303 @@ fn revocation_stale_drill_fails_closed_while_the_bus_is_cut() {
     }
     let (exit, _, stderr) = running.terminate();
     assert!(exit.success(), "{stderr}");
+}
+
+/// `validate` from outside the deployment: a fresh home, every role's address given, the
+/// admin token of `token_home`.
+fn validate_at(
+    roles: &[(&str, SocketAddr)],
+    token_home: &Path,
+    zone: &Provisioned,
+    secret: &Path,
+) -> (bool, serde_json::Value) {
+    let (_parent, home) = fresh_home();
+    let mut command = caracal(&home);
+    for (role, address) in roles {
+        command.args(["--port", &format!("{role}={}", address.port())]);
+    }
+    let output = command
+        .args(["incident", "validate", "--json", "--zone", &zone.id])
+        .args(["--app", &zone.app_id, "--resource", "resource://ledger"])
+        .arg("--secret-file")
+        .arg(secret)
+        .arg("--token-file")
+        .arg(token_home.join("admin-token"))
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|_| panic!("validate printed no report: {}", text(&output)));
+    (output.status.success(), report)
+}
+
+/// STS isolated from the Gateway: a Gateway replica of its own reaches the STS through a
+/// relay that is cut. Its calls fail closed (`sts_unavailable`), three failures open the
+/// circuit (the alert's gauge reads 1, `/ready` says `sts_unreachable`), and no governed call
+/// gets through. With the link restored the half-open probe closes the circuit and `validate`
+/// passes.
+#[test]
+fn sts_isolation_drill_opens_the_circuit_and_recovers() {
+    if !external_backends() {
+        return;
+    }
+    let schema = util::Schema::fresh();
+    let stream_key = "5c".repeat(32);
+    let bus = format!("redis://{REDIS}{}", redis_db(12));
+    let shared = |extra: &[&str]| {
+        let mut args = free_ports();
+        args.extend(
+            [
+                "--store",
+                "postgres://postgres@127.0.0.1:5432/test",
+                "--store-schema",
+                &schema.0,
+                "--bus",
+                &bus,
+                "--stream-key",
+                &stream_key,
+            ]
+            .map(String::from),
+        );
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        args
+    };
+    let (parent, home) = fresh_home();
+    let control = Running::start(
+        &home,
+        &shared(&["serve", "api", "console", "sts", "coordinator", "audit"]),
+    );
+    let (api, sts) = (control.address("api"), control.address("sts"));
+    assert_eq!(util::wait_ready(api).status, 200);
+    assert_eq!(util::wait_ready(sts).status, 200);
+    let relay = Relay::start(sts);
+    let (_gateway_parent, gateway_home) = fresh_home();
+    std::fs::create_dir(&gateway_home).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&gateway_home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::copy(home.join("kek"), gateway_home.join("kek")).unwrap();
+    let sts_url = format!("http://127.0.0.1:{}", relay.port);
+    let edge = Running::start(
+        &gateway_home,
+        &shared(&["--gateway-sts-url", &sts_url, "serve", "gateway"]),
+    );
+    let gateway = edge.address("gateway");
+    assert_eq!(util::wait_ready(gateway).status, 200);
+    let roles: Vec<(&str, SocketAddr)> = ["api", "console", "sts", "coordinator", "audit"]
+        .into_iter()
+        .map(|role| (role, control.address(role)))
+        .chain([("gateway", gateway)])
+        .collect();
+    let (zone, secret) = provisioned(&home, api, parent.path());
+    let (ok, report) = validate_at(&roles, &home, &zone, &secret);
+    assert!(ok, "the baseline must pass: {report}");
+
+    relay.cut();
+    // Three governed calls (the validate canaries) fail and open the circuit.
+    let mut tries = 0;
+    eventually(Duration::from_secs(30), "the circuit never opened", || {
+        let (ok, report) = validate_at(&roles, &home, &zone, &secret);
+        assert!(!ok, "validate passed with the STS cut away: {report}");
+        let canary = check(&report, "canary call authorised by the Gateway");
+        assert_eq!(canary["ok"], false, "a governed call got through: {report}");
+        tries += 1;
+        metric(gateway, "caracal_gateway_sts_circuit_state ").as_deref()
+            == Some("caracal_gateway_sts_circuit_state 1")
+    });
+    assert!(tries >= 2, "the circuit opened after {tries} calls");
+    let ready = get(gateway, "/ready", &[]);
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert!(ready.body.contains("sts_unreachable"), "{}", ready.body);
+    let opened = metric(gateway, "caracal_gateway_sts_circuit_opened_total ").unwrap();
+    assert_ne!(opened, "caracal_gateway_sts_circuit_opened_total 0");
+
+    relay.restore();
+    eventually(
+        Duration::from_secs(30),
+        "the Gateway never became ready again",
+        || get(gateway, "/ready", &[]).status == 200,
+    );
+    let mut last = serde_json::Value::Null;
+    eventually(Duration::from_secs(40), "validate never passed", || {
+        let (ok, report) = validate_at(&roles, &home, &zone, &secret);
+        last = report;
+        ok
+    });
+    assert_eq!(check(&last, "gateway STS circuit closed")["ok"], true);
+    assert_eq!(
+        check(&last, "terminated session refused at the Gateway")["ok"],
+        true,
+        "{last}"
+    );
+    for running in [edge, control] {
+        let (exit, _, stderr) = running.terminate();
+        assert!(exit.success(), "{stderr}");
+    }
+}
+
+/// DLQ growth: the Audit role (a process of its own) loses its store behind a relay while the
+/// rest of the stack keeps minting. Events it cannot store stay pending, come back every
+/// second (`--audit-reclaim-idle-seconds 1`) and after eight deliveries are dead-lettered:
+/// `caracal_audit_dlq_size` grows (the alert's input) and `caracal audit dlq` exits 1. With
+/// the store back, `caracal audit dlq --replay` drains it, every dead-lettered event is found
+/// in the ledger (nothing lost), and `validate` passes.
+#[test]
+fn dlq_growth_drill_dead_letters_then_drains_without_losing_evidence() {
+    if !external_backends() {
+        return;
+    }
+    let schema = util::Schema::fresh();
+    let stream_key = "5d".repeat(32);
+    let bus = format!("redis://{REDIS}{}", redis_db(13));
+    let postgres = Relay::start("127.0.0.1:5432".parse().unwrap());
+    let args = |store_port: u16, extra: &[&str]| {
+        let mut args = free_ports();
+        args.extend(
+            [
+                "--store",
+                &format!("postgres://postgres@127.0.0.1:{store_port}/test"),
+                "--store-schema",
+                &schema.0,
+                "--bus",
+                &bus,
+                "--stream-key",
+                &stream_key,
+            ]
+            .map(String::from),
+        );
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        args
+    };
+    let (parent, home) = fresh_home();
+    let control = Running::start(
+        &home,
+        &args(
+            5432,
+            &["serve", "api", "console", "sts", "coordinator", "gateway"],
+        ),
+    );
+    let api = control.address("api");
+    assert_eq!(util::wait_ready(api).status, 200);
+    let (_audit_parent, audit_home) = fresh_home();
+    std::fs::create_dir(&audit_home).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&audit_home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::copy(home.join("kek"), audit_home.join("kek")).unwrap();
+    let ledger = Running::start(
+        &audit_home,
+        &args(
+            postgres.port,
+            &["--audit-reclaim-idle-seconds", "1", "serve", "audit"],
+        ),
+    );
+    let audit = ledger.address("audit");
+    assert_eq!(util::wait_ready(audit).status, 200);
+    let roles: Vec<(&str, SocketAddr)> = ["api", "console", "sts", "coordinator", "gateway"]
+        .into_iter()
+        .map(|role| (role, control.address(role)))
+        .chain([("audit", audit)])
+        .collect();
+    let (zone, secret) = provisioned(&home, api, parent.path());
+    let (ok, report) = validate_at(&roles, &home, &zone, &secret);
+    assert!(ok, "the baseline must pass: {report}");
+    let dlq = |replay: bool| {
+        let mut command = caracal(&home);
+        command.args(["--port", &format!("api={}", api.port()), "audit", "dlq"]);
+        if replay {
+            command.arg("--replay");
+        }
+        command.output().unwrap()
+    };
+    assert!(dlq(false).status.success(), "{}", text(&dlq(false)));
+
+    postgres.cut();
+    eventually(
+        Duration::from_secs(20),
+        "the Audit role stayed ready",
+        || get(audit, "/ready", &[]).status == 503,
+    );
+    // Governed traffic goes on (its evidence is on the stream); validate fails on the Audit.
+    let (ok, report) = validate_at(&roles, &home, &zone, &secret);
+    assert!(!ok, "validate passed with the ledger's store cut: {report}");
+    assert_eq!(check(&report, "canary exchange allowed")["ok"], true);
+    eventually(Duration::from_secs(60), "nothing was dead-lettered", || {
+        metric(audit, "caracal_audit_dlq_size ")
+            .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .is_some_and(|size| size > 0)
+    });
+    let listed = dlq(false);
+    assert_eq!(listed.status.code(), Some(1), "{}", text(&listed));
+    assert!(
+        text(&listed).contains("max_deliveries_exceeded (replayable)"),
+        "{}",
+        text(&listed)
+    );
+    let auth = [("authorization", zone.bearer.as_str())];
+    let dead = util::json_of(&get(api, "/v1/audit/dlq?limit=1000", &auth));
+    let dead_ids: Vec<String> = dead["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|item| item["zone_id"] == zone.id.as_str())
+        .filter_map(|item| item["event_id"].as_str().map(str::to_owned))
+        .collect();
+    assert!(!dead_ids.is_empty(), "{dead}");
+
+    postgres.restore();
+    eventually(
+        Duration::from_secs(30),
+        "the Audit role never recovered",
+        || get(audit, "/ready", &[]).status == 200,
+    );
+    // Everything dead-lettered so far is re-sent; entries still pending drain on their own.
+    let mut drained = text(&dlq(true));
+    eventually(Duration::from_secs(60), "the DLQ never drained", || {
+        let replayed = dlq(true);
+        drained = text(&replayed);
+        replayed.status.success()
+    });
+    assert!(drained.contains("0 audit dead letter(s)"), "{drained}");
+    // Replayed events are ingested asynchronously: each must reach the zone's chain.
+    let stored = || {
+        let mut ids = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let page = util::json_of(&get(
+                api,
+                &format!("/v1/zones/{}/audit?limit=1000{cursor}", zone.id),
+                &auth,
+            ));
+            ids.extend(
+                page["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|item| item["id"].as_str().unwrap().to_owned()),
+            );
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = format!("&cursor={next}"),
+                None => return ids,
+            }
+        }
+    };
+    let mut missing = dead_ids.clone();
+    eventually(
+        Duration::from_secs(30),
+        "dead-lettered evidence never reached the ledger",
+        || {
+            let stored = stored();
+            missing.retain(|id| !stored.contains(id));
+            missing.is_empty()
+        },
+    );
+    let mut last = serde_json::Value::Null;
+    eventually(Duration::from_secs(30), "validate never passed", || {
+        let (ok, report) = validate_at(&roles, &home, &zone, &secret);
+        last = report;
+        ok
+    });
+    assert_eq!(check(&last, "audit DLQ drained")["ok"], true, "{last}");
+    for running in [ledger, control] {
+        let (exit, _, stderr) = running.terminate();
+        assert!(exit.success(), "{stderr}");
+    }
 }

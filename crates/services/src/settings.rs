@@ -28,6 +28,9 @@ pub struct Settings {
     /// Audit rows ingested longer ago are dropped once a signed checkpoint covers them;
     /// `None` keeps every row.
     pub audit_retention: Option<Duration>,
+    /// An audit event read but not stored (the store failing) is delivered again after this
+    /// long; after eight deliveries it is dead-lettered.
+    pub audit_reclaim_idle: Duration,
     /// Mints a minute per (zone, resource, application) before the STS answers 429.
     pub mint_rate_limit_per_minute: u64,
     /// Coordinator limits: tree depth, live children per session, live sessions per zone and

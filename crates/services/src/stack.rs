@@ -91,6 +91,7 @@ pub struct Stack {
     bootstrap: Bootstrap,
     shutdown_grace: Duration,
     audit_retention: Option<Duration>,
+    audit_reclaim_idle: Duration,
     issuer: String,
     mint_rate_limit_per_minute: u64,
     coordinator_limits: crate::coordinator::Limits,
@@ -173,6 +174,7 @@ impl Stack {
             bootstrap,
             shutdown_grace: settings.shutdown_grace,
             audit_retention: settings.audit_retention,
+            audit_reclaim_idle: settings.audit_reclaim_idle,
             issuer: settings.issuer_url.clone(),
             mint_rate_limit_per_minute: settings.mint_rate_limit_per_minute,
             gateway_config: settings.gateway.clone(),
@@ -550,7 +552,7 @@ impl Stack {
         let consumer = caracal_bus::Consumer::start(
             Arc::clone(&streams),
             self.stream_key.clone(),
-            ingest::consumer_config(format!("audit-{}", self.instance)),
+            ingest::consumer_config(format!("audit-{}", self.instance), self.audit_reclaim_idle),
         )
         .await
         .map_err(|source| StartError::Bus {

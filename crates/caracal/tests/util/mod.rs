@@ -377,6 +377,28 @@ pub fn external_backends() -> bool {
     !opted_out
 }
 
+/// A PostgreSQL schema of its own for one test, dropped when the test ends, however it ends.
+pub struct Schema(pub String);
+
+impl Schema {
+    pub fn fresh() -> Schema {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        Schema(format!("test_it_{}_{nanos}", std::process::id()))
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc"])
+            .arg(format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0))
+            .output();
+    }
+}
+
 pub fn json_of(response: &Response) -> serde_json::Value {
     serde_json::from_str(&response.body).unwrap_or(serde_json::Value::Null)
 }

@@ -18,8 +18,9 @@ use super::to_row;
 
 pub const GROUP: &str = "audit-ingestor";
 
-/// How the Audit role reads `caracal.audit.events` (the benchmark measures the same).
-pub fn consumer_config(consumer: String) -> caracal_bus::ConsumerConfig {
+/// How the Audit role reads `caracal.audit.events` (the benchmark measures the same); an
+/// unacknowledged event is delivered again after `reclaim_idle`.
+pub fn consumer_config(consumer: String, reclaim_idle: Duration) -> caracal_bus::ConsumerConfig {
     caracal_bus::ConsumerConfig {
         stream: caracal_bus::stream_names::AUDIT_EVENTS.to_owned(),
         group: GROUP.to_owned(),
@@ -27,7 +28,7 @@ pub fn consumer_config(consumer: String) -> caracal_bus::ConsumerConfig {
         // Two commits per batch whatever its size: larger batches ingest faster.
         batch: 2048,
         block: Duration::from_secs(1),
-        reclaim_idle: Duration::from_secs(30),
+        reclaim_idle,
         max_deliveries: 8,
         dedupe_window: 100_000,
     }
