@@ -439,14 +439,35 @@ pub enum RotateCommand {
         token_file: Option<std::path::PathBuf>,
     },
     /// The admin token in the token file: a new one with the same scope and capabilities
-    /// replaces it (the old one stops working at once) and is written back to the file
+    /// replaces it (the old one stops working at once) and is written back to the file;
+    /// `--invalidate-sessions` then ends the sessions of `--zone` (default: every zone)
     AdminToken {
         /// Admin token file [default: $CARACAL_HOME/admin-token]
         #[arg(long, value_name = "PATH")]
         token_file: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        invalidate: Invalidate,
     },
-    /// The audit chain MAC key (rows written before keep verifying with theirs)
-    ChainKey,
+    /// The audit chain MAC key (rows written before keep verifying with theirs);
+    /// `--invalidate-sessions` then ends the sessions of `--zone` (default: every zone)
+    ChainKey {
+        #[command(flatten)]
+        invalidate: Invalidate,
+    },
+}
+
+/// After rotating material that is not one zone's own: what else to invalidate.
+#[derive(Debug, Args)]
+pub struct Invalidate {
+    /// End every session and revoke every authority record minted before the rotation
+    #[arg(long, requires = "reason")]
+    pub invalidate_sessions: bool,
+    /// The zone whose sessions to end [default: every zone]
+    #[arg(long, requires = "invalidate_sessions")]
+    pub zone: Option<String>,
+    /// Why (recorded with the invalidation)
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Args)]

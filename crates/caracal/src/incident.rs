@@ -934,7 +934,10 @@ async fn rotate(settings: &Settings, what: &crate::cli::RotateCommand) -> anyhow
             }
             Ok(true)
         }
-        RotateCommand::AdminToken { token_file } => {
+        RotateCommand::AdminToken {
+            token_file,
+            invalidate,
+        } => {
             let path = token_file
                 .clone()
                 .unwrap_or_else(|| settings.home.join(caracal_store::ADMIN_TOKEN_FILE));
@@ -969,10 +972,62 @@ async fn rotate(settings: &Settings, what: &crate::cli::RotateCommand) -> anyhow
                 "admin token rotation: done; the new token is in {} (the old one no longer works)",
                 path.display()
             );
-            Ok(true)
+            invalidate_after(settings, Some(&path), invalidate).await
         }
-        RotateCommand::ChainKey => {
-            crate::audit::run(settings, &crate::cli::AuditCommand::RotateKey).await
+        RotateCommand::ChainKey { invalidate } => {
+            if !crate::audit::run(settings, &crate::cli::AuditCommand::RotateKey).await? {
+                return Ok(false);
+            }
+            invalidate_after(settings, None, invalidate).await
         }
     }
+}
+
+/// `--invalidate-sessions` of a rotation: every session of the zone (or of every zone) ended
+/// and every authority record revoked, so nothing minted before the rotation stays usable.
+async fn invalidate_after(
+    settings: &Settings,
+    token: Option<&std::path::Path>,
+    invalidate: &crate::cli::Invalidate,
+) -> anyhow::Result<bool> {
+    if !invalidate.invalidate_sessions {
+        return Ok(true);
+    }
+    let reason = invalidate.reason.as_deref().unwrap_or_default();
+    let zones = match &invalidate.zone {
+        Some(zone) => vec![zone.clone()],
+        None => {
+            let mut zones = Vec::new();
+            let mut cursor = String::new();
+            loop {
+                let path = format!("/v1/zones?limit=500{cursor}");
+                let (status, answer) = admin_http::get(settings, token, &path).await?;
+                if !status.is_success() {
+                    return Ok(report("listing the zones", (status, answer)));
+                }
+                zones.extend(
+                    answer
+                        .get("items")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|zone| zone.get("id").and_then(Value::as_str))
+                        .map(str::to_owned),
+                );
+                match answer.get("next_cursor").and_then(Value::as_str) {
+                    Some(next) => cursor = format!("&cursor={next}"),
+                    None => break zones,
+                }
+            }
+        }
+    };
+    let mut ok = true;
+    for zone in zones {
+        let path = format!("/v1/zones/{zone}/invalidate-sessions");
+        ok &= report(
+            &format!("sessions of zone {zone} invalidated"),
+            admin_http::post(settings, token, &path, json!({ "reason": reason })).await?,
+        );
+    }
+    Ok(ok)
 }

@@ -11,7 +11,6 @@
 
 mod util;
 
-
 use util::{Running, Schema, external_backends, free_ports, fresh_home, wait_ready};
 
 const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";

@@ -235,12 +235,24 @@ fn contain_freeze_status_release_and_the_timeline_of_a_zone() {
     .unwrap();
     verify(1, "signature does not verify");
 
-    // The admin token rotates: the old one stops at once, the file holds the new one.
+    // The admin token rotates: the old one stops at once, the file holds the new one; with
+    // --invalidate-sessions every zone's sessions end too (a reason is required for that).
+    let unexplained = caracal(&home)
+        .args(["incident", "rotate", "admin-token", "--invalidate-sessions"])
+        .output()
+        .unwrap();
+    assert_eq!(unexplained.status.code(), Some(2), "{}", text(&unexplained));
     let rotated = caracal(&home)
-        .args(["incident", "rotate", "admin-token"])
+        .args(["incident", "rotate", "admin-token", "--invalidate-sessions"])
+        .args(["--reason", "token leaked"])
         .output()
         .unwrap();
     assert!(rotated.status.success(), "{}", text(&rotated));
+    assert!(
+        text(&rotated).contains(&format!("sessions of zone {zone_id} invalidated: done")),
+        "{}",
+        text(&rotated)
+    );
     let old = request(api, "GET", "/v1/incident/containment", &auth, "");
     assert_eq!(old.status, 401, "{}", old.body);
     let new_token = std::fs::read_to_string(home.join("admin-token")).unwrap();
