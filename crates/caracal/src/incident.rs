@@ -224,11 +224,9 @@ async fn timeline(
     let filter = caracal_store::AuditFilter {
         since_ms: from.as_deref().map(crate::audit::parse_time).transpose()?,
         until_ms: to.as_deref().map(crate::audit::parse_time).transpose()?,
-        event_type: None,
-        decision: None,
         request_id: request.clone(),
         session_id: session.clone(),
-        edge_id: None,
+        ..caracal_store::AuditFilter::default()
     };
     // Newest first from the store, in pages; shown oldest first.
     let mut rows = Vec::new();

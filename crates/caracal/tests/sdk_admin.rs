@@ -89,6 +89,18 @@ fn the_published_admin_client_manages_zones_applications_providers_resources_and
         json!({"propagation": "loaded", "steady": true, "simulated": "allow"})
     );
     assert_eq!(seen["bad_token"], json!([401, "invalid_admin_token"]));
+    assert_eq!(seen["authority_records"], json!([]));
+    assert_eq!(seen["sessions"], json!([]));
+    assert_eq!(
+        seen["admin_audit"],
+        json!({"actions": ["application.create", "application.rotate_secret", "application.update"], "actors": ["admin"], "entities": true}),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["subject_revoke"]["revoked_records"], 0,
+        "{}",
+        seen["subject_revoke"]
+    );
     assert_eq!(
         seen["after_delete"],
         json!(["worker-0", "worker-1", "worker-2"])

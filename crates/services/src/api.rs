@@ -144,6 +144,7 @@ async fn search_audit(
         request_id: params.request_id,
         session_id: params.session_id,
         edge_id: params.edge_id,
+        admin: None,
     };
     let rows = state
         .shared

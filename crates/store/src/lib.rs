@@ -30,12 +30,12 @@ pub use bootstrap::{
 };
 pub use data_dir::{DataDir, DataDirError};
 pub use model::{
-    AdminTokenRecord, Application, ApplicationChange, ApprovalHold, AuditCheckpoint, AuditCut,
-    AuditEvent, AuditFilter, AuthorityRecord, Containment, DelegationContext, DelegationEdge,
-    IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow,
-    OutboxStats, PolicyBinding, PolicyHeader, PolicyLoad, PolicyVersion, Provider,
-    ProviderConnection, Resource, RevokedAnchors, SealedSecret, Session, SigningKey, TamperFinding,
-    TerminatedTree, TokenScope, Zone,
+    AdminFilter, AdminTokenRecord, Application, ApplicationChange, ApprovalHold, AuditCheckpoint,
+    AuditCut, AuditEvent, AuditFilter, AuthorityRecord, Containment, DelegationContext,
+    DelegationEdge, IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure,
+    OutboxMessage, OutboxRow, OutboxStats, PolicyBinding, PolicyHeader, PolicyLoad, PolicyVersion,
+    Provider, ProviderConnection, RecordFilter, Resource, RevokedAnchors, SealedSecret, Session,
+    SessionFilter, SigningKey, TamperFinding, TerminatedTree, TokenScope, Zone,
 };
 pub use postgres::{PgOptions, PgStore};
 pub use queries::{ChainAppend, ChainBuilder};

@@ -501,6 +501,29 @@ pub struct AuditCut {
     pub cut_mac: String,
 }
 
+/// Filters of the authority-record read view; `None` matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordFilter {
+    pub id: Option<String>,
+    pub status: Option<String>,
+    pub subject_id: Option<String>,
+    /// `user` or `application` (the record's `session_type`).
+    pub kind: Option<String>,
+}
+
+/// Filters of the session read view; `None` matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionFilter {
+    pub status: Option<String>,
+    pub lifecycle: Option<String>,
+    pub application_id: Option<String>,
+    pub parent_id: Option<String>,
+    /// One of the session's labels.
+    pub label: Option<String>,
+    /// The subject of the session's authority record.
+    pub subject_id: Option<String>,
+}
+
 /// Filters of an audit search; `None` matches everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditFilter {
@@ -513,4 +536,14 @@ pub struct AuditFilter {
     pub session_id: Option<String>,
     /// Matches `delegation_edge_id` in the event metadata.
     pub edge_id: Option<String>,
+    /// Admin changes only (`admin.*` events), optionally by actor, entity type and entity id.
+    pub admin: Option<AdminFilter>,
+}
+
+/// The admin-audit view's filters over `admin.*` events' metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminFilter {
+    pub actor: Option<String>,
+    pub entity_type: Option<String>,
+    pub entity_id: Option<String>,
 }

@@ -19,8 +19,8 @@ use caracal_store::db::{Db, Value};
 use caracal_store::{
     Application, ApprovalHold, AuditEvent, AuthorityRecord, DelegationEdge, IdempotencyReceipt,
     KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, PgOptions, PgStore,
-    PolicyHeader, Provider, ProviderConnection, Resource, SealedSecret, Session, SigningKey,
-    SqliteStore, Store, StoreError, TokenScope,
+    PolicyHeader, Provider, ProviderConnection, RecordFilter, Resource, SealedSecret, Session,
+    SessionFilter, SigningKey, SqliteStore, Store, StoreError, TokenScope,
 };
 
 struct Backend {
@@ -125,6 +125,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    the_read_views_filter_and_page_by_id,
     the_deployment_kek_is_recorded_once,
     admin_tokens_are_found_by_digest_only,
     a_zone_and_its_outbox_rows_commit_together,
@@ -2656,3 +2657,105 @@ const LATER_MIGRATIONS: [&str; 6] = [
     "DROP INDEX delegation_edges_status_revoked",
     "DROP TABLE containment",
 ];
+
+async fn the_read_views_filter_and_page_by_id(backend: &Backend) {
+    let store = backend.store.as_ref();
+    let mut user = authority("zone-1", "ar-2");
+    user.session_type = "user".into();
+    user.subject_id = "alice".into();
+    let records = [
+        authority("zone-1", "ar-1"),
+        user,
+        authority("zone-2", "ar-3"),
+    ];
+    store.insert_authority_records(&records).await.unwrap();
+    for (id, record, labels, status) in [
+        ("s-1", "ar-1", vec!["team:a"], "active"),
+        ("s-2", "ar-2", vec!["team:b", "x\"y"], "active"),
+        ("s-3", "ar-1", vec!["team:b"], "suspended"),
+    ] {
+        let mut created = session("zone-1", id, record);
+        created.labels = labels.into_iter().map(str::to_owned).collect();
+        created.status = status.into();
+        store.create_session(&created, &[]).await.unwrap();
+    }
+    store
+        .create_session(&session("zone-2", "s-4", "ar-3"), &[])
+        .await
+        .unwrap();
+    let ids = |rows: Vec<String>| rows;
+    let record_ids = |filter: RecordFilter, after: Option<&'static str>, limit: i64| async move {
+        ids(store
+            .page_authority_records("zone-1", &filter, after, limit)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|record| record.id)
+            .collect())
+    };
+    assert_eq!(
+        record_ids(RecordFilter::default(), None, 10).await,
+        ["ar-1", "ar-2"]
+    );
+    assert_eq!(
+        record_ids(RecordFilter::default(), Some("ar-1"), 10).await,
+        ["ar-2"]
+    );
+    assert_eq!(record_ids(RecordFilter::default(), None, 1).await, ["ar-1"]);
+    let users = RecordFilter {
+        kind: Some("user".into()),
+        ..RecordFilter::default()
+    };
+    assert_eq!(record_ids(users, None, 10).await, ["ar-2"]);
+    let alice = RecordFilter {
+        subject_id: Some("alice".into()),
+        status: Some("active".into()),
+        ..RecordFilter::default()
+    };
+    assert_eq!(record_ids(alice, None, 10).await, ["ar-2"]);
+
+    let session_ids = |filter: SessionFilter, after: Option<&'static str>| async move {
+        ids(store
+            .page_sessions("zone-1", &filter, after, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|session| session.id)
+            .collect())
+    };
+    assert_eq!(
+        session_ids(SessionFilter::default(), None).await,
+        ["s-1", "s-2", "s-3"]
+    );
+    assert_eq!(
+        session_ids(SessionFilter::default(), Some("s-2")).await,
+        ["s-3"]
+    );
+    let team_b = SessionFilter {
+        label: Some("team:b".into()),
+        ..SessionFilter::default()
+    };
+    assert_eq!(session_ids(team_b, None).await, ["s-2", "s-3"]);
+    // A label is matched whole, quotes included, never as a fragment.
+    let quoted = SessionFilter {
+        label: Some("x\"y".into()),
+        ..SessionFilter::default()
+    };
+    assert_eq!(session_ids(quoted, None).await, ["s-2"]);
+    let fragment = SessionFilter {
+        label: Some("team".into()),
+        ..SessionFilter::default()
+    };
+    assert!(session_ids(fragment, None).await.is_empty());
+    let of_alice = SessionFilter {
+        subject_id: Some("alice".into()),
+        ..SessionFilter::default()
+    };
+    assert_eq!(session_ids(of_alice, None).await, ["s-2"]);
+    let suspended = SessionFilter {
+        status: Some("suspended".into()),
+        lifecycle: Some("service".into()),
+        ..SessionFilter::default()
+    };
+    assert_eq!(session_ids(suspended, None).await, ["s-3"]);
+}

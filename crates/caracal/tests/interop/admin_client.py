@@ -104,6 +104,25 @@ seen["grants"] = {
     "simulated": simulated["result"]["decision"],
 }
 
+# The read views and the subject kill switch, as the client calls them. Admin changes reach
+# the ledger through the outbox, asynchronously.
+seen["authority_records"] = client.authority_records.list(zone_id, {"kind": "application", "limit": 10})
+seen["sessions"] = client.sessions.list(zone_id, {"status": "active", "lifecycle": "task"})
+deadline = time.monotonic() + 20
+while True:
+    changes = client.admin_audit.list(zone_id, {"entity_type": "application"})
+    actions = sorted({change["action"] for change in changes})
+    if "application.create" in actions or time.monotonic() > deadline:
+        break
+    time.sleep(0.1)
+seen["admin_audit"] = {
+    "actions": actions,
+    "actors": sorted({change["actor_id"].split(":")[0] for change in changes}),
+    "entities": all(change["entity_type"] == "application" for change in changes),
+}
+killed = client.subjects.revoke(zone_id, {"subject_id": first, "reason": "interop"})
+seen["subject_revoke"] = {key: killed[key] for key in ("subject_id", "revoked_records", "terminated_sessions")}
+
 errors = {}
 for label, call in {
     "unknown_field": lambda: client.zones.create({"name": "x", "colour": "red"}),

@@ -12,6 +12,7 @@ mod providers;
 mod resources;
 mod subjects;
 mod tokens;
+mod views;
 mod zones;
 
 use axum::Router;
@@ -48,6 +49,7 @@ pub fn routes() -> Router<RoleState> {
         .merge(resources::routes())
         .merge(subjects::routes())
         .merge(tokens::routes())
+        .merge(views::routes())
 }
 
 /// A JSON body into `T`, whose unknown fields are refused; any failure is 400 `invalid_body`

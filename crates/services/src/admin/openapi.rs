@@ -66,6 +66,30 @@ pub const OPERATIONS: &[Operation] = &[
         "Subject kill switch: revoke every authority record, session and delegation of a subject",
     ),
     op(
+        "post",
+        "/v1/zones/{zone_id}/subjects/revoke",
+        "write",
+        "Subject kill switch with the subject in the body: `{subject_id, reason?}`",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/authority-records",
+        "read",
+        "Authority records (filters authority_record_id, status, subject_id, kind; limit 1-1000, default 100; cursor)",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/sessions",
+        "read",
+        "Sessions with their subject (filters status, lifecycle, label, parent_session_id, application_id, subject_id; limit, cursor)",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/admin-audit",
+        "read",
+        "The zone's admin changes from the ledger, newest first (filters since, until, actor_id, entity_type, entity_id; limit, cursor)",
+    ),
+    op(
         "get",
         "/v1/incident/containment",
         "read",

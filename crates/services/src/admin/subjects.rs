@@ -1,4 +1,6 @@
-//! `/v1/zones/{zone_id}/subjects/{subject_id}/revoke`: the subject kill switch. Everything
+//! `/v1/zones/{zone_id}/subjects/revoke` (`{subject_id, reason?}`, the published admin
+//! client's form) and `/v1/zones/{zone_id}/subjects/{subject_id}/revoke`: the subject kill
+//! switch. Everything
 //! issued for a subject goes at once: its authority records, every session bound to them
 //! (with their subtrees) and every delegation touching those, with the revocation messages
 //! in the same transaction.
@@ -17,10 +19,12 @@ use crate::error::ApiError;
 use crate::state::RoleState;
 
 pub fn routes() -> Router<RoleState> {
-    Router::new().route(
-        "/v1/zones/{zone_id}/subjects/{subject_id}/revoke",
-        post(revoke),
-    )
+    Router::new()
+        .route("/v1/zones/{zone_id}/subjects/revoke", post(revoke_named))
+        .route(
+            "/v1/zones/{zone_id}/subjects/{subject_id}/revoke",
+            post(revoke),
+        )
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -28,6 +32,38 @@ pub fn routes() -> Router<RoleState> {
 struct RevokeRequest {
     #[serde(default)]
     reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeNamedRequest {
+    subject_id: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn revoke_named(
+    State(state): State<RoleState>,
+    headers: http::HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    Path(zone_id): Path<String>,
+    raw: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let request: RevokeNamedRequest = json(&raw)?;
+    let reason = RevokeRequest {
+        reason: request.reason,
+    };
+    kill(
+        &state,
+        &caller,
+        request_id,
+        zone_id,
+        request.subject_id,
+        reason,
+    )
+    .await
 }
 
 async fn revoke(
@@ -44,6 +80,17 @@ async fn revoke(
     } else {
         json(&raw)?
     };
+    kill(&state, &caller, request_id, zone_id, subject_id, request).await
+}
+
+async fn kill(
+    state: &RoleState,
+    caller: &crate::auth::AdminCaller,
+    request_id: Option<Extension<RequestId>>,
+    zone_id: String,
+    subject_id: String,
+    request: RevokeRequest,
+) -> Result<Json<Value>, ApiError> {
     if request
         .reason
         .as_deref()
@@ -56,7 +103,7 @@ async fn revoke(
     }
     // Evidence first: the revocation is recorded before it is applied.
     let event = super::audit_event(
-        &caller,
+        caller,
         request_id.as_deref(),
         Change {
             zone_id: &zone_id,
@@ -70,7 +117,7 @@ async fn revoke(
             },
         },
     );
-    super::record_now(&state, event).await?;
+    super::record_now(state, event).await?;
     let tree = state
         .shared
         .store

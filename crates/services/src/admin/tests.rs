@@ -1260,6 +1260,7 @@ fn declared_routes() -> Vec<(String, String)> {
         include_str!("tokens.rs"),
         include_str!("keys.rs"),
         include_str!("subjects.rs"),
+        include_str!("views.rs"),
         include_str!("incident.rs"),
         include_str!("openapi.rs"),
         include_str!("../api.rs"),

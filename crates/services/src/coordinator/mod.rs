@@ -70,8 +70,16 @@ pub fn routes() -> Router<RoleState> {
         .route("/zones/{zone_id}/agents/{id}/heartbeat", post(heartbeat))
         .route("/zones/{zone_id}/agents/{id}/lease", post(lease))
         .route("/zones/{zone_id}/agents/{id}/impact", get(session_impact))
-        .route("/zones/{zone_id}/agents/{id}/suspend", post(suspend))
-        .route("/zones/{zone_id}/agents/{id}/resume", post(resume))
+        // The published admin client sends PATCH, the SDK POST.
+        // The SDK sends POST, the published admin client PATCH.
+        .route(
+            "/zones/{zone_id}/agents/{id}/suspend",
+            post(suspend).patch(suspend),
+        )
+        .route(
+            "/zones/{zone_id}/agents/{id}/resume",
+            post(resume).patch(resume),
+        )
         .merge(delegations::routes())
 }
 
@@ -233,7 +241,8 @@ pub(super) fn timestamp(ms: i64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + since_epoch).to_string()
 }
 
-fn body(session: &Session) -> Value {
+/// A session as the Coordinator (and the admin API's read view) shows it.
+pub(crate) fn session_body(session: &Session) -> Value {
     json!({
         "agent_session_id": session.id,
         "zone_id": session.zone_id,
@@ -417,7 +426,7 @@ async fn start(
         key.as_ref(),
         "session",
         &session.id,
-        body(&session),
+        session_body(&session),
         async |receipt| {
             store
                 .create_session_with_receipt(&session, &[evidence], receipt)
@@ -439,7 +448,7 @@ async fn read(
         .get_session(&zone_id, &id)
         .await?
         .ok_or_else(|| not_found(&id))?;
-    Ok(Json(body(&session)))
+    Ok(Json(session_body(&session)))
 }
 
 async fn list(
@@ -452,7 +461,7 @@ async fn list(
     let items: Vec<Value> = sessions
         .iter()
         .filter(|session| session.application_id == caller.client_id)
-        .map(body)
+        .map(session_body)
         .collect();
     Ok(Json(json!({ "items": items, "agents": items })))
 }
@@ -628,7 +637,7 @@ async fn set_status(
         .get_session(zone_id, id)
         .await?
         .ok_or_else(|| not_found(id))?;
-    Ok(Json(body(&session)))
+    Ok(Json(session_body(&session)))
 }
 
 /// Ends sessions whose task TTL or service lease ran out, each with its subtree and edges

@@ -1723,3 +1723,94 @@ async fn a_control_key_mints_only_the_control_audience_within_its_traits() {
         );
     }
 }
+
+/// The admin API's read views over what the STS and the Coordinator wrote: authority records
+/// and sessions filtered and paged, each session with its subject; bad filters refused.
+#[tokio::test]
+async fn the_read_views_filter_and_page_records_and_sessions_with_their_subject() {
+    let world = world().await;
+    let store = world.shared.store.as_ref();
+    let mut records = Vec::new();
+    for _ in 0..3 {
+        let minted = world.bootstrap().await;
+        records.push(claims_of(minted["access_token"].as_str().unwrap())["sid"].clone());
+    }
+    let record = records[0].as_str().unwrap().to_owned();
+    for (id, labels, status) in [
+        ("s-a", vec!["alpha"], "active"),
+        ("s-b", vec!["beta"], "active"),
+        ("s-c", vec!["alpha", "gamma"], "suspended"),
+    ] {
+        let mut session = world.session(id, &labels);
+        session.authority_record_id = record.clone();
+        session.status = status.to_owned();
+        store.create_session(&session, &[]).await.unwrap();
+    }
+    let w = Some(world.writer.as_str());
+    let get = |path: String| {
+        let api = world.api.clone();
+        async move {
+            let (status, _, body) = call(&api, "GET", &path, w, "").await;
+            (status, body)
+        }
+    };
+    let base = format!("/v1/zones/{}", world.zone_id);
+
+    let (status, all) = get(format!("{base}/authority-records?kind=application")).await;
+    assert_eq!(status, StatusCode::OK, "{all}");
+    assert_eq!(all["items"].as_array().unwrap().len(), 3);
+    assert_eq!(all["items"][0]["subject_id"], world.app_id.as_str());
+    assert_eq!(all["items"][0]["status"], "active");
+    let (_, page) = get(format!("{base}/authority-records?limit=2")).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let (_, rest) = get(format!("{base}/authority-records?limit=2&cursor={cursor}")).await;
+    assert_eq!(rest["items"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["next_cursor"], Value::Null);
+    let (_, one) = get(format!(
+        "{base}/authority-records?authority_record_id={record}"
+    ))
+    .await;
+    assert_eq!(one["items"][0]["id"], record.as_str());
+    let (_, users) = get(format!("{base}/authority-records?kind=user")).await;
+    assert_eq!(users["items"], json!([]));
+
+    let (_, alpha) = get(format!("{base}/sessions?label=alpha")).await;
+    let ids: Vec<&str> = alpha["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["agent_session_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["s-a", "s-c"]);
+    assert_eq!(alpha["items"][0]["subject_id"], world.app_id.as_str());
+    assert_eq!(alpha["items"][0]["federated_user_id"], Value::Null);
+    let (_, active) = get(format!("{base}/sessions?status=active&label=alpha")).await;
+    assert_eq!(active["items"].as_array().unwrap().len(), 1);
+    let (_, by_subject) = get(format!("{base}/sessions?subject_id={}", world.app_id)).await;
+    assert_eq!(by_subject["items"].as_array().unwrap().len(), 3);
+    let (_, nobody) = get(format!("{base}/sessions?subject_id=someone-else")).await;
+    assert_eq!(nobody["items"], json!([]));
+
+    for (path, code) in [
+        (format!("{base}/sessions?status=zombie"), "invalid_request"),
+        (format!("{base}/sessions?colour=red"), "invalid_request"),
+        (
+            format!("{base}/authority-records?limit=0"),
+            "invalid_request",
+        ),
+        (
+            format!("{base}/authority-records?kind=robot"),
+            "invalid_request",
+        ),
+        (
+            format!("{base}/admin-audit?since=yesterday"),
+            "invalid_request",
+        ),
+        ("/v1/zones/no-such-zone/sessions".to_owned(), "not_found"),
+    ] {
+        let (status, body) = get(path.clone()).await;
+        assert!(status.is_client_error(), "{path}: {status} {body}");
+        assert_eq!(body["error"], code, "{path}: {body}");
+    }
+}

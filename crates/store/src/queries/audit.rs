@@ -535,6 +535,7 @@ impl<D: Db> Audit for D {
                 .as_ref()
                 .map(|value| format!("\"{key}\":{}", serde_json::Value::String(value.clone())))
         };
+        let admin = filter.admin.as_ref();
         let sql = match self.dialect() {
             Dialect::Sqlite => {
                 concat!(select_audit_events!(), " WHERE zone_id = $1
@@ -546,6 +547,10 @@ impl<D: Db> Audit for D {
                    AND (CAST($7 AS TEXT) IS NULL OR instr(metadata, $7) > 0 OR instr(metadata, $8) > 0)
                    AND (CAST($9 AS TEXT) IS NULL OR instr(metadata, $9) > 0)
                    AND (CAST($10 AS BIGINT) IS NULL OR chain_seq < CAST($10 AS BIGINT))
+                   AND (CAST($12 AS TEXT) IS NULL OR substr(event_type, 1, 6) = CAST($12 AS TEXT))
+                   AND (CAST($13 AS TEXT) IS NULL OR instr(metadata, $13) > 0)
+                   AND (CAST($14 AS TEXT) IS NULL OR instr(metadata, $14) > 0)
+                   AND (CAST($15 AS TEXT) IS NULL OR instr(metadata, $15) > 0)
                  ORDER BY chain_seq DESC LIMIT $11")
             }
             Dialect::Postgres => {
@@ -561,6 +566,10 @@ impl<D: Db> Audit for D {
                         OR strpos(metadata, CAST($8 AS TEXT)) > 0)
                    AND (CAST($9 AS TEXT) IS NULL OR strpos(metadata, CAST($9 AS TEXT)) > 0)
                    AND (CAST($10 AS BIGINT) IS NULL OR chain_seq < CAST($10 AS BIGINT))
+                   AND (CAST($12 AS TEXT) IS NULL OR substr(event_type, 1, 6) = CAST($12 AS TEXT))
+                   AND (CAST($13 AS TEXT) IS NULL OR strpos(metadata, CAST($13 AS TEXT)) > 0)
+                   AND (CAST($14 AS TEXT) IS NULL OR strpos(metadata, CAST($14 AS TEXT)) > 0)
+                   AND (CAST($15 AS TEXT) IS NULL OR strpos(metadata, CAST($15 AS TEXT)) > 0)
                  ORDER BY chain_seq DESC LIMIT $11"
                 )
             }
@@ -580,6 +589,16 @@ impl<D: Db> Audit for D {
                 needle("delegation_edge_id", &filter.edge_id),
                 before_seq,
                 limit,
+                admin.map(|_| "admin.".to_owned()),
+                needle("actor", &admin.and_then(|admin| admin.actor.clone())),
+                needle(
+                    "entity_type",
+                    &admin.and_then(|admin| admin.entity_type.clone())
+                ),
+                needle(
+                    "entity_id",
+                    &admin.and_then(|admin| admin.entity_id.clone())
+                ),
             ],
             event,
         )

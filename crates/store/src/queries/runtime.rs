@@ -1,7 +1,7 @@
 //! What agents do at run time: authority records, sessions, delegation edges and the zone graph
 //! epoch, approval holds and idempotency receipts.
 
-use crate::db::{Db, Outcome, Row, Statement, Then, Value, params};
+use crate::db::{Db, Dialect, Outcome, Row, Statement, Then, Value, params};
 use crate::model::{
     ApprovalHold, AuthorityRecord, DelegationContext, DelegationEdge, IdempotencyReceipt,
     OutboxMessage, RevokedAnchors, Session, TerminatedTree,
@@ -10,6 +10,7 @@ use crate::store::{
     StoreError, all, enqueue, first_row, list_from_json, list_to_json, not_found, now_ms, one,
     with_outbox,
 };
+use crate::{RecordFilter, SessionFilter};
 
 /// The row columns of `sessions`, for `concat!`.
 macro_rules! select_sessions {
@@ -54,6 +55,14 @@ pub trait Runtime: Send + Sync {
         zone_id: &str,
         subject_id: &str,
     ) -> Result<Vec<AuthorityRecord>, StoreError>;
+    /// At most `limit` of the zone's records matching `filter`, by id, after `after`.
+    async fn page_authority_records(
+        &self,
+        zone_id: &str,
+        filter: &RecordFilter,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AuthorityRecord>, StoreError>;
     /// Revokes an active record; [`StoreError::NotFound`] if there is none.
     async fn revoke_authority_record(
         &self,
@@ -91,6 +100,14 @@ pub trait Runtime: Send + Sync {
     ) -> Result<(), StoreError>;
     async fn get_session(&self, zone_id: &str, id: &str) -> Result<Option<Session>, StoreError>;
     async fn list_sessions(&self, zone_id: &str) -> Result<Vec<Session>, StoreError>;
+    /// At most `limit` of the zone's sessions matching `filter`, by id, after `after`.
+    async fn page_sessions(
+        &self,
+        zone_id: &str,
+        filter: &SessionFilter,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Session>, StoreError>;
     /// Active sessions of the zone, and of those, `application_id`'s.
     async fn count_active_sessions(
         &self,
@@ -735,6 +752,39 @@ impl<D: Db> Runtime for D {
         .await
     }
 
+    async fn page_authority_records(
+        &self,
+        zone_id: &str,
+        filter: &RecordFilter,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AuthorityRecord>, StoreError> {
+        all(
+            self,
+            concat!(
+                select_authority_records!(),
+                " WHERE zone_id = $1
+                   AND (CAST($2 AS TEXT) IS NULL OR id = CAST($2 AS TEXT))
+                   AND (CAST($3 AS TEXT) IS NULL OR status = CAST($3 AS TEXT))
+                   AND (CAST($4 AS TEXT) IS NULL OR subject_id = CAST($4 AS TEXT))
+                   AND (CAST($5 AS TEXT) IS NULL OR session_type = CAST($5 AS TEXT))
+                   AND (CAST($6 AS TEXT) IS NULL OR id > CAST($6 AS TEXT))
+                 ORDER BY id LIMIT $7"
+            ),
+            params![
+                zone_id,
+                filter.id.clone(),
+                filter.status.clone(),
+                filter.subject_id.clone(),
+                filter.kind.clone(),
+                after.map(str::to_owned),
+                limit,
+            ],
+            authority,
+        )
+        .await
+    }
+
     async fn revoke_zone_authority(
         &self,
         zone_id: &str,
@@ -852,6 +902,61 @@ impl<D: Db> Runtime for D {
                 " WHERE zone_id = $1 ORDER BY started_at_ms, id"
             ),
             params![zone_id],
+            session,
+        )
+        .await
+    }
+
+    async fn page_sessions(
+        &self,
+        zone_id: &str,
+        filter: &SessionFilter,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Session>, StoreError> {
+        // Labels are a canonical JSON array of strings: one label is an exact substring.
+        let label = filter
+            .label
+            .as_ref()
+            .map(|label| serde_json::Value::String(label.clone()).to_string());
+        macro_rules! page_sessions_sql {
+            ($contains:literal) => {
+                concat!(
+                    select_sessions!(),
+                    " WHERE zone_id = $1
+                       AND (CAST($2 AS TEXT) IS NULL OR status = CAST($2 AS TEXT))
+                       AND (CAST($3 AS TEXT) IS NULL OR lifecycle = CAST($3 AS TEXT))
+                       AND (CAST($4 AS TEXT) IS NULL OR application_id = CAST($4 AS TEXT))
+                       AND (CAST($5 AS TEXT) IS NULL OR parent_id = CAST($5 AS TEXT))
+                       AND (CAST($6 AS TEXT) IS NULL OR ",
+                    $contains,
+                    ")
+                       AND (CAST($7 AS TEXT) IS NULL OR authority_record_id IN
+                            (SELECT id FROM authority_records
+                              WHERE zone_id = $1 AND subject_id = CAST($7 AS TEXT)))
+                       AND (CAST($8 AS TEXT) IS NULL OR id > CAST($8 AS TEXT))
+                     ORDER BY id LIMIT $9"
+                )
+            };
+        }
+        let sql = match self.dialect() {
+            Dialect::Sqlite => page_sessions_sql!("instr(labels, CAST($6 AS TEXT)) > 0"),
+            Dialect::Postgres => page_sessions_sql!("strpos(labels, CAST($6 AS TEXT)) > 0"),
+        };
+        all(
+            self,
+            sql,
+            params![
+                zone_id,
+                filter.status.clone(),
+                filter.lifecycle.clone(),
+                filter.application_id.clone(),
+                filter.parent_id.clone(),
+                label,
+                filter.subject_id.clone(),
+                after.map(str::to_owned),
+                limit,
+            ],
             session,
         )
         .await

@@ -1,0 +1,285 @@
+//! Read views over runtime state for operators and the published admin client:
+//! `/v1/zones/{zone}/authority-records`, `/sessions` (with each session's subject) and
+//! `/admin-audit` (the zone's admin changes from the ledger). Pages of 100 by default, at most
+//! 1,000, with an opaque cursor; unknown filters are refused.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use caracal_core::ErrorCode;
+use caracal_store::{AdminFilter, AuditFilter, AuthorityRecord, RecordFilter, SessionFilter};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{live_zone, timestamp};
+use crate::auth::{Access, authenticate};
+use crate::error::ApiError;
+use crate::state::RoleState;
+
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+
+pub fn routes() -> Router<RoleState> {
+    Router::new()
+        .route("/v1/zones/{zone_id}/authority-records", get(records))
+        .route("/v1/zones/{zone_id}/sessions", get(sessions))
+        .route("/v1/zones/{zone_id}/admin-audit", get(admin_audit))
+}
+
+fn limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_LIMIT);
+    if (1..=MAX_LIMIT).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::with_description(
+            ErrorCode::InvalidRequest,
+            format!("`limit` must be 1 to {MAX_LIMIT}"),
+        ))
+    }
+}
+
+/// `one_of` or refused, naming the filter.
+fn choice(name: &str, value: Option<String>, one_of: &[&str]) -> Result<Option<String>, ApiError> {
+    match value {
+        Some(value) if !one_of.contains(&value.as_str()) => Err(ApiError::with_description(
+            ErrorCode::InvalidRequest,
+            format!("`{name}` must be one of {}", one_of.join(", ")),
+        )),
+        value => Ok(value),
+    }
+}
+
+/// The next page's cursor: the last id, when the page is full.
+fn next_cursor(ids: &[&str], limit: usize) -> Option<String> {
+    (ids.len() == limit)
+        .then(|| ids.last().map(|id| (*id).to_owned()))
+        .flatten()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordQuery {
+    authority_record_id: Option<String>,
+    status: Option<String>,
+    subject_id: Option<String>,
+    kind: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+fn record_body(record: &AuthorityRecord) -> Value {
+    json!({
+        "id": record.id,
+        "zone_id": record.zone_id,
+        "kind": record.session_type,
+        "subject_id": record.subject_id,
+        "parent_id": record.parent_id,
+        "status": record.status,
+        "claims": serde_json::from_str::<Value>(&record.claims).unwrap_or(Value::Null),
+        "expires_at": timestamp(record.expires_at_ms),
+        "authenticated_at": timestamp(record.authenticated_at_ms),
+        "created_at": timestamp(record.created_at_ms),
+        "revoked_at": record.revoked_at_ms.map(timestamp),
+        "revoked_reason": record.revoked_reason,
+    })
+}
+
+async fn records(
+    State(state): State<RoleState>,
+    headers: http::HeaderMap,
+    Path(zone_id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    let query: RecordQuery = crate::api::query(raw.as_deref())?;
+    let limit = limit(query.limit)?;
+    let filter = RecordFilter {
+        id: query.authority_record_id,
+        status: choice("status", query.status, &["active", "revoked", "expired"])?,
+        subject_id: query.subject_id,
+        kind: choice("kind", query.kind, &["user", "application"])?,
+    };
+    let rows = state
+        .shared
+        .store
+        .page_authority_records(&zone_id, &filter, query.cursor.as_deref(), limit as i64)
+        .await?;
+    let ids: Vec<&str> = rows.iter().map(|row| row.id.as_str()).collect();
+    Ok(Json(json!({
+        "items": rows.iter().map(record_body).collect::<Vec<_>>(),
+        "next_cursor": next_cursor(&ids, limit),
+    })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionQuery {
+    status: Option<String>,
+    lifecycle: Option<String>,
+    label: Option<String>,
+    parent_session_id: Option<String>,
+    application_id: Option<String>,
+    subject_id: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn sessions(
+    State(state): State<RoleState>,
+    headers: http::HeaderMap,
+    Path(zone_id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    let query: SessionQuery = crate::api::query(raw.as_deref())?;
+    let limit = limit(query.limit)?;
+    let filter = SessionFilter {
+        status: choice(
+            "status",
+            query.status,
+            &["active", "suspended", "terminated", "expired"],
+        )?,
+        lifecycle: choice("lifecycle", query.lifecycle, &["task", "service"])?,
+        application_id: query.application_id,
+        parent_id: query.parent_session_id,
+        label: query.label,
+        subject_id: query.subject_id,
+    };
+    let store = state.shared.store.as_ref();
+    let rows = store
+        .page_sessions(&zone_id, &filter, query.cursor.as_deref(), limit as i64)
+        .await?;
+    // Each session's subject, read once per distinct record.
+    let mut subjects: BTreeMap<&str, Option<AuthorityRecord>> = BTreeMap::new();
+    for row in &rows {
+        if !subjects.contains_key(row.authority_record_id.as_str()) {
+            let record = store
+                .get_authority_record(&zone_id, &row.authority_record_id)
+                .await?;
+            subjects.insert(row.authority_record_id.as_str(), record);
+        }
+    }
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            let mut body = crate::coordinator::session_body(row);
+            let record = subjects
+                .get(row.authority_record_id.as_str())
+                .and_then(Option::as_ref);
+            let user = record.filter(|record| record.session_type == "user");
+            if let Some(fields) = body.as_object_mut() {
+                fields.insert(
+                    "subject_id".to_owned(),
+                    json!(record.map(|record| &record.subject_id)),
+                );
+                fields.insert(
+                    "federated_user_id".to_owned(),
+                    json!(user.map(|record| &record.subject_id)),
+                );
+            }
+            body
+        })
+        .collect();
+    let ids: Vec<&str> = rows.iter().map(|row| row.id.as_str()).collect();
+    Ok(Json(json!({
+        "items": items,
+        "next_cursor": next_cursor(&ids, limit),
+    })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminAuditQuery {
+    since: Option<String>,
+    until: Option<String>,
+    actor_id: Option<String>,
+    entity_type: Option<String>,
+    entity_id: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+/// RFC 3339 or epoch milliseconds.
+fn instant(name: &str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let parsed = value.parse::<i64>().ok().or_else(|| {
+        humantime::parse_rfc3339_weak(value)
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|since| i64::try_from(since.as_millis()).ok())
+    });
+    parsed.map(Some).ok_or_else(|| {
+        ApiError::with_description(
+            ErrorCode::InvalidRequest,
+            format!("`{name}` must be RFC 3339 or epoch milliseconds"),
+        )
+    })
+}
+
+async fn admin_audit(
+    State(state): State<RoleState>,
+    headers: http::HeaderMap,
+    Path(zone_id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    let query: AdminAuditQuery = crate::api::query(raw.as_deref())?;
+    let limit = limit(query.limit)?;
+    let before = query
+        .cursor
+        .as_deref()
+        .map(|cursor| {
+            cursor.parse::<i64>().map_err(|_| {
+                ApiError::with_description(
+                    ErrorCode::InvalidRequest,
+                    "`cursor` is not one this API issued",
+                )
+            })
+        })
+        .transpose()?;
+    let filter = AuditFilter {
+        since_ms: instant("since", query.since.as_deref())?,
+        until_ms: instant("until", query.until.as_deref())?,
+        admin: Some(AdminFilter {
+            actor: query.actor_id,
+            entity_type: query.entity_type,
+            entity_id: query.entity_id,
+        }),
+        ..AuditFilter::default()
+    };
+    let rows = state
+        .shared
+        .store
+        .search_audit(&zone_id, &filter, before, limit as i64)
+        .await?;
+    let next = (rows.len() == limit)
+        .then(|| rows.last().map(|row| row.chain_seq.to_string()))
+        .flatten();
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            let metadata: Value = serde_json::from_str(&row.metadata).unwrap_or(Value::Null);
+            json!({
+                "id": row.id,
+                "zone_id": row.zone_id,
+                "action": row.event_type.strip_prefix("admin.").unwrap_or(&row.event_type),
+                "actor_id": metadata.get("actor"),
+                "entity_type": metadata.get("entity_type"),
+                "entity_id": metadata.get("entity_id"),
+                "changed_fields": metadata.get("changed_fields"),
+                "request_id": row.request_id,
+                "occurred_at": timestamp(row.occurred_at_ms),
+                "chain_seq": row.chain_seq,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "items": items, "next_cursor": next })))
+}
