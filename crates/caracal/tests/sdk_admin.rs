@@ -73,6 +73,9 @@ fn the_published_admin_client_manages_zones_applications_providers_resources_and
             "resource_without_provider": [400, "credential_provider_required"],
             "provider_in_use": [409, "provider_in_use"],
             "invalid_policy": [422, "invalid_rego"],
+            "issuer_not_https": [400, "invalid_body"],
+            "grant_beyond_resource": [400, "invalid_body"],
+            "workload_sets_path": [400, "invalid_body"],
         })
     );
     assert_eq!(
@@ -89,6 +92,18 @@ fn the_published_admin_client_manages_zones_applications_providers_resources_and
         json!({"propagation": "loaded", "steady": true, "simulated": "allow"})
     );
     assert_eq!(seen["bad_token"], json!([401, "invalid_admin_token"]));
+    assert_eq!(
+        seen["issuers"],
+        json!([["https://login.example.com", "caracal-2"]])
+    );
+    assert_eq!(seen["issuers_after_delete"], 0);
+    assert_eq!(seen["grants_of_alice"], json!([["crm:read"]]));
+    assert_eq!(seen["grant_after_revoke"], "revoked");
+    assert_eq!(
+        seen["workload"],
+        json!({"secret_prefix": "ws_", "bindings": ["CRM_TOKEN"], "secret_hidden": true, "reveal_is_current": true})
+    );
+    assert_eq!(seen["workloads_after_delete"], 0);
     assert_eq!(seen["authority_records"], json!([]));
     assert_eq!(seen["sessions"], json!([]));
     assert_eq!(

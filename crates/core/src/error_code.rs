@@ -48,6 +48,12 @@ pub enum ErrorCode {
     ProviderIdentifierConflict,
     /// A live resource still uses the provider.
     ProviderInUse,
+    /// Another active subject issuer of the zone has this issuer URL.
+    SubjectIssuerConflict,
+    /// Another workload of the zone has this name.
+    WorkloadNameConflict,
+    /// The zone already holds as many objects of this kind as it may (20 subject issuers).
+    ZoneLimitExceeded,
     /// Another resource of the zone has this identifier.
     ResourceIdentifierConflict,
     /// A resource needs a credential provider.
@@ -143,6 +149,9 @@ impl ErrorCode {
             ErrorCode::ClientSecretNotStored => "client_secret_not_stored",
             ErrorCode::SystemZoneReadOnly => "system_zone_read_only",
             ErrorCode::ProviderIdentifierConflict => "provider_identifier_conflict",
+            ErrorCode::SubjectIssuerConflict => "subject_issuer_conflict",
+            ErrorCode::WorkloadNameConflict => "workload_name_conflict",
+            ErrorCode::ZoneLimitExceeded => "zone_limit_exceeded",
             ErrorCode::ProviderInUse => "provider_in_use",
             ErrorCode::ResourceIdentifierConflict => "resource_identifier_conflict",
             ErrorCode::CredentialProviderRequired => "credential_provider_required",
@@ -191,6 +200,9 @@ impl ErrorCode {
             ErrorCode::ZoneSlugConflict
             | ErrorCode::ApplicationNameConflict
             | ErrorCode::ProviderIdentifierConflict
+            | ErrorCode::SubjectIssuerConflict
+            | ErrorCode::WorkloadNameConflict
+            | ErrorCode::ZoneLimitExceeded
             | ErrorCode::ProviderInUse
             | ErrorCode::ResourceIdentifierConflict
             | ErrorCode::CanaryFailed
@@ -267,6 +279,9 @@ mod tests {
             ErrorCode::ClientSecretNotStored,
             ErrorCode::SystemZoneReadOnly,
             ErrorCode::ProviderIdentifierConflict,
+            ErrorCode::SubjectIssuerConflict,
+            ErrorCode::WorkloadNameConflict,
+            ErrorCode::ZoneLimitExceeded,
             ErrorCode::ProviderInUse,
             ErrorCode::ResourceIdentifierConflict,
             ErrorCode::CredentialProviderRequired,

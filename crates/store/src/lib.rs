@@ -30,18 +30,19 @@ pub use bootstrap::{
 };
 pub use data_dir::{DataDir, DataDirError};
 pub use model::{
-    AdminFilter, AdminTokenRecord, Application, ApplicationChange, ApprovalHold, AuditCheckpoint,
-    AuditCut, AuditEvent, AuditFilter, AuthorityRecord, Containment, DelegationContext,
-    DelegationEdge, IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure,
-    OutboxMessage, OutboxRow, OutboxStats, PolicyBinding, PolicyHeader, PolicyLoad, PolicyVersion,
-    Provider, ProviderConnection, RecordFilter, Resource, RevokedAnchors, SealedSecret, Session,
-    SessionFilter, SigningKey, TamperFinding, TerminatedTree, TokenScope, Zone,
+    AdminFilter, AdminObject, AdminTokenRecord, Application, ApplicationChange, ApprovalHold,
+    AuditCheckpoint, AuditCut, AuditEvent, AuditFilter, AuthorityRecord, Containment,
+    DelegationContext, DelegationEdge, IdempotencyReceipt, KekRecord, NewAdminToken, NewZone,
+    OutboxFailure, OutboxMessage, OutboxRow, OutboxStats, PolicyBinding, PolicyHeader, PolicyLoad,
+    PolicyVersion, Provider, ProviderConnection, RecordFilter, Resource, RevokedAnchors,
+    SealedSecret, Session, SessionFilter, SigningKey, TamperFinding, TerminatedTree, TokenScope,
+    Zone,
 };
 pub use postgres::{PgOptions, PgStore};
 pub use queries::{ChainAppend, ChainBuilder};
 pub use sqlite::SqliteStore;
 pub use store::{
-    Audit, Deployment, Directory, Outbox, Policies, Runtime, Store, StoreError, now_ms,
+    Audit, Deployment, Directory, Objects, Outbox, Policies, Runtime, Store, StoreError, now_ms,
 };
 pub use url::{StoreUrl, StoreUrlError, redact_url};
 

@@ -159,6 +159,22 @@ pub struct Resource {
     pub archived_at_ms: Option<i64>,
 }
 
+/// An admin bookkeeping object (`subject_issuer`, `grant` or `workload`) as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminObject {
+    pub zone_id: String,
+    pub kind: String,
+    pub id: String,
+    /// Unique among the zone's active objects of the kind, when set.
+    pub unique_key: Option<String>,
+    /// `active`, `revoked` or `archived`.
+    pub status: String,
+    /// The object as JSON.
+    pub body: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
 /// A subject's (or the zone's shared) connection to a provider; tokens are sealed secrets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderConnection {

@@ -73,6 +73,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "containment",
             include_str!("schema/0013_containment.sql").replace("{BIGINT}", "BIGINT"),
         ),
+        (
+            "admin objects",
+            include_str!("schema/0014_admin_objects.sql").replace("{BIGINT}", "BIGINT"),
+        ),
     ]
 }
 

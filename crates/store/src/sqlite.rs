@@ -68,6 +68,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "containment",
             include_str!("schema/0013_containment.sql").replace("{BIGINT}", "INTEGER"),
         ),
+        (
+            "admin objects",
+            include_str!("schema/0014_admin_objects.sql").replace("{BIGINT}", "INTEGER"),
+        ),
     ]
 }
 
@@ -512,6 +516,7 @@ mod tests {
                      DROP INDEX authority_records_status_expiry; DROP INDEX authority_records_expiry;
                      DROP INDEX sessions_status_ended; DROP INDEX sessions_authority_record;
                      DROP INDEX delegation_edges_status_revoked; DROP TABLE containment;
+                     DROP TABLE admin_objects;
                      DELETE FROM schema_migrations WHERE version >= 2;",
                 )
             })

@@ -1867,7 +1867,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 13
+                supported: 14
             }
         ),
         "{error}"
@@ -1883,7 +1883,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
     let versions: Vec<i64> = rows.iter().map(|row| row.int(0).unwrap()).collect();
     assert_eq!(
         versions,
-        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 999],
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 999],
         "the refused start wrote nothing"
     );
     drop_schema(&schema).await;
@@ -2649,13 +2649,14 @@ async fn retention_deletes_only_what_ended_long_enough_ago(backend: &Backend) {
 }
 
 /// Undoes the migrations after 11 (runtime retention indexes, containment).
-const LATER_MIGRATIONS: [&str; 6] = [
+const LATER_MIGRATIONS: [&str; 7] = [
     "DROP INDEX authority_records_status_expiry",
     "DROP INDEX authority_records_expiry",
     "DROP INDEX sessions_status_ended",
     "DROP INDEX sessions_authority_record",
     "DROP INDEX delegation_edges_status_revoked",
     "DROP TABLE containment",
+    "DROP TABLE admin_objects",
 ];
 
 async fn the_read_views_filter_and_page_by_id(backend: &Backend) {

@@ -120,6 +120,34 @@ seen["admin_audit"] = {
     "actors": sorted({change["actor_id"].split(":")[0] for change in changes}),
     "entities": all(change["entity_type"] == "application" for change in changes),
 }
+# Subject issuers, delegated grants and workloads through the client's own calls.
+issuer = client.subject_issuers.create(zone_id, {
+    "issuer": "https://login.example.com", "jwks_url": "https://login.example.com/jwks", "audience": "caracal",
+})
+client.subject_issuers.patch(zone_id, issuer["id"], {"audience": "caracal-2"})
+seen["issuers"] = [[i["issuer"], i["audience"]] for i in client.subject_issuers.list(zone_id)]
+client.subject_issuers.delete(zone_id, issuer["id"])
+seen["issuers_after_delete"] = len(client.subject_issuers.list(zone_id))
+grant = client.grants.create(zone_id, {
+    "application_id": first, "user_id": "alice", "resource_id": resource["id"], "scopes": ["crm:read"],
+})
+seen["grants_of_alice"] = [g["scopes"] for g in client.grants.list(zone_id, {"subject_id": "alice", "scopes": ["crm:read"]})]
+client.grants.revoke(zone_id, grant["id"])
+seen["grant_after_revoke"] = client.grants.get(zone_id, grant["id"])["status"]
+workload = client.workloads.create(zone_id, {"name": "nightly"})
+binding = {"env": "CRM_TOKEN", "resource": "resource://crm", "scopes": ["crm:read"]}
+client.workloads.update(zone_id, workload["id"], {"bindings": [binding]})
+stored = client.workloads.get(zone_id, workload["id"])
+rotated_workload = client.workloads.rotate_secret(zone_id, workload["id"])
+seen["workload"] = {
+    "secret_prefix": workload["secret"][:3],
+    "bindings": [b["env"] for b in stored["bindings"]],
+    "secret_hidden": "secret" not in stored and "_secret_hash" not in json.dumps(client.workloads.list(zone_id)),
+    "reveal_is_current": client.workloads.get_secret(zone_id, workload["id"])["secret"] == rotated_workload["secret"],
+}
+client.workloads.delete(zone_id, workload["id"])
+seen["workloads_after_delete"] = len(client.workloads.list(zone_id))
+
 killed = client.subjects.revoke(zone_id, {"subject_id": first, "reason": "interop"})
 seen["subject_revoke"] = {key: killed[key] for key in ("subject_id", "revoked_records", "terminated_sessions")}
 
@@ -137,6 +165,16 @@ for label, call in {
     ),
     "provider_in_use": lambda: client.providers.delete(zone_id, provider_id),
     "invalid_policy": lambda: client.policies.create(zone_id, {"name": "bad", "content": "package x"}),
+    "issuer_not_https": lambda: client.subject_issuers.create(
+        zone_id, {"issuer": "http://login.example.com", "jwks_url": "https://x.example/jwks", "audience": "a"}
+    ),
+    "grant_beyond_resource": lambda: client.grants.create(
+        zone_id, {"application_id": first, "user_id": "bob", "resource_id": resource["id"], "scopes": ["crm:admin"]}
+    ),
+    "workload_sets_path": lambda: client.workloads.update(
+        zone_id, client.workloads.create(zone_id, {"name": "bad"})["id"],
+        {"bindings": [{"env": "LD_PRELOAD", "resource": "resource://crm"}]},
+    ),
 }.items():
     try:
         call()

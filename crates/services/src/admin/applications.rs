@@ -130,10 +130,11 @@ fn valid_secret(secret: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A fresh client secret (`cs_` + 32 random bytes, base64url) and its hash.
-async fn new_secret() -> Result<(String, String), ApiError> {
+/// A fresh secret (`prefix` + 32 random bytes, base64url: `cs_` for clients, `ws_` for
+/// workloads) and its hash.
+pub(super) async fn new_secret(prefix: &str) -> Result<(String, String), ApiError> {
     let bytes: [u8; 32] = caracal_crypto::random_bytes().map_err(|_| internal("random"))?;
-    let secret = format!("cs_{}", URL_SAFE_NO_PAD.encode(bytes));
+    let secret = format!("{prefix}{}", URL_SAFE_NO_PAD.encode(bytes));
     let hashed = hash(secret.clone()).await?;
     Ok((secret, hashed))
 }
@@ -158,7 +159,7 @@ fn name_conflict(name: &str) -> ApiError {
     )
 }
 
-async fn live_application(
+pub(super) async fn live_application(
     state: &RoleState,
     zone_id: &str,
     id: &str,
@@ -225,7 +226,7 @@ async fn create(
         ));
     }
     let traits = valid_traits(&caller, request.traits.unwrap_or_default())?;
-    let (secret, secret_hash) = new_secret().await?;
+    let (secret, secret_hash) = new_secret("cs_").await?;
     let application = Application {
         id: new_id(),
         zone_id: zone_id.clone(),
@@ -341,7 +342,7 @@ async fn rotate_secret(
     let caller = authenticate(&state, &headers).await?;
     live_zone(&state, &caller, &zone_id, Access::Write).await?;
     let current = live_application(&state, &zone_id, &id).await?;
-    let (secret, secret_hash) = new_secret().await?;
+    let (secret, secret_hash) = new_secret("cs_").await?;
     let evidence = evidence(
         &caller,
         request_id.as_deref(),

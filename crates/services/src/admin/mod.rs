@@ -6,6 +6,7 @@ mod applications;
 mod approvals;
 mod incident;
 mod keys;
+mod objects;
 mod openapi;
 mod policies;
 mod providers;
@@ -50,6 +51,7 @@ pub fn routes() -> Router<RoleState> {
         .merge(subjects::routes())
         .merge(tokens::routes())
         .merge(views::routes())
+        .merge(objects::routes())
 }
 
 /// A JSON body into `T`, whose unknown fields are refused; any failure is 400 `invalid_body`

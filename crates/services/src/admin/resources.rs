@@ -198,7 +198,11 @@ fn identifier_taken(identifier: &str) -> ApiError {
     )
 }
 
-async fn live_resource(state: &RoleState, zone_id: &str, id: &str) -> Result<Resource, ApiError> {
+pub(super) async fn live_resource(
+    state: &RoleState,
+    zone_id: &str,
+    id: &str,
+) -> Result<Resource, ApiError> {
     match state.shared.store.get_resource(zone_id, id).await? {
         Some(resource) if resource.archived_at_ms.is_none() => Ok(resource),
         _ => Err(ApiError::with_description(

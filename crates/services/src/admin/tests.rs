@@ -1261,6 +1261,7 @@ fn declared_routes() -> Vec<(String, String)> {
         include_str!("keys.rs"),
         include_str!("subjects.rs"),
         include_str!("views.rs"),
+        include_str!("objects.rs"),
         include_str!("incident.rs"),
         include_str!("openapi.rs"),
         include_str!("../api.rs"),
@@ -1660,5 +1661,182 @@ async fn without_a_rate_counter_the_admin_api_refuses() {
     assert_eq!(
         (got, code(&answer)),
         (StatusCode::SERVICE_UNAVAILABLE, Some("not_ready"))
+    );
+}
+
+#[tokio::test]
+async fn issuers_grants_and_workloads_keep_their_rules_and_their_secrets() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let reader = token(&shared, "read", TokenScope::Global).await;
+    let app = router(state);
+    let (w, r) = (Some(writer.as_str()), Some(reader.as_str()));
+    let (_, _, zone) = call(&app, "POST", "/v1/zones", w, r#"{"name":"objects"}"#).await;
+    let base = format!("/v1/zones/{}", zone["id"].as_str().unwrap());
+
+    // Subject issuers: https only, unique while active, at most 20 a zone.
+    let issuer = |n: usize| {
+        json!({"issuer": format!("https://idp{n}.example"), "jwks_url": "https://idp.example/jwks", "audience": "a"})
+            .to_string()
+    };
+    for n in 0..20 {
+        let (status, _, body) = call(
+            &app,
+            "POST",
+            &format!("{base}/subject-issuers"),
+            w,
+            &issuer(n),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let (status, _, body) = call(
+        &app,
+        "POST",
+        &format!("{base}/subject-issuers"),
+        w,
+        &issuer(0),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, Some("subject_issuer_conflict"))
+    );
+    let (status, _, body) = call(
+        &app,
+        "POST",
+        &format!("{base}/subject-issuers"),
+        w,
+        &issuer(20),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, Some("zone_limit_exceeded"))
+    );
+    let (_, _, listed) = call(
+        &app,
+        "GET",
+        &format!("{base}/subject-issuers?limit=500"),
+        r,
+        "",
+    )
+    .await;
+    let first = listed["items"][19]["id"].as_str().unwrap().to_owned();
+    let (status, _, _) = call(
+        &app,
+        "DELETE",
+        &format!("{base}/subject-issuers/{first}"),
+        r,
+        "",
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "a read token changes nothing"
+    );
+    let (status, _, _) = call(
+        &app,
+        "DELETE",
+        &format!("{base}/subject-issuers/{first}"),
+        w,
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _, _) = call(
+        &app,
+        "GET",
+        &format!("{base}/subject-issuers/{first}"),
+        r,
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, body) = call(
+        &app,
+        "POST",
+        &format!("{base}/subject-issuers"),
+        w,
+        &issuer(0),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "an archived issuer frees its URL: {body}"
+    );
+
+    // Workloads: names unique, the secret shown once, revealed only with write capability.
+    let (status, _, workload) = call(
+        &app,
+        "POST",
+        &format!("{base}/workloads"),
+        w,
+        r#"{"name":"Nightly"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{workload}");
+    let secret = workload["secret"].as_str().unwrap().to_owned();
+    let (status, _, body) = call(
+        &app,
+        "POST",
+        &format!("{base}/workloads"),
+        w,
+        r#"{"name":"nightly"}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, Some("workload_name_conflict"))
+    );
+    let path = format!("{base}/workloads/{}", workload["id"].as_str().unwrap());
+    let (_, _, shown) = call(&app, "GET", &path, r, "").await;
+    assert!(!shown.to_string().contains(&secret) && !shown.to_string().contains("_secret"));
+    let (status, _, _) = call(&app, "GET", &format!("{path}/secret"), r, "").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, revealed) = call(&app, "GET", &format!("{path}/secret"), w, "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(revealed["secret"], secret.as_str());
+    for (bindings, why) in [
+        (json!([{"env": "PATH", "resource": "r"}]), "PATH"),
+        (
+            json!([{"env": "lower", "resource": "r"}]),
+            "a lower-case name",
+        ),
+        (
+            json!([{"env": "A", "resource": "r"}, {"env": "A", "resource": "s"}]),
+            "a duplicate",
+        ),
+        (
+            json!([{"env": "A", "resource": "r", "on_failure": "ignore"}]),
+            "an unknown on_failure",
+        ),
+        (
+            json!([{"env": "A", "resource": "r", "extra": 1}]),
+            "an unknown field",
+        ),
+    ] {
+        let (status, _, body) = call(
+            &app,
+            "PUT",
+            &path,
+            w,
+            &json!({"bindings": bindings}).to_string(),
+        )
+        .await;
+        assert_eq!(
+            (status, code(&body)),
+            (StatusCode::BAD_REQUEST, Some("invalid_body")),
+            "{why}"
+        );
+    }
+    let (_, _, unchanged) = call(&app, "GET", &path, r, "").await;
+    assert_eq!(
+        unchanged["bindings"],
+        json!([]),
+        "refused changes store nothing"
     );
 }

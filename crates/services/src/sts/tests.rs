@@ -1814,3 +1814,48 @@ async fn the_read_views_filter_and_page_records_and_sessions_with_their_subject(
         assert_eq!(body["error"], code, "{path}: {body}");
     }
 }
+
+/// Revoking a delegated grant cuts every authority path of its user first, as the kill switch
+/// does; the grant stays listed as revoked.
+#[tokio::test]
+async fn revoking_a_grant_revokes_its_users_authority_records() {
+    let world = world().await;
+    let store = world.shared.store.as_ref();
+    let now = caracal_store::now_ms();
+    let record = caracal_store::AuthorityRecord {
+        id: "ar-alice".into(),
+        zone_id: world.zone_id.clone(),
+        session_type: "user".into(),
+        subject_id: "alice".into(),
+        parent_id: None,
+        status: "active".into(),
+        claims: "{}".into(),
+        expires_at_ms: now + 600_000,
+        authenticated_at_ms: now,
+        created_at_ms: now,
+        revoked_at_ms: None,
+        revoked_reason: None,
+    };
+    store.insert_authority_records(&[record]).await.unwrap();
+    let w = Some(world.writer.as_str());
+    let base = format!("/v1/zones/{}/grants", world.zone_id);
+    let body = json!({"application_id": world.app_id, "user_id": "alice",
+        "resource_id": "resource://ledger", "scopes": ["ledger:read"]});
+    let (status, _, grant) = call(&world.api, "POST", &base, w, &body.to_string()).await;
+    assert_eq!(status, StatusCode::CREATED, "{grant}");
+    assert!(grant["resource_identifier"] == "resource://ledger");
+    let path = format!("{base}/{}", grant["id"].as_str().unwrap());
+    let (status, _, _) = call(&world.api, "DELETE", &path, w, "").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, _, revoked) = call(&world.api, "GET", &path, w, "").await;
+    assert_eq!(revoked["status"], "revoked");
+    let record = store
+        .get_authority_record(&world.zone_id, "ar-alice")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (record.status.as_str(), record.revoked_reason.as_deref()),
+        ("revoked", Some("grant_revoked"))
+    );
+}

@@ -3,6 +3,7 @@
 mod audit;
 mod deployment;
 mod directory;
+mod objects;
 mod outbox;
 mod policies;
 mod runtime;
@@ -10,6 +11,7 @@ mod runtime;
 pub use audit::{Audit, ChainAppend, ChainBuilder};
 pub use deployment::Deployment;
 pub use directory::Directory;
+pub use objects::Objects;
 pub use outbox::Outbox;
 pub use policies::Policies;
 pub use runtime::Runtime;
