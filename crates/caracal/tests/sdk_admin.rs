@@ -104,6 +104,10 @@ fn the_published_admin_client_manages_zones_applications_providers_resources_and
         json!({"secret_prefix": "ws_", "bindings": ["CRM_TOKEN"], "secret_hidden": true, "reveal_is_current": true})
     );
     assert_eq!(seen["workloads_after_delete"], 0);
+    assert_eq!(
+        seen["by_request"],
+        json!({"events": ["admin.application.create"], "explained": "allow"})
+    );
     assert_eq!(seen["authority_records"], json!([]));
     assert_eq!(seen["sessions"], json!([]));
     assert_eq!(

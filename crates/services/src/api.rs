@@ -27,6 +27,14 @@ pub fn routes() -> Router<RoleState> {
         .route("/v1/audit/dlq/replay", post(replay_dead_letters))
         .route("/v1/zones/{zone_id}/audit", get(search_audit))
         .route("/v1/zones/{zone_id}/audit/explain", get(explain_audit))
+        .route(
+            "/v1/zones/{zone_id}/audit/by-request/{request_id}",
+            get(events_of_request),
+        )
+        .route(
+            "/v1/zones/{zone_id}/audit/by-request/{request_id}/explain",
+            get(explain_by_request),
+        )
 }
 
 /// Query of `GET /v1/zones/{zone}/audit`; unknown parameters are refused.
@@ -218,8 +226,58 @@ async fn explain_audit(
         .await?
         .require(Access::Read, Some(&zone_id))?;
     let params: ExplainQuery = query(raw.as_deref())?;
+    explain(&state, zone_id, params.request_id).await
+}
+
+/// `GET /v1/zones/{zone}/audit/by-request/{request_id}/explain`: the published admin client's
+/// form of `…/audit/explain?request_id=`.
+async fn explain_by_request(
+    State(state): State<RoleState>,
+    Path((zone_id, request_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<crate::wire::AuditExplainResponse>, ApiError> {
+    authenticate(&state, &headers)
+        .await?
+        .require(Access::Read, Some(&zone_id))?;
+    explain(&state, zone_id, request_id).await
+}
+
+/// `GET /v1/zones/{zone}/audit/by-request/{request_id}`: every event of one request (at most
+/// 1,000, the newest), oldest first.
+async fn events_of_request(
+    State(state): State<RoleState>,
+    Path((zone_id, request_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authenticate(&state, &headers)
+        .await?
+        .require(Access::Read, Some(&zone_id))?;
     let filter = caracal_store::AuditFilter {
-        request_id: Some(params.request_id.clone()),
+        request_id: Some(request_id.clone()),
+        ..caracal_store::AuditFilter::default()
+    };
+    let mut rows = state
+        .shared
+        .store
+        .search_audit(&zone_id, &filter, None, EXPLAIN_LIMIT)
+        .await?;
+    rows.reverse();
+    let items: Vec<crate::wire::AuditEventBody> = rows.into_iter().map(event_body).collect();
+    Ok(Json(serde_json::json!({
+        "request_id": request_id,
+        "zone_id": zone_id,
+        "items": items,
+    })))
+}
+
+/// The explanation of one request: its events and each deny rebuilt.
+async fn explain(
+    state: &RoleState,
+    zone_id: String,
+    request_id: String,
+) -> Result<Json<crate::wire::AuditExplainResponse>, ApiError> {
+    let filter = caracal_store::AuditFilter {
+        request_id: Some(request_id.clone()),
         ..caracal_store::AuditFilter::default()
     };
     let store = &state.shared.store;
@@ -243,7 +301,7 @@ async fn explain_audit(
     rows.reverse();
     let mut denied = Vec::new();
     for row in rows.iter().filter(|row| row.decision == "deny") {
-        denied.push(rebuild_deny(&state, &zone_id, row).await?);
+        denied.push(rebuild_deny(state, &zone_id, row).await?);
     }
     // Any deny decides; otherwise the last decision stands.
     let final_decision = if older_deny || rows.iter().any(|row| row.decision == "deny") {
@@ -254,7 +312,7 @@ async fn explain_audit(
             .unwrap_or_default()
     };
     Ok(Json(crate::wire::AuditExplainResponse {
-        request_id: params.request_id,
+        request_id,
         zone_id,
         final_decision,
         events: rows.into_iter().map(event_body).collect(),

@@ -148,6 +148,11 @@ seen["workload"] = {
 client.workloads.delete(zone_id, workload["id"])
 seen["workloads_after_delete"] = len(client.workloads.list(zone_id))
 
+request_id = next(change["request_id"] for change in changes if change["action"] == "application.create")
+seen["by_request"] = {
+    "events": [event["event_type"] for event in client.audit.by_request(zone_id, request_id)["items"]],
+    "explained": client.audit.explain(zone_id, request_id)["final_decision"],
+}
 killed = client.subjects.revoke(zone_id, {"subject_id": first, "reason": "interop"})
 seen["subject_revoke"] = {key: killed[key] for key in ("subject_id", "revoked_records", "terminated_sessions")}
 

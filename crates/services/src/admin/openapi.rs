@@ -515,6 +515,18 @@ pub const OPERATIONS: &[Operation] = &[
         "write, global",
         "Acknowledge tamper findings (audited)",
     ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/audit/by-request/{request_id}",
+        "read",
+        "Every event of one request, oldest first",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/audit/by-request/{request_id}/explain",
+        "read",
+        "Explain one request (as `audit/explain?request_id=`)",
+    ),
     op("get", "/v1/audit/dlq", "read, global", "Audit dead letters"),
     op(
         "post",
