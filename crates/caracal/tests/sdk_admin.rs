@@ -73,6 +73,8 @@ fn the_published_admin_client_manages_zones_applications_providers_resources_and
             "resource_without_provider": [400, "credential_provider_required"],
             "provider_in_use": [409, "provider_in_use"],
             "invalid_policy": [422, "invalid_rego"],
+            "oauth_authorize": [400, "invalid_request"],
+            "revoke_unknown_connection": [404, "not_found"],
             "issuer_not_https": [400, "invalid_body"],
             "grant_beyond_resource": [400, "invalid_body"],
             "workload_sets_path": [400, "invalid_body"],
@@ -107,6 +109,10 @@ fn the_published_admin_client_manages_zones_applications_providers_resources_and
     assert_eq!(
         seen["by_request"],
         json!({"events": ["admin.application.create"], "explained": "allow"})
+    );
+    assert_eq!(
+        seen["connection"],
+        json!({"stored": ["connected", true, false], "revoked": "revoked"})
     );
     assert_eq!(seen["authority_records"], json!([]));
     assert_eq!(seen["sessions"], json!([]));

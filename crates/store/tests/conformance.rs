@@ -126,6 +126,7 @@ macro_rules! conformance {
 
 conformance!(
     the_read_views_filter_and_page_by_id,
+    revoking_a_connection_deletes_its_sealed_tokens,
     the_deployment_kek_is_recorded_once,
     admin_tokens_are_found_by_digest_only,
     a_zone_and_its_outbox_rows_commit_together,
@@ -550,18 +551,22 @@ async fn populate(store: &dyn Store, zone: &str, tag: &str) {
         .await
         .unwrap();
     store
-        .put_provider_connection(&ProviderConnection {
-            id: format!("conn-{tag}"),
-            zone_id: zone.into(),
-            subject_id: "caracal:shared".into(),
-            provider_id: format!("prov-{tag}"),
-            status: "connected".into(),
-            access_token_ref: Some(format!("secret-{tag}")),
-            refresh_token_ref: None,
-            expires_at_ms: None,
-            refreshed_at_ms: None,
-            created_at_ms: now,
-        })
+        .put_provider_connection(
+            &ProviderConnection {
+                id: format!("conn-{tag}"),
+                zone_id: zone.into(),
+                subject_id: "caracal:shared".into(),
+                provider_id: format!("prov-{tag}"),
+                status: "connected".into(),
+                access_token_ref: Some(format!("secret-{tag}")),
+                refresh_token_ref: None,
+                expires_at_ms: None,
+                refreshed_at_ms: None,
+                created_at_ms: now,
+            },
+            &[],
+            &[],
+        )
         .await
         .unwrap();
     store
@@ -2759,4 +2764,82 @@ async fn the_read_views_filter_and_page_by_id(backend: &Backend) {
         ..SessionFilter::default()
     };
     assert_eq!(session_ids(suspended, None).await, ["s-3"]);
+}
+
+async fn revoking_a_connection_deletes_its_sealed_tokens(backend: &Backend) {
+    let store = backend.store.as_ref();
+    populate(store, "zone-c", "c").await;
+    let connection = ProviderConnection {
+        id: "conn-alice".into(),
+        zone_id: "zone-c".into(),
+        subject_id: "alice".into(),
+        provider_id: "prov-c".into(),
+        status: "connected".into(),
+        access_token_ref: Some("connection/conn-alice/access_token".into()),
+        refresh_token_ref: Some("connection/conn-alice/refresh_token".into()),
+        expires_at_ms: None,
+        refreshed_at_ms: None,
+        created_at_ms: caracal_store::now_ms(),
+    };
+    let secrets = [
+        sealed("zone-c", "connection/conn-alice/access_token", "a"),
+        sealed("zone-c", "connection/conn-alice/refresh_token", "r"),
+    ];
+    store
+        .put_provider_connection(&connection, &secrets, &[])
+        .await
+        .unwrap();
+    // A provider of another zone is not this zone's: nothing is written.
+    let foreign = ProviderConnection {
+        provider_id: "prov-elsewhere".into(),
+        ..connection.clone()
+    };
+    assert!(matches!(
+        store.put_provider_connection(&foreign, &[], &[]).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        store
+            .list_provider_connections("zone-c")
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    store
+        .revoke_provider_connection("zone-c", "alice", "prov-c", &[])
+        .await
+        .unwrap();
+    let revoked = store
+        .get_provider_connection("zone-c", "alice", "prov-c")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(revoked.status, "revoked");
+    assert_eq!(revoked.access_token_ref, None);
+    for secret in &secrets {
+        assert!(
+            store
+                .get_sealed_secret("zone-c", &secret.secret_ref)
+                .await
+                .unwrap()
+                .is_none(),
+            "{} is deleted",
+            secret.secret_ref
+        );
+    }
+    // The provider's own secret is untouched.
+    assert!(
+        store
+            .get_sealed_secret("zone-c", "secret-c")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(matches!(
+        store
+            .revoke_provider_connection("zone-c", "bob", "prov-c", &[])
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
 }

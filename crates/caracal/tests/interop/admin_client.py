@@ -153,6 +153,15 @@ seen["by_request"] = {
     "events": [event["event_type"] for event in client.audit.by_request(zone_id, request_id)["items"]],
     "explained": client.audit.explain(zone_id, request_id)["final_decision"],
 }
+stored_connection = client.provider_connections.create(zone_id, {
+    "provider_id": provider_id, "subject_id": "alice", "access_token": "at-" + "t" * 20,
+    "refresh_token": "rt-" + "r" * 20, "expires_at": "2030-01-01T00:00:00Z",
+})
+revoked_connection = client.provider_connections.revoke(zone_id, {"provider_id": provider_id, "subject_id": "alice"})
+seen["connection"] = {
+    "stored": [stored_connection["status"], stored_connection["has_refresh_token"], "at-" in json.dumps(stored_connection)],
+    "revoked": revoked_connection["status"],
+}
 killed = client.subjects.revoke(zone_id, {"subject_id": first, "reason": "interop"})
 seen["subject_revoke"] = {key: killed[key] for key in ("subject_id", "revoked_records", "terminated_sessions")}
 
@@ -170,6 +179,8 @@ for label, call in {
     ),
     "provider_in_use": lambda: client.providers.delete(zone_id, provider_id),
     "invalid_policy": lambda: client.policies.create(zone_id, {"name": "bad", "content": "package x"}),
+    "oauth_authorize": lambda: client.provider_connections.authorize_oauth(zone_id, {"provider_id": provider_id}),
+    "revoke_unknown_connection": lambda: client.provider_connections.revoke(zone_id, {"provider_id": "nope"}),
     "issuer_not_https": lambda: client.subject_issuers.create(
         zone_id, {"issuer": "http://login.example.com", "jwks_url": "https://x.example/jwks", "audience": "a"}
     ),

@@ -4,6 +4,7 @@
 
 mod applications;
 mod approvals;
+mod connections;
 mod incident;
 mod keys;
 mod objects;
@@ -52,6 +53,7 @@ pub fn routes() -> Router<RoleState> {
         .merge(tokens::routes())
         .merge(views::routes())
         .merge(objects::routes())
+        .merge(connections::routes())
 }
 
 /// A JSON body into `T`, whose unknown fields are refused; any failure is 400 `invalid_body`

@@ -169,6 +169,30 @@ pub const OPERATIONS: &[Operation] = &[
     ),
     op(
         "get",
+        "/v1/zones/{zone_id}/provider-connections",
+        "read",
+        "Stored provider connections (filters provider_id, subject_id, status); tokens never shown",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/provider-connections",
+        "write",
+        "Store a subject's tokens at a provider (sealed): `{subject_id?, provider_id, access_token, refresh_token?, expires_at?}`",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/provider-connections/revoke",
+        "write",
+        "Revoke a connection and delete its tokens: `{provider_id, subject_id?}`",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/provider-connections/oauth/authorize",
+        "write",
+        "Not offered (no authorization-code provider kind): 400",
+    ),
+    op(
+        "get",
         "/v1/zones/{zone_id}/authority-records",
         "read",
         "Authority records (filters authority_record_id, status, subject_id, kind; limit 1-1000, default 100; cursor)",

@@ -1262,6 +1262,7 @@ fn declared_routes() -> Vec<(String, String)> {
         include_str!("subjects.rs"),
         include_str!("views.rs"),
         include_str!("objects.rs"),
+        include_str!("connections.rs"),
         include_str!("incident.rs"),
         include_str!("openapi.rs"),
         include_str!("../api.rs"),

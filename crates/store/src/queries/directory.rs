@@ -159,10 +159,28 @@ pub trait Directory: Send + Sync {
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError>;
 
-    /// Creates or replaces the connection of (zone, subject, provider).
+    /// Creates or replaces the connection of (zone, subject, provider) of a provider of the
+    /// zone (else [`StoreError::NotFound`]), with its sealed tokens and `outbox`, in one
+    /// transaction.
     async fn put_provider_connection(
         &self,
         connection: &ProviderConnection,
+        secrets: &[SealedSecret],
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+    /// The zone's connections, oldest first.
+    async fn list_provider_connections(
+        &self,
+        zone_id: &str,
+    ) -> Result<Vec<ProviderConnection>, StoreError>;
+    /// Marks the connection revoked and deletes its sealed tokens, with `outbox`, in one
+    /// transaction; [`StoreError::NotFound`] if there is none.
+    async fn revoke_provider_connection(
+        &self,
+        zone_id: &str,
+        subject_id: &str,
+        provider_id: &str,
+        outbox: &[OutboxMessage],
     ) -> Result<(), StoreError>;
     async fn get_provider_connection(
         &self,
@@ -773,8 +791,14 @@ impl<D: Db> Directory for D {
         .await
     }
 
-    async fn put_provider_connection(&self, c: &ProviderConnection) -> Result<(), StoreError> {
-        self.atomic(vec![
+    async fn put_provider_connection(
+        &self,
+        c: &ProviderConnection,
+        secrets: &[SealedSecret],
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let mut statements: Vec<Statement> = secrets.iter().map(seal_statement).collect();
+        statements.push(
             Statement::new(
                 "INSERT INTO provider_connections (id, zone_id, subject_id, provider_id, status, access_token_ref,
                      refresh_token_ref, expires_at_ms, refreshed_at_ms, created_at_ms)
@@ -798,9 +822,55 @@ impl<D: Db> Directory for D {
                 ],
             )
             .must_change(not_found),
-        ])
+        );
+        statements.extend(crate::store::enqueue(outbox, now_ms()));
+        self.atomic(statements).await.map(|_| ())
+    }
+
+    async fn list_provider_connections(
+        &self,
+        zone_id: &str,
+    ) -> Result<Vec<ProviderConnection>, StoreError> {
+        all(
+            self,
+            "SELECT id, zone_id, subject_id, provider_id, status, access_token_ref, refresh_token_ref,
+                    expires_at_ms, refreshed_at_ms, created_at_ms
+             FROM provider_connections WHERE zone_id = $1 ORDER BY created_at_ms, id",
+            params![zone_id],
+            connection,
+        )
         .await
-        .map(|_| ())
+    }
+
+    async fn revoke_provider_connection(
+        &self,
+        zone_id: &str,
+        subject_id: &str,
+        provider_id: &str,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let mut statements = vec![
+            Statement::new(
+                "DELETE FROM sealed_secrets WHERE zone_id = $1 AND secret_ref IN (
+                     SELECT access_token_ref FROM provider_connections
+                      WHERE zone_id = $1 AND subject_id = $2 AND provider_id = $3
+                        AND access_token_ref IS NOT NULL
+                     UNION
+                     SELECT refresh_token_ref FROM provider_connections
+                      WHERE zone_id = $1 AND subject_id = $2 AND provider_id = $3
+                        AND refresh_token_ref IS NOT NULL)",
+                params![zone_id, subject_id, provider_id],
+            ),
+            Statement::new(
+                "UPDATE provider_connections SET status = 'revoked', access_token_ref = NULL,
+                     refresh_token_ref = NULL
+                 WHERE zone_id = $1 AND subject_id = $2 AND provider_id = $3",
+                params![zone_id, subject_id, provider_id],
+            )
+            .must_change(not_found),
+        ];
+        statements.extend(crate::store::enqueue(outbox, now_ms()));
+        self.atomic(statements).await.map(|_| ())
     }
 
     async fn get_provider_connection(
