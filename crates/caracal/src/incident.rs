@@ -623,8 +623,16 @@ async fn gateway_canaries(
         ),
         Err(error) => format!("{error:#}"),
     };
-    let delegated = delegated_mandates(roles, zone, app, secret, resource, settings, token_file);
-    let (mandates, path, target, bearer) = match delegated.await {
+    let agent = crate::agent::Agent {
+        sts: roles.sts,
+        coordinator: roles.coordinator,
+        zone,
+        app,
+        secret,
+        resource,
+    };
+    let (mandates, path, delegation) = match delegated_mandates(&agent, settings, token_file).await
+    {
         Ok(delegated) => delegated,
         Err(error) => {
             checks.push(Check {
@@ -666,21 +674,14 @@ async fn gateway_canaries(
             .is_ok_and(|answer| !refused_by_gateway(answer)),
         evidence: describe(&first),
     });
-    let terminate = format!("/zones/{zone}/agents/{target}?reason=incident_validate");
-    let auth = format!("Bearer {bearer}");
-    let ended = admin_http::send(
-        roles.coordinator,
-        hyper::Method::DELETE,
-        &terminate,
-        &[("authorization", auth.as_str())],
-        String::new(),
-    )
-    .await;
-    if !ended.as_ref().is_ok_and(|(status, _)| status.is_success()) {
+    if let Err(error) = agent
+        .terminate(&delegation.lifecycle, &delegation.target)
+        .await
+    {
         checks.push(Check {
             name: REVOKED.to_owned(),
             ok: false,
-            evidence: format!("the session could not be terminated: {ended:?}"),
+            evidence: format!("{error:#}"),
         });
         return;
     }
@@ -703,6 +704,13 @@ async fn gateway_canaries(
             started.elapsed().as_millis()
         ),
     });
+    // The canary's other session is ended too: validate leaves no session behind.
+    if let Err(error) = agent
+        .terminate(&delegation.lifecycle, &delegation.source)
+        .await
+    {
+        tracing::warn!(error = %format!("{error:#}"), "the canary's source session was not ended");
+    }
 }
 
 /// Two sessions of `app` (labelled with its id) and a delegation between them for the
@@ -710,18 +718,14 @@ async fn gateway_canaries(
 /// six one-shot `use=gateway` mandates for the target session; returns them with the path to
 /// call, the target session and the lifecycle mandate that can terminate it.
 async fn delegated_mandates(
-    roles: &Roles,
-    zone: &str,
-    app: &str,
-    secret: &str,
-    resource: &str,
+    agent: &crate::agent::Agent<'_>,
     settings: &Settings,
     token_file: Option<&std::path::Path>,
-) -> anyhow::Result<(Vec<String>, String, String, String)> {
+) -> anyhow::Result<(Vec<String>, String, crate::agent::Delegation)> {
     let (_, resources) = admin_http::get(
         settings,
         token_file,
-        &format!("/v1/zones/{zone}/resources?limit=500"),
+        &format!("/v1/zones/{}/resources?limit=500", agent.zone),
     )
     .await?;
     let item = resources
@@ -730,103 +734,21 @@ async fn delegated_mandates(
         .and_then(|items| {
             items
                 .iter()
-                .find(|item| item.get("identifier").and_then(Value::as_str) == Some(resource))
+                .find(|item| item.get("identifier").and_then(Value::as_str) == Some(agent.resource))
         })
-        .with_context(|| format!("no resource `{resource}` in zone `{zone}`"))?;
-    let (path, scope) = canary_operation(item)
-        .with_context(|| format!("`{resource}` declares no GET operation for the canary"))?;
-    let token = |extra: Vec<(&'static str, String)>| {
-        let mut form = vec![
-            (
-                "grant_type",
-                "urn:ietf:params:oauth:grant-type:token-exchange".to_owned(),
-            ),
-            ("zone_id", zone.to_owned()),
-            ("application_id", app.to_owned()),
-            ("client_secret", secret.to_owned()),
-            ("resource", resource.to_owned()),
-        ];
-        form.extend(extra);
-        async move {
-            let form = serde_urlencoded::to_string(&form)?;
-            match post_form(roles.sts, "/oauth/2/token", form).await? {
-                (200, body) => body
-                    .get("access_token")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-                    .context("no access_token"),
-                (status, body) => bail!(
-                    "the STS refused the canary mint: {status} {} ({})",
-                    admin_http::error_code(&body),
-                    body.get("error_description")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                ),
-            }
-        }
-    };
-    let lifecycle = token(vec![("scope", "agent:lifecycle".to_owned())]).await?;
-    let auth = format!("Bearer {lifecycle}");
-    let coordinator = |path: String, body: Value| {
-        let auth = auth.clone();
-        async move {
-            let headers = [
-                ("authorization", auth.as_str()),
-                ("content-type", "application/json"),
-            ];
-            let (status, answer) = admin_http::send(
-                roles.coordinator,
-                hyper::Method::POST,
-                &path,
-                &headers,
-                body.to_string(),
-            )
-            .await?;
-            if !status.is_success() {
-                bail!(
-                    "the Coordinator refused {path}: {} {}",
-                    status.as_u16(),
-                    admin_http::error_code(&answer)
-                );
-            }
-            answer
-                .get("agent_session_id")
-                .or_else(|| answer.get("id"))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .with_context(|| format!("no id in the answer to {path}: {answer}"))
-        }
-    };
-    let agents = format!("/zones/{zone}/agents");
-    // Labelled with the application's id: the role the grants of `ensure_grants` name.
-    let session = json!({ "application_id": app, "labels": [app], "metadata": {"purpose": "incident validate canary"} });
-    let source = coordinator(agents.clone(), session.clone()).await?;
-    let target = coordinator(agents, session).await?;
-    let edge = coordinator(
-        format!("/zones/{zone}/delegations"),
-        json!({
-            "issuer_application_id": app,
-            "source_session_id": source,
-            "target_session_id": target,
-            "receiver_application_id": app,
-            "scopes": [scope],
-            "resource_id": resource,
-            "ttl_seconds": 300,
-        }),
-    )
-    .await?;
+        .with_context(|| format!("no resource `{}` in zone `{}`", agent.resource, agent.zone))?;
+    let (path, scope) = canary_operation(item).with_context(|| {
+        format!(
+            "`{}` declares no GET operation for the canary",
+            agent.resource
+        )
+    })?;
+    let delegation = agent.delegate(&scope, "incident validate canary").await?;
     let mut mandates = Vec::new();
     for _ in 0..6 {
-        mandates.push(
-            token(vec![
-                ("scope", scope.clone()),
-                ("agent_session_id", target.clone()),
-                ("delegation_edge_id", edge.clone()),
-            ])
-            .await?,
-        );
+        mandates.push(agent.mint(agent.delegated_form(&delegation)).await?);
     }
-    Ok((mandates, path, target, lifecycle))
+    Ok((mandates, path, delegation))
 }
 
 /// What the canary calls: the resource's first declared `GET` operation, or `GET /` with its

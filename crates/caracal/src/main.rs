@@ -3,6 +3,7 @@
 //! or configuration error.
 
 mod admin_http;
+mod agent;
 mod audit;
 mod bench;
 mod bench_coordinator;
