@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the test suite needs beyond the Rust toolchain, only when
-# missing: prometheus (for `promtool`, which checks and unit-tests the alert rules).
+# Installs the Debian packages the test suite and `caracal bench` need beyond the Rust
+# toolchain, only when missing: prometheus (for `promtool`, which checks and unit-tests the
+# alert rules) and nginx (the plain reverse proxy the governed benchmark is measured beside).
 set -euo pipefail
 
 need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+[[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
 if ((${#need[@]})); then
   sudo=""
   if [[ $(id -u) -ne 0 ]]; then sudo="sudo"; fi
@@ -19,3 +21,4 @@ if ((${#need[@]})); then
   $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 promtool --version | head -1
+/usr/sbin/nginx -v

@@ -134,10 +134,16 @@ pub enum Command {
     },
     /// Probe each role's /health and /ready; exit 1 if any probed role is not ready
     Status(StatusArgs),
-    /// Run the benchmarks that live in this binary, printing side-by-side ratios
+    /// Without a subcommand: governed requests over HTTP (a fresh delegated mint plus the
+    /// Gateway call) beside nginx proxying and direct calls to the same upstream, closed and
+    /// open loop, CPU per 1,000 requests, RSS and the audit check, in one run. Subcommands:
+    /// the micro-benchmarks, each printing side-by-side ratios
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
         #[command(subcommand)]
-        command: BenchCommand,
+        command: Option<BenchCommand>,
+        #[command(flatten)]
+        governed: GovernedArgs,
     },
     /// Audit ledger: export with proofs, verify an export offline, show checkpoint keys
     Audit {
@@ -195,6 +201,28 @@ pub enum BenchCommand {
     /// Governed requests (a fresh delegated mint plus the Gateway call, proxied to a loopback
     /// upstream) beside direct requests to the same upstream, measured in one run
     Gateway(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GovernedArgs {
+    /// Requests per closed-loop case
+    #[arg(long, default_value_t = 20_000, value_name = "N")]
+    pub requests: usize,
+    /// Seconds of the open-loop case, at half the governed peak
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub open_seconds: f64,
+    /// Where the JSON results go
+    #[arg(long, default_value = "caracal-bench.json", value_name = "PATH")]
+    pub out: std::path::PathBuf,
+    /// Store of the measured stack [default: embedded]
+    #[arg(long = "stack-store", value_name = "URL")]
+    pub store: Option<String>,
+    /// Bus of the measured stack [default: embedded]
+    #[arg(long = "stack-bus", value_name = "URL")]
+    pub bus: Option<String>,
+    /// A short run (under two minutes) that proves the harness and the audit check
+    #[arg(long)]
+    pub quick: bool,
 }
 
 #[derive(Debug, Args)]

@@ -8,6 +8,7 @@ mod audit;
 mod bench;
 mod bench_coordinator;
 mod bench_gateway;
+mod bench_governed;
 mod bench_sts;
 mod cli;
 mod config;
@@ -48,13 +49,14 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_FAILURE)
             }
         }),
-        Command::Bench { command } => runtime(|| async {
+        Command::Bench { command, governed } => runtime(|| async {
             let result = match &command {
-                BenchCommand::Backends(args) => bench::run(args).await,
-                BenchCommand::Audit(args) => bench::audit(args).await,
-                BenchCommand::Sts(args) => bench_sts::run(args).await,
-                BenchCommand::Coordinator(args) => bench_coordinator::run(args).await,
-                BenchCommand::Gateway(args) => bench_gateway::run(args).await,
+                None => bench_governed::run(&governed).await,
+                Some(BenchCommand::Backends(args)) => bench::run(args).await,
+                Some(BenchCommand::Audit(args)) => bench::audit(args).await,
+                Some(BenchCommand::Sts(args)) => bench_sts::run(args).await,
+                Some(BenchCommand::Coordinator(args)) => bench_coordinator::run(args).await,
+                Some(BenchCommand::Gateway(args)) => bench_gateway::run(args).await,
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,

@@ -260,3 +260,62 @@ fn the_gateway_benchmark_runs_every_case() {
         assert!(stdout.contains(case), "missing `{case}` in\n{stdout}");
     }
 }
+
+/// `caracal bench --quick`: the stack, nginx (installed by the project's script) and the
+/// loopback upstream measured in one run over HTTP; every case reported, the JSON results
+/// written, and the audit check passing (every governed call's events stored, none lost).
+#[test]
+fn the_governed_benchmark_runs_beside_nginx_and_keeps_the_audit_lossless() {
+    let installed = std::process::Command::new("bash")
+        .arg(util::repo_root().join("scripts/install-deps.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        installed.status.success(),
+        "installing nginx failed:\n{}",
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    let (parent, home) = fresh_home();
+    let out = parent.path().join("results.json");
+    let output = util::run(
+        util::caracal(&home)
+            .args(["bench", "--quick", "--out"])
+            .arg(&out),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let names: Vec<&str> = results["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| case["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "direct upstream",
+            "through nginx",
+            "governed, closed loop",
+            "governed, open loop ½ peak"
+        ]
+    );
+    for case in results["cases"].as_array().unwrap() {
+        assert!(case["rate"].as_f64().unwrap() > 0.0, "{case}");
+        assert!(case["p99_ms"].as_f64().unwrap() > 0.0, "{case}");
+    }
+    assert_eq!(results["audit"]["lossless"], true, "{results}");
+    assert!(
+        results["audit"]["events_per_governed_call"]
+            .as_f64()
+            .unwrap()
+            >= 1.0
+    );
+    assert!(results["ratios"]["governed_over_nginx"].as_f64().unwrap() > 0.0);
+    assert!(results["memory_kib"]["idle_rss"].as_u64().unwrap() > 0);
+    assert!(stdout.contains("governed / nginx"), "{stdout}");
+}
