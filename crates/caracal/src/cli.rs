@@ -201,6 +201,9 @@ pub enum BenchCommand {
     /// Governed requests (a fresh delegated mint plus the Gateway call, proxied to a loopback
     /// upstream) beside direct requests to the same upstream, measured in one run
     Gateway(BenchArgs),
+    /// The hot path's operations alone, call by call: policy decision, ES256 sign and verify,
+    /// the Gateway's revocation lookup
+    Hotpath(BenchArgs),
 }
 
 #[derive(Debug, Args)]

@@ -9,6 +9,7 @@ mod bench;
 mod bench_coordinator;
 mod bench_gateway;
 mod bench_governed;
+mod bench_hotpath;
 mod bench_sts;
 mod cli;
 mod config;
@@ -57,6 +58,7 @@ fn main() -> ExitCode {
                 Some(BenchCommand::Sts(args)) => bench_sts::run(args).await,
                 Some(BenchCommand::Coordinator(args)) => bench_coordinator::run(args).await,
                 Some(BenchCommand::Gateway(args)) => bench_gateway::run(args).await,
+                Some(BenchCommand::Hotpath(args)) => bench_hotpath::run(args).await,
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,

@@ -261,6 +261,26 @@ fn the_gateway_benchmark_runs_every_case() {
     }
 }
 
+#[test]
+fn the_hot_path_benchmark_runs_every_case() {
+    let (_parent, home) = fresh_home();
+    let output = util::run(util::caracal(&home).args(["bench", "hotpath", "--quick"]));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for case in [
+        "policy decision (200 grants)",
+        "ES256 sign",
+        "ES256 verify",
+        "revocation lookup (300k marks)",
+    ] {
+        assert!(stdout.contains(case), "missing `{case}` in\n{stdout}");
+    }
+}
+
 /// `caracal bench --quick`: the stack, nginx (installed by the project's script) and the
 /// loopback upstream measured in one run over HTTP; every case reported, the JSON results
 /// written, and the audit check passing (every governed call's events stored, none lost).
