@@ -91,7 +91,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
 pub(crate) struct Scratch {
     pub(crate) run_id: String,
     directory: std::path::PathBuf,
-    schema: String,
+    pub(crate) schema: String,
     pub(crate) sqlite: SqliteStore,
     pub(crate) postgres: PgStore,
 }

@@ -25,11 +25,11 @@ use serde_json::{Value, json};
 use crate::agent::{Agent, Delegation};
 use crate::cli::GovernedArgs;
 
-type Http = Client<HttpConnector, Full<Bytes>>;
+pub(crate) type Http = Client<HttpConnector, Full<Bytes>>;
 
 /// Requests in flight at once in the closed loop.
 const CONCURRENCY: usize = 32;
-const RESOURCE: &str = "resource://ledger";
+pub(crate) const RESOURCE: &str = "resource://ledger";
 
 /// One measured case.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -67,7 +67,7 @@ fn case(name: &str, elapsed: Duration, mut latencies: Vec<Duration>, cpu: Option
 }
 
 /// A child process killed when dropped, however the benchmark ends.
-struct Owned(Child);
+pub(crate) struct Owned(pub(crate) Child);
 
 impl Drop for Owned {
     fn drop(&mut self) {
@@ -154,7 +154,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// The loopback upstream: a small JSON answer to every request.
-async fn upstream() -> anyhow::Result<SocketAddr> {
+pub(crate) async fn upstream() -> anyhow::Result<SocketAddr> {
     let app = axum::Router::new().fallback(|| async {
         (
             [(http::header::CONTENT_TYPE, "application/json")],
@@ -229,6 +229,20 @@ fn start_nginx(dir: &Path, upstream: SocketAddr) -> anyhow::Result<(Owned, Socke
 
 /// `caracal up` with a home of its own, every port chosen by the OS and the mint budget lifted.
 fn start_stack(home: &Path, args: &GovernedArgs) -> anyhow::Result<Owned> {
+    let mut extra: Vec<String> = Vec::new();
+    if let Some(store) = &args.store {
+        extra.extend(["--store".to_owned(), store.clone()]);
+    }
+    if let Some(bus) = &args.bus {
+        extra.extend(["--bus".to_owned(), bus.clone()]);
+    }
+    extra.push("up".to_owned());
+    spawn_caracal(home, &extra)
+}
+
+/// This binary with `CARACAL_HOME=home`, every port chosen by the OS, the mint budget lifted,
+/// warnings only, then `args`; its log goes beside the home.
+pub(crate) fn spawn_caracal(home: &Path, args: &[String]) -> anyhow::Result<Owned> {
     let mut command = Command::new(std::env::current_exe()?);
     command
         .env_clear()
@@ -238,25 +252,19 @@ fn start_stack(home: &Path, args: &GovernedArgs) -> anyhow::Result<Owned> {
     for role in caracal_core::Role::ALL {
         command.args(["--port", &format!("{role}=0")]);
     }
-    if let Some(store) = &args.store {
-        command.args(["--store", store]);
-    }
-    if let Some(bus) = &args.bus {
-        command.args(["--bus", bus]);
-    }
     let log = std::fs::File::create(home.with_extension("log"))?;
     let child = command
-        .arg("up")
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .context("starting caracal up")?;
+        .context("starting caracal")?;
     Ok(Owned(child))
 }
 
 /// The roles' addresses once the run file is written and every role is ready.
-async fn wait_ready(
+pub(crate) async fn wait_ready(
     http: &Http,
     home: &Path,
     stack: &mut Owned,
@@ -298,7 +306,7 @@ async fn send(http: &Http, request: hyper::Request<Full<Bytes>>) -> anyhow::Resu
     Ok((status, response.into_body().collect().await?.to_bytes()))
 }
 
-async fn get(
+pub(crate) async fn get(
     http: &Http,
     address: SocketAddr,
     path: &str,
@@ -312,10 +320,10 @@ async fn get(
 }
 
 /// The admin API as the bench uses it: JSON in, JSON out, any refusal an error.
-struct Admin<'a> {
-    http: &'a Http,
-    api: SocketAddr,
-    bearer: String,
+pub(crate) struct Admin<'a> {
+    pub(crate) http: &'a Http,
+    pub(crate) api: SocketAddr,
+    pub(crate) bearer: String,
 }
 
 impl Admin<'_> {
@@ -351,7 +359,7 @@ fn id(value: &Value) -> anyhow::Result<String> {
 }
 
 /// The zone, application (and secret), provider, resource and grants, activated and loaded.
-async fn provision(
+pub(crate) async fn provision(
     admin: &Admin<'_>,
     upstream: SocketAddr,
 ) -> anyhow::Result<(String, String, String)> {
@@ -424,13 +432,8 @@ async fn provision(
     Ok((zone, app_id, secret))
 }
 
-/// One governed request: a fresh delegated mint at the STS, then the Gateway call with it.
-async fn governed_once(
-    http: &Http,
-    sts: SocketAddr,
-    gateway: SocketAddr,
-    form: &Bytes,
-) -> anyhow::Result<()> {
+/// A fresh mandate minted with `form` over the pooled client.
+pub(crate) async fn mint(http: &Http, sts: SocketAddr, form: &Bytes) -> anyhow::Result<String> {
     let mint = hyper::Request::post(format!("http://{sts}/oauth/2/token"))
         .header("content-type", "application/x-www-form-urlencoded")
         .body(Full::new(form.clone()))?;
@@ -440,12 +443,21 @@ async fn governed_once(
         "mint {status}: {}",
         String::from_utf8_lossy(&body)
     );
-    let token = serde_json::from_slice::<Value>(&body)?
+    Ok(serde_json::from_slice::<Value>(&body)?
         .get("access_token")
         .and_then(Value::as_str)
         .context("access_token")?
-        .to_owned();
-    let bearer = format!("Bearer {token}");
+        .to_owned())
+}
+
+/// One governed request: a fresh delegated mint at the STS, then the Gateway call with it.
+async fn governed_once(
+    http: &Http,
+    sts: SocketAddr,
+    gateway: SocketAddr,
+    form: &Bytes,
+) -> anyhow::Result<()> {
+    let bearer = format!("Bearer {}", mint(http, sts, form).await?);
     let (status, body) = get(
         http,
         gateway,

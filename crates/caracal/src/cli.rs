@@ -204,6 +204,10 @@ pub enum BenchCommand {
     /// The hot path's operations alone, call by call: policy decision, ES256 sign and verify,
     /// the Gateway's revocation lookup
     Hotpath(BenchArgs),
+    /// Revocation propagation: the time from a terminate call to the first refusal by each of
+    /// two Gateway replicas' revocation views, on PostgreSQL and Redis, over repeated runs
+    /// (`--messages` / 1,000 runs, 5 to 100)
+    Revocation(BenchArgs),
 }
 
 #[derive(Debug, Args)]

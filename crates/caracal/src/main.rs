@@ -10,6 +10,7 @@ mod bench_coordinator;
 mod bench_gateway;
 mod bench_governed;
 mod bench_hotpath;
+mod bench_revocation;
 mod bench_sts;
 mod cli;
 mod config;
@@ -59,6 +60,7 @@ fn main() -> ExitCode {
                 Some(BenchCommand::Coordinator(args)) => bench_coordinator::run(args).await,
                 Some(BenchCommand::Gateway(args)) => bench_gateway::run(args).await,
                 Some(BenchCommand::Hotpath(args)) => bench_hotpath::run(args).await,
+                Some(BenchCommand::Revocation(args)) => bench_revocation::run(args).await,
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,

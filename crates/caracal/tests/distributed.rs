@@ -166,3 +166,32 @@ fn the_coordinator_benchmark_runs_every_case() {
     // 1 + 10 + 100 sessions at --quick, each with its revoke message, plus the epoch.
     assert!(stdout.contains("111.0"), "{stdout}");
 }
+
+#[test]
+fn the_revocation_benchmark_measures_both_replicas() {
+    if !external_backends() {
+        return;
+    }
+    let (_parent, home) = fresh_home();
+    let output = util::run(util::caracal(&home).args(["bench", "revocation", "--quick"]));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for row in ["gateway-a", "gateway-b", "both replicas"] {
+        let line = stdout
+            .lines()
+            .find(|line| line.starts_with(row))
+            .unwrap_or_else(|| panic!("no `{row}` row in\n{stdout}"));
+        let runs: usize = line
+            .split_whitespace()
+            .rev()
+            .nth(3)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(runs, 3, "{line}");
+    }
+}
