@@ -96,6 +96,37 @@ fn provisioned(home: &Path, api: SocketAddr, parent: &Path) -> (Provisioned, Pat
     (zone, secret)
 }
 
+/// Every port chosen by the OS, then one deployment's shared flags — PostgreSQL (at
+/// `store_port`, a relay's or the server's) in `schema`, `bus`, the stream key — then `extra`.
+fn distributed(store_port: u16, schema: &str, bus: &str, key: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = free_ports();
+    args.extend(
+        [
+            "--store",
+            &format!("postgres://postgres@127.0.0.1:{store_port}/test"),
+            "--store-schema",
+            schema,
+            "--bus",
+            bus,
+            "--stream-key",
+            key,
+        ]
+        .map(String::from),
+    );
+    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+    args
+}
+
+/// The home of another process of the same deployment: the first home's KEK copied in.
+fn second_home(first: &Path) -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (parent, home) = fresh_home();
+    std::fs::create_dir(&home).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::copy(first.join("kek"), home.join("kek")).unwrap();
+    (parent, home)
+}
+
 /// Revocation stale: the bus is cut away from a running stack. Within the freshness window
 /// the Gateway refuses every call with 503 `revocation_snapshot_stale`, is not ready, and the
 /// alert's gauge reads 0; `validate` fails and its Gateway canary is refused. With the bus
@@ -238,24 +269,7 @@ fn sts_isolation_drill_opens_the_circuit_and_recovers() {
     let schema = util::Schema::fresh();
     let stream_key = "5c".repeat(32);
     let bus = format!("redis://{REDIS}{}", redis_db(12));
-    let shared = |extra: &[&str]| {
-        let mut args = free_ports();
-        args.extend(
-            [
-                "--store",
-                "postgres://postgres@127.0.0.1:5432/test",
-                "--store-schema",
-                &schema.0,
-                "--bus",
-                &bus,
-                "--stream-key",
-                &stream_key,
-            ]
-            .map(String::from),
-        );
-        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
-        args
-    };
+    let shared = |extra: &[&str]| distributed(5432, &schema.0, &bus, &stream_key, extra);
     let (parent, home) = fresh_home();
     let control = Running::start(
         &home,
@@ -265,11 +279,7 @@ fn sts_isolation_drill_opens_the_circuit_and_recovers() {
     assert_eq!(util::wait_ready(api).status, 200);
     assert_eq!(util::wait_ready(sts).status, 200);
     let relay = Relay::start(sts);
-    let (_gateway_parent, gateway_home) = fresh_home();
-    std::fs::create_dir(&gateway_home).unwrap();
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&gateway_home, std::fs::Permissions::from_mode(0o700)).unwrap();
-    std::fs::copy(home.join("kek"), gateway_home.join("kek")).unwrap();
+    let (_gateway_parent, gateway_home) = second_home(&home);
     let sts_url = format!("http://127.0.0.1:{}", relay.port);
     let edge = Running::start(
         &gateway_home,
@@ -345,22 +355,7 @@ fn dlq_growth_drill_dead_letters_then_drains_without_losing_evidence() {
     let bus = format!("redis://{REDIS}{}", redis_db(13));
     let postgres = Relay::start("127.0.0.1:5432".parse().unwrap());
     let args = |store_port: u16, extra: &[&str]| {
-        let mut args = free_ports();
-        args.extend(
-            [
-                "--store",
-                &format!("postgres://postgres@127.0.0.1:{store_port}/test"),
-                "--store-schema",
-                &schema.0,
-                "--bus",
-                &bus,
-                "--stream-key",
-                &stream_key,
-            ]
-            .map(String::from),
-        );
-        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
-        args
+        distributed(store_port, &schema.0, &bus, &stream_key, extra)
     };
     let (parent, home) = fresh_home();
     let control = Running::start(
@@ -372,11 +367,7 @@ fn dlq_growth_drill_dead_letters_then_drains_without_losing_evidence() {
     );
     let api = control.address("api");
     assert_eq!(util::wait_ready(api).status, 200);
-    let (_audit_parent, audit_home) = fresh_home();
-    std::fs::create_dir(&audit_home).unwrap();
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&audit_home, std::fs::Permissions::from_mode(0o700)).unwrap();
-    std::fs::copy(home.join("kek"), audit_home.join("kek")).unwrap();
+    let (_audit_parent, audit_home) = second_home(&home);
     let ledger = Running::start(
         &audit_home,
         &args(

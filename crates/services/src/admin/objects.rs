@@ -33,11 +33,16 @@ pub fn routes() -> Router<RoleState> {
     Router::new()
         .route(
             "/v1/zones/{zone_id}/subject-issuers",
-            get(list_issuers).post(create_issuer),
+            get(|State(state), headers, Path(zone), RawQuery(raw)| {
+                list_of(ISSUER, state, headers, zone, raw)
+            })
+            .post(create_issuer),
         )
         .route(
             "/v1/zones/{zone_id}/subject-issuers/{id}",
-            get(read_issuer).patch(update_issuer).delete(archive_issuer),
+            get(|State(state), headers, Path(ids)| read_of(ISSUER, state, headers, ids))
+                .patch(update_issuer)
+                .delete(archive_issuer),
         )
         .route(
             "/v1/zones/{zone_id}/grants",
@@ -45,15 +50,19 @@ pub fn routes() -> Router<RoleState> {
         )
         .route(
             "/v1/zones/{zone_id}/grants/{id}",
-            get(read_grant).delete(revoke_grant),
+            get(|State(state), headers, Path(ids)| read_of(GRANT, state, headers, ids))
+                .delete(revoke_grant),
         )
         .route(
             "/v1/zones/{zone_id}/workloads",
-            get(list_workloads).post(create_workload),
+            get(|State(state), headers, Path(zone), RawQuery(raw)| {
+                list_of(WORKLOAD, state, headers, zone, raw)
+            })
+            .post(create_workload),
         )
         .route(
             "/v1/zones/{zone_id}/workloads/{id}",
-            get(read_workload)
+            get(|State(state), headers, Path(ids)| read_of(WORKLOAD, state, headers, ids))
                 .put(update_workload)
                 .delete(delete_workload),
         )
@@ -103,6 +112,32 @@ async fn found(
         Some(object) if object.status != "archived" => Ok(object),
         _ => Err(not_found(&what, id)),
     }
+}
+
+/// `GET` of a kind's list: a page of the zone's objects, newest first.
+async fn list_of(
+    kind: &'static str,
+    state: RoleState,
+    headers: HeaderMap,
+    zone_id: String,
+    raw: Option<String>,
+) -> Result<Json<Page<Value>>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    let query = super::list_query(raw.as_deref())?;
+    listed(&state, &zone_id, kind, &query, |_| true).await
+}
+
+/// `GET` of one object of a kind.
+async fn read_of(
+    kind: &'static str,
+    state: RoleState,
+    headers: HeaderMap,
+    (zone_id, id): (String, String),
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    Ok(Json(shown(&found(&state, &zone_id, kind, &id).await?)))
 }
 
 /// A page of the zone's objects of `kind` that `keep` admits, newest first.
@@ -207,28 +242,6 @@ fn issuer_fields(
     fields.insert("jwks_url".into(), json!(jwks_url));
     fields.insert("audience".into(), json!(audience));
     Ok(fields)
-}
-
-async fn list_issuers(
-    State(state): State<RoleState>,
-    headers: HeaderMap,
-    Path(zone_id): Path<String>,
-    RawQuery(raw): RawQuery,
-) -> Result<Json<Page<Value>>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
-    let query = super::list_query(raw.as_deref())?;
-    listed(&state, &zone_id, ISSUER, &query, |_| true).await
-}
-
-async fn read_issuer(
-    State(state): State<RoleState>,
-    headers: HeaderMap,
-    Path((zone_id, id)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
-    Ok(Json(shown(&found(&state, &zone_id, ISSUER, &id).await?)))
 }
 
 async fn create_issuer(
@@ -450,16 +463,6 @@ async fn list_grants(
             && scopes.iter().all(|scope| held.contains(&scope.as_str()))
     })
     .await
-}
-
-async fn read_grant(
-    State(state): State<RoleState>,
-    headers: HeaderMap,
-    Path((zone_id, id)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
-    Ok(Json(shown(&found(&state, &zone_id, GRANT, &id).await?)))
 }
 
 async fn create_grant(
@@ -719,28 +722,6 @@ fn with_secret(object: &AdminObject, secret: String) -> Value {
         fields.insert("secret".into(), json!(secret));
     }
     shown
-}
-
-async fn list_workloads(
-    State(state): State<RoleState>,
-    headers: HeaderMap,
-    Path(zone_id): Path<String>,
-    RawQuery(raw): RawQuery,
-) -> Result<Json<Page<Value>>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
-    let query = super::list_query(raw.as_deref())?;
-    listed(&state, &zone_id, WORKLOAD, &query, |_| true).await
-}
-
-async fn read_workload(
-    State(state): State<RoleState>,
-    headers: HeaderMap,
-    Path((zone_id, id)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
-    Ok(Json(shown(&found(&state, &zone_id, WORKLOAD, &id).await?)))
 }
 
 async fn create_workload(
