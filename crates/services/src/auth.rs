@@ -73,7 +73,16 @@ pub async fn authenticate(state: &RoleState, headers: &HeaderMap) -> Result<Admi
         .strip_prefix("Bearer ")
         .and_then(|token| AdminToken::parse(token.trim()))
         .ok_or_else(invalid)?;
-    let record = match state.shared.store.find_admin_token(&token.digest()).await {
+    caller_of(state, &token.digest()).await
+}
+
+/// The caller holding the live token whose digest is `digest`.
+pub async fn caller_of(
+    state: &RoleState,
+    digest: &caracal_crypto::TokenDigest,
+) -> Result<AdminCaller, ApiError> {
+    let invalid = || ApiError::new(ErrorCode::InvalidAdminToken);
+    let record = match state.shared.store.find_admin_token(digest).await {
         Ok(Some(record)) if !record.revoked => record,
         Ok(_) => return Err(invalid()),
         Err(error) => return Err(error.into()),

@@ -91,7 +91,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Gives every error response the documented JSON body. Handlers return [`ApiError`] already;
+/// Gives every error response the documented JSON body (the console's pages aside). Handlers
+/// return [`ApiError`] already;
 /// this catches what the framework answers by itself before a handler runs (a path segment
 /// that is not UTF-8, a body over the limit, ...), which would otherwise be plain text.
 pub async fn json_errors(
@@ -100,11 +101,15 @@ pub async fn json_errors(
 ) -> Response {
     let response = next.run(request).await;
     let status = response.status();
-    let is_json = response
+    // JSON bodies are ours already, and so are the console's HTML pages.
+    let ours = response
         .headers()
         .get(http::header::CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
-    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        .is_some_and(|value| {
+            value.as_bytes().starts_with(b"application/json")
+                || value.as_bytes().starts_with(b"text/html")
+        });
+    if ours || !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
     let code = match status {

@@ -39,6 +39,8 @@ pub fn router(state: RoleState) -> Router {
         ),
         Role::Sts => probes.merge(crate::sts::routes()),
         Role::Coordinator => probes.merge(crate::coordinator::routes()),
+        Role::Console => probes
+            .merge(crate::console::routes().layer(axum::extract::DefaultBodyLimit::max(64 * 1024))),
         // Every other path is a governed call.
         Role::Gateway => probes.fallback(crate::gateway::proxy),
         _ => probes,

@@ -98,6 +98,8 @@ pub struct RoleState {
     pub coordinator: Option<Arc<crate::coordinator::Coordinator>>,
     /// The Gateway's state, on the Gateway role.
     pub gateway: Option<Arc<crate::gateway::Gateway>>,
+    /// Signed-in console sessions, on the Console role.
+    pub console: crate::console::Sessions,
 }
 
 impl RoleState {
@@ -109,6 +111,7 @@ impl RoleState {
             sts: None,
             coordinator: None,
             gateway: None,
+            console: crate::console::Sessions::default(),
             shared,
         }
     }

@@ -1,0 +1,217 @@
+//! The Console role against a running `caracal up`, over plain HTTP: sign-in with an admin
+//! token, the security headers, hostile names rendered as text, a form without its CSRF token
+//! refused, a read-only sign-in shown no change control and refused a forged one, sign-out, and
+//! a revoked token's session ended.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "a test that cannot proceed should stop loudly"
+)]
+
+mod util;
+
+use std::net::SocketAddr;
+
+use util::{Running, free_ports, fresh_home, json_of, request, wait_ready};
+
+/// `name=value` of a `set-cookie` answer.
+fn cookie_of(response: &util::Response) -> String {
+    response.headers["set-cookie"]
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn csrf_of(page: &str) -> String {
+    let at = page.find("name=\"csrf\" value=\"").unwrap() + "name=\"csrf\" value=\"".len();
+    page[at..].split('"').next().unwrap().to_owned()
+}
+
+fn form(address: SocketAddr, path: &str, cookie: &str, body: &str) -> util::Response {
+    request(
+        address,
+        "POST",
+        path,
+        &[
+            ("cookie", cookie),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        body,
+    )
+}
+
+/// Signs in with `token`; the session cookie.
+fn sign_in(console: SocketAddr, token: &str) -> String {
+    let page = request(console, "GET", "/sign-in", &[], "");
+    assert_eq!(page.status, 200);
+    let pre = cookie_of(&page);
+    let body = format!("token={}&csrf={}", token.trim(), csrf_of(&page.body));
+    let signed = form(console, "/sign-in", &pre, &body);
+    assert_eq!(signed.status, 303, "{}", signed.body);
+    assert_eq!(signed.headers["location"], "/overview");
+    let cookie = signed.headers["set-cookie"].clone();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    cookie_of(&signed)
+}
+
+#[test]
+fn the_console_signs_in_escapes_everything_and_refuses_forged_changes() {
+    let (_parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(&home, &args);
+    let (api, console) = (running.address("api"), running.address("console"));
+    assert_eq!(wait_ready(api).status, 200);
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let bearer = format!("Bearer {}", token.trim());
+    let auth = [("authorization", bearer.as_str())];
+    let hostile = r#"<script>alert(1)</script> & "quoted" 'name'"#;
+    let zone = request(
+        api,
+        "POST",
+        "/v1/zones",
+        &auth,
+        &serde_json::json!({"name": hostile}).to_string(),
+    );
+    assert_eq!(zone.status, 201, "{}", zone.body);
+
+    // Not signed in: every page leads to the sign-in form.
+    let anonymous = request(console, "GET", "/zones", &[], "");
+    assert_eq!(anonymous.status, 303);
+    assert_eq!(anonymous.headers["location"], "/sign-in");
+    let refused = form(console, "/sign-in", "", "token=cat_x&csrf=y");
+    assert_eq!(refused.status, 403, "a sign-in without its form cookie");
+    let page = request(console, "GET", "/sign-in", &[], "");
+    let wrong = form(
+        console,
+        "/sign-in",
+        &cookie_of(&page),
+        &format!("token=cat_{}&csrf={}", "A".repeat(43), csrf_of(&page.body)),
+    );
+    assert_eq!(wrong.status, 401);
+
+    let session = sign_in(console, &token);
+    let zones = request(console, "GET", "/zones", &[("cookie", &session)], "");
+    assert_eq!(zones.status, 200, "{}", zones.body);
+    for (name, value) in [
+        ("x-frame-options", "DENY"),
+        ("x-content-type-options", "nosniff"),
+        ("cache-control", "no-store"),
+    ] {
+        assert_eq!(zones.headers[name], value);
+    }
+    let csp = &zones.headers["content-security-policy"];
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert!(!csp.contains("script-src"), "no script is allowed: {csp}");
+    assert!(
+        zones.body.contains(
+            "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;quoted&quot; &#39;name&#39;"
+        ),
+        "{}",
+        zones.body
+    );
+    assert!(!zones.body.contains("<script>"), "{}", zones.body);
+    assert!(
+        zones.body.contains("action=\"/zones\""),
+        "a writer sees the form"
+    );
+
+    // A change without the CSRF token, or with another one, changes nothing.
+    let count = || {
+        json_of(&request(api, "GET", "/v1/zones", &auth, ""))["items"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = count();
+    for body in ["name=forged", "name=forged&csrf=not-the-token"] {
+        let forged = form(console, "/zones", &session, body);
+        assert_eq!(forged.status, 403, "{}", forged.body);
+    }
+    assert_eq!(count(), before);
+    let created = form(
+        console,
+        "/zones",
+        &session,
+        &format!("name=from+the+console&csrf={}", csrf_of(&zones.body)),
+    );
+    assert_eq!(created.status, 200, "{}", created.body);
+    assert!(created.body.contains("Zone from the console created."));
+    assert_eq!(count(), before + 1);
+
+    // A read-only sign-in: no form, and a forged change is refused by the API's own rules.
+    let reader = json_of(&request(
+        api,
+        "POST",
+        "/v1/admin-tokens",
+        &auth,
+        r#"{"name":"auditor","scope":"global","capability":"read"}"#,
+    ));
+    let read_token = reader["token"].as_str().unwrap().to_owned();
+    let read_session = sign_in(console, &read_token);
+    let read_zones = request(console, "GET", "/zones", &[("cookie", &read_session)], "");
+    assert_eq!(read_zones.status, 200);
+    assert!(read_zones.body.contains("read only"));
+    assert!(
+        !read_zones.body.contains("action=\"/zones\""),
+        "no change control"
+    );
+    let forged = form(
+        console,
+        "/zones",
+        &read_session,
+        &format!("name=by+a+reader&csrf={}", csrf_of(&read_zones.body)),
+    );
+    assert_eq!(forged.status, 403, "{}", forged.body);
+    assert!(
+        forged.body.contains("admin_token_read_only"),
+        "{}",
+        forged.body
+    );
+    assert_eq!(count(), before + 1);
+
+    // Revoking the reader's token ends its console session at the next page.
+    let revoked = request(
+        api,
+        "DELETE",
+        &format!("/v1/admin-tokens/{}", reader["id"].as_str().unwrap()),
+        &auth,
+        "",
+    );
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+    let after = request(
+        console,
+        "GET",
+        "/overview",
+        &[("cookie", &read_session)],
+        "",
+    );
+    assert_eq!(after.status, 303);
+
+    // Sign-out needs the CSRF token, then the session is gone.
+    let overview = request(console, "GET", "/overview", &[("cookie", &session)], "");
+    assert_eq!(overview.status, 200);
+    assert_eq!(form(console, "/sign-out", &session, "").status, 403);
+    let out = form(
+        console,
+        "/sign-out",
+        &session,
+        &format!("csrf={}", csrf_of(&overview.body)),
+    );
+    assert_eq!(out.status, 303);
+    let gone = request(console, "GET", "/overview", &[("cookie", &session)], "");
+    assert_eq!(gone.status, 303);
+
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+}

@@ -1,0 +1,492 @@
+//! The Console role (port 3001): server-rendered pages for operators, no script at all. Sign-in
+//! takes an admin token; the session lives in this process's memory (cookie `HttpOnly`,
+//! `SameSite=Strict`, idle and absolute expiry) and every page re-checks the token, so a revoked
+//! token signs its sessions out. Every read and change goes through the admin API's own routes
+//! in process with the session's token, so the console is authorised, validated and audited
+//! exactly as the API is, and a read token is refused a change there even if a form is forged.
+//! Forms carry a per-session CSRF token; pages carry a strict Content-Security-Policy and are
+//! never framed or cached; every value is HTML-escaped.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use caracal_core::Role;
+use caracal_store::now_ms;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde::Deserialize;
+use serde_json::Value;
+use tower::ServiceExt as _;
+
+use crate::state::RoleState;
+
+const COOKIE: &str = "caracal_console";
+/// The sign-in form's own CSRF cookie (no session exists yet).
+const SIGN_IN_COOKIE: &str = "caracal_console_sign_in";
+const IDLE_MS: i64 = 30 * 60 * 1000;
+const ABSOLUTE_MS: i64 = 12 * 3600 * 1000;
+const CSS: &str = include_str!("console.css");
+const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
+                   frame-ancestors 'none'; base-uri 'none'";
+
+/// Signed-in sessions of this process, by cookie value.
+#[derive(Clone, Default)]
+pub struct Sessions(Arc<Mutex<HashMap<String, Session>>>);
+
+#[derive(Clone)]
+struct Session {
+    /// Held to call the admin API on the operator's behalf; never rendered.
+    token: String,
+    csrf: String,
+    writer: bool,
+    created_ms: i64,
+    seen_ms: i64,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+pub fn routes() -> Router<RoleState> {
+    Router::new()
+        .route("/", get(index))
+        .route("/sign-in", get(sign_in_page).post(sign_in))
+        .route("/sign-out", axum::routing::post(sign_out))
+        .route("/overview", get(overview))
+        .route("/zones", get(zones).post(create_zone))
+        .route("/static/console.css", get(css))
+}
+
+/// Text as HTML: safe in element content and in quoted attributes.
+pub fn escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for character in text.chars() {
+        match character {
+            '&' => escaped.push_str("&amp;"),
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '"' => escaped.push_str("&quot;"),
+            '\'' => escaped.push_str("&#39;"),
+            other => escaped.push(other),
+        }
+    }
+    escaped
+}
+
+fn random_token() -> Option<String> {
+    let bytes: [u8; 32] = caracal_crypto::random_bytes().ok()?;
+    Some(URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// Equal without an early exit, so a guess learns nothing from timing.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.to_owned())
+}
+
+/// A page with the security headers every console answer carries.
+fn html(status: StatusCode, body: String) -> Response {
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (header::CONTENT_SECURITY_POLICY, CSP),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+fn redirect(to: &'static str) -> Response {
+    let mut response = html(StatusCode::SEE_OTHER, String::new());
+    response
+        .headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_static(to));
+    response
+}
+
+fn layout(title: &str, session: Option<&Session>, body: &str) -> String {
+    let bar = match session {
+        Some(session) => format!(
+            "<nav><a href=\"/overview\">Overview</a> <a href=\"/zones\">Zones</a></nav>\
+             <span>{}</span>\
+             <form method=\"post\" action=\"/sign-out\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <button>Sign out</button></form>",
+            if session.writer { "write" } else { "read only" },
+            escape(&session.csrf)
+        ),
+        None => String::new(),
+    };
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{} · Caracal</title>\
+         <link rel=\"stylesheet\" href=\"/static/console.css\"></head><body>\
+         <header><strong>Caracal</strong>{bar}</header><main><h1>{}</h1>{body}</main></body></html>",
+        escape(title),
+        escape(title)
+    )
+}
+
+fn error_page(status: StatusCode, session: Option<&Session>, message: &str) -> Response {
+    html(
+        status,
+        layout(
+            "Refused",
+            session,
+            &format!("<p class=\"error\">{}</p>", escape(message)),
+        ),
+    )
+}
+
+async fn css() -> Response {
+    let mut response = CSS.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/css; charset=utf-8"),
+    );
+    response
+}
+
+/// The signed-in session of the request, refreshed; `None` when absent, expired, or its token
+/// no longer valid.
+async fn session(state: &RoleState, headers: &HeaderMap) -> Option<(String, Session)> {
+    let id = cookie(headers, COOKIE)?;
+    let now = now_ms();
+    let found = {
+        let mut sessions = state.console.lock();
+        sessions.retain(|_, session| {
+            now - session.seen_ms < IDLE_MS && now - session.created_ms < ABSOLUTE_MS
+        });
+        sessions.get(&id).cloned()
+    }?;
+    let token = caracal_crypto::AdminToken::parse(&found.token)?;
+    if crate::auth::caller_of(state, &token.digest())
+        .await
+        .is_err()
+    {
+        state.console.lock().remove(&id);
+        return None;
+    }
+    if let Some(session) = state.console.lock().get_mut(&id) {
+        session.seen_ms = now;
+    }
+    Some((id, found))
+}
+
+/// Calls the admin API's own route with the session's token; status and JSON answer.
+async fn admin(
+    state: &RoleState,
+    session: &Session,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let app = crate::admin::routes()
+        .merge(crate::api::routes())
+        .with_state(RoleState::new(Role::Api, state.shared.clone()));
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::AUTHORIZATION, format!("Bearer {}", session.token))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(
+            body.map(|body| body.to_string()).unwrap_or_default(),
+        ));
+    let Ok(request) = request else {
+        return (StatusCode::BAD_REQUEST, Value::Null);
+    };
+    match app.oneshot(request).await {
+        Ok(response) => {
+            let status = response.status();
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap_or_default();
+            (
+                status,
+                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            )
+        }
+        Err(never) => match never {},
+    }
+}
+
+fn refusal(answer: &Value) -> String {
+    format!(
+        "{} ({})",
+        answer
+            .get("error_description")
+            .and_then(Value::as_str)
+            .unwrap_or("refused"),
+        answer.get("error").and_then(Value::as_str).unwrap_or("")
+    )
+}
+
+async fn index(State(state): State<RoleState>, headers: HeaderMap) -> Response {
+    match session(&state, &headers).await {
+        Some(_) => redirect("/overview"),
+        None => redirect("/sign-in"),
+    }
+}
+
+async fn sign_in_page() -> Response {
+    let Some(csrf) = random_token() else {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, None, "no randomness");
+    };
+    let form = format!(
+        "<form method=\"post\" action=\"/sign-in\" class=\"card\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+         <p><label>Admin token<br><input type=\"password\" name=\"token\" autocomplete=\"off\" required></label></p>\
+         <p><button>Sign in</button></p></form>"
+    );
+    let mut response = html(StatusCode::OK, layout("Sign in", None, &form));
+    if let Ok(value) = HeaderValue::from_str(&format!(
+        "{SIGN_IN_COOKIE}={csrf}; Path=/sign-in; HttpOnly; SameSite=Strict"
+    )) {
+        response.headers_mut().append(header::SET_COOKIE, value);
+    }
+    response
+}
+
+#[derive(Deserialize)]
+struct SignInForm {
+    token: String,
+    csrf: String,
+}
+
+async fn sign_in(State(state): State<RoleState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(form) = serde_urlencoded::from_bytes::<SignInForm>(&body) else {
+        return error_page(StatusCode::BAD_REQUEST, None, "the form is incomplete");
+    };
+    let expected = cookie(&headers, SIGN_IN_COOKIE).unwrap_or_default();
+    if expected.is_empty() || !same(&expected, &form.csrf) {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            None,
+            "the form expired or did not come from this console: reload the sign-in page",
+        );
+    }
+    let token = form.token.trim().to_owned();
+    let caller = match caracal_crypto::AdminToken::parse(&token) {
+        Some(parsed) => crate::auth::caller_of(&state, &parsed.digest()).await.ok(),
+        None => None,
+    };
+    let Some(caller) = caller else {
+        return error_page(
+            StatusCode::UNAUTHORIZED,
+            None,
+            "that admin token is not valid",
+        );
+    };
+    let (Some(id), Some(csrf)) = (random_token(), random_token()) else {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, None, "no randomness");
+    };
+    let now = now_ms();
+    let writer = caller
+        .require(
+            crate::auth::Access::Write,
+            match &caller.scope {
+                caracal_store::TokenScope::Global => None,
+                caracal_store::TokenScope::Zone(zone) => Some(zone.as_str()),
+            },
+        )
+        .is_ok();
+    state.console.lock().insert(
+        id.clone(),
+        Session {
+            token,
+            csrf,
+            writer,
+            created_ms: now,
+            seen_ms: now,
+        },
+    );
+    let mut response = redirect("/overview");
+    if let Ok(value) = HeaderValue::from_str(&format!(
+        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        ABSOLUTE_MS / 1000
+    )) {
+        response.headers_mut().append(header::SET_COOKIE, value);
+    }
+    response
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    csrf: String,
+}
+
+async fn sign_out(State(state): State<RoleState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some((id, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    let form = serde_urlencoded::from_bytes::<CsrfForm>(&body).ok();
+    if !form.is_some_and(|form| same(&form.csrf, &session.csrf)) {
+        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
+    }
+    state.console.lock().remove(&id);
+    let mut response = redirect("/sign-in");
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        HeaderValue::from_static("caracal_console=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+    );
+    response
+}
+
+async fn overview(State(state): State<RoleState>, headers: HeaderMap) -> Response {
+    let Some((_, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    let mut body = String::new();
+    let (status, containment) =
+        admin(&state, &session, "GET", "/v1/incident/containment", None).await;
+    body.push_str("<section class=\"card\"><h2>Containment</h2>");
+    match containment.get("switches").and_then(Value::as_array) {
+        Some(switches) if switches.is_empty() => {
+            body.push_str("<p class=\"good\">Nothing contained.</p>");
+        }
+        Some(switches) => {
+            body.push_str("<table><tr><th>Switch</th><th>Zone</th><th>Reason</th><th>By</th></tr>");
+            for switch in switches {
+                let field =
+                    |name: &str| escape(switch.get(name).and_then(Value::as_str).unwrap_or(""));
+                body.push_str(&format!(
+                    "<tr><td class=\"bad\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    field("kind"),
+                    field("zone_id"),
+                    field("reason"),
+                    field("actor")
+                ));
+            }
+            body.push_str("</table>");
+        }
+        None => body.push_str(&format!(
+            "<p>Not shown: {} ({})</p>",
+            escape(&refusal(&containment)),
+            status.as_u16()
+        )),
+    }
+    body.push_str("</section>");
+    let (_, tamper) = admin(&state, &session, "GET", "/v1/audit/tamper", None).await;
+    let findings = tamper.get("items").and_then(Value::as_array).map(Vec::len);
+    body.push_str(&format!(
+        "<section class=\"card\"><h2>Audit</h2><p>{}</p></section>",
+        match findings {
+            Some(0) => "<span class=\"good\">No open tamper finding.</span>".to_owned(),
+            Some(n) => format!("<span class=\"bad\">{n} open tamper finding(s).</span>"),
+            None => escape(&refusal(&tamper)),
+        }
+    ));
+    let (_, zones) = admin(&state, &session, "GET", "/v1/zones?limit=500", None).await;
+    let count = zones
+        .get("items")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    body.push_str(&format!(
+        "<section class=\"card\"><h2>Zones</h2><p>{count} zone(s). <a href=\"/zones\">See them</a>.</p></section>"
+    ));
+    html(StatusCode::OK, layout("Overview", Some(&session), &body))
+}
+
+async fn zones(State(state): State<RoleState>, headers: HeaderMap) -> Response {
+    let Some((_, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    zones_page(&state, &session, None).await
+}
+
+async fn zones_page(state: &RoleState, session: &Session, notice: Option<String>) -> Response {
+    let (status, zones) = admin(state, session, "GET", "/v1/zones?limit=500", None).await;
+    let mut body = notice.unwrap_or_default();
+    match zones.get("items").and_then(Value::as_array) {
+        Some(items) => {
+            body.push_str("<table><tr><th>Name</th><th>Slug</th><th>Id</th><th>Created</th></tr>");
+            for zone in items {
+                let field =
+                    |name: &str| escape(zone.get(name).and_then(Value::as_str).unwrap_or(""));
+                body.push_str(&format!(
+                    "<tr><td class=\"zone-name\">{}</td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
+                    field("name"),
+                    field("slug"),
+                    field("id"),
+                    field("created_at")
+                ));
+            }
+            body.push_str("</table>");
+        }
+        None => {
+            return error_page(status, Some(session), &refusal(&zones));
+        }
+    }
+    // A read-only sign-in sees no mutating control (and the API refuses one anyway).
+    if session.writer {
+        body.push_str(&format!(
+            "<form method=\"post\" action=\"/zones\" class=\"card\"><h2>New zone</h2>\
+             <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <p><label>Name<br><input type=\"text\" name=\"name\" required></label></p>\
+             <p><button>Create</button></p></form>",
+            escape(&session.csrf)
+        ));
+    }
+    html(StatusCode::OK, layout("Zones", Some(session), &body))
+}
+
+#[derive(Deserialize)]
+struct ZoneForm {
+    csrf: String,
+    name: String,
+}
+
+async fn create_zone(State(state): State<RoleState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some((_, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    let Ok(form) = serde_urlencoded::from_bytes::<ZoneForm>(&body) else {
+        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
+    };
+    if !same(&form.csrf, &session.csrf) {
+        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
+    }
+    let (status, answer) = admin(
+        &state,
+        &session,
+        "POST",
+        "/v1/zones",
+        Some(serde_json::json!({ "name": form.name })),
+    )
+    .await;
+    if !status.is_success() {
+        return error_page(status, Some(&session), &refusal(&answer));
+    }
+    let notice = format!(
+        "<p class=\"good\">Zone {} created.</p>",
+        escape(answer.get("name").and_then(Value::as_str).unwrap_or(""))
+    );
+    zones_page(&state, &session, Some(notice)).await
+}
