@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite and `caracal bench` need beyond the Rust
 # toolchain, only when missing: prometheus (for `promtool`, which checks and unit-tests the
-# alert rules) and nginx (the plain reverse proxy the governed benchmark is measured beside).
+# alert rules), nginx (the plain reverse proxy the governed benchmark is measured beside), and
+# chromium with chromium-driver (the console's browser tests).
 set -euo pipefail
 
 need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
+[[ -x /usr/bin/chromium ]] || need+=(chromium)
+[[ -x /usr/bin/chromedriver ]] || need+=(chromium-driver)
 if ((${#need[@]})); then
   sudo=""
   if [[ $(id -u) -ne 0 ]]; then sudo="sudo"; fi
@@ -22,3 +25,4 @@ if ((${#need[@]})); then
 fi
 promtool --version | head -1
 /usr/sbin/nginx -v
+/usr/bin/chromedriver --version
