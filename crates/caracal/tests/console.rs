@@ -149,6 +149,84 @@ fn the_console_signs_in_escapes_everything_and_refuses_forged_changes() {
     assert!(created.body.contains("Zone from the console created."));
     assert_eq!(count(), before + 1);
 
+    // The zone's page and its audit, the hostile name escaped in the title too.
+    let zone_id = json_of(&zone)["id"].as_str().unwrap().to_owned();
+    let page = request(
+        console,
+        "GET",
+        &format!("/zones/{zone_id}"),
+        &[("cookie", &session)],
+        "",
+    );
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains("<title>Zone &lt;script&gt;"),
+        "{}",
+        page.body
+    );
+    for section in [
+        "Applications",
+        "Providers",
+        "Resources",
+        "Policy sets",
+        "Sessions",
+        "Pending approvals",
+    ] {
+        assert!(page.body.contains(section), "{section} missing");
+    }
+    let audit = request(
+        console,
+        "GET",
+        &format!("/zones/{zone_id}/audit?decision=allow&event_type=admin.zone.create"),
+        &[("cookie", &session)],
+        "",
+    );
+    assert_eq!(audit.status, 200, "{}", audit.body);
+    assert!(
+        audit.body.contains("No open tamper finding"),
+        "{}",
+        audit.body
+    );
+    let elsewhere = request(
+        console,
+        "GET",
+        "/zones/..%2F..%2Fv1",
+        &[("cookie", &session)],
+        "",
+    );
+    assert_eq!(elsewhere.status, 404, "{}", elsewhere.body);
+
+    // Incident: a freeze contained with a reason, shown, then released.
+    let incident = request(console, "GET", "/incident", &[("cookie", &session)], "");
+    assert_eq!(incident.status, 200);
+    let csrf = csrf_of(&incident.body);
+    let contained = form(
+        console,
+        "/incident",
+        &session,
+        &format!("csrf={csrf}&switch=freeze&reason=console+drill&action=contain"),
+    );
+    assert_eq!(contained.status, 200, "{}", contained.body);
+    assert!(
+        contained.body.contains("console drill"),
+        "{}",
+        contained.body
+    );
+    let frozen = request(api, "GET", "/v1/incident/containment", &auth, "");
+    assert!(frozen.body.contains("freeze"), "{}", frozen.body);
+    let released = form(
+        console,
+        "/incident",
+        &session,
+        &format!("csrf={csrf}&switch=freeze&reason=over&action=release"),
+    );
+    assert_eq!(released.status, 200, "{}", released.body);
+    assert!(
+        released.body.contains("Nothing") || released.body.contains("None."),
+        "{}",
+        released.body
+    );
+
     // A read-only sign-in: no form, and a forged change is refused by the API's own rules.
     let reader = json_of(&request(
         api,

@@ -259,6 +259,20 @@ fn an_operator_signs_in_and_sees_every_screen_in_chromium() {
     );
     driver.screenshot("zones");
 
+    driver.click("td.zone-name a");
+    assert!(
+        driver.text("h1").starts_with("Zone "),
+        "{}",
+        driver.text("h1")
+    );
+    driver.screenshot("zone");
+    driver.click("main p a");
+    assert_eq!(driver.text("h1"), "Audit");
+    driver.screenshot("audit");
+    driver.go(&format!("{base}/incident"));
+    assert_eq!(driver.text("h1"), "Incident");
+    driver.screenshot("incident");
+
     driver.click("header form button");
     assert!(driver.url().ends_with("/sign-in"), "{}", driver.url());
     driver.go(&format!("{base}/zones"));

@@ -5,7 +5,10 @@
 //! in process with the session's token, so the console is authorised, validated and audited
 //! exactly as the API is, and a read token is refused a change there even if a form is forged.
 //! Forms carry a per-session CSRF token; pages carry a strict Content-Security-Policy and are
-//! never framed or cached; every value is HTML-escaped.
+//! never framed or cached; every value is HTML-escaped. Screens: overview, zones, a zone (its
+//! applications, providers, resources, policy sets, sessions and pending approvals), a zone's
+//! audit with filters and the chain status, and incident containment (contain and release with
+//! a reason).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -64,6 +67,9 @@ pub fn routes() -> Router<RoleState> {
         .route("/sign-out", axum::routing::post(sign_out))
         .route("/overview", get(overview))
         .route("/zones", get(zones).post(create_zone))
+        .route("/zones/{zone_id}", get(zone))
+        .route("/zones/{zone_id}/audit", get(audit))
+        .route("/incident", get(incident).post(contain_or_release))
         .route("/static/console.css", get(css))
 }
 
@@ -136,7 +142,8 @@ fn redirect(to: &'static str) -> Response {
 fn layout(title: &str, session: Option<&Session>, body: &str) -> String {
     let bar = match session {
         Some(session) => format!(
-            "<nav><a href=\"/overview\">Overview</a> <a href=\"/zones\">Zones</a></nav>\
+            "<nav><a href=\"/overview\">Overview</a> <a href=\"/zones\">Zones</a> \
+             <a href=\"/incident\">Incident</a></nav>\
              <span>{}</span>\
              <form method=\"post\" action=\"/sign-out\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
              <button>Sign out</button></form>",
@@ -431,7 +438,8 @@ async fn zones_page(state: &RoleState, session: &Session, notice: Option<String>
                 let field =
                     |name: &str| escape(zone.get(name).and_then(Value::as_str).unwrap_or(""));
                 body.push_str(&format!(
-                    "<tr><td class=\"zone-name\">{}</td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
+                    "<tr><td class=\"zone-name\"><a href=\"/zones/{}\">{}</a></td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
+                    field("id"),
                     field("name"),
                     field("slug"),
                     field("id"),
@@ -489,4 +497,294 @@ async fn create_zone(State(state): State<RoleState>, headers: HeaderMap, body: B
         escape(answer.get("name").and_then(Value::as_str).unwrap_or(""))
     );
     zones_page(&state, &session, Some(notice)).await
+}
+
+/// `items` of a list answer as a table of `columns` (header, JSON pointer), every cell escaped;
+/// the refusal when the answer is not a list.
+fn table(answer: &Value, columns: &[(&str, &str)]) -> String {
+    let Some(items) = answer.get("items").and_then(Value::as_array) else {
+        return format!("<p>Not shown: {}</p>", escape(&refusal(answer)));
+    };
+    if items.is_empty() {
+        return "<p>None.</p>".to_owned();
+    }
+    let mut html = String::from("<table><tr>");
+    for (header, _) in columns {
+        html.push_str(&format!("<th>{}</th>", escape(header)));
+    }
+    html.push_str("</tr>");
+    for item in items {
+        html.push_str("<tr>");
+        for (_, pointer) in columns {
+            let cell = match item.pointer(pointer) {
+                Some(Value::String(text)) => text.clone(),
+                Some(Value::Null) | None => String::new(),
+                Some(other) => other.to_string(),
+            };
+            html.push_str(&format!("<td>{}</td>", escape(&cell)));
+        }
+        html.push_str("</tr>");
+    }
+    html.push_str("</table>");
+    html
+}
+
+/// A zone id from a path, or `None` when it is not a plain id (nothing else reaches the API).
+fn zone_path(zone_id: &str) -> Option<&str> {
+    caracal_core::is_plain_id(zone_id).then_some(zone_id)
+}
+
+async fn zone(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    axum::extract::Path(zone_id): axum::extract::Path<String>,
+) -> Response {
+    let Some((_, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    let Some(zone_id) = zone_path(&zone_id) else {
+        return error_page(StatusCode::NOT_FOUND, Some(&session), "no such zone");
+    };
+    let base = format!("/v1/zones/{zone_id}");
+    let (status, zone) = admin(&state, &session, "GET", &base, None).await;
+    if !status.is_success() {
+        return error_page(status, Some(&session), &refusal(&zone));
+    }
+    let name = zone.get("name").and_then(Value::as_str).unwrap_or("");
+    let mut body = format!(
+        "<p><code>{}</code> · <a href=\"/zones/{}/audit\">Audit</a></p>",
+        escape(zone_id),
+        escape(zone_id)
+    );
+    let sections: [(&str, String, &[(&str, &str)]); 6] = [
+        (
+            "Applications",
+            format!("{base}/applications?limit=500"),
+            &[
+                ("Name", "/name"),
+                ("Id", "/id"),
+                ("Traits", "/traits"),
+                ("Created", "/created_at"),
+            ],
+        ),
+        (
+            "Providers (secrets are never shown)",
+            format!("{base}/providers?limit=500"),
+            &[
+                ("Name", "/name"),
+                ("Identifier", "/identifier"),
+                ("Kind", "/kind"),
+                ("Secret keys", "/secret_config_keys"),
+            ],
+        ),
+        (
+            "Resources",
+            format!("{base}/resources?limit=500"),
+            &[
+                ("Identifier", "/identifier"),
+                ("Upstream", "/upstream_url"),
+                ("Scopes", "/scopes"),
+                ("Operations", "/operation_enforcement"),
+            ],
+        ),
+        (
+            "Policy sets",
+            format!("{base}/policy-sets?limit=500"),
+            &[
+                ("Name", "/name"),
+                ("Id", "/id"),
+                ("Active version", "/active_version_id"),
+                ("Last known good", "/last_known_good_version_id"),
+            ],
+        ),
+        (
+            "Sessions",
+            format!("{base}/sessions?limit=100"),
+            &[
+                ("Session", "/agent_session_id"),
+                ("Application", "/application_id"),
+                ("Parent", "/parent_id"),
+                ("Status", "/status"),
+                ("Labels", "/labels"),
+                ("Subject", "/subject_id"),
+            ],
+        ),
+        (
+            "Pending approvals",
+            format!("{base}/approvals?state=pending"),
+            &[
+                ("Hold", "/id"),
+                ("Principal", "/principal_id"),
+                ("Application", "/application_id"),
+                ("Tier", "/tier"),
+                ("Expires", "/expires_at"),
+            ],
+        ),
+    ];
+    for (title, path, columns) in sections {
+        let (_, answer) = admin(&state, &session, "GET", &path, None).await;
+        body.push_str(&format!(
+            "<section class=\"card\"><h2>{}</h2>{}</section>",
+            escape(title),
+            table(&answer, columns)
+        ));
+    }
+    html(
+        StatusCode::OK,
+        layout(&format!("Zone {name}"), Some(&session), &body),
+    )
+}
+
+#[derive(Deserialize, Default)]
+struct AuditFilter {
+    decision: Option<String>,
+    event_type: Option<String>,
+}
+
+async fn audit(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    axum::extract::Path(zone_id): axum::extract::Path<String>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> Response {
+    let Some((_, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    let Some(zone_id) = zone_path(&zone_id) else {
+        return error_page(StatusCode::NOT_FOUND, Some(&session), "no such zone");
+    };
+    let filter: AuditFilter =
+        serde_urlencoded::from_str(raw.as_deref().unwrap_or_default()).unwrap_or_default();
+    let mut query = vec![("limit", "100".to_owned())];
+    let decision = filter
+        .decision
+        .filter(|decision| matches!(decision.as_str(), "allow" | "deny"));
+    if let Some(decision) = &decision {
+        query.push(("decision", decision.clone()));
+    }
+    let event_type = filter
+        .event_type
+        .filter(|kind| !kind.is_empty() && kind.len() <= 100);
+    if let Some(kind) = &event_type {
+        query.push(("event_type", kind.clone()));
+    }
+    let path = format!(
+        "/v1/zones/{zone_id}/audit?{}",
+        serde_urlencoded::to_string(&query).unwrap_or_default()
+    );
+    let (_, events) = admin(&state, &session, "GET", &path, None).await;
+    let (_, tamper) = admin(&state, &session, "GET", "/v1/audit/tamper", None).await;
+    let findings = tamper
+        .get("items")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let chain = if findings == 0 {
+        "<span class=\"good\">No open tamper finding: the last sweeps verified the chains.</span>"
+            .to_owned()
+    } else {
+        format!("<span class=\"bad\">{findings} open tamper finding(s).</span>")
+    };
+    let body = format!(
+        "<section class=\"card\"><p>{chain}</p>\
+         <form method=\"get\"><label>Decision <select name=\"decision\">\
+         <option value=\"\">any</option><option{}>allow</option><option{}>deny</option></select></label> \
+         <label>Event type <input type=\"text\" name=\"event_type\" value=\"{}\"></label> \
+         <button>Filter</button></form></section>{}",
+        if decision.as_deref() == Some("allow") {
+            " selected"
+        } else {
+            ""
+        },
+        if decision.as_deref() == Some("deny") {
+            " selected"
+        } else {
+            ""
+        },
+        escape(event_type.as_deref().unwrap_or("")),
+        table(
+            &events,
+            &[
+                ("When", "/occurred_at_ms"),
+                ("Event", "/event_type"),
+                ("Decision", "/decision"),
+                ("Request", "/request_id"),
+                ("Policy set version", "/policy_set_version_id")
+            ],
+        )
+    );
+    html(StatusCode::OK, layout("Audit", Some(&session), &body))
+}
+
+async fn incident(State(state): State<RoleState>, headers: HeaderMap) -> Response {
+    let Some((_, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    incident_page(&state, &session, None).await
+}
+
+async fn incident_page(state: &RoleState, session: &Session, notice: Option<String>) -> Response {
+    let (_, containment) = admin(state, session, "GET", "/v1/incident/containment", None).await;
+    let mut body = notice.unwrap_or_default();
+    body.push_str(&format!(
+        "<section class=\"card\"><h2>In force</h2>{}</section>",
+        table(
+            &serde_json::json!({ "items": containment.get("switches").cloned().unwrap_or(Value::Null) }),
+            &[("Switch", "/kind"), ("Zone", "/zone_id"), ("Reason", "/reason"), ("By", "/actor")],
+        )
+    ));
+    if session.writer {
+        body.push_str(&format!(
+            "<form method=\"post\" action=\"/incident\" class=\"card\"><h2>Contain or release</h2>\
+             <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <p><label>Switch <select name=\"switch\"><option value=\"freeze\">freeze changes</option>\
+             <option value=\"fail_closed\">fail closed (refuse protected traffic)</option></select></label></p>\
+             <p><label>Reason<br><input type=\"text\" name=\"reason\" required></label></p>\
+             <p><button name=\"action\" value=\"contain\">Contain</button> \
+             <button name=\"action\" value=\"release\">Release</button></p></form>",
+            escape(&session.csrf)
+        ));
+    }
+    html(StatusCode::OK, layout("Incident", Some(session), &body))
+}
+
+#[derive(Deserialize)]
+struct SwitchForm {
+    csrf: String,
+    switch: String,
+    reason: String,
+    action: String,
+}
+
+async fn contain_or_release(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some((_, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    let form = serde_urlencoded::from_bytes::<SwitchForm>(&body).ok();
+    let Some(form) = form.filter(|form| same(&form.csrf, &session.csrf)) else {
+        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
+    };
+    let path = match form.action.as_str() {
+        "contain" => "/v1/incident/contain",
+        "release" => "/v1/incident/release",
+        _ => return error_page(StatusCode::BAD_REQUEST, Some(&session), "unknown action"),
+    };
+    let switch = match form.switch.as_str() {
+        "freeze" => serde_json::json!({ "freeze": true, "reason": form.reason }),
+        "fail_closed" => serde_json::json!({ "fail_closed": true, "reason": form.reason }),
+        _ => return error_page(StatusCode::BAD_REQUEST, Some(&session), "unknown switch"),
+    };
+    let (status, answer) = admin(&state, &session, "POST", path, Some(switch)).await;
+    if !status.is_success() {
+        return error_page(status, Some(&session), &refusal(&answer));
+    }
+    let notice = format!(
+        "<p class=\"good\">{} {}: done.</p>",
+        escape(&form.action),
+        escape(&form.switch)
+    );
+    incident_page(&state, &session, Some(notice)).await
 }
