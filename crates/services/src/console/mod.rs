@@ -499,6 +499,9 @@ async fn create_zone(State(state): State<RoleState>, headers: HeaderMap, body: B
     zones_page(&state, &session, Some(notice)).await
 }
 
+/// A table's columns: header and JSON pointer.
+type Columns<'a> = &'a [(&'a str, &'a str)];
+
 /// `items` of a list answer as a table of `columns` (header, JSON pointer), every cell escaped;
 /// the refusal when the answer is not a list.
 fn table(answer: &Value, columns: &[(&str, &str)]) -> String {
@@ -556,7 +559,7 @@ async fn zone(
         escape(zone_id),
         escape(zone_id)
     );
-    let sections: [(&str, String, &[(&str, &str)]); 6] = [
+    let sections: [(&str, String, Columns<'_>); 6] = [
         (
             "Applications",
             format!("{base}/applications?limit=500"),
