@@ -196,6 +196,60 @@ fn the_console_signs_in_escapes_everything_and_refuses_forged_changes() {
     );
     assert_eq!(elsewhere.status, 404, "{}", elsewhere.body);
 
+    // Changes from the zone page: a rotated secret shown once (never cached), a rollback
+    // without a last known good refused with the API's reason, an unknown hold not found.
+    let app = json_of(&request(
+        api,
+        "POST",
+        &format!("/v1/zones/{zone_id}/applications"),
+        &auth,
+        r#"{"name":"billing","registration_method":"managed"}"#,
+    ));
+    let set = json_of(&request(
+        api,
+        "POST",
+        &format!("/v1/zones/{zone_id}/policy-sets"),
+        &auth,
+        r#"{"name":"main"}"#,
+    ));
+    let page = request(
+        console,
+        "GET",
+        &format!("/zones/{zone_id}"),
+        &[("cookie", &session)],
+        "",
+    );
+    assert!(page.body.contains("Rotate secret"), "{}", page.body);
+    let csrf = csrf_of(&page.body);
+    let act = |body: String| form(console, &format!("/zones/{zone_id}/act"), &session, &body);
+    let rotated = act(format!(
+        "csrf={csrf}&action=rotate&id={}",
+        app["id"].as_str().unwrap()
+    ));
+    assert_eq!(rotated.status, 200, "{}", rotated.body);
+    assert_eq!(rotated.headers["cache-control"], "no-store");
+    assert!(
+        rotated.body.contains("<code class=\"secret\">cs_"),
+        "{}",
+        rotated.body
+    );
+    let rollback = act(format!(
+        "csrf={csrf}&action=rollback&id={}",
+        set["id"].as_str().unwrap()
+    ));
+    assert_eq!(rollback.status, 409, "{}", rollback.body);
+    assert!(
+        rollback.body.contains("no earlier active version"),
+        "{}",
+        rollback.body
+    );
+    let unknown = act(format!(
+        "csrf={csrf}&action=decide&id=no-such-hold&decision=approve"
+    ));
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    let forged = act(format!("action=rotate&id={}", app["id"].as_str().unwrap()));
+    assert_eq!(forged.status, 403);
+
     // Incident: a freeze contained with a reason, shown, then released.
     let incident = request(console, "GET", "/incident", &[("cookie", &session)], "");
     assert_eq!(incident.status, 200);

@@ -68,6 +68,7 @@ pub fn routes() -> Router<RoleState> {
         .route("/overview", get(overview))
         .route("/zones", get(zones).post(create_zone))
         .route("/zones/{zone_id}", get(zone))
+        .route("/zones/{zone_id}/act", axum::routing::post(act))
         .route("/zones/{zone_id}/audit", get(audit))
         .route("/incident", get(incident).post(contain_or_release))
         .route("/static/console.css", get(css))
@@ -627,9 +628,14 @@ async fn zone(
     for (title, path, columns) in sections {
         let (_, answer) = admin(&state, &session, "GET", &path, None).await;
         body.push_str(&format!(
-            "<section class=\"card\"><h2>{}</h2>{}</section>",
+            "<section class=\"card\"><h2>{}</h2>{}{}</section>",
             escape(title),
-            table(&answer, columns)
+            table(&answer, columns),
+            if session.writer {
+                actions(title, zone_id, &session.csrf, &answer)
+            } else {
+                String::new()
+            }
         ));
     }
     html(
@@ -790,4 +796,135 @@ async fn contain_or_release(
         escape(&form.switch)
     );
     incident_page(&state, &session, Some(notice)).await
+}
+
+/// The change controls of a zone page's section, one form per item: rotate an application's
+/// secret, roll a policy set back to its last known good version, decide a pending approval.
+fn actions(section: &str, zone_id: &str, csrf: &str, answer: &Value) -> String {
+    let (action, label, reason): (&str, &str, bool) = match section {
+        "Applications" => ("rotate", "Rotate secret", false),
+        "Policy sets" => ("rollback", "Roll back to last known good", false),
+        "Pending approvals" => ("decide", "", true),
+        _ => return String::new(),
+    };
+    let items = answer
+        .get("items")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut forms = String::new();
+    for item in items {
+        let id = item.get("id").and_then(Value::as_str).unwrap_or("");
+        let name = item.get("name").and_then(Value::as_str).unwrap_or(id);
+        let buttons = if reason {
+            "<input type=\"text\" name=\"reason\" placeholder=\"reason\"> \
+             <button name=\"decision\" value=\"approve\">Approve</button> \
+             <button name=\"decision\" value=\"reject\">Reject</button>"
+                .to_owned()
+        } else {
+            format!("<button>{}</button>", escape(label))
+        };
+        forms.push_str(&format!(
+            "<form method=\"post\" action=\"/zones/{}/act\" class=\"action\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <input type=\"hidden\" name=\"action\" value=\"{action}\">\
+             <input type=\"hidden\" name=\"id\" value=\"{}\">{} {buttons}</form>",
+            escape(zone_id),
+            escape(csrf),
+            escape(id),
+            escape(name),
+        ));
+    }
+    forms
+}
+
+#[derive(Deserialize)]
+struct ActForm {
+    csrf: String,
+    action: String,
+    id: String,
+    #[serde(default)]
+    decision: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn act(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    axum::extract::Path(zone_id): axum::extract::Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some((_, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    let form = serde_urlencoded::from_bytes::<ActForm>(&body).ok();
+    let Some(form) = form.filter(|form| same(&form.csrf, &session.csrf)) else {
+        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
+    };
+    let (Some(zone_id), true) = (zone_path(&zone_id), caracal_core::is_plain_id(&form.id)) else {
+        return error_page(StatusCode::NOT_FOUND, Some(&session), "no such object");
+    };
+    let id = &form.id;
+    let (path, payload) = match (form.action.as_str(), form.decision.as_deref()) {
+        ("rotate", _) => (
+            format!("/v1/zones/{zone_id}/applications/{id}/rotate-secret"),
+            serde_json::json!({}),
+        ),
+        ("rollback", _) => (
+            format!("/v1/zones/{zone_id}/policy-sets/{id}/rollback"),
+            serde_json::json!({}),
+        ),
+        ("decide", Some(decision @ ("approve" | "reject"))) => (
+            format!("/v1/zones/{zone_id}/approvals/{id}/{decision}"),
+            serde_json::json!({ "reason": form.reason.filter(|reason| !reason.is_empty()) }),
+        ),
+        _ => return error_page(StatusCode::BAD_REQUEST, Some(&session), "unknown action"),
+    };
+    let (status, answer) = admin(&state, &session, "POST", &path, Some(payload)).await;
+    if !status.is_success() {
+        return error_page(status, Some(&session), &refusal(&answer));
+    }
+    let done = match form.action.as_str() {
+        // Shown once, on a page that is never cached.
+        "rotate" => format!(
+            "<p class=\"good\">New client secret (shown once; store it now):</p><p><code class=\"secret\">{}</code></p>",
+            escape(
+                answer
+                    .get("client_secret")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+            )
+        ),
+        "rollback" => format!(
+            "<p class=\"good\">Rolled back: version {} is active again.</p>",
+            escape(
+                answer
+                    .get("version_id")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+            )
+        ),
+        _ => format!(
+            "<p class=\"good\">Approval {} {}.</p>",
+            escape(id),
+            escape(
+                answer
+                    .get("state")
+                    .and_then(Value::as_str)
+                    .unwrap_or("decided")
+            )
+        ),
+    };
+    html(
+        StatusCode::OK,
+        layout(
+            "Done",
+            Some(&session),
+            &format!(
+                "{done}<p><a href=\"/zones/{}\">Back to the zone</a></p>",
+                escape(zone_id)
+            ),
+        ),
+    )
 }
