@@ -347,3 +347,119 @@ fn the_console_signs_in_escapes_everything_and_refuses_forged_changes() {
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }
+
+/// The sessions page draws the tree and the delegation edges; terminating previews its impact
+/// (the subtree and the edges touching it) before the operator confirms with a reason.
+#[test]
+fn the_session_graph_shows_the_tree_and_terminate_previews_its_impact() {
+    let (_parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(&home, &args);
+    let (api, console) = (running.address("api"), running.address("console"));
+    let (sts, coordinator) = (running.address("sts"), running.address("coordinator"));
+    assert_eq!(wait_ready(api).status, 200);
+    let zone = util::Provisioned::new(&home, api, &["resource://ledger"]);
+    zone.policy_set(&[(1, "resource://ledger")]);
+    let minted = request(
+        sts,
+        "POST",
+        "/oauth/2/token",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        &format!(
+            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&zone_id={}&application_id={}&client_secret={}&scope=agent%3Alifecycle&resource=resource%3A%2F%2Fledger",
+            zone.id, zone.app_id, zone.secret
+        ),
+    );
+    assert_eq!(minted.status, 200, "{}", minted.body);
+    let lifecycle = format!(
+        "Bearer {}",
+        json_of(&minted)["access_token"].as_str().unwrap()
+    );
+    let start = |parent: Option<&str>| {
+        let started = request(
+            coordinator,
+            "POST",
+            &format!("/zones/{}/agents", zone.id),
+            &[("authorization", lifecycle.as_str())],
+            &serde_json::json!({"application_id": zone.app_id, "labels": [zone.app_id], "parent_id": parent})
+                .to_string(),
+        );
+        assert_eq!(started.status, 201, "{}", started.body);
+        json_of(&started)["agent_session_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let root = start(None);
+    let child = start(Some(&root));
+    let edge = request(
+        coordinator,
+        "POST",
+        &format!("/zones/{}/delegations", zone.id),
+        &[("authorization", lifecycle.as_str())],
+        &serde_json::json!({"issuer_application_id": zone.app_id, "source_session_id": root,
+            "target_session_id": child, "receiver_application_id": zone.app_id,
+            "scopes": ["read"], "resource_id": "resource://ledger", "ttl_seconds": 600})
+        .to_string(),
+    );
+    assert!(edge.status < 300, "{}", edge.body);
+
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let session = sign_in(console, &token);
+    let page = request(
+        console,
+        "GET",
+        &format!("/zones/{}/sessions", zone.id),
+        &[("cookie", &session)],
+        "",
+    );
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("<svg"), "{}", page.body);
+    let short = |id: &str| id.chars().take(18).collect::<String>();
+    for id in [&root, &child] {
+        assert!(page.body.contains(&short(id)), "{id} not drawn");
+    }
+    assert!(
+        page.body.contains("read · hops"),
+        "the edge's label: {}",
+        page.body
+    );
+    assert!(
+        !page.body.contains("style="),
+        "no inline style (the CSP forbids it)"
+    );
+
+    let preview_path = format!("/zones/{}/sessions/{root}/terminate", zone.id);
+    let preview = request(console, "GET", &preview_path, &[("cookie", &session)], "");
+    assert_eq!(preview.status, 200, "{}", preview.body);
+    assert!(
+        preview
+            .body
+            .contains("Terminating ends 2 session(s) and revokes 1 delegation(s)"),
+        "{}",
+        preview.body
+    );
+    let done = form(
+        console,
+        &preview_path,
+        &session,
+        &format!("csrf={}&reason=runaway+agent", csrf_of(&preview.body)),
+    );
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert!(done.body.contains("2 session(s) ended."), "{}", done.body);
+    let after = request(
+        console,
+        "GET",
+        &format!("/zones/{}/sessions", zone.id),
+        &[("cookie", &session)],
+        "",
+    );
+    assert!(
+        !after.body.contains("Terminate…"),
+        "nothing live is left: {}",
+        after.body
+    );
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+}

@@ -185,6 +185,16 @@ impl Driver {
         self.call("POST", &format!("/element/{element}/click"), json!({}));
     }
 
+    /// Waits (10 s at most) until the page's URL ends with `suffix` — a click may still be
+    /// navigating.
+    fn wait_url(&self, suffix: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.url().ends_with(suffix) {
+            assert!(Instant::now() < deadline, "not at {suffix}: {}", self.url());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn url(&self) -> String {
         self.call("GET", "/url", Value::Null)
             .as_str()
@@ -241,7 +251,7 @@ fn an_operator_signs_in_and_sees_every_screen_in_chromium() {
     driver.screenshot("sign-in");
     driver.type_into("input[name=token]", token.trim());
     driver.click("button");
-    assert!(driver.url().ends_with("/overview"), "{}", driver.url());
+    driver.wait_url("/overview");
     assert_eq!(driver.text("h1"), "Overview");
     assert!(driver.text("main").contains("Nothing contained."));
     driver.screenshot("overview");
@@ -266,7 +276,10 @@ fn an_operator_signs_in_and_sees_every_screen_in_chromium() {
         driver.text("h1")
     );
     driver.screenshot("zone");
-    driver.click("main p a");
+    driver.click("main p a[href$='/sessions']");
+    assert_eq!(driver.text("h1"), "Sessions and delegations");
+    driver.screenshot("sessions");
+    driver.go(&driver.url().replace("/sessions", "/audit"));
     assert_eq!(driver.text("h1"), "Audit");
     driver.screenshot("audit");
     driver.go(&format!("{base}/incident"));
@@ -274,7 +287,7 @@ fn an_operator_signs_in_and_sees_every_screen_in_chromium() {
     driver.screenshot("incident");
 
     driver.click("header form button");
-    assert!(driver.url().ends_with("/sign-in"), "{}", driver.url());
+    driver.wait_url("/sign-in");
     driver.go(&format!("{base}/zones"));
     assert!(
         driver.url().ends_with("/sign-in"),

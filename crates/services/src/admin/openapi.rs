@@ -193,6 +193,12 @@ pub const OPERATIONS: &[Operation] = &[
     ),
     op(
         "get",
+        "/v1/zones/{zone_id}/delegations",
+        "read",
+        "Delegation edges (filter status; limit 1-1000, default 100; cursor)",
+    ),
+    op(
+        "get",
         "/v1/zones/{zone_id}/authority-records",
         "read",
         "Authority records (filters authority_record_id, status, subject_id, kind; limit 1-1000, default 100; cursor)",

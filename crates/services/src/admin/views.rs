@@ -26,6 +26,7 @@ pub fn routes() -> Router<RoleState> {
         .route("/v1/zones/{zone_id}/authority-records", get(records))
         .route("/v1/zones/{zone_id}/sessions", get(sessions))
         .route("/v1/zones/{zone_id}/admin-audit", get(admin_audit))
+        .route("/v1/zones/{zone_id}/delegations", get(edges))
 }
 
 fn limit(limit: Option<usize>) -> Result<usize, ApiError> {
@@ -187,6 +188,42 @@ async fn sessions(
     let ids: Vec<&str> = rows.iter().map(|row| row.id.as_str()).collect();
     Ok(Json(json!({
         "items": items,
+        "next_cursor": next_cursor(&ids, limit),
+    })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EdgeQuery {
+    status: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn edges(
+    State(state): State<RoleState>,
+    headers: http::HeaderMap,
+    Path(zone_id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    let query: EdgeQuery = crate::api::query(raw.as_deref())?;
+    let limit = limit(query.limit)?;
+    let status = choice("status", query.status, &["active", "revoked", "expired"])?;
+    let rows = state
+        .shared
+        .store
+        .page_delegation_edges(
+            &zone_id,
+            status.as_deref(),
+            query.cursor.as_deref(),
+            limit as i64,
+        )
+        .await?;
+    let ids: Vec<&str> = rows.iter().map(|row| row.id.as_str()).collect();
+    Ok(Json(json!({
+        "items": rows.iter().map(crate::coordinator::delegations::body).collect::<Vec<_>>(),
         "next_cursor": next_cursor(&ids, limit),
     })))
 }

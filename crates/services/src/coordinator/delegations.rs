@@ -53,7 +53,8 @@ fn not_found(id: &str) -> ApiError {
     )
 }
 
-fn body(edge: &DelegationEdge) -> Value {
+/// An edge as the Coordinator (and the admin API's read view) shows it.
+pub(crate) fn body(edge: &DelegationEdge) -> Value {
     let constraints = Constraints::parse(&edge.constraints).unwrap_or_default();
     json!({
         "delegation_edge_id": edge.id,

@@ -20,7 +20,7 @@ use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-mod delegations;
+pub(crate) mod delegations;
 mod idempotency;
 
 use crate::error::ApiError;

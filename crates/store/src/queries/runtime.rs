@@ -250,6 +250,14 @@ pub trait Runtime: Send + Sync {
         zone_id: &str,
         session_id: &str,
     ) -> Result<Vec<DelegationEdge>, StoreError>;
+    /// At most `limit` of the zone's edges (of `status`, when given), by id, after `after`.
+    async fn page_delegation_edges(
+        &self,
+        zone_id: &str,
+        status: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<DelegationEdge>, StoreError>;
     /// Revokes the active edges among `ids` and bumps the epoch, stamping it into `outbox` as
     /// above. Returns (new epoch, edges revoked).
     async fn revoke_delegation_edges(
@@ -1287,6 +1295,33 @@ impl<D: Db> Runtime for D {
                 " WHERE zone_id = $1 AND source_session_id = $2 ORDER BY created_at_ms, id"
             ),
             params![zone_id, session_id],
+            edge,
+        )
+        .await
+    }
+
+    async fn page_delegation_edges(
+        &self,
+        zone_id: &str,
+        status: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<DelegationEdge>, StoreError> {
+        all(
+            self,
+            concat!(
+                select_delegation_edges!(),
+                " WHERE zone_id = $1
+                   AND (CAST($2 AS TEXT) IS NULL OR status = CAST($2 AS TEXT))
+                   AND (CAST($3 AS TEXT) IS NULL OR id > CAST($3 AS TEXT))
+                 ORDER BY id LIMIT $4"
+            ),
+            params![
+                zone_id,
+                status.map(str::to_owned),
+                after.map(str::to_owned),
+                limit
+            ],
             edge,
         )
         .await
