@@ -463,3 +463,78 @@ fn the_session_graph_shows_the_tree_and_terminate_previews_its_impact() {
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }
+
+/// A policy set's page: its versions, a diff between two, a simulated request against one
+/// (decision, reasons, determining policies), and an activation.
+#[test]
+fn a_policy_set_page_diffs_simulates_and_activates() {
+    let (_parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(&home, &args);
+    let (api, console) = (running.address("api"), running.address("console"));
+    assert_eq!(wait_ready(api).status, 200);
+    let zone = util::Provisioned::new(&home, api, &["resource://ledger", "resource://payroll"]);
+    let first = zone.policy_set(&[(1, "resource://ledger")]);
+    let second = zone.policy_set(&[(2, "resource://ledger"), (2, "resource://payroll")]);
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let session = sign_in(console, &token);
+    let set_id = zone.sets.rsplit('/').next().unwrap().to_owned();
+    let path = format!("/zones/{}/policy-sets/{set_id}", zone.id);
+    let page = request(
+        console,
+        "GET",
+        &format!("{path}?from={first}&to={second}"),
+        &[("cookie", &session)],
+        "",
+    );
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains(&first) && page.body.contains(&second));
+    assert!(page.body.contains(">active<"), "{}", page.body);
+    assert!(
+        page.body.contains("class=\"added\">+ ") && page.body.contains("resource://payroll"),
+        "{}",
+        page.body
+    );
+    let csrf = csrf_of(&page.body);
+    let simulated = form(
+        console,
+        &path,
+        &session,
+        &format!(
+            "csrf={csrf}&action=simulate&version_id={first}&flow=mint&application_id={}&resource=resource%3A%2F%2Fpayroll&scopes=read&labels={}&edge_scopes=read",
+            zone.app_id, zone.app_id
+        ),
+    );
+    assert_eq!(simulated.status, 200, "{}", simulated.body);
+    assert!(
+        simulated.body.contains("class=\"decision\">deny<"),
+        "version 1 does not grant payroll: {}",
+        simulated.body
+    );
+    let allowed = form(
+        console,
+        &path,
+        &session,
+        &format!(
+            "csrf={csrf}&action=simulate&version_id={second}&flow=mint&application_id={}&resource=resource%3A%2F%2Fpayroll&scopes=read&labels={}&edge_scopes=read",
+            zone.app_id, zone.app_id
+        ),
+    );
+    assert!(
+        allowed.body.contains("class=\"decision\">allow<"),
+        "{}",
+        allowed.body
+    );
+    let activated = form(
+        console,
+        &path,
+        &session,
+        &format!("csrf={csrf}&action=activate&version_id={first}"),
+    );
+    assert_eq!(activated.status, 200, "{}", activated.body);
+    assert!(activated.body.contains("accepted"), "{}", activated.body);
+    zone.wait_loaded(&first);
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+}
