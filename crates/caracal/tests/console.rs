@@ -348,29 +348,43 @@ fn the_console_signs_in_escapes_everything_and_refuses_forged_changes() {
     assert!(exit.success());
 }
 
-/// The sessions page draws the tree and the delegation edges; terminating previews its impact
-/// (the subtree and the edges touching it) before the operator confirms with a reason.
-#[test]
-fn the_session_graph_shows_the_tree_and_terminate_previews_its_impact() {
-    let (_parent, home) = fresh_home();
-    let mut args = free_ports();
-    args.push("up".to_owned());
-    let running = Running::start(&home, &args);
-    let (api, console) = (running.address("api"), running.address("console"));
-    let (sts, coordinator) = (running.address("sts"), running.address("coordinator"));
-    assert_eq!(wait_ready(api).status, 200);
-    let zone = util::Provisioned::new(&home, api, &["resource://ledger"]);
-    zone.policy_set(&[(1, "resource://ledger")]);
-    let minted = request(
+/// The mandate form of `zone`'s application with `extra` fields (already encoded).
+fn exchange_form(zone: &util::Provisioned, extra: &str) -> String {
+    format!(
+        "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&zone_id={}&application_id={}&client_secret={}&resource=resource%3A%2F%2Fledger{extra}",
+        zone.id, zone.app_id, zone.secret
+    )
+}
+
+fn exchange(sts: SocketAddr, form: &str) -> util::Response {
+    request(
         sts,
         "POST",
         "/oauth/2/token",
         &[("content-type", "application/x-www-form-urlencoded")],
-        &format!(
-            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&zone_id={}&application_id={}&client_secret={}&scope=agent%3Alifecycle&resource=resource%3A%2F%2Fledger",
-            zone.id, zone.app_id, zone.secret
-        ),
-    );
+        form,
+    )
+}
+
+/// As an agent: a lifecycle mandate, a root session, a child session under it and a
+/// delegation from root to child for `scope`; returns (root, child, edge).
+fn delegation(
+    zone: &util::Provisioned,
+    sts: SocketAddr,
+    coordinator: SocketAddr,
+    scope: &str,
+) -> (String, String) {
+    let (root, child, _) = delegation_with_edge(zone, sts, coordinator, scope);
+    (root, child)
+}
+
+fn delegation_with_edge(
+    zone: &util::Provisioned,
+    sts: SocketAddr,
+    coordinator: SocketAddr,
+    scope: &str,
+) -> (String, String, String) {
+    let minted = exchange(sts, &exchange_form(zone, "&scope=agent%3Alifecycle"));
     assert_eq!(minted.status, 200, "{}", minted.body);
     let lifecycle = format!(
         "Bearer {}",
@@ -400,11 +414,28 @@ fn the_session_graph_shows_the_tree_and_terminate_previews_its_impact() {
         &[("authorization", lifecycle.as_str())],
         &serde_json::json!({"issuer_application_id": zone.app_id, "source_session_id": root,
             "target_session_id": child, "receiver_application_id": zone.app_id,
-            "scopes": ["read"], "resource_id": "resource://ledger", "ttl_seconds": 600})
+            "scopes": [scope], "resource_id": "resource://ledger", "ttl_seconds": 600})
         .to_string(),
     );
     assert!(edge.status < 300, "{}", edge.body);
+    let edge = json_of(&edge)["id"].as_str().unwrap().to_owned();
+    (root, child, edge)
+}
 
+/// The sessions page draws the tree and the delegation edges; terminating previews its impact
+/// (the subtree and the edges touching it) before the operator confirms with a reason.
+#[test]
+fn the_session_graph_shows_the_tree_and_terminate_previews_its_impact() {
+    let (_parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(&home, &args);
+    let (api, console) = (running.address("api"), running.address("console"));
+    let (sts, coordinator) = (running.address("sts"), running.address("coordinator"));
+    assert_eq!(wait_ready(api).status, 200);
+    let zone = util::Provisioned::new(&home, api, &["resource://ledger"]);
+    zone.policy_set(&[(1, "resource://ledger")]);
+    let (root, child) = delegation(&zone, sts, coordinator, "read");
     let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
     let session = sign_in(console, &token);
     let page = request(
@@ -535,6 +566,86 @@ fn a_policy_set_page_diffs_simulates_and_activates() {
     assert_eq!(activated.status, 200, "{}", activated.body);
     assert!(activated.body.contains("accepted"), "{}", activated.body);
     zone.wait_loaded(&first);
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+}
+
+/// A scope the policy gates waits for a human: the STS holds the delegated mint, the console
+/// shows the pending hold on the zone's page, an operator approves it with a reason, and the
+/// agent's retry with the approval succeeds.
+#[test]
+fn an_operator_approves_a_held_mint_in_the_console_and_the_retry_succeeds() {
+    let (_parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(&home, &args);
+    let (api, console) = (running.address("api"), running.address("console"));
+    let (sts, coordinator) = (running.address("sts"), running.address("coordinator"));
+    assert_eq!(wait_ready(api).status, 200);
+    let zone = util::Provisioned::new(&home, api, &["resource://ledger"]);
+    // Grants `read` on the ledger, gated by a human for the high tier.
+    let app = &zone.app_id;
+    let document = format!(
+        "# caracal:data-document\npackage caracal.authz\nimport rego.v1\napp_ids := {{\"billing\": \"{app}\"}}\ngrants := {{\"resource://ledger\": {{\"application\": \"billing\", \"roles\": {{\"{app}\": [\"read\"]}}}}}}\nrisk := [{{\"scope\": \"read\", \"tier\": \"high\"}}]\napproval_tiers := [{{\"tier\": \"high\", \"approver\": \"operator\", \"ttl_seconds\": 600}}]\n"
+    );
+    let policy = zone.post(
+        &format!("/v1/zones/{}/policies", zone.id),
+        serde_json::json!({"name": "gated", "content": document}),
+    );
+    let version = zone.post(
+        &format!("{}/versions", zone.sets),
+        serde_json::json!({"manifest": [{"policy_version_id": policy["version_id"]}]}),
+    );
+    let version_id = version["id"].as_str().unwrap().to_owned();
+    zone.post(
+        &format!("{}/activate", zone.sets),
+        serde_json::json!({"version_id": version_id}),
+    );
+    zone.wait_loaded(&version_id);
+    let (_root, child, edge) = delegation_with_edge(&zone, sts, coordinator, "read");
+    let mint = exchange_form(
+        &zone,
+        &format!("&scope=read&agent_session_id={child}&delegation_edge_id={edge}"),
+    );
+    let held = exchange(sts, &mint);
+    assert_eq!(held.status, 401, "{}", held.body);
+    let hold = json_of(&held)["approval_id"].as_str().unwrap().to_owned();
+
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let session = sign_in(console, &token);
+    let page = request(
+        console,
+        "GET",
+        &format!("/zones/{}", zone.id),
+        &[("cookie", &session)],
+        "",
+    );
+    assert!(
+        page.body.contains(&hold),
+        "the hold is listed: {}",
+        page.body
+    );
+    assert!(page.body.contains("value=\"approve\""), "{}", page.body);
+    let approved = form(
+        console,
+        &format!("/zones/{}/act", zone.id),
+        &session,
+        &format!(
+            "csrf={}&action=decide&id={hold}&decision=approve&reason=ticket+42",
+            csrf_of(&page.body)
+        ),
+    );
+    assert_eq!(approved.status, 200, "{}", approved.body);
+    assert!(approved.body.contains("approved"), "{}", approved.body);
+
+    let retried = exchange(sts, &format!("{mint}&approval_id={hold}"));
+    assert_eq!(retried.status, 200, "{}", retried.body);
+    let again = exchange(sts, &format!("{mint}&approval_id={hold}"));
+    assert_ne!(
+        again.status, 200,
+        "an approval is spent once: {}",
+        again.body
+    );
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }
