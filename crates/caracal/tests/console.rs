@@ -187,6 +187,33 @@ fn the_console_signs_in_escapes_everything_and_refuses_forged_changes() {
         "{}",
         audit.body
     );
+    // The explain view of the zone's creation (its request id), once ingested.
+    let request_id = zone.headers["x-request-id"].clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let explained = loop {
+        let explained = request(
+            console,
+            "GET",
+            &format!("/zones/{zone_id}/audit/explain?request_id={request_id}"),
+            &[("cookie", &session)],
+            "",
+        );
+        if explained.status == 200 || std::time::Instant::now() > deadline {
+            break explained;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(explained.status, 200, "{}", explained.body);
+    assert!(
+        explained.body.contains("class=\"decision\">allow<"),
+        "{}",
+        explained.body
+    );
+    assert!(
+        explained.body.contains("admin.zone.create"),
+        "{}",
+        explained.body
+    );
     let elsewhere = request(
         console,
         "GET",

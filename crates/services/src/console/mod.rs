@@ -79,6 +79,7 @@ pub fn routes() -> Router<RoleState> {
             get(terminate_preview).post(terminate),
         )
         .route("/zones/{zone_id}/audit", get(audit))
+        .route("/zones/{zone_id}/audit/{request_id}", get(explain))
         .route("/incident", get(incident).post(contain_or_release))
         .route("/static/console.css", get(css))
 }
@@ -709,7 +710,9 @@ async fn audit(
          <form method=\"get\"><label>Decision <select name=\"decision\">\
          <option value=\"\">any</option><option{}>allow</option><option{}>deny</option></select></label> \
          <label>Event type <input type=\"text\" name=\"event_type\" value=\"{}\"></label> \
-         <button>Filter</button></form></section>{}",
+         <button>Filter</button></form>\
+         <form method=\"get\" action=\"/zones/{}/audit/explain\"><label>Explain request \
+         <input type=\"text\" name=\"request_id\"></label> <button>Explain</button></form></section>{}",
         if decision.as_deref() == Some("allow") {
             " selected"
         } else {
@@ -721,6 +724,7 @@ async fn audit(
             ""
         },
         escape(event_type.as_deref().unwrap_or("")),
+        escape(zone_id),
         table(
             &events,
             &[
@@ -1725,4 +1729,87 @@ mod tests {
         assert!(line_diff("", "").is_empty());
         assert_eq!(line_diff("x", "").len(), 1);
     }
+}
+
+#[derive(Deserialize, Default)]
+struct ExplainQuery {
+    request_id: Option<String>,
+}
+
+/// One request's events and each deny rebuilt (policy input, decision, reasons), from
+/// `…/audit/by-request/{id}/explain`. `/zones/{zone}/audit/explain?request_id=` is the form's.
+async fn explain(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    axum::extract::Path((zone_id, request_id)): axum::extract::Path<(String, String)>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> Response {
+    let Some((_, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    let request_id = if request_id == "explain" {
+        serde_urlencoded::from_str::<ExplainQuery>(raw.as_deref().unwrap_or_default())
+            .unwrap_or_default()
+            .request_id
+            .unwrap_or_default()
+    } else {
+        request_id
+    };
+    let (Some(zone_id), true) = (zone_path(&zone_id), caracal_core::is_plain_id(&request_id))
+    else {
+        return error_page(StatusCode::NOT_FOUND, Some(&session), "no such request");
+    };
+    let (status, answer) = admin(
+        &state,
+        &session,
+        "GET",
+        &format!("/v1/zones/{zone_id}/audit/by-request/{request_id}/explain"),
+        None,
+    )
+    .await;
+    if !status.is_success() {
+        return error_page(status, Some(&session), &refusal(&answer));
+    }
+    let mut body = format!(
+        "<section class=\"card\"><p>Final decision: <strong class=\"decision\">{}</strong></p></section>",
+        escape(text_of(&answer, "final_decision"))
+    );
+    body.push_str(&format!(
+        "<section class=\"card\"><h2>Events</h2>{}</section>",
+        table(
+            &serde_json::json!({ "items": answer.get("events").cloned().unwrap_or(Value::Null) }),
+            &[
+                ("Event", "/event_type"),
+                ("Decision", "/decision"),
+                ("Policy set version", "/policy_set_version_id"),
+                ("Diagnostics", "/diagnostics_json")
+            ],
+        )
+    ));
+    for denied in answer
+        .get("denied")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let pretty = |pointer: &str| {
+            denied
+                .pointer(pointer)
+                .map(|value| serde_json::to_string_pretty(value).unwrap_or_default())
+                .unwrap_or_default()
+        };
+        body.push_str(&format!(
+            "<section class=\"card\"><h2>Deny {}</h2><p>Rebuilt under version <code>{}</code>; matches the record: {}</p>\
+             <h3>Policy input</h3><pre>{}</pre><h3>Decision</h3><pre>{}</pre></section>",
+            escape(text_of(denied, "event_id")),
+            escape(text_of(denied, "policy_set_version_id")),
+            escape(&pretty("/matches_record")),
+            escape(&pretty("/policy_input")),
+            escape(&pretty("/rebuilt"))
+        ));
+    }
+    html(
+        StatusCode::OK,
+        layout("Explain a request", Some(&session), &body),
+    )
 }
