@@ -150,6 +150,11 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The console's local operator accounts
+    Console {
+        #[command(subcommand)]
+        command: ConsoleCommand,
+    },
     /// Incident runbook: contain (freeze, fail closed, revoke, last known good), release, show
     /// what is in force, and the ledger's timeline of a zone
     Incident {
@@ -288,6 +293,22 @@ pub enum AuditCommand {
         /// Admin token file [default: $CARACAL_HOME/admin-token]
         #[arg(long, value_name = "PATH")]
         token_file: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConsoleCommand {
+    /// Add a local operator account: it signs in to the console with EMAIL and a password
+    /// (from --password-file, else one line of standard input; at least 12 characters) and acts
+    /// with an admin token of its own (revoking that token disables the account)
+    AddUser {
+        #[arg(value_name = "EMAIL")]
+        email: String,
+        /// `read`, or `write` (write and approve)
+        #[arg(long, default_value = "read")]
+        capability: String,
+        #[arg(long, value_name = "PATH")]
+        password_file: Option<std::path::PathBuf>,
     },
 }
 

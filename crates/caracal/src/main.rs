@@ -14,6 +14,7 @@ mod bench_revocation;
 mod bench_sts;
 mod cli;
 mod config;
+mod console_users;
 mod incident;
 mod logging;
 mod preserve;
@@ -72,6 +73,16 @@ fn main() -> ExitCode {
         }),
         Command::Incident { command } => runtime(|| async {
             match incident::run(&resolved, &command).await {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(EXIT_FAILURE),
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }),
+        Command::Console { command } => runtime(|| async {
+            match console_users::run(&resolved.settings, &command).await {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(EXIT_FAILURE),
                 Err(error) => {

@@ -670,3 +670,99 @@ fn an_operator_approves_a_held_mint_in_the_console_and_the_retry_succeeds() {
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }
+
+/// A local operator account: added with `caracal console add-user` (password hashed, the
+/// account's token sealed), signs in with its email and password, acts with its capability,
+/// and is disabled by revoking its token.
+#[test]
+fn a_local_account_signs_in_with_its_password_and_its_token_revocation_disables_it() {
+    let (parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(&home, &args);
+    let (api, console) = (running.address("api"), running.address("console"));
+    assert_eq!(wait_ready(api).status, 200);
+    let password = parent.path().join("password");
+    std::fs::write(&password, "correct horse battery staple\n").unwrap();
+    let add = |email: &str, file: &std::path::Path| {
+        util::caracal(&home)
+            .args([
+                "console",
+                "add-user",
+                email,
+                "--capability",
+                "read",
+                "--password-file",
+            ])
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let added = add("Ops@Example.com", &password);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&added.stdout).into_owned();
+    let token_id = stdout.split_whitespace().last().unwrap().to_owned();
+    assert_eq!(
+        add("ops@example.com", &password).status.code(),
+        Some(1),
+        "taken"
+    );
+    let short = parent.path().join("short");
+    std::fs::write(&short, "too short").unwrap();
+    let refused = add("other@example.com", &short);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("at least 12"));
+    assert_eq!(add("not-an-email", &password).status.code(), Some(1));
+
+    let attempt = |email: &str, secret: &str| {
+        let page = request(console, "GET", "/sign-in", &[], "");
+        form(
+            console,
+            "/sign-in",
+            &cookie_of(&page),
+            &format!(
+                "email={email}&password={}&csrf={}",
+                secret.replace(' ', "+"),
+                csrf_of(&page.body)
+            ),
+        )
+    };
+    assert_eq!(
+        attempt("ops%40example.com", "wrong password here").status,
+        401
+    );
+    assert_eq!(
+        attempt("nobody%40example.com", "correct horse battery staple").status,
+        401
+    );
+    let signed = attempt("ops%40example.com", "correct horse battery staple");
+    assert_eq!(signed.status, 303, "{}", signed.body);
+    let session = cookie_of(&signed);
+    let zones = request(console, "GET", "/zones", &[("cookie", &session)], "");
+    assert_eq!(zones.status, 200);
+    assert!(zones.body.contains("read only"), "{}", zones.body);
+
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let bearer = format!("Bearer {}", token.trim());
+    let revoked = request(
+        api,
+        "DELETE",
+        &format!("/v1/admin-tokens/{token_id}"),
+        &[("authorization", bearer.as_str())],
+        "",
+    );
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+    let after = request(console, "GET", "/zones", &[("cookie", &session)], "");
+    assert_eq!(after.status, 303, "signed out");
+    assert_eq!(
+        attempt("ops%40example.com", "correct horse battery staple").status,
+        401,
+        "a disabled account cannot sign in"
+    );
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+}

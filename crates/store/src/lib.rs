@@ -31,7 +31,7 @@ pub use bootstrap::{
 pub use data_dir::{DataDir, DataDirError};
 pub use model::{
     AdminFilter, AdminObject, AdminTokenRecord, Application, ApplicationChange, ApprovalHold,
-    AuditCheckpoint, AuditCut, AuditEvent, AuditFilter, AuthorityRecord, Containment,
+    AuditCheckpoint, AuditCut, AuditEvent, AuditFilter, AuthorityRecord, ConsoleUser, Containment,
     DelegationContext, DelegationEdge, IdempotencyReceipt, KekRecord, NewAdminToken, NewZone,
     OutboxFailure, OutboxMessage, OutboxRow, OutboxStats, PolicyBinding, PolicyHeader, PolicyLoad,
     PolicyVersion, Provider, ProviderConnection, RecordFilter, Resource, RevokedAnchors,

@@ -159,6 +159,19 @@ pub struct Resource {
     pub archived_at_ms: Option<i64>,
 }
 
+/// A local operator account of the console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleUser {
+    pub email: String,
+    /// Argon2id.
+    pub password_hash: String,
+    /// The account's admin token, sealed under the KEK.
+    pub token_envelope: String,
+    pub token_id: String,
+    pub kek_id: String,
+    pub created_at_ms: i64,
+}
+
 /// An admin bookkeeping object (`subject_issuer`, `grant` or `workload`) as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminObject {

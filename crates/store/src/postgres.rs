@@ -77,6 +77,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "admin objects",
             include_str!("schema/0014_admin_objects.sql").replace("{BIGINT}", "BIGINT"),
         ),
+        (
+            "console users",
+            include_str!("schema/0015_console_users.sql").replace("{BIGINT}", "BIGINT"),
+        ),
     ]
 }
 

@@ -72,6 +72,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "admin objects",
             include_str!("schema/0014_admin_objects.sql").replace("{BIGINT}", "INTEGER"),
         ),
+        (
+            "console users",
+            include_str!("schema/0015_console_users.sql").replace("{BIGINT}", "INTEGER"),
+        ),
     ]
 }
 
@@ -516,7 +520,7 @@ mod tests {
                      DROP INDEX authority_records_status_expiry; DROP INDEX authority_records_expiry;
                      DROP INDEX sessions_status_ended; DROP INDEX sessions_authority_record;
                      DROP INDEX delegation_edges_status_revoked; DROP TABLE containment;
-                     DROP TABLE admin_objects;
+                     DROP TABLE admin_objects; DROP TABLE console_users;
                      DELETE FROM schema_migrations WHERE version >= 2;",
                 )
             })

@@ -1872,7 +1872,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 14
+                supported: 15
             }
         ),
         "{error}"
@@ -1888,7 +1888,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
     let versions: Vec<i64> = rows.iter().map(|row| row.int(0).unwrap()).collect();
     assert_eq!(
         versions,
-        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 999],
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 999],
         "the refused start wrote nothing"
     );
     drop_schema(&schema).await;
@@ -2654,7 +2654,7 @@ async fn retention_deletes_only_what_ended_long_enough_ago(backend: &Backend) {
 }
 
 /// Undoes the migrations after 11 (runtime retention indexes, containment).
-const LATER_MIGRATIONS: [&str; 7] = [
+const LATER_MIGRATIONS: [&str; 8] = [
     "DROP INDEX authority_records_status_expiry",
     "DROP INDEX authority_records_expiry",
     "DROP INDEX sessions_status_ended",
@@ -2662,6 +2662,7 @@ const LATER_MIGRATIONS: [&str; 7] = [
     "DROP INDEX delegation_edges_status_revoked",
     "DROP TABLE containment",
     "DROP TABLE admin_objects",
+    "DROP TABLE console_users",
 ];
 
 async fn the_read_views_filter_and_page_by_id(backend: &Backend) {

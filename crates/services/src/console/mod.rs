@@ -30,6 +30,8 @@ use tower::ServiceExt as _;
 use crate::state::RoleState;
 
 const COOKIE: &str = "caracal_console";
+/// What a local account's admin token is sealed for (`caracal console add-user`).
+pub const USER_TOKEN_PURPOSE: &str = "console-user-token";
 /// The sign-in form's own CSRF cookie (no session exists yet).
 const SIGN_IN_COOKIE: &str = "caracal_console_sign_in";
 const IDLE_MS: i64 = 30 * 60 * 1000;
@@ -280,7 +282,10 @@ async fn sign_in_page() -> Response {
     let form = format!(
         "<form method=\"post\" action=\"/sign-in\" class=\"card\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-         <p><label>Admin token<br><input type=\"password\" name=\"token\" autocomplete=\"off\" required></label></p>\
+         <p><label>Admin token<br><input type=\"password\" name=\"token\" autocomplete=\"off\"></label></p>\
+         <p>or, with a local account (<code>caracal console add-user</code>):</p>\
+         <p><label>Email<br><input type=\"text\" name=\"email\" autocomplete=\"username\"></label></p>\
+         <p><label>Password<br><input type=\"password\" name=\"password\" autocomplete=\"current-password\"></label></p>\
          <p><button>Sign in</button></p></form>"
     );
     let mut response = html(StatusCode::OK, layout("Sign in", None, &form));
@@ -294,8 +299,38 @@ async fn sign_in_page() -> Response {
 
 #[derive(Deserialize)]
 struct SignInForm {
+    #[serde(default)]
     token: String,
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    password: String,
     csrf: String,
+}
+
+/// The admin token of a local account whose password is `password`; `None` otherwise. An
+/// unknown email costs the same hash check as a wrong password, so timing tells nothing.
+async fn account_token(state: &RoleState, email: &str, password: String) -> Option<String> {
+    static DECOY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let email = email.trim().to_ascii_lowercase();
+    let user = state.shared.store.console_user(&email).await.ok().flatten();
+    let stored = match &user {
+        Some(user) => user.password_hash.clone(),
+        None => DECOY
+            .get_or_init(|| caracal_crypto::hash_secret("no account has this password").ok())
+            .clone()?,
+    };
+    let matches =
+        tokio::task::spawn_blocking(move || caracal_crypto::verify_secret(&password, &stored))
+            .await
+            .unwrap_or(false);
+    let user = user.filter(|_| matches)?;
+    let opened = state
+        .shared
+        .kek
+        .open(USER_TOKEN_PURPOSE, &user.token_envelope)
+        .ok()?;
+    String::from_utf8(opened).ok()
 }
 
 async fn sign_in(State(state): State<RoleState>, headers: HeaderMap, body: Bytes) -> Response {
@@ -310,7 +345,13 @@ async fn sign_in(State(state): State<RoleState>, headers: HeaderMap, body: Bytes
             "the form expired or did not come from this console: reload the sign-in page",
         );
     }
-    let token = form.token.trim().to_owned();
+    let token = if form.token.trim().is_empty() && !form.email.trim().is_empty() {
+        account_token(&state, &form.email, form.password)
+            .await
+            .unwrap_or_default()
+    } else {
+        form.token.trim().to_owned()
+    };
     let caller = match caracal_crypto::AdminToken::parse(&token) {
         Some(parsed) => crate::auth::caller_of(&state, &parsed.digest()).await.ok(),
         None => None,
@@ -319,7 +360,7 @@ async fn sign_in(State(state): State<RoleState>, headers: HeaderMap, body: Bytes
         return error_page(
             StatusCode::UNAUTHORIZED,
             None,
-            "that admin token is not valid",
+            "that admin token, or that email and password, is not valid",
         );
     };
     let (Some(id), Some(csrf)) = (random_token(), random_token()) else {

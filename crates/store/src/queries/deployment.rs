@@ -4,7 +4,7 @@ use caracal_crypto::TokenDigest;
 
 use crate::db::{Db, Row, Statement, params};
 use crate::model::{
-    AdminTokenRecord, Containment, KekRecord, NewAdminToken, OutboxMessage, TokenScope,
+    AdminTokenRecord, ConsoleUser, Containment, KekRecord, NewAdminToken, OutboxMessage, TokenScope,
 };
 use crate::store::{StoreError, enqueue, not_found, now_ms, with_outbox};
 
@@ -41,6 +41,14 @@ pub trait Deployment: Send + Sync {
         token: &NewAdminToken,
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError>;
+    /// Creates the account with its admin token in one transaction; a taken email is a
+    /// [`StoreError::Conflict`] and creates neither.
+    async fn create_console_user(
+        &self,
+        user: &ConsoleUser,
+        token: &NewAdminToken,
+    ) -> Result<(), StoreError>;
+    async fn console_user(&self, email: &str) -> Result<Option<ConsoleUser>, StoreError>;
     /// Whether an unrevoked token created by `created_by` exists.
     async fn has_active_token_by(&self, created_by: &str) -> Result<bool, StoreError>;
     async fn find_admin_token(
@@ -197,6 +205,41 @@ impl<D: Db> Deployment for D {
         self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
     }
 
+    async fn create_console_user(
+        &self,
+        user: &ConsoleUser,
+        token: &NewAdminToken,
+    ) -> Result<(), StoreError> {
+        self.atomic(vec![
+            Statement::new(
+                "INSERT INTO console_users (email, password_hash, token_envelope, token_id, kek_id, created_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                params![
+                    user.email.as_str(),
+                    user.password_hash.as_str(),
+                    user.token_envelope.as_str(),
+                    user.token_id.as_str(),
+                    user.kek_id.as_str(),
+                    user.created_at_ms,
+                ],
+            ),
+            admin_token_insert(token),
+        ])
+        .await
+        .map(|_| ())
+    }
+
+    async fn console_user(&self, email: &str) -> Result<Option<ConsoleUser>, StoreError> {
+        crate::store::one(
+            self,
+            "SELECT email, password_hash, token_envelope, token_id, kek_id, created_at_ms
+             FROM console_users WHERE email = $1",
+            params![email],
+            console_user,
+        )
+        .await
+    }
+
     async fn has_active_token_by(&self, created_by: &str) -> Result<bool, StoreError> {
         let rows = self
             .rows(
@@ -260,4 +303,15 @@ impl<D: Db> Deployment for D {
         statements.extend(enqueue(outbox, now_ms()));
         self.atomic(statements).await.map(|_| ())
     }
+}
+
+fn console_user(row: &Row) -> Result<ConsoleUser, StoreError> {
+    Ok(ConsoleUser {
+        email: row.text(0)?,
+        password_hash: row.text(1)?,
+        token_envelope: row.text(2)?,
+        token_id: row.text(3)?,
+        kek_id: row.text(4)?,
+        created_at_ms: row.int(5)?,
+    })
 }
