@@ -214,6 +214,19 @@ fn the_console_signs_in_escapes_everything_and_refuses_forged_changes() {
         "{}",
         explained.body
     );
+    let timeline = request(
+        console,
+        "GET",
+        &format!("/zones/{zone_id}/timeline?request={request_id}"),
+        &[("cookie", &session)],
+        "",
+    );
+    assert_eq!(timeline.status, 200, "{}", timeline.body);
+    assert!(
+        timeline.body.contains("admin.zone.create"),
+        "{}",
+        timeline.body
+    );
     let elsewhere = request(
         console,
         "GET",

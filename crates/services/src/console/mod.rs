@@ -82,6 +82,7 @@ pub fn routes() -> Router<RoleState> {
         )
         .route("/zones/{zone_id}/audit", get(audit))
         .route("/zones/{zone_id}/audit/{request_id}", get(explain))
+        .route("/zones/{zone_id}/timeline", get(timeline))
         .route("/incident", get(incident).post(contain_or_release))
         .route("/static/console.css", get(css))
 }
@@ -608,7 +609,9 @@ async fn zone(
     let name = zone.get("name").and_then(Value::as_str).unwrap_or("");
     let mut body = format!(
         "<p><code>{}</code> · <a href=\"/zones/{}/audit\">Audit</a> · \
+         <a href=\"/zones/{}/timeline\">Timeline</a> · \
          <a href=\"/zones/{}/sessions\">Sessions and delegations</a></p>",
+        escape(zone_id),
         escape(zone_id),
         escape(zone_id),
         escape(zone_id)
@@ -1853,4 +1856,66 @@ async fn explain(
         StatusCode::OK,
         layout("Explain a request", Some(&session), &body),
     )
+}
+
+#[derive(Deserialize, Default)]
+struct TimelineQuery {
+    session: Option<String>,
+    request: Option<String>,
+}
+
+/// A zone's events oldest first (the newest 500), optionally of one session or one request:
+/// `caracal incident timeline` in the browser.
+async fn timeline(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    axum::extract::Path(zone_id): axum::extract::Path<String>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> Response {
+    let Some((_, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    let Some(zone_id) = zone_path(&zone_id) else {
+        return error_page(StatusCode::NOT_FOUND, Some(&session), "no such zone");
+    };
+    let filter: TimelineQuery =
+        serde_urlencoded::from_str(raw.as_deref().unwrap_or_default()).unwrap_or_default();
+    let plain = |value: Option<String>| value.filter(|id| caracal_core::is_plain_id(id));
+    let (by_session, by_request) = (plain(filter.session), plain(filter.request));
+    let mut query = vec![("limit", "500".to_owned())];
+    if let Some(id) = &by_session {
+        query.push(("session_id", id.clone()));
+    }
+    if let Some(id) = &by_request {
+        query.push(("request_id", id.clone()));
+    }
+    let path = format!(
+        "/v1/zones/{zone_id}/audit?{}",
+        serde_urlencoded::to_string(&query).unwrap_or_default()
+    );
+    let (status, mut events) = admin(&state, &session, "GET", &path, None).await;
+    if !status.is_success() {
+        return error_page(status, Some(&session), &refusal(&events));
+    }
+    if let Some(items) = events.get_mut("items").and_then(Value::as_array_mut) {
+        items.reverse();
+    }
+    let body = format!(
+        "<section class=\"card\"><form method=\"get\"><label>Session <input type=\"text\" name=\"session\" value=\"{}\"></label> \
+         <label>Request <input type=\"text\" name=\"request\" value=\"{}\"></label> <button>Show</button></form></section>{}",
+        escape(by_session.as_deref().unwrap_or("")),
+        escape(by_request.as_deref().unwrap_or("")),
+        table(
+            &events,
+            &[
+                ("Seq", "/chain_seq"),
+                ("When (ms)", "/occurred_at_ms"),
+                ("Event", "/event_type"),
+                ("Decision", "/decision"),
+                ("Request", "/request_id"),
+                ("Actor", "/metadata_json/actor")
+            ],
+        )
+    );
+    html(StatusCode::OK, layout("Timeline", Some(&session), &body))
 }
