@@ -373,6 +373,24 @@ fn the_console_signs_in_escapes_everything_and_refuses_forged_changes() {
     // Sign-out needs the CSRF token, then the session is gone.
     let overview = request(console, "GET", "/overview", &[("cookie", &session)], "");
     assert_eq!(overview.status, 200);
+    // Every role of the process, probed, and the instantaneous alert rules judged.
+    for role in ["api", "sts", "gateway", "audit", "coordinator", "console"] {
+        assert!(
+            overview.body.contains(&format!("<tr><td>{role}</td>")),
+            "{role} missing: {}",
+            overview.body
+        );
+    }
+    assert!(!overview.body.contains("not ready"), "{}", overview.body);
+    assert!(
+        overview.body.contains("No instantaneous rule holds."),
+        "{}",
+        overview.body
+    );
+    assert!(
+        overview.body.contains("CaracalAuditDLQGrowth"),
+        "windowed rules named"
+    );
     assert_eq!(form(console, "/sign-out", &session, "").status, 403);
     let out = form(
         console,

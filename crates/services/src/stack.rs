@@ -254,6 +254,7 @@ impl Stack {
             Arc::clone(&self.shared.store),
             stop_receiver.clone(),
         ));
+        let peers = Arc::new(self.addresses());
         let mut listeners = std::mem::take(&mut self.listeners);
         // The STS starts before the Gateway, which then exchanges with it in process.
         listeners.sort_by_key(|(role, _)| *role);
@@ -263,6 +264,9 @@ impl Stack {
                 tracing::info!(%role, %address, "serving");
             }
             let mut state = RoleState::new(role, self.shared.clone());
+            if role == Role::Console {
+                state.peers = Arc::clone(&peers);
+            }
             if role == Role::Api {
                 // The API role owns the outbox; it stops with the servers and leaves unsent
                 // rows in place for the next start.

@@ -100,6 +100,8 @@ pub struct RoleState {
     pub gateway: Option<Arc<crate::gateway::Gateway>>,
     /// Signed-in console sessions, on the Console role.
     pub console: crate::console::Sessions,
+    /// Every role this process serves and where: the console's overview probes them.
+    pub peers: Arc<Vec<(Role, std::net::SocketAddr)>>,
 }
 
 impl RoleState {
@@ -112,6 +114,7 @@ impl RoleState {
             coordinator: None,
             gateway: None,
             console: crate::console::Sessions::default(),
+            peers: Arc::default(),
             shared,
         }
     }

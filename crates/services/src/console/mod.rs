@@ -29,6 +29,7 @@ use tower::ServiceExt as _;
 
 use crate::state::RoleState;
 
+mod health;
 mod incident;
 mod policy;
 mod sessions;

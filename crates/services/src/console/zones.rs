@@ -7,7 +7,7 @@ pub(super) async fn overview(State(state): State<RoleState>, headers: HeaderMap)
     let Some((_, session)) = session(&state, &headers).await else {
         return redirect("/sign-in");
     };
-    let mut body = String::new();
+    let mut body = health::section(&state).await;
     let (status, containment) =
         admin(&state, &session, "GET", "/v1/incident/containment", None).await;
     body.push_str("<section class=\"card\"><h2>Containment</h2>");

@@ -1,0 +1,196 @@
+//! The overview's health: every role this process serves, probed over its own `/ready` and
+//! `/metrics`, and the shipped alert rules whose condition holds now. Only instantaneous rules
+//! (`metric > n`, `metric < n`) can be judged from one scrape; rules over a window (`increase`,
+//! `delta`, `changes`, `time()`) need Prometheus's history and are listed as such.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+
+use super::*;
+
+const RULES: &str = include_str!("../../../../deploy/prometheus/caracal-rules.yml");
+
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Empty<Bytes>,
+>;
+
+async fn fetch(client: &Client, address: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut address = address;
+    if address.ip().is_unspecified() {
+        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let request = http::Request::get(format!("http://{address}{path}"))
+        .body(Empty::new())
+        .ok()?;
+    let response = tokio::time::timeout(std::time::Duration::from_secs(2), client.request(request))
+        .await
+        .ok()?
+        .ok()?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Samples of a `/metrics` text by metric name (every label set kept apart).
+fn samples(text: &str, into: &mut BTreeMap<String, Vec<f64>>) {
+    for line in text.lines().filter(|line| !line.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        if let (Some(name), Ok(value)) = (series.split('{').next(), value.parse::<f64>()) {
+            into.entry(name.to_owned()).or_default().push(value);
+        }
+    }
+}
+
+/// The shipped rules as (alert, expression).
+fn rules() -> Vec<(String, String)> {
+    let mut rules = Vec::new();
+    let mut alert = None;
+    for line in RULES.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("- alert: ") {
+            alert = Some(name.to_owned());
+        } else if let (Some(expr), Some(name)) = (line.strip_prefix("expr: "), alert.take()) {
+            rules.push((
+                name,
+                serde_json::from_str::<String>(expr).unwrap_or_default(),
+            ));
+        }
+    }
+    rules
+}
+
+/// Whether an instantaneous rule holds on these samples: `Some(value)` when it fires, `None`
+/// when it does not; `Err(())` when the expression needs history.
+fn judge(expr: &str, samples: &BTreeMap<String, Vec<f64>>) -> Result<Option<f64>, ()> {
+    let mut parts = expr.split_whitespace();
+    let (Some(metric), Some(op), Some(limit), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(());
+    };
+    let limit: f64 = limit.parse().map_err(|_| ())?;
+    if !metric
+        .bytes()
+        .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_')
+    {
+        return Err(());
+    }
+    let holds = |value: f64| match op {
+        ">" => value > limit,
+        "<" => value < limit,
+        _ => false,
+    };
+    if !matches!(op, ">" | "<") {
+        return Err(());
+    }
+    Ok(samples
+        .get(metric)
+        .into_iter()
+        .flatten()
+        .copied()
+        .find(|value| holds(*value)))
+}
+
+/// The overview's health sections.
+pub(super) async fn section(state: &RoleState) -> String {
+    let client: Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let mut readiness = String::from(
+        "<table><tr><th>Role</th><th>Address</th><th>Ready</th><th>Failed checks</th></tr>",
+    );
+    let mut metrics = BTreeMap::new();
+    for (role, address) in state.peers.iter() {
+        let ready = fetch(&client, *address, "/ready").await;
+        let (verdict, reasons) = match &ready {
+            Some((200, _)) => (
+                "<span class=\"good\">ready</span>".to_owned(),
+                String::new(),
+            ),
+            Some((_, body)) => {
+                let failed: Vec<String> = serde_json::from_str::<Value>(body)
+                    .ok()
+                    .and_then(|body| body.get("checks").and_then(Value::as_array).cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|check| check.get("ok") == Some(&Value::Bool(false)))
+                    .map(|check| {
+                        format!("{}: {}", text_of(check, "name"), text_of(check, "reason"))
+                    })
+                    .collect();
+                (
+                    "<span class=\"bad\">not ready</span>".to_owned(),
+                    failed.join("; "),
+                )
+            }
+            None => (
+                "<span class=\"bad\">no answer</span>".to_owned(),
+                String::new(),
+            ),
+        };
+        readiness.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{verdict}</td><td>{}</td></tr>",
+            escape(&role.to_string()),
+            escape(&address.to_string()),
+            escape(&reasons)
+        ));
+        if let Some((200, text)) = fetch(&client, *address, "/metrics").await {
+            samples(&text, &mut metrics);
+        }
+    }
+    readiness.push_str("</table>");
+    let mut firing = Vec::new();
+    let mut windowed = Vec::new();
+    for (alert, expr) in rules() {
+        match judge(&expr, &metrics) {
+            Ok(Some(value)) => firing.push(format!(
+                "<li class=\"bad\">{} — <code>{}</code> (now {value})</li>",
+                escape(&alert),
+                escape(&expr)
+            )),
+            Ok(None) => {}
+            Err(()) => windowed.push(escape(&alert)),
+        }
+    }
+    let firing = if firing.is_empty() {
+        "<p class=\"good\">No instantaneous rule holds.</p>".to_owned()
+    } else {
+        format!("<ul class=\"firing\">{}</ul>", firing.concat())
+    };
+    format!(
+        "<section class=\"card\"><h2>Roles</h2>{readiness}</section>\
+         <section class=\"card\"><h2>Alert rules that hold now</h2>{firing}\
+         <p>Judged over a window by Prometheus only: {}.</p></section>",
+        windowed.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instantaneous_rules_are_judged_and_windowed_ones_are_not() {
+        let mut metrics = BTreeMap::new();
+        samples(
+            "# HELP x\ncaracal_audit_dlq_size 3\ncaracal_gateway_revocation_snapshot_fresh 1\n",
+            &mut metrics,
+        );
+        assert_eq!(judge("caracal_audit_dlq_size > 0", &metrics), Ok(Some(3.0)));
+        assert_eq!(
+            judge("caracal_gateway_revocation_snapshot_fresh < 1", &metrics),
+            Ok(None)
+        );
+        assert_eq!(judge("caracal_missing > 0", &metrics), Ok(None));
+        assert_eq!(
+            judge("delta(caracal_audit_dlq_size[10m]) > 0", &metrics),
+            Err(())
+        );
+        assert!(rules().len() >= 20, "every shipped rule is read");
+    }
+}
