@@ -406,80 +406,6 @@ fn the_console_signs_in_escapes_everything_and_refuses_forged_changes() {
     assert!(exit.success());
 }
 
-/// The mandate form of `zone`'s application with `extra` fields (already encoded).
-fn exchange_form(zone: &util::Provisioned, extra: &str) -> String {
-    format!(
-        "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&zone_id={}&application_id={}&client_secret={}&resource=resource%3A%2F%2Fledger{extra}",
-        zone.id, zone.app_id, zone.secret
-    )
-}
-
-fn exchange(sts: SocketAddr, form: &str) -> util::Response {
-    request(
-        sts,
-        "POST",
-        "/oauth/2/token",
-        &[("content-type", "application/x-www-form-urlencoded")],
-        form,
-    )
-}
-
-/// As an agent: a lifecycle mandate, a root session, a child session under it and a
-/// delegation from root to child for `scope`; returns (root, child, edge).
-fn delegation(
-    zone: &util::Provisioned,
-    sts: SocketAddr,
-    coordinator: SocketAddr,
-    scope: &str,
-) -> (String, String) {
-    let (root, child, _) = delegation_with_edge(zone, sts, coordinator, scope);
-    (root, child)
-}
-
-fn delegation_with_edge(
-    zone: &util::Provisioned,
-    sts: SocketAddr,
-    coordinator: SocketAddr,
-    scope: &str,
-) -> (String, String, String) {
-    let minted = exchange(sts, &exchange_form(zone, "&scope=agent%3Alifecycle"));
-    assert_eq!(minted.status, 200, "{}", minted.body);
-    let lifecycle = format!(
-        "Bearer {}",
-        json_of(&minted)["access_token"].as_str().unwrap()
-    );
-    let start = |parent: Option<&str>| {
-        let started = request(
-            coordinator,
-            "POST",
-            &format!("/zones/{}/agents", zone.id),
-            &[("authorization", lifecycle.as_str())],
-            &serde_json::json!({"application_id": zone.app_id, "labels": [zone.app_id], "parent_id": parent})
-                .to_string(),
-        );
-        assert_eq!(started.status, 201, "{}", started.body);
-        json_of(&started)["agent_session_id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    let root = start(None);
-    let child = start(Some(&root));
-    let edge = request(
-        coordinator,
-        "POST",
-        &format!("/zones/{}/delegations", zone.id),
-        &[("authorization", lifecycle.as_str())],
-        &serde_json::json!({"issuer_application_id": zone.app_id, "source_session_id": root,
-            "target_session_id": child, "receiver_application_id": zone.app_id,
-            "scopes": [scope], "resource_id": "resource://ledger", "ttl_seconds": 600})
-        .to_string(),
-    );
-    assert!(edge.status < 300, "{}", edge.body);
-    let edge = json_of(&edge)["id"].as_str().unwrap().to_owned();
-    (root, child, edge)
-}
-
 /// The sessions page draws the tree and the delegation edges; terminating previews its impact
 /// (the subtree and the edges touching it) before the operator confirms with a reason.
 #[test]
@@ -493,7 +419,7 @@ fn the_session_graph_shows_the_tree_and_terminate_previews_its_impact() {
     assert_eq!(wait_ready(api).status, 200);
     let zone = util::Provisioned::new(&home, api, &["resource://ledger"]);
     zone.policy_set(&[(1, "resource://ledger")]);
-    let (root, child) = delegation(&zone, sts, coordinator, "read");
+    let (root, child) = util::delegation(&zone, sts, coordinator, "read");
     let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
     let session = sign_in(console, &token);
     let page = request(
@@ -641,31 +567,13 @@ fn an_operator_approves_a_held_mint_in_the_console_and_the_retry_succeeds() {
     let (sts, coordinator) = (running.address("sts"), running.address("coordinator"));
     assert_eq!(wait_ready(api).status, 200);
     let zone = util::Provisioned::new(&home, api, &["resource://ledger"]);
-    // Grants `read` on the ledger, gated by a human for the high tier.
-    let app = &zone.app_id;
-    let document = format!(
-        "# caracal:data-document\npackage caracal.authz\nimport rego.v1\napp_ids := {{\"billing\": \"{app}\"}}\ngrants := {{\"resource://ledger\": {{\"application\": \"billing\", \"roles\": {{\"{app}\": [\"read\"]}}}}}}\nrisk := [{{\"scope\": \"read\", \"tier\": \"high\"}}]\napproval_tiers := [{{\"tier\": \"high\", \"approver\": \"operator\", \"ttl_seconds\": 600}}]\n"
-    );
-    let policy = zone.post(
-        &format!("/v1/zones/{}/policies", zone.id),
-        serde_json::json!({"name": "gated", "content": document}),
-    );
-    let version = zone.post(
-        &format!("{}/versions", zone.sets),
-        serde_json::json!({"manifest": [{"policy_version_id": policy["version_id"]}]}),
-    );
-    let version_id = version["id"].as_str().unwrap().to_owned();
-    zone.post(
-        &format!("{}/activate", zone.sets),
-        serde_json::json!({"version_id": version_id}),
-    );
-    zone.wait_loaded(&version_id);
-    let (_root, child, edge) = delegation_with_edge(&zone, sts, coordinator, "read");
-    let mint = exchange_form(
+    zone.activate_document("gated", &zone.gated_document());
+    let (_root, child, edge) = util::delegation_with_edge(&zone, sts, coordinator, "read");
+    let mint = util::exchange_form(
         &zone,
         &format!("&scope=read&agent_session_id={child}&delegation_edge_id={edge}"),
     );
-    let held = exchange(sts, &mint);
+    let held = util::exchange(sts, &mint);
     assert_eq!(held.status, 401, "{}", held.body);
     let hold = json_of(&held)["approval_id"].as_str().unwrap().to_owned();
 
@@ -696,7 +604,7 @@ fn an_operator_approves_a_held_mint_in_the_console_and_the_retry_succeeds() {
     assert_eq!(approved.status, 200, "{}", approved.body);
     assert!(approved.body.contains("approved"), "{}", approved.body);
 
-    let retried = exchange(sts, &format!("{mint}&approval_id={hold}"));
+    let retried = util::exchange(sts, &format!("{mint}&approval_id={hold}"));
     assert_eq!(retried.status, 200, "{}", retried.body);
     let (exit, _, _) = running.terminate();
     assert!(exit.success());

@@ -185,6 +185,20 @@ impl Driver {
         self.call("POST", &format!("/element/{element}/click"), json!({}));
     }
 
+    /// Waits (10 s at most) until the element's text contains `needle`: a submitted form may
+    /// still be loading its answer.
+    fn wait_text(&self, css: &str, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.text(css);
+            if text.contains(needle) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no `{needle}` in: {text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits (10 s at most) until the page's URL ends with `suffix` — a click may still be
     /// navigating.
     fn wait_url(&self, suffix: &str) {
@@ -294,6 +308,87 @@ fn an_operator_signs_in_and_sees_every_screen_in_chromium() {
         "signed out: {}",
         driver.url()
     );
+    drop(driver);
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+}
+
+/// In the browser: approve a hold the STS created and see the agent's retried mint succeed,
+/// roll the policy set back to its last known good version, and terminate a session after its
+/// impact preview.
+#[test]
+fn an_operator_approves_rolls_back_and_terminates_in_chromium() {
+    let installed = Command::new("bash")
+        .arg(repo_root().join("scripts/install-deps.sh"))
+        .output()
+        .unwrap();
+    assert!(installed.status.success());
+    let (parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(&home, &args);
+    let (api, console) = (running.address("api"), running.address("console"));
+    let (sts, coordinator) = (running.address("sts"), running.address("coordinator"));
+    assert_eq!(wait_ready(api).status, 200);
+    let zone = util::Provisioned::new(&home, api, &["resource://ledger"]);
+    let good = zone.policy_set(&[(1, "resource://ledger")]);
+    zone.activate_document("gated", &zone.gated_document());
+    let (root, child, edge) = util::delegation_with_edge(&zone, sts, coordinator, "read");
+    let mint = util::exchange_form(
+        &zone,
+        &format!("&scope=read&agent_session_id={child}&delegation_edge_id={edge}"),
+    );
+    let held = util::exchange(sts, &mint);
+    assert_eq!(held.status, 401, "{}", held.body);
+    let hold = util::json_of(&held)["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let driver = Driver::start(&parent.path().join("chromium-profile"));
+    let base = format!("http://{console}");
+    driver.go(&format!("{base}/sign-in"));
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    driver.type_into("input[name=token]", token.trim());
+    driver.click("button");
+    driver.wait_url("/overview");
+
+    // Approve the hold with a reason; the agent's retry then succeeds.
+    let zone_page = format!("{base}/zones/{}", zone.id);
+    driver.go(&zone_page);
+    assert!(driver.text("main").contains(&hold), "the hold is listed");
+    driver.type_into("form.action input[name=reason]", "ticket 42");
+    driver.click("form.action button[value=approve]");
+    assert!(
+        driver.text("main").contains("approved"),
+        "{}",
+        driver.text("main")
+    );
+    driver.screenshot("approval");
+    let retried = util::exchange(sts, &format!("{mint}&approval_id={hold}"));
+    assert_eq!(retried.status, 200, "{}", retried.body);
+
+    // Roll back to the last known good version (the ungated one).
+    driver.go(&zone_page);
+    driver.click("form.action:has(input[value=rollback]) button");
+    driver.wait_text(
+        "main",
+        &format!("Rolled back: version {good} is active again."),
+    );
+    driver.screenshot("rollback");
+
+    // Terminate the root session after its impact preview.
+    driver.go(&format!("{base}/zones/{}/sessions", zone.id));
+    driver.screenshot("session-graph");
+    driver.go(&format!(
+        "{base}/zones/{}/sessions/{root}/terminate",
+        zone.id
+    ));
+    driver.wait_text("p.impact", "ends 2 session(s) and revokes 1 delegation(s)");
+    driver.screenshot("terminate-preview");
+    driver.type_into("input[name=reason]", "runaway agent");
+    driver.click("form.card button");
+    driver.wait_text("main", "2 session(s) ended.");
     drop(driver);
     let (exit, _, _) = running.terminate();
     assert!(exit.success());

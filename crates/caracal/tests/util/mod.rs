@@ -510,6 +510,33 @@ impl Provisioned {
         version_id
     }
 
+    /// The document granting `read` on `resource://ledger`, gated by a human for the high tier.
+    pub fn gated_document(&self) -> String {
+        let app = &self.app_id;
+        format!(
+            "# caracal:data-document\npackage caracal.authz\nimport rego.v1\napp_ids := {{\"billing\": \"{app}\"}}\ngrants := {{\"resource://ledger\": {{\"application\": \"billing\", \"roles\": {{\"{app}\": [\"read\"]}}}}}}\nrisk := [{{\"scope\": \"read\", \"tier\": \"high\"}}]\napproval_tiers := [{{\"tier\": \"high\", \"approver\": \"operator\", \"ttl_seconds\": 600}}]\n"
+        )
+    }
+
+    /// `document` as a new policy and set version, activated and loaded; the version id.
+    pub fn activate_document(&self, name: &str, document: &str) -> String {
+        let policy = self.post(
+            &format!("/v1/zones/{}/policies", self.id),
+            serde_json::json!({"name": name, "content": document}),
+        );
+        let version = self.post(
+            &format!("{}/versions", self.sets),
+            serde_json::json!({"manifest": [{"policy_version_id": policy["version_id"]}]}),
+        );
+        let version_id = version["id"].as_str().unwrap().to_owned();
+        self.post(
+            &format!("{}/activate", self.sets),
+            serde_json::json!({"version_id": version_id}),
+        );
+        self.wait_loaded(&version_id);
+        version_id
+    }
+
     pub fn wait_loaded(&self, version_id: &str) {
         let auth = [("authorization", self.bearer.as_str())];
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -527,4 +554,78 @@ impl Provisioned {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// The mandate form of `zone`'s application with `extra` fields (already encoded).
+pub fn exchange_form(zone: &Provisioned, extra: &str) -> String {
+    format!(
+        "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&zone_id={}&application_id={}&client_secret={}&resource=resource%3A%2F%2Fledger{extra}",
+        zone.id, zone.app_id, zone.secret
+    )
+}
+
+pub fn exchange(sts: SocketAddr, form: &str) -> Response {
+    request(
+        sts,
+        "POST",
+        "/oauth/2/token",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        form,
+    )
+}
+
+/// As an agent: a lifecycle mandate, a root session, a child session under it and a
+/// delegation from root to child for `scope`; returns (root, child, edge).
+pub fn delegation(
+    zone: &Provisioned,
+    sts: SocketAddr,
+    coordinator: SocketAddr,
+    scope: &str,
+) -> (String, String) {
+    let (root, child, _) = delegation_with_edge(zone, sts, coordinator, scope);
+    (root, child)
+}
+
+pub fn delegation_with_edge(
+    zone: &Provisioned,
+    sts: SocketAddr,
+    coordinator: SocketAddr,
+    scope: &str,
+) -> (String, String, String) {
+    let minted = exchange(sts, &exchange_form(zone, "&scope=agent%3Alifecycle"));
+    assert_eq!(minted.status, 200, "{}", minted.body);
+    let lifecycle = format!(
+        "Bearer {}",
+        json_of(&minted)["access_token"].as_str().unwrap()
+    );
+    let start = |parent: Option<&str>| {
+        let started = request(
+            coordinator,
+            "POST",
+            &format!("/zones/{}/agents", zone.id),
+            &[("authorization", lifecycle.as_str())],
+            &serde_json::json!({"application_id": zone.app_id, "labels": [zone.app_id], "parent_id": parent})
+                .to_string(),
+        );
+        assert_eq!(started.status, 201, "{}", started.body);
+        json_of(&started)["agent_session_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let root = start(None);
+    let child = start(Some(&root));
+    let edge = request(
+        coordinator,
+        "POST",
+        &format!("/zones/{}/delegations", zone.id),
+        &[("authorization", lifecycle.as_str())],
+        &serde_json::json!({"issuer_application_id": zone.app_id, "source_session_id": root,
+            "target_session_id": child, "receiver_application_id": zone.app_id,
+            "scopes": [scope], "resource_id": "resource://ledger", "ttl_seconds": 600})
+        .to_string(),
+    );
+    assert!(edge.status < 300, "{}", edge.body);
+    let edge = json_of(&edge)["id"].as_str().unwrap().to_owned();
+    (root, child, edge)
 }

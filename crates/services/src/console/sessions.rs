@@ -73,7 +73,7 @@ pub(super) fn graph_svg(sessions: &[Value], edges: &[Value]) -> String {
         .map(|(row, (node, depth))| {
             (
                 text_of(node, "agent_session_id"),
-                (20 + depth * 200, 30 + row * 48),
+                (20 + depth * 240, 30 + row * 48),
             )
         })
         .collect();
@@ -116,7 +116,7 @@ pub(super) fn graph_svg(sessions: &[Value], edges: &[Value]) -> String {
             hops,
             text_of(edge, "expires_at")
         );
-        let (x1, y1, x2, y2) = (sx + 160, sy + 14, tx + 160, ty + 14);
+        let (x1, y1, x2, y2) = (sx + 210, sy + 14, tx + 210, ty + 14);
         let bend = x1.max(x2) + 60;
         svg.push_str(&format!(
             "<path d=\"M {x1} {y1} C {bend} {y1}, {bend} {y2}, {x2} {y2}\" fill=\"none\" stroke=\"#1f6feb\" stroke-width=\"2\"><title>{}</title></path>\
@@ -140,7 +140,7 @@ pub(super) fn graph_svg(sessions: &[Value], edges: &[Value]) -> String {
         };
         let short: String = id.chars().take(18).collect();
         svg.push_str(&format!(
-            "<rect x=\"{x}\" y=\"{y}\" width=\"160\" height=\"28\" rx=\"4\" fill=\"{fill}\" stroke=\"#6b7280\"><title>{}</title></rect>\
+            "<rect x=\"{x}\" y=\"{y}\" width=\"210\" height=\"28\" rx=\"4\" fill=\"{fill}\" stroke=\"#6b7280\"><title>{}</title></rect>\
              <text x=\"{}\" y=\"{}\" font-size=\"11\" fill=\"#1d232a\" class=\"session-node\">{} · {}</text>",
             escape(id),
             x + 6,
