@@ -541,6 +541,39 @@ fn a_policy_set_page_diffs_simulates_and_activates() {
         "{}",
         allowed.body
     );
+    // A version with canary cases: one passes, one fails, and the page says so.
+    let auth = [("authorization", zone.bearer.as_str())];
+    let second_version = json_of(&request(
+        api,
+        "GET",
+        &format!("{}/versions/{second}", zone.sets),
+        &auth,
+        "",
+    ));
+    let mint = |resource: &str| {
+        serde_json::json!({"flow": "mint", "application_id": zone.app_id, "resource": resource,
+            "scopes": ["read"], "labels": [zone.app_id], "edge_scopes": ["read"], "session": true})
+    };
+    let with_canaries = zone.post(
+        &format!("{}/versions", zone.sets),
+        serde_json::json!({"manifest": second_version["manifest"], "canaries": [
+            {"name": "ledger allowed", "request": mint("resource://ledger"), "expect": "allow"},
+            {"name": "payroll denied", "request": mint("resource://payroll"), "expect": "deny"},
+        ]}),
+    );
+    let canaried = with_canaries["id"].as_str().unwrap();
+    let ran = form(
+        console,
+        &path,
+        &session,
+        &format!("csrf={csrf}&action=canaries&version_id={canaried}"),
+    );
+    assert_eq!(ran.status, 200, "{}", ran.body);
+    assert!(
+        ran.body.contains("1 case(s) fail") && ran.body.contains("payroll denied"),
+        "version 2 grants payroll, so its deny case fails: {}",
+        ran.body
+    );
     let activated = form(
         console,
         &path,

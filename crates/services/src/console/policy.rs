@@ -202,6 +202,17 @@ async fn policy_set_view(
             .get("canaries")
             .and_then(Value::as_array)
             .map_or(0, Vec::len);
+        let run = if canaries > 0 {
+            format!(
+                "<form method=\"post\" class=\"action\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+                 <input type=\"hidden\" name=\"action\" value=\"canaries\"><input type=\"hidden\" name=\"version_id\" value=\"{}\">\
+                 <button>Run canaries</button></form>",
+                escape(&session.csrf),
+                escape(id)
+            )
+        } else {
+            String::new()
+        };
         let activate = if session.writer && id != active {
             format!(
                 "<form method=\"post\" class=\"action\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
@@ -214,7 +225,7 @@ async fn policy_set_view(
             String::new()
         };
         body.push_str(&format!(
-            "<tr><td>{}</td><td><code>{}</code></td><td><code>{}</code></td><td>{canaries}</td><td>{}</td><td>{activate}</td></tr>",
+            "<tr><td>{}</td><td><code>{}</code></td><td><code>{}</code></td><td>{canaries}</td><td>{}</td><td>{run}{activate}</td></tr>",
             escape(&version.get("version").map_or_else(String::new, Value::to_string)),
             escape(id),
             escape(text_of(version, "manifest_sha256")),
@@ -364,6 +375,67 @@ pub(super) async fn policy_set_action(
             format!(
                 "<p class=\"good\">Activation of {} accepted; the STS loads it next.</p>",
                 escape(&form.version_id)
+            )
+        }
+        "canaries" => {
+            // Each case of the version decided against it, as activation would.
+            let (status, version) = admin(
+                &state,
+                &session,
+                "GET",
+                &format!("{base}/versions/{}", form.version_id),
+                None,
+            )
+            .await;
+            if !status.is_success() {
+                return error_page(status, Some(&session), &refusal(&version));
+            }
+            let mut rows = String::new();
+            let mut failed = 0;
+            for case in version
+                .get("canaries")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let (_, answer) = admin(
+                    &state,
+                    &session,
+                    "POST",
+                    &format!("{base}/simulate"),
+                    Some(serde_json::json!({
+                        "version_id": form.version_id,
+                        "input": case.get("request").cloned().unwrap_or(Value::Null),
+                    })),
+                )
+                .await;
+                let decided = answer
+                    .pointer("/result/decision")
+                    .and_then(Value::as_str)
+                    .unwrap_or("error");
+                let expected = text_of(case, "expect");
+                let passed = decided == expected;
+                failed += usize::from(!passed);
+                rows.push_str(&format!(
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
+                    escape(text_of(case, "name")),
+                    escape(expected),
+                    escape(decided),
+                    if passed { "good" } else { "bad" },
+                    if passed { "pass" } else { "FAIL" }
+                ));
+            }
+            format!(
+                "<section class=\"card canaries\"><h2>Canaries of {}</h2><p>{}</p>\
+                 <table><tr><th>Case</th><th>Expected</th><th>Decided</th><th></th></tr>{rows}</table></section>",
+                escape(&form.version_id),
+                if failed == 0 {
+                    "<span class=\"good\">Every case passes.</span>".to_owned()
+                } else {
+                    format!(
+                        "<span class=\"bad\">{failed} case(s) fail: activation would refuse this version.</span>"
+                    )
+                }
             )
         }
         "simulate" => {
