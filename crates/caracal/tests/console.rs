@@ -738,3 +738,118 @@ fn a_local_account_signs_in_with_its_password_and_its_token_revocation_disables_
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }
+
+/// The audit page shows the zone's latest signed checkpoint and downloads the export, which
+/// `caracal audit verify` checks offline; before any checkpoint, the page says why there is none.
+#[test]
+fn the_audit_export_downloads_and_verifies_offline() {
+    let (parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(&home, &args);
+    let (api, console) = (running.address("api"), running.address("console"));
+    assert_eq!(wait_ready(api).status, 200);
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let bearer = format!("Bearer {}", token.trim());
+    let auth = [("authorization", bearer.as_str())];
+    let zone = json_of(&request(
+        api,
+        "POST",
+        "/v1/zones",
+        &auth,
+        r#"{"name":"ledger"}"#,
+    ));
+    let zone_id = zone["id"].as_str().unwrap().to_owned();
+    for n in 0..3 {
+        let created = request(
+            api,
+            "POST",
+            &format!("/v1/zones/{zone_id}/providers"),
+            &auth,
+            &format!(r#"{{"name":"p{n}","identifier":"provider://p{n}","kind":"none"}}"#),
+        );
+        assert_eq!(created.status, 201, "{}", created.body);
+    }
+    let session = sign_in(console, &token);
+    let before = request(
+        console,
+        "GET",
+        &format!("/zones/{zone_id}/audit"),
+        &[("cookie", &session)],
+        "",
+    );
+    assert!(
+        before.body.contains("no signed checkpoint yet"),
+        "{}",
+        before.body
+    );
+    // Every change ingested, then a restart: the full sweep at start signs a checkpoint.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while json_of(&request(
+        api,
+        "GET",
+        &format!("/v1/zones/{zone_id}/audit"),
+        &auth,
+        "",
+    ))["items"]
+        .as_array()
+        .unwrap()
+        .len()
+        < 4
+    {
+        assert!(std::time::Instant::now() < deadline, "ingestion");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+    let running = Running::start(&home, &args);
+    let (api, console) = (running.address("api"), running.address("console"));
+    assert_eq!(wait_ready(api).status, 200);
+    let session = sign_in(console, &token);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let page = loop {
+        let page = request(
+            console,
+            "GET",
+            &format!("/zones/{zone_id}/audit"),
+            &[("cookie", &session)],
+            "",
+        );
+        if page.body.contains("Latest checkpoint") || std::time::Instant::now() > deadline {
+            break page;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    assert!(page.body.contains("Latest checkpoint"), "{}", page.body);
+    let key_at = page.body.find("--public-key ").unwrap() + "--public-key ".len();
+    let public_key = page.body[key_at..].split('<').next().unwrap().to_owned();
+    let download = request(
+        console,
+        "GET",
+        &format!("/zones/{zone_id}/audit/export"),
+        &[("cookie", &session)],
+        "",
+    );
+    assert_eq!(download.status, 200, "{}", download.body);
+    assert!(
+        download.headers["content-disposition"].starts_with("attachment;"),
+        "{:?}",
+        download.headers
+    );
+    let file = parent.path().join("export.jsonl");
+    std::fs::write(&file, &download.body).unwrap();
+    let verified = util::caracal(&home)
+        .args(["audit", "verify"])
+        .arg(&file)
+        .args(["--public-key", &public_key])
+        .output()
+        .unwrap();
+    assert!(
+        verified.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+}

@@ -193,6 +193,18 @@ pub const OPERATIONS: &[Operation] = &[
     ),
     op(
         "get",
+        "/v1/zones/{zone_id}/audit/checkpoint",
+        "read",
+        "The zone's latest signed checkpoint and its public key",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/audit/export",
+        "read",
+        "The zone's rows with the checkpoint and inclusion proofs, JSON lines (from_seq, to_seq); recorded",
+    ),
+    op(
+        "get",
         "/v1/zones/{zone_id}/delegations",
         "read",
         "Delegation edges (filter status; limit 1-1000, default 100; cursor)",

@@ -27,6 +27,8 @@ pub fn routes() -> Router<RoleState> {
         .route("/v1/zones/{zone_id}/sessions", get(sessions))
         .route("/v1/zones/{zone_id}/admin-audit", get(admin_audit))
         .route("/v1/zones/{zone_id}/delegations", get(edges))
+        .route("/v1/zones/{zone_id}/audit/checkpoint", get(checkpoint))
+        .route("/v1/zones/{zone_id}/audit/export", get(export))
 }
 
 fn limit(limit: Option<usize>) -> Result<usize, ApiError> {
@@ -319,4 +321,101 @@ async fn admin_audit(
         })
         .collect();
     Ok(Json(json!({ "items": items, "next_cursor": next })))
+}
+
+/// The zone's latest signed checkpoint and the public key that verifies it.
+async fn checkpoint(
+    State(state): State<RoleState>,
+    headers: http::HeaderMap,
+    Path(zone_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    let store = state.shared.store.as_ref();
+    let latest = store
+        .latest_audit_checkpoint(&zone_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::with_description(
+                ErrorCode::NotFound,
+                "no signed checkpoint yet (the sweep signs one after a clean full sweep)",
+            )
+        })?;
+    let public_key = store
+        .checkpoint_keys()
+        .await?
+        .into_iter()
+        .find(|(key_id, _)| *key_id == latest.key_id)
+        .map(|(_, key)| key);
+    Ok(Json(json!({
+        "zone_id": latest.zone_id,
+        "tree_size": latest.tree_size,
+        "root_hash": latest.root_hash,
+        "issued_at": timestamp(latest.issued_at_ms),
+        "key_id": latest.key_id,
+        "public_key": public_key,
+        "signature": latest.signature,
+    })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportQuery {
+    from_seq: Option<i64>,
+    to_seq: Option<i64>,
+}
+
+/// The zone's rows `from_seq..=to_seq` (default all, clipped to the latest checkpoint) with the
+/// checkpoint and an inclusion proof per row, as JSON lines: what `caracal audit export` writes
+/// and `caracal audit verify` checks offline. The export is itself recorded first.
+async fn export(
+    State(state): State<RoleState>,
+    headers: http::HeaderMap,
+    request_id: Option<axum::Extension<caracal_core::RequestId>>,
+    Path(zone_id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse as _;
+    let caller = authenticate(&state, &headers).await?;
+    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    let query: ExportQuery = crate::api::query(raw.as_deref())?;
+    let (from, to) = (
+        query.from_seq.unwrap_or(1),
+        query.to_seq.unwrap_or(i64::MAX),
+    );
+    if from < 1 || to < from {
+        return Err(ApiError::with_description(
+            ErrorCode::InvalidRequest,
+            "`from_seq` must be at least 1 and at most `to_seq`",
+        ));
+    }
+    let event = super::audit_event(
+        &caller,
+        request_id.as_deref(),
+        super::Change {
+            zone_id: &zone_id,
+            action: "audit.export",
+            entity_type: "audit",
+            entity_id: &zone_id,
+            fields: vec![],
+        },
+    );
+    super::record_now(&state, event).await?;
+    let bundle =
+        crate::ledger::export_bundle(state.shared.store.as_ref(), &zone_id, from, to, &|_, _| {})
+            .await
+            .map_err(|error| match error {
+                crate::ledger::LedgerError::Store(store) => ApiError::from(store),
+                crate::ledger::LedgerError::Key(reason) => {
+                    ApiError::with_description(ErrorCode::NotFound, reason)
+                }
+            })?;
+    Ok((
+        [
+            (http::header::CONTENT_TYPE, "application/x-ndjson"),
+            (http::header::CACHE_CONTROL, "no-store"),
+        ],
+        bundle,
+    )
+        .into_response())
 }

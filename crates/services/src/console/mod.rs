@@ -94,6 +94,7 @@ pub fn routes() -> Router<RoleState> {
         .route("/zones/{zone_id}/audit", get(audit))
         .route("/zones/{zone_id}/audit/{request_id}", get(explain))
         .route("/zones/{zone_id}/timeline", get(timeline))
+        .route("/zones/{zone_id}/audit/export", get(export))
         .route("/incident", get(incident).post(contain_or_release))
         .route("/static/console.css", get(css))
 }
@@ -240,6 +241,21 @@ async fn admin(
     path: &str,
     body: Option<Value>,
 ) -> (StatusCode, Value) {
+    let (status, bytes) = admin_bytes(state, session, method, path, body).await;
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// Calls the admin API's own route with the session's token; status and body as they are.
+async fn admin_bytes(
+    state: &RoleState,
+    session: &Session,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Bytes) {
     let app = crate::admin::routes()
         .merge(crate::api::routes())
         .with_state(RoleState::new(Role::Api, state.shared.clone()));
@@ -252,18 +268,16 @@ async fn admin(
             body.map(|body| body.to_string()).unwrap_or_default(),
         ));
     let Ok(request) = request else {
-        return (StatusCode::BAD_REQUEST, Value::Null);
+        return (StatusCode::BAD_REQUEST, Bytes::new());
     };
     match app.oneshot(request).await {
         Ok(response) => {
             let status = response.status();
-            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            // An export can be large; the rest are small.
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 30)
                 .await
                 .unwrap_or_default();
-            (
-                status,
-                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            )
+            (status, bytes)
         }
         Err(never) => match never {},
     }

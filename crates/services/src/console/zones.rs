@@ -292,6 +292,28 @@ pub(super) async fn audit(
         serde_urlencoded::to_string(&query).unwrap_or_default()
     );
     let (_, events) = admin(&state, &session, "GET", &path, None).await;
+    let (_, checkpoint) = admin(
+        &state,
+        &session,
+        "GET",
+        &format!("/v1/zones/{zone_id}/audit/checkpoint"),
+        None,
+    )
+    .await;
+    let checkpoint = match checkpoint.get("tree_size") {
+        Some(size) => format!(
+            "<p>Latest checkpoint: {} rows, root <code>{}</code>, key <code>{}</code>, signed {}. \
+             <a href=\"/zones/{}/audit/export\">Download the export</a> (verify offline with \
+             <code>caracal audit verify FILE --public-key {}</code>).</p>",
+            escape(&size.to_string()),
+            escape(text_of(&checkpoint, "root_hash")),
+            escape(text_of(&checkpoint, "key_id")),
+            escape(text_of(&checkpoint, "issued_at")),
+            escape(zone_id),
+            escape(text_of(&checkpoint, "public_key"))
+        ),
+        None => format!("<p>{}</p>", escape(&refusal(&checkpoint))),
+    };
     let (_, tamper) = admin(&state, &session, "GET", "/v1/audit/tamper", None).await;
     let findings = tamper
         .get("items")
@@ -304,7 +326,7 @@ pub(super) async fn audit(
         format!("<span class=\"bad\">{findings} open tamper finding(s).</span>")
     };
     let body = format!(
-        "<section class=\"card\"><p>{chain}</p>\
+        "<section class=\"card\"><p>{chain}</p>{checkpoint}\
          <form method=\"get\"><label>Decision <select name=\"decision\">\
          <option value=\"\">any</option><option{}>allow</option><option{}>deny</option></select></label> \
          <label>Event type <input type=\"text\" name=\"event_type\" value=\"{}\"></label> \
@@ -619,4 +641,43 @@ pub(super) async fn timeline(
         )
     );
     html(StatusCode::OK, layout("Timeline", Some(&session), &body))
+}
+
+/// The zone's audit export (rows, checkpoint, proofs) as a download.
+pub(super) async fn export(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    axum::extract::Path(zone_id): axum::extract::Path<String>,
+) -> Response {
+    let Some((_, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    let Some(zone_id) = zone_path(&zone_id) else {
+        return error_page(StatusCode::NOT_FOUND, Some(&session), "no such zone");
+    };
+    let (status, bytes) = admin_bytes(
+        &state,
+        &session,
+        "GET",
+        &format!("/v1/zones/{zone_id}/audit/export"),
+        None,
+    )
+    .await;
+    if !status.is_success() {
+        let answer = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        return error_page(status, Some(&session), &refusal(&answer));
+    }
+    let mut response = html(StatusCode::OK, String::new());
+    *response.body_mut() = Body::from(bytes);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    if let Ok(value) = HeaderValue::from_str(&format!(
+        "attachment; filename=\"caracal-audit-{zone_id}.jsonl\""
+    )) {
+        headers.insert(header::CONTENT_DISPOSITION, value);
+    }
+    response
 }
