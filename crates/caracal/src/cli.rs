@@ -62,6 +62,10 @@ pub struct Overrides {
     /// eight deliveries it is dead-lettered [env: CARACAL_AUDIT_RECLAIM_IDLE_SECONDS] [default: 30]
     #[arg(long, global = true, value_name = "SECONDS")]
     pub audit_reclaim_idle_seconds: Option<String>,
+    /// `true` when the console is reached over HTTPS (a TLS-terminating proxy): its cookies
+    /// then carry `Secure` [env: CARACAL_CONSOLE_SECURE_COOKIES] [default: false]
+    #[arg(long, global = true, value_name = "BOOL")]
+    pub console_secure_cookies: Option<String>,
     /// Mints a minute per zone, resource and application before the STS answers 429
     /// [env: CARACAL_STS_MINT_RATE_LIMIT_PER_MINUTE] [default: 1000]
     #[arg(long, global = true, value_name = "N")]

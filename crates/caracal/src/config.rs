@@ -212,6 +212,12 @@ const KEYS: &[Key] = &[
         "seconds an audit event read but not stored waits before it is delivered again (eight deliveries, then the DLQ), 1-3600",
     ),
     key(
+        "console.secure_cookies",
+        &["CARACAL_CONSOLE_SECURE_COOKIES"],
+        "--console-secure-cookies",
+        "true when the console is reached over HTTPS (its cookies then carry Secure), else false",
+    ),
+    key(
         "sts.mint_rate_limit_per_minute",
         &["CARACAL_STS_MINT_RATE_LIMIT_PER_MINUTE"],
         "--mint-rate-limit-per-minute",
@@ -382,6 +388,11 @@ pub fn resolve(
                 .filter(|days| *days <= 36_500)
                 .map(|days| (days > 0).then(|| Duration::from_secs(days * 86_400)))
         })?,
+        console_secure_cookies: parse.value("console.secure_cookies", |text| match text {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        })?,
         audit_reclaim_idle: parse.value("audit.reclaim_idle_seconds", |text| {
             text.parse::<u64>()
                 .ok()
@@ -511,6 +522,7 @@ fn default_value(name: &str, default_store: &str) -> String {
         "shutdown_grace_seconds" => "30".to_owned(),
         "audit.retention_days" => "365".to_owned(),
         "audit.reclaim_idle_seconds" => "30".to_owned(),
+        "console.secure_cookies" => "false".to_owned(),
         "sts.mint_rate_limit_per_minute" => "1000".to_owned(),
         "coordinator.max_depth" => "10".to_owned(),
         "coordinator.max_children" => "10".to_owned(),
@@ -624,6 +636,7 @@ fn flag_values(overrides: &Overrides) -> Result<BTreeMap<&'static str, String>, 
             "audit.reclaim_idle_seconds",
             &overrides.audit_reclaim_idle_seconds,
         ),
+        ("console.secure_cookies", &overrides.console_secure_cookies),
         (
             "sts.mint_rate_limit_per_minute",
             &overrides.mint_rate_limit_per_minute,

@@ -853,3 +853,35 @@ fn the_audit_export_downloads_and_verifies_offline() {
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }
+
+/// Behind HTTPS the console's cookies carry `Secure` (`console.secure_cookies`); a value that
+/// is not a boolean is refused before anything starts.
+#[test]
+fn secure_cookies_are_set_when_the_console_is_served_over_https() {
+    let (_parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.extend(["--console-secure-cookies", "true", "up"].map(String::from));
+    let running = Running::start(&home, &args);
+    let console = running.address("console");
+    assert_eq!(wait_ready(running.address("api")).status, 200);
+    let page = request(console, "GET", "/sign-in", &[], "");
+    let cookie = &page.headers["set-cookie"];
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+
+    let (_parent, other) = fresh_home();
+    let refused = util::caracal(&other)
+        .args(["--console-secure-cookies", "yes", "up"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("console.secure_cookies"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

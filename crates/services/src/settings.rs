@@ -31,6 +31,9 @@ pub struct Settings {
     /// An audit event read but not stored (the store failing) is delivered again after this
     /// long; after eight deliveries it is dead-lettered.
     pub audit_reclaim_idle: Duration,
+    /// The console's cookies carry `Secure`: set when the console is reached over HTTPS (a
+    /// TLS-terminating proxy in front of it).
+    pub console_secure_cookies: bool,
     /// Mints a minute per (zone, resource, application) before the STS answers 429.
     pub mint_rate_limit_per_minute: u64,
     /// Coordinator limits: tree depth, live children per session, live sessions per zone and

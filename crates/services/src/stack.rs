@@ -92,6 +92,7 @@ pub struct Stack {
     shutdown_grace: Duration,
     audit_retention: Option<Duration>,
     audit_reclaim_idle: Duration,
+    console_secure_cookies: bool,
     issuer: String,
     mint_rate_limit_per_minute: u64,
     coordinator_limits: crate::coordinator::Limits,
@@ -175,6 +176,7 @@ impl Stack {
             shutdown_grace: settings.shutdown_grace,
             audit_retention: settings.audit_retention,
             audit_reclaim_idle: settings.audit_reclaim_idle,
+            console_secure_cookies: settings.console_secure_cookies,
             issuer: settings.issuer_url.clone(),
             mint_rate_limit_per_minute: settings.mint_rate_limit_per_minute,
             gateway_config: settings.gateway.clone(),
@@ -266,6 +268,7 @@ impl Stack {
             let mut state = RoleState::new(role, self.shared.clone());
             if role == Role::Console {
                 state.peers = Arc::clone(&peers);
+                state.console = crate::console::Sessions::new(self.console_secure_cookies);
             }
             if role == Role::Api {
                 // The API role owns the outbox; it stops with the servers and leaves unsent

@@ -51,9 +51,9 @@ const CSS: &str = include_str!("console.css");
 const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
                    frame-ancestors 'none'; base-uri 'none'";
 
-/// Signed-in sessions of this process, by cookie value.
+/// Signed-in sessions of this process, by cookie value, and whether cookies carry `Secure`.
 #[derive(Clone, Default)]
-pub struct Sessions(Arc<Mutex<HashMap<String, Session>>>);
+pub struct Sessions(Arc<Mutex<HashMap<String, Session>>>, bool);
 
 #[derive(Clone)]
 struct Session {
@@ -66,6 +66,20 @@ struct Session {
 }
 
 impl Sessions {
+    /// `secure`: the console is reached over HTTPS, so its cookies carry `Secure`.
+    pub fn new(secure: bool) -> Sessions {
+        Sessions(Arc::default(), secure)
+    }
+
+    /// The attributes every console cookie carries.
+    fn attributes(&self) -> &'static str {
+        if self.1 {
+            "HttpOnly; SameSite=Strict; Secure"
+        } else {
+            "HttpOnly; SameSite=Strict"
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
         self.0
             .lock()
@@ -301,7 +315,7 @@ async fn index(State(state): State<RoleState>, headers: HeaderMap) -> Response {
     }
 }
 
-async fn sign_in_page() -> Response {
+async fn sign_in_page(State(state): State<RoleState>) -> Response {
     let Some(csrf) = random_token() else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, None, "no randomness");
     };
@@ -316,7 +330,8 @@ async fn sign_in_page() -> Response {
     );
     let mut response = html(StatusCode::OK, layout("Sign in", None, &form));
     if let Ok(value) = HeaderValue::from_str(&format!(
-        "{SIGN_IN_COOKIE}={csrf}; Path=/sign-in; HttpOnly; SameSite=Strict"
+        "{SIGN_IN_COOKIE}={csrf}; Path=/sign-in; {}",
+        state.console.attributes()
     )) {
         response.headers_mut().append(header::SET_COOKIE, value);
     }
@@ -414,7 +429,8 @@ async fn sign_in(State(state): State<RoleState>, headers: HeaderMap, body: Bytes
     );
     let mut response = redirect("/overview");
     if let Ok(value) = HeaderValue::from_str(&format!(
-        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        "{COOKIE}={id}; Path=/; {}; Max-Age={}",
+        state.console.attributes(),
         ABSOLUTE_MS / 1000
     )) {
         response.headers_mut().append(header::SET_COOKIE, value);
@@ -437,10 +453,12 @@ async fn sign_out(State(state): State<RoleState>, headers: HeaderMap, body: Byte
     }
     state.console.lock().remove(&id);
     let mut response = redirect("/sign-in");
-    response.headers_mut().append(
-        header::SET_COOKIE,
-        HeaderValue::from_static("caracal_console=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
-    );
+    if let Ok(value) = HeaderValue::from_str(&format!(
+        "{COOKIE}=; Path=/; {}; Max-Age=0",
+        state.console.attributes()
+    )) {
+        response.headers_mut().append(header::SET_COOKIE, value);
+    }
     response
 }
 
