@@ -26,7 +26,7 @@ const CONCURRENCY: usize = 32;
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let count = if args.quick { 200 } else { args.messages };
-    let upstream = upstream().await?;
+    let upstream = crate::bench_governed::upstream().await?;
     let bench = bench_stack(&format!("http://{upstream}/api")).await?;
     let sts = bench.sts_router();
     let gateway = Arc::new(
@@ -132,24 +132,6 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     drop((sts, gateway_router, gateway));
     bench.evidence_tasks.shutdown().await;
     Ok(())
-}
-
-/// A loopback upstream answering a small JSON document.
-async fn upstream() -> anyhow::Result<std::net::SocketAddr> {
-    let app = axum::Router::new().fallback(|| async {
-        (
-            [(http::header::CONTENT_TYPE, "application/json")],
-            r#"{"entries":[1,2,3]}"#,
-        )
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).await {
-            eprintln!("bench upstream stopped: {error}");
-        }
-    });
-    Ok(address)
 }
 
 /// One governed request: a fresh gateway mandate, then the Gateway call with it.

@@ -47,13 +47,8 @@ struct Case {
 
 fn case(name: &str, elapsed: Duration, mut latencies: Vec<Duration>, cpu: Option<f64>) -> Case {
     latencies.sort_unstable();
-    let at = |fraction: f64| {
-        let index =
-            ((latencies.len() as f64 * fraction) as usize).min(latencies.len().saturating_sub(1));
-        latencies
-            .get(index)
-            .map_or(0.0, |latency| latency.as_secs_f64() * 1000.0)
-    };
+    let at =
+        |fraction: f64| crate::bench_sts::percentile(&latencies, fraction).as_secs_f64() * 1000.0;
     Case {
         name: name.to_owned(),
         requests: latencies.len(),

@@ -30,11 +30,7 @@ fn timed(name: &'static str, target: &'static str, count: usize, mut one: impl F
     }
     let elapsed = started.elapsed();
     latencies.sort_unstable();
-    let at = |fraction: f64| {
-        let index =
-            ((latencies.len() as f64 * fraction) as usize).min(latencies.len().saturating_sub(1));
-        latencies.get(index).copied().unwrap_or_default()
-    };
+    let at = |fraction: f64| crate::bench_sts::percentile(&latencies, fraction);
     Row {
         name,
         rate: count as f64 / elapsed.as_secs_f64().max(f64::EPSILON),

@@ -17,17 +17,13 @@ use crate::agent::Agent;
 use crate::bench_governed::{
     Admin, Http, RESOURCE, get, mint, provision, spawn_caracal, upstream, wait_ready,
 };
+use crate::bench_sts::percentile;
 use crate::cli::BenchArgs;
 
 /// Mandates minted for each replica per run: calls until its view refuses.
 const TRIES: usize = 60;
 /// The Redis database the benchmark empties and uses, apart from anything else.
 const REDIS_DB: u8 = 15;
-
-fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
-    let index = ((sorted.len() as f64 * fraction) as usize).min(sorted.len().saturating_sub(1));
-    sorted.get(index).copied().unwrap_or_default()
-}
 
 /// Calls `gateway` with one mandate after another until its revocation view refuses one; the
 /// time since `from`.
@@ -90,7 +86,7 @@ async fn measure(
 ) -> anyhow::Result<()> {
     let upstream = upstream().await?;
     let dir = tempfile::tempdir()?;
-    let stream_key = hex_key()?;
+    let stream_key = caracal_crypto::hex(&caracal_crypto::random_bytes::<32>()?);
     let shared = |roles: &[&str], extra: &[String]| {
         let mut args: Vec<String> = [
             "--store",
@@ -242,9 +238,4 @@ async fn measure(
     drop(replicas);
     drop(control);
     Ok(())
-}
-
-fn hex_key() -> anyhow::Result<String> {
-    let bytes: [u8; 32] = caracal_crypto::random_bytes()?;
-    Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
 }

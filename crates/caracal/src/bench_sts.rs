@@ -254,17 +254,19 @@ async fn open_loop(
     Ok(figures)
 }
 
+/// The latency at `fraction` of `sorted` (zero when empty): every benchmark's percentiles.
+pub(crate) fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+    let index = ((sorted.len() as f64 * fraction) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(index).copied().unwrap_or_default()
+}
+
 pub(crate) fn figures(
     name: &'static str,
     elapsed: Duration,
     mut latencies: Vec<Duration>,
 ) -> Figures {
     latencies.sort_unstable();
-    let at = |fraction: f64| {
-        let index =
-            ((latencies.len() as f64 * fraction) as usize).min(latencies.len().saturating_sub(1));
-        latencies.get(index).copied().unwrap_or_default()
-    };
+    let at = |fraction: f64| percentile(&latencies, fraction);
     Figures {
         name,
         rate: latencies.len() as f64 / elapsed.as_secs_f64().max(f64::EPSILON),

@@ -51,9 +51,14 @@ const CSS: &str = include_str!("console.css");
 const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
                    frame-ancestors 'none'; base-uri 'none'";
 
-/// Signed-in sessions of this process, by cookie value, and whether cookies carry `Secure`.
+/// Signed-in sessions of this process, by cookie value; whether cookies carry `Secure`; and
+/// the admin API's routes the console calls, built once.
 #[derive(Clone, Default)]
-pub struct Sessions(Arc<Mutex<HashMap<String, Session>>>, bool);
+pub struct Sessions(
+    Arc<Mutex<HashMap<String, Session>>>,
+    bool,
+    Arc<std::sync::OnceLock<Router>>,
+);
 
 #[derive(Clone)]
 struct Session {
@@ -68,7 +73,7 @@ struct Session {
 impl Sessions {
     /// `secure`: the console is reached over HTTPS, so its cookies carry `Secure`.
     pub fn new(secure: bool) -> Sessions {
-        Sessions(Arc::default(), secure)
+        Sessions(Arc::default(), secure, Arc::default())
     }
 
     /// The attributes every console cookie carries.
@@ -270,9 +275,15 @@ async fn admin_bytes(
     path: &str,
     body: Option<Value>,
 ) -> (StatusCode, Bytes) {
-    let app = crate::admin::routes()
-        .merge(crate::api::routes())
-        .with_state(RoleState::new(Role::Api, state.shared.clone()));
+    let app = state
+        .console
+        .2
+        .get_or_init(|| {
+            crate::admin::routes()
+                .merge(crate::api::routes())
+                .with_state(RoleState::new(Role::Api, state.shared.clone()))
+        })
+        .clone();
     let request = http::Request::builder()
         .method(method)
         .uri(path)

@@ -355,7 +355,8 @@ pub(super) async fn policy_set_action(
     let Some(form) = form.filter(|form| same(&form.csrf, &session.csrf)) else {
         return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
     };
-    let (Some(zone), true) = (zone_path(&zone_id), caracal_core::is_plain_id(&set_id)) else {
+    let plain = caracal_core::is_plain_id(&set_id) && caracal_core::is_plain_id(&form.version_id);
+    let (Some(zone), true) = (zone_path(&zone_id), plain) else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such policy set");
     };
     let base = format!("/v1/zones/{zone}/policy-sets/{set_id}");
