@@ -5,6 +5,11 @@
 # chromium with chromium-driver (the console's browser tests).
 set -euo pipefail
 
+# Tests run in parallel and each may call this script: one install at a time (apt's own lock
+# refuses a second apt-get instead of waiting), and the others then find the packages there.
+exec 9>"${TMPDIR:-/tmp}/caracal-install-deps.lock"
+flock 9
+
 need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)

@@ -31,13 +31,41 @@ async fn call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<(hyper::StatusCode, serde_json::Value)> {
+    let token = read_token(settings, token_file)?;
+    call_as(settings, &token, method, path, body).await
+}
+
+/// The admin token in `token_file` (default `$CARACAL_HOME/admin-token`).
+pub fn read_token(
+    settings: &Settings,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<String> {
     let token_path = token_file.map_or_else(
         || settings.home.join(caracal_store::ADMIN_TOKEN_FILE),
         ToOwned::to_owned,
     );
     let token = std::fs::read_to_string(&token_path)
         .with_context(|| format!("admin token {}", token_path.display()))?;
-    let bearer = format!("Bearer {}", token.trim());
+    Ok(token.trim().to_owned())
+}
+
+/// `GET {api}{path}` with the admin token `token` itself.
+pub async fn get_as(
+    settings: &Settings,
+    token: &str,
+    path: &str,
+) -> anyhow::Result<(hyper::StatusCode, serde_json::Value)> {
+    call_as(settings, token, hyper::Method::GET, path, None).await
+}
+
+async fn call_as(
+    settings: &Settings,
+    token: &str,
+    method: hyper::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<(hyper::StatusCode, serde_json::Value)> {
+    let bearer = format!("Bearer {token}");
     let address = crate::status::api_address(settings);
     send(
         address,

@@ -66,6 +66,10 @@ pub struct Overrides {
     /// then carry `Secure` [env: CARACAL_CONSOLE_SECURE_COOKIES] [default: false]
     #[arg(long, global = true, value_name = "BOOL")]
     pub console_secure_cookies: Option<String>,
+    /// Roles of other processes, `role=host:port` comma-separated: the console's overview,
+    /// `caracal status` and `caracal incident validate` probe them too [env: CARACAL_PEERS]
+    #[arg(long, global = true, value_name = "ROLE=ADDR,…")]
+    pub peers: Option<String>,
     /// Mints a minute per zone, resource and application before the STS answers 429
     /// [env: CARACAL_STS_MINT_RATE_LIMIT_PER_MINUTE] [default: 1000]
     #[arg(long, global = true, value_name = "N")]

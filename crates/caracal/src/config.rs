@@ -212,6 +212,12 @@ const KEYS: &[Key] = &[
         "seconds an audit event read but not stored waits before it is delivered again (eight deliveries, then the DLQ), 1-3600",
     ),
     key(
+        "peers",
+        &["CARACAL_PEERS"],
+        "--peers",
+        "roles of other processes as role=host:port, comma-separated (e.g. sts=10.0.0.2:8081); empty for none",
+    ),
+    key(
         "console.secure_cookies",
         &["CARACAL_CONSOLE_SECURE_COOKIES"],
         "--console-secure-cookies",
@@ -304,7 +310,7 @@ pub enum LogFormat {
 }
 
 /// The validated configuration plus the provenance of each value.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Resolved {
     pub settings: Settings,
     pub log_format: LogFormat,
@@ -388,6 +394,7 @@ pub fn resolve(
                 .filter(|days| *days <= 36_500)
                 .map(|days| (days > 0).then(|| Duration::from_secs(days * 86_400)))
         })?,
+        peers: parse.value("peers", parse_peers)?,
         console_secure_cookies: parse.value("console.secure_cookies", |text| match text {
             "true" => Some(true),
             "false" => Some(false),
@@ -523,6 +530,7 @@ fn default_value(name: &str, default_store: &str) -> String {
         "audit.retention_days" => "365".to_owned(),
         "audit.reclaim_idle_seconds" => "30".to_owned(),
         "console.secure_cookies" => "false".to_owned(),
+        "peers" => String::new(),
         "sts.mint_rate_limit_per_minute" => "1000".to_owned(),
         "coordinator.max_depth" => "10".to_owned(),
         "coordinator.max_children" => "10".to_owned(),
@@ -560,6 +568,18 @@ impl Parser<'_> {
             accepted: key.map(|key| key.accepted).unwrap_or_default().to_owned(),
         })
     }
+}
+
+/// `role=host:port,…`: every entry a role name and a socket address; empty is none.
+fn parse_peers(text: &str) -> Option<Vec<(Role, std::net::SocketAddr)>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            let (role, address) = entry.split_once('=')?;
+            Some((role.trim().parse().ok()?, address.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 fn gateway_config(
@@ -637,6 +657,7 @@ fn flag_values(overrides: &Overrides) -> Result<BTreeMap<&'static str, String>, 
             &overrides.audit_reclaim_idle_seconds,
         ),
         ("console.secure_cookies", &overrides.console_secure_cookies),
+        ("peers", &overrides.peers),
         (
             "sts.mint_rate_limit_per_minute",
             &overrides.mint_rate_limit_per_minute,

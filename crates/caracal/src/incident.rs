@@ -5,6 +5,8 @@ use anyhow::{Context as _, bail};
 use caracal_services::Settings;
 use serde_json::{Value, json};
 
+use caracal_services::recovery::{Canary, Check, OperatorTools, Preserved};
+
 use crate::admin_http;
 use crate::cli::IncidentCommand;
 use crate::config::Resolved;
@@ -14,7 +16,21 @@ pub async fn run(resolved: &Resolved, command: &IncidentCommand) -> anyhow::Resu
     let settings = &resolved.settings;
     match command {
         IncidentCommand::Rotate { what } => rotate(settings, what).await,
-        IncidentCommand::Preserve { out } => crate::preserve::preserve(resolved, out).await,
+        IncidentCommand::Preserve { out } => {
+            let preserved = crate::preserve::preserve(resolved, out).await?;
+            println!(
+                "evidence bundle written to {} ({} files, signed by {}){}",
+                out.display(),
+                preserved.files,
+                preserved.key_id,
+                if preserved.complete {
+                    ""
+                } else {
+                    "; some parts failed, see the *error* files"
+                }
+            );
+            Ok(preserved.complete)
+        }
         IncidentCommand::VerifyBundle { dir, public_key } => {
             crate::preserve::verify_bundle(resolved, dir, public_key.as_deref()).await
         }
@@ -296,45 +312,42 @@ fn read_secret(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>>
     .transpose()
 }
 
-/// What `validate` proves with real exchanges, when given.
-struct Canary {
-    zone: Option<String>,
-    app: Option<String>,
-    secret: Option<String>,
-    resource: Option<String>,
-    old_secret: Option<String>,
-    old_kid: Option<String>,
-}
-
-/// One recovery check and what it saw.
-#[derive(serde::Serialize)]
-struct Check {
-    name: String,
-    ok: bool,
-    evidence: String,
-}
-
-/// Sample values of a `/metrics` text, summed over label sets, by metric name.
-fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
-    let mut values = std::collections::BTreeMap::new();
-    for line in text.lines().filter(|line| !line.starts_with('#')) {
-        let Some((name_part, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let name = name_part.split('{').next().unwrap_or_default();
-        if let Ok(value) = value.parse::<f64>() {
-            *values.entry(name.to_owned()).or_insert(0.0) += value;
-        }
-    }
-    values
-}
-
 async fn validate(
     resolved: &Resolved,
     canary: &Canary,
     as_json: bool,
     token_file: Option<&std::path::Path>,
 ) -> anyhow::Result<bool> {
+    let token = admin_http::read_token(&resolved.settings, token_file)?;
+    let checks = checks(resolved, canary, &token).await;
+    let ok = checks.iter().all(|check| check.ok);
+    if as_json {
+        println!("{}", json!({ "ok": ok, "checks": checks }));
+    } else {
+        for check in &checks {
+            println!(
+                "{} {:<40} {}",
+                if check.ok { "PASS" } else { "FAIL" },
+                check.name,
+                check.evidence
+            );
+        }
+        println!(
+            "{}",
+            if ok {
+                "recovered: every check passes"
+            } else {
+                "not recovered"
+            }
+        );
+    }
+    Ok(ok)
+}
+
+/// The runbook's recovery checks, reading through the API with `token`: every role ready, the
+/// freshness and backlog bounds, no containment left; with a canary zone, exchanges and a
+/// Gateway call as an agent.
+async fn checks(resolved: &Resolved, canary: &Canary, token: &str) -> Vec<Check> {
     use hyper_util::client::legacy::Client;
     let settings = &resolved.settings;
     let client: crate::status::HttpClient =
@@ -352,67 +365,11 @@ async fn validate(
                 .unwrap_or_else(|| format!("ready at {address}")),
         });
         if let Ok((200, body)) = crate::status::get(&client, *address, "/metrics").await {
-            metrics.extend(samples(&String::from_utf8_lossy(&body)));
+            caracal_services::recovery::samples(&String::from_utf8_lossy(&body), &mut metrics);
         }
     }
-    let mut bound = |name: &str, metric: &str, limit: f64| {
-        if let Some(value) = metrics.get(metric) {
-            checks.push(Check {
-                name: name.to_owned(),
-                ok: *value <= limit,
-                evidence: format!("{metric} = {value} (at most {limit})"),
-            });
-        }
-    };
-    bound("outbox dead rows", "caracal_outbox_dead_rows", 0.0);
-    bound(
-        "outbox draining",
-        "caracal_outbox_pending_oldest_seconds",
-        300.0,
-    );
-    bound("audit DLQ drained", "caracal_audit_dlq_size", 0.0);
-    bound(
-        "audit ingestion caught up",
-        "caracal_audit_consumer_lag",
-        1000.0,
-    );
-    bound(
-        "gateway STS circuit closed",
-        "caracal_gateway_sts_circuit_state",
-        0.0,
-    );
-    bound(
-        "STS policy bundles fresh",
-        "caracal_sts_policy_bundle_age_seconds",
-        300.0,
-    );
-    if let Some(fresh) = metrics.get("caracal_gateway_revocation_snapshot_fresh") {
-        checks.push(Check {
-            name: "gateway revocation view fresh".to_owned(),
-            ok: *fresh >= 1.0,
-            evidence: format!(
-                "caracal_gateway_revocation_snapshot_fresh = {fresh} (store age {} s, stream age {} s)",
-                metrics
-                    .get("caracal_gateway_revocation_snapshot_age_seconds")
-                    .copied()
-                    .unwrap_or(f64::NAN),
-                metrics
-                    .get("caracal_gateway_revocation_stream_age_seconds")
-                    .copied()
-                    .unwrap_or(f64::NAN)
-            ),
-        });
-    }
-    for (name, value) in metrics.iter().filter(|(name, _)| {
-        name.ends_with("_audit_replay_files") || name.ends_with("_audit_evidence_lost_total")
-    }) {
-        checks.push(Check {
-            name: format!("{name} is 0"),
-            ok: *value == 0.0,
-            evidence: format!("{name} = {value}"),
-        });
-    }
-    match admin_http::get(settings, token_file, "/v1/incident/containment").await {
+    checks.extend(caracal_services::recovery::backlog_checks(&metrics));
+    match admin_http::get_as(settings, token, "/v1/incident/containment").await {
         Ok((status, answer)) if status.is_success() => {
             let switches = answer
                 .get("switches")
@@ -463,30 +420,9 @@ async fn validate(
             coordinator,
             gateway,
         };
-        gateway_canaries(&mut checks, canary, zone, &roles, settings, token_file).await;
+        gateway_canaries(&mut checks, canary, zone, &roles, settings, token).await;
     }
-    let ok = checks.iter().all(|check| check.ok);
-    if as_json {
-        println!("{}", json!({ "ok": ok, "checks": checks }));
-    } else {
-        for check in &checks {
-            println!(
-                "{} {:<40} {}",
-                if check.ok { "PASS" } else { "FAIL" },
-                check.name,
-                check.evidence
-            );
-        }
-        println!(
-            "{}",
-            if ok {
-                "recovered: every check passes"
-            } else {
-                "not recovered"
-            }
-        );
-    }
-    Ok(ok)
+    checks
 }
 
 /// Bootstrap exchanges at the STS: the current secret allowed, a wrong one and an exposed old
@@ -603,7 +539,7 @@ async fn gateway_canaries(
     zone: &str,
     roles: &Roles,
     settings: &Settings,
-    token_file: Option<&std::path::Path>,
+    token: &str,
 ) {
     const ALLOWED: &str = "canary call authorised by the Gateway";
     const REVOKED: &str = "terminated session refused at the Gateway";
@@ -631,8 +567,7 @@ async fn gateway_canaries(
         secret,
         resource,
     };
-    let (mandates, path, delegation) = match delegated_mandates(&agent, settings, token_file).await
-    {
+    let (mandates, path, delegation) = match delegated_mandates(&agent, settings, token).await {
         Ok(delegated) => delegated,
         Err(error) => {
             checks.push(Check {
@@ -720,11 +655,11 @@ async fn gateway_canaries(
 async fn delegated_mandates(
     agent: &crate::agent::Agent<'_>,
     settings: &Settings,
-    token_file: Option<&std::path::Path>,
+    token: &str,
 ) -> anyhow::Result<(Vec<String>, String, crate::agent::Delegation)> {
-    let (_, resources) = admin_http::get(
+    let (_, resources) = admin_http::get_as(
         settings,
-        token_file,
+        token,
         &format!("/v1/zones/{}/resources?limit=500", agent.zone),
     )
     .await?;
@@ -950,4 +885,29 @@ async fn invalidate_after(
         );
     }
     Ok(ok)
+}
+
+/// The binary's validate and preserve, offered to the running roles (the API's
+/// `/v1/incident/validate` and `/v1/incident/bundles`, and through them the console).
+pub struct Tools {
+    resolved: Resolved,
+}
+
+impl Tools {
+    pub fn new(resolved: Resolved) -> Tools {
+        Tools { resolved }
+    }
+}
+
+#[async_trait::async_trait]
+impl OperatorTools for Tools {
+    async fn validate(&self, admin_token: &str, canary: &Canary) -> Vec<Check> {
+        checks(&self.resolved, canary, admin_token).await
+    }
+
+    async fn preserve(&self, out: &std::path::Path) -> Result<Preserved, String> {
+        crate::preserve::preserve(&self.resolved, out)
+            .await
+            .map_err(|error| format!("{error:#}"))
+    }
 }

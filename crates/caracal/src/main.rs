@@ -167,13 +167,14 @@ fn serve(resolved: &Resolved, roles: &[Role]) -> ExitCode {
     logging::init(resolved.log_format, &resolved.log_filter);
     runtime(|| async {
         let shutdown = shutdown_signal();
-        let stack = match Stack::start(&resolved.settings, roles).await {
+        let mut stack = match Stack::start(&resolved.settings, roles).await {
             Ok(stack) => stack,
             Err(error) => {
                 eprintln!("error: {error}");
                 return ExitCode::from(EXIT_FAILURE);
             }
         };
+        stack.set_operator_tools(std::sync::Arc::new(incident::Tools::new(resolved.clone())));
         print_banner(&stack);
         match stack.serve(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,8 @@ use caracal_services::BusUrl;
 use caracal_store::{StoreUrl, redact_url};
 use serde_json::{Value, json};
 
+use caracal_services::recovery::Preserved;
+
 use crate::config::Resolved;
 
 const MANIFEST: &str = "manifest.json";
@@ -32,7 +34,7 @@ const STREAMS: [&str; 6] = [
     caracal_bus::stream_names::AGENTS_LIFECYCLE,
 ];
 
-pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<bool> {
+pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<Preserved> {
     let settings = &resolved.settings;
     if out.exists() && std::fs::read_dir(out)?.next().is_some() {
         bail!("{} exists and is not empty", out.display());
@@ -208,18 +210,11 @@ pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<bool> {
     std::fs::write(out.join(MANIFEST), &text)?;
     let signature = signer.sign_manifest(&caracal_crypto::sha256(text.as_bytes()));
     std::fs::write(out.join(SIGNATURE), format!("{signature}\n"))?;
-    println!(
-        "evidence bundle written to {} ({} files, signed by {}){}",
-        out.display(),
-        files.len(),
-        signer.key_id(),
-        if complete {
-            ""
-        } else {
-            "; some parts failed, see the *error* files"
-        }
-    );
-    Ok(complete)
+    Ok(Preserved {
+        complete,
+        files: files.len(),
+        key_id: signer.key_id().to_owned(),
+    })
 }
 
 fn write_json(out: &Path, name: &str, value: &Value) -> anyhow::Result<()> {

@@ -97,14 +97,17 @@ pub(crate) fn targets(resolved: &Resolved, wanted: &[Role]) -> Vec<(Role, Socket
             SocketAddr::new(reachable(settings.bind), settings.port(role)),
         )
     };
+    let peers = settings.peers.iter().copied();
     match (wanted.is_empty(), running.is_empty()) {
-        (true, false) => running,
+        (true, false) => running.into_iter().chain(peers).collect(),
+        (true, true) if !settings.peers.is_empty() => peers.collect(),
         (true, true) => Role::ALL.into_iter().map(configured).collect(),
         (false, _) => wanted
             .iter()
             .map(|role| {
                 running
                     .iter()
+                    .chain(&settings.peers)
                     .find(|(running_role, _)| running_role == role)
                     .copied()
                     .unwrap_or_else(|| configured(*role))

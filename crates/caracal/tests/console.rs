@@ -885,3 +885,259 @@ fn secure_cookies_are_set_when_the_console_is_served_over_https() {
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+/// The incident screen runs `validate` and shows each check (a containment left in force fails
+/// it, its release passes it), and builds a signed evidence bundle whose download verifies
+/// offline with `caracal incident verify-bundle`. A reader runs the checks but cannot build a
+/// bundle; a forged request for one is refused by the API.
+#[test]
+fn the_incident_screen_validates_and_preserves_a_verifiable_bundle() {
+    let (parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(&home, &args);
+    let (api, console) = (running.address("api"), running.address("console"));
+    assert_eq!(wait_ready(api).status, 200);
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let bearer = format!("Bearer {}", token.trim());
+    let auth = [("authorization", bearer.as_str())];
+    let session = sign_in(console, &token);
+    let page = request(console, "GET", "/incident", &[("cookie", &session)], "");
+    assert_eq!(page.status, 200);
+    let csrf = csrf_of(&page.body);
+    assert!(page.body.contains("action=\"/incident/preserve\""));
+
+    let contained = form(
+        console,
+        "/incident",
+        &session,
+        &format!("csrf={csrf}&switch=freeze&reason=drill&action=contain"),
+    );
+    assert_eq!(contained.status, 200, "{}", contained.body);
+    let validated = form(
+        console,
+        "/incident/validate",
+        &session,
+        &format!("csrf={csrf}"),
+    );
+    assert_eq!(validated.status, 200, "{}", validated.body);
+    assert!(
+        validated.body.contains("Not recovered"),
+        "{}",
+        validated.body
+    );
+    assert!(
+        validated
+            .body
+            .contains("no containment left in force</td><td class=\"bad\">FAIL"),
+        "{}",
+        validated.body
+    );
+    assert!(
+        validated
+            .body
+            .contains("api ready</td><td class=\"good\">PASS")
+    );
+    let released = form(
+        console,
+        "/incident",
+        &session,
+        &format!("csrf={csrf}&switch=freeze&reason=drill+over&action=release"),
+    );
+    assert_eq!(released.status, 200, "{}", released.body);
+    let validated = form(
+        console,
+        "/incident/validate",
+        &session,
+        &format!("csrf={csrf}"),
+    );
+    assert!(
+        validated.body.contains("Recovered: every check passes"),
+        "{}",
+        validated.body
+    );
+    let forged = form(console, "/incident/validate", &session, "csrf=wrong");
+    assert_eq!(forged.status, 403);
+
+    // The bundle: built, downloaded, unpacked and verified offline.
+    let built = form(
+        console,
+        "/incident/preserve",
+        &session,
+        &format!("csrf={csrf}&reason=drill+evidence"),
+    );
+    assert_eq!(built.status, 200, "{}", built.body);
+    let link_at = built.body.find("href=\"/incident/bundles/").unwrap() + "href=\"".len();
+    let link = built.body[link_at..].split('"').next().unwrap().to_owned();
+    let name = link.rsplit('/').next().unwrap().to_owned();
+    let download = request(console, "GET", &link, &[("cookie", &session)], "");
+    assert_eq!(download.status, 200, "{}", download.body);
+    assert_eq!(download.headers["content-type"], "application/x-tar");
+    let archive = parent.path().join("bundle.tar");
+    std::fs::write(&archive, &download.bytes).unwrap();
+    let unpacked = parent.path().join("unpacked");
+    std::fs::create_dir_all(&unpacked).unwrap();
+    let untar = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&unpacked)
+        .status()
+        .unwrap();
+    assert!(untar.success());
+    let verify = |dir: &std::path::Path| {
+        util::caracal(&home)
+            .args(["incident", "verify-bundle"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let verified = verify(&unpacked.join(&name));
+    assert!(
+        verified.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    // The verification is not a formality: a changed file is found.
+    std::fs::write(unpacked.join(&name).join("containment.json"), "tampered").unwrap();
+    assert!(!verify(&unpacked.join(&name)).status.success());
+    // Both the build and the download are in the ledger.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let audit = json_of(&request(
+            api,
+            "GET",
+            "/v1/zones/caracal.sys/admin-audit?entity_type=evidence_bundle",
+            &auth,
+            "",
+        ));
+        let text = audit.to_string();
+        if text.contains("incident.preserve") && text.contains("incident.bundle_download") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{audit}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    // A reader runs the checks, is offered no bundle, and a forged build is refused.
+    let reader = json_of(&request(
+        api,
+        "POST",
+        "/v1/admin-tokens",
+        &auth,
+        r#"{"name":"auditor","scope":"global","capability":"read"}"#,
+    ));
+    let read_session = sign_in(console, reader["token"].as_str().unwrap());
+    let read_page = request(
+        console,
+        "GET",
+        "/incident",
+        &[("cookie", &read_session)],
+        "",
+    );
+    assert!(!read_page.body.contains("action=\"/incident/preserve\""));
+    assert!(!read_page.body.contains("name=\"secret\""));
+    let read_csrf = csrf_of(&read_page.body);
+    let checks = form(
+        console,
+        "/incident/validate",
+        &read_session,
+        &format!("csrf={read_csrf}"),
+    );
+    assert!(checks.body.contains("Recovered"), "{}", checks.body);
+    let forged = form(
+        console,
+        "/incident/preserve",
+        &read_session,
+        &format!("csrf={read_csrf}&reason=exfiltrate"),
+    );
+    assert_eq!(forged.status, 403, "{}", forged.body);
+    assert!(forged.body.contains("admin_token_read_only"));
+    let stolen = request(console, "GET", &link, &[("cookie", &read_session)], "");
+    assert_eq!(stolen.status, 403, "{}", stolen.body);
+    // The API itself: bad names and bodies are 4xx with the error body.
+    let missing = request(
+        api,
+        "GET",
+        "/v1/incident/bundles/..%2Fadmin-token",
+        &auth,
+        "",
+    );
+    assert_eq!(missing.status, 404, "{}", missing.body);
+    assert_eq!(json_of(&missing)["error"], "not_found");
+    let unknown = request(
+        api,
+        "POST",
+        "/v1/incident/validate",
+        &auth,
+        r#"{"zoen":"x"}"#,
+    );
+    assert_eq!(unknown.status, 400, "{}", unknown.body);
+    let no_reason = request(api, "POST", "/v1/incident/bundles", &auth, "{}");
+    assert_eq!(no_reason.status, 400, "{}", no_reason.body);
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+}
+
+/// `peers` names roles of other processes: the overview probes them beside its own (ready,
+/// then "no answer" once that process is gone) and `caracal status` reports them.
+#[test]
+fn the_overview_probes_the_roles_of_other_processes() {
+    let (_other_parent, other_home) = fresh_home();
+    let mut other_args = free_ports();
+    other_args.push("up".to_owned());
+    let other = Running::start(&other_home, &other_args);
+    let other_sts = other.address("sts");
+    assert_eq!(wait_ready(other_sts).status, 200);
+
+    let (_parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.extend([
+        "--peers".to_owned(),
+        format!("sts={other_sts}"),
+        "up".to_owned(),
+    ]);
+    let running = Running::start(&home, &args);
+    let console = running.address("console");
+    assert_eq!(wait_ready(running.address("api")).status, 200);
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let session = sign_in(console, &token);
+    let row = format!("<td>sts</td><td>{other_sts}</td>");
+    let overview = request(console, "GET", "/overview", &[("cookie", &session)], "");
+    assert!(
+        overview
+            .body
+            .contains(&format!("{row}<td><span class=\"good\">ready</span>")),
+        "{}",
+        overview.body
+    );
+    assert!(overview.body.contains("Freshness and backlogs"));
+
+    let status = util::caracal(&home)
+        .args(["--peers", &format!("sts={other_sts}"), "status", "--json"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains(&other_sts.to_string()), "{text}");
+
+    let (exit, _, _) = other.terminate();
+    assert!(exit.success());
+    let overview = request(console, "GET", "/overview", &[("cookie", &session)], "");
+    assert!(
+        overview
+            .body
+            .contains(&format!("{row}<td><span class=\"bad\">no answer</span>")),
+        "{}",
+        overview.body
+    );
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+
+    let refused = util::caracal(&home)
+        .args(["--peers", "stss=127.0.0.1:1", "config", "show"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("peers"));
+}

@@ -299,6 +299,16 @@ fn an_operator_signs_in_and_sees_every_screen_in_chromium() {
     driver.go(&format!("{base}/incident"));
     assert_eq!(driver.text("h1"), "Incident");
     driver.screenshot("incident");
+    driver.click("form[action='/incident/validate'] button");
+    driver.wait_text("main", "Recovered: every check passes.");
+    driver.screenshot("incident-validate");
+    driver.type_into(
+        "form[action='/incident/preserve'] input[name=reason]",
+        "drill",
+    );
+    driver.click("form[action='/incident/preserve'] button");
+    driver.wait_text("main", "Download bundle-");
+    driver.screenshot("incident-preserve");
 
     driver.click("header form button");
     driver.wait_url("/sign-in");

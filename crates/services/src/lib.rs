@@ -30,6 +30,7 @@ mod probes;
 pub mod propagation;
 pub mod provider_secrets;
 pub mod recent_logs;
+pub mod recovery;
 mod request_id;
 mod router;
 mod settings;

@@ -34,6 +34,9 @@ pub struct Settings {
     /// The console's cookies carry `Secure`: set when the console is reached over HTTPS (a
     /// TLS-terminating proxy in front of it).
     pub console_secure_cookies: bool,
+    /// Roles served by other processes (`role=host:port`): the console's overview, `caracal
+    /// status` and `validate` probe them beside this process's own.
+    pub peers: Vec<(caracal_core::Role, std::net::SocketAddr)>,
     /// Mints a minute per (zone, resource, application) before the STS answers 429.
     pub mint_rate_limit_per_minute: u64,
     /// Coordinator limits: tree depth, live children per session, live sessions per zone and

@@ -93,6 +93,7 @@ pub struct Stack {
     audit_retention: Option<Duration>,
     audit_reclaim_idle: Duration,
     console_secure_cookies: bool,
+    peers: Vec<(Role, SocketAddr)>,
     issuer: String,
     mint_rate_limit_per_minute: u64,
     coordinator_limits: crate::coordinator::Limits,
@@ -177,6 +178,7 @@ impl Stack {
             audit_retention: settings.audit_retention,
             audit_reclaim_idle: settings.audit_reclaim_idle,
             console_secure_cookies: settings.console_secure_cookies,
+            peers: settings.peers.clone(),
             issuer: settings.issuer_url.clone(),
             mint_rate_limit_per_minute: settings.mint_rate_limit_per_minute,
             gateway_config: settings.gateway.clone(),
@@ -193,6 +195,11 @@ impl Stack {
                 .unwrap_or(i64::MAX),
             },
         })
+    }
+
+    /// Offers the binary's validate and preserve to the API and the console.
+    pub fn set_operator_tools(&mut self, tools: Arc<dyn crate::recovery::OperatorTools>) {
+        self.shared.operator_tools = Some(tools);
     }
 
     /// Where each role listens, in start order.
@@ -256,7 +263,9 @@ impl Stack {
             Arc::clone(&self.shared.store),
             stop_receiver.clone(),
         ));
-        let peers = Arc::new(self.addresses());
+        let mut peers = self.addresses();
+        peers.extend(self.peers.iter().copied());
+        let peers = Arc::new(peers);
         let mut listeners = std::mem::take(&mut self.listeners);
         // The STS starts before the Gateway, which then exchanges with it in process.
         listeners.sort_by_key(|(role, _)| *role);

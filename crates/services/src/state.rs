@@ -52,6 +52,8 @@ pub struct Shared {
     pub kek: caracal_crypto::Kek,
     /// Incident containment switches in force.
     pub containment: crate::containment::ContainmentView,
+    /// The binary's validate and preserve, when the process was started by it.
+    pub operator_tools: Option<Arc<dyn crate::recovery::OperatorTools>>,
     draining: Arc<AtomicBool>,
 }
 
@@ -70,6 +72,7 @@ impl Shared {
             replay_dir,
             kek,
             containment: crate::containment::ContainmentView::default(),
+            operator_tools: None,
             draining: Arc::new(AtomicBool::new(false)),
         }
     }

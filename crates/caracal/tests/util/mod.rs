@@ -154,6 +154,8 @@ pub struct Response {
     pub status: u16,
     pub headers: BTreeMap<String, String>,
     pub body: String,
+    /// The body as sent (a download need not be UTF-8).
+    pub bytes: Vec<u8>,
 }
 
 /// `GET path` over a fresh connection with `Connection: close`.
@@ -193,8 +195,12 @@ pub fn request(
     stream.write_all(request.as_bytes()).unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let split = raw
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .unwrap();
+    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+    let bytes = raw[split + 4..].to_vec();
     let mut lines = head.lines();
     let status = lines
         .next()
@@ -211,7 +217,8 @@ pub fn request(
     Response {
         status,
         headers,
-        body: body.to_owned(),
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+        bytes,
     }
 }
 

@@ -61,7 +61,7 @@ pub(super) fn refuse_when_frozen(state: &RoleState) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn valid_reason(reason: &str) -> Result<String, ApiError> {
+pub(super) fn valid_reason(reason: &str) -> Result<String, ApiError> {
     let reason = reason.trim();
     if reason.is_empty() || reason.chars().count() > 500 || reason.chars().any(char::is_control) {
         return Err(invalid_body("reason", "1 to 500 printable characters"));

@@ -11,6 +11,7 @@ mod objects;
 mod openapi;
 mod policies;
 mod providers;
+mod recovery;
 mod resources;
 mod subjects;
 mod tokens;
@@ -44,6 +45,7 @@ pub fn routes() -> Router<RoleState> {
         .merge(applications::routes())
         .merge(approvals::routes())
         .merge(incident::routes())
+        .merge(recovery::routes())
         .merge(keys::routes())
         .merge(openapi::routes())
         .merge(policies::routes())

@@ -259,6 +259,24 @@ pub const OPERATIONS: &[Operation] = &[
     ),
     op(
         "post",
+        "/v1/incident/validate",
+        "read",
+        "The recovery checks (readiness, freshness, backlogs, containment); with a zone's canaries (write) also as an agent",
+    ),
+    op(
+        "post",
+        "/v1/incident/bundles",
+        "write",
+        "Build a signed evidence bundle (deployment-wide token, with a reason; audited)",
+    ),
+    op(
+        "get",
+        "/v1/incident/bundles/{name}",
+        "write",
+        "Download an evidence bundle as a tar archive (deployment-wide token; audited)",
+    ),
+    op(
+        "post",
         "/v1/incident/contain",
         "write",
         "Switch on a freeze (changes wait) or fail-closed (protected traffic refused), with a reason",

@@ -1264,6 +1264,7 @@ fn declared_routes() -> Vec<(String, String)> {
         include_str!("objects.rs"),
         include_str!("connections.rs"),
         include_str!("incident.rs"),
+        include_str!("recovery.rs"),
         include_str!("openapi.rs"),
         include_str!("../api.rs"),
     ];
@@ -1839,5 +1840,163 @@ async fn issuers_grants_and_workloads_keep_their_rules_and_their_secrets() {
         unchanged["bindings"],
         json!([]),
         "refused changes store nothing"
+    );
+}
+
+/// Stands in for the binary's validate and preserve: the API's authorisation around them is
+/// what is tested here (the real tools run in `tests/console.rs` and `tests/incident.rs`).
+struct RecordingTools(std::sync::Mutex<Vec<String>>);
+
+#[async_trait::async_trait]
+impl crate::recovery::OperatorTools for RecordingTools {
+    async fn validate(
+        &self,
+        admin_token: &str,
+        canary: &crate::recovery::Canary,
+    ) -> Vec<crate::recovery::Check> {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("validate {} {:?}", admin_token.len(), canary.zone));
+        vec![crate::recovery::Check {
+            name: "stand-in".to_owned(),
+            ok: false,
+            evidence: "seen".to_owned(),
+        }]
+    }
+
+    async fn preserve(&self, out: &std::path::Path) -> Result<crate::recovery::Preserved, String> {
+        std::fs::write(out.join("manifest.json"), "{}").map_err(|error| error.to_string())?;
+        self.0.lock().unwrap().push("preserve".to_owned());
+        Ok(crate::recovery::Preserved {
+            complete: true,
+            files: 1,
+            key_id: "k".to_owned(),
+        })
+    }
+}
+
+#[tokio::test]
+async fn validate_and_bundles_run_the_tools_only_for_the_callers_they_allow() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let reader = token(&shared, "read", TokenScope::Global).await;
+    let zone_writer = token(&shared, "write", TokenScope::Zone("z".to_owned())).await;
+    let (status, _, answer) = call(
+        &router(state.clone()),
+        "POST",
+        "/v1/incident/validate",
+        Some(&writer),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "no tools: {answer}");
+    assert_eq!(code(&answer), Some("not_found"));
+
+    let tools = std::sync::Arc::new(RecordingTools(std::sync::Mutex::default()));
+    let mut state = state;
+    state.shared.operator_tools = Some(tools.clone());
+    let app = router(state);
+    let (status, _, answer) = call(&app, "POST", "/v1/incident/validate", Some(&reader), "").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["ok"], false, "the tools' verdict, not the API's");
+    assert_eq!(answer["checks"][0]["evidence"], "seen");
+    // Canaries act in the zone: a reader is refused, an unknown zone is not found.
+    let (status, _, answer) = call(
+        &app,
+        "POST",
+        "/v1/incident/validate",
+        Some(&reader),
+        r#"{"zone":"z"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    let (status, _, _) = call(
+        &app,
+        "POST",
+        "/v1/incident/validate",
+        Some(&writer),
+        r#"{"zone":"nowhere"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, answer) =
+        call(&app, "POST", "/v1/incident/validate", Some(&writer), "[1").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+
+    // Bundles: a deployment-wide writer only, with a reason.
+    for (caller, expected) in [
+        (&reader, "admin_token_read_only"),
+        (&zone_writer, "admin_token_zone_mismatch"),
+    ] {
+        let (status, _, answer) = call(
+            &app,
+            "POST",
+            "/v1/incident/bundles",
+            Some(caller),
+            r#"{"reason":"r"}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+        assert_eq!(code(&answer), Some(expected));
+    }
+    let (status, _, answer) = call(
+        &app,
+        "POST",
+        "/v1/incident/bundles",
+        Some(&writer),
+        r#"{"reason":" "}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(
+        tools.0.lock().unwrap().as_slice(),
+        [format!("validate {} None", reader.len())],
+        "nothing refused reached the tools"
+    );
+    let (status, _, built) = call(
+        &app,
+        "POST",
+        "/v1/incident/bundles",
+        Some(&writer),
+        r#"{"reason":"drill"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{built}");
+    let name = built["name"].as_str().unwrap();
+    let path = format!("/v1/incident/bundles/{name}");
+    let (status, _, _) = call(&app, "GET", &path, Some(&reader), "").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let response = app
+        .clone()
+        .oneshot(
+            http::Request::get(&path)
+                .header("authorization", format!("Bearer {writer}"))
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let archive = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(&archive[257..262], b"ustar", "a tar archive");
+    for bad in ["bundle-zz", "bundle-..", "other"] {
+        let (status, _, answer) = call(
+            &app,
+            "GET",
+            &format!("/v1/incident/bundles/{bad}"),
+            Some(&writer),
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{bad}: {answer}");
+    }
+    assert_eq!(
+        tools.0.lock().unwrap().len(),
+        2,
+        "one validation, one bundle"
     );
 }

@@ -1,5 +1,5 @@
 //! The overview's health: every role this process serves, probed over its own `/ready` and
-//! `/metrics`, and the shipped alert rules whose condition holds now. Only instantaneous rules
+//! `/metrics`, the freshness and backlog bounds `validate` checks, and the shipped alert rules whose condition holds now. Only instantaneous rules
 //! (`metric > n`, `metric < n`) can be judged from one scrape; rules over a window (`increase`,
 //! `delta`, `changes`, `time()`) need Prometheus's history and are listed as such.
 
@@ -33,18 +33,6 @@ async fn fetch(client: &Client, address: SocketAddr, path: &str) -> Option<(u16,
     let status = response.status().as_u16();
     let body = response.into_body().collect().await.ok()?.to_bytes();
     Some((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// Samples of a `/metrics` text by metric name (every label set kept apart).
-fn samples(text: &str, into: &mut BTreeMap<String, Vec<f64>>) {
-    for line in text.lines().filter(|line| !line.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        if let (Some(name), Ok(value)) = (series.split('{').next(), value.parse::<f64>()) {
-            into.entry(name.to_owned()).or_default().push(value);
-        }
-    }
 }
 
 /// The shipped rules as (alert, expression).
@@ -140,10 +128,21 @@ pub(super) async fn section(state: &RoleState) -> String {
             escape(&reasons)
         ));
         if let Some((200, text)) = fetch(&client, *address, "/metrics").await {
-            samples(&text, &mut metrics);
+            crate::recovery::samples(&text, &mut metrics);
         }
     }
     readiness.push_str("</table>");
+    let mut backlogs = String::from("<table><tr><th>Check</th><th>Result</th><th>Now</th></tr>");
+    for check in crate::recovery::backlog_checks(&metrics) {
+        backlogs.push_str(&format!(
+            "<tr><td>{}</td><td class=\"{}\">{}</td><td>{}</td></tr>",
+            escape(&check.name),
+            if check.ok { "good" } else { "bad" },
+            if check.ok { "ok" } else { "over its bound" },
+            escape(&check.evidence)
+        ));
+    }
+    backlogs.push_str("</table>");
     let mut firing = Vec::new();
     let mut windowed = Vec::new();
     for (alert, expr) in rules() {
@@ -164,6 +163,7 @@ pub(super) async fn section(state: &RoleState) -> String {
     };
     format!(
         "<section class=\"card\"><h2>Roles</h2>{readiness}</section>\
+         <section class=\"card\"><h2>Freshness and backlogs</h2>{backlogs}</section>\
          <section class=\"card\"><h2>Alert rules that hold now</h2>{firing}\
          <p>Judged over a window by Prometheus only: {}.</p></section>",
         windowed.join(", ")
@@ -177,7 +177,7 @@ mod tests {
     #[test]
     fn instantaneous_rules_are_judged_and_windowed_ones_are_not() {
         let mut metrics = BTreeMap::new();
-        samples(
+        crate::recovery::samples(
             "# HELP x\ncaracal_audit_dlq_size 3\ncaracal_gateway_revocation_snapshot_fresh 1\n",
             &mut metrics,
         );

@@ -1,4 +1,6 @@
-//! Incident containment: what is in force, contain and release with a reason.
+//! Incident response: containment in force, contain and release with a reason, the recovery
+//! checks of `validate` (with a zone's canaries for a writer) and signed evidence bundles to
+//! build and download. All through the API's `/v1/incident/*` with the session's token.
 
 use super::*;
 
@@ -23,7 +25,29 @@ pub(super) async fn incident_page(
             &[("Switch", "/kind"), ("Zone", "/zone_id"), ("Reason", "/reason"), ("By", "/actor")],
         )
     ));
+    let csrf = escape(&session.csrf);
+    let canary_fields = if session.writer {
+        "<p>Canaries (optional; they act as an agent in the zone): \
+         <label>zone <input type=\"text\" name=\"zone\"></label> \
+         <label>application <input type=\"text\" name=\"app\"></label> \
+         <label>secret <input type=\"password\" name=\"secret\" autocomplete=\"off\"></label> \
+         <label>resource <input type=\"text\" name=\"resource\"></label></p>"
+    } else {
+        ""
+    };
+    body.push_str(&format!(
+        "<form method=\"post\" action=\"/incident/validate\" class=\"card\"><h2>Validate recovery</h2>\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">{canary_fields}\
+         <p><button>Run the checks</button></p></form>"
+    ));
     if session.writer {
+        body.push_str(&format!(
+            "<form method=\"post\" action=\"/incident/preserve\" class=\"card\"><h2>Preserve evidence</h2>\
+             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+             <p>A signed bundle of the audit exports, streams, database, configuration, logs and metrics.</p>\
+             <p><label>Reason<br><input type=\"text\" name=\"reason\" required></label></p>\
+             <p><button>Build the bundle</button></p></form>"
+        ));
         body.push_str(&format!(
             "<form method=\"post\" action=\"/incident\" class=\"card\"><h2>Contain or release</h2>\
              <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
@@ -78,4 +102,157 @@ pub(super) async fn contain_or_release(
         escape(&form.switch)
     );
     incident_page(&state, &session, Some(notice)).await
+}
+
+#[derive(Deserialize)]
+struct ValidateForm {
+    csrf: String,
+    #[serde(default)]
+    zone: String,
+    #[serde(default)]
+    app: String,
+    #[serde(default)]
+    secret: String,
+    #[serde(default)]
+    resource: String,
+}
+
+/// Runs the recovery checks and shows each with what it saw.
+pub(super) async fn validate(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some((_, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    let form = serde_urlencoded::from_bytes::<ValidateForm>(&body).ok();
+    let Some(form) = form.filter(|form| same(&form.csrf, &session.csrf)) else {
+        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
+    };
+    let given = |value: &str| (!value.trim().is_empty()).then(|| value.trim().to_owned());
+    let mut canary = serde_json::Map::new();
+    for (field, value) in [
+        ("zone", &form.zone),
+        ("app", &form.app),
+        ("secret", &form.secret),
+        ("resource", &form.resource),
+    ] {
+        if let Some(value) = given(value) {
+            canary.insert(field.to_owned(), Value::String(value));
+        }
+    }
+    let (status, answer) = admin(
+        &state,
+        &session,
+        "POST",
+        "/v1/incident/validate",
+        Some(Value::Object(canary)),
+    )
+    .await;
+    if !status.is_success() {
+        return error_page(status, Some(&session), &refusal(&answer));
+    }
+    let mut rows = String::from("<table><tr><th>Check</th><th>Result</th><th>Evidence</th></tr>");
+    for check in answer
+        .get("checks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let passed = check.get("ok") == Some(&Value::Bool(true));
+        rows.push_str(&format!(
+            "<tr><td>{}</td><td class=\"{}\">{}</td><td>{}</td></tr>",
+            escape(text_of(check, "name")),
+            if passed { "good" } else { "bad" },
+            if passed { "PASS" } else { "FAIL" },
+            escape(text_of(check, "evidence"))
+        ));
+    }
+    rows.push_str("</table>");
+    let verdict = if answer.get("ok") == Some(&Value::Bool(true)) {
+        "<p class=\"good\">Recovered: every check passes.</p>"
+    } else {
+        "<p class=\"bad\">Not recovered.</p>"
+    };
+    let notice = format!("<section class=\"card\"><h2>Validation</h2>{verdict}{rows}</section>");
+    incident_page(&state, &session, Some(notice)).await
+}
+
+#[derive(Deserialize)]
+struct PreserveForm {
+    csrf: String,
+    reason: String,
+}
+
+/// Builds a signed evidence bundle and offers its download.
+pub(super) async fn preserve(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some((_, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    let form = serde_urlencoded::from_bytes::<PreserveForm>(&body).ok();
+    let Some(form) = form.filter(|form| same(&form.csrf, &session.csrf)) else {
+        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
+    };
+    let (status, answer) = admin(
+        &state,
+        &session,
+        "POST",
+        "/v1/incident/bundles",
+        Some(serde_json::json!({ "reason": form.reason })),
+    )
+    .await;
+    if !status.is_success() {
+        return error_page(status, Some(&session), &refusal(&answer));
+    }
+    let name = escape(text_of(&answer, "name"));
+    let complete = answer.get("complete") == Some(&Value::Bool(true));
+    let notice = format!(
+        "<section class=\"card\"><h2>Evidence bundle</h2><p class=\"{}\">{name}: {} files, signed by {}{}.</p>\
+         <p><a href=\"/incident/bundles/{name}\">Download {name}.tar</a> — check it offline with \
+         <code>caracal incident verify-bundle DIR</code> after unpacking.</p></section>",
+        if complete { "good" } else { "bad" },
+        answer.get("files").and_then(Value::as_u64).unwrap_or(0),
+        escape(text_of(&answer, "key_id")),
+        if complete {
+            ""
+        } else {
+            "; some parts failed, see the *error* files"
+        }
+    );
+    incident_page(&state, &session, Some(notice)).await
+}
+
+/// A bundle's tar archive, as the API hands it out.
+pub(super) async fn bundle(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    let Some((_, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    if !name
+        .bytes()
+        .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-')
+    {
+        return error_page(StatusCode::NOT_FOUND, Some(&session), "no such bundle");
+    }
+    let (status, bytes) = admin_bytes(
+        &state,
+        &session,
+        "GET",
+        &format!("/v1/incident/bundles/{name}"),
+        None,
+    )
+    .await;
+    if !status.is_success() {
+        let answer = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        return error_page(status, Some(&session), &refusal(&answer));
+    }
+    attachment(bytes, "application/x-tar", &format!("{name}.tar"))
 }

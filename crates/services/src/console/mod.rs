@@ -115,6 +115,15 @@ pub fn routes() -> Router<RoleState> {
         .route("/zones/{zone_id}/timeline", get(timeline))
         .route("/zones/{zone_id}/audit/export", get(export))
         .route("/incident", get(incident).post(contain_or_release))
+        .route(
+            "/incident/validate",
+            axum::routing::post(incident::validate),
+        )
+        .route(
+            "/incident/preserve",
+            axum::routing::post(incident::preserve),
+        )
+        .route("/incident/bundles/{name}", get(incident::bundle))
         .route("/static/console.css", get(css))
 }
 
@@ -507,6 +516,19 @@ fn table(answer: &Value, columns: &[(&str, &str)]) -> String {
 }
 
 /// A zone id from a path, or `None` when it is not a plain id (nothing else reaches the API).
+/// A download: the page headers (no-store, CSP) with the file's type and name. `file_name`
+/// must be plain (the callers build it from checked ids).
+fn attachment(bytes: Bytes, content_type: &'static str, file_name: &str) -> Response {
+    let mut response = html(StatusCode::OK, String::new());
+    *response.body_mut() = Body::from(bytes);
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename=\"{file_name}\"")) {
+        headers.insert(header::CONTENT_DISPOSITION, value);
+    }
+    response
+}
+
 fn zone_path(zone_id: &str) -> Option<&str> {
     caracal_core::is_plain_id(zone_id).then_some(zone_id)
 }

@@ -667,17 +667,9 @@ pub(super) async fn export(
         let answer = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         return error_page(status, Some(&session), &refusal(&answer));
     }
-    let mut response = html(StatusCode::OK, String::new());
-    *response.body_mut() = Body::from(bytes);
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-ndjson"),
-    );
-    if let Ok(value) = HeaderValue::from_str(&format!(
-        "attachment; filename=\"caracal-audit-{zone_id}.jsonl\""
-    )) {
-        headers.insert(header::CONTENT_DISPOSITION, value);
-    }
-    response
+    attachment(
+        bytes,
+        "application/x-ndjson",
+        &format!("caracal-audit-{zone_id}.jsonl"),
+    )
 }
