@@ -1141,3 +1141,52 @@ fn the_overview_probes_the_roles_of_other_processes() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("peers"));
 }
+
+/// The console's calls go through the API's own layers: they spend the signed-in token's
+/// request budget, so a console session cannot exceed what the token may do over the API.
+#[test]
+fn console_calls_spend_the_tokens_api_request_budget() {
+    let (_parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(&home, &args);
+    let (api, console) = (running.address("api"), running.address("console"));
+    assert_eq!(wait_ready(api).status, 200);
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    let bearer = format!("Bearer {}", token.trim());
+    let reader = json_of(&request(
+        api,
+        "POST",
+        "/v1/admin-tokens",
+        &[("authorization", bearer.as_str())],
+        r#"{"name":"budget","scope":"global","capability":"read"}"#,
+    ));
+    let read_token = reader["token"].as_str().unwrap().to_owned();
+    let session = sign_in(console, &read_token);
+    // Budgets are counted per minute: start early in one, so the count is not cut in two.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    if now % 60 > 40 {
+        std::thread::sleep(std::time::Duration::from_secs(61 - now % 60));
+    }
+    let read_bearer = format!("Bearer {read_token}");
+    // 599 over the API (the address's own budget of 600 includes the token's minting).
+    for _ in 0..599 {
+        let answer = request(
+            api,
+            "GET",
+            "/v1/zones",
+            &[("authorization", read_bearer.as_str())],
+            "",
+        );
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    let page = request(console, "GET", "/zones", &[("cookie", &session)], "");
+    assert!(!page.body.contains("rate_limited"), "{}", page.body);
+    let page = request(console, "GET", "/zones", &[("cookie", &session)], "");
+    assert!(page.body.contains("rate_limited"), "{}", page.body);
+    let (exit, _, _) = running.terminate();
+    assert!(exit.success());
+}

@@ -16,6 +16,22 @@ use crate::{probes, request_id};
 ///    body over the limit) gets the same JSON body as a handler's error.
 /// 3. The role's routes, then JSON 404/405 for anything else. The API role's `/v1` routes add
 ///    their own layers: refused once draining, then request budgets and the lockout.
+/// The API role's `/v1` routes with their layers: refused once draining, then request budgets
+/// and the authentication-failure lockout. The console calls these same routes in process.
+pub(crate) fn admin_api(state: &RoleState) -> Router<RoleState> {
+    crate::api::routes()
+        .merge(crate::admin::routes())
+        .layer(axum::extract::DefaultBodyLimit::max(crate::admin::MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::limit_auth_failures,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            refuse_when_draining,
+        ))
+}
+
 pub fn router(state: RoleState) -> Router {
     let probes = Router::new()
         .route("/health", get(probes::health))
@@ -24,19 +40,7 @@ pub fn router(state: RoleState) -> Router {
     // Each role's own routes are merged here as the role lands (STS, Gateway, ...).
     let routes = match state.role {
         // `/v1`: refused once draining, then budgets and the authentication-failure lockout.
-        Role::Api => probes.merge(
-            crate::api::routes()
-                .merge(crate::admin::routes())
-                .layer(axum::extract::DefaultBodyLimit::max(crate::admin::MAX_BODY))
-                .layer(axum::middleware::from_fn_with_state(
-                    state.clone(),
-                    crate::auth::limit_auth_failures,
-                ))
-                .layer(axum::middleware::from_fn_with_state(
-                    state.clone(),
-                    refuse_when_draining,
-                )),
-        ),
+        Role::Api => probes.merge(admin_api(&state)),
         Role::Sts => probes.merge(crate::sts::routes()),
         Role::Coordinator => probes.merge(crate::coordinator::routes()),
         Role::Console => probes

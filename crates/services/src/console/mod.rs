@@ -288,9 +288,10 @@ async fn admin_bytes(
         .console
         .2
         .get_or_init(|| {
-            crate::admin::routes()
-                .merge(crate::api::routes())
-                .with_state(RoleState::new(Role::Api, state.shared.clone()))
+            // With the API's own layers: the session's token spends the same request budget
+            // as over the API, and nothing is answered once the process drains.
+            let api = RoleState::new(Role::Api, state.shared.clone());
+            crate::router::admin_api(&api).with_state(api)
         })
         .clone();
     let request = http::Request::builder()
