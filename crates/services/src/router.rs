@@ -9,13 +9,6 @@ use crate::error::ApiError;
 use crate::state::RoleState;
 use crate::{probes, request_id};
 
-/// The router of one role. Layer order (outermost first):
-/// 1. `request_id::layer`: first, so every response (errors and 404s included) carries the
-///    request id and every log line of the request sits in its span.
-/// 2. `error::json_errors`: any error the framework answers by itself (an unreadable path, a
-///    body over the limit) gets the same JSON body as a handler's error.
-/// 3. The role's routes, then JSON 404/405 for anything else. The API role's `/v1` routes add
-///    their own layers: refused once draining, then request budgets and the lockout.
 /// The API role's `/v1` routes with their layers: refused once draining, then request budgets
 /// and the authentication-failure lockout. The console calls these same routes in process.
 pub(crate) fn admin_api(state: &RoleState) -> Router<RoleState> {
@@ -32,6 +25,13 @@ pub(crate) fn admin_api(state: &RoleState) -> Router<RoleState> {
         ))
 }
 
+/// The router of one role. Layer order (outermost first):
+/// 1. `request_id::layer`: first, so every response (errors and 404s included) carries the
+///    request id and every log line of the request sits in its span.
+/// 2. `error::json_errors`: any error the framework answers by itself (an unreadable path, a
+///    body over the limit) gets the same JSON body as a handler's error.
+/// 3. The role's routes, then JSON 404/405 for anything else. The API role's `/v1` routes add
+///    their own layers: refused once draining, then request budgets and the lockout.
 pub fn router(state: RoleState) -> Router {
     let probes = Router::new()
         .route("/health", get(probes::health))
