@@ -409,7 +409,7 @@ fn the_console_signs_in_escapes_everything_and_refuses_forged_changes() {
 /// The sessions page draws the tree and the delegation edges; terminating previews its impact
 /// (the subtree and the edges touching it) before the operator confirms with a reason.
 #[test]
-fn the_session_graph_shows_the_tree_and_terminate_previews_its_impact() {
+fn the_session_graph_shows_the_tree_and_terminate_and_revoke_preview_their_impact() {
     let (_parent, home) = fresh_home();
     let mut args = free_ports();
     args.push("up".to_owned());
@@ -475,6 +475,57 @@ fn the_session_graph_shows_the_tree_and_terminate_previews_its_impact() {
         "nothing live is left: {}",
         after.body
     );
+
+    // Revoking the application: its live sessions, with their subtrees and delegations.
+    let (second_root, _) = util::delegation(&zone, sts, coordinator, "read");
+    let page = request(
+        console,
+        "GET",
+        &format!("/zones/{}/sessions", zone.id),
+        &[("cookie", &session)],
+        "",
+    );
+    let revoke_path = format!("/zones/{}/applications/{}/revoke", zone.id, zone.app_id);
+    assert!(page.body.contains(&revoke_path), "{}", page.body);
+    let preview = request(console, "GET", &revoke_path, &[("cookie", &session)], "");
+    assert_eq!(preview.status, 200, "{}", preview.body);
+    assert!(
+        preview.body.contains(&format!(
+            "Revoking application {} ends 2 session(s), revokes 1 delegation(s)",
+            zone.app_id
+        )),
+        "{}",
+        preview.body
+    );
+    assert!(preview.body.contains(&second_root), "{}", preview.body);
+    assert!(
+        !preview.body.contains(&root),
+        "already ended: {}",
+        preview.body
+    );
+    let forged = form(console, &revoke_path, &session, "csrf=nope&reason=x");
+    assert_eq!(forged.status, 403);
+    let done = form(
+        console,
+        &revoke_path,
+        &session,
+        &format!("csrf={}&reason=compromised+app", csrf_of(&preview.body)),
+    );
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert!(
+        done.body
+            .contains("2 session(s) ended, 1 delegation(s) and"),
+        "{}",
+        done.body
+    );
+    let after = request(
+        console,
+        "GET",
+        &format!("/zones/{}/sessions", zone.id),
+        &[("cookie", &session)],
+        "",
+    );
+    assert!(!after.body.contains("revoke…"), "{}", after.body);
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }

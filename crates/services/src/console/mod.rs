@@ -110,6 +110,10 @@ pub fn routes() -> Router<RoleState> {
             "/zones/{zone_id}/sessions/{session_id}/terminate",
             get(terminate_preview).post(terminate),
         )
+        .route(
+            "/zones/{zone_id}/applications/{application_id}/revoke",
+            get(revoke_preview).post(revoke),
+        )
         .route("/zones/{zone_id}/audit", get(audit))
         .route("/zones/{zone_id}/audit/{request_id}", get(explain))
         .route("/zones/{zone_id}/timeline", get(timeline))

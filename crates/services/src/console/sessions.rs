@@ -1,5 +1,5 @@
-//! A zone's sessions and delegations as a graph, and terminating a session after its impact
-//! preview.
+//! A zone's sessions and delegations as a graph; terminating a session, or revoking everything
+//! issued to an application, after an impact preview.
 
 use super::*;
 
@@ -185,10 +185,20 @@ pub(super) async fn sessions_page(
         } else {
             String::new()
         };
+        let application = text_of(item, "application_id");
+        let revoke = if session.writer && live {
+            format!(
+                " <a href=\"/zones/{}/applications/{}/revoke\">revoke…</a>",
+                escape(zone_id),
+                escape(application)
+            )
+        } else {
+            String::new()
+        };
         body.push_str(&format!(
-            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{terminate}</td></tr>",
+            "<tr><td><code>{}</code></td><td>{}{revoke}</td><td>{}</td><td>{}</td><td>{terminate}</td></tr>",
             escape(id),
-            escape(text_of(item, "application_id")),
+            escape(application),
             escape(text_of(item, "parent_id")),
             escape(text_of(item, "status"))
         ));
@@ -200,14 +210,14 @@ pub(super) async fn sessions_page(
     )
 }
 
-/// The session, its descendants, and the active edges touching any of them: what a
-/// termination ends.
+/// The sessions, their descendants, and the active edges touching any of them: what a
+/// termination (or an application's revocation) ends.
 pub(super) fn impact<'a>(
-    root: &'a str,
+    roots: &[&'a str],
     sessions: &'a [Value],
     edges: &'a [Value],
 ) -> (Vec<&'a str>, Vec<&'a Value>) {
-    let mut ended = vec![root];
+    let mut ended = roots.to_vec();
     let mut next = 0;
     while let Some(current) = ended.get(next).copied() {
         for child in sessions
@@ -253,16 +263,39 @@ pub(super) async fn terminate_preview(
     {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such session");
     }
-    let (ended, touched) = impact(&session_id, &sessions, &edges);
-    let mut body = format!(
-        "<section class=\"card\"><h2>Impact</h2><p class=\"impact\">Terminating ends {} session(s) and revokes {} delegation(s):</p><ul>",
+    let (ended, touched) = impact(&[session_id.as_str()], &sessions, &edges);
+    let summary = format!(
+        "Terminating ends {} session(s) and revokes {} delegation(s):",
         ended.len(),
         touched.len()
     );
-    for id in &ended {
+    preview_page(
+        &session,
+        "Terminate a session",
+        &summary,
+        &ended,
+        &touched,
+        "Terminate",
+    )
+}
+
+/// An impact preview: what ends, then (for a writer) the reason and the button that does it.
+fn preview_page(
+    session: &Session,
+    title: &str,
+    summary: &str,
+    ended: &[&str],
+    touched: &[&Value],
+    button: &str,
+) -> Response {
+    let mut body = format!(
+        "<section class=\"card\"><h2>Impact</h2><p class=\"impact\">{}</p><ul>",
+        escape(summary)
+    );
+    for id in ended {
         body.push_str(&format!("<li>session <code>{}</code></li>", escape(id)));
     }
-    for edge in &touched {
+    for edge in touched {
         body.push_str(&format!(
             "<li>delegation <code>{}</code> ({} → {})</li>",
             escape(text_of(edge, "id")),
@@ -275,14 +308,12 @@ pub(super) async fn terminate_preview(
         body.push_str(&format!(
             "<form method=\"post\" class=\"card\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
              <p><label>Reason<br><input type=\"text\" name=\"reason\" required></label></p>\
-             <p><button>Terminate</button></p></form>",
-            escape(&session.csrf)
+             <p><button>{}</button></p></form>",
+            escape(&session.csrf),
+            escape(button)
         ));
     }
-    html(
-        StatusCode::OK,
-        layout("Terminate a session", Some(&session), &body),
-    )
+    html(StatusCode::OK, layout(title, Some(session), &body))
 }
 
 #[derive(Deserialize)]
@@ -330,6 +361,105 @@ pub(super) async fn terminate(
             Some(&session),
             &format!(
                 "<p class=\"good\">{ended} session(s) ended.</p><p><a href=\"/zones/{}/sessions\">Back to the sessions</a></p>",
+                escape(zone_id)
+            ),
+        ),
+    )
+}
+
+/// What revoking an application ends: its live sessions with their subtrees and the
+/// delegations touching them (and every authority record it holds as a subject).
+pub(super) async fn revoke_preview(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    axum::extract::Path((zone_id, application_id)): axum::extract::Path<(String, String)>,
+) -> Response {
+    let Some((_, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    let (Some(zone_id), true) = (
+        zone_path(&zone_id),
+        caracal_core::is_plain_id(&application_id),
+    ) else {
+        return error_page(StatusCode::NOT_FOUND, Some(&session), "no such application");
+    };
+    let (sessions, edges) = match graph_of(&state, &session, zone_id).await {
+        Ok(graph) => graph,
+        Err(refused) => return refused,
+    };
+    let roots: Vec<&str> = sessions
+        .iter()
+        .filter(|s| {
+            text_of(s, "application_id") == application_id
+                && matches!(text_of(s, "status"), "active" | "suspended")
+        })
+        .map(|s| text_of(s, "agent_session_id"))
+        .collect();
+    let (ended, touched) = impact(&roots, &sessions, &edges);
+    let summary = format!(
+        "Revoking application {application_id} ends {} session(s), revokes {} delegation(s) and \
+         every authority record it holds as a subject. Its secret is unchanged: rotate it too to \
+         stop new mints.",
+        ended.len(),
+        touched.len()
+    );
+    preview_page(
+        &session,
+        "Revoke an application",
+        &summary,
+        &ended,
+        &touched,
+        "Revoke",
+    )
+}
+
+pub(super) async fn revoke(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    axum::extract::Path((zone_id, application_id)): axum::extract::Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let Some((_, session)) = session(&state, &headers).await else {
+        return redirect("/sign-in");
+    };
+    let form = serde_urlencoded::from_bytes::<ReasonForm>(&body).ok();
+    let Some(form) = form.filter(|form| same(&form.csrf, &session.csrf)) else {
+        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
+    };
+    let (Some(zone_id), true) = (
+        zone_path(&zone_id),
+        caracal_core::is_plain_id(&application_id),
+    ) else {
+        return error_page(StatusCode::NOT_FOUND, Some(&session), "no such application");
+    };
+    let (status, answer) = admin(
+        &state,
+        &session,
+        "POST",
+        &format!("/v1/zones/{zone_id}/applications/{application_id}/revoke"),
+        Some(serde_json::json!({ "reason": form.reason })),
+    )
+    .await;
+    if !status.is_success() {
+        return error_page(status, Some(&session), &refusal(&answer));
+    }
+    let count = |field: &str| {
+        answer
+            .get(field)
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len)
+    };
+    html(
+        StatusCode::OK,
+        layout(
+            "Revoked",
+            Some(&session),
+            &format!(
+                "<p class=\"good\">{} session(s) ended, {} delegation(s) and {} authority record(s) revoked.</p>\
+                 <p><a href=\"/zones/{}/sessions\">Back to the sessions</a></p>",
+                count("terminated_sessions"),
+                count("revoked_edges"),
+                count("revoked_authority_records"),
                 escape(zone_id)
             ),
         ),
