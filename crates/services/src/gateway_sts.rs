@@ -48,6 +48,11 @@ pub struct GatewayCall {
     pub resource: String,
     pub method: String,
     pub path: String,
+    /// The mandate's claims as this Gateway verified them (signature with the zone's keys) once
+    /// it spent the mandate's `jti` in the shared replay registry. Only the in-process STS reads
+    /// it, and then neither verifies the signature again nor spends the `jti` a second time; the
+    /// HTTP exchange sends the token alone, which the STS verifies in full.
+    pub verified: Option<crate::wire::MandateClaims>,
 }
 
 /// A refusal in the token endpoint's terms, which the Gateway passes to its caller.
@@ -75,7 +80,8 @@ impl Refusal {
 }
 
 /// The STS as a Gateway in the same process reaches it: no HTTP and no signature (the process
-/// is the trust boundary); everything else as for a signed call.
+/// is the trust boundary), the Gateway's verification of the mandate trusted
+/// ([`GatewayCall::verified`]); everything else as for a signed call.
 #[async_trait::async_trait]
 pub trait InProcessExchange: Send + Sync {
     async fn exchange(

@@ -529,6 +529,7 @@ async fn checked(
         ));
     }
     let claims = verify(state, gateway, &peeked.zone_id, &token).await?;
+    let mut spent = false;
     if claims.use_ != "session" && !claims.jti.is_empty() {
         let ttl = claims.exp - now / 1000;
         if ttl > 0 {
@@ -540,7 +541,7 @@ async fn checked(
                 .claim_once(ReplayNamespace::GatewayJti, &claims.jti, ttl)
                 .await
             {
-                Ok(true) => {}
+                Ok(true) => spent = true,
                 Ok(false) => {
                     replay_detected(state, request_id, &claims, &resource, &token).await;
                     return Err((
@@ -595,6 +596,7 @@ async fn checked(
         resource: resource.clone(),
         method: request.method().as_str().to_owned(),
         path: path.clone(),
+        verified: spent.then(|| claims.clone()),
     };
     let exchanged = gateway.exchanger.exchange(state, request_id, &call).await;
     if gateway

@@ -238,7 +238,8 @@ async fn exchange(
     if super::gateway::is_gateway_call(&received.parts.headers) {
         *class = "gateway";
         super::gateway::authenticate(state, sts, request_id, &received).await?;
-        return super::gateway::reexchange(state, sts, request_id, &received.form, &ask).await;
+        return super::gateway::reexchange(state, sts, request_id, &received.form, &ask, None)
+            .await;
     }
     let form = received.form;
     let store = state.shared.store.as_ref();
@@ -778,6 +779,19 @@ pub(super) async fn verify_subject(
     let now = now_ms();
     let claims = crate::mandate::verify(token, |kid| keys.verifier(kid, now))
         .map_err(|error| TokenError::bad_subject(format!("subject token rejected: {error}")))?;
+    check_subject(state, sts, zone_id, claims, expected_use).await
+}
+
+/// Everything [`verify_subject`] checks but the signature: lifetime, issuer, zone, `use`, and
+/// that the authority it was minted under is still active for its subject.
+pub(super) async fn check_subject(
+    state: &RoleState,
+    sts: &Sts,
+    zone_id: &str,
+    claims: MandateClaims,
+    expected_use: &str,
+) -> Result<MandateClaims, TokenError> {
+    let now = now_ms();
     crate::mandate::check_times(&claims, now / 1000)
         .and_then(|()| crate::mandate::check_issuer(&claims, &sts.issuer))
         .map_err(|error| TokenError::bad_subject(format!("subject token rejected: {error}")))?;

@@ -12,8 +12,8 @@ use caracal_store::{Resource, now_ms};
 use http::{HeaderMap, StatusCode};
 
 use super::exchange::{
-    ACCESS_TOKEN, Ask, DEFAULT_TTL, Issue, Issued, Received, answer, commit, delegation, issue,
-    record_all, verify_subject,
+    ACCESS_TOKEN, Ask, DEFAULT_TTL, Issue, Issued, Received, answer, check_subject, commit,
+    delegation, issue, record_all, verify_subject,
 };
 use super::{Sts, TokenError};
 use crate::state::RoleState;
@@ -128,19 +128,21 @@ impl crate::gateway_sts::InProcessExchange for Sts {
         }
         let form = form_of(call, request_id);
         let ask = super::exchange::ask(&form)?;
-        reexchange(state, self, request_id, &form, &ask)
+        reexchange(state, self, request_id, &form, &ask, call.verified.clone())
             .await
             .map_err(Refusal::from)
     }
 }
 
-/// The re-exchange itself, after [`authenticate`].
+/// The re-exchange itself, after [`authenticate`]. `verified`: the claims an in-process Gateway
+/// verified and whose `jti` it spent (see [`GatewayCall::verified`]).
 pub(super) async fn reexchange(
     state: &RoleState,
     sts: &Sts,
     request_id: &str,
     form: &super::form::TokenForm,
     ask: &Ask,
+    verified: Option<crate::wire::MandateClaims>,
 ) -> Result<TokenResponse, TokenError> {
     let store = state.shared.store.as_ref();
     let (Some(token), Some(ACCESS_TOKEN)) = (
@@ -161,28 +163,36 @@ pub(super) async fn reexchange(
             "a gateway exchange names exactly one resource",
         ));
     };
-    let presented = verify_subject(state, sts, &ask.zone_id, token, "gateway").await?;
-    // A gateway mandate is one-shot: the first presentation spends it.
-    match state
-        .shared
-        .bus
-        .replay
-        .claim_once(
-            ReplayNamespace::Jti,
-            &presented.jti,
-            Duration::from_secs(3600),
-        )
-        .await
-    {
-        Ok(true) => {}
-        Ok(false) => return Err(TokenError::bad_subject("token replay detected")),
-        Err(error) => {
-            tracing::warn!(%error, "JTI registry unavailable: gateway exchange refused");
-            return Err(TokenError::unavailable(
-                "the replay registry is unavailable",
-            ));
+    let presented = match verified {
+        // Signed by the zone's keys and already spent by the Gateway: the other subject checks.
+        Some(claims) if !claims.jti.is_empty() => {
+            check_subject(state, sts, &ask.zone_id, claims, "gateway").await?
         }
-    }
+        _ => {
+            let presented = verify_subject(state, sts, &ask.zone_id, token, "gateway").await?;
+            // A gateway mandate is one-shot: the first presentation spends it.
+            match state
+                .shared
+                .bus
+                .replay
+                .claim_once(
+                    ReplayNamespace::Jti,
+                    &presented.jti,
+                    Duration::from_secs(3600),
+                )
+                .await
+            {
+                Ok(true) => presented,
+                Ok(false) => return Err(TokenError::bad_subject("token replay detected")),
+                Err(error) => {
+                    tracing::warn!(%error, "JTI registry unavailable: gateway exchange refused");
+                    return Err(TokenError::unavailable(
+                        "the replay registry is unavailable",
+                    ));
+                }
+            }
+        }
+    };
     let (Some(session_id), Some(edge_id)) =
         (&presented.agent_session_id, &presented.delegation_edge_id)
     else {
