@@ -40,6 +40,7 @@ conformance!(
     replay_keys_are_single_use_per_namespace,
     replay_keys_can_be_claimed_again_after_their_ttl,
     concurrent_claims_of_one_key_have_one_winner,
+    concurrent_claims_of_many_keys_each_have_one_winner,
     rate_counts_rise_within_a_window_and_restart_in_the_next,
 );
 
@@ -585,6 +586,33 @@ async fn replay_keys_can_be_claimed_again_after_their_ttl(backend: &Backend) {
             .await
             .unwrap()
     );
+}
+
+/// Many keys claimed at once (the embedded registry commits them in shared transactions):
+/// every key has exactly one winner, and no claim is lost or answered for another key.
+async fn concurrent_claims_of_many_keys_each_have_one_winner(backend: &Backend) {
+    let attempts: Vec<_> = (0..64)
+        .map(|n| {
+            let (replay, key) = (
+                Arc::clone(&backend.replay),
+                backend.stream(&format!("k{}", n % 32)),
+            );
+            tokio::spawn(async move {
+                let won = replay
+                    .claim_once(ReplayNamespace::GatewayJti, &key, Duration::from_secs(60))
+                    .await
+                    .unwrap();
+                (key, won)
+            })
+        })
+        .collect();
+    let mut winners = std::collections::BTreeMap::new();
+    for attempt in attempts {
+        let (key, won) = attempt.await.unwrap();
+        *winners.entry(key).or_insert(0) += u32::from(won);
+    }
+    assert_eq!(winners.len(), 32);
+    assert!(winners.values().all(|won| *won == 1), "{winners:?}");
 }
 
 async fn concurrent_claims_of_one_key_have_one_winner(backend: &Backend) {
