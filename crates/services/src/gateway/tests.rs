@@ -1611,3 +1611,77 @@ async fn revoking_an_application_or_invalidating_a_zone_stops_its_mandates_at_th
         );
     }
 }
+
+/// The in-process exchange trusts the Gateway's signature check and its spent `jti`
+/// (`GatewayCall::verified`) but nothing else: claims of another `use`, or of an authority
+/// record revoked since, are refused; without the hand-over the STS verifies and spends the
+/// `jti` itself, so a second presentation is a replay.
+#[tokio::test]
+async fn the_in_process_sts_checks_the_handed_over_claims_against_live_state() {
+    use crate::gateway_sts::{GatewayCall, InProcessExchange as _};
+    use base64::Engine as _;
+    let fixture = fixture().await;
+    let world = &fixture.world;
+    let state = RoleState::new(Role::Sts, world.shared.clone());
+    let claims_of = |token: &str| -> crate::wire::MandateClaims {
+        let payload = token.split('.').nth(1).unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let call_for = |token: &str, verified: Option<crate::wire::MandateClaims>| GatewayCall {
+        zone_id: world.zone_id.clone(),
+        application_id: world.app_id.clone(),
+        token: token.to_owned(),
+        resource: "resource://ledger".to_owned(),
+        method: "GET".to_owned(),
+        path: "/entries".to_owned(),
+        verified,
+    };
+
+    // Without the hand-over: verified and spent by the STS, once.
+    let token = fixture.mint().await;
+    let first = world
+        .core
+        .exchange(&state, "r1", &call_for(&token, None))
+        .await;
+    assert!(first.is_ok(), "{first:?}");
+    let again = world
+        .core
+        .exchange(&state, "r2", &call_for(&token, None))
+        .await;
+    assert_eq!(again.unwrap_err().description, "token replay detected");
+
+    // Claims of another use are refused even when handed over.
+    let token = fixture.mint().await;
+    let mut claims = claims_of(&token);
+    claims.use_ = "session".to_owned();
+    let refused = world
+        .core
+        .exchange(&state, "r3", &call_for(&token, Some(claims)))
+        .await
+        .unwrap_err();
+    assert!(refused.description.contains("use=gateway"), "{refused:?}");
+
+    // An authority record revoked after the Gateway verified the mandate is refused.
+    let token = fixture.mint().await;
+    let claims = claims_of(&token);
+    world
+        .shared
+        .store
+        .revoke_authority_record(&world.zone_id, &claims.sid, "test", &[])
+        .await
+        .unwrap();
+    let refused = world
+        .core
+        .exchange(&state, "r4", &call_for(&token, Some(claims)))
+        .await
+        .unwrap_err();
+    assert!(
+        refused.description.contains("no longer active"),
+        "{refused:?}"
+    );
+}
