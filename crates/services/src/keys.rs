@@ -1,5 +1,6 @@
-//! Zone signing keys: created with the zone, sealed under the KEK, held decrypted in memory per
-//! zone, rotated with an overlap during which the previous key still verifies.
+//! Zone signing keys: created with the zone, sealed under the KEK, rotated with an overlap
+//! during which the previous key still verifies. Only the STS's ring opens the private half
+//! (`KeyRing::signing`); the Gateway's and the Coordinator's hold public keys alone.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -91,13 +92,19 @@ pub struct Verifier {
     pub jwk: Jwk,
 }
 
+/// The zone's active key, opened: only on a signing ring.
+#[derive(Debug)]
+pub struct Signer {
+    pub kid: String,
+    pub key: SigningKey,
+    /// The encoded JOSE header for the signer, built once.
+    pub header: String,
+}
+
 /// One zone's keys as a replica holds them.
 #[derive(Debug)]
 pub struct ZoneKeys {
-    pub signer_kid: String,
-    pub signer: SigningKey,
-    /// The encoded JOSE header for the signer, built once.
-    pub header: String,
+    pub signer: Option<Signer>,
     pub verifiers: Vec<Verifier>,
     loaded: Instant,
 }
@@ -121,13 +128,23 @@ impl ZoneKeys {
     }
 }
 
-/// Every zone's keys, loaded on first use and dropped on invalidation or after 15 minutes.
+/// Every zone's keys, loaded on first use and dropped on invalidation or after 15 minutes. The
+/// default ring verifies only: it never opens a private key.
 #[derive(Clone, Default)]
 pub struct KeyRing {
     zones: Arc<RwLock<HashMap<String, Arc<ZoneKeys>>>>,
+    signs: bool,
 }
 
 impl KeyRing {
+    /// A ring that also opens each zone's active private key (the STS's).
+    pub fn signing() -> KeyRing {
+        KeyRing {
+            signs: true,
+            ..KeyRing::default()
+        }
+    }
+
     pub fn flush(&self, zone_id: &str) {
         self.zones
             .write()
@@ -151,7 +168,7 @@ impl KeyRing {
         {
             return Ok(Arc::clone(keys));
         }
-        let keys = Arc::new(load(store, kek, zone_id).await?);
+        let keys = Arc::new(load(store, self.signs.then_some(kek), zone_id).await?);
         self.zones
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -160,9 +177,11 @@ impl KeyRing {
     }
 }
 
-async fn load(store: &dyn Store, kek: &Kek, zone_id: &str) -> Result<ZoneKeys, KeyError> {
+/// The zone's keys; the active private key opened with `kek` when given.
+async fn load(store: &dyn Store, kek: Option<&Kek>, zone_id: &str) -> Result<ZoneKeys, KeyError> {
     let rows = store.list_signing_keys(zone_id).await?;
     let now = caracal_store::now_ms();
+    let mut active = false;
     let mut signer = None;
     let mut verifiers = Vec::new();
     // Newest first: the newest active key signs.
@@ -176,13 +195,20 @@ async fn load(store: &dyn Store, kek: &Kek, zone_id: &str) -> Result<ZoneKeys, K
             tracing::error!(zone = zone_id, kid = %row.kid, "a stored public key does not parse; skipped");
             continue;
         };
-        if until_ms.is_none() && signer.is_none() {
-            let opened = kek
-                .open(&purpose(zone_id), &row.private_envelope)
-                .map_err(|_| KeyError::Unopenable(row.kid.clone()))?;
-            let key = SigningKey::from_pkcs8(&opened)
-                .map_err(|_| KeyError::Unopenable(row.kid.clone()))?;
-            signer = Some((row.kid.clone(), key));
+        if until_ms.is_none() && !active {
+            active = true;
+            if let Some(kek) = kek {
+                let opened = kek
+                    .open(&purpose(zone_id), &row.private_envelope)
+                    .map_err(|_| KeyError::Unopenable(row.kid.clone()))?;
+                let key = SigningKey::from_pkcs8(&opened)
+                    .map_err(|_| KeyError::Unopenable(row.kid.clone()))?;
+                signer = Some(Signer {
+                    header: crate::mandate::encoded_header(&row.kid),
+                    kid: row.kid.clone(),
+                    key,
+                });
+            }
         }
         verifiers.push(Verifier {
             kid: row.kid.clone(),
@@ -191,10 +217,10 @@ async fn load(store: &dyn Store, kek: &Kek, zone_id: &str) -> Result<ZoneKeys, K
             until_ms,
         });
     }
-    let (signer_kid, signer) = signer.ok_or_else(|| KeyError::NoKey(zone_id.to_owned()))?;
+    if !active {
+        return Err(KeyError::NoKey(zone_id.to_owned()));
+    }
     Ok(ZoneKeys {
-        header: crate::mandate::encoded_header(&signer_kid),
-        signer_kid,
         signer,
         verifiers,
         loaded: Instant::now(),

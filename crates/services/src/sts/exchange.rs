@@ -564,7 +564,14 @@ pub(super) async fn issue(
     if let Some(delegation) = issue.delegation {
         delegation.stamp(&mut claims);
     }
-    let token = crate::mandate::sign(&keys.header, &keys.signer, &claims).map_err(|error| {
+    let Some(signer) = keys.signer.as_ref() else {
+        tracing::error!(
+            zone = issue.zone_id,
+            "the STS's key ring holds no signing key"
+        );
+        return Err(TokenError::internal());
+    };
+    let token = crate::mandate::sign(&signer.header, &signer.key, &claims).map_err(|error| {
         tracing::error!(%error, "mandate signing failed");
         TokenError::internal()
     })?;

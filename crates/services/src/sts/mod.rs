@@ -62,7 +62,7 @@ impl Sts {
             gateway_key: kek.derive(gateway::KEY_LABEL),
             issuer,
             policies,
-            keys: keys::KeyRing::default(),
+            keys: keys::KeyRing::signing(),
             secrets: secrets::SecretCache::default(),
             authority,
             lockouts: std::sync::Mutex::default(),

@@ -1859,3 +1859,35 @@ async fn revoking_a_grant_revokes_its_users_authority_records() {
         ("revoked", Some("grant_revoked"))
     );
 }
+
+/// Only the STS's ring opens private keys: a verifying ring loads a zone's public keys even
+/// under a KEK that cannot open the private half, which the signing ring refuses.
+#[tokio::test]
+async fn only_the_signing_key_ring_opens_private_keys() {
+    let world = world().await;
+    let store = world.shared.store.as_ref();
+    let foreign = caracal_crypto::Kek::generate().unwrap();
+    let verifying = crate::keys::KeyRing::default()
+        .zone(store, &foreign, &world.zone_id)
+        .await
+        .unwrap();
+    assert!(verifying.signer.is_none());
+    assert!(!verifying.verifiers.is_empty());
+    assert!(matches!(
+        crate::keys::KeyRing::signing()
+            .zone(store, &foreign, &world.zone_id)
+            .await,
+        Err(crate::keys::KeyError::Unopenable(_))
+    ));
+    let signing = crate::keys::KeyRing::signing()
+        .zone(store, &world.shared.kek, &world.zone_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        signing.signer.as_ref().map(|signer| signer.kid.as_str()),
+        verifying
+            .verifiers
+            .first()
+            .map(|verifier| verifier.kid.as_str())
+    );
+}
