@@ -90,6 +90,18 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: String,
 ) -> anyhow::Result<(hyper::StatusCode, serde_json::Value)> {
+    let (status, _, answer) = send_full(address, method, path, headers, body).await?;
+    Ok((status, answer))
+}
+
+/// As [`send`], with the answer's headers.
+pub async fn send_full(
+    address: std::net::SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: String,
+) -> anyhow::Result<(hyper::StatusCode, hyper::HeaderMap, serde_json::Value)> {
     use http_body_util::{BodyExt as _, Full};
     use hyper::body::Bytes;
     use hyper_util::client::legacy::Client;
@@ -107,9 +119,13 @@ pub async fn send(
         tokio::time::timeout(std::time::Duration::from_secs(10), client.request(request))
             .await
             .with_context(|| format!("{address} did not answer in 10 s"))??;
-    let status = response.status();
+    let (status, headers) = (response.status(), response.headers().clone());
     let bytes = response.into_body().collect().await?.to_bytes();
-    Ok((status, serde_json::from_slice(&bytes).unwrap_or_default()))
+    Ok((
+        status,
+        headers,
+        serde_json::from_slice(&bytes).unwrap_or_default(),
+    ))
 }
 
 /// The `error` code of a refusal, for the one-line message a command prints.

@@ -522,13 +522,12 @@ struct Roles {
     gateway: std::net::SocketAddr,
 }
 
-/// A refusal by the Gateway itself (its error body carries `requestId`), not an upstream's
-/// answer and not an upstream the Gateway could not reach after authorising the call.
-fn refused_by_gateway(answer: &(u16, Value)) -> bool {
-    let (status, body) = answer;
-    let unreachable_upstream = matches!(status, 502 | 504)
-        && body.get("error").and_then(Value::as_str) == Some("internal_error");
-    body.get("error").is_some() && body.get("requestId").is_some() && !unreachable_upstream
+/// A Gateway call's answer: its status, whether the Gateway itself refused it (its
+/// `X-Caracal-Refused-By`, which no upstream can send through it), and the JSON body.
+type Called = (u16, bool, Value);
+
+fn refused_by_gateway(answer: &Called) -> bool {
+    answer.1
 }
 
 /// As an agent would, through the Coordinator, the STS and the Gateway: a delegated mandate
@@ -550,8 +549,8 @@ async fn gateway_canaries(
     ) else {
         return;
     };
-    let describe = |answer: &anyhow::Result<(u16, Value)>| match answer {
-        Ok((status, body)) => format!(
+    let describe = |answer: &anyhow::Result<Called>| match answer {
+        Ok((status, _, body)) => format!(
             "{status} {}",
             body.get("error")
                 .and_then(Value::as_str)
@@ -586,7 +585,7 @@ async fn gateway_canaries(
                 ("authorization", bearer.as_str()),
                 ("x-caracal-resource", resource),
             ];
-            let (status, body) = admin_http::send(
+            let (status, answer_headers, body) = admin_http::send_full(
                 roles.gateway,
                 hyper::Method::GET,
                 &path,
@@ -594,7 +593,8 @@ async fn gateway_canaries(
                 String::new(),
             )
             .await?;
-            Ok((status.as_u16(), body))
+            let refused = answer_headers.contains_key(caracal_services::gateway::REFUSED_BY);
+            Ok((status.as_u16(), refused, body))
         }
     };
     let mut mandates = mandates.iter();

@@ -288,6 +288,10 @@ impl GatewayMetrics {
     }
 }
 
+/// Marks the Gateway's own refusals (never an upstream's answer, whose `x-caracal-*` headers are
+/// dropped): a caller, `caracal incident validate` among them, can tell one from the other.
+pub const REFUSED_BY: &str = "x-caracal-refused-by";
+
 /// A refusal before the upstream: the error envelope of the token endpoint.
 fn refuse(state: &RoleState, reason: &str, request_id: &str, refusal: Refusal) -> Response {
     if let Some(gateway) = &state.gateway {
@@ -299,7 +303,11 @@ fn refuse(state: &RoleState, reason: &str, request_id: &str, refusal: Refusal) -
             })
             .inc();
     }
-    render(request_id, refusal)
+    let mut response = render(request_id, refusal);
+    response
+        .headers_mut()
+        .insert(REFUSED_BY, HeaderValue::from_static("gateway"));
+    response
 }
 
 fn render(request_id: &str, refusal: Refusal) -> Response {

@@ -66,6 +66,7 @@ async fn upstream() -> (SocketAddr, SeenLog) {
                 .header("server", "upstream/1.0")
                 .header("location", "http://elsewhere.example/x")
                 .header("x-caracal-identity", "leak")
+                .header("x-caracal-refused-by", "gateway")
                 .body(Body::from(r#"{"entries":[1,2,3]}"#))
                 .unwrap()
         }
@@ -322,6 +323,10 @@ async fn a_governed_call_reaches_the_upstream_with_the_resource_mandate_and_noth
     assert!(answer.headers.get("server").is_none());
     assert!(answer.headers.get("location").is_none());
     assert!(answer.headers.get("x-caracal-identity").is_none());
+    assert!(
+        answer.headers.get(super::REFUSED_BY).is_none(),
+        "an upstream cannot pass for a Gateway refusal"
+    );
     assert_eq!(answer.headers["x-request-id"], "call-1");
     let expires_in: i64 = answer.headers["x-caracal-token-expires-in"]
         .to_str()
@@ -541,6 +546,7 @@ async fn malformed_calls_are_refused_with_their_code_before_anything_is_contacte
             answer.json
         );
         assert!(answer.json["requestId"].is_string());
+        assert_eq!(answer.headers[super::REFUSED_BY], "gateway");
     }
     assert_eq!(fixture.upstream_calls(), 0);
     // None of these spent the real mandate: it still works once.

@@ -285,8 +285,17 @@ fn valid_traceparent(value: &str) -> bool {
 /// The upstream's response headers as the caller may see them.
 pub fn sanitise_response_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
+    // The Gateway's own signals (`X-Caracal-Refused-By`, `X-Caracal-Revoked`, …) are not the
+    // upstream's to give.
+    let reserved: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("x-caracal-"))
+        .cloned()
+        .collect();
+    for name in reserved {
+        headers.remove(name);
+    }
     for name in [
-        "x-caracal-identity",
         "server",
         "x-powered-by",
         "x-aspnet-version",
