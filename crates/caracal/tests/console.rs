@@ -64,12 +64,8 @@ fn sign_in(console: SocketAddr, token: &str) -> String {
 #[test]
 fn the_console_signs_in_escapes_everything_and_refuses_forged_changes() {
     let (_parent, home) = fresh_home();
-    let mut args = free_ports();
-    args.push("up".to_owned());
-    let running = Running::start(&home, &args);
+    let (running, token) = util::up(&home);
     let (api, console) = (running.address("api"), running.address("console"));
-    assert_eq!(wait_ready(api).status, 200);
-    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
     let bearer = format!("Bearer {}", token.trim());
     let auth = [("authorization", bearer.as_str())];
     let hostile = r#"<script>alert(1)</script> & "quoted" 'name'"#;
@@ -1198,12 +1194,8 @@ fn the_overview_probes_the_roles_of_other_processes() {
 #[test]
 fn console_calls_spend_the_tokens_api_request_budget() {
     let (_parent, home) = fresh_home();
-    let mut args = free_ports();
-    args.push("up".to_owned());
-    let running = Running::start(&home, &args);
+    let (running, token) = util::up(&home);
     let (api, console) = (running.address("api"), running.address("console"));
-    assert_eq!(wait_ready(api).status, 200);
-    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
     let bearer = format!("Bearer {}", token.trim());
     let reader = json_of(&request(
         api,

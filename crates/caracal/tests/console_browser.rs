@@ -240,12 +240,8 @@ fn an_operator_signs_in_and_sees_every_screen_in_chromium() {
         String::from_utf8_lossy(&installed.stderr)
     );
     let (parent, home) = fresh_home();
-    let mut args = free_ports();
-    args.push("up".to_owned());
-    let running = Running::start(&home, &args);
+    let (running, token) = util::up(&home);
     let (api, console) = (running.address("api"), running.address("console"));
-    assert_eq!(wait_ready(api).status, 200);
-    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
     let bearer = format!("Bearer {}", token.trim());
     let hostile = "<script>alert(1)</script> \"quoted\"";
     let zone = request(

@@ -33,6 +33,18 @@ pub fn free_ports() -> Vec<String> {
         .collect()
 }
 
+/// A fresh `caracal up` in `home` on free ports, its API role ready, and the bootstrap admin
+/// token (trimmed).
+pub fn up(home: &Path) -> (Running, String) {
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(home, &args);
+    let ready = wait_ready(running.address("api"));
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
+    (running, token.trim().to_owned())
+}
+
 /// A temporary parent directory and a `home` path inside it that does not exist yet.
 pub fn fresh_home() -> (tempfile::TempDir, PathBuf) {
     let parent = tempfile::tempdir().unwrap();

@@ -64,7 +64,6 @@ pub(super) async fn incident_page(
 
 #[derive(Deserialize)]
 struct SwitchForm {
-    csrf: String,
     switch: String,
     reason: String,
     action: String,
@@ -75,12 +74,9 @@ pub(super) async fn contain_or_release(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
-    };
-    let form = serde_urlencoded::from_bytes::<SwitchForm>(&body).ok();
-    let Some(form) = form.filter(|form| same(&form.csrf, &session.csrf)) else {
-        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
+    let (_, session, form) = match posted::<SwitchForm>(&state, &headers, &body).await {
+        Ok(posted) => posted,
+        Err(refused) => return refused,
     };
     let path = match form.action.as_str() {
         "contain" => "/v1/incident/contain",
@@ -106,7 +102,6 @@ pub(super) async fn contain_or_release(
 
 #[derive(Deserialize)]
 struct ValidateForm {
-    csrf: String,
     #[serde(default)]
     zone: String,
     #[serde(default)]
@@ -123,12 +118,9 @@ pub(super) async fn validate(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
-    };
-    let form = serde_urlencoded::from_bytes::<ValidateForm>(&body).ok();
-    let Some(form) = form.filter(|form| same(&form.csrf, &session.csrf)) else {
-        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
+    let (_, session, form) = match posted::<ValidateForm>(&state, &headers, &body).await {
+        Ok(posted) => posted,
+        Err(refused) => return refused,
     };
     let given = |value: &str| (!value.trim().is_empty()).then(|| value.trim().to_owned());
     let mut canary = serde_json::Map::new();
@@ -181,7 +173,6 @@ pub(super) async fn validate(
 
 #[derive(Deserialize)]
 struct PreserveForm {
-    csrf: String,
     reason: String,
 }
 
@@ -191,12 +182,9 @@ pub(super) async fn preserve(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
-    };
-    let form = serde_urlencoded::from_bytes::<PreserveForm>(&body).ok();
-    let Some(form) = form.filter(|form| same(&form.csrf, &session.csrf)) else {
-        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
+    let (_, session, form) = match posted::<PreserveForm>(&state, &headers, &body).await {
+        Ok(posted) => posted,
+        Err(refused) => return refused,
     };
     let (status, answer) = admin(
         &state,
@@ -242,17 +230,12 @@ pub(super) async fn bundle(
     {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such bundle");
     }
-    let (status, bytes) = admin_bytes(
+    download(
         &state,
         &session,
-        "GET",
         &format!("/v1/incident/bundles/{name}"),
-        None,
+        "application/x-tar",
+        &format!("{name}.tar"),
     )
-    .await;
-    if !status.is_success() {
-        let answer = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        return error_page(status, Some(&session), &refusal(&answer));
-    }
-    attachment(bytes, "application/x-tar", &format!("{name}.tar"))
+    .await
 }

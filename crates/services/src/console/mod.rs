@@ -468,14 +468,40 @@ struct CsrfForm {
     csrf: String,
 }
 
-async fn sign_out(State(state): State<RoleState>, headers: HeaderMap, body: Bytes) -> Response {
-    let Some((id, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
+/// A form posted by a signed-in session: the session's id, the session and the form, when the
+/// form carries the session's CSRF token and parses; else the answer to send instead (to
+/// sign-in, 403 without the token, 400 for a form that does not parse).
+async fn posted<T: serde::de::DeserializeOwned>(
+    state: &RoleState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(String, Session, T), Response> {
+    let Some((id, session)) = session(state, headers).await else {
+        return Err(redirect("/sign-in"));
     };
-    let form = serde_urlencoded::from_bytes::<CsrfForm>(&body).ok();
-    if !form.is_some_and(|form| same(&form.csrf, &session.csrf)) {
-        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
+    let csrf = serde_urlencoded::from_bytes::<CsrfForm>(body).ok();
+    if !csrf.is_some_and(|form| same(&form.csrf, &session.csrf)) {
+        return Err(error_page(
+            StatusCode::FORBIDDEN,
+            Some(&session),
+            "missing CSRF token",
+        ));
     }
+    match serde_urlencoded::from_bytes::<T>(body) {
+        Ok(form) => Ok((id, session, form)),
+        Err(_) => Err(error_page(
+            StatusCode::BAD_REQUEST,
+            Some(&session),
+            "the form is incomplete",
+        )),
+    }
+}
+
+async fn sign_out(State(state): State<RoleState>, headers: HeaderMap, body: Bytes) -> Response {
+    let (id, _, CsrfForm { .. }) = match posted(&state, &headers, &body).await {
+        Ok(posted) => posted,
+        Err(refused) => return refused,
+    };
     state.console.lock().remove(&id);
     let mut response = redirect("/sign-in");
     if let Ok(value) = HeaderValue::from_str(&format!(
@@ -521,9 +547,21 @@ fn table(answer: &Value, columns: &[(&str, &str)]) -> String {
 }
 
 /// A zone id from a path, or `None` when it is not a plain id (nothing else reaches the API).
-/// A download: the page headers (no-store, CSP) with the file's type and name. `file_name`
-/// must be plain (the callers build it from checked ids).
-fn attachment(bytes: Bytes, content_type: &'static str, file_name: &str) -> Response {
+/// `GET path` of the admin API as a download: the page headers (no-store, CSP) with the file's
+/// type and name, or the refusal as a page. `file_name` must be plain (the callers build it
+/// from checked ids).
+async fn download(
+    state: &RoleState,
+    session: &Session,
+    path: &str,
+    content_type: &'static str,
+    file_name: &str,
+) -> Response {
+    let (status, bytes) = admin_bytes(state, session, "GET", path, None).await;
+    if !status.is_success() {
+        let answer = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        return error_page(status, Some(session), &refusal(&answer));
+    }
     let mut response = html(StatusCode::OK, String::new());
     *response.body_mut() = Body::from(bytes);
     let headers = response.headers_mut();

@@ -318,7 +318,6 @@ async fn policy_set_view(
 
 #[derive(Deserialize)]
 struct SetAction {
-    csrf: String,
     action: String,
     version_id: String,
     #[serde(default)]
@@ -348,12 +347,9 @@ pub(super) async fn policy_set_action(
     axum::extract::Path((zone_id, set_id)): axum::extract::Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
-    };
-    let form = serde_urlencoded::from_bytes::<SetAction>(&body).ok();
-    let Some(form) = form.filter(|form| same(&form.csrf, &session.csrf)) else {
-        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
+    let (_, session, form) = match posted::<SetAction>(&state, &headers, &body).await {
+        Ok(posted) => posted,
+        Err(refused) => return refused,
     };
     let plain = caracal_core::is_plain_id(&set_id) && caracal_core::is_plain_id(&form.version_id);
     let (Some(zone), true) = (zone_path(&zone_id), plain) else {

@@ -318,7 +318,6 @@ fn preview_page(
 
 #[derive(Deserialize)]
 struct ReasonForm {
-    csrf: String,
     reason: String,
 }
 
@@ -328,12 +327,9 @@ pub(super) async fn terminate(
     axum::extract::Path((zone_id, session_id)): axum::extract::Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
-    };
-    let form = serde_urlencoded::from_bytes::<ReasonForm>(&body).ok();
-    let Some(form) = form.filter(|form| same(&form.csrf, &session.csrf)) else {
-        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
+    let (_, session, form) = match posted::<ReasonForm>(&state, &headers, &body).await {
+        Ok(posted) => posted,
+        Err(refused) => return refused,
     };
     let (Some(zone_id), true) = (zone_path(&zone_id), caracal_core::is_plain_id(&session_id))
     else {
@@ -419,12 +415,9 @@ pub(super) async fn revoke(
     axum::extract::Path((zone_id, application_id)): axum::extract::Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
-    };
-    let form = serde_urlencoded::from_bytes::<ReasonForm>(&body).ok();
-    let Some(form) = form.filter(|form| same(&form.csrf, &session.csrf)) else {
-        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
+    let (_, session, form) = match posted::<ReasonForm>(&state, &headers, &body).await {
+        Ok(posted) => posted,
+        Err(refused) => return refused,
     };
     let (Some(zone_id), true) = (
         zone_path(&zone_id),

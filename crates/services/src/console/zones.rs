@@ -108,7 +108,6 @@ pub(super) async fn zones_page(
 
 #[derive(Deserialize)]
 struct ZoneForm {
-    csrf: String,
     name: String,
 }
 
@@ -117,15 +116,10 @@ pub(super) async fn create_zone(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
+    let (_, session, form) = match posted::<ZoneForm>(&state, &headers, &body).await {
+        Ok(posted) => posted,
+        Err(refused) => return refused,
     };
-    let Ok(form) = serde_urlencoded::from_bytes::<ZoneForm>(&body) else {
-        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
-    };
-    if !same(&form.csrf, &session.csrf) {
-        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
-    }
     let (status, answer) = admin(
         &state,
         &session,
@@ -409,7 +403,6 @@ pub(super) fn actions(section: &str, zone_id: &str, csrf: &str, answer: &Value) 
 
 #[derive(Deserialize)]
 struct ActForm {
-    csrf: String,
     action: String,
     id: String,
     #[serde(default)]
@@ -424,12 +417,9 @@ pub(super) async fn act(
     axum::extract::Path(zone_id): axum::extract::Path<String>,
     body: Bytes,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
-    };
-    let form = serde_urlencoded::from_bytes::<ActForm>(&body).ok();
-    let Some(form) = form.filter(|form| same(&form.csrf, &session.csrf)) else {
-        return error_page(StatusCode::FORBIDDEN, Some(&session), "missing CSRF token");
+    let (_, session, form) = match posted::<ActForm>(&state, &headers, &body).await {
+        Ok(posted) => posted,
+        Err(refused) => return refused,
     };
     let (Some(zone_id), true) = (zone_path(&zone_id), caracal_core::is_plain_id(&form.id)) else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such object");
@@ -655,21 +645,12 @@ pub(super) async fn export(
     let Some(zone_id) = zone_path(&zone_id) else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such zone");
     };
-    let (status, bytes) = admin_bytes(
+    download(
         &state,
         &session,
-        "GET",
         &format!("/v1/zones/{zone_id}/audit/export"),
-        None,
-    )
-    .await;
-    if !status.is_success() {
-        let answer = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        return error_page(status, Some(&session), &refusal(&answer));
-    }
-    attachment(
-        bytes,
         "application/x-ndjson",
         &format!("caracal-audit-{zone_id}.jsonl"),
     )
+    .await
 }
