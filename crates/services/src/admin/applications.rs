@@ -14,10 +14,10 @@ use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
 use super::{
-    Change, evidence, invalid_body, json, list_query, live_zone, new_id, on_conflict, page,
-    timestamp, valid_name,
+    Change, evidence, invalid_body, json, list_query, new_id, on_conflict, page, timestamp,
+    valid_name,
 };
-use crate::auth::{Access, AdminCaller, authenticate};
+use crate::auth::{Access, AdminCaller};
 use crate::error::ApiError;
 use crate::state::RoleState;
 use crate::wire::{ApplicationBody, Page};
@@ -179,8 +179,7 @@ async fn list(
     Path(zone_id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Page<ApplicationBody>>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let query = list_query(raw.as_deref())?;
     let archived = match query.status.as_deref() {
         None | Some("active") => false,
@@ -215,8 +214,7 @@ async fn create(
     Path(zone_id): Path<String>,
     raw: Bytes,
 ) -> Result<(StatusCode, Json<ApplicationBody>), ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: CreateApplication = json(&raw)?;
     let name = valid_name(&request.name)?;
     if request.registration_method != "managed" {
@@ -263,8 +261,7 @@ async fn read(
     headers: HeaderMap,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<ApplicationBody>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     Ok(Json(body(
         live_application(&state, &zone_id, &id).await?,
         None,
@@ -278,8 +275,7 @@ async fn update(
     Path((zone_id, id)): Path<(String, String)>,
     raw: Bytes,
 ) -> Result<Json<ApplicationBody>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: UpdateApplication = json(&raw)?;
     let current = live_application(&state, &zone_id, &id).await?;
     let mut fields = Vec::new();
@@ -339,8 +335,7 @@ async fn rotate_secret(
     request_id: Option<Extension<RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<ApplicationBody>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let current = live_application(&state, &zone_id, &id).await?;
     let (secret, secret_hash) = new_secret("cs_").await?;
     let evidence = evidence(
@@ -370,8 +365,7 @@ async fn reveal_secret(
     headers: HeaderMap,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<ApplicationBody>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     live_application(&state, &zone_id, &id).await?;
     Err(ApiError::with_description(
         ErrorCode::ClientSecretNotStored,
@@ -385,8 +379,7 @@ async fn archive(
     request_id: Option<Extension<RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     live_application(&state, &zone_id, &id).await?;
     let evidence = evidence(
         &caller,

@@ -13,8 +13,8 @@ use http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Change, evidence, invalid_body, json, live_zone, on_conflict, page, timestamp};
-use crate::auth::{Access, authenticate};
+use super::{Change, evidence, invalid_body, json, on_conflict, page, timestamp};
+use crate::auth::Access;
 use crate::error::ApiError;
 use crate::state::RoleState;
 use crate::wire::Page;
@@ -75,8 +75,7 @@ async fn list(
     Path(zone_id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Page<Value>>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let query: ListQuery = crate::api::query(raw.as_deref())?;
     if let Some(wanted) = &query.state
         && !STATES.contains(&wanted.as_str())
@@ -119,8 +118,7 @@ async fn counts(
     headers: HeaderMap,
     Path(zone_id): Path<String>,
 ) -> Result<Json<BTreeMap<&'static str, u64>>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let now = now_ms();
     let mut counts: BTreeMap<&'static str, u64> = STATES.iter().map(|state| (*state, 0)).collect();
     for hold in state.shared.store.list_approval_holds(&zone_id).await? {
@@ -145,8 +143,7 @@ async fn read(
     headers: HeaderMap,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     Ok(Json(body(&hold_of(&state, &zone_id, &id).await?, now_ms())))
 }
 
@@ -179,8 +176,7 @@ async fn decide(
     raw: Bytes,
     decision: &'static str,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Approve).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Approve).await?;
     let request: Decision = if raw.is_empty() {
         Decision::default()
     } else {

@@ -14,8 +14,8 @@ use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Change, evidence, invalid_body, json, live_zone, new_id, page, timestamp};
-use crate::auth::{Access, authenticate};
+use super::{Change, evidence, invalid_body, json, new_id, page, timestamp};
+use crate::auth::Access;
 use crate::error::ApiError;
 use crate::state::RoleState;
 use crate::wire::Page;
@@ -69,8 +69,7 @@ async fn list(
     Path(zone_id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Page<Value>>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let query: ListQuery = crate::api::query(raw.as_deref())?;
     let wanted =
         |value: &str, filter: &Option<String>| filter.as_deref().is_none_or(|f| f == value);
@@ -152,8 +151,7 @@ async fn create(
     Path(zone_id): Path<String>,
     raw: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: CreateConnection = json(&raw)?;
     let subject_id = request.subject_id.unwrap_or_else(|| SHARED.to_owned());
     if subject_id.is_empty() || subject_id.len() > 512 {
@@ -245,8 +243,7 @@ async fn revoke(
     Path(zone_id): Path<String>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: RevokeConnection = json(&raw)?;
     let subject_id = request.subject_id.unwrap_or_else(|| SHARED.to_owned());
     let store = state.shared.store.as_ref();
@@ -291,8 +288,7 @@ async fn authorize(
     headers: HeaderMap,
     Path(zone_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     Err(ApiError::with_description(
         ErrorCode::InvalidRequest,
         "the OAuth authorization-code flow is not offered; store tokens with POST …/provider-connections",

@@ -9,8 +9,8 @@ use axum::{Extension, Json, Router};
 use caracal_core::{ErrorCode, RequestId};
 use serde::Deserialize;
 
-use super::{Change, evidence, invalid_body, json, live_zone, timestamp};
-use crate::auth::{Access, authenticate};
+use super::{Change, evidence, invalid_body, json, timestamp};
+use crate::auth::Access;
 use crate::error::ApiError;
 use crate::keys;
 use crate::state::RoleState;
@@ -30,8 +30,7 @@ async fn list(
     headers: http::HeaderMap,
     Path(zone_id): Path<String>,
 ) -> Result<Json<SigningKeysBody>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let rows = state.shared.store.list_signing_keys(&zone_id).await?;
     Ok(Json(SigningKeysBody {
         items: rows
@@ -65,8 +64,7 @@ async fn rotate(
     Path(zone_id): Path<String>,
     raw: Bytes,
 ) -> Result<Json<RotatedKeyBody>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: RotateRequest = if raw.is_empty() {
         RotateRequest::default()
     } else {

@@ -185,6 +185,18 @@ fn on_conflict(conflict: ApiError) -> impl FnOnce(caracal_store::StoreError) -> 
     }
 }
 
+/// The request's admin caller, allowed `access` on the live zone `zone_id` (see [`live_zone`]).
+async fn zone_caller(
+    state: &RoleState,
+    headers: &http::HeaderMap,
+    zone_id: &str,
+    access: Access,
+) -> Result<AdminCaller, ApiError> {
+    let caller = crate::auth::authenticate(state, headers).await?;
+    live_zone(state, &caller, zone_id, access).await?;
+    Ok(caller)
+}
+
 /// The caller may act on `zone_id` with `access`, and it is a live zone; otherwise 403 (token)
 /// or 404 (no such live zone, which is also what another zone's token cannot tell apart).
 async fn live_zone(

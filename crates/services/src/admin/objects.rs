@@ -122,8 +122,7 @@ async fn list_of(
     zone_id: String,
     raw: Option<String>,
 ) -> Result<Json<Page<Value>>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let query = super::list_query(raw.as_deref())?;
     listed(&state, &zone_id, kind, &query, |_| true).await
 }
@@ -135,8 +134,7 @@ async fn read_of(
     headers: HeaderMap,
     (zone_id, id): (String, String),
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     Ok(Json(shown(&found(&state, &zone_id, kind, &id).await?)))
 }
 
@@ -251,8 +249,7 @@ async fn create_issuer(
     Path(zone_id): Path<String>,
     raw: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let fields = issuer_fields(json(&raw)?, &Map::new())?;
     let issuer = fields
         .get("issuer")
@@ -315,8 +312,7 @@ async fn update_issuer(
     Path((zone_id, id)): Path<(String, String)>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: IssuerRequest = json(&raw)?;
     let mut object = found(&state, &zone_id, ISSUER, &id).await?;
     let changed: Vec<&'static str> = [
@@ -362,8 +358,7 @@ async fn archive_issuer(
     request_id: Option<Extension<RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let mut object = found(&state, &zone_id, ISSUER, &id).await?;
     object.status = "archived".into();
     object.updated_at_ms = now_ms();
@@ -426,8 +421,7 @@ async fn list_grants(
     Path(zone_id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Page<Value>>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let query: GrantQuery = crate::api::query(raw.as_deref())?;
     let user = query.user_id.clone().or(query.subject_id.clone());
     let scopes: Vec<String> = query
@@ -472,8 +466,7 @@ async fn create_grant(
     Path(zone_id): Path<String>,
     raw: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: GrantRequest = json(&raw)?;
     let user_id = bounded("user_id", &request.user_id, 512)?;
     if request.scopes.is_empty() || request.scopes.len() > 64 {
@@ -552,8 +545,7 @@ async fn revoke_grant(
     request_id: Option<Extension<RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let mut object = found(&state, &zone_id, GRANT, &id).await?;
     if object.status == "revoked" {
         return Ok(StatusCode::NO_CONTENT);
@@ -731,8 +723,7 @@ async fn create_workload(
     Path(zone_id): Path<String>,
     raw: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: CreateWorkload = json(&raw)?;
     let name = super::valid_name(&request.name)?;
     let mut body = Map::new();
@@ -777,8 +768,7 @@ async fn update_workload(
     Path((zone_id, id)): Path<(String, String)>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: UpdateWorkload = json(&raw)?;
     let mut object = found(&state, &zone_id, WORKLOAD, &id).await?;
     let mut body = body_of(&object);
@@ -821,8 +811,7 @@ async fn rotate_workload_secret(
     request_id: Option<Extension<RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let mut object = found(&state, &zone_id, WORKLOAD, &id).await?;
     let mut body = body_of(&object);
     let secret = new_workload_secret(&state, &mut body).await?;
@@ -893,8 +882,7 @@ async fn delete_workload(
     request_id: Option<Extension<RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     found(&state, &zone_id, WORKLOAD, &id).await?;
     let evidence = evidence(
         &caller,

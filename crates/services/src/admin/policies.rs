@@ -14,8 +14,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    Change, evidence, invalid_body, json, list_query, live_zone, new_id, on_conflict, page,
-    timestamp, valid_name,
+    Change, evidence, invalid_body, json, list_query, new_id, on_conflict, page, timestamp,
+    valid_name,
 };
 use crate::auth::{Access, authenticate};
 use crate::error::ApiError;
@@ -255,8 +255,7 @@ async fn list_policies(
     Path(zone_id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Page<Value>>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let query = list_query(raw.as_deref())?;
     let policies: Vec<PolicyHeader> = state
         .shared
@@ -299,8 +298,7 @@ async fn create_policy(
     Path(zone_id): Path<String>,
     raw: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: CreatePolicy = json(&raw)?;
     let name = valid_name(&request.name)?;
     compile_document(request.content.clone())
@@ -391,8 +389,7 @@ async fn read_policy(
     headers: HeaderMap,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let policy = live_policy(&state, &zone_id, &id).await?;
     let versions = state
         .shared
@@ -413,8 +410,7 @@ async fn add_policy_version(
     Path((zone_id, id)): Path<(String, String)>,
     raw: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: Content = json(&raw)?;
     live_policy(&state, &zone_id, &id).await?;
     compile_document(request.content.clone())
@@ -450,8 +446,7 @@ async fn list_sets(
     Path(zone_id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Page<Value>>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let query = list_query(raw.as_deref())?;
     let sets: Vec<PolicyHeader> = state
         .shared
@@ -479,8 +474,7 @@ async fn create_set(
     Path(zone_id): Path<String>,
     raw: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: CreateSet = json(&raw)?;
     let name = valid_name(&request.name)?;
     let set = PolicyHeader {
@@ -516,8 +510,7 @@ async fn read_set(
     headers: HeaderMap,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let set = live_set(&state, &zone_id, &id).await?;
     Ok(Json(set_body(&state, &set).await?))
 }
@@ -543,8 +536,7 @@ async fn list_set_versions(
     Path((zone_id, id)): Path<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Page<Value>>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     live_set(&state, &zone_id, &id).await?;
     let query = list_query(raw.as_deref())?;
     let versions = state
@@ -582,8 +574,7 @@ async fn read_set_version(
     headers: HeaderMap,
     Path((zone_id, id, version_id)): Path<(String, String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let version = set_version(&state, &zone_id, &id, &version_id).await?;
     Ok(Json(set_version_body(&version)))
 }
@@ -618,8 +609,7 @@ async fn add_set_version(
     Path((zone_id, id)): Path<(String, String)>,
     raw: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: CreateSetVersion = json(&raw)?;
     live_set(&state, &zone_id, &id).await?;
     if request.manifest.is_empty() || request.manifest.len() > MAX_MANIFEST {
@@ -779,8 +769,7 @@ async fn activate(
     Path((zone_id, id)): Path<(String, String)>,
     raw: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     super::incident::refuse_when_frozen(&state)?;
     let request: VersionChoice = json(&raw)?;
     let set = live_set(&state, &zone_id, &id).await?;
@@ -803,8 +792,7 @@ async fn rollback(
     request_id: Option<Extension<RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let set = live_set(&state, &zone_id, &id).await?;
     let binding = state.shared.store.policy_binding(&zone_id).await?;
     let previous = binding
@@ -838,8 +826,7 @@ async fn activation_status(
     Path((zone_id, id)): Path<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     live_set(&state, &zone_id, &id).await?;
     let query: StatusQuery = crate::api::query(raw.as_deref())?;
     let binding = state.shared.store.policy_binding(&zone_id).await?;
@@ -899,8 +886,7 @@ async fn simulate(
     Path((zone_id, id)): Path<(String, String)>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let request: SimulateBody = json(&raw)?;
     live_set(&state, &zone_id, &id).await?;
     let version = set_version(&state, &zone_id, &id, &request.version_id).await?;
@@ -930,8 +916,7 @@ async fn archive_policy(
     request_id: Option<Extension<RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     live_policy(&state, &zone_id, &id).await?;
     let recorded = evidence(
         &caller,
@@ -960,8 +945,7 @@ async fn archive_set(
     request_id: Option<Extension<RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     live_set(&state, &zone_id, &id).await?;
     let recorded = evidence(
         &caller,

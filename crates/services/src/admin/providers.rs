@@ -242,8 +242,7 @@ async fn list(
     Path(zone_id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Page<ProviderBody>>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let query = list_query(raw.as_deref())?;
     let providers: Vec<Provider> = state
         .shared
@@ -339,8 +338,7 @@ async fn read(
     headers: HeaderMap,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<ProviderBody>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     Ok(Json(body(live_provider(&state, &zone_id, &id).await?)))
 }
 
@@ -445,8 +443,7 @@ async fn reveal(
     request_id: Option<Extension<RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<RevealedSecretsBody>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let provider = live_provider(&state, &zone_id, &id).await?;
     let secrets = crate::provider_secrets::open(&state.shared, &provider)
         .await

@@ -13,8 +13,8 @@ use caracal_core::RequestId;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Change, invalid_body, json, live_zone};
-use crate::auth::{Access, authenticate};
+use super::{Change, invalid_body, json};
+use crate::auth::Access;
 use crate::error::ApiError;
 use crate::state::RoleState;
 
@@ -49,8 +49,7 @@ async fn revoke_named(
     Path(zone_id): Path<String>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: RevokeNamedRequest = json(&raw)?;
     let reason = RevokeRequest {
         reason: request.reason,
@@ -73,8 +72,7 @@ async fn revoke(
     Path((zone_id, subject_id)): Path<(String, String)>,
     raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: RevokeRequest = if raw.is_empty() {
         RevokeRequest::default()
     } else {

@@ -95,8 +95,7 @@ async fn records(
     Path(zone_id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let query: RecordQuery = crate::api::query(raw.as_deref())?;
     let limit = limit(query.limit)?;
     let filter = RecordFilter {
@@ -136,8 +135,7 @@ async fn sessions(
     Path(zone_id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let query: SessionQuery = crate::api::query(raw.as_deref())?;
     let limit = limit(query.limit)?;
     let filter = SessionFilter {
@@ -208,8 +206,7 @@ async fn edges(
     Path(zone_id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let query: EdgeQuery = crate::api::query(raw.as_deref())?;
     let limit = limit(query.limit)?;
     let status = choice("status", query.status, &["active", "revoked", "expired"])?;
@@ -335,8 +332,7 @@ async fn checkpoint(
     headers: http::HeaderMap,
     Path(zone_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let store = state.shared.store.as_ref();
     let latest = store
         .latest_audit_checkpoint(&zone_id)
@@ -382,8 +378,7 @@ async fn export(
     RawQuery(raw): RawQuery,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse as _;
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     let query: ExportQuery = crate::api::query(raw.as_deref())?;
     let (from, to) = (
         query.from_seq.unwrap_or(1),

@@ -226,8 +226,7 @@ async fn dcr_status(
     headers: HeaderMap,
     Path(zone_id): Path<String>,
 ) -> Result<Json<DcrStatusBody>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
     Ok(Json(DcrStatusBody {
         dcr_enabled: false,
         live_dcr_applications: 0,
@@ -286,8 +285,7 @@ async fn archive(
     request_id: Option<Extension<RequestId>>,
     Path(zone_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
-    live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let evidence = evidence(
         &caller,
         request_id.as_deref(),
