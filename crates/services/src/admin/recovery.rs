@@ -119,7 +119,12 @@ async fn preserve(
     super::record_now(&state, event).await?;
     let dir = bundles_dir(&state);
     let out = dir.join(&name);
-    std::fs::create_dir_all(&out).map_err(|error| internal("creating the bundle", &error))?;
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| {
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new().mode(0o700).create(&out)
+        })
+        .map_err(|error| internal("creating the bundle", &error))?;
     let preserved = tools.preserve(&out).await.map_err(|error| {
         tracing::error!(%error, bundle = %name, "the evidence bundle was not written");
         ApiError::with_description(
@@ -148,10 +153,17 @@ fn internal(what: &str, error: &dyn std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::InternalError)
 }
 
-/// `dir` as a tar archive whose entries sit under the directory's own name.
+/// `dir` as a tar archive whose entries sit under the directory's own name, readable by the
+/// owner alone (it holds a snapshot of the database).
 fn archive_dir(dir: &std::path::Path, archive: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let name = dir.file_name().unwrap_or_default();
-    let mut builder = tar::Builder::new(std::fs::File::create(archive)?);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(archive)?;
+    let mut builder = tar::Builder::new(file);
     builder.mode(tar::HeaderMode::Deterministic);
     builder.append_dir_all(name, dir)?;
     builder.into_inner()?.sync_all()

@@ -1843,6 +1843,11 @@ async fn issuers_grants_and_workloads_keep_their_rules_and_their_secrets() {
     );
 }
 
+/// The data directory of a test state (its replay directory's parent).
+fn state_home(shared: &crate::state::Shared) -> std::path::PathBuf {
+    shared.replay_dir.parent().unwrap().to_owned()
+}
+
 /// Stands in for the binary's validate and preserve: the API's authorisation around them is
 /// what is tested here (the real tools run in `tests/console.rs` and `tests/incident.rs`).
 struct RecordingTools(std::sync::Mutex<Vec<String>>);
@@ -1983,6 +1988,15 @@ async fn validate_and_bundles_run_the_tools_only_for_the_callers_they_allow() {
         .await
         .unwrap();
     assert_eq!(&archive[257..262], b"ustar", "a tar archive");
+    let kept = state_home(&shared).join("bundles");
+    for (path, mode) in [
+        (kept.join(name), 0o700),
+        (kept.join(format!("{name}.tar")), 0o600),
+    ] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let found = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(found, mode, "{}", path.display());
+    }
     for bad in ["bundle-zz", "bundle-..", "other"] {
         let (status, _, answer) = call(
             &app,
