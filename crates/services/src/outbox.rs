@@ -75,10 +75,16 @@ impl Dispatcher {
             .claim_outbox(&self.config.worker, self.config.batch, self.config.lease)
             .await?;
         let (mut sent, mut first_error) = (Vec::with_capacity(rows.len()), None);
+        // A stream whose run failed sends nothing more in this batch: its later rows wait
+        // (their claim lapses) until the failed one goes out, so the stream keeps its order.
+        let mut failed_streams: Vec<&str> = Vec::new();
         for run in rows.chunk_by(|left, right| left.stream == right.stream) {
             let Some(stream) = run.first().map(|row| row.stream.as_str()) else {
                 continue;
             };
+            if failed_streams.contains(&stream) {
+                continue;
+            }
             let messages = run
                 .iter()
                 .map(|row| {
@@ -93,6 +99,7 @@ impl Dispatcher {
             match self.producer.publish_many(stream, messages).await {
                 Ok(_) => sent.extend(run.iter().map(|row| row.id)),
                 Err(error) => {
+                    failed_streams.push(stream);
                     for row in run {
                         if let Err(store_error) = self.record_failure(row, &error.to_string()).await
                         {

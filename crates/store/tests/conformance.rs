@@ -132,6 +132,7 @@ conformance!(
     a_zone_and_its_outbox_rows_commit_together,
     outbox_rows_are_claimed_oldest_first_and_never_twice,
     failed_rows_back_off_then_die_at_the_bound,
+    a_streams_later_rows_wait_for_its_failed_row,
     a_dead_dispatchers_claims_expire,
     leases_admit_one_holder_at_a_time,
     concurrent_dispatchers_claim_disjoint_rows,
@@ -390,6 +391,48 @@ async fn failed_rows_back_off_then_die_at_the_bound(backend: &Backend) {
         ));
     }
     assert_eq!(store.outbox_stats().await.unwrap().dead, 1);
+}
+
+/// Each stream keeps its order: while an earlier row of a stream backs off, its later rows are
+/// not handed out (other streams' rows are); once it is available again, both go in order.
+async fn a_streams_later_rows_wait_for_its_failed_row(backend: &Backend) {
+    let store = &backend.store;
+    for (n, stream) in [(0, "caracal.s"), (1, "caracal.t"), (2, "caracal.s")] {
+        store
+            .create_zone(&zone(n), &[message(stream, n)])
+            .await
+            .unwrap();
+    }
+    let claimed = store
+        .claim_outbox("a", 10, Duration::from_millis(100))
+        .await
+        .unwrap();
+    let ids: Vec<i64> = claimed.iter().map(|row| row.id).collect();
+    assert_eq!(ids.len(), 3);
+    // The first row of `s` fails; `t` goes out; the dispatcher leaves `s`'s second row alone.
+    store
+        .outbox_failed(ids[0], "bus down", Duration::from_millis(600), 5)
+        .await
+        .unwrap();
+    assert_eq!(store.outbox_published("a", &[ids[1]]).await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        store
+            .claim_outbox("b", 10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty(),
+        "`s`'s second row waits for its first"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again: Vec<i64> = store
+        .claim_outbox("b", 10, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.id)
+        .collect();
+    assert_eq!(again, [ids[0], ids[2]]);
 }
 
 async fn a_dead_dispatchers_claims_expire(backend: &Backend) {

@@ -50,7 +50,9 @@ impl<D: Db> Outbox for D {
         let now = now_ms();
         let limit = i64::try_from(batch).unwrap_or(i64::MAX);
         // PostgreSQL serves several dispatchers: locked rows are skipped, not waited for.
-        // SQLite has one writer, so the plain form is already exclusive.
+        // SQLite has one writer, so the plain form is already exclusive. A row waits while an
+        // earlier row of its stream backs off after a failed publish, so a failure does not
+        // reorder the stream (a dead row no longer holds the rest back).
         let sql = match self.dialect() {
             Dialect::Postgres => {
                 "UPDATE outbox SET locked_by = $1, locked_until_ms = $2
@@ -58,6 +60,11 @@ impl<D: Db> Outbox for D {
                      SELECT id FROM outbox
                      WHERE status = 'pending' AND available_at_ms <= $3
                        AND (locked_until_ms IS NULL OR locked_until_ms <= $3)
+                       AND NOT EXISTS (
+                           SELECT 1 FROM outbox earlier
+                           WHERE earlier.stream = outbox.stream AND earlier.id < outbox.id
+                             AND earlier.status = 'pending'
+                             AND earlier.available_at_ms > $3)
                      ORDER BY id LIMIT $4
                      FOR UPDATE SKIP LOCKED)
                  RETURNING id, stream, fields, dedupe_key, attempts"
@@ -68,6 +75,11 @@ impl<D: Db> Outbox for D {
                      SELECT id FROM outbox
                      WHERE status = 'pending' AND available_at_ms <= $3
                        AND (locked_until_ms IS NULL OR locked_until_ms <= $3)
+                       AND NOT EXISTS (
+                           SELECT 1 FROM outbox earlier
+                           WHERE earlier.stream = outbox.stream AND earlier.id < outbox.id
+                             AND earlier.status = 'pending'
+                             AND earlier.available_at_ms > $3)
                      ORDER BY id LIMIT $4)
                  RETURNING id, stream, fields, dedupe_key, attempts"
             }
