@@ -88,9 +88,8 @@ pub(super) async fn contain_or_release(
         "fail_closed" => serde_json::json!({ "fail_closed": true, "reason": form.reason }),
         _ => return error_page(StatusCode::BAD_REQUEST, Some(&session), "unknown switch"),
     };
-    let (status, answer) = admin(&state, &session, "POST", path, Some(switch)).await;
-    if !status.is_success() {
-        return error_page(status, Some(&session), &refusal(&answer));
+    if let Err(refused) = succeeded(&state, &session, "POST", path, Some(switch)).await {
+        return refused;
     }
     let notice = format!(
         "<p class=\"good\">{} {}: done.</p>",
@@ -134,17 +133,18 @@ pub(super) async fn validate(
             canary.insert(field.to_owned(), Value::String(value));
         }
     }
-    let (status, answer) = admin(
+    let answer = match succeeded(
         &state,
         &session,
         "POST",
         "/v1/incident/validate",
         Some(Value::Object(canary)),
     )
-    .await;
-    if !status.is_success() {
-        return error_page(status, Some(&session), &refusal(&answer));
-    }
+    .await
+    {
+        Ok(answer) => answer,
+        Err(refused) => return refused,
+    };
     let mut rows = String::from("<table><tr><th>Check</th><th>Result</th><th>Evidence</th></tr>");
     for check in answer
         .get("checks")
@@ -186,17 +186,18 @@ pub(super) async fn preserve(
         Ok(posted) => posted,
         Err(refused) => return refused,
     };
-    let (status, answer) = admin(
+    let answer = match succeeded(
         &state,
         &session,
         "POST",
         "/v1/incident/bundles",
         Some(serde_json::json!({ "reason": form.reason })),
     )
-    .await;
-    if !status.is_success() {
-        return error_page(status, Some(&session), &refusal(&answer));
-    }
+    .await
+    {
+        Ok(answer) => answer,
+        Err(refused) => return refused,
+    };
     let name = escape(text_of(&answer, "name"));
     let complete = answer.get("complete") == Some(&Value::Bool(true));
     let notice = format!(

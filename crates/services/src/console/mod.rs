@@ -280,6 +280,23 @@ async fn admin(
     )
 }
 
+/// Calls the admin API's own route with the session's token; its answer when it succeeded,
+/// else the refusal as a page.
+async fn succeeded(
+    state: &RoleState,
+    session: &Session,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, Response> {
+    let (status, answer) = admin(state, session, method, path, body).await;
+    if status.is_success() {
+        Ok(answer)
+    } else {
+        Err(error_page(status, Some(session), &refusal(&answer)))
+    }
+}
+
 /// Calls the admin API's own route with the session's token; status and body as they are.
 async fn admin_bytes(
     state: &RoleState,

@@ -358,16 +358,16 @@ pub(super) async fn policy_set_action(
     let base = format!("/v1/zones/{zone}/policy-sets/{set_id}");
     let notice = match form.action.as_str() {
         "activate" => {
-            let (status, answer) = admin(
+            if let Err(refused) = succeeded(
                 &state,
                 &session,
                 "POST",
                 &format!("{base}/activate"),
                 Some(serde_json::json!({ "version_id": form.version_id })),
             )
-            .await;
-            if !status.is_success() {
-                return error_page(status, Some(&session), &refusal(&answer));
+            .await
+            {
+                return refused;
             }
             format!(
                 "<p class=\"good\">Activation of {} accepted; the STS loads it next.</p>",
@@ -445,17 +445,18 @@ pub(super) async fn policy_set_action(
                 "edge_scopes": words(form.edge_scopes.as_deref()),
                 "session": true,
             });
-            let (status, answer) = admin(
+            let answer = match succeeded(
                 &state,
                 &session,
                 "POST",
                 &format!("{base}/simulate"),
                 Some(serde_json::json!({ "version_id": form.version_id, "input": input })),
             )
-            .await;
-            if !status.is_success() {
-                return error_page(status, Some(&session), &refusal(&answer));
-            }
+            .await
+            {
+                Ok(answer) => answer,
+                Err(refused) => return refused,
+            };
             let result = answer.get("result").cloned().unwrap_or(Value::Null);
             let reasons: Vec<String> = result
                 .get("diagnostics")

@@ -335,17 +335,18 @@ pub(super) async fn terminate(
     else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such session");
     };
-    let (status, answer) = admin(
+    let answer = match succeeded(
         &state,
         &session,
         "POST",
         &format!("/v1/zones/{zone_id}/sessions/{session_id}/terminate"),
         Some(serde_json::json!({ "reason": form.reason })),
     )
-    .await;
-    if !status.is_success() {
-        return error_page(status, Some(&session), &refusal(&answer));
-    }
+    .await
+    {
+        Ok(answer) => answer,
+        Err(refused) => return refused,
+    };
     let ended = answer
         .get("terminated_sessions")
         .and_then(Value::as_array)
@@ -425,17 +426,18 @@ pub(super) async fn revoke(
     ) else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such application");
     };
-    let (status, answer) = admin(
+    let answer = match succeeded(
         &state,
         &session,
         "POST",
         &format!("/v1/zones/{zone_id}/applications/{application_id}/revoke"),
         Some(serde_json::json!({ "reason": form.reason })),
     )
-    .await;
-    if !status.is_success() {
-        return error_page(status, Some(&session), &refusal(&answer));
-    }
+    .await
+    {
+        Ok(answer) => answer,
+        Err(refused) => return refused,
+    };
     let count = |field: &str| {
         answer
             .get(field)

@@ -120,17 +120,18 @@ pub(super) async fn create_zone(
         Ok(posted) => posted,
         Err(refused) => return refused,
     };
-    let (status, answer) = admin(
+    let answer = match succeeded(
         &state,
         &session,
         "POST",
         "/v1/zones",
         Some(serde_json::json!({ "name": form.name })),
     )
-    .await;
-    if !status.is_success() {
-        return error_page(status, Some(&session), &refusal(&answer));
-    }
+    .await
+    {
+        Ok(answer) => answer,
+        Err(refused) => return refused,
+    };
     let notice = format!(
         "<p class=\"good\">Zone {} created.</p>",
         escape(answer.get("name").and_then(Value::as_str).unwrap_or(""))
@@ -440,10 +441,10 @@ pub(super) async fn act(
         ),
         _ => return error_page(StatusCode::BAD_REQUEST, Some(&session), "unknown action"),
     };
-    let (status, answer) = admin(&state, &session, "POST", &path, Some(payload)).await;
-    if !status.is_success() {
-        return error_page(status, Some(&session), &refusal(&answer));
-    }
+    let answer = match succeeded(&state, &session, "POST", &path, Some(payload)).await {
+        Ok(answer) => answer,
+        Err(refused) => return refused,
+    };
     let done = match form.action.as_str() {
         // Shown once, on a page that is never cached.
         "rotate" => format!(
@@ -516,17 +517,18 @@ pub(super) async fn explain(
     else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such request");
     };
-    let (status, answer) = admin(
+    let answer = match succeeded(
         &state,
         &session,
         "GET",
         &format!("/v1/zones/{zone_id}/audit/by-request/{request_id}/explain"),
         None,
     )
-    .await;
-    if !status.is_success() {
-        return error_page(status, Some(&session), &refusal(&answer));
-    }
+    .await
+    {
+        Ok(answer) => answer,
+        Err(refused) => return refused,
+    };
     let mut body = format!(
         "<section class=\"card\"><p>Final decision: <strong class=\"decision\">{}</strong></p></section>",
         escape(text_of(&answer, "final_decision"))

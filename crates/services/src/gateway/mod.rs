@@ -597,6 +597,8 @@ async fn checked(
             ),
         ));
     }
+    // The claims go to the in-process STS (when spent here); the call keeps what it needs.
+    let (sub_type, exp) = (claims.sub_type.clone(), claims.exp);
     let call = GatewayCall {
         zone_id: peeked.zone_id.clone(),
         application_id: peeked.client_id.clone(),
@@ -604,7 +606,7 @@ async fn checked(
         resource: resource.clone(),
         method: request.method().as_str().to_owned(),
         path: path.clone(),
-        verified: spent.then(|| claims.clone()),
+        verified: spent.then_some(claims),
     };
     let exchanged = gateway.exchanger.exchange(state, request_id, &call).await;
     if gateway
@@ -641,9 +643,9 @@ async fn checked(
         resource,
         method: call.method,
         token,
-        sub_type: claims.sub_type,
+        sub_type,
         anchors,
-        exp: claims.exp,
+        exp,
         started: Instant::now(),
     };
     Ok(dispatch(

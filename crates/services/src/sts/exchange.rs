@@ -786,7 +786,8 @@ pub(super) async fn verify_subject(
     let now = now_ms();
     let claims = crate::mandate::verify(token, |kid| keys.verifier(kid, now))
         .map_err(|error| TokenError::bad_subject(format!("subject token rejected: {error}")))?;
-    check_subject(state, sts, zone_id, claims, expected_use).await
+    check_subject(state, sts, zone_id, &claims, expected_use).await?;
+    Ok(claims)
 }
 
 /// Everything [`verify_subject`] checks but the signature: lifetime, issuer, zone, `use`, and
@@ -795,12 +796,12 @@ pub(super) async fn check_subject(
     state: &RoleState,
     sts: &Sts,
     zone_id: &str,
-    claims: MandateClaims,
+    claims: &MandateClaims,
     expected_use: &str,
-) -> Result<MandateClaims, TokenError> {
+) -> Result<(), TokenError> {
     let now = now_ms();
-    crate::mandate::check_times(&claims, now / 1000)
-        .and_then(|()| crate::mandate::check_issuer(&claims, &sts.issuer))
+    crate::mandate::check_times(claims, now / 1000)
+        .and_then(|()| crate::mandate::check_issuer(claims, &sts.issuer))
         .map_err(|error| TokenError::bad_subject(format!("subject token rejected: {error}")))?;
     if claims.zone_id != zone_id {
         return Err(TokenError::bad_subject(
@@ -823,7 +824,7 @@ pub(super) async fn check_subject(
             "subject token's authority is no longer active",
         ));
     }
-    Ok(claims)
+    Ok(())
 }
 
 /// A delegation checked against live state: the edge, its lineage (root first), the target

@@ -128,7 +128,7 @@ impl crate::gateway_sts::InProcessExchange for Sts {
         }
         let form = form_of(call, request_id);
         let ask = super::exchange::ask(&form)?;
-        reexchange(state, self, request_id, &form, &ask, call.verified.clone())
+        reexchange(state, self, request_id, &form, &ask, call.verified.as_ref())
             .await
             .map_err(Refusal::from)
     }
@@ -142,7 +142,7 @@ pub(super) async fn reexchange(
     request_id: &str,
     form: &super::form::TokenForm,
     ask: &Ask,
-    verified: Option<crate::wire::MandateClaims>,
+    verified: Option<&crate::wire::MandateClaims>,
 ) -> Result<TokenResponse, TokenError> {
     let store = state.shared.store.as_ref();
     let (Some(token), Some(ACCESS_TOKEN)) = (
@@ -166,7 +166,8 @@ pub(super) async fn reexchange(
     let presented = match verified {
         // Signed by the zone's keys and already spent by the Gateway: the other subject checks.
         Some(claims) if !claims.jti.is_empty() => {
-            check_subject(state, sts, &ask.zone_id, claims, "gateway").await?
+            check_subject(state, sts, &ask.zone_id, claims, "gateway").await?;
+            std::borrow::Cow::Borrowed(claims)
         }
         _ => {
             let presented = verify_subject(state, sts, &ask.zone_id, token, "gateway").await?;
@@ -182,7 +183,7 @@ pub(super) async fn reexchange(
                 )
                 .await
             {
-                Ok(true) => presented,
+                Ok(true) => std::borrow::Cow::Owned(presented),
                 Ok(false) => return Err(TokenError::bad_subject("token replay detected")),
                 Err(error) => {
                     tracing::warn!(%error, "JTI registry unavailable: gateway exchange refused");
