@@ -56,7 +56,7 @@ impl EmbeddedBus {
         let delivered = self
             .store
             .run(move |connection| {
-                let transaction = connection.transaction()?;
+                let transaction = connection.savepoint()?;
                 let last: Option<i64> = transaction.prepare_cached("SELECT last_delivered FROM stream_groups WHERE stream = ?1 AND name = ?2")?.query_row(params![stream, group],
                         |row| row.get(0),
                     )
@@ -108,14 +108,12 @@ impl ReplayRegistry for EmbeddedBus {
         let key = key.to_owned();
         let claimed = self
             .store
-            .run(move |connection| {
+            // Committed without waiting for the disk: a claim survives a process crash, and
+            // only a power cut can lose the last ones, as with Redis's once-a-second AOF.
+            .run_relaxed(move |connection| {
                 let now = now_ms();
-                // Committed without waiting for the disk (WAL, synchronous=NORMAL): a claim
-                // survives a process crash, and only a power cut can lose the last ones, as with
-                // Redis's once-a-second AOF; the next FULL commit persists it anyway.
-                connection.pragma_update(None, "synchronous", "NORMAL")?;
                 // A key whose TTL has passed may be claimed again, as in Redis.
-                let claimed = connection
+                connection
                     .prepare_cached(
                         "INSERT INTO replay_keys (namespace, key, expires_ms) VALUES (?1, ?2, ?3)
                      ON CONFLICT (namespace, key) DO UPDATE SET expires_ms = excluded.expires_ms
@@ -126,9 +124,7 @@ impl ReplayRegistry for EmbeddedBus {
                         key,
                         now.saturating_add(millis(ttl)),
                         now
-                    ]);
-                connection.pragma_update(None, "synchronous", "FULL")?;
-                claimed
+                    ])
             })
             .await?;
         Ok(claimed == 1)
@@ -227,7 +223,7 @@ impl Streams for EmbeddedBus {
         let ids = self
             .store
             .run(move |connection| {
-                let transaction = connection.transaction()?;
+                let transaction = connection.savepoint()?;
                 let appended_ms = now_ms();
                 let mut ids = Vec::with_capacity(texts.len());
                 for text in texts {
@@ -313,7 +309,7 @@ impl Streams for EmbeddedBus {
         let acknowledged = self
             .store
             .run(move |connection| {
-                let transaction = connection.transaction()?;
+                let transaction = connection.savepoint()?;
                 let mut acknowledged = 0;
                 for seq in seqs {
                     acknowledged += transaction.prepare_cached("DELETE FROM stream_pending WHERE stream = ?1 AND grp = ?2 AND seq = ?3")?.execute(params![stream, group, seq],
@@ -378,7 +374,7 @@ impl Streams for EmbeddedBus {
         let claimed: Vec<(i64, i64, String, i64)> = self
             .store
             .run(move |connection| {
-                let transaction = connection.transaction()?;
+                let transaction = connection.savepoint()?;
                 let now = now_ms();
                 let idle: Vec<(i64, i64, Option<(i64, String)>)> = {
                     let mut statement = transaction.prepare_cached(
@@ -504,7 +500,7 @@ impl Streams for EmbeddedBus {
         let deleted = self
             .store
             .run(move |connection| {
-                let transaction = connection.transaction()?;
+                let transaction = connection.savepoint()?;
                 let mut deleted = 0;
                 for seq in seqs {
                     deleted += transaction
@@ -525,7 +521,7 @@ impl Streams for EmbeddedBus {
         let deleted = self
             .store
             .run(move |connection| {
-                let transaction = connection.transaction()?;
+                let transaction = connection.savepoint()?;
                 // Per group, everything at or below this seq is delivered and acknowledged.
                 let floor: Option<i64> = transaction.prepare_cached("SELECT MIN(MIN(g.last_delivered,
                                     COALESCE((SELECT MIN(p.seq) - 1 FROM stream_pending p

@@ -527,7 +527,7 @@ pub async fn audit(args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     let sqlite_bytes = sqlite
-        .run(|connection| {
+        .run_alone(|connection| {
             // This database holds only the ledger: its compacted size is the ledger's size.
             connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); VACUUM;")?;
             connection.query_row(

@@ -40,7 +40,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         depth,
         async || {
             sqlite
-                .run(|connection| connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)"))
+                .run_alone(|connection| connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)"))
                 .await?;
             Ok(())
         },

@@ -263,7 +263,7 @@ async fn snapshot_database(
             let store = caracal_store::SqliteStore::open(path)?;
             let target_text = target.display().to_string();
             store
-                .run(move |connection| connection.execute("VACUUM INTO ?1", [target_text]))
+                .run_alone(move |connection| connection.execute("VACUUM INTO ?1", [target_text]))
                 .await?;
             Ok(())
         }

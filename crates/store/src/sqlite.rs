@@ -91,9 +91,52 @@ pub fn schema_version() -> i64 {
 #[derive(Clone)]
 pub struct SqliteStore {
     connection: Arc<Mutex<Connection>>,
+    writer: Arc<Writer>,
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Work for the writer thread. It runs in a savepoint of its batch's transaction and returns
+/// how to answer its caller once the transaction's fate is known.
+type Job = Box<dyn FnOnce(&mut Connection) -> Settle + Send>;
+/// Answers a job's caller with its batch's commit: a job's changes exist only if it committed.
+type Settle = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+struct Queued {
+    job: Job,
+    mode: Mode,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The commit reaches the disk before the caller hears of it (`synchronous = FULL`).
+    Durable,
+    /// See [`SqliteStore::run_relaxed`].
+    Relaxed,
+    /// Outside any transaction (checkpoints, `VACUUM`): see [`SqliteStore::run_alone`].
+    Alone,
+}
+
+/// The queue to the writer thread. Dropping the last handle closes the queue and waits for
+/// the thread to finish what was queued and close its connection, as closing a store should.
+struct Writer {
+    jobs: Option<std::sync::mpsc::Sender<Queued>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take()
+            && thread.thread().id() != std::thread::current().id()
+        {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Jobs that share one transaction at most.
+const MAX_BATCH: usize = 256;
 
 /// Read-only connections per store.
 const READERS: usize = 4;
@@ -164,8 +207,19 @@ impl SqliteStore {
             reader.set_prepared_statement_cache_capacity(256);
             readers.push(Mutex::new(reader));
         }
+        let connection = Arc::new(Mutex::new(connection));
+        let (writer, jobs) = std::sync::mpsc::channel();
+        let writing = Arc::clone(&connection);
+        let thread = std::thread::Builder::new()
+            .name("caracal-sqlite-writer".into())
+            .spawn(move || write_loop(&writing, &jobs))
+            .map_err(|error| open_error(error.to_string()))?;
         Ok(SqliteStore {
-            connection: Arc::new(Mutex::new(connection)),
+            connection,
+            writer: Arc::new(Writer {
+                jobs: Some(writer),
+                thread: Some(thread),
+            }),
             readers: Arc::new(readers),
             next_reader: Arc::default(),
         })
@@ -199,23 +253,69 @@ impl SqliteStore {
         .map_err(|_| StoreError::Unavailable("store worker stopped".into()))?
     }
 
-    /// Runs `work` on the connection on a blocking thread, so SQLite never stalls the runtime.
+    /// Runs `work` on the writer connection, in a savepoint of a transaction it may share with
+    /// other callers' work; answers once that transaction is committed (fsynced). An `Err`
+    /// from `work` rolls back its own changes only.
     pub async fn run<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
     {
-        let connection = Arc::clone(&self.connection);
-        tokio::task::spawn_blocking(move || {
-            // A panic while holding the lock poisons it; the connection itself is still sound
-            // because SQLite rolls back any open transaction on the next statement.
-            let mut guard = connection
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            work(&mut guard).map_err(store_error)
-        })
-        .await
-        .map_err(|_| StoreError::Unavailable("store worker stopped".into()))?
+        self.submit(work, Mode::Durable).await
+    }
+
+    /// [`SqliteStore::run`] whose commit need not wait for the disk (`synchronous = NORMAL`,
+    /// unless a durable job shares its transaction): it survives a crash of the process, and
+    /// only a power cut may lose it. WAL frames are appended in order, so the next durable
+    /// commit persists it too.
+    pub async fn run_relaxed<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    {
+        self.submit(work, Mode::Relaxed).await
+    }
+
+    /// Runs `work` on the writer connection outside any transaction, between batches: for
+    /// what SQLite refuses inside one (`PRAGMA wal_checkpoint`, `VACUUM`, `VACUUM INTO`).
+    pub async fn run_alone<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    {
+        self.submit(work, Mode::Alone).await
+    }
+
+    async fn submit<T, F>(&self, work: F, mode: Mode) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |connection| {
+            let result = if mode == Mode::Alone {
+                work(connection)
+            } else {
+                in_savepoint(connection, work)
+            };
+            match result {
+                Ok(value) => Box::new(move |committed: Result<(), StoreError>| {
+                    let _ = reply.send(committed.map(|()| value));
+                }),
+                Err(error) => {
+                    let _ = reply.send(Err(store_error(error)));
+                    Box::new(|_| {})
+                }
+            }
+        });
+        let stopped = || StoreError::Unavailable("store writer stopped".into());
+        self.writer
+            .jobs
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(Queued { job, mode })
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     /// Same as [`SqliteStore::run`] on the caller's thread, for start-up and tests.
@@ -231,13 +331,148 @@ impl SqliteStore {
     }
 }
 
+/// The writer thread: takes what is queued (up to [`MAX_BATCH`] jobs) and runs it in one
+/// transaction with one commit, so concurrent writers share an fsync and a page written by
+/// several of them goes to the WAL once. It ends when every handle to the store is dropped.
+fn write_loop(connection: &Mutex<Connection>, jobs: &std::sync::mpsc::Receiver<Queued>) {
+    let mut synchronous_full = true;
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(queued) => batch.push(queued),
+                Err(_) => break,
+            }
+        }
+        // A panic while holding the lock poisons it; the connection itself is still sound.
+        let mut guard = connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut shared = Vec::with_capacity(batch.len());
+        for queued in batch {
+            if queued.mode == Mode::Alone {
+                commit_batch(
+                    &mut guard,
+                    std::mem::take(&mut shared),
+                    &mut synchronous_full,
+                );
+                run_alone(&mut guard, queued.job);
+            } else {
+                shared.push(queued);
+            }
+        }
+        commit_batch(&mut guard, shared, &mut synchronous_full);
+    }
+}
+
+/// A job outside any transaction: nothing to commit, so it is settled at once.
+fn run_alone(connection: &mut Connection, job: Job) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(connection))) {
+        Ok(settle) => settle(Ok(())),
+        Err(_) => tracing::error!("a store job panicked"),
+    }
+    if !connection.is_autocommit() {
+        // A job that left a transaction open must not hand it to the next batch.
+        let _ = connection.execute_batch("ROLLBACK");
+    }
+}
+
+fn commit_batch(connection: &mut Connection, batch: Vec<Queued>, synchronous_full: &mut bool) {
+    if batch.is_empty() {
+        return;
+    }
+    let durable = batch.iter().any(|queued| queued.mode == Mode::Durable);
+    let mut settles: Vec<Settle> = Vec::with_capacity(batch.len());
+    let fail_all = |settles: &mut Vec<Settle>, error: &StoreError| {
+        for settle in settles.drain(..) {
+            settle(Err(error.clone()));
+        }
+    };
+    // The safety level cannot change inside a transaction: it is set per batch.
+    if durable != *synchronous_full {
+        let level = if durable { "FULL" } else { "NORMAL" };
+        if let Err(error) = connection.pragma_update(None, "synchronous", level) {
+            let error = store_error(error);
+            for queued in batch {
+                settles.push((queued.job)(connection));
+                fail_all(&mut settles, &error);
+            }
+            return;
+        }
+        *synchronous_full = durable;
+    }
+    let mut open = false;
+    for queued in batch {
+        if !open {
+            if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
+                // Nothing of this job can be kept: run it for its reply, then fail it.
+                let error = store_error(error);
+                let settle = (queued.job)(connection);
+                settle(Err(error));
+                continue;
+            }
+            open = true;
+        }
+        let job = queued.job;
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(connection)));
+        match ran {
+            Ok(settle) => settles.push(settle),
+            Err(_) => {
+                // A job that panicked leaves its savepoint in an unknown state: the whole
+                // transaction goes, and so does every job that shared it.
+                tracing::error!("a store job panicked: its batch is rolled back");
+                let _ = connection.execute_batch("ROLLBACK");
+            }
+        }
+        // Some failures (I/O, a full disk, a panic above) roll the whole transaction back:
+        // what the jobs before did is gone, so they fail; the next job opens a new one.
+        if connection.is_autocommit() {
+            fail_all(
+                &mut settles,
+                &StoreError::Unavailable("the store rolled the transaction back".into()),
+            );
+            open = false;
+        }
+    }
+    if !open {
+        return;
+    }
+    let committed = connection.execute_batch("COMMIT").map_err(store_error);
+    if committed.is_err() && !connection.is_autocommit() {
+        let _ = connection.execute_batch("ROLLBACK");
+    }
+    for settle in settles {
+        settle(committed.clone());
+    }
+}
+
+/// Runs `work` in a savepoint: its changes are kept if it succeeds, rolled back if not.
+fn in_savepoint<T>(
+    connection: &mut Connection,
+    work: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
+) -> Result<T, rusqlite::Error> {
+    connection.execute_batch("SAVEPOINT job")?;
+    match work(connection) {
+        Ok(value) => {
+            connection.execute_batch("RELEASE job")?;
+            Ok(value)
+        }
+        Err(error) => {
+            if !connection.is_autocommit() {
+                let _ = connection.execute_batch("ROLLBACK TO job; RELEASE job");
+            }
+            Err(error)
+        }
+    }
+}
+
 fn select(
     connection: &mut Connection,
-    sql: &str,
+    sql: &'static str,
     params: &[Value],
 ) -> Result<Vec<Row>, StoreError> {
-    let sql = sqlite_parameters(sql);
-    let mut prepared = connection.prepare_cached(&sql).map_err(store_error)?;
+    let sql = sqlite_sql(sql);
+    let mut prepared = connection.prepare_cached(sql).map_err(store_error)?;
     let columns = prepared.column_count();
     let mut rows = prepared
         .query(rusqlite::params_from_iter(params.iter().map(sqlite_value)))
@@ -250,6 +485,30 @@ fn select(
 }
 
 /// `$1`, `$2`, … become `?1`, `?2`, …; a `$` not followed by a digit (a JSON path) stays.
+/// [`sqlite_parameters`] of a query text, converted once per text: every query is a
+/// `&'static str`, so the texts are few and the converted copies live as long as the process.
+fn sqlite_sql(sql: &'static str) -> &'static str {
+    type Converted = std::collections::HashMap<(usize, usize), &'static str>;
+    static CONVERTED: std::sync::OnceLock<std::sync::RwLock<Converted>> =
+        std::sync::OnceLock::new();
+    let converted = CONVERTED.get_or_init(Default::default);
+    // Keyed by where the text lives, not by its contents: no hashing of the text per call.
+    let key = (sql.as_ptr() as usize, sql.len());
+    if let Some(found) = converted
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&key)
+    {
+        return found;
+    }
+    let text: &'static str = Box::leak(sqlite_parameters(sql).into_boxed_str());
+    let mut converted = converted
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let kept: &'static str = converted.entry(key).or_insert(text);
+    kept
+}
+
 fn sqlite_parameters(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());
     let mut characters = sql.chars().peekable();
@@ -298,7 +557,7 @@ impl Db for SqliteStore {
         then: Then,
     ) -> Result<Vec<Outcome>, StoreError> {
         self.run(move |connection| {
-            let transaction = connection.transaction()?;
+            let transaction = connection.savepoint()?;
             let mut outcomes = Vec::with_capacity(first.len());
             for statement in &first {
                 match run_statement(&transaction, statement)? {
@@ -326,24 +585,17 @@ impl Db for SqliteStore {
         &self,
         statements: Vec<Statement>,
     ) -> Result<Vec<Outcome>, StoreError> {
-        self.run(move |connection| {
-            // WAL frames are appended in order, so the next FULL commit's fsync persists
-            // these too.
-            connection.pragma_update(None, "synchronous", "NORMAL")?;
-            let result = (|| {
-                let transaction = connection.transaction()?;
-                let mut outcomes = Vec::with_capacity(statements.len());
-                for statement in &statements {
-                    match run_statement(&transaction, statement)? {
-                        Ok(outcome) => outcomes.push(outcome),
-                        Err(error) => return Ok(Err(error)),
-                    }
+        self.run_relaxed(move |connection| {
+            let transaction = connection.savepoint()?;
+            let mut outcomes = Vec::with_capacity(statements.len());
+            for statement in &statements {
+                match run_statement(&transaction, statement)? {
+                    Ok(outcome) => outcomes.push(outcome),
+                    Err(error) => return Ok(Err(error)),
                 }
-                transaction.commit()?;
-                Ok(Ok(outcomes))
-            })();
-            connection.pragma_update(None, "synchronous", "FULL")?;
-            result
+            }
+            transaction.commit()?;
+            Ok(Ok(outcomes))
         })
         .await?
     }
@@ -367,11 +619,11 @@ impl Db for SqliteStore {
 /// Runs one statement; the inner error is a `must_change` refusal (the caller then drops the
 /// transaction, which rolls it back).
 fn run_statement(
-    transaction: &rusqlite::Transaction<'_>,
+    transaction: &Connection,
     statement: &Statement,
 ) -> Result<Result<Outcome, StoreError>, rusqlite::Error> {
-    let sql = sqlite_parameters(statement.sql);
-    let mut prepared = transaction.prepare_cached(&sql)?;
+    let sql = sqlite_sql(statement.sql);
+    let mut prepared = transaction.prepare_cached(sql)?;
     let columns = prepared.column_count();
     let params = rusqlite::params_from_iter(statement.params.iter().map(sqlite_value));
     let mut outcome = Outcome::default();
@@ -537,6 +789,164 @@ mod tests {
             })
             .unwrap();
         assert_eq!((version, tables), (schema_version(), 1));
+    }
+
+    /// Concurrent jobs share transactions; whatever happens to a neighbour, a job is answered
+    /// `Ok` exactly when its row is stored.
+    async fn answered_ok_iff_stored(store: &SqliteStore, fate: fn(i64) -> Fate) {
+        store
+            .run(|c| c.execute_batch("CREATE TABLE shared (x INTEGER PRIMARY KEY)"))
+            .await
+            .unwrap();
+        let jobs: Vec<_> = (0..300_i64)
+            .map(|x| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let work = move |c: &mut Connection| {
+                        c.execute("INSERT INTO shared (x) VALUES (?1)", [x])?;
+                        match fate(x) {
+                            Fate::Commits => {}
+                            Fate::Fails => {
+                                c.execute("INSERT INTO shared (x) VALUES (?1)", [x])?;
+                            }
+                            Fate::Panics => panic!("job {x} panics"),
+                        }
+                        Ok(())
+                    };
+                    let answer = if x % 2 == 0 {
+                        store.run(work).await
+                    } else {
+                        store.run_relaxed(work).await
+                    };
+                    (x, answer)
+                })
+            })
+            .collect();
+        let mut answered_ok = Vec::new();
+        for job in jobs {
+            let (x, answer) = job.await.unwrap();
+            match fate(x) {
+                Fate::Commits => {}
+                Fate::Fails => assert!(matches!(answer, Err(StoreError::Conflict(_))), "{x}"),
+                Fate::Panics => assert!(answer.is_err(), "{x}"),
+            }
+            if answer.is_ok() {
+                answered_ok.push(x);
+            }
+        }
+        let stored: Vec<i64> = store
+            .run(|c| {
+                c.prepare("SELECT x FROM shared ORDER BY x")?
+                    .query_map([], |row| row.get(0))?
+                    .collect()
+            })
+            .await
+            .unwrap();
+        assert_eq!(stored, answered_ok);
+    }
+
+    #[derive(Clone, Copy)]
+    enum Fate {
+        Commits,
+        Fails,
+        Panics,
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_job_loses_only_its_own_changes() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+        answered_ok_iff_stored(&store, |x| {
+            if x % 3 == 0 {
+                Fate::Fails
+            } else {
+                Fate::Commits
+            }
+        })
+        .await;
+        // Every job but the failing ones committed.
+        let count: i64 = store
+            .run(|c| c.query_row("SELECT COUNT(*) FROM shared", [], |row| row.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(count, 200);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_job_fails_its_batch_and_the_writer_goes_on() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+        answered_ok_iff_stored(&store, |x| {
+            if x % 50 == 7 {
+                Fate::Panics
+            } else {
+                Fate::Commits
+            }
+        })
+        .await;
+        store
+            .run(|c| c.execute("INSERT INTO shared (x) VALUES (1000)", []))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checkpoints_and_vacuum_run_between_batches() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+        store
+            .run(|c| c.execute_batch("CREATE TABLE t (x INTEGER)"))
+            .await
+            .unwrap();
+        let writes: Vec<_> = (0..100_i64)
+            .map(|x| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .run(move |c| c.execute("INSERT INTO t (x) VALUES (?1)", [x]))
+                        .await
+                })
+            })
+            .collect();
+        let copy = directory.path().join("copy.db");
+        let target = copy.display().to_string();
+        store
+            .run_alone(|c| c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)"))
+            .await
+            .unwrap();
+        store
+            .run_alone(move |c| c.execute("VACUUM INTO ?1", [target]))
+            .await
+            .unwrap();
+        for write in writes {
+            write.await.unwrap().unwrap();
+        }
+        let copied: i64 = Connection::open(&copy)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM t", [], |row| row.get(0))
+            .unwrap();
+        assert!((0..=100).contains(&copied));
+        // Inside a shared transaction, SQLite refuses the checkpoint.
+        assert!(
+            store
+                .run(|c| c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)"))
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_the_store_closes_its_writer() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        store
+            .run(|c| c.execute_batch("CREATE TABLE t (x INTEGER)"))
+            .await
+            .unwrap();
+        drop(store);
+        // The last connection closed checkpoints the WAL away.
+        assert!(!directory.path().join("store.db-wal").exists());
     }
 
     #[tokio::test]
