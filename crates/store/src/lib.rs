@@ -3,11 +3,11 @@
 //! - [`Store`]: the interface every role uses — one trait per family of records
 //!   ([`Deployment`], [`Directory`], [`Policies`], [`Runtime`], [`Audit`], [`Outbox`]) whose
 //!   queries are written once over [`db::Db`], the small SQL surface both backends provide:
-//!   [`SqliteStore`] (embedded, one file, blocking work on a worker thread) and [`PgStore`]
-//!   (PostgreSQL through a connection pool, with a statement timeout). One conformance suite
-//!   (`tests/conformance.rs`) runs against both. Each backend tracks forward-only migrations in
-//!   `schema_migrations` (DDL in `src/schema/`) and refuses a schema newer than it knows before
-//!   writing anything.
+//!   [`SqliteStore`] (embedded, one file, concurrent writes run by a writer thread in shared
+//!   transactions) and [`PgStore`] (PostgreSQL through a connection pool, with a statement
+//!   timeout). One conformance suite (`tests/conformance.rs`) runs against both. Each backend
+//!   tracks forward-only migrations in `schema_migrations` (DDL in `src/schema/`) and refuses a
+//!   schema newer than it knows before writing anything.
 //! - Writes that other roles must hear about carry [`OutboxMessage`]s, committed in the same
 //!   transaction; a dispatcher publishes them later (at least once).
 //! - [`DataDir`]: `$CARACAL_HOME`, created mode 0700, locked against a second process, holding

@@ -1,4 +1,4 @@
-//! The embedded store: one SQLite file, forward-only migrations, blocking work off the runtime.
+//! The embedded store: one SQLite file, forward-only migrations, writes on a writer thread.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -98,7 +98,8 @@ pub struct SqliteStore {
 
 /// Work for the writer thread. It runs in a savepoint of its batch's transaction and returns
 /// how to answer its caller once the transaction's fate is known.
-type Job = Box<dyn FnOnce(&mut Connection) -> Settle + Send>;
+/// Handed the error instead of the connection, it answers the caller without running.
+type Job = Box<dyn FnOnce(Result<&mut Connection, StoreError>) -> Settle + Send>;
 /// Answers a job's caller with its batch's commit: a job's changes exist only if it committed.
 type Settle = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
@@ -293,6 +294,13 @@ impl SqliteStore {
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |connection| {
+            let connection = match connection {
+                Ok(connection) => connection,
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                    return Box::new(|_| {});
+                }
+            };
             let result = if mode == Mode::Alone {
                 work(connection)
             } else {
@@ -367,7 +375,7 @@ fn write_loop(connection: &Mutex<Connection>, jobs: &std::sync::mpsc::Receiver<Q
 
 /// A job outside any transaction: nothing to commit, so it is settled at once.
 fn run_alone(connection: &mut Connection, job: Job) {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(connection))) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Ok(connection)))) {
         Ok(settle) => settle(Ok(())),
         Err(_) => tracing::error!("a store job panicked"),
     }
@@ -394,8 +402,7 @@ fn commit_batch(connection: &mut Connection, batch: Vec<Queued>, synchronous_ful
         if let Err(error) = connection.pragma_update(None, "synchronous", level) {
             let error = store_error(error);
             for queued in batch {
-                settles.push((queued.job)(connection));
-                fail_all(&mut settles, &error);
+                drop((queued.job)(Err(error.clone())));
             }
             return;
         }
@@ -404,17 +411,14 @@ fn commit_batch(connection: &mut Connection, batch: Vec<Queued>, synchronous_ful
     let mut open = false;
     for queued in batch {
         if !open {
-            if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
-                // Nothing of this job can be kept: run it for its reply, then fail it.
-                let error = store_error(error);
-                let settle = (queued.job)(connection);
-                settle(Err(error));
+            if let Err(error) = control(connection, "BEGIN IMMEDIATE") {
+                drop((queued.job)(Err(store_error(error))));
                 continue;
             }
             open = true;
         }
         let job = queued.job;
-        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(connection)));
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Ok(connection))));
         match ran {
             Ok(settle) => settles.push(settle),
             Err(_) => {
@@ -437,7 +441,7 @@ fn commit_batch(connection: &mut Connection, batch: Vec<Queued>, synchronous_ful
     if !open {
         return;
     }
-    let committed = connection.execute_batch("COMMIT").map_err(store_error);
+    let committed = control(connection, "COMMIT").map_err(store_error);
     if committed.is_err() && !connection.is_autocommit() {
         let _ = connection.execute_batch("ROLLBACK");
     }
@@ -446,15 +450,21 @@ fn commit_batch(connection: &mut Connection, batch: Vec<Queued>, synchronous_ful
     }
 }
 
+/// A transaction-control statement, prepared once per connection: the writer runs four of them
+/// per job or batch.
+fn control(connection: &Connection, sql: &'static str) -> Result<(), rusqlite::Error> {
+    connection.prepare_cached(sql)?.execute([]).map(drop)
+}
+
 /// Runs `work` in a savepoint: its changes are kept if it succeeds, rolled back if not.
 fn in_savepoint<T>(
     connection: &mut Connection,
     work: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
 ) -> Result<T, rusqlite::Error> {
-    connection.execute_batch("SAVEPOINT job")?;
+    control(connection, "SAVEPOINT job")?;
     match work(connection) {
         Ok(value) => {
-            connection.execute_batch("RELEASE job")?;
+            control(connection, "RELEASE job")?;
             Ok(value)
         }
         Err(error) => {
@@ -933,6 +943,41 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn a_write_that_cannot_begin_is_refused_and_nothing_of_it_stays() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        store
+            .run_alone(|c| c.execute_batch("CREATE TABLE t (x INTEGER); PRAGMA busy_timeout = 50;"))
+            .await
+            .unwrap();
+        // Another process holds the write lock.
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let refused = store
+            .run(|c| c.execute("INSERT INTO t (x) VALUES (1)", []))
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::Unavailable(_))),
+            "{refused:?}"
+        );
+        other.execute_batch("ROLLBACK").unwrap();
+        store
+            .run(|c| c.execute("INSERT INTO t (x) VALUES (2)", []))
+            .await
+            .unwrap();
+        let stored: Vec<i64> = store
+            .run(|c| {
+                c.prepare("SELECT x FROM t")?
+                    .query_map([], |row| row.get(0))?
+                    .collect()
+            })
+            .await
+            .unwrap();
+        assert_eq!(stored, [2]);
     }
 
     #[tokio::test]
