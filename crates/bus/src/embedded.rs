@@ -163,6 +163,9 @@ impl RateCounter for EmbeddedBus {
     }
 }
 
+/// Stream entries one trimming write deletes at most.
+const TRIM_CHUNK: i64 = 2_000;
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -517,28 +520,37 @@ impl Streams for EmbeddedBus {
     }
 
     async fn trim_consumed(&self, stream: &str) -> Result<u64, BusError> {
-        let stream = stream.to_owned();
-        let deleted = self
-            .store
-            .run(move |connection| {
-                let transaction = connection.savepoint()?;
-                // Per group, everything at or below this seq is delivered and acknowledged.
-                let floor: Option<i64> = transaction.prepare_cached("SELECT MIN(MIN(g.last_delivered,
-                                    COALESCE((SELECT MIN(p.seq) - 1 FROM stream_pending p
-                                              WHERE p.stream = g.stream AND p.grp = g.name), g.last_delivered)))
-                     FROM stream_groups g WHERE g.stream = ?1")?.query_row([&stream],
-                    |row| row.get(0),
-                )?;
-                let deleted = match floor {
-                    Some(floor) => transaction.prepare_cached("DELETE FROM stream_entries WHERE stream = ?1 AND seq <= ?2")?.execute(params![stream, floor],
-                    )?,
-                    None => 0,
-                };
-                transaction.commit()?;
-                Ok(deleted)
-            })
-            .await?;
-        Ok(deleted as u64)
+        // In chunks, each its own write: a minute of audit events is hundreds of thousands of
+        // rows, and one delete of them all would hold the store's writer for that long.
+        let mut total = 0;
+        loop {
+            let stream = stream.to_owned();
+            let deleted = self
+                .store
+                .run(move |connection| {
+                    // Per group, everything at or below this seq is delivered and acknowledged.
+                    let floor: Option<i64> = connection.prepare_cached("SELECT MIN(MIN(g.last_delivered,
+                                        COALESCE((SELECT MIN(p.seq) - 1 FROM stream_pending p
+                                                  WHERE p.stream = g.stream AND p.grp = g.name), g.last_delivered)))
+                         FROM stream_groups g WHERE g.stream = ?1")?.query_row([&stream],
+                        |row| row.get(0),
+                    )?;
+                    let Some(floor) = floor else {
+                        return Ok(0);
+                    };
+                    connection
+                        .prepare_cached(
+                            "DELETE FROM stream_entries WHERE stream = ?1 AND seq <= MIN(?2,
+                             (SELECT MIN(seq) FROM stream_entries WHERE stream = ?1) + ?3 - 1)",
+                        )?
+                        .execute(params![stream, floor, TRIM_CHUNK])
+                })
+                .await?;
+            total += deleted as u64;
+            if deleted < TRIM_CHUNK as usize {
+                return Ok(total);
+            }
+        }
     }
 
     async fn ping(&self) -> Result<(), BusError> {

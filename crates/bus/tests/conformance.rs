@@ -33,6 +33,7 @@ conformance!(
     reading_without_a_group_is_an_error,
     info_reports_length_lag_pending_and_oldest_age,
     trimming_keeps_what_any_group_still_needs,
+    trimming_takes_every_consumed_entry_however_many,
     consumers_drop_unsigned_and_forged_messages_to_the_dead_letter_stream,
     entries_past_the_delivery_bound_are_dead_lettered,
     a_crashed_consumers_entries_are_processed_once_by_its_group,
@@ -303,6 +304,27 @@ async fn info_reports_length_lag_pending_and_oldest_age(backend: &Backend) {
         "{g:?}"
     );
     assert_eq!((h.pending, h.lag, h.oldest_pending_age), (0, 5, None));
+}
+
+async fn trimming_takes_every_consumed_entry_however_many(backend: &Backend) {
+    let stream = backend.stream(stream_names::AUDIT_EVENTS);
+    let streams = &backend.streams;
+    streams.ensure_group(&stream, "g").await.unwrap();
+    // More than one trimming write takes (the embedded store trims in chunks of 2,000).
+    let batch: Vec<Fields> = (0..4_500)
+        .map(|n| fields(&[("n", &n.to_string())]))
+        .collect();
+    let appended = streams.append_many(&stream, &batch).await.unwrap();
+    let read = streams
+        .read_group(&stream, "g", "c", 5_000, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 4_500);
+    streams.ack(&stream, "g", &appended[..4_400]).await.unwrap();
+    assert_eq!(streams.trim_consumed(&stream).await.unwrap(), 4_400);
+    let info = streams.info(&stream).await.unwrap();
+    assert_eq!(info.length, 100);
+    assert_eq!(info.groups[0].pending, 100);
 }
 
 async fn trimming_keeps_what_any_group_still_needs(backend: &Backend) {

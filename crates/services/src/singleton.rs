@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use caracal_bus::ReplayRegistry;
+use caracal_bus::{ReplayRegistry, Streams};
 use caracal_store::Store;
 
 /// Runs `job` once per `period` while holding lease `name` as `holder`, until `stop` turns true;
@@ -45,8 +45,17 @@ pub async fn run_singleton<F, Fut>(
     }
 }
 
-/// Retention: forgets expired idempotency receipts and replay keys.
-pub async fn retention(store: &dyn Store, replay: &dyn ReplayRegistry) {
+/// Retention: forgets expired idempotency receipts and replay keys, and the stream entries
+/// every consumer group has read and acknowledged (an audit event, once in the ledger, is not
+/// kept twice).
+pub async fn retention(store: &dyn Store, replay: &dyn ReplayRegistry, streams: &dyn Streams) {
+    for stream in caracal_bus::stream_names::ALL {
+        match streams.trim_consumed(stream).await {
+            Ok(0) => {}
+            Ok(trimmed) => tracing::debug!(stream, trimmed, "consumed stream entries trimmed"),
+            Err(error) => tracing::warn!(stream, %error, "stream trim failed"),
+        }
+    }
     match store.purge_idempotency_receipts().await {
         Ok(0) => {}
         Ok(purged) => tracing::debug!(purged, "expired idempotency receipts purged"),
@@ -116,5 +125,30 @@ mod tests {
         );
         stop_b.send(true).unwrap();
         b.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn retention_trims_what_every_group_has_consumed() {
+        use caracal_bus::{EmbeddedBus, Fields, stream_names::AUDIT_EVENTS};
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+        let bus = EmbeddedBus::new(store.clone());
+        bus.ensure_group(AUDIT_EVENTS, "audit-ingestor")
+            .await
+            .unwrap();
+        let entries: Vec<Fields> = (0..3)
+            .map(|n| Fields::from([("n".to_owned(), n.to_string())]))
+            .collect();
+        let ids = bus.append_many(AUDIT_EVENTS, &entries).await.unwrap();
+        bus.read_group(AUDIT_EVENTS, "audit-ingestor", "c", 10, Duration::ZERO)
+            .await
+            .unwrap();
+        bus.ack(AUDIT_EVENTS, "audit-ingestor", &ids[..2])
+            .await
+            .unwrap();
+        retention(&store, &bus, &bus).await;
+        let left = bus.range(AUDIT_EVENTS, None, 10).await.unwrap();
+        assert_eq!(left.len(), 1, "the unacknowledged entry stays");
+        assert_eq!(left[0].id, ids[2]);
     }
 }

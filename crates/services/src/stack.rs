@@ -292,9 +292,10 @@ impl Stack {
                     state.metrics.outbox.clone(),
                 );
                 servers.spawn(dispatcher.run(stop_receiver.clone()));
-                let (store, replay) = (
+                let (store, replay, streams) = (
                     Arc::clone(&self.shared.store),
                     Arc::clone(&self.shared.bus.replay),
+                    Arc::clone(&self.shared.bus.streams),
                 );
                 servers.spawn(crate::singleton::run_singleton(
                     Arc::clone(&self.shared.store),
@@ -302,8 +303,19 @@ impl Stack {
                     format!("api-{}", self.instance),
                     Duration::from_secs(60),
                     move || {
-                        let (store, replay) = (Arc::clone(&store), Arc::clone(&replay));
-                        async move { crate::singleton::retention(store.as_ref(), replay.as_ref()).await }
+                        let (store, replay, streams) = (
+                            Arc::clone(&store),
+                            Arc::clone(&replay),
+                            Arc::clone(&streams),
+                        );
+                        async move {
+                            crate::singleton::retention(
+                                store.as_ref(),
+                                replay.as_ref(),
+                                streams.as_ref(),
+                            )
+                            .await;
+                        }
                     },
                     stop_receiver.clone(),
                 ));
