@@ -131,15 +131,28 @@ impl ReplayRegistry for EmbeddedBus {
     }
 
     async fn purge_expired(&self) -> Result<u64, BusError> {
-        let deleted = self
-            .store
-            .run(|connection| {
-                connection
-                    .prepare_cached("DELETE FROM replay_keys WHERE expires_ms <= ?1")?
-                    .execute([now_ms()])
-            })
-            .await?;
-        Ok(deleted as u64)
+        // In chunks, each its own write, as with trimming: a busy minute expires a hundred
+        // thousand keys.
+        let now = now_ms();
+        let mut total = 0;
+        loop {
+            let deleted = self
+                .store
+                .run(move |connection| {
+                    connection
+                        .prepare_cached(
+                            "DELETE FROM replay_keys WHERE (namespace, key) IN
+                             (SELECT namespace, key FROM replay_keys WHERE expires_ms <= ?1
+                              ORDER BY expires_ms LIMIT ?2)",
+                        )?
+                        .execute(params![now, TRIM_CHUNK])
+                })
+                .await?;
+            total += deleted as u64;
+            if deleted < TRIM_CHUNK as usize {
+                return Ok(total);
+            }
+        }
     }
 }
 
@@ -163,7 +176,7 @@ impl RateCounter for EmbeddedBus {
     }
 }
 
-/// Stream entries one trimming write deletes at most.
+/// Stream entries (or expired replay keys) one trimming write deletes at most.
 const TRIM_CHUNK: i64 = 2_000;
 
 fn now_ms() -> i64 {
@@ -563,6 +576,42 @@ mod tests {
     use super::*;
     use crate::signature::StreamKey;
     use crate::{Consumer, ConsumerConfig, Producer};
+
+    #[tokio::test]
+    async fn expired_replay_keys_are_purged_in_chunks_and_live_ones_stay() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("bus.db")).unwrap();
+        let bus = EmbeddedBus::new(store.clone());
+        store
+            .run(|connection| {
+                let mut insert = connection.prepare(
+                    "INSERT INTO replay_keys (namespace, key, expires_ms) VALUES ('jti', ?1, ?2)",
+                )?;
+                for n in 0..4_500 {
+                    insert.execute(params![format!("old-{n}"), 1])?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert!(
+            bus.claim_once(ReplayNamespace::Jti, "live", Duration::from_secs(60))
+                .await
+                .unwrap()
+        );
+        assert_eq!(bus.purge_expired().await.unwrap(), 4_500);
+        assert!(
+            !bus.claim_once(ReplayNamespace::Jti, "live", Duration::from_secs(60))
+                .await
+                .unwrap(),
+            "a live key survives the purge"
+        );
+        assert!(
+            bus.claim_once(ReplayNamespace::Jti, "old-7", Duration::from_secs(60))
+                .await
+                .unwrap()
+        );
+    }
 
     #[tokio::test]
     async fn an_unreadable_stored_entry_is_dead_lettered_not_wedging_its_group() {
