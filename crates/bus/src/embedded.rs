@@ -56,8 +56,7 @@ impl EmbeddedBus {
         let delivered = self
             .store
             .run(move |connection| {
-                let transaction = connection.savepoint()?;
-                let last: Option<i64> = transaction.prepare_cached("SELECT last_delivered FROM stream_groups WHERE stream = ?1 AND name = ?2")?.query_row(params![stream, group],
+                let last: Option<i64> = connection.prepare_cached("SELECT last_delivered FROM stream_groups WHERE stream = ?1 AND name = ?2")?.query_row(params![stream, group],
                         |row| row.get(0),
                     )
                     .optional()?;
@@ -65,7 +64,7 @@ impl EmbeddedBus {
                     return Ok(None);
                 };
                 let rows: Vec<(i64, i64, String)> = {
-                    let mut statement = transaction.prepare_cached(
+                    let mut statement = connection.prepare_cached(
                         "SELECT seq, appended_ms, fields FROM stream_entries
                          WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
                     )?;
@@ -77,15 +76,14 @@ impl EmbeddedBus {
                 };
                 let now = now_ms();
                 for (seq, _, _) in &rows {
-                    transaction.prepare_cached("INSERT INTO stream_pending (stream, grp, seq, consumer, delivered_ms, deliveries)
+                    connection.prepare_cached("INSERT INTO stream_pending (stream, grp, seq, consumer, delivered_ms, deliveries)
                          VALUES (?1, ?2, ?3, ?4, ?5, 1)")?.execute(params![stream, group, seq, consumer, now],
                     )?;
                 }
                 if let Some((seq, _, _)) = rows.last() {
-                    transaction.prepare_cached("UPDATE stream_groups SET last_delivered = ?3 WHERE stream = ?1 AND name = ?2")?.execute(params![stream, group, seq],
+                    connection.prepare_cached("UPDATE stream_groups SET last_delivered = ?3 WHERE stream = ?1 AND name = ?2")?.execute(params![stream, group, seq],
                     )?;
                 }
-                transaction.commit()?;
                 Ok(Some(rows))
             })
             .await?;
@@ -238,22 +236,20 @@ impl Streams for EmbeddedBus {
         let name = stream.to_owned();
         let ids = self
             .store
+            // One job, so one commit (one fsync) for the whole batch; a failure keeps none.
             .run(move |connection| {
-                let transaction = connection.savepoint()?;
                 let appended_ms = now_ms();
                 let mut ids = Vec::with_capacity(texts.len());
                 for text in texts {
-                    let seq: i64 = transaction.prepare_cached("INSERT INTO streams (name, last_seq) VALUES (?1, 1)
+                    let seq: i64 = connection.prepare_cached("INSERT INTO streams (name, last_seq) VALUES (?1, 1)
                          ON CONFLICT (name) DO UPDATE SET last_seq = last_seq + 1
                          RETURNING last_seq")?.query_row([&name],
                         |row| row.get(0),
                     )?;
-                    transaction.prepare_cached("INSERT INTO stream_entries (stream, seq, appended_ms, fields) VALUES (?1, ?2, ?3, ?4)")?.execute(params![name, seq, appended_ms, text],
+                    connection.prepare_cached("INSERT INTO stream_entries (stream, seq, appended_ms, fields) VALUES (?1, ?2, ?3, ?4)")?.execute(params![name, seq, appended_ms, text],
                     )?;
                     ids.push(entry_id(seq, appended_ms));
                 }
-                // One commit (one fsync) for the whole batch.
-                transaction.commit()?;
                 Ok(ids)
             })
             .await?;
@@ -325,13 +321,11 @@ impl Streams for EmbeddedBus {
         let acknowledged = self
             .store
             .run(move |connection| {
-                let transaction = connection.savepoint()?;
                 let mut acknowledged = 0;
                 for seq in seqs {
-                    acknowledged += transaction.prepare_cached("DELETE FROM stream_pending WHERE stream = ?1 AND grp = ?2 AND seq = ?3")?.execute(params![stream, group, seq],
+                    acknowledged += connection.prepare_cached("DELETE FROM stream_pending WHERE stream = ?1 AND grp = ?2 AND seq = ?3")?.execute(params![stream, group, seq],
                     )?;
                 }
-                transaction.commit()?;
                 Ok(acknowledged)
             })
             .await?;
@@ -390,10 +384,9 @@ impl Streams for EmbeddedBus {
         let claimed: Vec<(i64, i64, String, i64)> = self
             .store
             .run(move |connection| {
-                let transaction = connection.savepoint()?;
                 let now = now_ms();
                 let idle: Vec<(i64, i64, Option<(i64, String)>)> = {
-                    let mut statement = transaction.prepare_cached(
+                    let mut statement = connection.prepare_cached(
                         "SELECT p.seq, p.deliveries, e.appended_ms, e.fields
                          FROM stream_pending p
                          LEFT JOIN stream_entries e ON e.stream = p.stream AND e.seq = p.seq
@@ -412,18 +405,17 @@ impl Streams for EmbeddedBus {
                 for (seq, deliveries, stored) in idle {
                     match stored {
                         Some((appended_ms, fields)) => {
-                            transaction.prepare_cached("UPDATE stream_pending SET consumer = ?4, delivered_ms = ?5, deliveries = deliveries + 1
+                            connection.prepare_cached("UPDATE stream_pending SET consumer = ?4, delivered_ms = ?5, deliveries = deliveries + 1
                                  WHERE stream = ?1 AND grp = ?2 AND seq = ?3")?.execute(params![stream, group, seq, consumer, now],
                             )?;
                             claimed.push((seq, appended_ms, fields, deliveries + 1));
                         }
                         None => {
-                            transaction.prepare_cached("DELETE FROM stream_pending WHERE stream = ?1 AND grp = ?2 AND seq = ?3")?.execute(params![stream, group, seq],
+                            connection.prepare_cached("DELETE FROM stream_pending WHERE stream = ?1 AND grp = ?2 AND seq = ?3")?.execute(params![stream, group, seq],
                             )?;
                         }
                     }
                 }
-                transaction.commit()?;
                 Ok(claimed)
             })
             .await?;
@@ -516,16 +508,14 @@ impl Streams for EmbeddedBus {
         let deleted = self
             .store
             .run(move |connection| {
-                let transaction = connection.savepoint()?;
                 let mut deleted = 0;
                 for seq in seqs {
-                    deleted += transaction
+                    deleted += connection
                         .prepare_cached(
                             "DELETE FROM stream_entries WHERE stream = ?1 AND seq = ?2",
                         )?
                         .execute(params![stream, seq])?;
                 }
-                transaction.commit()?;
                 Ok(deleted)
             })
             .await?;

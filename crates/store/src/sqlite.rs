@@ -97,8 +97,8 @@ pub struct SqliteStore {
 }
 
 /// Work for the writer thread. It runs in a savepoint of its batch's transaction and returns
-/// how to answer its caller once the transaction's fate is known.
-/// Handed the error instead of the connection, it answers the caller without running.
+/// how to answer its caller once the transaction's fate is known; handed an error instead of
+/// the connection, it answers the caller with it and runs nothing.
 type Job = Box<dyn FnOnce(Result<&mut Connection, StoreError>) -> Settle + Send>;
 /// Answers a job's caller with its batch's commit: a job's changes exist only if it committed.
 type Settle = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -456,24 +456,19 @@ fn control(connection: &Connection, sql: &'static str) -> Result<(), rusqlite::E
     connection.prepare_cached(sql)?.execute([]).map(drop)
 }
 
-/// Runs `work` in a savepoint: its changes are kept if it succeeds, rolled back if not.
+/// Runs `work` in a savepoint: its changes are kept if it succeeds, rolled back if not (the
+/// closures need no transaction of their own for atomicity).
 fn in_savepoint<T>(
     connection: &mut Connection,
     work: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
 ) -> Result<T, rusqlite::Error> {
     control(connection, "SAVEPOINT job")?;
-    match work(connection) {
-        Ok(value) => {
-            control(connection, "RELEASE job")?;
-            Ok(value)
-        }
-        Err(error) => {
-            if !connection.is_autocommit() {
-                let _ = connection.execute_batch("ROLLBACK TO job; RELEASE job");
-            }
-            Err(error)
-        }
+    let result =
+        work(connection).and_then(|value| control(connection, "RELEASE job").map(|()| value));
+    if result.is_err() && !connection.is_autocommit() {
+        let _ = connection.execute_batch("ROLLBACK TO job; RELEASE job");
     }
+    result
 }
 
 fn select(
@@ -494,7 +489,6 @@ fn select(
     Ok(out)
 }
 
-/// `$1`, `$2`, … become `?1`, `?2`, …; a `$` not followed by a digit (a JSON path) stays.
 /// [`sqlite_parameters`] of a query text, converted once per text: every query is a
 /// `&'static str`, so the texts are few and the converted copies live as long as the process.
 fn sqlite_sql(sql: &'static str) -> &'static str {
@@ -519,6 +513,7 @@ fn sqlite_sql(sql: &'static str) -> &'static str {
     kept
 }
 
+/// `$1`, `$2`, … become `?1`, `?2`, …; a `$` not followed by a digit (a JSON path) stays.
 fn sqlite_parameters(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());
     let mut characters = sql.chars().peekable();
@@ -803,7 +798,9 @@ mod tests {
 
     /// Concurrent jobs share transactions; whatever happens to a neighbour, a job is answered
     /// `Ok` exactly when its row is stored.
-    async fn answered_ok_iff_stored(store: &SqliteStore, fate: fn(i64) -> Fate) {
+    async fn answered_ok_iff_stored(fate: fn(i64) -> Fate) -> (tempfile::TempDir, SqliteStore) {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
         store
             .run(|c| c.execute_batch("CREATE TABLE shared (x INTEGER PRIMARY KEY)"))
             .await
@@ -853,6 +850,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored, answered_ok);
+        (directory, store)
     }
 
     #[derive(Clone, Copy)]
@@ -864,9 +862,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_job_loses_only_its_own_changes() {
-        let directory = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
-        answered_ok_iff_stored(&store, |x| {
+        let (_directory, store) = answered_ok_iff_stored(|x| {
             if x % 3 == 0 {
                 Fate::Fails
             } else {
@@ -884,9 +880,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_job_fails_its_batch_and_the_writer_goes_on() {
-        let directory = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
-        answered_ok_iff_stored(&store, |x| {
+        let (_directory, store) = answered_ok_iff_stored(|x| {
             if x % 50 == 7 {
                 Fate::Panics
             } else {
