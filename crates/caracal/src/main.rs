@@ -29,6 +29,9 @@ use clap::Parser as _;
 use crate::cli::{BenchCommand, Cli, Command, ConfigCommand, KeysCommand};
 use crate::config::Resolved;
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 const EXIT_FAILURE: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
