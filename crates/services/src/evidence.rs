@@ -7,7 +7,14 @@
 //! evidence lost: the process latches `audit_evidence_lost`, goes not ready and refuses protected
 //! traffic until it is replaced. A full buffer slows callers down and, past a short wait, answers
 //! "overloaded" (503 with `Retry-After`); nothing is ever dropped.
+//!
+//! Embedded deployments, where the stream and the ledger are one SQLite file with one writer,
+//! append batches to their zone chains directly ([`DirectLedger`]): one write where the stream
+//! takes four (the entry, its delivery, the chain rows, the acknowledgement). A batch the ledger
+//! refuses (not merely unavailable) goes through the stream, whose ingestor dead-letters only
+//! what the store refuses, with its reason.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
@@ -15,8 +22,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use caracal_audit::Event;
+use caracal_audit::{Content, Event};
 use caracal_bus::{Fields, Producer, stream_names};
+use caracal_store::{ChainAppend, Store, StoreError};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -46,6 +54,56 @@ pub struct EvidenceConfig {
     pub enqueue_wait: Duration,
     /// How often replay files are re-sent.
     pub replay_interval: Duration,
+    /// Append straight to the zone chains instead of the stream (embedded deployments).
+    pub ledger: Option<DirectLedger>,
+}
+
+/// The ledger itself as the destination of evidence: the store and the key-encryption key the
+/// chain key derives from.
+#[derive(Clone)]
+pub struct DirectLedger {
+    pub store: Arc<dyn Store>,
+    pub kek: caracal_crypto::Kek,
+}
+
+impl std::fmt::Debug for DirectLedger {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("DirectLedger")
+            .finish_non_exhaustive()
+    }
+}
+
+impl DirectLedger {
+    /// Links the events after their zones' heads in one transaction, skipping ids already
+    /// stored (a batch sent again after a lost answer is stored once); returns how many rows
+    /// it appended.
+    async fn append(&self, events: Vec<Content>) -> Result<u64, StoreError> {
+        // Read per batch, as the ingestor does, so a key rotation applies from the next batch.
+        let key = crate::ledger::current_chain_key(self.store.as_ref(), &self.kek).await?;
+        let mut by_zone: BTreeMap<String, Vec<crate::ledger::ingest::Prepared>> = BTreeMap::new();
+        for content in events {
+            by_zone
+                .entry(content.zone_id.clone())
+                .or_default()
+                .push(crate::ledger::ingest::Prepared::from_content(content));
+        }
+        let appends = by_zone
+            .into_iter()
+            .map(|(zone_id, prepared)| ChainAppend {
+                zone_id,
+                candidate_ids: prepared
+                    .iter()
+                    .map(|event| event.content.id.clone())
+                    .collect(),
+                build: crate::ledger::ingest::prepared_chain_builder(
+                    key.clone(),
+                    Arc::new(prepared),
+                ),
+            })
+            .collect();
+        self.store.append_audit_chains(appends).await
+    }
 }
 
 impl EvidenceConfig {
@@ -56,6 +114,7 @@ impl EvidenceConfig {
             batch: 512,
             enqueue_wait: Duration::from_millis(200),
             replay_interval: Duration::from_secs(1),
+            ledger: None,
         }
     }
 }
@@ -70,6 +129,8 @@ pub struct EvidenceMetrics {
     pub replay_files: Gauge,
     /// Seconds since the oldest waiting replay file was written (0 with none).
     pub replay_oldest_age_seconds: Gauge,
+    /// Events appended to a zone chain, by the ingestor or directly; the Audit role reports it.
+    pub ingest: Arc<crate::ledger::ingest::IngestMetrics>,
 }
 
 impl EvidenceMetrics {
@@ -143,7 +204,10 @@ impl Evidence {
             .create(&config.replay_dir)?;
         let (sender, receiver) = mpsc::channel(config.capacity.max(1));
         let (stop, stopped) = watch::channel(false);
-        let producer_handle = producer.clone();
+        let sink = Sink {
+            producer: producer.clone(),
+            ledger: config.ledger.clone(),
+        };
         let lost = Arc::new(AtomicBool::new(false));
         let metrics = Arc::new(EvidenceMetrics::default());
         let spill = Spill {
@@ -152,7 +216,7 @@ impl Evidence {
         };
         let writer = tokio::spawn(write_loop(
             receiver,
-            producer.clone(),
+            sink.clone(),
             spill.clone(),
             config.batch.max(1),
             Arc::clone(&lost),
@@ -160,7 +224,7 @@ impl Evidence {
             stopped.clone(),
         ));
         let replayer = tokio::spawn(replay_loop(
-            producer,
+            sink,
             spill,
             config.batch.max(1),
             config.replay_interval,
@@ -173,7 +237,7 @@ impl Evidence {
         Ok((
             Evidence {
                 sender,
-                producer: producer_handle,
+                producer,
                 lost,
                 metrics,
                 enqueue_wait: config.enqueue_wait,
@@ -299,12 +363,38 @@ impl Spill {
     }
 }
 
-async fn publish(producer: &Producer, events: &[Event]) -> bool {
+/// Where accepted events go: the audit stream, or first the ledger itself when configured.
+#[derive(Clone)]
+struct Sink {
+    producer: Producer,
+    ledger: Option<DirectLedger>,
+}
+
+/// Sends a batch on; `false` if it is not stored anywhere yet (the caller spills it).
+async fn publish(sink: &Sink, metrics: &EvidenceMetrics, events: &[Event]) -> bool {
+    if let Some(ledger) = &sink.ledger {
+        // An event out of bounds takes the stream, whose ingestor dead-letters it with its reason.
+        if let Ok(contents) = events.iter().map(Event::checked_content).collect() {
+            match ledger.append(contents).await {
+                Ok(appended) => {
+                    metrics.ingest.ingested_total.inc_by(appended);
+                    return true;
+                }
+                Err(StoreError::Unavailable(error)) => {
+                    tracing::warn!(%error, "audit events could not reach the ledger");
+                    return false;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "the ledger refused a batch of audit events: it goes through the stream");
+                }
+            }
+        }
+    }
     // An event that cannot be encoded fails the batch (it is spilled), never silently dropped.
     let Some(messages) = events.iter().map(message).collect::<Option<Vec<Fields>>>() else {
         return false;
     };
-    producer
+    sink.producer
         .publish_many(stream_names::AUDIT_EVENTS, messages)
         .await
         .is_ok()
@@ -312,14 +402,14 @@ async fn publish(producer: &Producer, events: &[Event]) -> bool {
 
 async fn write_batch(
     jobs: Vec<Job>,
-    producer: &Producer,
+    sink: &Sink,
     spill: &Spill,
     lost: &AtomicBool,
     metrics: &EvidenceMetrics,
 ) {
     let (events, answers): (Vec<Event>, Vec<oneshot::Sender<Result<(), EvidenceError>>>) =
         jobs.into_iter().map(|job| (job.event, job.done)).unzip();
-    let outcome = if publish(producer, &events).await {
+    let outcome = if publish(sink, metrics, &events).await {
         Ok(())
     } else {
         let spill = spill.clone();
@@ -349,7 +439,7 @@ async fn write_batch(
 
 async fn write_loop(
     mut receiver: mpsc::Receiver<Job>,
-    producer: Producer,
+    sink: Sink,
     spill: Spill,
     batch: usize,
     lost: Arc<AtomicBool>,
@@ -371,26 +461,12 @@ async fn write_loop(
             // Take nothing new; write what is already queued, then end.
             receiver.close();
             while receiver.recv_many(&mut jobs, batch).await > 0 {
-                write_batch(
-                    std::mem::take(&mut jobs),
-                    &producer,
-                    &spill,
-                    &lost,
-                    &metrics,
-                )
-                .await;
+                write_batch(std::mem::take(&mut jobs), &sink, &spill, &lost, &metrics).await;
             }
             return;
         }
         if !jobs.is_empty() {
-            write_batch(
-                std::mem::take(&mut jobs),
-                &producer,
-                &spill,
-                &lost,
-                &metrics,
-            )
-            .await;
+            write_batch(std::mem::take(&mut jobs), &sink, &spill, &lost, &metrics).await;
         }
     }
 }
@@ -399,7 +475,7 @@ async fn write_loop(
 /// cannot be read is corruption, not a transient failure: its readable events are sent, the
 /// file is kept beside the others as `<name>.unreadable` for the operator, and evidence counts
 /// as lost (latched), since what that line held can no longer reach the ledger.
-async fn replay_file(producer: &Producer, path: &Path, batch: usize, watch: &Watch) -> bool {
+async fn replay_file(sink: &Sink, path: &Path, batch: usize, watch: &Watch) -> bool {
     let text = match tokio::fs::read_to_string(path).await {
         Ok(text) => text,
         Err(error) => {
@@ -421,7 +497,7 @@ async fn replay_file(producer: &Producer, path: &Path, batch: usize, watch: &Wat
         })
         .collect();
     for chunk in events.chunks(batch) {
-        if !publish(producer, chunk).await {
+        if !publish(sink, &watch.metrics, chunk).await {
             return false;
         }
     }
@@ -451,7 +527,7 @@ struct Watch {
 }
 
 async fn replay_loop(
-    producer: Producer,
+    sink: Sink,
     spill: Spill,
     batch: usize,
     interval: Duration,
@@ -461,7 +537,7 @@ async fn replay_loop(
     loop {
         let files = spill.pending();
         for path in &files {
-            if !replay_file(&producer, path, batch, &watch).await {
+            if !replay_file(&sink, path, batch, &watch).await {
                 break;
             }
         }

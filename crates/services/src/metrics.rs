@@ -136,7 +136,11 @@ impl RoleMetrics {
         let registry = root.sub_registry_with_prefix(role.name());
         evidence.register(registry);
         let ledger = (role == Role::Audit).then(|| {
-            let ledger = Arc::new(crate::ledger::LedgerMetrics::default());
+            // Direct appends (embedded) and the ingestor's count as one.
+            let ledger = Arc::new(crate::ledger::LedgerMetrics {
+                ingest: Arc::clone(&evidence.ingest),
+                ..crate::ledger::LedgerMetrics::default()
+            });
             ledger.register(registry);
             ledger
         });

@@ -161,9 +161,17 @@ impl Stack {
         };
         let bootstrap = caracal_store::bootstrap(&data_dir, store.as_ref()).await?;
         let replay_dir = data_dir.path().join(REPLAY_DIR);
+        let mut evidence_config = EvidenceConfig::new(replay_dir.clone());
+        if settings.bus == BusUrl::Embedded {
+            // The stream and the ledger share one writer: the stream would only add writes.
+            evidence_config.ledger = Some(crate::evidence::DirectLedger {
+                store: Arc::clone(&store),
+                kek: bootstrap.kek.clone(),
+            });
+        }
         let (evidence, evidence_tasks) = Evidence::start(
             Producer::new(Arc::clone(&bus.streams), stream_key.clone()),
-            EvidenceConfig::new(replay_dir.clone()),
+            evidence_config,
         )
         .map_err(|error| StartError::Evidence(format!("{}: {error}", replay_dir.display())))?;
         Ok(Stack {

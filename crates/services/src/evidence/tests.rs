@@ -365,3 +365,145 @@ async fn a_corrupt_replay_file_is_kept_for_the_operator_and_latches_evidence_los
     assert_eq!(kept.len(), 1);
     assert!(kept[0].ends_with(".ndjson.unreadable"), "{kept:?}");
 }
+
+/// An evidence producer that appends to the ledger of `store` directly.
+fn start_direct(
+    fixture: &Fixture,
+    store: Arc<dyn Store>,
+    kek: &caracal_crypto::Kek,
+) -> (Evidence, EvidenceTasks) {
+    fixture.start(|config| {
+        config.ledger = Some(DirectLedger {
+            store,
+            kek: kek.clone(),
+        });
+    })
+}
+
+/// The zone's stored events, after checking its chain is whole and unbroken.
+async fn verified_chain(store: &dyn Store, kek: &caracal_crypto::Kek, zone: &str) -> Vec<String> {
+    let rows = store.audit_range(zone, 1, 100_000).await.unwrap();
+    let keys = crate::ledger::all_chain_keys(store, kek).await.unwrap();
+    let stored: Vec<_> = rows.iter().map(crate::ledger::from_row).collect();
+    let anchor = caracal_audit::chain::Anchor {
+        after: None,
+        at_least: 0,
+    };
+    assert_eq!(
+        caracal_audit::chain::verify(zone, &stored, &keys, anchor),
+        Vec::new(),
+        "{zone} verifies"
+    );
+    let sequence: Vec<i64> = rows.iter().map(|row| row.chain_seq).collect();
+    assert_eq!(sequence, (1..=rows.len() as i64).collect::<Vec<_>>());
+    rows.into_iter().map(|row| row.id).collect()
+}
+
+fn in_zone(n: usize) -> Event {
+    Event {
+        zone_id: if n.is_multiple_of(2) {
+            "zone-a"
+        } else {
+            "zone-b"
+        }
+        .into(),
+        ..event(n)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_direct_ledger_events_reach_their_zone_chains_and_not_the_stream() {
+    let fixture = Fixture::new(Duration::ZERO);
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&fixture.directory.path().join("ledger.db")).unwrap());
+    let kek = caracal_crypto::Kek::generate().unwrap();
+    let (evidence, tasks) = start_direct(&fixture, Arc::clone(&store), &kek);
+    let recorders: Vec<_> = (0..300)
+        .map(|n| {
+            let evidence = evidence.clone();
+            tokio::spawn(async move { evidence.record(in_zone(n)).await })
+        })
+        .collect();
+    for recorder in recorders {
+        recorder.await.unwrap().unwrap();
+    }
+    // Answered "recorded" means stored: checked before shutdown flushes anything.
+    let a = verified_chain(store.as_ref(), &kek, "zone-a").await;
+    let b = verified_chain(store.as_ref(), &kek, "zone-b").await;
+    assert_eq!((a.len(), b.len()), (150, 150));
+    let all: Vec<Event> = (0..300).map(in_zone).collect();
+    let stored: std::collections::BTreeSet<String> = a.into_iter().chain(b).collect();
+    assert_eq!(stored, ids(&all));
+    assert_eq!(evidence.metrics().ingest.ingested_total.get(), 300);
+    tasks.shutdown().await;
+    assert!(
+        fixture.stream_events().await.is_empty(),
+        "nothing took the stream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_outage_spills_and_the_replay_reaches_the_chain_once() {
+    let fixture = Fixture::new(Duration::ZERO);
+    let switch = Arc::new(crate::test_support::SwitchableStore {
+        inner: SqliteStore::open(&fixture.directory.path().join("ledger.db")).unwrap(),
+        down: AtomicBool::new(false),
+    });
+    let store: Arc<dyn Store> = switch.clone();
+    let kek = caracal_crypto::Kek::generate().unwrap();
+    let (evidence, tasks) = start_direct(&fixture, Arc::clone(&store), &kek);
+    evidence.record(event(0)).await.unwrap();
+    switch.down.store(true, Ordering::SeqCst);
+    for n in 1..20 {
+        evidence.record(event(n)).await.unwrap();
+    }
+    assert!(!evidence.is_lost());
+    assert_eq!(evidence.metrics().spilled_total.get(), 19);
+    switch.down.store(false, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while store.audit_range("zone-1", 1, 100).await.unwrap().len() < 20
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tasks.shutdown().await;
+    let stored = verified_chain(store.as_ref(), &kek, "zone-1").await;
+    assert_eq!(stored.len(), 20, "every event once");
+    assert_eq!(
+        stored
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>(),
+        ids(&(0..20).map(event).collect::<Vec<_>>())
+    );
+    assert!(fixture.stream_events().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_ledger_would_refuse_goes_through_the_stream_to_be_dead_lettered() {
+    let fixture = Fixture::new(Duration::ZERO);
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&fixture.directory.path().join("ledger.db")).unwrap());
+    let kek = caracal_crypto::Kek::generate().unwrap();
+    let (evidence, tasks) = start_direct(&fixture, Arc::clone(&store), &kek);
+    let unnamed = Event {
+        decision: String::new(),
+        ..event(1)
+    };
+    evidence.record(unnamed.clone()).await.unwrap();
+    tasks.shutdown().await;
+    let entries = fixture
+        .bus
+        .range(stream_names::AUDIT_EVENTS, None, 10)
+        .await
+        .unwrap();
+    let sent: Vec<Event> = entries
+        .iter()
+        .map(|entry| serde_json::from_str(&entry.fields["data"]).unwrap())
+        .collect();
+    assert_eq!(
+        sent,
+        vec![unnamed],
+        "the ingestor reads it, and dead-letters it"
+    );
+    assert!(store.audit_range("zone-1", 1, 10).await.unwrap().is_empty());
+}

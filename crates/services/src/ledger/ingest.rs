@@ -59,7 +59,7 @@ impl Prepared {
         Prepared::from_content(event.content())
     }
 
-    fn from_content(content: Content) -> Prepared {
+    pub fn from_content(content: Content) -> Prepared {
         let hash = content_hash(&content);
         Prepared { content, hash }
     }
