@@ -177,6 +177,19 @@ fn event(n: usize) -> Event {
     }
 }
 
+/// Records every event from a task of its own, all at once; each must be accepted.
+async fn record_concurrently(evidence: &Evidence, events: impl Iterator<Item = Event>) {
+    let recorders: Vec<_> = events
+        .map(|event| {
+            let evidence = evidence.clone();
+            tokio::spawn(async move { evidence.record(event).await })
+        })
+        .collect();
+    for recorder in recorders {
+        recorder.await.unwrap().unwrap();
+    }
+}
+
 fn ids(events: &[Event]) -> std::collections::BTreeSet<String> {
     events.iter().map(|event| event.id.clone()).collect()
 }
@@ -185,15 +198,7 @@ fn ids(events: &[Event]) -> std::collections::BTreeSet<String> {
 async fn recorded_events_reach_the_stream_signed() {
     let fixture = Fixture::new(Duration::ZERO);
     let (evidence, tasks) = fixture.start(|_| {});
-    let recorders: Vec<_> = (0..200)
-        .map(|n| {
-            let evidence = evidence.clone();
-            tokio::spawn(async move { evidence.record(event(n)).await })
-        })
-        .collect();
-    for recorder in recorders {
-        recorder.await.unwrap().unwrap();
-    }
+    record_concurrently(&evidence, (0..200).map(event)).await;
     tasks.shutdown().await;
     let stored = fixture.stream_events().await;
     assert_eq!(stored.len(), 200);
@@ -418,15 +423,7 @@ async fn with_a_direct_ledger_events_reach_their_zone_chains_and_not_the_stream(
         Arc::new(SqliteStore::open(&fixture.directory.path().join("ledger.db")).unwrap());
     let kek = caracal_crypto::Kek::generate().unwrap();
     let (evidence, tasks) = start_direct(&fixture, Arc::clone(&store), &kek);
-    let recorders: Vec<_> = (0..300)
-        .map(|n| {
-            let evidence = evidence.clone();
-            tokio::spawn(async move { evidence.record(in_zone(n)).await })
-        })
-        .collect();
-    for recorder in recorders {
-        recorder.await.unwrap().unwrap();
-    }
+    record_concurrently(&evidence, (0..300).map(in_zone)).await;
     // Answered "recorded" means stored: checked before shutdown flushes anything.
     let a = verified_chain(store.as_ref(), &kek, "zone-a").await;
     let b = verified_chain(store.as_ref(), &kek, "zone-b").await;
