@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use caracal_audit::{Content, Event};
 use caracal_bus::{Fields, Producer, stream_names};
-use caracal_store::{ChainAppend, Store, StoreError};
+use caracal_store::{Store, StoreError};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -90,16 +90,8 @@ impl DirectLedger {
         }
         let appends = by_zone
             .into_iter()
-            .map(|(zone_id, prepared)| ChainAppend {
-                zone_id,
-                candidate_ids: prepared
-                    .iter()
-                    .map(|event| event.content.id.clone())
-                    .collect(),
-                build: crate::ledger::ingest::prepared_chain_builder(
-                    key.clone(),
-                    Arc::new(prepared),
-                ),
+            .map(|(zone_id, prepared)| {
+                crate::ledger::ingest::chain_append(&key, zone_id, Arc::new(prepared))
             })
             .collect();
         self.store.append_audit_chains(appends).await

@@ -385,6 +385,17 @@ fn start_direct(
     })
 }
 
+/// [`start_direct`] on a ledger of its own, with a fresh key-encryption key.
+fn start_on_a_ledger(
+    fixture: &Fixture,
+) -> (Arc<dyn Store>, caracal_crypto::Kek, Evidence, EvidenceTasks) {
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&fixture.directory.path().join("ledger.db")).unwrap());
+    let kek = caracal_crypto::Kek::generate().unwrap();
+    let (evidence, tasks) = start_direct(fixture, Arc::clone(&store), &kek);
+    (store, kek, evidence, tasks)
+}
+
 /// The zone's stored events, after checking its chain is whole and unbroken.
 async fn verified_chain(store: &dyn Store, kek: &caracal_crypto::Kek, zone: &str) -> Vec<String> {
     let rows = store.audit_range(zone, 1, 100_000).await.unwrap();
@@ -419,10 +430,7 @@ fn in_zone(n: usize) -> Event {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_direct_ledger_events_reach_their_zone_chains_and_not_the_stream() {
     let fixture = Fixture::new(Duration::ZERO);
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&fixture.directory.path().join("ledger.db")).unwrap());
-    let kek = caracal_crypto::Kek::generate().unwrap();
-    let (evidence, tasks) = start_direct(&fixture, Arc::clone(&store), &kek);
+    let (store, kek, evidence, tasks) = start_on_a_ledger(&fixture);
     record_concurrently(&evidence, (0..300).map(in_zone)).await;
     // Answered "recorded" means stored: checked before shutdown flushes anything.
     let a = verified_chain(store.as_ref(), &kek, "zone-a").await;
@@ -478,10 +486,7 @@ async fn a_ledger_outage_spills_and_the_replay_reaches_the_chain_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_the_ledger_would_refuse_goes_through_the_stream_to_be_dead_lettered() {
     let fixture = Fixture::new(Duration::ZERO);
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&fixture.directory.path().join("ledger.db")).unwrap());
-    let kek = caracal_crypto::Kek::generate().unwrap();
-    let (evidence, tasks) = start_direct(&fixture, Arc::clone(&store), &kek);
+    let (store, _, evidence, tasks) = start_on_a_ledger(&fixture);
     let unnamed = Event {
         decision: String::new(),
         ..event(1)

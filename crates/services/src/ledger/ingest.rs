@@ -106,6 +106,18 @@ pub fn prepared_chain_builder(key: ChainKey, events: Arc<Vec<Prepared>>) -> Chai
     )
 }
 
+/// One zone's events to link after its head, as `Store::append_audit_chains` takes them.
+pub fn chain_append(key: &ChainKey, zone_id: String, events: Arc<Vec<Prepared>>) -> ChainAppend {
+    ChainAppend {
+        zone_id,
+        candidate_ids: events
+            .iter()
+            .map(|event| event.content.id.clone())
+            .collect(),
+        build: prepared_chain_builder(key.clone(), events),
+    }
+}
+
 /// Parses and prepares stream entries; an entry that cannot be ingested gets its dead-letter
 /// reason instead. (Spreading this over threads measured no faster: the store is the limit.)
 fn prepare_all(entries: &[Entry]) -> Vec<Result<Prepared, String>> {
@@ -210,14 +222,7 @@ impl Ingestor {
         for (zone_id, items) in by_zone {
             let (entries, events): (Vec<Entry>, Vec<Prepared>) = items.into_iter().unzip();
             let events = Arc::new(events);
-            appends.push(ChainAppend {
-                zone_id: zone_id.clone(),
-                candidate_ids: events
-                    .iter()
-                    .map(|event| event.content.id.clone())
-                    .collect(),
-                build: prepared_chain_builder(key.clone(), Arc::clone(&events)),
-            });
+            appends.push(chain_append(&key, zone_id.clone(), Arc::clone(&events)));
             zones.push((zone_id, entries, events));
         }
         match self.store.append_audit_chains(appends).await {
