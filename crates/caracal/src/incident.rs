@@ -26,9 +26,15 @@ pub async fn run(resolved: &Resolved, command: &IncidentCommand) -> anyhow::Resu
                 if preserved.complete {
                     ""
                 } else {
-                    "; some parts failed, see the *error* files"
+                    "; some parts failed (the bundle's *error* files hold the detail):"
                 }
             );
+            for part in &preserved.failed {
+                println!("  FAIL {part}");
+            }
+            for zone in &preserved.unverified {
+                println!("  UNVERIFIED audit export of {zone} (kept in the bundle)");
+            }
             Ok(preserved.complete)
         }
         IncidentCommand::VerifyBundle { dir, public_key } => {

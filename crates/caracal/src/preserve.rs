@@ -43,11 +43,14 @@ pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<Preserv
         .and_then(|()| std::fs::create_dir_all(out.join("metrics")))
         .with_context(|| format!("creating {}", out.display()))?;
     let store = crate::audit::open_store(settings).await?;
-    let mut complete = true;
+    // The parts that could not be collected, each with why (its `*error*` file has the detail).
+    let mut failed: Vec<String> = Vec::new();
 
-    // Audit: every zone's export, verified as a third party would.
+    // Audit: every zone's export, verified as a third party would. An export that does not
+    // verify is what this bundle exists to keep: a finding, not a part that failed.
     let keys = store.checkpoint_keys().await?;
     let mut verification = BTreeMap::new();
+    let mut unverified = Vec::new();
     for zone in store.list_zones().await? {
         let result = match caracal_services::ledger::export_bundle(
             store.as_ref(),
@@ -60,16 +63,19 @@ pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<Preserv
         {
             Ok(bundle) => {
                 std::fs::write(out.join(format!("audit/{}.jsonl", zone.id)), &bundle)?;
+                let mut refusal = "no checkpoint key is published".to_owned();
                 let verified = keys.iter().find_map(|(_, public_key)| {
-                    caracal_audit::bundle::verify(&bundle, public_key).ok()
+                    caracal_audit::bundle::verify(&bundle, public_key)
+                        .map_err(|error| refusal = error.to_string())
+                        .ok()
                 });
                 match verified {
                     Some(verified) => {
                         json!({"ok": true, "rows": verified.rows, "tree_size": verified.tree_size})
                     }
                     None => {
-                        complete = false;
-                        json!({"ok": false, "error": "no published key verifies the export"})
+                        unverified.push(format!("zone {}: {refusal}", zone.id));
+                        json!({"ok": false, "error": refusal})
                     }
                 }
             }
@@ -109,14 +115,14 @@ pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<Preserv
             std::fs::write(out.join("dead-letters.jsonl"), dead)?;
         }
         Err(error) => {
-            complete = false;
+            failed.push(format!("streams: {error:#}"));
             write_json(out, "streams.json", &json!({"error": format!("{error:#}")}))?;
         }
     }
 
     // The database, as it is now.
     if let Err(error) = snapshot_database(settings, out).await {
-        complete = false;
+        failed.push(format!("database snapshot: {error:#}"));
         write_json(
             out,
             "database-error.json",
@@ -162,7 +168,7 @@ pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<Preserv
             std::fs::write(out.join("logs.jsonl"), lines.concat())?;
         }
         Ok((status, answer)) => {
-            complete = false;
+            failed.push(format!("recent logs: the API answered {status}"));
             write_json(
                 out,
                 "logs-error.json",
@@ -170,7 +176,7 @@ pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<Preserv
             )?;
         }
         Err(error) => {
-            complete = false;
+            failed.push(format!("recent logs: {error:#}"));
             write_json(
                 out,
                 "logs-error.json",
@@ -203,7 +209,7 @@ pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<Preserv
         "created_at_ms": caracal_store::now_ms(),
         "key_id": signer.key_id(),
         "public_key": signer.public_key_hex(),
-        "complete": complete,
+        "complete": failed.is_empty(),
         "files": &files,
     });
     let text = serde_json::to_string_pretty(&manifest)?;
@@ -211,7 +217,9 @@ pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<Preserv
     let signature = signer.sign_manifest(&caracal_crypto::sha256(text.as_bytes()));
     std::fs::write(out.join(SIGNATURE), format!("{signature}\n"))?;
     Ok(Preserved {
-        complete,
+        complete: failed.is_empty(),
+        failed,
+        unverified,
         files: files.len(),
         key_id: signer.key_id().to_owned(),
     })

@@ -409,6 +409,25 @@ fn audit_tamper_drill_detects_contains_preserves_and_validates() {
     }
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
+    // A full sweep signs a checkpoint over the zone's rows (the stack's runs at start and every
+    // tenth minute; here now, so that the tampered row is one a checkpoint covers).
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use caracal_services::ledger::checkpoint_signer;
+        use caracal_services::ledger::sweep::{SweepMetrics, Sweeper};
+        let store: std::sync::Arc<dyn caracal_store::Store> = std::sync::Arc::new(
+            caracal_store::SqliteStore::open(&home.join("caracal.db")).unwrap(),
+        );
+        let kek_text = std::fs::read_to_string(home.join(caracal_store::KEK_FILE)).unwrap();
+        let kek = caracal_crypto::Kek::from_file_text(&kek_text).unwrap();
+        let signer = checkpoint_signer(store.as_ref(), &kek).await.unwrap();
+        let sweeper = Sweeper::new(
+            std::sync::Arc::clone(&store),
+            kek,
+            std::sync::Arc::new(SweepMetrics::default()),
+        )
+        .with_checkpoints(signer);
+        assert!(sweeper.full().await.unwrap().is_empty());
+    });
 
     // Someone edits a stored event directly in the database.
     let store = caracal_store::SqliteStore::open(&home.join("caracal.db")).unwrap();
@@ -469,7 +488,19 @@ fn audit_tamper_drill_detects_contains_preserves_and_validates() {
         .arg(&bundle)
         .output()
         .unwrap();
+    // The export that no longer verifies is the evidence: kept and named, not a failed part.
     assert!(preserved.status.success(), "{}", text(&preserved));
+    assert!(
+        text(&preserved).contains(&format!("UNVERIFIED audit export of zone {zone_id}")),
+        "{}",
+        text(&preserved)
+    );
+    let verification: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(bundle.join("audit/verification.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(verification[&zone_id]["ok"], false, "{verification}");
+    assert!(bundle.join(format!("audit/{zone_id}.jsonl")).exists());
     let not_yet = caracal(&home)
         .args(["incident", "validate"])
         .output()

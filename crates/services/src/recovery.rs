@@ -39,8 +39,13 @@ pub struct Canary {
 /// An evidence bundle just written.
 #[derive(Debug, Clone, Serialize)]
 pub struct Preserved {
-    /// Every part collected (else the `*error*` files of the bundle say what failed).
+    /// Every part collected (else `failed` names the parts and the `*error*` files hold why).
     pub complete: bool,
+    /// Each part that could not be collected, with the reason.
+    pub failed: Vec<String>,
+    /// Each zone whose audit export was kept but does not verify with a published key, with why
+    /// (evidence of tampering or loss, which is what the bundle preserves).
+    pub unverified: Vec<String>,
     pub files: usize,
     pub key_id: String,
 }

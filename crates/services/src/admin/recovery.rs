@@ -142,6 +142,8 @@ async fn preserve(
         Json(json!({
             "name": name,
             "complete": preserved.complete,
+            "failed": preserved.failed,
+            "unverified": preserved.unverified,
             "files": preserved.files,
             "key_id": preserved.key_id,
         })),

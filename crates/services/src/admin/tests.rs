@@ -1875,6 +1875,8 @@ impl crate::recovery::OperatorTools for RecordingTools {
         self.0.lock().unwrap().push("preserve".to_owned());
         Ok(crate::recovery::Preserved {
             complete: true,
+            failed: Vec::new(),
+            unverified: Vec::new(),
             files: 1,
             key_id: "k".to_owned(),
         })

@@ -200,17 +200,34 @@ pub(super) async fn preserve(
     };
     let name = escape(text_of(&answer, "name"));
     let complete = answer.get("complete") == Some(&Value::Bool(true));
+    let listed = |key: &str| -> String {
+        answer
+            .get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(escape)
+            .collect::<Vec<String>>()
+            .join("; ")
+    };
+    let unverified = match listed("unverified") {
+        zones if zones.is_empty() => zones,
+        zones => format!(
+            "<p class=\"bad\">Audit exports that do not verify (kept in the bundle): {zones}.</p>"
+        ),
+    };
     let notice = format!(
         "<section class=\"card\"><h2>Evidence bundle</h2><p class=\"{}\">{name}: {} files, signed by {}{}.</p>\
-         <p><a href=\"/incident/bundles/{name}\">Download {name}.tar</a> — check it offline with \
+         {unverified}<p><a href=\"/incident/bundles/{name}\">Download {name}.tar</a> — check it offline with \
          <code>caracal incident verify-bundle DIR</code> after unpacking.</p></section>",
         if complete { "good" } else { "bad" },
         answer.get("files").and_then(Value::as_u64).unwrap_or(0),
         escape(text_of(&answer, "key_id")),
         if complete {
-            ""
+            String::new()
         } else {
-            "; some parts failed, see the *error* files"
+            format!("; some parts failed: {}", listed("failed"))
         }
     );
     incident_page(&state, &session, Some(notice)).await
