@@ -602,6 +602,8 @@ pub async fn run(args: &GovernedArgs) -> anyhow::Result<()> {
         .build_http();
     let scratch = tempfile::tempdir()?;
     let home = scratch.path().join("home");
+    let disk_idle = crate::bench_disk::idle(scratch.path(), if args.quick { 100 } else { 1000 })
+        .context("measuring fdatasync")?;
     let upstream = upstream().await?;
     let (nginx, nginx_address) = start_nginx(&scratch.path().join("nginx"), upstream)?;
     let mut stack = start_stack(&home, args)?;
@@ -710,8 +712,10 @@ pub async fn run(args: &GovernedArgs) -> anyhow::Result<()> {
     let open_count = ((half * open_seconds) as usize).max(1);
     progress.set_length(total - (requests as f64 / 2.0) as u64 + open_count as u64);
     let cpu = cpu_seconds(&[stack_pid]);
+    let disk_probe = crate::bench_disk::start(&home);
     let (elapsed, latencies) = open_loop(open_count, half, &progress, governed).await?;
     let open_cpu = cpu_seconds(&[stack_pid]) - cpu;
+    let disk_loaded = disk_probe.finish().context("measuring fdatasync")?;
     let mut open = case(
         "governed, open loop ½ peak",
         elapsed,
@@ -760,6 +764,7 @@ pub async fn run(args: &GovernedArgs) -> anyhow::Result<()> {
             "governed_over_direct": governed_rate / ratio("direct upstream").max(f64::EPSILON),
         },
         "memory_kib": {"idle_rss": idle_rss, "peak_rss": peak_rss},
+        "fdatasync": {"idle": disk_idle, "open_loop": disk_loaded},
         "audit": {
             "events_per_governed_call": per_call,
             "governed_calls": governed_calls,
@@ -796,6 +801,9 @@ pub async fn run(args: &GovernedArgs) -> anyhow::Result<()> {
         governed_rate / ratio("direct upstream").max(f64::EPSILON),
         idle_rss.map_or(0, |kib| kib / 1024),
         peak_rss.map_or(0, |kib| kib / 1024),
+    );
+    println!(
+        "disk fdatasync (under every durable commit): idle {disk_idle}; during the open loop {disk_loaded}"
     );
     println!(
         "audit: {stored} of {expected} events stored ({per_call} per governed call), {dead} dead-lettered, {findings} tamper findings: {}",

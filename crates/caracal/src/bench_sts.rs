@@ -33,7 +33,8 @@ pub(crate) struct Figures {
 
 /// An embedded stack with a provisioned zone and an STS, for the benchmarks that mint.
 pub(crate) struct Bench {
-    pub _directory: tempfile::TempDir,
+    /// Holds the store (and the disk probe's file).
+    pub directory: tempfile::TempDir,
     pub shared: Shared,
     pub sts: Arc<caracal_services::sts::Sts>,
     pub world: World,
@@ -95,7 +96,7 @@ pub(crate) async fn bench_stack(upstream_url: &str) -> anyhow::Result<Bench> {
     );
     sts.policies.refresh_all(store.as_ref(), "bench").await?;
     Ok(Bench {
-        _directory: directory,
+        directory,
         shared,
         sts,
         world,
@@ -125,6 +126,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     // Latency without queueing: requests sent on a fixed schedule at half the measured peak,
     // each timed from when it was due (no coordinated omission).
     let peak = rows.last().map_or(1000.0, |row| row.rate);
+    let store_dir = bench.directory.path();
+    let disk_idle = crate::bench_disk::idle(store_dir, if args.quick { 100 } else { 1000 })
+        .context("measuring fdatasync")?;
+    let disk_probe = crate::bench_disk::start(store_dir);
     rows.push(
         open_loop(
             &app,
@@ -135,6 +140,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         )
         .await?,
     );
+    let disk_loaded = disk_probe.finish().context("measuring fdatasync")?;
 
     let sign = rows.first().map_or(1.0, |row| row.rate);
     println!(
@@ -151,6 +157,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             row.rate / sign
         );
     }
+    println!(
+        "disk fdatasync (under every mint's audit commit): idle {disk_idle}; during the open loop {disk_loaded}"
+    );
     drop(app);
     let Bench { evidence_tasks, .. } = bench;
     evidence_tasks.shutdown().await;

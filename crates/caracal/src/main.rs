@@ -7,6 +7,7 @@ mod agent;
 mod audit;
 mod bench;
 mod bench_coordinator;
+mod bench_disk;
 mod bench_gateway;
 mod bench_governed;
 mod bench_hotpath;

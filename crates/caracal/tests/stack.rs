@@ -237,6 +237,7 @@ fn the_sts_benchmark_runs_every_case() {
         "bootstrap mint (use=session)",
         "delegated mint (use=gateway)",
         "delegated at half peak (open loop)",
+        "disk fdatasync",
     ] {
         assert!(stdout.contains(case), "missing `{case}` in\n{stdout}");
     }
@@ -337,5 +338,20 @@ fn the_governed_benchmark_runs_beside_nginx_and_keeps_the_audit_lossless() {
     );
     assert!(results["ratios"]["governed_over_nginx"].as_f64().unwrap() > 0.0);
     assert!(results["memory_kib"]["idle_rss"].as_u64().unwrap() > 0);
+    // The disk's fsync latency, measured idle and beside the open loop.
+    assert_eq!(results["fdatasync"]["idle"]["samples"], 100, "{results}");
+    assert!(
+        results["fdatasync"]["open_loop"]["samples"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(
+        results["fdatasync"]["open_loop"]["p99_ms"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
     assert!(stdout.contains("governed / nginx"), "{stdout}");
+    assert!(stdout.contains("disk fdatasync"), "{stdout}");
 }
