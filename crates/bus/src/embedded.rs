@@ -35,6 +35,28 @@ impl EmbeddedBus {
         }
     }
 
+    /// Runs `delete_chunk` (at most [`TRIM_CHUNK`] rows) as writes of their own until one
+    /// deletes fewer: one delete of everything would hold the store's writer for as long as it
+    /// takes. The rows deleted in all.
+    async fn delete_in_chunks(
+        &self,
+        delete_chunk: impl Fn(&mut rusqlite::Connection) -> Result<usize, rusqlite::Error>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Result<u64, BusError> {
+        let delete_chunk = Arc::new(delete_chunk);
+        let mut total = 0;
+        loop {
+            let chunk = Arc::clone(&delete_chunk);
+            let deleted = self.store.run(move |connection| chunk(connection)).await?;
+            total += deleted as u64;
+            if deleted < TRIM_CHUNK as usize {
+                return Ok(total);
+            }
+        }
+    }
+
     fn waker(&self, stream: &str) -> Arc<Notify> {
         let mut wakers = self
             .wakers
@@ -129,28 +151,18 @@ impl ReplayRegistry for EmbeddedBus {
     }
 
     async fn purge_expired(&self) -> Result<u64, BusError> {
-        // In chunks, each its own write, as with trimming: a busy minute expires a hundred
-        // thousand keys.
+        // A busy minute expires a hundred thousand keys.
         let now = now_ms();
-        let mut total = 0;
-        loop {
-            let deleted = self
-                .store
-                .run(move |connection| {
-                    connection
-                        .prepare_cached(
-                            "DELETE FROM replay_keys WHERE (namespace, key) IN
-                             (SELECT namespace, key FROM replay_keys WHERE expires_ms <= ?1
-                              ORDER BY expires_ms LIMIT ?2)",
-                        )?
-                        .execute(params![now, TRIM_CHUNK])
-                })
-                .await?;
-            total += deleted as u64;
-            if deleted < TRIM_CHUNK as usize {
-                return Ok(total);
-            }
-        }
+        self.delete_in_chunks(move |connection| {
+            connection
+                .prepare_cached(
+                    "DELETE FROM replay_keys WHERE (namespace, key) IN
+                     (SELECT namespace, key FROM replay_keys WHERE expires_ms <= ?1
+                      ORDER BY expires_ms LIMIT ?2)",
+                )?
+                .execute(params![now, TRIM_CHUNK])
+        })
+        .await
     }
 }
 
@@ -523,37 +535,27 @@ impl Streams for EmbeddedBus {
     }
 
     async fn trim_consumed(&self, stream: &str) -> Result<u64, BusError> {
-        // In chunks, each its own write: a minute of audit events is hundreds of thousands of
-        // rows, and one delete of them all would hold the store's writer for that long.
-        let mut total = 0;
-        loop {
-            let stream = stream.to_owned();
-            let deleted = self
-                .store
-                .run(move |connection| {
-                    // Per group, everything at or below this seq is delivered and acknowledged.
-                    let floor: Option<i64> = connection.prepare_cached("SELECT MIN(MIN(g.last_delivered,
-                                        COALESCE((SELECT MIN(p.seq) - 1 FROM stream_pending p
-                                                  WHERE p.stream = g.stream AND p.grp = g.name), g.last_delivered)))
-                         FROM stream_groups g WHERE g.stream = ?1")?.query_row([&stream],
-                        |row| row.get(0),
-                    )?;
-                    let Some(floor) = floor else {
-                        return Ok(0);
-                    };
-                    connection
-                        .prepare_cached(
-                            "DELETE FROM stream_entries WHERE stream = ?1 AND seq <= MIN(?2,
-                             (SELECT MIN(seq) FROM stream_entries WHERE stream = ?1) + ?3 - 1)",
-                        )?
-                        .execute(params![stream, floor, TRIM_CHUNK])
-                })
-                .await?;
-            total += deleted as u64;
-            if deleted < TRIM_CHUNK as usize {
-                return Ok(total);
-            }
-        }
+        // A minute of audit events is hundreds of thousands of rows.
+        let stream = stream.to_owned();
+        self.delete_in_chunks(move |connection| {
+            // Per group, everything at or below this seq is delivered and acknowledged.
+            let floor: Option<i64> = connection.prepare_cached("SELECT MIN(MIN(g.last_delivered,
+                                COALESCE((SELECT MIN(p.seq) - 1 FROM stream_pending p
+                                          WHERE p.stream = g.stream AND p.grp = g.name), g.last_delivered)))
+                 FROM stream_groups g WHERE g.stream = ?1")?.query_row([&stream],
+                |row| row.get(0),
+            )?;
+            let Some(floor) = floor else {
+                return Ok(0);
+            };
+            connection
+                .prepare_cached(
+                    "DELETE FROM stream_entries WHERE stream = ?1 AND seq <= MIN(?2,
+                     (SELECT MIN(seq) FROM stream_entries WHERE stream = ?1) + ?3 - 1)",
+                )?
+                .execute(params![stream, floor, TRIM_CHUNK])
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), BusError> {
