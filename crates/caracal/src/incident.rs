@@ -354,10 +354,8 @@ async fn validate(
 /// freshness and backlog bounds, no containment left; with a canary zone, exchanges and a
 /// Gateway call as an agent.
 async fn checks(resolved: &Resolved, canary: &Canary, token: &str) -> Vec<Check> {
-    use hyper_util::client::legacy::Client;
     let settings = &resolved.settings;
-    let client: crate::status::HttpClient =
-        Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let client = caracal_services::peer_probe::client();
     let mut checks = Vec::new();
     let mut metrics = std::collections::BTreeMap::new();
     let targets = crate::status::targets(resolved, &[]);
@@ -370,7 +368,9 @@ async fn checks(resolved: &Resolved, canary: &Canary, token: &str) -> Vec<Check>
                 .reason
                 .unwrap_or_else(|| format!("ready at {address}")),
         });
-        if let Ok((200, body)) = crate::status::get(&client, *address, "/metrics").await {
+        if let Ok((200, body)) =
+            caracal_services::peer_probe::get(&client, *address, "/metrics").await
+        {
             caracal_services::recovery::samples(&String::from_utf8_lossy(&body), &mut metrics);
         }
     }
@@ -729,10 +729,8 @@ fn canary_operation(resource: &Value) -> Option<(String, String)> {
 }
 
 async fn get_json(address: std::net::SocketAddr, path: &str) -> anyhow::Result<Value> {
-    use hyper_util::client::legacy::Client;
-    let client: crate::status::HttpClient =
-        Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    match crate::status::get(&client, address, path).await {
+    let client = caracal_services::peer_probe::client();
+    match caracal_services::peer_probe::get(&client, address, path).await {
         Ok((200, body)) => Ok(serde_json::from_slice(&body)?),
         Ok((status, _)) => bail!("{path} answered {status}"),
         Err(reason) => bail!("{path}: {reason}"),

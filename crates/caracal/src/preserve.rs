@@ -186,11 +186,9 @@ pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<Preserv
     }
 
     // Every running role's metrics.
-    use hyper_util::client::legacy::Client;
-    let client: crate::status::HttpClient =
-        Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let client = caracal_services::peer_probe::client();
     for (role, address) in crate::status::targets(resolved, &[]) {
-        let text = match crate::status::get(&client, address, "/metrics").await {
+        let text = match caracal_services::peer_probe::get(&client, address, "/metrics").await {
             Ok((200, body)) => String::from_utf8_lossy(&body).into_owned(),
             Ok((status, _)) => format!("# {role} at {address} answered {status}\n"),
             Err(reason) => format!("# {role} at {address}: {reason}\n"),

@@ -4,19 +4,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use caracal_core::Role;
-use caracal_services::wire::ReadyBody;
 use caracal_services::{RUN_FILE, RunFile};
-use http_body_util::{BodyExt as _, Empty};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
 use crate::cli::StatusArgs;
 use crate::config::Resolved;
 
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Serialize)]
@@ -28,11 +21,11 @@ pub struct RoleStatus {
     pub reason: Option<String>,
 }
 
-pub(crate) type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+use caracal_services::peer_probe::{self, Client as HttpClient};
 
 /// Probes the roles and prints the report; returns whether every probed role is ready.
 pub async fn run(resolved: &Resolved, args: &StatusArgs) -> bool {
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let client = peer_probe::client();
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     let statuses = loop {
         let statuses = probe_all(&client, &targets(resolved, &args.roles)).await;
@@ -128,44 +121,18 @@ async fn probe_all(client: &HttpClient, targets: &[(Role, SocketAddr)]) -> Vec<R
 }
 
 pub(crate) async fn probe(client: &HttpClient, role: Role, address: SocketAddr) -> RoleStatus {
-    let live = matches!(get(client, address, "/health").await, Ok((200, _)));
-    let (ready, reason) = match get(client, address, "/ready").await {
-        Ok((status, body)) => match serde_json::from_slice::<ReadyBody>(&body) {
-            Ok(body) => (status == 200 && body.status == "ready", body.reason),
-            Err(_) => (false, Some("bad_ready_response".to_owned())),
-        },
-        Err(reason) => (false, Some(reason.to_owned())),
-    };
+    let live = matches!(
+        peer_probe::get(client, address, "/health").await,
+        Ok((200, _))
+    );
+    let readiness = peer_probe::ready(client, address).await;
     RoleStatus {
         role: role.name().to_owned(),
         address,
         live,
-        ready,
-        reason,
+        ready: readiness.ready,
+        reason: readiness.reason,
     }
-}
-
-pub(crate) async fn get(
-    client: &HttpClient,
-    address: SocketAddr,
-    path: &str,
-) -> Result<(u16, Bytes), &'static str> {
-    let uri: hyper::Uri = format!("http://{address}{path}")
-        .parse()
-        .map_err(|_| "bad_address")?;
-    let exchange = async {
-        let response = client.get(uri).await.map_err(|_| "unreachable")?;
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|_| "unreachable")?;
-        Ok((status, body.to_bytes()))
-    };
-    tokio::time::timeout(PROBE_TIMEOUT, exchange)
-        .await
-        .map_err(|_| "timeout")?
 }
 
 fn print(statuses: &[RoleStatus], json: bool) {

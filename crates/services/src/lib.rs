@@ -25,6 +25,7 @@ pub mod ledger;
 pub mod mandate;
 mod metrics;
 pub mod outbox;
+pub mod peer_probe;
 pub mod policy;
 mod probes;
 pub mod propagation;

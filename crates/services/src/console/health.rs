@@ -4,36 +4,10 @@
 //! `delta`, `changes`, `time()`) need Prometheus's history and are listed as such.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-
-use http_body_util::{BodyExt as _, Empty};
-use hyper::body::Bytes;
 
 use super::*;
 
 const RULES: &str = include_str!("../../../../deploy/prometheus/caracal-rules.yml");
-
-type Client = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Empty<Bytes>,
->;
-
-async fn fetch(client: &Client, address: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut address = address;
-    if address.ip().is_unspecified() {
-        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let request = http::Request::get(format!("http://{address}{path}"))
-        .body(Empty::new())
-        .ok()?;
-    let response = tokio::time::timeout(std::time::Duration::from_secs(2), client.request(request))
-        .await
-        .ok()?
-        .ok()?;
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.ok()?.to_bytes();
-    Some((status, String::from_utf8_lossy(&body).into_owned()))
-}
 
 /// The shipped rules as (alert, expression).
 fn rules() -> Vec<(String, String)> {
@@ -86,40 +60,33 @@ fn judge(expr: &str, samples: &BTreeMap<String, Vec<f64>>) -> Result<Option<f64>
 
 /// The overview's health sections.
 pub(super) async fn section(state: &RoleState) -> String {
-    let client: Client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
+    let client = crate::peer_probe::client();
     let mut readiness = String::from(
         "<table><tr><th>Role</th><th>Address</th><th>Ready</th><th>Failed checks</th></tr>",
     );
     let mut metrics = BTreeMap::new();
     for (role, address) in state.peers.iter() {
-        let ready = fetch(&client, *address, "/ready").await;
-        let (verdict, reasons) = match &ready {
-            Some((200, _)) => (
+        let ready = crate::peer_probe::ready(&client, *address).await;
+        let (verdict, reasons) = if ready.ready {
+            (
                 "<span class=\"good\">ready</span>".to_owned(),
                 String::new(),
-            ),
-            Some((_, body)) => {
-                let failed: Vec<String> = serde_json::from_str::<Value>(body)
-                    .ok()
-                    .and_then(|body| body.get("checks").and_then(Value::as_array).cloned())
-                    .unwrap_or_default()
-                    .iter()
-                    .filter(|check| check.get("ok") == Some(&Value::Bool(false)))
-                    .map(|check| {
-                        format!("{}: {}", text_of(check, "name"), text_of(check, "reason"))
-                    })
-                    .collect();
-                (
-                    "<span class=\"bad\">not ready</span>".to_owned(),
-                    failed.join("; "),
-                )
-            }
-            None => (
+            )
+        } else if ready.answered {
+            let failed: Vec<String> = ready
+                .failed
+                .iter()
+                .map(|(name, reason)| format!("{name}: {reason}"))
+                .collect();
+            (
+                "<span class=\"bad\">not ready</span>".to_owned(),
+                failed.join("; "),
+            )
+        } else {
+            (
                 "<span class=\"bad\">no answer</span>".to_owned(),
                 String::new(),
-            ),
+            )
         };
         readiness.push_str(&format!(
             "<tr><td>{}</td><td>{}</td><td>{verdict}</td><td>{}</td></tr>",
@@ -127,8 +94,8 @@ pub(super) async fn section(state: &RoleState) -> String {
             escape(&address.to_string()),
             escape(&reasons)
         ));
-        if let Some((200, text)) = fetch(&client, *address, "/metrics").await {
-            crate::recovery::samples(&text, &mut metrics);
+        if let Ok((200, text)) = crate::peer_probe::get(&client, *address, "/metrics").await {
+            crate::recovery::samples(&String::from_utf8_lossy(&text), &mut metrics);
         }
     }
     readiness.push_str("</table>");
