@@ -755,6 +755,9 @@ struct Outcome<'a> {
     upstream_host: Option<&'a str>,
     auth_mode: Option<&'a str>,
     provider_id: Option<&'a str>,
+    /// The upstream's declared `Content-Length` (absent when it streams without one): the event
+    /// is accepted before the first byte reaches the caller (invariant 5), so it cannot count
+    /// what the body turns out to be.
     response_bytes: Option<u64>,
     error_kind: Option<&'static str>,
 }
