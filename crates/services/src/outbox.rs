@@ -1,7 +1,8 @@
 //! The outbox dispatcher: publishes rows that committed with a state change to their streams,
 //! at least once, in order of writing. Each message gains `outbox_id` (and `dedupe_key` when
-//! set) so consumers can drop duplicates. Several dispatchers may run against one PostgreSQL;
-//! row claims never overlap.
+//! set) so consumers can drop duplicates. Several dispatchers may run against one PostgreSQL:
+//! row claims never overlap, and a stream's later rows wait while another dispatcher holds its
+//! earlier ones, so one stream never goes out interleaved.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

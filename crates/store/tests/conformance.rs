@@ -135,7 +135,7 @@ conformance!(
     a_streams_later_rows_wait_for_its_failed_row,
     a_dead_dispatchers_claims_expire,
     leases_admit_one_holder_at_a_time,
-    concurrent_dispatchers_claim_disjoint_rows,
+    concurrent_dispatchers_claim_disjoint_rows_in_stream_order,
     no_read_or_update_crosses_zones,
     policy_versions_are_numbered_and_immutable,
     activation_keeps_the_last_known_good,
@@ -284,22 +284,11 @@ async fn outbox_rows_are_claimed_oldest_first_and_never_twice(backend: &Backend)
     assert_eq!(numbers, ["0", "1"]);
     assert_eq!(first[0].dedupe_key.as_deref(), Some("key-0"));
     assert_eq!(first[0].stream, "caracal.test");
-    let second = backend.replica.claim_outbox("b", 10, lease).await.unwrap();
-    assert_eq!(
-        second
-            .iter()
-            .map(|row| row.fields["n"].as_str())
-            .collect::<Vec<_>>(),
-        ["2"]
-    );
-    assert!(
-        backend
-            .store
-            .claim_outbox("c", 10, lease)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    // Row 2 is of the same stream: it waits while another dispatcher holds rows 0 and 1, so
+    // two dispatchers never interleave one stream.
+    for other in [&backend.replica, &backend.store] {
+        assert!(other.claim_outbox("b", 10, lease).await.unwrap().is_empty());
+    }
 
     let stats = backend.store.outbox_stats().await.unwrap();
     assert_eq!((stats.pending, stats.dead), (3, 0));
@@ -324,6 +313,15 @@ async fn outbox_rows_are_claimed_oldest_first_and_never_twice(backend: &Backend)
     );
     let stats = backend.store.outbox_stats().await.unwrap();
     assert_eq!(stats.pending, 2, "an unnamed row was marked published");
+    assert!(
+        backend
+            .replica
+            .claim_outbox("b", 10, lease)
+            .await
+            .unwrap()
+            .is_empty(),
+        "row 1 is still held"
+    );
     assert_eq!(
         backend
             .store
@@ -331,6 +329,23 @@ async fn outbox_rows_are_claimed_oldest_first_and_never_twice(backend: &Backend)
             .await
             .unwrap(),
         1
+    );
+    // The stream's earlier rows are out: the next dispatcher takes row 2, and no one else can.
+    let second = backend.replica.claim_outbox("b", 10, lease).await.unwrap();
+    assert_eq!(
+        second
+            .iter()
+            .map(|row| row.fields["n"].as_str())
+            .collect::<Vec<_>>(),
+        ["2"]
+    );
+    assert!(
+        backend
+            .store
+            .claim_outbox("c", 10, lease)
+            .await
+            .unwrap()
+            .is_empty()
     );
     assert_eq!(
         backend
@@ -490,8 +505,11 @@ async fn leases_admit_one_holder_at_a_time(backend: &Backend) {
     assert!(a.try_lease("audit-sweep", "replica-a", ttl).await.unwrap());
 }
 
-async fn concurrent_dispatchers_claim_disjoint_rows(backend: &Backend) {
+/// Four dispatchers on two connections, each claiming, publishing (here: noting the ids) and
+/// marking: every row goes out once, and the stream's rows go out in order across them.
+async fn concurrent_dispatchers_claim_disjoint_rows_in_stream_order(backend: &Backend) {
     enqueue(backend, 0, 60).await;
+    let published = Arc::new(std::sync::Mutex::new(Vec::new()));
     let workers: Vec<_> = (0..4)
         .map(|worker| {
             let store = if worker % 2 == 0 {
@@ -499,30 +517,44 @@ async fn concurrent_dispatchers_claim_disjoint_rows(backend: &Backend) {
             } else {
                 Arc::clone(&backend.replica)
             };
+            let published = Arc::clone(&published);
             tokio::spawn(async move {
-                let mut mine = Vec::new();
+                let name = format!("w{worker}");
                 loop {
                     let rows = store
-                        .claim_outbox(&format!("w{worker}"), 7, Duration::from_secs(30))
+                        .claim_outbox(&name, 7, Duration::from_secs(30))
                         .await
                         .unwrap();
                     if rows.is_empty() {
-                        return mine;
+                        if store.outbox_stats().await.unwrap().pending == 0 {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        continue;
                     }
-                    mine.extend(rows.into_iter().map(|row| row.id));
+                    let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+                    published.lock().unwrap().extend(&ids);
+                    assert_eq!(
+                        store.outbox_published(&name, &ids).await.unwrap(),
+                        ids.len() as u64
+                    );
                 }
             })
         })
         .collect();
-    let mut all = Vec::new();
     for worker in workers {
-        all.extend(worker.await.unwrap());
+        worker.await.unwrap();
     }
+    let all = published.lock().unwrap().clone();
     let distinct: BTreeSet<i64> = all.iter().copied().collect();
     assert_eq!(
         (all.len(), distinct.len()),
         (60, 60),
-        "every row claimed exactly once"
+        "every row published exactly once"
+    );
+    assert!(
+        all.windows(2).all(|pair| pair[0] < pair[1]),
+        "one stream's rows went out of order: {all:?}"
     );
 }
 

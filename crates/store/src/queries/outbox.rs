@@ -49,10 +49,12 @@ impl<D: Db> Outbox for D {
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let now = now_ms();
         let limit = i64::try_from(batch).unwrap_or(i64::MAX);
-        // PostgreSQL serves several dispatchers: locked rows are skipped, not waited for.
-        // SQLite has one writer, so the plain form is already exclusive. A row waits while an
-        // earlier row of its stream backs off after a failed publish, so a failure does not
-        // reorder the stream (a dead row no longer holds the rest back).
+        // Each stream keeps its order across dispatchers: a row waits while an earlier row of
+        // its stream is held by a dispatcher (this one included: a row whose fate it could not
+        // record) or backs off after a failed publish. A dead row no longer holds the rest back.
+        // PostgreSQL serves several dispatchers: claims take turns (an advisory lock) so each
+        // sees the claims before it, and locked rows are skipped, not waited for. SQLite has
+        // one writer, so its plain form is already exclusive.
         let sql = match self.dialect() {
             Dialect::Postgres => {
                 "UPDATE outbox SET locked_by = $1, locked_until_ms = $2
@@ -64,7 +66,7 @@ impl<D: Db> Outbox for D {
                            SELECT 1 FROM outbox earlier
                            WHERE earlier.stream = outbox.stream AND earlier.id < outbox.id
                              AND earlier.status = 'pending'
-                             AND earlier.available_at_ms > $3)
+                             AND (earlier.available_at_ms > $3 OR earlier.locked_until_ms > $3))
                      ORDER BY id LIMIT $4
                      FOR UPDATE SKIP LOCKED)
                  RETURNING id, stream, fields, dedupe_key, attempts"
@@ -79,17 +81,31 @@ impl<D: Db> Outbox for D {
                            SELECT 1 FROM outbox earlier
                            WHERE earlier.stream = outbox.stream AND earlier.id < outbox.id
                              AND earlier.status = 'pending'
-                             AND earlier.available_at_ms > $3)
+                             AND (earlier.available_at_ms > $3 OR earlier.locked_until_ms > $3))
                      ORDER BY id LIMIT $4)
                  RETURNING id, stream, fields, dedupe_key, attempts"
             }
         };
+        let claim = Statement::new(
+            sql,
+            params![worker, now.saturating_add(millis(lease)), now, limit],
+        );
+        let statements = match self.dialect() {
+            Dialect::Postgres => vec![
+                Statement::new(
+                    "SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtext('caracal.outbox.claim'))) AS locked",
+                    Vec::new(),
+                ),
+                claim,
+            ],
+            Dialect::Sqlite => vec![claim],
+        };
         let rows = self
-            .rows(
-                sql,
-                params![worker, now.saturating_add(millis(lease)), now, limit],
-            )
-            .await?;
+            .atomic(statements)
+            .await?
+            .pop()
+            .map(|outcome| outcome.rows)
+            .unwrap_or_default();
         let mut claimed = rows
             .iter()
             .map(|row| {
