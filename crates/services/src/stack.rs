@@ -716,6 +716,14 @@ async fn serve_until_stopped(
     let stopped = async move {
         let _ = stop.wait_for(|stopping| *stopping).await;
     };
+    use axum::serve::ListenerExt as _;
+    // A response's head and body (and a proxied body's trailers) go out as they are ready, not
+    // held back by Nagle's algorithm until the client acknowledges the previous segment.
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set on an accepted connection");
+        }
+    });
     // The peer address lets the admin API count failed authentications per client.
     axum::serve(
         listener,
