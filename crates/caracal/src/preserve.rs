@@ -5,8 +5,9 @@
 //! groups, lag and pending entries, the dead-letter entries, a database snapshot (SQLite
 //! `VACUUM INTO`, or `pg_dump`), the effective configuration and its difference from the
 //! defaults, the containment switches, the running process's recent log lines, every role's
-//! metrics; then `manifest.json` (SHA-256 and
-//! size of each file) and `manifest.sig`, the deployment key's signature over the manifest.
+//! metrics; then `manifest.json` (SHA-256 and size of each file, the parts that failed and the
+//! zones whose export does not verify) and `manifest.sig`, the deployment key's signature over
+//! the manifest.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -208,6 +209,8 @@ pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<Preserv
         "key_id": signer.key_id(),
         "public_key": signer.public_key_hex(),
         "complete": failed.is_empty(),
+        "failed": &failed,
+        "unverified": &unverified,
         "files": &files,
     });
     let text = serde_json::to_string_pretty(&manifest)?;

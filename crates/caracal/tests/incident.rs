@@ -500,6 +500,17 @@ fn audit_tamper_drill_detects_contains_preserves_and_validates() {
     )
     .unwrap();
     assert_eq!(verification[&zone_id]["ok"], false, "{verification}");
+    // The signed manifest names the finding too.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["complete"], true, "{manifest}");
+    assert!(
+        manifest["unverified"][0]
+            .as_str()
+            .is_some_and(|entry| entry.starts_with(&format!("zone {zone_id}: "))),
+        "{manifest}"
+    );
     assert!(bundle.join(format!("audit/{zone_id}.jsonl")).exists());
     let not_yet = caracal(&home)
         .args(["incident", "validate"])
