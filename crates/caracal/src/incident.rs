@@ -23,7 +23,7 @@ pub async fn run(resolved: &Resolved, command: &IncidentCommand) -> anyhow::Resu
                 out.display(),
                 preserved.files,
                 preserved.key_id,
-                if preserved.complete {
+                if preserved.complete() {
                     ""
                 } else {
                     "; some parts failed (the bundle's *error* files hold the detail):"
@@ -35,7 +35,7 @@ pub async fn run(resolved: &Resolved, command: &IncidentCommand) -> anyhow::Resu
             for zone in &preserved.unverified {
                 println!("  UNVERIFIED audit export of {zone} (kept in the bundle)");
             }
-            Ok(preserved.complete)
+            Ok(preserved.complete())
         }
         IncidentCommand::VerifyBundle { dir, public_key } => {
             crate::preserve::verify_bundle(resolved, dir, public_key.as_deref()).await

@@ -218,7 +218,6 @@ pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<Preserv
     let signature = signer.sign_manifest(&caracal_crypto::sha256(text.as_bytes()));
     std::fs::write(out.join(SIGNATURE), format!("{signature}\n"))?;
     Ok(Preserved {
-        complete: failed.is_empty(),
         failed,
         unverified,
         files: files.len(),

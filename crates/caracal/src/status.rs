@@ -4,6 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use caracal_core::Role;
+use caracal_services::peer_probe::{self, Client as HttpClient};
 use caracal_services::{RUN_FILE, RunFile};
 use serde::Serialize;
 
@@ -20,8 +21,6 @@ pub struct RoleStatus {
     pub ready: bool,
     pub reason: Option<String>,
 }
-
-use caracal_services::peer_probe::{self, Client as HttpClient};
 
 /// Probes the roles and prints the report; returns whether every probed role is ready.
 pub async fn run(resolved: &Resolved, args: &StatusArgs) -> bool {

@@ -39,15 +39,21 @@ pub struct Canary {
 /// An evidence bundle just written.
 #[derive(Debug, Clone, Serialize)]
 pub struct Preserved {
-    /// Every part collected (else `failed` names the parts and the `*error*` files hold why).
-    pub complete: bool,
-    /// Each part that could not be collected, with the reason.
+    /// Each part that could not be collected, with the reason (its `*error*` file holds the
+    /// detail); none when the bundle is complete.
     pub failed: Vec<String>,
     /// Each zone whose audit export was kept but does not verify with a published key, with why
     /// (evidence of tampering or loss, which is what the bundle preserves).
     pub unverified: Vec<String>,
     pub files: usize,
     pub key_id: String,
+}
+
+impl Preserved {
+    /// Every part was collected.
+    pub fn complete(&self) -> bool {
+        self.failed.is_empty()
+    }
 }
 
 /// What the binary's operator tools offer the roles. `admin_token` is the caller's own token:

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
+use axum::serve::ListenerExt as _;
 use caracal_bus::signature::StreamKey;
 use caracal_bus::{BusError, EmbeddedBus, Producer, RedisBus};
 use caracal_core::Role;
@@ -716,7 +717,6 @@ async fn serve_until_stopped(
     let stopped = async move {
         let _ = stop.wait_for(|stopping| *stopping).await;
     };
-    use axum::serve::ListenerExt as _;
     // A response's head and body (and a proxied body's trailers) go out as they are ready, not
     // held back by Nagle's algorithm until the client acknowledges the previous segment.
     let listener = listener.tap_io(|stream| {

@@ -141,7 +141,7 @@ async fn preserve(
         http::StatusCode::CREATED,
         Json(json!({
             "name": name,
-            "complete": preserved.complete,
+            "complete": preserved.complete(),
             "failed": preserved.failed,
             "unverified": preserved.unverified,
             "files": preserved.files,

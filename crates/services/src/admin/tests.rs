@@ -1874,7 +1874,6 @@ impl crate::recovery::OperatorTools for RecordingTools {
         std::fs::write(out.join("manifest.json"), "{}").map_err(|error| error.to_string())?;
         self.0.lock().unwrap().push("preserve".to_owned());
         Ok(crate::recovery::Preserved {
-            complete: true,
             failed: Vec::new(),
             unverified: Vec::new(),
             files: 1,

@@ -55,50 +55,36 @@ impl<D: Db> Outbox for D {
         // PostgreSQL serves several dispatchers: claims take turns (an advisory lock) so each
         // sees the claims before it, and locked rows are skipped, not waited for. SQLite has
         // one writer, so its plain form is already exclusive.
-        let sql = match self.dialect() {
-            Dialect::Postgres => {
-                "UPDATE outbox SET locked_by = $1, locked_until_ms = $2
-                 WHERE id IN (
-                     SELECT id FROM outbox
-                     WHERE status = 'pending' AND available_at_ms <= $3
-                       AND (locked_until_ms IS NULL OR locked_until_ms <= $3)
-                       AND NOT EXISTS (
-                           SELECT 1 FROM outbox earlier
-                           WHERE earlier.stream = outbox.stream AND earlier.id < outbox.id
-                             AND earlier.status = 'pending'
-                             AND (earlier.available_at_ms > $3 OR earlier.locked_until_ms > $3))
-                     ORDER BY id LIMIT $4
-                     FOR UPDATE SKIP LOCKED)
-                 RETURNING id, stream, fields, dedupe_key, attempts"
-            }
-            Dialect::Sqlite => {
-                "UPDATE outbox SET locked_by = $1, locked_until_ms = $2
-                 WHERE id IN (
-                     SELECT id FROM outbox
-                     WHERE status = 'pending' AND available_at_ms <= $3
-                       AND (locked_until_ms IS NULL OR locked_until_ms <= $3)
-                       AND NOT EXISTS (
-                           SELECT 1 FROM outbox earlier
-                           WHERE earlier.stream = outbox.stream AND earlier.id < outbox.id
-                             AND earlier.status = 'pending'
-                             AND (earlier.available_at_ms > $3 OR earlier.locked_until_ms > $3))
-                     ORDER BY id LIMIT $4)
-                 RETURNING id, stream, fields, dedupe_key, attempts"
-            }
-        };
-        let claim = Statement::new(
-            sql,
-            params![worker, now.saturating_add(millis(lease)), now, limit],
-        );
+        macro_rules! claim_sql {
+            ($row_locks:literal) => {
+                concat!(
+                    "UPDATE outbox SET locked_by = $1, locked_until_ms = $2
+                     WHERE id IN (
+                         SELECT id FROM outbox
+                         WHERE status = 'pending' AND available_at_ms <= $3
+                           AND (locked_until_ms IS NULL OR locked_until_ms <= $3)
+                           AND NOT EXISTS (
+                               SELECT 1 FROM outbox earlier
+                               WHERE earlier.stream = outbox.stream AND earlier.id < outbox.id
+                                 AND earlier.status = 'pending'
+                                 AND (earlier.available_at_ms > $3 OR earlier.locked_until_ms > $3))
+                         ORDER BY id LIMIT $4",
+                    $row_locks,
+                    ")
+                     RETURNING id, stream, fields, dedupe_key, attempts"
+                )
+            };
+        }
+        let params = params![worker, now.saturating_add(millis(lease)), now, limit];
         let statements = match self.dialect() {
             Dialect::Postgres => vec![
                 Statement::new(
                     "SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtext('caracal.outbox.claim'))) AS locked",
                     Vec::new(),
                 ),
-                claim,
+                Statement::new(claim_sql!(" FOR UPDATE SKIP LOCKED"), params),
             ],
-            Dialect::Sqlite => vec![claim],
+            Dialect::Sqlite => vec![Statement::new(claim_sql!(""), params)],
         };
         let rows = self
             .atomic(statements)
