@@ -166,6 +166,26 @@ struct Job {
     done: oneshot::Sender<Result<(), EvidenceError>>,
 }
 
+/// An event the producer has taken but not yet made durable.
+#[must_use = "an event is evidence only once it is durable"]
+#[derive(Debug)]
+pub struct Pending(oneshot::Receiver<Result<(), EvidenceError>>);
+
+impl Pending {
+    /// Waits until the event is durably accepted (or known lost).
+    pub async fn durable(self) -> Result<(), EvidenceError> {
+        self.0.await.unwrap_or(Err(EvidenceError::Stopped))
+    }
+
+    /// An event whose fate is already known.
+    #[cfg(test)]
+    pub(crate) fn settled(fate: Result<(), EvidenceError>) -> Pending {
+        let (done, answer) = oneshot::channel();
+        let _ = done.send(fate);
+        Pending(answer)
+    }
+}
+
 /// The handle roles record through. Cheap to clone.
 #[derive(Clone)]
 pub struct Evidence {
@@ -244,6 +264,13 @@ impl Evidence {
 
     /// Records `event`; returns once it is durably accepted.
     pub async fn record(&self, event: Event) -> Result<(), EvidenceError> {
+        self.enqueue(event).await?.durable().await
+    }
+
+    /// Hands `event` to the producer and returns without waiting for the disk: for a step whose
+    /// outcome is reported later, by a caller that waits for [`Pending::durable`] before it
+    /// reports anything (the in-process re-exchange, whose call the Gateway reports).
+    pub async fn enqueue(&self, event: Event) -> Result<Pending, EvidenceError> {
         if self.is_lost() {
             return Err(EvidenceError::Lost);
         }
@@ -254,7 +281,7 @@ impl Evidence {
                 Err(EvidenceError::Overloaded)
             }
             Ok(Err(_)) => Err(EvidenceError::Stopped),
-            Ok(Ok(())) => answer.await.unwrap_or(Err(EvidenceError::Stopped)),
+            Ok(Ok(())) => Ok(Pending(answer)),
         }
     }
 

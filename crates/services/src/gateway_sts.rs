@@ -79,6 +79,16 @@ impl Refusal {
     }
 }
 
+/// A granted exchange. An in-process STS hands over its event without waiting for the disk:
+/// the Gateway waits for `evidence` before it reports the call, so the event's fsync overlaps
+/// the upstream call instead of delaying it (invariant 5 still holds: nothing is reported
+/// before its evidence is durable). Over HTTP the STS waits itself: `None`.
+#[derive(Debug)]
+pub struct Exchanged {
+    pub answer: TokenResponse,
+    pub evidence: Option<crate::evidence::Pending>,
+}
+
 /// The STS as a Gateway in the same process reaches it: no HTTP and no signature (the process
 /// is the trust boundary), the Gateway's verification of the mandate trusted
 /// ([`GatewayCall::verified`]); everything else as for a signed call.
@@ -89,5 +99,5 @@ pub trait InProcessExchange: Send + Sync {
         state: &RoleState,
         request_id: &str,
         call: &GatewayCall,
-    ) -> Result<TokenResponse, Refusal>;
+    ) -> Result<Exchanged, Refusal>;
 }

@@ -265,10 +265,10 @@ impl SqliteStore {
         self.submit(work, Mode::Durable).await
     }
 
-    /// [`SqliteStore::run`] whose commit need not wait for the disk (`synchronous = NORMAL`,
-    /// unless a durable job shares its transaction): it survives a crash of the process, and
-    /// only a power cut may lose it. WAL frames are appended in order, so the next durable
-    /// commit persists it too.
+    /// [`SqliteStore::run`] whose commit does not wait for the disk (`synchronous = NORMAL`,
+    /// in a transaction no durable job shares): it survives a crash of the process, and only a
+    /// power cut may lose it. WAL frames are appended in order, so the next durable commit
+    /// persists it too.
     pub async fn run_relaxed<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -339,9 +339,12 @@ impl SqliteStore {
     }
 }
 
-/// The writer thread: takes what is queued (up to [`MAX_BATCH`] jobs) and runs it in one
-/// transaction with one commit, so concurrent writers share an fsync and a page written by
-/// several of them goes to the WAL once. It ends when every handle to the store is dropped.
+/// The writer thread: takes what is queued (up to [`MAX_BATCH`] jobs) and runs it in two
+/// transactions, the relaxed jobs' first (no fsync, so a replay claim or an authority record
+/// never waits for the disk on behalf of its neighbours) and then the durable jobs' with one
+/// fsync they all share. Queued jobs are concurrent (no caller waits on another's job), so
+/// committing the relaxed ones first reorders nothing anyone could observe. It ends when every
+/// handle to the store is dropped.
 fn write_loop(connection: &Mutex<Connection>, jobs: &std::sync::mpsc::Receiver<Queued>) {
     let mut synchronous_full = true;
     while let Ok(first) = jobs.recv() {
@@ -359,18 +362,28 @@ fn write_loop(connection: &Mutex<Connection>, jobs: &std::sync::mpsc::Receiver<Q
         let mut shared = Vec::with_capacity(batch.len());
         for queued in batch {
             if queued.mode == Mode::Alone {
-                commit_batch(
-                    &mut guard,
-                    std::mem::take(&mut shared),
-                    &mut synchronous_full,
-                );
+                commit_by_mode(&mut guard, &mut shared, &mut synchronous_full);
                 run_alone(&mut guard, queued.job);
             } else {
                 shared.push(queued);
             }
         }
-        commit_batch(&mut guard, shared, &mut synchronous_full);
+        commit_by_mode(&mut guard, &mut shared, &mut synchronous_full);
     }
+}
+
+/// Commits `jobs` (and empties it): the relaxed ones in a transaction of their own first, then
+/// the durable ones.
+fn commit_by_mode(
+    connection: &mut Connection,
+    jobs: &mut Vec<Queued>,
+    synchronous_full: &mut bool,
+) {
+    let (relaxed, durable): (Vec<Queued>, Vec<Queued>) = jobs
+        .drain(..)
+        .partition(|queued| queued.mode == Mode::Relaxed);
+    commit_batch(connection, relaxed, synchronous_full);
+    commit_batch(connection, durable, synchronous_full);
 }
 
 /// A job outside any transaction: nothing to commit, so it is settled at once.
@@ -892,6 +905,35 @@ mod tests {
             .run(|c| c.execute("INSERT INTO shared (x) VALUES (1000)", []))
             .await
             .unwrap();
+    }
+
+    /// A relaxed job queued beside a durable one commits without the fsync (`synchronous`
+    /// NORMAL, 1) in a transaction of its own; the durable one with it (FULL, 2).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn relaxed_jobs_never_share_a_durable_commit() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let holding = tokio::spawn({
+            let store = store.clone();
+            async move { store.run(move |_| Ok(held.recv().ok())).await }
+        });
+        let level = |c: &mut Connection| c.query_row("PRAGMA synchronous", [], |row| row.get(0));
+        // Both queue behind the held job, so the writer takes them in one batch.
+        let durable = tokio::spawn({
+            let store = store.clone();
+            async move { store.run(level).await }
+        });
+        let relaxed = tokio::spawn({
+            let store = store.clone();
+            async move { store.run_relaxed(level).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        release.send(()).unwrap();
+        holding.await.unwrap().unwrap();
+        let durable: i64 = durable.await.unwrap().unwrap();
+        let relaxed: i64 = relaxed.await.unwrap().unwrap();
+        assert_eq!((relaxed, durable), (1, 2));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,8 +15,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 pub use crate::gateway_sts::Refusal;
 use crate::gateway_sts::{
-    ACCESS_TOKEN, GatewayCall, InProcessExchange, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
-    TOKEN_EXCHANGE,
+    ACCESS_TOKEN, Exchanged, GatewayCall, InProcessExchange, NONCE_HEADER, SIGNATURE_HEADER,
+    TIMESTAMP_HEADER, TOKEN_EXCHANGE,
 };
 use crate::state::RoleState;
 use crate::wire::TokenResponse;
@@ -307,10 +307,13 @@ impl Exchanger {
         state: &RoleState,
         request_id: &str,
         call: &GatewayCall,
-    ) -> Result<TokenResponse, Refusal> {
+    ) -> Result<Exchanged, Refusal> {
         match self {
             Exchanger::InProcess(sts) => sts.exchange(state, request_id, call).await,
-            Exchanger::Remote(remote) => remote.exchange(request_id, call).await,
+            Exchanger::Remote(remote) => Ok(Exchanged {
+                answer: remote.exchange(request_id, call).await?,
+                evidence: None,
+            }),
         }
     }
 }

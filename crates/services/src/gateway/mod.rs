@@ -36,7 +36,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::gateway_sts::GatewayCall;
+use crate::evidence::Pending;
+use crate::gateway_sts::{Exchanged, GatewayCall};
 use crate::keys::KeyRing;
 use crate::state::RoleState;
 use crate::wire::{OAuthErrorBody, Upstream};
@@ -616,7 +617,7 @@ async fn checked(
         gateway.metrics.sts_circuit_opened.inc();
         tracing::warn!("STS circuit opened: protected calls are refused until a probe succeeds");
     }
-    let answer = exchanged.map_err(|refusal| {
+    let Exchanged { answer, evidence } = exchanged.map_err(|refusal| {
         gateway.metrics.sts_exchange_errors.inc();
         ("sts_exchange", refusal)
     })?;
@@ -627,6 +628,12 @@ async fn checked(
         .filter(|directive| !directive.url.is_empty())
         .cloned()
     else {
+        if let Some(evidence) = evidence {
+            evidence
+                .durable()
+                .await
+                .map_err(|error| ("evidence", evidence_refusal(error)))?;
+        }
         return Err((
             "no_upstream",
             Refusal::new(
@@ -647,6 +654,7 @@ async fn checked(
         anchors,
         exp,
         started: Instant::now(),
+        exchange_evidence: evidence,
     };
     Ok(dispatch(
         state,
@@ -736,6 +744,8 @@ struct Governed {
     anchors: Anchors,
     exp: i64,
     started: Instant,
+    /// The re-exchange's event, when the in-process STS left its durability to this call.
+    exchange_evidence: Option<Pending>,
 }
 
 /// The first 8 bytes of SHA-256 of the token, in hex: correlates calls without keeping tokens.
@@ -860,27 +870,38 @@ async fn replay_detected(
     }
 }
 
-/// Records the call's event; a call whose evidence cannot be recorded is not reported.
-async fn record(state: &RoleState, call: &Governed, outcome: &Outcome<'_>) -> Result<(), Refusal> {
-    state
-        .shared
-        .evidence
-        .record(gateway_event(call, outcome))
-        .await
-        .map_err(|error| {
-            let code = crate::api::evidence_error(error).code;
-            Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                code.as_str(),
-                "audit evidence could not be recorded",
-            )
-        })
+/// Records the call's event (and waits for the re-exchange's); a call whose evidence cannot be
+/// recorded is not reported.
+async fn record(
+    state: &RoleState,
+    call: &mut Governed,
+    outcome: &Outcome<'_>,
+) -> Result<(), Refusal> {
+    let exchange = call.exchange_evidence.take();
+    let exchange = async {
+        match exchange {
+            Some(pending) => pending.durable().await,
+            None => Ok(()),
+        }
+    };
+    let own = state.shared.evidence.record(gateway_event(call, outcome));
+    let (own, exchange) = tokio::join!(own, exchange);
+    own.and(exchange).map_err(evidence_refusal)
+}
+
+fn evidence_refusal(error: crate::evidence::EvidenceError) -> Refusal {
+    let code = crate::api::evidence_error(error).code;
+    Refusal::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        code.as_str(),
+        "audit evidence could not be recorded",
+    )
 }
 
 /// Audits a failure after the exchange and renders it (or the evidence failure instead).
 async fn failed(
     state: &RoleState,
-    call: &Governed,
+    call: &mut Governed,
     directive: &Upstream,
     host: Option<&str>,
     refusal: Refusal,
@@ -911,7 +932,7 @@ fn internal(status: StatusCode, description: &str) -> Refusal {
 async fn dispatch(
     state: &RoleState,
     gateway: &Arc<Gateway>,
-    call: Governed,
+    mut call: Governed,
     directive: Upstream,
     resource_mandate: String,
     request: Request,
@@ -922,7 +943,7 @@ async fn dispatch(
             tracing::warn!(%error, resource = %call.resource, "upstream refused by the address guard");
             return failed(
                 state,
-                &call,
+                &mut call,
                 &directive,
                 None,
                 internal(StatusCode::BAD_GATEWAY, "upstream not addressable"),
@@ -943,7 +964,7 @@ async fn dispatch(
     {
         return failed(
             state,
-            &call,
+            &mut call,
             &directive,
             Some(&host),
             internal(
@@ -963,7 +984,7 @@ async fn dispatch(
     if declared_length.is_some_and(|length| length > gateway.config.max_request_bytes) {
         return failed(
             state,
-            &call,
+            &mut call,
             &directive,
             Some(&host),
             Refusal::new(
@@ -995,7 +1016,7 @@ async fn dispatch(
                 gateway.metrics.provider_token_failures.inc();
                 return failed(
                     state,
-                    &call,
+                    &mut call,
                     &directive,
                     Some(&host),
                     Refusal::new(
@@ -1024,7 +1045,7 @@ async fn dispatch(
         Err(description) => {
             return failed(
                 state,
-                &call,
+                &mut call,
                 &directive,
                 Some(&host),
                 internal(StatusCode::BAD_REQUEST, description),
@@ -1058,7 +1079,7 @@ async fn dispatch(
             };
             return failed(
                 state,
-                &call,
+                &mut call,
                 &directive,
                 Some(&host),
                 refusal,
@@ -1071,7 +1092,7 @@ async fn dispatch(
             gateway.metrics.upstream_errors.inc();
             return failed(
                 state,
-                &call,
+                &mut call,
                 &directive,
                 Some(&host),
                 internal(StatusCode::GATEWAY_TIMEOUT, "upstream timeout"),
@@ -1098,7 +1119,7 @@ async fn dispatch(
         error_kind: None,
     };
     // Invariant 5: the event is accepted before the caller learns anything of the result.
-    if let Err(evidence) = record(state, &call, &outcome).await {
+    if let Err(evidence) = record(state, &mut call, &outcome).await {
         return render(&call.request_id, evidence);
     }
     gateway.metrics.allowed.inc();

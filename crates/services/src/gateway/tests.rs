@@ -1691,3 +1691,51 @@ async fn the_in_process_sts_checks_the_handed_over_claims_against_live_state() {
         "{refused:?}"
     );
 }
+
+/// The in-process re-exchange leaves its event's fsync to the call: a call is reported only
+/// once both its own event and the exchange's are durable, and the loss of either is the
+/// call's (503 `audit_evidence_lost`), whatever the upstream answered.
+#[tokio::test]
+async fn a_call_whose_exchange_evidence_is_lost_is_not_reported() {
+    use crate::evidence::{EvidenceError, Pending};
+    let fixture = fixture().await;
+    let state = RoleState::new(Role::Gateway, fixture.world.shared.clone());
+    let outcome = super::Outcome {
+        evaluation_status: "executed",
+        gateway_status: 200,
+        upstream_status: Some(200),
+        upstream_host: Some("127.0.0.1"),
+        auth_mode: Some("none"),
+        provider_id: None,
+        response_bytes: Some(2),
+        error_kind: None,
+    };
+    let governed = |fate| super::Governed {
+        request_id: "r-evidence".to_owned(),
+        zone_id: fixture.world.zone_id.clone(),
+        application_id: fixture.world.app_id.clone(),
+        resource: "resource://ledger".to_owned(),
+        method: "GET".to_owned(),
+        token: "t".to_owned(),
+        sub_type: "application".to_owned(),
+        anchors: super::revocation::Anchors {
+            sid: "s".to_owned(),
+            root_sid: "s".to_owned(),
+            agent_session_id: None,
+            delegation_edge_id: None,
+        },
+        exp: 0,
+        started: std::time::Instant::now(),
+        exchange_evidence: Some(Pending::settled(fate)),
+    };
+    let mut lost = governed(Err(EvidenceError::Lost));
+    let refused = super::record(&state, &mut lost, &outcome)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.status, refused.code.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "audit_evidence_lost")
+    );
+    let mut kept = governed(Ok(()));
+    super::record(&state, &mut kept, &outcome).await.unwrap();
+}

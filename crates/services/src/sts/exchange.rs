@@ -238,8 +238,10 @@ async fn exchange(
     if super::gateway::is_gateway_call(&received.parts.headers) {
         *class = "gateway";
         super::gateway::authenticate(state, sts, request_id, &received).await?;
-        return super::gateway::reexchange(state, sts, request_id, &received.form, &ask, None)
-            .await;
+        let (answer, evidence) =
+            super::gateway::reexchange(state, sts, request_id, &received.form, &ask, None).await?;
+        evidence.durable().await?;
+        return Ok(answer);
     }
     let form = received.form;
     let store = state.shared.store.as_ref();

@@ -12,14 +12,15 @@ use caracal_store::{Resource, now_ms};
 use http::{HeaderMap, StatusCode};
 
 use super::exchange::{
-    ACCESS_TOKEN, Ask, DEFAULT_TTL, Issue, Issued, Received, answer, check_subject, commit,
-    delegation, issue, record_all, verify_subject,
+    ACCESS_TOKEN, Ask, DEFAULT_TTL, Issue, Issued, Received, answer, check_subject, delegation,
+    issue, record_all, verify_subject,
 };
 use super::{Sts, TokenError};
 use crate::state::RoleState;
 use crate::wire::{TokenResponse, Upstream};
 
-use crate::gateway_sts::{GatewayCall, Refusal};
+use crate::evidence::Pending;
+use crate::gateway_sts::{Exchanged, GatewayCall, Refusal};
 pub use crate::gateway_sts::{
     KEY_LABEL, MAX_SKEW_SECONDS, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, signature,
 };
@@ -122,20 +123,24 @@ impl crate::gateway_sts::InProcessExchange for Sts {
         state: &RoleState,
         request_id: &str,
         call: &GatewayCall,
-    ) -> Result<TokenResponse, Refusal> {
+    ) -> Result<Exchanged, Refusal> {
         if state.shared.is_draining() {
             return Err(TokenError::unavailable("the STS is shutting down").into());
         }
         let form = form_of(call, request_id);
         let ask = super::exchange::ask(&form)?;
-        reexchange(state, self, request_id, &form, &ask, call.verified.as_ref())
-            .await
-            .map_err(Refusal::from)
+        let (answer, evidence) =
+            reexchange(state, self, request_id, &form, &ask, call.verified.as_ref()).await?;
+        Ok(Exchanged {
+            answer,
+            evidence: Some(evidence),
+        })
     }
 }
 
 /// The re-exchange itself, after [`authenticate`]. `verified`: the claims an in-process Gateway
-/// verified and whose `jti` it spent (see [`GatewayCall::verified`]).
+/// verified and whose `jti` it spent (see [`GatewayCall::verified`]). The answer comes with its
+/// evidence not yet durable: the caller waits for it before reporting.
 pub(super) async fn reexchange(
     state: &RoleState,
     sts: &Sts,
@@ -143,7 +148,7 @@ pub(super) async fn reexchange(
     form: &super::form::TokenForm,
     ask: &Ask,
     verified: Option<&crate::wire::MandateClaims>,
-) -> Result<TokenResponse, TokenError> {
+) -> Result<(TokenResponse, Pending), TokenError> {
     let store = state.shared.store.as_ref();
     let (Some(token), Some(ACCESS_TOKEN)) = (
         form.subject_token.as_deref(),
@@ -319,14 +324,22 @@ pub(super) async fn reexchange(
         },
     )
     .await?;
-    commit(state, sts, record, vec![event]).await?;
-    Ok(answer(
+    // The record is written before the mandate leaves; the event only handed over (the
+    // caller waits for it before it reports anything, see `Pending`).
+    let (written, evidence) = tokio::join!(
+        sts.authority.write(record),
+        state.shared.evidence.enqueue(event)
+    );
+    written?;
+    let evidence = evidence?;
+    let answer = answer(
         token,
         ttl,
         scope,
         vec![resource.identifier.clone()],
         Some(BTreeMap::from([(resource.identifier, upstream)])),
-    ))
+    );
+    Ok((answer, evidence))
 }
 
 /// For a resource whose operations are enforced, `(METHOD, path)` must be a declared operation
