@@ -705,24 +705,22 @@ pub async fn run(args: &GovernedArgs) -> anyhow::Result<()> {
         latencies,
         Some(governed_cpu),
     );
-    let half = peak.rate / 2.0;
+    let (open_rate, open_name) = match args.open_rate {
+        Some(rate) => (rate, format!("governed, open loop {rate}/s")),
+        None => (peak.rate / 2.0, "governed, open loop ½ peak".to_owned()),
+    };
     cases.push(peak);
 
     progress.set_message("governed, open loop");
-    let open_count = ((half * open_seconds) as usize).max(1);
+    let open_count = ((open_rate * open_seconds) as usize).max(1);
     progress.set_length(total - (requests as f64 / 2.0) as u64 + open_count as u64);
     let cpu = cpu_seconds(&[stack_pid]);
     let disk_probe = crate::bench_disk::start(&home);
-    let (elapsed, latencies) = open_loop(open_count, half, &progress, governed).await?;
+    let (elapsed, latencies) = open_loop(open_count, open_rate, &progress, governed).await?;
     let open_cpu = cpu_seconds(&[stack_pid]) - cpu;
     let disk_loaded = disk_probe.finish().context("measuring fdatasync")?;
-    let mut open = case(
-        "governed, open loop ½ peak",
-        elapsed,
-        latencies,
-        Some(open_cpu),
-    );
-    open.rate = half;
+    let mut open = case(&open_name, elapsed, latencies, Some(open_cpu));
+    open.rate = open_rate;
     cases.push(open);
     progress.finish_and_clear();
     let peak_rss = memory_kib(stack_pid, "VmHWM");

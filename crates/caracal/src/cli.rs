@@ -231,6 +231,10 @@ pub struct GovernedArgs {
     /// Seconds of the open-loop case, at half the governed peak
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     pub open_seconds: f64,
+    /// Rate of the open-loop case instead of half the governed peak: latency at a load that
+    /// leaves the cores idle shows the path's own waits, not the queueing
+    #[arg(long, value_name = "REQ/S", value_parser = parse_rate)]
+    pub open_rate: Option<f64>,
     /// Where the JSON results go
     #[arg(long, default_value = "caracal-bench.json", value_name = "PATH")]
     pub out: std::path::PathBuf,
@@ -243,6 +247,13 @@ pub struct GovernedArgs {
     /// A short run (under two minutes) that proves the harness and the audit check
     #[arg(long)]
     pub quick: bool,
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate >= 1.0 => Ok(rate),
+        _ => Err("a rate of at least 1 request a second".to_owned()),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -41,6 +41,16 @@ fn usage_and_config_errors_exit_2_and_write_nothing() {
             "for `store` (from flag --store): expected sqlite://PATH",
         ),
         (&["up", "--log-format", "xml"], &[], "expected text or json"),
+        (
+            &["bench", "--open-rate", "0"],
+            &[],
+            "a rate of at least 1 request a second",
+        ),
+        (
+            &["bench", "--open-rate", "NaN"],
+            &[],
+            "a rate of at least 1 request a second",
+        ),
     ];
     for (args, env, expected) in cases {
         let (_parent, home) = fresh_home();
