@@ -356,7 +356,8 @@ async fn single_commits(store: Arc<dyn Store>, tag: &str, count: usize) -> anyho
 }
 
 async fn group_commits(store: Arc<dyn Store>, tag: &str, count: usize) -> anyhow::Result<f64> {
-    let (writer, committer) = AuthorityWriter::start(store, 256);
+    // The writer the STS uses: direct on SQLite (its writer thread groups), grouped elsewhere.
+    let writer = AuthorityWriter::start(store, 256);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..64 {
@@ -372,10 +373,7 @@ async fn group_commits(store: Arc<dyn Store>, tag: &str, count: usize) -> anyhow
     while let Some(result) = tasks.join_next().await {
         result??;
     }
-    let elapsed = started.elapsed();
-    drop(writer);
-    committer.await?;
-    Ok(rate(count, elapsed))
+    Ok(rate(count, started.elapsed()))
 }
 
 async fn authority_inserts(backends: &Backends, count: usize) -> anyhow::Result<(Row, Row)> {

@@ -57,7 +57,7 @@ impl Sts {
         store: Arc<dyn caracal_store::Store>,
         kek: &caracal_crypto::Kek,
     ) -> Sts {
-        let (authority, _task) = AuthorityWriter::start(store, 512);
+        let authority = AuthorityWriter::start(store, 512);
         Sts {
             gateway_key: kek.derive(gateway::KEY_LABEL),
             issuer,

@@ -45,6 +45,9 @@ pub trait Runtime: Send + Sync {
     /// Inserts many records in one transaction (the STS group-commits its mints).
     async fn insert_authority_records(&self, records: &[AuthorityRecord])
     -> Result<(), StoreError>;
+    /// Whether concurrent writes already share transactions (the embedded store's writer
+    /// thread commits whatever is queued together), so a caller needs no batching of its own.
+    fn groups_concurrent_writes(&self) -> bool;
     async fn get_authority_record(
         &self,
         zone_id: &str,
@@ -724,6 +727,10 @@ impl<D: Db> Runtime for D {
         self.atomic_unsynced(authority_inserts(records))
             .await
             .map(|_| ())
+    }
+
+    fn groups_concurrent_writes(&self) -> bool {
+        self.dialect() == Dialect::Sqlite
     }
 
     async fn get_authority_record(
