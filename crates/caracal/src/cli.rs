@@ -228,7 +228,7 @@ pub struct GovernedArgs {
     /// Requests per closed-loop case
     #[arg(long, default_value_t = 20_000, value_name = "N")]
     pub requests: usize,
-    /// Seconds of the open-loop case, at half the governed peak
+    /// Seconds of the open-loop case
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     pub open_seconds: f64,
     /// Rate of the open-loop case instead of half the governed peak: latency at a load that
