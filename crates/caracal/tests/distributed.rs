@@ -134,9 +134,9 @@ fn the_backend_benchmark_runs_every_case() {
         "stream append, batches of 100",
         "stream consume",
         "outbox drain",
-        "own commits",
-        "group commit",
-        "group commit speed-up",
+        "each its own write",
+        "AuthorityWriter",
+        "AuthorityWriter over separate writes",
     ] {
         assert!(stdout.contains(case), "missing `{case}` in\n{stdout}");
     }
