@@ -41,22 +41,19 @@ impl AuthorityWriter {
 
     /// Writes `record`; returns once it is committed.
     pub async fn write(&self, record: AuthorityRecord) -> Result<(), StoreError> {
-        let sender = match self {
+        match self {
             AuthorityWriter::Direct(store) => {
-                return store
+                store
                     .insert_authority_records(std::slice::from_ref(&record))
-                    .await;
+                    .await
             }
-            AuthorityWriter::Grouped(sender) => sender,
-        };
-        let (reply, answer) = oneshot::channel();
-        sender
-            .send((record, reply))
-            .await
-            .map_err(|_| StoreError::Unavailable("authority writer stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable("authority writer stopped".into()))?
+            AuthorityWriter::Grouped(sender) => {
+                let stopped = || StoreError::Unavailable("authority writer stopped".into());
+                let (reply, answer) = oneshot::channel();
+                sender.send((record, reply)).await.map_err(|_| stopped())?;
+                answer.await.map_err(|_| stopped())?
+            }
+        }
     }
 }
 

@@ -504,7 +504,7 @@ fn select(
 
 /// [`sqlite_parameters`] of a query text, converted once per text: every query is a
 /// `&'static str`, so the texts are few and the converted copies live as long as the process.
-fn sqlite_sql(sql: &'static str) -> &'static str {
+pub(crate) fn sqlite_sql(sql: &'static str) -> &'static str {
     type Converted = std::collections::HashMap<(usize, usize), &'static str>;
     static CONVERTED: std::sync::OnceLock<std::sync::RwLock<Converted>> =
         std::sync::OnceLock::new();

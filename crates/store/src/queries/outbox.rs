@@ -238,7 +238,8 @@ mod tests {
                      UNION ALL SELECT 't', '{}', 0, 0 FROM n",
                     [backlog],
                 )?;
-                let mut claim = c.prepare(SQLITE_CLAIM)?;
+                // The text the store runs, parameters converted as it converts them.
+                let mut claim = c.prepare(crate::sqlite::sqlite_sql(SQLITE_CLAIM))?;
                 let claimed = claim
                     .query_map(rusqlite::params!["worker", 50_i64, 10_i64, 256_i64], |_| {
                         Ok(())
