@@ -244,6 +244,13 @@ fn the_published_sdk_starts_sessions_delegates_narrowly_and_revocation_stops_the
     assert_eq!(seen["delegation_scopes"], json!(["ledger:read"]));
     assert_eq!(seen["child_mint"], json!({"use": "gateway", "edge": true}));
     assert_eq!(seen["wider_mint"], "access_denied", "{seen}");
+    assert_eq!(
+        seen["operator"],
+        json!({"get": true, "children": true, "effective": true, "active": true,
+            "traverse": true, "impact": true, "suspend": "suspended", "resume": "active",
+            "terminate": "terminated"}),
+        "the admin client's coordinator calls, with an admin token"
+    );
     assert_eq!(seen["after_revoke"], "access_denied", "{seen}");
     assert_eq!(seen["revoked_before"], false);
     assert_eq!(

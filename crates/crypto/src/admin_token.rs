@@ -7,8 +7,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::{RandomError, hex, random_bytes, sha256};
 
-const PREFIX: &str = "cat_";
-
 /// A plaintext admin token. It exists only between minting and handing it to the operator (or
 /// between reading a request header and hashing it); it is never stored.
 #[derive(Clone, PartialEq, Eq)]
@@ -19,17 +17,21 @@ pub struct AdminToken(String);
 pub struct TokenDigest(String);
 
 impl AdminToken {
+    /// What every admin token starts with; no mandate (a compact JWS) does.
+    pub const PREFIX: &str = "cat_";
+
     pub fn generate() -> Result<AdminToken, RandomError> {
         let bytes: [u8; 32] = random_bytes()?;
         Ok(AdminToken(format!(
-            "{PREFIX}{}",
+            "{}{}",
+            Self::PREFIX,
             URL_SAFE_NO_PAD.encode(bytes)
         )))
     }
 
     /// Accepts text that has the shape of a token (`cat_` + 43 base64url characters), or `None`.
     pub fn parse(text: &str) -> Option<AdminToken> {
-        let body = text.strip_prefix(PREFIX)?;
+        let body = text.strip_prefix(Self::PREFIX)?;
         let decoded = URL_SAFE_NO_PAD.decode(body).ok()?;
         (decoded.len() == 32).then(|| AdminToken(text.to_owned()))
     }

@@ -1,6 +1,7 @@
 """Drives a running Caracal's Coordinator and STS with the published main SDK (caracalai 1.0),
 unmodified: a governed session started with an idempotency key, a sub-agent session, a
 narrowed delegation to it, a mint the delegation allows and one wider that it does not, then
+the operator's reads and changes through the published admin client's coordinator calls, then
 the delegation revoked and the sub-agent's mint refused. Prints one JSON object.
 Reads CARACAL_API_URL, CARACAL_ADMIN_TOKEN, CARACAL_STS_URL, CARACAL_COORDINATOR_URL.
 """
@@ -56,6 +57,7 @@ async def main():
     # starts on its own): a handle, renewed by hand here.
     handle = await caracal.start_session(labels=[app_id], task="worker", heartbeat_interval=0)
     child = handle.context
+    spare = await caracal.start_session(labels=[app_id], task="spare", heartbeat_interval=0)
     async with caracal.session(labels=[app_id], task="reconcile", idempotency_key="op-1") as parent:
         seen["parent_started"] = bool(parent.session_id)
         delegation = await caracal.delegate(
@@ -69,6 +71,33 @@ async def main():
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         seen["child_mint"] = {"use": claims["use"], "edge": claims.get("delegation_edge_id") == delegation.delegation_id}
         seen["wider_mint"] = refused(lambda: caracal.mint_mandate("resource://ledger", ["ledger:write"], ctx=bound))
+        # The operator's view through the published admin client's coordinator calls, with an
+        # admin token as its coordinator_token.
+        operator = AdminClient(
+            api_url=os.environ["CARACAL_API_URL"], admin_token=os.environ["CARACAL_ADMIN_TOKEN"],
+            coordinator_url=COORDINATOR, coordinator_token=os.environ["CARACAL_ADMIN_TOKEN"],
+        )
+        async with caracal.session(labels=[app_id], task="step") as step:
+            seen["operator"] = {
+                "get": operator.sessions.get(zone_id, parent.session_id)["session_id"] == parent.session_id,
+                "children": [c["session_id"] for c in operator.sessions.children(zone_id, parent.session_id)]
+                == [step.session_id],
+                "effective": [
+                    d["id"]
+                    for d in operator.sessions.effective_authority(zone_id, child.session_id)["inbound_delegations"]
+                ] == [delegation.delegation_id],
+                "active": [d["delegation_id"] for d in operator.delegations.active(zone_id)["items"]]
+                == [delegation.delegation_id],
+                "traverse": operator.delegations.traverse(zone_id, delegation.delegation_id)[0]["delegation_id"]
+                == delegation.delegation_id,
+                "impact": operator.delegations.impact(zone_id, delegation.delegation_id)["affected_sessions"]
+                == [child.session_id],
+                "suspend": operator.sessions.suspend(zone_id, step.session_id)["status"],
+                "resume": operator.sessions.resume(zone_id, step.session_id)["status"],
+            }
+        # An operator ends a service session whoever holds its lease.
+        operator.sessions.terminate(zone_id, spare.context.session_id)
+        seen["operator"]["terminate"] = operator.sessions.get(zone_id, spare.context.session_id)["status"]
         consumer = revocations = None
         if os.environ.get("CARACAL_REDIS_URL"):
             # The resource-server side: the published Redis revocation consumer, on a group of

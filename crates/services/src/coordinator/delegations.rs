@@ -5,7 +5,7 @@
 //! they target down with it, in one transaction.
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Json, Router};
@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{DELEGATIONS_INVALIDATE, authenticate, invalid, timestamp, valid_id};
+use crate::auth::Access;
 use crate::constraints::{Constraints, MAX_HOPS};
 use crate::error::ApiError;
 use crate::state::RoleState;
@@ -30,6 +31,8 @@ pub fn routes() -> Router<RoleState> {
         // The SDK's `revoke_delegation` sends this form.
         .route("/zones/{zone_id}/delegations/{id}/revoke", patch(revoke))
         .route("/zones/{zone_id}/delegations/{id}/impact", get(impact))
+        .route("/zones/{zone_id}/delegations/{id}/traverse", get(traverse))
+        .route("/zones/{zone_id}/delegations/active", get(active))
         .route(
             "/zones/{zone_id}/delegations/inbound/{session_id}",
             get(inbound),
@@ -414,7 +417,7 @@ async fn create(
         dedupe_key: None,
     };
     let evidence = super::change_evidence(&super::change_event(
-        &caller,
+        &super::Caller::Agent(Box::new(caller)),
         &zone_id,
         "delegation.create",
         "delegation",
@@ -442,7 +445,7 @@ async fn read(
     headers: HeaderMap,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    super::authenticate_for(&state, &headers, &zone_id, &id).await?;
+    super::operator_or_agent(&state, &headers, &zone_id, Some(&id), Access::Read).await?;
     let edge = state
         .shared
         .store
@@ -476,7 +479,7 @@ async fn listing(
     session_id: &str,
     into: bool,
 ) -> Result<Json<Value>, ApiError> {
-    super::authenticate_for(state, headers, zone_id, session_id).await?;
+    super::operator_or_agent(state, headers, zone_id, Some(session_id), Access::Read).await?;
     let store = state.shared.store.as_ref();
     let edges = if into {
         store.list_edges_to(zone_id, session_id).await?
@@ -492,7 +495,7 @@ async fn impact(
     headers: HeaderMap,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    super::authenticate_for(&state, &headers, &zone_id, &id).await?;
+    super::operator_or_agent(&state, &headers, &zone_id, Some(&id), Access::Read).await?;
     let tree = state
         .shared
         .store
@@ -502,7 +505,90 @@ async fn impact(
             caracal_store::StoreError::NotFound(_) => not_found(&id),
             other => other.into(),
         })?;
-    Ok(Json(super::impact_body(&tree)))
+    let mut body = super::impact_body(&tree);
+    // The published admin client reads the edge's id from `edge_id`.
+    if let Some(fields) = body.as_object_mut() {
+        fields.insert("edge_id".to_owned(), Value::from(id));
+    }
+    Ok(Json(body))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActiveQuery {
+    cursor: Option<String>,
+    limit: Option<i64>,
+}
+
+/// `GET /zones/{zone}/delegations/active`: the zone's live edges by id, a page at a time
+/// (`limit` 1 to 500, default 100; `next_cursor` is the last id of a full page). An agent sees
+/// the edges its application issued or receives; an operator sees every edge.
+async fn active(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path(zone_id): Path<String>,
+    query: Result<Query<ActiveQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let caller = super::operator_or_agent(&state, &headers, &zone_id, None, Access::Read).await?;
+    let Query(query) = query.map_err(|error| invalid(error.body_text()))?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(invalid("limit must be 1 to 500"));
+    }
+    if let Some(cursor) = query.cursor.as_deref().filter(|cursor| !valid_id(cursor)) {
+        return Err(invalid(format!("`{cursor}` is not a cursor")));
+    }
+    let page = state
+        .shared
+        .store
+        .page_delegation_edges(&zone_id, Some("active"), query.cursor.as_deref(), limit)
+        .await?;
+    let next_cursor = (i64::try_from(page.len()).unwrap_or(i64::MAX) == limit)
+        .then(|| page.last().map(|edge| edge.id.clone()))
+        .flatten();
+    let now = now_ms();
+    let items: Vec<Value> = page
+        .iter()
+        .filter(|edge| edge.live(now))
+        .filter(|edge| {
+            caller.acts_for(&edge.issuer_application_id)
+                || caller.acts_for(&edge.receiver_application_id)
+        })
+        .map(body)
+        .collect();
+    Ok(Json(json!({ "items": items, "next_cursor": next_cursor })))
+}
+
+/// `GET /zones/{zone}/delegations/{id}/traverse`: the edges downstream of this one that its
+/// revocation would take down (itself first), as a list.
+async fn traverse(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    super::operator_or_agent(&state, &headers, &zone_id, Some(&id), Access::Read).await?;
+    let store = state.shared.store.as_ref();
+    let tree = store
+        .delegation_tree_impact(&zone_id, &id)
+        .await
+        .map_err(|error| match error {
+            caracal_store::StoreError::NotFound(_) => not_found(&id),
+            other => other.into(),
+        })?;
+    let mut ids: Vec<&str> = vec![id.as_str()];
+    ids.extend(
+        tree.edges
+            .iter()
+            .map(|(edge, _)| edge.as_str())
+            .filter(|edge| *edge != id),
+    );
+    let mut nodes = Vec::with_capacity(ids.len());
+    for edge_id in ids {
+        if let Some(edge) = store.get_delegation_edge(&zone_id, edge_id).await? {
+            nodes.push(body(&edge));
+        }
+    }
+    Ok(Json(Value::Array(nodes)))
 }
 
 /// `DELETE /zones/{zone}/delegations/{id}`: the edge, its descendants and the sessions they
@@ -513,13 +599,14 @@ async fn revoke(
     request_id: Option<axum::Extension<caracal_core::RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let caller = super::authenticate_for(&state, &headers, &zone_id, &id).await?;
+    let caller =
+        super::operator_or_agent(&state, &headers, &zone_id, Some(&id), Access::Write).await?;
     let store = state.shared.store.as_ref();
     let edge = store
         .get_delegation_edge(&zone_id, &id)
         .await?
         .ok_or_else(|| not_found(&id))?;
-    if edge.issuer_application_id != caller.client_id {
+    if !caller.acts_for(&edge.issuer_application_id) {
         return Err(ApiError::with_description(
             ErrorCode::ParentOwnershipRequired,
             "only the issuing application revokes a delegation",

@@ -1,11 +1,11 @@
-//! The Coordinator role: governed sessions (`/zones/{zone}/agents`). A caller proves itself
-//! with a lifecycle mandate of the zone (`use=session`, `agent:lifecycle`, its authority record
-//! and application still active) and acts for its own application. Terminating a session
-//! takes its whole subtree and every delegation edge touching it down in one transaction,
-//! with the revocation messages in the same transaction's outbox.
-//!
-//! This is the first part of issue 7: delegations, idempotency keys, heartbeats and leases,
-//! impact previews and the sweepers follow.
+//! The Coordinator role: governed sessions (`/zones/{zone}/agents`) and delegation edges. An
+//! agent proves itself with a lifecycle mandate of the zone (`use=session`, `agent:lifecycle`,
+//! its authority record and application still active) and acts for its own application. On
+//! the operator routes (reads, suspend, resume, terminate, revoke: the published admin
+//! client's `coordinator_token` calls) an admin token is accepted too, with the capability
+//! and zone it holds on the API, acting on any session or edge of the zone. Terminating a
+//! session takes its whole subtree and every delegation edge touching it down in one
+//! transaction, with the revocation messages in the same transaction's outbox.
 
 use std::sync::Arc;
 
@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 pub(crate) mod delegations;
 mod idempotency;
 
+use crate::auth::{Access, AdminCaller};
 use crate::error::ApiError;
 use crate::keys::KeyRing;
 use crate::state::RoleState;
@@ -70,7 +71,11 @@ pub fn routes() -> Router<RoleState> {
         .route("/zones/{zone_id}/agents/{id}/heartbeat", post(heartbeat))
         .route("/zones/{zone_id}/agents/{id}/lease", post(lease))
         .route("/zones/{zone_id}/agents/{id}/impact", get(session_impact))
-        // The published admin client sends PATCH, the SDK POST.
+        .route("/zones/{zone_id}/agents/{id}/children", get(children))
+        .route(
+            "/zones/{zone_id}/agents/{id}/effective-authority",
+            get(effective_authority),
+        )
         // The SDK sends POST, the published admin client PATCH.
         .route(
             "/zones/{zone_id}/agents/{id}/suspend",
@@ -99,6 +104,64 @@ fn not_found(id: &str) -> ApiError {
     )
 }
 
+/// Who calls: an agent with its verified lifecycle mandate, or (on the operator routes only)
+/// an operator with an admin token.
+pub(super) enum Caller {
+    Agent(Box<MandateClaims>),
+    Operator(AdminCaller),
+}
+
+impl Caller {
+    /// Whether the caller acts for `application_id`: an agent for its own application only, an
+    /// operator for every application of the zones its token reaches.
+    pub(super) fn acts_for(&self, application_id: &str) -> bool {
+        match self {
+            Caller::Agent(claims) => claims.client_id == application_id,
+            Caller::Operator(_) => true,
+        }
+    }
+}
+
+/// Whether the bearer is an admin token rather than a mandate: the prefix tells them apart,
+/// since a compact JWS starts with its base64url header (`eyJ`).
+fn bears_admin_token(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .is_some_and(|token| {
+            token
+                .trim_start()
+                .starts_with(caracal_crypto::AdminToken::PREFIX)
+        })
+}
+
+/// The caller of an operator route: an admin token holding `access` for `zone_id` (checked as
+/// the API checks it: unknown or revoked 401, wrong capability or zone 403), or an agent's
+/// lifecycle mandate; then `id` (a path id) checked.
+pub(super) async fn operator_or_agent(
+    state: &RoleState,
+    headers: &HeaderMap,
+    zone_id: &str,
+    id: Option<&str>,
+    access: Access,
+) -> Result<Caller, ApiError> {
+    if !valid_id(zone_id) {
+        return Err(invalid("zone id must be [A-Za-z0-9_.-:]{1,128}"));
+    }
+    let caller = if bears_admin_token(headers) {
+        let operator = crate::auth::authenticate(state, headers).await?;
+        operator.require(access, Some(zone_id))?;
+        Caller::Operator(operator)
+    } else {
+        Caller::Agent(Box::new(authenticate(state, headers, zone_id).await?))
+    };
+    if let Some(id) = id.filter(|id| !valid_id(id)) {
+        return Err(invalid(format!("`{id}` has an invalid id syntax")));
+    }
+    Ok(caller)
+}
+
 /// The caller: the verified lifecycle mandate of `zone_id`.
 pub(super) async fn authenticate(
     state: &RoleState,
@@ -119,6 +182,11 @@ pub(super) async fn authenticate(
         .filter(|token| !token.is_empty())
         .ok_or_else(|| ApiError::new(ErrorCode::MissingToken))?;
     let bad = |why: &str| ApiError::with_description(ErrorCode::InvalidToken, why.to_owned());
+    if token.starts_with(caracal_crypto::AdminToken::PREFIX) {
+        return Err(bad(
+            "an admin token acts only on the operator routes; this one needs a lifecycle mandate",
+        ));
+    }
     let store = state.shared.store.as_ref();
     // Verified with the keys of the zone it claims, then held to the path's zone.
     let claimed = crate::mandate::claimed_zone(token)
@@ -172,10 +240,10 @@ pub(super) async fn authenticate(
     Ok(claims)
 }
 
-/// The audit event of a Coordinator change: the caller (its application and authority record),
-/// the action and the object.
+/// The audit event of a Coordinator change: the caller (an agent's application and authority
+/// record, or an operator's admin token), the action and the object.
 pub(super) fn change_event(
-    caller: &MandateClaims,
+    caller: &Caller,
     zone_id: &str,
     action: &str,
     entity_type: &str,
@@ -195,8 +263,14 @@ pub(super) fn change_event(
         determining_policies_json: json!([]),
         diagnostics_json: json!([]),
         metadata_json: json!({
-            "actor": format!("application:{}", caller.client_id),
-            "authority_record": caller.sid,
+            "actor": match caller {
+                Caller::Agent(claims) => format!("application:{}", claims.client_id),
+                Caller::Operator(operator) => format!("admin:{}", operator.token_id),
+            },
+            "authority_record": match caller {
+                Caller::Agent(claims) => Value::from(claims.sid.as_str()),
+                Caller::Operator(_) => Value::Null,
+            },
             "entity_type": entity_type,
             "entity_id": entity_id,
         }),
@@ -414,7 +488,7 @@ async fn start(
         termination_reason: None,
     };
     let evidence = change_evidence(&change_event(
-        &caller,
+        &Caller::Agent(Box::new(caller)),
         &zone_id,
         "session.start",
         "session",
@@ -441,7 +515,7 @@ async fn read(
     headers: HeaderMap,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate_for(&state, &headers, &zone_id, &id).await?;
+    operator_or_agent(&state, &headers, &zone_id, Some(&id), Access::Read).await?;
     let session = state
         .shared
         .store
@@ -456,11 +530,11 @@ async fn list(
     headers: HeaderMap,
     Path(zone_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&state, &headers, &zone_id).await?;
+    let caller = operator_or_agent(&state, &headers, &zone_id, None, Access::Read).await?;
     let sessions = state.shared.store.list_sessions(&zone_id).await?;
     let items: Vec<Value> = sessions
         .iter()
-        .filter(|session| session.application_id == caller.client_id)
+        .filter(|session| caller.acts_for(&session.application_id))
         .map(session_body)
         .collect();
     Ok(Json(json!({ "items": items, "agents": items })))
@@ -596,14 +670,14 @@ async fn set_status(
     id: &str,
     status: &str,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate_for(state, headers, zone_id, id).await?;
+    let caller = operator_or_agent(state, headers, zone_id, Some(id), Access::Write).await?;
     let store = state.shared.store.as_ref();
     let session = store
         .get_session(zone_id, id)
         .await?
         .filter(|session| matches!(session.status.as_str(), "active" | "suspended"))
         .ok_or_else(|| not_found(id))?;
-    if session.application_id != caller.client_id {
+    if !caller.acts_for(&session.application_id) {
         return Err(ApiError::new(ErrorCode::ParentOwnershipRequired));
     }
     let action = if status == "suspended" {
@@ -701,7 +775,7 @@ async fn session_impact(
     headers: HeaderMap,
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate_for(&state, &headers, &zone_id, &id).await?;
+    operator_or_agent(&state, &headers, &zone_id, Some(&id), Access::Read).await?;
     let tree = state
         .shared
         .store
@@ -712,6 +786,66 @@ async fn session_impact(
             other => other.into(),
         })?;
     Ok(Json(impact_body(&tree)))
+}
+
+/// `GET …/agents/{id}/children`: the session's direct children, oldest first.
+async fn children(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    operator_or_agent(&state, &headers, &zone_id, Some(&id), Access::Read).await?;
+    let store = state.shared.store.as_ref();
+    if store.get_session(&zone_id, &id).await?.is_none() {
+        return Err(not_found(&id));
+    }
+    let items: Vec<Value> = store
+        .list_child_sessions(&zone_id, &id)
+        .await?
+        .iter()
+        .map(session_body)
+        .collect();
+    Ok(Json(json!({ "items": items, "next_cursor": Value::Null })))
+}
+
+/// `GET …/agents/{id}/effective-authority`: what the session may act with now: its live
+/// inbound edges (a delegated mint names one of them) and the scopes they reach together.
+async fn effective_authority(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    operator_or_agent(&state, &headers, &zone_id, Some(&id), Access::Read).await?;
+    let store = state.shared.store.as_ref();
+    let session = store
+        .get_session(&zone_id, &id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    let now = now_ms();
+    let live = session.live(now);
+    let edges: Vec<caracal_store::DelegationEdge> = if live {
+        store
+            .list_edges_to(&zone_id, &id)
+            .await?
+            .into_iter()
+            .filter(|edge| edge.live(now))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let scopes: std::collections::BTreeSet<&str> = edges
+        .iter()
+        .flat_map(|edge| edge.scopes.iter().map(String::as_str))
+        .collect();
+    Ok(Json(json!({
+        "agent_session_id": session.id,
+        "zone_id": session.zone_id,
+        "application_id": session.application_id,
+        "status": session.status,
+        "live": live,
+        "inbound_edges": edges.iter().map(delegations::body).collect::<Vec<Value>>(),
+        "scopes": scopes,
+    })))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -731,13 +865,13 @@ async fn terminate(
     Query(query): Query<TerminateQuery>,
     raw: Bytes,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate_for(&state, &headers, &zone_id, &id).await?;
+    let caller = operator_or_agent(&state, &headers, &zone_id, Some(&id), Access::Write).await?;
     let store = state.shared.store.as_ref();
     let session = store
         .get_session(&zone_id, &id)
         .await?
         .ok_or_else(|| not_found(&id))?;
-    if session.application_id != caller.client_id {
+    if !caller.acts_for(&session.application_id) {
         return Err(ApiError::new(ErrorCode::ParentOwnershipRequired));
     }
     let reason = query
@@ -745,8 +879,9 @@ async fn terminate(
         .filter(|reason| !reason.is_empty() && reason.len() <= 200)
         .unwrap_or_else(|| "session_terminated".to_owned());
     let ending = matches!(session.status.as_str(), "active" | "suspended");
-    // A service session is ended by the holder of its current lease: the body names it.
-    if ending && session.lifecycle == "service" {
+    // An agent ends a service session only as the holder of its current lease (the body names
+    // it); an operator ends it whoever holds the lease.
+    if ending && session.lifecycle == "service" && matches!(caller, Caller::Agent(_)) {
         let generation = (!raw.is_empty())
             .then(|| serde_json::from_slice::<HeartbeatRequest>(&raw))
             .transpose()

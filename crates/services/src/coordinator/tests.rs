@@ -1078,3 +1078,295 @@ async fn the_subject_kill_switch_revokes_everything_issued_for_the_subject() {
     let (status, _, _) = call(&world.api, "POST", &path, Some(&reader), "").await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+
+/// The published admin client's `coordinator_token` calls: an admin token reads, suspends,
+/// resumes, terminates and revokes across the zone's applications, within its capability and
+/// zone, and nowhere else.
+#[tokio::test]
+async fn an_admin_token_acts_as_operator_on_the_operator_routes_only() {
+    let world = world().await;
+    let bearer = world.lifecycle().await;
+    let b = Some(bearer.as_str());
+    let operator = Some(world.writer.as_str());
+    let code = |answer: &Value| answer["error"].as_str().unwrap_or_default().to_owned();
+    let start = |parent: Option<&str>, lifecycle: &str| {
+        let mut body = json!({"application_id": world.app_id, "lifecycle": lifecycle});
+        if let Some(parent) = parent {
+            body["parent_id"] = parent.into();
+        }
+        body.to_string()
+    };
+    let (_, root) = world.agents("POST", "", b, &start(None, "task")).await;
+    let root_id = root["agent_session_id"].as_str().unwrap().to_owned();
+    let (_, child) = world
+        .agents("POST", "", b, &start(Some(&root_id), "task"))
+        .await;
+    let child_id = child["agent_session_id"].as_str().unwrap().to_owned();
+    let (_, service) = world.agents("POST", "", b, &start(None, "service")).await;
+    let service_id = service["agent_session_id"].as_str().unwrap().to_owned();
+    let now = caracal_store::now_ms();
+    world
+        .shared
+        .store
+        .create_delegation_edge(
+            &caracal_store::DelegationEdge {
+                id: "edge-op".into(),
+                zone_id: world.zone_id.clone(),
+                source_session_id: root_id.clone(),
+                target_session_id: child_id.clone(),
+                issuer_application_id: world.app_id.clone(),
+                receiver_application_id: world.app_id.clone(),
+                parent_edge_id: None,
+                resource_id: None,
+                scopes: vec!["ledger:read".into()],
+                constraints: "{}".into(),
+                status: "active".into(),
+                expires_at_ms: Some(now + 600_000),
+                created_at_ms: now,
+                revoked_at_ms: None,
+            },
+            &[],
+        )
+        .await
+        .unwrap();
+    let zone = format!("/zones/{}", world.zone_id);
+    let get = |path: String, bearer: Option<&str>| {
+        let coordinator = world.coordinator.clone();
+        let bearer = bearer.map(str::to_owned);
+        async move {
+            let (status, _, answer) = call(&coordinator, "GET", &path, bearer.as_deref(), "").await;
+            (status, answer)
+        }
+    };
+
+    // Reads.
+    let (status, read) = get(format!("{zone}/agents/{root_id}"), operator).await;
+    assert_eq!(
+        (status, read["agent_session_id"].as_str()),
+        (StatusCode::OK, Some(root_id.as_str()))
+    );
+    let (status, listed) = get(format!("{zone}/agents"), operator).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed["items"].as_array().unwrap().len(), 3);
+    let (status, children) = get(format!("{zone}/agents/{root_id}/children"), operator).await;
+    assert_eq!(status, StatusCode::OK, "{children}");
+    assert_eq!(children["items"][0]["agent_session_id"], child_id.as_str());
+    assert_eq!(children["items"].as_array().unwrap().len(), 1);
+    let (status, authority) = get(
+        format!("{zone}/agents/{child_id}/effective-authority"),
+        operator,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{authority}");
+    assert_eq!(authority["agent_session_id"], child_id.as_str());
+    assert_eq!(authority["inbound_edges"][0]["id"], "edge-op");
+    assert_eq!(authority["scopes"], json!(["ledger:read"]));
+    let (_, root_authority) = get(format!("{zone}/agents/{root_id}/effective-authority"), b).await;
+    assert_eq!(
+        root_authority["inbound_edges"],
+        json!([]),
+        "the agent reads it too"
+    );
+    for bearer in [operator, b] {
+        let (status, active) = get(format!("{zone}/delegations/active"), bearer).await;
+        assert_eq!(status, StatusCode::OK, "{active}");
+        assert_eq!(active["items"][0]["id"], "edge-op");
+        assert_eq!(active["next_cursor"], Value::Null);
+    }
+    let (_, paged) = get(format!("{zone}/delegations/active?limit=1"), operator).await;
+    assert_eq!(
+        paged["next_cursor"], "edge-op",
+        "a full page names where the next starts"
+    );
+    let (_, after) = get(
+        format!("{zone}/delegations/active?cursor=edge-op"),
+        operator,
+    )
+    .await;
+    assert_eq!(after["items"], json!([]));
+    for bad in ["limit=0", "limit=501", "cursor=bad%20id", "colour=red"] {
+        let (status, answer) = get(format!("{zone}/delegations/active?{bad}"), operator).await;
+        assert_eq!(
+            (status, code(&answer).as_str()),
+            (StatusCode::BAD_REQUEST, "invalid_params"),
+            "{bad}"
+        );
+    }
+    let (status, traversed) = get(format!("{zone}/delegations/edge-op/traverse"), operator).await;
+    assert_eq!(status, StatusCode::OK, "{traversed}");
+    assert_eq!(traversed[0]["id"], "edge-op");
+    let (_, impact) = get(format!("{zone}/delegations/edge-op/impact"), operator).await;
+    assert_eq!(impact["edge_id"], "edge-op");
+    assert_eq!(impact["affected_agents"], json!([child_id]));
+    let (status, inbound) = get(format!("{zone}/delegations/inbound/{child_id}"), operator).await;
+    assert_eq!(
+        (status, inbound["items"][0]["id"].as_str()),
+        (StatusCode::OK, Some("edge-op"))
+    );
+
+    // What an admin token may not do: unknown, read-only for a change, another zone, an
+    // agent-only route.
+    let unknown = caracal_crypto::AdminToken::generate().unwrap();
+    let (status, answer) = get(format!("{zone}/agents/{root_id}"), Some(unknown.expose())).await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::UNAUTHORIZED, "invalid_admin_token")
+    );
+    let reader = crate::test_support::token(&world.shared, "read", TokenScope::Global).await;
+    let (status, _) = get(format!("{zone}/agents/{root_id}"), Some(&reader)).await;
+    assert_eq!(status, StatusCode::OK, "a read token reads");
+    let suspend = format!("{zone}/agents/{child_id}/suspend");
+    let (status, _, answer) = call(&world.coordinator, "PATCH", &suspend, Some(&reader), "").await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::FORBIDDEN, "admin_token_read_only")
+    );
+    let elsewhere =
+        crate::test_support::token(&world.shared, "write", TokenScope::Zone("other".into())).await;
+    let (status, answer) = get(format!("{zone}/agents/{root_id}"), Some(&elsewhere)).await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::FORBIDDEN, "admin_token_zone_mismatch")
+    );
+    let (status, answer) = world
+        .agents("POST", "", operator, &start(None, "task"))
+        .await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::UNAUTHORIZED, "invalid_token")
+    );
+    let (status, _, answer) = call(
+        &world.coordinator,
+        "POST",
+        &format!("{zone}/agents/{service_id}/heartbeat"),
+        operator,
+        r#"{"lease_generation":1}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::UNAUTHORIZED, "invalid_token")
+    );
+
+    // Changes, each recorded with the operator's token as actor.
+    let (status, _, suspended) = call(&world.coordinator, "PATCH", &suspend, operator, "").await;
+    assert_eq!(
+        (status, suspended["status"].as_str()),
+        (StatusCode::OK, Some("suspended"))
+    );
+    let resume = format!("{zone}/agents/{child_id}/resume");
+    let (status, _, resumed) = call(&world.coordinator, "PATCH", &resume, operator, "").await;
+    assert_eq!(
+        (status, resumed["status"].as_str()),
+        (StatusCode::OK, Some("active"))
+    );
+    let rows = world
+        .shared
+        .store
+        .claim_outbox("t", 100, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    let actors: Vec<(String, Value)> = rows
+        .iter()
+        .filter_map(|row| row.fields.get("data"))
+        .map(|data| serde_json::from_str::<Value>(data).unwrap())
+        .filter(|event| {
+            matches!(
+                event["event_type"].as_str(),
+                Some("coordinator.session.suspend" | "coordinator.session.resume")
+            )
+        })
+        .map(|event| {
+            let metadata = &event["metadata_json"];
+            (
+                metadata["actor"].as_str().unwrap().to_owned(),
+                metadata["authority_record"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(actors.len(), 2, "{actors:?}");
+    assert!(
+        actors
+            .iter()
+            .all(|(actor, record)| actor.starts_with("admin:tok_") && record.is_null()),
+        "{actors:?}"
+    );
+    // A service session ends without its lease generation when an operator ends it; an agent
+    // still has to name it.
+    let service_path = format!("/{service_id}");
+    let (status, answer) = world.agents("DELETE", &service_path, b, "").await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::BAD_REQUEST, "lease_generation_required")
+    );
+    let (status, _) = world.agents("DELETE", &service_path, operator, "").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, ended) = get(format!("{zone}/agents/{service_id}"), operator).await;
+    assert_eq!(ended["status"], "terminated");
+    let (status, _, _) = call(
+        &world.coordinator,
+        "PATCH",
+        &format!("{zone}/delegations/edge-op/revoke"),
+        operator,
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, authority) = get(
+        format!("{zone}/agents/{child_id}/effective-authority"),
+        operator,
+    )
+    .await;
+    assert_eq!(authority["inbound_edges"], json!([]), "{authority}");
+    let (_, active) = get(format!("{zone}/delegations/active"), operator).await;
+    assert_eq!(active["items"], json!([]));
+}
+
+/// Bearers that look like admin tokens but are not, and queries no client sends, get a 4xx
+/// with a code on the operator routes, never a 5xx.
+#[tokio::test]
+async fn hostile_bearers_and_queries_on_the_operator_routes_get_a_4xx() {
+    let world = world().await;
+    let zone = format!("/zones/{}", world.zone_id);
+    let long = format!("cat_{}", "A".repeat(5000));
+    let bearers = [
+        "cat_",
+        "cat_%%%",
+        "cat_AAAA",
+        "cat_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        long.as_str(),
+        "cat_\u{00e9}\u{00e9}",
+        "eyJhbGciOiJub25lIn0.e30.",
+    ];
+    for bearer in bearers {
+        for path in [
+            format!("{zone}/agents/s-1"),
+            format!("{zone}/delegations/active"),
+            format!("{zone}/delegations/e-1/traverse"),
+        ] {
+            let (status, _, answer) =
+                call(&world.coordinator, "GET", &path, Some(bearer), "").await;
+            assert!(
+                status.is_client_error() && answer["error"].is_string(),
+                "{bearer:.20} {path}: {status} {answer}"
+            );
+        }
+    }
+    let operator = Some(world.writer.as_str());
+    for query in [
+        "limit=%ff",
+        "limit=99999999999999999999",
+        "limit=-1",
+        "cursor=%00",
+        "limit=1&limit=2",
+        "cursor=",
+        "%zz",
+    ] {
+        let path = format!("{zone}/delegations/active?{query}");
+        let (status, _, answer) = call(&world.coordinator, "GET", &path, operator, "").await;
+        assert!(
+            status.is_client_error() && answer["error"].is_string(),
+            "{query}: {status} {answer}"
+        );
+    }
+}
