@@ -42,7 +42,13 @@ pub fn router(state: RoleState) -> Router {
         // `/v1`: refused once draining, then budgets and the authentication-failure lockout.
         Role::Api => probes.merge(admin_api(&state)),
         Role::Sts => probes.merge(crate::sts::routes()),
-        Role::Coordinator => probes.merge(crate::coordinator::routes()),
+        // Admin tokens (operators) are budgeted as on `/v1`; mandates pass.
+        Role::Coordinator => probes.merge(crate::coordinator::routes().layer(
+            axum::middleware::from_fn_with_state(
+                state.clone(),
+                crate::coordinator::budget_admin_tokens,
+            ),
+        )),
         Role::Console => probes
             .merge(crate::console::routes().layer(axum::extract::DefaultBodyLimit::max(64 * 1024))),
         // Every other path is a governed call.

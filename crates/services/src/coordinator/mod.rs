@@ -136,6 +136,22 @@ fn bears_admin_token(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Admin tokens are budgeted here as on the API, and their failed authentications counted
+/// against the caller's address (`auth::limit_auth_failures`), so the operator routes are no
+/// way around the API's lockout. Agents' mandates pass straight through: they are checked by
+/// signature, and an agent's request rate is not an operator's.
+pub(crate) async fn budget_admin_tokens(
+    State(state): State<RoleState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if bears_admin_token(request.headers()) {
+        crate::auth::limit_auth_failures(State(state), request, next).await
+    } else {
+        next.run(request).await
+    }
+}
+
 /// The caller of an operator route: an admin token holding `access` for `zone_id` (checked as
 /// the API checks it: unknown or revoked 401, wrong capability or zone 403), or an agent's
 /// lifecycle mandate; then `id` (a path id) checked.

@@ -1370,3 +1370,42 @@ async fn hostile_bearers_and_queries_on_the_operator_routes_get_a_4xx() {
         );
     }
 }
+
+/// Failed admin tokens on the Coordinator count toward the address's lockout as on the API;
+/// agents' mandates from the same address are not locked out.
+#[tokio::test]
+async fn failed_admin_tokens_lock_the_address_out_of_the_operator_routes() {
+    use axum::extract::connect_info::MockConnectInfo;
+    let (_keep, mut state) = crate::test_support::role_state(Role::Coordinator);
+    state.coordinator = Some(super::start_state(
+        ISSUER.to_owned(),
+        super::Limits::default(),
+    ));
+    let writer = token(&state.shared, "write", TokenScope::Global).await;
+    let app = router(state).layer(MockConnectInfo(std::net::SocketAddr::from((
+        [192, 0, 2, 9],
+        5000,
+    ))));
+    let code = |answer: &Value| answer["error"].as_str().unwrap_or_default().to_owned();
+    let bad = format!("cat_{}", "B".repeat(43));
+    for attempt in 1..=crate::auth::AUTH_FAILURES_PER_WINDOW {
+        let (status, _, answer) = call(&app, "GET", "/zones/z/agents/s", Some(&bad), "").await;
+        assert_eq!(
+            (status, code(&answer).as_str()),
+            (StatusCode::UNAUTHORIZED, "invalid_admin_token"),
+            "{attempt}"
+        );
+    }
+    let (status, headers, answer) = call(&app, "GET", "/zones/z/agents/s", Some(&writer), "").await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+    );
+    assert!(headers.contains_key("retry-after"));
+    let (status, _, answer) = call(&app, "GET", "/zones/z/agents/s", Some("not.a.token"), "").await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::UNAUTHORIZED, "invalid_token"),
+        "a mandate is judged on its own"
+    );
+}
