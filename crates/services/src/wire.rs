@@ -339,6 +339,18 @@ pub struct Upstream {
     pub token_scope: Option<String>,
 }
 
+impl Upstream {
+    /// Whether the Gateway sends the `use=resource` mandate upstream: as the credential
+    /// (`caracal_jwt`), or beside a provider credential (`forward_caracal_identity`).
+    pub fn carries_mandate(&self) -> bool {
+        match self.auth_mode.as_str() {
+            "caracal_jwt" => true,
+            "provider_apikey" | "provider_oauth" => self.forward_caracal_identity,
+            _ => false,
+        }
+    }
+}
+
 /// The token endpoint's error body: the OAuth fields plus the request id (camel case, as the
 /// SDK reads it).
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]

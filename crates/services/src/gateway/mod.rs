@@ -1165,6 +1165,11 @@ fn build_request(
     parts: &http::request::Parts,
     body: Body,
 ) -> Result<http::Request<http_body_util::Limited<Body>>, &'static str> {
+    // The in-process STS mints no mandate for a directive that does not carry one; a directive
+    // that does and came without one is refused, never sent with an empty credential.
+    if directive.carries_mandate() && resource_mandate.is_empty() {
+        return Err("upstream request build failed");
+    }
     let credential_header = upstream::credential_header(directive.auth_header.as_deref())
         .ok_or("upstream request build failed")?;
     let mut headers = upstream::sanitise_request_headers(&parts.headers);

@@ -1049,6 +1049,96 @@ async fn provider_credentials_are_injected_as_configured_and_pinned_to_their_hos
     assert_eq!(fixture.upstream_calls(), calls);
 }
 
+/// The in-process re-exchange mints a `use=resource` mandate (a signature and an authority
+/// record) only when the Gateway sends it upstream; otherwise the call leaves no record of a
+/// token that never existed outside it, and still its evidence.
+#[tokio::test]
+async fn a_resource_mandate_is_minted_only_when_it_goes_upstream() {
+    let fixture = fixture().await;
+    let world = &fixture.world;
+    let records = || async {
+        world
+            .shared
+            .store
+            .list_authority_records_of(&world.zone_id, &world.app_id)
+            .await
+            .unwrap()
+            .len()
+    };
+    let minted_by_a_call = || async {
+        let token = fixture.mint().await;
+        let before = records().await;
+        let answer = fixture
+            .call(&fixture.router, "GET", "/entries", &token)
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+        records().await - before
+    };
+    // `caracal_mandate`: the mandate is the credential.
+    assert_eq!(minted_by_a_call().await, 1);
+    fixture
+        .use_provider(json!({"name": "none", "kind": "none"}))
+        .await;
+    assert_eq!(minted_by_a_call().await, 0);
+    fixture
+        .use_provider(json!({"name": "key", "kind": "api_key",
+            "config_json": {"header_name": "X-Api-Key", "api_key": "k-1"}}))
+        .await;
+    assert_eq!(minted_by_a_call().await, 0);
+    fixture
+        .use_provider(json!({"name": "key+id", "kind": "api_key",
+            "config_json": {"header_name": "X-Api-Key", "api_key": "k-2", "forward_caracal_identity": true}}))
+        .await;
+    assert_eq!(
+        minted_by_a_call().await,
+        1,
+        "forwarded as X-Caracal-Identity"
+    );
+}
+
+#[test]
+fn a_directive_carries_the_mandate_as_credential_or_beside_a_provider_credential() {
+    let directive = |mode: &str, forward: bool| crate::wire::Upstream {
+        url: "http://127.0.0.1:1".into(),
+        auth_mode: mode.into(),
+        auth_location: None,
+        auth_header: None,
+        query_param_name: None,
+        auth_scheme: None,
+        allowed_token_hosts: None,
+        provider_token: None,
+        provider_id: None,
+        forward_caracal_identity: forward,
+        token_url: None,
+        client_id: None,
+        token_scope: None,
+    };
+    let carried: Vec<(&str, bool, bool)> = [
+        ("caracal_jwt", false),
+        ("caracal_jwt", true),
+        ("provider_apikey", false),
+        ("provider_apikey", true),
+        ("provider_oauth", true),
+        ("none", true),
+        ("unknown", true),
+    ]
+    .into_iter()
+    .map(|(mode, forward)| (mode, forward, directive(mode, forward).carries_mandate()))
+    .collect();
+    assert_eq!(
+        carried,
+        [
+            ("caracal_jwt", false, true),
+            ("caracal_jwt", true, true),
+            ("provider_apikey", false, false),
+            ("provider_apikey", true, true),
+            ("provider_oauth", true, true),
+            ("none", true, false),
+            ("unknown", true, false),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn bodies_over_the_limit_are_refused_before_the_upstream() {
     let fixture = fixture().await;

@@ -298,6 +298,20 @@ pub(super) async fn reexchange(
     if ttl <= 0 {
         return Err(TokenError::denied("the delegation has no lifetime left"));
     }
+    // In process (`verified`), a mandate the Gateway will not send upstream is not minted: no
+    // signature and no authority record for a token that would never exist outside this call.
+    // Over HTTP the answer always carries one, as the wire contract says.
+    if verified.is_some() && !upstream.carries_mandate() {
+        let evidence = state.shared.evidence.enqueue(event).await?;
+        let answer = answer(
+            String::new(),
+            ttl,
+            presented.scope.clone(),
+            vec![resource.identifier.clone()],
+            Some(BTreeMap::from([(resource.identifier, upstream)])),
+        );
+        return Ok((answer, evidence));
+    }
     let Issued {
         token,
         record,
