@@ -373,10 +373,13 @@ pub(crate) async fn provision(
             .context("client_secret")?
             .to_owned(),
     );
+    // The resource's credential is the `use=resource` mandate, so every governed call mints
+    // one and injects it: the whole path of issue 10 (with a provider key instead, the
+    // in-process re-exchange mints nothing).
     let provider = id(&admin
         .post(
             &format!("{base}/providers"),
-            json!({"name": "none", "identifier": "provider://none", "kind": "none"}),
+            json!({"name": "mandate", "identifier": "provider://mandate", "kind": "caracal_mandate"}),
         )
         .await?)?;
     admin
