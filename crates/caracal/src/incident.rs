@@ -357,22 +357,17 @@ async fn checks(resolved: &Resolved, canary: &Canary, token: &str) -> Vec<Check>
     let settings = &resolved.settings;
     let client = caracal_services::peer_probe::client();
     let mut checks = Vec::new();
-    let mut metrics = std::collections::BTreeMap::new();
     let targets = crate::status::targets(resolved, &[]);
-    for (role, address) in &targets {
-        let status = crate::status::probe(&client, *role, *address).await;
+    let addresses: Vec<_> = targets.iter().map(|(_, address)| *address).collect();
+    let (readiness, metrics) = caracal_services::peer_probe::survey(&client, &addresses).await;
+    for ((role, address), ready) in targets.iter().zip(readiness) {
         checks.push(Check {
             name: format!("{role} ready"),
-            ok: status.ready,
-            evidence: status
+            ok: ready.ready,
+            evidence: ready
                 .reason
                 .unwrap_or_else(|| format!("ready at {address}")),
         });
-        if let Ok((200, body)) =
-            caracal_services::peer_probe::get(&client, *address, "/metrics").await
-        {
-            caracal_services::recovery::samples(&String::from_utf8_lossy(&body), &mut metrics);
-        }
     }
     checks.extend(caracal_services::recovery::backlog_checks(&metrics));
     match admin_http::get_as(settings, token, "/v1/incident/containment").await {

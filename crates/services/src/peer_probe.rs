@@ -1,6 +1,7 @@
 //! The client side of the roles' probes: another role's `/health`, `/ready` or `/metrics` over
 //! HTTP, bounded in time. `caracal status`, `incident validate`, `incident preserve` and the
-//! console's overview all read the roles through here, so they agree on what "ready" means.
+//! console's overview all read the roles through here, so they agree on what "ready" means;
+//! the last two judge recovery from one `survey`.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -88,6 +89,23 @@ pub async fn ready(client: &Client, address: SocketAddr) -> Readiness {
     }
 }
 
+/// Samples of metric values by name (every label set kept apart), as `recovery` reads them.
+pub type Samples = std::collections::BTreeMap<String, Vec<f64>>;
+
+/// Each target's readiness, in order, and the samples of every target's `/metrics` merged:
+/// what `incident validate` and the console's overview judge recovery by.
+pub async fn survey(client: &Client, targets: &[SocketAddr]) -> (Vec<Readiness>, Samples) {
+    let mut readiness = Vec::with_capacity(targets.len());
+    let mut samples = Samples::new();
+    for address in targets {
+        readiness.push(ready(client, *address).await);
+        if let Ok((200, body)) = get(client, *address, "/metrics").await {
+            crate::recovery::samples(&String::from_utf8_lossy(&body), &mut samples);
+        }
+    }
+    (readiness, samples)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +144,42 @@ mod tests {
         let silent = ready(&client, gone).await;
         assert!(!silent.ready && !silent.answered);
         assert_eq!(silent.reason.as_deref(), Some("unreachable"));
+    }
+
+    #[tokio::test]
+    async fn a_survey_reads_each_roles_readiness_in_order_and_merges_their_metrics() {
+        let serve = |ready: &'static str, metrics: &'static str| async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let app = axum::Router::new()
+                .route("/ready", axum::routing::get(move || async move { ready }))
+                .route(
+                    "/metrics",
+                    axum::routing::get(move || async move { metrics }),
+                );
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            address
+        };
+        let first = serve(
+            r#"{"status":"ready","checks":[]}"#,
+            "# HELP x\nbacklog{stream=\"a\"} 3\n",
+        )
+        .await;
+        let second = serve(
+            r#"{"status":"ready","checks":[]}"#,
+            "backlog{stream=\"b\"} 5\nage 1.5\n",
+        )
+        .await;
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gone = closed.local_addr().unwrap();
+        drop(closed);
+        let (readiness, samples) = survey(&client(), &[first, gone, second]).await;
+        let verdicts: Vec<(bool, bool)> = readiness
+            .iter()
+            .map(|ready| (ready.ready, ready.answered))
+            .collect();
+        assert_eq!(verdicts, [(true, true), (false, false), (true, true)]);
+        assert_eq!(samples.get("backlog"), Some(&vec![3.0, 5.0]));
+        assert_eq!(samples.get("age"), Some(&vec![1.5]));
     }
 }

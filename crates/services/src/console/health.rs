@@ -64,9 +64,9 @@ pub(super) async fn section(state: &RoleState) -> String {
     let mut readiness = String::from(
         "<table><tr><th>Role</th><th>Address</th><th>Ready</th><th>Failed checks</th></tr>",
     );
-    let mut metrics = BTreeMap::new();
-    for (role, address) in state.peers.iter() {
-        let ready = crate::peer_probe::ready(&client, *address).await;
+    let addresses: Vec<_> = state.peers.iter().map(|(_, address)| *address).collect();
+    let (ready_of, metrics) = crate::peer_probe::survey(&client, &addresses).await;
+    for ((role, address), ready) in state.peers.iter().zip(ready_of) {
         let (verdict, reasons) = if ready.ready {
             (
                 "<span class=\"good\">ready</span>".to_owned(),
@@ -94,9 +94,6 @@ pub(super) async fn section(state: &RoleState) -> String {
             escape(&address.to_string()),
             escape(&reasons)
         ));
-        if let Ok((200, text)) = crate::peer_probe::get(&client, *address, "/metrics").await {
-            crate::recovery::samples(&String::from_utf8_lossy(&text), &mut metrics);
-        }
     }
     readiness.push_str("</table>");
     let mut backlogs = String::from("<table><tr><th>Check</th><th>Result</th><th>Now</th></tr>");
