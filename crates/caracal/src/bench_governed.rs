@@ -2,7 +2,8 @@
 //! a plain nginx reverse proxy and direct calls to the same loopback upstream. The stack is a
 //! child `caracal up` (embedded by default, or `--store`/`--bus` for the distributed figures)
 //! with its own home; nginx is a child with a generated configuration. Closed loop (peak
-//! throughput, 32 connections), then open loop at half the governed peak (latency from each
+//! throughput: each case at 32 and 128 connections by default, its best rate its peak), then
+//! open loop at half the governed peak (latency from each
 //! request's due time: no coordinated omission), CPU seconds per 1,000 requests of the serving
 //! processes, RSS idle and at peak, and the audit check: every governed call's events stored,
 //! and the sweep finding nothing. Results go to a JSON file and a table.
@@ -27,14 +28,14 @@ use crate::cli::GovernedArgs;
 
 pub(crate) type Http = Client<HttpConnector, Full<Bytes>>;
 
-/// Requests in flight at once in the closed loop.
-const CONCURRENCY: usize = 32;
 pub(crate) const RESOURCE: &str = "resource://ledger";
 
 /// One measured case.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Case {
     name: String,
+    /// Requests in flight at once, for a closed-loop case.
+    connections: Option<usize>,
     requests: usize,
     rate: f64,
     p50_ms: f64,
@@ -51,6 +52,7 @@ fn case(name: &str, elapsed: Duration, mut latencies: Vec<Duration>, cpu: Option
         |fraction: f64| crate::bench_sts::percentile(&latencies, fraction).as_secs_f64() * 1000.0;
     Case {
         name: name.to_owned(),
+        connections: None,
         requests: latencies.len(),
         rate: latencies.len() as f64 / elapsed.as_secs_f64().max(f64::EPSILON),
         p50_ms: at(0.50),
@@ -477,9 +479,10 @@ async fn direct_once(http: &Http, address: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `count` calls of `one`, `CONCURRENCY` at a time; latencies of each.
+/// `count` calls of `one`, `connections` at a time; latencies of each.
 async fn closed_loop<F, Fut>(
     count: usize,
+    connections: usize,
     progress: &indicatif::ProgressBar,
     one: F,
 ) -> anyhow::Result<(Duration, Vec<Duration>)>
@@ -490,7 +493,7 @@ where
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..CONCURRENCY {
+    for _ in 0..connections {
         let (one, next, progress) = (one.clone(), Arc::clone(&next), progress.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -664,34 +667,43 @@ pub async fn run(args: &GovernedArgs) -> anyhow::Result<()> {
     let per_call = settled_ingested(&http, audit, None).await? - before;
     ensure!(per_call >= 1.0, "a governed call recorded no audit event");
 
-    let total = (requests * 3) as u64 + (requests as f64 / 2.0) as u64;
+    let connections = &args.connections;
+    let closed_runs = (requests * 3 * connections.len()) as u64;
+    let total = closed_runs + (requests as f64 / 2.0) as u64;
     let progress = indicatif::ProgressBar::new(total);
     progress.set_style(
         indicatif::ProgressStyle::with_template("{msg:<22} [{bar:40}] {pos}/{len}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut cases = Vec::new();
-    progress.set_message("direct upstream");
-    let direct_http = http.clone();
-    let (elapsed, latencies) = closed_loop(requests, &progress, move || {
-        let http = direct_http.clone();
-        async move { direct_once(&http, upstream).await }
-    })
-    .await?;
-    cases.push(case("direct upstream", elapsed, latencies, None));
-
-    progress.set_message("through nginx");
-    let cpu = cpu_seconds(&nginx_pids);
-    let nginx_http = http.clone();
-    let (elapsed, latencies) = closed_loop(requests, &progress, move || {
-        let http = nginx_http.clone();
-        async move { direct_once(&http, nginx_address).await }
-    })
-    .await?;
-    let nginx_cpu = cpu_seconds(&nginx_pids) - cpu;
-    cases.push(case("through nginx", elapsed, latencies, Some(nginx_cpu)));
-
-    progress.set_message("governed, closed loop");
+    for &n in connections {
+        progress.set_message(format!("direct upstream ×{n}"));
+        let direct_http = http.clone();
+        let (elapsed, latencies) = closed_loop(requests, n, &progress, move || {
+            let http = direct_http.clone();
+            async move { direct_once(&http, upstream).await }
+        })
+        .await?;
+        cases.push(Case {
+            connections: Some(n),
+            ..case("direct upstream", elapsed, latencies, None)
+        });
+    }
+    for &n in connections {
+        progress.set_message(format!("through nginx ×{n}"));
+        let cpu = cpu_seconds(&nginx_pids);
+        let nginx_http = http.clone();
+        let (elapsed, latencies) = closed_loop(requests, n, &progress, move || {
+            let http = nginx_http.clone();
+            async move { direct_once(&http, nginx_address).await }
+        })
+        .await?;
+        let nginx_cpu = cpu_seconds(&nginx_pids) - cpu;
+        cases.push(Case {
+            connections: Some(n),
+            ..case("through nginx", elapsed, latencies, Some(nginx_cpu))
+        });
+    }
     let governed = {
         let (http, form) = (http.clone(), form.clone());
         move || {
@@ -699,20 +711,34 @@ pub async fn run(args: &GovernedArgs) -> anyhow::Result<()> {
             async move { governed_once(&http, sts, gateway, &form).await }
         }
     };
-    let cpu = cpu_seconds(&[stack_pid]);
-    let (elapsed, latencies) = closed_loop(requests, &progress, governed.clone()).await?;
-    let governed_cpu = cpu_seconds(&[stack_pid]) - cpu;
-    let peak = case(
-        "governed, closed loop",
-        elapsed,
-        latencies,
-        Some(governed_cpu),
-    );
+    for &n in connections {
+        progress.set_message(format!("governed ×{n}"));
+        let cpu = cpu_seconds(&[stack_pid]);
+        let (elapsed, latencies) = closed_loop(requests, n, &progress, governed.clone()).await?;
+        let governed_cpu = cpu_seconds(&[stack_pid]) - cpu;
+        cases.push(Case {
+            connections: Some(n),
+            ..case(
+                "governed, closed loop",
+                elapsed,
+                latencies,
+                Some(governed_cpu),
+            )
+        });
+    }
+    // Each case's peak: its best rate over the connection counts.
+    let peak = |cases: &[Case], name: &str| {
+        cases
+            .iter()
+            .filter(|case| case.name == name)
+            .map(|case| case.rate)
+            .fold(0.0, f64::max)
+    };
+    let governed_peak = peak(&cases, "governed, closed loop");
     let (open_rate, open_name) = match args.open_rate {
         Some(rate) => (rate, format!("governed, open loop {rate}/s")),
-        None => (peak.rate / 2.0, "governed, open loop ½ peak".to_owned()),
+        None => (governed_peak / 2.0, "governed, open loop ½ peak".to_owned()),
     };
-    cases.push(peak);
 
     progress.set_message("governed, open loop");
     let open_count = ((open_rate * open_seconds) as usize).max(1);
@@ -730,7 +756,7 @@ pub async fn run(args: &GovernedArgs) -> anyhow::Result<()> {
 
     // Audit lossless: every governed call's events stored, none dead-lettered, and a sweep
     // after the load finding nothing.
-    let governed_calls = (requests + open_count) as f64;
+    let governed_calls = (requests * connections.len() + open_count) as f64;
     let expected = per_call * governed_calls;
     let after = settled_ingested(&http, audit, Some(before + per_call + expected)).await?;
     let stored = after - before - per_call;
@@ -747,22 +773,24 @@ pub async fn run(args: &GovernedArgs) -> anyhow::Result<()> {
     let findings = metric(&http, audit, "caracal_audit_tamper_detected_total").await?;
     let lossless = (stored - expected).abs() < 0.5 && dead == 0.0 && findings == 0.0;
 
-    let ratio = |name: &str| {
-        cases
-            .iter()
-            .find(|case| case.name == name)
-            .map_or(0.0, |case| case.rate)
-    };
-    let governed_rate = ratio("governed, closed loop");
+    let (nginx_peak, direct_peak) = (
+        peak(&cases, "through nginx"),
+        peak(&cases, "direct upstream"),
+    );
     let results = json!({
         "machine": {"cores": std::thread::available_parallelism().map(usize::from).unwrap_or(0)},
         "store": args.store.as_deref().unwrap_or("embedded"),
         "bus": args.bus.as_deref().unwrap_or("embedded"),
-        "concurrency": CONCURRENCY,
+        "connections": connections,
         "cases": cases,
+        "peaks": {
+            "direct": direct_peak,
+            "nginx": nginx_peak,
+            "governed": governed_peak,
+        },
         "ratios": {
-            "governed_over_nginx": governed_rate / ratio("through nginx").max(f64::EPSILON),
-            "governed_over_direct": governed_rate / ratio("direct upstream").max(f64::EPSILON),
+            "governed_over_nginx": governed_peak / nginx_peak.max(f64::EPSILON),
+            "governed_over_direct": governed_peak / direct_peak.max(f64::EPSILON),
         },
         "memory_kib": {"idle_rss": idle_rss, "peak_rss": peak_rss},
         "fdatasync": {"idle": disk_idle, "open_loop": disk_loaded},
@@ -780,13 +808,15 @@ pub async fn run(args: &GovernedArgs) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", args.out.display()))?;
 
     println!(
-        "{:<28} {:>10} {:>9} {:>9} {:>9} {:>9} {:>14}",
-        "case", "req/s", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "CPU s/1k req"
+        "{:<28} {:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>14}",
+        "case", "conns", "req/s", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "CPU s/1k req"
     );
     for case in &cases {
         println!(
-            "{:<28} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>14}",
+            "{:<28} {:>6} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>14}",
             case.name,
+            case.connections
+                .map_or_else(|| "-".to_owned(), |n| n.to_string()),
             case.rate,
             case.p50_ms,
             case.p95_ms,
@@ -797,9 +827,12 @@ pub async fn run(args: &GovernedArgs) -> anyhow::Result<()> {
         );
     }
     println!(
+        "peaks (best over the connection counts): governed {governed_peak:.0}, nginx {nginx_peak:.0}, direct {direct_peak:.0} req/s"
+    );
+    println!(
         "governed / nginx {:.3}x   governed / direct {:.3}x   RSS idle {} MiB, peak {} MiB",
-        governed_rate / ratio("through nginx").max(f64::EPSILON),
-        governed_rate / ratio("direct upstream").max(f64::EPSILON),
+        governed_peak / nginx_peak.max(f64::EPSILON),
+        governed_peak / direct_peak.max(f64::EPSILON),
         idle_rss.map_or(0, |kib| kib / 1024),
         peak_rss.map_or(0, |kib| kib / 1024),
     );

@@ -235,6 +235,17 @@ pub struct GovernedArgs {
     /// leaves the cores idle shows the path's own waits, not the queueing
     #[arg(long, value_name = "REQ/S", value_parser = parse_rate)]
     pub open_rate: Option<f64>,
+    /// Connections of the closed-loop cases, comma-separated: each case runs once at each, and
+    /// its best rate is its peak (a governed call waits on commits, so it needs more requests
+    /// in flight than a plain proxy to keep the cores busy)
+    #[arg(
+        long,
+        default_value = "32,128",
+        value_name = "N,…",
+        value_delimiter = ',',
+        value_parser = parse_connections
+    )]
+    pub connections: Vec<usize>,
     /// Where the JSON results go
     #[arg(long, default_value = "caracal-bench.json", value_name = "PATH")]
     pub out: std::path::PathBuf,
@@ -247,6 +258,13 @@ pub struct GovernedArgs {
     /// A short run (under two minutes) that proves the harness and the audit check
     #[arg(long)]
     pub quick: bool,
+}
+
+fn parse_connections(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(connections) if (1..=1024).contains(&connections) => Ok(connections),
+        _ => Err("connections from 1 to 1024".to_owned()),
+    }
 }
 
 fn parse_rate(text: &str) -> Result<f64, String> {

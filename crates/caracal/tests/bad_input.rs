@@ -51,6 +51,16 @@ fn usage_and_config_errors_exit_2_and_write_nothing() {
             &[],
             "a rate of at least 1 request a second",
         ),
+        (
+            &["bench", "--connections", "32,0"],
+            &[],
+            "connections from 1 to 1024",
+        ),
+        (
+            &["bench", "--connections", "many"],
+            &[],
+            "connections from 1 to 1024",
+        ),
     ];
     for (args, env, expected) in cases {
         let (_parent, home) = fresh_home();

@@ -310,21 +310,44 @@ fn the_governed_benchmark_runs_beside_nginx_and_keeps_the_audit_lossless() {
         String::from_utf8_lossy(&output.stderr)
     );
     let results: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
-    let names: Vec<&str> = results["cases"]
+    let names: Vec<(&str, Option<u64>)> = results["cases"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|case| case["name"].as_str().unwrap())
+        .map(|case| (case["name"].as_str().unwrap(), case["connections"].as_u64()))
         .collect();
     assert_eq!(
         names,
         [
-            "direct upstream",
-            "through nginx",
-            "governed, closed loop",
-            "governed, open loop ½ peak"
+            ("direct upstream", Some(32)),
+            ("direct upstream", Some(128)),
+            ("through nginx", Some(32)),
+            ("through nginx", Some(128)),
+            ("governed, closed loop", Some(32)),
+            ("governed, closed loop", Some(128)),
+            ("governed, open loop ½ peak", None)
         ]
     );
+    // Each case's peak is its best rate over the connection counts, and the ratios use them.
+    let best = |name: &str| {
+        results["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|case| case["name"] == name)
+            .map(|case| case["rate"].as_f64().unwrap())
+            .fold(0.0, f64::max)
+    };
+    assert_eq!(
+        results["peaks"]["governed"].as_f64(),
+        Some(best("governed, closed loop"))
+    );
+    assert_eq!(
+        results["peaks"]["nginx"].as_f64(),
+        Some(best("through nginx"))
+    );
+    let ratio = results["ratios"]["governed_over_nginx"].as_f64().unwrap();
+    assert!((ratio - best("governed, closed loop") / best("through nginx")).abs() < 1e-9);
     for case in results["cases"].as_array().unwrap() {
         assert!(case["rate"].as_f64().unwrap() > 0.0, "{case}");
         assert!(case["p99_ms"].as_f64().unwrap() > 0.0, "{case}");
