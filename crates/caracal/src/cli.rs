@@ -236,8 +236,8 @@ pub struct GovernedArgs {
     #[arg(long, value_name = "REQ/S", value_parser = parse_rate)]
     pub open_rate: Option<f64>,
     /// Connections of the closed-loop cases, comma-separated: each case runs once at each, and
-    /// its best rate is its peak (a governed call waits on commits, so it needs more requests
-    /// in flight than a plain proxy to keep the cores busy)
+    /// its best rate is its peak (governed calls need more in flight than a plain proxy to
+    /// keep the cores busy, and share more of each commit)
     #[arg(
         long,
         default_value = "32,128",
