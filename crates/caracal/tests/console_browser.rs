@@ -270,16 +270,11 @@ fn an_operator_signs_in_and_sees_every_screen_in_chromium() {
     assert_eq!(driver.text("td.zone-name"), hostile, "rendered as text");
     driver.type_into("input[name=name]", "from the browser");
     driver.click("form.card button");
-    assert!(
-        driver
-            .text("main")
-            .contains("Zone from the browser created."),
-        "{}",
-        driver.text("main")
-    );
+    driver.wait_text("main", "Zone from the browser created.");
     driver.screenshot("zones");
 
     driver.click("td.zone-name a");
+    driver.wait_text("h1", "Zone ");
     assert!(
         driver.text("h1").starts_with("Zone "),
         "{}",
@@ -287,6 +282,7 @@ fn an_operator_signs_in_and_sees_every_screen_in_chromium() {
     );
     driver.screenshot("zone");
     driver.click("main p a[href$='/sessions']");
+    driver.wait_text("h1", "Sessions and delegations");
     assert_eq!(driver.text("h1"), "Sessions and delegations");
     driver.screenshot("sessions");
     driver.go(&driver.url().replace("/sessions", "/audit"));
@@ -365,11 +361,7 @@ fn an_operator_approves_rolls_back_and_terminates_in_chromium() {
     assert!(driver.text("main").contains(&hold), "the hold is listed");
     driver.type_into("form.action input[name=reason]", "ticket 42");
     driver.click("form.action button[value=approve]");
-    assert!(
-        driver.text("main").contains("approved"),
-        "{}",
-        driver.text("main")
-    );
+    driver.wait_text("main", "approved.");
     driver.screenshot("approval");
     let retried = util::exchange(sts, &format!("{mint}&approval_id={hold}"));
     assert_eq!(retried.status, 200, "{}", retried.body);
