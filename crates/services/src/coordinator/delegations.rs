@@ -496,15 +496,7 @@ async fn impact(
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     super::operator_or_agent(&state, &headers, &zone_id, Some(&id), Access::Read).await?;
-    let tree = state
-        .shared
-        .store
-        .delegation_tree_impact(&zone_id, &id)
-        .await
-        .map_err(|error| match error {
-            caracal_store::StoreError::NotFound(_) => not_found(&id),
-            other => other.into(),
-        })?;
+    let tree = tree_below(&state, &zone_id, &id).await?;
     let mut body = super::impact_body(&tree);
     // The published admin client reads the edge's id from `edge_id`.
     if let Some(fields) = body.as_object_mut() {
@@ -559,6 +551,23 @@ async fn active(
     Ok(Json(json!({ "items": items, "next_cursor": next_cursor })))
 }
 
+/// What revoking edge `id` would take down, without taking it.
+async fn tree_below(
+    state: &RoleState,
+    zone_id: &str,
+    id: &str,
+) -> Result<caracal_store::TerminatedTree, ApiError> {
+    state
+        .shared
+        .store
+        .delegation_tree_impact(zone_id, id)
+        .await
+        .map_err(|error| match error {
+            caracal_store::StoreError::NotFound(_) => not_found(id),
+            other => other.into(),
+        })
+}
+
 /// `GET /zones/{zone}/delegations/{id}/traverse`: the edges downstream of this one that its
 /// revocation would take down (itself first), as a list.
 async fn traverse(
@@ -567,14 +576,8 @@ async fn traverse(
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     super::operator_or_agent(&state, &headers, &zone_id, Some(&id), Access::Read).await?;
+    let tree = tree_below(&state, &zone_id, &id).await?;
     let store = state.shared.store.as_ref();
-    let tree = store
-        .delegation_tree_impact(&zone_id, &id)
-        .await
-        .map_err(|error| match error {
-            caracal_store::StoreError::NotFound(_) => not_found(&id),
-            other => other.into(),
-        })?;
     let mut ids: Vec<&str> = vec![id.as_str()];
     ids.extend(
         tree.edges

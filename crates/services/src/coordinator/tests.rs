@@ -169,6 +169,35 @@ impl World {
         answer["access_token"].as_str().unwrap().to_owned()
     }
 
+    /// A live edge `id` from `source` to `target` (both the world's application), ten
+    /// minutes long, for `ledger:read`, written straight to the store.
+    async fn edge(&self, id: &str, source: &str, target: &str) {
+        let now = caracal_store::now_ms();
+        self.shared
+            .store
+            .create_delegation_edge(
+                &caracal_store::DelegationEdge {
+                    id: id.into(),
+                    zone_id: self.zone_id.clone(),
+                    source_session_id: source.into(),
+                    target_session_id: target.into(),
+                    issuer_application_id: self.app_id.clone(),
+                    receiver_application_id: self.app_id.clone(),
+                    parent_edge_id: None,
+                    resource_id: None,
+                    scopes: vec!["ledger:read".into()],
+                    constraints: "{}".into(),
+                    status: "active".into(),
+                    expires_at_ms: Some(now + 600_000),
+                    created_at_ms: now,
+                    revoked_at_ms: None,
+                },
+                &[],
+            )
+            .await
+            .unwrap();
+    }
+
     async fn agents(
         &self,
         method: &str,
@@ -228,30 +257,7 @@ async fn sessions_start_under_a_lifecycle_mandate_and_terminate_with_their_subtr
     assert_eq!(listed["items"].as_array().unwrap().len(), 4);
 
     // A delegation root → child; the child can mint along it.
-    world
-        .shared
-        .store
-        .create_delegation_edge(
-            &caracal_store::DelegationEdge {
-                id: "edge-1".into(),
-                zone_id: world.zone_id.clone(),
-                source_session_id: root_id.clone(),
-                target_session_id: child_id.clone(),
-                issuer_application_id: world.app_id.clone(),
-                receiver_application_id: world.app_id.clone(),
-                parent_edge_id: None,
-                resource_id: None,
-                scopes: vec!["ledger:read".into()],
-                constraints: "{}".into(),
-                status: "active".into(),
-                expires_at_ms: Some(caracal_store::now_ms() + 600_000),
-                created_at_ms: caracal_store::now_ms(),
-                revoked_at_ms: None,
-            },
-            &[],
-        )
-        .await
-        .unwrap();
+    world.edge("edge-1", &root_id, &child_id).await;
     let delegated = [
         ("scope", "ledger:read"),
         ("agent_session_id", child_id.as_str()),
@@ -1104,31 +1110,7 @@ async fn an_admin_token_acts_as_operator_on_the_operator_routes_only() {
     let child_id = child["agent_session_id"].as_str().unwrap().to_owned();
     let (_, service) = world.agents("POST", "", b, &start(None, "service")).await;
     let service_id = service["agent_session_id"].as_str().unwrap().to_owned();
-    let now = caracal_store::now_ms();
-    world
-        .shared
-        .store
-        .create_delegation_edge(
-            &caracal_store::DelegationEdge {
-                id: "edge-op".into(),
-                zone_id: world.zone_id.clone(),
-                source_session_id: root_id.clone(),
-                target_session_id: child_id.clone(),
-                issuer_application_id: world.app_id.clone(),
-                receiver_application_id: world.app_id.clone(),
-                parent_edge_id: None,
-                resource_id: None,
-                scopes: vec!["ledger:read".into()],
-                constraints: "{}".into(),
-                status: "active".into(),
-                expires_at_ms: Some(now + 600_000),
-                created_at_ms: now,
-                revoked_at_ms: None,
-            },
-            &[],
-        )
-        .await
-        .unwrap();
+    world.edge("edge-op", &root_id, &child_id).await;
     let zone = format!("/zones/{}", world.zone_id);
     let get = |path: String, bearer: Option<&str>| {
         let coordinator = world.coordinator.clone();
