@@ -199,7 +199,7 @@ async fn zone_caller(
 
 /// The caller may act on `zone_id` with `access`, and it is a live zone; otherwise 403 (token)
 /// or 404 (no such live zone, which is also what another zone's token cannot tell apart).
-async fn live_zone(
+pub(crate) async fn live_zone(
     state: &RoleState,
     caller: &AdminCaller,
     zone_id: &str,

@@ -152,9 +152,10 @@ pub(crate) async fn budget_admin_tokens(
     }
 }
 
-/// The caller of an operator route: an admin token holding `access` for `zone_id` (checked as
-/// the API checks it: unknown or revoked 401, wrong capability or zone 403), or an agent's
-/// lifecycle mandate; then `id` (a path id) checked.
+/// The caller of an operator route: an admin token holding `access` for the live zone
+/// `zone_id` (checked by the API's own check: unknown or revoked 401, wrong capability or zone
+/// 403, an archived or unknown zone 404), or an agent's lifecycle mandate; then `id` (a path
+/// id) checked.
 pub(super) async fn operator_or_agent(
     state: &RoleState,
     headers: &HeaderMap,
@@ -167,7 +168,7 @@ pub(super) async fn operator_or_agent(
     }
     let caller = if bears_admin_token(headers) {
         let operator = crate::auth::authenticate(state, headers).await?;
-        operator.require(access, Some(zone_id))?;
+        crate::admin::live_zone(state, &operator, zone_id, access).await?;
         Caller::Operator(operator)
     } else {
         Caller::Agent(Box::new(authenticate(state, headers, zone_id).await?))

@@ -1210,6 +1210,12 @@ async fn an_admin_token_acts_as_operator_on_the_operator_routes_only() {
         (status, code(&answer).as_str()),
         (StatusCode::FORBIDDEN, "admin_token_zone_mismatch")
     );
+    // A zone the deployment does not have (or has archived) is not found, as on the API.
+    let (status, answer) = get("/zones/no-such-zone/agents".to_owned(), operator).await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
     let (status, answer) = world
         .agents("POST", "", operator, &start(None, "task"))
         .await;
