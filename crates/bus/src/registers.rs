@@ -14,6 +14,8 @@ pub enum ReplayNamespace {
     /// Mandate ids the Gateway has accepted once (apart from the STS's own register, so the
     /// Gateway's check does not spend the STS's).
     GatewayJti,
+    /// Control mandates, each good for one invocation.
+    ControlJti,
 }
 
 impl ReplayNamespace {
@@ -22,6 +24,7 @@ impl ReplayNamespace {
             ReplayNamespace::Jti => "jti",
             ReplayNamespace::GatewayNonce => "gateway_nonce",
             ReplayNamespace::GatewayJti => "gateway_jti",
+            ReplayNamespace::ControlJti => "control_jti",
         }
     }
 }

@@ -66,6 +66,11 @@ pub struct Overrides {
     /// then carry `Secure` [env: CARACAL_CONSOLE_SECURE_COOKIES] [default: false]
     #[arg(long, global = true, value_name = "BOOL")]
     pub console_secure_cookies: Option<String>,
+    /// `true` lets control keys run catalog commands at `POST /v1/control/invoke` (the
+    /// published `ControlClient`); off, it answers 503 `control_disabled`
+    /// [env: CARACAL_CONTROL_ENABLED] [default: false]
+    #[arg(long, global = true, value_name = "BOOL")]
+    pub control_enabled: Option<String>,
     /// Roles of other processes, `role=host:port` comma-separated: the console's overview,
     /// `caracal status` and `caracal incident validate` probe them too [env: CARACAL_PEERS]
     #[arg(long, global = true, value_name = "ROLE=ADDR,…")]

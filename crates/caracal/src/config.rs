@@ -224,6 +224,12 @@ const KEYS: &[Key] = &[
         "true when the console is reached over HTTPS (its cookies then carry Secure), else false",
     ),
     key(
+        "control.enabled",
+        &["CARACAL_CONTROL_ENABLED"],
+        "--control-enabled",
+        "true to let control keys run catalog commands at POST /v1/control/invoke, else false",
+    ),
+    key(
         "sts.mint_rate_limit_per_minute",
         &["CARACAL_STS_MINT_RATE_LIMIT_PER_MINUTE"],
         "--mint-rate-limit-per-minute",
@@ -400,6 +406,11 @@ pub fn resolve(
             "false" => Some(false),
             _ => None,
         })?,
+        control_enabled: parse.value("control.enabled", |text| match text {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        })?,
         audit_reclaim_idle: parse.value("audit.reclaim_idle_seconds", |text| {
             text.parse::<u64>()
                 .ok()
@@ -530,6 +541,7 @@ fn default_value(name: &str, default_store: &str) -> String {
         "audit.retention_days" => "365".to_owned(),
         "audit.reclaim_idle_seconds" => "30".to_owned(),
         "console.secure_cookies" => "false".to_owned(),
+        "control.enabled" => "false".to_owned(),
         "peers" => String::new(),
         "sts.mint_rate_limit_per_minute" => "1000".to_owned(),
         "coordinator.max_depth" => "10".to_owned(),
@@ -657,6 +669,7 @@ fn flag_values(overrides: &Overrides) -> Result<BTreeMap<&'static str, String>, 
             &overrides.audit_reclaim_idle_seconds,
         ),
         ("console.secure_cookies", &overrides.console_secure_cookies),
+        ("control.enabled", &overrides.control_enabled),
         ("peers", &overrides.peers),
         (
             "sts.mint_rate_limit_per_minute",

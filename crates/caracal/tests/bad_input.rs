@@ -42,6 +42,11 @@ fn usage_and_config_errors_exit_2_and_write_nothing() {
         ),
         (&["up", "--log-format", "xml"], &[], "expected text or json"),
         (
+            &["up"],
+            &[("CARACAL_CONTROL_ENABLED", "yes")],
+            "invalid value `yes` for `control.enabled`",
+        ),
+        (
             &["bench", "--open-rate", "0"],
             &[],
             "a rate of at least 1 request a second",

@@ -467,7 +467,7 @@ async fn acknowledge_tamper(
     let acknowledged = state
         .shared
         .store
-        .acknowledge_tamper_findings(&format!("admin:{}", caller.token_id), reason)
+        .acknowledge_tamper_findings(&caller.actor(), reason)
         .await?;
     Ok(Json(AckTamperResponse { acknowledged }))
 }

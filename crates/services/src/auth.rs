@@ -23,12 +23,34 @@ pub enum Access {
 /// An authenticated admin caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminCaller {
+    /// The admin token's id, or the control key's application id.
     pub token_id: String,
     pub scope: TokenScope,
     capabilities: Vec<String>,
+    control_key: bool,
 }
 
 impl AdminCaller {
+    /// A control key acting through the admin routes (`/v1/control/invoke`): confined to its
+    /// zone, reading, or writing when its scope is a write or delete scope.
+    pub(crate) fn control_key(application_id: &str, zone_id: &str, writes: bool) -> AdminCaller {
+        AdminCaller {
+            token_id: application_id.to_owned(),
+            scope: TokenScope::Zone(zone_id.to_owned()),
+            capabilities: vec![if writes { "write" } else { "read" }.to_owned()],
+            control_key: true,
+        }
+    }
+
+    /// Who acted, as audit events and records name it.
+    pub fn actor(&self) -> String {
+        if self.control_key {
+            format!("control:{}", self.token_id)
+        } else {
+            format!("admin:{}", self.token_id)
+        }
+    }
+
     fn has(&self, capability: &str) -> bool {
         self.capabilities.iter().any(|held| held == capability)
     }
@@ -59,8 +81,23 @@ impl AdminCaller {
     }
 }
 
-/// Authenticates the request's bearer token. A store failure denies (invariant 1).
+tokio::task_local! {
+    /// The caller of an admin route run in process on a control key's behalf; set only by
+    /// [`acting_as`], never from a request, so no client can claim it.
+    static ACTING: AdminCaller;
+}
+
+/// Runs `work` (an in-process call of an admin route) as `caller`.
+pub(crate) async fn acting_as<F: std::future::Future>(caller: AdminCaller, work: F) -> F::Output {
+    ACTING.scope(caller, work).await
+}
+
+/// Authenticates the request's bearer token (or, in process, the caller [`acting_as`] set). A
+/// store failure denies (invariant 1).
 pub async fn authenticate(state: &RoleState, headers: &HeaderMap) -> Result<AdminCaller, ApiError> {
+    if let Ok(caller) = ACTING.try_with(AdminCaller::clone) {
+        return Ok(caller);
+    }
     let invalid = || ApiError::new(ErrorCode::InvalidAdminToken);
     let header = headers
         .get(http::header::AUTHORIZATION)
@@ -95,6 +132,7 @@ pub async fn caller_of(
             .split(',')
             .map(|capability| capability.trim().to_owned())
             .collect(),
+        control_key: false,
     })
 }
 

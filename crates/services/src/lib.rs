@@ -13,6 +13,7 @@ pub mod auth;
 pub mod console;
 pub mod constraints;
 pub mod containment;
+pub mod control;
 pub mod coordinator;
 mod error;
 pub mod evidence;

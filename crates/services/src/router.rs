@@ -14,6 +14,7 @@ use crate::{probes, request_id};
 pub(crate) fn admin_api(state: &RoleState) -> Router<RoleState> {
     crate::api::routes()
         .merge(crate::admin::routes())
+        .merge(crate::control::routes())
         .layer(axum::extract::DefaultBodyLimit::max(crate::admin::MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -58,6 +58,9 @@ pub struct Settings {
     /// The key that signs stream messages. Replicas sharing a bus must share it; when unset,
     /// `$CARACAL_HOME/stream-key` is used (created on first start).
     pub stream_key: Option<SecretBytes>,
+    /// `POST /v1/control/invoke` runs control keys' commands; off, it answers 503
+    /// `control_disabled`.
+    pub control_enabled: bool,
     /// The Gateway's limits and where it finds the STS when that runs elsewhere.
     pub gateway: crate::gateway::GatewayConfig,
 }

@@ -94,6 +94,7 @@ pub struct Stack {
     audit_retention: Option<Duration>,
     audit_reclaim_idle: Duration,
     console_secure_cookies: bool,
+    control_enabled: bool,
     peers: Vec<(Role, SocketAddr)>,
     issuer: String,
     mint_rate_limit_per_minute: u64,
@@ -187,6 +188,7 @@ impl Stack {
             audit_retention: settings.audit_retention,
             audit_reclaim_idle: settings.audit_reclaim_idle,
             console_secure_cookies: settings.console_secure_cookies,
+            control_enabled: settings.control_enabled,
             peers: settings.peers.clone(),
             issuer: settings.issuer_url.clone(),
             mint_rate_limit_per_minute: settings.mint_rate_limit_per_minute,
@@ -289,6 +291,14 @@ impl Stack {
                 state.console = crate::console::Sessions::new(self.console_secure_cookies);
             }
             if role == Role::Api {
+                let control =
+                    crate::control::Control::new(self.control_enabled, self.issuer.clone());
+                servers.spawn(crate::keys::follow_invalidations(
+                    control.keys.clone(),
+                    Arc::clone(&self.shared.bus.streams),
+                    stop_receiver.clone(),
+                ));
+                state.control = Some(control);
                 // The API role owns the outbox; it stops with the servers and leaves unsent
                 // rows in place for the next start.
                 let dispatcher = Dispatcher::new(

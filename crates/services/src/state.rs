@@ -99,6 +99,8 @@ pub struct RoleState {
     pub sts: Option<Arc<crate::sts::Sts>>,
     /// The Coordinator's state, on the Coordinator role.
     pub coordinator: Option<Arc<crate::coordinator::Coordinator>>,
+    /// The API role's control invocations (`/v1/control/invoke`).
+    pub control: Option<Arc<crate::control::Control>>,
     /// The Gateway's state, on the Gateway role.
     pub gateway: Option<Arc<crate::gateway::Gateway>>,
     /// Signed-in console sessions, on the Console role.
@@ -115,6 +117,7 @@ impl RoleState {
             lockouts: crate::auth::Lockouts::default(),
             sts: None,
             coordinator: None,
+            control: None,
             gateway: None,
             console: crate::console::Sessions::default(),
             peers: Arc::default(),

@@ -43,7 +43,7 @@ const MAX_TRAITS: usize = 64;
 const MAX_TRAIT: usize = 128;
 const MAX_SECRET: usize = 1024;
 /// Trait namespaces only a global token may assign: they confer deployment-wide powers.
-const PRIVILEGED_TRAITS: [&str; 2] = ["control:", "caracal.sys:"];
+pub(crate) const PRIVILEGED_TRAITS: [&str; 2] = ["control:", "caracal.sys:"];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

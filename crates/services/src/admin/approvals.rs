@@ -227,7 +227,7 @@ async fn decide(
             &id,
             decision,
             &reason,
-            &format!("admin:{}", caller.token_id),
+            &caller.actor(),
             &[recorded],
         )
         .await

@@ -225,7 +225,7 @@ async fn switch(
                 kind: kind.to_owned(),
                 zone_id: zone.clone(),
                 reason: reason.clone(),
-                actor: format!("admin:{}", caller.token_id),
+                actor: caller.actor(),
                 since_ms: now_ms(),
             };
             store.set_containment(&switch, &[outbox]).await?;

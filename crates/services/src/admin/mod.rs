@@ -27,6 +27,8 @@ use caracal_store::{OutboxMessage, TokenScope, Zone, now_ms};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+pub(crate) use applications::PRIVILEGED_TRAITS;
+
 use crate::auth::{Access, AdminCaller};
 use crate::error::ApiError;
 use crate::ledger::SYSTEM_ZONE;
@@ -251,7 +253,7 @@ fn audit_event(caller: &AdminCaller, request_id: Option<&RequestId>, change: Cha
         determining_policies_json: serde_json::json!([]),
         diagnostics_json: serde_json::json!([]),
         metadata_json: serde_json::json!({
-            "actor": format!("admin:{}", caller.token_id),
+            "actor": caller.actor(),
             "entity_type": change.entity_type,
             "entity_id": change.entity_id,
             "changed_fields": change.fields,

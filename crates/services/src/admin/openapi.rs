@@ -38,6 +38,12 @@ const fn op(
 pub const OPERATIONS: &[Operation] = &[
     op("get", "/v1/openapi.json", "none", "This document"),
     op(
+        "post",
+        "/v1/control/invoke",
+        "a control key's one-use mandate (not an admin token)",
+        "Run one catalog command as a control key (when control.enabled)",
+    ),
+    op(
         "get",
         "/v1/zones",
         "read",

@@ -1267,6 +1267,7 @@ fn declared_routes() -> Vec<(String, String)> {
         include_str!("recovery.rs"),
         include_str!("openapi.rs"),
         include_str!("../api.rs"),
+        include_str!("../control.rs"),
     ];
     let mut routes = Vec::new();
     for source in sources {
@@ -1419,7 +1420,9 @@ impl Noise {
 
 #[tokio::test]
 async fn no_body_sent_to_any_route_gets_a_server_error() {
-    let (_keep, state) = role_state(Role::Api);
+    let (_keep, mut state) = role_state(Role::Api);
+    // Control invocations on, so their route answers rather than 503 `control_disabled`.
+    state.control = Some(crate::control::Control::new(true, "http://sts".to_owned()));
     let shared = state.shared.clone();
     let writer = token(&shared, "write,approve", TokenScope::Global).await;
     let app = router(state);

@@ -118,7 +118,7 @@ async fn mint(
         digest: token.digest(),
         scope: scope.clone(),
         capabilities: capability.clone(),
-        created_by: format!("admin:{}", caller.token_id),
+        created_by: caller.actor(),
     };
     state
         .shared
@@ -219,7 +219,7 @@ async fn rotate(
         digest: token.digest(),
         scope: current.scope.clone(),
         capabilities: current.capabilities.clone(),
-        created_by: format!("admin:{}", caller.token_id),
+        created_by: caller.actor(),
     };
     state
         .shared

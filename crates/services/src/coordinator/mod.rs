@@ -282,7 +282,7 @@ pub(super) fn change_event(
         metadata_json: json!({
             "actor": match caller {
                 Caller::Agent(claims) => format!("application:{}", claims.client_id),
-                Caller::Operator(operator) => format!("admin:{}", operator.token_id),
+                Caller::Operator(operator) => operator.actor(),
             },
             "authority_record": match caller {
                 Caller::Agent(claims) => Value::from(claims.sid.as_str()),

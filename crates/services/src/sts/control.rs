@@ -23,6 +23,32 @@ fn trait_value<'a>(application: &'a Application, prefix: &str) -> impl Iterator<
         .filter_map(move |value| value.strip_prefix(prefix))
 }
 
+/// Whether `application` is a control key (it holds `control:invoke`).
+pub(crate) fn is_control_key(application: &Application) -> bool {
+    application
+        .traits
+        .iter()
+        .any(|value| value == "control:invoke")
+}
+
+/// Whether a control key is past its `control:expires:` trait at `now` (an unreadable expiry
+/// counts as past).
+pub(crate) fn key_expired(application: &Application, now: i64) -> bool {
+    trait_value(application, "control:expires:")
+        .next()
+        .is_some_and(|expires| {
+            humantime::parse_rfc3339(expires)
+                .ok()
+                .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+                .is_none_or(|at| i64::try_from(at.as_millis()).unwrap_or(0) <= now)
+        })
+}
+
+/// The scopes a control key's `control:scope:` traits grant.
+pub(crate) fn key_scopes(application: &Application) -> impl Iterator<Item = &str> {
+    trait_value(application, "control:scope:")
+}
+
 pub(super) async fn mint(
     state: &RoleState,
     sts: &Sts,
@@ -35,11 +61,7 @@ pub(super) async fn mint(
     if ask.resources.len() != 1 {
         return Err(denied("the control audience is minted alone"));
     }
-    if !application
-        .traits
-        .iter()
-        .any(|value| value == "control:invoke")
-    {
+    if !is_control_key(application) {
         return Err(denied("the control audience needs a control key"));
     }
     if form.subject_token.is_some()
@@ -50,7 +72,7 @@ pub(super) async fn mint(
             "a control mint carries no subject, session or delegation",
         ));
     }
-    let allowed: Vec<&str> = trait_value(application, "control:scope:").collect();
+    let allowed: Vec<&str> = key_scopes(application).collect();
     if ask.scopes.is_empty()
         || !ask
             .scopes
@@ -60,14 +82,8 @@ pub(super) async fn mint(
         return Err(denied("scope not granted to this control key"));
     }
     let now = now_ms();
-    if let Some(expires) = trait_value(application, "control:expires:").next() {
-        let expired = humantime::parse_rfc3339(expires)
-            .ok()
-            .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
-            .is_none_or(|at| i64::try_from(at.as_millis()).unwrap_or(0) <= now);
-        if expired {
-            return Err(denied("the control key has expired"));
-        }
+    if key_expired(application, now) {
+        return Err(denied("the control key has expired"));
     }
     let max_ttl = trait_value(application, "control:max-ttl:")
         .next()

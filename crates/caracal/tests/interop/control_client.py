@@ -1,0 +1,68 @@
+"""Drives a running Caracal's control invocations with the published ControlClient
+(caracalai-admin 1.0), unmodified: a control key created through the AdminClient mints one
+token per call at the STS and runs catalog commands at POST /v1/control/invoke.
+
+Reads CARACAL_API_URL, CARACAL_STS_URL and CARACAL_ADMIN_TOKEN; prints one JSON object of what
+it observed. Any unexpected exception fails the run, which fails the Rust test that started it.
+"""
+import json
+import os
+
+from caracalai_admin import AdminClient
+from caracalai_admin.control import ControlClient, ControlClientError
+
+api_url = os.environ["CARACAL_API_URL"]
+admin = AdminClient(api_url=api_url, admin_token=os.environ["CARACAL_ADMIN_TOKEN"])
+seen = {}
+
+zone_id = admin.zones.create({"name": "Control Interop"})["id"]
+key = admin.applications.create(zone_id, {
+    "name": "automation",
+    "registration_method": "managed",
+    "traits": [
+        "control:invoke",
+        "control:scope:control:app:read",
+        "control:scope:control:app:write",
+        "control:max-ttl:120",
+    ],
+})
+control = ControlClient(
+    sts_url=os.environ["CARACAL_STS_URL"],
+    control_url=api_url,
+    audience="caracal-control",
+    application_id=key["id"],
+    client_secret=key["client_secret"],
+    authorized_by="interop@example.com",
+    request_id="control-interop-1",
+)
+
+created = control.invoke(
+    "app", "create", {"name": "reporting", "registration_method": "managed"}, ["control:app:write"]
+)
+seen["created_name"] = created["name"]
+listed = control.invoke("app", "list", {"limit": 10}, ["control:app:read"])
+seen["listed"] = sorted(app["name"] for app in listed["items"])
+seen["got"] = control.invoke("app", "get", {"id": created["id"]}, ["control:app:read"])["id"] == created["id"]
+# What the admin API holds is what the control command wrote.
+seen["admin_sees"] = admin.applications.get(zone_id, created["id"])["name"]
+
+
+def failure(call):
+    try:
+        call()
+    except ControlClientError as error:
+        return [error.stage, error.status, error.code, error.definitive]
+    return None
+
+
+seen["errors"] = {
+    # The key does not hold the scope: the STS refuses the mint.
+    "scope_not_held": failure(lambda: control.invoke("app", "delete", {"id": created["id"]}, ["control:app:delete"])),
+    # The mandate's scope does not cover the command.
+    "scope_too_narrow": failure(lambda: control.invoke("app", "delete", {"id": created["id"]}, ["control:app:read"])),
+    "unsupported": failure(lambda: control.invoke("zone", "delete", {}, ["control:app:read"])),
+    "missing_id": failure(lambda: control.invoke("app", "get", {}, ["control:app:read"])),
+    "not_found": failure(lambda: control.invoke("app", "get", {"id": "nope"}, ["control:app:read"])),
+    "control_key_guarded": failure(lambda: control.invoke("app", "rotate-secret", {"id": key["id"]}, ["control:app:write"])),
+}
+print(json.dumps(seen))

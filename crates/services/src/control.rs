@@ -1,0 +1,756 @@
+//! Remote automation: `POST /v1/control/invoke` on the API role, what the published
+//! `caracalai_admin.ControlClient` calls. A control key (an application holding `control:invoke`
+//! and `control:scope:` traits) mints a one-use `use=resource` mandate for the control audience
+//! at the STS, then runs one command of a fixed catalog with it. The command runs through the
+//! admin API's own routes, in process, as a caller confined to the key's zone that reads, or
+//! writes when its scope is a write or delete scope: every check, limit and audit event of
+//! those routes applies.
+//!
+//! Order of checks, each failing closed: enabled, evidence intact, the mandate (signature, time,
+//! issuer, audience, `use`), the key still live with the mandate's scopes still granted, the
+//! mandate unspent (one use), the key's budget, the catalog and the scope the command needs,
+//! the flags; then the decision is recorded durably, and only then does the command run.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Extension, Json, Router};
+use caracal_audit::Event;
+use caracal_bus::ReplayNamespace;
+use caracal_core::{RequestId, Role};
+use caracal_store::now_ms;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use tower::ServiceExt as _;
+
+use crate::auth::AdminCaller;
+use crate::keys::KeyRing;
+use crate::state::RoleState;
+use crate::sts::control::{AUDIENCE, is_control_key, key_expired, key_scopes};
+use crate::wire::MandateClaims;
+
+/// Flags per invocation, and items per array flag.
+pub const MAX_FLAGS: usize = 32;
+pub const MAX_FLAG_ITEMS: usize = 64;
+/// Invocations a minute per control key, across replicas.
+pub const INVOKES_PER_MINUTE: u64 = 60;
+const INVOKE_WINDOW: Duration = Duration::from_secs(60);
+/// Longest `authorized_by`, in characters.
+const MAX_AUTHORIZED_BY: usize = 200;
+
+/// What the API role holds for control invocations.
+pub struct Control {
+    /// Invocations are refused (503 `control_disabled`) unless the operator turned them on.
+    pub enabled: bool,
+    pub issuer: String,
+    pub keys: KeyRing,
+    /// The admin API's routes, with their layers, built once.
+    admin: OnceLock<Router>,
+}
+
+impl Control {
+    pub fn new(enabled: bool, issuer: String) -> Arc<Control> {
+        Arc::new(Control {
+            enabled,
+            issuer,
+            keys: KeyRing::default(),
+            admin: OnceLock::new(),
+        })
+    }
+}
+
+pub fn routes() -> Router<RoleState> {
+    Router::new().route("/v1/control/invoke", post(invoke))
+}
+
+/// One catalog entry: the command, its subcommand, and the admin route it runs (method, and
+/// the path under `/v1/zones/{zone}/`, where `{id}` is the `id` flag).
+struct Entry {
+    command: &'static str,
+    subcommand: &'static str,
+    method: &'static str,
+    path: &'static str,
+}
+
+const fn entry(
+    command: &'static str,
+    subcommand: &'static str,
+    method: &'static str,
+    path: &'static str,
+) -> Entry {
+    Entry {
+        command,
+        subcommand,
+        method,
+        path,
+    }
+}
+
+/// Every command a control key can run. Not here, on purpose: admin tokens, zones, signing
+/// keys, approval decisions, secret reveals and incident actions stay with operators.
+const CATALOG: &[Entry] = &[
+    entry("app", "list", "GET", "applications"),
+    entry("app", "get", "GET", "applications/{id}"),
+    entry("app", "create", "POST", "applications"),
+    entry("app", "patch", "PATCH", "applications/{id}"),
+    entry(
+        "app",
+        "rotate-secret",
+        "POST",
+        "applications/{id}/rotate-secret",
+    ),
+    entry("app", "delete", "DELETE", "applications/{id}"),
+    entry("resource", "list", "GET", "resources"),
+    entry("resource", "get", "GET", "resources/{id}"),
+    entry("resource", "create", "POST", "resources"),
+    entry("resource", "patch", "PATCH", "resources/{id}"),
+    entry("resource", "delete", "DELETE", "resources/{id}"),
+    entry("identity-provider", "list", "GET", "providers"),
+    entry("identity-provider", "get", "GET", "providers/{id}"),
+    entry("identity-provider", "create", "POST", "providers"),
+    entry("identity-provider", "patch", "PATCH", "providers/{id}"),
+    entry("identity-provider", "delete", "DELETE", "providers/{id}"),
+    entry("workload", "list", "GET", "workloads"),
+    entry("workload", "get", "GET", "workloads/{id}"),
+    entry("workload", "create", "POST", "workloads"),
+    entry("workload", "patch", "PUT", "workloads/{id}"),
+    entry(
+        "workload",
+        "rotate-secret",
+        "POST",
+        "workloads/{id}/rotate-secret",
+    ),
+    entry("workload", "delete", "DELETE", "workloads/{id}"),
+    entry("policy", "list", "GET", "policies"),
+    entry("policy", "get", "GET", "policies/{id}"),
+    entry("policy", "create", "POST", "policies"),
+    entry("policy", "version", "POST", "policies/{id}/versions"),
+    entry("policy", "delete", "DELETE", "policies/{id}"),
+    entry("policy-set", "list", "GET", "policy-sets"),
+    entry("policy-set", "get", "GET", "policy-sets/{id}"),
+    entry("policy-set", "create", "POST", "policy-sets"),
+    entry("policy-set", "version", "POST", "policy-sets/{id}/versions"),
+    entry(
+        "policy-set",
+        "activate",
+        "POST",
+        "policy-sets/{id}/activate",
+    ),
+    entry(
+        "policy-set",
+        "simulate",
+        "POST",
+        "policy-sets/{id}/simulate",
+    ),
+    entry("policy-set", "delete", "DELETE", "policy-sets/{id}"),
+    entry("grant", "list", "GET", "grants"),
+    entry("grant", "get", "GET", "grants/{id}"),
+    entry("grant", "create", "POST", "grants"),
+    entry("grant", "revoke", "DELETE", "grants/{id}"),
+    entry("authority-record", "list", "GET", "authority-records"),
+    entry("approval", "list", "GET", "approvals"),
+    entry("audit", "tail", "GET", "audit"),
+    entry("session", "list", "GET", "sessions"),
+    entry("session", "terminate", "POST", "sessions/{id}/terminate"),
+    entry("delegation", "active", "GET", "delegations"),
+];
+
+/// `read`, `delete` or `write`: the last part of the scope a subcommand needs
+/// (`control:<command>:<class>`).
+fn class(subcommand: &str) -> &'static str {
+    match subcommand {
+        "list" | "get" | "tree" | "tail" | "active" | "inbound" | "outbound" | "traverse"
+        | "validate" | "simulate" => "read",
+        "delete" | "terminate" | "revoke" => "delete",
+        _ => "write",
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Invocation {
+    command: String,
+    subcommand: String,
+    #[serde(default)]
+    flags: Map<String, Value>,
+    authorized_by: Option<String>,
+    co_author_operator: Option<bool>,
+}
+
+/// A refusal: the status and `{ok: false, error: {code, reason}}`, as the client reads it.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    reason: String,
+}
+
+fn refuse(status: StatusCode, code: &'static str, reason: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        code,
+        reason: reason.into(),
+    }
+}
+
+fn unauthorized(reason: impl Into<String>) -> Refusal {
+    refuse(StatusCode::UNAUTHORIZED, "unauthorized", reason)
+}
+
+fn invalid(reason: impl Into<String>) -> Refusal {
+    refuse(StatusCode::BAD_REQUEST, "invalid", reason)
+}
+
+/// The bus or the store could not answer a check: refused (invariant 1).
+fn unavailable(what: &str) -> Refusal {
+    refuse(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        format!("{what} is unavailable; nothing was done"),
+    )
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(json!({"ok": false, "error": {"code": self.code, "reason": self.reason}})),
+        )
+            .into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("60"));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+async fn invoke(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    body: Bytes,
+) -> Response {
+    let request_id = request_id.map(|Extension(id)| id);
+    let Some(control) = state.control.clone().filter(|control| control.enabled) else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "control_disabled",
+            "control invocations are turned off on this deployment (control.enabled)",
+        )
+        .into_response();
+    };
+    if state.shared.evidence.is_lost() {
+        return refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "audit_unavailable",
+            "audit evidence was lost; nothing is invoked until it is recovered",
+        )
+        .into_response();
+    }
+    let claims = match authenticate(&state, &control, &headers).await {
+        Ok(claims) => claims,
+        Err(refusal) => {
+            tracing::info!(code = refusal.code, reason = %refusal.reason, "control invocation refused before authentication");
+            return refusal.into_response();
+        }
+    };
+    let outcome = Box::pin(run(
+        &state,
+        &control,
+        &headers,
+        request_id.as_ref(),
+        &claims,
+        &body,
+    ))
+    .await;
+    match outcome {
+        Ok(response) => response,
+        Err((refusal, invocation)) => {
+            let event = decision_event(
+                &claims,
+                request_id.as_ref(),
+                invocation.as_ref(),
+                Some(&refusal),
+            );
+            // A denial changes nothing; its event is worth keeping but not worth a 500.
+            if let Err(error) = state.shared.evidence.record(event).await {
+                tracing::warn!(%error, "a control denial's audit event was not recorded");
+            }
+            refusal.into_response()
+        }
+    }
+}
+
+/// The bearer: a control mandate of a live control key, verified with its zone's keys.
+async fn authenticate(
+    state: &RoleState,
+    control: &Control,
+    headers: &HeaderMap,
+) -> Result<MandateClaims, Refusal> {
+    let token = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| unauthorized("a control mandate is required as the bearer token"))?;
+    let zone_id = crate::mandate::claimed_zone(token)
+        .filter(|zone| caracal_core::is_plain_id(zone))
+        .ok_or_else(|| unauthorized("the bearer is not a mandate"))?;
+    let store = state.shared.store.as_ref();
+    let keys = match control.keys.zone(store, &state.shared.kek, &zone_id).await {
+        Ok(keys) => keys,
+        Err(crate::keys::KeyError::Store(error)) => {
+            tracing::warn!(%error, "control: zone keys unreadable");
+            return Err(unavailable("the store"));
+        }
+        Err(_) => return Err(unauthorized("not a mandate of a known zone")),
+    };
+    let now = now_ms();
+    let claims = crate::mandate::verify(token, |kid| keys.verifier(kid, now))
+        .map_err(|error| unauthorized(error.to_string()))?;
+    crate::mandate::check_times(&claims, now / 1000)
+        .map_err(|error| unauthorized(error.to_string()))?;
+    if claims.iss != control.issuer
+        || claims.aud != [AUDIENCE]
+        || claims.use_ != "resource"
+        || claims.sub_type != "application"
+        || claims.jti.is_empty()
+    {
+        return Err(unauthorized("not a control mandate"));
+    }
+    // Live state: the key still exists, is still a control key, and still holds every scope
+    // the mandate carries; its authority record is still active.
+    let application = store
+        .get_application(&claims.zone_id, &claims.client_id)
+        .await
+        .map_err(|_| unavailable("the store"))?
+        .filter(|application| {
+            application.active(now) && is_control_key(application) && !key_expired(application, now)
+        })
+        .ok_or_else(|| unauthorized("the control key is revoked, archived or expired"))?;
+    let granted: Vec<&str> = key_scopes(&application).collect();
+    if !scopes(&claims).all(|scope| granted.contains(&scope)) {
+        return Err(unauthorized(
+            "the control key no longer holds every scope of this mandate",
+        ));
+    }
+    let record_active = store
+        .get_authority_record(&claims.zone_id, &claims.sid)
+        .await
+        .map_err(|_| unavailable("the store"))?
+        .is_some_and(|record| record.active(now));
+    if !record_active {
+        return Err(unauthorized("the mandate's authority record is not active"));
+    }
+    Ok(claims)
+}
+
+fn scopes(claims: &MandateClaims) -> impl Iterator<Item = &str> {
+    claims
+        .scope
+        .as_deref()
+        .unwrap_or_default()
+        .split(' ')
+        .filter(|scope| !scope.is_empty())
+}
+
+/// Everything after authentication: a refusal comes back with the invocation (when it parsed)
+/// for its audit event.
+async fn run(
+    state: &RoleState,
+    control: &Control,
+    headers: &HeaderMap,
+    request_id: Option<&RequestId>,
+    claims: &MandateClaims,
+    body: &[u8],
+) -> Result<Response, (Refusal, Option<Invocation>)> {
+    let ttl = Duration::from_secs(
+        u64::try_from(claims.exp - now_ms() / 1000)
+            .unwrap_or(0)
+            .max(1),
+    );
+    match state
+        .shared
+        .bus
+        .replay
+        .claim_once(ReplayNamespace::ControlJti, &claims.jti, ttl)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err((
+                refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "token_replay",
+                    "this control mandate was already used; mint one per invocation",
+                ),
+                None,
+            ));
+        }
+        Err(error) => {
+            tracing::warn!(%error, "control: replay registry unavailable");
+            return Err((unavailable("the replay registry"), None));
+        }
+    }
+    let bucket = format!("control-invokes:{}:{}", claims.zone_id, claims.client_id);
+    match state.shared.bus.rates.hit(&bucket, INVOKE_WINDOW).await {
+        Ok(count) if count > INVOKES_PER_MINUTE => {
+            return Err((
+                refuse(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!("a control key runs at most {INVOKES_PER_MINUTE} commands a minute"),
+                ),
+                None,
+            ));
+        }
+        Ok(_) => {}
+        Err(error) => {
+            tracing::warn!(%error, "control: rate counter unavailable");
+            return Err((unavailable("the rate counter"), None));
+        }
+    }
+    let invocation: Invocation =
+        serde_json::from_slice(body).map_err(|error| (invalid(format!("body: {error}")), None))?;
+    let call = match prepare(headers, claims, &invocation) {
+        Ok(call) => call,
+        Err(refusal) => return Err((refusal, Some(invocation))),
+    };
+    let admin = control
+        .admin
+        .get_or_init(|| {
+            let api = RoleState::new(Role::Api, state.shared.clone());
+            crate::router::admin_api(&api).with_state(api)
+        })
+        .clone();
+    let caller = AdminCaller::control_key(&claims.client_id, &claims.zone_id, call.writes);
+    if invocation.command == "app"
+        && call.writes
+        && let Err(refusal) = guard_control_keys(&admin, &caller, &call).await
+    {
+        return Err((refusal, Some(invocation)));
+    }
+    // Evidence before action: the decision is durable before the command runs.
+    let event = decision_event(claims, request_id, Some(&invocation), None);
+    if let Err(error) = state.shared.evidence.record(event).await {
+        tracing::warn!(%error, "control: the invocation's audit event was not recorded; refused");
+        return Err((
+            refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "audit_unavailable",
+                "the invocation could not be recorded; nothing was done",
+            ),
+            Some(invocation),
+        ));
+    }
+    let (status, answer) = dispatch(&admin, caller, &call, request_id).await;
+    if status.is_success() {
+        return Ok((
+            StatusCode::OK,
+            [(http::header::CACHE_CONTROL, "no-store")],
+            Json(json!({"ok": true, "result": answer})),
+        )
+            .into_response());
+    }
+    Err((admin_refusal(status, &answer), Some(invocation)))
+}
+
+/// An invocation resolved against the catalog: the admin route to call and what to send.
+struct Call {
+    method: http::Method,
+    path: String,
+    body: Option<Value>,
+    writes: bool,
+    id: Option<String>,
+}
+
+fn prepare(
+    headers: &HeaderMap,
+    claims: &MandateClaims,
+    invocation: &Invocation,
+) -> Result<Call, Refusal> {
+    if let Some(zone) = headers.get("x-caracal-zone-scope")
+        && zone.to_str().ok() != Some(claims.zone_id.as_str())
+    {
+        return Err(refuse(
+            StatusCode::CONFLICT,
+            "zone_mismatch",
+            "a control key acts only in its own zone",
+        ));
+    }
+    let Some(entry) = CATALOG
+        .iter()
+        .find(|e| e.command == invocation.command && e.subcommand == invocation.subcommand)
+    else {
+        return Err(refuse(
+            StatusCode::NOT_IMPLEMENTED,
+            "unsupported",
+            format!(
+                "`{} {}` is not a control command",
+                truncated(&invocation.command),
+                truncated(&invocation.subcommand)
+            ),
+        ));
+    };
+    let class = class(entry.subcommand);
+    let needed = format!("control:{}:{class}", entry.command);
+    if !scopes(claims).any(|scope| scope == needed) {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "denied",
+            format!("the mandate lacks `{needed}`"),
+        ));
+    }
+    if let Some(by) = &invocation.authorized_by
+        && (by.trim().is_empty()
+            || by.chars().count() > MAX_AUTHORIZED_BY
+            || by.chars().any(char::is_control))
+    {
+        return Err(invalid(format!(
+            "authorized_by must be 1 to {MAX_AUTHORIZED_BY} printable characters"
+        )));
+    }
+    if invocation.flags.len() > MAX_FLAGS {
+        return Err(invalid(format!("at most {MAX_FLAGS} flags")));
+    }
+    let mut flags = invocation.flags.clone();
+    for (name, value) in &flags {
+        if let Value::Array(items) = value
+            && items.len() > MAX_FLAG_ITEMS
+        {
+            return Err(invalid(format!(
+                "flag `{}` has more than {MAX_FLAG_ITEMS} items",
+                truncated(name)
+            )));
+        }
+    }
+    let id = match flags.remove("id") {
+        None => None,
+        // A plain id, and never a dot segment (`.` and `..` are plain ids).
+        Some(Value::String(id)) if caracal_core::is_plain_id(&id) && !id.starts_with('.') => {
+            Some(id)
+        }
+        Some(_) => return Err(invalid("flag `id` must be an object id")),
+    };
+    let path = if entry.path.contains("{id}") {
+        let Some(id) = &id else {
+            return Err(invalid(format!(
+                "`{} {}` needs the flag `id`",
+                entry.command, entry.subcommand
+            )));
+        };
+        entry.path.replace("{id}", id)
+    } else if id.is_some() {
+        return Err(invalid(format!(
+            "`{} {}` takes no `id`",
+            entry.command, entry.subcommand
+        )));
+    } else {
+        entry.path.to_owned()
+    };
+    let mut path = format!("/v1/zones/{}/{path}", claims.zone_id);
+    let method = http::Method::from_bytes(entry.method.as_bytes())
+        .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "invalid", "catalog"))?;
+    let body = if method == http::Method::GET {
+        let mut query = Vec::with_capacity(flags.len());
+        for (name, value) in &flags {
+            let text = match value {
+                Value::String(text) => text.clone(),
+                Value::Number(number) => number.to_string(),
+                Value::Bool(flag) => flag.to_string(),
+                _ => {
+                    return Err(invalid(format!(
+                        "flag `{}` of a read must be a string, number or boolean",
+                        truncated(name)
+                    )));
+                }
+            };
+            query.push((name.as_str(), text));
+        }
+        let query = serde_urlencoded::to_string(&query)
+            .map_err(|_| invalid("flags do not form a query"))?;
+        if !query.is_empty() {
+            path = format!("{path}?{query}");
+        }
+        None
+    } else {
+        (!flags.is_empty()).then_some(Value::Object(flags))
+    };
+    Ok(Call {
+        method,
+        path,
+        body,
+        writes: class != "read",
+        id,
+    })
+}
+
+/// At most 64 characters of caller text in a message.
+fn truncated(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+/// A control key may not change, rotate or archive a control key (its own or another's):
+/// taking over a broader key would widen its authority.
+async fn guard_control_keys(
+    admin: &Router,
+    caller: &AdminCaller,
+    call: &Call,
+) -> Result<(), Refusal> {
+    let Some(id) = &call.id else {
+        return Ok(());
+    };
+    let zone_id = match &caller.scope {
+        caracal_store::TokenScope::Zone(zone) => zone.clone(),
+        caracal_store::TokenScope::Global => return Err(unavailable("the caller's zone")),
+    };
+    let read = Call {
+        method: http::Method::GET,
+        path: format!("/v1/zones/{zone_id}/applications/{id}"),
+        body: None,
+        writes: false,
+        id: None,
+    };
+    let reader = AdminCaller::control_key(&caller.token_id, &zone_id, false);
+    let (status, answer) = dispatch(admin, reader, &read, None).await;
+    if !status.is_success() {
+        return Err(admin_refusal(status, &answer));
+    }
+    let privileged = answer
+        .get("traits")
+        .and_then(Value::as_array)
+        .is_some_and(|traits| {
+            traits.iter().filter_map(Value::as_str).any(|value| {
+                crate::admin::PRIVILEGED_TRAITS
+                    .iter()
+                    .any(|prefix| value.starts_with(prefix))
+            })
+        });
+    if privileged {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "denied",
+            "a control key cannot change a control key; an operator can",
+        ));
+    }
+    Ok(())
+}
+
+/// Calls the admin route as `caller`; its status and JSON answer (`null` when it has none).
+async fn dispatch(
+    admin: &Router,
+    caller: AdminCaller,
+    call: &Call,
+    request_id: Option<&RequestId>,
+) -> (StatusCode, Value) {
+    let mut request = http::Request::builder()
+        .method(call.method.clone())
+        .uri(&call.path)
+        .header(http::header::CONTENT_TYPE, "application/json");
+    if let Some(id) = request_id {
+        request = request.extension(id.clone());
+    }
+    let body = call.body.as_ref().map(Value::to_string).unwrap_or_default();
+    let Ok(request) = request.body(Body::from(body)) else {
+        return (StatusCode::BAD_REQUEST, Value::Null);
+    };
+    // Boxed: the admin route's future would otherwise sit inside this one's, twice the stack.
+    let response = match Box::pin(crate::auth::acting_as(
+        caller,
+        admin.clone().oneshot(request),
+    ))
+    .await
+    {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), crate::admin::MAX_BODY * 64)
+        .await
+        .unwrap_or_default();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// The admin route's refusal in the control envelope; its own code leads the reason.
+fn admin_refusal(status: StatusCode, answer: &Value) -> Refusal {
+    let code = match status.as_u16() {
+        400 | 413 | 415 | 422 => "invalid",
+        403 => "denied",
+        404 => "not_found",
+        405 => "unsupported",
+        409 => "conflict",
+        429 => "rate_limited",
+        _ => "upstream",
+    };
+    let status = match code {
+        "unsupported" => StatusCode::NOT_IMPLEMENTED,
+        "upstream" => StatusCode::BAD_GATEWAY,
+        _ => status,
+    };
+    let reason = match (
+        answer.get("error").and_then(Value::as_str),
+        answer.get("error_description").and_then(Value::as_str),
+    ) {
+        (Some(code), Some(description)) => format!("{code}: {description}"),
+        (Some(code), None) => code.to_owned(),
+        _ => format!("the admin API answered {status}"),
+    };
+    refuse(status, code, reason)
+}
+
+/// The `control.invoke` audit event: allowed (no refusal) or denied, by which key, for what.
+fn decision_event(
+    claims: &MandateClaims,
+    request_id: Option<&RequestId>,
+    invocation: Option<&Invocation>,
+    refusal: Option<&Refusal>,
+) -> Event {
+    Event {
+        id: uuid::Uuid::now_v7().to_string(),
+        zone_id: claims.zone_id.clone(),
+        event_type: "control.invoke".to_owned(),
+        request_id: request_id.map_or_else(|| "none".to_owned(), ToString::to_string),
+        decision: if refusal.is_some() { "deny" } else { "allow" }.to_owned(),
+        policy_set_id: None,
+        policy_set_version_id: None,
+        manifest_sha: None,
+        evaluation_status: "complete".to_owned(),
+        determining_policies_json: json!([{"policy": "control-key"}]),
+        diagnostics_json: json!(refusal.map_or_else(Vec::new, |refusal| vec![
+            json!({"code": refusal.code, "reason": refusal.reason})
+        ])),
+        metadata_json: json!({
+            "actor": format!("control:{}", claims.client_id),
+            "authority_record": claims.sid,
+            "command": invocation.map(|i| truncated(&i.command)),
+            "subcommand": invocation.map(|i| truncated(&i.subcommand)),
+            "flags": invocation.map(|i| i.flags.keys().take(MAX_FLAGS).map(|name| truncated(name)).collect::<Vec<_>>()),
+            "authorized_by": invocation.and_then(|i| i.authorized_by.as_deref().map(truncated)),
+            "co_author_operator": invocation.and_then(|i| i.co_author_operator),
+        }),
+        occurred_at_ms: now_ms(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

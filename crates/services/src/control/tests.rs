@@ -1,0 +1,542 @@
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use caracal_core::Role;
+use http::StatusCode;
+use serde_json::{Value, json};
+
+use super::Control;
+use crate::router;
+use crate::state::RoleState;
+use crate::sts::tests::{World, world};
+use crate::test_support::{call, call_with};
+
+/// The STS's issuer in [`world`].
+const ISSUER: &str = "http://sts.test";
+
+/// The world's API role with control invocations on (or off).
+fn api(world: &World, enabled: bool) -> axum::Router {
+    let mut state = RoleState::new(Role::Api, world.shared.clone());
+    state.control = Some(Control::new(enabled, ISSUER.to_owned()));
+    router(state)
+}
+
+/// A control key of the world's zone holding `scopes`; its id and secret.
+async fn control_key(world: &World, scopes: &[&str]) -> (String, String) {
+    let mut traits = vec!["control:invoke".to_owned()];
+    traits.extend(scopes.iter().map(|scope| format!("control:scope:{scope}")));
+    let body = json!({"name": format!("key-{}", uuid::Uuid::now_v7().simple()),
+                      "registration_method": "managed", "traits": traits});
+    let (status, _, app) = call(
+        &world.api,
+        "POST",
+        &format!("/v1/zones/{}/applications", world.zone_id),
+        Some(&world.writer),
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{app}");
+    (
+        app["id"].as_str().unwrap().to_owned(),
+        app["client_secret"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// A control mandate for `scope`, as `ControlClient` mints it (no zone: the key's own).
+async fn mint(world: &World, (id, secret): &(String, String), scope: &str) -> String {
+    let form = serde_urlencoded::to_string([
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("application_id", id),
+        ("client_secret", secret),
+        ("resource", "caracal-control"),
+        ("scope", scope),
+    ])
+    .unwrap();
+    let (status, _, body) = world.exchange(&form).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn invoke(api: &axum::Router, token: &str, body: Value) -> (StatusCode, Value) {
+    let (status, _, answer) = call(
+        api,
+        "POST",
+        "/v1/control/invoke",
+        Some(token),
+        &body.to_string(),
+    )
+    .await;
+    (status, answer)
+}
+
+fn code(answer: &Value) -> &str {
+    answer["error"]["code"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_control_key_runs_catalog_commands_in_its_zone_once_per_mandate() {
+    let world = world().await;
+    let api = api(&world, true);
+    let key = control_key(&world, &["control:app:read", "control:resource:write"]).await;
+
+    let token = mint(&world, &key, "control:app:read").await;
+    let list = json!({"command": "app", "subcommand": "list", "flags": {"limit": 50}});
+    let (status, answer) = invoke(&api, &token, list.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["ok"], true);
+    let names: Vec<&str> = answer["result"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|app| app["name"].as_str())
+        .collect();
+    assert!(names.contains(&"billing"), "{names:?}");
+    // One use per mandate.
+    let (status, answer) = invoke(&api, &token, list).await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::UNAUTHORIZED, "token_replay")
+    );
+
+    // A write runs through the admin route, which records its change with the key as actor.
+    let token = mint(&world, &key, "control:resource:write").await;
+    let (_, _, providers) = call(
+        &world.api,
+        "GET",
+        &format!("/v1/zones/{}/providers", world.zone_id),
+        Some(&world.writer),
+        "",
+    )
+    .await;
+    let provider = providers["items"][0]["id"].as_str().unwrap().to_owned();
+    let create = json!({"command": "resource", "subcommand": "create", "authorized_by": "ops@example.com",
+        "flags": {"name": "Wiki", "identifier": "resource://wiki", "scopes": ["wiki:read"],
+                  "upstream_url": "http://127.0.0.1:9/wiki", "credential_provider_id": provider}});
+    let (status, answer) = invoke(&api, &token, create).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let id = answer["result"]["id"].as_str().unwrap();
+    let (status, _, resource) = call(
+        &world.api,
+        "GET",
+        &format!("/v1/zones/{}/resources/{id}", world.zone_id),
+        Some(&world.writer),
+        "",
+    )
+    .await;
+    assert_eq!(
+        (status, resource["identifier"].as_str()),
+        (StatusCode::OK, Some("resource://wiki"))
+    );
+    let rows = world
+        .shared
+        .store
+        .claim_outbox("t", 1000, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    let created: Vec<Value> = rows
+        .iter()
+        .filter_map(|row| row.fields.get("data"))
+        .map(|data| serde_json::from_str::<Value>(data).unwrap())
+        .filter(|event| event["metadata_json"]["entity_id"] == id)
+        .collect();
+    assert_eq!(created.len(), 1, "{created:?}");
+    assert_eq!(
+        created[0]["metadata_json"]["actor"],
+        format!("control:{}", key.0),
+        "the resource's creation names the control key"
+    );
+}
+
+#[tokio::test]
+async fn control_invocations_refuse_what_the_mandate_does_not_allow() {
+    let world = world().await;
+    let api = api(&world, true);
+    let key = control_key(
+        &world,
+        &[
+            "control:app:read",
+            "control:app:write",
+            "control:grant:read",
+        ],
+    )
+    .await;
+    let app_session = world.bootstrap().await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let read = |command: &str, subcommand: &str, flags: Value| json!({"command": command, "subcommand": subcommand, "flags": flags});
+    let mut too_many = serde_json::Map::new();
+    for n in 0..=super::MAX_FLAGS {
+        too_many.insert(format!("f{n}"), json!(n));
+    }
+    let cases = [
+        // A scope the mandate lacks.
+        (
+            "control:app:read",
+            read("app", "delete", json!({"id": world.app_id})),
+            StatusCode::FORBIDDEN,
+            "denied",
+        ),
+        (
+            "control:app:read",
+            read("zone", "delete", json!({})),
+            StatusCode::NOT_IMPLEMENTED,
+            "unsupported",
+        ),
+        (
+            "control:app:read",
+            read("app", "get", json!({})),
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            "control:app:read",
+            read("app", "get", json!({"id": "../../admin-tokens"})),
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            "control:app:read",
+            read("app", "list", Value::Object(too_many)),
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            "control:app:read",
+            read("app", "list", json!({"limit": {"deep": 1}})),
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            "control:app:read",
+            json!({"command": "app"}),
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        // The admin route's own refusals keep their meaning.
+        (
+            "control:app:read",
+            read("app", "get", json!({"id": "nope"})),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "control:app:read",
+            read("app", "list", json!({"limit": 0})),
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        // A zone-confined caller cannot give out control traits...
+        (
+            "control:app:write",
+            read(
+                "app",
+                "create",
+                json!({"name": "x", "registration_method": "managed", "traits": ["control:invoke"]}),
+            ),
+            StatusCode::FORBIDDEN,
+            "denied",
+        ),
+        // ...nor take over a control key (its own here) by rotating its secret.
+        (
+            "control:app:write",
+            read("app", "rotate-secret", json!({"id": key.0})),
+            StatusCode::FORBIDDEN,
+            "denied",
+        ),
+    ];
+    for (scope, body, status, expected) in cases {
+        let token = mint(&world, &key, scope).await;
+        let (got, answer) = invoke(&api, &token, body.clone()).await;
+        assert_eq!((got, code(&answer)), (status, expected), "{body}: {answer}");
+        assert_eq!(answer["ok"], false);
+    }
+    // A plain application may be rotated: the guard is about control keys only.
+    let token = mint(&world, &key, "control:app:write").await;
+    let (status, answer) = invoke(
+        &api,
+        &token,
+        read("app", "rotate-secret", json!({"id": world.app_id})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+
+    // Another zone named in the header.
+    let token = mint(&world, &key, "control:grant:read").await;
+    let (status, _, answer) = call_with(
+        &api,
+        "POST",
+        "/v1/control/invoke",
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("x-caracal-zone-scope", "another-zone"),
+        ],
+        &read("grant", "list", json!({})).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::CONFLICT, "zone_mismatch")
+    );
+
+    // Bearers that are not a live control mandate.
+    for bearer in [
+        None,
+        Some("garbage".to_owned()),
+        Some(world.writer.clone()),
+        Some(app_session),
+    ] {
+        let (status, _, answer) = call(
+            &api,
+            "POST",
+            "/v1/control/invoke",
+            bearer.as_deref(),
+            &read("app", "list", json!({})).to_string(),
+        )
+        .await;
+        assert_eq!(
+            (status, code(&answer)),
+            (StatusCode::UNAUTHORIZED, "unauthorized"),
+            "{bearer:?}: {answer}"
+        );
+    }
+    // A scope taken off the key after the mint is gone at once.
+    let token = mint(&world, &key, "control:grant:read").await;
+    let (status, _, _) = call(
+        &world.api,
+        "PATCH",
+        &format!("/v1/zones/{}/applications/{}", world.zone_id, key.0),
+        Some(&world.writer),
+        &json!({"traits": ["control:invoke", "control:scope:control:app:read"]}).to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, answer) = invoke(&api, &token, read("grant", "list", json!({}))).await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::UNAUTHORIZED, "unauthorized"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn control_invocations_fail_closed() {
+    let world = world().await;
+    let key = control_key(&world, &["control:app:read"]).await;
+    let list = json!({"command": "app", "subcommand": "list"});
+
+    // Off unless the operator turns it on.
+    let token = mint(&world, &key, "control:app:read").await;
+    let (status, answer) = invoke(&api(&world, false), &token, list.clone()).await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::SERVICE_UNAVAILABLE, "control_disabled")
+    );
+
+    // The store down: nothing runs.
+    let api = api(&world, true);
+    let token = mint(&world, &key, "control:app:read").await;
+    world.store.down.store(true, Ordering::SeqCst);
+    let (status, answer) = invoke(&api, &token, list.clone()).await;
+    world.store.down.store(false, Ordering::SeqCst);
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        "{answer}"
+    );
+
+    // Past the key's budget: 429 with Retry-After.
+    let mut last = (StatusCode::OK, Value::Null);
+    for _ in 0..=super::INVOKES_PER_MINUTE {
+        let token = mint(&world, &key, "control:app:read").await;
+        last = invoke(&api, &token, list.clone()).await;
+    }
+    assert_eq!(
+        (last.0, code(&last.1)),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        "{}",
+        last.1
+    );
+
+    // Evidence lost: refused before anything runs.
+    let replay = tempfile::tempdir().unwrap();
+    let path = replay.path().join("replay");
+    let (evidence, _tasks) = crate::evidence::Evidence::start(
+        caracal_bus::Producer::new(
+            Arc::new(crate::test_support::DownBus),
+            caracal_bus::signature::StreamKey::new(b"k"),
+        ),
+        crate::evidence::EvidenceConfig::new(path.clone()),
+    )
+    .unwrap();
+    // Neither the bus nor the replay directory can take the event.
+    std::fs::remove_dir_all(&path).unwrap();
+    std::fs::write(&path, "not a directory").unwrap();
+    let probe = caracal_audit::Event {
+        id: "probe".into(),
+        zone_id: "z".into(),
+        event_type: "probe".into(),
+        request_id: "r".into(),
+        decision: "allow".into(),
+        policy_set_id: None,
+        policy_set_version_id: None,
+        manifest_sha: None,
+        evaluation_status: "complete".into(),
+        determining_policies_json: json!([]),
+        diagnostics_json: json!([]),
+        metadata_json: json!({}),
+        occurred_at_ms: 0,
+    };
+    assert!(evidence.record(probe).await.is_err());
+    let mut shared = world.shared.clone();
+    shared.evidence = evidence;
+    let mut state = RoleState::new(Role::Api, shared);
+    state.control = Some(Control::new(true, ISSUER.to_owned()));
+    let token = mint(&world, &key, "control:app:read").await;
+    let (status, answer) = invoke(&router(state), &token, list).await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::INTERNAL_SERVER_ERROR, "audit_unavailable")
+    );
+}
+
+mod parsing {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+
+    use super::super::{CATALOG, Invocation, prepare};
+    use crate::wire::MandateClaims;
+
+    fn claims() -> MandateClaims {
+        let every_scope: Vec<String> = ["read", "write", "delete"]
+            .iter()
+            .flat_map(|class| {
+                CATALOG
+                    .iter()
+                    .map(move |entry| format!("control:{}:{class}", entry.command))
+            })
+            .collect();
+        MandateClaims {
+            iss: "http://sts".into(),
+            sub: "key".into(),
+            aud: vec!["caracal-control".into()],
+            exp: 2_000,
+            iat: 1_000,
+            jti: "j".into(),
+            zone_id: "zone-1".into(),
+            client_id: "key".into(),
+            sid: "s".into(),
+            root_sid: "s".into(),
+            use_: "resource".into(),
+            sub_type: "application".into(),
+            scope: Some(every_scope.join(" ")),
+            target: None,
+            agent_session_id: None,
+            delegation_edge_id: None,
+            source_session_id: None,
+            target_session_id: None,
+            delegation_path: None,
+            delegation_chain: None,
+            hop_count: None,
+            delegation_graph_epoch: None,
+        }
+    }
+
+    /// Text a hostile caller might send: path tricks, encodings, separators, other scripts.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("../admin-tokens".to_owned()),
+            Just("..".to_owned()),
+            Just(".".to_owned()),
+            Just("x/../../v1/admin-tokens".to_owned()),
+            Just("%2e%2e".to_owned()),
+            Just("a?b=c#d".to_owned()),
+            Just("01a22b7f-d577-71b3-aede-6769f4c46f4c".to_owned()),
+            Just(String::new()),
+            "[a-z:._-]{1,12}",
+            any::<String>(),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            text().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<bool>().prop_map(Value::from),
+            Just(Value::Null),
+        ];
+        leaf.prop_recursive(3, 80, 70, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..70).prop_map(Value::Array),
+                proptest::collection::btree_map(text(), inner, 0..4)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn invocation() -> impl Strategy<Value = Invocation> {
+        let command = prop_oneof![
+            proptest::sample::select(CATALOG.iter().map(|e| e.command).collect::<Vec<_>>())
+                .prop_map(str::to_owned),
+            text(),
+        ];
+        let subcommand = prop_oneof![
+            proptest::sample::select(CATALOG.iter().map(|e| e.subcommand).collect::<Vec<_>>())
+                .prop_map(str::to_owned),
+            text(),
+        ];
+        let flags = proptest::collection::btree_map(text(), value(), 0..36);
+        let id = proptest::option::of(prop_oneof![text().prop_map(Value::from), value()]);
+        let authorized_by =
+            proptest::option::of(prop_oneof!["[a-z@.]{1,20}".prop_map(|by| by), text()]);
+        (command, subcommand, flags, id, authorized_by).prop_map(
+            |(command, subcommand, flags, id, authorized_by)| {
+                let mut flags: Map<String, Value> = flags.into_iter().collect();
+                if let Some(id) = id {
+                    flags.insert("id".to_owned(), id);
+                }
+                Invocation {
+                    command,
+                    subcommand,
+                    flags,
+                    authorized_by,
+                    co_author_operator: None,
+                }
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3_000))]
+
+        /// Whatever the invocation, the call stays on a catalog route of the key's own zone,
+        /// with a plain id in it, or is refused with a 4xx or 501; never a panic.
+        #[test]
+        fn an_invocation_resolves_to_its_zones_catalog_route_or_a_refusal(invocation in invocation()) {
+            let claims = claims();
+            match prepare(&http::HeaderMap::new(), &claims, &invocation) {
+                Ok(call) => {
+                    let path = call.path.split('?').next().unwrap_or_default();
+                    let entry = CATALOG
+                        .iter()
+                        .find(|e| e.command == invocation.command && e.subcommand == invocation.subcommand)
+                        .expect("only catalog commands resolve");
+                    let id = call.id.clone().unwrap_or_default();
+                    prop_assert!(id.is_empty() || caracal_core::is_plain_id(&id));
+                    prop_assert_eq!(path.to_owned(), format!("/v1/zones/zone-1/{}", entry.path.replace("{id}", &id)));
+                    prop_assert!(!path.contains(".."));
+                    prop_assert!(invocation.flags.len() <= super::super::MAX_FLAGS);
+                }
+                Err(refusal) => {
+                    prop_assert!(
+                        refusal.status.is_client_error() || refusal.status == http::StatusCode::NOT_IMPLEMENTED,
+                        "{:?}", refusal
+                    );
+                }
+            }
+        }
+    }
+}
