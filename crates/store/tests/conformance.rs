@@ -1300,6 +1300,29 @@ async fn every_edge_change_bumps_the_zone_epoch_and_stamps_the_outbox(backend: &
     assert_eq!(revoked.status, "revoked");
     assert!(revoked.revoked_at_ms.is_some());
     assert_eq!(store.list_edges_to("zone-1", "s3").await.unwrap().len(), 1);
+    // Several by id in one read: unknown ids and other zones' edges are left out.
+    let found: Vec<String> = store
+        .get_delegation_edges("zone-1", &["e2", "nope", "e1"])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|edge| edge.id)
+        .collect();
+    assert_eq!(found, ["e1", "e2"]);
+    assert!(
+        store
+            .get_delegation_edges("zone-2", &["e1", "e2"])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .get_delegation_edges("zone-1", &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn session_leases_are_fenced_and_final_states_stay_final(backend: &Backend) {

@@ -585,12 +585,18 @@ async fn traverse(
             .map(|(edge, _)| edge.as_str())
             .filter(|edge| *edge != id),
     );
-    let mut nodes = Vec::with_capacity(ids.len());
-    for edge_id in ids {
-        if let Some(edge) = store.get_delegation_edge(&zone_id, edge_id).await? {
-            nodes.push(body(&edge));
-        }
-    }
+    // One read for the tree, then the edge itself first and the rest in the tree's order.
+    let mut edges: std::collections::HashMap<String, _> = store
+        .get_delegation_edges(&zone_id, &ids)
+        .await?
+        .into_iter()
+        .map(|edge| (edge.id.clone(), edge))
+        .collect();
+    let nodes = ids
+        .iter()
+        .filter_map(|edge_id| edges.remove(*edge_id))
+        .map(|edge| body(&edge))
+        .collect();
     Ok(Json(Value::Array(nodes)))
 }
 

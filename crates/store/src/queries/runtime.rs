@@ -243,6 +243,12 @@ pub trait Runtime: Send + Sync {
         zone_id: &str,
         id: &str,
     ) -> Result<Option<DelegationEdge>, StoreError>;
+    /// The zone's edges among `ids`, in one read (unknown ids are left out; order by id).
+    async fn get_delegation_edges(
+        &self,
+        zone_id: &str,
+        ids: &[&str],
+    ) -> Result<Vec<DelegationEdge>, StoreError>;
     async fn list_edges_from(
         &self,
         zone_id: &str,
@@ -1288,6 +1294,26 @@ impl<D: Db> Runtime for D {
             edge,
         )
         .await
+    }
+
+    async fn get_delegation_edges(
+        &self,
+        zone_id: &str,
+        ids: &[&str],
+    ) -> Result<Vec<DelegationEdge>, StoreError> {
+        let ids =
+            serde_json::to_string(ids).map_err(|error| StoreError::Query(error.to_string()))?;
+        let sql = match self.dialect() {
+            Dialect::Sqlite => concat!(
+                select_delegation_edges!(),
+                " WHERE zone_id = $1 AND id IN (SELECT value FROM json_each($2)) ORDER BY id"
+            ),
+            Dialect::Postgres => concat!(
+                select_delegation_edges!(),
+                " WHERE zone_id = $1 AND id IN (SELECT jsonb_array_elements_text($2::text::jsonb)) ORDER BY id"
+            ),
+        };
+        all(self, sql, params![zone_id, ids], edge).await
     }
 
     async fn list_edges_from(
