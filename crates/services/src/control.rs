@@ -381,6 +381,18 @@ async fn run(
     claims: &MandateClaims,
     body: &[u8],
 ) -> Result<Response, (Refusal, Option<Invocation>)> {
+    // An incident containment of the zone stops automation too (the STS already refuses to
+    // mint; this covers mandates minted before the switch).
+    if state.shared.containment.fail_closed(&claims.zone_id) {
+        return Err((
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "contained",
+                "an incident containment refuses automation in this zone",
+            ),
+            None,
+        ));
+    }
     let ttl = Duration::from_secs(
         u64::try_from(claims.exp - now_ms() / 1000)
             .unwrap_or(0)
@@ -699,6 +711,7 @@ fn admin_refusal(status: StatusCode, answer: &Value) -> Refusal {
         404 => "not_found",
         405 => "unsupported",
         409 => "conflict",
+        423 => "change_freeze",
         429 => "rate_limited",
         _ => "upstream",
     };

@@ -325,7 +325,11 @@ async fn control_invocations_refuse_what_the_mandate_does_not_allow() {
 #[tokio::test]
 async fn control_invocations_fail_closed() {
     let world = world().await;
-    let key = control_key(&world, &["control:app:read"]).await;
+    let key = control_key(
+        &world,
+        &["control:app:read", "control:identity-provider:write"],
+    )
+    .await;
     let list = json!({"command": "app", "subcommand": "list"});
 
     // Off unless the operator turns it on.
@@ -348,9 +352,54 @@ async fn control_invocations_fail_closed() {
         "{answer}"
     );
 
+    // An incident containment: a freeze refuses changes as the admin route does; failing the
+    // zone closed refuses a mandate minted before the switch.
+    let incident = |path: &'static str, body: Value| {
+        let api = world.api.clone();
+        let writer = world.writer.clone();
+        async move {
+            let (status, _, state) =
+                call(&api, "POST", path, Some(&writer), &body.to_string()).await;
+            assert_eq!(status, StatusCode::OK, "{state}");
+        }
+    };
+    incident(
+        "/v1/incident/contain",
+        json!({"freeze": true, "reason": "drill"}),
+    )
+    .await;
+    let token = mint(&world, &key, "control:identity-provider:write").await;
+    let create = json!({"command": "identity-provider", "subcommand": "create",
+                        "flags": {"name": "frozen", "kind": "none"}});
+    let (status, answer) = invoke(&api, &token, create).await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::LOCKED, "change_freeze"),
+        "{answer}"
+    );
+    let token = mint(&world, &key, "control:app:read").await;
+    let zone = world.zone_id.clone();
+    incident(
+        "/v1/incident/contain",
+        json!({"fail_closed": true, "zone_id": zone, "reason": "drill"}),
+    )
+    .await;
+    let (status, answer) = invoke(&api, &token, list.clone()).await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::SERVICE_UNAVAILABLE, "contained")
+    );
+    incident(
+        "/v1/incident/release",
+        json!({"freeze": true, "fail_closed": true, "zone_id": zone, "reason": "over"}),
+    )
+    .await;
+
     // Past the key's budget: 429 with Retry-After.
     let mut last = (StatusCode::OK, Value::Null);
-    for _ in 0..=super::INVOKES_PER_MINUTE {
+    // One invocation above counted already: the frozen change (containment refuses before
+    // the budget, the store-down one before authentication).
+    for _ in 1..=super::INVOKES_PER_MINUTE {
         let token = mint(&world, &key, "control:app:read").await;
         last = invoke(&api, &token, list.clone()).await;
     }
