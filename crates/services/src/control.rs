@@ -8,7 +8,7 @@
 //!
 //! Order of checks, each failing closed: enabled, evidence intact, the mandate (signature, time,
 //! issuer, audience, `use`), the key still live with the mandate's scopes still granted, the
-//! mandate unspent (one use), the key's budget, the catalog and the scope the command needs,
+//! zone not failed closed by an incident containment, the mandate unspent (one use), the key's budget, the catalog and the scope the command needs,
 //! the flags; then the decision is recorded durably, and only then does the command run.
 
 use std::sync::{Arc, OnceLock};
