@@ -555,8 +555,11 @@ fn prepare(
     }
     let id = match flags.remove("id") {
         None => None,
-        // A plain id, and never a dot segment (`.` and `..` are plain ids).
-        Some(Value::String(id)) if caracal_core::is_plain_id(&id) && !id.starts_with('.') => {
+        // A plain id with no dots in a row, and never a dot segment (`.` and `..` are plain
+        // ids): what it names is one object, never a relative path.
+        Some(Value::String(id))
+            if caracal_core::is_plain_id(&id) && !id.starts_with('.') && !id.contains("..") =>
+        {
             Some(id)
         }
         Some(_) => return Err(invalid("flag `id` must be an object id")),

@@ -140,32 +140,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn claims() -> MandateClaims {
-        MandateClaims {
-            iss: "http://sts".into(),
-            sub: "app".into(),
-            aud: vec!["http://sts".into()],
-            exp: 2_000,
-            iat: 1_000,
-            jti: "j".into(),
-            zone_id: "z".into(),
-            client_id: "app".into(),
-            sid: "s".into(),
-            root_sid: "s".into(),
-            use_: "session".into(),
-            sub_type: "application".into(),
-            scope: Some("agent:lifecycle".into()),
-            target: None,
-            agent_session_id: None,
-            delegation_edge_id: None,
-            source_session_id: None,
-            target_session_id: None,
-            delegation_path: None,
-            delegation_chain: None,
-            hop_count: None,
-            delegation_graph_epoch: None,
-        }
-    }
+    use crate::test_support::claims;
 
     fn hs256(key: &[u8], signing_input: &str) -> String {
         let tag = aws_lc_rs::hmac::sign(

@@ -228,3 +228,70 @@ impl caracal_store::db::Db for SwitchableStore {
         caracal_store::db::Db::atomic_with(&self.inner, first, then).await
     }
 }
+
+/// Evidence whose bus and replay directory both refuse: it latches lost on the first event
+/// (recorded here), as after a real double failure. Keep the directory and tasks alive.
+pub(crate) async fn lost_evidence() -> (
+    crate::evidence::Evidence,
+    (tempfile::TempDir, crate::evidence::EvidenceTasks),
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let replay = directory.path().join("replay");
+    let (evidence, tasks) = crate::evidence::Evidence::start(
+        caracal_bus::Producer::new(
+            std::sync::Arc::new(DownBus),
+            caracal_bus::signature::StreamKey::new(b"k"),
+        ),
+        crate::evidence::EvidenceConfig::new(replay.clone()),
+    )
+    .unwrap();
+    // The replay directory becomes unusable too.
+    std::fs::remove_dir_all(&replay).unwrap();
+    std::fs::write(&replay, "not a directory").unwrap();
+    let probe = caracal_audit::Event {
+        id: "probe".into(),
+        zone_id: "z".into(),
+        event_type: "probe".into(),
+        request_id: "r".into(),
+        decision: "allow".into(),
+        policy_set_id: None,
+        policy_set_version_id: None,
+        manifest_sha: None,
+        evaluation_status: "complete".into(),
+        determining_policies_json: serde_json::json!([]),
+        diagnostics_json: serde_json::json!([]),
+        metadata_json: serde_json::json!({}),
+        occurred_at_ms: 0,
+    };
+    assert!(evidence.record(probe).await.is_err());
+    assert!(evidence.is_lost());
+    (evidence, (directory, tasks))
+}
+
+/// A lifecycle mandate's claims (zone `z`, application `app`), to vary in a test.
+pub(crate) fn claims() -> crate::wire::MandateClaims {
+    crate::wire::MandateClaims {
+        iss: "http://sts".into(),
+        sub: "app".into(),
+        aud: vec!["http://sts".into()],
+        exp: 2_000,
+        iat: 1_000,
+        jti: "j".into(),
+        zone_id: "z".into(),
+        client_id: "app".into(),
+        sid: "s".into(),
+        root_sid: "s".into(),
+        use_: "session".into(),
+        sub_type: "application".into(),
+        scope: Some("agent:lifecycle".into()),
+        target: None,
+        agent_session_id: None,
+        delegation_edge_id: None,
+        source_session_id: None,
+        target_session_id: None,
+        delegation_path: None,
+        delegation_chain: None,
+        hop_count: None,
+        delegation_graph_epoch: None,
+    }
+}

@@ -1,4 +1,3 @@
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use caracal_core::Role;
@@ -411,35 +410,7 @@ async fn control_invocations_fail_closed() {
     );
 
     // Evidence lost: refused before anything runs.
-    let replay = tempfile::tempdir().unwrap();
-    let path = replay.path().join("replay");
-    let (evidence, _tasks) = crate::evidence::Evidence::start(
-        caracal_bus::Producer::new(
-            Arc::new(crate::test_support::DownBus),
-            caracal_bus::signature::StreamKey::new(b"k"),
-        ),
-        crate::evidence::EvidenceConfig::new(path.clone()),
-    )
-    .unwrap();
-    // Neither the bus nor the replay directory can take the event.
-    std::fs::remove_dir_all(&path).unwrap();
-    std::fs::write(&path, "not a directory").unwrap();
-    let probe = caracal_audit::Event {
-        id: "probe".into(),
-        zone_id: "z".into(),
-        event_type: "probe".into(),
-        request_id: "r".into(),
-        decision: "allow".into(),
-        policy_set_id: None,
-        policy_set_version_id: None,
-        manifest_sha: None,
-        evaluation_status: "complete".into(),
-        determining_policies_json: json!([]),
-        diagnostics_json: json!([]),
-        metadata_json: json!({}),
-        occurred_at_ms: 0,
-    };
-    assert!(evidence.record(probe).await.is_err());
+    let (evidence, _lost) = crate::test_support::lost_evidence().await;
     let mut shared = world.shared.clone();
     shared.evidence = evidence;
     let mut state = RoleState::new(Role::Api, shared);
@@ -469,28 +440,11 @@ mod parsing {
             })
             .collect();
         MandateClaims {
-            iss: "http://sts".into(),
-            sub: "key".into(),
             aud: vec!["caracal-control".into()],
-            exp: 2_000,
-            iat: 1_000,
-            jti: "j".into(),
             zone_id: "zone-1".into(),
-            client_id: "key".into(),
-            sid: "s".into(),
-            root_sid: "s".into(),
             use_: "resource".into(),
-            sub_type: "application".into(),
             scope: Some(every_scope.join(" ")),
-            target: None,
-            agent_session_id: None,
-            delegation_edge_id: None,
-            source_session_id: None,
-            target_session_id: None,
-            delegation_path: None,
-            delegation_chain: None,
-            hop_count: None,
-            delegation_graph_epoch: None,
+            ..crate::test_support::claims()
         }
     }
 

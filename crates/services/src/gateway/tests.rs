@@ -685,36 +685,7 @@ async fn every_fail_closed_condition_refuses_and_the_upstream_sees_nothing() {
 
     // Evidence lost: nothing protected passes.
     let mut shared = fixture.world.shared.clone();
-    let directory = tempfile::tempdir().unwrap();
-    let replay = directory.path().join("replay");
-    let (evidence, _tasks) = crate::evidence::Evidence::start(
-        caracal_bus::Producer::new(
-            Arc::new(crate::test_support::DownBus),
-            caracal_bus::signature::StreamKey::new(b"k"),
-        ),
-        crate::evidence::EvidenceConfig::new(replay.clone()),
-    )
-    .unwrap();
-    // The replay directory becomes unusable too.
-    std::fs::remove_dir_all(&replay).unwrap();
-    std::fs::write(&replay, "not a directory").unwrap();
-    let probe = caracal_audit::Event {
-        id: "probe".into(),
-        zone_id: "z".into(),
-        event_type: "probe".into(),
-        request_id: "r".into(),
-        decision: "allow".into(),
-        policy_set_id: None,
-        policy_set_version_id: None,
-        manifest_sha: None,
-        evaluation_status: "executed".into(),
-        determining_policies_json: json!([]),
-        diagnostics_json: json!([]),
-        metadata_json: json!({}),
-        occurred_at_ms: 0,
-    };
-    assert!(evidence.record(probe).await.is_err());
-    assert!(evidence.is_lost());
+    let (evidence, _lost) = crate::test_support::lost_evidence().await;
     shared.evidence = evidence;
     let mut state = RoleState::new(Role::Gateway, shared);
     state.gateway = Some(Arc::clone(&fixture.gateway));
