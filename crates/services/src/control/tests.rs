@@ -319,6 +319,23 @@ async fn control_invocations_refuse_what_the_mandate_does_not_allow() {
         (StatusCode::UNAUTHORIZED, "unauthorized"),
         "{answer}"
     );
+    // An archived key is refused at once, with a mandate minted before.
+    let token = mint(&world, &key, "control:app:read").await;
+    let (status, _, _) = call(
+        &world.api,
+        "DELETE",
+        &format!("/v1/zones/{}/applications/{}", world.zone_id, key.0),
+        Some(&world.writer),
+        "",
+    )
+    .await;
+    assert!(status.is_success(), "{status}");
+    let (status, answer) = invoke(&api, &token, read("app", "list", json!({}))).await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::UNAUTHORIZED, "unauthorized"),
+        "{answer}"
+    );
 }
 
 #[tokio::test]
