@@ -69,7 +69,8 @@ pub fn routes() -> Router<RoleState> {
 }
 
 /// One catalog entry: the command, its subcommand, and the admin route it runs (method, and
-/// the path under `/v1/zones/{zone}/`, where `{id}` is the `id` flag).
+/// the path under `/v1/zones/{zone}/` — or from the root when it starts with `/` — where
+/// `{id}` is the `id` flag).
 struct Entry {
     command: &'static str,
     subcommand: &'static str,
@@ -130,6 +131,7 @@ const CATALOG: &[Entry] = &[
     entry("policy", "get", "GET", "policies/{id}"),
     entry("policy", "create", "POST", "policies"),
     entry("policy", "version", "POST", "policies/{id}/versions"),
+    entry("policy", "validate", "POST", "/v1/policies/validate"),
     entry("policy", "delete", "DELETE", "policies/{id}"),
     entry("policy-set", "list", "GET", "policy-sets"),
     entry("policy-set", "get", "GET", "policy-sets/{id}"),
@@ -155,6 +157,7 @@ const CATALOG: &[Entry] = &[
     entry("authority-record", "list", "GET", "authority-records"),
     entry("approval", "list", "GET", "approvals"),
     entry("audit", "tail", "GET", "audit"),
+    entry("audit", "admin", "GET", "admin-audit"),
     entry("session", "list", "GET", "sessions"),
     entry("session", "terminate", "POST", "sessions/{id}/terminate"),
     entry("delegation", "active", "GET", "delegations"),
@@ -165,7 +168,7 @@ const CATALOG: &[Entry] = &[
 fn class(subcommand: &str) -> &'static str {
     match subcommand {
         "list" | "get" | "tree" | "tail" | "active" | "inbound" | "outbound" | "traverse"
-        | "validate" | "simulate" => "read",
+        | "validate" | "simulate" | "admin" => "read",
         "delete" | "terminate" | "revoke" => "delete",
         _ => "write",
     }
@@ -580,7 +583,11 @@ fn prepare(
     } else {
         entry.path.to_owned()
     };
-    let mut path = format!("/v1/zones/{}/{path}", claims.zone_id);
+    let mut path = if path.starts_with('/') {
+        path
+    } else {
+        format!("/v1/zones/{}/{path}", claims.zone_id)
+    };
     let method = http::Method::from_bytes(entry.method.as_bytes())
         .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "invalid", "catalog"))?;
     let body = if method == http::Method::GET {

@@ -79,7 +79,16 @@ fn code(answer: &Value) -> &str {
 async fn a_control_key_runs_catalog_commands_in_its_zone_once_per_mandate() {
     let world = world().await;
     let api = api(&world, true);
-    let key = control_key(&world, &["control:app:read", "control:resource:write"]).await;
+    let key = control_key(
+        &world,
+        &[
+            "control:app:read",
+            "control:resource:write",
+            "control:policy:read",
+            "control:audit:read",
+        ],
+    )
+    .await;
 
     let token = mint(&world, &key, "control:app:read").await;
     let list = json!({"command": "app", "subcommand": "list", "flags": {"limit": 50}});
@@ -99,6 +108,27 @@ async fn a_control_key_runs_catalog_commands_in_its_zone_once_per_mandate() {
         (status, code(&answer)),
         (StatusCode::UNAUTHORIZED, "token_replay")
     );
+
+    // A route outside the zone's paths, and the zone's admin audit: both reads.
+    let token = mint(&world, &key, "control:policy:read").await;
+    let content = "# caracal:data-document\npackage caracal.authz\nimport rego.v1\napp_ids := {\"a\": \"b\"}\n";
+    let validate =
+        json!({"command": "policy", "subcommand": "validate", "flags": {"content": content}});
+    let (status, answer) = invoke(&api, &token, validate).await;
+    assert_eq!(
+        (status, &answer["result"]["valid"]),
+        (StatusCode::OK, &json!(true)),
+        "{answer}"
+    );
+    let token = mint(&world, &key, "control:audit:read").await;
+    let (status, answer) = invoke(
+        &api,
+        &token,
+        json!({"command": "audit", "subcommand": "admin", "flags": {}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(answer["result"]["items"].is_array(), "{answer}");
 
     // A write runs through the admin route, which records its change with the key as actor.
     let token = mint(&world, &key, "control:resource:write").await;
@@ -546,7 +576,13 @@ mod parsing {
                         .expect("only catalog commands resolve");
                     let id = call.id.clone().unwrap_or_default();
                     prop_assert!(id.is_empty() || caracal_core::is_plain_id(&id));
-                    prop_assert_eq!(path.to_owned(), format!("/v1/zones/zone-1/{}", entry.path.replace("{id}", &id)));
+                    let route = entry.path.replace("{id}", &id);
+                    let expected = if route.starts_with('/') {
+                        route
+                    } else {
+                        format!("/v1/zones/zone-1/{route}")
+                    };
+                    prop_assert_eq!(path.to_owned(), expected);
                     prop_assert!(!path.contains(".."));
                     prop_assert!(invocation.flags.len() <= super::super::MAX_FLAGS);
                 }
