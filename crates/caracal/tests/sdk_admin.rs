@@ -14,14 +14,11 @@
 
 mod util;
 
-use std::process::Command;
-
-use serde_json::{Value, json};
-use util::{Running, free_ports, fresh_home, repo_root, sdk_python, wait_ready};
+use serde_json::json;
+use util::{Running, free_ports, fresh_home, wait_ready};
 
 #[test]
 fn the_published_admin_client_manages_zones_applications_providers_resources_and_grants() {
-    let python = sdk_python();
     let (_parent, home) = fresh_home();
     let mut args = free_ports();
     args.push("up".to_owned());
@@ -29,25 +26,13 @@ fn the_published_admin_client_manages_zones_applications_providers_resources_and
     let api = running.address("api");
     assert_eq!(wait_ready(api).status, 200);
     let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
-
-    let output = Command::new(python)
-        .arg(repo_root().join("crates/caracal/tests/interop/admin_client.py"))
-        .env("CARACAL_API_URL", format!("http://{api}"))
-        .env("CARACAL_ADMIN_TOKEN", token.trim())
-        .output()
-        .expect("python runs");
-    let (status, stdout, stderr) = (
-        output.status,
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+    let seen = running.run_sdk_client(
+        "admin_client.py",
+        &[
+            ("CARACAL_API_URL", format!("http://{api}")),
+            ("CARACAL_ADMIN_TOKEN", token.trim().to_owned()),
+        ],
     );
-    let (exit, _, server_log) = running.terminate();
-    assert!(
-        status.success(),
-        "client failed:\n{stderr}\nserver:\n{server_log}"
-    );
-    assert!(exit.success(), "{server_log}");
-    let seen: Value = serde_json::from_str(stdout.trim()).unwrap();
 
     assert_eq!(seen["zone_slug"], "interop-zone");
     assert_eq!(seen["zone_listed"], true);

@@ -13,48 +13,27 @@
 
 mod util;
 
-use std::process::Command;
-
-use serde_json::{Value, json};
-use util::{Running, free_ports, fresh_home, repo_root, sdk_python, wait_ready};
+use serde_json::json;
+use util::{Running, free_ports, fresh_home, wait_ready};
 
 #[test]
 fn the_published_control_client_runs_catalog_commands_with_one_mandate_each() {
-    let python = sdk_python();
     let (_parent, home) = fresh_home();
     let mut args = free_ports();
-    args.extend([
-        "up".to_owned(),
-        "--control-enabled".to_owned(),
-        "true".to_owned(),
-    ]);
+    args.extend(["up", "--control-enabled", "true"].map(String::from));
     let running = Running::start(&home, &args);
     let api = running.address("api");
     assert_eq!(wait_ready(api).status, 200);
     let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
-
-    let output = Command::new(python)
-        .arg(repo_root().join("crates/caracal/tests/interop/control_client.py"))
-        .env("CARACAL_API_URL", format!("http://{api}"))
-        .env(
-            "CARACAL_STS_URL",
-            format!("http://{}", running.address("sts")),
-        )
-        .env("CARACAL_ADMIN_TOKEN", token.trim())
-        .output()
-        .expect("python runs");
-    let (status, stdout, stderr) = (
-        output.status,
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+    let sts = running.address("sts");
+    let seen = running.run_sdk_client(
+        "control_client.py",
+        &[
+            ("CARACAL_API_URL", format!("http://{api}")),
+            ("CARACAL_STS_URL", format!("http://{sts}")),
+            ("CARACAL_ADMIN_TOKEN", token.trim().to_owned()),
+        ],
     );
-    let (exit, _, server_log) = running.terminate();
-    assert!(
-        status.success(),
-        "client failed:\n{stderr}\nserver:\n{server_log}"
-    );
-    assert!(exit.success(), "{server_log}");
-    let seen: Value = serde_json::from_str(stdout.trim()).unwrap();
 
     assert_eq!(seen["created_name"], "reporting");
     assert_eq!(seen["listed"], json!(["automation", "reporting"]));

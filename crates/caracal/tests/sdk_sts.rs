@@ -208,7 +208,6 @@ async fn the_published_sdk_mints_verifies_and_survives_a_key_rotation() {
 /// publishes. Redis at 127.0.0.1:6379 is required.
 #[test]
 fn the_published_sdk_starts_sessions_delegates_narrowly_and_revocation_stops_the_child() {
-    let python = sdk_python();
     let (_parent, home) = fresh_home();
     let sts_port = free_port();
     let running = Running::start(
@@ -219,27 +218,18 @@ fn the_published_sdk_starts_sessions_delegates_narrowly_and_revocation_stops_the
     assert_eq!(wait_ready(api).status, 200);
     let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
     let stream_key = std::fs::read_to_string(home.join("stream-key")).unwrap();
-    let output = Command::new(python)
-        .env("CARACAL_REDIS_URL", "redis://127.0.0.1:6379")
-        .env("CARACAL_STREAM_KEY_HEX", stream_key.trim())
-        .arg(repo_root().join("crates/caracal/tests/interop/coordinator_client.py"))
-        .env("CARACAL_API_URL", format!("http://{api}"))
-        .env("CARACAL_ADMIN_TOKEN", token.trim())
-        .env("CARACAL_STS_URL", format!("http://127.0.0.1:{sts_port}"))
-        .env(
-            "CARACAL_COORDINATOR_URL",
-            format!("http://{}", running.address("coordinator")),
-        )
-        .output()
-        .expect("python runs");
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    let (exit, _, server_log) = running.terminate();
-    assert!(
-        output.status.success(),
-        "client failed:\n{stderr}\nserver:\n{server_log}"
+    let coordinator = running.address("coordinator");
+    let seen = running.run_sdk_client(
+        "coordinator_client.py",
+        &[
+            ("CARACAL_REDIS_URL", "redis://127.0.0.1:6379".to_owned()),
+            ("CARACAL_STREAM_KEY_HEX", stream_key.trim().to_owned()),
+            ("CARACAL_API_URL", format!("http://{api}")),
+            ("CARACAL_ADMIN_TOKEN", token.trim().to_owned()),
+            ("CARACAL_STS_URL", format!("http://127.0.0.1:{sts_port}")),
+            ("CARACAL_COORDINATOR_URL", format!("http://{coordinator}")),
+        ],
     );
-    assert!(exit.success(), "{server_log}");
-    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(seen["parent_started"], true);
     assert_eq!(seen["delegation_scopes"], json!(["ledger:read"]));
     assert_eq!(seen["child_mint"], json!({"use": "gateway", "edge": true}));
@@ -265,7 +255,6 @@ fn the_published_sdk_starts_sessions_delegates_narrowly_and_revocation_stops_the
 /// `caracalai_verify`.
 #[test]
 fn the_published_sdk_fetches_through_the_gateway_and_the_upstream_verifies_the_mandate() {
-    let python = sdk_python();
     let (_parent, home) = fresh_home();
     let sts_port = free_port();
     let running = Running::start(&home, &up_with_sts_at(sts_port, &[]));
@@ -273,29 +262,17 @@ fn the_published_sdk_fetches_through_the_gateway_and_the_upstream_verifies_the_m
     assert_eq!(wait_ready(api).status, 200);
     assert_eq!(wait_ready(running.address("gateway")).status, 200);
     let token = std::fs::read_to_string(home.join("admin-token")).unwrap();
-    let output = Command::new(python)
-        .arg(repo_root().join("crates/caracal/tests/interop/gateway_client.py"))
-        .env("CARACAL_API_URL", format!("http://{api}"))
-        .env("CARACAL_ADMIN_TOKEN", token.trim())
-        .env("CARACAL_STS_URL", format!("http://127.0.0.1:{sts_port}"))
-        .env(
-            "CARACAL_COORDINATOR_URL",
-            format!("http://{}", running.address("coordinator")),
-        )
-        .env(
-            "CARACAL_GATEWAY_URL",
-            format!("http://{}", running.address("gateway")),
-        )
-        .output()
-        .expect("python runs");
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    let (exit, _, server_log) = running.terminate();
-    assert!(
-        output.status.success(),
-        "client failed:\n{stderr}\nserver:\n{server_log}"
+    let (coordinator, gateway) = (running.address("coordinator"), running.address("gateway"));
+    let seen = running.run_sdk_client(
+        "gateway_client.py",
+        &[
+            ("CARACAL_API_URL", format!("http://{api}")),
+            ("CARACAL_ADMIN_TOKEN", token.trim().to_owned()),
+            ("CARACAL_STS_URL", format!("http://127.0.0.1:{sts_port}")),
+            ("CARACAL_COORDINATOR_URL", format!("http://{coordinator}")),
+            ("CARACAL_GATEWAY_URL", format!("http://{gateway}")),
+        ],
     );
-    assert!(exit.success(), "{server_log}");
-    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(seen["status"], 200, "{seen}");
     assert_eq!(seen["body"], json!({"entries": [1, 2, 3]}));
     assert_eq!(seen["upstream_path"], "/api/entries");

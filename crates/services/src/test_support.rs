@@ -295,3 +295,14 @@ pub(crate) fn claims() -> crate::wire::MandateClaims {
         delegation_graph_epoch: None,
     }
 }
+
+/// The audit events waiting in the outbox (claimed, so each is seen once), as JSON.
+pub(crate) async fn outbox_events(store: &dyn caracal_store::Store) -> Vec<serde_json::Value> {
+    store
+        .claim_outbox("test", 1000, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|row| serde_json::from_str(row.fields.get("data")?).ok())
+        .collect()
+}

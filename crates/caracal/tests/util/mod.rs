@@ -135,6 +135,29 @@ impl Running {
             .unwrap();
         (self.child.wait().unwrap(), stdout, stderr)
     }
+
+    /// Runs `crates/caracal/tests/interop/<script>` with the published SDK against this stack,
+    /// then stops the stack; both must succeed. Returns what the script printed (one JSON
+    /// object).
+    pub fn run_sdk_client(self, script: &str, env: &[(&str, String)]) -> serde_json::Value {
+        let output = Command::new(sdk_python())
+            .arg(
+                repo_root()
+                    .join("crates/caracal/tests/interop")
+                    .join(script),
+            )
+            .envs(env.iter().map(|(name, value)| (*name, value.as_str())))
+            .output()
+            .expect("python runs");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        let (exit, _, server_log) = self.terminate();
+        assert!(
+            output.status.success(),
+            "{script} failed:\n{stderr}\nserver:\n{server_log}"
+        );
+        assert!(exit.success(), "{server_log}");
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
 }
 
 impl Drop for Running {

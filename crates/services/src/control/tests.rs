@@ -159,16 +159,9 @@ async fn a_control_key_runs_catalog_commands_in_its_zone_once_per_mandate() {
         (status, resource["identifier"].as_str()),
         (StatusCode::OK, Some("resource://wiki"))
     );
-    let rows = world
-        .shared
-        .store
-        .claim_outbox("t", 1000, std::time::Duration::from_secs(60))
+    let created: Vec<Value> = crate::test_support::outbox_events(world.shared.store.as_ref())
         .await
-        .unwrap();
-    let created: Vec<Value> = rows
-        .iter()
-        .filter_map(|row| row.fields.get("data"))
-        .map(|data| serde_json::from_str::<Value>(data).unwrap())
+        .into_iter()
         .filter(|event| event["metadata_json"]["entity_id"] == id)
         .collect();
     assert_eq!(created.len(), 1, "{created:?}");

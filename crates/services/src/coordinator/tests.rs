@@ -1248,30 +1248,24 @@ async fn an_admin_token_acts_as_operator_on_the_operator_routes_only() {
         (status, resumed["status"].as_str()),
         (StatusCode::OK, Some("active"))
     );
-    let rows = world
-        .shared
-        .store
-        .claim_outbox("t", 100, std::time::Duration::from_secs(60))
-        .await
-        .unwrap();
-    let actors: Vec<(String, Value)> = rows
-        .iter()
-        .filter_map(|row| row.fields.get("data"))
-        .map(|data| serde_json::from_str::<Value>(data).unwrap())
-        .filter(|event| {
-            matches!(
-                event["event_type"].as_str(),
-                Some("coordinator.session.suspend" | "coordinator.session.resume")
-            )
-        })
-        .map(|event| {
-            let metadata = &event["metadata_json"];
-            (
-                metadata["actor"].as_str().unwrap().to_owned(),
-                metadata["authority_record"].clone(),
-            )
-        })
-        .collect();
+    let actors: Vec<(String, Value)> =
+        crate::test_support::outbox_events(world.shared.store.as_ref())
+            .await
+            .into_iter()
+            .filter(|event| {
+                matches!(
+                    event["event_type"].as_str(),
+                    Some("coordinator.session.suspend" | "coordinator.session.resume")
+                )
+            })
+            .map(|event| {
+                let metadata = &event["metadata_json"];
+                (
+                    metadata["actor"].as_str().unwrap().to_owned(),
+                    metadata["authority_record"].clone(),
+                )
+            })
+            .collect();
     assert_eq!(actors.len(), 2, "{actors:?}");
     assert!(
         actors

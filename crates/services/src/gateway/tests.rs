@@ -1552,16 +1552,7 @@ async fn incident_containment_freezes_changes_and_fails_protected_traffic_closed
     assert_eq!(fixture.get("/entries").await.status, StatusCode::OK);
     let outbox = fixture.world.shared.store.outbox_stats().await.unwrap();
     assert!(outbox.pending > 0);
-    let events: Vec<Value> = fixture
-        .world
-        .shared
-        .store
-        .claim_outbox("test", 1000, Duration::from_secs(60))
-        .await
-        .unwrap()
-        .iter()
-        .filter_map(|row| serde_json::from_str(row.fields.get("data")?).ok())
-        .collect();
+    let events = crate::test_support::outbox_events(fixture.world.shared.store.as_ref()).await;
     let reasons: Vec<&str> = events
         .iter()
         .filter(|event| {
