@@ -87,6 +87,11 @@ tokio::task_local! {
     static ACTING: AdminCaller;
 }
 
+/// The caller [`acting_as`] set for this in-process call, if any.
+pub(crate) fn acting() -> Option<AdminCaller> {
+    ACTING.try_with(AdminCaller::clone).ok()
+}
+
 /// Runs `work` (an in-process call of an admin route) as `caller`.
 pub(crate) async fn acting_as<F: std::future::Future>(caller: AdminCaller, work: F) -> F::Output {
     ACTING.scope(caller, work).await
@@ -95,7 +100,7 @@ pub(crate) async fn acting_as<F: std::future::Future>(caller: AdminCaller, work:
 /// Authenticates the request's bearer token (or, in process, the caller [`acting_as`] set). A
 /// store failure denies (invariant 1).
 pub async fn authenticate(state: &RoleState, headers: &HeaderMap) -> Result<AdminCaller, ApiError> {
-    if let Ok(caller) = ACTING.try_with(AdminCaller::clone) {
+    if let Some(caller) = acting() {
         return Ok(caller);
     }
     let invalid = || ApiError::new(ErrorCode::InvalidAdminToken);

@@ -49,8 +49,9 @@ pub struct Control {
     pub enabled: bool,
     pub issuer: String,
     pub keys: KeyRing,
-    /// The admin API's routes, with their layers, built once.
+    /// The admin API's routes, with their layers, and the Coordinator's, built once.
     admin: OnceLock<Router>,
+    coordinator: OnceLock<Router>,
 }
 
 impl Control {
@@ -60,6 +61,7 @@ impl Control {
             issuer,
             keys: KeyRing::default(),
             admin: OnceLock::new(),
+            coordinator: OnceLock::new(),
         })
     }
 }
@@ -68,14 +70,15 @@ pub fn routes() -> Router<RoleState> {
     Router::new().route("/v1/control/invoke", post(invoke))
 }
 
-/// One catalog entry: the command, its subcommand, and the admin route it runs (method, and
-/// the path under `/v1/zones/{zone}/` — or from the root when it starts with `/` — where
-/// `{id}` is the `id` flag).
+/// One catalog entry: the command, its subcommand, and the route it runs: on the admin API
+/// (under `/v1/zones/{zone}/`, or from the root when the path starts with `/`) or on the
+/// Coordinator's operator routes (under `/zones/{zone}/`); `{id}` is the `id` flag.
 struct Entry {
     command: &'static str,
     subcommand: &'static str,
     method: &'static str,
     path: &'static str,
+    coordinator: bool,
 }
 
 const fn entry(
@@ -89,6 +92,20 @@ const fn entry(
         subcommand,
         method,
         path,
+        coordinator: false,
+    }
+}
+
+/// A Coordinator operator route.
+const fn operator(
+    command: &'static str,
+    subcommand: &'static str,
+    method: &'static str,
+    path: &'static str,
+) -> Entry {
+    Entry {
+        coordinator: true,
+        ..entry(command, subcommand, method, path)
     }
 }
 
@@ -159,8 +176,16 @@ const CATALOG: &[Entry] = &[
     entry("audit", "tail", "GET", "audit"),
     entry("audit", "admin", "GET", "admin-audit"),
     entry("session", "list", "GET", "sessions"),
+    operator("session", "get", "GET", "agents/{id}"),
+    operator("session", "tree", "GET", "agents/{id}/children"),
+    operator("session", "suspend", "POST", "agents/{id}/suspend"),
+    operator("session", "resume", "POST", "agents/{id}/resume"),
     entry("session", "terminate", "POST", "sessions/{id}/terminate"),
     entry("delegation", "active", "GET", "delegations"),
+    operator("delegation", "inbound", "GET", "delegations/inbound/{id}"),
+    operator("delegation", "outbound", "GET", "delegations/outbound/{id}"),
+    operator("delegation", "traverse", "GET", "delegations/{id}/traverse"),
+    operator("delegation", "revoke", "DELETE", "delegations/{id}"),
 ];
 
 /// `read`, `delete` or `write`: the last part of the scope a subcommand needs
@@ -455,6 +480,23 @@ async fn run(
             crate::router::admin_api(&api).with_state(api)
         })
         .clone();
+    let target = if call.coordinator {
+        control
+            .coordinator
+            .get_or_init(|| {
+                // Operator routes only: what an agent's mandate would need (the issuer, the
+                // keys, the limits on new sessions) is never reached from here.
+                let mut coordinator = RoleState::new(Role::Coordinator, state.shared.clone());
+                coordinator.coordinator = Some(crate::coordinator::start_state(
+                    control.issuer.clone(),
+                    crate::coordinator::Limits::default(),
+                ));
+                crate::coordinator::routes().with_state(coordinator)
+            })
+            .clone()
+    } else {
+        admin.clone()
+    };
     let caller = AdminCaller::control_key(&claims.client_id, &claims.zone_id, call.writes);
     if invocation.command == "app"
         && call.writes
@@ -475,7 +517,7 @@ async fn run(
             Some(invocation),
         ));
     }
-    let (status, answer) = dispatch(&admin, caller, &call, request_id).await;
+    let (status, answer) = dispatch(&target, caller, &call, request_id).await;
     if status.is_success() {
         return Ok((
             StatusCode::OK,
@@ -494,6 +536,8 @@ struct Call {
     body: Option<Value>,
     writes: bool,
     id: Option<String>,
+    /// Runs on the Coordinator's operator routes, not the admin API.
+    coordinator: bool,
 }
 
 fn prepare(
@@ -585,6 +629,8 @@ fn prepare(
     };
     let mut path = if path.starts_with('/') {
         path
+    } else if entry.coordinator {
+        format!("/zones/{}/{path}", claims.zone_id)
     } else {
         format!("/v1/zones/{}/{path}", claims.zone_id)
     };
@@ -621,6 +667,7 @@ fn prepare(
         body,
         writes: class != "read",
         id,
+        coordinator: entry.coordinator,
     })
 }
 
@@ -649,6 +696,7 @@ async fn guard_control_keys(
         body: None,
         writes: false,
         id: None,
+        coordinator: false,
     };
     let reader = AdminCaller::control_key(&caller.token_id, &zone_id, false);
     let (status, answer) = dispatch(admin, reader, &read, None).await;

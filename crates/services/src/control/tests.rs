@@ -173,6 +173,110 @@ async fn a_control_key_runs_catalog_commands_in_its_zone_once_per_mandate() {
 }
 
 #[tokio::test]
+async fn session_and_delegation_commands_run_on_the_coordinators_operator_routes() {
+    let world = world().await;
+    world.gateway_delegation().await;
+    let api = api(&world, true);
+    let key = control_key(
+        &world,
+        &[
+            "control:session:read",
+            "control:session:write",
+            "control:delegation:read",
+            "control:delegation:delete",
+        ],
+    )
+    .await;
+    let run = async |scope: &str, subcommand: &str, command: &str, id: &str| {
+        let token = mint(&world, &key, scope).await;
+        let body = json!({"command": command, "subcommand": subcommand, "flags": {"id": id}});
+        invoke(&api, &token, body).await
+    };
+    let (status, answer) = run("control:session:read", "get", "session", "g-source").await;
+    assert_eq!(
+        (status, answer["result"]["agent_session_id"].as_str()),
+        (StatusCode::OK, Some("g-source")),
+        "{answer}"
+    );
+    let (status, answer) = run(
+        "control:delegation:read",
+        "outbound",
+        "delegation",
+        "g-source",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(answer.to_string().contains("g-edge"), "{answer}");
+    let (status, answer) = run(
+        "control:delegation:read",
+        "traverse",
+        "delegation",
+        "g-edge",
+    )
+    .await;
+    assert_eq!(
+        (status, answer["result"][0]["id"].as_str()),
+        (StatusCode::OK, Some("g-edge")),
+        "{answer}"
+    );
+    let (status, answer) = run("control:session:write", "suspend", "session", "g-target").await;
+    assert_eq!(
+        (status, answer["result"]["status"].as_str()),
+        (StatusCode::OK, Some("suspended")),
+        "{answer}"
+    );
+    // A read scope does not reach a write route, here either.
+    let (status, answer) = run("control:session:read", "resume", "session", "g-target").await;
+    assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "denied"));
+    let (status, answer) = run("control:session:write", "resume", "session", "g-target").await;
+    assert_eq!(
+        (status, answer["result"]["status"].as_str()),
+        (StatusCode::OK, Some("active")),
+        "{answer}"
+    );
+    let (status, answer) = run(
+        "control:delegation:delete",
+        "revoke",
+        "delegation",
+        "g-edge",
+    )
+    .await;
+    assert!(status.is_success(), "{status} {answer}");
+    let edge = world
+        .shared
+        .store
+        .get_delegation_edge(&world.zone_id, "g-edge")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(edge.status, "revoked");
+    let (status, answer) = run("control:session:read", "get", "session", "nope").await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::NOT_FOUND, "not_found"),
+        "{answer}"
+    );
+    // The Coordinator's change events name the key.
+    let actors: Vec<String> = crate::test_support::outbox_events(world.shared.store.as_ref())
+        .await
+        .into_iter()
+        .filter(|event| {
+            event["event_type"]
+                .as_str()
+                .is_some_and(|kind| kind.starts_with("coordinator."))
+        })
+        .filter_map(|event| event["metadata_json"]["actor"].as_str().map(str::to_owned))
+        .collect();
+    assert!(!actors.is_empty());
+    assert!(
+        actors
+            .iter()
+            .all(|actor| *actor == format!("control:{}", key.0)),
+        "{actors:?}"
+    );
+}
+
+#[tokio::test]
 async fn control_invocations_refuse_what_the_mandate_does_not_allow() {
     let world = world().await;
     let api = api(&world, true);
@@ -572,6 +676,8 @@ mod parsing {
                     let route = entry.path.replace("{id}", &id);
                     let expected = if route.starts_with('/') {
                         route
+                    } else if entry.coordinator {
+                        format!("/zones/zone-1/{route}")
                     } else {
                         format!("/v1/zones/zone-1/{route}")
                     };
