@@ -42,6 +42,11 @@ impl AdminCaller {
         }
     }
 
+    /// Whether a control key acts (`/v1/control/invoke`), not an admin token.
+    pub fn is_control_key(&self) -> bool {
+        self.control_key
+    }
+
     /// Who acted, as audit events and records name it.
     pub fn actor(&self) -> String {
         if self.control_key {

@@ -473,37 +473,24 @@ async fn run(
         Ok(call) => call,
         Err(refusal) => return Err((refusal, Some(invocation))),
     };
-    let admin = control
-        .admin
-        .get_or_init(|| {
-            let api = RoleState::new(Role::Api, state.shared.clone());
-            crate::router::admin_api(&api).with_state(api)
-        })
-        .clone();
     let target = if call.coordinator {
-        control
-            .coordinator
-            .get_or_init(|| {
-                // Operator routes only: what an agent's mandate would need (the issuer, the
-                // keys, the limits on new sessions) is never reached from here.
-                let mut coordinator = RoleState::new(Role::Coordinator, state.shared.clone());
-                coordinator.coordinator = Some(crate::coordinator::start_state(
-                    control.issuer.clone(),
-                    crate::coordinator::Limits::default(),
-                ));
-                crate::coordinator::routes().with_state(coordinator)
-            })
-            .clone()
+        control.coordinator.get_or_init(|| {
+            // Operator routes only: what an agent's mandate would need (the issuer, the keys,
+            // the limits on new sessions) is never reached from here.
+            let mut coordinator = RoleState::new(Role::Coordinator, state.shared.clone());
+            coordinator.coordinator = Some(crate::coordinator::start_state(
+                control.issuer.clone(),
+                crate::coordinator::Limits::default(),
+            ));
+            crate::coordinator::routes().with_state(coordinator)
+        })
     } else {
-        admin.clone()
-    };
-    let caller = AdminCaller::control_key(&claims.client_id, &claims.zone_id, call.writes);
-    if invocation.command == "app"
-        && call.writes
-        && let Err(refusal) = guard_control_keys(&admin, &caller, &call).await
-    {
-        return Err((refusal, Some(invocation)));
+        control
+            .admin
+            .get_or_init(|| crate::router::in_process_admin_api(&state.shared))
     }
+    .clone();
+    let caller = AdminCaller::control_key(&claims.client_id, &claims.zone_id, call.writes);
     // Evidence before action: the decision is durable before the command runs.
     let event = decision_event(claims, request_id, Some(&invocation), None);
     if let Err(error) = state.shared.evidence.record(event).await {
@@ -535,7 +522,6 @@ struct Call {
     path: String,
     body: Option<Value>,
     writes: bool,
-    id: Option<String>,
     /// Runs on the Coordinator's operator routes, not the admin API.
     coordinator: bool,
 }
@@ -666,7 +652,6 @@ fn prepare(
         path,
         body,
         writes: class != "read",
-        id,
         coordinator: entry.coordinator,
     })
 }
@@ -674,53 +659,6 @@ fn prepare(
 /// At most 64 characters of caller text in a message.
 fn truncated(text: &str) -> String {
     text.chars().take(64).collect()
-}
-
-/// A control key may not change, rotate or archive a control key (its own or another's):
-/// taking over a broader key would widen its authority.
-async fn guard_control_keys(
-    admin: &Router,
-    caller: &AdminCaller,
-    call: &Call,
-) -> Result<(), Refusal> {
-    let Some(id) = &call.id else {
-        return Ok(());
-    };
-    let zone_id = match &caller.scope {
-        caracal_store::TokenScope::Zone(zone) => zone.clone(),
-        caracal_store::TokenScope::Global => return Err(unavailable("the caller's zone")),
-    };
-    let read = Call {
-        method: http::Method::GET,
-        path: format!("/v1/zones/{zone_id}/applications/{id}"),
-        body: None,
-        writes: false,
-        id: None,
-        coordinator: false,
-    };
-    let reader = AdminCaller::control_key(&caller.token_id, &zone_id, false);
-    let (status, answer) = dispatch(admin, reader, &read, None).await;
-    if !status.is_success() {
-        return Err(admin_refusal(status, &answer));
-    }
-    let privileged = answer
-        .get("traits")
-        .and_then(Value::as_array)
-        .is_some_and(|traits| {
-            traits.iter().filter_map(Value::as_str).any(|value| {
-                crate::admin::PRIVILEGED_TRAITS
-                    .iter()
-                    .any(|prefix| value.starts_with(prefix))
-            })
-        });
-    if privileged {
-        return Err(refuse(
-            StatusCode::FORBIDDEN,
-            "denied",
-            "a control key cannot change a control key; an operator can",
-        ));
-    }
-    Ok(())
 }
 
 /// Calls the admin route as `caller`; its status and JSON answer (`null` when it has none).

@@ -26,6 +26,13 @@ pub(crate) fn admin_api(state: &RoleState) -> Router<RoleState> {
         ))
 }
 
+/// The API role's `/v1` routes with their layers, to call in process (the console, control
+/// invocations): the same checks, budgets and drain as over the network.
+pub(crate) fn in_process_admin_api(shared: &crate::state::Shared) -> Router {
+    let api = RoleState::new(Role::Api, shared.clone());
+    admin_api(&api).with_state(api)
+}
+
 /// The router of one role. Layer order (outermost first):
 /// 1. `request_id::layer`: first, so every response (errors and 404s included) carries the
 ///    request id and every log line of the request sits in its span.

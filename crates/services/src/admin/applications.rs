@@ -43,7 +43,7 @@ const MAX_TRAITS: usize = 64;
 const MAX_TRAIT: usize = 128;
 const MAX_SECRET: usize = 1024;
 /// Trait namespaces only a global token may assign: they confer deployment-wide powers.
-pub(crate) const PRIVILEGED_TRAITS: [&str; 2] = ["control:", "caracal.sys:"];
+const PRIVILEGED_TRAITS: [&str; 2] = ["control:", "caracal.sys:"];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,6 +117,24 @@ fn valid_traits(caller: &AdminCaller, traits: Vec<String>) -> Result<Vec<String>
         }
     }
     Ok(traits)
+}
+
+/// A control key may not change, rotate or archive an application holding privileged traits
+/// (a control key, its own or another's): taking over a broader key would widen its
+/// authority. Admin tokens of the zone already hold more than any of its keys.
+fn changeable_by(caller: &AdminCaller, application: &Application) -> Result<(), ApiError> {
+    let privileged = application.traits.iter().any(|item| {
+        PRIVILEGED_TRAITS
+            .iter()
+            .any(|prefix| item.starts_with(prefix))
+    });
+    if caller.is_control_key() && privileged {
+        return Err(ApiError::with_description(
+            ErrorCode::AdminTokenZoneMismatch,
+            "a control key cannot change a control key; an admin token can",
+        ));
+    }
+    Ok(())
 }
 
 fn valid_secret(secret: &str) -> Result<(), ApiError> {
@@ -278,6 +296,7 @@ async fn update(
     let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: UpdateApplication = json(&raw)?;
     let current = live_application(&state, &zone_id, &id).await?;
+    changeable_by(&caller, &current)?;
     let mut fields = Vec::new();
     let name = match &request.name {
         Some(name) => {
@@ -337,6 +356,7 @@ async fn rotate_secret(
 ) -> Result<Json<ApplicationBody>, ApiError> {
     let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let current = live_application(&state, &zone_id, &id).await?;
+    changeable_by(&caller, &current)?;
     let (secret, secret_hash) = new_secret("cs_").await?;
     let evidence = evidence(
         &caller,
@@ -380,7 +400,7 @@ async fn archive(
     Path((zone_id, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
-    live_application(&state, &zone_id, &id).await?;
+    changeable_by(&caller, &live_application(&state, &zone_id, &id).await?)?;
     let evidence = evidence(
         &caller,
         request_id.as_deref(),

@@ -27,8 +27,6 @@ use caracal_store::{OutboxMessage, TokenScope, Zone, now_ms};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-pub(crate) use applications::PRIVILEGED_TRAITS;
-
 use crate::auth::{Access, AdminCaller};
 use crate::error::ApiError;
 use crate::ledger::SYSTEM_ZONE;

@@ -20,7 +20,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use caracal_core::Role;
 use caracal_store::now_ms;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
@@ -308,12 +307,9 @@ async fn admin_bytes(
     let app = state
         .console
         .2
-        .get_or_init(|| {
-            // With the API's own layers: the session's token spends the same request budget
-            // as over the API, and nothing is answered once the process drains.
-            let api = RoleState::new(Role::Api, state.shared.clone());
-            crate::router::admin_api(&api).with_state(api)
-        })
+        // With the API's own layers: the session's token spends the same request budget as
+        // over the API, and nothing is answered once the process drains.
+        .get_or_init(|| crate::router::in_process_admin_api(&state.shared))
         .clone();
     let request = http::Request::builder()
         .method(method)

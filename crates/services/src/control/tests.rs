@@ -373,6 +373,17 @@ async fn control_invocations_refuse_what_the_mandate_does_not_allow() {
             StatusCode::FORBIDDEN,
             "denied",
         ),
+        // ...or by changing it.
+        (
+            "control:app:write",
+            read(
+                "app",
+                "patch",
+                json!({"id": key.0, "client_secret": "x".repeat(40)}),
+            ),
+            StatusCode::FORBIDDEN,
+            "denied",
+        ),
     ];
     for (scope, body, status, expected) in cases {
         let token = mint(&world, &key, scope).await;
@@ -671,9 +682,9 @@ mod parsing {
                         .iter()
                         .find(|e| e.command == invocation.command && e.subcommand == invocation.subcommand)
                         .expect("only catalog commands resolve");
-                    let id = call.id.clone().unwrap_or_default();
-                    prop_assert!(id.is_empty() || caracal_core::is_plain_id(&id));
-                    let route = entry.path.replace("{id}", &id);
+                    let id = invocation.flags.get("id").and_then(Value::as_str).unwrap_or_default();
+                    prop_assert!(id.is_empty() || caracal_core::is_plain_id(id));
+                    let route = entry.path.replace("{id}", id);
                     let expected = if route.starts_with('/') {
                         route
                     } else if entry.coordinator {
