@@ -620,8 +620,13 @@ fn prepare(
     } else {
         format!("/v1/zones/{}/{path}", claims.zone_id)
     };
-    let method = http::Method::from_bytes(entry.method.as_bytes())
-        .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "invalid", "catalog"))?;
+    let method = http::Method::from_bytes(entry.method.as_bytes()).map_err(|_| {
+        refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "a catalog entry has no method",
+        )
+    })?;
     let body = if method == http::Method::GET {
         let mut query = Vec::with_capacity(flags.len());
         for (name, value) in &flags {
