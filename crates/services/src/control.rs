@@ -351,7 +351,8 @@ async fn authenticate(
         Err(_) => return Err(unauthorized("not a mandate of a known zone")),
     };
     let now = now_ms();
-    let claims = crate::mandate::verify(token, |kid| keys.verifier(kid, now))
+    let claims = keys
+        .verify(token, now)
         .map_err(|error| unauthorized(error.to_string()))?;
     crate::mandate::check_times(&claims, now / 1000)
         .map_err(|error| unauthorized(error.to_string()))?;

@@ -3,7 +3,7 @@
 //! (`KeyRing::signing`); the Gateway's and the Coordinator's hold public keys alone.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -12,7 +12,8 @@ use caracal_crypto::Kek;
 use caracal_crypto::es256::{PublicKey, SigningKey};
 use caracal_store::{OutboxMessage, Store, StoreError};
 
-use crate::wire::Jwk;
+use crate::mandate::MandateError;
+use crate::wire::{Jwk, MandateClaims};
 
 /// The stream that tells every STS and Gateway replica to drop a zone's cached keys.
 pub const KEYS_INVALIDATE: &str = "caracal.keys.invalidate";
@@ -22,6 +23,9 @@ pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(24 * 3600);
 
 /// How long a replica trusts its cached keys without an invalidation.
 const CACHE_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// How many verified session mandates a zone's key set remembers before it starts over.
+const REMEMBERED_SESSIONS: usize = 1024;
 
 fn purpose(zone_id: &str) -> String {
     format!("zone-signing-key:{zone_id}")
@@ -107,6 +111,11 @@ pub struct ZoneKeys {
     pub signer: Option<Signer>,
     pub verifiers: Vec<Verifier>,
     loaded: Instant,
+    /// Session mandates whose signature verified under these keys, by their exact text, with
+    /// the key id that verified each. An agent presents its session mandate at every mint and
+    /// lifecycle call; checking the same bytes against the same key again only costs an ES256
+    /// verification. Dropped with the key set (rotation, invalidation, reload).
+    verified_sessions: Mutex<HashMap<Box<str>, (String, MandateClaims)>>,
 }
 
 impl ZoneKeys {
@@ -116,6 +125,40 @@ impl ZoneKeys {
             .iter()
             .find(|v| v.kid == kid && v.until_ms.is_none_or(|until| until > now_ms))
             .map(|v| &v.public)
+    }
+
+    /// [`crate::mandate::verify`] with these keys. A session mandate's outcome is remembered
+    /// and reused while the key that verified it still verifies; lifetime, issuer and every
+    /// live-state check stay the caller's, on every presentation.
+    pub fn verify(&self, token: &str, now_ms: i64) -> Result<MandateClaims, MandateError> {
+        let remembered = self
+            .remembered()
+            .get(token)
+            .map(|(kid, claims)| (self.verifier(kid, now_ms).is_some(), claims.clone()));
+        match remembered {
+            Some((true, claims)) => return Ok(claims),
+            Some((false, _)) => return Err(MandateError::UnknownKey),
+            None => {}
+        }
+        let mut verified_by = None;
+        let claims = crate::mandate::verify(token, |kid| {
+            verified_by = Some(kid.to_owned());
+            self.verifier(kid, now_ms)
+        })?;
+        if let Some(kid) = verified_by.filter(|_| claims.use_ == "session") {
+            let mut remembered = self.remembered();
+            if remembered.len() >= REMEMBERED_SESSIONS {
+                remembered.clear();
+            }
+            remembered.insert(token.into(), (kid, claims.clone()));
+        }
+        Ok(claims)
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, (String, MandateClaims)>> {
+        self.verified_sessions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// What the JWKS publishes at `now_ms`: the signer and every key still in its overlap.
@@ -224,6 +267,7 @@ async fn load(store: &dyn Store, kek: Option<&Kek>, zone_id: &str) -> Result<Zon
         signer,
         verifiers,
         loaded: Instant::now(),
+        verified_sessions: Mutex::default(),
     })
 }
 
@@ -299,6 +343,71 @@ pub async fn follow_invalidations(
         tokio::select! {
             _ = stop.changed() => {}
             () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::claims;
+
+    /// A key set whose only key verifies until `until_ms`, and that key to sign with.
+    fn retiring_keys(until_ms: i64) -> (ZoneKeys, SigningKey) {
+        let key = SigningKey::generate().unwrap();
+        let public = PublicKey::from_xy(key.public_key().x(), key.public_key().y()).unwrap();
+        let keys = ZoneKeys {
+            signer: None,
+            verifiers: vec![Verifier {
+                kid: "k1".into(),
+                jwk: jwk("k1", &public),
+                public,
+                until_ms: Some(until_ms),
+            }],
+            loaded: Instant::now(),
+            verified_sessions: Mutex::default(),
+        };
+        (keys, key)
+    }
+
+    #[test]
+    fn a_remembered_session_mandate_verifies_only_while_its_key_does() {
+        let (keys, key) = retiring_keys(10_000);
+        let header = crate::mandate::encoded_header("k1");
+        let session = crate::mandate::sign(&header, &key, &claims()).unwrap();
+        assert_eq!(keys.verify(&session, 1_000).unwrap(), claims());
+        assert_eq!(keys.remembered().len(), 1);
+        // Remembered: the same answer, and none once the key's overlap has ended.
+        assert_eq!(keys.verify(&session, 2_000).unwrap(), claims());
+        assert_eq!(keys.verify(&session, 10_000), Err(MandateError::UnknownKey));
+
+        // Other bytes are verified afresh: a changed signature does not ride on the memory.
+        let (signed, signature) = session.rsplit_once('.').unwrap();
+        let flipped = if signature.starts_with('A') { 'B' } else { 'A' };
+        let forged = format!("{signed}.{flipped}{}", &signature[1..]);
+        assert_eq!(keys.verify(&forged, 1_000), Err(MandateError::Signature));
+
+        // Only session mandates are remembered: the others are presented once.
+        let mut gateway = claims();
+        gateway.use_ = "gateway".into();
+        let once = crate::mandate::sign(&header, &key, &gateway).unwrap();
+        assert_eq!(keys.verify(&once, 1_000).unwrap(), gateway);
+        assert_eq!(keys.remembered().len(), 1);
+    }
+
+    #[test]
+    fn the_memory_is_bounded() {
+        let (keys, key) = retiring_keys(i64::MAX);
+        let header = crate::mandate::encoded_header("k1");
+        for n in 0..=REMEMBERED_SESSIONS {
+            let mut session = claims();
+            session.jti = format!("j{n}");
+            keys.verify(
+                &crate::mandate::sign(&header, &key, &session).unwrap(),
+                1_000,
+            )
+            .unwrap();
+            assert!(keys.remembered().len() <= REMEMBERED_SESSIONS);
         }
     }
 }

@@ -306,3 +306,16 @@ pub(crate) async fn outbox_events(store: &dyn caracal_store::Store) -> Vec<serde
         .filter_map(|row| serde_json::from_str(row.fields.get("data")?).ok())
         .collect()
 }
+
+/// The audit events recorded on the evidence stream so far, as JSON.
+pub(crate) async fn stream_events(shared: &Shared) -> Vec<serde_json::Value> {
+    shared
+        .bus
+        .streams
+        .range(caracal_bus::stream_names::AUDIT_EVENTS, None, 100_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|entry| serde_json::from_str(entry.fields.get("data")?).ok())
+        .collect()
+}

@@ -71,6 +71,15 @@ async fn invoke(api: &axum::Router, token: &str, body: Value) -> (StatusCode, Va
     (status, answer)
 }
 
+/// The `control.invoke` events recorded so far, oldest first.
+async fn control_events(world: &World) -> Vec<Value> {
+    crate::test_support::stream_events(&world.shared)
+        .await
+        .into_iter()
+        .filter(|event| event["event_type"] == "control.invoke")
+        .collect()
+}
+
 fn code(answer: &Value) -> &str {
     answer["error"]["code"].as_str().unwrap_or_default()
 }
@@ -385,12 +394,43 @@ async fn control_invocations_refuse_what_the_mandate_does_not_allow() {
             "denied",
         ),
     ];
-    for (scope, body, status, expected) in cases {
+    let recorded_before = control_events(&world).await.len();
+    for (scope, body, status, expected) in &cases {
         let token = mint(&world, &key, scope).await;
         let (got, answer) = invoke(&api, &token, body.clone()).await;
-        assert_eq!((got, code(&answer)), (status, expected), "{body}: {answer}");
+        assert_eq!(
+            (got, code(&answer)),
+            (*status, *expected),
+            "{body}: {answer}"
+        );
         assert_eq!(answer["ok"], false);
     }
+    // Each refusal after the mandate checked out is on the record: who, what, and why. The five
+    // the admin route refused were allowed (and recorded so) before they ran.
+    let (denials, allowed): (Vec<Value>, Vec<Value>) = control_events(&world)
+        .await
+        .split_off(recorded_before)
+        .into_iter()
+        .partition(|event| event["decision"] == "deny");
+    assert_eq!(denials.len(), cases.len());
+    assert_eq!(allowed.len(), 5);
+    for (event, (_, body, _, expected)) in denials.iter().zip(&cases) {
+        assert_eq!(event["decision"], "deny", "{event}");
+        assert_eq!(event["diagnostics_json"][0]["code"], *expected, "{event}");
+        assert_eq!(
+            event["metadata_json"]["actor"],
+            format!("control:{}", key.0)
+        );
+        // A body that is no invocation names no command.
+        let command = if body.get("subcommand").is_some() {
+            &body["command"]
+        } else {
+            &Value::Null
+        };
+        assert_eq!(&event["metadata_json"]["command"], command, "{event}");
+    }
+    assert_eq!(denials[0]["metadata_json"]["subcommand"], "delete");
+    assert_eq!(denials[0]["zone_id"], world.zone_id.as_str());
     // A plain application may be rotated: the guard is about control keys only.
     let token = mint(&world, &key, "control:app:write").await;
     let (status, answer) = invoke(
@@ -419,7 +459,9 @@ async fn control_invocations_refuse_what_the_mandate_does_not_allow() {
         (StatusCode::CONFLICT, "zone_mismatch")
     );
 
-    // Bearers that are not a live control mandate.
+    // Bearers that are not a live control mandate: refused, and logged, but with no key to
+    // name and no zone to file it under, not an audit event.
+    let recorded_before = control_events(&world).await.len();
     for bearer in [
         None,
         Some("garbage".to_owned()),
@@ -440,6 +482,7 @@ async fn control_invocations_refuse_what_the_mandate_does_not_allow() {
             "{bearer:?}: {answer}"
         );
     }
+    assert_eq!(control_events(&world).await.len(), recorded_before);
     // A scope taken off the key after the mint is gone at once.
     let token = mint(&world, &key, "control:grant:read").await;
     let (status, _, _) = call(

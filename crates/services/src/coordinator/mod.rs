@@ -220,7 +220,8 @@ pub(super) async fn authenticate(
         Err(_) => return Err(bad("not a mandate of this zone")),
     };
     let now = now_ms();
-    let claims = crate::mandate::verify(token, |kid| keys.verifier(kid, now))
+    let claims = keys
+        .verify(token, now)
         .map_err(|error| bad(&error.to_string()))?;
     crate::mandate::check_times(&claims, now / 1000)
         .and_then(|()| crate::mandate::check_issuer(&claims, &coordinator.issuer))

@@ -701,7 +701,7 @@ async fn verify(
         Err(error) => return Err(unavailable(error)),
     };
     let now = now_ms();
-    match crate::mandate::verify(token, |kid| keys.verifier(kid, now)) {
+    match keys.verify(token, now) {
         Ok(claims) => Ok(claims),
         Err(crate::mandate::MandateError::UnknownKey) => {
             let may_refresh = {
@@ -726,7 +726,7 @@ async fn verify(
                 .zone(store, kek, zone_id)
                 .await
                 .map_err(unavailable)?;
-            crate::mandate::verify(token, |kid| keys.verifier(kid, now)).map_err(|_| bad())
+            keys.verify(token, now).map_err(|_| bad())
         }
         Err(_) => Err(bad()),
     }

@@ -786,7 +786,8 @@ pub(super) async fn verify_subject(
         Err(error) => return Err(error.into()),
     };
     let now = now_ms();
-    let claims = crate::mandate::verify(token, |kid| keys.verifier(kid, now))
+    let claims = keys
+        .verify(token, now)
         .map_err(|error| TokenError::bad_subject(format!("subject token rejected: {error}")))?;
     check_subject(state, sts, zone_id, &claims, expected_use).await?;
     Ok(claims)
