@@ -40,6 +40,11 @@ fn the_published_control_client_runs_catalog_commands_with_one_mandate_each() {
     assert_eq!(seen["got"], true);
     assert_eq!(seen["admin_sees"], "reporting");
     assert_eq!(
+        seen["ensured"],
+        json!([["unchanged", true], ["updated", true]])
+    );
+    assert_eq!(seen["ensured_traits"], json!(["batch"]));
+    assert_eq!(
         seen["errors"],
         json!({
             "scope_not_held": ["token", 403, null, true],

@@ -4,7 +4,7 @@
 //! at the STS, then runs one command of a fixed catalog with it. The command runs through the
 //! admin API's own routes, in process, as a caller confined to the key's zone that reads, or
 //! writes when its scope is a write or delete scope: every check, limit and audit event of
-//! those routes applies.
+//! those routes applies. `ensure <kind>` is a list, then a create or a change, on those routes.
 //!
 //! Order of checks, each failing closed: enabled, evidence intact, the mandate (signature, time,
 //! issuer, audience, `use`), the key still live with the mandate's scopes still granted, the
@@ -187,6 +187,30 @@ const CATALOG: &[Entry] = &[
     operator("delegation", "traverse", "GET", "delegations/{id}/traverse"),
     operator("delegation", "revoke", "DELETE", "delegations/{id}"),
 ];
+
+/// `ensure <kind>`: creates the one object of the kind whose key field has the flag's value, or
+/// changes the fields that differ; as a catalog entry, the noun whose write scope it needs and
+/// the collection it searches and creates in, then the key field.
+const ENSURED: &[(&str, Entry, &str)] = &[
+    (
+        "application",
+        entry("app", "ensure", "POST", "applications"),
+        "name",
+    ),
+    (
+        "identity-provider",
+        entry("identity-provider", "ensure", "POST", "providers"),
+        "identifier",
+    ),
+    (
+        "resource",
+        entry("resource", "ensure", "POST", "resources"),
+        "identifier",
+    ),
+];
+
+/// Pages of a collection `ensure` searches before it gives up rather than create a duplicate.
+const ENSURE_PAGES: usize = 20;
 
 /// `read`, `delete` or `write`: the last part of the scope a subcommand needs
 /// (`control:<command>:<class>`).
@@ -505,7 +529,10 @@ async fn run(
             Some(invocation),
         ));
     }
-    let (status, answer) = dispatch(&target, caller, &call, request_id).await;
+    let (status, answer) = match call.ensure_key {
+        None => dispatch(&target, caller, &call, request_id).await,
+        Some(key) => ensure(&target, caller, &call, key, request_id).await,
+    };
     if status.is_success() {
         return Ok((
             StatusCode::OK,
@@ -525,6 +552,8 @@ struct Call {
     writes: bool,
     /// Runs on the Coordinator's operator routes, not the admin API.
     coordinator: bool,
+    /// `ensure`: the field that names the object in the collection at `path`.
+    ensure_key: Option<&'static str>,
 }
 
 fn prepare(
@@ -541,10 +570,18 @@ fn prepare(
             "a control key acts only in its own zone",
         ));
     }
-    let Some(entry) = CATALOG
-        .iter()
-        .find(|e| e.command == invocation.command && e.subcommand == invocation.subcommand)
-    else {
+    let found = if invocation.command == "ensure" {
+        ENSURED
+            .iter()
+            .find(|(kind, ..)| *kind == invocation.subcommand)
+            .map(|(_, entry, key)| (entry, Some(*key)))
+    } else {
+        CATALOG
+            .iter()
+            .find(|e| e.command == invocation.command && e.subcommand == invocation.subcommand)
+            .map(|entry| (entry, None))
+    };
+    let Some((entry, ensure_key)) = found else {
         return Err(refuse(
             StatusCode::NOT_IMPLEMENTED,
             "unsupported",
@@ -651,6 +688,17 @@ fn prepare(
         }
         None
     } else {
+        if let Some(key) = ensure_key
+            && flags
+                .get(key)
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+        {
+            return Err(invalid(format!(
+                "`ensure {}` needs the flag `{key}`",
+                invocation.subcommand
+            )));
+        }
         (!flags.is_empty()).then_some(Value::Object(flags))
     };
     Ok(Call {
@@ -659,6 +707,7 @@ fn prepare(
         body,
         writes: class != "read",
         coordinator: entry.coordinator,
+        ensure_key,
     })
 }
 
@@ -674,14 +723,124 @@ async fn dispatch(
     call: &Call,
     request_id: Option<&RequestId>,
 ) -> (StatusCode, Value) {
+    send(
+        admin,
+        caller,
+        call.method.clone(),
+        &call.path,
+        call.body.as_ref(),
+        request_id,
+    )
+    .await
+}
+
+/// `ensure`: finds the object of `call.path`'s collection whose `key` field is the flag's value
+/// (page by page, newest first), then creates it, changes the fields that differ, or leaves it.
+/// Answers `{action: created|updated|unchanged, object}`, or the admin route's refusal.
+async fn ensure(
+    admin: &Router,
+    caller: AdminCaller,
+    call: &Call,
+    key: &str,
+    request_id: Option<&RequestId>,
+) -> (StatusCode, Value) {
+    let Some(Value::Object(spec)) = &call.body else {
+        return (StatusCode::BAD_REQUEST, Value::Null);
+    };
+    let mut cursor: Option<String> = None;
+    let mut found = None;
+    for page_number in 0.. {
+        if page_number == ENSURE_PAGES {
+            let error = format!(
+                "more than {} objects to search; narrow the collection or use create/patch",
+                ENSURE_PAGES * crate::admin::MAX_LIMIT
+            );
+            return (
+                StatusCode::CONFLICT,
+                json!({"error": "conflict", "error_description": error}),
+            );
+        }
+        let mut query = vec![("limit", crate::admin::MAX_LIMIT.to_string())];
+        query.extend(cursor.take().map(|cursor| ("cursor", cursor)));
+        let path = format!(
+            "{}?{}",
+            call.path,
+            serde_urlencoded::to_string(&query).unwrap_or_default()
+        );
+        let get = http::Method::GET;
+        let (status, page) = send(admin, caller.clone(), get, &path, None, request_id).await;
+        if !status.is_success() {
+            return (status, page);
+        }
+        let items = page
+            .get("items")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        found = items
+            .iter()
+            .find(|item| item.get(key) == spec.get(key))
+            .cloned();
+        cursor = page
+            .get("next_cursor")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        if found.is_some() || cursor.is_none() {
+            break;
+        }
+    }
+    let (action, method, path, body) = match &found {
+        None => (
+            "created",
+            http::Method::POST,
+            call.path.clone(),
+            spec.clone(),
+        ),
+        Some(object) => {
+            let changes: Map<String, Value> = spec
+                .iter()
+                .filter(|(name, value)| object.get(name.as_str()) != Some(value))
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect();
+            let id = object.get("id").and_then(Value::as_str).unwrap_or_default();
+            if changes.is_empty() {
+                return (
+                    StatusCode::OK,
+                    json!({"action": "unchanged", "object": object}),
+                );
+            }
+            if !caracal_core::is_plain_id(id) {
+                return (StatusCode::BAD_GATEWAY, Value::Null);
+            }
+            let path = format!("{}/{id}", call.path);
+            ("updated", http::Method::PATCH, path, changes)
+        }
+    };
+    let body = Value::Object(body);
+    let (status, answer) = send(admin, caller, method, &path, Some(&body), request_id).await;
+    if !status.is_success() {
+        return (status, answer);
+    }
+    (status, json!({"action": action, "object": answer}))
+}
+
+/// One request to an admin route as `caller`.
+async fn send(
+    admin: &Router,
+    caller: AdminCaller,
+    method: http::Method,
+    path: &str,
+    body: Option<&Value>,
+    request_id: Option<&RequestId>,
+) -> (StatusCode, Value) {
     let mut request = http::Request::builder()
-        .method(call.method.clone())
-        .uri(&call.path)
+        .method(method)
+        .uri(path)
         .header(http::header::CONTENT_TYPE, "application/json");
     if let Some(id) = request_id {
         request = request.extension(id.clone());
     }
-    let body = call.body.as_ref().map(Value::to_string).unwrap_or_default();
+    let body = body.map(Value::to_string).unwrap_or_default();
     let Ok(request) = request.body(Body::from(body)) else {
         return (StatusCode::BAD_REQUEST, Value::Null);
     };

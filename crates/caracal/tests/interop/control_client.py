@@ -45,6 +45,16 @@ seen["listed"] = sorted(app["name"] for app in listed["items"])
 seen["got"] = control.invoke("app", "get", {"id": created["id"]}, ["control:app:read"])["id"] == created["id"]
 # What the admin API holds is what the control command wrote.
 seen["admin_sees"] = admin.applications.get(zone_id, created["id"])["name"]
+# ensure: the same object found by its name, changed only where it differs.
+ensured = [
+    control.invoke("ensure", "application", spec, ["control:app:write"])
+    for spec in (
+        {"name": "reporting", "registration_method": "managed"},
+        {"name": "reporting", "traits": ["batch"]},
+    )
+]
+seen["ensured"] = [[result["action"], result["object"]["id"] == created["id"]] for result in ensured]
+seen["ensured_traits"] = admin.applications.get(zone_id, created["id"])["traits"]
 
 
 def failure(call):

@@ -37,7 +37,7 @@ use crate::wire::Page;
 pub const MAX_BODY: usize = 256 * 1024;
 /// Page sizes of list routes.
 const DEFAULT_LIMIT: usize = 200;
-const MAX_LIMIT: usize = 500;
+pub(crate) const MAX_LIMIT: usize = 500;
 
 pub fn routes() -> Router<RoleState> {
     Router::new()

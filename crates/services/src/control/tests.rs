@@ -286,6 +286,122 @@ async fn session_and_delegation_commands_run_on_the_coordinators_operator_routes
 }
 
 #[tokio::test]
+async fn ensure_creates_changes_or_leaves_the_one_object_its_key_names() {
+    let world = world().await;
+    let api = api(&world, true);
+    let key = control_key(&world, &["control:app:write", "control:app:read"]).await;
+    let ensure =
+        |kind: &str, flags: Value| json!({"command": "ensure", "subcommand": kind, "flags": flags});
+    let spec = json!({"name": "ensured", "registration_method": "managed", "traits": ["agent"]});
+    let mut seen = Vec::new();
+    for (flags, action) in [
+        (spec.clone(), "created"),
+        (spec.clone(), "unchanged"),
+        (
+            json!({"name": "ensured", "traits": ["agent", "batch"]}),
+            "updated",
+        ),
+        (
+            json!({"name": "ensured", "traits": ["agent", "batch"]}),
+            "unchanged",
+        ),
+    ] {
+        let token = mint(&world, &key, "control:app:write").await;
+        let (status, answer) = invoke(&api, &token, ensure("application", flags)).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["result"]["action"], action, "{answer}");
+        seen.push(
+            answer["result"]["object"]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert!(seen.iter().all(|id| *id == seen[0]), "one object: {seen:?}");
+    let token = mint(&world, &key, "control:app:read").await;
+    let (_, listed) = invoke(
+        &api,
+        &token,
+        json!({"command": "app", "subcommand": "get", "flags": {"id": seen[0]}}),
+    )
+    .await;
+    assert_eq!(
+        listed["result"]["traits"],
+        json!(["agent", "batch"]),
+        "{listed}"
+    );
+
+    // What ensure refuses: a kind it does not keep, a missing key flag, an id, a scope the
+    // mandate lacks, and whatever the admin route refuses.
+    for (scope, flags, kind, status, expected) in [
+        (
+            "control:app:write",
+            json!({"name": "p"}),
+            "policy",
+            StatusCode::NOT_IMPLEMENTED,
+            "unsupported",
+        ),
+        (
+            "control:app:write",
+            json!({"traits": []}),
+            "application",
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            "control:app:write",
+            json!({"name": "", "traits": []}),
+            "application",
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            "control:app:write",
+            json!({"name": "x", "id": seen[0]}),
+            "application",
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            "control:app:read",
+            json!({"name": "x"}),
+            "application",
+            StatusCode::FORBIDDEN,
+            "denied",
+        ),
+        (
+            "control:app:write",
+            json!({"identifier": "r"}),
+            "resource",
+            StatusCode::FORBIDDEN,
+            "denied",
+        ),
+        (
+            "control:app:write",
+            json!({"name": "y", "registration_method": "nope"}),
+            "application",
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            "control:app:write",
+            json!({"name": "ensured", "traits": ["control:invoke"]}),
+            "application",
+            StatusCode::FORBIDDEN,
+            "denied",
+        ),
+    ] {
+        let token = mint(&world, &key, scope).await;
+        let (got, answer) = invoke(&api, &token, ensure(kind, flags.clone())).await;
+        assert_eq!(
+            (got, code(&answer)),
+            (status, expected),
+            "{flags}: {answer}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn control_invocations_refuse_what_the_mandate_does_not_allow() {
     let world = world().await;
     let api = api(&world, true);
@@ -625,7 +741,7 @@ mod parsing {
     use proptest::prelude::*;
     use serde_json::{Map, Value};
 
-    use super::super::{CATALOG, Invocation, prepare};
+    use super::super::{CATALOG, ENSURED, Invocation, prepare};
     use crate::wire::MandateClaims;
 
     fn claims() -> MandateClaims {
@@ -682,10 +798,13 @@ mod parsing {
         let command = prop_oneof![
             proptest::sample::select(CATALOG.iter().map(|e| e.command).collect::<Vec<_>>())
                 .prop_map(str::to_owned),
+            Just("ensure".to_owned()),
             text(),
         ];
         let subcommand = prop_oneof![
             proptest::sample::select(CATALOG.iter().map(|e| e.subcommand).collect::<Vec<_>>())
+                .prop_map(str::to_owned),
+            proptest::sample::select(ENSURED.iter().map(|(kind, ..)| *kind).collect::<Vec<_>>())
                 .prop_map(str::to_owned),
             text(),
         ];
@@ -719,6 +838,15 @@ mod parsing {
         fn an_invocation_resolves_to_its_zones_catalog_route_or_a_refusal(invocation in invocation()) {
             let claims = claims();
             match prepare(&http::HeaderMap::new(), &claims, &invocation) {
+                Ok(call) if invocation.command == "ensure" => {
+                    let (_, entry, key) = ENSURED
+                        .iter()
+                        .find(|(kind, ..)| *kind == invocation.subcommand)
+                        .expect("only the kinds ensure keeps resolve");
+                    prop_assert_eq!(call.path, format!("/v1/zones/zone-1/{}", entry.path));
+                    prop_assert_eq!(call.ensure_key, Some(*key));
+                    prop_assert!(invocation.flags.get(*key).and_then(Value::as_str).is_some_and(|v| !v.is_empty()));
+                }
                 Ok(call) => {
                     let path = call.path.split('?').next().unwrap_or_default();
                     let entry = CATALOG
