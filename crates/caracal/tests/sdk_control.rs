@@ -45,6 +45,10 @@ fn the_published_control_client_runs_catalog_commands_with_one_mandate_each() {
     );
     assert_eq!(seen["ensured_traits"], json!(["batch"]));
     assert_eq!(
+        seen["state"],
+        json!([["unchanged", "create"], ["unchanged", "created"], true])
+    );
+    assert_eq!(
         seen["errors"],
         json!({
             "scope_not_held": ["token", 403, null, true],

@@ -4,7 +4,8 @@
 //! at the STS, then runs one command of a fixed catalog with it. The command runs through the
 //! admin API's own routes, in process, as a caller confined to the key's zone that reads, or
 //! writes when its scope is a write or delete scope: every check, limit and audit event of
-//! those routes applies. `ensure <kind>` is a list, then a create or a change, on those routes.
+//! those routes applies. `ensure <kind>` is a list, then a create or a change, on those routes;
+//! `state plan|verify|apply` is that for a document of objects.
 //!
 //! Order of checks, each failing closed: enabled, evidence intact, the mandate (signature, time,
 //! issuer, audience, `use`), the key still live with the mandate's scopes still granted, the
@@ -529,9 +530,10 @@ async fn run(
             Some(invocation),
         ));
     }
-    let (status, answer) = match call.ensure_key {
-        None => dispatch(&target, caller, &call, request_id).await,
-        Some(key) => ensure(&target, caller, &call, key, request_id).await,
+    let (status, answer) = match (&call.state, call.ensure_key) {
+        (Some((verb, objects)), _) => state_run(&target, caller, *verb, objects, request_id).await,
+        (None, Some(key)) => ensure(&target, caller, &call, key, request_id).await,
+        (None, None) => dispatch(&target, caller, &call, request_id).await,
     };
     if status.is_success() {
         return Ok((
@@ -554,6 +556,27 @@ struct Call {
     coordinator: bool,
     /// `ensure`: the field that names the object in the collection at `path`.
     ensure_key: Option<&'static str>,
+    /// `state plan|verify|apply`: the documents' objects, in order.
+    state: Option<(StateVerb, Vec<Desired>)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StateVerb {
+    /// What apply would do, changing nothing.
+    Plan,
+    /// Whether every object already is as desired.
+    Verify,
+    /// Each object created or changed, in order; stops at the first refusal.
+    Apply,
+}
+
+/// One object of a `state` document: where its kind lives, the field that names it, its spec.
+#[derive(Debug)]
+struct Desired {
+    kind: &'static str,
+    collection: String,
+    key: &'static str,
+    spec: Map<String, Value>,
 }
 
 fn prepare(
@@ -569,6 +592,10 @@ fn prepare(
             "zone_mismatch",
             "a control key acts only in its own zone",
         ));
+    }
+    check_authorized_by(invocation)?;
+    if invocation.command == "state" {
+        return prepare_state(claims, invocation);
     }
     let found = if invocation.command == "ensure" {
         ENSURED
@@ -600,15 +627,6 @@ fn prepare(
             "denied",
             format!("the mandate lacks `{needed}`"),
         ));
-    }
-    if let Some(by) = &invocation.authorized_by
-        && (by.trim().is_empty()
-            || by.chars().count() > MAX_AUTHORIZED_BY
-            || by.chars().any(char::is_control))
-    {
-        return Err(invalid(format!(
-            "authorized_by must be 1 to {MAX_AUTHORIZED_BY} printable characters"
-        )));
     }
     if invocation.flags.len() > MAX_FLAGS {
         return Err(invalid(format!("at most {MAX_FLAGS} flags")));
@@ -708,6 +726,134 @@ fn prepare(
         writes: class != "read",
         coordinator: entry.coordinator,
         ensure_key,
+        state: None,
+    })
+}
+
+fn check_authorized_by(invocation: &Invocation) -> Result<(), Refusal> {
+    match &invocation.authorized_by {
+        Some(by)
+            if by.trim().is_empty()
+                || by.chars().count() > MAX_AUTHORIZED_BY
+                || by.chars().any(char::is_control) =>
+        {
+            Err(invalid(format!(
+                "authorized_by must be 1 to {MAX_AUTHORIZED_BY} printable characters"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `state plan|verify|apply` with the flag `objects`: up to 64 `{kind, spec}` of the kinds
+/// `ensure` keeps, each named once by its key field; `dry_run: true` makes apply a plan. Needs
+/// the read scope (plan, verify, dry run) or the write scope (apply) of every kind it touches.
+fn prepare_state(claims: &MandateClaims, invocation: &Invocation) -> Result<Call, Refusal> {
+    let verb = match invocation.subcommand.as_str() {
+        "plan" => StateVerb::Plan,
+        "verify" => StateVerb::Verify,
+        "apply" => StateVerb::Apply,
+        other => {
+            return Err(refuse(
+                StatusCode::NOT_IMPLEMENTED,
+                "unsupported",
+                format!("`state {}` is not a control command", truncated(other)),
+            ));
+        }
+    };
+    let mut verb = verb;
+    for (name, value) in &invocation.flags {
+        match (name.as_str(), value) {
+            ("objects", Value::Array(_)) | ("dry_run", Value::Bool(false)) => {}
+            ("dry_run", Value::Bool(true)) if verb == StateVerb::Apply => verb = StateVerb::Plan,
+            ("prune", _) => {
+                return Err(refuse(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "unsupported",
+                    "`state` does not prune; delete objects with their own command",
+                ));
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "`state` takes `objects` (an array) and `dry_run` (a boolean for apply), not `{}`",
+                    truncated(name)
+                )));
+            }
+        }
+    }
+    let Some(Value::Array(items)) = invocation.flags.get("objects") else {
+        return Err(invalid("`state` needs the flag `objects`"));
+    };
+    if items.is_empty() || items.len() > MAX_FLAG_ITEMS {
+        return Err(invalid(format!(
+            "`objects` holds 1 to {MAX_FLAG_ITEMS} objects"
+        )));
+    }
+    let class = if verb == StateVerb::Apply {
+        "write"
+    } else {
+        "read"
+    };
+    let mut objects: Vec<Desired> = Vec::with_capacity(items.len());
+    for (n, item) in items.iter().enumerate() {
+        let (Some(Value::String(kind)), Some(Value::Object(spec)), 2) = (
+            item.get("kind"),
+            item.get("spec"),
+            item.as_object().map_or(0, Map::len),
+        ) else {
+            return Err(invalid(format!("object {n} is not `{{kind, spec}}`")));
+        };
+        let Some((kind, entry, key)) = ENSURED.iter().find(|(known, ..)| known == kind) else {
+            return Err(refuse(
+                StatusCode::NOT_IMPLEMENTED,
+                "unsupported",
+                format!(
+                    "object {n}: `state` keeps applications, identity providers and resources, not `{}`",
+                    truncated(kind)
+                ),
+            ));
+        };
+        let Some(name) = spec
+            .get(*key)
+            .and_then(Value::as_str)
+            .filter(|name| !name.is_empty())
+        else {
+            return Err(invalid(format!(
+                "object {n} ({kind}) needs `{key}` in its spec"
+            )));
+        };
+        if objects
+            .iter()
+            .any(|other| other.kind == *kind && other.spec.get(*key) == spec.get(*key))
+        {
+            return Err(invalid(format!(
+                "object {n}: {kind} `{}` is named twice",
+                truncated(name)
+            )));
+        }
+        let needed = format!("control:{}:{class}", entry.command);
+        if !scopes(claims).any(|scope| scope == needed) {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "denied",
+                format!("the mandate lacks `{needed}`"),
+            ));
+        }
+        objects.push(Desired {
+            kind,
+            collection: format!("/v1/zones/{}/{}", claims.zone_id, entry.path),
+            key,
+            spec: spec.clone(),
+        });
+    }
+    Ok(Call {
+        method: http::Method::GET,
+        path: format!("/v1/zones/{}", claims.zone_id),
+        body: None,
+        writes: verb == StateVerb::Apply,
+        coordinator: false,
+        ensure_key: None,
+        state: Some((verb, objects)),
     })
 }
 
@@ -734,9 +880,9 @@ async fn dispatch(
     .await
 }
 
-/// `ensure`: finds the object of `call.path`'s collection whose `key` field is the flag's value
-/// (page by page, newest first), then creates it, changes the fields that differ, or leaves it.
-/// Answers `{action: created|updated|unchanged, object}`, or the admin route's refusal.
+/// `ensure`: the object of `call.path`'s collection whose `key` field is the flag's value,
+/// created, changed where it differs, or left. Answers `{action: created|updated|unchanged,
+/// object}`, or the admin route's refusal.
 async fn ensure(
     admin: &Router,
     caller: AdminCaller,
@@ -747,73 +893,104 @@ async fn ensure(
     let Some(Value::Object(spec)) = &call.body else {
         return (StatusCode::BAD_REQUEST, Value::Null);
     };
+    match find(admin, &caller, &call.path, key, spec, request_id).await {
+        Ok(found) => reconcile(admin, caller, &call.path, spec, found, request_id).await,
+        Err(refused) => refused,
+    }
+}
+
+/// The object of `collection` whose `key` field is `spec`'s, searched page by page (newest
+/// first); more than [`ENSURE_PAGES`] pages is a conflict rather than a guess.
+async fn find(
+    admin: &Router,
+    caller: &AdminCaller,
+    collection: &str,
+    key: &str,
+    spec: &Map<String, Value>,
+    request_id: Option<&RequestId>,
+) -> Result<Option<Value>, (StatusCode, Value)> {
     let mut cursor: Option<String> = None;
-    let mut found = None;
-    for page_number in 0.. {
-        if page_number == ENSURE_PAGES {
-            let error = format!(
-                "more than {} objects to search; narrow the collection or use create/patch",
-                ENSURE_PAGES * crate::admin::MAX_LIMIT
-            );
-            return (
-                StatusCode::CONFLICT,
-                json!({"error": "conflict", "error_description": error}),
-            );
-        }
+    for _ in 0..ENSURE_PAGES {
         let mut query = vec![("limit", crate::admin::MAX_LIMIT.to_string())];
         query.extend(cursor.take().map(|cursor| ("cursor", cursor)));
         let path = format!(
-            "{}?{}",
-            call.path,
+            "{collection}?{}",
             serde_urlencoded::to_string(&query).unwrap_or_default()
         );
         let get = http::Method::GET;
         let (status, page) = send(admin, caller.clone(), get, &path, None, request_id).await;
         if !status.is_success() {
-            return (status, page);
+            return Err((status, page));
         }
         let items = page
             .get("items")
             .and_then(Value::as_array)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        found = items
-            .iter()
-            .find(|item| item.get(key) == spec.get(key))
-            .cloned();
+        if let Some(found) = items.iter().find(|item| item.get(key) == spec.get(key)) {
+            return Ok(Some(found.clone()));
+        }
         cursor = page
             .get("next_cursor")
             .and_then(Value::as_str)
             .map(str::to_owned);
-        if found.is_some() || cursor.is_none() {
-            break;
+        if cursor.is_none() {
+            return Ok(None);
         }
     }
-    let (action, method, path, body) = match &found {
+    let error = format!(
+        "more than {} objects to search; use create and patch",
+        ENSURE_PAGES * crate::admin::MAX_LIMIT
+    );
+    Err((
+        StatusCode::CONFLICT,
+        json!({"error": "conflict", "error_description": error}),
+    ))
+}
+
+/// The fields of `spec` that `object` does not already hold as given.
+fn differences(spec: &Map<String, Value>, object: &Value) -> Map<String, Value> {
+    spec.iter()
+        .filter(|(name, value)| object.get(name.as_str()) != Some(value))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
+}
+
+/// Creates `spec` in `collection` when nothing was `found`, else changes the fields that differ
+/// (or nothing): `{action, object}`, or the admin route's refusal.
+async fn reconcile(
+    admin: &Router,
+    caller: AdminCaller,
+    collection: &str,
+    spec: &Map<String, Value>,
+    found: Option<Value>,
+    request_id: Option<&RequestId>,
+) -> (StatusCode, Value) {
+    let (action, method, path, body) = match found {
         None => (
             "created",
             http::Method::POST,
-            call.path.clone(),
+            collection.to_owned(),
             spec.clone(),
         ),
         Some(object) => {
-            let changes: Map<String, Value> = spec
-                .iter()
-                .filter(|(name, value)| object.get(name.as_str()) != Some(value))
-                .map(|(name, value)| (name.clone(), value.clone()))
-                .collect();
-            let id = object.get("id").and_then(Value::as_str).unwrap_or_default();
+            let changes = differences(spec, &object);
             if changes.is_empty() {
                 return (
                     StatusCode::OK,
                     json!({"action": "unchanged", "object": object}),
                 );
             }
+            let id = object.get("id").and_then(Value::as_str).unwrap_or_default();
             if !caracal_core::is_plain_id(id) {
                 return (StatusCode::BAD_GATEWAY, Value::Null);
             }
-            let path = format!("{}/{id}", call.path);
-            ("updated", http::Method::PATCH, path, changes)
+            (
+                "updated",
+                http::Method::PATCH,
+                format!("{collection}/{id}"),
+                changes,
+            )
         }
     };
     let body = Value::Object(body);
@@ -822,6 +999,89 @@ async fn ensure(
         return (status, answer);
     }
     (status, json!({"action": action, "object": answer}))
+}
+
+/// `state`: each object found, then compared (plan, verify) or reconciled (apply), in order.
+/// Answers `{objects: [{kind, name, action, id, fields}]}` — `create|update|unchanged` planned,
+/// `created|updated|unchanged` applied — and `in_sync` for verify; a
+/// refusal during apply names the object and how many before it were applied.
+async fn state_run(
+    admin: &Router,
+    caller: AdminCaller,
+    verb: StateVerb,
+    objects: &[Desired],
+    request_id: Option<&RequestId>,
+) -> (StatusCode, Value) {
+    let mut report = Vec::with_capacity(objects.len());
+    for (n, desired) in objects.iter().enumerate() {
+        let name = desired.spec.get(desired.key).cloned().unwrap_or_default();
+        let refused = |(status, mut answer): (StatusCode, Value)| {
+            let cause = answer
+                .get("error_description")
+                .and_then(Value::as_str)
+                .unwrap_or("refused")
+                .to_owned();
+            if let Some(fields) = answer.as_object_mut() {
+                fields.insert(
+                    "error_description".to_owned(),
+                    json!(format!(
+                        "object {n} ({} {name}): {cause}; the {n} before it were done",
+                        desired.kind
+                    )),
+                );
+            }
+            (status, answer)
+        };
+        let found = match find(
+            admin,
+            &caller,
+            &desired.collection,
+            desired.key,
+            &desired.spec,
+            request_id,
+        )
+        .await
+        {
+            Ok(found) => found,
+            Err(refusal) => return refused(refusal),
+        };
+        let id = found.as_ref().and_then(|object| object.get("id")).cloned();
+        let fields: Vec<String> = match &found {
+            Some(object) => differences(&desired.spec, object).keys().cloned().collect(),
+            None => Vec::new(),
+        };
+        let planned = match (&found, fields.is_empty()) {
+            (None, _) => "create",
+            (Some(_), true) => "unchanged",
+            (Some(_), false) => "update",
+        };
+        if verb != StateVerb::Apply || planned == "unchanged" {
+            report.push(json!({"kind": desired.kind, "name": name, "action": planned, "id": id, "fields": fields}));
+            continue;
+        }
+        let (status, answer) = reconcile(
+            admin,
+            caller.clone(),
+            &desired.collection,
+            &desired.spec,
+            found,
+            request_id,
+        )
+        .await;
+        if !status.is_success() {
+            return refused((status, answer));
+        }
+        let id = answer.pointer("/object/id").cloned();
+        report.push(json!({"kind": desired.kind, "name": name, "action": answer.get("action"), "id": id, "fields": fields}));
+    }
+    let in_sync = report
+        .iter()
+        .all(|object| object.get("action").and_then(Value::as_str) == Some("unchanged"));
+    let answer = match verb {
+        StateVerb::Verify => json!({"objects": report, "in_sync": in_sync}),
+        StateVerb::Plan | StateVerb::Apply => json!({"objects": report}),
+    };
+    (StatusCode::OK, answer)
 }
 
 /// One request to an admin route as `caller`.

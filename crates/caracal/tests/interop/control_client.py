@@ -55,6 +55,19 @@ ensured = [
 ]
 seen["ensured"] = [[result["action"], result["object"]["id"] == created["id"]] for result in ensured]
 seen["ensured_traits"] = admin.applications.get(zone_id, created["id"])["traits"]
+# state: a document of objects planned, applied, then verified in sync.
+document = {"objects": [
+    {"kind": "application", "spec": {"name": "reporting", "traits": ["batch"]}},
+    {"kind": "application", "spec": {"name": "billing", "registration_method": "managed"}},
+]}
+planned = control.invoke("state", "plan", document, ["control:app:read"])
+applied = control.invoke("state", "apply", document, ["control:app:write"])
+verified = control.invoke("state", "verify", document, ["control:app:read"])
+seen["state"] = [
+    [o["action"] for o in planned["objects"]],
+    [o["action"] for o in applied["objects"]],
+    verified["in_sync"],
+]
 
 
 def failure(call):

@@ -402,6 +402,176 @@ async fn ensure_creates_changes_or_leaves_the_one_object_its_key_names() {
 }
 
 #[tokio::test]
+async fn state_plans_verifies_and_applies_a_document_of_objects() {
+    let world = world().await;
+    let api = api(&world, true);
+    let key = control_key(&world, &["control:app:write", "control:app:read"]).await;
+    let state =
+        |verb: &str, flags: Value| json!({"command": "state", "subcommand": verb, "flags": flags});
+    let app = |name: &str, traits: Value| json!({"kind": "application", "spec": {"name": name, "registration_method": "managed", "traits": traits}});
+    let document = json!([app("alpha", json!(["a"])), app("beta", json!([]))]);
+    let run = |verb: &'static str, flags: Value, scope: &'static str| {
+        let (world, api, key) = (&world, &api, &key);
+        async move {
+            let token = mint(world, key, scope).await;
+            invoke(api, &token, state(verb, flags)).await
+        }
+    };
+    let actions = |answer: &Value| -> Vec<String> {
+        answer["result"]["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|object| object["action"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    let (status, planned) = run("plan", json!({"objects": document}), "control:app:read").await;
+    assert_eq!(status, StatusCode::OK, "{planned}");
+    assert_eq!(actions(&planned), ["create", "create"]);
+    let (_, dry) = run(
+        "apply",
+        json!({"objects": document, "dry_run": true}),
+        "control:app:read",
+    )
+    .await;
+    assert_eq!(actions(&dry), ["create", "create"], "{dry}");
+    let (_, verified) = run("verify", json!({"objects": document}), "control:app:read").await;
+    assert_eq!(verified["result"]["in_sync"], false, "{verified}");
+
+    let (status, applied) = run("apply", json!({"objects": document}), "control:app:write").await;
+    assert_eq!(status, StatusCode::OK, "{applied}");
+    assert_eq!(actions(&applied), ["created", "created"]);
+    let (_, verified) = run("verify", json!({"objects": document}), "control:app:read").await;
+    assert_eq!(verified["result"]["in_sync"], true, "{verified}");
+    assert_eq!(actions(&verified), ["unchanged", "unchanged"]);
+
+    // One object drifts: the plan names it and its field; apply changes only it.
+    let drifted = json!([app("alpha", json!(["a", "b"])), app("beta", json!([]))]);
+    let (_, planned) = run("plan", json!({"objects": drifted}), "control:app:read").await;
+    assert_eq!(actions(&planned), ["update", "unchanged"]);
+    assert_eq!(planned["result"]["objects"][0]["fields"], json!(["traits"]));
+    let (_, applied) = run("apply", json!({"objects": drifted}), "control:app:write").await;
+    assert_eq!(actions(&applied), ["updated", "unchanged"], "{applied}");
+    assert_eq!(
+        applied["result"]["objects"][0]["id"],
+        verified["result"]["objects"][0]["id"]
+    );
+
+    // A refusal part-way names the object and what was done before it.
+    let refused = json!([
+        app("gamma", json!([])),
+        app("delta", json!(["control:invoke"]))
+    ]);
+    let (status, answer) = run("apply", json!({"objects": refused}), "control:app:write").await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::FORBIDDEN, "denied"),
+        "{answer}"
+    );
+    let reason = answer["error"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("object 1 (application \"delta\")")
+            && reason.contains("the 1 before it were done"),
+        "{reason}"
+    );
+
+    for (verb, flags, scope, status, expected) in [
+        (
+            "apply",
+            json!({"objects": document}),
+            "control:app:read",
+            StatusCode::FORBIDDEN,
+            "denied",
+        ),
+        (
+            "plan",
+            json!({"objects": [{"kind": "resource", "spec": {"identifier": "r"}}]}),
+            "control:app:read",
+            StatusCode::FORBIDDEN,
+            "denied",
+        ),
+        (
+            "plan",
+            json!({"objects": [{"kind": "policy", "spec": {"name": "p"}}]}),
+            "control:app:read",
+            StatusCode::NOT_IMPLEMENTED,
+            "unsupported",
+        ),
+        (
+            "plan",
+            json!({"objects": document, "prune": true}),
+            "control:app:read",
+            StatusCode::NOT_IMPLEMENTED,
+            "unsupported",
+        ),
+        (
+            "destroy",
+            json!({"objects": document}),
+            "control:app:read",
+            StatusCode::NOT_IMPLEMENTED,
+            "unsupported",
+        ),
+        (
+            "plan",
+            json!({}),
+            "control:app:read",
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            "plan",
+            json!({"objects": []}),
+            "control:app:read",
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            "plan",
+            json!({"objects": [app("x", json!([])), app("x", json!(["a"]))]}),
+            "control:app:read",
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            "plan",
+            json!({"objects": [{"kind": "application", "spec": {"traits": []}}]}),
+            "control:app:read",
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            "plan",
+            json!({"objects": [{"kind": "application", "spec": {"name": "x"}, "extra": 1}]}),
+            "control:app:read",
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            "plan",
+            json!({"objects": document, "dry_run": "yes"}),
+            "control:app:read",
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            "plan",
+            json!({"objects": (0..65).map(|n| app(&format!("n{n}"), json!([]))).collect::<Vec<_>>()}),
+            "control:app:read",
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+    ] {
+        let (got, answer) = run(verb, flags.clone(), scope).await;
+        assert_eq!(
+            (got, code(&answer)),
+            (status, expected),
+            "{verb} {flags}: {answer}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn control_invocations_refuse_what_the_mandate_does_not_allow() {
     let world = world().await;
     let api = api(&world, true);
@@ -799,6 +969,7 @@ mod parsing {
             proptest::sample::select(CATALOG.iter().map(|e| e.command).collect::<Vec<_>>())
                 .prop_map(str::to_owned),
             Just("ensure".to_owned()),
+            Just("state".to_owned()),
             text(),
         ];
         let subcommand = prop_oneof![
@@ -806,6 +977,7 @@ mod parsing {
                 .prop_map(str::to_owned),
             proptest::sample::select(ENSURED.iter().map(|(kind, ..)| *kind).collect::<Vec<_>>())
                 .prop_map(str::to_owned),
+            proptest::sample::select(vec!["plan", "verify", "apply"]).prop_map(str::to_owned),
             text(),
         ];
         let flags = proptest::collection::btree_map(text(), value(), 0..36);
@@ -838,6 +1010,15 @@ mod parsing {
         fn an_invocation_resolves_to_its_zones_catalog_route_or_a_refusal(invocation in invocation()) {
             let claims = claims();
             match prepare(&http::HeaderMap::new(), &claims, &invocation) {
+                Ok(call) if invocation.command == "state" => {
+                    let (_, objects) = call.state.expect("a state call carries its objects");
+                    prop_assert!(!objects.is_empty() && objects.len() <= super::super::MAX_FLAG_ITEMS);
+                    for desired in objects {
+                        let (_, entry, key) = ENSURED.iter().find(|(kind, ..)| *kind == desired.kind).expect("a kind ensure keeps");
+                        prop_assert_eq!(desired.collection, format!("/v1/zones/zone-1/{}", entry.path));
+                        prop_assert_eq!(desired.key, *key);
+                    }
+                }
                 Ok(call) if invocation.command == "ensure" => {
                     let (_, entry, key) = ENSURED
                         .iter()
