@@ -176,6 +176,7 @@ const CATALOG: &[Entry] = &[
     entry("approval", "list", "GET", "approvals"),
     entry("audit", "tail", "GET", "audit"),
     entry("audit", "admin", "GET", "admin-audit"),
+    entry("audit", "explain", "GET", "audit/explain"),
     entry("session", "list", "GET", "sessions"),
     operator("session", "get", "GET", "agents/{id}"),
     operator("session", "tree", "GET", "agents/{id}/children"),
@@ -218,7 +219,7 @@ const ENSURE_PAGES: usize = 20;
 fn class(subcommand: &str) -> &'static str {
     match subcommand {
         "list" | "get" | "tree" | "tail" | "active" | "inbound" | "outbound" | "traverse"
-        | "validate" | "simulate" | "admin" => "read",
+        | "validate" | "simulate" | "admin" | "explain" | "describe" => "read",
         "delete" | "terminate" | "revoke" => "delete",
         _ => "write",
     }
@@ -530,10 +531,11 @@ async fn run(
             Some(invocation),
         ));
     }
-    let (status, answer) = match (&call.state, call.ensure_key) {
-        (Some((verb, objects)), _) => state_run(&target, caller, *verb, objects, request_id).await,
-        (None, Some(key)) => ensure(&target, caller, &call, key, request_id).await,
-        (None, None) => dispatch(&target, caller, &call, request_id).await,
+    let (status, answer) = match &call.work {
+        Work::Route => dispatch(&target, caller, &call, request_id).await,
+        Work::Ensure(key) => ensure(&target, caller, &call, key, request_id).await,
+        Work::State(verb, objects) => state_run(&target, caller, *verb, objects, request_id).await,
+        Work::Describe(listing) => (StatusCode::OK, listing.clone()),
     };
     if status.is_success() {
         return Ok((
@@ -554,10 +556,20 @@ struct Call {
     writes: bool,
     /// Runs on the Coordinator's operator routes, not the admin API.
     coordinator: bool,
-    /// `ensure`: the field that names the object in the collection at `path`.
-    ensure_key: Option<&'static str>,
-    /// `state plan|verify|apply`: the documents' objects, in order.
-    state: Option<(StateVerb, Vec<Desired>)>,
+    work: Work,
+}
+
+/// What a call does with its route.
+#[derive(Debug)]
+enum Work {
+    /// One request.
+    Route,
+    /// `ensure`: the object of the collection at `path` named by this field.
+    Ensure(&'static str),
+    /// `state plan|verify|apply`: the document's objects, in order.
+    State(StateVerb, Vec<Desired>),
+    /// `catalog describe`: answered here, without a request.
+    Describe(Value),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -596,6 +608,19 @@ fn prepare(
     check_authorized_by(invocation)?;
     if invocation.command == "state" {
         return prepare_state(claims, invocation);
+    }
+    if (invocation.command.as_str(), invocation.subcommand.as_str()) == ("catalog", "describe") {
+        if !invocation.flags.is_empty() {
+            return Err(invalid("`catalog describe` takes no flags"));
+        }
+        return Ok(Call {
+            method: http::Method::GET,
+            path: format!("/v1/zones/{}", claims.zone_id),
+            body: None,
+            writes: false,
+            coordinator: false,
+            work: Work::Describe(describe(claims)),
+        });
     }
     let found = if invocation.command == "ensure" {
         ENSURED
@@ -725,8 +750,7 @@ fn prepare(
         body,
         writes: class != "read",
         coordinator: entry.coordinator,
-        ensure_key,
-        state: None,
+        work: ensure_key.map_or(Work::Route, Work::Ensure),
     })
 }
 
@@ -852,9 +876,41 @@ fn prepare_state(claims: &MandateClaims, invocation: &Invocation) -> Result<Call
         body: None,
         writes: verb == StateVerb::Apply,
         coordinator: false,
-        ensure_key: None,
-        state: Some((verb, objects)),
+        work: Work::State(verb, objects),
     })
+}
+
+/// `catalog describe`: the commands this mandate's scopes allow, each with the scope it needs
+/// and whether it needs an `id`; `ensure` and `state` where a kind they keep is allowed.
+fn describe(claims: &MandateClaims) -> Value {
+    let held = |command: &str, class: &str| {
+        let needed = format!("control:{command}:{class}");
+        scopes(claims).any(|scope| scope == needed)
+    };
+    let mut commands: Vec<Value> = CATALOG
+        .iter()
+        .filter(|entry| held(entry.command, class(entry.subcommand)))
+        .map(|entry| {
+            json!({
+                "command": entry.command,
+                "subcommand": entry.subcommand,
+                "scope": format!("control:{}:{}", entry.command, class(entry.subcommand)),
+                "needs_id": entry.path.contains("{id}"),
+            })
+        })
+        .collect();
+    for (kind, entry, key) in ENSURED {
+        let noun = entry.command;
+        if held(noun, "write") {
+            commands.push(json!({"command": "ensure", "subcommand": kind, "scope": format!("control:{noun}:write"), "needs": key}));
+        }
+        for (verb, class) in [("plan", "read"), ("verify", "read"), ("apply", "write")] {
+            if held(noun, class) {
+                commands.push(json!({"command": "state", "subcommand": verb, "kind": kind, "scope": format!("control:{noun}:{class}")}));
+            }
+        }
+    }
+    json!({"commands": commands})
 }
 
 /// At most 64 characters of caller text in a message.

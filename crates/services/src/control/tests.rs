@@ -138,6 +138,58 @@ async fn a_control_key_runs_catalog_commands_in_its_zone_once_per_mandate() {
     .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert!(answer["result"]["items"].is_array(), "{answer}");
+    // `audit explain` runs the audit's explain route (the ingested ledger, which this world
+    // does not fill: so a request it never saw, and a missing request id).
+    for (flags, status, expected) in [
+        (
+            json!({"request_id": "never-seen"}),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (json!({}), StatusCode::BAD_REQUEST, "invalid"),
+    ] {
+        let token = mint(&world, &key, "control:audit:read").await;
+        let explain = json!({"command": "audit", "subcommand": "explain", "flags": flags});
+        let (got, answer) = invoke(&api, &token, explain).await;
+        assert_eq!((got, code(&answer)), (status, expected), "{answer}");
+    }
+
+    // What the key may run, and only that.
+    let token = mint(&world, &key, "control:app:read control:resource:write").await;
+    let (status, answer) = invoke(
+        &api,
+        &token,
+        json!({"command": "catalog", "subcommand": "describe", "flags": {}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let described: Vec<String> = answer["result"]["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let kind = c["kind"].as_str().unwrap_or("-");
+            format!(
+                "{} {} {kind}",
+                c["command"].as_str().unwrap(),
+                c["subcommand"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        described,
+        [
+            "app list -",
+            "app get -",
+            "resource create -",
+            "resource patch -",
+            "state plan application",
+            "state verify application",
+            "ensure resource -",
+            "state apply resource",
+        ],
+        "{answer}"
+    );
 
     // A write runs through the admin route, which records its change with the key as actor.
     let token = mint(&world, &key, "control:resource:write").await;
@@ -970,6 +1022,7 @@ mod parsing {
                 .prop_map(str::to_owned),
             Just("ensure".to_owned()),
             Just("state".to_owned()),
+            Just("catalog".to_owned()),
             text(),
         ];
         let subcommand = prop_oneof![
@@ -977,7 +1030,8 @@ mod parsing {
                 .prop_map(str::to_owned),
             proptest::sample::select(ENSURED.iter().map(|(kind, ..)| *kind).collect::<Vec<_>>())
                 .prop_map(str::to_owned),
-            proptest::sample::select(vec!["plan", "verify", "apply"]).prop_map(str::to_owned),
+            proptest::sample::select(vec!["plan", "verify", "apply", "describe"])
+                .prop_map(str::to_owned),
             text(),
         ];
         let flags = proptest::collection::btree_map(text(), value(), 0..36);
@@ -1010,8 +1064,13 @@ mod parsing {
         fn an_invocation_resolves_to_its_zones_catalog_route_or_a_refusal(invocation in invocation()) {
             let claims = claims();
             match prepare(&http::HeaderMap::new(), &claims, &invocation) {
+                Ok(call) if invocation.command == "catalog" => {
+                    prop_assert!(matches!(call.work, super::super::Work::Describe(_)) && !call.writes);
+                }
                 Ok(call) if invocation.command == "state" => {
-                    let (_, objects) = call.state.expect("a state call carries its objects");
+                    let super::super::Work::State(_, objects) = call.work else {
+                        panic!("a state call carries its objects");
+                    };
                     prop_assert!(!objects.is_empty() && objects.len() <= super::super::MAX_FLAG_ITEMS);
                     for desired in objects {
                         let (_, entry, key) = ENSURED.iter().find(|(kind, ..)| *kind == desired.kind).expect("a kind ensure keeps");
@@ -1025,7 +1084,7 @@ mod parsing {
                         .find(|(kind, ..)| *kind == invocation.subcommand)
                         .expect("only the kinds ensure keeps resolve");
                     prop_assert_eq!(call.path, format!("/v1/zones/zone-1/{}", entry.path));
-                    prop_assert_eq!(call.ensure_key, Some(*key));
+                    prop_assert!(matches!(call.work, super::super::Work::Ensure(k) if k == *key));
                     prop_assert!(invocation.flags.get(*key).and_then(Value::as_str).is_some_and(|v| !v.is_empty()));
                 }
                 Ok(call) => {
