@@ -949,22 +949,24 @@ async fn ensure(
     let Some(Value::Object(spec)) = &call.body else {
         return (StatusCode::BAD_REQUEST, Value::Null);
     };
-    match find(admin, &caller, &call.path, key, spec, request_id).await {
-        Ok(found) => reconcile(admin, caller, &call.path, spec, found, request_id).await,
+    match list_all(admin, &caller, &call.path, request_id).await {
+        Ok(objects) => {
+            let found = named(&objects, key, spec).cloned();
+            reconcile(admin, caller, &call.path, spec, found, request_id).await
+        }
         Err(refused) => refused,
     }
 }
 
-/// The object of `collection` whose `key` field is `spec`'s, searched page by page (newest
-/// first); more than [`ENSURE_PAGES`] pages is a conflict rather than a guess.
-async fn find(
+/// Every object of `collection`, page by page; more than [`ENSURE_PAGES`] pages is a conflict
+/// rather than a guess.
+async fn list_all(
     admin: &Router,
     caller: &AdminCaller,
     collection: &str,
-    key: &str,
-    spec: &Map<String, Value>,
     request_id: Option<&RequestId>,
-) -> Result<Option<Value>, (StatusCode, Value)> {
+) -> Result<Vec<Value>, (StatusCode, Value)> {
+    let mut objects = Vec::new();
     let mut cursor: Option<String> = None;
     for _ in 0..ENSURE_PAGES {
         let mut query = vec![("limit", crate::admin::MAX_LIMIT.to_string())];
@@ -974,24 +976,19 @@ async fn find(
             serde_urlencoded::to_string(&query).unwrap_or_default()
         );
         let get = http::Method::GET;
-        let (status, page) = send(admin, caller.clone(), get, &path, None, request_id).await;
+        let (status, mut page) = send(admin, caller.clone(), get, &path, None, request_id).await;
         if !status.is_success() {
             return Err((status, page));
         }
-        let items = page
-            .get("items")
-            .and_then(Value::as_array)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        if let Some(found) = items.iter().find(|item| item.get(key) == spec.get(key)) {
-            return Ok(Some(found.clone()));
+        if let Some(Value::Array(items)) = page.get_mut("items") {
+            objects.append(items);
         }
         cursor = page
             .get("next_cursor")
             .and_then(Value::as_str)
             .map(str::to_owned);
         if cursor.is_none() {
-            return Ok(None);
+            return Ok(objects);
         }
     }
     let error = format!(
@@ -1002,6 +999,13 @@ async fn find(
         StatusCode::CONFLICT,
         json!({"error": "conflict", "error_description": error}),
     ))
+}
+
+/// The object among `objects` whose `key` field is `spec`'s.
+fn named<'o>(objects: &'o [Value], key: &str, spec: &Map<String, Value>) -> Option<&'o Value> {
+    objects
+        .iter()
+        .find(|object| object.get(key) == spec.get(key))
 }
 
 /// The fields of `spec` that `object` does not already hold as given.
@@ -1069,6 +1073,8 @@ async fn state_run(
     request_id: Option<&RequestId>,
 ) -> (StatusCode, Value) {
     let mut report = Vec::with_capacity(objects.len());
+    let mut listed: std::collections::HashMap<String, Vec<Value>> =
+        std::collections::HashMap::new();
     for (n, desired) in objects.iter().enumerate() {
         let name = desired.spec.get(desired.key).cloned().unwrap_or_default();
         let refused = |(status, mut answer): (StatusCode, Value)| {
@@ -1088,19 +1094,18 @@ async fn state_run(
             }
             (status, answer)
         };
-        let found = match find(
-            admin,
-            &caller,
-            &desired.collection,
-            desired.key,
-            &desired.spec,
-            request_id,
-        )
-        .await
-        {
-            Ok(found) => found,
-            Err(refusal) => return refused(refusal),
-        };
+        // Each collection is listed once: the document names each object once, so what apply
+        // creates is never looked for again.
+        if !listed.contains_key(&desired.collection) {
+            match list_all(admin, &caller, &desired.collection, request_id).await {
+                Ok(objects) => listed.insert(desired.collection.clone(), objects),
+                Err(refusal) => return refused(refusal),
+            };
+        }
+        let found = listed
+            .get(&desired.collection)
+            .and_then(|objects| named(objects, desired.key, &desired.spec))
+            .cloned();
         let id = found.as_ref().and_then(|object| object.get("id")).cloned();
         let fields: Vec<String> = match &found {
             Some(object) => differences(&desired.spec, object).keys().cloned().collect(),
