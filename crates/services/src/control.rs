@@ -645,14 +645,7 @@ fn prepare(
         ));
     };
     let class = class(entry.subcommand);
-    let needed = format!("control:{}:{class}", entry.command);
-    if !scopes(claims).any(|scope| scope == needed) {
-        return Err(refuse(
-            StatusCode::FORBIDDEN,
-            "denied",
-            format!("the mandate lacks `{needed}`"),
-        ));
-    }
+    require_scope(claims, entry.command, class)?;
     if invocation.flags.len() > MAX_FLAGS {
         return Err(invalid(format!("at most {MAX_FLAGS} flags")));
     }
@@ -752,6 +745,19 @@ fn prepare(
         coordinator: entry.coordinator,
         work: ensure_key.map_or(Work::Route, Work::Ensure),
     })
+}
+
+/// The mandate holds `control:<command>:<class>`, or a 403 `denied` naming it.
+fn require_scope(claims: &MandateClaims, command: &str, class: &str) -> Result<(), Refusal> {
+    let needed = format!("control:{command}:{class}");
+    if scopes(claims).any(|scope| scope == needed) {
+        return Ok(());
+    }
+    Err(refuse(
+        StatusCode::FORBIDDEN,
+        "denied",
+        format!("the mandate lacks `{needed}`"),
+    ))
 }
 
 fn check_authorized_by(invocation: &Invocation) -> Result<(), Refusal> {
@@ -855,14 +861,7 @@ fn prepare_state(claims: &MandateClaims, invocation: &Invocation) -> Result<Call
                 truncated(name)
             )));
         }
-        let needed = format!("control:{}:{class}", entry.command);
-        if !scopes(claims).any(|scope| scope == needed) {
-            return Err(refuse(
-                StatusCode::FORBIDDEN,
-                "denied",
-                format!("the mandate lacks `{needed}`"),
-            ));
-        }
+        require_scope(claims, entry.command, class)?;
         objects.push(Desired {
             kind,
             collection: format!("/v1/zones/{}/{}", claims.zone_id, entry.path),
@@ -883,10 +882,7 @@ fn prepare_state(claims: &MandateClaims, invocation: &Invocation) -> Result<Call
 /// `catalog describe`: the commands this mandate's scopes allow, each with the scope it needs
 /// and whether it needs an `id`; `ensure` and `state` where a kind they keep is allowed.
 fn describe(claims: &MandateClaims) -> Value {
-    let held = |command: &str, class: &str| {
-        let needed = format!("control:{command}:{class}");
-        scopes(claims).any(|scope| scope == needed)
-    };
+    let held = |command: &str, class: &str| require_scope(claims, command, class).is_ok();
     let mut commands: Vec<Value> = CATALOG
         .iter()
         .filter(|entry| held(entry.command, class(entry.subcommand)))
