@@ -211,8 +211,9 @@ const ENSURED: &[(&str, Entry, &str)] = &[
     ),
 ];
 
-/// Pages of a collection `ensure` searches before it gives up rather than create a duplicate.
-const ENSURE_PAGES: usize = 20;
+/// Objects a page and pages of a collection `ensure` and `state` read before they give up
+/// rather than create a duplicate.
+const ENSURE_PAGING: (usize, usize) = (crate::admin::MAX_LIMIT, 20);
 
 /// `read`, `delete` or `write`: the last part of the scope a subcommand needs
 /// (`control:<command>:<class>`).
@@ -945,7 +946,7 @@ async fn ensure(
     let Some(Value::Object(spec)) = &call.body else {
         return (StatusCode::BAD_REQUEST, Value::Null);
     };
-    match list_all(admin, &caller, &call.path, request_id).await {
+    match list_all(admin, &caller, &call.path, ENSURE_PAGING, request_id).await {
         Ok(objects) => {
             let found = named(&objects, key, spec).cloned();
             reconcile(admin, caller, &call.path, spec, found, request_id).await
@@ -954,18 +955,19 @@ async fn ensure(
     }
 }
 
-/// Every object of `collection`, page by page; more than [`ENSURE_PAGES`] pages is a conflict
+/// Every object of `collection`, `paging.0` a page; more than `paging.1` pages is a conflict
 /// rather than a guess.
 async fn list_all(
     admin: &Router,
     caller: &AdminCaller,
     collection: &str,
+    (page_size, max_pages): (usize, usize),
     request_id: Option<&RequestId>,
 ) -> Result<Vec<Value>, (StatusCode, Value)> {
     let mut objects = Vec::new();
     let mut cursor: Option<String> = None;
-    for _ in 0..ENSURE_PAGES {
-        let mut query = vec![("limit", crate::admin::MAX_LIMIT.to_string())];
+    for _ in 0..max_pages {
+        let mut query = vec![("limit", page_size.to_string())];
         query.extend(cursor.take().map(|cursor| ("cursor", cursor)));
         let path = format!(
             "{collection}?{}",
@@ -989,7 +991,7 @@ async fn list_all(
     }
     let error = format!(
         "more than {} objects to search; use create and patch",
-        ENSURE_PAGES * crate::admin::MAX_LIMIT
+        page_size * max_pages
     );
     Err((
         StatusCode::CONFLICT,
@@ -1093,7 +1095,15 @@ async fn state_run(
         // Each collection is listed once: the document names each object once, so what apply
         // creates is never looked for again.
         if !listed.contains_key(&desired.collection) {
-            match list_all(admin, &caller, &desired.collection, request_id).await {
+            match list_all(
+                admin,
+                &caller,
+                &desired.collection,
+                ENSURE_PAGING,
+                request_id,
+            )
+            .await
+            {
                 Ok(objects) => listed.insert(desired.collection.clone(), objects),
                 Err(refusal) => return refused(refusal),
             };

@@ -454,6 +454,32 @@ async fn ensure_creates_changes_or_leaves_the_one_object_its_key_names() {
 }
 
 #[tokio::test]
+async fn a_collection_too_long_to_search_is_a_conflict_not_a_guess() {
+    let world = world().await;
+    for _ in 0..2 {
+        control_key(&world, &[]).await;
+    }
+    let admin = crate::router::in_process_admin_api(&world.shared);
+    let caller = crate::auth::AdminCaller::control_key("key", &world.zone_id, false);
+    let applications = format!("/v1/zones/{}/applications", world.zone_id);
+    let every = super::list_all(&admin, &caller, &applications, (1, 100), None)
+        .await
+        .unwrap();
+    assert!(every.len() >= 3, "{every:?}");
+    // One a page: all of them in as many pages, and one page short is refused.
+    let (status, answer) =
+        super::list_all(&admin, &caller, &applications, (1, every.len() - 1), None)
+            .await
+            .unwrap_err();
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(super::admin_refusal(status, &answer).code, "conflict");
+    let paged = super::list_all(&admin, &caller, &applications, (1, every.len()), None)
+        .await
+        .unwrap();
+    assert_eq!(paged, every);
+}
+
+#[tokio::test]
 async fn state_plans_verifies_and_applies_a_document_of_objects() {
     let world = world().await;
     let api = api(&world, true);
