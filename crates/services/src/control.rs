@@ -1081,11 +1081,17 @@ async fn state_run(
                 .and_then(Value::as_str)
                 .unwrap_or("refused")
                 .to_owned();
+            // Only apply changes anything: a refused plan or verify has nothing done to report.
+            let done = if verb == StateVerb::Apply {
+                format!("; the {n} before it were done")
+            } else {
+                String::new()
+            };
             if let Some(fields) = answer.as_object_mut() {
                 fields.insert(
                     "error_description".to_owned(),
                     json!(format!(
-                        "object {n} ({} {name}): {cause}; the {n} before it were done",
+                        "object {n} ({} {name}): {cause}{done}",
                         desired.kind
                     )),
                 );

@@ -127,10 +127,17 @@ impl ZoneKeys {
             .map(|v| &v.public)
     }
 
-    /// [`crate::mandate::verify`] with these keys. A session mandate's outcome is remembered
-    /// and reused while the key that verified it still verifies; lifetime, issuer and every
-    /// live-state check stay the caller's, on every presentation.
+    /// [`crate::mandate::verify`] with these keys.
     pub fn verify(&self, token: &str, now_ms: i64) -> Result<MandateClaims, MandateError> {
+        crate::mandate::verify(token, |kid| self.verifier(kid, now_ms))
+    }
+
+    /// [`ZoneKeys::verify`] for where session mandates are presented again and again (the
+    /// STS's subject tokens, the Coordinator's lifecycle calls): a session mandate's outcome is
+    /// remembered and reused while the key that verified it still verifies; lifetime, issuer
+    /// and every live-state check stay the caller's, on every presentation. Paths that see a
+    /// mandate once (the Gateway, control) use [`ZoneKeys::verify`] and never touch the memory.
+    pub fn verify_session(&self, token: &str, now_ms: i64) -> Result<MandateClaims, MandateError> {
         let remembered = self
             .remembered()
             .get(token)
@@ -375,23 +382,29 @@ mod tests {
         let (keys, key) = retiring_keys(10_000);
         let header = crate::mandate::encoded_header("k1");
         let session = crate::mandate::sign(&header, &key, &claims()).unwrap();
-        assert_eq!(keys.verify(&session, 1_000).unwrap(), claims());
+        assert_eq!(keys.verify_session(&session, 1_000).unwrap(), claims());
         assert_eq!(keys.remembered().len(), 1);
         // Remembered: the same answer, and none once the key's overlap has ended.
-        assert_eq!(keys.verify(&session, 2_000).unwrap(), claims());
-        assert_eq!(keys.verify(&session, 10_000), Err(MandateError::UnknownKey));
+        assert_eq!(keys.verify_session(&session, 2_000).unwrap(), claims());
+        assert_eq!(
+            keys.verify_session(&session, 10_000),
+            Err(MandateError::UnknownKey)
+        );
 
         // Other bytes are verified afresh: a changed signature does not ride on the memory.
         let (signed, signature) = session.rsplit_once('.').unwrap();
         let flipped = if signature.starts_with('A') { 'B' } else { 'A' };
         let forged = format!("{signed}.{flipped}{}", &signature[1..]);
-        assert_eq!(keys.verify(&forged, 1_000), Err(MandateError::Signature));
+        assert_eq!(
+            keys.verify_session(&forged, 1_000),
+            Err(MandateError::Signature)
+        );
 
         // Only session mandates are remembered: the others are presented once.
         let mut gateway = claims();
         gateway.use_ = "gateway".into();
         let once = crate::mandate::sign(&header, &key, &gateway).unwrap();
-        assert_eq!(keys.verify(&once, 1_000).unwrap(), gateway);
+        assert_eq!(keys.verify_session(&once, 1_000).unwrap(), gateway);
         assert_eq!(keys.remembered().len(), 1);
     }
 
@@ -402,7 +415,7 @@ mod tests {
         for n in 0..=REMEMBERED_SESSIONS {
             let mut session = claims();
             session.jti = format!("j{n}");
-            keys.verify(
+            keys.verify_session(
                 &crate::mandate::sign(&header, &key, &session).unwrap(),
                 1_000,
             )

@@ -221,7 +221,7 @@ pub(super) async fn authenticate(
     };
     let now = now_ms();
     let claims = keys
-        .verify(token, now)
+        .verify_session(token, now)
         .map_err(|error| bad(&error.to_string()))?;
     crate::mandate::check_times(&claims, now / 1000)
         .and_then(|()| crate::mandate::check_issuer(&claims, &coordinator.issuer))

@@ -786,8 +786,13 @@ pub(super) async fn verify_subject(
         Err(error) => return Err(error.into()),
     };
     let now = now_ms();
-    let claims = keys
-        .verify(token, now)
+    // An agent's session mandate comes back at every mint; a gateway mandate comes once.
+    let verified = if expected_use == "session" {
+        keys.verify_session(token, now)
+    } else {
+        keys.verify(token, now)
+    };
+    let claims = verified
         .map_err(|error| TokenError::bad_subject(format!("subject token rejected: {error}")))?;
     check_subject(state, sts, zone_id, &claims, expected_use).await?;
     Ok(claims)
