@@ -13,53 +13,10 @@
 
 mod util;
 
-use std::net::SocketAddr;
-
-use util::{Running, free_ports, fresh_home, json_of, request, wait_ready};
-
-/// `name=value` of a `set-cookie` answer.
-fn cookie_of(response: &util::Response) -> String {
-    response.headers["set-cookie"]
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
-fn csrf_of(page: &str) -> String {
-    let at = page.find("name=\"csrf\" value=\"").unwrap() + "name=\"csrf\" value=\"".len();
-    page[at..].split('"').next().unwrap().to_owned()
-}
-
-fn form(address: SocketAddr, path: &str, cookie: &str, body: &str) -> util::Response {
-    request(
-        address,
-        "POST",
-        path,
-        &[
-            ("cookie", cookie),
-            ("content-type", "application/x-www-form-urlencoded"),
-        ],
-        body,
-    )
-}
-
-/// Signs in with `token`; the session cookie.
-fn sign_in(console: SocketAddr, token: &str) -> String {
-    let page = request(console, "GET", "/sign-in", &[], "");
-    assert_eq!(page.status, 200);
-    let pre = cookie_of(&page);
-    let body = format!("token={}&csrf={}", token.trim(), csrf_of(&page.body));
-    let signed = form(console, "/sign-in", &pre, &body);
-    assert_eq!(signed.status, 303, "{}", signed.body);
-    assert_eq!(signed.headers["location"], "/overview");
-    let cookie = signed.headers["set-cookie"].clone();
-    assert!(
-        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
-        "{cookie}"
-    );
-    cookie_of(&signed)
-}
+use util::{
+    Running, cookie_of, csrf_of, form, free_ports, fresh_home, json_of, request, sign_in,
+    wait_ready,
+};
 
 #[test]
 fn the_console_signs_in_escapes_everything_and_refuses_forged_changes() {
@@ -852,7 +809,7 @@ fn the_audit_export_downloads_and_verifies_offline() {
     let running = Running::start(&home, &args);
     let (api, console) = (running.address("api"), running.address("console"));
     assert_eq!(wait_ready(api).status, 200);
-    let session = sign_in(console, &token);
+    // The session is the store's: it outlives the process that signed it in.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let page = loop {
         let page = request(

@@ -11,7 +11,9 @@
 
 mod util;
 
-use util::{Running, Schema, external_backends, free_ports, fresh_home, wait_ready};
+use util::{
+    Running, Schema, csrf_of, external_backends, form, free_ports, fresh_home, sign_in, wait_ready,
+};
 
 const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -39,6 +41,7 @@ fn two_replicas_share_postgres_and_redis() {
                 "api",
                 "sts",
                 "gateway",
+                "console",
             ]
             .map(String::from),
         );
@@ -47,7 +50,7 @@ fn two_replicas_share_postgres_and_redis() {
 
     let (_parent_a, home_a) = fresh_home();
     let first = Running::start(&home_a, &args());
-    for role in ["api", "sts", "gateway"] {
+    for role in ["api", "sts", "gateway", "console"] {
         let ready = wait_ready(first.address(role));
         assert_eq!(ready.status, 200, "replica a {role}: {}", ready.body);
         assert!(
@@ -64,13 +67,33 @@ fn two_replicas_share_postgres_and_redis() {
     std::fs::set_permissions(&home_b, std::fs::Permissions::from_mode(0o700)).unwrap();
     std::fs::copy(home_a.join("kek"), home_b.join("kek")).unwrap();
     let second = Running::start(&home_b, &args());
-    for role in ["api", "sts", "gateway"] {
+    for role in ["api", "sts", "gateway", "console"] {
         let ready = wait_ready(second.address(role));
         assert_eq!(ready.status, 200, "replica b {role}: {}", ready.body);
     }
     assert!(
         !home_b.join("admin-token").exists(),
         "the deployment's bootstrap token is minted once"
+    );
+
+    // A console session signed in at one replica is served by the other, and signing out at
+    // the other ends it at both.
+    let token = std::fs::read_to_string(home_a.join("admin-token")).unwrap();
+    let (console_a, console_b) = (first.address("console"), second.address("console"));
+    let cookie = sign_in(console_a, &token);
+    let page = util::request(console_b, "GET", "/zones", &[("cookie", &cookie)], "");
+    assert_eq!(page.status, 200, "{}", page.body);
+    let signed_out = form(
+        console_b,
+        "/sign-out",
+        &cookie,
+        &format!("csrf={}", csrf_of(&page.body)),
+    );
+    assert_eq!(signed_out.headers["location"], "/sign-in");
+    let page = util::request(console_a, "GET", "/zones", &[("cookie", &cookie)], "");
+    assert_eq!(
+        (page.status, page.headers["location"].as_str()),
+        (303, "/sign-in")
     );
 
     for replica in [first, second] {

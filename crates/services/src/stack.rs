@@ -288,7 +288,7 @@ impl Stack {
             let mut state = RoleState::new(role, self.shared.clone());
             if role == Role::Console {
                 state.peers = Arc::clone(&peers);
-                state.console = crate::console::Sessions::new(self.console_secure_cookies);
+                state.console = crate::console::Console::new(self.console_secure_cookies);
             }
             if role == Role::Api {
                 let control =

@@ -103,8 +103,8 @@ pub struct RoleState {
     pub control: Option<Arc<crate::control::Control>>,
     /// The Gateway's state, on the Gateway role.
     pub gateway: Option<Arc<crate::gateway::Gateway>>,
-    /// Signed-in console sessions, on the Console role.
-    pub console: crate::console::Sessions,
+    /// The Console role's cookie setting and in-process admin API.
+    pub console: crate::console::Console,
     /// Every role this process serves and where: the console's overview probes them.
     pub peers: Arc<Vec<(Role, std::net::SocketAddr)>>,
 }
@@ -119,7 +119,7 @@ impl RoleState {
             coordinator: None,
             control: None,
             gateway: None,
-            console: crate::console::Sessions::default(),
+            console: crate::console::Console::default(),
             peers: Arc::default(),
             shared,
         }

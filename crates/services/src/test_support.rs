@@ -109,6 +109,15 @@ pub(crate) fn shared_with_bus(
     store: SqliteStore,
     bus: Bus,
 ) -> (Keep, Shared) {
+    shared_with_store(directory, Arc::new(store), bus)
+}
+
+/// [`shared_with_bus`] over any store.
+pub(crate) fn shared_with_store(
+    directory: tempfile::TempDir,
+    store: Arc<dyn caracal_store::Store>,
+    bus: Bus,
+) -> (Keep, Shared) {
     let replay_dir = directory.path().join("audit-replay");
     let producer = caracal_bus::Producer::new(
         Arc::clone(&bus.streams),
@@ -119,7 +128,7 @@ pub(crate) fn shared_with_bus(
     (
         (directory, tasks),
         Shared::new(
-            Arc::new(store),
+            store,
             bus,
             evidence,
             replay_dir,
@@ -227,6 +236,20 @@ impl caracal_store::db::Db for SwitchableStore {
         }
         caracal_store::db::Db::atomic_with(&self.inner, first, then).await
     }
+}
+
+/// The shared state of a process over a fresh [`SwitchableStore`] (and an embedded bus on the
+/// same file, which stays up when the store goes down).
+pub(crate) fn switchable_shared() -> (Keep, Arc<SwitchableStore>, Shared) {
+    let directory = tempfile::tempdir().unwrap();
+    let sqlite = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+    let store = Arc::new(SwitchableStore {
+        inner: sqlite.clone(),
+        down: false.into(),
+    });
+    let bus = Bus::embedded(EmbeddedBus::new(sqlite));
+    let (keep, shared) = shared_with_store(directory, store.clone(), bus);
+    (keep, store, shared)
 }
 
 /// Evidence whose bus and replay directory both refuse: it latches lost on the first event

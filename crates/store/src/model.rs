@@ -172,6 +172,17 @@ pub struct ConsoleUser {
     pub created_at_ms: i64,
 }
 
+/// A signed-in console session as stored: the cookie only as its SHA-256 (hex), the admin token
+/// it acts with sealed under the KEK for that digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleSession {
+    pub id_sha256: String,
+    pub token_envelope: String,
+    pub csrf: String,
+    pub created_at_ms: i64,
+    pub seen_at_ms: i64,
+}
+
 /// An admin bookkeeping object (`subject_issuer`, `grant` or `workload`) as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminObject {

@@ -81,6 +81,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "console users",
             include_str!("schema/0015_console_users.sql").replace("{BIGINT}", "BIGINT"),
         ),
+        (
+            "console sessions",
+            include_str!("schema/0016_console_sessions.sql").replace("{BIGINT}", "BIGINT"),
+        ),
     ]
 }
 

@@ -17,10 +17,10 @@ use std::time::Duration;
 use caracal_crypto::AdminToken;
 use caracal_store::db::{Db, Value};
 use caracal_store::{
-    Application, ApprovalHold, AuditEvent, AuthorityRecord, DelegationEdge, IdempotencyReceipt,
-    KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, PgOptions, PgStore,
-    PolicyHeader, Provider, ProviderConnection, RecordFilter, Resource, SealedSecret, Session,
-    SessionFilter, SigningKey, SqliteStore, Store, StoreError, TokenScope,
+    Application, ApprovalHold, AuditEvent, AuthorityRecord, ConsoleSession, DelegationEdge,
+    IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, PgOptions,
+    PgStore, PolicyHeader, Provider, ProviderConnection, RecordFilter, Resource, SealedSecret,
+    Session, SessionFilter, SigningKey, SqliteStore, Store, StoreError, TokenScope,
 };
 
 struct Backend {
@@ -129,6 +129,7 @@ conformance!(
     revoking_a_connection_deletes_its_sealed_tokens,
     the_deployment_kek_is_recorded_once,
     admin_tokens_are_found_by_digest_only,
+    console_sessions_are_shared_refreshed_ended_and_pruned,
     a_zone_and_its_outbox_rows_commit_together,
     outbox_rows_are_claimed_oldest_first_and_never_twice,
     failed_rows_back_off_then_die_at_the_bound,
@@ -206,6 +207,60 @@ async fn the_deployment_kek_is_recorded_once(backend: &Backend) {
         Err(StoreError::Conflict(_))
     ));
     assert_eq!(store.deployment_kek().await.unwrap(), Some(record));
+}
+
+async fn console_sessions_are_shared_refreshed_ended_and_pruned(backend: &Backend) {
+    let store = &backend.store;
+    let session = |id: &str, at: i64| ConsoleSession {
+        id_sha256: id.into(),
+        token_envelope: format!("sealed-{id}"),
+        csrf: format!("csrf-{id}"),
+        created_at_ms: at,
+        seen_at_ms: at,
+    };
+    store
+        .start_console_session(&session("old", 1_000), 0, 0)
+        .await
+        .unwrap();
+    store
+        .start_console_session(&session("idle", 5_000), 0, 0)
+        .await
+        .unwrap();
+    store
+        .start_console_session(&session("a", 10_000), 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        backend.replica.console_session("a").await.unwrap(),
+        Some(session("a", 10_000)),
+        "every replica sees a session"
+    );
+    assert!(matches!(
+        store
+            .start_console_session(&session("a", 11_000), 0, 0)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    store.touch_console_session("a", 12_000).await.unwrap();
+    store.touch_console_session("a", 11_000).await.unwrap();
+    let seen = store.console_session("a").await.unwrap().unwrap();
+    assert_eq!(
+        (seen.created_at_ms, seen.seen_at_ms),
+        (10_000, 12_000),
+        "seen only moves forward"
+    );
+    // Starting a session prunes those idle since before 6,000 or created before 2,000.
+    store
+        .start_console_session(&session("b", 13_000), 6_000, 2_000)
+        .await
+        .unwrap();
+    assert_eq!(store.console_session("old").await.unwrap(), None);
+    assert_eq!(store.console_session("idle").await.unwrap(), None);
+    assert!(store.console_session("a").await.unwrap().is_some());
+    store.end_console_session("a").await.unwrap();
+    store.end_console_session("a").await.unwrap();
+    assert_eq!(store.console_session("a").await.unwrap(), None);
+    assert!(store.console_session("b").await.unwrap().is_some());
 }
 
 async fn admin_tokens_are_found_by_digest_only(backend: &Backend) {
@@ -1970,7 +2025,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 15
+                supported: 16
             }
         ),
         "{error}"
@@ -1986,7 +2041,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
     let versions: Vec<i64> = rows.iter().map(|row| row.int(0).unwrap()).collect();
     assert_eq!(
         versions,
-        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 999],
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 999],
         "the refused start wrote nothing"
     );
     drop_schema(&schema).await;
@@ -2752,7 +2807,7 @@ async fn retention_deletes_only_what_ended_long_enough_ago(backend: &Backend) {
 }
 
 /// Undoes the migrations after 11 (runtime retention indexes, containment).
-const LATER_MIGRATIONS: [&str; 8] = [
+const LATER_MIGRATIONS: [&str; 9] = [
     "DROP INDEX authority_records_status_expiry",
     "DROP INDEX authority_records_expiry",
     "DROP INDEX sessions_status_ended",
@@ -2761,6 +2816,7 @@ const LATER_MIGRATIONS: [&str; 8] = [
     "DROP TABLE containment",
     "DROP TABLE admin_objects",
     "DROP TABLE console_users",
+    "DROP TABLE console_sessions",
 ];
 
 async fn the_read_views_filter_and_page_by_id(backend: &Backend) {

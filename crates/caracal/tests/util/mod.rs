@@ -671,3 +671,47 @@ pub fn delegation_with_edge(
     let edge = json_of(&edge)["id"].as_str().unwrap().to_owned();
     (root, child, edge)
 }
+
+/// `name=value` of a `set-cookie` answer.
+pub fn cookie_of(response: &Response) -> String {
+    response.headers["set-cookie"]
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+pub fn csrf_of(page: &str) -> String {
+    let at = page.find("name=\"csrf\" value=\"").unwrap() + "name=\"csrf\" value=\"".len();
+    page[at..].split('"').next().unwrap().to_owned()
+}
+
+pub fn form(address: SocketAddr, path: &str, cookie: &str, body: &str) -> Response {
+    request(
+        address,
+        "POST",
+        path,
+        &[
+            ("cookie", cookie),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        body,
+    )
+}
+
+/// Signs in with `token`; the session cookie.
+pub fn sign_in(console: SocketAddr, token: &str) -> String {
+    let page = request(console, "GET", "/sign-in", &[], "");
+    assert_eq!(page.status, 200);
+    let pre = cookie_of(&page);
+    let body = format!("token={}&csrf={}", token.trim(), csrf_of(&page.body));
+    let signed = form(console, "/sign-in", &pre, &body);
+    assert_eq!(signed.status, 303, "{}", signed.body);
+    assert_eq!(signed.headers["location"], "/overview");
+    let cookie = signed.headers["set-cookie"].clone();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    cookie_of(&signed)
+}

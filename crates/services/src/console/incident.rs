@@ -5,8 +5,9 @@
 use super::*;
 
 pub(super) async fn incident(State(state): State<RoleState>, headers: HeaderMap) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
+    let (_, session) = match session(&state, &headers).await {
+        Ok(signed_in) => signed_in,
+        Err(answer) => return answer,
     };
     incident_page(&state, &session, None).await
 }
@@ -239,8 +240,9 @@ pub(super) async fn bundle(
     headers: HeaderMap,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
+    let (_, session) = match session(&state, &headers).await {
+        Ok(signed_in) => signed_in,
+        Err(answer) => return answer,
     };
     if !name
         .bytes()

@@ -1,7 +1,8 @@
 //! The Console role (port 3001): server-rendered pages for operators, no script at all. Sign-in
-//! takes an admin token; the session lives in this process's memory (cookie `HttpOnly`,
-//! `SameSite=Strict`, idle and absolute expiry) and every page re-checks the token, so a revoked
-//! token signs its sessions out. Every read and change goes through the admin API's own routes
+//! takes an admin token; the session lives in the store, so every console replica on it serves
+//! it and a restart keeps it (cookie `HttpOnly`, `SameSite=Strict`, idle and absolute expiry;
+//! stored as the cookie's SHA-256 with the token sealed under the KEK), and every page re-checks
+//! the token, so a revoked token signs its sessions out. Every read and change goes through the admin API's own routes
 //! in process with the session's token, so the console is authorised, validated and audited
 //! exactly as the API is, and a read token is refused a change there even if a form is forged.
 //! Forms carry a per-session CSRF token; pages carry a strict Content-Security-Policy and are
@@ -11,7 +12,7 @@
 //! a reason).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -20,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use caracal_core::ErrorCode;
 use caracal_store::now_ms;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
@@ -46,49 +48,77 @@ pub const USER_TOKEN_PURPOSE: &str = "console-user-token";
 const SIGN_IN_COOKIE: &str = "caracal_console_sign_in";
 const IDLE_MS: i64 = 30 * 60 * 1000;
 const ABSOLUTE_MS: i64 = 12 * 3600 * 1000;
+/// How stale a session's last-seen time may get before a page refreshes it: idle expiry is this
+/// coarse, and a page view writes to the store at most this often.
+const REFRESH_MS: i64 = 60 * 1000;
 const CSS: &str = include_str!("console.css");
 const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
                    frame-ancestors 'none'; base-uri 'none'";
 
-/// Signed-in sessions of this process, by cookie value; whether cookies carry `Secure`; and
-/// the admin API's routes the console calls, built once.
+/// Whether the console's cookies carry `Secure`, and the admin API's routes it calls, built
+/// once. Signed-in sessions are in the store.
 #[derive(Clone, Default)]
-pub struct Sessions(
-    Arc<Mutex<HashMap<String, Session>>>,
-    bool,
-    Arc<std::sync::OnceLock<Router>>,
-);
+pub struct Console {
+    secure_cookies: bool,
+    admin_api: Arc<std::sync::OnceLock<Router>>,
+}
 
-#[derive(Clone)]
+/// A signed-in session, opened for one request.
 struct Session {
     /// Held to call the admin API on the operator's behalf; never rendered.
     token: String,
     csrf: String,
     writer: bool,
-    created_ms: i64,
-    seen_ms: i64,
 }
 
-impl Sessions {
-    /// `secure`: the console is reached over HTTPS, so its cookies carry `Secure`.
-    pub fn new(secure: bool) -> Sessions {
-        Sessions(Arc::default(), secure, Arc::default())
+impl Console {
+    /// `secure_cookies`: the console is reached over HTTPS, so its cookies carry `Secure`.
+    pub fn new(secure_cookies: bool) -> Console {
+        Console {
+            secure_cookies,
+            admin_api: Arc::default(),
+        }
     }
 
     /// The attributes every console cookie carries.
     fn attributes(&self) -> &'static str {
-        if self.1 {
+        if self.secure_cookies {
             "HttpOnly; SameSite=Strict; Secure"
         } else {
             "HttpOnly; SameSite=Strict"
         }
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
+fn store_unavailable() -> Response {
+    error_page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        None,
+        "the store is unavailable: try again shortly",
+    )
+}
+
+/// How a session is stored: its cookie's SHA-256, so the store never holds a usable cookie.
+fn stored_id(cookie: &str) -> String {
+    caracal_crypto::hex(&caracal_crypto::sha256(cookie.as_bytes()))
+}
+
+/// What a session's token is sealed for: that session alone.
+fn token_purpose(stored_id: &str) -> String {
+    format!("console-session:{stored_id}")
+}
+
+/// Whether the caller may change what its token covers.
+fn writer(caller: &crate::auth::AdminCaller) -> bool {
+    caller
+        .require(
+            crate::auth::Access::Write,
+            match &caller.scope {
+                caracal_store::TokenScope::Global => None,
+                caracal_store::TokenScope::Zone(zone) => Some(zone.as_str()),
+            },
+        )
+        .is_ok()
 }
 
 pub fn routes() -> Router<RoleState> {
@@ -238,30 +268,65 @@ async fn css() -> Response {
     response
 }
 
-/// The signed-in session of the request, refreshed; `None` when absent, expired, or its token
-/// no longer valid.
-async fn session(state: &RoleState, headers: &HeaderMap) -> Option<(String, Session)> {
-    let id = cookie(headers, COOKIE)?;
+/// The signed-in session of the request and its stored id, refreshed. Absent, expired, or with
+/// a token no longer valid, the answer is the way to the sign-in form; the store unreachable is
+/// a 503 page: never a page without a session.
+async fn session(state: &RoleState, headers: &HeaderMap) -> Result<(String, Session), Response> {
+    let Some(cookie) = cookie(headers, COOKIE) else {
+        return Err(redirect("/sign-in"));
+    };
+    let id = stored_id(&cookie);
+    let store = &state.shared.store;
+    let stored = match store.console_session(&id).await {
+        Ok(Some(stored)) => stored,
+        Ok(None) => return Err(redirect("/sign-in")),
+        Err(error) => {
+            tracing::warn!(%error, "console session lookup");
+            return Err(store_unavailable());
+        }
+    };
+    // Expired, unreadable or revoked: ended here for every replica.
+    let ended = || async {
+        if let Err(error) = store.end_console_session(&id).await {
+            tracing::warn!(%error, "ending a console session");
+        }
+        redirect("/sign-in")
+    };
     let now = now_ms();
-    let found = {
-        let mut sessions = state.console.lock();
-        sessions.retain(|_, session| {
-            now - session.seen_ms < IDLE_MS && now - session.created_ms < ABSOLUTE_MS
-        });
-        sessions.get(&id).cloned()
-    }?;
-    let token = caracal_crypto::AdminToken::parse(&found.token)?;
-    if crate::auth::caller_of(state, &token.digest())
-        .await
-        .is_err()
+    let live = now - stored.seen_at_ms < IDLE_MS && now - stored.created_at_ms < ABSOLUTE_MS;
+    let token = live
+        .then(|| {
+            state
+                .shared
+                .kek
+                .open(&token_purpose(&id), &stored.token_envelope)
+        })
+        .and_then(Result::ok)
+        .and_then(|opened| String::from_utf8(opened).ok());
+    let Some((token, parsed)) = token.and_then(|token| {
+        let parsed = caracal_crypto::AdminToken::parse(&token)?;
+        Some((token, parsed))
+    }) else {
+        return Err(ended().await);
+    };
+    let caller = match crate::auth::caller_of(state, &parsed.digest()).await {
+        Ok(caller) => caller,
+        Err(error) if error.code == ErrorCode::InvalidAdminToken => {
+            return Err(ended().await);
+        }
+        Err(_) => return Err(store_unavailable()),
+    };
+    if now - stored.seen_at_ms >= REFRESH_MS
+        && let Err(error) = store.touch_console_session(&id, now).await
     {
-        state.console.lock().remove(&id);
-        return None;
+        tracing::warn!(%error, "refreshing a console session");
     }
-    if let Some(session) = state.console.lock().get_mut(&id) {
-        session.seen_ms = now;
-    }
-    Some((id, found))
+    let session = Session {
+        token,
+        csrf: stored.csrf,
+        writer: writer(&caller),
+    };
+    Ok((id, session))
 }
 
 /// Calls the admin API's own route with the session's token; status and JSON answer.
@@ -306,7 +371,7 @@ async fn admin_bytes(
 ) -> (StatusCode, Bytes) {
     let app = state
         .console
-        .2
+        .admin_api
         // With the API's own layers: the session's token spends the same request budget as
         // over the API, and nothing is answered once the process drains.
         .get_or_init(|| crate::router::in_process_admin_api(&state.shared))
@@ -348,8 +413,8 @@ fn refusal(answer: &Value) -> String {
 
 async fn index(State(state): State<RoleState>, headers: HeaderMap) -> Response {
     match session(&state, &headers).await {
-        Some(_) => redirect("/overview"),
-        None => redirect("/sign-in"),
+        Ok(_) => redirect("/overview"),
+        Err(answer) => answer,
     }
 }
 
@@ -432,42 +497,47 @@ async fn sign_in(State(state): State<RoleState>, headers: HeaderMap, body: Bytes
         form.token.trim().to_owned()
     };
     let caller = match caracal_crypto::AdminToken::parse(&token) {
-        Some(parsed) => crate::auth::caller_of(&state, &parsed.digest()).await.ok(),
-        None => None,
+        Some(parsed) => crate::auth::caller_of(&state, &parsed.digest()).await,
+        None => Err(crate::error::ApiError::new(ErrorCode::InvalidAdminToken)),
     };
-    let Some(caller) = caller else {
-        return error_page(
-            StatusCode::UNAUTHORIZED,
-            None,
-            "that admin token, or that email and password, is not valid",
-        );
+    match caller {
+        Ok(_) => {}
+        Err(error) if error.code == ErrorCode::InvalidAdminToken => {
+            return error_page(
+                StatusCode::UNAUTHORIZED,
+                None,
+                "that admin token, or that email and password, is not valid",
+            );
+        }
+        Err(_) => return store_unavailable(),
+    }
+    let (Some(cookie), Some(csrf)) = (random_token(), random_token()) else {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, None, "no randomness");
     };
-    let (Some(id), Some(csrf)) = (random_token(), random_token()) else {
+    let id = stored_id(&cookie);
+    let Ok(token_envelope) = state.shared.kek.seal(&token_purpose(&id), token.as_bytes()) else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, None, "no randomness");
     };
     let now = now_ms();
-    let writer = caller
-        .require(
-            crate::auth::Access::Write,
-            match &caller.scope {
-                caracal_store::TokenScope::Global => None,
-                caracal_store::TokenScope::Zone(zone) => Some(zone.as_str()),
-            },
-        )
-        .is_ok();
-    state.console.lock().insert(
-        id.clone(),
-        Session {
-            token,
-            csrf,
-            writer,
-            created_ms: now,
-            seen_ms: now,
-        },
-    );
+    let stored = caracal_store::ConsoleSession {
+        id_sha256: id,
+        token_envelope,
+        csrf,
+        created_at_ms: now,
+        seen_at_ms: now,
+    };
+    let started = state
+        .shared
+        .store
+        .start_console_session(&stored, now - IDLE_MS, now - ABSOLUTE_MS)
+        .await;
+    if let Err(error) = started {
+        tracing::warn!(%error, "starting a console session");
+        return store_unavailable();
+    }
     let mut response = redirect("/overview");
     if let Ok(value) = HeaderValue::from_str(&format!(
-        "{COOKIE}={id}; Path=/; {}; Max-Age={}",
+        "{COOKIE}={cookie}; Path=/; {}; Max-Age={}",
         state.console.attributes(),
         ABSOLUTE_MS / 1000
     )) {
@@ -489,9 +559,7 @@ async fn posted<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<(String, Session, T), Response> {
-    let Some((id, session)) = session(state, headers).await else {
-        return Err(redirect("/sign-in"));
-    };
+    let (id, session) = session(state, headers).await?;
     let csrf = serde_urlencoded::from_bytes::<CsrfForm>(body).ok();
     if !csrf.is_some_and(|form| same(&form.csrf, &session.csrf)) {
         return Err(error_page(
@@ -515,7 +583,14 @@ async fn sign_out(State(state): State<RoleState>, headers: HeaderMap, body: Byte
         Ok(posted) => posted,
         Err(refused) => return refused,
     };
-    state.console.lock().remove(&id);
+    if let Err(error) = state.shared.store.end_console_session(&id).await {
+        tracing::warn!(%error, "ending a console session");
+        return error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            "the store is unavailable, so the session is not ended: try again shortly",
+        );
+    }
     let mut response = redirect("/sign-in");
     if let Ok(value) = HeaderValue::from_str(&format!(
         "{COOKIE}=; Path=/; {}; Max-Age=0",
@@ -595,7 +670,166 @@ fn text_of<'a>(value: &'a Value, field: &str) -> &'a str {
 
 #[cfg(test)]
 mod tests {
-    use super::{escape, line_diff};
+    use std::sync::atomic::Ordering;
+
+    use axum::body::Body;
+    use caracal_core::Role;
+    use caracal_store::TokenScope;
+    use caracal_store::db::{Db as _, Value};
+    use http::{Request, StatusCode};
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+
+    use super::{escape, line_diff, stored_id};
+    use crate::router::router;
+    use crate::state::RoleState;
+    use crate::test_support::{switchable_shared, token};
+
+    /// Status, `location`, `set-cookie` (its `name=value`) and body of one console request.
+    async fn send(
+        console: &axum::Router,
+        method: &str,
+        path: &str,
+        cookie: &str,
+        form: &str,
+    ) -> (StatusCode, String, String, String) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("cookie", cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Body::from(form.to_owned()))
+            .unwrap();
+        let response = console.clone().oneshot(request).await.unwrap();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or("")
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        };
+        let (location, set_cookie) = (header("location"), header("set-cookie"));
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            location,
+            set_cookie,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    fn csrf_of(page: &str) -> String {
+        let at = page.find("name=\"csrf\" value=\"").unwrap() + "name=\"csrf\" value=\"".len();
+        page[at..].split('"').next().unwrap().to_owned()
+    }
+
+    async fn sign_in(console: &axum::Router, token: &str) -> String {
+        let (_, _, form_cookie, page) = send(console, "GET", "/sign-in", "", "").await;
+        let form = format!("token={token}&csrf={}", csrf_of(&page));
+        let (status, location, cookie, page) =
+            send(console, "POST", "/sign-in", &form_cookie, &form).await;
+        assert_eq!(
+            (status, location.as_str()),
+            (StatusCode::SEE_OTHER, "/overview"),
+            "{page}"
+        );
+        cookie
+    }
+
+    #[tokio::test]
+    async fn a_session_is_the_stores_shared_by_replicas_and_ended_for_all() {
+        let (_keep, store, shared) = switchable_shared();
+        let first = router(RoleState::new(Role::Console, shared.clone()));
+        let second = router(RoleState::new(Role::Console, shared.clone()));
+        let reader = token(&shared, "read", TokenScope::Global).await;
+
+        let cookie = sign_in(&first, &reader).await;
+        for replica in [&first, &second] {
+            let (status, location, _, _) = send(replica, "GET", "/", &cookie, "").await;
+            assert_eq!(
+                (status, location.as_str()),
+                (StatusCode::SEE_OTHER, "/overview")
+            );
+        }
+        // The store holds neither the cookie nor the token in the clear.
+        let value = cookie.split_once('=').unwrap().1;
+        let stored = shared
+            .store
+            .console_session(&stored_id(value))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!stored.token_envelope.contains(&reader));
+        assert_ne!(stored.id_sha256, value);
+
+        // The store down: a 503 page, never a signed-in page.
+        store.down.store(true, Ordering::SeqCst);
+        let (status, _, _, page) = send(&second, "GET", "/", &cookie, "").await;
+        store.down.store(false, Ordering::SeqCst);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{page}");
+        assert!(page.contains("store is unavailable"), "{page}");
+
+        // Signing out at one replica ends the session at the other.
+        let (_, _, _, page) = send(&second, "GET", "/zones", &cookie, "").await;
+        let form = format!("csrf={}", csrf_of(&page));
+        let (status, location, _, _) = send(&second, "POST", "/sign-out", &cookie, &form).await;
+        assert_eq!(
+            (status, location.as_str()),
+            (StatusCode::SEE_OTHER, "/sign-in")
+        );
+        let (status, location, _, _) = send(&first, "GET", "/", &cookie, "").await;
+        assert_eq!(
+            (status, location.as_str()),
+            (StatusCode::SEE_OTHER, "/sign-in")
+        );
+
+        // Idle too long: ended, and its row gone.
+        let cookie = sign_in(&first, &reader).await;
+        let id = stored_id(cookie.split_once('=').unwrap().1);
+        store
+            .inner
+            .change(
+                "UPDATE console_sessions SET seen_at_ms = seen_at_ms - $1",
+                vec![Value::Int(super::IDLE_MS)],
+            )
+            .await
+            .unwrap();
+        let (_, location, _, _) = send(&second, "GET", "/", &cookie, "").await;
+        assert_eq!(location, "/sign-in");
+        assert_eq!(shared.store.console_session(&id).await.unwrap(), None);
+
+        // A row whose envelope was sealed for another session does not open.
+        let one = sign_in(&first, &reader).await;
+        let other = sign_in(&first, &reader).await;
+        let envelope = |cookie: &str| stored_id(cookie.split_once('=').unwrap().1);
+        let moved = shared
+            .store
+            .console_session(&envelope(&other))
+            .await
+            .unwrap()
+            .unwrap()
+            .token_envelope;
+        store
+            .inner
+            .change(
+                "UPDATE console_sessions SET token_envelope = $1 WHERE id_sha256 = $2",
+                vec![
+                    Value::from(moved.as_str()),
+                    Value::from(envelope(&one).as_str()),
+                ],
+            )
+            .await
+            .unwrap();
+        let (_, location, _, _) = send(&first, "GET", "/", &one, "").await;
+        assert_eq!(location, "/sign-in");
+        let (_, location, _, _) = send(&first, "GET", "/", &other, "").await;
+        assert_eq!(location, "/overview");
+    }
 
     #[test]
     fn escaping_leaves_no_markup_and_the_diff_marks_each_line() {

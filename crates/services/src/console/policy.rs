@@ -148,8 +148,9 @@ pub(super) async fn policy_set_page(
     axum::extract::Path((zone_id, set_id)): axum::extract::Path<(String, String)>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
+    let (_, session) = match session(&state, &headers).await {
+        Ok(signed_in) => signed_in,
+        Err(answer) => return answer,
     };
     let query: SetQuery =
         serde_urlencoded::from_str(raw.as_deref().unwrap_or_default()).unwrap_or_default();

@@ -158,8 +158,9 @@ pub(super) async fn sessions_page(
     headers: HeaderMap,
     axum::extract::Path(zone_id): axum::extract::Path<String>,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
+    let (_, session) = match session(&state, &headers).await {
+        Ok(signed_in) => signed_in,
+        Err(answer) => return answer,
     };
     let Some(zone_id) = zone_path(&zone_id) else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such zone");
@@ -246,8 +247,9 @@ pub(super) async fn terminate_preview(
     headers: HeaderMap,
     axum::extract::Path((zone_id, session_id)): axum::extract::Path<(String, String)>,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
+    let (_, session) = match session(&state, &headers).await {
+        Ok(signed_in) => signed_in,
+        Err(answer) => return answer,
     };
     let (Some(zone_id), true) = (zone_path(&zone_id), caracal_core::is_plain_id(&session_id))
     else {
@@ -371,8 +373,9 @@ pub(super) async fn revoke_preview(
     headers: HeaderMap,
     axum::extract::Path((zone_id, application_id)): axum::extract::Path<(String, String)>,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
+    let (_, session) = match session(&state, &headers).await {
+        Ok(signed_in) => signed_in,
+        Err(answer) => return answer,
     };
     let (Some(zone_id), true) = (
         zone_path(&zone_id),

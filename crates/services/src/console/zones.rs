@@ -4,8 +4,9 @@
 use super::*;
 
 pub(super) async fn overview(State(state): State<RoleState>, headers: HeaderMap) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
+    let (_, session) = match session(&state, &headers).await {
+        Ok(signed_in) => signed_in,
+        Err(answer) => return answer,
     };
     let mut body = health::section(&state).await;
     let (status, containment) =
@@ -59,8 +60,9 @@ pub(super) async fn overview(State(state): State<RoleState>, headers: HeaderMap)
 }
 
 pub(super) async fn zones(State(state): State<RoleState>, headers: HeaderMap) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
+    let (_, session) = match session(&state, &headers).await {
+        Ok(signed_in) => signed_in,
+        Err(answer) => return answer,
     };
     zones_page(&state, &session, None).await
 }
@@ -144,8 +146,9 @@ pub(super) async fn zone(
     headers: HeaderMap,
     axum::extract::Path(zone_id): axum::extract::Path<String>,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
+    let (_, session) = match session(&state, &headers).await {
+        Ok(signed_in) => signed_in,
+        Err(answer) => return answer,
     };
     let Some(zone_id) = zone_path(&zone_id) else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such zone");
@@ -261,8 +264,9 @@ pub(super) async fn audit(
     axum::extract::Path(zone_id): axum::extract::Path<String>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
+    let (_, session) = match session(&state, &headers).await {
+        Ok(signed_in) => signed_in,
+        Err(answer) => return answer,
     };
     let Some(zone_id) = zone_path(&zone_id) else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such zone");
@@ -502,8 +506,9 @@ pub(super) async fn explain(
     axum::extract::Path((zone_id, request_id)): axum::extract::Path<(String, String)>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
+    let (_, session) = match session(&state, &headers).await {
+        Ok(signed_in) => signed_in,
+        Err(answer) => return answer,
     };
     let request_id = if request_id == "explain" {
         serde_urlencoded::from_str::<ExplainQuery>(raw.as_deref().unwrap_or_default())
@@ -587,8 +592,9 @@ pub(super) async fn timeline(
     axum::extract::Path(zone_id): axum::extract::Path<String>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
+    let (_, session) = match session(&state, &headers).await {
+        Ok(signed_in) => signed_in,
+        Err(answer) => return answer,
     };
     let Some(zone_id) = zone_path(&zone_id) else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such zone");
@@ -641,8 +647,9 @@ pub(super) async fn export(
     headers: HeaderMap,
     axum::extract::Path(zone_id): axum::extract::Path<String>,
 ) -> Response {
-    let Some((_, session)) = session(&state, &headers).await else {
-        return redirect("/sign-in");
+    let (_, session) = match session(&state, &headers).await {
+        Ok(signed_in) => signed_in,
+        Err(answer) => return answer,
     };
     let Some(zone_id) = zone_path(&zone_id) else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such zone");

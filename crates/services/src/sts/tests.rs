@@ -11,10 +11,9 @@ use std::sync::atomic::Ordering;
 use axum::body::Body;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use caracal_bus::EmbeddedBus;
 use caracal_core::Role;
 use caracal_crypto::es256::PublicKey;
-use caracal_store::{DelegationEdge, Session, SqliteStore, TokenScope};
+use caracal_store::{DelegationEdge, Session, TokenScope};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt as _;
 use serde_json::{Value, json};
@@ -24,7 +23,7 @@ use super::Sts;
 use crate::evidence::{Evidence, EvidenceConfig};
 use crate::router;
 use crate::state::{Bus, RoleState, Shared};
-use crate::test_support::{SwitchableStore, call, token};
+use crate::test_support::{SwitchableStore, call, switchable_shared, token};
 use crate::wire::{Jwks, MandateClaims};
 
 const ISSUER: &str = "http://sts.test";
@@ -51,29 +50,7 @@ fn document(app_id: &str) -> String {
 }
 
 pub(crate) async fn world() -> World {
-    let directory = tempfile::tempdir().unwrap();
-    let sqlite = SqliteStore::open(&directory.path().join("store.db")).unwrap();
-    let store = Arc::new(SwitchableStore {
-        inner: sqlite.clone(),
-        down: false.into(),
-    });
-    let bus = Bus::embedded(EmbeddedBus::new(sqlite));
-    let replay_dir = directory.path().join("audit-replay");
-    let (evidence, tasks) = Evidence::start(
-        caracal_bus::Producer::new(
-            Arc::clone(&bus.streams),
-            caracal_bus::signature::StreamKey::new(b"k"),
-        ),
-        EvidenceConfig::new(replay_dir.clone()),
-    )
-    .unwrap();
-    let shared = Shared::new(
-        store.clone(),
-        bus,
-        evidence,
-        replay_dir,
-        caracal_crypto::Kek::generate().unwrap(),
-    );
+    let (keep, store, shared) = switchable_shared();
     let writer = token(&shared, "write", TokenScope::Global).await;
     let api = router(RoleState::new(Role::Api, shared.clone()));
     let w = Some(writer.as_str());
@@ -125,7 +102,7 @@ pub(crate) async fn world() -> World {
     ));
     sts_state.sts = Some(Arc::clone(&sts));
     let world = World {
-        _keep: (directory, tasks),
+        _keep: keep,
         store,
         shared,
         api,

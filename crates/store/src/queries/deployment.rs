@@ -4,7 +4,8 @@ use caracal_crypto::TokenDigest;
 
 use crate::db::{Db, Row, Statement, params};
 use crate::model::{
-    AdminTokenRecord, ConsoleUser, Containment, KekRecord, NewAdminToken, OutboxMessage, TokenScope,
+    AdminTokenRecord, ConsoleSession, ConsoleUser, Containment, KekRecord, NewAdminToken,
+    OutboxMessage, TokenScope,
 };
 use crate::store::{StoreError, enqueue, not_found, now_ms, with_outbox};
 
@@ -49,6 +50,24 @@ pub trait Deployment: Send + Sync {
         token: &NewAdminToken,
     ) -> Result<(), StoreError>;
     async fn console_user(&self, email: &str) -> Result<Option<ConsoleUser>, StoreError>;
+    /// Stores a new console session, and in the same transaction deletes every session last
+    /// seen before `seen_before` or created before `created_before` (expired ones).
+    async fn start_console_session(
+        &self,
+        session: &ConsoleSession,
+        seen_before: i64,
+        created_before: i64,
+    ) -> Result<(), StoreError>;
+    async fn console_session(&self, id_sha256: &str) -> Result<Option<ConsoleSession>, StoreError>;
+    /// Records that the session was seen at `seen_at_ms`. Not necessarily on disk when it
+    /// returns: a crash loses at most the refresh, so the session only expires sooner.
+    async fn touch_console_session(
+        &self,
+        id_sha256: &str,
+        seen_at_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Deletes the session; one that was gone is not an error.
+    async fn end_console_session(&self, id_sha256: &str) -> Result<(), StoreError>;
     /// Whether an unrevoked token created by `created_by` exists.
     async fn has_active_token_by(&self, created_by: &str) -> Result<bool, StoreError>;
     async fn find_admin_token(
@@ -240,6 +259,66 @@ impl<D: Db> Deployment for D {
         .await
     }
 
+    async fn start_console_session(
+        &self,
+        session: &ConsoleSession,
+        seen_before: i64,
+        created_before: i64,
+    ) -> Result<(), StoreError> {
+        self.atomic(vec![
+            Statement::new(
+                "DELETE FROM console_sessions WHERE seen_at_ms < $1 OR created_at_ms < $2",
+                params![seen_before, created_before],
+            ),
+            Statement::new(
+                "INSERT INTO console_sessions (id_sha256, token_envelope, csrf, created_at_ms, seen_at_ms)
+                 VALUES ($1, $2, $3, $4, $5)",
+                params![
+                    session.id_sha256.as_str(),
+                    session.token_envelope.as_str(),
+                    session.csrf.as_str(),
+                    session.created_at_ms,
+                    session.seen_at_ms,
+                ],
+            ),
+        ])
+        .await
+        .map(|_| ())
+    }
+
+    async fn console_session(&self, id_sha256: &str) -> Result<Option<ConsoleSession>, StoreError> {
+        crate::store::one(
+            self,
+            "SELECT id_sha256, token_envelope, csrf, created_at_ms, seen_at_ms
+             FROM console_sessions WHERE id_sha256 = $1",
+            params![id_sha256],
+            console_session,
+        )
+        .await
+    }
+
+    async fn touch_console_session(
+        &self,
+        id_sha256: &str,
+        seen_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.atomic_unsynced(vec![Statement::new(
+            "UPDATE console_sessions SET seen_at_ms = $2 WHERE id_sha256 = $1 AND seen_at_ms < $2",
+            params![id_sha256, seen_at_ms],
+        )])
+        .await
+        .map(|_| ())
+    }
+
+    async fn end_console_session(&self, id_sha256: &str) -> Result<(), StoreError> {
+        self.change(
+            "DELETE FROM console_sessions WHERE id_sha256 = $1",
+            params![id_sha256],
+        )
+        .await
+        .map(|_| ())
+    }
+
     async fn has_active_token_by(&self, created_by: &str) -> Result<bool, StoreError> {
         let rows = self
             .rows(
@@ -303,6 +382,16 @@ impl<D: Db> Deployment for D {
         statements.extend(enqueue(outbox, now_ms()));
         self.atomic(statements).await.map(|_| ())
     }
+}
+
+fn console_session(row: &Row) -> Result<ConsoleSession, StoreError> {
+    Ok(ConsoleSession {
+        id_sha256: row.text(0)?,
+        token_envelope: row.text(1)?,
+        csrf: row.text(2)?,
+        created_at_ms: row.int(3)?,
+        seen_at_ms: row.int(4)?,
+    })
 }
 
 fn console_user(row: &Row) -> Result<ConsoleUser, StoreError> {
