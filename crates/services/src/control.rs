@@ -533,8 +533,22 @@ async fn run(
         ));
     }
     let (status, answer) = match &call.work {
-        Work::Route => dispatch(&target, caller, &call, request_id).await,
-        Work::Ensure(key) => ensure(&target, caller, &call, key, request_id).await,
+        Work::Route { method, path, body } => {
+            send(
+                &target,
+                caller,
+                method.clone(),
+                path,
+                body.as_ref(),
+                request_id,
+            )
+            .await
+        }
+        Work::Ensure {
+            collection,
+            key,
+            spec,
+        } => ensure(&target, caller, collection, key, spec, request_id).await,
         Work::State(verb, objects) => state_run(&target, caller, *verb, objects, request_id).await,
         Work::Describe(listing) => (StatusCode::OK, listing.clone()),
     };
@@ -551,22 +565,27 @@ async fn run(
 
 /// An invocation resolved against the catalog: the admin route to call and what to send.
 struct Call {
-    method: http::Method,
-    path: String,
-    body: Option<Value>,
     writes: bool,
     /// Runs on the Coordinator's operator routes, not the admin API.
     coordinator: bool,
     work: Work,
 }
 
-/// What a call does with its route.
+/// What a call does.
 #[derive(Debug)]
 enum Work {
-    /// One request.
-    Route,
-    /// `ensure`: the object of the collection at `path` named by this field.
-    Ensure(&'static str),
+    /// One request to a catalog route.
+    Route {
+        method: http::Method,
+        path: String,
+        body: Option<Value>,
+    },
+    /// `ensure`: the object of `collection` whose `key` field is the spec's, as the spec says.
+    Ensure {
+        collection: String,
+        key: &'static str,
+        spec: serde_json::Map<String, Value>,
+    },
     /// `state plan|verify|apply`: the document's objects, in order.
     State(StateVerb, Vec<Desired>),
     /// `catalog describe`: answered here, without a request.
@@ -615,9 +634,6 @@ fn prepare(
             return Err(invalid("`catalog describe` takes no flags"));
         }
         return Ok(Call {
-            method: http::Method::GET,
-            path: format!("/v1/zones/{}", claims.zone_id),
-            body: None,
             writes: false,
             coordinator: false,
             work: Work::Describe(describe(claims)),
@@ -738,13 +754,18 @@ fn prepare(
         }
         (!flags.is_empty()).then_some(Value::Object(flags))
     };
+    let work = match (ensure_key, body) {
+        (Some(key), Some(Value::Object(spec))) => Work::Ensure {
+            collection: path,
+            key,
+            spec,
+        },
+        (_, body) => Work::Route { method, path, body },
+    };
     Ok(Call {
-        method,
-        path,
-        body,
         writes: class != "read",
         coordinator: entry.coordinator,
-        work: ensure_key.map_or(Work::Route, Work::Ensure),
+        work,
     })
 }
 
@@ -871,9 +892,6 @@ fn prepare_state(claims: &MandateClaims, invocation: &Invocation) -> Result<Call
         });
     }
     Ok(Call {
-        method: http::Method::GET,
-        path: format!("/v1/zones/{}", claims.zone_id),
-        body: None,
         writes: verb == StateVerb::Apply,
         coordinator: false,
         work: Work::State(verb, objects),
@@ -915,41 +933,21 @@ fn truncated(text: &str) -> String {
     text.chars().take(64).collect()
 }
 
-/// Calls the admin route as `caller`; its status and JSON answer (`null` when it has none).
-async fn dispatch(
-    admin: &Router,
-    caller: AdminCaller,
-    call: &Call,
-    request_id: Option<&RequestId>,
-) -> (StatusCode, Value) {
-    send(
-        admin,
-        caller,
-        call.method.clone(),
-        &call.path,
-        call.body.as_ref(),
-        request_id,
-    )
-    .await
-}
-
-/// `ensure`: the object of `call.path`'s collection whose `key` field is the flag's value,
-/// created, changed where it differs, or left. Answers `{action: created|updated|unchanged,
-/// object}`, or the admin route's refusal.
+/// `ensure`: the object of `collection` whose `key` field is the spec's, created, changed
+/// where it differs, or left. Answers `{action: created|updated|unchanged, object}`, or the
+/// admin route's refusal.
 async fn ensure(
     admin: &Router,
     caller: AdminCaller,
-    call: &Call,
+    collection: &str,
     key: &str,
+    spec: &serde_json::Map<String, Value>,
     request_id: Option<&RequestId>,
 ) -> (StatusCode, Value) {
-    let Some(Value::Object(spec)) = &call.body else {
-        return (StatusCode::BAD_REQUEST, Value::Null);
-    };
-    match list_all(admin, &caller, &call.path, ENSURE_PAGING, request_id).await {
+    match list_all(admin, &caller, collection, ENSURE_PAGING, request_id).await {
         Ok(objects) => {
             let found = named(&objects, key, spec).cloned();
-            reconcile(admin, caller, &call.path, spec, found, request_id).await
+            reconcile(admin, caller, collection, spec, found, request_id).await
         }
         Err(refused) => refused,
     }

@@ -1109,12 +1109,18 @@ mod parsing {
                         .iter()
                         .find(|(kind, ..)| *kind == invocation.subcommand)
                         .expect("only the kinds ensure keeps resolve");
-                    prop_assert_eq!(call.path, format!("/v1/zones/zone-1/{}", entry.path));
-                    prop_assert!(matches!(call.work, super::super::Work::Ensure(k) if k == *key));
-                    prop_assert!(invocation.flags.get(*key).and_then(Value::as_str).is_some_and(|v| !v.is_empty()));
+                    let super::super::Work::Ensure { collection, key: named_by, spec } = call.work else {
+                        panic!("an ensure call carries its spec");
+                    };
+                    prop_assert_eq!(collection, format!("/v1/zones/zone-1/{}", entry.path));
+                    prop_assert_eq!(named_by, *key);
+                    prop_assert!(spec.get(*key).and_then(Value::as_str).is_some_and(|v| !v.is_empty()));
                 }
                 Ok(call) => {
-                    let path = call.path.split('?').next().unwrap_or_default();
+                    let super::super::Work::Route { path, .. } = call.work else {
+                        panic!("a catalog command is one request");
+                    };
+                    let path = path.split('?').next().unwrap_or_default();
                     let entry = CATALOG
                         .iter()
                         .find(|e| e.command == invocation.command && e.subcommand == invocation.subcommand)
