@@ -497,12 +497,7 @@ async fn impact(
 ) -> Result<Json<Value>, ApiError> {
     super::operator_or_agent(&state, &headers, &zone_id, Some(&id), Access::Read).await?;
     let tree = tree_below(&state, &zone_id, &id).await?;
-    let mut body = super::impact_body(&tree);
-    // The published admin client reads the edge's id from `edge_id`.
-    if let Some(fields) = body.as_object_mut() {
-        fields.insert("edge_id".to_owned(), Value::from(id));
-    }
-    Ok(Json(body))
+    Ok(Json(super::impact_body(&tree, Some(&id))))
 }
 
 #[derive(Debug, Default, Deserialize)]

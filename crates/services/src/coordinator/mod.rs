@@ -777,16 +777,21 @@ pub async fn purge_ended(store: &dyn caracal_store::Store, keep: std::time::Dura
 }
 
 /// What a revocation would take down, without taking it: `affected_sessions` (also as
-/// `affected_agents`) and `affected_edges`.
-pub(super) fn impact_body(tree: &TerminatedTree) -> Value {
+/// `affected_agents`) and `affected_edges`; for an edge's impact also its `edge_id`, where the
+/// published admin client reads it.
+pub(super) fn impact_body(tree: &TerminatedTree, edge_id: Option<&str>) -> Value {
     let sessions: Vec<&str> = tree.sessions.iter().map(|(id, _)| id.as_str()).collect();
     let edges: Vec<&str> = tree.edges.iter().map(|(id, _)| id.as_str()).collect();
-    json!({
+    let mut body = json!({
         "affected_sessions": sessions,
         "affected_agents": sessions,
         "affected_edges": edges,
         "graph_epoch": tree.epoch,
-    })
+    });
+    if let (Some(edge_id), Some(fields)) = (edge_id, body.as_object_mut()) {
+        fields.insert("edge_id".to_owned(), Value::from(edge_id));
+    }
+    body
 }
 
 async fn session_impact(
@@ -804,7 +809,7 @@ async fn session_impact(
             caracal_store::StoreError::NotFound(_) => not_found(&id),
             other => other.into(),
         })?;
-    Ok(Json(impact_body(&tree)))
+    Ok(Json(impact_body(&tree, None)))
 }
 
 /// `GET …/agents/{id}/children`: the session's direct children, oldest first.
