@@ -774,6 +774,14 @@ fn the_audit_export_downloads_and_verifies_offline() {
         );
         assert_eq!(created.status, 201, "{}", created.body);
     }
+    let reader = request(
+        api,
+        "POST",
+        "/v1/admin-tokens",
+        &auth,
+        r#"{"name":"auditor","scope":"global","capability":"read"}"#,
+    );
+    assert_eq!(reader.status, 201, "{}", reader.body);
     let session = sign_in(console, &token);
     let before = request(
         console,
@@ -840,20 +848,34 @@ fn the_audit_export_downloads_and_verifies_offline() {
         "{:?}",
         download.headers
     );
-    let file = parent.path().join("export.jsonl");
-    std::fs::write(&file, &download.body).unwrap();
-    let verified = util::caracal(&home)
-        .args(["audit", "verify"])
-        .arg(&file)
-        .args(["--public-key", &public_key])
-        .output()
-        .unwrap();
-    assert!(
-        verified.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&verified.stdout),
-        String::from_utf8_lossy(&verified.stderr)
-    );
+    // The system zone's ledger (the reader token minted above) too, over the API.
+    let system = loop {
+        let system = request(api, "GET", "/v1/zones/caracal.sys/audit/export", &auth, "");
+        if system.status == 200 || std::time::Instant::now() > deadline {
+            break system;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    assert_eq!(system.status, 200, "{}", system.body);
+    for (name, export) in [
+        ("export.jsonl", &download.body),
+        ("system.jsonl", &system.body),
+    ] {
+        let file = parent.path().join(name);
+        std::fs::write(&file, export).unwrap();
+        let verified = util::caracal(&home)
+            .args(["audit", "verify"])
+            .arg(&file)
+            .args(["--public-key", &public_key])
+            .output()
+            .unwrap();
+        assert!(
+            verified.status.success(),
+            "{name}: {}{}",
+            String::from_utf8_lossy(&verified.stdout),
+            String::from_utf8_lossy(&verified.stderr)
+        );
+    }
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }
@@ -1022,6 +1044,34 @@ fn the_incident_screen_validates_and_preserves_a_verifiable_bundle() {
         }
         assert!(std::time::Instant::now() < deadline, "{audit}");
         std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The system zone's ledger is read like any zone's (its export is checked offline in
+    // `the_audit_export_downloads_and_verifies_offline`), by a global token only.
+    let zone = json_of(&request(
+        api,
+        "POST",
+        "/v1/zones",
+        &auth,
+        r#"{"name":"elsewhere"}"#,
+    ));
+    let zone_reader = json_of(&request(
+        api,
+        "POST",
+        "/v1/admin-tokens",
+        &auth,
+        &format!(
+            r#"{{"name":"zone-reader","scope":"zone","zone_id":"{}","capability":"read"}}"#,
+            zone["id"].as_str().unwrap()
+        ),
+    ));
+    let zone_bearer = format!("Bearer {}", zone_reader["token"].as_str().unwrap());
+    for path in [
+        "/v1/zones/caracal.sys/audit/export",
+        "/v1/zones/caracal.sys/audit/checkpoint",
+        "/v1/zones/caracal.sys/admin-audit",
+    ] {
+        let refused = request(api, "GET", path, &[("authorization", &zone_bearer)], "");
+        assert_eq!(refused.status, 403, "{path}: {}", refused.body);
     }
 
     // A reader runs the checks, is offered no bundle, and a forged build is refused.

@@ -218,6 +218,23 @@ pub(crate) async fn live_zone(
     }
 }
 
+/// The caller may read `zone_id`'s ledger: a live zone's (see [`live_zone`]), or the system
+/// zone's, where deployment-wide actions (tokens, containment, evidence bundles) are recorded
+/// and which has no zone row, with a global token.
+pub(crate) async fn ledger_readable(
+    state: &RoleState,
+    caller: &AdminCaller,
+    zone_id: &str,
+) -> Result<(), ApiError> {
+    if zone_id == SYSTEM_ZONE {
+        caller.require(Access::Read, None)
+    } else {
+        live_zone(state, caller, zone_id, Access::Read)
+            .await
+            .map(|_| ())
+    }
+}
+
 /// The zone a token is confined to, if any.
 fn token_zone(caller: &AdminCaller) -> Option<&str> {
     match &caller.scope {

@@ -13,7 +13,7 @@ use caracal_store::{AdminFilter, AuditFilter, AuthorityRecord, RecordFilter, Ses
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{live_zone, timestamp};
+use super::timestamp;
 use crate::auth::{Access, authenticate};
 use crate::error::ApiError;
 use crate::state::RoleState;
@@ -266,13 +266,7 @@ async fn admin_audit(
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let caller = authenticate(&state, &headers).await?;
-    // Deployment-wide actions (tokens, containment, evidence bundles) are recorded in the
-    // system zone, which has no zone row: a global token reads them.
-    if zone_id == crate::ledger::SYSTEM_ZONE {
-        caller.require(Access::Read, None)?;
-    } else {
-        live_zone(&state, &caller, &zone_id, Access::Read).await?;
-    }
+    super::ledger_readable(&state, &caller, &zone_id).await?;
     let query: AdminAuditQuery = crate::api::query(raw.as_deref())?;
     let limit = limit(query.limit)?;
     let before = query
@@ -332,7 +326,8 @@ async fn checkpoint(
     headers: http::HeaderMap,
     Path(zone_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
+    let caller = authenticate(&state, &headers).await?;
+    super::ledger_readable(&state, &caller, &zone_id).await?;
     let store = state.shared.store.as_ref();
     let latest = store
         .latest_audit_checkpoint(&zone_id)
@@ -378,7 +373,8 @@ async fn export(
     RawQuery(raw): RawQuery,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse as _;
-    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
+    let caller = authenticate(&state, &headers).await?;
+    super::ledger_readable(&state, &caller, &zone_id).await?;
     let query: ExportQuery = crate::api::query(raw.as_deref())?;
     let (from, to) = (
         query.from_seq.unwrap_or(1),
