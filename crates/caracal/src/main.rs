@@ -57,15 +57,26 @@ fn main() -> ExitCode {
             }
         }),
         Command::Bench { command, governed } => runtime(|| async {
-            let result = match &command {
-                None => bench_governed::run(&governed).await,
-                Some(BenchCommand::Backends(args)) => bench::run(args).await,
-                Some(BenchCommand::Audit(args)) => bench::audit(args).await,
-                Some(BenchCommand::Sts(args)) => bench_sts::run(args).await,
-                Some(BenchCommand::Coordinator(args)) => bench_coordinator::run(args).await,
-                Some(BenchCommand::Gateway(args)) => bench_gateway::run(args).await,
-                Some(BenchCommand::Hotpath(args)) => bench_hotpath::run(args).await,
-                Some(BenchCommand::Revocation(args)) => bench_revocation::run(args).await,
+            // Interrupted, the benchmark is dropped where it stands: every process it started
+            // (the stack, nginx) is stopped by its owner and its scratch directories removed.
+            let interrupted = shutdown_signal();
+            let work = async {
+                match &command {
+                    None => bench_governed::run(&governed).await,
+                    Some(BenchCommand::Backends(args)) => bench::run(args).await,
+                    Some(BenchCommand::Audit(args)) => bench::audit(args).await,
+                    Some(BenchCommand::Sts(args)) => bench_sts::run(args).await,
+                    Some(BenchCommand::Coordinator(args)) => bench_coordinator::run(args).await,
+                    Some(BenchCommand::Gateway(args)) => bench_gateway::run(args).await,
+                    Some(BenchCommand::Hotpath(args)) => bench_hotpath::run(args).await,
+                    Some(BenchCommand::Revocation(args)) => bench_revocation::run(args).await,
+                }
+            };
+            let result = tokio::select! {
+                result = work => result,
+                () = interrupted => Err(anyhow::anyhow!(
+                    "interrupted: the processes the benchmark started are stopped"
+                )),
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,

@@ -282,6 +282,70 @@ fn the_hot_path_benchmark_runs_every_case() {
     }
 }
 
+/// The processes whose parent is `pid`: (pid, command name).
+fn children_of(pid: u32) -> Vec<(u32, String)> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; the name may hold spaces, so split after its last `)`.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        if fields.get(1).and_then(|ppid| ppid.parse::<u32>().ok()) == Some(pid) {
+            let child = stat[..open].trim().parse().unwrap();
+            children.push((child, stat[open + 1..close].to_owned()));
+        }
+    }
+    children
+}
+
+/// SIGTERM to a running `caracal bench` stops it with exit 1 and takes down the stack and
+/// nginx it started: nothing is left running.
+#[test]
+fn an_interrupted_benchmark_stops_the_processes_it_started() {
+    let installed = std::process::Command::new("bash")
+        .arg(util::repo_root().join("scripts/install-deps.sh"))
+        .output()
+        .unwrap();
+    assert!(installed.status.success());
+    let (_parent, home) = fresh_home();
+    let mut bench = util::caracal(&home)
+        .args(["bench", "--requests", "10000000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let started = loop {
+        let children = children_of(bench.id());
+        if children.iter().any(|(_, name)| name == "nginx")
+            && children.iter().any(|(_, name)| name.starts_with("caracal"))
+        {
+            break children;
+        }
+        assert!(std::time::Instant::now() < deadline, "{children:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let killed = std::process::Command::new("kill")
+        .arg(bench.id().to_string())
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = bench.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(bench.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    for (pid, name) in started {
+        let gone = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |stat| stat.contains(") Z "));
+        assert!(gone, "{name} ({pid}) outlived the benchmark");
+    }
+}
+
 /// `caracal bench --quick`: the stack, nginx (installed by the project's script) and the
 /// loopback upstream measured in one run over HTTP; every case reported, the JSON results
 /// written, and the audit check passing (every governed call's events stored, none lost).
