@@ -1,10 +1,11 @@
 //! The Console role (port 3001): server-rendered pages for operators, no script at all. Sign-in
 //! takes an admin token; the session lives in the store, so every console replica on it serves
 //! it and a restart keeps it (cookie `HttpOnly`, `SameSite=Strict`, idle and absolute expiry;
-//! stored as the cookie's SHA-256 with the token sealed under the KEK), and every page re-checks
-//! the token, so a revoked token signs its sessions out. Every read and change goes through the admin API's own routes
-//! in process with the session's token, so the console is authorised, validated and audited
-//! exactly as the API is, and a read token is refused a change there even if a form is forged.
+//! stored as the cookie's SHA-256 with the token sealed under the KEK), and every page
+//! re-checks the token, so a revoked token signs its sessions out. Every read and change goes
+//! through the admin API's own routes in process with the session's token, so the console is
+//! authorised, validated and audited exactly as the API is, and a read token is refused a
+//! change there even if a form is forged.
 //! Forms carry a per-session CSRF token; pages carry a strict Content-Security-Policy and are
 //! never framed or cached; every value is HTML-escaped. Screens: overview, zones, a zone (its
 //! applications, providers, resources, policy sets, sessions and pending approvals), a zone's
