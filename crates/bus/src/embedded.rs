@@ -2,6 +2,7 @@
 //! committed before `append` returns); blocked readers are woken in memory.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -24,14 +25,36 @@ pub struct EmbeddedBus {
     /// Rate counters live in memory: one process owns the embedded deployment, and losing the
     /// current window on restart only loosens a rate limit for one window.
     counters: Mutex<HashMap<String, (u64, u64)>>,
+    /// The Gateway's one-shot `jti`s, claimed in memory (one process owns the deployment, and
+    /// the Gateway's claim is on every governed call's path).
+    gateway_jtis: Mutex<Remembered>,
 }
+
+/// Claims kept in memory. They are lost with the process, so a claim is made only before
+/// `claimed_until`, an instant recorded durably in the store beforehand (`replay_memory`);
+/// the next process reads it as `forgotten_before` and its Gateway refuses every mandate
+/// issued before it (`ReplayRegistry::forgotten_before_ms`): no key claimed here can be
+/// claimed again, whatever the next process's clock says.
+struct Remembered {
+    keys: HashMap<String, i64>,
+    /// How many keys before the next sweep of expired ones.
+    sweep_at: usize,
+    claimed_until: Arc<AtomicI64>,
+    forgotten_before: i64,
+}
+
+/// How far ahead a record of `claimed_until` reaches: one durable write a second at most.
+const CLAIM_HORIZON_MS: i64 = 1_000;
+const GATEWAY_JTI: ReplayNamespace = ReplayNamespace::GatewayJti;
 
 impl EmbeddedBus {
     pub fn new(store: SqliteStore) -> EmbeddedBus {
+        let remembered = remembered_at_start(&store);
         EmbeddedBus {
             store,
             wakers: Mutex::new(HashMap::new()),
             counters: Mutex::new(HashMap::new()),
+            gateway_jtis: Mutex::new(remembered),
         }
     }
 
@@ -117,14 +140,110 @@ impl EmbeddedBus {
     }
 }
 
+/// What the previous process left: its `claimed_until` (every key it claimed in memory was
+/// issued before it), and the keys an earlier release claimed in the store, still unexpired.
+/// A store that cannot be read leaves nothing to trust: everything issued until now is refused.
+fn remembered_at_start(store: &SqliteStore) -> Remembered {
+    let now = now_ms();
+    let read = store.run_blocking(|connection| {
+        let until: Option<i64> = connection
+            .query_row(
+                "SELECT claimed_until_ms FROM replay_memory WHERE namespace = ?1",
+                [GATEWAY_JTI.as_str()],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let mut statement = connection.prepare(
+            "SELECT key, expires_ms FROM replay_keys WHERE namespace = ?1 AND expires_ms > ?2",
+        )?;
+        let keys = statement
+            .query_map(params![GATEWAY_JTI.as_str(), now], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+            })?
+            .collect::<Result<HashMap<_, _>, _>>()?;
+        Ok((until.unwrap_or(0), keys))
+    });
+    let (forgotten_before, keys) = read.unwrap_or_else(|error| {
+        tracing::error!(%error, "the Gateway's replay memory could not be read: refusing every mandate issued before now");
+        (now, HashMap::new())
+    });
+    if forgotten_before > now {
+        tracing::warn!(
+            forgotten_before,
+            now,
+            "the clock is behind the previous process's replay claims: gateway mandates are refused until it catches up"
+        );
+    }
+    Remembered {
+        sweep_at: (keys.len() * 2).max(COUNTER_SWEEP_THRESHOLD),
+        keys,
+        claimed_until: Arc::new(AtomicI64::new(forgotten_before)),
+        forgotten_before,
+    }
+}
+
+impl EmbeddedBus {
+    /// Claims a Gateway `jti` in memory, first recording durably that claims reach this far.
+    async fn claim_in_memory(&self, key: &str, ttl: Duration) -> Result<bool, BusError> {
+        let now = now_ms();
+        let claimed_until = Arc::clone(&self.lock_jtis().claimed_until);
+        if now >= claimed_until.load(Ordering::Acquire) {
+            let until = now.saturating_add(CLAIM_HORIZON_MS);
+            self.store
+                .run(move |connection| {
+                    connection
+                        .prepare_cached(
+                            "INSERT INTO replay_memory (namespace, claimed_until_ms) VALUES (?1, ?2)
+                             ON CONFLICT (namespace) DO UPDATE
+                             SET claimed_until_ms = MAX(claimed_until_ms, excluded.claimed_until_ms)",
+                        )?
+                        .execute(params![GATEWAY_JTI.as_str(), until])
+                })
+                .await?;
+            claimed_until.fetch_max(until, Ordering::AcqRel);
+        }
+        let mut remembered = self.lock_jtis();
+        if remembered.keys.len() >= remembered.sweep_at {
+            remembered.keys.retain(|_, expires| *expires > now);
+            remembered.sweep_at = (remembered.keys.len() * 2).max(COUNTER_SWEEP_THRESHOLD);
+        }
+        match remembered.keys.get(key) {
+            Some(expires) if *expires > now => Ok(false),
+            _ => {
+                remembered
+                    .keys
+                    .insert(key.to_owned(), now.saturating_add(millis(ttl)));
+                Ok(true)
+            }
+        }
+    }
+
+    fn lock_jtis(&self) -> std::sync::MutexGuard<'_, Remembered> {
+        self.gateway_jtis
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 #[async_trait::async_trait]
 impl ReplayRegistry for EmbeddedBus {
+    fn forgotten_before_ms(&self, namespace: ReplayNamespace) -> i64 {
+        if namespace == GATEWAY_JTI {
+            self.lock_jtis().forgotten_before
+        } else {
+            0
+        }
+    }
+
     async fn claim_once(
         &self,
         namespace: ReplayNamespace,
         key: &str,
         ttl: Duration,
     ) -> Result<bool, BusError> {
+        if namespace == GATEWAY_JTI {
+            return self.claim_in_memory(key, ttl).await;
+        }
         let key = key.to_owned();
         let claimed = self
             .store
@@ -568,6 +687,68 @@ mod tests {
     use super::*;
     use crate::signature::StreamKey;
     use crate::{Consumer, ConsumerConfig, Producer};
+
+    /// Gateway `jti`s are claimed in memory; the next process (a new bus on the same store)
+    /// forgets them, so it names an instant before which every mandate is refused, at or after
+    /// every claim made here, and keys an earlier release claimed in the store stay claimed.
+    #[tokio::test]
+    async fn gateway_claims_in_memory_leave_the_next_process_a_bound_to_refuse_before() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("bus.db")).unwrap();
+        let bus = EmbeddedBus::new(store.clone());
+        assert_eq!(
+            bus.forgotten_before_ms(GATEWAY_JTI),
+            0,
+            "a new deployment forgot nothing"
+        );
+        let ttl = Duration::from_secs(60);
+        let before = now_ms();
+        assert!(bus.claim_once(GATEWAY_JTI, "a", ttl).await.unwrap());
+        assert!(!bus.claim_once(GATEWAY_JTI, "a", ttl).await.unwrap());
+        let last = now_ms();
+        assert!(
+            bus.claim_once(ReplayNamespace::Jti, "a", ttl)
+                .await
+                .unwrap()
+        );
+        drop(bus);
+
+        // An earlier release's claim, in the store.
+        store
+            .run(move |connection| {
+                connection.execute(
+                    "INSERT INTO replay_keys (namespace, key, expires_ms) VALUES ('gateway_jti', 'old', ?1)",
+                    [now_ms() + 60_000],
+                )
+            })
+            .await
+            .unwrap();
+        let next = EmbeddedBus::new(store.clone());
+        let bound = next.forgotten_before_ms(GATEWAY_JTI);
+        assert!(bound > last && bound >= before, "{bound} vs {last}");
+        assert_eq!(
+            next.forgotten_before_ms(ReplayNamespace::Jti),
+            0,
+            "kept in the store"
+        );
+        assert!(
+            !next
+                .claim_once(ReplayNamespace::Jti, "a", ttl)
+                .await
+                .unwrap()
+        );
+        assert!(!next.claim_once(GATEWAY_JTI, "old", ttl).await.unwrap());
+        assert!(next.claim_once(GATEWAY_JTI, "new", ttl).await.unwrap());
+        // Claims go on past the first bound, each bound recorded before it is used.
+        let until: i64 = store
+            .run_blocking(|connection| {
+                connection.query_row("SELECT claimed_until_ms FROM replay_memory", [], |row| {
+                    row.get(0)
+                })
+            })
+            .unwrap();
+        assert!(until >= bound);
+    }
 
     #[tokio::test]
     async fn expired_replay_keys_are_purged_in_chunks_and_live_ones_stay() {

@@ -43,6 +43,13 @@ pub trait ReplayRegistry: Send + Sync {
     /// Forgets keys whose TTL has passed; returns how many. Backends that expire keys by
     /// themselves (Redis) have nothing to do.
     async fn purge_expired(&self) -> Result<u64, BusError>;
+
+    /// Keys of `namespace` issued before this instant (Unix ms) may have been claimed by an
+    /// earlier process and forgotten: a caller refuses them rather than claim them. 0 for a
+    /// registry that forgets nothing.
+    fn forgotten_before_ms(&self, _namespace: ReplayNamespace) -> i64 {
+        0
+    }
 }
 
 #[async_trait::async_trait]

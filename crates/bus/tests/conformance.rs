@@ -583,6 +583,16 @@ async fn replay_keys_are_single_use_per_namespace(backend: &Backend) {
             .await
             .unwrap()
     );
+    // The Gateway's register (in memory when embedded) answers the same way.
+    for expected in [true, false, false] {
+        assert_eq!(
+            replay
+                .claim_once(ReplayNamespace::GatewayJti, &key, ttl)
+                .await
+                .unwrap(),
+            expected
+        );
+    }
 }
 
 async fn replay_keys_can_be_claimed_again_after_their_ttl(backend: &Backend) {
@@ -601,13 +611,17 @@ async fn replay_keys_can_be_claimed_again_after_their_ttl(backend: &Backend) {
             .await
             .unwrap()
     );
-    tokio::time::sleep(Duration::from_millis(250)).await;
     assert!(
         replay
-            .claim_once(ReplayNamespace::GatewayNonce, &key, ttl)
+            .claim_once(ReplayNamespace::GatewayJti, &key, ttl)
             .await
             .unwrap()
     );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    for namespace in [ReplayNamespace::GatewayNonce, ReplayNamespace::GatewayJti] {
+        assert!(replay.claim_once(namespace, &key, ttl).await.unwrap());
+        assert!(!replay.claim_once(namespace, &key, ttl).await.unwrap());
+    }
 }
 
 /// Many keys claimed at once (the embedded registry commits them in shared transactions):

@@ -85,6 +85,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "console sessions",
             include_str!("schema/0016_console_sessions.sql").replace("{BIGINT}", "BIGINT"),
         ),
+        (
+            "replay memory",
+            include_str!("schema/0017_replay_memory.sql").replace("{BIGINT}", "BIGINT"),
+        ),
     ]
 }
 

@@ -80,6 +80,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "console sessions",
             include_str!("schema/0016_console_sessions.sql").replace("{BIGINT}", "INTEGER"),
         ),
+        (
+            "replay memory",
+            include_str!("schema/0017_replay_memory.sql").replace("{BIGINT}", "INTEGER"),
+        ),
     ]
 }
 
@@ -794,7 +798,7 @@ mod tests {
                      DROP INDEX authority_records_status_expiry; DROP INDEX authority_records_expiry;
                      DROP INDEX sessions_status_ended; DROP INDEX sessions_authority_record;
                      DROP INDEX delegation_edges_status_revoked; DROP TABLE containment;
-                     DROP TABLE admin_objects; DROP TABLE console_users; DROP TABLE console_sessions;
+                     DROP TABLE admin_objects; DROP TABLE console_users; DROP TABLE console_sessions; DROP TABLE replay_memory;
                      DELETE FROM schema_migrations WHERE version >= 2;",
                 )
             })

@@ -2025,7 +2025,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 16
+                supported: 17
             }
         ),
         "{error}"
@@ -2041,7 +2041,9 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
     let versions: Vec<i64> = rows.iter().map(|row| row.int(0).unwrap()).collect();
     assert_eq!(
         versions,
-        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 999],
+        [
+            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 999
+        ],
         "the refused start wrote nothing"
     );
     drop_schema(&schema).await;
@@ -2807,7 +2809,7 @@ async fn retention_deletes_only_what_ended_long_enough_ago(backend: &Backend) {
 }
 
 /// Undoes the migrations after 11 (runtime retention indexes, containment).
-const LATER_MIGRATIONS: [&str; 9] = [
+const LATER_MIGRATIONS: [&str; 10] = [
     "DROP INDEX authority_records_status_expiry",
     "DROP INDEX authority_records_expiry",
     "DROP INDEX sessions_status_ended",
@@ -2817,6 +2819,7 @@ const LATER_MIGRATIONS: [&str; 9] = [
     "DROP TABLE admin_objects",
     "DROP TABLE console_users",
     "DROP TABLE console_sessions",
+    "DROP TABLE replay_memory",
 ];
 
 async fn the_read_views_filter_and_page_by_id(backend: &Backend) {

@@ -541,6 +541,18 @@ async fn checked(
     let mut spent = false;
     if claims.use_ != "session" && !claims.jti.is_empty() {
         let ttl = claims.exp - now / 1000;
+        let replay = &state.shared.bus.replay;
+        if claims.iat.saturating_mul(1000) < replay.forgotten_before_ms(ReplayNamespace::GatewayJti)
+        {
+            // An earlier process may have accepted it, and its claims are gone with it.
+            return Err((
+                "jti_replay",
+                invalid(
+                    StatusCode::UNAUTHORIZED,
+                    "mandate issued before the gateway restarted; mint a new one",
+                ),
+            ));
+        }
         if ttl > 0 {
             let ttl = Duration::from_secs(u64::try_from(ttl).unwrap_or(0));
             match state

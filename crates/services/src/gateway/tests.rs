@@ -416,6 +416,48 @@ async fn a_governed_call_reaches_the_upstream_with_the_resource_mandate_and_noth
     );
 }
 
+/// After a restart the embedded register has forgotten the `jti`s it claimed: a mandate issued
+/// before the previous process's bound is refused (it may have been used), one issued after it
+/// goes through.
+#[tokio::test]
+async fn after_a_restart_mandates_issued_before_the_forgotten_claims_are_refused() {
+    let fixture = fixture().await;
+    let token = fixture.mint().await;
+    let used = fixture
+        .call(&fixture.router, "GET", "/entries", &token)
+        .await;
+    assert_eq!(used.status, StatusCode::OK, "{}", used.json);
+
+    let mut shared = fixture.world.shared.clone();
+    let registry = caracal_bus::EmbeddedBus::new(fixture.world.store.inner.clone());
+    let bound = caracal_bus::ReplayRegistry::forgotten_before_ms(
+        &registry,
+        caracal_bus::ReplayNamespace::GatewayJti,
+    );
+    shared.bus.replay = Arc::new(registry);
+    let mut state = RoleState::new(Role::Gateway, shared);
+    state.gateway = Some(Arc::clone(&fixture.gateway));
+    let restarted = router(state);
+    let calls = fixture.upstream_calls();
+    let again = fixture.call(&restarted, "GET", "/entries", &token).await;
+    assert_eq!(
+        again.refused(),
+        (
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "mandate issued before the gateway restarted; mint a new one"
+        )
+    );
+    assert_eq!(fixture.upstream_calls(), calls);
+
+    // `iat` is in whole seconds: a mandate minted a second after the bound is newer than it.
+    let wait = bound + 1_000 - caracal_store::now_ms();
+    tokio::time::sleep(Duration::from_millis(u64::try_from(wait.max(0)).unwrap())).await;
+    let fresh = fixture.mint().await;
+    let answer = fixture.call(&restarted, "GET", "/entries", &fresh).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+}
+
 #[tokio::test]
 async fn malformed_calls_are_refused_with_their_code_before_anything_is_contacted() {
     let fixture = fixture().await;
