@@ -2,6 +2,7 @@
 //! committed before `append` returns); blocked readers are woken in memory.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher as _;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -36,7 +37,11 @@ pub struct EmbeddedBus {
 /// issued before it (`ReplayRegistry::forgotten_before_ms`): no key claimed here can be
 /// claimed again, whatever the next process's clock says.
 struct Remembered {
-    keys: HashMap<String, i64>,
+    /// Each key as a 64-bit keyed hash, with its expiry: 16 bytes a claim, so a busy hour's
+    /// mandates fit. Two keys with one hash can only refuse the second (fail closed), never
+    /// accept a replay.
+    keys: HashMap<u64, i64>,
+    hasher: std::collections::hash_map::RandomState,
     /// How many keys before the next sweep of expired ones.
     sweep_at: usize,
     claimed_until: Arc<AtomicI64>,
@@ -160,13 +165,18 @@ fn remembered_at_start(store: &SqliteStore) -> Remembered {
             .query_map(params![GATEWAY_JTI.as_str(), now], |row| {
                 Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
             })?
-            .collect::<Result<HashMap<_, _>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         Ok((until.unwrap_or(0), keys))
     });
-    let (forgotten_before, keys) = read.unwrap_or_else(|error| {
+    let (forgotten_before, stored) = read.unwrap_or_else(|error| {
         tracing::error!(%error, "the Gateway's replay memory could not be read: refusing every mandate issued before now");
-        (now, HashMap::new())
+        (now, Vec::new())
     });
+    let hasher = std::collections::hash_map::RandomState::new();
+    let keys: HashMap<u64, i64> = stored
+        .iter()
+        .map(|(key, expires)| (hasher.hash_one(key.as_str()), *expires))
+        .collect();
     if forgotten_before > now {
         tracing::warn!(
             forgotten_before,
@@ -177,6 +187,7 @@ fn remembered_at_start(store: &SqliteStore) -> Remembered {
     Remembered {
         sweep_at: (keys.len() * 2).max(COUNTER_SWEEP_THRESHOLD),
         keys,
+        hasher,
         claimed_until: Arc::new(AtomicI64::new(forgotten_before)),
         forgotten_before,
     }
@@ -207,12 +218,13 @@ impl EmbeddedBus {
             remembered.keys.retain(|_, expires| *expires > now);
             remembered.sweep_at = (remembered.keys.len() * 2).max(COUNTER_SWEEP_THRESHOLD);
         }
-        match remembered.keys.get(key) {
+        let hash = remembered.hasher.hash_one(key);
+        match remembered.keys.get(&hash) {
             Some(expires) if *expires > now => Ok(false),
             _ => {
                 remembered
                     .keys
-                    .insert(key.to_owned(), now.saturating_add(millis(ttl)));
+                    .insert(hash, now.saturating_add(millis(ttl)));
                 Ok(true)
             }
         }
