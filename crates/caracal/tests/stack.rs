@@ -282,6 +282,19 @@ fn the_hot_path_benchmark_runs_every_case() {
     }
 }
 
+/// nginx (and promtool) by the project's script, when missing.
+fn install_nginx() {
+    let installed = std::process::Command::new("bash")
+        .arg(util::repo_root().join("scripts/install-deps.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        installed.status.success(),
+        "installing nginx failed:\n{}",
+        String::from_utf8_lossy(&installed.stderr)
+    );
+}
+
 /// The processes whose parent is `pid`: (pid, command name).
 fn children_of(pid: u32) -> Vec<(u32, String)> {
     let mut children = Vec::new();
@@ -306,11 +319,7 @@ fn children_of(pid: u32) -> Vec<(u32, String)> {
 /// nginx it started: nothing is left running.
 #[test]
 fn an_interrupted_benchmark_stops_the_processes_it_started() {
-    let installed = std::process::Command::new("bash")
-        .arg(util::repo_root().join("scripts/install-deps.sh"))
-        .output()
-        .unwrap();
-    assert!(installed.status.success());
+    install_nginx();
     let (_parent, home) = fresh_home();
     let mut bench = util::caracal(&home)
         .args(["bench", "--requests", "10000000"])
@@ -351,15 +360,7 @@ fn an_interrupted_benchmark_stops_the_processes_it_started() {
 /// written, and the audit check passing (every governed call's events stored, none lost).
 #[test]
 fn the_governed_benchmark_runs_beside_nginx_and_keeps_the_audit_lossless() {
-    let installed = std::process::Command::new("bash")
-        .arg(util::repo_root().join("scripts/install-deps.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        installed.status.success(),
-        "installing nginx failed:\n{}",
-        String::from_utf8_lossy(&installed.stderr)
-    );
+    install_nginx();
     let (parent, home) = fresh_home();
     let out = parent.path().join("results.json");
     let output = util::run(
