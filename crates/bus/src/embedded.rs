@@ -27,25 +27,25 @@ pub struct EmbeddedBus {
     /// current window on restart only loosens a rate limit for one window.
     counters: Mutex<HashMap<String, (u64, u64)>>,
     /// The Gateway's one-shot `jti`s, claimed in memory (one process owns the deployment, and
-    /// the Gateway's claim is on every governed call's path).
+    /// the Gateway's claim is on every governed call's path). They are lost with the process,
+    /// so a claim is made only before `claimed_until`, an instant recorded durably in the
+    /// store beforehand (`replay_memory`); the next process reads it as `forgotten_before` and
+    /// its Gateway refuses every mandate issued before it
+    /// (`ReplayRegistry::forgotten_before_ms`): no key claimed here can be claimed again,
+    /// whatever the next process's clock says.
     gateway_jtis: Mutex<Remembered>,
+    claimed_until: AtomicI64,
+    forgotten_before: i64,
 }
 
-/// Claims kept in memory. They are lost with the process, so a claim is made only before
-/// `claimed_until`, an instant recorded durably in the store beforehand (`replay_memory`);
-/// the next process reads it as `forgotten_before` and its Gateway refuses every mandate
-/// issued before it (`ReplayRegistry::forgotten_before_ms`): no key claimed here can be
-/// claimed again, whatever the next process's clock says.
+/// Claims kept in memory: each key as a 64-bit keyed hash, with its expiry, 16 bytes a claim
+/// so a busy hour's mandates fit. Two keys with one hash can only refuse the second (fail
+/// closed), never accept a replay.
 struct Remembered {
-    /// Each key as a 64-bit keyed hash, with its expiry: 16 bytes a claim, so a busy hour's
-    /// mandates fit. Two keys with one hash can only refuse the second (fail closed), never
-    /// accept a replay.
     keys: HashMap<u64, i64>,
     hasher: std::collections::hash_map::RandomState,
     /// How many keys before the next sweep of expired ones.
     sweep_at: usize,
-    claimed_until: Arc<AtomicI64>,
-    forgotten_before: i64,
 }
 
 /// How far ahead a record of `claimed_until` reaches: one durable write a second at most.
@@ -54,12 +54,14 @@ const GATEWAY_JTI: ReplayNamespace = ReplayNamespace::GatewayJti;
 
 impl EmbeddedBus {
     pub fn new(store: SqliteStore) -> EmbeddedBus {
-        let remembered = remembered_at_start(&store);
+        let (forgotten_before, remembered) = remembered_at_start(&store);
         EmbeddedBus {
             store,
             wakers: Mutex::new(HashMap::new()),
             counters: Mutex::new(HashMap::new()),
             gateway_jtis: Mutex::new(remembered),
+            claimed_until: AtomicI64::new(forgotten_before),
+            forgotten_before,
         }
     }
 
@@ -148,7 +150,7 @@ impl EmbeddedBus {
 /// What the previous process left: its `claimed_until` (every key it claimed in memory was
 /// issued before it), and the keys an earlier release claimed in the store, still unexpired.
 /// A store that cannot be read leaves nothing to trust: everything issued until now is refused.
-fn remembered_at_start(store: &SqliteStore) -> Remembered {
+fn remembered_at_start(store: &SqliteStore) -> (i64, Remembered) {
     let now = now_ms();
     let read = store.run_blocking(|connection| {
         let until: Option<i64> = connection
@@ -184,21 +186,20 @@ fn remembered_at_start(store: &SqliteStore) -> Remembered {
             "the clock is behind the previous process's replay claims: gateway mandates are refused until it catches up"
         );
     }
-    Remembered {
-        sweep_at: (keys.len() * 2).max(COUNTER_SWEEP_THRESHOLD),
+    let sweep_at = (keys.len() * 2).max(COUNTER_SWEEP_THRESHOLD);
+    let remembered = Remembered {
         keys,
         hasher,
-        claimed_until: Arc::new(AtomicI64::new(forgotten_before)),
-        forgotten_before,
-    }
+        sweep_at,
+    };
+    (forgotten_before, remembered)
 }
 
 impl EmbeddedBus {
     /// Claims a Gateway `jti` in memory, first recording durably that claims reach this far.
     async fn claim_in_memory(&self, key: &str, ttl: Duration) -> Result<bool, BusError> {
         let now = now_ms();
-        let claimed_until = Arc::clone(&self.lock_jtis().claimed_until);
-        if now >= claimed_until.load(Ordering::Acquire) {
+        if now >= self.claimed_until.load(Ordering::Acquire) {
             let until = now.saturating_add(CLAIM_HORIZON_MS);
             self.store
                 .run(move |connection| {
@@ -211,29 +212,26 @@ impl EmbeddedBus {
                         .execute(params![GATEWAY_JTI.as_str(), until])
                 })
                 .await?;
-            claimed_until.fetch_max(until, Ordering::AcqRel);
+            self.claimed_until.fetch_max(until, Ordering::AcqRel);
         }
-        let mut remembered = self.lock_jtis();
+        let mut guard = self
+            .gateway_jtis
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let remembered = &mut *guard;
         if remembered.keys.len() >= remembered.sweep_at {
             remembered.keys.retain(|_, expires| *expires > now);
             remembered.sweep_at = (remembered.keys.len() * 2).max(COUNTER_SWEEP_THRESHOLD);
         }
-        let hash = remembered.hasher.hash_one(key);
-        match remembered.keys.get(&hash) {
-            Some(expires) if *expires > now => Ok(false),
-            _ => {
-                remembered
-                    .keys
-                    .insert(hash, now.saturating_add(millis(ttl)));
-                Ok(true)
-            }
+        let expires = remembered
+            .keys
+            .entry(remembered.hasher.hash_one(key))
+            .or_insert(i64::MIN);
+        if *expires > now {
+            return Ok(false);
         }
-    }
-
-    fn lock_jtis(&self) -> std::sync::MutexGuard<'_, Remembered> {
-        self.gateway_jtis
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        *expires = now.saturating_add(millis(ttl));
+        Ok(true)
     }
 }
 
@@ -241,7 +239,7 @@ impl EmbeddedBus {
 impl ReplayRegistry for EmbeddedBus {
     fn forgotten_before_ms(&self, namespace: ReplayNamespace) -> i64 {
         if namespace == GATEWAY_JTI {
-            self.lock_jtis().forgotten_before
+            self.forgotten_before
         } else {
             0
         }
