@@ -544,11 +544,7 @@ async fn run(
             )
             .await
         }
-        Work::Ensure {
-            collection,
-            key,
-            spec,
-        } => ensure(&target, caller, collection, key, spec, request_id).await,
+        Work::Ensure(desired) => ensure(&target, caller, desired, request_id).await,
         Work::State(verb, objects) => state_run(&target, caller, *verb, objects, request_id).await,
         Work::Describe(listing) => (StatusCode::OK, listing.clone()),
     };
@@ -580,12 +576,8 @@ enum Work {
         path: String,
         body: Option<Value>,
     },
-    /// `ensure`: the object of `collection` whose `key` field is the spec's, as the spec says.
-    Ensure {
-        collection: String,
-        key: &'static str,
-        spec: serde_json::Map<String, Value>,
-    },
+    /// `ensure`: the one object, as its spec says.
+    Ensure(Desired),
     /// `state plan|verify|apply`: the document's objects, in order.
     State(StateVerb, Vec<Desired>),
     /// `catalog describe`: answered here, without a request.
@@ -602,7 +594,8 @@ enum StateVerb {
     Apply,
 }
 
-/// One object of a `state` document: where its kind lives, the field that names it, its spec.
+/// One object of `ensure` or of a `state` document: where its kind lives, the field that
+/// names it, its spec.
 #[derive(Debug)]
 struct Desired {
     kind: &'static str,
@@ -643,7 +636,7 @@ fn prepare(
         ENSURED
             .iter()
             .find(|(kind, ..)| *kind == invocation.subcommand)
-            .map(|(_, entry, key)| (entry, Some(*key)))
+            .map(|(kind, entry, key)| (entry, Some((*kind, *key))))
     } else {
         CATALOG
             .iter()
@@ -741,7 +734,7 @@ fn prepare(
         }
         None
     } else {
-        if let Some(key) = ensure_key
+        if let Some((_, key)) = ensure_key
             && flags
                 .get(key)
                 .and_then(Value::as_str)
@@ -755,12 +748,17 @@ fn prepare(
         (!flags.is_empty()).then_some(Value::Object(flags))
     };
     let work = match (ensure_key, body) {
-        (Some(key), Some(Value::Object(spec))) => Work::Ensure {
+        (None, body) => Work::Route { method, path, body },
+        (Some((kind, key)), Some(Value::Object(spec))) => Work::Ensure(Desired {
+            kind,
             collection: path,
             key,
             spec,
-        },
-        (_, body) => Work::Route { method, path, body },
+        }),
+        // Never a plain request in its place: an ensure without a spec is refused.
+        (Some((kind, key)), _) => {
+            return Err(invalid(format!("`ensure {kind}` needs the flag `{key}`")));
+        }
     };
     Ok(Call {
         writes: class != "read",
@@ -801,7 +799,7 @@ fn check_authorized_by(invocation: &Invocation) -> Result<(), Refusal> {
 /// `ensure` keeps, each named once by its key field; `dry_run: true` makes apply a plan. Needs
 /// the read scope (plan, verify, dry run) or the write scope (apply) of every kind it touches.
 fn prepare_state(claims: &MandateClaims, invocation: &Invocation) -> Result<Call, Refusal> {
-    let verb = match invocation.subcommand.as_str() {
+    let mut verb = match invocation.subcommand.as_str() {
         "plan" => StateVerb::Plan,
         "verify" => StateVerb::Verify,
         "apply" => StateVerb::Apply,
@@ -813,7 +811,6 @@ fn prepare_state(claims: &MandateClaims, invocation: &Invocation) -> Result<Call
             ));
         }
     };
-    let mut verb = verb;
     for (name, value) in &invocation.flags {
         match (name.as_str(), value) {
             ("objects", Value::Array(_)) | ("dry_run", Value::Bool(false)) => {}
@@ -933,21 +930,20 @@ fn truncated(text: &str) -> String {
     text.chars().take(64).collect()
 }
 
-/// `ensure`: the object of `collection` whose `key` field is the spec's, created, changed
+/// `ensure`: the object of its collection whose key field is the spec's, created, changed
 /// where it differs, or left. Answers `{action: created|updated|unchanged, object}`, or the
 /// admin route's refusal.
 async fn ensure(
     admin: &Router,
     caller: AdminCaller,
-    collection: &str,
-    key: &str,
-    spec: &serde_json::Map<String, Value>,
+    desired: &Desired,
     request_id: Option<&RequestId>,
 ) -> (StatusCode, Value) {
+    let collection = &desired.collection;
     match list_all(admin, &caller, collection, ENSURE_PAGING, request_id).await {
         Ok(objects) => {
-            let found = named(&objects, key, spec).cloned();
-            reconcile(admin, caller, collection, spec, found, request_id).await
+            let found = named(&objects, desired.key, &desired.spec).cloned();
+            reconcile(admin, caller, collection, &desired.spec, found, request_id).await
         }
         Err(refused) => refused,
     }

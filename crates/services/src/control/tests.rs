@@ -1109,12 +1109,12 @@ mod parsing {
                         .iter()
                         .find(|(kind, ..)| *kind == invocation.subcommand)
                         .expect("only the kinds ensure keeps resolve");
-                    let super::super::Work::Ensure { collection, key: named_by, spec } = call.work else {
+                    let super::super::Work::Ensure(desired) = call.work else {
                         panic!("an ensure call carries its spec");
                     };
-                    prop_assert_eq!(collection, format!("/v1/zones/zone-1/{}", entry.path));
-                    prop_assert_eq!(named_by, *key);
-                    prop_assert!(spec.get(*key).and_then(Value::as_str).is_some_and(|v| !v.is_empty()));
+                    prop_assert_eq!(desired.collection, format!("/v1/zones/zone-1/{}", entry.path));
+                    prop_assert_eq!(desired.key, *key);
+                    prop_assert!(desired.spec.get(*key).and_then(Value::as_str).is_some_and(|v| !v.is_empty()));
                 }
                 Ok(call) => {
                     let super::super::Work::Route { path, .. } = call.work else {
