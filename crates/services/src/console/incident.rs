@@ -4,11 +4,7 @@
 
 use super::*;
 
-pub(super) async fn incident(State(state): State<RoleState>, headers: HeaderMap) -> Response {
-    let (_, session) = match session(&state, &headers).await {
-        Ok(signed_in) => signed_in,
-        Err(answer) => return answer,
-    };
+pub(super) async fn incident(State(state): State<RoleState>, session: Session) -> Response {
     incident_page(&state, &session, None).await
 }
 
@@ -64,7 +60,7 @@ pub(super) async fn incident_page(
 }
 
 #[derive(Deserialize)]
-struct SwitchForm {
+pub(super) struct SwitchForm {
     switch: String,
     reason: String,
     action: String,
@@ -72,13 +68,8 @@ struct SwitchForm {
 
 pub(super) async fn contain_or_release(
     State(state): State<RoleState>,
-    headers: HeaderMap,
-    body: Bytes,
+    Posted(session, form): Posted<SwitchForm>,
 ) -> Response {
-    let (_, session, form) = match posted::<SwitchForm>(&state, &headers, &body).await {
-        Ok(posted) => posted,
-        Err(refused) => return refused,
-    };
     let path = match form.action.as_str() {
         "contain" => "/v1/incident/contain",
         "release" => "/v1/incident/release",
@@ -101,7 +92,7 @@ pub(super) async fn contain_or_release(
 }
 
 #[derive(Deserialize)]
-struct ValidateForm {
+pub(super) struct ValidateForm {
     #[serde(default)]
     zone: String,
     #[serde(default)]
@@ -115,13 +106,8 @@ struct ValidateForm {
 /// Runs the recovery checks and shows each with what it saw.
 pub(super) async fn validate(
     State(state): State<RoleState>,
-    headers: HeaderMap,
-    body: Bytes,
+    Posted(session, form): Posted<ValidateForm>,
 ) -> Response {
-    let (_, session, form) = match posted::<ValidateForm>(&state, &headers, &body).await {
-        Ok(posted) => posted,
-        Err(refused) => return refused,
-    };
     let given = |value: &str| (!value.trim().is_empty()).then(|| value.trim().to_owned());
     let mut canary = serde_json::Map::new();
     for (field, value) in [
@@ -173,20 +159,15 @@ pub(super) async fn validate(
 }
 
 #[derive(Deserialize)]
-struct PreserveForm {
+pub(super) struct PreserveForm {
     reason: String,
 }
 
 /// Builds a signed evidence bundle and offers its download.
 pub(super) async fn preserve(
     State(state): State<RoleState>,
-    headers: HeaderMap,
-    body: Bytes,
+    Posted(session, form): Posted<PreserveForm>,
 ) -> Response {
-    let (_, session, form) = match posted::<PreserveForm>(&state, &headers, &body).await {
-        Ok(posted) => posted,
-        Err(refused) => return refused,
-    };
     let answer = match succeeded(
         &state,
         &session,
@@ -237,13 +218,9 @@ pub(super) async fn preserve(
 /// A bundle's tar archive, as the API hands it out.
 pub(super) async fn bundle(
     State(state): State<RoleState>,
-    headers: HeaderMap,
+    session: Session,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Response {
-    let (_, session) = match session(&state, &headers).await {
-        Ok(signed_in) => signed_in,
-        Err(answer) => return answer,
-    };
     if !name
         .bytes()
         .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-')

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{FromRequest, FromRequestParts, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine as _;
@@ -64,8 +64,12 @@ pub struct Console {
     admin_api: Arc<std::sync::OnceLock<Router>>,
 }
 
-/// A signed-in session, opened for one request.
+/// A signed-in session, opened for one request. As an extractor it refuses a request without
+/// one with the way to sign-in (a 503 page when the store cannot say): never a page without a
+/// session.
 struct Session {
+    /// The stored id (the cookie's SHA-256).
+    id: String,
     /// Held to call the admin API on the operator's behalf; never rendered.
     token: String,
     csrf: String,
@@ -269,10 +273,20 @@ async fn css() -> Response {
     response
 }
 
-/// The signed-in session of the request and its stored id, refreshed. Absent, expired, or with
-/// a token no longer valid, the answer is the way to the sign-in form; the store unreachable is
-/// a 503 page: never a page without a session.
-async fn session(state: &RoleState, headers: &HeaderMap) -> Result<(String, Session), Response> {
+impl FromRequestParts<RoleState> for Session {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        state: &RoleState,
+    ) -> Result<Session, Response> {
+        session(state, &parts.headers).await
+    }
+}
+
+/// The signed-in session of the request, refreshed. Absent, expired, or with a token no longer
+/// valid, the answer is the way to the sign-in form; the store unreachable is a 503 page.
+async fn session(state: &RoleState, headers: &HeaderMap) -> Result<Session, Response> {
     let Some(cookie) = cookie(headers, COOKIE) else {
         return Err(redirect("/sign-in"));
     };
@@ -322,12 +336,12 @@ async fn session(state: &RoleState, headers: &HeaderMap) -> Result<(String, Sess
     {
         tracing::warn!(%error, "refreshing a console session");
     }
-    let session = Session {
+    Ok(Session {
+        id,
         token,
         csrf: stored.csrf,
         writer: writer(&caller),
-    };
-    Ok((id, session))
+    })
 }
 
 /// Calls the admin API's own route with the session's token; status and JSON answer.
@@ -412,11 +426,8 @@ fn refusal(answer: &Value) -> String {
     )
 }
 
-async fn index(State(state): State<RoleState>, headers: HeaderMap) -> Response {
-    match session(&state, &headers).await {
-        Ok(_) => redirect("/overview"),
-        Err(answer) => answer,
-    }
+async fn index(_: Session) -> Response {
+    redirect("/overview")
 }
 
 async fn sign_in_page(State(state): State<RoleState>) -> Response {
@@ -552,39 +563,47 @@ struct CsrfForm {
     csrf: String,
 }
 
-/// A form posted by a signed-in session: the session's id, the session and the form, when the
-/// form carries the session's CSRF token and parses; else the answer to send instead (to
-/// sign-in, 403 without the token, 400 for a form that does not parse).
-async fn posted<T: serde::de::DeserializeOwned>(
-    state: &RoleState,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<(String, Session, T), Response> {
-    let (id, session) = session(state, headers).await?;
-    let csrf = serde_urlencoded::from_bytes::<CsrfForm>(body).ok();
-    if !csrf.is_some_and(|form| same(&form.csrf, &session.csrf)) {
-        return Err(error_page(
-            StatusCode::FORBIDDEN,
-            Some(&session),
-            "missing CSRF token",
-        ));
-    }
-    match serde_urlencoded::from_bytes::<T>(body) {
-        Ok(form) => Ok((id, session, form)),
-        Err(_) => Err(error_page(
-            StatusCode::BAD_REQUEST,
-            Some(&session),
-            "the form is incomplete",
-        )),
+/// A form posted by a signed-in session, carrying the session's CSRF token. As an extractor it
+/// refuses the request with the way to sign-in, 403 without the token, or 400 for a form that
+/// does not parse.
+struct Posted<T>(Session, T);
+
+impl<T: serde::de::DeserializeOwned> FromRequest<RoleState> for Posted<T> {
+    type Rejection = Response;
+
+    async fn from_request(
+        request: http::Request<Body>,
+        state: &RoleState,
+    ) -> Result<Posted<T>, Response> {
+        let (parts, body) = request.into_parts();
+        let session = session(state, &parts.headers).await?;
+        let body = Bytes::from_request(http::Request::from_parts(parts, body), state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let csrf = serde_urlencoded::from_bytes::<CsrfForm>(&body).ok();
+        if !csrf.is_some_and(|form| same(&form.csrf, &session.csrf)) {
+            return Err(error_page(
+                StatusCode::FORBIDDEN,
+                Some(&session),
+                "missing CSRF token",
+            ));
+        }
+        match serde_urlencoded::from_bytes::<T>(&body) {
+            Ok(form) => Ok(Posted(session, form)),
+            Err(_) => Err(error_page(
+                StatusCode::BAD_REQUEST,
+                Some(&session),
+                "the form is incomplete",
+            )),
+        }
     }
 }
 
-async fn sign_out(State(state): State<RoleState>, headers: HeaderMap, body: Bytes) -> Response {
-    let (id, _, CsrfForm { .. }) = match posted(&state, &headers, &body).await {
-        Ok(posted) => posted,
-        Err(refused) => return refused,
-    };
-    if let Err(error) = state.shared.store.end_console_session(&id).await {
+async fn sign_out(
+    State(state): State<RoleState>,
+    Posted(session, CsrfForm { .. }): Posted<CsrfForm>,
+) -> Response {
+    if let Err(error) = state.shared.store.end_console_session(&session.id).await {
         tracing::warn!(%error, "ending a console session");
         return error_page(
             StatusCode::SERVICE_UNAVAILABLE,

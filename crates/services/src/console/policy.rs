@@ -144,14 +144,10 @@ struct SetQuery {
 
 pub(super) async fn policy_set_page(
     State(state): State<RoleState>,
-    headers: HeaderMap,
+    session: Session,
     axum::extract::Path((zone_id, set_id)): axum::extract::Path<(String, String)>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Response {
-    let (_, session) = match session(&state, &headers).await {
-        Ok(signed_in) => signed_in,
-        Err(answer) => return answer,
-    };
     let query: SetQuery =
         serde_urlencoded::from_str(raw.as_deref().unwrap_or_default()).unwrap_or_default();
     policy_set_view(&state, &session, &zone_id, &set_id, &query, None).await
@@ -318,7 +314,7 @@ async fn policy_set_view(
 }
 
 #[derive(Deserialize)]
-struct SetAction {
+pub(super) struct SetAction {
     action: String,
     version_id: String,
     #[serde(default)]
@@ -344,14 +340,9 @@ pub(super) fn words(text: Option<&str>) -> Vec<String> {
 
 pub(super) async fn policy_set_action(
     State(state): State<RoleState>,
-    headers: HeaderMap,
     axum::extract::Path((zone_id, set_id)): axum::extract::Path<(String, String)>,
-    body: Bytes,
+    Posted(session, form): Posted<SetAction>,
 ) -> Response {
-    let (_, session, form) = match posted::<SetAction>(&state, &headers, &body).await {
-        Ok(posted) => posted,
-        Err(refused) => return refused,
-    };
     let plain = caracal_core::is_plain_id(&set_id) && caracal_core::is_plain_id(&form.version_id);
     let (Some(zone), true) = (zone_path(&zone_id), plain) else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such policy set");

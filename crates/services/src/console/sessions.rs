@@ -155,13 +155,9 @@ pub(super) fn graph_svg(sessions: &[Value], edges: &[Value]) -> String {
 
 pub(super) async fn sessions_page(
     State(state): State<RoleState>,
-    headers: HeaderMap,
+    session: Session,
     axum::extract::Path(zone_id): axum::extract::Path<String>,
 ) -> Response {
-    let (_, session) = match session(&state, &headers).await {
-        Ok(signed_in) => signed_in,
-        Err(answer) => return answer,
-    };
     let Some(zone_id) = zone_path(&zone_id) else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such zone");
     };
@@ -244,13 +240,9 @@ pub(super) fn impact<'a>(
 
 pub(super) async fn terminate_preview(
     State(state): State<RoleState>,
-    headers: HeaderMap,
+    session: Session,
     axum::extract::Path((zone_id, session_id)): axum::extract::Path<(String, String)>,
 ) -> Response {
-    let (_, session) = match session(&state, &headers).await {
-        Ok(signed_in) => signed_in,
-        Err(answer) => return answer,
-    };
     let (Some(zone_id), true) = (zone_path(&zone_id), caracal_core::is_plain_id(&session_id))
     else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such session");
@@ -319,20 +311,15 @@ fn preview_page(
 }
 
 #[derive(Deserialize)]
-struct ReasonForm {
+pub(super) struct ReasonForm {
     reason: String,
 }
 
 pub(super) async fn terminate(
     State(state): State<RoleState>,
-    headers: HeaderMap,
     axum::extract::Path((zone_id, session_id)): axum::extract::Path<(String, String)>,
-    body: Bytes,
+    Posted(session, form): Posted<ReasonForm>,
 ) -> Response {
-    let (_, session, form) = match posted::<ReasonForm>(&state, &headers, &body).await {
-        Ok(posted) => posted,
-        Err(refused) => return refused,
-    };
     let (Some(zone_id), true) = (zone_path(&zone_id), caracal_core::is_plain_id(&session_id))
     else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such session");
@@ -370,13 +357,9 @@ pub(super) async fn terminate(
 /// delegations touching them (and every authority record it holds as a subject).
 pub(super) async fn revoke_preview(
     State(state): State<RoleState>,
-    headers: HeaderMap,
+    session: Session,
     axum::extract::Path((zone_id, application_id)): axum::extract::Path<(String, String)>,
 ) -> Response {
-    let (_, session) = match session(&state, &headers).await {
-        Ok(signed_in) => signed_in,
-        Err(answer) => return answer,
-    };
     let (Some(zone_id), true) = (
         zone_path(&zone_id),
         caracal_core::is_plain_id(&application_id),
@@ -415,14 +398,9 @@ pub(super) async fn revoke_preview(
 
 pub(super) async fn revoke(
     State(state): State<RoleState>,
-    headers: HeaderMap,
     axum::extract::Path((zone_id, application_id)): axum::extract::Path<(String, String)>,
-    body: Bytes,
+    Posted(session, form): Posted<ReasonForm>,
 ) -> Response {
-    let (_, session, form) = match posted::<ReasonForm>(&state, &headers, &body).await {
-        Ok(posted) => posted,
-        Err(refused) => return refused,
-    };
     let (Some(zone_id), true) = (
         zone_path(&zone_id),
         caracal_core::is_plain_id(&application_id),

@@ -3,11 +3,7 @@
 
 use super::*;
 
-pub(super) async fn overview(State(state): State<RoleState>, headers: HeaderMap) -> Response {
-    let (_, session) = match session(&state, &headers).await {
-        Ok(signed_in) => signed_in,
-        Err(answer) => return answer,
-    };
+pub(super) async fn overview(State(state): State<RoleState>, session: Session) -> Response {
     let mut body = health::section(&state).await;
     let (status, containment) =
         admin(&state, &session, "GET", "/v1/incident/containment", None).await;
@@ -59,11 +55,7 @@ pub(super) async fn overview(State(state): State<RoleState>, headers: HeaderMap)
     html(StatusCode::OK, layout("Overview", Some(&session), &body))
 }
 
-pub(super) async fn zones(State(state): State<RoleState>, headers: HeaderMap) -> Response {
-    let (_, session) = match session(&state, &headers).await {
-        Ok(signed_in) => signed_in,
-        Err(answer) => return answer,
-    };
+pub(super) async fn zones(State(state): State<RoleState>, session: Session) -> Response {
     zones_page(&state, &session, None).await
 }
 
@@ -109,19 +101,14 @@ pub(super) async fn zones_page(
 }
 
 #[derive(Deserialize)]
-struct ZoneForm {
+pub(super) struct ZoneForm {
     name: String,
 }
 
 pub(super) async fn create_zone(
     State(state): State<RoleState>,
-    headers: HeaderMap,
-    body: Bytes,
+    Posted(session, form): Posted<ZoneForm>,
 ) -> Response {
-    let (_, session, form) = match posted::<ZoneForm>(&state, &headers, &body).await {
-        Ok(posted) => posted,
-        Err(refused) => return refused,
-    };
     let answer = match succeeded(
         &state,
         &session,
@@ -143,13 +130,9 @@ pub(super) async fn create_zone(
 
 pub(super) async fn zone(
     State(state): State<RoleState>,
-    headers: HeaderMap,
+    session: Session,
     axum::extract::Path(zone_id): axum::extract::Path<String>,
 ) -> Response {
-    let (_, session) = match session(&state, &headers).await {
-        Ok(signed_in) => signed_in,
-        Err(answer) => return answer,
-    };
     let Some(zone_id) = zone_path(&zone_id) else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such zone");
     };
@@ -260,14 +243,10 @@ struct AuditFilter {
 
 pub(super) async fn audit(
     State(state): State<RoleState>,
-    headers: HeaderMap,
+    session: Session,
     axum::extract::Path(zone_id): axum::extract::Path<String>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Response {
-    let (_, session) = match session(&state, &headers).await {
-        Ok(signed_in) => signed_in,
-        Err(answer) => return answer,
-    };
     let Some(zone_id) = zone_path(&zone_id) else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such zone");
     };
@@ -407,7 +386,7 @@ pub(super) fn actions(section: &str, zone_id: &str, csrf: &str, answer: &Value) 
 }
 
 #[derive(Deserialize)]
-struct ActForm {
+pub(super) struct ActForm {
     action: String,
     id: String,
     #[serde(default)]
@@ -418,14 +397,9 @@ struct ActForm {
 
 pub(super) async fn act(
     State(state): State<RoleState>,
-    headers: HeaderMap,
     axum::extract::Path(zone_id): axum::extract::Path<String>,
-    body: Bytes,
+    Posted(session, form): Posted<ActForm>,
 ) -> Response {
-    let (_, session, form) = match posted::<ActForm>(&state, &headers, &body).await {
-        Ok(posted) => posted,
-        Err(refused) => return refused,
-    };
     let (Some(zone_id), true) = (zone_path(&zone_id), caracal_core::is_plain_id(&form.id)) else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such object");
     };
@@ -502,14 +476,10 @@ struct ExplainQuery {
 /// `…/audit/by-request/{id}/explain`. `/zones/{zone}/audit/explain?request_id=` is the form's.
 pub(super) async fn explain(
     State(state): State<RoleState>,
-    headers: HeaderMap,
+    session: Session,
     axum::extract::Path((zone_id, request_id)): axum::extract::Path<(String, String)>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Response {
-    let (_, session) = match session(&state, &headers).await {
-        Ok(signed_in) => signed_in,
-        Err(answer) => return answer,
-    };
     let request_id = if request_id == "explain" {
         serde_urlencoded::from_str::<ExplainQuery>(raw.as_deref().unwrap_or_default())
             .unwrap_or_default()
@@ -588,14 +558,10 @@ struct TimelineQuery {
 /// `caracal incident timeline` in the browser.
 pub(super) async fn timeline(
     State(state): State<RoleState>,
-    headers: HeaderMap,
+    session: Session,
     axum::extract::Path(zone_id): axum::extract::Path<String>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Response {
-    let (_, session) = match session(&state, &headers).await {
-        Ok(signed_in) => signed_in,
-        Err(answer) => return answer,
-    };
     let Some(zone_id) = zone_path(&zone_id) else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such zone");
     };
@@ -644,13 +610,9 @@ pub(super) async fn timeline(
 /// The zone's audit export (rows, checkpoint, proofs) as a download.
 pub(super) async fn export(
     State(state): State<RoleState>,
-    headers: HeaderMap,
+    session: Session,
     axum::extract::Path(zone_id): axum::extract::Path<String>,
 ) -> Response {
-    let (_, session) = match session(&state, &headers).await {
-        Ok(signed_in) => signed_in,
-        Err(answer) => return answer,
-    };
     let Some(zone_id) = zone_path(&zone_id) else {
         return error_page(StatusCode::NOT_FOUND, Some(&session), "no such zone");
     };
