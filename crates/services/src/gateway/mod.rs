@@ -403,18 +403,27 @@ pub async fn proxy(State(state): State<RoleState>, request: Request) -> Response
     let Some(gateway) = state.gateway.clone() else {
         return render(
             &request_id,
-            Refusal::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                "internal error",
-            ),
+            internal(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
         );
     };
     gateway.metrics.requests.inc();
-    match checked(&state, &gateway, &request_id, request).await {
-        Ok(response) => response,
-        Err((reason, refusal)) => refuse(&state, reason, &request_id, refusal),
-    }
+    // The call runs to its end on a task of its own: a caller that hangs up (hyper then drops
+    // this future) must not cut it between the upstream call and the call's evidence.
+    let call = tokio::spawn({
+        let request_id = request_id.clone();
+        async move {
+            match checked(&state, &gateway, &request_id, request).await {
+                Ok(response) => response,
+                Err((reason, refusal)) => refuse(&state, reason, &request_id, refusal),
+            }
+        }
+    });
+    call.await.unwrap_or_else(|_| {
+        render(
+            &request_id,
+            internal(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+        )
+    })
 }
 
 type Denial = (&'static str, Refusal);

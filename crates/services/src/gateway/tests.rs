@@ -35,7 +35,8 @@ struct Seen {
 
 type SeenLog = Arc<Mutex<Vec<Seen>>>;
 
-/// A loopback upstream: `/api/stream` trickles twenty chunks, everything else answers JSON.
+/// A loopback upstream: `/api/stream` trickles twenty chunks, a query of `slow=1` answers
+/// after a second, everything else answers JSON at once.
 async fn upstream() -> (SocketAddr, SeenLog) {
     let seen: SeenLog = Arc::default();
     let log = Arc::clone(&seen);
@@ -54,6 +55,9 @@ async fn upstream() -> (SocketAddr, SeenLog) {
                         r#"{"access_token":"cc-1","token_type":"Bearer","expires_in":3600}"#,
                     ))
                     .unwrap();
+            }
+            if request.uri().query() == Some("slow=1") {
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
             if request.uri().path() == "/api/stream" {
                 return axum::response::Response::builder()
@@ -1832,4 +1836,44 @@ async fn a_call_whose_exchange_evidence_is_lost_is_not_reported() {
     );
     let mut kept = governed(Ok(()));
     super::record(&state, &mut kept, &outcome).await.unwrap();
+}
+
+/// A caller that hangs up mid-call (hyper then drops the handler's future) does not take the
+/// call's evidence with it: the upstream was reached, so the call's event is recorded anyway.
+#[tokio::test]
+async fn a_caller_that_hangs_up_mid_call_still_leaves_the_calls_event() {
+    let fixture = fixture().await;
+    let token = fixture.mint().await;
+    let request = fixture
+        .request("GET", "/entries?slow=1", &token)
+        .header("x-request-id", "hung-up")
+        .body(Body::empty())
+        .unwrap();
+    let call = fixture.router.clone().oneshot(request);
+    let patience = tokio::time::timeout(Duration::from_millis(400), call).await;
+    if let Ok(answered) = patience {
+        panic!(
+            "the upstream answers after a second: {:?}",
+            answered.map(|a| a.status())
+        );
+    }
+    // The call's future is dropped here, in the middle of the upstream call.
+    assert_eq!(fixture.last_seen().uri, "/api/entries?slow=1");
+    let audited = || async {
+        audit_events(&fixture.world.shared)
+            .await
+            .iter()
+            .any(|event| {
+                event["event_type"] == "gateway_resource_request"
+                    && event["request_id"] == "hung-up"
+            })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !audited().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the call reached the upstream and left no event"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
