@@ -38,7 +38,10 @@ pub(crate) fn in_process_admin_api(shared: &crate::state::Shared) -> Router {
 ///    request id and every log line of the request sits in its span.
 /// 2. `error::json_errors`: any error the framework answers by itself (an unreadable path, a
 ///    body over the limit) gets the same JSON body as a handler's error.
-/// 3. The role's routes, then JSON 404/405 for anything else. The API role's `/v1` routes add
+/// 3. `run_to_end`: the request runs on a task of its own, so a caller that hangs up cannot
+///    stop it halfway (a governed call between the upstream and its audit event, a terminate
+///    between its event and the cascade); a handler that panics is a JSON 500.
+/// 4. The role's routes, then JSON 404/405 for anything else. The API role's `/v1` routes add
 ///    their own layers: refused once draining, then request budgets and the lockout.
 pub fn router(state: RoleState) -> Router {
     let probes = Router::new()
@@ -70,12 +73,26 @@ pub fn router(state: RoleState) -> Router {
     };
     routes
         .method_not_allowed_fallback(|| async { ApiError::new(ErrorCode::MethodNotAllowed) })
+        .layer(axum::middleware::from_fn(run_to_end))
         .layer(axum::middleware::from_fn(crate::error::json_errors))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             request_id::layer,
         ))
         .with_state(state)
+}
+
+/// Runs the request on a task of its own: hyper drops a request's future when its caller hangs
+/// up, and a request that has started changing things must finish, evidence included.
+async fn run_to_end(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    use tracing::Instrument as _;
+    tokio::spawn(next.run(request).in_current_span())
+        .await
+        .unwrap_or_else(|_| ApiError::new(ErrorCode::InternalError).into_response())
 }
 
 /// Once shutdown starts, new `/v1` work is refused with 503 `draining` (and `Retry-After`), so

@@ -407,23 +407,10 @@ pub async fn proxy(State(state): State<RoleState>, request: Request) -> Response
         );
     };
     gateway.metrics.requests.inc();
-    // The call runs to its end on a task of its own: a caller that hangs up (hyper then drops
-    // this future) must not cut it between the upstream call and the call's evidence.
-    let call = tokio::spawn({
-        let request_id = request_id.clone();
-        async move {
-            match checked(&state, &gateway, &request_id, request).await {
-                Ok(response) => response,
-                Err((reason, refusal)) => refuse(&state, reason, &request_id, refusal),
-            }
-        }
-    });
-    call.await.unwrap_or_else(|_| {
-        render(
-            &request_id,
-            internal(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
-        )
-    })
+    match checked(&state, &gateway, &request_id, request).await {
+        Ok(response) => response,
+        Err((reason, refusal)) => refuse(&state, reason, &request_id, refusal),
+    }
 }
 
 type Denial = (&'static str, Refusal);

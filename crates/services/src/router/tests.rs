@@ -852,3 +852,51 @@ async fn rejections_the_framework_answers_itself_get_the_json_error_body() {
         (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
     );
 }
+
+/// A request whose caller hangs up (its future dropped, as hyper does) still runs to its end,
+/// and a handler that panics answers the JSON 500 instead of dropping the connection.
+#[tokio::test]
+async fn a_request_runs_to_its_end_without_its_caller_and_a_panic_is_a_json_500() {
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&finished);
+    let app = axum::Router::new()
+        .route(
+            "/slow",
+            axum::routing::get(move || async move {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            }),
+        )
+        .route(
+            "/panics",
+            axum::routing::get(|| async {
+                #[allow(clippy::panic)]
+                if true {
+                    panic!("a handler bug");
+                }
+            }),
+        )
+        .layer(axum::middleware::from_fn(super::run_to_end))
+        .layer(axum::middleware::from_fn(crate::error::json_errors));
+    let request = Request::get("/slow").body(Body::empty()).unwrap();
+    let hung_up = tokio::time::timeout(
+        std::time::Duration::from_millis(50),
+        app.clone().oneshot(request),
+    );
+    assert!(hung_up.await.is_err(), "the caller gives up first");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !finished.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request was cut short"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let request = Request::get("/panics").body(Body::empty()).unwrap();
+    let response = app.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body: ErrorBody = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body.error, "internal_error");
+}
