@@ -1857,8 +1857,8 @@ async fn a_caller_that_hangs_up_mid_call_still_leaves_the_calls_event() {
             answered.map(|a| a.status())
         );
     }
-    // The call's future is dropped here, in the middle of the upstream call.
-    assert_eq!(fixture.last_seen().uri, "/api/entries?slow=1");
+    // The call's future is dropped here, in the middle of the upstream call (or, on a slow
+    // machine, before it: the call must then still reach the upstream and be audited).
     let audited = || async {
         audit_events(&fixture.world.shared)
             .await
@@ -1872,8 +1872,9 @@ async fn a_caller_that_hangs_up_mid_call_still_leaves_the_calls_event() {
     while !audited().await {
         assert!(
             std::time::Instant::now() < deadline,
-            "the call reached the upstream and left no event"
+            "the call was cut short: no event"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(fixture.last_seen().uri, "/api/entries?slow=1");
 }
