@@ -8,7 +8,7 @@
 use crate::store::StoreError;
 
 /// A parameter or result value.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Value {
     Null,
     Int(i64),
@@ -65,6 +65,16 @@ macro_rules! params {
     };
 }
 pub(crate) use params;
+
+/// Tables whose rows change when someone edits them, not on every request, so that reads of
+/// them alone may be remembered ([`Db::remembered_rows`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TableGroup {
+    /// Zones, applications, providers, resources.
+    Directory,
+    /// Delegation edges, sessions, the zone graph epochs.
+    Delegations,
+}
 
 /// One result row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,6 +216,18 @@ pub trait Db: Send + Sync {
             .pop()
             .map(|outcome| outcome.rows)
             .unwrap_or_default())
+    }
+
+    /// Rows of a `SELECT` that reads the tables of `group` alone. The embedded store answers
+    /// it from memory until the next change to any of those tables; PostgreSQL, which other
+    /// processes write too, runs it.
+    async fn remembered_rows(
+        &self,
+        _group: TableGroup,
+        sql: &'static str,
+        params: Vec<Value>,
+    ) -> Result<Vec<Row>, StoreError> {
+        self.rows(sql, params).await
     }
 
     /// Rows changed by one statement.

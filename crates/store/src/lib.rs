@@ -21,6 +21,7 @@ pub mod db;
 mod model;
 mod postgres;
 mod queries;
+mod row_cache;
 mod sqlite;
 mod store;
 mod url;

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ErrorCode, OptionalExtension as _, params};
 
-use crate::db::{Db, Dialect, Outcome, Row, Statement, Then, Value};
+use crate::db::{Db, Dialect, Outcome, Row, Statement, TableGroup, Then, Value};
+use crate::row_cache::RowCache;
 use crate::store::{StoreError, now_ms};
 
 /// Migrations in order; entry `i` brings the schema to version `i + 1`. Never edit a released
@@ -102,6 +103,7 @@ pub struct SqliteStore {
     writer: Arc<Writer>,
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: Arc<std::sync::atomic::AtomicUsize>,
+    remembered: Arc<RowCache>,
 }
 
 /// Work for the writer thread. It runs in a savepoint of its batch's transaction and returns
@@ -146,6 +148,11 @@ impl Drop for Writer {
 
 /// Jobs that share one transaction at most.
 const MAX_BATCH: usize = 256;
+
+/// How often an idle writer looks for commits by another connection to the file (a tool
+/// such as `caracal console add-user`, or a hand edit), so that rows remembered from before
+/// them are forgotten within this bound; a busy writer looks after every batch.
+const OTHER_WRITERS_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Read-only connections per store.
 const READERS: usize = 4;
@@ -216,12 +223,15 @@ impl SqliteStore {
             reader.set_prepared_statement_cache_capacity(256);
             readers.push(Mutex::new(reader));
         }
+        let remembered = Arc::new(RowCache::default());
+        remembered.watch(&connection);
         let connection = Arc::new(Mutex::new(connection));
         let (writer, jobs) = std::sync::mpsc::channel();
         let writing = Arc::clone(&connection);
+        let ended = Arc::clone(&remembered);
         let thread = std::thread::Builder::new()
             .name("caracal-sqlite-writer".into())
-            .spawn(move || write_loop(&writing, &jobs))
+            .spawn(move || write_loop(&writing, &jobs, &ended))
             .map_err(|error| open_error(error.to_string()))?;
         Ok(SqliteStore {
             connection,
@@ -231,6 +241,7 @@ impl SqliteStore {
             }),
             readers: Arc::new(readers),
             next_reader: Arc::default(),
+            remembered,
         })
     }
 
@@ -343,7 +354,9 @@ impl SqliteStore {
             .connection
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        work(&mut guard).map_err(store_error)
+        let done = work(&mut guard).map_err(store_error);
+        self.remembered.transaction_ended();
+        done
     }
 }
 
@@ -351,11 +364,28 @@ impl SqliteStore {
 /// transactions, the relaxed jobs' first (no fsync, so a replay claim or an authority record
 /// never waits for the disk on behalf of its neighbours) and then the durable jobs' with one
 /// fsync they all share. Queued jobs are concurrent (no caller waits on another's job), so
-/// committing the relaxed ones first reorders nothing anyone could observe. It ends when every
-/// handle to the store is dropped.
-fn write_loop(connection: &Mutex<Connection>, jobs: &std::sync::mpsc::Receiver<Queued>) {
+/// committing the relaxed ones first reorders nothing anyone could observe. After every batch,
+/// and every [`OTHER_WRITERS_POLL`] when idle, it looks for commits by other connections, which
+/// the remembered rows cannot have seen. It ends when every handle to the store is dropped.
+fn write_loop(
+    connection: &Mutex<Connection>,
+    jobs: &std::sync::mpsc::Receiver<Queued>,
+    remembered: &RowCache,
+) {
     let mut synchronous_full = true;
-    while let Ok(first) = jobs.recv() {
+    loop {
+        let first = match jobs.recv_timeout(OTHER_WRITERS_POLL) {
+            Ok(first) => first,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                remembered.notice_other_writers(
+                    &connection
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                );
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
@@ -370,13 +400,14 @@ fn write_loop(connection: &Mutex<Connection>, jobs: &std::sync::mpsc::Receiver<Q
         let mut shared = Vec::with_capacity(batch.len());
         for queued in batch {
             if queued.mode == Mode::Alone {
-                commit_by_mode(&mut guard, &mut shared, &mut synchronous_full);
-                run_alone(&mut guard, queued.job);
+                commit_by_mode(&mut guard, &mut shared, &mut synchronous_full, remembered);
+                run_alone(&mut guard, queued.job, remembered);
             } else {
                 shared.push(queued);
             }
         }
-        commit_by_mode(&mut guard, &mut shared, &mut synchronous_full);
+        commit_by_mode(&mut guard, &mut shared, &mut synchronous_full, remembered);
+        remembered.notice_other_writers(&guard);
     }
 }
 
@@ -386,27 +417,35 @@ fn commit_by_mode(
     connection: &mut Connection,
     jobs: &mut Vec<Queued>,
     synchronous_full: &mut bool,
+    remembered: &RowCache,
 ) {
     let (relaxed, durable): (Vec<Queued>, Vec<Queued>) = jobs
         .drain(..)
         .partition(|queued| queued.mode == Mode::Relaxed);
-    commit_batch(connection, relaxed, synchronous_full);
-    commit_batch(connection, durable, synchronous_full);
+    commit_batch(connection, relaxed, synchronous_full, remembered);
+    commit_batch(connection, durable, synchronous_full, remembered);
 }
 
 /// A job outside any transaction: nothing to commit, so it is settled at once.
-fn run_alone(connection: &mut Connection, job: Job) {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Ok(connection)))) {
-        Ok(settle) => settle(Ok(())),
-        Err(_) => tracing::error!("a store job panicked"),
-    }
+fn run_alone(connection: &mut Connection, job: Job, remembered: &RowCache) {
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Ok(connection))));
     if !connection.is_autocommit() {
         // A job that left a transaction open must not hand it to the next batch.
         let _ = connection.execute_batch("ROLLBACK");
     }
+    remembered.transaction_ended();
+    match ran {
+        Ok(settle) => settle(Ok(())),
+        Err(_) => tracing::error!("a store job panicked"),
+    }
 }
 
-fn commit_batch(connection: &mut Connection, batch: Vec<Queued>, synchronous_full: &mut bool) {
+fn commit_batch(
+    connection: &mut Connection,
+    batch: Vec<Queued>,
+    synchronous_full: &mut bool,
+    remembered: &RowCache,
+) {
     if batch.is_empty() {
         return;
     }
@@ -466,6 +505,7 @@ fn commit_batch(connection: &mut Connection, batch: Vec<Queued>, synchronous_ful
     if committed.is_err() && !connection.is_autocommit() {
         let _ = connection.execute_batch("ROLLBACK");
     }
+    remembered.transaction_ended();
     for settle in settles {
         settle(committed.clone());
     }
@@ -640,6 +680,22 @@ impl Db for SqliteStore {
         }
         self.read(sql, params).await
     }
+
+    async fn remembered_rows(
+        &self,
+        group: TableGroup,
+        sql: &'static str,
+        params: Vec<Value>,
+    ) -> Result<Vec<Row>, StoreError> {
+        let generation = self.remembered.generation(group);
+        if let Some(rows) = self.remembered.get(group, sql, &params, generation) {
+            return Ok(rows);
+        }
+        let rows = self.read(sql, params.clone()).await?;
+        self.remembered
+            .put(group, sql, params, generation, rows.clone());
+        Ok(rows)
+    }
 }
 
 /// Runs one statement; the inner error is a `must_change` refusal (the caller then drops the
@@ -730,6 +786,7 @@ fn migrate(connection: &mut Connection, applied: i64) -> Result<(), rusqlite::Er
 mod tests {
     use super::*;
     use crate::Deployment as _;
+    use crate::NewZone;
 
     #[test]
     fn migrates_once_and_reopens() {
@@ -1022,6 +1079,80 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored, [2]);
+    }
+
+    #[tokio::test]
+    async fn a_remembered_directory_row_is_forgotten_by_every_change_to_a_directory_table() {
+        use crate::Directory as _;
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let zone = |id: &str| NewZone {
+            id: id.into(),
+            name: "first".into(),
+            slug: id.into(),
+        };
+        store.create_zone(&zone("z1"), &[]).await.unwrap();
+        let name = || async {
+            store
+                .get_zone("z1")
+                .await
+                .unwrap()
+                .map(|zone| zone.name)
+                .unwrap()
+        };
+        assert_eq!(name().await, "first");
+        // Every way the writer changes a directory table forgets what was remembered (the
+        // writer's own commits do not move its data version: only the update hook tells).
+        store.update_zone("z1", "updated", "z1", &[]).await.unwrap();
+        assert_eq!(name().await, "updated");
+        store
+            .run_blocking(|c| {
+                c.execute(
+                    "UPDATE zones SET name = 'by run_blocking' WHERE id = 'z1'",
+                    [],
+                )
+            })
+            .unwrap();
+        assert_eq!(name().await, "by run_blocking");
+        store
+            .run_relaxed(|c| {
+                c.execute(
+                    "UPDATE zones SET name = 'by run_relaxed' WHERE id = 'z1'",
+                    [],
+                )
+            })
+            .await
+            .unwrap();
+        assert_eq!(name().await, "by run_relaxed");
+        store
+            .run_alone(|c| c.execute("UPDATE zones SET name = 'by run_alone' WHERE id = 'z1'", []))
+            .await
+            .unwrap();
+        assert_eq!(name().await, "by run_alone");
+        store
+            .run(|c| c.execute("UPDATE zones SET name = 'by run' WHERE id = 'z1'", []))
+            .await
+            .unwrap();
+        assert_eq!(name().await, "by run");
+
+        // Another process's commit (a tool beside the server, a hand edit) is noticed by the
+        // idle writer within its poll.
+        Connection::open(&path)
+            .unwrap()
+            .execute(
+                "UPDATE zones SET name = 'by another process' WHERE id = 'z1'",
+                [],
+            )
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while name().await != "by another process" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "another process's change was never noticed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]

@@ -123,6 +123,21 @@ pub(crate) async fn one<D: Db + ?Sized, T>(
     db.rows(sql, params).await?.first().map(map).transpose()
 }
 
+/// [`one`] for a query of the directory tables alone, which the backend may answer from
+/// memory ([`Db::remembered_rows`](crate::db::Db::remembered_rows)).
+pub(crate) async fn one_in_directory<D: Db + ?Sized, T>(
+    db: &D,
+    sql: &'static str,
+    params: Vec<crate::db::Value>,
+    map: fn(&Row) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    db.remembered_rows(crate::db::TableGroup::Directory, sql, params)
+        .await?
+        .first()
+        .map(map)
+        .transpose()
+}
+
 /// Every row of a query, mapped.
 pub(crate) async fn all<D: Db + ?Sized, T>(
     db: &D,

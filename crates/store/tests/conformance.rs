@@ -1589,6 +1589,36 @@ async fn a_delegation_context_is_the_edge_its_sessions_and_the_epoch(backend: &B
         store.delegation_context("zone-1", "nope").await.unwrap(),
         None
     );
+
+    // Read again after each change, the context shows it (the embedded store remembers it
+    // between changes and must forget it at each one).
+    let (epoch, revoked) = store
+        .revoke_delegation_edges("zone-1", &["e-1".to_owned()], &[])
+        .await
+        .unwrap();
+    assert_eq!(revoked, 1);
+    let context = store
+        .delegation_context("zone-1", "e-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (context.edge.status.as_str(), context.epoch),
+        ("revoked", epoch)
+    );
+    store
+        .terminate_session_tree("zone-1", "s-2", "done", termination_messages)
+        .await
+        .unwrap();
+    let context = store
+        .delegation_context("zone-1", "e-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        context.target.map(|target| target.status),
+        Some("terminated".to_owned())
+    );
 }
 
 fn termination_messages(tree: &caracal_store::TerminatedTree) -> Vec<OutboxMessage> {

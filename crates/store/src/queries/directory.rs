@@ -8,7 +8,8 @@ use crate::model::{
     SealedSecret, SigningKey, Zone,
 };
 use crate::store::{
-    StoreError, all, first_row, list_from_json, list_to_json, not_found, now_ms, one, with_outbox,
+    StoreError, all, first_row, list_from_json, list_to_json, not_found, now_ms, one,
+    one_in_directory, with_outbox,
 };
 
 /// The row columns of `applications`, for `concat!`.
@@ -404,7 +405,7 @@ impl<D: Db> Directory for D {
     }
 
     async fn get_zone(&self, zone_id: &str) -> Result<Option<Zone>, StoreError> {
-        one(
+        one_in_directory(
             self,
             concat!(select_zones!(), " WHERE id = $1"),
             params![zone_id],
@@ -482,7 +483,7 @@ impl<D: Db> Directory for D {
         zone_id: &str,
         id: &str,
     ) -> Result<Option<Application>, StoreError> {
-        one(
+        one_in_directory(
             self,
             concat!(select_applications!(), " WHERE zone_id = $1 AND id = $2"),
             params![zone_id, id],
@@ -492,7 +493,7 @@ impl<D: Db> Directory for D {
     }
 
     async fn application_by_id(&self, id: &str) -> Result<Option<Application>, StoreError> {
-        one(
+        one_in_directory(
             self,
             concat!(select_applications!(), " WHERE id = $1"),
             params![id],
@@ -593,7 +594,7 @@ impl<D: Db> Directory for D {
     }
 
     async fn get_provider(&self, zone_id: &str, id: &str) -> Result<Option<Provider>, StoreError> {
-        one(
+        one_in_directory(
             self,
             concat!(select_providers!(), " WHERE zone_id = $1 AND id = $2"),
             params![zone_id, id],
@@ -752,7 +753,7 @@ impl<D: Db> Directory for D {
     }
 
     async fn get_resource(&self, zone_id: &str, id: &str) -> Result<Option<Resource>, StoreError> {
-        one(
+        one_in_directory(
             self,
             concat!(select_resources!(), " WHERE zone_id = $1 AND id = $2"),
             params![zone_id, id],
@@ -766,7 +767,7 @@ impl<D: Db> Directory for D {
         zone_id: &str,
         identifier: &str,
     ) -> Result<Option<Resource>, StoreError> {
-        one(
+        one_in_directory(
             self,
             concat!(
                 select_resources!(),

@@ -1415,7 +1415,8 @@ impl<D: Db> Runtime for D {
         const EDGE_COLUMNS: usize = 14;
         const SESSION_COLUMNS: usize = 17;
         let rows = self
-            .rows(
+            .remembered_rows(
+                crate::db::TableGroup::Delegations,
                 "SELECT e.id, e.zone_id, e.source_session_id, e.target_session_id, e.issuer_application_id,
                         e.receiver_application_id, e.parent_edge_id, e.resource_id, e.scopes, e.constraints,
                         e.status, e.expires_at_ms, e.created_at_ms, e.revoked_at_ms,
