@@ -180,74 +180,28 @@ mod tests {
             .execute_batch("CREATE TABLE zones (id TEXT PRIMARY KEY, name TEXT); CREATE TABLE other (x INTEGER);")
             .unwrap();
         let key = vec![Value::Text("z".into())];
+        let noted = || cache.generation(TableGroup::Directory);
+        let remember =
+            |noted, name| cache.put(TableGroup::Directory, QUERY, key.clone(), noted, rows(name));
+        let remembered = || cache.get(TableGroup::Directory, QUERY, &key, noted());
+        let commit = |sql| {
+            connection.execute(sql, []).unwrap();
+            cache.transaction_ended();
+        };
 
         // A read notes the generation, then a change commits before the read is remembered.
-        let noted = cache.generation(TableGroup::Directory);
-        connection
-            .execute("INSERT INTO zones VALUES ('z', 'new')", [])
-            .unwrap();
-        cache.transaction_ended();
-        cache.put(
-            TableGroup::Directory,
-            QUERY,
-            key.clone(),
-            noted,
-            rows("old"),
-        );
-        assert_eq!(
-            cache.get(
-                TableGroup::Directory,
-                QUERY,
-                &key,
-                cache.generation(TableGroup::Directory)
-            ),
-            None
-        );
+        let before = noted();
+        commit("INSERT INTO zones VALUES ('z', 'new')");
+        remember(before, "old");
+        assert_eq!(remembered(), None);
 
-        // A read that began after it is reused until the next change.
-        let noted = cache.generation(TableGroup::Directory);
-        cache.put(
-            TableGroup::Directory,
-            QUERY,
-            key.clone(),
-            noted,
-            rows("new"),
-        );
-        assert_eq!(
-            cache.get(
-                TableGroup::Directory,
-                QUERY,
-                &key,
-                cache.generation(TableGroup::Directory)
-            ),
-            Some(rows("new"))
-        );
-        connection
-            .execute("INSERT INTO other VALUES (1)", [])
-            .unwrap();
-        cache.transaction_ended();
-        assert_eq!(
-            cache.get(
-                TableGroup::Directory,
-                QUERY,
-                &key,
-                cache.generation(TableGroup::Directory)
-            ),
-            Some(rows("new"))
-        );
-        connection
-            .execute("DELETE FROM zones WHERE id = 'z'", [])
-            .unwrap();
-        cache.transaction_ended();
-        assert_eq!(
-            cache.get(
-                TableGroup::Directory,
-                QUERY,
-                &key,
-                cache.generation(TableGroup::Directory)
-            ),
-            None
-        );
+        // A read that began after it is reused until the next change to its tables.
+        remember(noted(), "new");
+        assert_eq!(remembered(), Some(rows("new")));
+        commit("INSERT INTO other VALUES (1)");
+        assert_eq!(remembered(), Some(rows("new")));
+        commit("DELETE FROM zones WHERE id = 'z'");
+        assert_eq!(remembered(), None);
     }
 
     #[test]
