@@ -14,8 +14,8 @@
 //! terminated session or a revoked edge is seen by the next mint, as a live read would see it.
 //! Other processes may write the file too (the CLI's tools open it beside a running server,
 //! though none of them writes these tables): the writer connection's `PRAGMA data_version`
-//! changes with every commit but its own, and the writer looks at it after every batch and
-//! every 50 ms when idle, forgetting everything when it has moved.
+//! changes with every commit but its own, and the writer looks at it every 50 ms (between
+//! batches, or idle), forgetting everything when it has moved.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

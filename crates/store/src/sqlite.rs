@@ -149,9 +149,9 @@ impl Drop for Writer {
 /// Jobs that share one transaction at most.
 const MAX_BATCH: usize = 256;
 
-/// How often an idle writer looks for commits by another connection to the file (a tool
-/// such as `caracal console add-user`, or a hand edit), so that rows remembered from before
-/// them are forgotten within this bound; a busy writer looks after every batch.
+/// How often the writer looks for commits by another connection to the file (a tool such as
+/// `caracal console add-user`, or a hand edit), so that rows remembered from before them are
+/// forgotten within this bound (plus the batch in progress).
 const OTHER_WRITERS_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Read-only connections per store.
@@ -364,20 +364,27 @@ impl SqliteStore {
 /// transactions, the relaxed jobs' first (no fsync, so a replay claim or an authority record
 /// never waits for the disk on behalf of its neighbours) and then the durable jobs' with one
 /// fsync they all share. Queued jobs are concurrent (no caller waits on another's job), so
-/// committing the relaxed ones first reorders nothing anyone could observe. After every batch,
-/// and every [`OTHER_WRITERS_POLL`] when idle, it looks for commits by other connections, which
-/// the remembered rows cannot have seen. It ends when every handle to the store is dropped.
+/// committing the relaxed ones first reorders nothing anyone could observe. Every
+/// [`OTHER_WRITERS_POLL`], between batches or idle, it looks for commits by other connections,
+/// which the remembered rows cannot have seen. It ends when every handle to the store is dropped.
 fn write_loop(
     connection: &Mutex<Connection>,
     jobs: &std::sync::mpsc::Receiver<Queued>,
     remembered: &RowCache,
 ) {
     let mut synchronous_full = true;
+    let mut looked = std::time::Instant::now();
+    let mut look_for_other_writers = |connection: &Connection| {
+        if looked.elapsed() >= OTHER_WRITERS_POLL {
+            remembered.notice_other_writers(connection);
+            looked = std::time::Instant::now();
+        }
+    };
     loop {
         let first = match jobs.recv_timeout(OTHER_WRITERS_POLL) {
             Ok(first) => first,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                remembered.notice_other_writers(
+                look_for_other_writers(
                     &connection
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner()),
@@ -407,7 +414,7 @@ fn write_loop(
             }
         }
         commit_by_mode(&mut guard, &mut shared, &mut synchronous_full, remembered);
-        remembered.notice_other_writers(&guard);
+        look_for_other_writers(&guard);
     }
 }
 
