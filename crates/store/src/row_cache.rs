@@ -42,7 +42,11 @@ const CAPACITY: usize = 4_096;
 
 /// A read: its group, the query text's address (every query is a `&'static str`) and its
 /// parameters.
-type Read = (TableGroup, usize, Vec<Value>);
+pub(crate) type Read = (TableGroup, usize, Vec<Value>);
+
+pub(crate) fn read(group: TableGroup, sql: &'static str, params: Vec<Value>) -> Read {
+    (group, sql.as_ptr() as usize, params)
+}
 
 #[derive(Default)]
 struct Generation {
@@ -66,6 +70,10 @@ impl RowCache {
             TableGroup::Directory => &self.directory,
             TableGroup::Delegations => &self.delegations,
         }
+    }
+
+    fn generations(&self) -> [&Generation; 2] {
+        [&self.directory, &self.delegations]
     }
 
     /// Notes every change `connection` makes to a remembered table, including those made by
@@ -92,7 +100,7 @@ impl RowCache {
     /// the transaction's callers: every row read from a group the transaction changed is
     /// forgotten.
     pub(crate) fn transaction_ended(&self) {
-        for generation in [&self.directory, &self.delegations] {
+        for generation in self.generations() {
             if generation.touched.swap(false, Ordering::SeqCst) {
                 generation.current.fetch_add(1, Ordering::SeqCst);
             }
@@ -111,7 +119,7 @@ impl RowCache {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if now.is_none() || *seen != now {
-            for generation in [&self.directory, &self.delegations] {
+            for generation in self.generations() {
                 generation.current.fetch_add(1, Ordering::SeqCst);
             }
             *seen = now;
@@ -123,33 +131,21 @@ impl RowCache {
         self.generation_of(group).current.load(Ordering::SeqCst)
     }
 
-    /// The rows of `sql` with `params`, if remembered from a read that started in `generation`.
-    pub(crate) fn get(
-        &self,
-        group: TableGroup,
-        sql: &'static str,
-        params: &[Value],
-        generation: u64,
-    ) -> Option<Vec<Row>> {
+    /// The rows of `read`, if remembered from a read that started in `generation` (the
+    /// generation of the read's group, noted before it).
+    pub(crate) fn get(&self, read: &Read, generation: u64) -> Option<Vec<Row>> {
         let reads = self
             .reads
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match reads.get(&(group, sql.as_ptr() as usize, params.to_vec())) {
+        match reads.get(read) {
             Some((noted, rows)) if *noted == generation => Some(rows.clone()),
             _ => None,
         }
     }
 
     /// Remembers the rows of a read that started in `generation`.
-    pub(crate) fn put(
-        &self,
-        group: TableGroup,
-        sql: &'static str,
-        params: Vec<Value>,
-        generation: u64,
-        rows: Vec<Row>,
-    ) {
+    pub(crate) fn put(&self, read: Read, generation: u64, rows: Vec<Row>) {
         let mut reads = self
             .reads
             .lock()
@@ -157,7 +153,7 @@ impl RowCache {
         if reads.len() >= CAPACITY {
             reads.clear();
         }
-        reads.insert((group, sql.as_ptr() as usize, params), (generation, rows));
+        reads.insert(read, (generation, rows));
     }
 }
 
@@ -179,11 +175,10 @@ mod tests {
         connection
             .execute_batch("CREATE TABLE zones (id TEXT PRIMARY KEY, name TEXT); CREATE TABLE other (x INTEGER);")
             .unwrap();
-        let key = vec![Value::Text("z".into())];
+        let key = read(TableGroup::Directory, QUERY, vec![Value::Text("z".into())]);
         let noted = || cache.generation(TableGroup::Directory);
-        let remember =
-            |noted, name| cache.put(TableGroup::Directory, QUERY, key.clone(), noted, rows(name));
-        let remembered = || cache.get(TableGroup::Directory, QUERY, &key, noted());
+        let remember = |noted, name| cache.put(key.clone(), noted, rows(name));
+        let remembered = || cache.get(&key, noted());
         let commit = |sql| {
             connection.execute(sql, []).unwrap();
             cache.transaction_ended();
@@ -212,21 +207,9 @@ mod tests {
         connection
             .execute_batch("CREATE TABLE sessions (id TEXT PRIMARY KEY); CREATE TABLE applications (id TEXT PRIMARY KEY);")
             .unwrap();
-        let key = vec![Value::Text("z".into())];
-        let remember = |group| {
-            cache.put(
-                group,
-                QUERY,
-                key.clone(),
-                cache.generation(group),
-                rows("r"),
-            )
-        };
-        let remembered = |group| {
-            cache
-                .get(group, QUERY, &key, cache.generation(group))
-                .is_some()
-        };
+        let key = |group| read(group, QUERY, vec![Value::Text("z".into())]);
+        let remember = |group| cache.put(key(group), cache.generation(group), rows("r"));
+        let remembered = |group| cache.get(&key(group), cache.generation(group)).is_some();
         remember(TableGroup::Directory);
         remember(TableGroup::Delegations);
         connection
@@ -279,25 +262,12 @@ mod tests {
     #[test]
     fn a_full_cache_is_emptied_not_grown() {
         let cache = RowCache::default();
+        let key = |index: usize| read(TableGroup::Directory, QUERY, vec![Value::Int(index as i64)]);
         for index in 0..=CAPACITY {
-            cache.put(
-                TableGroup::Directory,
-                QUERY,
-                vec![Value::Int(index as i64)],
-                0,
-                rows("r"),
-            );
+            cache.put(key(index), 0, rows("r"));
         }
         let remembered = cache.reads.lock().unwrap().len();
         assert_eq!(remembered, 1);
-        assert_eq!(
-            cache.get(
-                TableGroup::Directory,
-                QUERY,
-                &[Value::Int(CAPACITY as i64)],
-                0
-            ),
-            Some(rows("r"))
-        );
+        assert_eq!(cache.get(&key(CAPACITY), 0), Some(rows("r")));
     }
 }

@@ -695,12 +695,12 @@ impl Db for SqliteStore {
         params: Vec<Value>,
     ) -> Result<Vec<Row>, StoreError> {
         let generation = self.remembered.generation(group);
-        if let Some(rows) = self.remembered.get(group, sql, &params, generation) {
+        let read = crate::row_cache::read(group, sql, params);
+        if let Some(rows) = self.remembered.get(&read, generation) {
             return Ok(rows);
         }
-        let rows = self.read(sql, params.clone()).await?;
-        self.remembered
-            .put(group, sql, params, generation, rows.clone());
+        let rows = self.read(sql, read.2.clone()).await?;
+        self.remembered.put(read, generation, rows.clone());
         Ok(rows)
     }
 }
