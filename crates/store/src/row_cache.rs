@@ -167,14 +167,20 @@ mod tests {
         vec![Row(vec![Value::Text(name.into())])]
     }
 
-    #[test]
-    fn a_read_that_began_before_a_change_is_never_reused_after_it() {
+    /// A cache watching a fresh in-memory database with `schema`.
+    fn watching(schema: &str) -> (RowCache, Connection) {
         let cache = RowCache::default();
         let connection = Connection::open_in_memory().unwrap();
         cache.watch(&connection);
-        connection
-            .execute_batch("CREATE TABLE zones (id TEXT PRIMARY KEY, name TEXT); CREATE TABLE other (x INTEGER);")
-            .unwrap();
+        connection.execute_batch(schema).unwrap();
+        (cache, connection)
+    }
+
+    #[test]
+    fn a_read_that_began_before_a_change_is_never_reused_after_it() {
+        let (cache, connection) = watching(
+            "CREATE TABLE zones (id TEXT PRIMARY KEY, name TEXT); CREATE TABLE other (x INTEGER);",
+        );
         let key = read(TableGroup::Directory, QUERY, vec![Value::Text("z".into())]);
         let noted = || cache.generation(TableGroup::Directory);
         let remember = |noted, name| cache.put(key.clone(), noted, rows(name));
@@ -201,12 +207,9 @@ mod tests {
 
     #[test]
     fn a_change_forgets_the_rows_of_its_own_group_only() {
-        let cache = RowCache::default();
-        let connection = Connection::open_in_memory().unwrap();
-        cache.watch(&connection);
-        connection
-            .execute_batch("CREATE TABLE sessions (id TEXT PRIMARY KEY); CREATE TABLE applications (id TEXT PRIMARY KEY);")
-            .unwrap();
+        let (cache, connection) = watching(
+            "CREATE TABLE sessions (id TEXT PRIMARY KEY); CREATE TABLE applications (id TEXT PRIMARY KEY);",
+        );
         let key = |group| read(group, QUERY, vec![Value::Text("z".into())]);
         let remember = |group| cache.put(key(group), cache.generation(group), rows("r"));
         let remembered = |group| cache.get(&key(group), cache.generation(group)).is_some();
