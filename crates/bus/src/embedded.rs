@@ -118,7 +118,7 @@ impl EmbeddedBus {
                 let rows: Vec<(i64, i64, String)> = {
                     let mut statement = connection.prepare_cached(
                         "SELECT seq, appended_ms, fields FROM stream_entries
-                         WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                         WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT CAST(?3 AS BIGINT)",
                     )?;
                     statement
                         .query_map(params![stream, last, limit], |row| {
@@ -287,7 +287,7 @@ impl ReplayRegistry for EmbeddedBus {
                 .prepare_cached(
                     "DELETE FROM replay_keys WHERE (namespace, key) IN
                      (SELECT namespace, key FROM replay_keys WHERE expires_ms <= ?1
-                      ORDER BY expires_ms LIMIT ?2)",
+                      ORDER BY expires_ms LIMIT CAST(?2 AS BIGINT))",
                 )?
                 .execute(params![now, TRIM_CHUNK])
         })
@@ -488,7 +488,7 @@ impl Streams for EmbeddedBus {
                     "SELECT p.seq, COALESCE(e.appended_ms, 0), p.consumer, p.delivered_ms, p.deliveries
                      FROM stream_pending p
                      LEFT JOIN stream_entries e ON e.stream = p.stream AND e.seq = p.seq
-                     WHERE p.stream = ?1 AND p.grp = ?2 ORDER BY p.seq LIMIT ?3",
+                     WHERE p.stream = ?1 AND p.grp = ?2 ORDER BY p.seq LIMIT CAST(?3 AS BIGINT)",
                 )?;
                 statement
                     .query_map(params![stream, group, limit], |row| {
@@ -532,7 +532,7 @@ impl Streams for EmbeddedBus {
                          FROM stream_pending p
                          LEFT JOIN stream_entries e ON e.stream = p.stream AND e.seq = p.seq
                          WHERE p.stream = ?1 AND p.grp = ?2 AND p.delivered_ms <= ?3
-                         ORDER BY p.seq LIMIT ?4",
+                         ORDER BY p.seq LIMIT CAST(?4 AS BIGINT)",
                     )?;
                     statement
                         .query_map(params![stream, group, now.saturating_sub(min_idle), limit], |row| {
@@ -628,7 +628,7 @@ impl Streams for EmbeddedBus {
             .run(move |connection| {
                 let mut statement = connection.prepare_cached(
                     "SELECT seq, appended_ms, fields FROM stream_entries
-                     WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                     WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT CAST(?3 AS BIGINT)",
                 )?;
                 statement
                     .query_map(params![stream, after, limit], |row| {

@@ -1182,4 +1182,63 @@ mod tests {
         let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
         store.ping().await.unwrap();
     }
+
+    /// SQLite plans with a bare `LIMIT ?n`'s value, so rebinding it expires the statement and
+    /// every run parses and plans it again (the outbox claim, every 25 ms, did). A cast hides
+    /// the value from the planner; the statement then stays prepared.
+    #[test]
+    fn a_cast_limit_keeps_its_statement_prepared_where_a_bare_one_does_not() {
+        let connection = Connection::open_in_memory().unwrap();
+        connection
+            .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .unwrap();
+        let reprepares = |sql: &str| {
+            for limit in [10, 10, 20] {
+                let mut statement = connection.prepare_cached(sql).unwrap();
+                statement.query([limit]).unwrap().next().unwrap();
+            }
+            let statement = connection.prepare_cached(sql).unwrap();
+            statement.get_status(rusqlite::StatementStatus::RePrepare)
+        };
+        assert_eq!(reprepares("SELECT id FROM t ORDER BY id LIMIT ?1"), 3);
+        assert_eq!(
+            reprepares("SELECT id FROM t ORDER BY id LIMIT CAST(?1 AS BIGINT)"),
+            0
+        );
+    }
+
+    /// Every query text the store and the embedded bus run: none binds a bare limit.
+    #[test]
+    fn no_query_binds_a_bare_limit() {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let sources = [
+            manifest.join("src/queries"),
+            manifest.join("src/sqlite.rs"),
+            manifest.join("../bus/src/embedded.rs"),
+        ];
+        let mut files = Vec::new();
+        for source in sources {
+            if source.is_dir() {
+                for entry in std::fs::read_dir(&source).unwrap() {
+                    files.push(entry.unwrap().path());
+                }
+            } else {
+                files.push(source);
+            }
+        }
+        let bare = |text: &str| {
+            text.match_indices("LIMIT ").any(|(at, _)| {
+                let after = &text[at + "LIMIT ".len()..];
+                after.starts_with('$') || after.starts_with('?')
+            })
+        };
+        assert!(bare("SELECT 1 LIMIT $2") && !bare("SELECT 1 LIMIT CAST($2 AS BIGINT)"));
+        for file in &files {
+            let text = std::fs::read_to_string(file).unwrap();
+            // Up to the file's tests, which show bare limits on purpose.
+            let text = text.split("#[cfg(test)]").next().unwrap_or_default();
+            assert!(!bare(text), "{} binds a bare LIMIT", file.display());
+        }
+        assert!(files.len() > 5, "the query sources moved: {files:?}");
+    }
 }

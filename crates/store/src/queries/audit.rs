@@ -301,7 +301,7 @@ impl<D: Db> Audit for D {
             self,
             concat!(
                 select_audit_events!(),
-                " WHERE zone_id = $1 AND chain_seq > $2 ORDER BY chain_seq LIMIT $3"
+                " WHERE zone_id = $1 AND chain_seq > $2 ORDER BY chain_seq LIMIT CAST($3 AS BIGINT)"
             ),
             params![zone_id, after_seq, limit],
             event,
@@ -551,7 +551,7 @@ impl<D: Db> Audit for D {
                    AND (CAST($13 AS TEXT) IS NULL OR instr(metadata, $13) > 0)
                    AND (CAST($14 AS TEXT) IS NULL OR instr(metadata, $14) > 0)
                    AND (CAST($15 AS TEXT) IS NULL OR instr(metadata, $15) > 0)
-                 ORDER BY chain_seq DESC LIMIT $11")
+                 ORDER BY chain_seq DESC LIMIT CAST($11 AS BIGINT)")
             }
             Dialect::Postgres => {
                 concat!(
@@ -570,7 +570,7 @@ impl<D: Db> Audit for D {
                    AND (CAST($13 AS TEXT) IS NULL OR strpos(metadata, CAST($13 AS TEXT)) > 0)
                    AND (CAST($14 AS TEXT) IS NULL OR strpos(metadata, CAST($14 AS TEXT)) > 0)
                    AND (CAST($15 AS TEXT) IS NULL OR strpos(metadata, CAST($15 AS TEXT)) > 0)
-                 ORDER BY chain_seq DESC LIMIT $11"
+                 ORDER BY chain_seq DESC LIMIT CAST($11 AS BIGINT)"
                 )
             }
         };

@@ -63,7 +63,7 @@ macro_rules! claim_sql {
                    AND NOT EXISTS (
                        SELECT 1 FROM blocked
                        WHERE blocked.stream = outbox.stream AND blocked.first_id < outbox.id)
-                 ORDER BY id LIMIT $4",
+                 ORDER BY id LIMIT CAST($4 AS BIGINT)",
             $row_locks,
             ")
              RETURNING id, stream, fields, dedupe_key, attempts"

@@ -790,7 +790,7 @@ impl<D: Db> Runtime for D {
                    AND (CAST($4 AS TEXT) IS NULL OR subject_id = CAST($4 AS TEXT))
                    AND (CAST($5 AS TEXT) IS NULL OR session_type = CAST($5 AS TEXT))
                    AND (CAST($6 AS TEXT) IS NULL OR id > CAST($6 AS TEXT))
-                 ORDER BY id LIMIT $7"
+                 ORDER BY id LIMIT CAST($7 AS BIGINT)"
             ),
             params![
                 zone_id,
@@ -956,7 +956,7 @@ impl<D: Db> Runtime for D {
                             (SELECT id FROM authority_records
                               WHERE zone_id = $1 AND subject_id = CAST($7 AS TEXT)))
                        AND (CAST($8 AS TEXT) IS NULL OR id > CAST($8 AS TEXT))
-                     ORDER BY id LIMIT $9"
+                     ORDER BY id LIMIT CAST($9 AS BIGINT)"
                 )
             };
         }
@@ -1110,7 +1110,7 @@ impl<D: Db> Runtime for D {
                  WHERE status = 'active'
                    AND ((lifecycle = 'task' AND started_at_ms + ttl_seconds * 1000 <= $1)
                      OR (lifecycle = 'service' AND heartbeat_deadline_ms <= $1))
-                 ORDER BY started_at_ms LIMIT $2",
+                 ORDER BY started_at_ms LIMIT CAST($2 AS BIGINT)",
                 params![now_ms, limit],
             )
             .await?;
@@ -1150,7 +1150,7 @@ impl<D: Db> Runtime for D {
                     "DELETE FROM sessions WHERE id IN (
                          SELECT id FROM sessions
                          WHERE status IN ('terminated', 'expired') AND terminated_at_ms < $1
-                         LIMIT $2)",
+                         LIMIT CAST($2 AS BIGINT))",
                     params![before_ms, limit],
                 ),
                 Statement::new(
@@ -1158,7 +1158,7 @@ impl<D: Db> Runtime for D {
                          SELECT id FROM delegation_edges
                          WHERE (status = 'revoked' AND revoked_at_ms < $1)
                             OR expires_at_ms < $1
-                         LIMIT $2)",
+                         LIMIT CAST($2 AS BIGINT))",
                     params![before_ms, limit],
                 ),
                 Statement::new(
@@ -1168,7 +1168,7 @@ impl<D: Db> Runtime for D {
                            AND NOT EXISTS (SELECT 1 FROM sessions s
                                            WHERE s.authority_record_id = r.id
                                              AND s.status IN ('active', 'suspended'))
-                         LIMIT $2)",
+                         LIMIT CAST($2 AS BIGINT))",
                     params![before_ms, limit],
                 ),
             ])
@@ -1347,7 +1347,7 @@ impl<D: Db> Runtime for D {
                 " WHERE zone_id = $1
                    AND (CAST($2 AS TEXT) IS NULL OR status = CAST($2 AS TEXT))
                    AND (CAST($3 AS TEXT) IS NULL OR id > CAST($3 AS TEXT))
-                 ORDER BY id LIMIT $4"
+                 ORDER BY id LIMIT CAST($4 AS BIGINT)"
             ),
             params![
                 zone_id,
