@@ -39,9 +39,27 @@ impl Bus {
     }
 }
 
-/// What all roles of one process share. Cheap to clone.
+/// What all roles of one process share. A clone is one reference count (every request's
+/// state holds one), and still a value: changing a clone copies its parts first.
 #[derive(Clone)]
-pub struct Shared {
+pub struct Shared(Arc<SharedParts>);
+
+impl std::ops::Deref for Shared {
+    type Target = SharedParts;
+
+    fn deref(&self) -> &SharedParts {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Shared {
+    fn deref_mut(&mut self) -> &mut SharedParts {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+#[derive(Clone)]
+pub struct SharedParts {
     pub store: Arc<dyn Store>,
     pub bus: Bus,
     /// Where every role records audit evidence.
@@ -65,7 +83,7 @@ impl Shared {
         replay_dir: std::path::PathBuf,
         kek: caracal_crypto::Kek,
     ) -> Shared {
-        Shared {
+        Shared(Arc::new(SharedParts {
             store,
             bus,
             evidence,
@@ -74,7 +92,7 @@ impl Shared {
             containment: crate::containment::ContainmentView::default(),
             operator_tools: None,
             draining: Arc::new(AtomicBool::new(false)),
-        }
+        }))
     }
 
     /// Marks the process as shutting down: every `/ready` fails with `draining` from now on.
@@ -87,9 +105,27 @@ impl Shared {
     }
 }
 
-/// One role's view: the shared state plus its own metrics registry.
+/// One role's view: the shared state plus its own metrics registry. Like [`Shared`], a
+/// clone is one reference count, and changing a clone copies its parts first.
 #[derive(Clone)]
-pub struct RoleState {
+pub struct RoleState(Arc<RoleParts>);
+
+impl std::ops::Deref for RoleState {
+    type Target = RoleParts;
+
+    fn deref(&self) -> &RoleParts {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for RoleState {
+    fn deref_mut(&mut self) -> &mut RoleParts {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+#[derive(Clone)]
+pub struct RoleParts {
     pub role: Role,
     pub shared: Shared,
     pub metrics: Arc<RoleMetrics>,
@@ -111,7 +147,7 @@ pub struct RoleState {
 
 impl RoleState {
     pub fn new(role: Role, shared: Shared) -> RoleState {
-        RoleState {
+        RoleState(Arc::new(RoleParts {
             role,
             metrics: Arc::new(RoleMetrics::new(role, &shared.evidence.metrics())),
             lockouts: crate::auth::Lockouts::default(),
@@ -122,6 +158,6 @@ impl RoleState {
             console: crate::console::Console::default(),
             peers: Arc::default(),
             shared,
-        }
+        }))
     }
 }
