@@ -83,6 +83,19 @@ impl<D: Db> Outbox for D {
         lease: Duration,
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let now = now_ms();
+        // Most polls find nothing due. Asking a reader first keeps an idle dispatcher off the
+        // writer: a claim is a write transaction even when it changes nothing. A row committed
+        // after this look waits for the next poll.
+        let due = self
+            .rows(
+                "SELECT 1 FROM outbox WHERE status = 'pending' AND available_at_ms <= $1
+                   AND (locked_until_ms IS NULL OR locked_until_ms <= $1) LIMIT 1",
+                params![now],
+            )
+            .await?;
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
         let limit = i64::try_from(batch).unwrap_or(i64::MAX);
         let params = params![worker, now.saturating_add(millis(lease)), now, limit];
         let statements = match self.dialect() {
