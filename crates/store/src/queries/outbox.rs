@@ -84,12 +84,12 @@ impl<D: Db> Outbox for D {
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let now = now_ms();
         // Most polls find nothing due. Asking a reader first keeps an idle dispatcher off the
-        // writer: a claim is a write transaction even when it changes nothing. A row committed
-        // after this look waits for the next poll.
+        // writer: a claim is a write transaction even when it changes nothing. The look is
+        // wider than the claim (held rows count), so it can never hide a claimable row; a row
+        // committed after it waits for the next poll.
         let due = self
             .rows(
-                "SELECT 1 FROM outbox WHERE status = 'pending' AND available_at_ms <= $1
-                   AND (locked_until_ms IS NULL OR locked_until_ms <= $1) LIMIT 1",
+                "SELECT 1 FROM outbox WHERE status = 'pending' AND available_at_ms <= $1 LIMIT 1",
                 params![now],
             )
             .await?;
