@@ -545,7 +545,11 @@ async fn run(
             .await
         }
         Work::Ensure(desired) => ensure(&target, caller, desired, request_id).await,
-        Work::State(verb, objects) => state_run(&target, caller, *verb, objects, request_id).await,
+        Work::State {
+            verb,
+            objects,
+            prune,
+        } => state_run(&target, caller, *verb, objects, *prune, request_id).await,
         Work::Describe(listing) => (StatusCode::OK, listing.clone()),
     };
     if status.is_success() {
@@ -578,8 +582,13 @@ enum Work {
     },
     /// `ensure`: the one object, as its spec says.
     Ensure(Desired),
-    /// `state plan|verify|apply`: the document's objects, in order.
-    State(StateVerb, Vec<Desired>),
+    /// `state plan|verify|apply`: the document's objects, in order; with `prune`, then the
+    /// objects of the document's kinds it does not name.
+    State {
+        verb: StateVerb,
+        objects: Vec<Desired>,
+        prune: bool,
+    },
     /// `catalog describe`: answered here, without a request.
     Describe(Value),
 }
@@ -796,8 +805,11 @@ fn check_authorized_by(invocation: &Invocation) -> Result<(), Refusal> {
 }
 
 /// `state plan|verify|apply` with the flag `objects`: up to 64 `{kind, spec}` of the kinds
-/// `ensure` keeps, each named once by its key field; `dry_run: true` makes apply a plan. Needs
-/// the read scope (plan, verify, dry run) or the write scope (apply) of every kind it touches.
+/// `ensure` keeps, each named once by its key field; `dry_run: true` makes apply a plan;
+/// `prune: true` also archives the objects of the document's kinds that it does not name (never
+/// an application holding privileged traits: a control key's are an operator's to retire).
+/// Needs the read scope (plan, verify, dry run) or the write scope (apply) of every kind it
+/// touches, and to prune in apply their delete scope too.
 fn prepare_state(claims: &MandateClaims, invocation: &Invocation) -> Result<Call, Refusal> {
     let mut verb = match invocation.subcommand.as_str() {
         "plan" => StateVerb::Plan,
@@ -811,20 +823,15 @@ fn prepare_state(claims: &MandateClaims, invocation: &Invocation) -> Result<Call
             ));
         }
     };
+    let mut prune = false;
     for (name, value) in &invocation.flags {
         match (name.as_str(), value) {
             ("objects", Value::Array(_)) | ("dry_run", Value::Bool(false)) => {}
             ("dry_run", Value::Bool(true)) if verb == StateVerb::Apply => verb = StateVerb::Plan,
-            ("prune", _) => {
-                return Err(refuse(
-                    StatusCode::NOT_IMPLEMENTED,
-                    "unsupported",
-                    "`state` does not prune; delete objects with their own command",
-                ));
-            }
+            ("prune", Value::Bool(wanted)) => prune = *wanted,
             _ => {
                 return Err(invalid(format!(
-                    "`state` takes `objects` (an array) and `dry_run` (a boolean for apply), not `{}`",
+                    "`state` takes `objects` (an array), `prune` (a boolean) and `dry_run` (a boolean for apply), not `{}`",
                     truncated(name)
                 )));
             }
@@ -881,6 +888,9 @@ fn prepare_state(claims: &MandateClaims, invocation: &Invocation) -> Result<Call
             )));
         }
         require_scope(claims, entry.command, class)?;
+        if prune && verb == StateVerb::Apply {
+            require_scope(claims, entry.command, "delete")?;
+        }
         objects.push(Desired {
             kind,
             collection: format!("/v1/zones/{}/{}", claims.zone_id, entry.path),
@@ -891,7 +901,11 @@ fn prepare_state(claims: &MandateClaims, invocation: &Invocation) -> Result<Call
     Ok(Call {
         writes: verb == StateVerb::Apply,
         coordinator: false,
-        work: Work::State(verb, objects),
+        work: Work::State {
+            verb,
+            objects,
+            prune,
+        },
     })
 }
 
@@ -1053,48 +1067,32 @@ async fn reconcile(
     (status, json!({"action": action, "object": answer}))
 }
 
-/// `state`: each object found, then compared (plan, verify) or reconciled (apply), in order.
-/// Answers `{objects: [{kind, name, action, id, fields}]}` — `create|update|unchanged` planned,
-/// `created|updated|unchanged` applied — and `in_sync` for verify; a
-/// refusal during apply names the object and how many before it were applied.
+/// `state`: each object found, then compared (plan, verify) or reconciled (apply), in order;
+/// with `prune`, then every object of the document's kinds that it does not name, planned
+/// `delete` or archived (`deleted`), resources before applications before identity providers
+/// (a provider a live resource uses cannot go first). Answers
+/// `{objects: [{kind, name, action, id, fields}]}` — `create|update|unchanged|delete` planned,
+/// `created|updated|unchanged|deleted` applied — and `in_sync` for verify; a refusal during
+/// apply names the object and how many before it were done.
 async fn state_run(
     admin: &Router,
     caller: AdminCaller,
     verb: StateVerb,
     objects: &[Desired],
+    prune: bool,
     request_id: Option<&RequestId>,
 ) -> (StatusCode, Value) {
     let mut report = Vec::with_capacity(objects.len());
-    let mut listed: std::collections::HashMap<String, Vec<Value>> =
-        std::collections::HashMap::new();
+    let mut listed: std::collections::HashMap<&str, Vec<Value>> = std::collections::HashMap::new();
     for (n, desired) in objects.iter().enumerate() {
         let name = desired.spec.get(desired.key).cloned().unwrap_or_default();
-        let refused = |(status, mut answer): (StatusCode, Value)| {
-            let cause = answer
-                .get("error_description")
-                .and_then(Value::as_str)
-                .unwrap_or("refused")
-                .to_owned();
-            // Only apply changes anything: a refused plan or verify has nothing done to report.
-            let done = if verb == StateVerb::Apply {
-                format!("; the {n} before it were done")
-            } else {
-                String::new()
-            };
-            if let Some(fields) = answer.as_object_mut() {
-                fields.insert(
-                    "error_description".to_owned(),
-                    json!(format!(
-                        "object {n} ({} {name}): {cause}{done}",
-                        desired.kind
-                    )),
-                );
-            }
-            (status, answer)
+        let refused = |refusal| {
+            let what = format!("object {n} ({} {name})", desired.kind);
+            state_refusal(refusal, &what, (verb == StateVerb::Apply).then_some(n))
         };
         // Each collection is listed once: the document names each object once, so what apply
         // creates is never looked for again.
-        if !listed.contains_key(&desired.collection) {
+        if !listed.contains_key(desired.collection.as_str()) {
             match list_all(
                 admin,
                 &caller,
@@ -1104,12 +1102,12 @@ async fn state_run(
             )
             .await
             {
-                Ok(objects) => listed.insert(desired.collection.clone(), objects),
+                Ok(objects) => listed.insert(&desired.collection, objects),
                 Err(refusal) => return refused(refusal),
             };
         }
         let found = listed
-            .get(&desired.collection)
+            .get(desired.collection.as_str())
             .and_then(|objects| named(objects, desired.key, &desired.spec))
             .cloned();
         let id = found.as_ref().and_then(|object| object.get("id")).cloned();
@@ -1141,6 +1139,33 @@ async fn state_run(
         let id = answer.pointer("/object/id").cloned();
         report.push(json!({"kind": desired.kind, "name": name, "action": answer.get("action"), "id": id, "fields": fields}));
     }
+    if prune {
+        for (kind, collection, key, unnamed) in unnamed_objects(objects, &listed) {
+            let name = unnamed.get(key).cloned().unwrap_or_default();
+            let id = unnamed.get("id").cloned().unwrap_or_default();
+            if verb == StateVerb::Apply {
+                let Some(id) = id.as_str().filter(|id| caracal_core::is_plain_id(id)) else {
+                    return (StatusCode::BAD_GATEWAY, Value::Null);
+                };
+                let delete = http::Method::DELETE;
+                let path = format!("{collection}/{id}");
+                let (status, answer) =
+                    send(admin, caller.clone(), delete, &path, None, request_id).await;
+                if !status.is_success() {
+                    let what = format!("pruning {kind} {name}");
+                    return state_refusal((status, answer), &what, Some(report.len()));
+                }
+            }
+            let action = if verb == StateVerb::Apply {
+                "deleted"
+            } else {
+                "delete"
+            };
+            report.push(
+                json!({"kind": kind, "name": name, "action": action, "id": id, "fields": []}),
+            );
+        }
+    }
     let in_sync = report
         .iter()
         .all(|object| object.get("action").and_then(Value::as_str) == Some("unchanged"));
@@ -1149,6 +1174,70 @@ async fn state_run(
         StateVerb::Plan | StateVerb::Apply => json!({"objects": report}),
     };
     (StatusCode::OK, answer)
+}
+
+/// What `prune` takes away: the listed objects of each kind of the document that it does not
+/// name, in the order they can go (resources, applications, identity providers), as
+/// `(kind, collection, key field, object)`. Applications holding privileged traits stay.
+fn unnamed_objects<'l>(
+    objects: &'l [Desired],
+    listed: &'l std::collections::HashMap<&str, Vec<Value>>,
+) -> Vec<(&'static str, &'l str, &'static str, &'l Value)> {
+    const ORDER: [&str; 3] = ["resource", "application", "identity-provider"];
+    let privileged = |object: &Value| {
+        object
+            .get("traits")
+            .and_then(Value::as_array)
+            .is_some_and(|traits| {
+                traits
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .any(crate::admin::privileged_trait)
+            })
+    };
+    let mut unnamed = Vec::new();
+    for kind in ORDER {
+        let Some(desired) = objects.iter().find(|desired| desired.kind == kind) else {
+            continue;
+        };
+        let collection = desired.collection.as_str();
+        for object in listed.get(collection).into_iter().flatten() {
+            let kept = objects.iter().any(|desired| {
+                desired.collection == collection
+                    && object.get(desired.key) == desired.spec.get(desired.key)
+            });
+            let spared = kind == "application" && privileged(object);
+            if !(kept || spared) {
+                unnamed.push((desired.kind, collection, desired.key, object));
+            }
+        }
+    }
+    unnamed
+}
+
+/// An admin route's refusal of a `state` step, its description naming `what` was refused and,
+/// for apply, how many steps before it were `done`.
+fn state_refusal(
+    (status, mut answer): (StatusCode, Value),
+    what: &str,
+    done: Option<usize>,
+) -> (StatusCode, Value) {
+    let cause = answer
+        .get("error_description")
+        .and_then(Value::as_str)
+        .unwrap_or("refused")
+        .to_owned();
+    // Only apply changes anything: a refused plan or verify has nothing done to report.
+    let done = done.map_or(String::new(), |done| {
+        format!("; the {done} before it were done")
+    });
+    if let Some(fields) = answer.as_object_mut() {
+        fields.insert(
+            "error_description".to_owned(),
+            json!(format!("{what}: {cause}{done}")),
+        );
+    }
+    (status, answer)
 }
 
 /// One request to an admin route as `caller`.

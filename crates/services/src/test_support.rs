@@ -342,3 +342,17 @@ pub(crate) async fn stream_events(shared: &Shared) -> Vec<serde_json::Value> {
         .filter_map(|entry| serde_json::from_str(entry.fields.get("data")?).ok())
         .collect()
 }
+
+/// Waits, if need be, until at least `needed_secs` remain of the current minute of the clock:
+/// the rate counters' budgets are fixed minutes, so a test counting up to a budget must not be
+/// cut in two by a minute that ends half-way.
+pub(crate) async fn budget_minute_ahead(needed_secs: u64) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let left_ms = u64::try_from(60_000 - now_ms % 60_000).unwrap();
+    if left_ms < needed_secs * 1000 {
+        tokio::time::sleep(Duration::from_millis(left_ms + 10)).await;
+    }
+}

@@ -45,6 +45,13 @@ const MAX_SECRET: usize = 1024;
 /// Trait namespaces only a global token may assign: they confer deployment-wide powers.
 const PRIVILEGED_TRAITS: [&str; 2] = ["control:", "caracal.sys:"];
 
+/// Whether `item` is in a privileged namespace (a control key's traits among them).
+pub(crate) fn privileged_trait(item: &str) -> bool {
+    PRIVILEGED_TRAITS
+        .iter()
+        .any(|prefix| item.starts_with(prefix))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateApplication {
@@ -105,11 +112,7 @@ fn valid_traits(caller: &AdminCaller, traits: Vec<String>) -> Result<Vec<String>
         if !seen.insert(item.as_str()) {
             return Err(invalid_body("traits", &format!("`{item}` is repeated")));
         }
-        if super::token_zone(caller).is_some()
-            && PRIVILEGED_TRAITS
-                .iter()
-                .any(|prefix| item.starts_with(prefix))
-        {
+        if super::token_zone(caller).is_some() && privileged_trait(item) {
             return Err(ApiError::with_description(
                 ErrorCode::AdminTokenZoneMismatch,
                 format!("trait `{item}` needs a global token"),
@@ -123,11 +126,7 @@ fn valid_traits(caller: &AdminCaller, traits: Vec<String>) -> Result<Vec<String>
 /// (a control key, its own or another's): taking over a broader key would widen its
 /// authority. Admin tokens of the zone already hold more than any of its keys.
 fn changeable_by(caller: &AdminCaller, application: &Application) -> Result<(), ApiError> {
-    let privileged = application.traits.iter().any(|item| {
-        PRIVILEGED_TRAITS
-            .iter()
-            .any(|prefix| item.starts_with(prefix))
-    });
+    let privileged = application.traits.iter().any(|item| privileged_trait(item));
     if caller.is_control_key() && privileged {
         return Err(ApiError::with_description(
             ErrorCode::AdminTokenZoneMismatch,

@@ -1,6 +1,5 @@
-//! The admin API on the API role (`/v1`): zones, applications and admin tokens so far
-//! (resources, providers and policy arrive next). What every route shares lives here: strict
-//! JSON bodies, `{items, next_cursor}` pages, the zone lookup, and evidence before success.
+//! The admin API on the API role (`/v1`). What every route shares lives here: strict JSON
+//! bodies, `{items, next_cursor}` pages, the zone lookup, and evidence before success.
 
 mod applications;
 mod approvals;
@@ -17,6 +16,8 @@ mod subjects;
 mod tokens;
 mod views;
 mod zones;
+
+pub(crate) use applications::privileged_trait;
 
 use axum::Router;
 use base64::Engine as _;

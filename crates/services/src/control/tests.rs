@@ -578,10 +578,10 @@ async fn state_plans_verifies_and_applies_a_document_of_objects() {
         ),
         (
             "plan",
-            json!({"objects": document, "prune": true}),
+            json!({"objects": document, "prune": "yes"}),
             "control:app:read",
-            StatusCode::NOT_IMPLEMENTED,
-            "unsupported",
+            StatusCode::BAD_REQUEST,
+            "invalid",
         ),
         (
             "destroy",
@@ -647,6 +647,169 @@ async fn state_plans_verifies_and_applies_a_document_of_objects() {
             "{verb} {flags}: {answer}"
         );
     }
+}
+
+#[tokio::test]
+async fn state_prunes_unnamed_objects_with_the_delete_scope_and_spares_control_keys() {
+    let world = world().await;
+    let api = api(&world, true);
+    let key = control_key(
+        &world,
+        &[
+            "control:app:read",
+            "control:app:write",
+            "control:app:delete",
+        ],
+    )
+    .await;
+    let run = |verb: &'static str, flags: Value, scope: &'static str| {
+        let (world, api, key) = (&world, &api, &key);
+        async move {
+            let token = mint(world, key, scope).await;
+            let body = json!({"command": "state", "subcommand": verb, "flags": flags});
+            invoke(api, &token, body).await
+        }
+    };
+    let app = |name: &str| json!({"kind": "application", "spec": {"name": name, "registration_method": "managed", "traits": []}});
+    let summary = |answer: &Value| -> Vec<(String, String)> {
+        answer["result"]["objects"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{answer}"))
+            .iter()
+            .map(|object| {
+                let name = object["name"].as_str().unwrap().to_owned();
+                (name, object["action"].as_str().unwrap().to_owned())
+            })
+            .collect()
+    };
+    let both = json!([app("alpha"), app("beta")]);
+    let (status, applied) = run("apply", json!({"objects": both}), "control:app:write").await;
+    assert_eq!(status, StatusCode::OK, "{applied}");
+    let beta = applied["result"]["objects"][1]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // The control key itself is an application of the zone, and no document names it.
+    let only_alpha = json!([app("alpha")]);
+    let pruning = json!({"objects": only_alpha, "prune": true});
+    let (status, planned) = run("plan", pruning.clone(), "control:app:read").await;
+    assert_eq!(status, StatusCode::OK, "{planned}");
+    let expected = |action: &str| {
+        vec![
+            ("alpha".into(), "unchanged".into()),
+            ("beta".into(), action.into()),
+            // The world's own application, which the document does not name either.
+            ("billing".into(), action.into()),
+        ]
+    };
+    assert_eq!(summary(&planned), expected("delete"));
+    assert_eq!(planned["result"]["objects"][1]["id"], json!(beta));
+    let (_, verified) = run("verify", pruning.clone(), "control:app:read").await;
+    assert_eq!(verified["result"]["in_sync"], false, "{verified}");
+    let (_, verified) = run("verify", json!({"objects": only_alpha}), "control:app:read").await;
+    assert_eq!(verified["result"]["in_sync"], true, "{verified}");
+    let dry = json!({"objects": only_alpha, "prune": true, "dry_run": true});
+    let (_, dry) = run("apply", dry, "control:app:read").await;
+    assert_eq!(summary(&dry), expected("delete"));
+
+    // Pruning in apply archives, so it needs the delete scope as well as the write scope.
+    let (status, refused) = run("apply", pruning.clone(), "control:app:write").await;
+    assert_eq!(
+        (status, code(&refused)),
+        (StatusCode::FORBIDDEN, "denied"),
+        "{refused}"
+    );
+    let path = format!("/v1/zones/{}/applications?limit=500", world.zone_id);
+    let listed = || async {
+        let (_, _, page) = call(&world.api, "GET", &path, Some(&world.writer), "").await;
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| item["name"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert!(listed().await.contains(&"beta".to_owned()));
+
+    let (status, pruned) = run(
+        "apply",
+        pruning.clone(),
+        "control:app:write control:app:delete",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{pruned}");
+    assert_eq!(summary(&pruned), expected("deleted"));
+    let names = listed().await;
+    assert!(
+        names.contains(&"alpha".to_owned()) && !names.contains(&"beta".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|name| name.starts_with("key-")),
+        "the control key stays: {names:?}"
+    );
+    let (_, verified) = run("verify", pruning, "control:app:read").await;
+    assert_eq!(verified["result"]["in_sync"], true, "{verified}");
+}
+
+#[test]
+fn pruning_goes_resources_then_applications_then_providers() {
+    let desired =
+        |kind: &'static str, collection: &str, key: &'static str, name: &str| super::Desired {
+            kind,
+            collection: collection.to_owned(),
+            key,
+            spec: json!({key: name}).as_object().unwrap().clone(),
+        };
+    let objects = [
+        desired("identity-provider", "p", "identifier", "kept-provider"),
+        desired("application", "a", "name", "kept-app"),
+        desired("resource", "r", "identifier", "kept-resource"),
+    ];
+    let listed: std::collections::HashMap<&str, Vec<Value>> = [
+        (
+            "p",
+            vec![
+                json!({"id": "p1", "identifier": "kept-provider"}),
+                json!({"id": "p2", "identifier": "old-provider"}),
+            ],
+        ),
+        (
+            "a",
+            vec![
+                json!({"id": "a1", "name": "kept-app", "traits": []}),
+                json!({"id": "a2", "name": "old-app", "traits": ["tier:1"]}),
+                json!({"id": "a3", "name": "a-key", "traits": ["control:invoke"]}),
+                json!({"id": "a4", "name": "a-system", "traits": ["caracal.sys:operator"]}),
+            ],
+        ),
+        (
+            "r",
+            vec![
+                json!({"id": "r2", "identifier": "old-resource"}),
+                json!({"id": "r1", "identifier": "kept-resource"}),
+            ],
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let unnamed: Vec<(&str, &str)> = super::unnamed_objects(&objects, &listed)
+        .into_iter()
+        .map(|(kind, _, _, object)| (kind, object["id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        unnamed,
+        [
+            ("resource", "r2"),
+            ("application", "a2"),
+            ("identity-provider", "p2")
+        ]
+    );
+    // A kind the document does not name is never pruned.
+    let only_apps = [desired("application", "a", "name", "kept-app")];
+    let unnamed = super::unnamed_objects(&only_apps, &listed);
+    assert_eq!(unnamed.len(), 1, "{unnamed:?}");
 }
 
 #[tokio::test]
@@ -914,7 +1077,9 @@ async fn control_invocations_fail_closed() {
     );
 
     // An incident containment: a freeze refuses changes as the admin route does; failing the
-    // zone closed refuses a mandate minted before the switch.
+    // zone closed refuses a mandate minted before the switch. Its refused change is the first
+    // the key's budget counts, so all of that budget's steps must fall in one minute.
+    crate::test_support::budget_minute_ahead(40).await;
     let incident = |path: &'static str, body: Value| {
         let api = world.api.clone();
         let writer = world.writer.clone();
@@ -956,10 +1121,9 @@ async fn control_invocations_fail_closed() {
     )
     .await;
 
-    // Past the key's budget: 429 with Retry-After.
+    // Past the key's budget: 429. One invocation above counted already: the frozen change
+    // (containment refuses before the budget, the store-down one before authentication).
     let mut last = (StatusCode::OK, Value::Null);
-    // One invocation above counted already: the frozen change (containment refuses before
-    // the budget, the store-down one before authentication).
     for _ in 1..=super::INVOKES_PER_MINUTE {
         let token = mint(&world, &key, "control:app:read").await;
         last = invoke(&api, &token, list.clone()).await;
@@ -1094,7 +1258,7 @@ mod parsing {
                     prop_assert!(matches!(call.work, super::super::Work::Describe(_)) && !call.writes);
                 }
                 Ok(call) if invocation.command == "state" => {
-                    let super::super::Work::State(_, objects) = call.work else {
+                    let super::super::Work::State { objects, .. } = call.work else {
                         panic!("a state call carries its objects");
                     };
                     prop_assert!(!objects.is_empty() && objects.len() <= super::super::MAX_FLAG_ITEMS);
