@@ -1079,7 +1079,7 @@ async fn control_invocations_fail_closed() {
     // An incident containment: a freeze refuses changes as the admin route does; failing the
     // zone closed refuses a mandate minted before the switch. Its refused change is the first
     // the key's budget counts, so all of that budget's steps must fall in one minute.
-    crate::test_support::budget_minute_ahead(40).await;
+    crate::test_support::budget_minute_ahead(20).await;
     let incident = |path: &'static str, body: Value| {
         let api = world.api.clone();
         let writer = world.writer.clone();

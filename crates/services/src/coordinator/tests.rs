@@ -1370,7 +1370,7 @@ async fn failed_admin_tokens_lock_the_address_out_of_the_operator_routes() {
     ))));
     let code = |answer: &Value| answer["error"].as_str().unwrap_or_default().to_owned();
     let bad = format!("cat_{}", "B".repeat(43));
-    crate::test_support::budget_minute_ahead(30).await;
+    crate::test_support::budget_minute_ahead(20).await;
     for attempt in 1..=crate::auth::AUTH_FAILURES_PER_WINDOW {
         let (status, _, answer) = call(&app, "GET", "/zones/z/agents/s", Some(&bad), "").await;
         assert_eq!(
