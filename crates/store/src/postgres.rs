@@ -89,6 +89,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "replay memory",
             include_str!("schema/0017_replay_memory.sql").replace("{BIGINT}", "BIGINT"),
         ),
+        (
+            "authority expiry index dropped",
+            include_str!("schema/0018_drop_authority_expiry_index.sql").to_owned(),
+        ),
     ]
 }
 

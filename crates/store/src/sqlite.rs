@@ -85,6 +85,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "replay memory",
             include_str!("schema/0017_replay_memory.sql").replace("{BIGINT}", "INTEGER"),
         ),
+        (
+            "authority expiry index dropped",
+            include_str!("schema/0018_drop_authority_expiry_index.sql").to_owned(),
+        ),
     ]
 }
 
@@ -859,7 +863,7 @@ mod tests {
                      DROP INDEX outbox_dedupe; DROP TABLE policy_loads;
                      ALTER TABLE approval_holds DROP COLUMN consumed_record_id;
                      DROP INDEX delegation_edges_parent;
-                     DROP INDEX authority_records_status_expiry; DROP INDEX authority_records_expiry;
+                     DROP INDEX authority_records_status_expiry;
                      DROP INDEX sessions_status_ended; DROP INDEX sessions_authority_record;
                      DROP INDEX delegation_edges_status_revoked; DROP TABLE containment;
                      DROP TABLE admin_objects; DROP TABLE console_users; DROP TABLE console_sessions; DROP TABLE replay_memory;
@@ -1204,6 +1208,33 @@ mod tests {
         assert_eq!(
             reprepares("SELECT id FROM t ORDER BY id LIMIT CAST(?1 AS BIGINT)"),
             0
+        );
+    }
+
+    /// The retention cut of authority records searches by (status, expiry), not a scan of
+    /// every record: migration 18 dropped the index on expiry alone.
+    #[test]
+    fn the_authority_retention_cut_searches_the_status_expiry_index() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+        let sql = sqlite_sql(crate::queries::runtime::PURGE_AUTHORITY_RECORDS);
+        let plan: Vec<String> = store
+            .run_blocking(|connection| {
+                let mut explain = connection.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                explain
+                    .query_map([0, 10], |row| row.get::<_, String>(3))?
+                    .collect()
+            })
+            .unwrap();
+        assert!(
+            plan.iter().any(
+                |step| step.starts_with("SEARCH r USING INDEX authority_records_status_expiry")
+            ),
+            "{plan:?}"
+        );
+        assert!(
+            !plan.iter().any(|step| step.starts_with("SCAN r")),
+            "{plan:?}"
         );
     }
 

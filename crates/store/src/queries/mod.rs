@@ -6,7 +6,7 @@ mod directory;
 mod objects;
 mod outbox;
 mod policies;
-mod runtime;
+pub(crate) mod runtime;
 
 pub use audit::{Audit, ChainAppend, ChainBuilder};
 pub use deployment::Deployment;

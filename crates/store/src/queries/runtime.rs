@@ -12,6 +12,18 @@ use crate::store::{
 };
 use crate::{RecordFilter, SessionFilter};
 
+/// The retention cut of authority records: those expired before `$1` that no live session is
+/// bound to, at most `$2`. Every status is named so that the search runs on
+/// `authority_records_status_expiry` (the only index on expiry since migration 18).
+pub(crate) const PURGE_AUTHORITY_RECORDS: &str = "DELETE FROM authority_records WHERE id IN (
+     SELECT r.id FROM authority_records r
+     WHERE r.status IN ('active', 'revoked', 'expired')
+       AND r.expires_at_ms < $1
+       AND NOT EXISTS (SELECT 1 FROM sessions s
+                       WHERE s.authority_record_id = r.id
+                         AND s.status IN ('active', 'suspended'))
+     LIMIT CAST($2 AS BIGINT))";
+
 /// The row columns of `sessions`, for `concat!`.
 macro_rules! select_sessions {
     () => {
@@ -1161,16 +1173,7 @@ impl<D: Db> Runtime for D {
                          LIMIT CAST($2 AS BIGINT))",
                     params![before_ms, limit],
                 ),
-                Statement::new(
-                    "DELETE FROM authority_records WHERE id IN (
-                         SELECT r.id FROM authority_records r
-                         WHERE r.expires_at_ms < $1
-                           AND NOT EXISTS (SELECT 1 FROM sessions s
-                                           WHERE s.authority_record_id = r.id
-                                             AND s.status IN ('active', 'suspended'))
-                         LIMIT CAST($2 AS BIGINT))",
-                    params![before_ms, limit],
-                ),
+                Statement::new(PURGE_AUTHORITY_RECORDS, params![before_ms, limit]),
             ])
             .await?;
         Ok(outcomes.iter().map(|outcome| outcome.changed).sum())
