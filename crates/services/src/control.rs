@@ -1143,7 +1143,7 @@ async fn state_run(
         for (kind, collection, key, unnamed) in unnamed_objects(objects, &listed) {
             let name = unnamed.get(key).cloned().unwrap_or_default();
             let id = unnamed.get("id").cloned().unwrap_or_default();
-            if verb == StateVerb::Apply {
+            let action = if verb == StateVerb::Apply {
                 let Some(id) = id.as_str().filter(|id| caracal_core::is_plain_id(id)) else {
                     return (StatusCode::BAD_GATEWAY, Value::Null);
                 };
@@ -1155,8 +1155,6 @@ async fn state_run(
                     let what = format!("pruning {kind} {name}");
                     return state_refusal((status, answer), &what, Some(report.len()));
                 }
-            }
-            let action = if verb == StateVerb::Apply {
                 "deleted"
             } else {
                 "delete"
