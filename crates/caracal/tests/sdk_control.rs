@@ -49,6 +49,10 @@ fn the_published_control_client_runs_catalog_commands_with_one_mandate_each() {
         json!([["unchanged", "create"], ["unchanged", "created"], true])
     );
     assert_eq!(
+        seen["policies"],
+        json!(["created", "created", "unchanged", true, true])
+    );
+    assert_eq!(
         seen["errors"],
         json!({
             "scope_not_held": ["token", 403, null, true],

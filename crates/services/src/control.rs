@@ -209,6 +209,16 @@ const ENSURED: &[(&str, Entry, &str)] = &[
         entry("resource", "ensure", "POST", "resources"),
         "identifier",
     ),
+    (
+        "policy",
+        entry("policy", "ensure", "POST", "policies"),
+        "name",
+    ),
+    (
+        "policy-set",
+        entry("policy-set", "ensure", "POST", "policy-sets"),
+        "name",
+    ),
 ];
 
 /// Objects a page and pages of a collection `ensure` and `state` read before they give up
@@ -544,12 +554,26 @@ async fn run(
             )
             .await
         }
-        Work::Ensure(desired) => ensure(&target, caller, desired, request_id).await,
+        Work::Ensure(desired) => {
+            let api = AdminApi {
+                router: &target,
+                caller,
+                request_id,
+            };
+            ensure(&api, desired).await
+        }
         Work::State {
             verb,
             objects,
             prune,
-        } => state_run(&target, caller, *verb, objects, *prune, request_id).await,
+        } => {
+            let api = AdminApi {
+                router: &target,
+                caller,
+                request_id,
+            };
+            state_run(&api, *verb, objects, *prune).await
+        }
         Work::Describe(listing) => (StatusCode::OK, listing.clone()),
     };
     if status.is_success() {
@@ -665,6 +689,9 @@ fn prepare(
     };
     let class = class(entry.subcommand);
     require_scope(claims, entry.command, class)?;
+    if let Some((kind, _)) = ensure_key {
+        policies::require_read_scopes(claims, kind)?;
+    }
     if invocation.flags.len() > MAX_FLAGS {
         return Err(invalid(format!("at most {MAX_FLAGS} flags")));
     }
@@ -758,12 +785,15 @@ fn prepare(
     };
     let work = match (ensure_key, body) {
         (None, body) => Work::Route { method, path, body },
-        (Some((kind, key)), Some(Value::Object(spec))) => Work::Ensure(Desired {
-            kind,
-            collection: path,
-            key,
-            spec,
-        }),
+        (Some((kind, key)), Some(Value::Object(spec))) => {
+            policies::check_spec(kind, &spec).map_err(invalid)?;
+            Work::Ensure(Desired {
+                kind,
+                collection: path,
+                key,
+                spec,
+            })
+        }
         // Never a plain request in its place: an ensure without a spec is refused.
         (Some((kind, key)), _) => {
             return Err(invalid(format!("`ensure {kind}` needs the flag `{key}`")));
@@ -807,9 +837,10 @@ fn check_authorized_by(invocation: &Invocation) -> Result<(), Refusal> {
 /// `state plan|verify|apply` with the flag `objects`: up to 64 `{kind, spec}` of the kinds
 /// `ensure` keeps, each named once by its key field; `dry_run: true` makes apply a plan;
 /// `prune: true` also archives the objects of the document's kinds that it does not name (never
-/// an application holding privileged traits: a control key's are an operator's to retire).
-/// Needs the read scope (plan, verify, dry run) or the write scope (apply) of every kind it
-/// touches, and to prune in apply their delete scope too.
+/// an application holding privileged traits: a control key's are an operator's to retire; nor
+/// the zone's active policy set). Needs the read scope (plan, verify, dry run) or the write
+/// scope (apply) of every kind it touches (a policy set's also reads policies), and to prune in
+/// apply their delete scope too; a policy set comes after the document's policies it names.
 fn prepare_state(claims: &MandateClaims, invocation: &Invocation) -> Result<Call, Refusal> {
     let mut verb = match invocation.subcommand.as_str() {
         "plan" => StateVerb::Plan,
@@ -864,7 +895,7 @@ fn prepare_state(claims: &MandateClaims, invocation: &Invocation) -> Result<Call
                 StatusCode::NOT_IMPLEMENTED,
                 "unsupported",
                 format!(
-                    "object {n}: `state` keeps applications, identity providers and resources, not `{}`",
+                    "object {n}: `state` keeps applications, identity providers, resources, policies and policy sets, not `{}`",
                     truncated(kind)
                 ),
             ));
@@ -887,7 +918,10 @@ fn prepare_state(claims: &MandateClaims, invocation: &Invocation) -> Result<Call
                 truncated(name)
             )));
         }
+        policies::check_spec(kind, spec)
+            .map_err(|error| invalid(format!("object {n}: {error}")))?;
         require_scope(claims, entry.command, class)?;
+        policies::require_read_scopes(claims, kind)?;
         if prune && verb == StateVerb::Apply {
             require_scope(claims, entry.command, "delete")?;
         }
@@ -898,6 +932,7 @@ fn prepare_state(claims: &MandateClaims, invocation: &Invocation) -> Result<Call
             spec: spec.clone(),
         });
     }
+    policies::check_order(&objects).map_err(invalid)?;
     Ok(Call {
         writes: verb == StateVerb::Apply,
         coordinator: false,
@@ -944,34 +979,163 @@ fn truncated(text: &str) -> String {
     text.chars().take(64).collect()
 }
 
+/// The admin API as one control invocation reaches it for `ensure` and `state`.
+struct AdminApi<'a> {
+    router: &'a Router,
+    caller: AdminCaller,
+    request_id: Option<&'a RequestId>,
+}
+
+/// An admin route's answer that was not a success: its status and body, passed on as they are.
+type Refused = (StatusCode, Value);
+
+impl AdminApi<'_> {
+    async fn send(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (StatusCode, Value) {
+        send(
+            self.router,
+            self.caller.clone(),
+            method,
+            path,
+            body,
+            self.request_id,
+        )
+        .await
+    }
+
+    /// The answer of a successful request, or the refusal.
+    async fn expect(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, Refused> {
+        let (status, answer) = self.send(method, path, body).await;
+        if status.is_success() {
+            Ok(answer)
+        } else {
+            Err((status, answer))
+        }
+    }
+}
+
+/// Collections read once per invocation, by path: the document names each object once, so
+/// what apply creates is added here rather than looked for again.
+type Listed = std::collections::HashMap<String, Vec<Value>>;
+
+/// The objects of `collection`, listed on first use.
+async fn listed<'l>(
+    api: &AdminApi<'_>,
+    listed: &'l mut Listed,
+    collection: &str,
+) -> Result<&'l [Value], Refused> {
+    if !listed.contains_key(collection) {
+        let objects = list_all(api, collection, ENSURE_PAGING).await?;
+        listed.insert(collection.to_owned(), objects);
+    }
+    Ok(listed
+        .get(collection)
+        .map(Vec::as_slice)
+        .unwrap_or_default())
+}
+
+/// An object of `ensure` or `state` as found.
+#[derive(Debug, Default)]
+struct Found {
+    /// As the admin API shows it; none when it does not exist.
+    object: Option<Value>,
+    /// The spec's fields it does not hold as given.
+    fields: Vec<String>,
+    /// A policy set's: the policy versions its manifest should name (none while, in a plan,
+    /// a policy of the document is still to be created or changed), and the version it holds.
+    manifest: Option<Vec<String>>,
+    version_id: Option<String>,
+}
+
+impl Found {
+    fn planned(&self) -> &'static str {
+        match (&self.object, self.fields.is_empty()) {
+            (None, _) => "create",
+            (Some(_), true) => "unchanged",
+            (Some(_), false) => "update",
+        }
+    }
+}
+
+/// Looks `desired` up in its collection and compares. `pending` names the policies a plan
+/// would create or change before this object.
+async fn observe(
+    api: &AdminApi<'_>,
+    desired: &Desired,
+    known: &mut Listed,
+    pending: &std::collections::HashSet<String>,
+) -> Result<Found, Refused> {
+    let objects = listed(api, known, &desired.collection).await?;
+    let object = named(objects, desired.key, &desired.spec).cloned();
+    match desired.kind {
+        "policy" => policies::observe_policy(api, desired, object).await,
+        "policy-set" => policies::observe_set(api, desired, object, known, pending).await,
+        _ => Ok(Found {
+            fields: object.as_ref().map_or_else(Vec::new, |object| {
+                differences(&desired.spec, object).keys().cloned().collect()
+            }),
+            object,
+            ..Found::default()
+        }),
+    }
+}
+
+/// Creates or changes `desired` as `found` requires: `{action, object}`, or the refusal.
+async fn apply(
+    api: &AdminApi<'_>,
+    desired: &Desired,
+    found: Found,
+    known: &mut Listed,
+) -> (StatusCode, Value) {
+    let (status, answer) = match desired.kind {
+        "policy" => policies::apply_policy(api, desired, found).await,
+        "policy-set" => policies::apply_set(api, desired, found).await,
+        _ => reconcile(api, &desired.collection, &desired.spec, found.object).await,
+    };
+    if status.is_success()
+        && answer.get("action") == Some(&json!("created"))
+        && let Some(objects) = known.get_mut(&desired.collection)
+    {
+        objects.push(answer.get("object").cloned().unwrap_or_default());
+    }
+    (status, answer)
+}
+
 /// `ensure`: the object of its collection whose key field is the spec's, created, changed
 /// where it differs, or left. Answers `{action: created|updated|unchanged, object}`, or the
 /// admin route's refusal.
-async fn ensure(
-    admin: &Router,
-    caller: AdminCaller,
-    desired: &Desired,
-    request_id: Option<&RequestId>,
-) -> (StatusCode, Value) {
-    let collection = &desired.collection;
-    match list_all(admin, &caller, collection, ENSURE_PAGING, request_id).await {
-        Ok(objects) => {
-            let found = named(&objects, desired.key, &desired.spec).cloned();
-            reconcile(admin, caller, collection, &desired.spec, found, request_id).await
-        }
-        Err(refused) => refused,
+async fn ensure(api: &AdminApi<'_>, desired: &Desired) -> (StatusCode, Value) {
+    let mut known = Listed::new();
+    let found = match observe(api, desired, &mut known, &Default::default()).await {
+        Ok(found) => found,
+        Err(refused) => return refused,
+    };
+    if found.planned() == "unchanged" {
+        let object = found.object.unwrap_or_default();
+        return (
+            StatusCode::OK,
+            json!({"action": "unchanged", "object": object}),
+        );
     }
+    apply(api, desired, found, &mut known).await
 }
 
 /// Every object of `collection`, `paging.0` a page; more than `paging.1` pages is a conflict
 /// rather than a guess.
 async fn list_all(
-    admin: &Router,
-    caller: &AdminCaller,
+    api: &AdminApi<'_>,
     collection: &str,
     (page_size, max_pages): (usize, usize),
-    request_id: Option<&RequestId>,
-) -> Result<Vec<Value>, (StatusCode, Value)> {
+) -> Result<Vec<Value>, Refused> {
     let mut objects = Vec::new();
     let mut cursor: Option<String> = None;
     for _ in 0..max_pages {
@@ -981,11 +1145,7 @@ async fn list_all(
             "{collection}?{}",
             serde_urlencoded::to_string(&query).unwrap_or_default()
         );
-        let get = http::Method::GET;
-        let (status, mut page) = send(admin, caller.clone(), get, &path, None, request_id).await;
-        if !status.is_success() {
-            return Err((status, page));
-        }
+        let mut page = api.expect(http::Method::GET, &path, None).await?;
         if let Some(Value::Array(items)) = page.get_mut("items") {
             objects.append(items);
         }
@@ -1001,10 +1161,15 @@ async fn list_all(
         "more than {} objects to search; use create and patch",
         page_size * max_pages
     );
-    Err((
+    Err(conflict(&error))
+}
+
+/// A 409 `conflict` as the admin API words it.
+fn conflict(description: &str) -> Refused {
+    (
         StatusCode::CONFLICT,
-        json!({"error": "conflict", "error_description": error}),
-    ))
+        json!({"error": "conflict", "error_description": description}),
+    )
 }
 
 /// The object among `objects` whose `key` field is `spec`'s.
@@ -1025,12 +1190,10 @@ fn differences(spec: &Map<String, Value>, object: &Value) -> Map<String, Value> 
 /// Creates `spec` in `collection` when nothing was `found`, else changes the fields that differ
 /// (or nothing): `{action, object}`, or the admin route's refusal.
 async fn reconcile(
-    admin: &Router,
-    caller: AdminCaller,
+    api: &AdminApi<'_>,
     collection: &str,
     spec: &Map<String, Value>,
     found: Option<Value>,
-    request_id: Option<&RequestId>,
 ) -> (StatusCode, Value) {
     let (action, method, path, body) = match found {
         None => (
@@ -1047,10 +1210,9 @@ async fn reconcile(
                     json!({"action": "unchanged", "object": object}),
                 );
             }
-            let id = object.get("id").and_then(Value::as_str).unwrap_or_default();
-            if !caracal_core::is_plain_id(id) {
+            let Some(id) = plain_id(&object) else {
                 return (StatusCode::BAD_GATEWAY, Value::Null);
-            }
+            };
             (
                 "updated",
                 http::Method::PATCH,
@@ -1060,79 +1222,62 @@ async fn reconcile(
         }
     };
     let body = Value::Object(body);
-    let (status, answer) = send(admin, caller, method, &path, Some(&body), request_id).await;
-    if !status.is_success() {
-        return (status, answer);
+    match api.expect(method, &path, Some(&body)).await {
+        Ok(answer) => (StatusCode::OK, json!({"action": action, "object": answer})),
+        Err(refused) => refused,
     }
-    (status, json!({"action": action, "object": answer}))
+}
+
+/// An object's `id`, when it is one a path may hold.
+fn plain_id(object: &Value) -> Option<&str> {
+    object
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|id| caracal_core::is_plain_id(id))
 }
 
 /// `state`: each object found, then compared (plan, verify) or reconciled (apply), in order;
 /// with `prune`, then every object of the document's kinds that it does not name, planned
 /// `delete` or archived (`deleted`), resources before applications before identity providers
-/// (a provider a live resource uses cannot go first). Answers
+/// (a provider a live resource uses cannot go first), policy sets before policies. Answers
 /// `{objects: [{kind, name, action, id, fields}]}` — `create|update|unchanged|delete` planned,
 /// `created|updated|unchanged|deleted` applied — and `in_sync` for verify; a refusal during
 /// apply names the object and how many before it were done.
 async fn state_run(
-    admin: &Router,
-    caller: AdminCaller,
+    api: &AdminApi<'_>,
     verb: StateVerb,
     objects: &[Desired],
     prune: bool,
-    request_id: Option<&RequestId>,
 ) -> (StatusCode, Value) {
     let mut report = Vec::with_capacity(objects.len());
-    let mut listed: std::collections::HashMap<&str, Vec<Value>> = std::collections::HashMap::new();
+    let mut known = Listed::new();
+    // Policies a plan would create or change: a set naming one would get a new version.
+    let mut pending = std::collections::HashSet::new();
     for (n, desired) in objects.iter().enumerate() {
         let name = desired.spec.get(desired.key).cloned().unwrap_or_default();
         let refused = |refusal| {
             let what = format!("object {n} ({} {name})", desired.kind);
             state_refusal(refusal, &what, (verb == StateVerb::Apply).then_some(n))
         };
-        // Each collection is listed once: the document names each object once, so what apply
-        // creates is never looked for again.
-        if !listed.contains_key(desired.collection.as_str()) {
-            match list_all(
-                admin,
-                &caller,
-                &desired.collection,
-                ENSURE_PAGING,
-                request_id,
-            )
-            .await
-            {
-                Ok(objects) => listed.insert(&desired.collection, objects),
-                Err(refusal) => return refused(refusal),
-            };
-        }
-        let found = listed
-            .get(desired.collection.as_str())
-            .and_then(|objects| named(objects, desired.key, &desired.spec))
+        let found = match observe(api, desired, &mut known, &pending).await {
+            Ok(found) => found,
+            Err(refusal) => return refused(refusal),
+        };
+        let id = found
+            .object
+            .as_ref()
+            .and_then(|object| object.get("id"))
             .cloned();
-        let id = found.as_ref().and_then(|object| object.get("id")).cloned();
-        let fields: Vec<String> = match &found {
-            Some(object) => differences(&desired.spec, object).keys().cloned().collect(),
-            None => Vec::new(),
-        };
-        let planned = match (&found, fields.is_empty()) {
-            (None, _) => "create",
-            (Some(_), true) => "unchanged",
-            (Some(_), false) => "update",
-        };
+        let fields = found.fields.clone();
+        let planned = found.planned();
         if verb != StateVerb::Apply || planned == "unchanged" {
+            if desired.kind == "policy" && planned != "unchanged" {
+                pending.insert(name.as_str().unwrap_or_default().to_owned());
+            }
             report.push(json!({"kind": desired.kind, "name": name, "action": planned, "id": id, "fields": fields}));
             continue;
         }
-        let (status, answer) = reconcile(
-            admin,
-            caller.clone(),
-            &desired.collection,
-            &desired.spec,
-            found,
-            request_id,
-        )
-        .await;
+        let (status, answer) = apply(api, desired, found, &mut known).await;
         if !status.is_success() {
             return refused((status, answer));
         }
@@ -1140,20 +1285,17 @@ async fn state_run(
         report.push(json!({"kind": desired.kind, "name": name, "action": answer.get("action"), "id": id, "fields": fields}));
     }
     if prune {
-        for (kind, collection, key, unnamed) in unnamed_objects(objects, &listed) {
+        for (kind, collection, key, unnamed) in unnamed_objects(objects, &known) {
             let name = unnamed.get(key).cloned().unwrap_or_default();
             let id = unnamed.get("id").cloned().unwrap_or_default();
             let action = if verb == StateVerb::Apply {
-                let Some(id) = id.as_str().filter(|id| caracal_core::is_plain_id(id)) else {
+                let Some(id) = plain_id(unnamed) else {
                     return (StatusCode::BAD_GATEWAY, Value::Null);
                 };
-                let delete = http::Method::DELETE;
                 let path = format!("{collection}/{id}");
-                let (status, answer) =
-                    send(admin, caller.clone(), delete, &path, None, request_id).await;
-                if !status.is_success() {
+                if let Err(refusal) = api.expect(http::Method::DELETE, &path, None).await {
                     let what = format!("pruning {kind} {name}");
-                    return state_refusal((status, answer), &what, Some(report.len()));
+                    return state_refusal(refusal, &what, Some(report.len()));
                 }
                 "deleted"
             } else {
@@ -1175,15 +1317,23 @@ async fn state_run(
 }
 
 /// What `prune` takes away: the listed objects of each kind of the document that it does not
-/// name, in the order they can go (resources, applications, identity providers), as
-/// `(kind, collection, key field, object)`. Applications holding privileged traits stay.
+/// name, in the order they can go (resources, applications, identity providers; policy sets,
+/// policies), as `(kind, collection, key field, object)`. Applications holding privileged
+/// traits stay, and so does the zone's active policy set (archiving it would deny every
+/// request of the zone).
 fn unnamed_objects<'l>(
     objects: &'l [Desired],
-    listed: &'l std::collections::HashMap<&str, Vec<Value>>,
+    listed: &'l Listed,
 ) -> Vec<(&'static str, &'l str, &'static str, &'l Value)> {
-    const ORDER: [&str; 3] = ["resource", "application", "identity-provider"];
-    let privileged = |object: &Value| {
-        object
+    const ORDER: [&str; 5] = [
+        "resource",
+        "application",
+        "identity-provider",
+        "policy-set",
+        "policy",
+    ];
+    let spared = |kind: &str, object: &Value| match kind {
+        "application" => object
             .get("traits")
             .and_then(Value::as_array)
             .is_some_and(|traits| {
@@ -1191,7 +1341,11 @@ fn unnamed_objects<'l>(
                     .iter()
                     .filter_map(Value::as_str)
                     .any(crate::admin::privileged_trait)
-            })
+            }),
+        "policy-set" => object
+            .get("active_version_id")
+            .is_some_and(|active| !active.is_null()),
+        _ => false,
     };
     let mut unnamed = Vec::new();
     for kind in ORDER {
@@ -1204,8 +1358,7 @@ fn unnamed_objects<'l>(
                 desired.collection == collection
                     && object.get(desired.key) == desired.spec.get(desired.key)
             });
-            let spared = kind == "application" && privileged(object);
-            if !(kept || spared) {
+            if !(kept || spared(kind, object)) {
                 unnamed.push((desired.kind, collection, desired.key, object));
             }
         }
@@ -1340,5 +1493,6 @@ fn decision_event(
     }
 }
 
+mod policies;
 #[cfg(test)]
 mod tests;

@@ -23,6 +23,9 @@ key = admin.applications.create(zone_id, {
         "control:invoke",
         "control:scope:control:app:read",
         "control:scope:control:app:write",
+        "control:scope:control:policy:read",
+        "control:scope:control:policy:write",
+        "control:scope:control:policy-set:write",
         "control:max-ttl:120",
     ],
 })
@@ -67,6 +70,28 @@ seen["state"] = [
     [o["action"] for o in planned["objects"]],
     [o["action"] for o in applied["objects"]],
     verified["in_sync"],
+]
+
+# ensure of a policy and of an active set naming it: the admin client sees the set active with
+# a manifest of the policy's latest version.
+content = (
+    "# caracal:data-document\npackage caracal.authz\nimport rego.v1\n"
+    'app_ids := {"reporting": "%s"}\n' % created["id"]
+)
+policy = control.invoke("ensure", "policy", {"name": "bindings", "content": content}, ["control:policy:write"])
+set_scopes = ["control:policy-set:write", "control:policy:read"]
+set_spec = {"name": "automation-set", "policies": ["bindings"], "active": True}
+policy_set = control.invoke("ensure", "policy-set", set_spec, set_scopes)
+again = control.invoke("ensure", "policy-set", set_spec, set_scopes)
+held = admin.policy_sets.get(zone_id, policy_set["object"]["id"])
+# The client unwraps the page's items.
+version = admin.policy_sets.list_versions(zone_id, policy_set["object"]["id"])[0]
+seen["policies"] = [
+    policy["action"],
+    policy_set["action"],
+    again["action"],
+    held["active_version_id"] == policy_set["object"]["active_version_id"],
+    [entry["policy_version_id"] for entry in version["manifest"]] == [policy["object"]["version_id"]],
 ]
 
 

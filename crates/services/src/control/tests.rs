@@ -389,7 +389,7 @@ async fn ensure_creates_changes_or_leaves_the_one_object_its_key_names() {
         (
             "control:app:write",
             json!({"name": "p"}),
-            "policy",
+            "workload",
             StatusCode::NOT_IMPLEMENTED,
             "unsupported",
         ),
@@ -461,19 +461,23 @@ async fn a_collection_too_long_to_search_is_a_conflict_not_a_guess() {
     }
     let admin = crate::router::in_process_admin_api(&world.shared);
     let caller = crate::auth::AdminCaller::control_key("key", &world.zone_id, false);
+    let admin = super::AdminApi {
+        router: &admin,
+        caller,
+        request_id: None,
+    };
     let applications = format!("/v1/zones/{}/applications", world.zone_id);
-    let every = super::list_all(&admin, &caller, &applications, (1, 100), None)
+    let every = super::list_all(&admin, &applications, (1, 100))
         .await
         .unwrap();
     assert!(every.len() >= 3, "{every:?}");
     // One a page: all of them in as many pages, and one page short is refused.
-    let (status, answer) =
-        super::list_all(&admin, &caller, &applications, (1, every.len() - 1), None)
-            .await
-            .unwrap_err();
+    let (status, answer) = super::list_all(&admin, &applications, (1, every.len() - 1))
+        .await
+        .unwrap_err();
     assert_eq!(status, StatusCode::CONFLICT, "{answer}");
     assert_eq!(super::admin_refusal(status, &answer).code, "conflict");
-    let paged = super::list_all(&admin, &caller, &applications, (1, every.len()), None)
+    let paged = super::list_all(&admin, &applications, (1, every.len()))
         .await
         .unwrap();
     assert_eq!(paged, every);
@@ -571,7 +575,7 @@ async fn state_plans_verifies_and_applies_a_document_of_objects() {
         ),
         (
             "plan",
-            json!({"objects": [{"kind": "policy", "spec": {"name": "p"}}]}),
+            json!({"objects": [{"kind": "workload", "spec": {"name": "p"}}]}),
             "control:app:read",
             StatusCode::NOT_IMPLEMENTED,
             "unsupported",
@@ -767,7 +771,7 @@ fn pruning_goes_resources_then_applications_then_providers() {
         desired("application", "a", "name", "kept-app"),
         desired("resource", "r", "identifier", "kept-resource"),
     ];
-    let listed: std::collections::HashMap<&str, Vec<Value>> = [
+    let listed: super::Listed = [
         (
             "p",
             vec![
@@ -793,6 +797,7 @@ fn pruning_goes_resources_then_applications_then_providers() {
         ),
     ]
     .into_iter()
+    .map(|(collection, objects)| (collection.to_owned(), objects))
     .collect();
     let unnamed: Vec<(&str, &str)> = super::unnamed_objects(&objects, &listed)
         .into_iter()
@@ -1312,4 +1317,353 @@ mod parsing {
             }
         }
     }
+}
+
+/// A policy data document with one binding.
+fn policy_document(binding: &str) -> String {
+    format!(
+        "# caracal:data-document\npackage caracal.authz\nimport rego.v1\napp_ids := {{\"{binding}\": \"b\"}}\n"
+    )
+}
+
+#[tokio::test]
+async fn ensure_keeps_a_policy_by_its_content_and_a_set_by_its_policies_latest_versions() {
+    let world = world().await;
+    let api = api(&world, true);
+    let scopes = [
+        "control:policy:read",
+        "control:policy:write",
+        "control:policy-set:read",
+        "control:policy-set:write",
+    ];
+    let key = control_key(&world, &scopes).await;
+    let all = scopes.join(" ");
+    let ensure = |kind: &'static str, flags: Value, scope: String| {
+        let (world, api, key) = (&world, &api, &key);
+        async move {
+            let token = mint(world, key, &scope).await;
+            let body = json!({"command": "ensure", "subcommand": kind, "flags": flags});
+            invoke(api, &token, body).await
+        }
+    };
+
+    let policy = |content: String| json!({"name": "grants-a", "content": content});
+    let mut versions = Vec::new();
+    for (content, action) in [
+        (policy_document("one"), "created"),
+        (policy_document("one"), "unchanged"),
+        (policy_document("two"), "updated"),
+        (policy_document("two"), "unchanged"),
+    ] {
+        let (status, answer) = ensure("policy", policy(content), all.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["result"]["action"], action, "{answer}");
+        versions.push(answer["result"]["object"]["version"].clone());
+    }
+    assert_eq!(versions, [json!(1), json!(1), json!(2), json!(2)]);
+    let (_, policy_now) = ensure("policy", policy(policy_document("two")), all.clone()).await;
+    let latest = policy_now["result"]["object"]["version_id"].clone();
+
+    // A set naming it is created with a version of its latest and activated; then left.
+    let set = json!({"name": "main", "policies": ["grants-a"], "active": true});
+    let (status, created) = ensure("policy-set", set.clone(), all.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    assert_eq!(created["result"]["action"], "created", "{created}");
+    let set_id = created["result"]["object"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let active = created["result"]["object"]["active_version_id"].clone();
+    assert!(active.is_string(), "{created}");
+    let token = mint(&world, &key, "control:policy-set:read").await;
+    let (_, versions) = invoke(
+        &api,
+        &token,
+        json!({"command": "policy-set", "subcommand": "get", "flags": {"id": set_id}}),
+    )
+    .await;
+    assert_eq!(versions["result"]["active_version_id"], active);
+    let manifest = crate::test_support::call(
+        &world.api,
+        "GET",
+        &format!(
+            "/v1/zones/{}/policy-sets/{set_id}/versions/{}",
+            world.zone_id,
+            active.as_str().unwrap()
+        ),
+        Some(&world.writer),
+        "",
+    )
+    .await
+    .2;
+    assert_eq!(
+        manifest["manifest"],
+        json!([{"policy_version_id": latest}]),
+        "{manifest}"
+    );
+    let (_, again) = ensure("policy-set", set.clone(), all.clone()).await;
+    assert_eq!(again["result"]["action"], "unchanged", "{again}");
+
+    // The policy moves on: the set gets a version of it, activated.
+    ensure("policy", policy(policy_document("three")), all.clone()).await;
+    let (_, moved) = ensure("policy-set", set.clone(), all.clone()).await;
+    assert_eq!(moved["result"]["action"], "updated", "{moved}");
+    assert_ne!(moved["result"]["object"]["active_version_id"], active);
+    let (_, again) = ensure("policy-set", set.clone(), all.clone()).await;
+    assert_eq!(again["result"]["action"], "unchanged", "{again}");
+
+    // A set left inactive is compared with its latest version: ensuring it twice adds one.
+    let spare = json!({"name": "spare", "policies": ["grants-a"]});
+    let (_, first) = ensure("policy-set", spare.clone(), all.clone()).await;
+    assert_eq!(first["result"]["action"], "created", "{first}");
+    assert!(first["result"]["object"]["active_version_id"].is_null());
+    let (_, second) = ensure("policy-set", spare, all.clone()).await;
+    assert_eq!(second["result"]["action"], "unchanged", "{second}");
+
+    // What ensure refuses for these kinds.
+    for (flags, kind, scope, status, expected) in [
+        (
+            json!({"name": "grants-a", "content": policy_document("three"), "description": "new"}),
+            "policy",
+            all.clone(),
+            StatusCode::CONFLICT,
+            "conflict",
+        ),
+        (
+            json!({"name": "p", "content": 7}),
+            "policy",
+            all.clone(),
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            json!({"name": "p", "content": "x", "owner": "me"}),
+            "policy",
+            all.clone(),
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            json!({"name": "broken", "content": "package nope"}),
+            "policy",
+            all.clone(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+        ),
+        (
+            json!({"name": "main", "policies": ["grants-a"], "active": false}),
+            "policy-set",
+            all.clone(),
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            json!({"name": "main", "policies": ["grants-a", "grants-a"]}),
+            "policy-set",
+            all.clone(),
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            json!({"name": "main", "policies": []}),
+            "policy-set",
+            all.clone(),
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            json!({"name": "other", "policies": ["no-such-policy"]}),
+            "policy-set",
+            all.clone(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        // A set's spec reads policies: that needs their read scope too.
+        (
+            json!({"name": "main", "policies": ["grants-a"]}),
+            "policy-set",
+            "control:policy-set:write".to_owned(),
+            StatusCode::FORBIDDEN,
+            "denied",
+        ),
+        (
+            json!({"name": "p", "content": policy_document("x")}),
+            "policy",
+            "control:policy:read".to_owned(),
+            StatusCode::FORBIDDEN,
+            "denied",
+        ),
+    ] {
+        let (got, answer) = ensure(kind, flags.clone(), scope).await;
+        assert_eq!(
+            (got, code(&answer)),
+            (status, expected),
+            "{flags}: {answer}"
+        );
+    }
+    // Nothing was created by the refusals.
+    let token = mint(&world, &key, "control:policy-set:read").await;
+    let (_, sets) = invoke(
+        &api,
+        &token,
+        json!({"command": "policy-set", "subcommand": "list", "flags": {}}),
+    )
+    .await;
+    let names: Vec<&str> = sets["result"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|set| set["name"].as_str())
+        .collect();
+    assert!(!names.contains(&"other"), "{names:?}");
+}
+
+#[tokio::test]
+async fn state_keeps_policies_before_the_sets_that_name_them() {
+    let world = world().await;
+    let api = api(&world, true);
+    let scopes = [
+        "control:policy:read",
+        "control:policy:write",
+        "control:policy:delete",
+        "control:policy-set:read",
+        "control:policy-set:write",
+        "control:policy-set:delete",
+    ];
+    let key = control_key(&world, &scopes).await;
+    let all = scopes.join(" ");
+    let run = |verb: &'static str, flags: Value| {
+        let (world, api, key, all) = (&world, &api, &key, &all);
+        async move {
+            let token = mint(world, key, all).await;
+            let body = json!({"command": "state", "subcommand": verb, "flags": flags});
+            invoke(api, &token, body).await
+        }
+    };
+    let report = |answer: &Value| -> Vec<(String, String, Value)> {
+        answer["result"]["objects"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{answer}"))
+            .iter()
+            .map(|object| {
+                (
+                    object["name"].as_str().unwrap().to_owned(),
+                    object["action"].as_str().unwrap().to_owned(),
+                    object["fields"].clone(),
+                )
+            })
+            .collect()
+    };
+    let document = |content: String| {
+        json!([
+            {"kind": "policy", "spec": {"name": "grants", "content": content}},
+            {"kind": "policy-set", "spec": {"name": "zone-set", "policies": ["grants"], "active": true}},
+        ])
+    };
+
+    let (status, planned) = run("plan", json!({"objects": document(policy_document("a"))})).await;
+    assert_eq!(status, StatusCode::OK, "{planned}");
+    let actions: Vec<String> = report(&planned).into_iter().map(|(_, a, _)| a).collect();
+    assert_eq!(actions, ["create", "create"]);
+    let (status, applied) = run("apply", json!({"objects": document(policy_document("a"))})).await;
+    assert_eq!(status, StatusCode::OK, "{applied}");
+    let actions: Vec<String> = report(&applied).into_iter().map(|(_, a, _)| a).collect();
+    assert_eq!(actions, ["created", "created"]);
+    let (_, verified) = run("verify", json!({"objects": document(policy_document("a"))})).await;
+    assert_eq!(verified["result"]["in_sync"], true, "{verified}");
+
+    // The policy's content drifts: the plan names its content and the set's policies (its
+    // next version is not made yet), and apply makes both.
+    let drifted = document(policy_document("b"));
+    let (_, planned) = run("plan", json!({"objects": drifted})).await;
+    assert_eq!(
+        report(&planned),
+        [
+            ("grants".to_owned(), "update".to_owned(), json!(["content"])),
+            (
+                "zone-set".to_owned(),
+                "update".to_owned(),
+                json!(["policies"])
+            ),
+        ]
+    );
+    let (_, applied) = run("apply", json!({"objects": drifted})).await;
+    let actions: Vec<String> = report(&applied).into_iter().map(|(_, a, _)| a).collect();
+    assert_eq!(actions, ["updated", "updated"], "{applied}");
+    let (_, verified) = run("verify", json!({"objects": drifted})).await;
+    assert_eq!(verified["result"]["in_sync"], true, "{verified}");
+
+    // A set listed before a policy it names is refused before anything runs.
+    let reversed = json!([drifted[1], drifted[0]]);
+    let (status, answer) = run("apply", json!({"objects": reversed})).await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::BAD_REQUEST, "invalid"),
+        "{answer}"
+    );
+
+    // Pruning archives the sets and policies the document does not name (the world's own
+    // grants policy and its set, no longer active), sets first; the active set stays.
+    let (_, planned) = run("plan", json!({"objects": drifted, "prune": true})).await;
+    let pruned: Vec<(String, String)> = report(&planned)
+        .into_iter()
+        .filter(|(_, action, _)| action == "delete")
+        .map(|(name, action, _)| (name, action))
+        .collect();
+    assert!(!pruned.is_empty(), "{planned}");
+    let kinds: Vec<&str> = planned["result"]["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|object| object["action"] == "delete")
+        .map(|object| object["kind"].as_str().unwrap())
+        .collect();
+    let first_policy = kinds.iter().position(|kind| *kind == "policy");
+    let last_set = kinds.iter().rposition(|kind| *kind == "policy-set");
+    assert!(
+        first_policy.is_some() && last_set.is_none_or(|last| Some(last) < first_policy),
+        "{kinds:?}"
+    );
+    let (status, applied) = run("apply", json!({"objects": drifted, "prune": true})).await;
+    assert_eq!(status, StatusCode::OK, "{applied}");
+    let (_, verified) = run("verify", json!({"objects": drifted, "prune": true})).await;
+    assert_eq!(verified["result"]["in_sync"], true, "{verified}");
+}
+
+#[test]
+fn pruning_spares_the_active_policy_set_and_goes_sets_then_policies() {
+    let desired = |kind: &'static str, collection: &str, name: &str| super::Desired {
+        kind,
+        collection: collection.to_owned(),
+        key: "name",
+        spec: json!({"name": name}).as_object().unwrap().clone(),
+    };
+    let objects = [
+        desired("policy", "p", "kept-policy"),
+        desired("policy-set", "s", "kept-set"),
+    ];
+    let listed: super::Listed = [
+        (
+            "p".to_owned(),
+            vec![
+                json!({"id": "p1", "name": "kept-policy"}),
+                json!({"id": "p2", "name": "old-policy"}),
+            ],
+        ),
+        (
+            "s".to_owned(),
+            vec![
+                json!({"id": "s1", "name": "kept-set", "active_version_id": null}),
+                json!({"id": "s2", "name": "active-set", "active_version_id": "v1"}),
+                json!({"id": "s3", "name": "old-set", "active_version_id": null}),
+            ],
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let unnamed: Vec<(&str, &str)> = super::unnamed_objects(&objects, &listed)
+        .into_iter()
+        .map(|(kind, _, _, object)| (kind, object["id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(unnamed, [("policy-set", "s3"), ("policy", "p2")]);
 }
