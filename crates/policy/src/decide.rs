@@ -15,6 +15,9 @@ pub enum Flow {
     Mint,
     /// The Gateway presenting a delegation-bound mandate at a resource.
     Use,
+    /// A launcher (`caracal run`) asking for a workload binding's credential; `application_id`
+    /// is the workload's id.
+    Workload,
 }
 
 /// What is asked. For `use`, `scopes` are the scopes the mandate carries.
@@ -133,7 +136,20 @@ pub fn decide(bundle: Option<&Bundle>, request: &Request) -> Decision {
         Flow::Bootstrap => bootstrap(bundle, request, app_key),
         Flow::Mint => mint(bundle, request, app_key),
         Flow::Use => presented(bundle, request, app_key),
+        Flow::Workload => workload(request),
     }
+}
+
+/// A workload's binding is the operator's grant; the policy may still restrict the zone, and a
+/// workload never carries a subject, a session or a delegation.
+fn workload(request: &Request) -> Decision {
+    if request.subject || request.session || request.edge_scopes.is_some() {
+        return deny(
+            "no_rule_matched",
+            "a workload credential has no subject, session or delegation",
+        );
+    }
+    allow("caracal-workload-mint".to_owned(), None)
 }
 
 fn bootstrap(bundle: &Bundle, request: &Request, app_key: Option<&str>) -> Decision {

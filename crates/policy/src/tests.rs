@@ -275,6 +275,37 @@ fn every_flow_allows_only_what_the_contract_allows_and_names_each_denial() {
         decide(Some(&restricted), &bootstrap).reason(),
         Some("restriction_active")
     );
+    // A workload's credential: allowed by the contract alone, unless the zone is restricted,
+    // has no active set, or the request carries a session.
+    let workload = Request {
+        flow: Flow::Workload,
+        application_id: "wl-1".into(),
+        edge_scopes: None,
+        session: false,
+        ..mint(&["ledger:read"], &[], &[])
+    };
+    let allowed = decide(Some(&plain), &workload);
+    assert_eq!(allowed.decision, Verdict::Allow);
+    assert_eq!(
+        allowed.determining_policies[0].policy,
+        "caracal-workload-mint"
+    );
+    assert_eq!(
+        decide(Some(&restricted), &workload).reason(),
+        Some("restriction_active")
+    );
+    assert_eq!(
+        decide(None, &workload).reason(),
+        Some("no_active_policy_set")
+    );
+    let with_session = Request {
+        session: true,
+        ..workload.clone()
+    };
+    assert_eq!(
+        decide(Some(&plain), &with_session).reason(),
+        Some("no_rule_matched")
+    );
     let confined =
         bundle("confinement := [{\"label_prefix\": \"cl\", \"scopes\": [\"ledger:read\"]}]");
     assert_eq!(

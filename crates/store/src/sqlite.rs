@@ -89,6 +89,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "authority expiry index dropped",
             include_str!("schema/0018_drop_authority_expiry_index.sql").to_owned(),
         ),
+        (
+            "admin objects by id",
+            include_str!("schema/0019_admin_objects_by_id.sql").to_owned(),
+        ),
     ]
 }
 

@@ -127,6 +127,7 @@ macro_rules! conformance {
 conformance!(
     the_read_views_filter_and_page_by_id,
     revoking_a_connection_deletes_its_sealed_tokens,
+    admin_objects_are_found_by_kind_and_id_in_any_zone,
     the_deployment_kek_is_recorded_once,
     admin_tokens_are_found_by_digest_only,
     console_sessions_are_shared_refreshed_ended_and_pruned,
@@ -2055,7 +2056,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 18
+                supported: 19
             }
         ),
         "{error}"
@@ -2072,7 +2073,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
     assert_eq!(
         versions,
         [
-            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 999
+            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 999
         ],
         "the refused start wrote nothing"
     );
@@ -2839,7 +2840,7 @@ async fn retention_deletes_only_what_ended_long_enough_ago(backend: &Backend) {
 }
 
 /// Undoes the migrations after 11 (runtime retention indexes, containment; 18 only dropped an
-/// index of 12).
+/// index of 12, and 19's index goes with its table).
 const LATER_MIGRATIONS: [&str; 9] = [
     "DROP INDEX authority_records_status_expiry",
     "DROP INDEX sessions_status_ended",
@@ -3030,4 +3031,37 @@ async fn revoking_a_connection_deletes_its_sealed_tokens(backend: &Backend) {
             .await,
         Err(StoreError::NotFound(_))
     ));
+}
+
+async fn admin_objects_are_found_by_kind_and_id_in_any_zone(backend: &Backend) {
+    let store = backend.store.as_ref();
+    populate(store, "zone-w", "w").await;
+    let object = caracal_store::AdminObject {
+        zone_id: "zone-w".into(),
+        kind: "workload".into(),
+        id: "wl-1".into(),
+        unique_key: Some("launcher".into()),
+        status: "active".into(),
+        body: "{}".into(),
+        created_at_ms: 1,
+        updated_at_ms: 1,
+    };
+    store.insert_admin_object(&object, None, &[]).await.unwrap();
+    let found = store.find_admin_object("workload", "wl-1").await.unwrap();
+    assert_eq!(found.map(|found| found.zone_id), Some("zone-w".to_owned()));
+    // Another kind with the same id, or an unknown id, is not it.
+    assert!(
+        store
+            .find_admin_object("grant", "wl-1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .find_admin_object("workload", "wl-2")
+            .await
+            .unwrap()
+            .is_none()
+    );
 }

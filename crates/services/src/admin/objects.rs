@@ -592,38 +592,7 @@ struct UpdateWorkload {
     bindings: Option<Vec<Binding>>,
 }
 
-#[derive(Debug, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-struct Binding {
-    env: String,
-    resource: String,
-    #[serde(default)]
-    scopes: Vec<String>,
-    #[serde(default)]
-    optional: bool,
-    #[serde(default = "on_failure_default")]
-    on_failure: String,
-}
-
-fn on_failure_default() -> String {
-    "error".into()
-}
-
-/// Variables a launcher must never set for a child: they change what runs or where it looks.
-const BLOCKED_ENV: [&str; 12] = [
-    "PATH",
-    "HOME",
-    "SHELL",
-    "USER",
-    "PWD",
-    "IFS",
-    "ENV",
-    "BASH_ENV",
-    "PYTHONPATH",
-    "NODE_OPTIONS",
-    "PYTHONSTARTUP",
-    "PERL5OPT",
-];
+use crate::sts::run::Binding;
 
 fn check_bindings(bindings: &[Binding]) -> Result<(), ApiError> {
     if bindings.len() > 64 {
@@ -633,29 +602,8 @@ fn check_bindings(bindings: &[Binding]) -> Result<(), ApiError> {
     for (n, binding) in bindings.iter().enumerate() {
         let path = format!("bindings[{n}]");
         let env = &binding.env;
-        let well_formed = env.len() <= 128
-            && env
-                .bytes()
-                .next()
-                .is_some_and(|first| first.is_ascii_uppercase() || first == b'_')
-            && env
-                .bytes()
-                .all(|byte| byte.is_ascii_uppercase() || byte.is_ascii_digit() || byte == b'_');
-        if !well_formed {
-            return Err(invalid_body(
-                &format!("{path}.env"),
-                "must be an upper-case variable name",
-            ));
-        }
-        if BLOCKED_ENV.contains(&env.as_str())
-            || env.starts_with("LD_")
-            || env.starts_with("DYLD_")
-            || env.starts_with("CARACAL_")
-        {
-            return Err(invalid_body(
-                &format!("{path}.env"),
-                &format!("`{env}` may not be set by a launcher"),
-            ));
+        if let Err(problem) = crate::sts::run::check_env_name(env) {
+            return Err(invalid_body(&format!("{path}.env"), &problem));
         }
         if !seen.insert(env.clone()) {
             return Err(invalid_body(

@@ -80,13 +80,24 @@ pub(super) struct Received {
     pub form: form::TokenForm,
 }
 
-/// The checks every request passes before its fields mean anything.
+/// The checks every token request passes before its fields mean anything.
 async fn read_form(request: Request) -> Result<Received, TokenError> {
+    let received = read_form_body(request).await?;
+    if let Some(field) = received.form.refused_field {
+        return Err(TokenError::malformed(format!("`{field}` is not supported")));
+    }
+    if received.form.grant_type.as_deref() != Some(TOKEN_EXCHANGE) {
+        return Err(TokenError::malformed("unsupported grant_type"));
+    }
+    Ok(received)
+}
+
+/// The transport rules of the STS's form routes: no query, a form body of at most
+/// [`MAX_FORM_BYTES`], strictly parsed.
+pub(super) async fn read_form_body(request: Request) -> Result<Received, TokenError> {
     let (parts, body) = request.into_parts();
     if parts.uri.query().is_some() {
-        return Err(TokenError::malformed(
-            "the token endpoint takes no query parameters",
-        ));
+        return Err(TokenError::malformed("the STS's form routes take no query"));
     }
     let form_type = parts
         .headers
@@ -126,12 +137,6 @@ async fn read_form(request: Request) -> Result<Received, TokenError> {
         .await
         .map_err(|_| too_large())?;
     let form = form::parse(&bytes).map_err(|error| TokenError::malformed(error.to_string()))?;
-    if let Some(field) = form.refused_field {
-        return Err(TokenError::malformed(format!("`{field}` is not supported")));
-    }
-    if form.grant_type.as_deref() != Some(TOKEN_EXCHANGE) {
-        return Err(TokenError::malformed("unsupported grant_type"));
-    }
     Ok(Received {
         parts,
         body: bytes,
@@ -733,7 +738,7 @@ async fn authenticate(
     }
 }
 
-fn locked_until(sts: &Sts, application_id: &str, now: i64) -> Option<i64> {
+pub(super) fn locked_until(sts: &Sts, application_id: &str, now: i64) -> Option<i64> {
     let lockouts = sts
         .lockouts
         .lock()
@@ -746,7 +751,7 @@ fn locked_until(sts: &Sts, application_id: &str, now: i64) -> Option<i64> {
         .map(|(window_start, _)| window_start + 60_000)
 }
 
-fn count_failure(sts: &Sts, application_id: &str, now: i64) {
+pub(super) fn count_failure(sts: &Sts, application_id: &str, now: i64) {
     let mut lockouts = sts
         .lockouts
         .lock()

@@ -21,6 +21,10 @@ pub struct TokenForm {
     pub request_method: Option<String>,
     pub request_path: Option<String>,
     pub gateway_request_id: Option<String>,
+    /// `caracal run`'s routes: the workload, its `ws_` secret and the binding's variable.
+    pub workload_id: Option<String>,
+    pub secret: Option<String>,
+    pub env: Option<String>,
     /// `actor_token`, `client_assertion` or `client_assertion_type`, if any was sent.
     pub refused_field: Option<&'static str>,
 }
@@ -79,6 +83,9 @@ pub fn parse(body: &[u8]) -> Result<TokenForm, FormError> {
             "request_method" => &mut form.request_method,
             "request_path" => &mut form.request_path,
             "gateway_request_id" => &mut form.gateway_request_id,
+            "workload_id" => &mut form.workload_id,
+            "secret" => &mut form.secret,
+            "env" => &mut form.env,
             _ => continue,
         };
         if slot.is_some() {

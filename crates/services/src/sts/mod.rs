@@ -8,6 +8,7 @@ pub mod control;
 mod exchange;
 pub mod form;
 pub mod gateway;
+pub mod run;
 mod secrets;
 
 use std::sync::Arc;
@@ -82,6 +83,8 @@ pub fn routes() -> Router<RoleState> {
         .route("/.well-known/jwks.json", get(jwks))
         .route("/approvals/{id}", get(approvals::poll))
         .route("/approvals/{id}/decision", post(approvals::decide))
+        .route("/v1/run/manifest", post(run::manifest))
+        .route("/v1/run/credential", post(run::credential))
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

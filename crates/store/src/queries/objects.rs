@@ -34,6 +34,12 @@ pub trait Objects: Send + Sync {
         kind: &str,
         id: &str,
     ) -> Result<Option<AdminObject>, StoreError>;
+    /// The object of `kind` with `id`, in whichever zone holds it.
+    async fn find_admin_object(
+        &self,
+        kind: &str,
+        id: &str,
+    ) -> Result<Option<AdminObject>, StoreError>;
     /// The zone's objects of `kind`, oldest first.
     async fn list_admin_objects(
         &self,
@@ -145,6 +151,20 @@ impl<D: Db> Objects for D {
                 " WHERE zone_id = $1 AND kind = $2 AND id = $3"
             ),
             params![zone_id, kind, id],
+            admin_object,
+        )
+        .await
+    }
+
+    async fn find_admin_object(
+        &self,
+        kind: &str,
+        id: &str,
+    ) -> Result<Option<AdminObject>, StoreError> {
+        one(
+            self,
+            concat!(select_admin_objects!(), " WHERE kind = $1 AND id = $2"),
+            params![kind, id],
             admin_object,
         )
         .await
