@@ -184,6 +184,28 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Start a program with its workload's credentials: the workload is CARACAL_WORKLOAD_ID with
+    /// CARACAL_WORKLOAD_SECRET or CARACAL_WORKLOAD_SECRET_FILE; the program gets each binding's
+    /// credential and only an allowlist of this environment (PATH, HOME, locale, terminal), runs
+    /// without a shell, receives INT, TERM, HUP and QUIT, and its exit status is this one's
+    /// (128 + N for signal N; 1 if anything before the start failed; 127 if it cannot start)
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The STS the workload authenticates at (http://; put TLS in front of it) [env:
+    /// CARACAL_STS_URL] [default: http://127.0.0.1:8080]
+    #[arg(long, value_name = "URL")]
+    pub sts_url: Option<String>,
+    /// The program and its arguments, after `--`
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -17,6 +17,7 @@ mod cli;
 mod config;
 mod console_users;
 mod incident;
+mod launcher;
 mod logging;
 mod preserve;
 mod status;
@@ -152,6 +153,13 @@ fn main() -> ExitCode {
                 }
             }
         }),
+        Command::Run(args) => {
+            let sts_url = args
+                .sts_url
+                .or_else(|| std::env::var("CARACAL_STS_URL").ok())
+                .unwrap_or_else(|| "http://127.0.0.1:8080".to_owned());
+            runtime(|| launcher::run(&sts_url, &args.command))
+        }
         Command::Up => serve(&resolved, &Role::ALL),
         Command::Serve { mut roles } => {
             roles.sort();
