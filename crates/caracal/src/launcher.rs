@@ -228,6 +228,14 @@ pub async fn run(sts_url: &str, command: &[String]) -> ExitCode {
         }
     };
     let environment = child_environment(std::env::vars(), &bound);
+    // Listening before the start: a signal in between must reach the child, not end us alone.
+    let signals = match Signals::listen() {
+        Ok(signals) => signals,
+        Err(error) => {
+            eprintln!("error: cannot listen for signals: {error}");
+            return ExitCode::from(EXIT_PRE_SPAWN);
+        }
+    };
     let mut child = match tokio::process::Command::new(program)
         .args(arguments)
         .env_clear()
@@ -240,7 +248,7 @@ pub async fn run(sts_url: &str, command: &[String]) -> ExitCode {
             return ExitCode::from(EXIT_NOT_STARTED);
         }
     };
-    match supervise(&mut child).await {
+    match supervise(&mut child, signals).await {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -249,28 +257,43 @@ pub async fn run(sts_url: &str, command: &[String]) -> ExitCode {
     }
 }
 
+/// The signals the launcher passes on.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn listen() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+            quit: signal(SignalKind::quit())?,
+        })
+    }
+}
+
 /// Waits for the child, passing it every SIGINT, SIGTERM, SIGHUP and SIGQUIT the launcher
 /// receives; its exit code, or 128 + the signal that ended it.
-async fn supervise(child: &mut tokio::process::Child) -> anyhow::Result<u8> {
+async fn supervise(child: &mut tokio::process::Child, mut signals: Signals) -> anyhow::Result<u8> {
     use std::os::unix::process::ExitStatusExt as _;
-    use tokio::signal::unix::{SignalKind, signal};
 
     let pid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
         .and_then(rustix::process::Pid::from_raw)
         .context("the child has no process id")?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut quit = signal(SignalKind::quit())?;
     let status = loop {
         let forwarded = tokio::select! {
             status = child.wait() => break status?,
-            _ = interrupt.recv() => rustix::process::Signal::INT,
-            _ = terminate.recv() => rustix::process::Signal::TERM,
-            _ = hangup.recv() => rustix::process::Signal::HUP,
-            _ = quit.recv() => rustix::process::Signal::QUIT,
+            _ = signals.interrupt.recv() => rustix::process::Signal::INT,
+            _ = signals.terminate.recv() => rustix::process::Signal::TERM,
+            _ = signals.hangup.recv() => rustix::process::Signal::HUP,
+            _ = signals.quit.recv() => rustix::process::Signal::QUIT,
         };
         // The child may have just exited; its status comes from `wait` on the next turn.
         let _ = rustix::process::kill_process(pid, forwarded);
