@@ -470,7 +470,8 @@ impl Stack {
                 Arc::clone(&self.shared.store),
                 &self.shared.kek,
             )
-            .with_mint_limit(self.mint_rate_limit_per_minute),
+            .with_mint_limit(self.mint_rate_limit_per_minute)
+            .with_provider_host_allowlist(self.gateway_config.host_allowlist.clone()),
         );
         servers.spawn(crate::policy::run_loader(
             policies.clone(),

@@ -108,44 +108,49 @@ impl Gateway {
         exchanger: Exchanger,
         metrics: Arc<GatewayMetrics>,
     ) -> Result<Gateway, String> {
-        let mut connector = HttpConnector::new_with_resolver(CheckedResolver);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        connector.set_keepalive(Some(Duration::from_secs(30)));
-        connector.set_nodelay(true);
-        connector.enforce_http(false);
-        // TLS to https upstreams, verified against the Mozilla roots (webpki-roots), with the
-        // aws-lc-rs provider named explicitly (no process-wide default is relied on).
-        let roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|error| format!("TLS configuration: {error}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
-        let upstream = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(100)
-            .build(connector);
         Ok(Gateway {
             config,
             revocations: Arc::new(RevocationView::default()),
             circuit: Circuit::new(exchange::FAILURE_LIMIT, exchange::OPEN_FOR),
             keys: KeyRing::default(),
             exchanger,
-            upstream,
+            upstream: upstream_client()?,
             oauth_tokens: oauth::TokenCache::default(),
             key_refreshes: Mutex::default(),
             metrics,
         })
     }
+}
+
+/// The client for upstreams and providers' token endpoints: every address checked by the
+/// guard's resolver, TLS verified against the Mozilla roots.
+pub(crate) fn upstream_client() -> Result<UpstreamClient, String> {
+    let mut connector = HttpConnector::new_with_resolver(CheckedResolver);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    connector.set_keepalive(Some(Duration::from_secs(30)));
+    connector.set_nodelay(true);
+    connector.enforce_http(false);
+    // TLS to https upstreams, verified against the Mozilla roots (webpki-roots), with the
+    // aws-lc-rs provider named explicitly (no process-wide default is relied on).
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|error| format!("TLS configuration: {error}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Ok(Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(100)
+        .build(connector))
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

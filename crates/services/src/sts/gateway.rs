@@ -397,7 +397,10 @@ fn operation_floor(
 }
 
 /// How the Gateway reaches `resource` and what it injects, from the resource's provider.
-async fn upstream(state: &RoleState, resource: &Resource) -> Result<Upstream, TokenError> {
+pub(super) async fn upstream(
+    state: &RoleState,
+    resource: &Resource,
+) -> Result<Upstream, TokenError> {
     let provider = state
         .shared
         .store

@@ -48,6 +48,12 @@ pub struct Sts {
     lockouts: std::sync::Mutex<std::collections::HashMap<String, (i64, u32)>>,
     /// Mints a minute per (zone, resource, application).
     mint_limit_per_minute: u64,
+    /// For `caracal run`'s client-credentials bindings: the client to providers' token
+    /// endpoints (built on first use; none if TLS could not be set up), the tokens it fetched,
+    /// and the private hosts it may reach (the Gateway's upstream allowlist).
+    provider_client: std::sync::OnceLock<Option<crate::gateway::UpstreamClient>>,
+    provider_tokens: crate::gateway::oauth::TokenCache,
+    provider_host_allowlist: Vec<String>,
 }
 
 impl Sts {
@@ -68,7 +74,16 @@ impl Sts {
             authority,
             lockouts: std::sync::Mutex::default(),
             mint_limit_per_minute: DEFAULT_MINT_LIMIT_PER_MINUTE,
+            provider_client: std::sync::OnceLock::new(),
+            provider_tokens: crate::gateway::oauth::TokenCache::default(),
+            provider_host_allowlist: Vec::new(),
         }
+    }
+
+    /// The private hosts a provider's token endpoint may be at (the Gateway's allowlist).
+    pub fn with_provider_host_allowlist(mut self, hosts: Vec<String>) -> Sts {
+        self.provider_host_allowlist = hosts;
+        self
     }
 
     pub fn with_mint_limit(mut self, per_minute: u64) -> Sts {

@@ -81,8 +81,9 @@ pub fn check_env_name(env: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The provider kinds whose credential is a stored value a launcher can be handed.
-const RELEASED_KINDS: [&str; 2] = ["api_key", "bearer_token"];
+/// The provider kinds whose credential a launcher can be handed: a stored value, or a token
+/// the STS fetches with the provider's client credentials.
+const RELEASED_KINDS: [&str; 3] = ["api_key", "bearer_token", "oauth2_client_credentials"];
 
 pub async fn manifest(
     State(state): State<RoleState>,
@@ -378,21 +379,53 @@ async fn release(
         &workload.id,
     )
     .await?;
-    let secrets = crate::provider_secrets::open(&state.shared, &provider)
-        .await
-        .map_err(|_| unavailable_credential())?;
-    let credential = match provider.kind.as_str() {
-        "api_key" => secrets.get("api_key"),
-        _ => secrets.get("bearer_token").or_else(|| secrets.get("token")),
-    }
-    .filter(|value| !value.is_empty())
-    .cloned()
-    .ok_or_else(unavailable_credential)?;
+    let credential = if provider.kind == "oauth2_client_credentials" {
+        brokered_token(state, &sts, &resource).await?
+    } else {
+        let secrets = crate::provider_secrets::open(&state.shared, &provider)
+            .await
+            .map_err(|_| unavailable_credential())?;
+        match provider.kind.as_str() {
+            "api_key" => secrets.get("api_key"),
+            _ => secrets.get("bearer_token").or_else(|| secrets.get("token")),
+        }
+        .filter(|value| !value.is_empty())
+        .cloned()
+        .ok_or_else(unavailable_credential)?
+    };
     // Evidence before the credential leaves.
     let mut allowed = event(&decision, Some(&provider.id));
     stamp(&mut allowed, loaded.as_deref());
     state.shared.evidence.record(allowed).await?;
     Ok(json!({"env": binding.env, "credential": credential}))
+}
+
+/// A client-credentials provider's access token, fetched (or reused) as the Gateway does:
+/// through the address guard, pinned to the provider's `allowed_token_hosts`.
+async fn brokered_token(
+    state: &RoleState,
+    sts: &Sts,
+    resource: &caracal_store::Resource,
+) -> Result<String, TokenError> {
+    let directive = super::gateway::upstream(state, resource).await?;
+    let client = sts
+        .provider_client
+        .get_or_init(|| {
+            crate::gateway::upstream_client()
+                .inspect_err(
+                    |error| tracing::error!(%error, "no client for providers' token endpoints"),
+                )
+                .ok()
+        })
+        .as_ref()
+        .ok_or_else(unavailable_credential)?;
+    sts.provider_tokens
+        .token(client, &directive, &sts.provider_host_allowlist)
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, resource = %resource.identifier, "a launcher's provider token is unavailable");
+            unavailable_credential()
+        })
 }
 
 fn stamp(event: &mut Event, loaded: Option<&crate::policy::Loaded>) {
@@ -606,6 +639,96 @@ mod tests {
             refused["error_description"],
             "policy denied (restriction_active)"
         );
+    }
+
+    #[tokio::test]
+    async fn a_client_credentials_binding_gets_a_token_fetched_through_the_address_guard() {
+        let world = world().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let token_endpoint = listener.local_addr().unwrap();
+        let app = axum::Router::new().route(
+            "/token",
+            axum::routing::post(|| async {
+                axum::Json(
+                    json!({"access_token": "cc-1", "token_type": "Bearer", "expires_in": 300}),
+                )
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let w = Some(world.writer.as_str());
+        let base = format!("/v1/zones/{}", world.zone_id);
+        let mut bindings = Vec::new();
+        for (env, token_url) in [
+            ("REPORTS_TOKEN", format!("http://{token_endpoint}/token")),
+            ("METADATA_TOKEN", "http://169.254.169.254/token".to_owned()),
+        ] {
+            let provider = json!({"name": env, "kind": "oauth2_client_credentials",
+                "config_json": {"token_url": token_url, "client_id": "launcher",
+                                "client_secret": "cc-secret", "allow_runtime_injection": true}});
+            let (status, _, provider) = call(
+                &world.api,
+                "POST",
+                &format!("{base}/providers"),
+                w,
+                &provider.to_string(),
+            )
+            .await;
+            assert_eq!(status, StatusCode::CREATED, "{provider}");
+            let identifier = format!("resource://{}", env.to_lowercase());
+            let resource = json!({"name": env, "identifier": identifier, "scopes": ["read"],
+                "upstream_url": "http://127.0.0.1:9/", "credential_provider_id": provider["id"]});
+            let (status, _, created) = call(
+                &world.api,
+                "POST",
+                &format!("{base}/resources"),
+                w,
+                &resource.to_string(),
+            )
+            .await;
+            assert_eq!(status, StatusCode::CREATED, "{created}");
+            bindings.push(json!({"env": env, "resource": identifier, "scopes": ["read"]}));
+        }
+        let (_, _, workload) = call(
+            &world.api,
+            "POST",
+            &format!("{base}/workloads"),
+            w,
+            r#"{"name":"reports"}"#,
+        )
+        .await;
+        let id = workload["id"].as_str().unwrap().to_owned();
+        let secret = workload["secret"].as_str().unwrap().to_owned();
+        let (status, _, updated) = call(
+            &world.api,
+            "PUT",
+            &format!("{base}/workloads/{id}"),
+            w,
+            &json!({"bindings": bindings}).to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{updated}");
+
+        let (status, released) = post(
+            &world,
+            "/v1/run/credential",
+            &form(&id, &secret, Some("REPORTS_TOKEN")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{released}");
+        assert_eq!(released["credential"], "cc-1");
+        // A token endpoint at a metadata address is never called.
+        let (status, refused) = post(
+            &world,
+            "/v1/run/credential",
+            &form(&id, &secret, Some("METADATA_TOKEN")),
+        )
+        .await;
+        assert_eq!(
+            (status, refused["error"].as_str()),
+            (StatusCode::BAD_GATEWAY, Some("http_request_failed")),
+            "{refused}"
+        );
+        assert!(!refused.to_string().contains("cc-secret"));
     }
 
     #[tokio::test]
