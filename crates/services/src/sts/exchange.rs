@@ -693,15 +693,7 @@ async fn authenticate(
         return Err(refused());
     };
     let now = now_ms();
-    if let Some(until) = locked_until(sts, application_id, now) {
-        let mut error = TokenError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many failed authentications; try again later",
-        );
-        error.retry_after = Some(u64::try_from((until - now) / 1000 + 1).unwrap_or(60));
-        return Err(error);
-    }
+    not_locked_out(sts, application_id, now)?;
     let application = state
         .shared
         .store
@@ -729,16 +721,27 @@ async fn authenticate(
         }
         Some(application) if verified => Ok(application),
         _ => {
-            count_failure(sts, application_id, now);
-            if let Some(metrics) = &state.metrics.sts {
-                metrics.auth_failures.inc();
-            }
+            count_failure(state, sts, application_id, now);
             Err(refused())
         }
     }
 }
 
-pub(super) fn locked_until(sts: &Sts, application_id: &str, now: i64) -> Option<i64> {
+/// 429 `rate_limited` while `caller` (an application id, or `workload:<id>`) is locked out.
+pub(super) fn not_locked_out(sts: &Sts, caller: &str, now: i64) -> Result<(), TokenError> {
+    let Some(until) = locked_until(sts, caller, now) else {
+        return Ok(());
+    };
+    let mut error = TokenError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "too many failed authentications; try again later",
+    );
+    error.retry_after = Some(u64::try_from((until - now) / 1000 + 1).unwrap_or(60));
+    Err(error)
+}
+
+fn locked_until(sts: &Sts, application_id: &str, now: i64) -> Option<i64> {
     let lockouts = sts
         .lockouts
         .lock()
@@ -751,7 +754,12 @@ pub(super) fn locked_until(sts: &Sts, application_id: &str, now: i64) -> Option<
         .map(|(window_start, _)| window_start + 60_000)
 }
 
-pub(super) fn count_failure(sts: &Sts, application_id: &str, now: i64) {
+/// One more failed authentication of `application_id` (or `workload:<id>`), counted and
+/// shown in the metrics.
+pub(super) fn count_failure(state: &RoleState, sts: &Sts, application_id: &str, now: i64) {
+    if let Some(metrics) = &state.metrics.sts {
+        metrics.auth_failures.inc();
+    }
     let mut lockouts = sts
         .lockouts
         .lock()
@@ -1008,19 +1016,8 @@ pub(super) async fn decide_resource(
     bundle: Option<&caracal_policy::Bundle>,
     session_context: bool,
 ) -> Result<Result<Decision, (Decision, String)>, TokenError> {
-    let refuse = |reason: &str, description: String| {
-        let decision = Decision {
-            decision: Verdict::Deny,
-            evaluation_status: "complete".to_owned(),
-            determining_policies: Vec::new(),
-            diagnostics: vec![caracal_policy::Reason {
-                code: reason.to_owned(),
-                detail: description.clone(),
-            }],
-            step_up_required: None,
-        };
-        Ok(Err((decision, description)))
-    };
+    let refuse =
+        |reason: &str, description: String| Ok(Err((denial(reason, &description), description)));
     let Some(resource) = store
         .find_resource(&ask.zone_id, identifier)
         .await?
@@ -1076,6 +1073,20 @@ pub(super) async fn decide_resource(
         return Ok(Err((decision, description)));
     }
     Ok(Ok(decision))
+}
+
+/// A denial the STS decides itself, before or beside the policy, in the policy's shape.
+pub(super) fn denial(reason: &str, description: &str) -> Decision {
+    Decision {
+        decision: Verdict::Deny,
+        evaluation_status: "complete".to_owned(),
+        determining_policies: Vec::new(),
+        diagnostics: vec![caracal_policy::Reason {
+            code: reason.to_owned(),
+            detail: description.to_owned(),
+        }],
+        step_up_required: None,
+    }
 }
 
 pub(super) fn exchange_event(

@@ -17,7 +17,7 @@ use http::{HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::exchange::{count_failure, locked_until, read_form_body, within_mint_limit};
+use super::exchange::{count_failure, denial, not_locked_out, read_form_body, within_mint_limit};
 use super::{Sts, TokenError, form};
 use crate::state::RoleState;
 
@@ -173,13 +173,7 @@ async fn authenticate(
     }
     let now = now_ms();
     let lockout_key = format!("workload:{id}");
-    if let Some(until) = locked_until(sts, &lockout_key, now) {
-        let mut error = TokenError::unauthenticated("too many failed authentications");
-        error.status = StatusCode::TOO_MANY_REQUESTS;
-        error.code = "rate_limited";
-        error.retry_after = Some(u64::try_from((until - now) / 1000 + 1).unwrap_or(60));
-        return Err(error);
-    }
+    not_locked_out(sts, &lockout_key, now)?;
     let object = state
         .shared
         .store
@@ -201,10 +195,7 @@ async fn authenticate(
                 .unwrap_or_default(),
         }),
         _ => {
-            count_failure(sts, &lockout_key, now);
-            if let Some(metrics) = &state.metrics.sts {
-                metrics.auth_failures.inc();
-            }
+            count_failure(state, sts, &lockout_key, now);
             Err(refused())
         }
     }
@@ -277,19 +268,7 @@ async fn release(
         occurred_at_ms: now_ms(),
     };
     // The binding's own checks, each a named denial recorded like the policy's.
-    let refuse = |code: &str, description: String| {
-        let decision = Decision {
-            decision: Verdict::Deny,
-            evaluation_status: "complete".to_owned(),
-            determining_policies: Vec::new(),
-            diagnostics: vec![caracal_policy::Reason {
-                code: code.to_owned(),
-                detail: description.clone(),
-            }],
-            step_up_required: None,
-        };
-        (decision, description)
-    };
+    let refuse = |code: &str, description: String| (denial(code, &description), description);
     let resource = store
         .find_resource(&workload.zone_id, &binding.resource)
         .await?
