@@ -446,70 +446,67 @@ mod tests {
     use crate::state::RoleState;
     use crate::test_support::call;
 
-    /// A workload of the world's zone bound to two resources: one behind an API-key provider
-    /// that allows runtime injection, one behind a bearer-token provider that does not.
-    async fn launcher(world: &World) -> (String, String) {
+    /// A workload of the world's zone with one binding per `(env, provider, extra)`: each a
+    /// provider, a resource `resource://<env in lower case>` with the scope `read` behind it,
+    /// and the binding (its fields and `extra`'s). The workload's id and secret.
+    async fn workload(world: &World, bound: &[(&str, Value, Value)]) -> (String, String) {
         let w = Some(world.writer.as_str());
         let base = format!("/v1/zones/{}", world.zone_id);
-        let mut providers = Vec::new();
-        for provider in [
-            json!({"name": "billing key", "kind": "api_key",
-                   "config_json": {"header": "x-api-key", "api_key": "sk-live-1", "allow_runtime_injection": true}}),
-            json!({"name": "notes token", "kind": "bearer_token",
-                   "config_json": {"bearer_token": "nt-1"}}),
-        ] {
-            let (status, _, created) = call(
-                &world.api,
-                "POST",
-                &format!("{base}/providers"),
-                w,
-                &provider.to_string(),
-            )
-            .await;
+        let created = |path: String, body: Value| async move {
+            let (status, _, created) = call(&world.api, "POST", &path, w, &body.to_string()).await;
             assert_eq!(status, StatusCode::CREATED, "{created}");
-            providers.push(created["id"].clone());
+            created
+        };
+        let mut bindings = Vec::new();
+        for (env, provider, extra) in bound {
+            let provider = created(format!("{base}/providers"), provider.clone()).await;
+            let identifier = format!("resource://{}", env.to_lowercase());
+            let resource = json!({"name": env, "identifier": identifier, "scopes": ["read"],
+                                  "upstream_url": "http://127.0.0.1:9/", "credential_provider_id": provider["id"]});
+            created(format!("{base}/resources"), resource).await;
+            let mut binding = json!({"env": env, "resource": identifier, "scopes": ["read"]});
+            if let (Some(binding), Some(extra)) = (binding.as_object_mut(), extra.as_object()) {
+                binding.extend(extra.clone());
+            }
+            bindings.push(binding);
         }
-        for (identifier, scope, provider) in [
-            ("resource://billing-api", "billing:read", &providers[0]),
-            ("resource://notes", "notes:read", &providers[1]),
-        ] {
-            let resource = json!({"name": identifier, "identifier": identifier, "scopes": [scope],
-                                  "upstream_url": "http://127.0.0.1:9/", "credential_provider_id": provider});
-            let (status, _, created) = call(
-                &world.api,
-                "POST",
-                &format!("{base}/resources"),
-                w,
-                &resource.to_string(),
-            )
-            .await;
-            assert_eq!(status, StatusCode::CREATED, "{created}");
-        }
-        let (status, _, workload) = call(
-            &world.api,
-            "POST",
-            &format!("{base}/workloads"),
-            w,
-            r#"{"name":"nightly-report"}"#,
+        let workload = created(
+            format!("{base}/workloads"),
+            json!({"name": "nightly-report"}),
         )
         .await;
-        assert_eq!(status, StatusCode::CREATED, "{workload}");
         let id = workload["id"].as_str().unwrap().to_owned();
-        let bindings = json!({"bindings": [
-            {"env": "BILLING_KEY", "resource": "resource://billing-api", "scopes": ["billing:read"]},
-            {"env": "NOTES_TOKEN", "resource": "resource://notes", "scopes": ["notes:read"],
-             "optional": true, "on_failure": "warn"},
-        ]});
         let (status, _, updated) = call(
             &world.api,
             "PUT",
             &format!("{base}/workloads/{id}"),
             w,
-            &bindings.to_string(),
+            &json!({"bindings": bindings}).to_string(),
         )
         .await;
         assert_eq!(status, StatusCode::OK, "{updated}");
         (id, workload["secret"].as_str().unwrap().to_owned())
+    }
+
+    /// Bound to an API key that may be injected and to a bearer token that may not (optional).
+    async fn launcher(world: &World) -> (String, String) {
+        workload(
+            world,
+            &[
+                (
+                    "BILLING_KEY",
+                    json!({"name": "billing key", "kind": "api_key",
+                           "config_json": {"header": "x-api-key", "api_key": "sk-live-1", "allow_runtime_injection": true}}),
+                    json!({}),
+                ),
+                (
+                    "NOTES_TOKEN",
+                    json!({"name": "notes token", "kind": "bearer_token", "config_json": {"bearer_token": "nt-1"}}),
+                    json!({"optional": true, "on_failure": "warn"}),
+                ),
+            ],
+        )
+        .await
     }
 
     fn form(id: &str, secret: &str, env: Option<&str>) -> String {
@@ -634,58 +631,27 @@ mod tests {
             }),
         );
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        let w = Some(world.writer.as_str());
-        let base = format!("/v1/zones/{}", world.zone_id);
-        let mut bindings = Vec::new();
-        for (env, token_url) in [
-            ("REPORTS_TOKEN", format!("http://{token_endpoint}/token")),
-            ("METADATA_TOKEN", "http://169.254.169.254/token".to_owned()),
-        ] {
-            let provider = json!({"name": env, "kind": "oauth2_client_credentials",
-                "config_json": {"token_url": token_url, "client_id": "launcher",
-                                "client_secret": "cc-secret", "allow_runtime_injection": true}});
-            let (status, _, provider) = call(
-                &world.api,
-                "POST",
-                &format!("{base}/providers"),
-                w,
-                &provider.to_string(),
-            )
-            .await;
-            assert_eq!(status, StatusCode::CREATED, "{provider}");
-            let identifier = format!("resource://{}", env.to_lowercase());
-            let resource = json!({"name": env, "identifier": identifier, "scopes": ["read"],
-                "upstream_url": "http://127.0.0.1:9/", "credential_provider_id": provider["id"]});
-            let (status, _, created) = call(
-                &world.api,
-                "POST",
-                &format!("{base}/resources"),
-                w,
-                &resource.to_string(),
-            )
-            .await;
-            assert_eq!(status, StatusCode::CREATED, "{created}");
-            bindings.push(json!({"env": env, "resource": identifier, "scopes": ["read"]}));
-        }
-        let (_, _, workload) = call(
-            &world.api,
-            "POST",
-            &format!("{base}/workloads"),
-            w,
-            r#"{"name":"reports"}"#,
+        let provider = |token_url: String| {
+            json!({"name": token_url, "kind": "oauth2_client_credentials",
+                   "config_json": {"token_url": token_url, "client_id": "launcher",
+                                   "client_secret": "cc-secret", "allow_runtime_injection": true}})
+        };
+        let (id, secret) = workload(
+            &world,
+            &[
+                (
+                    "REPORTS_TOKEN",
+                    provider(format!("http://{token_endpoint}/token")),
+                    json!({}),
+                ),
+                (
+                    "METADATA_TOKEN",
+                    provider("http://169.254.169.254/token".to_owned()),
+                    json!({}),
+                ),
+            ],
         )
         .await;
-        let id = workload["id"].as_str().unwrap().to_owned();
-        let secret = workload["secret"].as_str().unwrap().to_owned();
-        let (status, _, updated) = call(
-            &world.api,
-            "PUT",
-            &format!("{base}/workloads/{id}"),
-            w,
-            &json!({"bindings": bindings}).to_string(),
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK, "{updated}");
 
         let (status, released) = post(
             &world,
@@ -853,5 +819,31 @@ mod tests {
             (StatusCode::SERVICE_UNAVAILABLE, Some("contained")),
             "{answer}"
         );
+    }
+}
+
+#[cfg(test)]
+mod env_names {
+    use proptest::prelude::*;
+
+    use super::{BLOCKED_ENV, check_env_name};
+
+    proptest! {
+        /// Whatever the name, the check answers; what passes is an upper-case name that
+        /// changes neither what runs nor Caracal's own settings.
+        #[test]
+        fn only_safe_upper_case_names_pass(name in prop_oneof![
+            "[A-Z_][A-Z0-9_]{0,20}",
+            "(LD_|DYLD_|CARACAL_)[A-Z0-9_]{0,8}",
+            proptest::sample::select(BLOCKED_ENV.to_vec()).prop_map(str::to_owned),
+            any::<String>(),
+        ]) {
+            if check_env_name(&name).is_ok() {
+                prop_assert!(name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_'));
+                prop_assert!(!name.is_empty() && !name.as_bytes()[0].is_ascii_digit());
+                prop_assert!(!BLOCKED_ENV.contains(&name.as_str()));
+                prop_assert!(!["LD_", "DYLD_", "CARACAL_"].iter().any(|prefix| name.starts_with(prefix)));
+            }
+        }
     }
 }
