@@ -43,6 +43,18 @@ impl TokenCache {
         directive: &Upstream,
         allowlist: &[String],
     ) -> Result<String, TokenError> {
+        self.token_until(client, directive, allowlist)
+            .await
+            .map(|(token, _)| token)
+    }
+
+    /// As [`TokenCache::token`], with the instant after which it is no longer used.
+    pub async fn token_until(
+        &self,
+        client: &UpstreamClient,
+        directive: &Upstream,
+        allowlist: &[String],
+    ) -> Result<(String, Instant), TokenError> {
         let token_url = directive.token_url.as_deref().unwrap_or_default();
         let client_id = directive.client_id.as_deref().unwrap_or_default();
         let secret = directive.provider_token.as_deref().unwrap_or_default();
@@ -58,7 +70,7 @@ impl TokenCache {
             .get(&key)
             && Instant::now() < *until
         {
-            return Ok(token.clone());
+            return Ok((token.clone(), *until));
         }
         let (token, lifetime) = fetch(client, directive, allowlist).await?;
         let until = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN);
@@ -68,7 +80,7 @@ impl TokenCache {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         tokens.retain(|_, (_, until)| Instant::now() < *until);
         tokens.insert(key, (token.clone(), until));
-        Ok(token)
+        Ok((token, until))
     }
 }
 

@@ -358,8 +358,11 @@ async fn release(
         &workload.id,
     )
     .await?;
-    let credential = if provider.kind == "oauth2_client_credentials" {
-        brokered_token(state, &sts, &resource).await?
+    let (credential, expires_at) = if provider.kind == "oauth2_client_credentials" {
+        let (token, until) = brokered_token(state, &sts, &resource).await?;
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        let left = i64::try_from(left.as_secs()).unwrap_or(0);
+        (token, Some(now_ms() / 1000 + left))
     } else {
         let secrets = crate::provider_secrets::open(&state.shared, &provider)
             .await
@@ -370,22 +373,30 @@ async fn release(
         }
         .filter(|value| !value.is_empty())
         .cloned()
+        .map(|credential| (credential, None))
         .ok_or_else(unavailable_credential)?
     };
     // Evidence before the credential leaves.
     let mut allowed = event(&decision, Some(&provider.id));
     stamp(&mut allowed, loaded.as_deref());
     state.shared.evidence.record(allowed).await?;
-    Ok(json!({"env": binding.env, "credential": credential}))
+    let mut answer = serde_json::Map::new();
+    answer.insert("env".to_owned(), json!(binding.env));
+    answer.insert("credential".to_owned(), json!(credential));
+    if let Some(expires_at) = expires_at {
+        answer.insert("expires_at".to_owned(), json!(expires_at));
+    }
+    Ok(Value::Object(answer))
 }
 
 /// A client-credentials provider's access token, fetched (or reused) as the Gateway does:
-/// through the address guard, pinned to the provider's `allowed_token_hosts`.
+/// through the address guard, pinned to the provider's `allowed_token_hosts`; and when it stops
+/// being handed out.
 async fn brokered_token(
     state: &RoleState,
     sts: &Sts,
     resource: &caracal_store::Resource,
-) -> Result<String, TokenError> {
+) -> Result<(String, std::time::Instant), TokenError> {
     let directive = super::gateway::upstream(state, resource).await?;
     let client = sts
         .provider_client
@@ -399,7 +410,7 @@ async fn brokered_token(
         .as_ref()
         .ok_or_else(unavailable_credential)?;
     sts.provider_tokens
-        .token(client, &directive, &sts.provider_host_allowlist)
+        .token_until(client, &directive, &sts.provider_host_allowlist)
         .await
         .map_err(|error| {
             tracing::warn!(%error, resource = %resource.identifier, "a launcher's provider token is unavailable");
@@ -439,6 +450,7 @@ fn runtime_injection_allowed(config: &str) -> bool {
 )]
 mod tests {
     use caracal_core::Role;
+    use caracal_store::now_ms;
     use http::StatusCode;
     use serde_json::{Value, json};
 
@@ -661,6 +673,10 @@ mod tests {
         .await;
         assert_eq!(status, StatusCode::OK, "{released}");
         assert_eq!(released["credential"], "cc-1");
+        // It is handed out until shortly before the provider said it expires.
+        let now = now_ms() / 1000;
+        let expires_at = released["expires_at"].as_i64().unwrap();
+        assert!(now < expires_at && expires_at <= now + 300, "{released}");
         // A token endpoint at a metadata address is never called.
         let (status, refused) = post(
             &world,
