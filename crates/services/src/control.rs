@@ -542,38 +542,19 @@ async fn run(
             Some(invocation),
         ));
     }
+    let api = AdminApi {
+        router: &target,
+        caller,
+        request_id,
+    };
     let (status, answer) = match &call.work {
-        Work::Route { method, path, body } => {
-            send(
-                &target,
-                caller,
-                method.clone(),
-                path,
-                body.as_ref(),
-                request_id,
-            )
-            .await
-        }
-        Work::Ensure(desired) => {
-            let api = AdminApi {
-                router: &target,
-                caller,
-                request_id,
-            };
-            ensure(&api, desired).await
-        }
+        Work::Route { method, path, body } => api.send(method.clone(), path, body.as_ref()).await,
+        Work::Ensure(desired) => ensure(&api, desired).await,
         Work::State {
             verb,
             objects,
             prune,
-        } => {
-            let api = AdminApi {
-                router: &target,
-                caller,
-                request_id,
-            };
-            state_run(&api, *verb, objects, *prune).await
-        }
+        } => state_run(&api, *verb, objects, *prune).await,
         Work::Describe(listing) => (StatusCode::OK, listing.clone()),
     };
     if status.is_success() {

@@ -199,6 +199,13 @@ pub struct AdminObject {
     pub updated_at_ms: i64,
 }
 
+impl AdminObject {
+    /// The object's fields (its JSON body); none if the body is not a JSON object.
+    pub fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::from_str(&self.body).unwrap_or_default()
+    }
+}
+
 /// A subject's (or the zone's shared) connection to a provider; tokens are sealed secrets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderConnection {

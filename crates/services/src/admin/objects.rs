@@ -88,10 +88,6 @@ fn shown(object: &AdminObject) -> Value {
     Value::Object(fields)
 }
 
-fn body_of(object: &AdminObject) -> Map<String, Value> {
-    serde_json::from_str(&object.body).unwrap_or_default()
-}
-
 fn not_found(what: &str, id: &str) -> ApiError {
     ApiError::with_description(ErrorCode::NotFound, format!("{what} `{id}` not found"))
 }
@@ -323,7 +319,7 @@ async fn update_issuer(
     .into_iter()
     .filter_map(|(name, given)| given.then_some(name))
     .collect();
-    let fields = issuer_fields(request, &body_of(&object))?;
+    let fields = issuer_fields(request, &object.fields())?;
     let issuer = fields
         .get("issuer")
         .and_then(Value::as_str)
@@ -435,7 +431,7 @@ async fn list_grants(
         status: None,
     };
     listed(&state, &zone_id, GRANT, &page_query, |object| {
-        let body = body_of(object);
+        let body = object.fields();
         let is = |name: &str, wanted: &Option<String>| {
             wanted
                 .as_deref()
@@ -550,7 +546,8 @@ async fn revoke_grant(
     if object.status == "revoked" {
         return Ok(StatusCode::NO_CONTENT);
     }
-    let user = body_of(&object)
+    let user = object
+        .fields()
         .get("user_id")
         .and_then(Value::as_str)
         .unwrap_or_default()
@@ -719,7 +716,7 @@ async fn update_workload(
     let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: UpdateWorkload = json(&raw)?;
     let mut object = found(&state, &zone_id, WORKLOAD, &id).await?;
-    let mut body = body_of(&object);
+    let mut body = object.fields();
     let mut fields = Vec::new();
     let mut name = body
         .get("name")
@@ -761,7 +758,7 @@ async fn rotate_workload_secret(
 ) -> Result<Json<Value>, ApiError> {
     let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let mut object = found(&state, &zone_id, WORKLOAD, &id).await?;
-    let mut body = body_of(&object);
+    let mut body = object.fields();
     let secret = new_workload_secret(&state, &mut body).await?;
     object.body = Value::Object(body).to_string();
     object.updated_at_ms = now_ms();
@@ -794,7 +791,8 @@ async fn reveal_workload_secret(
     let caller: AdminCaller = authenticate(&state, &headers).await?;
     live_zone(&state, &caller, &zone_id, Access::Write).await?;
     let object = found(&state, &zone_id, WORKLOAD, &id).await?;
-    let sealed = body_of(&object)
+    let sealed = object
+        .fields()
         .get("_sealed_secret")
         .and_then(Value::as_str)
         .map(str::to_owned)

@@ -150,16 +150,24 @@ async fn with_latest(api: &AdminApi<'_>, collection: &str, id: &str) -> Result<V
 /// A policy as `ensure` shows it: its header and its latest version's id, number and digest.
 fn policy_view(policy: &Value) -> Value {
     let mut view = policy.clone();
-    if let Some(fields) = view.as_object_mut() {
-        let latest = fields.remove("latest").unwrap_or_default();
+    let latest = view
+        .as_object_mut()
+        .and_then(|fields| fields.remove("latest"))
+        .unwrap_or_default();
+    with_version(view, &latest)
+}
+
+/// `policy` showing `version`'s id, number and digest as its own.
+fn with_version(mut policy: Value, version: &Value) -> Value {
+    if let Some(fields) = policy.as_object_mut() {
         for name in ["version_id", "version", "content_sha256"] {
             fields.insert(
                 name.to_owned(),
-                latest.get(name).cloned().unwrap_or_default(),
+                version.get(name).cloned().unwrap_or_default(),
             );
         }
     }
-    view
+    policy
 }
 
 /// The spec's `description` differs from the object's (an absent one never does).
@@ -231,21 +239,10 @@ pub(super) async fn apply_policy(
     let body = json!({"content": desired.spec.get("content")});
     let path = format!("{collection}/{id}/versions");
     match api.expect(http::Method::POST, &path, Some(&body)).await {
-        Ok(version) => {
-            let mut object = object;
-            if let Some(fields) = object.as_object_mut() {
-                for name in ["version_id", "version", "content_sha256"] {
-                    fields.insert(
-                        name.to_owned(),
-                        version.get(name).cloned().unwrap_or_default(),
-                    );
-                }
-            }
-            (
-                StatusCode::OK,
-                json!({"action": "updated", "object": object}),
-            )
-        }
+        Ok(version) => (
+            StatusCode::OK,
+            json!({"action": "updated", "object": with_version(object, &version)}),
+        ),
         Err(refused) => refused,
     }
 }

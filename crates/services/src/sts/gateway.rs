@@ -397,10 +397,7 @@ fn operation_floor(
 }
 
 /// How the Gateway reaches `resource` and what it injects, from the resource's provider.
-pub(super) async fn upstream(
-    state: &RoleState,
-    resource: &Resource,
-) -> Result<Upstream, TokenError> {
+async fn upstream(state: &RoleState, resource: &Resource) -> Result<Upstream, TokenError> {
     let provider = state
         .shared
         .store
@@ -414,6 +411,16 @@ pub(super) async fn upstream(
                 "the resource's credential provider is gone",
             )
         })?;
+    upstream_of(state, resource, &provider).await
+}
+
+/// The directive for `resource` behind `provider` (live, already read): the provider's
+/// credential in clear (for client credentials, the client secret and token endpoint).
+pub(super) async fn upstream_of(
+    state: &RoleState,
+    resource: &Resource,
+    provider: &caracal_store::Provider,
+) -> Result<Upstream, TokenError> {
     let config: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&provider.config).unwrap_or_default();
     let text = |key: &str| {
@@ -422,7 +429,7 @@ pub(super) async fn upstream(
             .and_then(serde_json::Value::as_str)
             .map(str::to_owned)
     };
-    let secrets = crate::provider_secrets::open(&state.shared, &provider)
+    let secrets = crate::provider_secrets::open(&state.shared, provider)
         .await
         .map_err(|_| {
             TokenError::new(

@@ -6,6 +6,8 @@
 //! (`caracal-workload-mint`), with its audit event recorded durably first. Transport rules are
 //! the token endpoint's; every failure refuses.
 
+use std::sync::Arc;
+
 use axum::Extension;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -130,7 +132,7 @@ struct Workload {
 async fn admit(
     state: &RoleState,
     request: Request,
-) -> Result<(Workload, form::TokenForm), TokenError> {
+) -> Result<(Arc<Sts>, Workload, form::TokenForm), TokenError> {
     let Some(sts) = state.sts.clone() else {
         return Err(TokenError::internal());
     };
@@ -154,7 +156,7 @@ async fn admit(
         contained.code = "contained";
         return Err(contained);
     }
-    Ok((workload, received.form))
+    Ok((sts, workload, received.form))
 }
 
 /// The workload named by the form, if its secret is right. Failures all look the same; a
@@ -180,7 +182,7 @@ async fn authenticate(
         .find_admin_object("workload", id)
         .await?
         .filter(|object| object.status == "active");
-    let body = object.as_ref().map(body_of).unwrap_or_default();
+    let body = object.as_ref().map(AdminObject::fields).unwrap_or_default();
     let verified = match body.get("_secret_hash").and_then(Value::as_str) {
         Some(hash) => sts.secrets.verify(&lockout_key, secret, hash).await,
         None => false,
@@ -201,12 +203,8 @@ async fn authenticate(
     }
 }
 
-fn body_of(object: &AdminObject) -> serde_json::Map<String, Value> {
-    serde_json::from_str(&object.body).unwrap_or_default()
-}
-
 async fn answer_manifest(state: &RoleState, request: Request) -> Result<Value, TokenError> {
-    let (workload, _) = admit(state, request).await?;
+    let (_, workload, _) = admit(state, request).await?;
     Ok(json!({
         "zone_id": workload.zone_id,
         "workload_id": workload.id,
@@ -224,10 +222,7 @@ async fn release(
         .get("x-caracal-launch-id")
         .and_then(|value| value.to_str().ok())
         .map(str::to_owned);
-    let (workload, form) = admit(state, request).await?;
-    let Some(sts) = state.sts.clone() else {
-        return Err(TokenError::internal());
-    };
+    let (sts, workload, form) = admit(state, request).await?;
     let env = form.env.as_deref().unwrap_or_default();
     let binding = workload
         .bindings
@@ -240,6 +235,7 @@ async fn release(
             ))
         })?;
     let store = state.shared.store.as_ref();
+    let loaded = sts.policies.get(&workload.zone_id);
     let event = |decision: &Decision, provider: Option<&str>| Event {
         id: uuid::Uuid::now_v7().to_string(),
         zone_id: workload.zone_id.clone(),
@@ -251,8 +247,8 @@ async fn release(
         }
         .to_owned(),
         policy_set_id: None,
-        policy_set_version_id: None,
-        manifest_sha: None,
+        policy_set_version_id: loaded.as_ref().map(|loaded| loaded.version_id.clone()),
+        manifest_sha: loaded.as_ref().map(|loaded| loaded.manifest_sha256.clone()),
         evaluation_status: decision.evaluation_status.clone(),
         determining_policies_json: serde_json::to_value(&decision.determining_policies)
             .unwrap_or_default(),
@@ -280,7 +276,6 @@ async fn release(
             .filter(|provider| provider.archived_at_ms.is_none()),
         None => None,
     };
-    let loaded = sts.policies.get(&workload.zone_id);
     let verdict = match (&resource, &provider) {
         (None, _) => Err(refuse(
             "resource_not_found",
@@ -341,9 +336,11 @@ async fn release(
     let decision = match verdict {
         Ok(decision) => decision,
         Err((decision, description)) => {
-            let mut denied = event(&decision, provider_id);
-            stamp(&mut denied, loaded.as_deref());
-            state.shared.evidence.record(denied).await?;
+            state
+                .shared
+                .evidence
+                .record(event(&decision, provider_id))
+                .await?;
             return Err(TokenError::denied(description));
         }
     };
@@ -358,28 +355,24 @@ async fn release(
         &workload.id,
     )
     .await?;
+    // The provider's credential as the Gateway would inject it; for client credentials, the
+    // token fetched with them.
+    let directive = super::gateway::upstream_of(state, &resource, &provider).await?;
     let (credential, expires_at) = if provider.kind == "oauth2_client_credentials" {
-        let (token, until) = brokered_token(state, &sts, &resource).await?;
+        let (token, until) = brokered_token(&sts, &directive, &resource.identifier).await?;
         let left = until.saturating_duration_since(std::time::Instant::now());
         let left = i64::try_from(left.as_secs()).unwrap_or(0);
         (token, Some(now_ms() / 1000 + left))
     } else {
-        let secrets = crate::provider_secrets::open(&state.shared, &provider)
-            .await
-            .map_err(|_| unavailable_credential())?;
-        match provider.kind.as_str() {
-            "api_key" => secrets.get("api_key"),
-            _ => secrets.get("bearer_token").or_else(|| secrets.get("token")),
-        }
-        .filter(|value| !value.is_empty())
-        .cloned()
-        .map(|credential| (credential, None))
-        .ok_or_else(unavailable_credential)?
+        let stored = directive.provider_token.filter(|value| !value.is_empty());
+        (stored.ok_or_else(unavailable_credential)?, None)
     };
     // Evidence before the credential leaves.
-    let mut allowed = event(&decision, Some(&provider.id));
-    stamp(&mut allowed, loaded.as_deref());
-    state.shared.evidence.record(allowed).await?;
+    state
+        .shared
+        .evidence
+        .record(event(&decision, Some(&provider.id)))
+        .await?;
     let mut answer = serde_json::Map::new();
     answer.insert("env".to_owned(), json!(binding.env));
     answer.insert("credential".to_owned(), json!(credential));
@@ -393,11 +386,10 @@ async fn release(
 /// through the address guard, pinned to the provider's `allowed_token_hosts`; and when it stops
 /// being handed out.
 async fn brokered_token(
-    state: &RoleState,
     sts: &Sts,
-    resource: &caracal_store::Resource,
+    directive: &crate::wire::Upstream,
+    resource: &str,
 ) -> Result<(String, std::time::Instant), TokenError> {
-    let directive = super::gateway::upstream(state, resource).await?;
     let client = sts
         .provider_client
         .get_or_init(|| {
@@ -410,17 +402,12 @@ async fn brokered_token(
         .as_ref()
         .ok_or_else(unavailable_credential)?;
     sts.provider_tokens
-        .token_until(client, &directive, &sts.provider_host_allowlist)
+        .token_until(client, directive, &sts.provider_host_allowlist)
         .await
         .map_err(|error| {
-            tracing::warn!(%error, resource = %resource.identifier, "a launcher's provider token is unavailable");
+            tracing::warn!(%error, resource, "a launcher's provider token is unavailable");
             unavailable_credential()
         })
-}
-
-fn stamp(event: &mut Event, loaded: Option<&crate::policy::Loaded>) {
-    event.policy_set_version_id = loaded.map(|loaded| loaded.version_id.clone());
-    event.manifest_sha = loaded.map(|loaded| loaded.manifest_sha256.clone());
 }
 
 fn unavailable_credential() -> TokenError {
