@@ -241,6 +241,13 @@ fn the_published_sdk_starts_sessions_delegates_narrowly_and_revocation_stops_the
             "terminate": "terminated"}),
         "the admin client's coordinator calls, with an admin token"
     );
+    assert_eq!(seen["accepted"], true, "accept_delegation(validate=True)");
+    assert_eq!(
+        seen["inherited"],
+        json!({"own_edge": true, "minted_along_it": true}),
+        "a session started under a delegated one inherits the delegation"
+    );
+    assert_eq!(seen["foreign_accepted"], false);
     assert_eq!(seen["after_revoke"], "access_denied", "{seen}");
     assert_eq!(seen["revoked_before"], false);
     assert_eq!(

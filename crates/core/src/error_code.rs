@@ -108,6 +108,11 @@ pub enum ErrorCode {
     DelegationCycle,
     /// Coordinator: a delegation without resources needs the broad-delegation permission.
     BroadDelegationForbidden,
+    /// Coordinator: a child inheriting its parent's authority, where the parent holds several
+    /// live delegations and none is named (`inherit_parent_edge_id`).
+    InheritParentEdgeAmbiguous,
+    /// Coordinator: the parent's delegation to inherit (named, or its only one) has lapsed.
+    InheritParentEdgeNotActive,
     /// Coordinator: the idempotency key was used for a different request.
     IdempotencyKeyConflict,
     /// Coordinator: the idempotency key's result (a session) is no longer live.
@@ -180,6 +185,8 @@ impl ErrorCode {
             ErrorCode::DelegationWidening => "delegation_widening",
             ErrorCode::DelegationCycle => "delegation_cycle",
             ErrorCode::BroadDelegationForbidden => "broad_delegation_forbidden",
+            ErrorCode::InheritParentEdgeAmbiguous => "inherit_parent_edge_ambiguous",
+            ErrorCode::InheritParentEdgeNotActive => "inherit_parent_edge_not_active",
             ErrorCode::IdempotencyKeyConflict => "idempotency_key_conflict",
             ErrorCode::IdempotencyResultInactive => "idempotency_result_inactive",
             ErrorCode::SessionLeaseFenced => "session_lease_fenced",
@@ -213,7 +220,9 @@ impl ErrorCode {
             | ErrorCode::IdempotencyResultInactive
             | ErrorCode::SessionLeaseFenced
             | ErrorCode::SessionNotLive
-            | ErrorCode::SessionNotService => 409,
+            | ErrorCode::SessionNotService
+            | ErrorCode::InheritParentEdgeAmbiguous
+            | ErrorCode::InheritParentEdgeNotActive => 409,
             ErrorCode::LeaseGenerationRequired => 400,
             ErrorCode::ChangeFreeze => 423,
             ErrorCode::Contained => 503,
@@ -310,6 +319,8 @@ mod tests {
             ErrorCode::DelegationWidening,
             ErrorCode::DelegationCycle,
             ErrorCode::BroadDelegationForbidden,
+            ErrorCode::InheritParentEdgeAmbiguous,
+            ErrorCode::InheritParentEdgeNotActive,
             ErrorCode::IdempotencyKeyConflict,
             ErrorCode::IdempotencyResultInactive,
             ErrorCode::SessionLeaseFenced,

@@ -10,7 +10,8 @@ use crate::state::RoleState;
 use crate::{probes, request_id};
 
 /// The API role's `/v1` routes with their layers: refused once draining, then request budgets
-/// and the authentication-failure lockout. The console calls these same routes in process.
+/// and the authentication-failure lockout; every answer is marked not to be cached or sniffed.
+/// The console calls these same routes in process.
 pub(crate) fn admin_api(state: &RoleState) -> Router<RoleState> {
     crate::api::routes()
         .merge(crate::admin::routes())
@@ -24,6 +25,21 @@ pub(crate) fn admin_api(state: &RoleState) -> Router<RoleState> {
             state.clone(),
             refuse_when_draining,
         ))
+        .layer(axum::middleware::map_response(not_cached))
+}
+
+/// `/v1` answers carry secrets (a client secret, an admin token, a revealed workload secret):
+/// no cache, proxy or browser may keep one, and none may be sniffed into something else.
+async fn not_cached(mut response: axum::response::Response) -> axum::response::Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (http::header::CACHE_CONTROL, "no-store"),
+        (http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (http::header::REFERRER_POLICY, "no-referrer"),
+    ] {
+        headers.insert(name, http::HeaderValue::from_static(value));
+    }
+    response
 }
 
 /// The API role's `/v1` routes with their layers, to call in process (the console, control

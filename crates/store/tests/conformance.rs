@@ -142,6 +142,7 @@ conformance!(
     policy_versions_are_numbered_and_immutable,
     activation_keeps_the_last_known_good,
     every_edge_change_bumps_the_zone_epoch_and_stamps_the_outbox,
+    a_session_and_the_edge_it_inherits_commit_together,
     session_leases_are_fenced_and_final_states_stay_final,
     approval_holds_are_decided_once_and_consumed_once,
     idempotency_receipts_conflict_while_live,
@@ -1379,6 +1380,65 @@ async fn every_edge_change_bumps_the_zone_epoch_and_stamps_the_outbox(backend: &
             .unwrap()
             .is_empty()
     );
+}
+
+async fn a_session_and_the_edge_it_inherits_commit_together(backend: &Backend) {
+    let store = backend.store.as_ref();
+    let invalidate = OutboxMessage {
+        stream: "caracal.delegations.invalidate".into(),
+        fields: BTreeMap::from([("event".into(), "edge_create".into())]),
+        dedupe_key: None,
+    };
+    store
+        .create_session_with_receipt(
+            &session("zone-1", "child", "ar"),
+            Some(&edge("zone-1", "e-in", "parent", "child")),
+            std::slice::from_ref(&invalidate),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .get_session("zone-1", "child")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        store.list_edges_to("zone-1", "child").await.unwrap().len(),
+        1
+    );
+    assert_eq!(store.zone_graph_epoch("zone-1").await.unwrap(), 1);
+    // An edge that cannot be stored (its id is taken) takes the session with it.
+    assert!(
+        store
+            .create_session_with_receipt(
+                &session("zone-1", "other", "ar"),
+                Some(&edge("zone-1", "e-in", "parent", "other")),
+                std::slice::from_ref(&invalidate),
+                None,
+            )
+            .await
+            .is_err()
+    );
+    assert!(
+        store
+            .get_session("zone-1", "other")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(store.zone_graph_epoch("zone-1").await.unwrap(), 1);
+    let rows = store
+        .claim_outbox("t", 10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let epochs: Vec<&str> = rows
+        .iter()
+        .map(|row| row.fields["epoch"].as_str())
+        .collect();
+    assert_eq!(epochs, ["1"], "one message, stamped with the new epoch");
 }
 
 async fn session_leases_are_fenced_and_final_states_stay_final(backend: &Backend) {

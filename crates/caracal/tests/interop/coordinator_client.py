@@ -1,8 +1,9 @@
 """Drives a running Caracal's Coordinator and STS with the published main SDK (caracalai 1.0),
 unmodified: a governed session started with an idempotency key, a sub-agent session, a
 narrowed delegation to it, a mint the delegation allows and one wider that it does not, then
-the operator's reads and changes through the published admin client's coordinator calls, then
-the delegation revoked and the sub-agent's mint refused. Prints one JSON object.
+the operator's reads and changes through the published admin client's coordinator calls, the
+sub-agent accepting its delegation (validated) and starting a session of its own that inherits
+it, then the delegation revoked and the sub-agent's mint refused. Prints one JSON object.
 Reads CARACAL_API_URL, CARACAL_ADMIN_TOKEN, CARACAL_STS_URL, CARACAL_COORDINATOR_URL.
 """
 import asyncio
@@ -12,7 +13,7 @@ import json
 import os
 import time
 
-from caracalai import Caracal
+from caracalai import Caracal, DelegationConstraints
 from caracalai_admin import AdminClient, ResourceGrant, ensure_application, ensure_grants, ensure_resource
 
 STS = os.environ["CARACAL_STS_URL"]
@@ -62,7 +63,7 @@ async def main():
         seen["parent_started"] = bool(parent.session_id)
         delegation = await caracal.delegate(
             to_session_id=child.session_id, scopes=["ledger:read"], ttl_seconds=300,
-            resource_id="resource://ledger",
+            resource_id="resource://ledger", constraints=DelegationConstraints(max_hops=2),
         )
         seen["delegation_scopes"] = list(delegation.scopes)
         bound = dataclasses.replace(child, delegation_id=delegation.delegation_id)
@@ -95,6 +96,24 @@ async def main():
                 "suspend": operator.sessions.suspend(zone_id, step.session_id)["status"],
                 "resume": operator.sessions.resume(zone_id, step.session_id)["status"],
             }
+        # The sub-agent validates the delegation handed to it, then starts a session of its own,
+        # which inherits it (the SDK's default authority) one hop further down, and mints with it.
+        async with caracal.bind(child):
+            async with caracal.accept_delegation(delegation.delegation_id, validate=True) as accepted:
+                seen["accepted"] = accepted.delegation_id == delegation.delegation_id
+                async with caracal.session(labels=[app_id], task="sub") as sub:
+                    inherited = caracal.mint_mandate("resource://ledger", ["ledger:read"], ctx=sub)
+                    payload = inherited.token.split(".")[1]
+                    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+                    seen["inherited"] = {
+                        "own_edge": sub.delegation_id not in (None, delegation.delegation_id),
+                        "minted_along_it": claims.get("delegation_edge_id") == sub.delegation_id,
+                    }
+            try:
+                async with caracal.accept_delegation("not-an-edge", validate=True):
+                    seen["foreign_accepted"] = True
+            except RuntimeError:
+                seen["foreign_accepted"] = False
         # An operator ends a service session whoever holds its lease.
         operator.sessions.terminate(zone_id, spare.context.session_id)
         seen["operator"]["terminate"] = operator.sessions.get(zone_id, spare.context.session_id)["status"]

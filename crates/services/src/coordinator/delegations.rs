@@ -6,12 +6,12 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use caracal_core::ErrorCode;
 use caracal_store::{DelegationEdge, OutboxMessage, now_ms};
-use http::{HeaderMap, StatusCode};
+use http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -36,6 +36,11 @@ pub fn routes() -> Router<RoleState> {
         .route(
             "/zones/{zone_id}/delegations/inbound/{session_id}",
             get(inbound),
+        )
+        // The SDK's `accept_delegation(validate=True)`: is this handed-over edge mine and live?
+        .route(
+            "/zones/{zone_id}/delegations/inbound/{session_id}/{id}",
+            get(inbound_one),
         )
         .route(
             "/zones/{zone_id}/delegations/outbound/{session_id}",
@@ -402,20 +407,7 @@ async fn create(
         created_at_ms: now,
         revoked_at_ms: None,
     };
-    let created = OutboxMessage {
-        stream: DELEGATIONS_INVALIDATE.to_owned(),
-        fields: [
-            ("zone_id", edge.zone_id.clone()),
-            ("event", "edge_create".to_owned()),
-            ("edge_id", edge.id.clone()),
-            ("source_session_id", edge.source_session_id.clone()),
-            ("target_session_id", edge.target_session_id.clone()),
-        ]
-        .into_iter()
-        .map(|(name, value)| (name.to_owned(), value))
-        .collect(),
-        dedupe_key: None,
-    };
+    let created = created(&edge);
     let evidence = super::change_evidence(&super::change_event(
         &super::Caller::Agent(Box::new(caller)),
         &zone_id,
@@ -438,6 +430,100 @@ async fn create(
         },
     )
     .await
+}
+
+/// The message that tells every replica a new edge exists.
+pub(super) fn created(edge: &DelegationEdge) -> OutboxMessage {
+    OutboxMessage {
+        stream: DELEGATIONS_INVALIDATE.to_owned(),
+        fields: [
+            ("zone_id", edge.zone_id.clone()),
+            ("event", "edge_create".to_owned()),
+            ("edge_id", edge.id.clone()),
+            ("source_session_id", edge.source_session_id.clone()),
+            ("target_session_id", edge.target_session_id.clone()),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect(),
+        dedupe_key: None,
+    }
+}
+
+/// What a child started with `parent_authority=inherit` holds: a copy of its parent's
+/// delegation (the one named by `inherit_parent_edge_id`, else the parent's only live inbound
+/// edge) from the parent to the child, with the same scopes, resources and expiry, one hop
+/// further down the lineage — so its budget is the parent edge's minus one, and a parent edge
+/// that allows no further hop cannot be inherited. `None` when the parent holds no delegation.
+pub(super) async fn inherited(
+    state: &RoleState,
+    parent: &caracal_store::Session,
+    named: Option<&str>,
+    child_id: &str,
+    now: i64,
+) -> Result<Option<DelegationEdge>, ApiError> {
+    let inbound = state
+        .shared
+        .store
+        .list_edges_to(&parent.zone_id, &parent.id)
+        .await?;
+    let lapsed = |description: String| {
+        ApiError::with_description(ErrorCode::InheritParentEdgeNotActive, description)
+    };
+    let source = match named {
+        Some(id) => inbound
+            .into_iter()
+            .find(|edge| edge.id == id)
+            .filter(|edge| edge.live(now))
+            .ok_or_else(|| lapsed(format!("`{id}` is not a live delegation of the parent")))?,
+        None => {
+            let held = !inbound.is_empty();
+            let mut live: Vec<DelegationEdge> =
+                inbound.into_iter().filter(|edge| edge.live(now)).collect();
+            match live.len() {
+                0 if held => return Err(lapsed("the parent's delegation has lapsed".into())),
+                0 => return Ok(None),
+                1 => live.remove(0),
+                _ => {
+                    return Err(ApiError::with_description(
+                        ErrorCode::InheritParentEdgeAmbiguous,
+                        "the parent holds several delegations; name inherit_parent_edge_id",
+                    ));
+                }
+            }
+        }
+    };
+    let budget = Constraints::parse(&source.constraints)
+        .ok_or_else(|| lapsed("the parent's delegation has invalid constraints".into()))?
+        .max_hops();
+    if budget < 2 {
+        return Err(widening(
+            "the parent's delegation allows no further hop (max_hops 1): start the child with parent_authority none, or delegate to the parent with a larger max_hops",
+        ));
+    }
+    let mut constraints: serde_json::Map<String, Value> =
+        serde_json::from_str(&source.constraints).unwrap_or_default();
+    for key in ["max_hops", "max_depth"] {
+        if key == "max_hops" || constraints.contains_key(key) {
+            constraints.insert(key.to_owned(), Value::from(budget - 1));
+        }
+    }
+    Ok(Some(DelegationEdge {
+        id: uuid::Uuid::now_v7().to_string(),
+        zone_id: parent.zone_id.clone(),
+        source_session_id: parent.id.clone(),
+        target_session_id: child_id.to_owned(),
+        issuer_application_id: parent.application_id.clone(),
+        receiver_application_id: parent.application_id.clone(),
+        parent_edge_id: Some(source.id),
+        resource_id: source.resource_id,
+        scopes: source.scopes,
+        constraints: Value::Object(constraints).to_string(),
+        status: "active".to_owned(),
+        expires_at_ms: source.expires_at_ms,
+        created_at_ms: now,
+        revoked_at_ms: None,
+    }))
 }
 
 async fn read(
@@ -487,7 +573,33 @@ async fn listing(
         store.list_edges_from(zone_id, session_id).await?
     };
     let items: Vec<Value> = edges.iter().map(body).collect();
-    Ok(Json(json!({ "items": items })))
+    // Every edge in one page: the cursor the SDK reads is always at the end.
+    Ok(Json(json!({ "items": items, "next_cursor": null })))
+}
+
+/// `GET /zones/{zone}/delegations/inbound/{session}/{id}`: the edge, if it targets this session
+/// and is live; 404 otherwise, so a receiver never binds to a lapsed or foreign delegation.
+async fn inbound_one(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    Path((zone_id, session_id, id)): Path<(String, String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let caller =
+        super::operator_or_agent(&state, &headers, &zone_id, Some(&session_id), Access::Read)
+            .await?;
+    let edge = state
+        .shared
+        .store
+        .get_delegation_edge(&zone_id, &id)
+        .await?
+        .filter(|edge| {
+            edge.target_session_id == session_id
+                && edge.live(now_ms())
+                && (caller.acts_for(&edge.receiver_application_id)
+                    || caller.acts_for(&edge.issuer_application_id))
+        })
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(body(&edge)))
 }
 
 async fn impact(
@@ -595,14 +707,16 @@ async fn traverse(
     Ok(Json(Value::Array(nodes)))
 }
 
-/// `DELETE /zones/{zone}/delegations/{id}`: the edge, its descendants and the sessions they
-/// target (with their subtrees), in one transaction with their revocation messages.
+/// `DELETE /zones/{zone}/delegations/{id}` (or `PATCH …/revoke`): the edge, its descendants
+/// and the sessions they target (with their subtrees), in one transaction with their revocation
+/// messages. Answers what went down: `{revoked_edges, affected_sessions, terminated_sessions}`
+/// (empty when the edge was already revoked).
 async fn revoke(
     State(state): State<RoleState>,
     headers: HeaderMap,
     request_id: Option<axum::Extension<caracal_core::RequestId>>,
     Path((zone_id, id)): Path<(String, String)>,
-) -> Result<Response, ApiError> {
+) -> Result<Json<Value>, ApiError> {
     let caller =
         super::operator_or_agent(&state, &headers, &zone_id, Some(&id), Access::Write).await?;
     let store = state.shared.store.as_ref();
@@ -630,12 +744,27 @@ async fn revoke(
         )
         .await?;
     }
-    store
+    let tree = store
         .revoke_delegation_tree(&zone_id, &id, "delegation_revoked", super::revocations)
         .await
         .map_err(|error| match error {
             caracal_store::StoreError::NotFound(_) => not_found(&id),
             other => other.into(),
         })?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    let terminated: Vec<&str> = tree.sessions.iter().map(|(id, _)| id.as_str()).collect();
+    // The revoked edges' targets, and everything terminated below them.
+    let mut affected: Vec<&str> = tree
+        .edges
+        .iter()
+        .map(|(_, target)| target.as_str())
+        .collect();
+    affected.extend(&terminated);
+    affected.sort_unstable();
+    affected.dedup();
+    Ok(Json(json!({
+        "revoked_edges": tree.edges.iter().map(|(edge, _)| edge).collect::<Vec<_>>(),
+        "affected_sessions": affected,
+        "terminated_sessions": terminated,
+        "graph_epoch": tree.epoch,
+    })))
 }

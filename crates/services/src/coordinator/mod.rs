@@ -377,6 +377,8 @@ struct StartRequest {
     subject_token: Option<String>,
     #[serde(default)]
     parent_authority: Option<String>,
+    #[serde(default)]
+    inherit_parent_edge_id: Option<String>,
 }
 
 /// `POST /zones/{zone}/agents`: starts a task (default) or service session for the caller's
@@ -424,11 +426,21 @@ async fn start(
     if !matches!(lifecycle, "task" | "service") {
         return Err(invalid("lifecycle must be task or service"));
     }
-    if !matches!(
-        request.parent_authority.as_deref(),
-        None | Some("inherit" | "none")
-    ) {
-        return Err(invalid("parent_authority must be inherit or none"));
+    // The reference's default: a child holds a copy of its parent's delegation.
+    let inherit = match request.parent_authority.as_deref() {
+        None | Some("inherit") => true,
+        Some("none") => false,
+        Some(_) => return Err(invalid("parent_authority must be inherit or none")),
+    };
+    if let Some(edge) = &request.inherit_parent_edge_id {
+        if !(inherit && request.parent_id.is_some()) {
+            return Err(invalid(
+                "inherit_parent_edge_id needs parent_id and parent_authority inherit",
+            ));
+        }
+        if !valid_id(edge) {
+            return Err(invalid("inherit_parent_edge_id has an invalid id syntax"));
+        }
     }
     if request.labels.len() > MAX_LABELS
         || request
@@ -458,8 +470,8 @@ async fn start(
     if in_zone >= limits.sessions_per_zone || of_app >= limits.sessions_per_application {
         return Err(ApiError::new(ErrorCode::SessionLimitExceeded));
     }
-    let depth = match &request.parent_id {
-        None => 0,
+    let parent = match &request.parent_id {
+        None => None,
         Some(parent_id) => {
             if !valid_id(parent_id) {
                 return Err(invalid("parent_id has an invalid id syntax"));
@@ -482,11 +494,25 @@ async fn start(
             if children.iter().filter(|child| child.live(now)).count() >= limits.max_children {
                 return Err(ApiError::new(ErrorCode::SessionChildrenLimitExceeded));
             }
-            parent.depth + 1
+            Some(parent)
         }
     };
+    let id = uuid::Uuid::now_v7().to_string();
+    let inherited = match &parent {
+        Some(parent) if inherit => {
+            delegations::inherited(
+                &state,
+                parent,
+                request.inherit_parent_edge_id.as_deref(),
+                &id,
+                now,
+            )
+            .await?
+        }
+        _ => None,
+    };
     let session = Session {
-        id: uuid::Uuid::now_v7().to_string(),
+        id,
         zone_id: zone_id.clone(),
         application_id: caller.client_id.clone(),
         parent_id: request.parent_id,
@@ -495,7 +521,7 @@ async fn start(
             .unwrap_or_else(|| caller.sid.clone()),
         status: "active".to_owned(),
         lifecycle: lifecycle.to_owned(),
-        depth,
+        depth: parent.map_or(0, |parent| parent.depth + 1),
         labels: request.labels,
         metadata: Value::Object(request.metadata.unwrap_or_default()).to_string(),
         ttl_seconds,
@@ -506,23 +532,38 @@ async fn start(
         terminated_at_ms: None,
         termination_reason: None,
     };
-    let evidence = change_evidence(&change_event(
-        &Caller::Agent(Box::new(caller)),
-        &zone_id,
-        "session.start",
-        "session",
-        &session.id,
-        request_id.as_deref(),
-    ))?;
+    let caller = Caller::Agent(Box::new(caller));
+    let change = |action: &str, kind: &str, id: &str| {
+        change_evidence(&change_event(
+            &caller,
+            &zone_id,
+            action,
+            kind,
+            id,
+            request_id.as_deref(),
+        ))
+    };
+    let mut body = session_body(&session);
+    let mut outbox = vec![change("session.start", "session", &session.id)?];
+    if let Some(edge) = &inherited {
+        if let Some(fields) = body.as_object_mut() {
+            fields.insert(
+                "delegation_edge_id".to_owned(),
+                Value::from(edge.id.as_str()),
+            );
+        }
+        outbox.push(change("delegation.inherit", "delegation", &edge.id)?);
+        outbox.push(delegations::created(edge));
+    }
     idempotency::create(
         &state,
         key.as_ref(),
         "session",
         &session.id,
-        session_body(&session),
+        body,
         async |receipt| {
             store
-                .create_session_with_receipt(&session, &[evidence], receipt)
+                .create_session_with_receipt(&session, inherited.as_ref(), &outbox, receipt)
                 .await
         },
     )

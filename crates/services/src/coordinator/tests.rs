@@ -600,8 +600,11 @@ async fn delegations_only_narrow_chains_mint_along_them_and_revocation_takes_the
 
     // Revoking the first edge takes the second and both targets down.
     let path = format!("/zones/{}/delegations/{first_id}", world.zone_id);
-    let (status, _, _) = call(&world.coordinator, "DELETE", &path, b, "").await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _, revoked) = call(&world.coordinator, "DELETE", &path, b, "").await;
+    assert_eq!(status, StatusCode::OK, "{revoked}");
+    assert_eq!(sorted(&revoked["revoked_edges"]), expected_edges);
+    assert_eq!(sorted(&revoked["terminated_sessions"]), expected_sessions);
+    assert_eq!(sorted(&revoked["affected_sessions"]), expected_sessions);
     let (_, _, second_after) = call(
         &world.coordinator,
         "GET",
@@ -1293,7 +1296,7 @@ async fn an_admin_token_acts_as_operator_on_the_operator_routes_only() {
         "",
     )
     .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(status, StatusCode::OK);
     let (_, authority) = get(
         format!("{zone}/agents/{child_id}/effective-authority"),
         operator,
@@ -1391,4 +1394,215 @@ async fn failed_admin_tokens_lock_the_address_out_of_the_operator_routes() {
         (StatusCode::UNAUTHORIZED, "invalid_token"),
         "a mandate is judged on its own"
     );
+}
+
+#[tokio::test]
+async fn a_child_inherits_its_parents_delegation_one_hop_further_down() {
+    let world = world().await;
+    let bearer = world.lifecycle().await;
+    let b = Some(bearer.as_str());
+    let start = |extra: Value| {
+        let mut body = json!({"application_id": world.app_id, "labels": [world.app_id]});
+        for (key, value) in extra.as_object().unwrap() {
+            body[key] = value.clone();
+        }
+        let world = &world;
+        async move { world.agents("POST", "", b, &body.to_string()).await }
+    };
+    let id = |answer: &Value, field: &str| answer[field].as_str().unwrap_or_default().to_owned();
+    let (_, root) = start(json!({})).await;
+    let root = id(&root, "agent_session_id");
+    let (status, mid) = start(json!({"parent_id": root})).await;
+    assert_eq!(status, StatusCode::CREATED, "{mid}");
+    assert_eq!(
+        mid["delegation_edge_id"],
+        Value::Null,
+        "root holds nothing to inherit"
+    );
+    let mid = id(&mid, "agent_session_id");
+    let delegations = format!("/zones/{}/delegations", world.zone_id);
+    let delegate = |max_hops: u32| {
+        let body = json!({
+            "issuer_application_id": world.app_id, "receiver_application_id": world.app_id,
+            "source_session_id": root, "target_session_id": mid, "scopes": ["ledger:read"],
+            "resource_id": "resource://ledger", "ttl_seconds": 600,
+            "constraints": {"max_hops": max_hops},
+        });
+        let (coordinator, path) = (world.coordinator.clone(), delegations.clone());
+        async move {
+            call(&coordinator, "POST", &path, b, &body.to_string())
+                .await
+                .2
+        }
+    };
+    let first = delegate(2).await;
+    let first_id = id(&first, "delegation_edge_id");
+
+    // The child gets a copy of mid's delegation, one hop down, and mints along it.
+    let (status, child) = start(json!({"parent_id": mid, "parent_authority": "inherit"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{child}");
+    let inherited = id(&child, "delegation_edge_id");
+    let child = id(&child, "agent_session_id");
+    let (status, _, edge) = call(
+        &world.coordinator,
+        "GET",
+        &format!("{delegations}/{inherited}"),
+        b,
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{edge}");
+    assert_eq!(
+        (
+            edge["source_session_id"].as_str(),
+            edge["target_session_id"].as_str(),
+            edge["parent_edge_id"].as_str(),
+            &edge["scopes"],
+            &edge["expires_at"],
+            &edge["max_hops"],
+        ),
+        (
+            Some(mid.as_str()),
+            Some(child.as_str()),
+            Some(first_id.as_str()),
+            &json!(["ledger:read"]),
+            &first["expires_at"],
+            &json!(1),
+        )
+    );
+    let (status, minted) = world
+        .exchange(&[
+            ("scope", "ledger:read"),
+            ("agent_session_id", child.as_str()),
+            ("delegation_edge_id", inherited.as_str()),
+        ])
+        .await;
+    assert_eq!(status, StatusCode::OK, "{minted}");
+
+    // The receiver checks a handed-over edge: its own and live, else 404.
+    let inbound = |session: &str, edge: &str| {
+        let path = format!("{delegations}/inbound/{session}/{edge}");
+        let coordinator = world.coordinator.clone();
+        async move { call(&coordinator, "GET", &path, b, "").await }
+    };
+    let (status, _, found) = inbound(&child, &inherited).await;
+    assert_eq!(
+        (status, found["id"].as_str(), found["status"].as_str()),
+        (StatusCode::OK, Some(inherited.as_str()), Some("active"))
+    );
+    for (session, edge) in [
+        (&mid, &inherited),
+        (&child, &first_id),
+        (&child, &"nope".to_owned()),
+    ] {
+        let (status, _, answer) = inbound(session, edge).await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (StatusCode::NOT_FOUND, Some("delegation_not_found")),
+            "{session} {edge}"
+        );
+    }
+    let (_, _, listing) = call(
+        &world.coordinator,
+        "GET",
+        &format!("{delegations}/inbound/{child}"),
+        b,
+        "",
+    )
+    .await;
+    assert_eq!(listing["items"][0]["id"], inherited.as_str());
+    assert_eq!(listing["next_cursor"], Value::Null);
+
+    // `none` inherits nothing; a copy at the end of its hop budget cannot be copied again.
+    let (status, plain) = start(json!({"parent_id": mid, "parent_authority": "none"})).await;
+    assert_eq!(
+        (status, &plain["delegation_edge_id"]),
+        (StatusCode::CREATED, &Value::Null)
+    );
+    let (status, refused) = start(json!({"parent_id": child})).await;
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("delegation_widening")),
+        "{refused}"
+    );
+    assert!(
+        refused["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("max_hops")
+    );
+
+    // Two delegations to mid: the child names one, or the start is refused.
+    let second = delegate(3).await;
+    let (status, ambiguous) = start(json!({"parent_id": mid})).await;
+    assert_eq!(
+        (status, ambiguous["error"].as_str()),
+        (StatusCode::CONFLICT, Some("inherit_parent_edge_ambiguous"))
+    );
+    let (status, named) = start(
+        json!({"parent_id": mid, "inherit_parent_edge_id": id(&second, "delegation_edge_id")}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{named}");
+    let (_, _, named_edge) = call(
+        &world.coordinator,
+        "GET",
+        &format!("{delegations}/{}", id(&named, "delegation_edge_id")),
+        b,
+        "",
+    )
+    .await;
+    assert_eq!(named_edge["parent_edge_id"], second["delegation_edge_id"]);
+    assert_eq!(named_edge["max_hops"], 2);
+    for (extra, status, code) in [
+        (
+            json!({"parent_id": mid, "inherit_parent_edge_id": "nope"}),
+            StatusCode::CONFLICT,
+            "inherit_parent_edge_not_active",
+        ),
+        (
+            json!({"inherit_parent_edge_id": first_id}),
+            StatusCode::BAD_REQUEST,
+            "invalid_params",
+        ),
+        (
+            json!({"parent_id": mid, "parent_authority": "none", "inherit_parent_edge_id": first_id}),
+            StatusCode::BAD_REQUEST,
+            "invalid_params",
+        ),
+    ] {
+        let (got, answer) = start(extra.clone()).await;
+        assert_eq!(
+            (got, answer["error"].as_str()),
+            (status, Some(code)),
+            "{extra}"
+        );
+    }
+
+    // Revoking mid's first delegation takes the copy and the child down with it.
+    let (status, _, revoked) = call(
+        &world.coordinator,
+        "PATCH",
+        &format!("{delegations}/{first_id}/revoke"),
+        b,
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{revoked}");
+    assert!(
+        revoked["revoked_edges"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(inherited)),
+        "{revoked}"
+    );
+    assert!(
+        revoked["terminated_sessions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(child)),
+        "{revoked}"
+    );
+    let (status, _, _) = inbound(&child, &inherited).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }

@@ -114,6 +114,33 @@ async fn every_v1_route_refuses_bodies_over_256_kib() {
 }
 
 #[tokio::test]
+async fn every_v1_answer_is_marked_not_to_be_cached_or_sniffed() {
+    let (_directory, state) = role_state(Role::Api);
+    let writer = token(&state.shared, "write", caracal_store::TokenScope::Global).await;
+    let app = router(state);
+    for (method, path, bearer, body, status) in [
+        (
+            "POST",
+            "/v1/zones",
+            Some(&writer),
+            r#"{"name":"z"}"#,
+            StatusCode::CREATED,
+        ),
+        ("GET", "/v1/zones", Some(&writer), "", StatusCode::OK),
+        ("GET", "/v1/zones", None, "", StatusCode::UNAUTHORIZED),
+    ] {
+        let (got, headers, _) = call(&app, method, path, bearer.map(String::as_str), body).await;
+        assert_eq!(got, status, "{method} {path}");
+        assert_eq!(headers["cache-control"], "no-store", "{method} {path}");
+        assert_eq!(
+            headers["x-content-type-options"], "nosniff",
+            "{method} {path}"
+        );
+        assert_eq!(headers["referrer-policy"], "no-referrer", "{method} {path}");
+    }
+}
+
+#[tokio::test]
 async fn a_draining_api_refuses_new_v1_work() {
     let (_directory, state) = role_state(Role::Api);
     let writer = token(&state.shared, "write", caracal_store::TokenScope::Global).await;

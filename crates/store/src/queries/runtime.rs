@@ -102,14 +102,17 @@ pub trait Runtime: Send + Sync {
         session: &Session,
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError> {
-        self.create_session_with_receipt(session, outbox, None)
+        self.create_session_with_receipt(session, None, outbox, None)
             .await
     }
-    /// Creates the session and, in the same transaction, stores the idempotency receipt that
-    /// answers a retry; a live receipt for the same key is a conflict and creates nothing.
+    /// Creates the session and, in the same transaction, the delegation edge it inherits (if
+    /// any: the graph epoch is bumped and stamped into `outbox` as for
+    /// [`create_delegation_edge`](Self::create_delegation_edge)) and the idempotency receipt
+    /// that answers a retry; a live receipt for the same key is a conflict and creates nothing.
     async fn create_session_with_receipt(
         &self,
         session: &Session,
+        inherited: Option<&DelegationEdge>,
         outbox: &[OutboxMessage],
         receipt: Option<&IdempotencyReceipt>,
     ) -> Result<(), StoreError>;
@@ -242,8 +245,9 @@ pub trait Runtime: Send + Sync {
         self.create_delegation_edge_with_receipt(edge, outbox, None)
             .await
     }
-    /// As [`create_session_with_receipt`](Self::create_session_with_receipt), for an edge;
-    /// returns the new graph epoch.
+    /// Creates the edge and the idempotency receipt in one transaction, as
+    /// [`create_session_with_receipt`](Self::create_session_with_receipt); returns the new
+    /// graph epoch.
     async fn create_delegation_edge_with_receipt(
         &self,
         edge: &DelegationEdge,
@@ -698,6 +702,31 @@ async fn cascade<D: Db + ?Sized>(
     Ok(tree)
 }
 
+fn edge_insert(e: &DelegationEdge) -> Statement {
+    Statement::new(
+        "INSERT INTO delegation_edges (id, zone_id, source_session_id, target_session_id, issuer_application_id,
+             receiver_application_id, parent_edge_id, resource_id, scopes, constraints, status, expires_at_ms,
+             created_at_ms, revoked_at_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        params![
+            e.id.as_str(),
+            e.zone_id.as_str(),
+            e.source_session_id.as_str(),
+            e.target_session_id.as_str(),
+            e.issuer_application_id.as_str(),
+            e.receiver_application_id.as_str(),
+            e.parent_edge_id.clone(),
+            e.resource_id.clone(),
+            list_to_json(&e.scopes),
+            e.constraints.as_str(),
+            e.status.as_str(),
+            e.expires_at_ms,
+            e.created_at_ms,
+            e.revoked_at_ms,
+        ],
+    )
+}
+
 fn bump_epoch(zone_id: &str) -> Statement {
     Statement::new(
         "INSERT INTO zone_graph_epochs (zone_id, epoch) VALUES ($1, 1)
@@ -866,6 +895,7 @@ impl<D: Db> Runtime for D {
     async fn create_session_with_receipt(
         &self,
         s: &Session,
+        inherited: Option<&DelegationEdge>,
         outbox: &[OutboxMessage],
         receipt: Option<&IdempotencyReceipt>,
     ) -> Result<(), StoreError> {
@@ -894,6 +924,14 @@ impl<D: Db> Runtime for D {
                 s.termination_reason.clone(),
             ],
         );
+        if let Some(edge) = inherited {
+            let mut statements = vec![insert, edge_insert(edge), bump_epoch(&edge.zone_id)];
+            statements.extend(receipt.map(receipt_insert));
+            return self
+                .atomic_with(statements, stamped_outbox(outbox, 2))
+                .await
+                .map(|_| ());
+        }
         let mut statements = with_outbox(insert, outbox);
         statements.extend(receipt.map(receipt_insert));
         self.atomic(statements).await.map(|_| ())
@@ -1252,29 +1290,7 @@ impl<D: Db> Runtime for D {
         outbox: &[OutboxMessage],
         receipt: Option<&IdempotencyReceipt>,
     ) -> Result<i64, StoreError> {
-        let insert = Statement::new(
-            "INSERT INTO delegation_edges (id, zone_id, source_session_id, target_session_id, issuer_application_id,
-                 receiver_application_id, parent_edge_id, resource_id, scopes, constraints, status, expires_at_ms,
-                 created_at_ms, revoked_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-            params![
-                e.id.as_str(),
-                e.zone_id.as_str(),
-                e.source_session_id.as_str(),
-                e.target_session_id.as_str(),
-                e.issuer_application_id.as_str(),
-                e.receiver_application_id.as_str(),
-                e.parent_edge_id.clone(),
-                e.resource_id.clone(),
-                list_to_json(&e.scopes),
-                e.constraints.as_str(),
-                e.status.as_str(),
-                e.expires_at_ms,
-                e.created_at_ms,
-                e.revoked_at_ms,
-            ],
-        );
-        let mut statements = vec![insert, bump_epoch(&e.zone_id)];
+        let mut statements = vec![edge_insert(e), bump_epoch(&e.zone_id)];
         statements.extend(receipt.map(receipt_insert));
         let outcomes = self
             .atomic_with(statements, stamped_outbox(outbox, 1))
