@@ -98,16 +98,24 @@ pub enum ErrorCode {
     SessionDepthLimitExceeded,
     /// Coordinator: the parent already has as many children as allowed.
     SessionChildrenLimitExceeded,
-    /// Coordinator: the zone or the application already has as many live sessions as allowed.
+    /// Coordinator: the application already has as many live sessions as allowed.
     SessionLimitExceeded,
+    /// Coordinator: the zone already has as many live sessions as allowed.
+    SessionZoneLimitExceeded,
     /// Coordinator: no such delegation in the zone.
     DelegationNotFound,
     /// Coordinator: a new delegation would widen what its parent grants; the rule is named.
-    DelegationWidening,
+    DelegationExceedsParentAuthority,
     /// Coordinator: the delegation would close a cycle.
-    DelegationCycle,
+    DelegationCycleDenied,
+    /// Coordinator: a delegation needs an expiry (`ttl_seconds` or `constraints.expires_at`).
+    DelegationExpiryRequired,
+    /// Coordinator: the delegation's sessions are not the issuer's and receiver's named.
+    DelegationApplicationMismatch,
+    /// Coordinator: the source session holds several delegations and none is named as parent.
+    ParentDelegationAmbiguous,
     /// Coordinator: a delegation without resources needs the broad-delegation permission.
-    BroadDelegationForbidden,
+    BroadDelegationPermissionRequired,
     /// Coordinator: a child inheriting its parent's authority, where the parent holds several
     /// live delegations and none is named (`inherit_parent_edge_id`).
     InheritParentEdgeAmbiguous,
@@ -181,10 +189,14 @@ impl ErrorCode {
             ErrorCode::SessionDepthLimitExceeded => "session_depth_limit_exceeded",
             ErrorCode::SessionChildrenLimitExceeded => "session_children_limit_exceeded",
             ErrorCode::SessionLimitExceeded => "session_limit_exceeded",
+            ErrorCode::SessionZoneLimitExceeded => "session_zone_limit_exceeded",
             ErrorCode::DelegationNotFound => "delegation_not_found",
-            ErrorCode::DelegationWidening => "delegation_widening",
-            ErrorCode::DelegationCycle => "delegation_cycle",
-            ErrorCode::BroadDelegationForbidden => "broad_delegation_forbidden",
+            ErrorCode::DelegationExceedsParentAuthority => "delegation_exceeds_parent_authority",
+            ErrorCode::DelegationCycleDenied => "delegation_cycle_denied",
+            ErrorCode::DelegationExpiryRequired => "delegation_expiry_required",
+            ErrorCode::DelegationApplicationMismatch => "delegation_application_mismatch",
+            ErrorCode::ParentDelegationAmbiguous => "parent_delegation_ambiguous",
+            ErrorCode::BroadDelegationPermissionRequired => "broad_delegation_permission_required",
             ErrorCode::InheritParentEdgeAmbiguous => "inherit_parent_edge_ambiguous",
             ErrorCode::InheritParentEdgeNotActive => "inherit_parent_edge_not_active",
             ErrorCode::IdempotencyKeyConflict => "idempotency_key_conflict",
@@ -230,16 +242,20 @@ impl ErrorCode {
             ErrorCode::RateLimited
             | ErrorCode::SessionDepthLimitExceeded
             | ErrorCode::SessionChildrenLimitExceeded
-            | ErrorCode::SessionLimitExceeded => 429,
+            | ErrorCode::SessionLimitExceeded
+            | ErrorCode::SessionZoneLimitExceeded => 429,
             ErrorCode::MissingToken | ErrorCode::InvalidToken | ErrorCode::IdentityRevoked => 401,
             ErrorCode::MissingScope
             | ErrorCode::ZoneMismatch
             | ErrorCode::ParentOwnershipRequired => 403,
             ErrorCode::InvalidParams => 400,
             ErrorCode::SessionNotFound | ErrorCode::DelegationNotFound => 404,
-            ErrorCode::DelegationWidening
-            | ErrorCode::DelegationCycle
-            | ErrorCode::BroadDelegationForbidden => 403,
+            ErrorCode::DelegationExceedsParentAuthority
+            | ErrorCode::BroadDelegationPermissionRequired => 403,
+            ErrorCode::DelegationCycleDenied
+            | ErrorCode::DelegationApplicationMismatch
+            | ErrorCode::ParentDelegationAmbiguous => 409,
+            ErrorCode::DelegationExpiryRequired => 400,
             ErrorCode::ClientSecretNotStored => 404,
             ErrorCode::SystemZoneReadOnly
             | ErrorCode::ApproveCapabilityRequired
@@ -315,10 +331,14 @@ mod tests {
             ErrorCode::SessionDepthLimitExceeded,
             ErrorCode::SessionChildrenLimitExceeded,
             ErrorCode::SessionLimitExceeded,
+            ErrorCode::SessionZoneLimitExceeded,
             ErrorCode::DelegationNotFound,
-            ErrorCode::DelegationWidening,
-            ErrorCode::DelegationCycle,
-            ErrorCode::BroadDelegationForbidden,
+            ErrorCode::DelegationExceedsParentAuthority,
+            ErrorCode::DelegationCycleDenied,
+            ErrorCode::DelegationExpiryRequired,
+            ErrorCode::DelegationApplicationMismatch,
+            ErrorCode::ParentDelegationAmbiguous,
+            ErrorCode::BroadDelegationPermissionRequired,
             ErrorCode::InheritParentEdgeAmbiguous,
             ErrorCode::InheritParentEdgeNotActive,
             ErrorCode::IdempotencyKeyConflict,

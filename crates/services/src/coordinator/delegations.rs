@@ -51,7 +51,7 @@ pub fn routes() -> Router<RoleState> {
 const MAX_TTL_SECONDS: i64 = 86_400;
 
 fn widening(rule: &str) -> ApiError {
-    ApiError::with_description(ErrorCode::DelegationWidening, rule.to_owned())
+    ApiError::with_description(ErrorCode::DelegationExceedsParentAuthority, rule.to_owned())
 }
 
 fn not_found(id: &str) -> ApiError {
@@ -196,7 +196,8 @@ async fn create(
         (Some(a), Some(b)) => a.min(b),
         (Some(at), None) | (None, Some(at)) => at,
         (None, None) => {
-            return Err(invalid(
+            return Err(ApiError::with_description(
+                ErrorCode::DelegationExpiryRequired,
                 "an expiry is required: ttl_seconds or constraints.expires_at",
             ));
         }
@@ -227,7 +228,7 @@ async fn create(
         || target.application_id != request.receiver_application_id
     {
         return Err(ApiError::with_description(
-            ErrorCode::ParentOwnershipRequired,
+            ErrorCode::DelegationApplicationMismatch,
             "the sessions' applications are not the issuer and receiver named",
         ));
     }
@@ -267,7 +268,7 @@ async fn create(
         });
         if !permitted {
             return Err(ApiError::with_description(
-                ErrorCode::BroadDelegationForbidden,
+                ErrorCode::BroadDelegationPermissionRequired,
                 "a delegation names its resources (resource_id or constraints.resources) unless the caller holds coordinator.delegate_broad",
             ));
         }
@@ -306,7 +307,8 @@ async fn create(
                 0 => None,
                 1 => inbound.into_iter().next(),
                 _ => {
-                    return Err(invalid(
+                    return Err(ApiError::with_description(
+                        ErrorCode::ParentDelegationAmbiguous,
                         "the source session has several delegations; name parent_edge_id",
                     ));
                 }
@@ -376,7 +378,7 @@ async fn create(
                 || edge.target_session_id == request.target_session_id
             {
                 return Err(ApiError::with_description(
-                    ErrorCode::DelegationCycle,
+                    ErrorCode::DelegationCycleDenied,
                     "the target session already delegates into this lineage",
                 ));
             }

@@ -467,7 +467,10 @@ async fn start(
     let (in_zone, of_app) = store
         .count_active_sessions(&zone_id, &caller.client_id)
         .await?;
-    if in_zone >= limits.sessions_per_zone || of_app >= limits.sessions_per_application {
+    if in_zone >= limits.sessions_per_zone {
+        return Err(ApiError::new(ErrorCode::SessionZoneLimitExceeded));
+    }
+    if of_app >= limits.sessions_per_application {
         return Err(ApiError::new(ErrorCode::SessionLimitExceeded));
     }
     let parent = match &request.parent_id {

@@ -493,42 +493,64 @@ async fn delegations_only_narrow_chains_mint_along_them_and_revocation_takes_the
     assert_eq!(status, StatusCode::CREATED, "{first}");
     let first_id = first["delegation_edge_id"].as_str().unwrap().to_owned();
 
-    // Every widening is refused, naming its rule.
-    for (extra, expected, needle) in [
+    // Every widening is refused with its code, naming its rule.
+    let exceeds = "delegation_exceeds_parent_authority";
+    for (extra, expected, code, needle) in [
         (
             json!({"scopes": ["ledger:write"], "ttl_seconds": 60}),
             StatusCode::FORBIDDEN,
+            exceeds,
             "not a scope",
         ),
         (
             json!({"ttl_seconds": 86_400}),
             StatusCode::FORBIDDEN,
+            exceeds,
             "outlive",
         ),
         (
             json!({"ttl_seconds": 60, "constraints": {"max_hops": 2}}),
             StatusCode::FORBIDDEN,
+            exceeds,
             "max_hops",
         ),
         (
             json!({"ttl_seconds": 60, "resource_id": null}),
             StatusCode::FORBIDDEN,
+            "broad_delegation_permission_required",
             "names its resources",
         ),
-        (json!({}), StatusCode::BAD_REQUEST, "expiry"),
+        (
+            json!({}),
+            StatusCode::BAD_REQUEST,
+            "delegation_expiry_required",
+            "expiry",
+        ),
         (
             json!({"ttl_seconds": 60, "constraints": {"budget": 3}}),
             StatusCode::BAD_REQUEST,
+            "invalid_params",
             "constraints",
         ),
         (
             json!({"ttl_seconds": 60, "scopes": ["agent:lifecycle"]}),
             StatusCode::FORBIDDEN,
+            exceeds,
             "agent:lifecycle",
+        ),
+        (
+            json!({"ttl_seconds": 60, "receiver_application_id": "someone-else"}),
+            StatusCode::CONFLICT,
+            "delegation_application_mismatch",
+            "applications",
         ),
     ] {
         let (status, answer) = delegate(child, grandchild, extra.clone()).await;
-        assert_eq!(status, expected, "{extra}: {answer}");
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (expected, Some(code)),
+            "{extra}: {answer}"
+        );
         assert!(
             answer["error_description"]
                 .as_str()
@@ -540,7 +562,7 @@ async fn delegations_only_narrow_chains_mint_along_them_and_revocation_takes_the
     let (status, cycle) = delegate(child, root, json!({"ttl_seconds": 60})).await;
     assert_eq!(
         (status, cycle["error"].as_str()),
-        (StatusCode::FORBIDDEN, Some("delegation_cycle")),
+        (StatusCode::CONFLICT, Some("delegation_cycle_denied")),
         "{cycle}"
     );
 
@@ -907,6 +929,23 @@ async fn session_trees_stay_within_their_limits() {
         world.agents("POST", "", b, &start(None)).await.0,
         StatusCode::CREATED
     );
+    let (status, answer) = world.agents("POST", "", b, &start(None)).await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "session_zone_limit_exceeded")
+    );
+    // The application's own cap, when the zone's is wider.
+    let mut state = RoleState::new(Role::Coordinator, world.shared.clone());
+    state.coordinator = Some(super::start_state(
+        ISSUER.to_owned(),
+        super::Limits {
+            max_depth: 1,
+            max_children: 1,
+            sessions_per_zone: 100,
+            sessions_per_application: 3,
+        },
+    ));
+    world.coordinator = router(state);
     let (status, answer) = world.agents("POST", "", b, &start(None)).await;
     assert_eq!(
         (status, code(&answer).as_str()),
@@ -1522,7 +1561,10 @@ async fn a_child_inherits_its_parents_delegation_one_hop_further_down() {
     let (status, refused) = start(json!({"parent_id": child})).await;
     assert_eq!(
         (status, refused["error"].as_str()),
-        (StatusCode::FORBIDDEN, Some("delegation_widening")),
+        (
+            StatusCode::FORBIDDEN,
+            Some("delegation_exceeds_parent_authority")
+        ),
         "{refused}"
     );
     assert!(
