@@ -12,13 +12,27 @@ use crate::Fields;
 pub const SIGNATURE_FIELD: &str = "_sig";
 
 /// The key that signs and verifies stream messages. Every producer and consumer of a deployment
-/// shares it.
+/// shares it. During a rotation a previous key is still accepted when verifying (messages it
+/// signed may wait in a stream), never used to sign.
 #[derive(Clone)]
-pub struct StreamKey(hmac::Key);
+pub struct StreamKey {
+    current: hmac::Key,
+    previous: Option<hmac::Key>,
+}
 
 impl StreamKey {
     pub fn new(bytes: &[u8]) -> StreamKey {
-        StreamKey(hmac::Key::new(hmac::HMAC_SHA256, bytes))
+        StreamKey {
+            current: hmac::Key::new(hmac::HMAC_SHA256, bytes),
+            previous: None,
+        }
+    }
+
+    /// This key, also accepting what `previous` signed.
+    #[must_use]
+    pub fn accepting_previous(mut self, previous: &[u8]) -> StreamKey {
+        self.previous = Some(hmac::Key::new(hmac::HMAC_SHA256, previous));
+        self
     }
 }
 
@@ -62,15 +76,19 @@ pub fn canonical(stream: &str, fields: &Fields) -> String {
 }
 
 pub fn sign(key: &StreamKey, stream: &str, fields: &Fields) -> String {
-    hex(hmac::sign(&key.0, canonical(stream, fields).as_bytes()).as_ref())
+    hex(hmac::sign(&key.current, canonical(stream, fields).as_bytes()).as_ref())
 }
 
-/// Checks `_sig` in constant time.
+/// Checks `_sig` in constant time, against the current key and then the previous one.
 pub fn verify(key: &StreamKey, stream: &str, fields: &Fields) -> Result<(), SignatureError> {
     let claimed = fields.get(SIGNATURE_FIELD).ok_or(SignatureError::Missing)?;
     let claimed = caracal_crypto::unhex(claimed).ok_or(SignatureError::Mismatch)?;
-    hmac::verify(&key.0, canonical(stream, fields).as_bytes(), &claimed)
-        .map_err(|_| SignatureError::Mismatch)
+    let message = canonical(stream, fields);
+    std::iter::once(&key.current)
+        .chain(&key.previous)
+        .any(|key| hmac::verify(key, message.as_bytes(), &claimed).is_ok())
+        .then_some(())
+        .ok_or(SignatureError::Mismatch)
 }
 
 #[cfg(test)]
@@ -144,5 +162,29 @@ mod tests {
         assert_eq!(verify(&key, "s", &added), Err(SignatureError::Mismatch));
         fields.insert(SIGNATURE_FIELD.to_owned(), "zz".to_owned());
         assert_eq!(verify(&key, "s", &fields), Err(SignatureError::Mismatch));
+    }
+
+    #[test]
+    fn a_rotated_key_signs_new_and_still_accepts_the_previous_keys_messages() {
+        let fields: Fields = [("zone_id".to_owned(), "z1".to_owned())].into();
+        let signed_by = |key: &StreamKey| {
+            let mut signed = fields.clone();
+            signed.insert(SIGNATURE_FIELD.to_owned(), sign(key, "s", &fields));
+            signed
+        };
+        let (old, new) = (StreamKey::new(b"old"), StreamKey::new(b"new"));
+        let rotated = StreamKey::new(b"new").accepting_previous(b"old");
+        assert_eq!(sign(&rotated, "s", &fields), sign(&new, "s", &fields));
+        assert_eq!(verify(&rotated, "s", &signed_by(&old)), Ok(()));
+        assert_eq!(verify(&rotated, "s", &signed_by(&new)), Ok(()));
+        assert_eq!(
+            verify(&rotated, "s", &signed_by(&StreamKey::new(b"third"))),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            verify(&new, "s", &signed_by(&old)),
+            Err(SignatureError::Mismatch),
+            "once the previous key is dropped, its messages are refused"
+        );
     }
 }

@@ -109,6 +109,11 @@ pub struct Overrides {
     /// [env: CARACAL_STREAM_KEY] [default: $CARACAL_HOME/stream-key, created on first start]
     #[arg(long, global = true, value_name = "HEX")]
     pub stream_key: Option<String>,
+    /// During a stream key rotation, the previous key: still accepted on messages it signed,
+    /// never used to sign [env: CARACAL_STREAM_KEY_PREVIOUS]
+    /// [default: $CARACAL_HOME/stream-key.previous, when present and --stream-key is unset]
+    #[arg(long, global = true, value_name = "HEX")]
+    pub stream_key_previous: Option<String>,
     /// The STS's http:// base URL when it runs in another process than the Gateway
     /// [env: CARACAL_GATEWAY_STS_URL] [default: issuer_url]
     #[arg(long, global = true, value_name = "URL")]
@@ -574,6 +579,10 @@ pub enum RotateCommand {
         #[command(flatten)]
         invalidate: Invalidate,
     },
+    /// The stream key in $CARACAL_HOME/stream-key: a new one replaces it and the old one moves
+    /// to stream-key.previous, still accepted on messages it signed until you delete that file;
+    /// restart every role to sign with the new key
+    StreamKey,
 }
 
 /// After rotating material that is not one zone's own: what else to invalidate.

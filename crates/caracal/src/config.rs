@@ -155,6 +155,15 @@ const KEYS: &[Key] = &[
             "at least 64 hex characters (32 bytes)",
         )
     },
+    Key {
+        redact: Redact::Everything,
+        ..key(
+            "stream_key_previous",
+            &["CARACAL_STREAM_KEY_PREVIOUS"],
+            "--stream-key-previous",
+            "at least 64 hex characters (32 bytes)",
+        )
+    },
     key(
         "issuer_url",
         &["CARACAL_ISSUER_URL"],
@@ -467,12 +476,8 @@ pub fn resolve(
                     .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_');
             valid.then(|| (!text.is_empty()).then(|| text.to_owned()))
         })?,
-        stream_key: match raw.get("stream_key") {
-            Some((value, _)) if !value.is_empty() => Some(parse.value("stream_key", |text| {
-                caracal_services::decode_key_hex(text).map(caracal_services::SecretBytes)
-            })?),
-            _ => None,
-        },
+        stream_key: parse.key_hex("stream_key")?,
+        stream_key_previous: parse.key_hex("stream_key_previous")?,
     };
     let log_format = parse.value("log.format", |text| match text {
         "text" => Some(LogFormat::Text),
@@ -578,6 +583,15 @@ impl Parser<'_> {
                 .apply(&value),
             origin: source,
             accepted: key.map(|key| key.accepted).unwrap_or_default().to_owned(),
+        })
+    }
+
+    /// A key given as hex (at least 32 bytes); empty is none.
+    fn key_hex(&self, name: &str) -> Result<Option<caracal_services::SecretBytes>, ConfigError> {
+        self.value(name, |text| match text {
+            "" => Some(None),
+            text => caracal_services::decode_key_hex(text)
+                .map(|key| Some(caracal_services::SecretBytes(key))),
         })
     }
 }
@@ -699,6 +713,7 @@ fn flag_values(overrides: &Overrides) -> Result<BTreeMap<&'static str, String>, 
             &overrides.store_statement_timeout_ms,
         ),
         ("stream_key", &overrides.stream_key),
+        ("stream_key_previous", &overrides.stream_key_previous),
         ("gateway.sts_url", &overrides.gateway_sts_url),
         (
             "gateway.upstream_host_allowlist",

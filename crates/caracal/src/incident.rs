@@ -805,23 +805,7 @@ async fn rotate(settings: &Settings, what: &crate::cli::RotateCommand) -> anyhow
                 .get("token")
                 .and_then(Value::as_str)
                 .context("the API answered no token")?;
-            // Written beside and renamed over: the file never holds half a token.
-            let staged = path.with_extension("rotating");
-            {
-                use std::io::Write as _;
-                use std::os::unix::fs::OpenOptionsExt as _;
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&staged)
-                    .with_context(|| format!("writing {}", staged.display()))?;
-                file.write_all(token.as_bytes())?;
-                file.sync_all()?;
-            }
-            std::fs::rename(&staged, &path)
-                .with_context(|| format!("replacing {}", path.display()))?;
+            replace_private_file(&path, token)?;
             println!(
                 "admin token rotation: done; the new token is in {} (the old one no longer works)",
                 path.display()
@@ -834,7 +818,64 @@ async fn rotate(settings: &Settings, what: &crate::cli::RotateCommand) -> anyhow
             }
             invalidate_after(settings, None, invalidate).await
         }
+        RotateCommand::StreamKey => rotate_stream_key(settings),
     }
+}
+
+/// A new `$CARACAL_HOME/stream-key`, the old one kept as `stream-key.previous` (accepted, never
+/// used to sign, by every role started while it is there).
+fn rotate_stream_key(settings: &Settings) -> anyhow::Result<bool> {
+    if settings.stream_key.is_some() {
+        bail!(
+            "the stream key is set by configuration (--stream-key, CARACAL_STREAM_KEY or the \
+             config file's stream_key): put a new key there and the old one in \
+             stream_key_previous, restart every replica, then remove stream_key_previous"
+        );
+    }
+    let path = settings.home.join(caracal_services::STREAM_KEY_FILE);
+    let old = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no stream key at {} (the first start creates it)",
+            path.display()
+        )
+    })?;
+    caracal_services::decode_key_hex(old.trim())
+        .with_context(|| format!("{} does not hold a stream key", path.display()))?;
+    let new: [u8; 32] = caracal_crypto::random_bytes()?;
+    let previous = settings
+        .home
+        .join(caracal_services::PREVIOUS_STREAM_KEY_FILE);
+    // The old key is kept before it is replaced: a failure between the two loses nothing.
+    replace_private_file(&previous, old.trim())?;
+    replace_private_file(&path, &caracal_crypto::hex(&new))?;
+    println!(
+        "stream key rotation: done; restart every role to sign with the new key. Messages the old \
+         one signed are still accepted while {} exists: delete it once the streams have drained \
+         (`caracal status`). Give the new key to every other consumer of the streams (the Redis \
+         revocation consumer's stream_hmac_key).",
+        previous.display()
+    );
+    Ok(true)
+}
+
+/// Writes an owner-only file beside `path` and renames it over: the file never holds half a
+/// secret.
+fn replace_private_file(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let staged = path.with_extension("rotating");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&staged)
+        .with_context(|| format!("writing {}", staged.display()))?;
+    file.write_all(contents.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    std::fs::rename(&staged, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
 }
 
 /// `--invalidate-sessions` of a rotation: every session of the zone (or of every zone) ended

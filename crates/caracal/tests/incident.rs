@@ -621,3 +621,74 @@ fn bad_policy_drill_rolls_back_to_the_last_known_good_version() {
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }
+
+#[test]
+fn a_stream_key_rotation_keeps_the_old_key_accepted_until_its_file_is_deleted() {
+    let (_parent, home) = fresh_home();
+    let mut args = free_ports();
+    args.push("up".to_owned());
+    let running = Running::start(&home, &args);
+    assert_eq!(wait_ready(running.address("api")).status, 200);
+    let key_file = home.join("stream-key");
+    let old = std::fs::read_to_string(&key_file).unwrap();
+
+    // Rotated while running, as an operator would, then restarted.
+    let rotated = caracal(&home)
+        .args(["incident", "rotate", "stream-key"])
+        .output()
+        .unwrap();
+    assert!(rotated.status.success(), "{}", text(&rotated));
+    assert!(
+        text(&rotated).contains("restart every role"),
+        "{}",
+        text(&rotated)
+    );
+    let new = std::fs::read_to_string(&key_file).unwrap();
+    let previous_file = home.join("stream-key.previous");
+    assert_eq!(std::fs::read_to_string(&previous_file).unwrap(), old);
+    assert_ne!(new, old);
+    assert_eq!(new.trim().len(), 64);
+    assert_eq!(
+        (util::mode(&key_file), util::mode(&previous_file)),
+        (0o600, 0o600)
+    );
+    let (status, _, stderr) = running.terminate();
+    assert!(status.success(), "{stderr}");
+    let restarted = Running::start(&home, &args);
+    assert_eq!(wait_ready(restarted.address("api")).status, 200);
+    let (status, _, stderr) = restarted.terminate();
+    assert!(status.success(), "{stderr}");
+
+    // A key given by configuration is the operator's to rotate there.
+    let configured = caracal(&home)
+        .args([
+            "--stream-key",
+            &"cd".repeat(32),
+            "incident",
+            "rotate",
+            "stream-key",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(configured.status.code(), Some(1), "{}", text(&configured));
+    assert!(
+        text(&configured).contains("set by configuration"),
+        "{}",
+        text(&configured)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&key_file).unwrap(),
+        new,
+        "nothing changed"
+    );
+
+    // A damaged previous key stops the start, naming the file.
+    std::fs::write(&previous_file, "not a key").unwrap();
+    let refused = caracal(&home).args(&args).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("stream-key.previous"),
+        "{}",
+        text(&refused)
+    );
+}

@@ -48,5 +48,7 @@ pub use error::ApiError;
 pub use metrics::{OutboxMetrics, RoleMetrics};
 pub use router::router;
 pub use settings::{BusUrl, BusUrlError, SecretBytes, Settings};
-pub use stack::{RUN_FILE, RunFile, STREAM_KEY_FILE, Stack, StartError, decode_key_hex};
+pub use stack::{
+    PREVIOUS_STREAM_KEY_FILE, RUN_FILE, RunFile, STREAM_KEY_FILE, Stack, StartError, decode_key_hex,
+};
 pub use state::{Bus, RoleState, Shared};

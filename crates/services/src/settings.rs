@@ -58,6 +58,10 @@ pub struct Settings {
     /// The key that signs stream messages. Replicas sharing a bus must share it; when unset,
     /// `$CARACAL_HOME/stream-key` is used (created on first start).
     pub stream_key: Option<SecretBytes>,
+    /// During a stream key rotation, the previous key: messages it signed are still accepted,
+    /// nothing new is signed with it. When unset with `stream_key` unset,
+    /// `$CARACAL_HOME/stream-key.previous` is used if present.
+    pub stream_key_previous: Option<SecretBytes>,
     /// `POST /v1/control/invoke` runs control keys' commands; off, it answers 503
     /// `control_disabled`.
     pub control_enabled: bool,

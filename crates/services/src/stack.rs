@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use crate::evidence::{Evidence, EvidenceConfig, EvidenceTasks};
 use crate::outbox::{Dispatcher, DispatcherConfig};
 use crate::router::router;
-use crate::settings::{BusUrl, Settings};
+use crate::settings::{BusUrl, SecretBytes, Settings};
 use crate::state::{Bus, RoleState, Shared};
 
 /// Where audit events wait (fsynced) while the bus is unavailable.
@@ -30,6 +30,8 @@ pub const REPLAY_DIR: &str = "audit-replay";
 
 /// The stream-signing key file, used when no key is configured.
 pub const STREAM_KEY_FILE: &str = "stream-key";
+/// The key a `caracal incident rotate stream-key` replaced, accepted until it is deleted.
+pub const PREVIOUS_STREAM_KEY_FILE: &str = "stream-key.previous";
 
 /// Written to `$CARACAL_HOME` once every port is bound, removed on clean exit: tells
 /// `caracal status` where the running roles listen (ports may have been chosen by the OS).
@@ -157,10 +159,11 @@ impl Stack {
                 });
             }
         };
-        let stream_key = match &settings.stream_key {
-            Some(secret) => StreamKey::new(&secret.0),
-            None => StreamKey::new(&load_or_create_stream_key(&data_dir)?),
-        };
+        let stream_key = stream_key(
+            settings.stream_key.as_ref(),
+            settings.stream_key_previous.as_ref(),
+            &data_dir,
+        )?;
         let bootstrap = caracal_store::bootstrap(&data_dir, store.as_ref()).await?;
         let replay_dir = data_dir.path().join(REPLAY_DIR);
         let mut evidence_config = EvidenceConfig::new(replay_dir.clone());
@@ -680,6 +683,30 @@ impl Stack {
     }
 }
 
+/// The key signing and verifying stream messages: the configured one (with the configured
+/// previous one, during a rotation), else `$CARACAL_HOME/stream-key` with
+/// `stream-key.previous` when a rotation left one.
+fn stream_key(
+    configured: Option<&SecretBytes>,
+    configured_previous: Option<&SecretBytes>,
+    data_dir: &DataDir,
+) -> Result<StreamKey, StartError> {
+    let (current, previous) = match configured {
+        Some(key) => (key.0.clone(), configured_previous.map(|key| key.0.clone())),
+        None => (
+            load_or_create_stream_key(data_dir)?,
+            match configured_previous {
+                Some(key) => Some(key.0.clone()),
+                None => load_previous_stream_key(data_dir)?,
+            },
+        ),
+    };
+    Ok(match previous {
+        Some(previous) => StreamKey::new(&current).accepting_previous(&previous),
+        None => StreamKey::new(&current),
+    })
+}
+
 /// The stream key from `$CARACAL_HOME/stream-key` (hex), created on first start.
 fn load_or_create_stream_key(data_dir: &DataDir) -> Result<Vec<u8>, StartError> {
     let path = data_dir.path().join(STREAM_KEY_FILE).display().to_string();
@@ -695,6 +722,23 @@ fn load_or_create_stream_key(data_dir: &DataDir) -> Result<Vec<u8>, StartError> 
         caracal_crypto::random_bytes().map_err(|error| key_error(error.to_string()))?;
     data_dir.write_private_file(STREAM_KEY_FILE, &format!("{}\n", caracal_crypto::hex(&key)))?;
     Ok(key.to_vec())
+}
+
+/// The stream key a rotation replaced (`$CARACAL_HOME/stream-key.previous`), if any.
+fn load_previous_stream_key(data_dir: &DataDir) -> Result<Option<Vec<u8>>, StartError> {
+    let Some(text) = data_dir.read_file(PREVIOUS_STREAM_KEY_FILE)? else {
+        return Ok(None);
+    };
+    decode_key_hex(text.trim())
+        .map(Some)
+        .ok_or_else(|| StartError::StreamKey {
+            path: data_dir
+                .path()
+                .join(PREVIOUS_STREAM_KEY_FILE)
+                .display()
+                .to_string(),
+            message: "expected at least 64 hex characters".into(),
+        })
 }
 
 /// Hex text of at least 32 bytes, as accepted for a stream key.
@@ -752,6 +796,56 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
+
+    #[test]
+    fn a_rotated_stream_key_signs_new_and_accepts_the_previous_one_until_it_is_deleted() {
+        let parent = tempfile::tempdir().unwrap();
+        let home = parent.path().join("home");
+        let data_dir = DataDir::open(&home).unwrap();
+        let fields: caracal_bus::Fields = [("zone_id".to_owned(), "z".to_owned())].into();
+        let signed = |key: &StreamKey| {
+            let mut signed = fields.clone();
+            let signature = caracal_bus::signature::sign(key, "s", &fields);
+            signed.insert(
+                caracal_bus::signature::SIGNATURE_FIELD.to_owned(),
+                signature,
+            );
+            signed
+        };
+        let first = stream_key(None, None, &data_dir).unwrap();
+        let old = std::fs::read_to_string(home.join(STREAM_KEY_FILE)).unwrap();
+        // What `caracal incident rotate stream-key` leaves behind.
+        data_dir
+            .write_private_file(PREVIOUS_STREAM_KEY_FILE, &old)
+            .unwrap();
+        data_dir
+            .write_private_file(STREAM_KEY_FILE, &format!("{}\n", "ab".repeat(32)))
+            .unwrap();
+        let rotated = stream_key(None, None, &data_dir).unwrap();
+        let verify = caracal_bus::signature::verify;
+        assert!(
+            verify(&rotated, "s", &signed(&first)).is_ok(),
+            "the old key's messages"
+        );
+        assert!(verify(&rotated, "s", &signed(&rotated)).is_ok());
+        assert!(
+            verify(&first, "s", &signed(&rotated)).is_err(),
+            "signed with the new key"
+        );
+        std::fs::remove_file(home.join(PREVIOUS_STREAM_KEY_FILE)).unwrap();
+        let after = stream_key(None, None, &data_dir).unwrap();
+        assert!(
+            verify(&after, "s", &signed(&first)).is_err(),
+            "the old key is gone"
+        );
+        data_dir
+            .write_private_file(PREVIOUS_STREAM_KEY_FILE, "not hex")
+            .unwrap();
+        assert!(matches!(
+            stream_key(None, None, &data_dir),
+            Err(StartError::StreamKey { .. })
+        ));
+    }
 
     #[tokio::test]
     async fn stopping_finishes_requests_in_flight_and_refuses_new_connections() {
