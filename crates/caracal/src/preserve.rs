@@ -3,8 +3,8 @@
 //!
 //! The bundle: every zone's audit export with its verification result, every stream's length,
 //! groups, lag and pending entries, the dead-letter entries, a database snapshot (SQLite
-//! `VACUUM INTO`, or `pg_dump`), the effective configuration and its difference from the
-//! defaults, the containment switches, the running process's recent log lines, every role's
+//! `VACUUM INTO`, or `pg_dump`), the audit evidence waiting on disk to be replayed, the
+//! effective configuration and its difference from the defaults, the containment switches, the running process's recent log lines, every role's
 //! metrics; then `manifest.json` (SHA-256 and size of each file, the parts that failed and the
 //! zones whose export does not verify) and `manifest.sig`, the deployment key's signature over
 //! the manifest.
@@ -121,6 +121,16 @@ pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<Preserv
         }
     }
 
+    // Evidence this process could not hand to the ledger yet, waiting on disk to be replayed.
+    if let Err(error) = copy_replay_files(&settings.home, out) {
+        failed.push(format!("audit replay files: {error:#}"));
+        write_json(
+            out,
+            "audit-replay-error.json",
+            &json!({"error": format!("{error:#}")}),
+        )?;
+    }
+
     // The database, as it is now.
     if let Err(error) = snapshot_database(settings, out).await {
         failed.push(format!("database snapshot: {error:#}"));
@@ -223,6 +233,26 @@ pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<Preserv
         files: files.len(),
         key_id: signer.key_id().to_owned(),
     })
+}
+
+/// `$CARACAL_HOME/audit-replay/*` into the bundle's `audit-replay/` (empty when nothing waits).
+fn copy_replay_files(home: &Path, out: &Path) -> anyhow::Result<()> {
+    let target = out.join(caracal_services::REPLAY_DIR);
+    std::fs::create_dir_all(&target)?;
+    let source = home.join(caracal_services::REPLAY_DIR);
+    let entries = match std::fs::read_dir(&source) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error).with_context(|| source.display().to_string()),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), target.join(entry.file_name()))
+                .with_context(|| entry.path().display().to_string())?;
+        }
+    }
+    Ok(())
 }
 
 fn write_json(out: &Path, name: &str, value: &Value) -> anyhow::Result<()> {
@@ -406,4 +436,30 @@ pub async fn verify_bundle(
         println!("OK: {} files match the signed manifest", listed.len());
     }
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_replay_files_are_copied_into_the_bundle() {
+        let parent = tempfile::tempdir().unwrap();
+        let (home, out) = (parent.path().join("home"), parent.path().join("out"));
+        copy_replay_files(&home, &out).unwrap();
+        assert_eq!(
+            std::fs::read_dir(out.join("audit-replay")).unwrap().count(),
+            0,
+            "no replay directory: an empty one in the bundle"
+        );
+        std::fs::create_dir_all(home.join("audit-replay")).unwrap();
+        std::fs::write(home.join("audit-replay/1.jsonl"), "{\"id\":\"e-1\"}\n").unwrap();
+        copy_replay_files(&home, &out).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(out.join("audit-replay/1.jsonl")).unwrap(),
+            "{\"id\":\"e-1\"}\n"
+        );
+        let entries = manifest_entries(&out).unwrap();
+        assert_eq!(entries[0]["path"], "audit-replay/1.jsonl");
+    }
 }

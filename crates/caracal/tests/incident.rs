@@ -201,6 +201,7 @@ fn contain_freeze_status_release_and_the_timeline_of_a_zone() {
         "audit/verification.json",
         "metrics/gateway.prom",
         "logs.jsonl",
+        "audit-replay",
     ] {
         assert!(bundle.join(file).exists(), "{file} missing from the bundle");
     }

@@ -49,6 +49,7 @@ pub use metrics::{OutboxMetrics, RoleMetrics};
 pub use router::router;
 pub use settings::{BusUrl, BusUrlError, SecretBytes, Settings};
 pub use stack::{
-    PREVIOUS_STREAM_KEY_FILE, RUN_FILE, RunFile, STREAM_KEY_FILE, Stack, StartError, decode_key_hex,
+    PREVIOUS_STREAM_KEY_FILE, REPLAY_DIR, RUN_FILE, RunFile, STREAM_KEY_FILE, Stack, StartError,
+    decode_key_hex,
 };
 pub use state::{Bus, RoleState, Shared};
