@@ -114,6 +114,10 @@ pub struct Overrides {
     /// [default: $CARACAL_HOME/stream-key.previous, when present and --stream-key is unset]
     #[arg(long, global = true, value_name = "HEX")]
     pub stream_key_previous: Option<String>,
+    /// Bearer token every role's GET /metrics then needs (16-256 visible ASCII characters)
+    /// [env: CARACAL_METRICS_BEARER] [default: none, /metrics is open]
+    #[arg(long, global = true, value_name = "TOKEN")]
+    pub metrics_bearer: Option<String>,
     /// The STS's http:// base URL when it runs in another process than the Gateway
     /// [env: CARACAL_GATEWAY_STS_URL] [default: issuer_url]
     #[arg(long, global = true, value_name = "URL")]

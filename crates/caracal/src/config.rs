@@ -158,6 +158,15 @@ const KEYS: &[Key] = &[
     Key {
         redact: Redact::Everything,
         ..key(
+            "metrics_bearer",
+            &["CARACAL_METRICS_BEARER"],
+            "--metrics-bearer",
+            "16 to 256 visible ASCII characters (empty: /metrics is open)",
+        )
+    },
+    Key {
+        redact: Redact::Everything,
+        ..key(
             "stream_key_previous",
             &["CARACAL_STREAM_KEY_PREVIOUS"],
             "--stream-key-previous",
@@ -478,6 +487,17 @@ pub fn resolve(
         })?,
         stream_key: parse.key_hex("stream_key")?,
         stream_key_previous: parse.key_hex("stream_key_previous")?,
+        metrics_bearer: parse.value("metrics_bearer", |text| match text {
+            "" => Some(None),
+            text if (16..=256).contains(&text.len())
+                && text.bytes().all(|byte| byte.is_ascii_graphic()) =>
+            {
+                Some(Some(caracal_services::SecretBytes(
+                    text.as_bytes().to_vec(),
+                )))
+            }
+            _ => None,
+        })?,
     };
     let log_format = parse.value("log.format", |text| match text {
         "text" => Some(LogFormat::Text),
@@ -714,6 +734,7 @@ fn flag_values(overrides: &Overrides) -> Result<BTreeMap<&'static str, String>, 
         ),
         ("stream_key", &overrides.stream_key),
         ("stream_key_previous", &overrides.stream_key_previous),
+        ("metrics_bearer", &overrides.metrics_bearer),
         ("gateway.sts_url", &overrides.gateway_sts_url),
         (
             "gateway.upstream_host_allowlist",

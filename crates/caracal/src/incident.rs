@@ -355,7 +355,7 @@ async fn validate(
 /// Gateway call as an agent.
 async fn checks(resolved: &Resolved, canary: &Canary, token: &str) -> Vec<Check> {
     let settings = &resolved.settings;
-    let client = caracal_services::peer_probe::client();
+    let client = crate::status::probe_client(settings);
     let mut checks = Vec::new();
     let targets = crate::status::targets(resolved, &[]);
     let addresses: Vec<_> = targets.iter().map(|(_, address)| *address).collect();

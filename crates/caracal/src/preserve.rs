@@ -197,7 +197,7 @@ pub async fn preserve(resolved: &Resolved, out: &Path) -> anyhow::Result<Preserv
     }
 
     // Every running role's metrics.
-    let client = caracal_services::peer_probe::client();
+    let client = crate::status::probe_client(settings);
     for (role, address) in crate::status::targets(resolved, &[]) {
         let text = match caracal_services::peer_probe::get(&client, address, "/metrics").await {
             Ok((200, body)) => String::from_utf8_lossy(&body).into_owned(),

@@ -22,6 +22,16 @@ pub struct RoleStatus {
     pub reason: Option<String>,
 }
 
+/// The probe client of this configuration: it presents `metrics_bearer` to `/metrics`.
+pub fn probe_client(settings: &caracal_services::Settings) -> HttpClient {
+    peer_probe::client().with_metrics_bearer(
+        settings
+            .metrics_bearer
+            .as_ref()
+            .map(|bearer| std::sync::Arc::from(String::from_utf8_lossy(&bearer.0).as_ref())),
+    )
+}
+
 /// Probes the roles and prints the report; returns whether every probed role is ready.
 pub async fn run(resolved: &Resolved, args: &StatusArgs) -> bool {
     let client = peer_probe::client();

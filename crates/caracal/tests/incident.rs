@@ -693,3 +693,42 @@ fn a_stream_key_rotation_keeps_the_old_key_accepted_until_its_file_is_deleted() 
         text(&refused)
     );
 }
+
+#[test]
+fn metrics_need_the_configured_bearer_and_the_cli_presents_it() {
+    let (parent, home) = fresh_home();
+    let bearer = "scrape-me-with-this-token";
+    let mut args = free_ports();
+    args.extend([
+        "--metrics-bearer".to_owned(),
+        bearer.to_owned(),
+        "up".to_owned(),
+    ]);
+    let running = Running::start(&home, &args);
+    let api = running.address("api");
+    assert_eq!(wait_ready(api).status, 200);
+    assert_eq!(request(api, "GET", "/metrics", &[], "").status, 401);
+    let authorization = format!("Bearer {bearer}");
+    let scraped = request(
+        api,
+        "GET",
+        "/metrics",
+        &[("authorization", &authorization)],
+        "",
+    );
+    assert_eq!(scraped.status, 200);
+    assert!(scraped.body.contains("caracal_api_"));
+
+    // The CLI's own probes present it (given the same configuration), so the bundle holds
+    // every role's metrics rather than a refusal.
+    let bundle = parent.path().join("bundle");
+    let preserved = caracal(&home)
+        .env("CARACAL_METRICS_BEARER", bearer)
+        .args(["incident", "preserve", "--out"])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(preserved.status.success(), "{}", text(&preserved));
+    let metrics = std::fs::read_to_string(bundle.join("metrics/api.prom")).unwrap();
+    assert!(metrics.contains("caracal_api_"), "{metrics}");
+}

@@ -15,10 +15,28 @@ use crate::wire::ReadyBody;
 /// A role that does not answer within this bound counts as not answering.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
 
-pub type Client = hyper_util::client::legacy::Client<HttpConnector, Empty<Bytes>>;
+/// An HTTP client for the probes, with the bearer `/metrics` needs when one is configured.
+#[derive(Clone)]
+pub struct Client {
+    http: hyper_util::client::legacy::Client<HttpConnector, Empty<Bytes>>,
+    metrics_bearer: Option<std::sync::Arc<str>>,
+}
 
 pub fn client() -> Client {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+    Client {
+        http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http(),
+        metrics_bearer: None,
+    }
+}
+
+impl Client {
+    /// This client, presenting `bearer` (if any) to `/metrics`.
+    #[must_use]
+    pub fn with_metrics_bearer(mut self, bearer: Option<std::sync::Arc<str>>) -> Client {
+        self.metrics_bearer = bearer;
+        self
+    }
 }
 
 /// `GET http://{address}{path}`: the status and body, or why there is none (`unreachable`,
@@ -35,8 +53,21 @@ pub async fn get(
     let uri: hyper::Uri = format!("http://{address}{path}")
         .parse()
         .map_err(|_| "bad_address")?;
+    let mut request = hyper::Request::get(uri);
+    if let Some(bearer) = client
+        .metrics_bearer
+        .as_deref()
+        .filter(|_| path == "/metrics")
+    {
+        request = request.header(http::header::AUTHORIZATION, format!("Bearer {bearer}"));
+    }
+    let request = request.body(Empty::new()).map_err(|_| "bad_address")?;
     let exchange = async {
-        let response = client.get(uri).await.map_err(|_| "unreachable")?;
+        let response = client
+            .http
+            .request(request)
+            .await
+            .map_err(|_| "unreachable")?;
         let status = response.status().as_u16();
         let body = response
             .into_body()

@@ -142,7 +142,26 @@ async fn outbox_check(state: &RoleState) -> Check {
     }
 }
 
-pub async fn metrics(State(state): State<RoleState>) -> Response {
+pub async fn metrics(State(state): State<RoleState>, headers: http::HeaderMap) -> Response {
+    if let Some(expected) = &state.shared.metrics_bearer {
+        let presented = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if aws_lc_rs::constant_time::verify_slices_are_equal(
+            presented.as_bytes(),
+            expected.as_bytes(),
+        )
+        .is_err()
+        {
+            return ApiError::with_description(
+                ErrorCode::InvalidToken,
+                "metrics need the configured bearer (metrics_bearer)",
+            )
+            .into_response();
+        }
+    }
     state
         .metrics
         .store_pool_in_use_ratio

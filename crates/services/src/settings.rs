@@ -62,6 +62,8 @@ pub struct Settings {
     /// nothing new is signed with it. When unset with `stream_key` unset,
     /// `$CARACAL_HOME/stream-key.previous` is used if present.
     pub stream_key_previous: Option<SecretBytes>,
+    /// When set, every role's `GET /metrics` needs `Authorization: Bearer <this>`.
+    pub metrics_bearer: Option<SecretBytes>,
     /// `POST /v1/control/invoke` runs control keys' commands; off, it answers 503
     /// `control_disabled`.
     pub control_enabled: bool,

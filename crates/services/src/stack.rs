@@ -182,7 +182,15 @@ impl Stack {
         Ok(Stack {
             evidence_tasks,
             instance: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7().simple()),
-            shared: Shared::new(store, bus, evidence, replay_dir, bootstrap.kek.clone()),
+            shared: {
+                let mut shared =
+                    Shared::new(store, bus, evidence, replay_dir, bootstrap.kek.clone());
+                shared.metrics_bearer = settings
+                    .metrics_bearer
+                    .as_ref()
+                    .map(|bearer| Arc::from(String::from_utf8_lossy(&bearer.0).as_ref()));
+                shared
+            },
             stream_key,
             data_dir,
             listeners,

@@ -72,6 +72,8 @@ pub struct SharedParts {
     pub containment: crate::containment::ContainmentView,
     /// The binary's validate and preserve, when the process was started by it.
     pub operator_tools: Option<Arc<dyn crate::recovery::OperatorTools>>,
+    /// The bearer `GET /metrics` needs, when one is configured.
+    pub metrics_bearer: Option<Arc<str>>,
     draining: Arc<AtomicBool>,
 }
 
@@ -91,6 +93,7 @@ impl Shared {
             kek,
             containment: crate::containment::ContainmentView::default(),
             operator_tools: None,
+            metrics_bearer: None,
             draining: Arc::new(AtomicBool::new(false)),
         }))
     }

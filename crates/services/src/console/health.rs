@@ -60,7 +60,8 @@ fn judge(expr: &str, samples: &BTreeMap<String, Vec<f64>>) -> Result<Option<f64>
 
 /// The overview's health sections.
 pub(super) async fn section(state: &RoleState) -> String {
-    let client = crate::peer_probe::client();
+    let client =
+        crate::peer_probe::client().with_metrics_bearer(state.shared.metrics_bearer.clone());
     let mut readiness = String::from(
         "<table><tr><th>Role</th><th>Address</th><th>Ready</th><th>Failed checks</th></tr>",
     );

@@ -182,6 +182,42 @@ async fn inbound_request_ids_are_echoed_only_when_well_formed() {
 }
 
 #[tokio::test]
+async fn a_configured_metrics_bearer_guards_metrics_and_nothing_else() {
+    let (_directory, mut state) = role_state(Role::Gateway);
+    state.shared.metrics_bearer = Some("a-metrics-bearer-token".into());
+    let app = router(state);
+    for (bearer, status) in [
+        (None, StatusCode::UNAUTHORIZED),
+        (
+            Some("Bearer wrong-metrics-bearer-x"),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (Some("a-metrics-bearer-token"), StatusCode::UNAUTHORIZED),
+        (Some("Bearer a-metrics-bearer-token"), StatusCode::OK),
+    ] {
+        let mut request = Request::get("/metrics");
+        if let Some(bearer) = bearer {
+            request = request.header("authorization", bearer);
+        }
+        let response = app
+            .clone()
+            .oneshot(request.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{bearer:?}");
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&bytes);
+        if status == StatusCode::OK {
+            assert!(text.contains("caracal_gateway_"), "{text}");
+        } else {
+            let body: ErrorBody = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(body.error, "invalid_token");
+        }
+    }
+    assert_eq!(send(&app, "/health", None).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
 async fn unknown_routes_and_methods_get_json_errors() {
     let (_directory, state) = role_state(Role::Audit);
     let app = router(state);
