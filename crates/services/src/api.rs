@@ -41,13 +41,19 @@ pub fn routes() -> Router<RoleState> {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SearchQuery {
+    /// RFC 3339 or epoch milliseconds (the reference's form); `since_ms` is the older one.
+    since: Option<String>,
+    until: Option<String>,
     since_ms: Option<i64>,
     until_ms: Option<i64>,
+    /// One type, or up to 16 separated by commas.
     event_type: Option<String>,
     decision: Option<String>,
     request_id: Option<String>,
     session_id: Option<String>,
     edge_id: Option<String>,
+    application_id: Option<String>,
+    authority_record_id: Option<String>,
     limit: Option<i64>,
     cursor: Option<String>,
     format: Option<String>,
@@ -137,21 +143,40 @@ async fn search_audit(
         })
         .transpose()?;
     if let Some(decision) = params.decision.as_deref()
-        && !matches!(decision, "allow" | "deny")
+        && !matches!(decision, "allow" | "deny" | "partial")
     {
         return Err(ApiError::with_description(
             ErrorCode::InvalidRequest,
-            "`decision` must be allow or deny",
+            "`decision` must be allow, deny or partial",
+        ));
+    }
+    let invalid = |text: &str| ApiError::with_description(ErrorCode::InvalidRequest, text);
+    let bound = |name: &str, text: Option<String>, ms: Option<i64>| match (text, ms) {
+        (Some(_), Some(_)) => Err(invalid(&format!("give `{name}` or `{name}_ms`, not both"))),
+        (text, None) => crate::admin::views::instant(name, text.as_deref()),
+        (None, ms) => Ok(ms),
+    };
+    let event_types: Vec<String> = params
+        .event_type
+        .iter()
+        .flat_map(|types| types.split(','))
+        .map(|kind| kind.trim().to_owned())
+        .collect();
+    if event_types.len() > 16 || event_types.iter().any(String::is_empty) {
+        return Err(invalid(
+            "`event_type` is 1 to 16 event types separated by commas",
         ));
     }
     let filter = caracal_store::AuditFilter {
-        since_ms: params.since_ms,
-        until_ms: params.until_ms,
-        event_type: params.event_type,
+        since_ms: bound("since", params.since, params.since_ms)?,
+        until_ms: bound("until", params.until, params.until_ms)?,
+        event_types,
         decision: params.decision,
         request_id: params.request_id,
         session_id: params.session_id,
         edge_id: params.edge_id,
+        application_id: params.application_id,
+        authority_record_id: params.authority_record_id,
         admin: None,
     };
     let rows = state

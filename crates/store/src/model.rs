@@ -576,11 +576,16 @@ pub struct SessionFilter {
 pub struct AuditFilter {
     pub since_ms: Option<i64>,
     pub until_ms: Option<i64>,
-    pub event_type: Option<String>,
+    /// Any of these event types; empty is any type.
+    pub event_types: Vec<String>,
     pub decision: Option<String>,
     pub request_id: Option<String>,
     /// Matches `agent_session_id` or `session_id` in the event metadata.
     pub session_id: Option<String>,
+    /// Matches `application_id` in the event metadata.
+    pub application_id: Option<String>,
+    /// Matches `session_id` (the authority record) in the event metadata.
+    pub authority_record_id: Option<String>,
     /// Matches `delegation_edge_id` in the event metadata.
     pub edge_id: Option<String>,
     /// Admin changes only (`admin.*` events), optionally by actor, entity type and entity id.

@@ -2240,9 +2240,11 @@ async fn audit_search_filters_and_pages_newest_first(backend: &Backend) {
         };
         row.request_id = format!("req-{}", seq / 2);
         row.metadata = format!(
-            r#"{{"agent_session_id":"s{}","delegation_edge_id":"edge-{}"}}"#,
+            r#"{{"agent_session_id":"s{}","application_id":"app-{}","delegation_edge_id":"edge-{}","session_id":"ar-{}"}}"#,
             seq % 4,
-            seq % 5
+            seq % 2,
+            seq % 5,
+            seq % 3,
         );
         rows.push(row);
     }
@@ -2321,7 +2323,7 @@ async fn audit_search_filters_and_pages_newest_first(backend: &Backend) {
     assert_eq!(
         search(
             F {
-                event_type: Some("gateway.request".into()),
+                event_types: vec!["gateway.request".into()],
                 decision: Some("deny".into()),
                 ..F::default()
             },
@@ -2330,6 +2332,46 @@ async fn audit_search_filters_and_pages_newest_first(backend: &Backend) {
         )
         .await,
         ["e12", "e6"]
+    );
+    assert_eq!(
+        search(
+            F {
+                event_types: vec!["gateway.request".into(), "sts.exchange".into()],
+                until_ms: Some(1004),
+                ..F::default()
+            },
+            None,
+            100
+        )
+        .await,
+        ["e3", "e2", "e1"],
+        "any of several types"
+    );
+    assert_eq!(
+        search(
+            F {
+                event_types: vec!["nope".into()],
+                ..F::default()
+            },
+            None,
+            100
+        )
+        .await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        search(
+            F {
+                application_id: Some("app-1".into()),
+                authority_record_id: Some("ar-0".into()),
+                ..F::default()
+            },
+            None,
+            100
+        )
+        .await,
+        ["e9", "e3"],
+        "by the application and the authority record in the metadata"
     );
     assert_eq!(
         search(

@@ -14,7 +14,7 @@ mod recovery;
 mod resources;
 mod subjects;
 mod tokens;
-mod views;
+pub(crate) mod views;
 mod zones;
 
 pub(crate) use applications::privileged_trait;

@@ -240,7 +240,7 @@ struct AdminAuditQuery {
 }
 
 /// RFC 3339 or epoch milliseconds.
-fn instant(name: &str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
+pub(crate) fn instant(name: &str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
     let Some(value) = value else {
         return Ok(None);
     };

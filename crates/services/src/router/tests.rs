@@ -574,7 +574,9 @@ async fn audit_search_and_explain_answer_by_zone_with_filters_pages_and_csv() {
             evaluation_status: "complete".into(),
             determining_policies: "[]".into(),
             diagnostics: "[]".into(),
-            metadata: format!(r#"{{"agent_session_id":"s{seq}","note":"a,b"}}"#),
+            metadata: format!(
+                r#"{{"agent_session_id":"s{seq}","application_id":"app-{seq}","note":"a,b","session_id":"ar-{seq}"}}"#
+            ),
             occurred_at_ms: 1000 + seq,
             ingested_at_ms: 1000 + seq,
             chain_seq: seq,
@@ -637,6 +639,35 @@ async fn audit_search_and_explain_answer_by_zone_with_filters_pages_and_csv() {
     .await;
     assert_eq!(filtered["items"].as_array().unwrap().len(), 1);
     assert_eq!(filtered["next_cursor"], serde_json::Value::Null);
+    // The reference's filters: RFC 3339 bounds, a list of types, metadata's application.
+    let found = async |query: &str| {
+        let (status, _, page) = call(
+            &app,
+            "GET",
+            &format!("/v1/zones/zone-1/audit?{query}"),
+            Some(&zone_reader),
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{query}: {page}");
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| item["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        found("since=1970-01-01T00:00:01.003Z&until=1970-01-01T00:00:01.005Z").await,
+        ["e4", "e3"]
+    );
+    assert_eq!(
+        found("event_type=sts.exchange,gateway.request&until_ms=1002").await,
+        ["e1"]
+    );
+    assert!(found("event_type=sts.exchange").await.is_empty());
+    assert_eq!(found("application_id=app-2").await, ["e2"]);
+    assert_eq!(found("authority_record_id=ar-3").await, ["e3"]);
 
     let response = app
         .clone()
@@ -669,7 +700,9 @@ async fn audit_search_and_explain_answer_by_zone_with_filters_pages_and_csv() {
         "{csv}"
     );
     assert!(
-        lines[1].ends_with(r#","{""agent_session_id"":""s4"",""note"":""a,b""}""#),
+        lines[1].ends_with(
+            r#","{""agent_session_id"":""s4"",""application_id"":""app-4"",""note"":""a,b"",""session_id"":""ar-4""}""#
+        ),
         "{csv}"
     );
 
@@ -727,6 +760,30 @@ async fn audit_search_and_explain_answer_by_zone_with_filters_pages_and_csv() {
         ),
         (
             "/v1/zones/zone-1/audit?decision=maybe",
+            &zone_reader,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/zones/zone-1/audit?since=yesterday",
+            &zone_reader,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/zones/zone-1/audit?since=1000&since_ms=1000",
+            &zone_reader,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/zones/zone-1/audit?event_type=a,,b",
+            &zone_reader,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/zones/zone-1/audit?event_type=a,b,c,d,e,f,g,h,i,j,k,l,m,n,o,p,q",
             &zone_reader,
             StatusCode::BAD_REQUEST,
             "invalid_request",

@@ -541,7 +541,7 @@ impl<D: Db> Audit for D {
                 concat!(select_audit_events!(), " WHERE zone_id = $1
                    AND (CAST($2 AS BIGINT) IS NULL OR occurred_at_ms >= CAST($2 AS BIGINT))
                    AND (CAST($3 AS BIGINT) IS NULL OR occurred_at_ms < CAST($3 AS BIGINT))
-                   AND (CAST($4 AS TEXT) IS NULL OR event_type = CAST($4 AS TEXT))
+                   AND (CAST($4 AS TEXT) IS NULL OR event_type IN (SELECT value FROM json_each($4)))
                    AND (CAST($5 AS TEXT) IS NULL OR decision = CAST($5 AS TEXT))
                    AND (CAST($6 AS TEXT) IS NULL OR request_id = CAST($6 AS TEXT))
                    AND (CAST($7 AS TEXT) IS NULL OR instr(metadata, $7) > 0 OR instr(metadata, $8) > 0)
@@ -551,6 +551,8 @@ impl<D: Db> Audit for D {
                    AND (CAST($13 AS TEXT) IS NULL OR instr(metadata, $13) > 0)
                    AND (CAST($14 AS TEXT) IS NULL OR instr(metadata, $14) > 0)
                    AND (CAST($15 AS TEXT) IS NULL OR instr(metadata, $15) > 0)
+                   AND (CAST($16 AS TEXT) IS NULL OR instr(metadata, $16) > 0)
+                   AND (CAST($17 AS TEXT) IS NULL OR instr(metadata, $17) > 0)
                  ORDER BY chain_seq DESC LIMIT CAST($11 AS BIGINT)")
             }
             Dialect::Postgres => {
@@ -559,7 +561,8 @@ impl<D: Db> Audit for D {
                     " WHERE zone_id = $1
                    AND (CAST($2 AS BIGINT) IS NULL OR occurred_at_ms >= CAST($2 AS BIGINT))
                    AND (CAST($3 AS BIGINT) IS NULL OR occurred_at_ms < CAST($3 AS BIGINT))
-                   AND (CAST($4 AS TEXT) IS NULL OR event_type = CAST($4 AS TEXT))
+                   AND (CAST($4 AS TEXT) IS NULL
+                        OR event_type IN (SELECT jsonb_array_elements_text(CAST($4 AS jsonb))))
                    AND (CAST($5 AS TEXT) IS NULL OR decision = CAST($5 AS TEXT))
                    AND (CAST($6 AS TEXT) IS NULL OR request_id = CAST($6 AS TEXT))
                    AND (CAST($7 AS TEXT) IS NULL OR strpos(metadata, CAST($7 AS TEXT)) > 0
@@ -570,6 +573,8 @@ impl<D: Db> Audit for D {
                    AND (CAST($13 AS TEXT) IS NULL OR strpos(metadata, CAST($13 AS TEXT)) > 0)
                    AND (CAST($14 AS TEXT) IS NULL OR strpos(metadata, CAST($14 AS TEXT)) > 0)
                    AND (CAST($15 AS TEXT) IS NULL OR strpos(metadata, CAST($15 AS TEXT)) > 0)
+                   AND (CAST($16 AS TEXT) IS NULL OR strpos(metadata, CAST($16 AS TEXT)) > 0)
+                   AND (CAST($17 AS TEXT) IS NULL OR strpos(metadata, CAST($17 AS TEXT)) > 0)
                  ORDER BY chain_seq DESC LIMIT CAST($11 AS BIGINT)"
                 )
             }
@@ -581,7 +586,8 @@ impl<D: Db> Audit for D {
                 zone_id,
                 filter.since_ms,
                 filter.until_ms,
-                filter.event_type.clone(),
+                (!filter.event_types.is_empty())
+                    .then(|| serde_json::Value::from(filter.event_types.clone()).to_string()),
                 filter.decision.clone(),
                 filter.request_id.clone(),
                 needle("agent_session_id", &filter.session_id),
@@ -599,6 +605,8 @@ impl<D: Db> Audit for D {
                     "entity_id",
                     &admin.and_then(|admin| admin.entity_id.clone())
                 ),
+                needle("application_id", &filter.application_id),
+                needle("session_id", &filter.authority_record_id),
             ],
             event,
         )
