@@ -1282,6 +1282,8 @@ fn garbage_posted_to_every_console_form_is_refused_without_a_server_error() {
         "/incident",
         "/incident/validate",
         "/incident/preserve",
+        "/incident/tamper",
+        "/incident/dlq",
     ];
     let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
     let mut next = move || {
@@ -1304,6 +1306,9 @@ fn garbage_posted_to_every_console_form_is_refused_without_a_server_error() {
         "email",
         "password",
         "csrf",
+        "id",
+        "overlap_seconds",
+        "decision",
     ];
     for path in paths {
         for round in 0..25 {
@@ -1338,4 +1343,123 @@ fn garbage_posted_to_every_console_form_is_refused_without_a_server_error() {
     assert_eq!(still.status, 200);
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
+}
+
+#[test]
+fn the_secret_exposure_and_audit_rows_of_the_runbook_run_from_the_console() {
+    let (_parent, home) = fresh_home();
+    let (running, token) = util::up(&home);
+    let (api, console, sts) = (
+        running.address("api"),
+        running.address("console"),
+        running.address("sts"),
+    );
+    let bearer = format!("Bearer {}", token.trim());
+    let zone = request(
+        api,
+        "POST",
+        "/v1/zones",
+        &[("authorization", bearer.as_str())],
+        r#"{"name":"exposed"}"#,
+    );
+    assert_eq!(zone.status, 201, "{}", zone.body);
+    let zone_id = json_of(&zone)["id"].as_str().unwrap().to_owned();
+    let jwks_kids = || {
+        let keys = request(
+            sts,
+            "GET",
+            &format!("/.well-known/jwks.json?zone_id={zone_id}"),
+            &[],
+            "",
+        );
+        json_of(&keys)["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|key| key["kid"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let before = jwks_kids();
+    assert_eq!(before.len(), 1);
+
+    let session = sign_in(console, &token);
+    let page = request(
+        console,
+        "GET",
+        &format!("/zones/{zone_id}"),
+        &[("cookie", &session)],
+        "",
+    );
+    assert!(page.body.contains("Secret exposure"), "{}", page.body);
+    let csrf = csrf_of(&page.body);
+    let act = format!("/zones/{zone_id}/act");
+    let rotated = form(
+        console,
+        &act,
+        &session,
+        &format!("csrf={csrf}&action=rotate-key&id={zone_id}&overlap_seconds=0&reason=leaked"),
+    );
+    assert_eq!(rotated.status, 200, "{}", rotated.body);
+    // The STS hears of the rotation through the outbox.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let after = loop {
+        let kids = jwks_kids();
+        if !kids.contains(&before[0]) || std::time::Instant::now() > deadline {
+            break kids;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let new_kid = after
+        .iter()
+        .find(|kid| !before.contains(kid))
+        .unwrap_or_else(|| panic!("a new key: {before:?} {after:?} {}", rotated.body));
+    assert!(rotated.body.contains(new_kid.as_str()), "{}", rotated.body);
+    assert!(
+        !after.contains(&before[0]),
+        "no overlap: the leaked key is gone at once"
+    );
+    let invalidated = form(
+        console,
+        &act,
+        &session,
+        &format!("csrf={csrf}&action=invalidate&id={zone_id}&reason=leaked"),
+    );
+    assert_eq!(invalidated.status, 200, "{}", invalidated.body);
+    assert!(invalidated.body.contains("Every session of the zone ended"));
+    // A zone's controls act on that zone only.
+    let elsewhere = form(
+        console,
+        &act,
+        &session,
+        &format!("csrf={csrf}&action=invalidate&id=other-zone&reason=x"),
+    );
+    assert_eq!(elsewhere.status, 400, "{}", elsewhere.body);
+
+    // The audit rows: findings and dead letters are shown, and their controls answer.
+    let incident = request(console, "GET", "/incident", &[("cookie", &session)], "");
+    assert!(
+        incident.body.contains("Audit tamper findings"),
+        "{}",
+        incident.body
+    );
+    assert!(
+        incident.body.contains("Audit dead letters"),
+        "{}",
+        incident.body
+    );
+    let acknowledged = form(
+        console,
+        "/incident/tamper",
+        &session,
+        &format!("csrf={csrf}&reason=checked"),
+    );
+    assert_eq!(acknowledged.status, 200, "{}", acknowledged.body);
+    assert!(
+        acknowledged.body.contains("0 tamper findings acknowledged"),
+        "{}",
+        acknowledged.body
+    );
+    let replayed = form(console, "/incident/dlq", &session, &format!("csrf={csrf}"));
+    assert_eq!(replayed.status, 200, "{}", replayed.body);
+    assert!(replayed.body.contains("0 replayed"), "{}", replayed.body);
 }

@@ -23,6 +23,53 @@ pub(super) async fn incident_page(
         )
     ));
     let csrf = escape(&session.csrf);
+    // The audit tamper and DLQ rows of the runbook: what was found, and its controls.
+    let (_, findings) = admin(state, session, "GET", "/v1/audit/tamper", None).await;
+    let acknowledge = if session.writer && has_items(&findings) {
+        format!(
+            "<form method=\"post\" action=\"/incident/tamper\" class=\"action\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+             <input type=\"text\" name=\"reason\" placeholder=\"what was checked\" required> \
+             <button>Acknowledge every finding</button></form>"
+        )
+    } else {
+        String::new()
+    };
+    body.push_str(&format!(
+        "<section class=\"card\"><h2>Audit tamper findings</h2>{}{acknowledge}</section>",
+        table(
+            &findings,
+            &[
+                ("Zone", "/zone_id"),
+                ("Row", "/seq"),
+                ("Kind", "/kind"),
+                ("Detail", "/detail")
+            ],
+        )
+    ));
+    let (_, dead) = admin(state, session, "GET", "/v1/audit/dlq?limit=50", None).await;
+    let replay = if session.writer && has_items(&dead) {
+        format!(
+            "<form method=\"post\" action=\"/incident/dlq\" class=\"action\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+             <button>Replay the transient ones</button></form>"
+        )
+    } else {
+        String::new()
+    };
+    body.push_str(&format!(
+        "<section class=\"card\"><h2>Audit dead letters (oldest 50)</h2>{}{replay}</section>",
+        table(
+            &dead,
+            &[
+                ("Entry", "/id"),
+                ("Reason", "/reason"),
+                ("Deliveries", "/deliveries"),
+                ("Replayable", "/replayable"),
+                ("Zone", "/zone_id"),
+            ],
+        )
+    ));
     let canary_fields = if session.writer {
         "<p>Canaries (optional; they act as an agent in the zone): \
          <label>zone <input type=\"text\" name=\"zone\"></label> \
@@ -87,6 +134,58 @@ pub(super) async fn contain_or_release(
         "<p class=\"good\">{} {}: done.</p>",
         escape(&form.action),
         escape(&form.switch)
+    );
+    incident_page(&state, &session, Some(notice)).await
+}
+
+fn has_items(answer: &Value) -> bool {
+    answer
+        .get("items")
+        .and_then(Value::as_array)
+        .is_some_and(|items| !items.is_empty())
+}
+
+#[derive(Deserialize)]
+pub(super) struct AcknowledgeForm {
+    reason: String,
+}
+
+/// Acknowledges the audit tamper findings (what lets the Audit role be ready again).
+pub(super) async fn acknowledge_tamper(
+    State(state): State<RoleState>,
+    Posted(session, form): Posted<AcknowledgeForm>,
+) -> Response {
+    let path = "/v1/audit/tamper/ack";
+    let body = serde_json::json!({ "reason": form.reason });
+    let answer = match succeeded(&state, &session, "POST", path, Some(body)).await {
+        Ok(answer) => answer,
+        Err(refused) => return refused,
+    };
+    let notice = format!(
+        "<p class=\"good\">{} tamper findings acknowledged.</p>",
+        answer
+            .get("acknowledged")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    );
+    incident_page(&state, &session, Some(notice)).await
+}
+
+/// Re-sends the dead letters whose failure was transient; the rest stay for a person to read.
+pub(super) async fn replay_dead_letters(
+    State(state): State<RoleState>,
+    Posted(session, CsrfForm { .. }): Posted<CsrfForm>,
+) -> Response {
+    let answer = match succeeded(&state, &session, "POST", "/v1/audit/dlq/replay", None).await {
+        Ok(answer) => answer,
+        Err(refused) => return refused,
+    };
+    let count = |key: &str| answer.get(key).and_then(Value::as_u64).unwrap_or(0);
+    let notice = format!(
+        "<p class=\"good\">Dead letters: {} replayed, {} left (not transient), of {} read.</p>",
+        count("replayed"),
+        count("skipped"),
+        count("scanned")
     );
     incident_page(&state, &session, Some(notice)).await
 }

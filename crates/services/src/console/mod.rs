@@ -162,6 +162,14 @@ pub fn routes() -> Router<RoleState> {
             axum::routing::post(incident::preserve),
         )
         .route("/incident/bundles/{name}", get(incident::bundle))
+        .route(
+            "/incident/tamper",
+            axum::routing::post(incident::acknowledge_tamper),
+        )
+        .route(
+            "/incident/dlq",
+            axum::routing::post(incident::replay_dead_letters),
+        )
         .route("/static/console.css", get(css))
 }
 

@@ -229,6 +229,9 @@ pub(super) async fn zone(
             }
         ));
     }
+    if session.writer {
+        body.push_str(&secret_exposure(zone_id, &session.csrf));
+    }
     html(
         StatusCode::OK,
         layout(&format!("Zone {name}"), Some(&session), &body),
@@ -385,6 +388,38 @@ pub(super) fn actions(section: &str, zone_id: &str, csrf: &str, answer: &Value) 
     forms
 }
 
+/// The secret-exposure runbook's zone controls: a new signing key (the old one verifying for
+/// the overlap given, none by default, as a leak needs), and every session ended.
+fn secret_exposure(zone_id: &str, csrf: &str) -> String {
+    let form = |action: &str, fields: &str, button: &str| {
+        format!(
+            "<form method=\"post\" action=\"/zones/{}/act\" class=\"action\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <input type=\"hidden\" name=\"action\" value=\"{action}\">\
+             <input type=\"hidden\" name=\"id\" value=\"{}\">{fields} \
+             <input type=\"text\" name=\"reason\" placeholder=\"reason\" required> \
+             <button>{button}</button></form>",
+            escape(zone_id),
+            escape(csrf),
+            escape(zone_id),
+        )
+    };
+    format!(
+        "<section class=\"card\"><h2>Secret exposure</h2>{}{}</section>",
+        form(
+            "rotate-key",
+            "<label>old key verifies for <input type=\"number\" name=\"overlap_seconds\" \
+             min=\"0\" max=\"604800\" value=\"0\"> s</label>",
+            "Rotate the signing key",
+        ),
+        form(
+            "invalidate",
+            "",
+            "End every session and revoke every authority record"
+        ),
+    )
+}
+
 #[derive(Deserialize)]
 pub(super) struct ActForm {
     action: String,
@@ -393,6 +428,8 @@ pub(super) struct ActForm {
     decision: Option<String>,
     #[serde(default)]
     reason: Option<String>,
+    #[serde(default)]
+    overlap_seconds: Option<u64>,
 }
 
 pub(super) async fn act(
@@ -417,6 +454,17 @@ pub(super) async fn act(
             format!("/v1/zones/{zone_id}/approvals/{id}/{decision}"),
             serde_json::json!({ "reason": form.reason.filter(|reason| !reason.is_empty()) }),
         ),
+        ("rotate-key", _) if id == zone_id => (
+            format!("/v1/zones/{zone_id}/signing-keys/rotate"),
+            serde_json::json!({
+                "overlap_seconds": form.overlap_seconds.unwrap_or(0),
+                "reason": form.reason,
+            }),
+        ),
+        ("invalidate", _) if id == zone_id => (
+            format!("/v1/zones/{zone_id}/invalidate-sessions"),
+            serde_json::json!({ "reason": form.reason.unwrap_or_default() }),
+        ),
         _ => return error_page(StatusCode::BAD_REQUEST, Some(&session), "unknown action"),
     };
     let answer = match succeeded(&state, &session, "POST", &path, Some(payload)).await {
@@ -434,6 +482,11 @@ pub(super) async fn act(
                     .unwrap_or("")
             )
         ),
+        "rotate-key" => format!(
+            "<p class=\"good\">New signing key {} signs from now on.</p>",
+            escape(answer.get("kid").and_then(Value::as_str).unwrap_or(""))
+        ),
+        "invalidate" => "<p class=\"good\">Every session of the zone ended and every authority record revoked.</p>".to_owned(),
         "rollback" => format!(
             "<p class=\"good\">Rolled back: version {} is active again.</p>",
             escape(
