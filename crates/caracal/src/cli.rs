@@ -194,7 +194,8 @@ pub enum Command {
         command: ConfigCommand,
     },
     /// Start a program with its workload's credentials: the workload is CARACAL_WORKLOAD_ID with
-    /// CARACAL_WORKLOAD_SECRET or CARACAL_WORKLOAD_SECRET_FILE; the program gets each binding's
+    /// CARACAL_WORKLOAD_SECRET or CARACAL_WORKLOAD_SECRET_FILE (else, outside
+    /// CARACAL_ENV=production, $CARACAL_HOME/runtime/<id>/secret); the program gets each binding's
     /// credential and only an allowlist of this environment (PATH, HOME, locale, terminal), runs
     /// without a shell, receives INT, TERM, HUP and QUIT, and its exit status is this one's
     /// (128 + N for signal N; 1 if anything before the start failed; 127 if it cannot start)

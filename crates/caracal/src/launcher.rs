@@ -46,7 +46,8 @@ fn host_variable_kept(name: &str) -> bool {
 }
 
 /// Who the launcher is: `CARACAL_WORKLOAD_ID`, and exactly one of `CARACAL_WORKLOAD_SECRET`
-/// and `CARACAL_WORKLOAD_SECRET_FILE`.
+/// and `CARACAL_WORKLOAD_SECRET_FILE`; with neither, outside `CARACAL_ENV=production`, the
+/// owner-only file `$CARACAL_HOME/runtime/<workload id>/secret`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Identity {
     pub workload_id: String,
@@ -69,14 +70,48 @@ pub fn identity(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Identity
         (Some(_), Some(_)) => {
             bail!("set one of CARACAL_WORKLOAD_SECRET and CARACAL_WORKLOAD_SECRET_FILE, not both")
         }
-        (None, None) => {
-            bail!("CARACAL_WORKLOAD_SECRET or CARACAL_WORKLOAD_SECRET_FILE must be set")
-        }
+        (None, None) => local_secret(env, &workload_id)?,
     };
     Ok(Identity {
         workload_id,
         secret,
     })
+}
+
+/// A developer machine's secret file, `$CARACAL_HOME/runtime/<workload id>/secret`: never in
+/// production, and only if nobody but its owner can read it.
+fn local_secret(env: &dyn Fn(&str) -> Option<String>, workload_id: &str) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let unset = "CARACAL_WORKLOAD_SECRET or CARACAL_WORKLOAD_SECRET_FILE must be set";
+    if env("CARACAL_ENV").as_deref() == Some("production") {
+        bail!("{unset} (CARACAL_ENV=production reads no secret file by default)");
+    }
+    if !caracal_core::is_plain_id(workload_id) {
+        bail!("CARACAL_WORKLOAD_ID `{workload_id}` is not a workload id");
+    }
+    let home = env("CARACAL_HOME")
+        .filter(|home| !home.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| env("HOME").map(|home| std::path::Path::new(&home).join(".caracal")))
+        .context(unset)?;
+    let path = home.join("runtime").join(workload_id).join("secret");
+    let metadata = match std::fs::metadata(&path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            bail!("{unset}, or the secret be in {}", path.display())
+        }
+        Err(error) => return Err(error).with_context(|| path.display().to_string()),
+    };
+    if metadata.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "{} is readable by others than its owner (chmod 600 it)",
+            path.display()
+        );
+    }
+    Ok(std::fs::read_to_string(&path)
+        .with_context(|| format!("{} is unreadable", path.display()))?
+        .trim_end_matches(['\r', '\n'])
+        .to_owned())
 }
 
 /// The STS's address and path prefix, from an `http://host[:port][/prefix]` URL.
@@ -357,6 +392,42 @@ mod tests {
         ] {
             assert!(with(refused.clone()).is_err(), "{refused:?}");
         }
+    }
+
+    #[test]
+    fn outside_production_the_secret_may_be_an_owner_only_file_under_the_home() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let home = tempfile::tempdir().unwrap();
+        let directory = home.path().join("runtime/wl");
+        std::fs::create_dir_all(&directory).unwrap();
+        let file = directory.join("secret");
+        std::fs::write(&file, "ws_local\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let home = home.path().to_str().unwrap().to_owned();
+        let with = |pairs: Vec<(&'static str, String)>| {
+            let pairs: BTreeMap<&str, String> = pairs.into_iter().collect();
+            identity(&move |name| pairs.get(name).cloned())
+        };
+        let base = || {
+            vec![
+                ("CARACAL_WORKLOAD_ID", "wl".to_owned()),
+                ("CARACAL_HOME", home.clone()),
+            ]
+        };
+        assert_eq!(with(base()).unwrap().secret, "ws_local");
+        let mut production = base();
+        production.push(("CARACAL_ENV", "production".into()));
+        let refused = with(production).unwrap_err().to_string();
+        assert!(refused.contains("production"), "{refused}");
+        let mut escaping = base();
+        escaping[0].1 = "../wl".into();
+        assert!(with(escaping).is_err(), "an id is not a path");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let refused = with(base()).unwrap_err().to_string();
+        assert!(refused.contains("chmod 600"), "{refused}");
+        std::fs::remove_file(&file).unwrap();
+        let refused = with(base()).unwrap_err().to_string();
+        assert!(refused.contains("runtime/wl/secret"), "{refused}");
     }
 
     #[test]
