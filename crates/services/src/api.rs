@@ -25,6 +25,7 @@ pub fn routes() -> Router<RoleState> {
         .route("/v1/audit/tamper/ack", post(acknowledge_tamper))
         .route("/v1/audit/dlq", get(list_dead_letters))
         .route("/v1/audit/dlq/replay", post(replay_dead_letters))
+        .route("/v1/audit/dlq/{id}", get(dead_letter))
         .route("/v1/zones/{zone_id}/audit", get(search_audit))
         .route("/v1/zones/{zone_id}/audit/explain", get(explain_audit))
         .route(
@@ -555,34 +556,83 @@ async fn list_dead_letters(
     let next_cursor = (entries.len() == limit)
         .then(|| entries.last().map(|entry| entry.id.clone()))
         .flatten();
-    let items = entries
-        .into_iter()
-        .map(|entry| {
-            let field = |name: &str| entry.fields.get(name).cloned().unwrap_or_default();
-            let payload: std::collections::BTreeMap<String, String> =
-                serde_json::from_str(&field("payload")).unwrap_or_default();
-            let reason = field("reason");
-            crate::wire::DeadLetterBody {
-                replayable: replayable(&reason),
-                id: entry.id.clone(),
-                source_id: field("source_id"),
-                reason,
-                deliveries: field("deliveries").parse().unwrap_or(0),
-                received_at_ms: entry
-                    .id
-                    .split('-')
-                    .next()
-                    .and_then(|ms| ms.parse().ok())
-                    .unwrap_or(0),
-                event_id: payload.get("id").cloned(),
-                zone_id: payload.get("zone_id").cloned(),
-            }
-        })
-        .collect();
+    let items = entries.iter().map(dead_letter_body).collect();
     Ok(Json(crate::wire::DeadLettersResponse {
         items,
         next_cursor,
     }))
+}
+
+fn dead_letter_body(entry: &caracal_bus::Entry) -> crate::wire::DeadLetterBody {
+    let field = |name: &str| entry.fields.get(name).cloned().unwrap_or_default();
+    let payload: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(&field("payload")).unwrap_or_default();
+    let reason = field("reason");
+    crate::wire::DeadLetterBody {
+        replayable: replayable(&reason),
+        id: entry.id.clone(),
+        source_id: field("source_id"),
+        reason,
+        deliveries: field("deliveries").parse().unwrap_or(0),
+        received_at_ms: entry
+            .id
+            .split('-')
+            .next()
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(0),
+        event_id: payload.get("id").cloned(),
+        zone_id: payload.get("zone_id").cloned(),
+    }
+}
+
+/// The stream id just before `id` (`ms-seq`), so a range after it starts at `id`.
+fn entry_before(id: &str) -> Option<String> {
+    let (ms, seq) = id.split_once('-')?;
+    let (ms, seq) = (ms.parse::<u64>().ok()?, seq.parse::<u64>().ok()?);
+    Some(match seq.checked_sub(1) {
+        Some(seq) => format!("{ms}-{seq}"),
+        // Sequence numbers past i64::MAX within one millisecond do not happen.
+        None => format!("{}-{}", ms.checked_sub(1)?, i64::MAX),
+    })
+}
+
+/// `GET /v1/audit/dlq/{id}`: one dead letter, with the event it carried and its raw fields.
+async fn dead_letter(
+    State(state): State<RoleState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authenticate(&state, &headers)
+        .await?
+        .require(Access::Read, None)?;
+    let not_found =
+        || ApiError::with_description(ErrorCode::NotFound, format!("no dead letter `{id}`"));
+    let after = entry_before(&id).ok_or_else(not_found)?;
+    let dead = caracal_bus::dead_letter_stream(caracal_bus::stream_names::AUDIT_EVENTS);
+    let entry = state
+        .shared
+        .bus
+        .streams
+        .range(&dead, Some(&after), 1)
+        .await
+        .map_err(|error| match error {
+            caracal_bus::BusError::InvalidEntryId(_) => not_found(),
+            other => bus_error(other),
+        })?
+        .into_iter()
+        .find(|entry| entry.id == id)
+        .ok_or_else(not_found)?;
+    let source_event = entry
+        .fields
+        .get("payload")
+        .and_then(|payload| serde_json::from_str::<serde_json::Value>(payload).ok());
+    let mut body = serde_json::to_value(dead_letter_body(&entry))
+        .map_err(|_| ApiError::new(ErrorCode::InternalError))?;
+    if let Some(fields) = body.as_object_mut() {
+        fields.insert("source_event".into(), source_event.unwrap_or_default());
+        fields.insert("fields".into(), serde_json::json!(entry.fields));
+    }
+    Ok(Json(body))
 }
 
 async fn replay_dead_letters(

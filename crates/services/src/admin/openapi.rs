@@ -595,6 +595,12 @@ pub const OPERATIONS: &[Operation] = &[
     ),
     op("get", "/v1/audit/dlq", "read, global", "Audit dead letters"),
     op(
+        "get",
+        "/v1/audit/dlq/{id}",
+        "read, global",
+        "One audit dead letter with the event it carried",
+    ),
+    op(
         "post",
         "/v1/audit/dlq/replay",
         "write, global",

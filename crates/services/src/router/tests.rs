@@ -894,6 +894,40 @@ async fn dead_letters_are_listed_and_only_transient_ones_are_replayed() {
             ("ev-forged".into(), true)
         ]
     );
+    // One by its id, with the event it carried; an unknown or malformed id is 404.
+    let second = listed["items"][1]["id"].as_str().unwrap().to_owned();
+    let (status, _, one) = call(
+        &app,
+        "GET",
+        &format!("/v1/audit/dlq/{second}"),
+        Some(&reader),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    assert_eq!(
+        (
+            one["id"].as_str(),
+            one["source_event"]["id"].as_str(),
+            one["fields"]["reason"].as_str()
+        ),
+        (Some(second.as_str()), Some("ev-2"), Some("bad_signature"))
+    );
+    for missing in ["0-1", "99999999999999-0", "not-an-id", "1-x"] {
+        let (status, _, json) = call(
+            &app,
+            "GET",
+            &format!("/v1/audit/dlq/{missing}"),
+            Some(&reader),
+            "",
+        )
+        .await;
+        assert_eq!(
+            (status, json["error"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found")),
+            "{missing}"
+        );
+    }
 
     let (status, _, json) = call(&app, "POST", "/v1/audit/dlq/replay", Some(&reader), "").await;
     assert_eq!(
