@@ -36,6 +36,10 @@ const MAX_REASON: usize = 500;
 struct ListQuery {
     state: Option<String>,
     tier: Option<String>,
+    principal: Option<String>,
+    /// Created at or after / before (RFC 3339 or epoch milliseconds).
+    since: Option<String>,
+    until: Option<String>,
     limit: Option<usize>,
     cursor: Option<String>,
 }
@@ -85,6 +89,8 @@ async fn list(
             format!("`state` is one of {}", STATES.join(", ")),
         ));
     }
+    let since = super::views::instant("since", query.since.as_deref())?;
+    let until = super::views::instant("until", query.until.as_deref())?;
     let now = now_ms();
     let holds: Vec<ApprovalHold> = state
         .shared
@@ -99,6 +105,14 @@ async fn list(
                 .is_none_or(|wanted| state_of(hold, now) == wanted)
         })
         .filter(|hold| query.tier.as_deref().is_none_or(|tier| hold.tier == tier))
+        .filter(|hold| {
+            query
+                .principal
+                .as_deref()
+                .is_none_or(|principal| hold.principal_id == principal)
+        })
+        .filter(|hold| since.is_none_or(|since| hold.created_at_ms >= since))
+        .filter(|hold| until.is_none_or(|until| hold.created_at_ms < until))
         .collect();
     let paging = super::ListQuery {
         limit: query.limit,

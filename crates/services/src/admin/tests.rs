@@ -1134,13 +1134,13 @@ async fn approvals_are_listed_by_state_and_decided_once_by_an_approve_token() {
                     id: id.into(),
                     zone_id: zone_id.into(),
                     session_id: "ar-1".into(),
-                    principal_id: "user-1".into(),
+                    principal_id: if id == "hold-1" { "user-9" } else { "user-1" }.into(),
                     application_id: "app-1".into(),
                     tier: "high".into(),
                     approver_class: class.into(),
                     binding_hash: "ab".repeat(32),
                     metadata: "{}".into(),
-                    created_at_ms: now,
+                    created_at_ms: if id == "hold-3" { now - 60_000 } else { now },
                     expires_at_ms,
                     decision: None,
                     decided_at_ms: None,
@@ -1173,6 +1173,35 @@ async fn approvals_are_listed_by_state_and_decided_once_by_an_approve_token() {
         &app,
         "GET",
         &format!("{base}?state=odd"),
+        Some(&approver),
+        "",
+    )
+    .await;
+    assert_eq!(got, StatusCode::BAD_REQUEST);
+    // By principal and by when they were raised.
+    let ids = async |query: String| {
+        let (status, _, page) =
+            call(&app, "GET", &format!("{base}?{query}"), Some(&approver), "").await;
+        assert_eq!(status, StatusCode::OK, "{query}: {page}");
+        let mut ids: Vec<String> = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|hold| hold["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids("principal=user-9".into()).await, ["hold-1"]);
+    assert_eq!(ids(format!("until={}", now - 1)).await, ["hold-3"]);
+    assert_eq!(
+        ids(format!("since={}&principal=user-1", now - 1)).await,
+        ["hold-2"]
+    );
+    let (got, _, _) = call(
+        &app,
+        "GET",
+        &format!("{base}?since=soon"),
         Some(&approver),
         "",
     )
