@@ -123,6 +123,9 @@ pub enum ErrorCode {
     InheritParentEdgeNotActive,
     /// Coordinator: the idempotency key was used for a different request.
     IdempotencyKeyConflict,
+    /// Coordinator: the application holds as many live idempotency receipts for this operation
+    /// as allowed; send creates without a key, or wait for receipts to expire.
+    IdempotencyReceiptLimitExceeded,
     /// Coordinator: the idempotency key's result (a session) is no longer live.
     IdempotencyResultInactive,
     /// Coordinator: a newer lease holder fenced this one.
@@ -200,6 +203,7 @@ impl ErrorCode {
             ErrorCode::InheritParentEdgeAmbiguous => "inherit_parent_edge_ambiguous",
             ErrorCode::InheritParentEdgeNotActive => "inherit_parent_edge_not_active",
             ErrorCode::IdempotencyKeyConflict => "idempotency_key_conflict",
+            ErrorCode::IdempotencyReceiptLimitExceeded => "idempotency_receipt_limit_exceeded",
             ErrorCode::IdempotencyResultInactive => "idempotency_result_inactive",
             ErrorCode::SessionLeaseFenced => "session_lease_fenced",
             ErrorCode::SessionNotLive => "session_not_live",
@@ -243,7 +247,8 @@ impl ErrorCode {
             | ErrorCode::SessionDepthLimitExceeded
             | ErrorCode::SessionChildrenLimitExceeded
             | ErrorCode::SessionLimitExceeded
-            | ErrorCode::SessionZoneLimitExceeded => 429,
+            | ErrorCode::SessionZoneLimitExceeded
+            | ErrorCode::IdempotencyReceiptLimitExceeded => 429,
             ErrorCode::MissingToken | ErrorCode::InvalidToken | ErrorCode::IdentityRevoked => 401,
             ErrorCode::MissingScope
             | ErrorCode::ZoneMismatch
@@ -342,6 +347,7 @@ mod tests {
             ErrorCode::InheritParentEdgeAmbiguous,
             ErrorCode::InheritParentEdgeNotActive,
             ErrorCode::IdempotencyKeyConflict,
+            ErrorCode::IdempotencyReceiptLimitExceeded,
             ErrorCode::IdempotencyResultInactive,
             ErrorCode::SessionLeaseFenced,
             ErrorCode::SessionNotLive,

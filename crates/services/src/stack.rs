@@ -215,6 +215,7 @@ impl Stack {
                     settings.coordinator_sessions_per_application,
                 )
                 .unwrap_or(i64::MAX),
+                ..crate::coordinator::Limits::default()
             },
         })
     }

@@ -131,6 +131,19 @@ pub(super) async fn create(
     body: Value,
     insert: impl AsyncFnOnce(Option<&IdempotencyReceipt>) -> Result<(), StoreError>,
 ) -> Result<Response, ApiError> {
+    if let Some(key) = key
+        && state
+            .shared
+            .store
+            .count_idempotency_receipts(key.operation, &key.zone_id, &key.scope_id)
+            .await?
+            >= state
+                .coordinator
+                .as_ref()
+                .map_or(0, |coordinator| coordinator.limits.receipts_per_operation)
+    {
+        return Err(ApiError::new(ErrorCode::IdempotencyReceiptLimitExceeded));
+    }
     let receipt = key.map(|key| IdempotencyReceipt {
         operation: key.operation.to_owned(),
         zone_id: key.zone_id.clone(),

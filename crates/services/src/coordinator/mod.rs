@@ -38,6 +38,9 @@ pub struct Limits {
     pub max_children: usize,
     pub sessions_per_zone: i64,
     pub sessions_per_application: i64,
+    /// Live idempotency receipts an application may hold per operation: a caller cannot grow
+    /// the table without bound by sending a fresh key with every create.
+    pub receipts_per_operation: i64,
 }
 
 impl Default for Limits {
@@ -47,6 +50,7 @@ impl Default for Limits {
             max_children: 10,
             sessions_per_zone: 50,
             sessions_per_application: 200,
+            receipts_per_operation: 10_000,
         }
     }
 }

@@ -891,6 +891,7 @@ async fn session_trees_stay_within_their_limits() {
             max_children: 1,
             sessions_per_zone: 3,
             sessions_per_application: 3,
+            receipts_per_operation: 10_000,
         },
     ));
     world.coordinator = router(state);
@@ -943,6 +944,7 @@ async fn session_trees_stay_within_their_limits() {
             max_children: 1,
             sessions_per_zone: 100,
             sessions_per_application: 3,
+            receipts_per_operation: 10_000,
         },
     ));
     world.coordinator = router(state);
@@ -1647,4 +1649,51 @@ async fn a_child_inherits_its_parents_delegation_one_hop_further_down() {
     );
     let (status, _, _) = inbound(&child, &inherited).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn an_application_holds_a_bounded_number_of_idempotency_receipts() {
+    let mut world = world().await;
+    let mut state = RoleState::new(Role::Coordinator, world.shared.clone());
+    state.coordinator = Some(super::start_state(
+        ISSUER.to_owned(),
+        super::Limits {
+            receipts_per_operation: 2,
+            ..super::Limits::default()
+        },
+    ));
+    world.coordinator = router(state);
+    let bearer = world.lifecycle().await;
+    let authorization = format!("Bearer {bearer}");
+    let path = format!("/zones/{}/agents", world.zone_id);
+    let body = json!({"application_id": world.app_id}).to_string();
+    let start = async |key: Option<&str>| {
+        let mut headers = vec![("authorization", authorization.as_str())];
+        if let Some(key) = key {
+            headers.push(("idempotency-key", key));
+        }
+        let (status, _, answer) =
+            crate::test_support::call_with(&world.coordinator, "POST", &path, &headers, &body)
+                .await;
+        (status, answer["error"].as_str().map(str::to_owned))
+    };
+    assert_eq!(start(Some("k-1")).await, (StatusCode::CREATED, None));
+    assert_eq!(start(Some("k-2")).await, (StatusCode::CREATED, None));
+    assert_eq!(
+        start(Some("k-3")).await,
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            Some("idempotency_receipt_limit_exceeded".to_owned())
+        )
+    );
+    assert_eq!(
+        start(Some("k-1")).await,
+        (StatusCode::CREATED, None),
+        "a stored key still replays"
+    );
+    assert_eq!(
+        start(None).await,
+        (StatusCode::CREATED, None),
+        "a create without a key stores no receipt"
+    );
 }

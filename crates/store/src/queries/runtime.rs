@@ -352,6 +352,13 @@ pub trait Runtime: Send + Sync {
         scope_id: &str,
         key_digest: &str,
     ) -> Result<Option<IdempotencyReceipt>, StoreError>;
+    /// How many live receipts `scope_id` holds for `operation` in the zone.
+    async fn count_idempotency_receipts(
+        &self,
+        operation: &str,
+        zone_id: &str,
+        scope_id: &str,
+    ) -> Result<i64, StoreError>;
     /// Deletes expired receipts; returns how many.
     async fn purge_idempotency_receipts(&self) -> Result<u64, StoreError>;
 }
@@ -1639,6 +1646,23 @@ impl<D: Db> Runtime for D {
             receipt,
         )
         .await
+    }
+
+    async fn count_idempotency_receipts(
+        &self,
+        operation: &str,
+        zone_id: &str,
+        scope_id: &str,
+    ) -> Result<i64, StoreError> {
+        self.rows(
+            "SELECT COUNT(*) FROM idempotency_receipts
+             WHERE operation = $1 AND zone_id = $2 AND scope_id = $3 AND expires_at_ms > $4",
+            params![operation, zone_id, scope_id, now_ms()],
+        )
+        .await?
+        .first()
+        .ok_or_else(|| StoreError::Corrupt("a count returned no row".into()))?
+        .int(0)
     }
 
     async fn purge_idempotency_receipts(&self) -> Result<u64, StoreError> {
