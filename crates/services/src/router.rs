@@ -79,7 +79,12 @@ pub fn router(state: RoleState) -> Router {
         Role::Console => probes
             .merge(crate::console::routes().layer(axum::extract::DefaultBodyLimit::max(64 * 1024))),
         // Every other path is a governed call.
-        Role::Gateway => probes.fallback(crate::gateway::proxy),
+        Role::Gateway => probes
+            .route(
+                "/internal/revocations/reload",
+                axum::routing::post(crate::gateway::reload_revocations),
+            )
+            .fallback(crate::gateway::proxy),
         _ => probes,
     };
     let routes = if state.role == Role::Gateway {

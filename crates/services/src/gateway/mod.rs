@@ -399,6 +399,42 @@ fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 }
 
 /// The governed call.
+/// `POST /internal/revocations/reload` (an admin token that may write everywhere): reads the
+/// revocation snapshot from the store now instead of at the next 30 s tick, so a replica whose
+/// view went stale during an outage is fresh again as soon as the store is back. This path is
+/// the Gateway's own, never proxied.
+pub async fn reload_revocations(
+    State(state): State<RoleState>,
+    headers: http::HeaderMap,
+) -> Result<axum::Json<serde_json::Value>, crate::error::ApiError> {
+    crate::auth::authenticate(&state, &headers)
+        .await?
+        .require(crate::auth::Access::Write, None)?;
+    let gateway = state
+        .gateway
+        .clone()
+        .ok_or_else(|| crate::error::ApiError::new(caracal_core::ErrorCode::InternalError))?;
+    match gateway
+        .revocations
+        .reload(state.shared.store.as_ref())
+        .await
+    {
+        Ok(anchors) => {
+            gateway.metrics.revocation_reloads.inc();
+            let fresh = gateway
+                .revocations
+                .is_fresh(gateway.config.revocation_freshness, now_ms());
+            Ok(axum::Json(
+                serde_json::json!({ "reloaded": true, "anchors": anchors, "fresh": fresh }),
+            ))
+        }
+        Err(error) => {
+            gateway.metrics.revocation_reload_errors.inc();
+            Err(error.into())
+        }
+    }
+}
+
 pub async fn proxy(State(state): State<RoleState>, request: Request) -> Response {
     let request_id = request
         .extensions()

@@ -603,6 +603,67 @@ async fn malformed_calls_are_refused_with_their_code_before_anything_is_contacte
 }
 
 #[tokio::test]
+async fn an_operator_reloads_a_stale_view_at_once_and_nobody_else_can() {
+    let fixture = fixture().await;
+    let gateway = Arc::new(
+        Gateway::new(
+            GatewayConfig::new("http://127.0.0.1:1".into()),
+            Exchanger::InProcess(fixture.world.core.clone()),
+            Arc::default(),
+        )
+        .unwrap(),
+    );
+    gateway.revocations.stream_followed();
+    let router = fixture.router_for(Arc::clone(&gateway));
+    let shared = &fixture.world.shared;
+    let writer =
+        crate::test_support::token(shared, "write", caracal_store::TokenScope::Global).await;
+    let reader =
+        crate::test_support::token(shared, "read", caracal_store::TokenScope::Global).await;
+    let zoned = crate::test_support::token(
+        shared,
+        "write",
+        caracal_store::TokenScope::Zone("zone-1".into()),
+    )
+    .await;
+    let path = "/internal/revocations/reload";
+    for (bearer, status, code) in [
+        (None, StatusCode::UNAUTHORIZED, "invalid_admin_token"),
+        (
+            Some(&reader),
+            StatusCode::FORBIDDEN,
+            "admin_token_read_only",
+        ),
+        (
+            Some(&zoned),
+            StatusCode::FORBIDDEN,
+            "admin_token_zone_mismatch",
+        ),
+    ] {
+        let (got, _, answer) = call(&router, "POST", path, bearer.map(String::as_str), "").await;
+        assert_eq!((got, answer["error"].as_str()), (status, Some(code)));
+    }
+    let token = fixture.mint().await;
+    let answer = fixture.call(&router, "GET", "/entries", &token).await;
+    assert_eq!(answer.refused().1, "revocation_snapshot_stale");
+    let (status, _, reloaded) = call(&router, "POST", path, Some(&writer), "").await;
+    assert_eq!(status, StatusCode::OK, "{reloaded}");
+    assert_eq!(
+        (&reloaded["reloaded"], &reloaded["fresh"]),
+        (&json!(true), &json!(true))
+    );
+    let token = fixture.mint().await;
+    let answer = fixture.call(&router, "GET", "/entries", &token).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    let (status, _, _) = call(&router, "GET", path, Some(&writer), "").await;
+    assert_eq!(
+        status,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "the path is never proxied"
+    );
+}
+
+#[tokio::test]
 async fn every_fail_closed_condition_refuses_and_the_upstream_sees_nothing() {
     let fixture = fixture().await;
 
