@@ -261,17 +261,7 @@ async fn create(
     if broad {
         // A resource-less edge reaches every resource: only a caller holding the
         // broad-delegation permission may issue one, and it must say why.
-        let permitted = caller.scope.as_deref().is_some_and(|scope| {
-            scope
-                .split(' ')
-                .any(|s| s == "coordinator.delegate_broad" || s == "coordinator.admin")
-        });
-        if !permitted {
-            return Err(ApiError::with_description(
-                ErrorCode::BroadDelegationPermissionRequired,
-                "a delegation names its resources (resource_id or constraints.resources) unless the caller holds coordinator.delegate_broad",
-            ));
-        }
+        may_delegate_broadly(&caller)?;
         if constraints
             .broad_reason
             .as_deref()
@@ -434,6 +424,23 @@ async fn create(
     .await
 }
 
+/// A resource-less (broad) edge is issued, or inherited, only by a caller holding
+/// `coordinator.delegate_broad` (or `coordinator.admin`).
+fn may_delegate_broadly(caller: &crate::wire::MandateClaims) -> Result<(), ApiError> {
+    let permitted = caller.scope.as_deref().is_some_and(|scope| {
+        scope
+            .split(' ')
+            .any(|s| s == "coordinator.delegate_broad" || s == "coordinator.admin")
+    });
+    if permitted {
+        return Ok(());
+    }
+    Err(ApiError::with_description(
+        ErrorCode::BroadDelegationPermissionRequired,
+        "a delegation names its resources (resource_id or constraints.resources) unless the caller holds coordinator.delegate_broad",
+    ))
+}
+
 /// The message that tells every replica a new edge exists.
 pub(super) fn created(edge: &DelegationEdge) -> OutboxMessage {
     OutboxMessage {
@@ -456,9 +463,11 @@ pub(super) fn created(edge: &DelegationEdge) -> OutboxMessage {
 /// delegation (the one named by `inherit_parent_edge_id`, else the parent's only live inbound
 /// edge) from the parent to the child, with the same scopes, resources and expiry, one hop
 /// further down the lineage — so its budget is the parent edge's minus one, and a parent edge
-/// that allows no further hop cannot be inherited. `None` when the parent holds no delegation.
+/// that allows no further hop cannot be inherited; a broad one only by a caller who could issue
+/// one. `None` when the parent holds no delegation.
 pub(super) async fn inherited(
     state: &RoleState,
+    caller: &crate::wire::MandateClaims,
     parent: &caracal_store::Session,
     named: Option<&str>,
     child_id: &str,
@@ -495,9 +504,12 @@ pub(super) async fn inherited(
             }
         }
     };
-    let budget = Constraints::parse(&source.constraints)
-        .ok_or_else(|| lapsed("the parent's delegation has invalid constraints".into()))?
-        .max_hops();
+    let parsed = Constraints::parse(&source.constraints)
+        .ok_or_else(|| lapsed("the parent's delegation has invalid constraints".into()))?;
+    if source.resource_id.is_none() && parsed.resources.is_empty() {
+        may_delegate_broadly(caller)?;
+    }
+    let budget = parsed.max_hops();
     if budget < 2 {
         return Err(widening(
             "the parent's delegation allows no further hop (max_hops 1): start the child with parent_authority none, or delegate to the parent with a larger max_hops",

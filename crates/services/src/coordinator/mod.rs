@@ -509,6 +509,7 @@ async fn start(
         Some(parent) if inherit => {
             delegations::inherited(
                 &state,
+                &caller,
                 parent,
                 request.inherit_parent_edge_id.as_deref(),
                 &id,

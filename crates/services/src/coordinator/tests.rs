@@ -1623,6 +1623,19 @@ async fn a_child_inherits_its_parents_delegation_one_hop_further_down() {
         );
     }
 
+    // A broad delegation is inherited only by a caller who could issue one.
+    let (_, wide) = start(json!({"parent_id": root})).await;
+    let wide = id(&wide, "agent_session_id");
+    world.edge("broad-edge", &root, &wide).await;
+    let (status, refused) = start(json!({"parent_id": wide})).await;
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (
+            StatusCode::FORBIDDEN,
+            Some("broad_delegation_permission_required")
+        )
+    );
+
     // Revoking mid's first delegation takes the copy and the child down with it.
     let (status, _, revoked) = call(
         &world.coordinator,
