@@ -1063,6 +1063,23 @@ fn the_incident_screen_validates_and_preserves_a_verifiable_bundle() {
         assert!(std::time::Instant::now() < deadline, "{audit}");
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    // The same rows as CSV, for a spreadsheet or a SIEM.
+    let csv = request(
+        api,
+        "GET",
+        "/v1/zones/caracal.sys/admin-audit?entity_type=evidence_bundle&format=csv",
+        &auth,
+        "",
+    );
+    assert_eq!(csv.status, 200, "{}", csv.body);
+    assert!(
+        csv.body.starts_with(
+            "chain_seq,id,occurred_at,action,actor_id,entity_type,entity_id,changed_fields,request_id\r\n"
+        ),
+        "{}",
+        csv.body
+    );
+    assert!(csv.body.contains(",incident.preserve,"), "{}", csv.body);
     // The system zone's ledger is read like any zone's (its export is checked offline in
     // `the_audit_export_downloads_and_verifies_offline`), by a global token only.
     let zone = json_of(&request(

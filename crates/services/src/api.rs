@@ -90,7 +90,7 @@ fn event_body(row: caracal_store::AuditEvent) -> crate::wire::AuditEventBody {
 
 /// One CSV field. Text a spreadsheet would run as a formula (client-chosen request ids reach
 /// this export) is prefixed with `'`, the usual neutralisation; the JSON form is untouched.
-fn csv_field(text: &str) -> String {
+pub(crate) fn csv_field(text: &str) -> String {
     let text = if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
         format!("'{text}")
     } else {

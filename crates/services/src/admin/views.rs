@@ -237,6 +237,7 @@ struct AdminAuditQuery {
     entity_id: Option<String>,
     cursor: Option<String>,
     limit: Option<usize>,
+    format: Option<String>,
 }
 
 /// RFC 3339 or epoch milliseconds.
@@ -264,11 +265,22 @@ async fn admin_audit(
     headers: http::HeaderMap,
     Path(zone_id): Path<String>,
     RawQuery(raw): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse as _;
     let caller = authenticate(&state, &headers).await?;
     super::ledger_readable(&state, &caller, &zone_id).await?;
     let query: AdminAuditQuery = crate::api::query(raw.as_deref())?;
     let limit = limit(query.limit)?;
+    let csv = match query.format.as_deref() {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(_) => {
+            return Err(ApiError::with_description(
+                ErrorCode::InvalidRequest,
+                "`format` must be json or csv",
+            ));
+        }
+    };
     let before = query
         .cursor
         .as_deref()
@@ -314,10 +326,44 @@ async fn admin_audit(
                 "request_id": row.request_id,
                 "occurred_at": timestamp(row.occurred_at_ms),
                 "chain_seq": row.chain_seq,
+                // Every ledger row carries its chain MAC.
+                "signed": true,
             })
         })
         .collect();
-    Ok(Json(json!({ "items": items, "next_cursor": next })))
+    if !csv {
+        return Ok(Json(json!({ "items": items, "next_cursor": next })).into_response());
+    }
+    const COLUMNS: [&str; 9] = [
+        "chain_seq",
+        "id",
+        "occurred_at",
+        "action",
+        "actor_id",
+        "entity_type",
+        "entity_id",
+        "changed_fields",
+        "request_id",
+    ];
+    let mut text = COLUMNS.join(",");
+    text.push_str("\r\n");
+    for item in &items {
+        let cells: Vec<String> = COLUMNS
+            .iter()
+            .map(|column| match item.get(*column) {
+                Some(Value::String(text)) => crate::api::csv_field(text),
+                None | Some(Value::Null) => String::new(),
+                Some(other) => crate::api::csv_field(&other.to_string()),
+            })
+            .collect();
+        text.push_str(&cells.join(","));
+        text.push_str("\r\n");
+    }
+    Ok((
+        [(http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+        text,
+    )
+        .into_response())
 }
 
 /// The zone's latest signed checkpoint and the public key that verifies it.

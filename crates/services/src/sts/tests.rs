@@ -1784,6 +1784,7 @@ async fn the_read_views_filter_and_page_records_and_sessions_with_their_subject(
             format!("{base}/admin-audit?since=yesterday"),
             "invalid_request",
         ),
+        (format!("{base}/admin-audit?format=xml"), "invalid_request"),
         ("/v1/zones/no-such-zone/sessions".to_owned(), "not_found"),
     ] {
         let (status, body) = get(path.clone()).await;
