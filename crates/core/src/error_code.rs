@@ -138,6 +138,8 @@ pub enum ErrorCode {
     LeaseGenerationRequired,
     /// An incident freeze is in force: policy activations, provider and resource changes wait.
     ChangeFreeze,
+    /// An audit retention longer than the deployment's `audit.retention_days`.
+    RetentionAboveLimit,
     /// An incident containment refuses protected traffic (deployment-wide or for the zone).
     Contained,
 }
@@ -210,6 +212,7 @@ impl ErrorCode {
             ErrorCode::SessionNotService => "session_not_service",
             ErrorCode::LeaseGenerationRequired => "lease_generation_required",
             ErrorCode::ChangeFreeze => "change_freeze",
+            ErrorCode::RetentionAboveLimit => "retention_above_limit",
             ErrorCode::Contained => "contained",
         }
     }
@@ -239,7 +242,7 @@ impl ErrorCode {
             | ErrorCode::SessionNotService
             | ErrorCode::InheritParentEdgeAmbiguous
             | ErrorCode::InheritParentEdgeNotActive => 409,
-            ErrorCode::LeaseGenerationRequired => 400,
+            ErrorCode::LeaseGenerationRequired | ErrorCode::RetentionAboveLimit => 400,
             ErrorCode::ChangeFreeze => 423,
             ErrorCode::Contained => 503,
             ErrorCode::InvalidRego | ErrorCode::InvalidPolicyBundle => 422,
@@ -354,6 +357,7 @@ mod tests {
             ErrorCode::SessionNotService,
             ErrorCode::LeaseGenerationRequired,
             ErrorCode::ChangeFreeze,
+            ErrorCode::RetentionAboveLimit,
             ErrorCode::Contained,
         ];
         for code in all {

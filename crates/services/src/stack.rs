@@ -189,6 +189,7 @@ impl Stack {
                     .metrics_bearer
                     .as_ref()
                     .map(|bearer| Arc::from(String::from_utf8_lossy(&bearer.0).as_ref()));
+                shared.audit_retention = settings.audit_retention;
                 shared
             },
             stream_key,

@@ -74,6 +74,9 @@ pub struct SharedParts {
     pub operator_tools: Option<Arc<dyn crate::recovery::OperatorTools>>,
     /// The bearer `GET /metrics` needs, when one is configured.
     pub metrics_bearer: Option<Arc<str>>,
+    /// The deployment's audit retention (`audit.retention_days`; `None` keeps everything): an
+    /// operator may shorten it at run time, never lengthen it.
+    pub audit_retention: Option<std::time::Duration>,
     draining: Arc<AtomicBool>,
 }
 
@@ -94,6 +97,7 @@ impl Shared {
             containment: crate::containment::ContainmentView::default(),
             operator_tools: None,
             metrics_bearer: None,
+            audit_retention: None,
             draining: Arc::new(AtomicBool::new(false)),
         }))
     }

@@ -33,11 +33,11 @@ pub use data_dir::{DataDir, DataDirError};
 pub use model::{
     AdminFilter, AdminObject, AdminTokenRecord, Application, ApplicationChange, ApprovalHold,
     AuditCheckpoint, AuditCut, AuditEvent, AuditFilter, AuthorityRecord, ConsoleSession,
-    ConsoleUser, Containment, DelegationContext, DelegationEdge, IdempotencyReceipt, KekRecord,
-    NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow, OutboxStats, PolicyBinding,
-    PolicyHeader, PolicyLoad, PolicyVersion, Provider, ProviderConnection, RecordFilter, Resource,
-    RevokedAnchors, SealedSecret, Session, SessionFilter, SigningKey, TamperFinding,
-    TerminatedTree, TokenScope, Zone,
+    ConsoleUser, Containment, DelegationContext, DelegationEdge, DeploymentSetting,
+    IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow,
+    OutboxStats, PolicyBinding, PolicyHeader, PolicyLoad, PolicyVersion, Provider,
+    ProviderConnection, RecordFilter, Resource, RevokedAnchors, SealedSecret, Session,
+    SessionFilter, SigningKey, TamperFinding, TerminatedTree, TokenScope, Zone,
 };
 pub use postgres::{PgOptions, PgStore};
 pub use queries::{ChainAppend, ChainBuilder};

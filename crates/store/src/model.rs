@@ -397,6 +397,16 @@ pub struct DelegationContext {
     pub epoch: i64,
 }
 
+/// A run-time setting an operator changed through the API, with who and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentSetting {
+    pub name: String,
+    /// The setting's value, as text.
+    pub value: String,
+    pub updated_by: String,
+    pub updated_at_ms: i64,
+}
+
 /// One incident containment switch in force.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Containment {

@@ -97,6 +97,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "admin objects by id",
             include_str!("schema/0019_admin_objects_by_id.sql").to_owned(),
         ),
+        (
+            "deployment settings",
+            include_str!("schema/0020_deployment_settings.sql").replace("{BIGINT}", "BIGINT"),
+        ),
     ]
 }
 

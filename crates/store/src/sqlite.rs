@@ -93,6 +93,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "admin objects by id",
             include_str!("schema/0019_admin_objects_by_id.sql").to_owned(),
         ),
+        (
+            "deployment settings",
+            include_str!("schema/0020_deployment_settings.sql").replace("{BIGINT}", "INTEGER"),
+        ),
     ]
 }
 
@@ -871,6 +875,7 @@ mod tests {
                      DROP INDEX sessions_status_ended; DROP INDEX sessions_authority_record;
                      DROP INDEX delegation_edges_status_revoked; DROP TABLE containment;
                      DROP TABLE admin_objects; DROP TABLE console_users; DROP TABLE console_sessions; DROP TABLE replay_memory;
+                     DROP TABLE deployment_settings;
                      DELETE FROM schema_migrations WHERE version >= 2;",
                 )
             })

@@ -143,6 +143,7 @@ conformance!(
     activation_keeps_the_last_known_good,
     every_edge_change_bumps_the_zone_epoch_and_stamps_the_outbox,
     a_session_and_the_edge_it_inherits_commit_together,
+    run_time_settings_are_replaced_in_place_with_their_outbox,
     session_leases_are_fenced_and_final_states_stay_final,
     approval_holds_are_decided_once_and_consumed_once,
     idempotency_receipts_conflict_while_live,
@@ -1441,6 +1442,37 @@ async fn a_session_and_the_edge_it_inherits_commit_together(backend: &Backend) {
     assert_eq!(epochs, ["1"], "one message, stamped with the new epoch");
 }
 
+async fn run_time_settings_are_replaced_in_place_with_their_outbox(backend: &Backend) {
+    let store = backend.store.as_ref();
+    assert_eq!(
+        store.get_setting("audit_retention_days").await.unwrap(),
+        None
+    );
+    let setting = |value: &str, by: &str| caracal_store::DeploymentSetting {
+        name: "audit_retention_days".into(),
+        value: value.into(),
+        updated_by: by.into(),
+        updated_at_ms: 1000,
+    };
+    store
+        .put_setting(&setting("30", "admin:a"), &[message("s", 1)])
+        .await
+        .unwrap();
+    store
+        .put_setting(&setting("7", "admin:b"), &[message("s", 2)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_setting("audit_retention_days").await.unwrap(),
+        Some(setting("7", "admin:b"))
+    );
+    let rows = store
+        .claim_outbox("t", 10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2, "each change with its outbox row");
+}
+
 async fn session_leases_are_fenced_and_final_states_stay_final(backend: &Backend) {
     let store = backend.store.as_ref();
     store
@@ -2116,7 +2148,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 19
+                supported: 20
             }
         ),
         "{error}"
@@ -2133,7 +2165,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
     assert_eq!(
         versions,
         [
-            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 999
+            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 999
         ],
         "the refused start wrote nothing"
     );
@@ -2943,7 +2975,7 @@ async fn retention_deletes_only_what_ended_long_enough_ago(backend: &Backend) {
 
 /// Undoes the migrations after 11 (runtime retention indexes, containment; 18 only dropped an
 /// index of 12, and 19's index goes with its table).
-const LATER_MIGRATIONS: [&str; 9] = [
+const LATER_MIGRATIONS: [&str; 10] = [
     "DROP INDEX authority_records_status_expiry",
     "DROP INDEX sessions_status_ended",
     "DROP INDEX sessions_authority_record",
@@ -2953,6 +2985,7 @@ const LATER_MIGRATIONS: [&str; 9] = [
     "DROP TABLE console_users",
     "DROP TABLE console_sessions",
     "DROP TABLE replay_memory",
+    "DROP TABLE deployment_settings",
 ];
 
 async fn the_read_views_filter_and_page_by_id(backend: &Backend) {

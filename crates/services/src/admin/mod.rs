@@ -12,6 +12,7 @@ mod policies;
 mod providers;
 mod recovery;
 mod resources;
+mod retention;
 mod subjects;
 mod tokens;
 pub(crate) mod views;
@@ -52,6 +53,7 @@ pub fn routes() -> Router<RoleState> {
         .merge(policies::routes())
         .merge(providers::routes())
         .merge(resources::routes())
+        .merge(retention::routes())
         .merge(subjects::routes())
         .merge(tokens::routes())
         .merge(views::routes())

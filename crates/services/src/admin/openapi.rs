@@ -593,6 +593,18 @@ pub const OPERATIONS: &[Operation] = &[
         "read",
         "Explain one request (as `audit/explain?request_id=`)",
     ),
+    op(
+        "get",
+        "/v1/audit-retention",
+        "read, global",
+        "How long the ledger keeps rows (the deployment's ceiling and the operator's setting)",
+    ),
+    op(
+        "put",
+        "/v1/audit-retention",
+        "write, global",
+        "Shorten the ledger's retention (never beyond `audit.retention_days`)",
+    ),
     op("get", "/v1/audit/dlq", "read, global", "Audit dead letters"),
     op(
         "get",

@@ -1291,6 +1291,7 @@ fn declared_routes() -> Vec<(String, String)> {
         include_str!("subjects.rs"),
         include_str!("views.rs"),
         include_str!("objects.rs"),
+        include_str!("retention.rs"),
         include_str!("connections.rs"),
         include_str!("incident.rs"),
         include_str!("recovery.rs"),
@@ -2048,4 +2049,112 @@ async fn validate_and_bundles_run_the_tools_only_for_the_callers_they_allow() {
         2,
         "one validation, one bundle"
     );
+}
+
+#[tokio::test]
+async fn an_operator_shortens_the_audit_retention_within_the_deployments_ceiling() {
+    let (_keep, mut state) = role_state(Role::Api);
+    state.shared.audit_retention = Some(std::time::Duration::from_secs(30 * 86_400));
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let reader = token(&shared, "read", TokenScope::Global).await;
+    let zoned = token(&shared, "write", TokenScope::Zone("z".into())).await;
+    let app = router(state);
+    let path = "/v1/audit-retention";
+    let (status, _, before) = call(&app, "GET", path, Some(&reader), "").await;
+    assert_eq!(status, StatusCode::OK, "{before}");
+    assert_eq!(
+        (
+            &before["retention_days"],
+            &before["max_days"],
+            &before["updated_by"]
+        ),
+        (&json!(30), &json!(30), &Value::Null)
+    );
+    for (bearer, body, status, expected) in [
+        (
+            &writer,
+            r#"{"retention_days":31}"#,
+            StatusCode::BAD_REQUEST,
+            "retention_above_limit",
+        ),
+        (
+            &writer,
+            r#"{"retention_days":0}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            &writer,
+            r#"{"retention_days":"7"}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            &writer,
+            r#"{"retention_days":7,"x":1}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            &reader,
+            r#"{"retention_days":7}"#,
+            StatusCode::FORBIDDEN,
+            "admin_token_read_only",
+        ),
+        (
+            &zoned,
+            r#"{"retention_days":7}"#,
+            StatusCode::FORBIDDEN,
+            "admin_token_zone_mismatch",
+        ),
+    ] {
+        let (got, _, answer) = call(&app, "PUT", path, Some(bearer), body).await;
+        assert_eq!((got, code(&answer)), (status, Some(expected)), "{body}");
+    }
+    let (status, _, set) = call(&app, "PUT", path, Some(&writer), r#"{"retention_days":7}"#).await;
+    assert_eq!(status, StatusCode::OK, "{set}");
+    assert_eq!(
+        (&set["retention_days"], &set["max_days"]),
+        (&json!(7), &json!(30))
+    );
+    assert!(set["updated_by"].as_str().unwrap().starts_with("admin:"));
+    let (_, _, again) = call(&app, "PUT", path, Some(&writer), r#"{"retention_days":9}"#).await;
+    assert_eq!(again["retention_days"], 9, "changed again in place");
+    let recorded = audit_outbox(&shared).await;
+    assert_eq!(
+        recorded
+            .iter()
+            .filter(|(action, _)| action == "admin.audit_retention.update")
+            .count(),
+        2,
+        "{recorded:?}"
+    );
+    // A freeze stops every change that could drop evidence.
+    shared
+        .store
+        .set_containment(
+            &caracal_store::Containment {
+                kind: "freeze".into(),
+                zone_id: String::new(),
+                reason: "tamper drill".into(),
+                actor: "test".into(),
+                since_ms: caracal_store::now_ms(),
+            },
+            &[],
+        )
+        .await
+        .unwrap();
+    shared
+        .containment
+        .refresh(shared.store.as_ref())
+        .await
+        .unwrap();
+    let (got, _, answer) = call(&app, "PUT", path, Some(&writer), r#"{"retention_days":1}"#).await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::LOCKED, Some("change_freeze"))
+    );
+    let (_, _, after) = call(&app, "GET", path, Some(&reader), "").await;
+    assert_eq!(after["retention_days"], 9);
 }

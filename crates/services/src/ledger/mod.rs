@@ -192,6 +192,34 @@ pub fn format_frontier(frontier: &[[u8; 32]]) -> String {
 
 /// Where deployment-wide secrets live in the store.
 pub const SYSTEM_ZONE: &str = "caracal.sys";
+
+/// The run-time setting holding an operator's audit retention, in days.
+pub const RETENTION_SETTING: &str = "audit_retention_days";
+
+/// The operator's retention in days, if one is set (`PUT /v1/audit-retention`).
+pub async fn operator_retention_days(
+    store: &dyn caracal_store::Store,
+) -> Result<Option<u64>, caracal_store::StoreError> {
+    Ok(store
+        .get_setting(RETENTION_SETTING)
+        .await?
+        .and_then(|setting| setting.value.parse().ok()))
+}
+
+/// How long rows are kept: the deployment's `ceiling` (`audit.retention_days`; `None` keeps
+/// everything), shortened by the operator's setting, never lengthened.
+pub fn effective_retention(
+    ceiling: Option<std::time::Duration>,
+    operator_days: Option<u64>,
+) -> Option<std::time::Duration> {
+    let operator =
+        operator_days.map(|days| std::time::Duration::from_secs(days.saturating_mul(86_400)));
+    match (ceiling, operator) {
+        (Some(ceiling), Some(operator)) => Some(ceiling.min(operator)),
+        (ceiling, None) => ceiling,
+        (None, operator) => operator,
+    }
+}
 const CHECKPOINT_KEY_REF: &str = "audit-checkpoint-key";
 const CHECKPOINT_KEY_PURPOSE: &str = "audit-checkpoint-signing-key";
 
@@ -337,4 +365,22 @@ pub async fn export_bundle(
     };
     caracal_audit::bundle::export(&selected, &tree, &checkpoint, &public_key)
         .map_err(|error| missing(error.to_string()))
+}
+
+#[cfg(test)]
+#[test]
+fn an_operator_shortens_the_retention_and_never_lengthens_it() {
+    use std::time::Duration;
+    let days = |n: u64| Duration::from_secs(n * 86_400);
+    assert_eq!(effective_retention(Some(days(365)), None), Some(days(365)));
+    assert_eq!(
+        effective_retention(Some(days(365)), Some(30)),
+        Some(days(30))
+    );
+    assert_eq!(
+        effective_retention(Some(days(30)), Some(365)),
+        Some(days(30))
+    );
+    assert_eq!(effective_retention(None, Some(7)), Some(days(7)));
+    assert_eq!(effective_retention(None, None), None, "kept for ever");
 }

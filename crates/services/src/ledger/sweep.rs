@@ -183,8 +183,13 @@ impl Sweeper {
     async fn sweep(&self, full: bool) -> Result<Vec<Finding>, StoreError> {
         let mut findings = Vec::new();
         let keys = Arc::new(super::all_chain_keys(self.store.as_ref(), &self.kek).await?);
+        // Read at every sweep: an operator's change holds from the next full sweep.
+        let retention = super::effective_retention(
+            self.retention,
+            super::operator_retention_days(self.store.as_ref()).await?,
+        );
         for zone_id in self.store.audit_zones().await? {
-            findings.extend(self.sweep_zone(&zone_id, full, &keys).await?);
+            findings.extend(self.sweep_zone(&zone_id, full, &keys, retention).await?);
         }
         self.metrics.last_sweep_unix.set(now_ms() / 1000);
         Ok(findings)
@@ -195,6 +200,7 @@ impl Sweeper {
         zone_id: &str,
         full: bool,
         keys: &Arc<HashMap<String, ChainKey>>,
+        retention: Option<Duration>,
     ) -> Result<Vec<Finding>, StoreError> {
         let mut findings = Vec::new();
         let finding = |kind: FindingKind, seq: i64, detail: String| Finding {
@@ -258,7 +264,7 @@ impl Sweeper {
         // A full sweep from the cut also gathers the content hashes of the zone's Merkle
         // leaves, and the last row old enough for retention to drop.
         let mut contents = Vec::new();
-        let expired_before = self.retention.map(|keep| {
+        let expired_before = retention.map(|keep| {
             now_ms().saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX))
         });
         let mut expired = 0;

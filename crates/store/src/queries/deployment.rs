@@ -4,8 +4,8 @@ use caracal_crypto::TokenDigest;
 
 use crate::db::{Db, Row, Statement, params};
 use crate::model::{
-    AdminTokenRecord, ConsoleSession, ConsoleUser, Containment, KekRecord, NewAdminToken,
-    OutboxMessage, TokenScope,
+    AdminTokenRecord, ConsoleSession, ConsoleUser, Containment, DeploymentSetting, KekRecord,
+    NewAdminToken, OutboxMessage, TokenScope,
 };
 use crate::store::{StoreError, enqueue, not_found, now_ms, with_outbox};
 
@@ -18,6 +18,14 @@ pub trait Deployment: Send + Sync {
 
     /// The containment switches in force.
     async fn list_containment(&self) -> Result<Vec<Containment>, StoreError>;
+    /// A run-time setting, if an operator set it.
+    async fn get_setting(&self, name: &str) -> Result<Option<DeploymentSetting>, StoreError>;
+    /// Sets (or replaces) a run-time setting with `outbox` in the same transaction.
+    async fn put_setting(
+        &self,
+        setting: &DeploymentSetting,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
     /// Turns a switch on (or renews its reason) with `outbox` in the same transaction.
     async fn set_containment(
         &self,
@@ -157,6 +165,44 @@ impl<D: Db> Deployment for D {
                 })
             })
             .collect()
+    }
+
+    async fn get_setting(&self, name: &str) -> Result<Option<DeploymentSetting>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT name, value, updated_by, updated_at_ms FROM deployment_settings WHERE name = $1",
+                params![name],
+            )
+            .await?;
+        rows.first()
+            .map(|row| {
+                Ok(DeploymentSetting {
+                    name: row.text(0)?,
+                    value: row.text(1)?,
+                    updated_by: row.text(2)?,
+                    updated_at_ms: row.int(3)?,
+                })
+            })
+            .transpose()
+    }
+
+    async fn put_setting(
+        &self,
+        s: &DeploymentSetting,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let upsert = Statement::new(
+            "INSERT INTO deployment_settings (name, value, updated_by, updated_at_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_by = excluded.updated_by,
+                 updated_at_ms = excluded.updated_at_ms",
+            params![
+                s.name.as_str(),
+                s.value.as_str(),
+                s.updated_by.as_str(),
+                s.updated_at_ms,
+            ],
+        );
+        self.atomic(with_outbox(upsert, outbox)).await.map(|_| ())
     }
 
     async fn set_containment(
