@@ -675,11 +675,31 @@ async fn retention_drops_old_rows_and_the_rest_stays_verifiable(ledger: &Ledger)
         12
     );
 
-    // Everything has expired: all but the newest row goes, anchored on the signed checkpoint.
+    // Everything has expired: all but the newest row goes, anchored on the signed checkpoint;
+    // but not while a freeze holds.
     let sweeper = ledger
         .sweeper()
         .with_checkpoints(signer)
         .with_retention(Duration::ZERO);
+    let freeze = caracal_store::Containment {
+        kind: "freeze".into(),
+        zone_id: String::new(),
+        reason: "tamper investigation".into(),
+        actor: "test".into(),
+        since_ms: 0,
+    };
+    ledger.store.set_containment(&freeze, &[]).await.unwrap();
+    assert_eq!(sweeper.full().await.unwrap(), []);
+    assert_eq!(
+        ledger.store.audit_cut("cut").await.unwrap(),
+        None,
+        "frozen: nothing dropped"
+    );
+    ledger
+        .store
+        .clear_containment("freeze", "", &[])
+        .await
+        .unwrap();
     assert_eq!(sweeper.full().await.unwrap(), []);
     let cut = ledger.store.audit_cut("cut").await.unwrap().unwrap();
     assert_eq!(cut.cut_seq, 11);

@@ -183,11 +183,22 @@ impl Sweeper {
     async fn sweep(&self, full: bool) -> Result<Vec<Finding>, StoreError> {
         let mut findings = Vec::new();
         let keys = Arc::new(super::all_chain_keys(self.store.as_ref(), &self.kek).await?);
-        // Read at every sweep: an operator's change holds from the next full sweep.
-        let retention = super::effective_retention(
-            self.retention,
-            super::operator_retention_days(self.store.as_ref()).await?,
-        );
+        // Read at every sweep: an operator's change holds from the next full sweep. While a
+        // freeze holds (an incident being investigated), nothing is dropped.
+        let frozen = self
+            .store
+            .list_containment()
+            .await?
+            .iter()
+            .any(|switch| switch.kind == crate::containment::FREEZE);
+        let retention = if frozen {
+            None
+        } else {
+            super::effective_retention(
+                self.retention,
+                super::operator_retention_days(self.store.as_ref()).await?,
+            )
+        };
         for zone_id in self.store.audit_zones().await? {
             findings.extend(self.sweep_zone(&zone_id, full, &keys, retention).await?);
         }
