@@ -24,12 +24,7 @@ pub struct RoleStatus {
 
 /// The probe client of this configuration: it presents `metrics_bearer` to `/metrics`.
 pub fn probe_client(settings: &caracal_services::Settings) -> HttpClient {
-    peer_probe::client().with_metrics_bearer(
-        settings
-            .metrics_bearer
-            .as_ref()
-            .map(|bearer| std::sync::Arc::from(String::from_utf8_lossy(&bearer.0).as_ref())),
-    )
+    peer_probe::client().with_metrics_bearer(settings.metrics_bearer_text())
 }
 
 /// Probes the roles and prints the report; returns whether every probed role is ready.

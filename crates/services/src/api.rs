@@ -60,6 +60,26 @@ struct SearchQuery {
     format: Option<String>,
 }
 
+/// RFC 3339 or epoch milliseconds.
+pub(crate) fn instant(name: &str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let parsed = value.parse::<i64>().ok().or_else(|| {
+        humantime::parse_rfc3339_weak(value)
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|since| i64::try_from(since.as_millis()).ok())
+    });
+    parsed.map(Some).ok_or_else(|| {
+        ApiError::with_description(
+            ErrorCode::InvalidRequest,
+            format!("`{name}` must be RFC 3339 or epoch milliseconds"),
+        )
+    })
+}
+
 /// A query string into `T` (unknown parameters refused by `T`); any failure is 400.
 pub(crate) fn query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> Result<T, ApiError> {
     serde_urlencoded::from_str(raw.unwrap_or_default()).map_err(|error| {
@@ -90,7 +110,7 @@ fn event_body(row: caracal_store::AuditEvent) -> crate::wire::AuditEventBody {
 
 /// One CSV field. Text a spreadsheet would run as a formula (client-chosen request ids reach
 /// this export) is prefixed with `'`, the usual neutralisation; the JSON form is untouched.
-pub(crate) fn csv_field(text: &str) -> String {
+fn csv_field(text: &str) -> String {
     let text = if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
         format!("'{text}")
     } else {
@@ -101,6 +121,26 @@ pub(crate) fn csv_field(text: &str) -> String {
     } else {
         text
     }
+}
+
+/// A CSV download (RFC 4180: a header row, CRLF line ends, every field through [`csv_field`]).
+pub(crate) fn csv_response(
+    header: &[&str],
+    rows: impl Iterator<Item = Vec<String>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let mut text = header.join(",");
+    text.push_str("\r\n");
+    for row in rows {
+        let cells: Vec<String> = row.iter().map(|cell| csv_field(cell)).collect();
+        text.push_str(&cells.join(","));
+        text.push_str("\r\n");
+    }
+    (
+        [(http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+        text,
+    )
+        .into_response()
 }
 
 #[cfg(test)]
@@ -154,7 +194,7 @@ async fn search_audit(
     let invalid = |text: &str| ApiError::with_description(ErrorCode::InvalidRequest, text);
     let bound = |name: &str, text: Option<String>, ms: Option<i64>| match (text, ms) {
         (Some(_), Some(_)) => Err(invalid(&format!("give `{name}` or `{name}_ms`, not both"))),
-        (text, None) => crate::admin::views::instant(name, text.as_deref()),
+        (text, None) => instant(name, text.as_deref()),
         (None, ms) => Ok(ms),
     };
     let event_types: Vec<String> = params
@@ -194,12 +234,21 @@ async fn search_audit(
             next_cursor,
         })
         .into_response()),
-        "csv" => {
-            let mut text = String::from(
-                "chain_seq,id,occurred_at_ms,event_type,request_id,decision,evaluation_status,policy_set_id,policy_set_version_id,metadata\n",
-            );
-            for row in rows {
-                let fields = [
+        "csv" => Ok(csv_response(
+            &[
+                "chain_seq",
+                "id",
+                "occurred_at_ms",
+                "event_type",
+                "request_id",
+                "decision",
+                "evaluation_status",
+                "policy_set_id",
+                "policy_set_version_id",
+                "metadata",
+            ],
+            rows.into_iter().map(|row| {
+                vec![
                     row.chain_seq.to_string(),
                     row.id,
                     row.occurred_at_ms.to_string(),
@@ -210,22 +259,9 @@ async fn search_audit(
                     row.policy_set_id.unwrap_or_default(),
                     row.policy_set_version_id.unwrap_or_default(),
                     row.metadata,
-                ];
-                text.push_str(
-                    &fields
-                        .iter()
-                        .map(|field| csv_field(field))
-                        .collect::<Vec<_>>()
-                        .join(","),
-                );
-                text.push('\n');
-            }
-            Ok((
-                [(http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
-                text,
-            )
-                .into_response())
-        }
+                ]
+            }),
+        )),
         _ => Err(ApiError::with_description(
             ErrorCode::InvalidRequest,
             "`format` must be json or csv",

@@ -82,6 +82,13 @@ impl fmt::Debug for SecretBytes {
 }
 
 impl Settings {
+    /// The metrics bearer as the roles compare it and the probes send it.
+    pub fn metrics_bearer_text(&self) -> Option<std::sync::Arc<str>> {
+        self.metrics_bearer
+            .as_ref()
+            .map(|bearer| std::sync::Arc::from(String::from_utf8_lossy(&bearer.0).as_ref()))
+    }
+
     pub fn port(&self, role: Role) -> u16 {
         self.ports
             .get(&role)

@@ -185,10 +185,7 @@ impl Stack {
             shared: {
                 let mut shared =
                     Shared::new(store, bus, evidence, replay_dir, bootstrap.kek.clone());
-                shared.metrics_bearer = settings
-                    .metrics_bearer
-                    .as_ref()
-                    .map(|bearer| Arc::from(String::from_utf8_lossy(&bearer.0).as_ref()));
+                shared.metrics_bearer = settings.metrics_bearer_text();
                 shared.audit_retention = settings.audit_retention;
                 shared
             },

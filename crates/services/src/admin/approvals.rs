@@ -89,8 +89,8 @@ async fn list(
             format!("`state` is one of {}", STATES.join(", ")),
         ));
     }
-    let since = super::views::instant("since", query.since.as_deref())?;
-    let until = super::views::instant("until", query.until.as_deref())?;
+    let since = crate::api::instant("since", query.since.as_deref())?;
+    let until = crate::api::instant("until", query.until.as_deref())?;
     let now = now_ms();
     let holds: Vec<ApprovalHold> = state
         .shared

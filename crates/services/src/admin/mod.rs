@@ -15,7 +15,7 @@ mod resources;
 mod retention;
 mod subjects;
 mod tokens;
-pub(crate) mod views;
+mod views;
 mod zones;
 
 pub(crate) use applications::privileged_trait;

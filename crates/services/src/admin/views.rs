@@ -240,26 +240,6 @@ struct AdminAuditQuery {
     format: Option<String>,
 }
 
-/// RFC 3339 or epoch milliseconds.
-pub(crate) fn instant(name: &str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
-    let Some(value) = value else {
-        return Ok(None);
-    };
-    let parsed = value.parse::<i64>().ok().or_else(|| {
-        humantime::parse_rfc3339_weak(value)
-            .ok()?
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()
-            .and_then(|since| i64::try_from(since.as_millis()).ok())
-    });
-    parsed.map(Some).ok_or_else(|| {
-        ApiError::with_description(
-            ErrorCode::InvalidRequest,
-            format!("`{name}` must be RFC 3339 or epoch milliseconds"),
-        )
-    })
-}
-
 async fn admin_audit(
     State(state): State<RoleState>,
     headers: http::HeaderMap,
@@ -294,8 +274,8 @@ async fn admin_audit(
         })
         .transpose()?;
     let filter = AuditFilter {
-        since_ms: instant("since", query.since.as_deref())?,
-        until_ms: instant("until", query.until.as_deref())?,
+        since_ms: crate::api::instant("since", query.since.as_deref())?,
+        until_ms: crate::api::instant("until", query.until.as_deref())?,
         admin: Some(AdminFilter {
             actor: query.actor_id,
             entity_type: query.entity_type,
@@ -345,25 +325,17 @@ async fn admin_audit(
         "changed_fields",
         "request_id",
     ];
-    let mut text = COLUMNS.join(",");
-    text.push_str("\r\n");
-    for item in &items {
-        let cells: Vec<String> = COLUMNS
+    let cell = |item: &Value, column: &str| match item.get(column) {
+        Some(Value::String(text)) => text.clone(),
+        None | Some(Value::Null) => String::new(),
+        Some(other) => other.to_string(),
+    };
+    Ok(crate::api::csv_response(
+        &COLUMNS,
+        items
             .iter()
-            .map(|column| match item.get(*column) {
-                Some(Value::String(text)) => crate::api::csv_field(text),
-                None | Some(Value::Null) => String::new(),
-                Some(other) => crate::api::csv_field(&other.to_string()),
-            })
-            .collect();
-        text.push_str(&cells.join(","));
-        text.push_str("\r\n");
-    }
-    Ok((
-        [(http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
-        text,
-    )
-        .into_response())
+            .map(|item| COLUMNS.iter().map(|column| cell(item, column)).collect()),
+    ))
 }
 
 /// The zone's latest signed checkpoint and the public key that verifies it.
