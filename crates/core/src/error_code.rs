@@ -140,6 +140,8 @@ pub enum ErrorCode {
     ChangeFreeze,
     /// An audit retention longer than the deployment's `audit.retention_days`.
     RetentionAboveLimit,
+    /// A mint limit higher than the deployment's `sts.mint_rate_limit_per_minute`.
+    MintRateLimitAboveLimit,
     /// An incident containment refuses protected traffic (deployment-wide or for the zone).
     Contained,
 }
@@ -213,6 +215,7 @@ impl ErrorCode {
             ErrorCode::LeaseGenerationRequired => "lease_generation_required",
             ErrorCode::ChangeFreeze => "change_freeze",
             ErrorCode::RetentionAboveLimit => "retention_above_limit",
+            ErrorCode::MintRateLimitAboveLimit => "mint_rate_limit_above_limit",
             ErrorCode::Contained => "contained",
         }
     }
@@ -242,7 +245,9 @@ impl ErrorCode {
             | ErrorCode::SessionNotService
             | ErrorCode::InheritParentEdgeAmbiguous
             | ErrorCode::InheritParentEdgeNotActive => 409,
-            ErrorCode::LeaseGenerationRequired | ErrorCode::RetentionAboveLimit => 400,
+            ErrorCode::LeaseGenerationRequired
+            | ErrorCode::RetentionAboveLimit
+            | ErrorCode::MintRateLimitAboveLimit => 400,
             ErrorCode::ChangeFreeze => 423,
             ErrorCode::Contained => 503,
             ErrorCode::InvalidRego | ErrorCode::InvalidPolicyBundle => 422,
@@ -358,6 +363,7 @@ mod tests {
             ErrorCode::LeaseGenerationRequired,
             ErrorCode::ChangeFreeze,
             ErrorCode::RetentionAboveLimit,
+            ErrorCode::MintRateLimitAboveLimit,
             ErrorCode::Contained,
         ];
         for code in all {

@@ -99,7 +99,6 @@ pub struct Stack {
     control_enabled: bool,
     peers: Vec<(Role, SocketAddr)>,
     issuer: String,
-    mint_rate_limit_per_minute: u64,
     coordinator_limits: crate::coordinator::Limits,
     gateway_config: crate::gateway::GatewayConfig,
     runtime_retention: Duration,
@@ -187,6 +186,7 @@ impl Stack {
                     Shared::new(store, bus, evidence, replay_dir, bootstrap.kek.clone());
                 shared.metrics_bearer = settings.metrics_bearer_text();
                 shared.audit_retention = settings.audit_retention;
+                shared.mint_limit_ceiling = settings.mint_rate_limit_per_minute;
                 shared
             },
             stream_key,
@@ -200,7 +200,6 @@ impl Stack {
             control_enabled: settings.control_enabled,
             peers: settings.peers.clone(),
             issuer: settings.issuer_url.clone(),
-            mint_rate_limit_per_minute: settings.mint_rate_limit_per_minute,
             gateway_config: settings.gateway.clone(),
             runtime_retention: settings.coordinator_retention,
             coordinator_limits: crate::coordinator::Limits {
@@ -480,7 +479,7 @@ impl Stack {
                 Arc::clone(&self.shared.store),
                 &self.shared.kek,
             )
-            .with_mint_limit(self.mint_rate_limit_per_minute)
+            .with_mint_limit(self.shared.mint_limit_ceiling)
             .with_provider_host_allowlist(self.gateway_config.host_allowlist.clone()),
         );
         servers.spawn(crate::policy::run_loader(
@@ -491,6 +490,27 @@ impl Stack {
             Duration::from_secs(30),
             stop.clone(),
         ));
+        if let Err(error) = sts.refresh_mint_limit(&*self.shared.store).await {
+            tracing::warn!(%error, "operator mint limit unreadable: the deployment's limit applies");
+        }
+        {
+            let (sts, store, mut stop) = (
+                Arc::clone(&sts),
+                Arc::clone(&self.shared.store),
+                stop.clone(),
+            );
+            servers.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        () = tokio::time::sleep(crate::sts::MINT_LIMIT_REFRESH) => {}
+                    }
+                    if let Err(error) = sts.refresh_mint_limit(&*store).await {
+                        tracing::warn!(%error, "operator mint limit unreadable: the limit in force stays");
+                    }
+                }
+            });
+        }
         servers.spawn(crate::keys::follow_invalidations(
             sts.keys.clone(),
             Arc::clone(&self.shared.bus.streams),

@@ -77,6 +77,9 @@ pub struct SharedParts {
     /// The deployment's audit retention (`audit.retention_days`; `None` keeps everything): an
     /// operator may shorten it at run time, never lengthen it.
     pub audit_retention: Option<std::time::Duration>,
+    /// The deployment's mint limit per (zone, resource, application) and minute
+    /// (`sts.mint_rate_limit_per_minute`): an operator may lower it at run time, never raise it.
+    pub mint_limit_ceiling: u64,
     draining: Arc<AtomicBool>,
 }
 
@@ -98,6 +101,7 @@ impl Shared {
             operator_tools: None,
             metrics_bearer: None,
             audit_retention: None,
+            mint_limit_ceiling: crate::sts::DEFAULT_MINT_LIMIT_PER_MINUTE,
             draining: Arc::new(AtomicBool::new(false)),
         }))
     }

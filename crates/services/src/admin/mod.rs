@@ -4,6 +4,7 @@
 mod applications;
 mod approvals;
 mod connections;
+mod deployment;
 mod incident;
 mod keys;
 mod objects;
@@ -12,7 +13,6 @@ mod policies;
 mod providers;
 mod recovery;
 mod resources;
-mod retention;
 mod subjects;
 mod tokens;
 mod views;
@@ -53,7 +53,7 @@ pub fn routes() -> Router<RoleState> {
         .merge(policies::routes())
         .merge(providers::routes())
         .merge(resources::routes())
-        .merge(retention::routes())
+        .merge(deployment::routes())
         .merge(subjects::routes())
         .merge(tokens::routes())
         .merge(views::routes())

@@ -605,6 +605,18 @@ pub const OPERATIONS: &[Operation] = &[
         "write, global",
         "Shorten the ledger's retention (never beyond `audit.retention_days`)",
     ),
+    op(
+        "get",
+        "/v1/mint-rate-limit",
+        "read, global",
+        "Mandate mints allowed per zone, resource and application each minute (ceiling and setting)",
+    ),
+    op(
+        "put",
+        "/v1/mint-rate-limit",
+        "write, global",
+        "Lower the mint rate limit (never above `sts.mint_rate_limit_per_minute`)",
+    ),
     op("get", "/v1/audit/dlq", "read, global", "Audit dead letters"),
     op(
         "get",

@@ -1291,7 +1291,7 @@ fn declared_routes() -> Vec<(String, String)> {
         include_str!("subjects.rs"),
         include_str!("views.rs"),
         include_str!("objects.rs"),
-        include_str!("retention.rs"),
+        include_str!("deployment.rs"),
         include_str!("connections.rs"),
         include_str!("incident.rs"),
         include_str!("recovery.rs"),
@@ -2157,4 +2157,99 @@ async fn an_operator_shortens_the_audit_retention_within_the_deployments_ceiling
     );
     let (_, _, after) = call(&app, "GET", path, Some(&reader), "").await;
     assert_eq!(after["retention_days"], 9);
+}
+
+#[tokio::test]
+async fn an_operator_lowers_the_mint_limit_within_the_deployments_ceiling() {
+    let (_keep, mut state) = role_state(Role::Api);
+    state.shared.mint_limit_ceiling = 100;
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let reader = token(&shared, "read", TokenScope::Global).await;
+    let zoned = token(&shared, "write", TokenScope::Zone("z".into())).await;
+    let app = router(state);
+    let path = "/v1/mint-rate-limit";
+    let (status, _, before) = call(&app, "GET", path, Some(&reader), "").await;
+    assert_eq!(status, StatusCode::OK, "{before}");
+    assert_eq!(
+        (
+            &before["limit_per_minute"],
+            &before["max_per_minute"],
+            &before["updated_by"]
+        ),
+        (&json!(100), &json!(100), &Value::Null)
+    );
+    for (bearer, body, status, expected) in [
+        (
+            &writer,
+            r#"{"limit_per_minute":101}"#,
+            StatusCode::BAD_REQUEST,
+            "mint_rate_limit_above_limit",
+        ),
+        (
+            &writer,
+            r#"{"limit_per_minute":0}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            &writer,
+            r#"{"limit_per_minute":-1}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (&writer, r#"{}"#, StatusCode::BAD_REQUEST, "invalid_body"),
+        (
+            &writer,
+            r#"{"limit_per_minute":5,"zone":"z"}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            &reader,
+            r#"{"limit_per_minute":5}"#,
+            StatusCode::FORBIDDEN,
+            "admin_token_read_only",
+        ),
+        (
+            &zoned,
+            r#"{"limit_per_minute":5}"#,
+            StatusCode::FORBIDDEN,
+            "admin_token_zone_mismatch",
+        ),
+    ] {
+        let (got, _, answer) = call(&app, "PUT", path, Some(bearer), body).await;
+        assert_eq!((got, code(&answer)), (status, Some(expected)), "{body}");
+    }
+    let (status, _, set) = call(
+        &app,
+        "PUT",
+        path,
+        Some(&writer),
+        r#"{"limit_per_minute":5}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{set}");
+    assert_eq!(
+        (&set["limit_per_minute"], &set["max_per_minute"]),
+        (&json!(5), &json!(100))
+    );
+    assert!(set["updated_by"].as_str().unwrap().starts_with("admin:"));
+    let stored = crate::sts::operator_mint_limit(shared.store.as_ref())
+        .await
+        .unwrap();
+    assert_eq!(stored, Some(5), "what every STS replica reads");
+    let recorded = audit_outbox(&shared).await;
+    assert_eq!(
+        recorded
+            .iter()
+            .filter(|(action, _)| action == "admin.mint_rate_limit.update")
+            .count(),
+        1,
+        "{recorded:?}"
+    );
+    assert_eq!(
+        call(&app, "GET", path, None, "").await.0,
+        StatusCode::UNAUTHORIZED
+    );
 }

@@ -661,7 +661,7 @@ pub(super) async fn within_mint_limit(
             tracing::warn!(%error, "rate counter unavailable: mint refused");
             TokenError::unavailable("the rate counter is unavailable")
         })?;
-    if count > sts.mint_limit_per_minute {
+    if count > sts.mint_limit() {
         let mut error = TokenError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",

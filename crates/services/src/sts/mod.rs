@@ -46,8 +46,10 @@ pub struct Sts {
     /// Authenticates the Gateway's calls (derived from the KEK, so every replica shares it).
     gateway_key: [u8; 32],
     lockouts: std::sync::Mutex<std::collections::HashMap<String, (i64, u32)>>,
-    /// Mints a minute per (zone, resource, application).
-    mint_limit_per_minute: u64,
+    /// Mints a minute per (zone, resource, application): the deployment's ceiling, and the
+    /// limit in force (the ceiling, or an operator's lower `PUT /v1/mint-rate-limit`).
+    mint_limit_ceiling: u64,
+    mint_limit_per_minute: std::sync::atomic::AtomicU64,
     /// For `caracal run`'s client-credentials bindings: the client to providers' token
     /// endpoints (built on first use; none if TLS could not be set up), the tokens it fetched,
     /// and the private hosts it may reach (the Gateway's upstream allowlist).
@@ -73,7 +75,8 @@ impl Sts {
             secrets: secrets::SecretCache::default(),
             authority,
             lockouts: std::sync::Mutex::default(),
-            mint_limit_per_minute: DEFAULT_MINT_LIMIT_PER_MINUTE,
+            mint_limit_ceiling: DEFAULT_MINT_LIMIT_PER_MINUTE,
+            mint_limit_per_minute: DEFAULT_MINT_LIMIT_PER_MINUTE.into(),
             provider_client: std::sync::OnceLock::new(),
             provider_tokens: crate::gateway::oauth::TokenCache::default(),
             provider_host_allowlist: Vec::new(),
@@ -87,9 +90,51 @@ impl Sts {
     }
 
     pub fn with_mint_limit(mut self, per_minute: u64) -> Sts {
-        self.mint_limit_per_minute = per_minute.max(1);
+        self.mint_limit_ceiling = per_minute.max(1);
+        self.mint_limit_per_minute = self.mint_limit_ceiling.into();
         self
     }
+
+    /// The mint limit in force, per (zone, resource, application) and minute.
+    pub fn mint_limit(&self) -> u64 {
+        self.mint_limit_per_minute
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reads the operator's mint limit from the store. A store that cannot answer leaves the
+    /// limit in force as it was (mints need the store anyway).
+    pub async fn refresh_mint_limit(
+        &self,
+        store: &dyn caracal_store::Store,
+    ) -> Result<(), caracal_store::StoreError> {
+        let operator = operator_mint_limit(store).await?;
+        self.mint_limit_per_minute.store(
+            effective_mint_limit(self.mint_limit_ceiling, operator),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(())
+    }
+}
+
+/// The run-time setting holding an operator's mint limit per minute.
+pub const MINT_LIMIT_SETTING: &str = "sts_mint_rate_limit_per_minute";
+
+/// How often each STS replica re-reads the operator's mint limit.
+pub const MINT_LIMIT_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The operator's mint limit, if one is set.
+pub async fn operator_mint_limit(
+    store: &dyn caracal_store::Store,
+) -> Result<Option<u64>, caracal_store::StoreError> {
+    Ok(store
+        .get_setting(MINT_LIMIT_SETTING)
+        .await?
+        .and_then(|setting| setting.value.parse().ok()))
+}
+
+/// The deployment's `ceiling`, lowered by the operator's setting, never raised; at least 1.
+pub fn effective_mint_limit(ceiling: u64, operator: Option<u64>) -> u64 {
+    operator.map_or(ceiling, |limit| limit.min(ceiling)).max(1)
 }
 
 pub fn routes() -> Router<RoleState> {

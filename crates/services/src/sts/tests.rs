@@ -1869,3 +1869,73 @@ async fn only_the_signing_key_ring_opens_private_keys() {
             .map(|verifier| verifier.kid.as_str())
     );
 }
+
+#[tokio::test]
+async fn an_operators_lower_mint_limit_applies_at_the_next_refresh_and_never_raises() {
+    assert_eq!(super::effective_mint_limit(100, None), 100);
+    assert_eq!(super::effective_mint_limit(100, Some(7)), 7);
+    assert_eq!(
+        super::effective_mint_limit(100, Some(500)),
+        100,
+        "never raised"
+    );
+    assert_eq!(super::effective_mint_limit(100, Some(0)), 1);
+    let world = world().await;
+    let mut state = RoleState::new(Role::Sts, world.shared.clone());
+    let sts = Arc::new(
+        Sts::start(
+            ISSUER.to_owned(),
+            world.core.policies.clone(),
+            world.shared.store.clone(),
+            &world.shared.kek,
+        )
+        .with_mint_limit(50),
+    );
+    state.sts = Some(Arc::clone(&sts));
+    let limited = router(state);
+    let setting = caracal_store::DeploymentSetting {
+        name: super::MINT_LIMIT_SETTING.to_owned(),
+        value: "1".to_owned(),
+        updated_by: "admin:test".to_owned(),
+        updated_at_ms: caracal_store::now_ms(),
+    };
+    world.shared.store.put_setting(&setting, &[]).await.unwrap();
+    assert_eq!(sts.mint_limit(), 50, "not before the refresh");
+    sts.refresh_mint_limit(world.shared.store.as_ref())
+        .await
+        .unwrap();
+    assert_eq!(sts.mint_limit(), 1);
+    // A store that cannot answer leaves the limit in force as it was.
+    world.store.down.store(true, Ordering::SeqCst);
+    assert!(
+        sts.refresh_mint_limit(world.shared.store.as_ref())
+            .await
+            .is_err()
+    );
+    world.store.down.store(false, Ordering::SeqCst);
+    assert_eq!(sts.mint_limit(), 1);
+    let body = world.form(&[
+        ("scope", "agent:lifecycle"),
+        ("resource", "resource://ledger"),
+    ]);
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let response = limited
+            .clone()
+            .oneshot(
+                Request::post("/oauth/2/token")
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(Body::from(body.clone()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        statuses.push(response.status());
+    }
+    // Windows are aligned to the minute: a boundary between the calls resets the count.
+    assert!(
+        statuses == [StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]
+            || statuses == [StatusCode::OK, StatusCode::OK],
+        "{statuses:?}"
+    );
+}
