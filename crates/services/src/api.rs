@@ -87,7 +87,7 @@ pub(crate) fn query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> Result
     })
 }
 
-fn event_body(row: caracal_store::AuditEvent) -> crate::wire::AuditEventBody {
+pub(crate) fn event_body(row: caracal_store::AuditEvent) -> crate::wire::AuditEventBody {
     let document = |text: &str| serde_json::from_str(text).unwrap_or(serde_json::Value::Null);
     crate::wire::AuditEventBody {
         determining_policies_json: document(&row.determining_policies),

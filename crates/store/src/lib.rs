@@ -33,7 +33,7 @@ pub use data_dir::{DataDir, DataDirError};
 pub use model::{
     AdminFilter, AdminObject, AdminTokenRecord, Application, ApplicationChange, ApprovalHold,
     AuditCheckpoint, AuditCut, AuditEvent, AuditFilter, AuthorityRecord, ConsoleSession,
-    ConsoleUser, Containment, DelegationContext, DelegationEdge, DeploymentSetting,
+    ConsoleUser, Containment, DecisionCounts, DelegationContext, DelegationEdge, DeploymentSetting,
     IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow,
     OutboxStats, PolicyBinding, PolicyHeader, PolicyLoad, PolicyVersion, Provider,
     ProviderConnection, RecordFilter, Resource, RevokedAnchors, SealedSecret, Session,

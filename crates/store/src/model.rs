@@ -581,6 +581,14 @@ pub struct SessionFilter {
     pub subject_id: Option<String>,
 }
 
+/// Audit events counted by decision (`allow`, `deny`, `partial`, …) over a window; not
+/// `complete` when the bounded scan ended before the window's start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DecisionCounts {
+    pub counts: std::collections::BTreeMap<String, i64>,
+    pub complete: bool,
+}
+
 /// Filters of an audit search; `None` matches everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditFilter {

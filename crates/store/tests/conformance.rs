@@ -157,6 +157,7 @@ conformance!(
     authority_records_insert_in_batches_and_revoke_once,
     chain_appends_skip_stored_ids_and_stay_contiguous_under_concurrency,
     audit_search_filters_and_pages_newest_first,
+    the_dashboard_counts_are_zone_local_and_bounded,
     a_retention_cut_only_moves_forward_and_drops_rows_with_it,
     zones_and_applications_are_renamed_and_archived_in_place,
     providers_and_resources_are_saved_in_place_and_archived_only_when_unused,
@@ -2448,6 +2449,71 @@ async fn audit_search_filters_and_pages_newest_first(backend: &Backend) {
             .unwrap()),
         ["other"]
     );
+}
+
+async fn the_dashboard_counts_are_zone_local_and_bounded(backend: &Backend) {
+    let store = backend.store.as_ref();
+    let now = caracal_store::now_ms();
+    let mut records = Vec::new();
+    for (id, status, expires_at_ms) in [
+        ("live-1", "active", now + 60_000),
+        ("live-2", "active", now + 60_000),
+        ("lapsed", "active", now - 1),
+        ("gone", "revoked", now + 60_000),
+    ] {
+        let mut record = authority("zone-1", id);
+        (record.status, record.expires_at_ms) = (status.into(), expires_at_ms);
+        records.push(record);
+    }
+    records.push(authority("zone-2", "theirs"));
+    store.insert_authority_records(&records).await.unwrap();
+    assert_eq!(
+        store
+            .count_active_authority_records("zone-1", now)
+            .await
+            .unwrap(),
+        2
+    );
+
+    // Six events: the first two before the window, then allow, deny, allow, partial.
+    let decisions = ["allow", "deny", "allow", "deny", "allow", "partial"];
+    let rows: Vec<AuditEvent> = (1..=6)
+        .map(|seq| {
+            let mut row = audit("zone-1", &format!("d{seq}"), seq);
+            row.occurred_at_ms = if seq <= 2 { 100 } else { 1000 + seq };
+            row.decision = decisions[seq as usize - 1].into();
+            row
+        })
+        .collect();
+    store.insert_audit_events(&rows).await.unwrap();
+    store
+        .insert_audit_events(&[audit("zone-2", "other", 1)])
+        .await
+        .unwrap();
+    let counted = |scan: i64| async move {
+        let found = store.recent_decisions("zone-1", 1000, scan).await.unwrap();
+        (
+            found
+                .counts
+                .iter()
+                .map(|(decision, count)| format!("{decision}={count}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            found.complete,
+        )
+    };
+    assert_eq!(
+        counted(100).await,
+        ("allow=2,deny=1,partial=1".into(), true)
+    );
+    assert_eq!(counted(5).await, ("allow=2,deny=1,partial=1".into(), true));
+    assert_eq!(
+        counted(3).await,
+        ("allow=1,deny=1,partial=1".into(), false),
+        "a scan that ends inside the window says so"
+    );
+    let empty = store.recent_decisions("zone-9", 0, 10).await.unwrap();
+    assert!(empty.counts.is_empty() && empty.complete);
 }
 
 async fn a_retention_cut_only_moves_forward_and_drops_rows_with_it(backend: &Backend) {

@@ -217,6 +217,12 @@ pub const OPERATIONS: &[Operation] = &[
     ),
     op(
         "get",
+        "/v1/zones/{zone_id}/overview",
+        "read",
+        "Dashboard counts: applications, resources, providers, active policy, active records, last 24 h of decisions, pending approvals, newest events",
+    ),
+    op(
+        "get",
         "/v1/zones/{zone_id}/authority-records",
         "read",
         "Authority records (filters authority_record_id, status, subject_id, kind; limit 1-1000, default 100; cursor)",

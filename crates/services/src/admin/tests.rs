@@ -2253,3 +2253,142 @@ async fn an_operator_lowers_the_mint_limit_within_the_deployments_ceiling() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+#[tokio::test]
+async fn the_overview_counts_what_a_dashboard_shows_for_one_zone() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let reader = token(&shared, "read", TokenScope::Global).await;
+    let app = router(state);
+    let w = Some(writer.as_str());
+    let (_, _, zone) = call(&app, "POST", "/v1/zones", w, r#"{"name":"dash"}"#).await;
+    let zone_id = zone["id"].as_str().unwrap().to_owned();
+    let base = format!("/v1/zones/{zone_id}");
+    let (_, _, provider) = call(
+        &app,
+        "POST",
+        &format!("{base}/providers"),
+        w,
+        r#"{"name":"none","kind":"none"}"#,
+    )
+    .await;
+    for (n, identifier) in ["resource://a", "resource://b"].iter().enumerate() {
+        let body = json!({
+            "name": format!("R{n}"), "identifier": identifier, "scopes": ["r:read"],
+            "upstream_url": "http://127.0.0.1:9/api", "credential_provider_id": provider["id"],
+            "operations": [{"method": "GET", "path": "/x", "scope": "r:read"}],
+        });
+        let (status, _, created) = call(
+            &app,
+            "POST",
+            &format!("{base}/resources"),
+            w,
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        if n == 1 {
+            let one = format!("{base}/resources/{}", created["id"].as_str().unwrap());
+            let patch = r#"{"operation_enforcement":"transport_uniform"}"#;
+            let (status, _, patched) = call(&app, "PATCH", &one, w, patch).await;
+            assert_eq!(status, StatusCode::OK, "{patched}");
+        }
+    }
+    let (status, _, _) = call(
+        &app,
+        "POST",
+        &format!("{base}/applications"),
+        w,
+        r#"{"name":"Billing","registration_method":"managed"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let now = caracal_store::now_ms();
+    for (id, expires_at_ms) in [("dcr-soon", now + 3_600_000), ("dcr-past", now - 1)] {
+        let application = caracal_store::Application {
+            id: id.into(),
+            zone_id: zone_id.clone(),
+            name: id.into(),
+            client_secret_hash: None,
+            traits: Vec::new(),
+            registration_method: "dcr".into(),
+            expires_at_ms: Some(expires_at_ms),
+            created_at_ms: now,
+            archived_at_ms: None,
+        };
+        shared
+            .store
+            .create_application(&application, &[])
+            .await
+            .unwrap();
+    }
+    let events: Vec<caracal_store::AuditEvent> =
+        [("ev-1", "allow"), ("ev-2", "deny"), ("ev-3", "allow")]
+            .iter()
+            .zip(1..)
+            .map(|((id, decision), seq)| caracal_store::AuditEvent {
+                id: (*id).into(),
+                zone_id: zone_id.clone(),
+                event_type: "gateway.request".into(),
+                request_id: format!("req-{seq}"),
+                decision: (*decision).into(),
+                policy_set_id: None,
+                policy_set_version_id: None,
+                manifest_sha: None,
+                evaluation_status: "complete".into(),
+                determining_policies: "[]".into(),
+                diagnostics: "[]".into(),
+                metadata: "{}".into(),
+                occurred_at_ms: now - 1000 + seq,
+                ingested_at_ms: now,
+                chain_seq: seq,
+                content_sha256: "11".repeat(32),
+                prev_content_sha256: "11".repeat(32),
+                chain_mac: "22".repeat(32),
+                chain_key_id: "chain-1".into(),
+            })
+            .collect();
+    shared.store.insert_audit_events(&events).await.unwrap();
+
+    let path = format!("{base}/overview");
+    let (status, _, overview) = call(&app, "GET", &path, Some(&reader), "").await;
+    assert_eq!(status, StatusCode::OK, "{overview}");
+    assert_eq!(
+        overview["applications"],
+        json!({"total": 3, "active": 2, "expired": 1, "expiring_within_24h": 1})
+    );
+    assert_eq!(
+        overview["resources"],
+        json!({"total": 2, "transport_uniform": 1})
+    );
+    assert_eq!(overview["providers"], json!({"total": 1}));
+    assert_eq!(overview["policy"], json!({"enforcing": false}));
+    assert_eq!(overview["authority_records"], json!({"active": 0}));
+    assert_eq!(
+        overview["decisions_24h"],
+        json!({"counts": {"allow": 2, "deny": 1}, "complete": true})
+    );
+    assert_eq!(overview["approvals"], json!({"pending": 0}));
+    let newest: Vec<&str> = overview["recent_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|event| event["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(newest, ["ev-3", "ev-2", "ev-1"]);
+
+    let other = token(&shared, "read", TokenScope::Zone("zone-x".into())).await;
+    for (bearer, status) in [
+        (None, StatusCode::UNAUTHORIZED),
+        (Some(other.as_str()), StatusCode::FORBIDDEN),
+    ] {
+        let (got, _, body) = call(&app, "GET", &path, bearer, "").await;
+        assert_eq!(got, status, "{body}");
+    }
+    let (got, _, body) = call(&app, "GET", "/v1/zones/nope/overview", Some(&reader), "").await;
+    assert_eq!(
+        (got, code(&body)),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+}

@@ -1,7 +1,8 @@
 //! Read views over runtime state for operators and the published admin client:
 //! `/v1/zones/{zone}/authority-records`, `/sessions` (with each session's subject) and
 //! `/admin-audit` (the zone's admin changes from the ledger). Pages of 100 by default, at most
-//! 1,000, with an opaque cursor; unknown filters are refused.
+//! 1,000, with an opaque cursor; unknown filters are refused. `/overview` is the dashboard's
+//! one read: counts over the zone's objects and its last day of decisions.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +10,9 @@ use axum::extract::{Path, RawQuery, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use caracal_core::ErrorCode;
-use caracal_store::{AdminFilter, AuditFilter, AuthorityRecord, RecordFilter, SessionFilter};
+use caracal_store::{
+    AdminFilter, AuditFilter, AuthorityRecord, RecordFilter, SessionFilter, now_ms,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -29,6 +32,7 @@ pub fn routes() -> Router<RoleState> {
         .route("/v1/zones/{zone_id}/delegations", get(edges))
         .route("/v1/zones/{zone_id}/audit/checkpoint", get(checkpoint))
         .route("/v1/zones/{zone_id}/audit/export", get(export))
+        .route("/v1/zones/{zone_id}/overview", get(overview))
 }
 
 fn limit(limit: Option<usize>) -> Result<usize, ApiError> {
@@ -433,4 +437,101 @@ async fn export(
         bundle,
     )
         .into_response())
+}
+
+const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+/// The decisions of the last day are counted over at most this many newest events, so the
+/// dashboard's read stays bounded on a busy zone; `complete` says whether the day fit.
+const DECISION_SCAN: i64 = 100_000;
+const RECENT_EVENTS: i64 = 10;
+
+/// The dashboard's counts: live objects, what would fail a call (expired applications,
+/// resources without per-operation enforcement, no active policy), the last day of decisions,
+/// pending approvals and the newest events.
+async fn overview(
+    State(state): State<RoleState>,
+    headers: http::HeaderMap,
+    Path(zone_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
+    let store = &state.shared.store;
+    let now = now_ms();
+    let applications: Vec<_> = store
+        .list_applications(&zone_id)
+        .await?
+        .into_iter()
+        .filter(|application| application.archived_at_ms.is_none())
+        .collect();
+    let expiring = |application: &&caracal_store::Application| {
+        application
+            .expires_at_ms
+            .is_some_and(|expires| expires > now && expires <= now + DAY_MS)
+    };
+    let resources: Vec<_> = store
+        .list_resources(&zone_id)
+        .await?
+        .into_iter()
+        .filter(|resource| resource.archived_at_ms.is_none())
+        .collect();
+    let providers = store
+        .list_providers(&zone_id)
+        .await?
+        .iter()
+        .filter(|provider| provider.archived_at_ms.is_none())
+        .count();
+    let policy = match store.policy_binding(&zone_id).await? {
+        Some(binding) => {
+            let set = store
+                .get_policy_set(&zone_id, &binding.policy_set_id)
+                .await?;
+            json!({
+                "enforcing": true,
+                "policy_set_id": binding.policy_set_id,
+                "policy_set_name": set.map(|set| set.name),
+                "active_version_id": binding.active_version_id,
+                "activated_at": timestamp(binding.activated_at_ms),
+            })
+        }
+        None => json!({ "enforcing": false }),
+    };
+    let decisions = store
+        .recent_decisions(&zone_id, now - DAY_MS, DECISION_SCAN)
+        .await?;
+    let pending = store
+        .list_approval_holds(&zone_id)
+        .await?
+        .iter()
+        .filter(|hold| crate::holds::state_of(hold, now) == "pending")
+        .count();
+    let recent = store
+        .search_audit(&zone_id, &AuditFilter::default(), None, RECENT_EVENTS)
+        .await?;
+    Ok(Json(json!({
+        "zone_id": zone_id,
+        "generated_at": timestamp(now),
+        "applications": {
+            "total": applications.len(),
+            "active": applications.iter().filter(|application| application.active(now)).count(),
+            "expired": applications.iter().filter(|application| !application.active(now)).count(),
+            "expiring_within_24h": applications.iter().filter(expiring).count(),
+        },
+        "resources": {
+            "total": resources.len(),
+            "transport_uniform": resources
+                .iter()
+                .filter(|resource| resource.operation_enforcement == "transport_uniform")
+                .count(),
+        },
+        "providers": { "total": providers },
+        "policy": policy,
+        "authority_records": {
+            "active": store.count_active_authority_records(&zone_id, now).await?,
+        },
+        "decisions_24h": {
+            "counts": decisions.counts,
+            "complete": decisions.complete,
+        },
+        "approvals": { "pending": pending },
+        "recent_events": recent.into_iter().map(crate::api::event_body).collect::<Vec<_>>(),
+    })))
 }

@@ -4,7 +4,9 @@
 use std::collections::HashSet;
 
 use crate::db::{Db, Dialect, Outcome, Row, Statement, params};
-use crate::model::{AuditCheckpoint, AuditCut, AuditEvent, AuditFilter, TamperFinding};
+use crate::model::{
+    AuditCheckpoint, AuditCut, AuditEvent, AuditFilter, DecisionCounts, TamperFinding,
+};
 use crate::store::{StoreError, all};
 
 /// The row columns of `audit_events`, for `concat!`.
@@ -80,6 +82,15 @@ pub trait Audit: Send + Sync {
     async fn open_tamper_findings(&self) -> Result<Vec<TamperFinding>, StoreError>;
     /// Acknowledges every open finding; returns how many.
     async fn acknowledge_tamper_findings(&self, by: &str, reason: &str) -> Result<u64, StoreError>;
+
+    /// The decisions of the zone's events that occurred at or after `since_ms`, counted over
+    /// its newest `scan` events at most (a bounded read however long the ledger is).
+    async fn recent_decisions(
+        &self,
+        zone_id: &str,
+        since_ms: i64,
+        scan: i64,
+    ) -> Result<DecisionCounts, StoreError>;
 
     /// The zone's events matching `filter`, newest first, below `before_seq` if given, at most
     /// `limit`.
@@ -682,6 +693,36 @@ impl<D: Db> Audit for D {
             ])
             .await?;
         Ok(outcomes.get(1).map_or(0, |outcome| outcome.changed))
+    }
+
+    async fn recent_decisions(
+        &self,
+        zone_id: &str,
+        since_ms: i64,
+        scan: i64,
+    ) -> Result<DecisionCounts, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT decision, CAST(CASE WHEN occurred_at_ms >= $2 THEN 1 ELSE 0 END AS BIGINT),
+                        COUNT(*)
+                 FROM (SELECT decision, occurred_at_ms FROM audit_events WHERE zone_id = $1
+                       ORDER BY chain_seq DESC LIMIT CAST($3 AS BIGINT)) newest
+                 GROUP BY 1, 2",
+                params![zone_id, since_ms, scan],
+            )
+            .await?;
+        let (mut counts, mut scanned, mut reached_before) = (DecisionCounts::default(), 0, false);
+        for row in &rows {
+            let count = row.int(2)?;
+            scanned += count;
+            if row.int(1)? == 1 {
+                *counts.counts.entry(row.text(0)?).or_default() += count;
+            } else {
+                reached_before = true;
+            }
+        }
+        counts.complete = reached_before || scanned < scan;
+        Ok(counts)
     }
 
     async fn audit_seq_range(

@@ -65,6 +65,12 @@ pub trait Runtime: Send + Sync {
         zone_id: &str,
         id: &str,
     ) -> Result<Option<AuthorityRecord>, StoreError>;
+    /// How many of the zone's records are active and unexpired at `now_ms`.
+    async fn count_active_authority_records(
+        &self,
+        zone_id: &str,
+        now_ms: i64,
+    ) -> Result<i64, StoreError>;
     async fn list_authority_records_of(
         &self,
         zone_id: &str,
@@ -802,6 +808,23 @@ impl<D: Db> Runtime for D {
             authority,
         )
         .await
+    }
+
+    async fn count_active_authority_records(
+        &self,
+        zone_id: &str,
+        now_ms: i64,
+    ) -> Result<i64, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT COUNT(*) FROM authority_records
+                 WHERE status = 'active' AND expires_at_ms > $2 AND zone_id = $1",
+                params![zone_id, now_ms],
+            )
+            .await?;
+        rows.first()
+            .ok_or_else(|| StoreError::Corrupt("a count returned no row".into()))?
+            .int(0)
     }
 
     async fn list_authority_records_of(
