@@ -37,7 +37,8 @@ pub use model::{
     IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow,
     OutboxStats, PolicyBinding, PolicyHeader, PolicyLoad, PolicyVersion, Provider,
     ProviderConnection, RecordFilter, Resource, RevokedAnchors, SealedSecret, Session,
-    SessionFilter, SigningKey, TamperFinding, TerminatedTree, TokenScope, Zone,
+    SessionFilter, SigningKey, SubjectFilter, SubjectSummary, TamperFinding, TerminatedTree,
+    TokenScope, Zone,
 };
 pub use postgres::{PgOptions, PgStore};
 pub use queries::{ChainAppend, ChainBuilder};

@@ -568,6 +568,33 @@ pub struct RecordFilter {
     pub kind: Option<String>,
 }
 
+/// One subject's authority records of one kind, counted: a row of the subjects view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectSummary {
+    pub subject_id: String,
+    /// `user` or `application` (the records' `session_type`).
+    pub kind: String,
+    /// Active and unexpired at the time asked.
+    pub active: i64,
+    pub revoked: i64,
+    /// Expired, whether marked so or only past their expiry.
+    pub expired: i64,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+}
+
+/// Which subjects a subjects page holds; `None` matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubjectFilter {
+    /// Exactly this subject.
+    pub subject_id: Option<String>,
+    pub kind: Option<String>,
+    /// A case-insensitive substring of the subject id.
+    pub search: Option<String>,
+    /// The page starts after this (subject id, kind).
+    pub after: Option<(String, String)>,
+}
+
 /// Filters of the session read view; `None` matches everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionFilter {

@@ -20,7 +20,8 @@ use caracal_store::{
     Application, ApprovalHold, AuditEvent, AuthorityRecord, ConsoleSession, DelegationEdge,
     IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, PgOptions,
     PgStore, PolicyHeader, Provider, ProviderConnection, RecordFilter, Resource, SealedSecret,
-    Session, SessionFilter, SigningKey, SqliteStore, Store, StoreError, TokenScope,
+    Session, SessionFilter, SigningKey, SqliteStore, Store, StoreError, SubjectFilter,
+    SubjectSummary, TokenScope,
 };
 
 struct Backend {
@@ -158,6 +159,7 @@ conformance!(
     chain_appends_skip_stored_ids_and_stay_contiguous_under_concurrency,
     audit_search_filters_and_pages_newest_first,
     the_dashboard_counts_are_zone_local_and_bounded,
+    subjects_are_counted_per_kind_searched_and_paged,
     a_retention_cut_only_moves_forward_and_drops_rows_with_it,
     zones_and_applications_are_renamed_and_archived_in_place,
     providers_and_resources_are_saved_in_place_and_archived_only_when_unused,
@@ -2514,6 +2516,113 @@ async fn the_dashboard_counts_are_zone_local_and_bounded(backend: &Backend) {
     );
     let empty = store.recent_decisions("zone-9", 0, 10).await.unwrap();
     assert!(empty.counts.is_empty() && empty.complete);
+}
+
+async fn subjects_are_counted_per_kind_searched_and_paged(backend: &Backend) {
+    let store = backend.store.as_ref();
+    let now = caracal_store::now_ms();
+    let mut records = Vec::new();
+    for (n, (subject, kind, status, expires_at_ms)) in [
+        ("alice", "user", "active", now + 60_000),
+        ("alice", "user", "active", now - 1),
+        ("alice", "user", "revoked", now + 60_000),
+        ("alice", "application", "active", now + 60_000),
+        ("a_b%c", "user", "expired", now - 1),
+        ("axbyc", "user", "active", now + 60_000),
+        ("bob", "user", "active", now + 60_000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut record = authority("zone-1", &format!("ar-{n}"));
+        record.subject_id = subject.into();
+        record.session_type = kind.into();
+        (record.status, record.expires_at_ms) = (status.into(), expires_at_ms);
+        record.created_at_ms = 1000 + n as i64;
+        records.push(record);
+    }
+    let mut foreign = authority("zone-2", "theirs");
+    foreign.subject_id = "alice".into();
+    records.push(foreign);
+    store.insert_authority_records(&records).await.unwrap();
+    let page = |filter: SubjectFilter, limit: i64| async move {
+        store
+            .page_subjects("zone-1", &filter, now, limit)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| format!("{}/{}", row.subject_id, row.kind))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        page(SubjectFilter::default(), 10).await,
+        [
+            "a_b%c/user",
+            "alice/application",
+            "alice/user",
+            "axbyc/user",
+            "bob/user"
+        ]
+    );
+    let alice = store
+        .page_subjects(
+            "zone-1",
+            &SubjectFilter {
+                subject_id: Some("alice".into()),
+                kind: Some("user".into()),
+                ..SubjectFilter::default()
+            },
+            now,
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        alice,
+        [SubjectSummary {
+            subject_id: "alice".into(),
+            kind: "user".into(),
+            active: 1,
+            revoked: 1,
+            expired: 1,
+            first_seen_ms: 1000,
+            last_seen_ms: 1002,
+        }]
+    );
+    // Pages resume after (subject, kind), so one subject's two kinds may straddle pages.
+    let first = page(SubjectFilter::default(), 3).await;
+    assert_eq!(first, ["a_b%c/user", "alice/application", "alice/user"]);
+    let after = Some(("alice".to_owned(), "application".to_owned()));
+    assert_eq!(
+        page(
+            SubjectFilter {
+                after,
+                ..SubjectFilter::default()
+            },
+            3
+        )
+        .await,
+        ["alice/user", "axbyc/user", "bob/user"]
+    );
+    // A search is a case-insensitive substring; `_` and `%` are themselves, not wildcards.
+    let search = |text: &str| SubjectFilter {
+        search: Some(text.into()),
+        ..SubjectFilter::default()
+    };
+    assert_eq!(page(search("b%"), 10).await, ["a_b%c/user"]);
+    assert_eq!(page(search("a_b"), 10).await, ["a_b%c/user"]);
+    assert_eq!(page(search("BO"), 10).await, ["bob/user"]);
+    assert_eq!(
+        page(
+            SubjectFilter {
+                kind: Some("application".into()),
+                ..SubjectFilter::default()
+            },
+            10
+        )
+        .await,
+        ["alice/application"]
+    );
 }
 
 async fn a_retention_cut_only_moves_forward_and_drops_rows_with_it(backend: &Backend) {

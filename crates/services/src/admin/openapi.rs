@@ -217,6 +217,18 @@ pub const OPERATIONS: &[Operation] = &[
     ),
     op(
         "get",
+        "/v1/zones/{zone_id}/subjects",
+        "read",
+        "Subjects of the zone's authority records, one row a subject and kind with its records counted (kind, search; limit 1-200, default 100; cursor)",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/subjects/overview",
+        "read",
+        "One subject's authority records counted per kind and in total (subject_id)",
+    ),
+    op(
+        "get",
         "/v1/zones/{zone_id}/overview",
         "read",
         "Dashboard counts: applications, resources, providers, active policy, active records, last 24 h of decisions, pending approvals, newest events",

@@ -2392,3 +2392,131 @@ async fn the_overview_counts_what_a_dashboard_shows_for_one_zone() {
         (StatusCode::NOT_FOUND, Some("not_found"))
     );
 }
+
+#[tokio::test]
+async fn subjects_are_listed_with_their_records_counted_and_move_to_revoked_on_the_kill_switch() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let reader = token(&shared, "read", TokenScope::Global).await;
+    let app = router(state);
+    let (_, _, zone) = call(&app, "POST", "/v1/zones", Some(&writer), r#"{"name":"s"}"#).await;
+    let zone_id = zone["id"].as_str().unwrap().to_owned();
+    let now = caracal_store::now_ms();
+    let records: Vec<caracal_store::AuthorityRecord> = [
+        ("user-a", "user"),
+        ("user-a", "user"),
+        ("user-a", "application"),
+        ("user-b", "user"),
+        ("robot-c", "application"),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(n, (subject, kind))| caracal_store::AuthorityRecord {
+        id: format!("ar-{n}"),
+        zone_id: zone_id.clone(),
+        session_type: (*kind).into(),
+        subject_id: (*subject).into(),
+        parent_id: None,
+        status: "active".into(),
+        claims: "{}".into(),
+        expires_at_ms: now + 600_000,
+        authenticated_at_ms: now,
+        created_at_ms: now,
+        revoked_at_ms: None,
+        revoked_reason: None,
+    })
+    .collect();
+    shared
+        .store
+        .insert_authority_records(&records)
+        .await
+        .unwrap();
+
+    let base = format!("/v1/zones/{zone_id}/subjects");
+    let get = async |query: &str| {
+        let (status, _, body) =
+            call(&app, "GET", &format!("{base}{query}"), Some(&reader), "").await;
+        (status, body)
+    };
+    let rows = |page: &Value| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| {
+                format!(
+                    "{}/{}={}",
+                    row["subject_id"].as_str().unwrap(),
+                    row["kind"].as_str().unwrap(),
+                    row["authority_records"]["active"]
+                )
+            })
+            .collect()
+    };
+    let (status, first) = get("?limit=2").await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(
+        rows(&first),
+        ["robot-c/application=1", "user-a/application=1"]
+    );
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let (_, second) = get(&format!("?limit=2&cursor={cursor}")).await;
+    assert_eq!(rows(&second), ["user-a/user=2", "user-b/user=1"]);
+    let (_, last) = get(&format!(
+        "?limit=2&cursor={}",
+        second["next_cursor"].as_str().unwrap()
+    ))
+    .await;
+    assert_eq!((rows(&last).len(), &last["next_cursor"]), (0, &Value::Null));
+    let (_, searched) = get("?search=USER&kind=user").await;
+    assert_eq!(rows(&searched), ["user-a/user=2", "user-b/user=1"]);
+    for query in [
+        "?kind=robot",
+        "?limit=201",
+        "?limit=0",
+        "?cursor=%21",
+        "?search=",
+        "?color=red",
+    ] {
+        let (status, body) = get(query).await;
+        assert_eq!(
+            (status, code(&body)),
+            (StatusCode::BAD_REQUEST, Some("invalid_request")),
+            "{query}"
+        );
+    }
+
+    let (status, overview) = get("/overview?subject_id=user-a").await;
+    assert_eq!(status, StatusCode::OK, "{overview}");
+    assert_eq!(
+        overview["authority_records"],
+        json!({"active": 3, "revoked": 0, "expired": 0})
+    );
+    assert_eq!(overview["kinds"].as_array().unwrap().len(), 2);
+    let (status, body) = get("/overview?subject_id=nobody").await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (status, body) = get("/overview").await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::BAD_REQUEST, Some("invalid_request"))
+    );
+
+    let (status, _, revoked) = call(
+        &app,
+        "POST",
+        &format!("{base}/revoke"),
+        Some(&writer),
+        r#"{"subject_id":"user-a"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{revoked}");
+    let (_, overview) = get("/overview?subject_id=user-a").await;
+    assert_eq!(
+        overview["authority_records"],
+        json!({"active": 0, "revoked": 3, "expired": 0})
+    );
+}

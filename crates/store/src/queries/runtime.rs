@@ -4,7 +4,7 @@
 use crate::db::{Db, Dialect, Outcome, Row, Statement, Then, Value, params};
 use crate::model::{
     ApprovalHold, AuthorityRecord, DelegationContext, DelegationEdge, IdempotencyReceipt,
-    OutboxMessage, RevokedAnchors, Session, TerminatedTree,
+    OutboxMessage, RevokedAnchors, Session, SubjectFilter, SubjectSummary, TerminatedTree,
 };
 use crate::store::{
     StoreError, all, enqueue, first_row, list_from_json, list_to_json, not_found, now_ms, one,
@@ -71,6 +71,15 @@ pub trait Runtime: Send + Sync {
         zone_id: &str,
         now_ms: i64,
     ) -> Result<i64, StoreError>;
+    /// The zone's subjects of authority records matching `filter`, each kind its own row,
+    /// ordered by (subject id, kind), at most `limit`; counts as of `now_ms`.
+    async fn page_subjects(
+        &self,
+        zone_id: &str,
+        filter: &SubjectFilter,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<SubjectSummary>, StoreError>;
     async fn list_authority_records_of(
         &self,
         zone_id: &str,
@@ -825,6 +834,70 @@ impl<D: Db> Runtime for D {
         rows.first()
             .ok_or_else(|| StoreError::Corrupt("a count returned no row".into()))?
             .int(0)
+    }
+
+    async fn page_subjects(
+        &self,
+        zone_id: &str,
+        filter: &SubjectFilter,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<SubjectSummary>, StoreError> {
+        let pattern = filter.search.as_deref().map(|search| {
+            let escaped: String = search
+                .to_lowercase()
+                .chars()
+                .flat_map(|c| match c {
+                    '%' | '_' | '\\' => vec!['\\', c],
+                    c => vec![c],
+                })
+                .collect();
+            format!("%{escaped}%")
+        });
+        let (after_subject, after_kind) = filter.after.clone().unzip();
+        let rows = self
+            .rows(
+                "SELECT subject_id, session_type,
+                        CAST(SUM(CASE WHEN status = 'active' AND expires_at_ms > $2 THEN 1 ELSE 0 END) AS BIGINT),
+                        CAST(SUM(CASE WHEN status = 'revoked' THEN 1 ELSE 0 END) AS BIGINT),
+                        CAST(SUM(CASE WHEN status = 'expired'
+                                        OR (status = 'active' AND expires_at_ms <= $2)
+                                      THEN 1 ELSE 0 END) AS BIGINT),
+                        MIN(created_at_ms), MAX(created_at_ms)
+                 FROM authority_records
+                 WHERE zone_id = $1
+                   AND (CAST($3 AS TEXT) IS NULL OR subject_id = CAST($3 AS TEXT))
+                   AND (CAST($4 AS TEXT) IS NULL OR session_type = CAST($4 AS TEXT))
+                   AND (CAST($5 AS TEXT) IS NULL OR LOWER(subject_id) LIKE CAST($5 AS TEXT) ESCAPE '\\')
+                   AND (CAST($6 AS TEXT) IS NULL OR subject_id > CAST($6 AS TEXT)
+                        OR (subject_id = CAST($6 AS TEXT) AND session_type > CAST($7 AS TEXT)))
+                 GROUP BY subject_id, session_type
+                 ORDER BY subject_id, session_type LIMIT CAST($8 AS BIGINT)",
+                params![
+                    zone_id,
+                    now_ms,
+                    filter.subject_id.clone(),
+                    filter.kind.clone(),
+                    pattern,
+                    after_subject,
+                    after_kind,
+                    limit,
+                ],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(SubjectSummary {
+                    subject_id: row.text(0)?,
+                    kind: row.text(1)?,
+                    active: row.int(2)?,
+                    revoked: row.int(3)?,
+                    expired: row.int(4)?,
+                    first_seen_ms: row.int(5)?,
+                    last_seen_ms: row.int(6)?,
+                })
+            })
+            .collect()
     }
 
     async fn list_authority_records_of(
