@@ -178,7 +178,7 @@ impl Lockouts {
 }
 
 /// 429 `rate_limited` with the seconds left until `until` (Unix ms) as `Retry-After`.
-fn rate_limited(until: i64) -> axum::response::Response {
+pub(crate) fn rate_limited(until: i64) -> axum::response::Response {
     use axum::response::IntoResponse as _;
     let seconds = ((until - caracal_store::now_ms()).max(0) / 1000 + 1).to_string();
     let mut response = ApiError::new(ErrorCode::RateLimited).into_response();

@@ -187,6 +187,7 @@ impl Stack {
                 shared.metrics_bearer = settings.metrics_bearer_text();
                 shared.audit_retention = settings.audit_retention;
                 shared.mint_limit_ceiling = settings.mint_rate_limit_per_minute;
+                shared.upstream_host_allowlist = settings.gateway.host_allowlist.clone();
                 shared
             },
             stream_key,

@@ -80,6 +80,9 @@ pub struct SharedParts {
     /// The deployment's mint limit per (zone, resource, application) and minute
     /// (`sts.mint_rate_limit_per_minute`): an operator may lower it at run time, never raise it.
     pub mint_limit_ceiling: u64,
+    /// The Gateway's upstream host allowlist (`gateway.upstream_host_allowlist`; empty allows
+    /// any host the address guard allows), which reachability tests keep to as well.
+    pub upstream_host_allowlist: Vec<String>,
     draining: Arc<AtomicBool>,
 }
 
@@ -102,6 +105,7 @@ impl Shared {
             metrics_bearer: None,
             audit_retention: None,
             mint_limit_ceiling: crate::sts::DEFAULT_MINT_LIMIT_PER_MINUTE,
+            upstream_host_allowlist: Vec::new(),
             draining: Arc::new(AtomicBool::new(false)),
         }))
     }

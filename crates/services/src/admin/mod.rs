@@ -11,6 +11,7 @@ mod objects;
 mod openapi;
 mod policies;
 mod providers;
+mod reachability;
 mod recovery;
 mod resources;
 mod subjects;
@@ -52,6 +53,7 @@ pub fn routes() -> Router<RoleState> {
         .merge(openapi::routes())
         .merge(policies::routes())
         .merge(providers::routes())
+        .merge(reachability::routes())
         .merge(resources::routes())
         .merge(deployment::routes())
         .merge(subjects::routes())

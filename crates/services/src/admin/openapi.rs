@@ -228,6 +228,18 @@ pub const OPERATIONS: &[Operation] = &[
         "One subject's authority records counted per kind and in total (subject_id)",
     ),
     op(
+        "post",
+        "/v1/zones/{zone_id}/resources/{id}/test",
+        "write",
+        "Reachability test: a credential-less HEAD to the upstream through the address guard (10 a minute per zone)",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/providers/{id}/test",
+        "write",
+        "Connectivity test of an OAuth provider's token endpoint (10 a minute per zone)",
+    ),
+    op(
         "get",
         "/v1/zones/{zone_id}/overview",
         "read",

@@ -1289,6 +1289,7 @@ fn declared_routes() -> Vec<(String, String)> {
         include_str!("tokens.rs"),
         include_str!("keys.rs"),
         include_str!("subjects.rs"),
+        include_str!("reachability.rs"),
         include_str!("views.rs"),
         include_str!("objects.rs"),
         include_str!("deployment.rs"),
@@ -2519,4 +2520,147 @@ async fn subjects_are_listed_with_their_records_counted_and_move_to_revoked_on_t
         overview["authority_records"],
         json!({"active": 0, "revoked": 3, "expired": 0})
     );
+}
+
+#[tokio::test]
+async fn reachability_tests_go_through_the_address_guard_are_recorded_and_budgeted() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let reader = token(&shared, "read", TokenScope::Global).await;
+    let app = router(state);
+    let w = Some(writer.as_str());
+    // An upstream that answers HEAD with 204 and counts what it was sent.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let upstream = axum::Router::new().fallback({
+        let seen = seen.clone();
+        move |request: axum::extract::Request| async move {
+            let authorization = request.headers().get("authorization").is_some();
+            seen.lock().unwrap().push(format!(
+                "{} {} {authorization}",
+                request.method(),
+                request.uri().path()
+            ));
+            StatusCode::NO_CONTENT
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, upstream).await.unwrap() });
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+
+    let (_, _, zone) = call(&app, "POST", "/v1/zones", w, r#"{"name":"reach"}"#).await;
+    let base = format!("/v1/zones/{}", zone["id"].as_str().unwrap());
+    let create = async |path: &str, body: Value| {
+        let (status, _, created) = call(
+            &app,
+            "POST",
+            &format!("{base}/{path}"),
+            w,
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        created["id"].as_str().unwrap().to_owned()
+    };
+    let none = create("providers", json!({"name": "none", "kind": "none"})).await;
+    let oauth = create(
+        "providers",
+        json!({"name": "idp", "kind": "oauth2_client_credentials", "config_json": {
+            "token_url": format!("http://{address}/oauth/token"), "client_id": "c",
+            "client_secret": "s3cret"}}),
+    )
+    .await;
+    let mut resources = Vec::new();
+    for (n, url) in [
+        format!("http://{address}/api"),
+        format!("http://{closed}/api"),
+        "http://169.254.169.254/latest".to_owned(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let body = json!({
+            "name": format!("R{n}"), "identifier": format!("resource://r{n}"), "scopes": ["r:read"],
+            "upstream_url": url, "credential_provider_id": none,
+        });
+        resources.push(create("resources", body).await);
+    }
+    let test = async |path: String, bearer: &str| call(&app, "POST", &path, Some(bearer), "").await;
+
+    let (status, _, answer) =
+        test(format!("{base}/resources/{}/test", resources[0]), &writer).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        (&answer["reachable"], &answer["status"]),
+        (&json!(true), &json!(204))
+    );
+    let (_, _, answer) = test(format!("{base}/resources/{}/test", resources[1]), &writer).await;
+    assert_eq!(
+        (&answer["reachable"], &answer["error"]),
+        (&json!(false), &json!("upstream_unreachable"))
+    );
+    let (_, _, answer) = test(format!("{base}/resources/{}/test", resources[2]), &writer).await;
+    assert_eq!(
+        (&answer["reachable"], &answer["error"]),
+        (&json!(false), &json!("upstream_not_addressable")),
+        "the metadata address is never dialled"
+    );
+    let (_, _, answer) = test(format!("{base}/providers/{oauth}/test"), &writer).await;
+    assert_eq!(
+        (&answer["reachable"], &answer["status"]),
+        (&json!(true), &json!(204))
+    );
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["HEAD /api false", "HEAD /oauth/token false"],
+        "one credential-less HEAD each"
+    );
+    let (status, _, answer) = test(format!("{base}/providers/{none}/test"), &writer).await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::BAD_REQUEST, Some("invalid_request"))
+    );
+    let (status, _, answer) = test(format!("{base}/resources/nope/test"), &writer).await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (status, _, _) = test(format!("{base}/resources/{}/test", resources[0]), &reader).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let recorded = shared
+        .bus
+        .streams
+        .range(caracal_bus::stream_names::AUDIT_EVENTS, None, 100)
+        .await
+        .unwrap();
+    let tests = |kind: &str| {
+        recorded
+            .iter()
+            .filter(|entry| entry.fields["data"].contains(&format!("\"admin.{kind}.test\"")))
+            .count()
+    };
+    assert_eq!(
+        (tests("resource"), tests("provider")),
+        (3, 1),
+        "each test recorded"
+    );
+
+    // Ten a minute per zone (refusals before the test do not count): the four above, six more, then 429 with Retry-After (unless the
+    // minute turned over in between, when the next ten pass and the eleventh is refused).
+    let path = format!("{base}/resources/{}/test", resources[2]);
+    let mut refused = None;
+    for _ in 0..24 {
+        let (status, headers, _) = test(path.clone(), &writer).await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some(headers);
+            break;
+        }
+        assert_eq!(status, StatusCode::OK);
+    }
+    let headers = refused.expect("the budget refuses within a minute's tests");
+    assert!(headers.contains_key(http::header::RETRY_AFTER));
 }
