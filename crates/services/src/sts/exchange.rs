@@ -430,8 +430,39 @@ async fn exchange(
         )
         .await;
         match settled {
-            Ok(settled) => approved = Some(settled),
+            Ok(settled) => {
+                let (approval_id, outcome) = match &settled {
+                    super::approvals::Approved::Consume(hold_id) => (hold_id.as_str(), "consumed"),
+                    super::approvals::Approved::Reissue { .. } => {
+                        (form.approval_id.as_deref().unwrap_or_default(), "reissued")
+                    }
+                };
+                // The gate is passed: the granted resources' events are allows.
+                for event in &mut events {
+                    let resource = event
+                        .metadata_json
+                        .get("resource")
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or_default();
+                    if granted.iter().any(|granted| granted == resource) {
+                        event.decision = "allow".to_owned();
+                    }
+                }
+                note_approval(&mut events, approval_id, outcome);
+                approved = Some(settled);
+            }
             Err(answer) => {
+                // The hold raised or found (`interaction_required`), or why the approval
+                // presented does not count: the ledger links the request to its hold.
+                let hold = answer
+                    .extra
+                    .as_ref()
+                    .and_then(|extra| extra.get("approval_id"))
+                    .and_then(serde_json::Value::as_str)
+                    .or(form.approval_id.as_deref())
+                    .unwrap_or_default()
+                    .to_owned();
+                note_approval(&mut events, &hold, answer.code);
                 record_all(state, events).await?;
                 return Err(answer);
             }
@@ -1086,6 +1117,17 @@ pub(super) fn denial(reason: &str, description: &str) -> Decision {
             detail: description.to_owned(),
         }],
         step_up_required: None,
+    }
+}
+
+/// Links a gated request's events to its approval hold and what became of it (`consumed`,
+/// `reissued`, or the refusal's code such as `interaction_required`).
+fn note_approval(events: &mut [Event], approval_id: &str, outcome: &str) {
+    for event in events {
+        if let Some(metadata) = event.metadata_json.as_object_mut() {
+            metadata.insert("approval_id".to_owned(), approval_id.into());
+            metadata.insert("approval_outcome".to_owned(), outcome.into());
+        }
     }
 }
 

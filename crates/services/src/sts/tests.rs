@@ -1569,6 +1569,54 @@ async fn a_gated_scope_waits_for_a_human_and_the_approval_is_spent_once() {
         (StatusCode::FORBIDDEN, Some("access_denied")),
         "{rejected}"
     );
+
+    // The ledger tells the story per hold: held (deny), then spent (allow), then answered
+    // again for the same record (allow); the rejected hold's requests stay denies.
+    let story = |id: &str, events: &[Value]| -> Vec<String> {
+        events
+            .iter()
+            .filter(|event| event["event_type"] == "token_exchange")
+            .filter(|event| event["metadata_json"]["approval_id"] == id)
+            .map(|event| {
+                format!(
+                    "{} {}",
+                    event["decision"].as_str().unwrap(),
+                    event["metadata_json"]["approval_outcome"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    let events = audit_events(&world.shared).await;
+    let spent = story(&hold_id, &events);
+    assert_eq!(
+        spent
+            .iter()
+            .filter(|line| line.ends_with("consumed"))
+            .collect::<Vec<_>>(),
+        ["allow consumed"],
+        "{spent:?}"
+    );
+    assert_eq!(
+        spent
+            .iter()
+            .filter(|line| line.ends_with("reissued"))
+            .collect::<Vec<_>>(),
+        ["allow reissued"],
+        "{spent:?}"
+    );
+    assert!(
+        spent
+            .iter()
+            .take(2)
+            .all(|line| line == "deny interaction_required"),
+        "{spent:?}"
+    );
+    let refused = story(&other_id, &events);
+    assert!(
+        refused.first().map(String::as_str) == Some("deny interaction_required")
+            && refused.last().map(String::as_str) == Some("deny access_denied"),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]
