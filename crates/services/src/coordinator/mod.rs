@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 
 pub(crate) mod delegations;
 mod idempotency;
+mod verify;
 
 use crate::auth::{Access, AdminCaller};
 use crate::error::ApiError;
@@ -89,6 +90,7 @@ pub fn routes() -> Router<RoleState> {
             "/zones/{zone_id}/agents/{id}/resume",
             post(resume).patch(resume),
         )
+        .route("/v1/verify", post(verify::verify))
         .merge(delegations::routes())
 }
 

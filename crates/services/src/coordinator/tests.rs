@@ -1710,3 +1710,152 @@ async fn an_application_holds_a_bounded_number_of_idempotency_receipts() {
         "a create without a key stores no receipt"
     );
 }
+
+#[tokio::test]
+async fn verify_answers_a_verdict_from_the_keys_and_live_state_and_budgets_callers() {
+    let world = world().await;
+    let bearer = world.lifecycle().await;
+    let b = Some(bearer.as_str());
+    let verify = async |body: Value| {
+        let (status, _, answer) = call(
+            &world.coordinator,
+            "POST",
+            "/v1/verify",
+            None,
+            &body.to_string(),
+        )
+        .await;
+        (status, answer)
+    };
+    let verdict = |answer: &Value| -> String {
+        if answer["valid"] == true {
+            "valid".to_owned()
+        } else {
+            answer["error"].as_str().unwrap_or("?").to_owned()
+        }
+    };
+    let zone = world.zone_id.as_str();
+    let (status, answer) = verify(json!({"token": bearer, "zone_id": zone})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(verdict(&answer), "valid", "{answer}");
+    assert_eq!(answer["claims"]["use"], "session");
+    assert_eq!(answer["claims"]["client_id"], world.app_id.as_str());
+    let auth = format!("Bearer {bearer}");
+    let mut tampered = bearer.clone();
+    let last = if tampered.ends_with('A') { "B" } else { "A" };
+    tampered.replace_range(tampered.len() - 1.., last);
+    for (body, expected) in [
+        (json!({"authorization": auth, "zone_id": zone}), "valid"),
+        (
+            json!({"token": bearer, "zone_id": zone, "required_scope": "agent:lifecycle"}),
+            "valid",
+        ),
+        (
+            json!({"token": bearer, "zone_id": zone, "required_scope": "ledger:write"}),
+            "missing_scope",
+        ),
+        (
+            json!({"token": bearer, "zone_id": zone, "require_session": true}),
+            "session_required",
+        ),
+        (
+            json!({"token": bearer, "zone_id": zone, "require_delegation": true}),
+            "delegation_required",
+        ),
+        (json!({"token": tampered, "zone_id": zone}), "invalid_token"),
+        (
+            json!({"token": bearer, "zone_id": "another-zone"}),
+            "invalid_token",
+        ),
+        (
+            json!({"token": "not.a.jwt", "zone_id": zone}),
+            "invalid_token",
+        ),
+    ] {
+        let (status, answer) = verify(body.clone()).await;
+        assert_eq!(
+            (status, verdict(&answer)),
+            (StatusCode::OK, expected.to_owned()),
+            "{body}"
+        );
+    }
+    for body in [
+        json!({"zone_id": zone}),
+        json!({"token": bearer, "authorization": auth, "zone_id": zone}),
+        json!({"authorization": format!("Basic {bearer}"), "zone_id": zone}),
+        json!({"token": bearer}),
+        json!({"token": bearer, "zone_id": zone, "audience": "x"}),
+        json!({"token": "", "zone_id": zone}),
+    ] {
+        let (status, answer) = verify(body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+    }
+
+    // A delegated mandate is valid while its session and edge live, and not after.
+    let start = json!({"application_id": world.app_id, "labels": [world.app_id]}).to_string();
+    let (_, source) = world.agents("POST", "", b, &start).await;
+    let (_, target) = world.agents("POST", "", b, &start).await;
+    let (source, target) = (
+        source["agent_session_id"].as_str().unwrap().to_owned(),
+        target["agent_session_id"].as_str().unwrap().to_owned(),
+    );
+    world.edge("edge-v", &source, &target).await;
+    let (status, minted) = world
+        .exchange(&[
+            ("scope", "ledger:read"),
+            ("agent_session_id", target.as_str()),
+            ("delegation_edge_id", "edge-v"),
+        ])
+        .await;
+    assert_eq!(status, StatusCode::OK, "{minted}");
+    let delegated = minted["access_token"].as_str().unwrap().to_owned();
+    let strict = json!({"token": delegated, "zone_id": zone, "require_session": true,
+        "require_delegation": true, "required_scope": "ledger:read"});
+    assert_eq!(verdict(&verify(strict.clone()).await.1), "valid");
+    // Its session suspended, it stops verifying; resumed, it verifies again.
+    for (action, expected) in [("suspend", "session_inactive"), ("resume", "valid")] {
+        let (status, answer) = world
+            .agents("POST", &format!("/{target}/{action}"), b, "{}")
+            .await;
+        assert!(status.is_success(), "{action}: {answer}");
+        assert_eq!(
+            verdict(&verify(strict.clone()).await.1),
+            expected,
+            "{action}"
+        );
+    }
+    let (status, _, _) = call(
+        &world.coordinator,
+        "PATCH",
+        &format!("/zones/{zone}/delegations/edge-v/revoke"),
+        b,
+        "{}",
+    )
+    .await;
+    assert!(status.is_success(), "{status}");
+    assert_eq!(verdict(&verify(strict).await.1), "delegation_revoked");
+
+    // An archived application's mandates stop verifying.
+    let (status, _, _) = call(
+        &world.api,
+        "DELETE",
+        &format!("/v1/zones/{zone}/applications/{}", world.app_id),
+        Some(&world.writer),
+        "",
+    )
+    .await;
+    assert!(status.is_success(), "{status}");
+    let (_, answer) = verify(json!({"token": bearer, "zone_id": zone})).await;
+    assert_eq!(verdict(&answer), "identity_revoked");
+
+    // Sixty a minute per address (these calls have none, so they share one budget).
+    let mut refused = false;
+    for _ in 0..70 {
+        let (status, _) = verify(json!({"token": bearer, "zone_id": zone})).await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the budget refuses past sixty a minute");
+}
