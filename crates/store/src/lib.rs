@@ -33,10 +33,10 @@ pub use data_dir::{DataDir, DataDirError};
 pub use model::{
     AdminFilter, AdminObject, AdminTokenRecord, Application, ApplicationChange, ApprovalHold,
     AuditCheckpoint, AuditCut, AuditEvent, AuditFilter, AuthorityRecord, ConsoleSession,
-    ConsoleUser, Containment, DecisionCounts, DelegationContext, DelegationEdge, DeploymentSetting,
-    IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, OutboxRow,
-    OutboxStats, PolicyBinding, PolicyHeader, PolicyLoad, PolicyVersion, Provider,
-    ProviderConnection, RecordFilter, Resource, RevokedAnchors, SealedSecret, Session,
+    ConsoleUser, Containment, DeadOutboxRow, DecisionCounts, DelegationContext, DelegationEdge,
+    DeploymentSetting, IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure,
+    OutboxMessage, OutboxRow, OutboxStats, PolicyBinding, PolicyHeader, PolicyLoad, PolicyVersion,
+    Provider, ProviderConnection, RecordFilter, Resource, RevokedAnchors, SealedSecret, Session,
     SessionFilter, SigningKey, SubjectFilter, SubjectSummary, TamperFinding, TerminatedTree,
     TokenScope, Zone,
 };

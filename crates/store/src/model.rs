@@ -76,6 +76,17 @@ pub struct OutboxRow {
     pub attempts: u32,
 }
 
+/// A row given up on after its last failed publish, as an operator sees it (no payload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadOutboxRow {
+    pub id: i64,
+    pub stream: String,
+    pub dedupe_key: Option<String>,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub created_at_ms: i64,
+}
+
 /// What a failed publish did to the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutboxFailure {

@@ -135,6 +135,7 @@ conformance!(
     a_zone_and_its_outbox_rows_commit_together,
     outbox_rows_are_claimed_oldest_first_and_never_twice,
     failed_rows_back_off_then_die_at_the_bound,
+    dead_rows_are_listed_and_requeued_with_their_evidence,
     a_streams_later_rows_wait_for_its_failed_row,
     a_dead_dispatchers_claims_expire,
     leases_admit_one_holder_at_a_time,
@@ -467,6 +468,63 @@ async fn failed_rows_back_off_then_die_at_the_bound(backend: &Backend) {
         ));
     }
     assert_eq!(store.outbox_stats().await.unwrap().dead, 1);
+}
+
+async fn dead_rows_are_listed_and_requeued_with_their_evidence(backend: &Backend) {
+    let store = &backend.store;
+    for n in 0..3 {
+        let stream = format!("caracal.test.{n}");
+        store
+            .create_zone(&zone(n), &[message(&stream, n)])
+            .await
+            .unwrap();
+    }
+    let lease = Duration::from_secs(30);
+    let rows = store.claim_outbox("a", 3, lease).await.unwrap();
+    assert_eq!(rows.len(), 3, "three streams, one row each");
+    for row in &rows[..2] {
+        let outcome = store
+            .outbox_failed(row.id, "bus down", Duration::ZERO, 1)
+            .await
+            .unwrap();
+        assert_eq!(outcome, OutboxFailure::Dead);
+    }
+    store.outbox_published("a", &[rows[2].id]).await.unwrap();
+    let dead = store.dead_outbox(10).await.unwrap();
+    assert_eq!(
+        dead.iter()
+            .map(|row| (row.id, row.attempts, row.last_error.as_deref()))
+            .collect::<Vec<_>>(),
+        [
+            (rows[0].id, 1, Some("bus down")),
+            (rows[1].id, 1, Some("bus down"))
+        ]
+    );
+    assert_eq!(store.dead_outbox(1).await.unwrap().len(), 1);
+
+    // One row back, with the evidence in the same transaction; a published row is not dead.
+    let evidence = message("caracal.audit.events", 9);
+    for (id, revived) in [(rows[0].id, 1), (rows[2].id, 0), (i64::MAX, 0)] {
+        assert_eq!(
+            store
+                .requeue_dead_outbox(Some(id), std::slice::from_ref(&evidence))
+                .await
+                .unwrap(),
+            revived
+        );
+    }
+    let stats = store.outbox_stats().await.unwrap();
+    assert_eq!(
+        (stats.dead, stats.pending),
+        (1, 4),
+        "the revived row and each requeue's evidence"
+    );
+    let claimed = store.claim_outbox("b", 10, lease).await.unwrap();
+    let revived = claimed.iter().find(|row| row.id == rows[0].id).unwrap();
+    assert_eq!(revived.attempts, 0, "counted afresh");
+    // Then every dead row at once.
+    assert_eq!(store.requeue_dead_outbox(None, &[]).await.unwrap(), 1);
+    assert_eq!(store.outbox_stats().await.unwrap().dead, 0);
 }
 
 /// Each stream keeps its order: while an earlier row of a stream backs off, its later rows are

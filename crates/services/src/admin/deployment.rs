@@ -6,10 +6,13 @@
 //! - `GET`/`PUT /v1/mint-rate-limit`: mints per (zone, resource, application) and minute, at
 //!   most `sts.mint_rate_limit_per_minute`; allowed during a freeze (lowering it contains).
 //!   Every STS replica re-reads it within `sts::MINT_LIMIT_REFRESH`.
+//! - `GET /v1/outbox/dead`, `POST /v1/outbox/{id}/requeue` and `POST /v1/outbox/requeue-dead`:
+//!   the outbox rows given up on (a change other roles never heard of, which keeps the API role
+//!   not ready), and sending them again once the cause is fixed, recorded with the change.
 
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::routing::get;
+use axum::extract::{Path, RawQuery, State};
+use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use caracal_core::{ErrorCode, RequestId};
 use caracal_store::{DeploymentSetting, now_ms};
@@ -30,6 +33,9 @@ pub fn routes() -> Router<RoleState> {
             "/v1/mint-rate-limit",
             get(read_mint_limit).put(update_mint_limit),
         )
+        .route("/v1/outbox/dead", get(dead_outbox))
+        .route("/v1/outbox/{id}/requeue", post(requeue_one))
+        .route("/v1/outbox/requeue-dead", post(requeue_all))
 }
 
 const DAY_SECONDS: u64 = 86_400;
@@ -192,4 +198,99 @@ async fn update_mint_limit(
         tracing::warn!(%error, "mint limit stored; this replica applies it at its next refresh");
     }
     mint_limit_answer(&state).await
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadQuery {
+    limit: Option<i64>,
+}
+
+async fn dead_outbox(
+    State(state): State<RoleState>,
+    headers: http::HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&state, &headers)
+        .await?
+        .require(Access::Read, None)?;
+    let query: DeadQuery = crate::api::query(raw.as_deref())?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::with_description(
+            ErrorCode::InvalidRequest,
+            "`limit` must be 1 to 1000",
+        ));
+    }
+    let store = &state.shared.store;
+    let rows = store.dead_outbox(limit).await?;
+    Ok(Json(json!({
+        "dead_total": store.outbox_stats().await?.dead,
+        "items": rows.iter().map(|row| json!({
+            "id": row.id,
+            "stream": row.stream,
+            "dedupe_key": row.dedupe_key,
+            "attempts": row.attempts,
+            "last_error": row.last_error,
+            "created_at": timestamp(row.created_at_ms),
+        })).collect::<Vec<_>>(),
+    })))
+}
+
+async fn requeue_one(
+    State(state): State<RoleState>,
+    headers: http::HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    caller.require(Access::Write, None)?;
+    let not_dead =
+        || ApiError::with_description(ErrorCode::NotFound, format!("no dead outbox row `{id}`"));
+    let row_id: i64 = id.parse().map_err(|_| not_dead())?;
+    requeue(&state, &caller, request_id, Some(row_id), &id)
+        .await?
+        .filter(|requeued| *requeued > 0)
+        .map(|requeued| Json(json!({ "requeued": requeued })))
+        .ok_or_else(not_dead)
+}
+
+async fn requeue_all(
+    State(state): State<RoleState>,
+    headers: http::HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    caller.require(Access::Write, None)?;
+    let requeued = requeue(&state, &caller, request_id, None, "all").await?;
+    Ok(Json(json!({ "requeued": requeued.unwrap_or(0) })))
+}
+
+/// Revives dead row `id` (every one when `None`) with its evidence in the same transaction;
+/// `None` when nothing was dead, so nothing was changed or recorded.
+async fn requeue(
+    state: &RoleState,
+    caller: &crate::auth::AdminCaller,
+    request_id: Option<Extension<RequestId>>,
+    id: Option<i64>,
+    entity_id: &str,
+) -> Result<Option<u64>, ApiError> {
+    let store = &state.shared.store;
+    // Dead rows are few (each keeps the API role not ready), so all of them are read.
+    let dead = store.dead_outbox(i64::MAX).await?;
+    if !dead.iter().any(|row| id.is_none_or(|id| row.id == id)) {
+        return Ok(None);
+    }
+    let change = Change {
+        zone_id: SYSTEM_ZONE,
+        action: "outbox.requeue",
+        entity_type: "outbox",
+        entity_id,
+        fields: vec!["status", "attempts"],
+    };
+    let audit = evidence(caller, request_id.as_deref(), change)?;
+    let requeued = store
+        .requeue_dead_outbox(id, std::slice::from_ref(&audit))
+        .await?;
+    Ok(Some(requeued))
 }

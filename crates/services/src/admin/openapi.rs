@@ -241,6 +241,24 @@ pub const OPERATIONS: &[Operation] = &[
     ),
     op(
         "get",
+        "/v1/outbox/dead",
+        "read",
+        "Outbox rows given up on, oldest first, without payloads (limit 1-1000, default 100); dead_total",
+    ),
+    op(
+        "post",
+        "/v1/outbox/{id}/requeue",
+        "write",
+        "Send a dead outbox row again, attempts counted afresh (recorded; 404 unless it is dead)",
+    ),
+    op(
+        "post",
+        "/v1/outbox/requeue-dead",
+        "write",
+        "Send every dead outbox row again (recorded)",
+    ),
+    op(
+        "get",
         "/v1/zones/{zone_id}/overview",
         "read",
         "Dashboard counts: applications, resources, providers, active policy, active records, last 24 h of decisions, pending approvals, newest events",

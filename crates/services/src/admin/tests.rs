@@ -2664,3 +2664,90 @@ async fn reachability_tests_go_through_the_address_guard_are_recorded_and_budget
     let headers = refused.expect("the budget refuses within a minute's tests");
     assert!(headers.contains_key(http::header::RETRY_AFTER));
 }
+
+#[tokio::test]
+async fn an_operator_lists_dead_outbox_rows_and_sends_them_again_on_the_record() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let reader = token(&shared, "read", TokenScope::Global).await;
+    let zoned = token(&shared, "write", TokenScope::Zone("z".into())).await;
+    let app = router(state);
+    for name in ["a", "b"] {
+        let body = json!({ "name": name }).to_string();
+        let (status, _, _) = call(&app, "POST", "/v1/zones", Some(&writer), &body).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    // Every row the zones wrote fails once against a bound of one: all dead.
+    let rows = shared
+        .store
+        .claim_outbox("test", 100, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(!rows.is_empty());
+    for row in &rows {
+        shared
+            .store
+            .outbox_failed(row.id, "bus down", std::time::Duration::ZERO, 1)
+            .await
+            .unwrap();
+    }
+    let (status, _, dead) = call(&app, "GET", "/v1/outbox/dead", Some(&reader), "").await;
+    assert_eq!(status, StatusCode::OK, "{dead}");
+    let total = rows.len() as u64;
+    assert_eq!(dead["dead_total"], total);
+    assert_eq!(dead["items"][0]["last_error"], "bus down");
+    assert_eq!(dead["items"][0].get("fields"), None, "no payload");
+    let first = dead["items"][0]["id"].as_i64().unwrap();
+    let one = format!("/v1/outbox/{first}/requeue");
+    for (bearer, method, path) in [
+        (&zoned, "GET", "/v1/outbox/dead"),
+        (&reader, "POST", one.as_str()),
+        (&zoned, "POST", "/v1/outbox/requeue-dead"),
+    ] {
+        let (got, _, body) = call(&app, method, path, Some(bearer), "").await;
+        assert_eq!(got, StatusCode::FORBIDDEN, "{path}: {body}");
+    }
+    let (status, _, answer) = call(&app, "POST", &one, Some(&writer), "").await;
+    assert_eq!(
+        (status, &answer["requeued"]),
+        (StatusCode::OK, &json!(1)),
+        "{answer}"
+    );
+    for path in [
+        one.as_str(),
+        "/v1/outbox/abc/requeue",
+        "/v1/outbox/-1/requeue",
+    ] {
+        let (status, _, body) = call(&app, "POST", path, Some(&writer), "").await;
+        assert_eq!(
+            (status, code(&body)),
+            (StatusCode::NOT_FOUND, Some("not_found")),
+            "{path}"
+        );
+    }
+    let (status, _, answer) =
+        call(&app, "POST", "/v1/outbox/requeue-dead", Some(&writer), "").await;
+    assert_eq!(
+        (status, &answer["requeued"]),
+        (StatusCode::OK, &json!(total - 1))
+    );
+    let (_, _, dead) = call(&app, "GET", "/v1/outbox/dead", Some(&reader), "").await;
+    assert_eq!(
+        (&dead["dead_total"], &dead["items"]),
+        (&json!(0), &json!([]))
+    );
+    let (status, _, answer) =
+        call(&app, "POST", "/v1/outbox/requeue-dead", Some(&writer), "").await;
+    assert_eq!((status, &answer["requeued"]), (StatusCode::OK, &json!(0)));
+    // Two requeues changed something, and each was recorded with its change.
+    let recorded = audit_outbox(&shared).await;
+    assert_eq!(
+        types(&recorded)
+            .iter()
+            .filter(|kind| **kind == "admin.outbox.requeue")
+            .count(),
+        2,
+        "{recorded:?}"
+    );
+}

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use crate::db::{Db, Dialect, Statement, params};
-use crate::model::{OutboxFailure, OutboxRow, OutboxStats};
-use crate::store::{StoreError, age, fields_from_json, millis, not_found, now_ms};
+use crate::model::{DeadOutboxRow, OutboxFailure, OutboxMessage, OutboxRow, OutboxStats};
+use crate::store::{StoreError, age, fields_from_json, millis, not_found, now_ms, with_outbox};
 
 #[async_trait::async_trait]
 pub trait Outbox: Send + Sync {
@@ -30,6 +30,16 @@ pub trait Outbox: Send + Sync {
         max_attempts: u32,
     ) -> Result<OutboxFailure, StoreError>;
     async fn outbox_stats(&self) -> Result<OutboxStats, StoreError>;
+    /// The dead rows, oldest first, at most `limit`.
+    async fn dead_outbox(&self, limit: i64) -> Result<Vec<DeadOutboxRow>, StoreError>;
+    /// Makes the dead row `id` (every dead row when `None`) publishable again now, with its
+    /// attempts counted afresh, in one transaction with `outbox` (the change's evidence);
+    /// returns how many rows it revived.
+    async fn requeue_dead_outbox(
+        &self,
+        id: Option<i64>,
+        outbox: &[OutboxMessage],
+    ) -> Result<u64, StoreError>;
     /// The status (`pending`, `published` or `dead`) of the newest row with this dedupe key.
     async fn outbox_status(&self, dedupe_key: &str) -> Result<Option<String>, StoreError>;
 
@@ -175,6 +185,43 @@ impl<D: Db> Outbox for D {
         } else {
             OutboxFailure::Retrying
         })
+    }
+
+    async fn dead_outbox(&self, limit: i64) -> Result<Vec<DeadOutboxRow>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT id, stream, dedupe_key, attempts, last_error, created_at_ms FROM outbox
+                 WHERE status = 'dead' ORDER BY id LIMIT CAST($1 AS BIGINT)",
+                params![limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeadOutboxRow {
+                    id: row.int(0)?,
+                    stream: row.text(1)?,
+                    dedupe_key: row.opt_text(2)?,
+                    attempts: row.int(3)?,
+                    last_error: row.opt_text(4)?,
+                    created_at_ms: row.int(5)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn requeue_dead_outbox(
+        &self,
+        id: Option<i64>,
+        outbox: &[OutboxMessage],
+    ) -> Result<u64, StoreError> {
+        let revive = Statement::new(
+            "UPDATE outbox SET status = 'pending', attempts = 0, available_at_ms = $2,
+                 locked_by = NULL, locked_until_ms = NULL
+             WHERE status = 'dead' AND (CAST($1 AS BIGINT) IS NULL OR id = CAST($1 AS BIGINT))",
+            params![id, now_ms()],
+        );
+        let outcomes = self.atomic(with_outbox(revive, outbox)).await?;
+        Ok(outcomes.first().map_or(0, |outcome| outcome.changed))
     }
 
     async fn outbox_status(&self, dedupe_key: &str) -> Result<Option<String>, StoreError> {
