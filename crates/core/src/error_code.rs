@@ -142,6 +142,8 @@ pub enum ErrorCode {
     RetentionAboveLimit,
     /// A mint limit higher than the deployment's `sts.mint_rate_limit_per_minute`.
     MintRateLimitAboveLimit,
+    /// An OIDC issuer's discovery document could not be fetched or did not describe it.
+    DiscoveryFailed,
     /// An incident containment refuses protected traffic (deployment-wide or for the zone).
     Contained,
 }
@@ -216,6 +218,7 @@ impl ErrorCode {
             ErrorCode::ChangeFreeze => "change_freeze",
             ErrorCode::RetentionAboveLimit => "retention_above_limit",
             ErrorCode::MintRateLimitAboveLimit => "mint_rate_limit_above_limit",
+            ErrorCode::DiscoveryFailed => "discovery_failed",
             ErrorCode::Contained => "contained",
         }
     }
@@ -249,6 +252,7 @@ impl ErrorCode {
             | ErrorCode::RetentionAboveLimit
             | ErrorCode::MintRateLimitAboveLimit => 400,
             ErrorCode::ChangeFreeze => 423,
+            ErrorCode::DiscoveryFailed => 502,
             ErrorCode::Contained => 503,
             ErrorCode::InvalidRego | ErrorCode::InvalidPolicyBundle => 422,
             ErrorCode::RateLimited
@@ -364,6 +368,7 @@ mod tests {
             ErrorCode::ChangeFreeze,
             ErrorCode::RetentionAboveLimit,
             ErrorCode::MintRateLimitAboveLimit,
+            ErrorCode::DiscoveryFailed,
             ErrorCode::Contained,
         ];
         for code in all {

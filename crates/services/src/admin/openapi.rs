@@ -235,6 +235,12 @@ pub const OPERATIONS: &[Operation] = &[
     ),
     op(
         "post",
+        "/v1/zones/{zone_id}/providers/discovery",
+        "write",
+        "OpenID Connect discovery of {issuer} through the address guard: its endpoints and the suggested token_url (502 discovery_failed; 10 a minute per zone with the tests)",
+    ),
+    op(
+        "post",
         "/v1/zones/{zone_id}/providers/{id}/test",
         "write",
         "Connectivity test of an OAuth provider's token endpoint (10 a minute per zone)",

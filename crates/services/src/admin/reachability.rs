@@ -1,8 +1,11 @@
-//! `POST /v1/zones/{zone}/resources/{id}/test` and `…/providers/{id}/test`: can this deployment
-//! reach the resource's upstream, or an OAuth provider's token endpoint, right now? One `HEAD`
-//! without any credential, through the Gateway's address guard and host allowlist; any HTTP
-//! answer counts as reachable. Ten tests a minute per zone (it makes outbound connections), and
-//! each is recorded before it is made.
+//! Requests an operator asks this deployment to make, each through the Gateway's address guard
+//! and host allowlist, recorded before it is made, ten a minute per zone together:
+//! - `POST /v1/zones/{zone}/resources/{id}/test` and `…/providers/{id}/test`: can it reach the
+//!   resource's upstream, or an OAuth provider's token endpoint, right now? One `HEAD` without
+//!   any credential; any HTTP answer counts as reachable.
+//! - `POST /v1/zones/{zone}/providers/discovery` (`{issuer}`): the issuer's OpenID Connect
+//!   discovery document, checked to describe that issuer, and the provider configuration it
+//!   suggests.
 
 use std::time::{Duration, Instant};
 
@@ -32,10 +35,12 @@ pub fn routes() -> Router<RoleState> {
             "/v1/zones/{zone_id}/providers/{id}/test",
             post(test_provider),
         )
+        .route("/v1/zones/{zone_id}/providers/discovery", post(discover))
 }
 
 const TESTS_PER_MINUTE: u64 = 10;
 const TEST_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_DISCOVERY_BYTES: usize = 64 * 1024;
 
 async fn test_resource(
     State(state): State<RoleState>,
@@ -106,32 +111,9 @@ async fn test(
     request_id: Option<Extension<RequestId>>,
     target: Target<'_>,
 ) -> Result<Response, ApiError> {
-    let window = Duration::from_secs(60);
-    let bucket = format!("reachability-tests:{}", target.zone_id);
-    match state.shared.bus.rates.hit(&bucket, window).await {
-        Ok(tests) if tests > TESTS_PER_MINUTE => {
-            let now = now_ms();
-            return Ok(crate::auth::rate_limited(now - now % 60_000 + 60_000));
-        }
-        Ok(_) => {}
-        // Outbound connections nobody can count are not made.
-        Err(error) => {
-            tracing::warn!(%error, "cannot count reachability tests; refusing");
-            return Err(ApiError::new(ErrorCode::NotReady));
-        }
+    if let Some(refused) = budget_and_record(state, caller, request_id, &target).await? {
+        return Ok(refused);
     }
-    let event = super::audit_event(
-        caller,
-        request_id.as_deref(),
-        Change {
-            zone_id: target.zone_id,
-            action: target.action,
-            entity_type: target.entity_type,
-            entity_id: target.id,
-            fields: Vec::new(),
-        },
-    );
-    super::record_now(state, event).await?;
     let started = Instant::now();
     let outcome = probe(target.url, &state.shared.upstream_host_allowlist).await;
     let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -150,6 +132,162 @@ async fn test(
         "checked_at": timestamp(now_ms()),
     }))
     .into_response())
+}
+
+/// The zone's budget of outbound requests (the answer to give instead when it is spent), then
+/// the request recorded.
+async fn budget_and_record(
+    state: &RoleState,
+    caller: &crate::auth::AdminCaller,
+    request_id: Option<Extension<RequestId>>,
+    target: &Target<'_>,
+) -> Result<Option<Response>, ApiError> {
+    let bucket = format!("outbound-checks:{}", target.zone_id);
+    match state
+        .shared
+        .bus
+        .rates
+        .hit(&bucket, Duration::from_secs(60))
+        .await
+    {
+        Ok(tests) if tests > TESTS_PER_MINUTE => {
+            let now = now_ms();
+            return Ok(Some(crate::auth::rate_limited(now - now % 60_000 + 60_000)));
+        }
+        Ok(_) => {}
+        // Outbound connections nobody can count are not made.
+        Err(error) => {
+            tracing::warn!(%error, "cannot count outbound checks; refusing");
+            return Err(ApiError::new(ErrorCode::NotReady));
+        }
+    }
+    let event = super::audit_event(
+        caller,
+        request_id.as_deref(),
+        Change {
+            zone_id: target.zone_id,
+            action: target.action,
+            entity_type: target.entity_type,
+            entity_id: target.id,
+            fields: Vec::new(),
+        },
+    );
+    super::record_now(state, event).await?;
+    Ok(None)
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiscoveryRequest {
+    issuer: String,
+}
+
+async fn discover(
+    State(state): State<RoleState>,
+    headers: http::HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    Path(zone_id): Path<String>,
+    raw: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
+    let request: DiscoveryRequest = super::json(&raw)?;
+    let issuer = request.issuer.trim_end_matches('/');
+    let uri: http::Uri = issuer
+        .parse()
+        .map_err(|_| super::invalid_body("issuer", "must be an absolute URL"))?;
+    let loopback = uri.host().is_some_and(|host| {
+        host == "localhost"
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    });
+    let secure =
+        uri.scheme_str() == Some("https") || (uri.scheme_str() == Some("http") && loopback);
+    if !secure || uri.query().is_some() || issuer.contains('#') || issuer.len() > 2048 {
+        return Err(super::invalid_body(
+            "issuer",
+            "must be an https URL (http only on loopback) without query or fragment",
+        ));
+    }
+    let url = format!("{issuer}/.well-known/openid-configuration");
+    let target = Target {
+        zone_id: &zone_id,
+        action: "provider.discovery",
+        entity_type: "provider",
+        id: issuer,
+        url: &url,
+    };
+    if let Some(refused) = budget_and_record(&state, &caller, request_id, &target).await? {
+        return Ok(refused);
+    }
+    let failed = |why: String| {
+        ApiError::with_description(ErrorCode::DiscoveryFailed, format!("{url}: {why}"))
+    };
+    let document = fetch_document(&url, &state.shared.upstream_host_allowlist)
+        .await
+        .map_err(failed)?;
+    let text = |key: &str| document.get(key).and_then(Value::as_str).map(str::to_owned);
+    if text("issuer")
+        .as_deref()
+        .map(|named| named.trim_end_matches('/'))
+        != Some(issuer)
+    {
+        return Err(failed("the document names another issuer".into()));
+    }
+    let token_endpoint = text("token_endpoint")
+        .filter(|endpoint| endpoint.starts_with("https://") || endpoint.starts_with("http://"))
+        .ok_or_else(|| failed("the document has no http(s) token_endpoint".into()))?;
+    let listed = |key: &str| document.get(key).filter(|value| value.is_array()).cloned();
+    Ok(Json(json!({
+        "issuer": text("issuer"),
+        "token_endpoint": token_endpoint,
+        "authorization_endpoint": text("authorization_endpoint"),
+        "jwks_uri": text("jwks_uri"),
+        "scopes_supported": listed("scopes_supported"),
+        "grant_types_supported": listed("grant_types_supported"),
+        "token_endpoint_auth_methods_supported": listed("token_endpoint_auth_methods_supported"),
+        // What an `oauth2_client_credentials` provider needs from it; the client's id and
+        // secret are the operator's to add.
+        "suggested_config": { "token_url": token_endpoint },
+    }))
+    .into_response())
+}
+
+/// The JSON object at `url`, fetched through the guard: a 200 within the time and size bounds.
+async fn fetch_document(
+    url: &str,
+    allowlist: &[String],
+) -> Result<serde_json::Map<String, Value>, String> {
+    use http_body_util::BodyExt as _;
+    let uri = check_url(url, allowlist)
+        .await
+        .map_err(|error| error.to_string())?;
+    let client = crate::gateway::upstream_client()?;
+    let request = http::Request::get(uri)
+        .header(http::header::ACCEPT, "application/json")
+        .body(http_body_util::Limited::new(axum::body::Body::empty(), 0))
+        .map_err(|error| error.to_string())?;
+    let fetched = async {
+        let response = client
+            .request(request)
+            .await
+            .map_err(|error| error.to_string())?;
+        if response.status() != http::StatusCode::OK {
+            return Err(format!("answered {}", response.status()));
+        }
+        let body = http_body_util::Limited::new(response.into_body(), MAX_DISCOVERY_BYTES)
+            .collect()
+            .await
+            .map_err(|_| format!("no document of at most {MAX_DISCOVERY_BYTES} bytes"))?
+            .to_bytes();
+        serde_json::from_slice::<serde_json::Map<String, Value>>(&body)
+            .map_err(|_| "the document is not a JSON object".to_owned())
+    };
+    tokio::time::timeout(TEST_TIMEOUT, fetched)
+        .await
+        .map_err(|_| format!("no answer within {} s", TEST_TIMEOUT.as_secs()))?
 }
 
 /// The status of a credential-less `HEAD` to `url`, or why none came: a stable code and a

@@ -2530,8 +2530,11 @@ async fn reachability_tests_go_through_the_address_guard_are_recorded_and_budget
     let reader = token(&shared, "read", TokenScope::Global).await;
     let app = router(state);
     let w = Some(writer.as_str());
-    // An upstream that answers HEAD with 204 and counts what it was sent.
+    // An upstream that answers HEAD with 204, its discovery document (naming itself as the
+    // issuer, wherever it is asked for) with 200, and counts what it was sent.
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
     let upstream = axum::Router::new().fallback({
         let seen = seen.clone();
         move |request: axum::extract::Request| async move {
@@ -2541,11 +2544,22 @@ async fn reachability_tests_go_through_the_address_guard_are_recorded_and_budget
                 request.method(),
                 request.uri().path()
             ));
-            StatusCode::NO_CONTENT
+            if request
+                .uri()
+                .path()
+                .ends_with("/.well-known/openid-configuration")
+            {
+                let document = json!({
+                    "issuer": format!("http://{address}"),
+                    "token_endpoint": format!("http://{address}/oauth/token"),
+                    "jwks_uri": format!("http://{address}/jwks"),
+                    "grant_types_supported": ["client_credentials"],
+                });
+                return axum::response::IntoResponse::into_response(axum::Json(document));
+            }
+            axum::response::IntoResponse::into_response(StatusCode::NO_CONTENT)
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, upstream).await.unwrap() });
     let closed = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -2619,6 +2633,57 @@ async fn reachability_tests_go_through_the_address_guard_are_recorded_and_budget
         ["HEAD /api false", "HEAD /oauth/token false"],
         "one credential-less HEAD each"
     );
+    // Discovery: the document must name the issuer asked about.
+    let discover = async |issuer: String| {
+        let body = json!({ "issuer": issuer }).to_string();
+        call(
+            &app,
+            "POST",
+            &format!("{base}/providers/discovery"),
+            w,
+            &body,
+        )
+        .await
+    };
+    let (status, _, found) = discover(format!("http://{address}/")).await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    assert_eq!(
+        found["suggested_config"]["token_url"],
+        format!("http://{address}/oauth/token")
+    );
+    assert_eq!(
+        found["grant_types_supported"],
+        json!(["client_credentials"])
+    );
+    for (issuer, status, expected) in [
+        (
+            format!("http://{address}/tenant"),
+            StatusCode::BAD_GATEWAY,
+            "discovery_failed",
+        ),
+        (
+            "https://169.254.169.254".to_owned(),
+            StatusCode::BAD_GATEWAY,
+            "discovery_failed",
+        ),
+        (
+            "http://idp.example".to_owned(),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            format!("http://{address}?x=1"),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+    ] {
+        let (got, _, answer) = discover(issuer.clone()).await;
+        assert_eq!(
+            (got, code(&answer)),
+            (status, Some(expected)),
+            "{issuer}: {answer}"
+        );
+    }
     let (status, _, answer) = test(format!("{base}/providers/{none}/test"), &writer).await;
     assert_eq!(
         (status, code(&answer)),
@@ -2647,6 +2712,14 @@ async fn reachability_tests_go_through_the_address_guard_are_recorded_and_budget
         (tests("resource"), tests("provider")),
         (3, 1),
         "each test recorded"
+    );
+    let discoveries = recorded
+        .iter()
+        .filter(|entry| entry.fields["data"].contains("\"admin.provider.discovery\""))
+        .count();
+    assert_eq!(
+        discoveries, 3,
+        "each discovery that reached the network recorded"
     );
 
     // Ten a minute per zone (refusals before the test do not count): the four above, six more, then 429 with Retry-After (unless the
