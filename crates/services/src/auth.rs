@@ -190,6 +190,34 @@ pub(crate) fn rate_limited(until: i64) -> axum::response::Response {
     response
 }
 
+/// Counts one request against `bucket`'s budget of `per_minute` in a fixed one-minute window:
+/// `Ok(None)` within it, `Ok(Some(429 answer))` past it. A counter that cannot count refuses
+/// with 503 `not_ready` (invariant 1): nothing is let through uncounted.
+pub(crate) async fn spend_budget(
+    state: &RoleState,
+    bucket: &str,
+    per_minute: u64,
+) -> Result<Option<axum::response::Response>, ApiError> {
+    match state
+        .shared
+        .bus
+        .rates
+        .hit(bucket, AUTH_FAILURE_WINDOW)
+        .await
+    {
+        Ok(count) if count > per_minute => {
+            let window = i64::try_from(AUTH_FAILURE_WINDOW.as_millis()).unwrap_or(60_000);
+            let now = caracal_store::now_ms();
+            Ok(Some(rate_limited(now - now % window + window)))
+        }
+        Ok(_) => Ok(None),
+        Err(error) => {
+            tracing::warn!(%error, bucket, "cannot count requests; refusing");
+            Err(ApiError::new(ErrorCode::NotReady))
+        }
+    }
+}
+
 /// Budgets `/v1` requests (600 a minute per client address and per presented token) and
 /// counts failed admin authentications per client address (`invalid_admin_token` answers);
 /// past the limit, the address gets 429 `rate_limited` before any token lookup until the
@@ -224,24 +252,10 @@ pub async fn limit_auth_failures(
         token.map(|digest| format!("admin-actor:{}", digest.get(..32).unwrap_or_default())),
     ];
     for bucket in buckets.into_iter().flatten() {
-        match state
-            .shared
-            .bus
-            .rates
-            .hit(&bucket, AUTH_FAILURE_WINDOW)
-            .await
-        {
-            Ok(requests) if requests > REQUESTS_PER_WINDOW => {
-                let window = i64::try_from(AUTH_FAILURE_WINDOW.as_millis()).unwrap_or(60_000);
-                let now = caracal_store::now_ms();
-                return rate_limited(now - now % window + window);
-            }
-            Ok(_) => {}
-            // The budget cannot be checked: refuse (invariant 1), as readiness already does.
-            Err(error) => {
-                tracing::warn!(%error, "cannot count admin requests; refusing");
-                return ApiError::new(ErrorCode::NotReady).into_response();
-            }
+        match spend_budget(&state, &bucket, REQUESTS_PER_WINDOW).await {
+            Ok(None) => {}
+            Ok(Some(refused)) => return refused,
+            Err(error) => return error.into_response(),
         }
     }
     let response = next.run(request).await;

@@ -143,23 +143,8 @@ async fn budget_and_record(
     target: &Target<'_>,
 ) -> Result<Option<Response>, ApiError> {
     let bucket = format!("outbound-checks:{}", target.zone_id);
-    match state
-        .shared
-        .bus
-        .rates
-        .hit(&bucket, Duration::from_secs(60))
-        .await
-    {
-        Ok(tests) if tests > TESTS_PER_MINUTE => {
-            let now = now_ms();
-            return Ok(Some(crate::auth::rate_limited(now - now % 60_000 + 60_000)));
-        }
-        Ok(_) => {}
-        // Outbound connections nobody can count are not made.
-        Err(error) => {
-            tracing::warn!(%error, "cannot count outbound checks; refusing");
-            return Err(ApiError::new(ErrorCode::NotReady));
-        }
+    if let Some(refused) = crate::auth::spend_budget(state, &bucket, TESTS_PER_MINUTE).await? {
+        return Ok(Some(refused));
     }
     let event = super::audit_event(
         caller,

@@ -5,8 +5,6 @@
 //! The answer is `{valid: true, claims}` or `{valid: false, error, error_description}`: a
 //! verdict, not a failure of the call. Sixty verifications a minute per client address.
 
-use std::time::Duration;
-
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
@@ -51,23 +49,8 @@ pub(super) async fn verify(
 ) -> Result<Response, ApiError> {
     let client = address.map_or_else(|| "unknown".to_owned(), |info| info.0.0.ip().to_string());
     let bucket = format!("verify:{client}");
-    match state
-        .shared
-        .bus
-        .rates
-        .hit(&bucket, Duration::from_secs(60))
-        .await
-    {
-        Ok(count) if count > PER_MINUTE => {
-            let now = now_ms();
-            return Ok(crate::auth::rate_limited(now - now % 60_000 + 60_000));
-        }
-        Ok(_) => {}
-        // A budget nobody can count is not granted.
-        Err(error) => {
-            tracing::warn!(%error, "cannot count verifications; refusing");
-            return Err(ApiError::new(ErrorCode::NotReady));
-        }
+    if let Some(refused) = crate::auth::spend_budget(&state, &bucket, PER_MINUTE).await? {
+        return Ok(refused);
     }
     if raw.len() > MAX_BODY {
         return Err(super::invalid("the body is larger than 16 KiB"));

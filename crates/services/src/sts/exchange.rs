@@ -437,17 +437,6 @@ async fn exchange(
                         (form.approval_id.as_deref().unwrap_or_default(), "reissued")
                     }
                 };
-                // The gate is passed: the granted resources' events are allows.
-                for event in &mut events {
-                    let resource = event
-                        .metadata_json
-                        .get("resource")
-                        .and_then(serde_json::Value::as_str)
-                        .unwrap_or_default();
-                    if granted.iter().any(|granted| granted == resource) {
-                        event.decision = "allow".to_owned();
-                    }
-                }
                 note_approval(&mut events, approval_id, outcome);
                 approved = Some(settled);
             }
@@ -509,19 +498,34 @@ async fn exchange(
         },
     )
     .await?;
+    // An approved mint spends its approval, creating its record, before its evidence is
+    // recorded, so the ledger says whether it was spent; the gate passed, the granted
+    // resources' events are allows.
+    if let Some(super::approvals::Approved::Consume(hold_id)) = &approved {
+        let spent = store
+            .consume_approval_hold(&ask.zone_id, hold_id, &record)
+            .await
+            .map_err(super::approvals::consume_error);
+        match &spent {
+            Ok(()) => allow_granted(&mut events, &granted),
+            Err(refusal) => note_approval(&mut events, hold_id, refusal.code),
+        }
+        record_all(state, events).await?;
+        spent?;
+        return Ok(answer(token, ttl, scope, granted, None));
+    }
+    if approved.is_some() {
+        allow_granted(&mut events, &granted);
+    }
     // The authority record (the revocation anchor and the issued-JTI registry) and the
     // evidence are written side by side; the mandate leaves only if both are stored. On the
     // embedded store the record's commit skips its own fsync (a record lost in a power cut
-    // only makes its mandate unusable: every use checks the record). An approved mint
-    // creates its record as it spends the approval.
+    // only makes its mandate unusable: every use checks the record). A reissue for an
+    // approval already spent writes no new record.
     let record_written = async {
         match approved {
             None => sts.authority.write(record).await.map_err(TokenError::from),
-            Some(super::approvals::Approved::Consume(hold_id)) => store
-                .consume_approval_hold(&ask.zone_id, &hold_id, &record)
-                .await
-                .map_err(super::approvals::consume_error),
-            Some(super::approvals::Approved::Reissue { .. }) => Ok(()),
+            Some(_) => Ok(()),
         }
     };
     let (written, recorded) = tokio::join!(record_written, record_all(state, events));
@@ -1117,6 +1121,21 @@ pub(super) fn denial(reason: &str, description: &str) -> Decision {
             detail: description.to_owned(),
         }],
         step_up_required: None,
+    }
+}
+
+/// Marks the events of the granted resources allows: their only refusal was the approval
+/// gate, now passed.
+fn allow_granted(events: &mut [Event], granted: &[String]) {
+    for event in events {
+        let resource = event
+            .metadata_json
+            .get("resource")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default();
+        if granted.iter().any(|granted| granted == resource) {
+            event.decision = "allow".to_owned();
+        }
     }
 }
 
