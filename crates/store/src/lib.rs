@@ -34,17 +34,18 @@ pub use model::{
     AdminFilter, AdminObject, AdminTokenRecord, Application, ApplicationChange, ApprovalHold,
     AuditCheckpoint, AuditCut, AuditEvent, AuditFilter, AuthorityRecord, ConsoleSession,
     ConsoleUser, Containment, DeadOutboxRow, DecisionCounts, DelegationContext, DelegationEdge,
-    DeploymentSetting, IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure,
-    OutboxMessage, OutboxRow, OutboxStats, PolicyBinding, PolicyHeader, PolicyLoad, PolicyVersion,
-    Provider, ProviderConnection, RecordFilter, Resource, RevokedAnchors, SealedSecret, Session,
-    SessionFilter, SigningKey, SubjectFilter, SubjectSummary, TamperFinding, TerminatedTree,
-    TokenScope, Zone,
+    DeliveryOutcome, DeploymentSetting, IdempotencyReceipt, KekRecord, NewAdminToken, NewZone,
+    NotificationDelivery, NotificationSink, OutboxFailure, OutboxMessage, OutboxRow, OutboxStats,
+    PolicyBinding, PolicyHeader, PolicyLoad, PolicyVersion, Provider, ProviderConnection,
+    RecordFilter, Resource, RevokedAnchors, SealedSecret, Session, SessionFilter, SigningKey,
+    SubjectFilter, SubjectSummary, TamperFinding, TerminatedTree, TokenScope, Zone,
 };
 pub use postgres::{PgOptions, PgStore};
 pub use queries::{ChainAppend, ChainBuilder};
 pub use sqlite::SqliteStore;
 pub use store::{
-    Audit, Deployment, Directory, Objects, Outbox, Policies, Runtime, Store, StoreError, now_ms,
+    Audit, Deployment, Directory, Notifications, Objects, Outbox, Policies, Runtime, Store,
+    StoreError, now_ms,
 };
 pub use url::{StoreUrl, StoreUrlError, redact_url};
 

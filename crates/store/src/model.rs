@@ -655,3 +655,57 @@ pub struct AdminFilter {
     pub entity_type: Option<String>,
     pub entity_id: Option<String>,
 }
+
+/// A webhook an operator registered for a zone's approval events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotificationSink {
+    pub id: String,
+    pub zone_id: String,
+    pub name: String,
+    pub url: String,
+    /// The HMAC secret, sealed under the KEK.
+    pub sealed_secret: String,
+    /// The event types it subscribes to, as a JSON array.
+    pub event_types: String,
+    pub active: bool,
+    /// The zone's chain sequence it has read events up to.
+    pub cursor_seq: i64,
+    pub consecutive_failures: i64,
+    pub last_success_at_ms: Option<i64>,
+    pub last_failure_at_ms: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// One event to send to one sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotificationDelivery {
+    pub id: String,
+    pub sink_id: String,
+    pub zone_id: String,
+    pub event_id: String,
+    pub event_type: String,
+    /// The JSON body it is sent with.
+    pub payload: String,
+    pub attempts: i64,
+    pub available_at_ms: i64,
+    pub delivered_at_ms: Option<i64>,
+    pub abandoned_at_ms: Option<i64>,
+    pub response_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at_ms: i64,
+}
+
+/// How one attempt to send a delivery ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// The sink answered 2xx.
+    Delivered { status: i64 },
+    /// It failed; tried again at `retry_at_ms`, or abandoned when that is `None`.
+    Failed {
+        status: Option<i64>,
+        error: String,
+        retry_at_ms: Option<i64>,
+    },
+}

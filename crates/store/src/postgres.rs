@@ -101,6 +101,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "deployment settings",
             include_str!("schema/0020_deployment_settings.sql").replace("{BIGINT}", "BIGINT"),
         ),
+        (
+            "notification sinks",
+            include_str!("schema/0021_notifications.sql").replace("{BIGINT}", "BIGINT"),
+        ),
     ]
 }
 

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use crate::db::{Db, Row, Statement, params};
 use crate::model::OutboxMessage;
-pub use crate::queries::{Audit, Deployment, Directory, Objects, Outbox, Policies, Runtime};
+pub use crate::queries::{
+    Audit, Deployment, Directory, Notifications, Objects, Outbox, Policies, Runtime,
+};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -37,7 +39,10 @@ pub enum StoreError {
 }
 
 /// Every family of records.
-pub trait Store: Deployment + Directory + Objects + Policies + Runtime + Audit + Outbox {}
+pub trait Store:
+    Deployment + Directory + Notifications + Objects + Policies + Runtime + Audit + Outbox
+{
+}
 
 impl<D: Db> Store for D {}
 

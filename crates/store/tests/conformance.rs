@@ -18,10 +18,10 @@ use caracal_crypto::AdminToken;
 use caracal_store::db::{Db, Value};
 use caracal_store::{
     Application, ApprovalHold, AuditEvent, AuthorityRecord, ConsoleSession, DelegationEdge,
-    IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, OutboxFailure, OutboxMessage, PgOptions,
-    PgStore, PolicyHeader, Provider, ProviderConnection, RecordFilter, Resource, SealedSecret,
-    Session, SessionFilter, SigningKey, SqliteStore, Store, StoreError, SubjectFilter,
-    SubjectSummary, TokenScope,
+    DeliveryOutcome, IdempotencyReceipt, KekRecord, NewAdminToken, NewZone, NotificationDelivery,
+    NotificationSink, OutboxFailure, OutboxMessage, PgOptions, PgStore, PolicyHeader, Provider,
+    ProviderConnection, RecordFilter, Resource, SealedSecret, Session, SessionFilter, SigningKey,
+    SqliteStore, Store, StoreError, SubjectFilter, SubjectSummary, TokenScope,
 };
 
 struct Backend {
@@ -164,6 +164,7 @@ conformance!(
     a_retention_cut_only_moves_forward_and_drops_rows_with_it,
     zones_and_applications_are_renamed_and_archived_in_place,
     providers_and_resources_are_saved_in_place_and_archived_only_when_unused,
+    notification_sinks_follow_the_ledger_and_settle_their_deliveries,
 );
 
 fn message(stream: &str, n: usize) -> OutboxMessage {
@@ -1629,7 +1630,7 @@ async fn approval_holds_are_decided_once_and_consumed_once(backend: &Backend) {
     assert!(
         matches!(
             store
-                .consume_approval_hold("zone-1", "h1", &authority("zone-1", "ar-h1"))
+                .consume_approval_hold("zone-1", "h1", &authority("zone-1", "ar-h1"), &[])
                 .await,
             Err(StoreError::Conflict(_))
         ),
@@ -1655,7 +1656,7 @@ async fn approval_holds_are_decided_once_and_consumed_once(backend: &Backend) {
         "expired holds cannot be decided"
     );
     store
-        .consume_approval_hold("zone-1", "h1", &authority("zone-1", "ar-h1"))
+        .consume_approval_hold("zone-1", "h1", &authority("zone-1", "ar-h1"), &[])
         .await
         .unwrap();
     assert!(
@@ -1669,7 +1670,7 @@ async fn approval_holds_are_decided_once_and_consumed_once(backend: &Backend) {
     assert!(
         matches!(
             store
-                .consume_approval_hold("zone-1", "h1", &authority("zone-1", "ar-h1"))
+                .consume_approval_hold("zone-1", "h1", &authority("zone-1", "ar-h1"), &[])
                 .await,
             Err(StoreError::Conflict(_))
         ),
@@ -3432,4 +3433,291 @@ async fn admin_objects_are_found_by_kind_and_id_in_any_zone(backend: &Backend) {
             .unwrap()
             .is_none()
     );
+}
+
+fn sink(zone: &str, id: &str) -> NotificationSink {
+    NotificationSink {
+        id: id.into(),
+        zone_id: zone.into(),
+        name: format!("sink {id}"),
+        url: "https://hooks.example/approvals".into(),
+        sealed_secret: "sealed".into(),
+        event_types: r#"["step_up_issued"]"#.into(),
+        active: true,
+        cursor_seq: -1,
+        consecutive_failures: 0,
+        last_success_at_ms: None,
+        last_failure_at_ms: None,
+        last_error: None,
+        created_at_ms: 1_000,
+        updated_at_ms: 1_000,
+    }
+}
+
+fn delivery(sink: &str, event: &str, created_at_ms: i64) -> NotificationDelivery {
+    NotificationDelivery {
+        id: format!("{sink}-{event}"),
+        sink_id: sink.into(),
+        zone_id: "zone-0".into(),
+        event_id: event.into(),
+        event_type: "step_up_issued".into(),
+        payload: "{}".into(),
+        attempts: 0,
+        available_at_ms: created_at_ms,
+        delivered_at_ms: None,
+        abandoned_at_ms: None,
+        response_status: None,
+        last_error: None,
+        created_at_ms,
+    }
+}
+
+async fn notification_sinks_follow_the_ledger_and_settle_their_deliveries(backend: &Backend) {
+    let store = backend.store.as_ref();
+    for n in 0..2 {
+        store.create_zone(&zone(n), &[]).await.unwrap();
+    }
+    let mut events = vec![audit("zone-0", "e1", 1), audit("zone-0", "e2", 2)];
+    events[1].event_type = "step_up_issued".into();
+    store.insert_audit_events(&events).await.unwrap();
+
+    // A new sink starts at its zone's ledger head; the zone holds at most `max` sinks.
+    store
+        .insert_notification_sink(&sink("zone-0", "s1"), 2, &[message("caracal.test", 1)])
+        .await
+        .unwrap();
+    store
+        .insert_notification_sink(&sink("zone-1", "s9"), 2, &[])
+        .await
+        .unwrap();
+    store
+        .insert_notification_sink(&sink("zone-0", "s2"), 2, &[])
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .insert_notification_sink(&sink("zone-0", "s3"), 2, &[])
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let first = store
+        .get_notification_sink("zone-0", "s1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.cursor_seq, 2, "history before the sink is not sent");
+    assert_eq!(
+        store
+            .get_notification_sink("zone-1", "s9")
+            .await
+            .unwrap()
+            .unwrap()
+            .cursor_seq,
+        0
+    );
+    assert!(
+        store
+            .get_notification_sink("zone-1", "s1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        store.list_notification_sinks("zone-0").await.unwrap().len(),
+        2
+    );
+    assert_eq!(
+        store
+            .claim_outbox("t", 10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Only approval events are read, within the window asked for.
+    let mut later = vec![
+        audit("zone-0", "e3", 3),
+        audit("zone-0", "e4", 4),
+        audit("zone-0", "e5", 5),
+        audit("zone-1", "e6", 1),
+    ];
+    later[0].event_type = "step_up_decided".into();
+    later[2].event_type = "step_up_consumed".into();
+    later[3].event_type = "step_up_issued".into();
+    store.insert_audit_events(&later).await.unwrap();
+    let read: Vec<String> = store
+        .approval_events("zone-0", 2, 5, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|event| event.id)
+        .collect();
+    assert_eq!(read, ["e3", "e5"]);
+    assert_eq!(
+        store
+            .approval_events("zone-0", 2, 4, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        store.approval_events("zone-0", 0, 5, 1).await.unwrap()[0].id,
+        "e2"
+    );
+
+    // Gathering moves the cursor once; a second notifier from the same place is refused.
+    let gathered = [delivery("s1", "e3", 10), delivery("s1", "e5", 11)];
+    store
+        .gather_notifications("s1", 2, 5, &gathered)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.gather_notifications("s1", 2, 5, &gathered).await,
+        Err(StoreError::Conflict(_))
+    ));
+    store
+        .gather_notifications("s1", 5, 5, &[delivery("s1", "e5", 12)])
+        .await
+        .unwrap();
+    let listed = store
+        .list_notification_deliveries("s1", None, 10)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 2, "one delivery per (sink, event)");
+    assert_eq!(listed[0].id, "s1-e5", "newest first");
+    let paged = store
+        .list_notification_deliveries("s1", Some((listed[0].created_at_ms, &listed[0].id)), 10)
+        .await
+        .unwrap();
+    assert_eq!(paged.len(), 1);
+    assert_eq!(paged[0].id, "s1-e3");
+
+    // Due ones only; a failure backs off, a success settles and resets the sink's count.
+    let due = store.due_notifications(10, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    let failed = DeliveryOutcome::Failed {
+        status: Some(500),
+        error: "answered 500".into(),
+        retry_at_ms: Some(100),
+    };
+    store
+        .settle_notification(&due[0], &failed, 20)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.due_notifications(50, 10).await.unwrap()[0].id,
+        "s1-e5"
+    );
+    let sink_now = store
+        .get_notification_sink("zone-0", "s1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sink_now.consecutive_failures, 1);
+    assert_eq!(sink_now.last_error.as_deref(), Some("answered 500"));
+    let retried = store.due_notifications(100, 10).await.unwrap();
+    assert_eq!(retried.len(), 2);
+    assert_eq!(retried[1].attempts, 1);
+    store
+        .settle_notification(
+            &retried[1],
+            &DeliveryOutcome::Delivered { status: 204 },
+            110,
+        )
+        .await
+        .unwrap();
+    let abandon = DeliveryOutcome::Failed {
+        status: None,
+        error: "connection refused".into(),
+        retry_at_ms: None,
+    };
+    store
+        .settle_notification(&retried[0], &abandon, 120)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .due_notifications(i64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let settled = store
+        .list_notification_deliveries("s1", None, 10)
+        .await
+        .unwrap();
+    let e3 = settled.iter().find(|d| d.event_id == "e3").unwrap();
+    assert_eq!(
+        (e3.delivered_at_ms, e3.response_status, e3.attempts),
+        (Some(110), Some(204), 2)
+    );
+    let e5 = settled.iter().find(|d| d.event_id == "e5").unwrap();
+    assert_eq!((e5.abandoned_at_ms, e5.attempts), (Some(120), 1));
+    assert_eq!(
+        store
+            .get_notification_sink("zone-0", "s1")
+            .await
+            .unwrap()
+            .unwrap()
+            .consecutive_failures,
+        1,
+        "the success reset it, the abandonment counted"
+    );
+
+    // A paused sink is neither followed nor sent; live sinks are those of live zones.
+    store
+        .gather_notifications("s2", 2, 5, &[delivery("s2", "e3", 10)])
+        .await
+        .unwrap();
+    let mut paused = store
+        .get_notification_sink("zone-0", "s2")
+        .await
+        .unwrap()
+        .unwrap();
+    paused.active = false;
+    paused.name = "renamed".into();
+    store.update_notification_sink(&paused, &[]).await.unwrap();
+    assert!(
+        store
+            .due_notifications(i64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let live: Vec<String> = store
+        .live_notification_sinks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|sink| sink.id)
+        .collect();
+    assert_eq!(live, ["s1", "s9"]);
+
+    // Retention forgets settled rows only; deleting a sink deletes its deliveries.
+    assert_eq!(store.purge_notification_deliveries(115).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .list_notification_deliveries("s1", None, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    store
+        .delete_notification_sink("zone-0", "s2", &[])
+        .await
+        .unwrap();
+    assert!(
+        store
+            .list_notification_deliveries("s2", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        store.delete_notification_sink("zone-1", "s1", &[]).await,
+        Err(StoreError::NotFound(_))
+    ));
 }

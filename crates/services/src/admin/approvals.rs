@@ -13,7 +13,7 @@ use http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Change, evidence, invalid_body, json, on_conflict, page, timestamp};
+use super::{invalid_body, json, on_conflict, page, timestamp};
 use crate::auth::Access;
 use crate::error::ApiError;
 use crate::state::RoleState;
@@ -218,21 +218,16 @@ async fn decide(
     if current != "pending" {
         return Err(not_decidable());
     }
-    let recorded = evidence(
-        &caller,
-        request_id.as_deref(),
-        Change {
-            zone_id: &zone_id,
-            action: if decision == "approved" {
-                "step_up_decided.approved"
-            } else {
-                "step_up_decided.rejected"
-            },
-            entity_type: "approval",
-            entity_id: &id,
-            fields: vec!["decision", "decision_reason"],
-        },
-    )?;
+    let recorded = crate::sts::decided_event(
+        &hold,
+        &request_id
+            .as_deref()
+            .map_or_else(|| "none".to_owned(), ToString::to_string),
+        decision,
+        &caller.actor(),
+        "admin",
+    )
+    .ok_or_else(|| ApiError::new(ErrorCode::InternalError))?;
     state
         .shared
         .store

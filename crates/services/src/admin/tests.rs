@@ -1271,9 +1271,20 @@ async fn approvals_are_listed_by_state_and_decided_once_by_an_approve_token() {
     );
     let (got, _, _) = call(&app, "GET", &format!("{base}/nope"), Some(&approver), "").await;
     assert_eq!(got, StatusCode::NOT_FOUND);
-    assert_eq!(
-        types(&audit_outbox(&shared).await)[1..],
-        ["admin.step_up_decided.approved"]
+    let events = audit_outbox(&shared).await;
+    assert_eq!(types(&events)[1..], ["step_up_decided"]);
+    let decided: Value = serde_json::from_str(&events[1].1).unwrap();
+    assert_eq!(decided["decision"], "allow");
+    let metadata = &decided["metadata_json"];
+    assert_eq!(metadata["challenge_id"], "hold-1");
+    assert_eq!(metadata["decision"], "approved");
+    assert_eq!(metadata["approver_plane"], "admin");
+    assert!(
+        metadata["approver_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("admin:"),
+        "{metadata}"
     );
 }
 

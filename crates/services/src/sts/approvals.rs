@@ -174,7 +174,7 @@ pub(super) fn interaction_required(hold: &ApprovalHold, now: i64) -> TokenError 
 /// How a gated mint proceeds once its approval is settled.
 pub(super) enum Approved {
     /// Spend hold `0`, creating the mint's record with it.
-    Consume(String),
+    Consume(Box<ApprovalHold>),
     /// Already spent within the window for this record: mint again for it, no new record.
     Reissue { sid: String, expires_at_ms: i64 },
 }
@@ -191,6 +191,7 @@ pub(super) async fn settle(
     binding: &str,
     gate: &Gate,
     metadata: serde_json::Value,
+    request_id: &str,
 ) -> Result<Approved, TokenError> {
     let store = state.shared.store.as_ref();
     let now = now_ms();
@@ -222,7 +223,9 @@ pub(super) async fn settle(
             consumed_at_ms: None,
             consumed_record_id: None,
         };
-        store.create_approval_hold(&hold, &[]).await?;
+        let issued = crate::holds::event("step_up_issued", &hold, request_id, "allow", json!({}))
+            .ok_or_else(TokenError::internal)?;
+        store.create_approval_hold(&hold, &[issued]).await?;
         return Err(interaction_required(&hold, now));
     };
     let hold = store
@@ -252,7 +255,7 @@ pub(super) async fn settle(
                 _ => Err(consumed()),
             }
         }
-        _ => Ok(Approved::Consume(hold.id)),
+        _ => Ok(Approved::Consume(Box::new(hold))),
     }
 }
 
@@ -351,7 +354,7 @@ pub async fn decide(
     let Some(sts) = state.sts.clone() else {
         return TokenError::internal().render(&request_id);
     };
-    match decide_hold(&state, &sts, &headers, &id, &body).await {
+    match decide_hold(&state, &sts, &headers, &id, &body, &request_id).await {
         Ok(answer) => Json(answer).into_response(),
         Err(error) => error.render(&request_id),
     }
@@ -363,6 +366,7 @@ async fn decide_hold(
     headers: &http::HeaderMap,
     id: &str,
     body: &[u8],
+    request_id: &str,
 ) -> Result<serde_json::Value, TokenError> {
     if body.len() > super::MAX_FORM_BYTES {
         return Err(TokenError::new(
@@ -430,14 +434,23 @@ async fn decide_hold(
             "an approver cannot decide a hold raised by its own lineage",
         ));
     }
+    let approver_id = format!("subject:{}", approver.sub);
+    let decided = decided_event(
+        &hold,
+        request_id,
+        &decision.decision,
+        &approver_id,
+        "subject",
+    )
+    .ok_or_else(TokenError::internal)?;
     store
         .decide_approval_hold(
             &hold.zone_id,
             &hold.id,
             &decision.decision,
             &reason,
-            &format!("subject:{}", approver.sub),
-            &[],
+            &approver_id,
+            &[decided],
         )
         .await
         .map_err(|error| match error {
@@ -449,4 +462,26 @@ async fn decide_hold(
             other => other.into(),
         })?;
     Ok(json!({"id": hold.id, "state": decision.decision}))
+}
+
+/// `step_up_decided` for `hold`, decided `decision` by `approver_id` through `plane` (`admin`
+/// or `subject`).
+pub(crate) fn decided_event(
+    hold: &ApprovalHold,
+    request_id: &str,
+    decision: &str,
+    approver_id: &str,
+    plane: &str,
+) -> Option<caracal_store::OutboxMessage> {
+    crate::holds::event(
+        "step_up_decided",
+        hold,
+        request_id,
+        if decision == "approved" {
+            "allow"
+        } else {
+            "deny"
+        },
+        json!({"decision": decision, "approver_id": approver_id, "approver_plane": plane}),
+    )
 }

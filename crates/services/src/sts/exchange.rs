@@ -427,12 +427,13 @@ async fn exchange(
             &gate,
             serde_json::json!({"resources": granted, "scopes": ask.scopes,
                 "agent_session_id": form.agent_session_id, "delegation_edge_id": form.delegation_edge_id}),
+            request_id,
         )
         .await;
         match settled {
             Ok(settled) => {
                 let (approval_id, outcome) = match &settled {
-                    super::approvals::Approved::Consume(hold_id) => (hold_id.as_str(), "consumed"),
+                    super::approvals::Approved::Consume(hold) => (hold.id.as_str(), "consumed"),
                     super::approvals::Approved::Reissue { .. } => {
                         (form.approval_id.as_deref().unwrap_or_default(), "reissued")
                     }
@@ -501,14 +502,22 @@ async fn exchange(
     // An approved mint spends its approval, creating its record, before its evidence is
     // recorded, so the ledger says whether it was spent; the gate passed, the granted
     // resources' events are allows.
-    if let Some(super::approvals::Approved::Consume(hold_id)) = &approved {
+    if let Some(super::approvals::Approved::Consume(hold)) = &approved {
+        let consumed = crate::holds::event(
+            "step_up_consumed",
+            hold,
+            request_id,
+            "allow",
+            serde_json::json!({"authority_record_id": record.id}),
+        )
+        .ok_or_else(TokenError::internal)?;
         let spent = store
-            .consume_approval_hold(&ask.zone_id, hold_id, &record)
+            .consume_approval_hold(&ask.zone_id, &hold.id, &record, &[consumed])
             .await
             .map_err(super::approvals::consume_error);
         match &spent {
             Ok(()) => allow_granted(&mut events, &granted),
-            Err(refusal) => note_approval(&mut events, hold_id, refusal.code),
+            Err(refusal) => note_approval(&mut events, &hold.id, refusal.code),
         }
         record_all(state, events).await?;
         spent?;

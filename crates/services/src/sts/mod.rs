@@ -30,6 +30,7 @@ use crate::policy::PolicyCache;
 use crate::state::RoleState;
 use crate::wire::{Jwks, OAuthErrorBody};
 
+pub(crate) use approvals::decided_event;
 pub use exchange::MAX_FORM_BYTES;
 
 /// Mints a minute per (zone, resource, application) unless configured.

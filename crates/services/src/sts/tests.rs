@@ -1617,6 +1617,59 @@ async fn a_gated_scope_waits_for_a_human_and_the_approval_is_spent_once() {
             && refused.last().map(String::as_str) == Some("deny access_denied"),
         "{refused:?}"
     );
+    // Each hold's own steps ride the transactions that take them (through the outbox):
+    // issued once, decided once, consumed once, on the record the mint created.
+    let steps: Vec<Value> = world
+        .shared
+        .store
+        .claim_outbox("test", 1000, std::time::Duration::from_secs(60))
+        .await
+        .unwrap()
+        .iter()
+        .filter(|row| row.stream == caracal_bus::stream_names::AUDIT_EVENTS)
+        .filter_map(|row| serde_json::from_str::<Value>(&row.fields["data"]).ok())
+        .filter(|event| {
+            event["event_type"]
+                .as_str()
+                .unwrap()
+                .starts_with("step_up_")
+        })
+        .collect();
+    let steps_of = |id: &str| -> Vec<String> {
+        steps
+            .iter()
+            .filter(|event| event["metadata_json"]["challenge_id"] == id)
+            .map(|event| {
+                format!(
+                    "{} {}",
+                    event["event_type"].as_str().unwrap(),
+                    event["decision"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        steps_of(&hold_id),
+        [
+            "step_up_issued allow",
+            "step_up_decided allow",
+            "step_up_consumed allow"
+        ]
+    );
+    assert_eq!(
+        steps_of(&other_id),
+        ["step_up_issued allow", "step_up_decided deny"]
+    );
+    let consumed = steps
+        .iter()
+        .find(|event| event["event_type"] == "step_up_consumed")
+        .unwrap();
+    assert_eq!(
+        consumed["metadata_json"]["authority_record_id"],
+        first.sid.as_str()
+    );
+    assert_eq!(consumed["metadata_json"]["tier"], "high");
+    assert_eq!(consumed["metadata_json"]["approver_class"], "operator");
 }
 
 #[tokio::test]

@@ -69,6 +69,15 @@ pub trait Audit: Send + Sync {
         from: i64,
         to: i64,
     ) -> Result<Vec<AuditEvent>, StoreError>;
+    /// The zone's approval events (`step_up_issued`, `step_up_decided`, `step_up_consumed`)
+    /// with a sequence in `after_seq + 1..=through_seq`, in order, at most `limit`.
+    async fn approval_events(
+        &self,
+        zone_id: &str,
+        after_seq: i64,
+        through_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditEvent>, StoreError>;
     /// The zones that have audit rows.
     async fn audit_zones(&self) -> Result<Vec<String>, StoreError>;
 
@@ -419,6 +428,27 @@ impl<D: Db> Audit for D {
                 " WHERE zone_id = $1 AND chain_seq >= $2 AND chain_seq <= $3 ORDER BY chain_seq"
             ),
             params![zone_id, from, to],
+            event,
+        )
+        .await
+    }
+
+    async fn approval_events(
+        &self,
+        zone_id: &str,
+        after_seq: i64,
+        through_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        all(
+            self,
+            concat!(
+                select_audit_events!(),
+                " WHERE zone_id = $1 AND chain_seq > $2 AND chain_seq <= $3
+                    AND event_type IN ('step_up_issued', 'step_up_decided', 'step_up_consumed')
+                  ORDER BY chain_seq LIMIT $4"
+            ),
+            params![zone_id, after_seq, through_seq, limit],
             event,
         )
         .await

@@ -3,6 +3,7 @@
 mod audit;
 mod deployment;
 mod directory;
+mod notifications;
 mod objects;
 mod outbox;
 mod policies;
@@ -11,6 +12,7 @@ pub(crate) mod runtime;
 pub use audit::{Audit, ChainAppend, ChainBuilder};
 pub use deployment::Deployment;
 pub use directory::Directory;
+pub use notifications::Notifications;
 pub use objects::Objects;
 pub use outbox::Outbox;
 pub use policies::Policies;

@@ -354,6 +354,7 @@ pub trait Runtime: Send + Sync {
         zone_id: &str,
         id: &str,
         record: &AuthorityRecord,
+        outbox: &[OutboxMessage],
     ) -> Result<(), StoreError>;
 
     /// Stores a receipt; an existing live receipt for the same key is a conflict.
@@ -1706,6 +1707,7 @@ impl<D: Db> Runtime for D {
         zone_id: &str,
         id: &str,
         record: &AuthorityRecord,
+        outbox: &[OutboxMessage],
     ) -> Result<(), StoreError> {
         let now = now_ms();
         let mut statements = vec![
@@ -1718,6 +1720,7 @@ impl<D: Db> Runtime for D {
             .must_change(conflict_state),
         ];
         statements.extend(authority_inserts(std::slice::from_ref(record)));
+        statements.extend(crate::store::enqueue(outbox, now));
         self.atomic(statements).await.map(|_| ())
     }
 
