@@ -25,6 +25,7 @@ pub mod keys;
 pub mod ledger;
 pub mod mandate;
 mod metrics;
+pub mod notifier;
 pub mod outbox;
 pub mod peer_probe;
 pub mod policy;

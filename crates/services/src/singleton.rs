@@ -45,9 +45,9 @@ pub async fn run_singleton<F, Fut>(
     }
 }
 
-/// Retention: forgets expired idempotency receipts and replay keys, and the stream entries
-/// every consumer group has read and acknowledged (an audit event, once in the ledger, is not
-/// kept twice).
+/// Retention: forgets expired idempotency receipts and replay keys, notification deliveries
+/// settled a week ago, and the stream entries every consumer group has read and acknowledged
+/// (an audit event, once in the ledger, is not kept twice).
 pub async fn retention(store: &dyn Store, replay: &dyn ReplayRegistry, streams: &dyn Streams) {
     for stream in caracal_bus::stream_names::ALL {
         match streams.trim_consumed(stream).await {
@@ -63,6 +63,15 @@ pub async fn retention(store: &dyn Store, replay: &dyn ReplayRegistry, streams: 
     }
     if let Err(error) = replay.purge_expired().await {
         tracing::warn!(%error, "replay key purge failed");
+    }
+    let keep = i64::try_from(crate::notifier::RETENTION.as_millis()).unwrap_or(i64::MAX);
+    match store
+        .purge_notification_deliveries(caracal_store::now_ms().saturating_sub(keep))
+        .await
+    {
+        Ok(0) => {}
+        Ok(purged) => tracing::debug!(purged, "settled notification deliveries purged"),
+        Err(error) => tracing::warn!(%error, "notification delivery purge failed"),
     }
 }
 

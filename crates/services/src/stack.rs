@@ -349,6 +349,20 @@ impl Stack {
                     stop_receiver.clone(),
                 ));
             }
+            if role == Role::Api {
+                let shared = self.shared.clone();
+                servers.spawn(crate::singleton::run_singleton(
+                    Arc::clone(&self.shared.store),
+                    "notifications",
+                    format!("api-{}", self.instance),
+                    crate::notifier::ROUND,
+                    move || {
+                        let shared = shared.clone();
+                        async move { crate::notifier::run_once(&shared).await }
+                    },
+                    stop_receiver.clone(),
+                ));
+            }
             if role == Role::Sts {
                 self.start_sts(&mut state, &mut servers, &stop_receiver)
                     .await?;

@@ -7,6 +7,7 @@ mod connections;
 mod deployment;
 mod incident;
 mod keys;
+mod notifications;
 mod objects;
 mod openapi;
 mod policies;
@@ -60,6 +61,7 @@ pub fn routes() -> Router<RoleState> {
         .merge(tokens::routes())
         .merge(views::routes())
         .merge(objects::routes())
+        .merge(notifications::routes())
         .merge(connections::routes())
 }
 
@@ -174,6 +176,25 @@ fn slug_of(name: &str, max: usize, fallback: &str) -> String {
     } else {
         slug.to_owned()
     }
+}
+
+/// `url` as a URI when it is an absolute `https` URL, or `http` to a loopback host, without
+/// user information or fragment, at most 2,048 bytes: where this deployment sends something
+/// of an operator's choosing (discovery, notifications).
+fn https_or_loopback(url: &str) -> Option<http::Uri> {
+    let uri: http::Uri = url.parse().ok()?;
+    let authority = uri.authority()?;
+    let host = authority.host();
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let secure =
+        uri.scheme_str() == Some("https") || (uri.scheme_str() == Some("http") && loopback);
+    let plain = !authority.as_str().contains('@') && !url.contains('#') && url.len() <= 2048;
+    (secure && plain && !host.is_empty()).then_some(uri)
 }
 
 /// A new object id.

@@ -109,6 +109,48 @@ pub const OPERATIONS: &[Operation] = &[
     ),
     op(
         "get",
+        "/v1/zones/{zone_id}/notification-sinks",
+        "read",
+        "Approval notification sinks, with their delivery health",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/notification-sinks",
+        "write",
+        "Register a webhook for approval events: `{name, url, event_types?, active?}` (https, or http to loopback; at most 20 a zone; the `nsk_` secret shown once)",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/notification-sinks/{id}",
+        "read",
+        "One notification sink",
+    ),
+    op(
+        "patch",
+        "/v1/zones/{zone_id}/notification-sinks/{id}",
+        "write",
+        "Change a sink's name, url, event_types or active",
+    ),
+    op(
+        "delete",
+        "/v1/zones/{zone_id}/notification-sinks/{id}",
+        "write",
+        "Delete a sink and its deliveries",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/notification-sinks/{id}/deliveries",
+        "read",
+        "A sink's deliveries, newest first: state, attempts, response, payload (kept 7 days once settled)",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/notification-sinks/{id}/rotate-secret",
+        "write",
+        "A new `nsk_` signing secret, shown once; the old one signs nothing more",
+    ),
+    op(
+        "get",
         "/v1/zones/{zone_id}/grants",
         "read",
         "Delegated grants (filters application_id, user_id or subject_id, resource_id, provider_id, status, scopes)",

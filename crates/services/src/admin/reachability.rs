@@ -177,20 +177,7 @@ async fn discover(
     let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
     let request: DiscoveryRequest = super::json(&raw)?;
     let issuer = request.issuer.trim_end_matches('/');
-    let uri: http::Uri = issuer
-        .parse()
-        .map_err(|_| super::invalid_body("issuer", "must be an absolute URL"))?;
-    let loopback = uri.host().is_some_and(|host| {
-        host == "localhost"
-            || host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    });
-    let secure =
-        uri.scheme_str() == Some("https") || (uri.scheme_str() == Some("http") && loopback);
-    if !secure || uri.query().is_some() || issuer.contains('#') || issuer.len() > 2048 {
+    if super::https_or_loopback(issuer).is_none_or(|uri| uri.query().is_some()) {
         return Err(super::invalid_body(
             "issuer",
             "must be an https URL (http only on loopback) without query or fragment",

@@ -1303,6 +1303,7 @@ fn declared_routes() -> Vec<(String, String)> {
         include_str!("reachability.rs"),
         include_str!("views.rs"),
         include_str!("objects.rs"),
+        include_str!("notifications.rs"),
         include_str!("deployment.rs"),
         include_str!("connections.rs"),
         include_str!("incident.rs"),
@@ -2833,5 +2834,340 @@ async fn an_operator_lists_dead_outbox_rows_and_sends_them_again_on_the_record()
             .count(),
         2,
         "{recorded:?}"
+    );
+}
+
+#[tokio::test]
+async fn notification_sinks_are_sent_each_approval_event_signed_and_retried_on_the_record() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let reader = token(&shared, "read", TokenScope::Global).await;
+    let app = router(state);
+    let w = Some(writer.as_str());
+    // A receiver that records what it is sent and answers 500 until told otherwise.
+    type Received = Vec<(http::HeaderMap, String)>;
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Received::new()));
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let receiver = axum::Router::new().fallback({
+        let (received, healthy) = (received.clone(), healthy.clone());
+        move |headers: http::HeaderMap, body: String| async move {
+            received.lock().unwrap().push((headers, body));
+            if healthy.load(std::sync::atomic::Ordering::SeqCst) {
+                StatusCode::NO_CONTENT
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+
+    let (_, _, zone) = call(&app, "POST", "/v1/zones", w, r#"{"name":"notify"}"#).await;
+    let zone_id = zone["id"].as_str().unwrap().to_owned();
+    let base = format!("/v1/zones/{zone_id}/notification-sinks");
+    let url = format!("http://{address}/hooks");
+
+    // Bad input: each refused with its code, nothing stored.
+    for body in [
+        json!({"name": "x", "url": "http://hooks.example/x"}),
+        json!({"name": "x", "url": "https://user:pw@hooks.example/x"}),
+        json!({"name": "x", "url": "http://169.254.169.254/latest"}),
+        json!({"name": "x", "url": "https://169.254.169.254/latest"}),
+        json!({"name": "x", "url": "ftp://127.0.0.1/x"}),
+        json!({"name": "x", "url": url, "event_types": []}),
+        json!({"name": "x", "url": url, "event_types": ["token_exchange"]}),
+        json!({"name": "x", "url": url, "event_types": ["step_up_issued", "step_up_issued"]}),
+        json!({"name": "", "url": url}),
+        json!({"name": "x", "url": url, "secret": "mine"}),
+    ] {
+        let (got, _, answer) = call(&app, "POST", &base, w, &body.to_string()).await;
+        assert_eq!(
+            (got, code(&answer)),
+            (StatusCode::BAD_REQUEST, Some("invalid_body")),
+            "{body}: {answer}"
+        );
+    }
+    let (got, _, _) = call(
+        &app,
+        "POST",
+        &base,
+        Some(&reader),
+        r#"{"name":"x","url":"https://a.example"}"#,
+    )
+    .await;
+    assert_eq!(got, StatusCode::FORBIDDEN, "a read token cannot add a sink");
+
+    let body = json!({"name": "approvals", "url": url, "event_types": ["step_up_issued", "step_up_decided"]});
+    let (status, _, created) = call(&app, "POST", &base, w, &body.to_string()).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let secret = created["secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("nsk_"), "{created}");
+    let sink_id = created["id"].as_str().unwrap().to_owned();
+    let (_, _, read) = call(&app, "GET", &format!("{base}/{sink_id}"), Some(&reader), "").await;
+    assert!(
+        read.get("secret").is_none() && !read.to_string().contains(&secret),
+        "{read}"
+    );
+    assert_eq!(read["active"], true);
+
+    // Approval events in the ledger: one issued, one decided, one consumed (not subscribed),
+    // and an event of another kind.
+    let now = caracal_store::now_ms();
+    let ledger_row =
+        |id: &str, event_type: &str, seq: i64, metadata: Value| caracal_store::AuditEvent {
+            id: id.into(),
+            zone_id: zone_id.clone(),
+            event_type: event_type.into(),
+            request_id: format!("req-{seq}"),
+            decision: "allow".into(),
+            policy_set_id: None,
+            policy_set_version_id: None,
+            manifest_sha: None,
+            evaluation_status: "complete".into(),
+            determining_policies: "[]".into(),
+            diagnostics: "[]".into(),
+            metadata: metadata.to_string(),
+            occurred_at_ms: now + seq,
+            ingested_at_ms: now + seq,
+            chain_seq: seq,
+            content_sha256: "11".repeat(32),
+            prev_content_sha256: "11".repeat(32),
+            chain_mac: "22".repeat(32),
+            chain_key_id: "chain-1".into(),
+        };
+    shared
+        .store
+        .insert_audit_events(&[
+            ledger_row("ev-issued", "step_up_issued", 1, json!({"challenge_id": "h1", "privacy_mode": "identified"})),
+            ledger_row("ev-other", "token_exchange", 2, json!({})),
+            ledger_row("ev-decided", "step_up_decided", 3, json!({"challenge_id": "h1", "privacy_mode": "pseudonymous", "approver_id": "subject:u1", "decision": "approved"})),
+            ledger_row("ev-consumed", "step_up_consumed", 4, json!({"challenge_id": "h1"})),
+        ])
+        .await
+        .unwrap();
+
+    // The first round sends both subscribed events; the receiver fails them.
+    crate::notifier::run_once(&shared).await;
+    let first: Received = std::mem::take(&mut *received.lock().unwrap());
+    assert_eq!(first.len(), 2, "two subscribed events");
+    let mut sent_types: Vec<String> = first
+        .iter()
+        .map(|(headers, _)| headers["x-caracal-event"].to_str().unwrap().to_owned())
+        .collect();
+    sent_types.sort();
+    assert_eq!(sent_types, ["step_up_decided", "step_up_issued"]);
+    for (headers, body) in &first {
+        let timestamp = headers["x-caracal-timestamp"].to_str().unwrap();
+        assert_eq!(
+            headers["x-caracal-signature"].to_str().unwrap(),
+            crate::notifier::signature(secret.as_bytes(), timestamp, body),
+            "signed with the sink's secret over the timestamp and the body"
+        );
+        assert_eq!(headers["x-caracal-sink"].to_str().unwrap(), sink_id);
+        let payload: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            payload["id"],
+            headers["x-caracal-delivery"].to_str().unwrap()
+        );
+        assert_eq!(payload["zone_id"], zone_id.as_str());
+        assert_eq!(payload["data"]["challenge_id"], "h1");
+        assert!(
+            payload["data"].get("approver_id").is_none(),
+            "not identified: {payload}"
+        );
+    }
+    let deliveries_path = format!("{base}/{sink_id}/deliveries");
+    let (_, _, listed) = call(&app, "GET", &deliveries_path, Some(&reader), "").await;
+    let items = listed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{listed}");
+    assert!(
+        items
+            .iter()
+            .all(|d| d["state"] == "pending" && d["attempts"] == 1 && d["response_status"] == 500),
+        "{listed}"
+    );
+    let (_, _, health) = call(&app, "GET", &format!("{base}/{sink_id}"), Some(&reader), "").await;
+    assert_eq!(health["consecutive_failures"], 2);
+    assert_eq!(health["last_error"], "answered 500 Internal Server Error");
+
+    // Nothing is due again before its backoff; a repeat round sends nothing new.
+    crate::notifier::run_once(&shared).await;
+    assert!(received.lock().unwrap().is_empty());
+    // Once due and the receiver healthy, each is delivered once, and the sink recovers.
+    shared
+        .store
+        .settle_notification(
+            &shared
+                .store
+                .list_notification_deliveries(&sink_id, None, 10)
+                .await
+                .unwrap()[0],
+            &caracal_store::DeliveryOutcome::Failed {
+                status: None,
+                error: "test".into(),
+                retry_at_ms: Some(0),
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let mut second_due = shared
+        .store
+        .list_notification_deliveries(&sink_id, None, 10)
+        .await
+        .unwrap();
+    second_due.retain(|d| d.attempts == 1);
+    shared
+        .store
+        .settle_notification(
+            &second_due[0],
+            &caracal_store::DeliveryOutcome::Failed {
+                status: None,
+                error: "test".into(),
+                retry_at_ms: Some(0),
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    crate::notifier::run_once(&shared).await;
+    assert_eq!(received.lock().unwrap().len(), 2);
+    let (_, _, listed) = call(
+        &app,
+        "GET",
+        &format!("{deliveries_path}?limit=1"),
+        Some(&reader),
+        "",
+    )
+    .await;
+    assert_eq!(listed["items"][0]["state"], "delivered", "{listed}");
+    assert_eq!(listed["items"][0]["response_status"], 204);
+    let cursor = listed["next_cursor"].as_str().unwrap();
+    let (_, _, rest) = call(
+        &app,
+        "GET",
+        &format!("{deliveries_path}?limit=1&cursor={cursor}"),
+        Some(&reader),
+        "",
+    )
+    .await;
+    assert_eq!(rest["items"].as_array().unwrap().len(), 1);
+    assert!(rest["next_cursor"].is_null());
+    let (_, _, health) = call(&app, "GET", &format!("{base}/{sink_id}"), Some(&reader), "").await;
+    assert_eq!(health["consecutive_failures"], 0);
+    assert!(health["last_success_at"].as_str().is_some());
+
+    // Rotation: a new secret signs what is sent next; a paused sink is sent nothing.
+    let (status, _, rotated) = call(
+        &app,
+        "POST",
+        &format!("{base}/{sink_id}/rotate-secret"),
+        w,
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    let rotated_secret = rotated["secret"].as_str().unwrap().to_owned();
+    assert_ne!(rotated_secret, secret);
+    shared
+        .store
+        .insert_audit_events(&[ledger_row(
+            "ev-issued-2",
+            "step_up_issued",
+            5,
+            json!({"challenge_id": "h2"}),
+        )])
+        .await
+        .unwrap();
+    received.lock().unwrap().clear();
+    crate::notifier::run_once(&shared).await;
+    let (headers, body) = received.lock().unwrap()[0].clone();
+    let timestamp = headers["x-caracal-timestamp"].to_str().unwrap();
+    assert_eq!(
+        headers["x-caracal-signature"].to_str().unwrap(),
+        crate::notifier::signature(rotated_secret.as_bytes(), timestamp, &body)
+    );
+    let (status, _, paused) = call(
+        &app,
+        "PATCH",
+        &format!("{base}/{sink_id}"),
+        w,
+        r#"{"active":false}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, &paused["active"]),
+        (StatusCode::OK, &json!(false)),
+        "{paused}"
+    );
+    shared
+        .store
+        .insert_audit_events(&[ledger_row(
+            "ev-issued-3",
+            "step_up_issued",
+            6,
+            json!({"challenge_id": "h3"}),
+        )])
+        .await
+        .unwrap();
+    received.lock().unwrap().clear();
+    crate::notifier::run_once(&shared).await;
+    assert!(
+        received.lock().unwrap().is_empty(),
+        "a paused sink is sent nothing"
+    );
+    let (got, _, answer) = call(&app, "PATCH", &format!("{base}/{sink_id}"), w, "{}").await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::BAD_REQUEST, Some("invalid_body"))
+    );
+
+    // At most 20 a zone.
+    for n in 1..20 {
+        let body = json!({"name": format!("sink {n}"), "url": url});
+        let (status, _, _) = call(&app, "POST", &base, w, &body.to_string()).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let (got, _, answer) = call(
+        &app,
+        "POST",
+        &base,
+        w,
+        &json!({"name": "one more", "url": url}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::CONFLICT, Some("zone_limit_exceeded")),
+        "{answer}"
+    );
+
+    // Deleting takes its deliveries; every change is on the record, no secret in it.
+    let (status, _, _) = call(&app, "DELETE", &format!("{base}/{sink_id}"), w, "").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (got, _, _) = call(&app, "GET", &deliveries_path, Some(&reader), "").await;
+    assert_eq!(got, StatusCode::NOT_FOUND);
+    let events = audit_outbox(&shared).await;
+    let recorded: Vec<&str> = types(&events)
+        .into_iter()
+        .filter(|t| t.starts_with("admin.notification_sink"))
+        .collect();
+    assert_eq!(
+        &recorded[..4],
+        [
+            "admin.notification_sink.create",
+            "admin.notification_sink.rotate_secret",
+            "admin.notification_sink.update",
+            "admin.notification_sink.create"
+        ]
+    );
+    assert_eq!(recorded.last(), Some(&"admin.notification_sink.delete"));
+    assert!(
+        events
+            .iter()
+            .all(|(_, event)| !event.contains(&secret) && !event.contains(&rotated_secret))
     );
 }
