@@ -13,6 +13,8 @@
 
 mod util;
 
+use std::collections::BTreeMap;
+
 use util::{
     Running, cookie_of, csrf_of, form, free_ports, fresh_home, json_of, request, sign_in,
     wait_ready,
@@ -591,9 +593,47 @@ fn a_policy_set_page_diffs_simulates_and_activates() {
     assert!(exit.success());
 }
 
+/// A webhook receiver on loopback: answers every request 204 and hands over each one's
+/// headers (lower-cased) and body.
+fn webhook_receiver() -> (
+    std::net::SocketAddr,
+    std::sync::mpsc::Receiver<(BTreeMap<String, String>, String)>,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let (sender, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut headers = BTreeMap::new();
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            loop {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                let Some((name, value)) = line.trim_end().split_once(':') else {
+                    break;
+                };
+                headers.insert(name.to_ascii_lowercase(), value.trim().to_owned());
+            }
+            let length: usize = headers["content-length"].parse().unwrap();
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            stream
+                .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+                .unwrap();
+            let _ = sender.send((headers, String::from_utf8(body).unwrap()));
+        }
+    });
+    (address, received)
+}
+
 /// A scope the policy gates waits for a human: the STS holds the delegated mint, the console
 /// shows the pending hold on the zone's page, an operator approves it with a reason, and the
-/// agent's retry with the approval succeeds.
+/// agent's retry with the approval succeeds. A notification sink registered beforehand is sent
+/// each step of the hold from the ledger, signed with its secret.
 #[test]
 fn an_operator_approves_a_held_mint_in_the_console_and_the_retry_succeeds() {
     let (_parent, home) = fresh_home();
@@ -604,6 +644,12 @@ fn an_operator_approves_a_held_mint_in_the_console_and_the_retry_succeeds() {
     let (sts, coordinator) = (running.address("sts"), running.address("coordinator"));
     assert_eq!(wait_ready(api).status, 200);
     let zone = util::Provisioned::new(&home, api, &["resource://ledger"]);
+    let (hook, webhooks) = webhook_receiver();
+    let sink = zone.post(
+        &format!("/v1/zones/{}/notification-sinks", zone.id),
+        serde_json::json!({"name": "approvals", "url": format!("http://{hook}/approvals")}),
+    );
+    let sink_secret = sink["secret"].as_str().unwrap().to_owned();
     zone.activate_document("gated", &zone.gated_document());
     let (_root, child, edge) = util::delegation_with_edge(&zone, sts, coordinator, "read");
     let mint = util::exchange_form(
@@ -643,6 +689,40 @@ fn an_operator_approves_a_held_mint_in_the_console_and_the_retry_succeeds() {
 
     let retried = util::exchange(sts, &format!("{mint}&approval_id={hold}"));
     assert_eq!(retried.status, 200, "{}", retried.body);
+
+    // The sink hears each step once the ledger holds it: issued, decided, consumed.
+    let mut steps = Vec::new();
+    while steps.len() < 3 {
+        let (headers, body) = webhooks
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("every step of the hold is sent within a minute");
+        assert_eq!(
+            headers["x-caracal-signature"],
+            caracal_services::notifier::signature(
+                sink_secret.as_bytes(),
+                &headers["x-caracal-timestamp"],
+                &body
+            ),
+            "signed with the sink's secret"
+        );
+        assert_eq!(headers["x-caracal-sink"], sink["id"].as_str().unwrap());
+        let payload: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            payload["id"].as_str(),
+            Some(headers["x-caracal-delivery"].as_str())
+        );
+        assert_eq!(payload["data"]["challenge_id"], hold.as_str());
+        steps.push((
+            payload["occurred_at"].as_str().unwrap().to_owned(),
+            headers["x-caracal-event"].clone(),
+        ));
+    }
+    steps.sort();
+    let kinds: Vec<&str> = steps.iter().map(|(_, kind)| kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["step_up_issued", "step_up_decided", "step_up_consumed"]
+    );
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }
