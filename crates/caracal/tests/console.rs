@@ -593,12 +593,11 @@ fn a_policy_set_page_diffs_simulates_and_activates() {
     assert!(exit.success());
 }
 
-/// A webhook receiver on loopback: answers every request 204 and hands over each one's
-/// headers (lower-cased) and body.
-fn webhook_receiver() -> (
-    std::net::SocketAddr,
-    std::sync::mpsc::Receiver<(BTreeMap<String, String>, String)>,
-) {
+/// One request a webhook receiver got: its headers (lower-cased names) and body.
+type Webhook = (BTreeMap<String, String>, String);
+
+/// A webhook receiver on loopback: answers every request 204 and hands each one over.
+fn webhook_receiver() -> (std::net::SocketAddr, std::sync::mpsc::Receiver<Webhook>) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
