@@ -674,6 +674,39 @@ fn an_operator_approves_a_held_mint_in_the_console_and_the_retry_succeeds() {
         page.body
     );
     assert!(page.body.contains("value=\"approve\""), "{}", page.body);
+    assert!(
+        page.body.contains("Notification sinks")
+            && page.body.contains(&format!("http://{hook}/approvals")),
+        "the sink is listed: {}",
+        page.body
+    );
+    let added = form(
+        console,
+        &format!("/zones/{}/act", zone.id),
+        &session,
+        &format!(
+            "csrf={}&action=add-sink&id={}&name=pager&url=https%3A%2F%2Fhooks.example%2Fpager",
+            csrf_of(&page.body),
+            zone.id
+        ),
+    );
+    assert_eq!(added.status, 200, "{}", added.body);
+    assert!(
+        added.body.contains("nsk_"),
+        "the new sink's secret is shown once: {}",
+        added.body
+    );
+    let refused = form(
+        console,
+        &format!("/zones/{}/act", zone.id),
+        &session,
+        &format!(
+            "csrf={}&action=add-sink&id={}&name=metadata&url=http%3A%2F%2F169.254.169.254%2F",
+            csrf_of(&page.body),
+            zone.id
+        ),
+    );
+    assert_eq!(refused.status, 400, "{}", refused.body);
     let approved = form(
         console,
         &format!("/zones/{}/act", zone.id),

@@ -879,7 +879,8 @@ mod tests {
                      DROP INDEX sessions_status_ended; DROP INDEX sessions_authority_record;
                      DROP INDEX delegation_edges_status_revoked; DROP TABLE containment;
                      DROP TABLE admin_objects; DROP TABLE console_users; DROP TABLE console_sessions; DROP TABLE replay_memory;
-                     DROP TABLE deployment_settings;
+                     DROP TABLE deployment_settings; DROP TABLE notification_sinks;
+                     DROP TABLE notification_deliveries;
                      DELETE FROM schema_migrations WHERE version >= 2;",
                 )
             })

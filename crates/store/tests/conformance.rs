@@ -2210,7 +2210,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 20
+                supported: 21
             }
         ),
         "{error}"
@@ -2227,7 +2227,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
     assert_eq!(
         versions,
         [
-            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 999
+            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 999
         ],
         "the refused start wrote nothing"
     );
@@ -3209,7 +3209,7 @@ async fn retention_deletes_only_what_ended_long_enough_ago(backend: &Backend) {
 
 /// Undoes the migrations after 11 (runtime retention indexes, containment; 18 only dropped an
 /// index of 12, and 19's index goes with its table).
-const LATER_MIGRATIONS: [&str; 10] = [
+const LATER_MIGRATIONS: [&str; 12] = [
     "DROP INDEX authority_records_status_expiry",
     "DROP INDEX sessions_status_ended",
     "DROP INDEX sessions_authority_record",
@@ -3220,6 +3220,8 @@ const LATER_MIGRATIONS: [&str; 10] = [
     "DROP TABLE console_sessions",
     "DROP TABLE replay_memory",
     "DROP TABLE deployment_settings",
+    "DROP TABLE notification_sinks",
+    "DROP TABLE notification_deliveries",
 ];
 
 async fn the_read_views_filter_and_page_by_id(backend: &Backend) {

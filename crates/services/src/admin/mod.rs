@@ -103,18 +103,9 @@ fn page<T, B>(
     query: &ListQuery,
     body: impl FnMut(T) -> B,
 ) -> Result<Page<B>, ApiError> {
-    let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::with_description(
-            ErrorCode::InvalidRequest,
-            format!("`limit` must be 1 to {MAX_LIMIT}"),
-        ));
-    }
+    let (limit, after) = limit_and_after(query, DEFAULT_LIMIT)?;
     rows.sort_by_key(|row| std::cmp::Reverse(key(row)));
-    if let Some(cursor) = &query.cursor {
-        let after = decode_cursor(cursor).ok_or_else(|| {
-            ApiError::with_description(ErrorCode::InvalidRequest, "`cursor` is not one we issued")
-        })?;
+    if let Some(after) = after {
         rows.retain(|row| key(row) < after);
     }
     let next_cursor = (rows.len() > limit)
@@ -125,6 +116,28 @@ fn page<T, B>(
         items: rows.into_iter().map(body).collect(),
         next_cursor,
     })
+}
+
+/// `query`'s page size (`default` when absent, 1 to [`MAX_LIMIT`]) and the `(created_ms, id)`
+/// its cursor continues after.
+fn limit_and_after(
+    query: &ListQuery,
+    default: usize,
+) -> Result<(usize, Option<(i64, String)>), ApiError> {
+    let limit = query.limit.unwrap_or(default);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::with_description(
+            ErrorCode::InvalidRequest,
+            format!("`limit` must be 1 to {MAX_LIMIT}"),
+        ));
+    }
+    let after = match &query.cursor {
+        None => None,
+        Some(cursor) => Some(decode_cursor(cursor).ok_or_else(|| {
+            ApiError::with_description(ErrorCode::InvalidRequest, "`cursor` is not one we issued")
+        })?),
+    };
+    Ok((limit, after))
 }
 
 fn encode_cursor((created_ms, id): &(i64, String)) -> String {

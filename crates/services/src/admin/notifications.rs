@@ -381,19 +381,7 @@ async fn deliveries(
             "deliveries are not filtered by `status`",
         ));
     }
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=super::MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::with_description(
-            ErrorCode::InvalidRequest,
-            format!("`limit` must be 1 to {}", super::MAX_LIMIT),
-        ));
-    }
-    let before = match &query.cursor {
-        None => None,
-        Some(cursor) => Some(super::decode_cursor(cursor).ok_or_else(|| {
-            ApiError::with_description(ErrorCode::InvalidRequest, "`cursor` is not one we issued")
-        })?),
-    };
+    let (limit, before) = super::limit_and_after(&query, 100)?;
     found(&state, &zone_id, &id).await?;
     let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
     let mut rows = state

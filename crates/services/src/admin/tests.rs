@@ -2995,43 +2995,25 @@ async fn notification_sinks_are_sent_each_approval_event_signed_and_retried_on_t
     // Nothing is due again before its backoff; a repeat round sends nothing new.
     crate::notifier::run_once(&shared).await;
     assert!(received.lock().unwrap().is_empty());
-    // Once due and the receiver healthy, each is delivered once, and the sink recovers.
-    shared
-        .store
-        .settle_notification(
-            &shared
-                .store
-                .list_notification_deliveries(&sink_id, None, 10)
-                .await
-                .unwrap()[0],
-            &caracal_store::DeliveryOutcome::Failed {
-                status: None,
-                error: "test".into(),
-                retry_at_ms: Some(0),
-            },
-            now,
-        )
-        .await
-        .unwrap();
-    let mut second_due = shared
+    // Once due (their backoff cut short here) and the receiver healthy, each is delivered
+    // once, and the sink recovers.
+    let cut_short = caracal_store::DeliveryOutcome::Failed {
+        status: None,
+        error: "backoff cut short".into(),
+        retry_at_ms: Some(0),
+    };
+    for pending in shared
         .store
         .list_notification_deliveries(&sink_id, None, 10)
         .await
-        .unwrap();
-    second_due.retain(|d| d.attempts == 1);
-    shared
-        .store
-        .settle_notification(
-            &second_due[0],
-            &caracal_store::DeliveryOutcome::Failed {
-                status: None,
-                error: "test".into(),
-                retry_at_ms: Some(0),
-            },
-            now,
-        )
-        .await
-        .unwrap();
+        .unwrap()
+    {
+        shared
+            .store
+            .settle_notification(&pending, &cut_short, now)
+            .await
+            .unwrap();
+    }
     healthy.store(true, std::sync::atomic::Ordering::SeqCst);
     crate::notifier::run_once(&shared).await;
     assert_eq!(received.lock().unwrap().len(), 2);
@@ -3061,6 +3043,12 @@ async fn notification_sinks_are_sent_each_approval_event_signed_and_retried_on_t
     assert!(health["last_success_at"].as_str().is_some());
 
     // Rotation: a new secret signs what is sent next; a paused sink is sent nothing.
+    let issue_and_run = async |id: &str, seq: i64| {
+        let row = ledger_row(id, "step_up_issued", seq, json!({"challenge_id": id}));
+        shared.store.insert_audit_events(&[row]).await.unwrap();
+        received.lock().unwrap().clear();
+        crate::notifier::run_once(&shared).await;
+    };
     let (status, _, rotated) = call(
         &app,
         "POST",
@@ -3072,18 +3060,7 @@ async fn notification_sinks_are_sent_each_approval_event_signed_and_retried_on_t
     assert_eq!(status, StatusCode::OK, "{rotated}");
     let rotated_secret = rotated["secret"].as_str().unwrap().to_owned();
     assert_ne!(rotated_secret, secret);
-    shared
-        .store
-        .insert_audit_events(&[ledger_row(
-            "ev-issued-2",
-            "step_up_issued",
-            5,
-            json!({"challenge_id": "h2"}),
-        )])
-        .await
-        .unwrap();
-    received.lock().unwrap().clear();
-    crate::notifier::run_once(&shared).await;
+    issue_and_run("ev-issued-2", 5).await;
     let (headers, body) = received.lock().unwrap()[0].clone();
     let timestamp = headers["x-caracal-timestamp"].to_str().unwrap();
     assert_eq!(
@@ -3103,18 +3080,7 @@ async fn notification_sinks_are_sent_each_approval_event_signed_and_retried_on_t
         (StatusCode::OK, &json!(false)),
         "{paused}"
     );
-    shared
-        .store
-        .insert_audit_events(&[ledger_row(
-            "ev-issued-3",
-            "step_up_issued",
-            6,
-            json!({"challenge_id": "h3"}),
-        )])
-        .await
-        .unwrap();
-    received.lock().unwrap().clear();
-    crate::notifier::run_once(&shared).await;
+    issue_and_run("ev-issued-3", 6).await;
     assert!(
         received.lock().unwrap().is_empty(),
         "a paused sink is sent nothing"

@@ -151,7 +151,7 @@ pub(super) async fn zone(
         escape(zone_id),
         escape(zone_id)
     );
-    let sections: [(&str, String, Columns<'_>); 6] = [
+    let sections: [(&str, String, Columns<'_>); 7] = [
         (
             "Applications",
             format!("{base}/applications?limit=500"),
@@ -215,6 +215,18 @@ pub(super) async fn zone(
                 ("Expires", "/expires_at"),
             ],
         ),
+        (
+            "Notification sinks",
+            format!("{base}/notification-sinks?limit=500"),
+            &[
+                ("Name", "/name"),
+                ("URL", "/url"),
+                ("Events", "/event_types"),
+                ("Active", "/active"),
+                ("Failures in a row", "/consecutive_failures"),
+                ("Last error", "/last_error"),
+            ],
+        ),
     ];
     for (title, path, columns) in sections {
         let (_, answer) = admin(&state, &session, "GET", &path, None).await;
@@ -230,6 +242,7 @@ pub(super) async fn zone(
         ));
     }
     if session.writer {
+        body.push_str(&new_sink(zone_id, &session.csrf));
         body.push_str(&secret_exposure(zone_id, &session.csrf));
     }
     html(
@@ -347,6 +360,7 @@ pub(super) fn actions(section: &str, zone_id: &str, csrf: &str, answer: &Value) 
         "Applications" => ("rotate", "Rotate secret", false),
         "Policy sets" => ("rollback", "Roll back to last known good", false),
         "Pending approvals" => ("decide", "", true),
+        "Notification sinks" => ("rotate-sink", "Rotate signing secret", false),
         _ => return String::new(),
     };
     let items = answer
@@ -386,6 +400,23 @@ pub(super) fn actions(section: &str, zone_id: &str, csrf: &str, answer: &Value) 
         ));
     }
     forms
+}
+
+/// A new approval webhook: its name and URL (every approval event type).
+fn new_sink(zone_id: &str, csrf: &str) -> String {
+    format!(
+        "<section class=\"card\"><h2>New notification sink</h2>\
+         <form method=\"post\" action=\"/zones/{}/act\" class=\"action\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+         <input type=\"hidden\" name=\"action\" value=\"add-sink\">\
+         <input type=\"hidden\" name=\"id\" value=\"{}\">\
+         <input type=\"text\" name=\"name\" placeholder=\"name\" required> \
+         <input type=\"url\" name=\"url\" placeholder=\"https://…\" required> \
+         <button>Add sink</button></form></section>",
+        escape(zone_id),
+        escape(csrf),
+        escape(zone_id),
+    )
 }
 
 /// The secret-exposure runbook's zone controls: a new signing key (the old one verifying for
@@ -430,6 +461,10 @@ pub(super) struct ActForm {
     reason: Option<String>,
     #[serde(default)]
     overlap_seconds: Option<u64>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    url: Option<String>,
 }
 
 pub(super) async fn act(
@@ -461,6 +496,14 @@ pub(super) async fn act(
                 "reason": form.reason,
             }),
         ),
+        ("rotate-sink", _) => (
+            format!("/v1/zones/{zone_id}/notification-sinks/{id}/rotate-secret"),
+            serde_json::json!({}),
+        ),
+        ("add-sink", _) if id == zone_id => (
+            format!("/v1/zones/{zone_id}/notification-sinks"),
+            serde_json::json!({ "name": form.name.unwrap_or_default(), "url": form.url.unwrap_or_default() }),
+        ),
         ("invalidate", _) if id == zone_id => (
             format!("/v1/zones/{zone_id}/invalidate-sessions"),
             serde_json::json!({ "reason": form.reason.unwrap_or_default() }),
@@ -481,6 +524,10 @@ pub(super) async fn act(
                     .and_then(Value::as_str)
                     .unwrap_or("")
             )
+        ),
+        "rotate-sink" | "add-sink" => format!(
+            "<p class=\"good\">The sink's signing secret (shown once; store it now):</p><p><code class=\"secret\">{}</code></p>",
+            escape(answer.get("secret").and_then(Value::as_str).unwrap_or(""))
         ),
         "rotate-key" => format!(
             "<p class=\"good\">New signing key {} signs from now on.</p>",

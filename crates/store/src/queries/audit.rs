@@ -446,7 +446,7 @@ impl<D: Db> Audit for D {
                 select_audit_events!(),
                 " WHERE zone_id = $1 AND chain_seq > $2 AND chain_seq <= $3
                     AND event_type IN ('step_up_issued', 'step_up_decided', 'step_up_consumed')
-                  ORDER BY chain_seq LIMIT $4"
+                  ORDER BY chain_seq LIMIT CAST($4 AS BIGINT)"
             ),
             params![zone_id, after_seq, through_seq, limit],
             event,

@@ -306,7 +306,7 @@ impl<D: Db> Notifications for D {
                 select_deliveries!(),
                 " WHERE delivered_at_ms IS NULL AND abandoned_at_ms IS NULL AND available_at_ms <= $1
                     AND sink_id IN (SELECT id FROM notification_sinks WHERE active = 1)
-                  ORDER BY available_at_ms, id LIMIT $2"
+                  ORDER BY available_at_ms, id LIMIT CAST($2 AS BIGINT)"
             ),
             params![now_ms, limit],
             delivery,
@@ -373,7 +373,7 @@ impl<D: Db> Notifications for D {
                 select_deliveries!(),
                 " WHERE sink_id = $1
                     AND (CAST($4 AS BIGINT) = 1 OR created_at_ms < $2 OR (created_at_ms = $2 AND id < $3))
-                  ORDER BY created_at_ms DESC, id DESC LIMIT $5"
+                  ORDER BY created_at_ms DESC, id DESC LIMIT CAST($5 AS BIGINT)"
             ),
             params![sink_id, before_ms, before_id, unbounded, limit],
             delivery,
