@@ -10,6 +10,7 @@
 mod admin;
 pub mod api;
 pub mod auth;
+pub mod connections;
 pub mod console;
 pub mod constraints;
 pub mod containment;

@@ -98,7 +98,7 @@ fn delivery(sink: &NotificationSink, event: &AuditEvent, now: i64) -> Notificati
         "zone_id": event.zone_id,
         "event_id": event.id,
         "request_id": event.request_id,
-        "occurred_at": rfc3339(event.occurred_at_ms),
+        "occurred_at": crate::wire::rfc3339(event.occurred_at_ms),
         "data": shown_metadata(&event.metadata),
     });
     NotificationDelivery {
@@ -128,11 +128,6 @@ fn shown_metadata(metadata: &str) -> Value {
         fields.remove("approver_id");
     }
     metadata
-}
-
-fn rfc3339(ms: i64) -> String {
-    let since_epoch = Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + since_epoch).to_string()
 }
 
 async fn send_due(

@@ -337,6 +337,12 @@ pub struct Upstream {
     pub client_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_scope: Option<String>,
+    /// `oauth2_authorization_code`: the connection whose access token `provider_token` is,
+    /// and when that token expires (RFC 3339), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 impl Upstream {
@@ -405,4 +411,10 @@ pub struct RotatedKeyBody {
     pub rotated: bool,
     pub zone_id: String,
     pub kid: String,
+}
+
+/// RFC 3339 with milliseconds, UTC, of epoch milliseconds `ms`.
+pub fn rfc3339(ms: i64) -> String {
+    let since_epoch = std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + since_epoch).to_string()
 }

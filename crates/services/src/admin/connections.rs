@@ -1,8 +1,9 @@
 //! `/v1/zones/{zone}/provider-connections`: stored upstream accounts of a subject (or of the
 //! zone, `caracal:shared`) at a provider. Tokens are sealed under the KEK in the same
-//! transaction as the connection and never returned; revoking deletes them. The browser
-//! authorization-code flow is not offered (no provider kind here uses it): `…/oauth/authorize`
-//! answers 400 saying so.
+//! transaction as the connection and never returned; revoking deletes them. The STS injects
+//! them for `oauth2_authorization_code` providers (see [`crate::connections`]). The browser
+//! flow that would obtain them is not offered: `…/oauth/authorize` answers 400 saying so, and
+//! tokens obtained elsewhere are stored with `POST …/provider-connections`.
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
@@ -20,9 +21,7 @@ use crate::error::ApiError;
 use crate::state::RoleState;
 use crate::wire::Page;
 
-/// The subject of a connection shared by the whole zone.
-const SHARED: &str = "caracal:shared";
-const PURPOSE: &str = "provider-connection";
+use crate::connections::SHARED;
 
 pub fn routes() -> Router<RoleState> {
     Router::new()
@@ -125,23 +124,8 @@ fn sealed(
     secret_ref: String,
     value: &str,
 ) -> Result<SealedSecret, ApiError> {
-    let envelope = state
-        .shared
-        .kek
-        .seal(PURPOSE, value.as_bytes())
-        .map_err(|error| {
-            tracing::error!(%error, "sealing a connection token failed");
-            ApiError::new(ErrorCode::InternalError)
-        })?;
-    Ok(SealedSecret {
-        zone_id: zone_id.to_owned(),
-        secret_ref,
-        purpose: PURPOSE.to_owned(),
-        kek_id: state.shared.kek.key_id().to_owned(),
-        envelope,
-        version: 0,
-        updated_at_ms: now_ms(),
-    })
+    crate::connections::seal(&state.shared, zone_id, secret_ref, value)
+        .map_err(|_| ApiError::new(ErrorCode::InternalError))
 }
 
 async fn create(
@@ -281,8 +265,8 @@ async fn revoke(
     })))
 }
 
-/// The browser flow needs an authorization-code provider kind, which this deployment does not
-/// offer: refused after the caller's rights are checked, so the answer leaks nothing.
+/// The browser authorization flow is not offered: refused after the caller's rights are
+/// checked, so the answer leaks nothing.
 async fn authorize(
     State(state): State<RoleState>,
     headers: HeaderMap,

@@ -152,8 +152,7 @@ fn decode_cursor(cursor: &str) -> Option<(i64, String)> {
 
 /// RFC 3339 with milliseconds, UTC: how every timestamp leaves the API.
 fn timestamp(ms: i64) -> String {
-    let since_epoch = std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + since_epoch).to_string()
+    crate::wire::rfc3339(ms)
 }
 
 /// Longest display name of any admin object, in characters.

@@ -237,7 +237,7 @@ pub const OPERATIONS: &[Operation] = &[
         "post",
         "/v1/zones/{zone_id}/provider-connections/oauth/authorize",
         "write",
-        "Not offered (no authorization-code provider kind): 400",
+        "Not offered (store tokens obtained elsewhere with POST …/provider-connections): 400",
     ),
     op(
         "get",

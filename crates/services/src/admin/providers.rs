@@ -37,13 +37,14 @@ pub fn routes() -> Router<RoleState> {
 }
 
 /// The kinds a provider may have, and the configuration each needs.
-const KINDS: [&str; 6] = [
+const KINDS: [&str; 7] = [
     "none",
     "caracal_mandate",
     "api_key",
     "bearer_token",
     "http_basic",
     "oauth2_client_credentials",
+    "oauth2_authorization_code",
 ];
 /// Configuration keys that hold secrets: sealed, never listed.
 const SECRET_KEYS: [&str; 10] = [
@@ -159,6 +160,8 @@ fn split_config(
         "oauth2_client_credentials" if !has("client_secret") && !has("private_key") => {
             Some("client_secret")
         }
+        "oauth2_authorization_code" if !text("token_url") => Some("token_url"),
+        "oauth2_authorization_code" if !text("client_id") => Some("client_id"),
         _ => None,
     };
     if let Some(key) = missing {
@@ -167,7 +170,7 @@ fn split_config(
             &format!("a `{kind}` provider needs `{key}`"),
         ));
     }
-    if kind == "oauth2_client_credentials" {
+    if kind.starts_with("oauth2_") {
         let url = public
             .get("token_url")
             .and_then(Value::as_str)

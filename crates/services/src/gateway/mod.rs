@@ -814,6 +814,8 @@ struct Outcome<'a> {
     upstream_host: Option<&'a str>,
     auth_mode: Option<&'a str>,
     provider_id: Option<&'a str>,
+    /// The provider connection whose token was injected (authorization-code providers).
+    connection_id: Option<&'a str>,
     /// The upstream's declared `Content-Length` (absent when it streams without one): the event
     /// is accepted before the first byte reaches the caller (invariant 5), so it cannot count
     /// what the body turns out to be.
@@ -851,6 +853,10 @@ fn gateway_event(call: &Governed, outcome: &Outcome<'_>) -> Event {
             (
                 "provider_id",
                 outcome.provider_id.map(serde_json::Value::from),
+            ),
+            (
+                "connection_id",
+                outcome.connection_id.map(serde_json::Value::from),
             ),
             (
                 "upstream_status",
@@ -964,6 +970,7 @@ async fn failed(
         upstream_host: host,
         auth_mode: Some(&directive.auth_mode),
         provider_id: directive.provider_id.as_deref(),
+        connection_id: directive.connection_id.as_deref(),
         response_bytes: None,
         error_kind: Some(error_kind),
     };
@@ -1164,6 +1171,7 @@ async fn dispatch(
         upstream_host: Some(&host),
         auth_mode: Some(&directive.auth_mode),
         provider_id: directive.provider_id.as_deref(),
+        connection_id: directive.connection_id.as_deref(),
         response_bytes: length,
         error_kind: None,
     };

@@ -194,8 +194,8 @@ impl Fixture {
         assert_eq!(status, StatusCode::OK, "{body}");
     }
 
-    /// Binds the resource to a new provider.
-    async fn use_provider(&self, provider: Value) {
+    /// Binds the resource to a new provider; returns the provider's id.
+    async fn use_provider(&self, provider: Value) -> String {
         let mut provider = provider;
         provider["identifier"] = json!(format!("provider://p{}", uuid::Uuid::now_v7().simple()));
         let (status, _, created) = call(
@@ -219,6 +219,7 @@ impl Fixture {
         )
         .await;
         assert_eq!(status, StatusCode::OK, "{body}");
+        created["id"].as_str().unwrap().to_owned()
     }
 
     /// A fresh one-shot `use=gateway` mandate for the live edge.
@@ -1127,6 +1128,146 @@ async fn provider_credentials_are_injected_as_configured_and_pinned_to_their_hos
     assert_eq!(fixture.upstream_calls(), calls);
 }
 
+#[tokio::test]
+async fn an_authorization_code_provider_injects_the_subjects_connection_refreshed_before_use() {
+    let fixture = fixture().await;
+    let store = fixture.world.shared.store.clone();
+    let authorization = || {
+        fixture
+            .last_seen()
+            .headers
+            .get("authorization")
+            .map(|value| value.to_str().unwrap().to_owned())
+    };
+    // A token endpoint that records each refresh form and answers with a rotated pair, or
+    // fails while told to.
+    let forms = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let token_endpoint = listener.local_addr().unwrap();
+    let endpoint = axum::Router::new().fallback({
+        let (forms, failing) = (forms.clone(), failing.clone());
+        move |body: String| async move {
+            forms.lock().unwrap().push(body);
+            if failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return axum::response::IntoResponse::into_response(StatusCode::BAD_GATEWAY);
+            }
+            axum::response::IntoResponse::into_response(axum::Json(json!({
+                "access_token": "fresh-2", "token_type": "Bearer", "expires_in": 3600,
+                "refresh_token": "r-2",
+            })))
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, endpoint).await.unwrap() });
+    let provider_id = fixture
+        .use_provider(json!({"name": "drive", "kind": "oauth2_authorization_code",
+            "config_json": {"token_url": format!("http://{token_endpoint}/token"),
+                            "client_id": "c-1", "client_secret": "cs-1"}}))
+        .await;
+    let connect = async |body: Value| {
+        let (status, _, stored) = call(
+            &fixture.world.api,
+            "POST",
+            &format!("/v1/zones/{}/provider-connections", fixture.world.zone_id),
+            Some(&fixture.world.writer),
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{stored}");
+    };
+
+    // No connection: refused, the upstream never reached.
+    let calls = fixture.upstream_calls();
+    let answer = fixture.get("/entries").await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN, "{}", answer.json);
+    assert!(
+        answer.json.to_string().contains("connection_required"),
+        "{}",
+        answer.json
+    );
+    assert_eq!(fixture.upstream_calls(), calls);
+
+    // The zone's shared connection serves a subject without one of its own.
+    connect(json!({"provider_id": provider_id, "access_token": "shared-1"})).await;
+    assert_eq!(fixture.get("/entries").await.status, StatusCode::OK);
+    assert_eq!(authorization().as_deref(), Some("Bearer shared-1"));
+
+    // The acting session's subject has its own, expired: refreshed once, then used.
+    let now = caracal_store::now_ms();
+    store
+        .insert_authority_records(&[caracal_store::AuthorityRecord {
+            id: "ar".into(),
+            zone_id: fixture.world.zone_id.clone(),
+            session_type: "user".into(),
+            subject_id: "user-7".into(),
+            parent_id: None,
+            status: "active".into(),
+            claims: "{}".into(),
+            expires_at_ms: now + 600_000,
+            authenticated_at_ms: now,
+            created_at_ms: now,
+            revoked_at_ms: None,
+            revoked_reason: None,
+        }])
+        .await
+        .unwrap();
+    connect(
+        json!({"provider_id": provider_id, "subject_id": "user-7", "access_token": "stale-1",
+        "refresh_token": "r-1", "expires_at": "2020-01-01T00:00:00Z"}),
+    )
+    .await;
+    let answer = fixture.get("/entries").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(authorization().as_deref(), Some("Bearer fresh-2"));
+    assert_eq!(
+        forms.lock().unwrap().as_slice(),
+        ["grant_type=refresh_token&refresh_token=r-1&client_id=c-1&client_secret=cs-1"]
+    );
+    let refreshed = store
+        .get_provider_connection(&fixture.world.zone_id, "user-7", &provider_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        refreshed.expires_at_ms.unwrap() > now + 3_000_000,
+        "{refreshed:?}"
+    );
+    assert_eq!(fixture.get("/entries").await.status, StatusCode::OK);
+    assert_eq!(authorization().as_deref(), Some("Bearer fresh-2"));
+    assert_eq!(
+        forms.lock().unwrap().len(),
+        1,
+        "a fresh token is not refreshed again"
+    );
+    let events = audit_events(&fixture.world.shared).await;
+    assert!(
+        events
+            .iter()
+            .any(|event| event["metadata_json"]["connection_id"] == refreshed.id.as_str()),
+        "the call's event names the connection it used"
+    );
+
+    // Expired again with the token endpoint failing: 502, nothing sent upstream; expired with
+    // no refresh token: refused.
+    connect(
+        json!({"provider_id": provider_id, "subject_id": "user-7", "access_token": "stale-2",
+        "refresh_token": "r-2", "expires_at": "2020-01-01T00:00:00Z"}),
+    )
+    .await;
+    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let calls = fixture.upstream_calls();
+    let answer = fixture.get("/entries").await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.json);
+    connect(
+        json!({"provider_id": provider_id, "subject_id": "user-7", "access_token": "stale-3",
+        "expires_at": "2020-01-01T00:00:00Z"}),
+    )
+    .await;
+    let answer = fixture.get("/entries").await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN, "{}", answer.json);
+    assert_eq!(fixture.upstream_calls(), calls);
+}
+
 /// The in-process re-exchange mints a `use=resource` mandate (a signature and an authority
 /// record) only when the Gateway sends it upstream; otherwise the call leaves no record of a
 /// token that never existed outside it, and still its evidence.
@@ -1190,6 +1331,8 @@ fn a_directive_carries_the_mandate_as_credential_or_beside_a_provider_credential
         token_url: None,
         client_id: None,
         token_scope: None,
+        connection_id: None,
+        expires_at: None,
     };
     let carried: Vec<(&str, bool, bool)> = [
         ("caracal_jwt", false),
@@ -1866,6 +2009,7 @@ async fn a_call_whose_exchange_evidence_is_lost_is_not_reported() {
         upstream_host: Some("127.0.0.1"),
         auth_mode: Some("none"),
         provider_id: None,
+        connection_id: None,
         response_bytes: Some(2),
         error_kind: None,
     };

@@ -289,7 +289,7 @@ pub(super) async fn reexchange(
         &application.id,
     )
     .await?;
-    let upstream = upstream(state, &resource).await?;
+    let upstream = upstream(state, &resource, &delegation.target.authority_record_id).await?;
 
     let ttl = ask
         .ttl
@@ -396,8 +396,31 @@ fn operation_floor(
     }
 }
 
-/// How the Gateway reaches `resource` and what it injects, from the resource's provider.
-async fn upstream(state: &RoleState, resource: &Resource) -> Result<Upstream, TokenError> {
+/// No connection to inject is a refusal of the call (403); a connection the STS cannot read
+/// or refresh is the upstream's failure (502). Either way nothing is sent.
+fn connection_refusal(error: crate::connections::ConnectionError) -> TokenError {
+    use crate::connections::ConnectionError;
+    match error {
+        ConnectionError::Missing { .. } | ConnectionError::Expired => {
+            TokenError::denied(format!("connection_required: {error}"))
+        }
+        ConnectionError::Store(error) => error.into(),
+        other => TokenError::new(
+            StatusCode::BAD_GATEWAY,
+            "http_request_failed",
+            other.to_string(),
+        ),
+    }
+}
+
+/// How the Gateway reaches `resource` and what it injects, from the resource's provider, for
+/// a call by the session of authority record `acting_record` (whose subject's connection an
+/// authorization-code provider injects).
+async fn upstream(
+    state: &RoleState,
+    resource: &Resource,
+    acting_record: &str,
+) -> Result<Upstream, TokenError> {
     let provider = state
         .shared
         .store
@@ -411,7 +434,7 @@ async fn upstream(state: &RoleState, resource: &Resource) -> Result<Upstream, To
                 "the resource's credential provider is gone",
             )
         })?;
-    upstream_of(state, resource, &provider).await
+    upstream_of(state, resource, &provider, Some(acting_record)).await
 }
 
 /// The directive for `resource` behind `provider` (live, already read): the provider's
@@ -420,6 +443,7 @@ pub(super) async fn upstream_of(
     state: &RoleState,
     resource: &Resource,
     provider: &caracal_store::Provider,
+    acting_record: Option<&str>,
 ) -> Result<Upstream, TokenError> {
     let config: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&provider.config).unwrap_or_default();
@@ -457,6 +481,8 @@ pub(super) async fn upstream_of(
         token_url: None,
         client_id: None,
         token_scope: None,
+        connection_id: None,
+        expires_at: None,
     };
     match provider.kind.as_str() {
         "none" => {}
@@ -497,6 +523,35 @@ pub(super) async fn upstream_of(
                 secrets.get("password").cloned().unwrap_or_default()
             );
             upstream.provider_token = Some(base64::engine::general_purpose::STANDARD.encode(pair));
+        }
+        "oauth2_authorization_code" => {
+            // On whose behalf: the subject of the acting session's authority record (read
+            // only for this kind, to keep every other call's path as it was).
+            let subject = match acting_record {
+                Some(record_id) => state
+                    .shared
+                    .store
+                    .get_authority_record(&resource.zone_id, record_id)
+                    .await?
+                    .map(|record| record.subject_id),
+                None => None,
+            };
+            let subject = subject.as_deref();
+            let (token, connection) = crate::connections::access_token(
+                &state.shared,
+                provider,
+                &config,
+                &secrets,
+                subject,
+            )
+            .await
+            .map_err(connection_refusal)?;
+            upstream.auth_mode = "provider_oauth".to_owned();
+            upstream.provider_id = Some(provider.id.clone());
+            upstream.auth_scheme = Some("Bearer".to_owned());
+            upstream.provider_token = Some(token);
+            upstream.expires_at = connection.expires_at_ms.map(crate::wire::rfc3339);
+            upstream.connection_id = Some(connection.id);
         }
         // Client-credentials tokens are fetched and cached by the Gateway.
         _ => {
