@@ -144,6 +144,8 @@ pub enum ErrorCode {
     MintRateLimitAboveLimit,
     /// An OIDC issuer's discovery document could not be fetched or did not describe it.
     DiscoveryFailed,
+    /// A provider's token endpoint refused or failed an authorization-code exchange.
+    TokenExchangeFailed,
     /// An incident containment refuses protected traffic (deployment-wide or for the zone).
     Contained,
 }
@@ -219,6 +221,7 @@ impl ErrorCode {
             ErrorCode::RetentionAboveLimit => "retention_above_limit",
             ErrorCode::MintRateLimitAboveLimit => "mint_rate_limit_above_limit",
             ErrorCode::DiscoveryFailed => "discovery_failed",
+            ErrorCode::TokenExchangeFailed => "token_exchange_failed",
             ErrorCode::Contained => "contained",
         }
     }
@@ -252,7 +255,7 @@ impl ErrorCode {
             | ErrorCode::RetentionAboveLimit
             | ErrorCode::MintRateLimitAboveLimit => 400,
             ErrorCode::ChangeFreeze => 423,
-            ErrorCode::DiscoveryFailed => 502,
+            ErrorCode::DiscoveryFailed | ErrorCode::TokenExchangeFailed => 502,
             ErrorCode::Contained => 503,
             ErrorCode::InvalidRego | ErrorCode::InvalidPolicyBundle => 422,
             ErrorCode::RateLimited
@@ -369,6 +372,7 @@ mod tests {
             ErrorCode::RetentionAboveLimit,
             ErrorCode::MintRateLimitAboveLimit,
             ErrorCode::DiscoveryFailed,
+            ErrorCode::TokenExchangeFailed,
             ErrorCode::Contained,
         ];
         for code in all {

@@ -145,7 +145,7 @@ async fn refresh(
     provider: &Provider,
     config: &serde_json::Map<String, Value>,
     secrets: &std::collections::BTreeMap<String, String>,
-    mut connection: ProviderConnection,
+    connection: ProviderConnection,
 ) -> Result<ProviderConnection, ConnectionError> {
     let refresh_token = open(
         shared,
@@ -168,21 +168,34 @@ async fn refresh(
     let answer = post_form(text("token_url"), body, &shared.upstream_host_allowlist)
         .await
         .map_err(ConnectionError::Refresh)?;
-    let access_token = answer
-        .get("access_token")
-        .and_then(Value::as_str)
-        .filter(|token| !token.is_empty() && token.len() <= 16 * 1024)
+    store_tokens(shared, connection, &answer, &[]).await
+}
+
+/// Stores the tokens of a token endpoint's `answer` (RFC 6749 §5.1) for `connection`, sealed,
+/// with `outbox`; a refresh token the answer does not rotate stays as it was.
+pub async fn store_tokens(
+    shared: &Shared,
+    mut connection: ProviderConnection,
+    answer: &serde_json::Map<String, Value>,
+    outbox: &[caracal_store::OutboxMessage],
+) -> Result<ProviderConnection, ConnectionError> {
+    let token = |key: &str| {
+        answer
+            .get(key)
+            .and_then(Value::as_str)
+            .filter(|token| !token.is_empty() && token.len() <= 16 * 1024)
+    };
+    let access_token = token("access_token")
         .ok_or_else(|| ConnectionError::Refresh("the answer holds no access_token".into()))?;
     let now = now_ms();
-    let zone_id = provider.zone_id.clone();
-    let id = connection.id.clone();
+    let (zone_id, id) = (connection.zone_id.clone(), connection.id.clone());
     let mut sealed = vec![seal(
         shared,
         &zone_id,
         format!("connection/{id}/access_token"),
         access_token,
     )?];
-    if let Some(rotated) = answer.get("refresh_token").and_then(Value::as_str) {
+    if let Some(rotated) = token("refresh_token") {
         sealed.push(seal(
             shared,
             &zone_id,
@@ -198,16 +211,17 @@ async fn refresh(
         .filter(|seconds| *seconds > 0)
         .map(|seconds| now.saturating_add(seconds.saturating_mul(1000)));
     connection.refreshed_at_ms = Some(now);
+    connection.status = "connected".to_owned();
     shared
         .store
-        .put_provider_connection(&connection, &sealed, &[])
+        .put_provider_connection(&connection, &sealed, outbox)
         .await?;
     Ok(connection)
 }
 
 /// `POST`s `body` as a form to `url` through the Gateway's address guard; the JSON object of a
 /// 200 answer, or why there is none.
-async fn post_form(
+pub async fn post_form(
     url: &str,
     body: String,
     allowlist: &[String],

@@ -600,7 +600,8 @@ async fn a_dead_dispatchers_claims_expire(backend: &Backend) {
 
 async fn leases_admit_one_holder_at_a_time(backend: &Backend) {
     let (a, b) = (&backend.store, &backend.replica);
-    let ttl = Duration::from_millis(200);
+    // Long enough that a loaded machine does not let it lapse between the checks.
+    let ttl = Duration::from_secs(2);
     assert!(a.try_lease("audit-sweep", "replica-a", ttl).await.unwrap());
     assert!(!b.try_lease("audit-sweep", "replica-b", ttl).await.unwrap());
     assert!(
@@ -616,7 +617,7 @@ async fn leases_admit_one_holder_at_a_time(backend: &Backend) {
         !b.try_lease("audit-sweep", "replica-b", ttl).await.unwrap(),
         "only the holder releases"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
     assert!(
         b.try_lease("audit-sweep", "replica-b", ttl).await.unwrap(),
         "an expired lease moves"

@@ -20,6 +20,8 @@ use crate::auth::Access;
 use crate::error::ApiError;
 use crate::state::RoleState;
 use crate::wire::Page;
+use base64::Engine as _;
+use caracal_audit::Event;
 
 use crate::connections::SHARED;
 
@@ -36,6 +38,10 @@ pub fn routes() -> Router<RoleState> {
         .route(
             "/v1/zones/{zone_id}/provider-connections/oauth/authorize",
             post(authorize),
+        )
+        .route(
+            "/v1/zones/{zone_id}/provider-connections/oauth/callback",
+            get(callback),
         )
 }
 
@@ -265,16 +271,256 @@ async fn revoke(
     })))
 }
 
-/// The browser authorization flow is not offered: refused after the caller's rights are
-/// checked, so the answer leaks nothing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Authorize {
+    provider_id: String,
+    #[serde(default)]
+    subject_id: Option<String>,
+}
+
+/// What the browser carries from `authorize` to `callback`, sealed under the KEK (it can
+/// neither read the PKCE verifier nor change the subject).
+#[derive(Debug, serde::Serialize, Deserialize)]
+struct OAuthState {
+    zone_id: String,
+    provider_id: String,
+    subject_id: String,
+    verifier: String,
+    expires_at_ms: i64,
+}
+
+const STATE_PURPOSE: &str = "provider-connection-oauth-state";
+const STATE_LIFETIME_MS: i64 = 10 * 60 * 1000;
+
+/// An `oauth2_authorization_code` provider of the zone, with its configuration, or 400 naming
+/// what it lacks for the browser flow.
+async fn oauth_provider(
+    state: &RoleState,
+    zone_id: &str,
+    provider_id: &str,
+) -> Result<(caracal_store::Provider, serde_json::Map<String, Value>), ApiError> {
+    let provider = super::providers::live_provider(state, zone_id, provider_id).await?;
+    let config: serde_json::Map<String, Value> =
+        serde_json::from_str(&provider.config).unwrap_or_default();
+    let refused = |why: String| ApiError::with_description(ErrorCode::InvalidRequest, why);
+    if provider.kind != "oauth2_authorization_code" {
+        return Err(refused(
+            "the browser flow needs an `oauth2_authorization_code` provider".into(),
+        ));
+    }
+    for key in ["authorization_url", "redirect_uri"] {
+        if config
+            .get(key)
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            return Err(refused(format!(
+                "the provider's configuration has no `{key}`"
+            )));
+        }
+    }
+    Ok((provider, config))
+}
+
+/// `POST …/oauth/authorize` (`{provider_id, subject_id?}`): the URL to send the subject's
+/// browser to (PKCE S256, a sealed `state` good for 10 minutes). The provider's configuration
+/// names `authorization_url` and `redirect_uri` (this route's `…/oauth/callback` as the
+/// browser reaches it), and may name `scope`.
 async fn authorize(
     State(state): State<RoleState>,
     headers: HeaderMap,
+    request_id: Option<Extension<RequestId>>,
     Path(zone_id): Path<String>,
+    raw: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
-    Err(ApiError::with_description(
-        ErrorCode::InvalidRequest,
-        "the OAuth authorization-code flow is not offered; store tokens with POST …/provider-connections",
+    let caller = super::zone_caller(&state, &headers, &zone_id, Access::Write).await?;
+    let request: Authorize = json(&raw)?;
+    let subject_id = request.subject_id.unwrap_or_else(|| SHARED.to_owned());
+    if subject_id.is_empty() || subject_id.len() > 512 {
+        return Err(invalid_body("subject_id", "1 to 512 bytes"));
+    }
+    let (provider, config) = oauth_provider(&state, &zone_id, &request.provider_id).await?;
+    let text = |key: &str| config.get(key).and_then(Value::as_str).unwrap_or_default();
+    let random: [u8; 32] =
+        caracal_crypto::random_bytes().map_err(|_| ApiError::new(ErrorCode::InternalError))?;
+    let verifier = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random);
+    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(caracal_crypto::sha256(verifier.as_bytes()));
+    let expires_at_ms = now_ms() + STATE_LIFETIME_MS;
+    let sealed_state = serde_json::to_vec(&OAuthState {
+        zone_id: zone_id.clone(),
+        provider_id: provider.id.clone(),
+        subject_id: subject_id.clone(),
+        verifier,
+        expires_at_ms,
+    })
+    .ok()
+    .and_then(|plain| state.shared.kek.seal(STATE_PURPOSE, &plain).ok())
+    .ok_or_else(|| ApiError::new(ErrorCode::InternalError))?;
+    let mut query = vec![
+        ("response_type", "code"),
+        ("client_id", text("client_id")),
+        ("redirect_uri", text("redirect_uri")),
+        ("state", sealed_state.as_str()),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ];
+    if !text("scope").is_empty() {
+        query.push(("scope", text("scope")));
+    }
+    let query =
+        serde_urlencoded::to_string(&query).map_err(|_| ApiError::new(ErrorCode::InternalError))?;
+    let base = text("authorization_url");
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let event = super::audit_event(
+        &caller,
+        request_id.as_deref(),
+        Change {
+            zone_id: &zone_id,
+            action: "provider_connection.authorize",
+            entity_type: "provider",
+            entity_id: &provider.id,
+            fields: vec!["subject_id"],
+        },
+    );
+    super::record_now(&state, event).await?;
+    Ok(Json(json!({
+        "authorization_url": format!("{base}{separator}{query}"),
+        "subject_id": subject_id,
+        "provider_id": provider.id,
+        "state_expires_at": timestamp(expires_at_ms),
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+struct CallbackQuery {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+}
+
+/// `GET …/oauth/callback?code=&state=`: where the provider sends the subject's browser back.
+/// Public (the browser carries no token): the sealed `state` is the authority. The code is
+/// exchanged at the provider's `token_url` with the PKCE verifier, and the tokens stored as
+/// the subject's connection, recorded.
+async fn callback(
+    State(state): State<RoleState>,
+    request_id: Option<Extension<RequestId>>,
+    Path(zone_id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let refused = |why: &str| ApiError::with_description(ErrorCode::InvalidRequest, why.to_owned());
+    let query: CallbackQuery = serde_urlencoded::from_str(raw.as_deref().unwrap_or_default())
+        .map_err(|_| refused("the callback's query is malformed"))?;
+    if let Some(error) = query.error {
+        return Err(refused(&format!(
+            "the provider answered `{}`",
+            error
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(100)
+                .collect::<String>()
+        )));
+    }
+    let (Some(code), Some(sealed)) = (query.code, query.state) else {
+        return Err(refused("the callback needs `code` and `state`"));
+    };
+    let flow: OAuthState = state
+        .shared
+        .kek
+        .open(STATE_PURPOSE, &sealed)
+        .ok()
+        .and_then(|plain| serde_json::from_slice(&plain).ok())
+        .filter(|flow: &OAuthState| flow.zone_id == zone_id)
+        .ok_or_else(|| refused("`state` is not one this deployment issued for this zone"))?;
+    if flow.expires_at_ms <= now_ms() {
+        return Err(refused("`state` has expired; start again"));
+    }
+    let (provider, config) = oauth_provider(&state, &zone_id, &flow.provider_id).await?;
+    let secrets = crate::provider_secrets::open(&state.shared, &provider)
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::InternalError))?;
+    let text = |key: &str| config.get(key).and_then(Value::as_str).unwrap_or_default();
+    let mut form = vec![
+        ("grant_type", "authorization_code"),
+        ("code", code.as_str()),
+        ("redirect_uri", text("redirect_uri")),
+        ("client_id", text("client_id")),
+        ("code_verifier", flow.verifier.as_str()),
+    ];
+    if let Some(secret) = secrets.get("client_secret") {
+        form.push(("client_secret", secret));
+    }
+    let form =
+        serde_urlencoded::to_string(&form).map_err(|_| ApiError::new(ErrorCode::InternalError))?;
+    let answer = crate::connections::post_form(
+        text("token_url"),
+        form,
+        &state.shared.upstream_host_allowlist,
+    )
+    .await
+    .map_err(|why| {
+        ApiError::with_description(
+            ErrorCode::TokenExchangeFailed,
+            format!("the provider's token endpoint: {why}"),
+        )
+    })?;
+    let id = match state
+        .shared
+        .store
+        .get_provider_connection(&zone_id, &flow.subject_id, &provider.id)
+        .await?
+    {
+        Some(existing) => existing.id,
+        None => new_id(),
+    };
+    let event = Event {
+        id: new_id(),
+        zone_id: zone_id.clone(),
+        event_type: "admin.provider_connection.connected".to_owned(),
+        request_id: request_id.map_or_else(|| "none".to_owned(), |id| id.to_string()),
+        decision: "allow".to_owned(),
+        policy_set_id: None,
+        policy_set_version_id: None,
+        manifest_sha: None,
+        evaluation_status: "complete".to_owned(),
+        determining_policies_json: json!([]),
+        diagnostics_json: json!([]),
+        metadata_json: json!({
+            "actor": format!("oauth:{}", flow.subject_id),
+            "entity_type": "provider_connection",
+            "entity_id": id,
+            "provider_id": provider.id,
+            "changed_fields": ["tokens"],
+        }),
+        occurred_at_ms: now_ms(),
+    };
+    let recorded = crate::evidence::outbox_message(&event)
+        .ok_or_else(|| ApiError::new(ErrorCode::InternalError))?;
+    let now = now_ms();
+    let connection = ProviderConnection {
+        id,
+        zone_id: zone_id.clone(),
+        subject_id: flow.subject_id,
+        provider_id: provider.id,
+        status: "connected".into(),
+        access_token_ref: None,
+        refresh_token_ref: None,
+        expires_at_ms: None,
+        refreshed_at_ms: Some(now),
+        created_at_ms: now,
+    };
+    let connection =
+        crate::connections::store_tokens(&state.shared, connection, &answer, &[recorded])
+            .await
+            .map_err(|error| match error {
+                crate::connections::ConnectionError::Store(error) => error.into(),
+                other => {
+                    ApiError::with_description(ErrorCode::TokenExchangeFailed, other.to_string())
+                }
+            })?;
+    Ok(Json(
+        json!({"connected": true, "connection": body(&connection)}),
     ))
 }

@@ -237,7 +237,13 @@ pub const OPERATIONS: &[Operation] = &[
         "post",
         "/v1/zones/{zone_id}/provider-connections/oauth/authorize",
         "write",
-        "Not offered (store tokens obtained elsewhere with POST …/provider-connections): 400",
+        "Start a subject's browser OAuth flow at an oauth2_authorization_code provider (its config names authorization_url and redirect_uri): `{provider_id, subject_id?}` → authorization_url (PKCE S256, sealed state, 10 minutes)",
+    ),
+    op(
+        "get",
+        "/v1/zones/{zone_id}/provider-connections/oauth/callback",
+        "none",
+        "The provider's redirect target: `?code=&state=` exchanged at the token_url and stored as the subject's connection (502 token_exchange_failed)",
     ),
     op(
         "get",

@@ -182,6 +182,17 @@ fn split_config(
             ));
         }
     }
+    // Where a subject's browser is sent, and back: never anything but https (http on loopback).
+    for key in ["authorization_url", "redirect_uri"] {
+        if let Some(url) = public.get(key)
+            && url.as_str().and_then(super::https_or_loopback).is_none()
+        {
+            return Err(invalid_body(
+                &format!("config_json.{key}"),
+                "must be an https URL (http only on loopback)",
+            ));
+        }
+    }
     if serde_json::to_string(&public).map_or(0, |text| text.len()) > MAX_CONFIG {
         return Err(invalid_body("config_json", "is larger than 64 KiB"));
     }

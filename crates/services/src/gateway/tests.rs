@@ -1266,6 +1266,138 @@ async fn an_authorization_code_provider_injects_the_subjects_connection_refreshe
     let answer = fixture.get("/entries").await;
     assert_eq!(answer.status, StatusCode::FORBIDDEN, "{}", answer.json);
     assert_eq!(fixture.upstream_calls(), calls);
+
+    // The browser flow: a provider without an authorization URL cannot start it.
+    let zone = fixture.world.zone_id.clone();
+    let authorize_path = format!("/v1/zones/{zone}/provider-connections/oauth/authorize");
+    let (status, _, refused) = call(
+        &fixture.world.api,
+        "POST",
+        &authorize_path,
+        Some(&fixture.world.writer),
+        &json!({"provider_id": provider_id}).to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    let (status, _, refused) = call(
+        &fixture.world.api,
+        "POST",
+        &format!("/v1/zones/{zone}/providers"),
+        Some(&fixture.world.writer),
+        &json!({"name": "js", "kind": "oauth2_authorization_code", "config_json": {
+            "token_url": "https://idp.example/token", "client_id": "c",
+            "authorization_url": "javascript:alert(1)"}})
+        .to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_body")),
+        "{refused}"
+    );
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    forms.lock().unwrap().clear();
+    let callback =
+        format!("https://caracal.example/v1/zones/{zone}/provider-connections/oauth/callback");
+    let browser_provider = fixture
+        .use_provider(json!({"name": "mail", "kind": "oauth2_authorization_code",
+            "config_json": {"token_url": format!("http://{token_endpoint}/token"),
+                            "authorization_url": "https://idp.example/authorize?prompt=consent",
+                            "redirect_uri": callback, "scope": "mail.read",
+                            "client_id": "c-2", "client_secret": "cs-2"}}))
+        .await;
+    let (status, _, started) = call(
+        &fixture.world.api,
+        "POST",
+        &authorize_path,
+        Some(&fixture.world.writer),
+        &json!({"provider_id": browser_provider, "subject_id": "user-9"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{started}");
+    let url = started["authorization_url"].as_str().unwrap();
+    let (base, query) = url.split_once("?prompt=consent&").unwrap();
+    assert_eq!(base, "https://idp.example/authorize");
+    let query: std::collections::HashMap<String, String> =
+        serde_urlencoded::from_str(query).unwrap();
+    assert_eq!(query["response_type"], "code");
+    assert_eq!(
+        (query["client_id"].as_str(), query["redirect_uri"].as_str()),
+        ("c-2", callback.as_str())
+    );
+    assert_eq!(
+        (
+            query["scope"].as_str(),
+            query["code_challenge_method"].as_str()
+        ),
+        ("mail.read", "S256")
+    );
+    let sealed_state = query["state"].clone();
+
+    // The callback: public, the sealed state its authority; anything else is refused.
+    let callback_path =
+        |query: &str| format!("/v1/zones/{zone}/provider-connections/oauth/callback?{query}");
+    for bad in [
+        format!("code=c&state={}x", &sealed_state[..sealed_state.len() - 1]),
+        "code=c&state=forged".to_owned(),
+        "error=access_denied".to_owned(),
+        "code=c".to_owned(),
+    ] {
+        let (status, _, answer) =
+            call(&fixture.world.api, "GET", &callback_path(&bad), None, "").await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_request")),
+            "{bad}: {answer}"
+        );
+    }
+    let other_zone = callback_path(
+        &serde_urlencoded::to_string([("code", "c"), ("state", sealed_state.as_str())]).unwrap(),
+    )
+    .replace(&format!("/zones/{zone}/"), "/zones/another-zone/");
+    let (status, _, _) = call(&fixture.world.api, "GET", &other_zone, None, "").await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "a state is good only in its zone"
+    );
+    assert!(
+        forms.lock().unwrap().is_empty(),
+        "nothing refused reached the token endpoint"
+    );
+    let good = callback_path(
+        &serde_urlencoded::to_string([("code", "the-code"), ("state", sealed_state.as_str())])
+            .unwrap(),
+    );
+    let (status, _, connected) = call(&fixture.world.api, "GET", &good, None, "").await;
+    assert_eq!(status, StatusCode::OK, "{connected}");
+    assert_eq!(connected["connection"]["subject_id"], "user-9");
+    let form: std::collections::HashMap<String, String> =
+        serde_urlencoded::from_str(&forms.lock().unwrap()[0]).unwrap();
+    assert_eq!(
+        (form["grant_type"].as_str(), form["code"].as_str()),
+        ("authorization_code", "the-code")
+    );
+    assert_eq!(
+        (form["client_id"].as_str(), form["client_secret"].as_str()),
+        ("c-2", "cs-2")
+    );
+    assert_eq!(form["redirect_uri"], callback);
+    let challenge = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        caracal_crypto::sha256(form["code_verifier"].as_bytes()),
+    );
+    assert_eq!(
+        challenge, query["code_challenge"],
+        "PKCE: the verifier the state kept"
+    );
+    let stored = store
+        .get_provider_connection(&zone, "user-9", &browser_provider)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.status, "connected");
+    assert!(stored.refresh_token_ref.is_some() && stored.expires_at_ms.is_some());
 }
 
 /// The in-process re-exchange mints a `use=resource` mandate (a signature and an authority
