@@ -165,7 +165,7 @@ async fn refresh(
     }
     let body = serde_urlencoded::to_string(&form)
         .map_err(|error| ConnectionError::Refresh(error.to_string()))?;
-    let answer = post_form(text("token_url"), body, &shared.upstream_host_allowlist)
+    let answer = token_endpoint(text("token_url"), body, &shared.upstream_host_allowlist)
         .await
         .map_err(ConnectionError::Refresh)?;
     store_tokens(shared, connection, &answer, &[]).await
@@ -219,47 +219,19 @@ pub async fn store_tokens(
     Ok(connection)
 }
 
-/// `POST`s `body` as a form to `url` through the Gateway's address guard; the JSON object of a
-/// 200 answer, or why there is none.
-pub async fn post_form(
+/// The token endpoint's JSON answer to `form` (RFC 6749 §5.1), or why there is none.
+pub async fn token_endpoint(
     url: &str,
-    body: String,
+    form: String,
     allowlist: &[String],
 ) -> Result<serde_json::Map<String, Value>, String> {
-    use http_body_util::BodyExt as _;
-    let uri = crate::gateway::upstream::check_url(url, allowlist)
-        .await
-        .map_err(|error| error.to_string())?;
-    let client = crate::gateway::upstream_client()?;
-    let length = body.len();
-    let request = http::Request::post(uri)
-        .header(
-            http::header::CONTENT_TYPE,
-            "application/x-www-form-urlencoded",
-        )
-        .header(http::header::ACCEPT, "application/json")
-        .body(http_body_util::Limited::new(
-            axum::body::Body::from(body),
-            length,
-        ))
-        .map_err(|error| error.to_string())?;
-    let fetched = async {
-        let response = client
-            .request(request)
-            .await
-            .map_err(|error| error.to_string())?;
-        if response.status() != http::StatusCode::OK {
-            return Err(format!("the token endpoint answered {}", response.status()));
-        }
-        let bytes = http_body_util::Limited::new(response.into_body(), MAX_TOKEN_RESPONSE)
-            .collect()
-            .await
-            .map_err(|_| format!("no answer of at most {MAX_TOKEN_RESPONSE} bytes"))?
-            .to_bytes();
-        serde_json::from_slice::<serde_json::Map<String, Value>>(&bytes)
-            .map_err(|_| "the answer is not a JSON object".to_owned())
-    };
-    tokio::time::timeout(REFRESH_TIMEOUT, fetched)
-        .await
-        .map_err(|_| format!("no answer within {} s", REFRESH_TIMEOUT.as_secs()))?
+    crate::gateway::upstream::fetch_json(
+        url,
+        Some(form),
+        allowlist,
+        MAX_TOKEN_RESPONSE,
+        REFRESH_TIMEOUT,
+    )
+    .await
+    .map_err(|why| format!("the token endpoint: {why}"))
 }

@@ -116,22 +116,25 @@ mod tests {
         let a = runner(&store, "replica-a", Arc::clone(&a_runs), stopped_a);
         tokio::time::sleep(Duration::from_millis(30)).await;
         let b = runner(&store, "replica-b", Arc::clone(&b_runs), stopped_b);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(
-            a_runs.load(Ordering::SeqCst) >= 5,
-            "the leader runs the job"
-        );
+        // Counted, not timed: a loaded machine runs fewer rounds in a given time.
+        let reaches = async |runs: &AtomicU32, count: u32| {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while runs.load(Ordering::SeqCst) < count && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            runs.load(Ordering::SeqCst) >= count
+        };
+        assert!(reaches(&a_runs, 5).await, "the leader runs the job");
         assert_eq!(b_runs.load(Ordering::SeqCst), 0, "the follower never does");
 
         stop_a.send(true).unwrap();
         a.await.unwrap();
         let handed_over = a_runs.load(Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(a_runs.load(Ordering::SeqCst), handed_over);
         assert!(
-            b_runs.load(Ordering::SeqCst) >= 5,
+            reaches(&b_runs, 5).await,
             "the follower takes over once the lease is released"
         );
+        assert_eq!(a_runs.load(Ordering::SeqCst), handed_over);
         stop_b.send(true).unwrap();
         b.await.unwrap();
     }

@@ -454,7 +454,7 @@ async fn callback(
     }
     let form =
         serde_urlencoded::to_string(&form).map_err(|_| ApiError::new(ErrorCode::InternalError))?;
-    let answer = crate::connections::post_form(
+    let answer = crate::connections::token_endpoint(
         text("token_url"),
         form,
         &state.shared.upstream_host_allowlist,
@@ -463,7 +463,7 @@ async fn callback(
     .map_err(|why| {
         ApiError::with_description(
             ErrorCode::TokenExchangeFailed,
-            format!("the provider's token endpoint: {why}"),
+            format!("the provider's {why}"),
         )
     })?;
     let id = match state

@@ -197,9 +197,15 @@ async fn discover(
     let failed = |why: String| {
         ApiError::with_description(ErrorCode::DiscoveryFailed, format!("{url}: {why}"))
     };
-    let document = fetch_document(&url, &state.shared.upstream_host_allowlist)
-        .await
-        .map_err(failed)?;
+    let document = crate::gateway::upstream::fetch_json(
+        &url,
+        None,
+        &state.shared.upstream_host_allowlist,
+        MAX_DISCOVERY_BYTES,
+        TEST_TIMEOUT,
+    )
+    .await
+    .map_err(failed)?;
     let text = |key: &str| document.get(key).and_then(Value::as_str).map(str::to_owned);
     if text("issuer")
         .as_deref()
@@ -225,41 +231,6 @@ async fn discover(
         "suggested_config": { "token_url": token_endpoint },
     }))
     .into_response())
-}
-
-/// The JSON object at `url`, fetched through the guard: a 200 within the time and size bounds.
-async fn fetch_document(
-    url: &str,
-    allowlist: &[String],
-) -> Result<serde_json::Map<String, Value>, String> {
-    use http_body_util::BodyExt as _;
-    let uri = check_url(url, allowlist)
-        .await
-        .map_err(|error| error.to_string())?;
-    let client = crate::gateway::upstream_client()?;
-    let request = http::Request::get(uri)
-        .header(http::header::ACCEPT, "application/json")
-        .body(http_body_util::Limited::new(axum::body::Body::empty(), 0))
-        .map_err(|error| error.to_string())?;
-    let fetched = async {
-        let response = client
-            .request(request)
-            .await
-            .map_err(|error| error.to_string())?;
-        if response.status() != http::StatusCode::OK {
-            return Err(format!("answered {}", response.status()));
-        }
-        let body = http_body_util::Limited::new(response.into_body(), MAX_DISCOVERY_BYTES)
-            .collect()
-            .await
-            .map_err(|_| format!("no document of at most {MAX_DISCOVERY_BYTES} bytes"))?
-            .to_bytes();
-        serde_json::from_slice::<serde_json::Map<String, Value>>(&body)
-            .map_err(|_| "the document is not a JSON object".to_owned())
-    };
-    tokio::time::timeout(TEST_TIMEOUT, fetched)
-        .await
-        .map_err(|_| format!("no answer within {} s", TEST_TIMEOUT.as_secs()))?
 }
 
 /// The status of a credential-less `HEAD` to `url`, or why none came: a stable code and a

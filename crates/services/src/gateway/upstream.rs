@@ -458,6 +458,64 @@ where
     }
 }
 
+/// The JSON object a `GET` of `url` (or, with `form`, a form `POST` to it) answers with 200,
+/// through the address guard and `allowlist`, within `max_bytes` and `timeout`; otherwise why
+/// not. For the requests the deployment makes of its own accord (OIDC discovery, OAuth token
+/// endpoints).
+pub async fn fetch_json(
+    url: &str,
+    form: Option<String>,
+    allowlist: &[String],
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    use http_body_util::BodyExt as _;
+    let uri = check_url(url, allowlist)
+        .await
+        .map_err(|error| error.to_string())?;
+    let client = super::upstream_client()?;
+    let request = match form {
+        None => {
+            http::Request::get(uri).body(http_body_util::Limited::new(axum::body::Body::empty(), 0))
+        }
+        Some(form) => {
+            let length = form.len();
+            http::Request::post(uri)
+                .header(
+                    http::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .body(http_body_util::Limited::new(
+                    axum::body::Body::from(form),
+                    length,
+                ))
+        }
+    };
+    let mut request = request.map_err(|error| error.to_string())?;
+    request.headers_mut().insert(
+        http::header::ACCEPT,
+        HeaderValue::from_static("application/json"),
+    );
+    let fetched = async {
+        let response = client
+            .request(request)
+            .await
+            .map_err(|error| error.to_string())?;
+        if response.status() != http::StatusCode::OK {
+            return Err(format!("answered {}", response.status()));
+        }
+        let body = http_body_util::Limited::new(response.into_body(), max_bytes)
+            .collect()
+            .await
+            .map_err(|_| format!("no answer of at most {max_bytes} bytes"))?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(|_| "the answer is not a JSON object".to_owned())
+    };
+    tokio::time::timeout(timeout, fetched)
+        .await
+        .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
