@@ -22,7 +22,8 @@ const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 
 /// Refreshes are rare and a provider may rotate its refresh token on use: one at a time in a
-/// process, so two calls never spend the same refresh token.
+/// process, so two calls never spend the same refresh token; across replicas the store keeps
+/// only the first refresh of a reading (`refresh_provider_connection`).
 static REFRESHING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +126,18 @@ pub async fn access_token(
         // Another call may have refreshed it while this one waited.
         connection = live(shared, provider, Some(&connection.subject_id)).await?;
         if !fresh(&connection, now_ms()) {
-            connection = refresh(shared, provider, config, secrets, connection).await?;
+            let subject_id = connection.subject_id.clone();
+            match refresh(shared, provider, config, secrets, connection).await {
+                Ok(refreshed) => connection = refreshed,
+                // Another replica may have refreshed it first (spending a rotated refresh
+                // token, or winning the write): its stored pair serves, if it is fresh.
+                Err(error) => {
+                    connection = live(shared, provider, Some(&subject_id)).await?;
+                    if !fresh(&connection, now_ms()) {
+                        return Err(error);
+                    }
+                }
+            }
         }
     }
     let token = open(
@@ -168,17 +180,22 @@ async fn refresh(
     let answer = token_endpoint(text("token_url"), body, &shared.upstream_host_allowlist)
         .await
         .map_err(ConnectionError::Refresh)?;
-    store_tokens(shared, connection, &answer, &[]).await
+    let seen = connection.refreshed_at_ms;
+    let (connection, sealed) = with_tokens(shared, connection, &answer)?;
+    shared
+        .store
+        .refresh_provider_connection(&connection, seen, &sealed)
+        .await?;
+    Ok(connection)
 }
 
-/// Stores the tokens of a token endpoint's `answer` (RFC 6749 §5.1) for `connection`, sealed,
-/// with `outbox`; a refresh token the answer does not rotate stays as it was.
-pub async fn store_tokens(
+/// `connection` holding the tokens of a token endpoint's `answer` (RFC 6749 §5.1), and those
+/// tokens sealed to store with it; a refresh token the answer does not rotate stays as it was.
+pub fn with_tokens(
     shared: &Shared,
     mut connection: ProviderConnection,
     answer: &serde_json::Map<String, Value>,
-    outbox: &[caracal_store::OutboxMessage],
-) -> Result<ProviderConnection, ConnectionError> {
+) -> Result<(ProviderConnection, Vec<SealedSecret>), ConnectionError> {
     let token = |key: &str| {
         answer
             .get(key)
@@ -212,11 +229,7 @@ pub async fn store_tokens(
         .map(|seconds| now.saturating_add(seconds.saturating_mul(1000)));
     connection.refreshed_at_ms = Some(now);
     connection.status = "connected".to_owned();
-    shared
-        .store
-        .put_provider_connection(&connection, &sealed, outbox)
-        .await?;
-    Ok(connection)
+    Ok((connection, sealed))
 }
 
 /// The token endpoint's JSON answer to `form` (RFC 6749 §5.1), or why there is none.

@@ -3367,6 +3367,42 @@ async fn revoking_a_connection_deletes_its_sealed_tokens(backend: &Backend) {
             .len(),
         2
     );
+    // A refresh lands only on the connection as its refresher read it.
+    let refreshed = ProviderConnection {
+        expires_at_ms: Some(9_000),
+        refreshed_at_ms: Some(5_000),
+        ..connection.clone()
+    };
+    let fresh = [sealed("zone-c", "connection/conn-alice/access_token", "a2")];
+    store
+        .refresh_provider_connection(&refreshed, None, &fresh)
+        .await
+        .unwrap();
+    let late = [sealed("zone-c", "connection/conn-alice/access_token", "a3")];
+    assert!(matches!(
+        store
+            .refresh_provider_connection(&refreshed, None, &late)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let stored = store
+        .get_sealed_secret("zone-c", "connection/conn-alice/access_token")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored.envelope, fresh[0].envelope,
+        "the lost race wrote nothing"
+    );
+    assert_eq!(
+        store
+            .get_provider_connection("zone-c", "alice", "prov-c")
+            .await
+            .unwrap()
+            .unwrap()
+            .expires_at_ms,
+        Some(9_000)
+    );
     store
         .revoke_provider_connection("zone-c", "alice", "prov-c", &[])
         .await

@@ -511,15 +511,15 @@ async fn callback(
         refreshed_at_ms: Some(now),
         created_at_ms: now,
     };
-    let connection =
-        crate::connections::store_tokens(&state.shared, connection, &answer, &[recorded])
-            .await
-            .map_err(|error| match error {
-                crate::connections::ConnectionError::Store(error) => error.into(),
-                other => {
-                    ApiError::with_description(ErrorCode::TokenExchangeFailed, other.to_string())
-                }
-            })?;
+    let (connection, sealed) = crate::connections::with_tokens(&state.shared, connection, &answer)
+        .map_err(|error| {
+            ApiError::with_description(ErrorCode::TokenExchangeFailed, error.to_string())
+        })?;
+    state
+        .shared
+        .store
+        .put_provider_connection(&connection, &sealed, &[recorded])
+        .await?;
     Ok(Json(
         json!({"connected": true, "connection": body(&connection)}),
     ))

@@ -169,6 +169,15 @@ pub trait Directory: Send + Sync {
         secrets: &[SealedSecret],
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError>;
+    /// Replaces a live connection's tokens after a refresh, with its sealed tokens, only if
+    /// no one refreshed it since the caller read it (`seen_refreshed_at_ms`); otherwise a
+    /// [`StoreError::Conflict`] and nothing is written.
+    async fn refresh_provider_connection(
+        &self,
+        connection: &ProviderConnection,
+        seen_refreshed_at_ms: Option<i64>,
+        secrets: &[SealedSecret],
+    ) -> Result<(), StoreError>;
     /// The zone's connections, oldest first.
     async fn list_provider_connections(
         &self,
@@ -825,6 +834,37 @@ impl<D: Db> Directory for D {
             .must_change(not_found),
         );
         statements.extend(crate::store::enqueue(outbox, now_ms()));
+        self.atomic(statements).await.map(|_| ())
+    }
+
+    async fn refresh_provider_connection(
+        &self,
+        c: &ProviderConnection,
+        seen_refreshed_at_ms: Option<i64>,
+        secrets: &[SealedSecret],
+    ) -> Result<(), StoreError> {
+        // The guard first: a lost race rolls the tokens' upserts back with it.
+        let mut statements = vec![
+            Statement::new(
+                "UPDATE provider_connections SET access_token_ref = $4, refresh_token_ref = $5,
+                     expires_at_ms = $6, refreshed_at_ms = $7
+                 WHERE zone_id = $1 AND id = $2 AND status = 'connected'
+                   AND COALESCE(refreshed_at_ms, -1) = COALESCE(CAST($3 AS BIGINT), -1)",
+                params![
+                    c.zone_id.as_str(),
+                    c.id.as_str(),
+                    seen_refreshed_at_ms,
+                    c.access_token_ref.clone(),
+                    c.refresh_token_ref.clone(),
+                    c.expires_at_ms,
+                    c.refreshed_at_ms,
+                ],
+            )
+            .must_change(|| {
+                StoreError::Conflict("the connection changed since it was read".into())
+            }),
+        ];
+        statements.extend(secrets.iter().map(seal_statement));
         self.atomic(statements).await.map(|_| ())
     }
 
