@@ -116,4 +116,11 @@ fn the_published_admin_client_manages_zones_applications_providers_resources_and
         json!(["worker-0", "worker-1", "worker-2"])
     );
     assert_eq!(seen["zone_after_delete"], false);
+    assert_eq!(seen["dcr"], json!(["dcr", "cs_"]));
+    assert_eq!(
+        seen["dcr_status_after"],
+        json!({"dcr_enabled": true, "live_dcr_applications": 1})
+    );
+    assert_eq!(seen["dcr_off"], json!([409, "dcr_shutdown_required"]));
+    assert_eq!(seen["dcr_revoked"], false);
 }

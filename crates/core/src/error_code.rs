@@ -146,6 +146,11 @@ pub enum ErrorCode {
     DiscoveryFailed,
     /// A provider's token endpoint refused or failed an authorization-code exchange.
     TokenExchangeFailed,
+    /// Dynamic client registration asked of a zone that does not accept it.
+    DcrDisabled,
+    /// Registration turned off while registered applications live, without saying what
+    /// becomes of them.
+    DcrShutdownRequired,
     /// An incident containment refuses protected traffic (deployment-wide or for the zone).
     Contained,
 }
@@ -222,6 +227,8 @@ impl ErrorCode {
             ErrorCode::MintRateLimitAboveLimit => "mint_rate_limit_above_limit",
             ErrorCode::DiscoveryFailed => "discovery_failed",
             ErrorCode::TokenExchangeFailed => "token_exchange_failed",
+            ErrorCode::DcrDisabled => "dcr_disabled",
+            ErrorCode::DcrShutdownRequired => "dcr_shutdown_required",
             ErrorCode::Contained => "contained",
         }
     }
@@ -256,6 +263,8 @@ impl ErrorCode {
             | ErrorCode::MintRateLimitAboveLimit => 400,
             ErrorCode::ChangeFreeze => 423,
             ErrorCode::DiscoveryFailed | ErrorCode::TokenExchangeFailed => 502,
+            ErrorCode::DcrDisabled => 403,
+            ErrorCode::DcrShutdownRequired => 409,
             ErrorCode::Contained => 503,
             ErrorCode::InvalidRego | ErrorCode::InvalidPolicyBundle => 422,
             ErrorCode::RateLimited
@@ -373,6 +382,8 @@ mod tests {
             ErrorCode::MintRateLimitAboveLimit,
             ErrorCode::DiscoveryFailed,
             ErrorCode::TokenExchangeFailed,
+            ErrorCode::DcrDisabled,
+            ErrorCode::DcrShutdownRequired,
             ErrorCode::Contained,
         ];
         for code in all {

@@ -64,6 +64,15 @@ pub async fn retention(store: &dyn Store, replay: &dyn ReplayRegistry, streams: 
     if let Err(error) = replay.purge_expired().await {
         tracing::warn!(%error, "replay key purge failed");
     }
+    // Registered clients are archived a day after they expire (they are refused from expiry on).
+    match store
+        .archive_lapsed_dcr_applications(caracal_store::now_ms().saturating_sub(24 * 3600 * 1000))
+        .await
+    {
+        Ok(0) => {}
+        Ok(archived) => tracing::debug!(archived, "lapsed registered applications archived"),
+        Err(error) => tracing::warn!(%error, "archiving lapsed registered applications failed"),
+    }
     let keep = i64::try_from(crate::notifier::RETENTION.as_millis()).unwrap_or(i64::MAX);
     match store
         .purge_notification_deliveries(caracal_store::now_ms().saturating_sub(keep))

@@ -54,6 +54,8 @@ pub struct Zone {
     pub slug: String,
     pub created_at_ms: i64,
     pub archived_at_ms: Option<i64>,
+    /// Whether it accepts dynamic client registration.
+    pub dcr_enabled: bool,
 }
 
 /// A message to publish once the transaction that wrote it commits.

@@ -105,6 +105,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "notification sinks",
             include_str!("schema/0021_notifications.sql").replace("{BIGINT}", "BIGINT"),
         ),
+        (
+            "zone dynamic client registration",
+            include_str!("schema/0022_zone_dcr.sql").replace("{BIGINT}", "BIGINT"),
+        ),
     ]
 }
 

@@ -101,6 +101,10 @@ fn migrations() -> Vec<(&'static str, String)> {
             "notification sinks",
             include_str!("schema/0021_notifications.sql").replace("{BIGINT}", "INTEGER"),
         ),
+        (
+            "zone dynamic client registration",
+            include_str!("schema/0022_zone_dcr.sql").replace("{BIGINT}", "INTEGER"),
+        ),
     ]
 }
 
@@ -880,7 +884,7 @@ mod tests {
                      DROP INDEX delegation_edges_status_revoked; DROP TABLE containment;
                      DROP TABLE admin_objects; DROP TABLE console_users; DROP TABLE console_sessions; DROP TABLE replay_memory;
                      DROP TABLE deployment_settings; DROP TABLE notification_sinks;
-                     DROP TABLE notification_deliveries;
+                     DROP TABLE notification_deliveries; ALTER TABLE zones DROP COLUMN dcr_enabled;
                      DELETE FROM schema_migrations WHERE version >= 2;",
                 )
             })
@@ -1129,7 +1133,10 @@ mod tests {
         assert_eq!(name().await, "first");
         // Every way the writer changes a directory table forgets what was remembered (the
         // writer's own commits do not move its data version: only the update hook tells).
-        store.update_zone("z1", "updated", "z1", &[]).await.unwrap();
+        store
+            .update_zone("z1", "updated", "z1", false, &[])
+            .await
+            .unwrap();
         assert_eq!(name().await, "updated");
         store
             .run_blocking(|c| {

@@ -2211,7 +2211,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
             error,
             StoreError::SchemaTooNew {
                 found: 999,
-                supported: 21
+                supported: 22
             }
         ),
         "{error}"
@@ -2228,7 +2228,7 @@ async fn postgres_refuses_a_schema_from_a_newer_release_and_changes_nothing() {
     assert_eq!(
         versions,
         [
-            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 999
+            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 999
         ],
         "the refused start wrote nothing"
     );
@@ -2873,7 +2873,7 @@ async fn zones_and_applications_are_renamed_and_archived_in_place(backend: &Back
     store.create_zone(&zone(1), &[]).await.unwrap();
     store.create_zone(&zone(2), &[]).await.unwrap();
     let renamed = store
-        .update_zone("zone-1", "Payments", "payments", &[])
+        .update_zone("zone-1", "Payments", "payments", false, &[])
         .await
         .unwrap();
     assert_eq!(
@@ -2881,7 +2881,9 @@ async fn zones_and_applications_are_renamed_and_archived_in_place(backend: &Back
         ("Payments", "payments")
     );
     assert!(matches!(
-        store.update_zone("zone-2", "x", "payments", &[]).await,
+        store
+            .update_zone("zone-2", "x", "payments", false, &[])
+            .await,
         Err(StoreError::Conflict(_))
     ));
     let app = |id: &str, name: &str| Application {
@@ -2965,7 +2967,9 @@ async fn zones_and_applications_are_renamed_and_archived_in_place(backend: &Back
         Err(StoreError::NotFound(_))
     ));
     assert!(matches!(
-        store.update_zone("zone-1", "again", "again", &[]).await,
+        store
+            .update_zone("zone-1", "again", "again", false, &[])
+            .await,
         Err(StoreError::NotFound(_))
     ));
 }
@@ -3210,7 +3214,7 @@ async fn retention_deletes_only_what_ended_long_enough_ago(backend: &Backend) {
 
 /// Undoes the migrations after 11 (runtime retention indexes, containment; 18 only dropped an
 /// index of 12, and 19's index goes with its table).
-const LATER_MIGRATIONS: [&str; 12] = [
+const LATER_MIGRATIONS: [&str; 13] = [
     "DROP INDEX authority_records_status_expiry",
     "DROP INDEX sessions_status_ended",
     "DROP INDEX sessions_authority_record",
@@ -3223,6 +3227,7 @@ const LATER_MIGRATIONS: [&str; 12] = [
     "DROP TABLE deployment_settings",
     "DROP TABLE notification_sinks",
     "DROP TABLE notification_deliveries",
+    "ALTER TABLE zones DROP COLUMN dcr_enabled",
 ];
 
 async fn the_read_views_filter_and_page_by_id(backend: &Backend) {

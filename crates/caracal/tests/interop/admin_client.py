@@ -208,6 +208,19 @@ except AdminApiError as error:
 
 client.applications.delete(zone_id, first)
 seen["after_delete"] = sorted(app["name"] for app in client.applications.list(zone_id))
+
+# Dynamic client registration: the zone opts in, a short-lived client is registered, and
+# turning registration off with it live needs a shutdown choice.
+client.zones.patch(zone_id, {"dcr_enabled": True})
+registered = client.applications.dcr(zone_id, {"name": "ephemeral", "expires_in": 600})
+seen["dcr"] = [registered["registration_method"], registered["client_secret"][:3]]
+seen["dcr_status_after"] = client.zones.dcr_status(zone_id)
+try:
+    client.zones.patch(zone_id, {"dcr_enabled": False})
+    seen["dcr_off"] = None
+except AdminApiError as error:
+    seen["dcr_off"] = [error.status, error.code]
+seen["dcr_revoked"] = client.zones.patch(zone_id, {"dcr_enabled": False, "dcr_shutdown": "revoke_live"})["dcr_enabled"]
 client.zones.delete(zone_id)
 seen["zone_after_delete"] = any(z["id"] == zone_id for z in client.zones.list())
 

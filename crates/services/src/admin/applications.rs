@@ -17,7 +17,7 @@ use super::{
     Change, evidence, invalid_body, json, list_query, new_id, on_conflict, page, timestamp,
     valid_name,
 };
-use crate::auth::{Access, AdminCaller};
+use crate::auth::{Access, AdminCaller, authenticate};
 use crate::error::ApiError;
 use crate::state::RoleState;
 use crate::wire::{ApplicationBody, Page};
@@ -25,6 +25,7 @@ use crate::wire::{ApplicationBody, Page};
 pub fn routes() -> Router<RoleState> {
     Router::new()
         .route("/v1/zones/{zone_id}/applications", get(list).post(create))
+        .route("/v1/zones/{zone_id}/applications/dcr", post(register))
         .route(
             "/v1/zones/{zone_id}/applications/{id}",
             get(read).patch(update).delete(archive),
@@ -237,7 +238,7 @@ async fn create(
     if request.registration_method != "managed" {
         return Err(invalid_body(
             "registration_method",
-            "must be `managed` (dynamic client registration is not supported)",
+            "must be `managed` (register dynamic clients with POST …/applications/dcr)",
         ));
     }
     let traits = valid_traits(&caller, request.traits.unwrap_or_default())?;
@@ -271,6 +272,94 @@ async fn create(
         .await
         .map_err(on_conflict(name_conflict(&application.name)))?;
     Ok((StatusCode::CREATED, Json(body(application, Some(secret)))))
+}
+
+/// Live registered applications a zone may hold at once.
+const MAX_LIVE_DCR: usize = 1000;
+/// Registrations a minute per caller (the reference's ten a second).
+const DCR_PER_MINUTE: u64 = 600;
+const MAX_DCR_SECONDS: i64 = 3600;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Registration {
+    name: String,
+    expires_in: Option<i64>,
+}
+
+/// `POST …/applications/dcr` (`{name, expires_in?}`): a short-lived client (at most an hour,
+/// the default) in a zone that accepts dynamic registration, without traits; its secret is
+/// shown once. The STS treats it as any application until it expires.
+async fn register(
+    State(state): State<RoleState>,
+    headers: HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    Path(zone_id): Path<String>,
+    raw: Bytes,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse as _;
+    let caller = authenticate(&state, &headers).await?;
+    let zone = super::live_zone(&state, &caller, &zone_id, Access::Write).await?;
+    let request: Registration = json(&raw)?;
+    let name = valid_name(&request.name)?;
+    let expires_in = request.expires_in.unwrap_or(MAX_DCR_SECONDS);
+    if !(1..=MAX_DCR_SECONDS).contains(&expires_in) {
+        return Err(invalid_body(
+            "expires_in",
+            &format!("must be 1 to {MAX_DCR_SECONDS} seconds"),
+        ));
+    }
+    if !zone.dcr_enabled {
+        return Err(ApiError::with_description(
+            ErrorCode::DcrDisabled,
+            format!("zone `{zone_id}` does not accept dynamic client registration"),
+        ));
+    }
+    let bucket = format!("dcr:{}", caller.actor());
+    if let Some(refused) = crate::auth::spend_budget(&state, &bucket, DCR_PER_MINUTE).await? {
+        return Ok(refused);
+    }
+    if super::zones::live_dcr_applications(&state, &zone_id)
+        .await?
+        .len()
+        >= MAX_LIVE_DCR
+    {
+        return Err(ApiError::with_description(
+            ErrorCode::ZoneLimitExceeded,
+            format!("a zone holds at most {MAX_LIVE_DCR} live registered applications"),
+        ));
+    }
+    let (secret, secret_hash) = new_secret("cs_").await?;
+    let now = now_ms();
+    let application = Application {
+        id: new_id(),
+        zone_id: zone_id.clone(),
+        name,
+        client_secret_hash: Some(secret_hash),
+        traits: Vec::new(),
+        registration_method: "dcr".to_owned(),
+        expires_at_ms: Some(now + expires_in * 1000),
+        created_at_ms: now,
+        archived_at_ms: None,
+    };
+    let evidence = evidence(
+        &caller,
+        request_id.as_deref(),
+        Change {
+            zone_id: &zone_id,
+            action: "application.register",
+            entity_type: "application",
+            entity_id: &application.id,
+            fields: vec!["name", "expires_at", "client_secret"],
+        },
+    )?;
+    state
+        .shared
+        .store
+        .create_application(&application, &[evidence])
+        .await
+        .map_err(on_conflict(name_conflict(&application.name)))?;
+    Ok((StatusCode::CREATED, Json(body(application, Some(secret)))).into_response())
 }
 
 async fn read(

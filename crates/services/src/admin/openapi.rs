@@ -49,9 +49,19 @@ pub const OPERATIONS: &[Operation] = &[
         "read",
         "List zones (a zone token sees its own)",
     ),
-    op("post", "/v1/zones", "write, global", "Create a zone"),
+    op(
+        "post",
+        "/v1/zones",
+        "write, global",
+        "Create a zone: `{name, slug?, dcr_enabled?}`",
+    ),
     op("get", "/v1/zones/{zone_id}", "read", "Read a zone"),
-    op("patch", "/v1/zones/{zone_id}", "write", "Rename a zone"),
+    op(
+        "patch",
+        "/v1/zones/{zone_id}",
+        "write",
+        "Rename a zone or switch dynamic client registration: `{name?, slug?, dcr_enabled?, dcr_shutdown?: keep_live|revoke_live}` (409 dcr_shutdown_required when registered clients live)",
+    ),
     op("delete", "/v1/zones/{zone_id}", "write", "Archive a zone"),
     op(
         "get",
@@ -405,7 +415,7 @@ pub const OPERATIONS: &[Operation] = &[
         "get",
         "/v1/zones/{zone_id}/dcr-status",
         "read",
-        "Dynamic client registration status (not offered)",
+        "Dynamic client registration: `{dcr_enabled, live_dcr_applications}`",
     ),
     op(
         "get",
@@ -418,6 +428,12 @@ pub const OPERATIONS: &[Operation] = &[
         "/v1/zones/{zone_id}/applications",
         "write",
         "Create an application; its client secret is shown once",
+    ),
+    op(
+        "post",
+        "/v1/zones/{zone_id}/applications/dcr",
+        "write",
+        "Dynamic client registration `{name, expires_in? (1-3600, default 3600)}` in a zone with dcr_enabled (403 dcr_disabled); at most 1,000 live a zone, 600 a minute per caller; secret shown once",
     ),
     op(
         "get",

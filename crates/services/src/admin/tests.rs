@@ -76,7 +76,7 @@ async fn zones_are_created_listed_renamed_and_archived_with_strict_bodies() {
             "invalid_body",
         ),
         (
-            r#"{"name":"x","dcr_enabled":true}"#,
+            r#"{"name":"x","dcr_enabled":"yes"}"#,
             StatusCode::BAD_REQUEST,
             "invalid_body",
         ),
@@ -3135,5 +3135,176 @@ async fn notification_sinks_are_sent_each_approval_event_signed_and_retried_on_t
         events
             .iter()
             .all(|(_, event)| !event.contains(&secret) && !event.contains(&rotated_secret))
+    );
+}
+
+#[tokio::test]
+async fn dynamic_client_registration_is_offered_per_zone_and_shut_down_on_the_record() {
+    let (_keep, state) = role_state(Role::Api);
+    let shared = state.shared.clone();
+    let writer = token(&shared, "write", TokenScope::Global).await;
+    let app = router(state);
+    let w = Some(writer.as_str());
+    let (status, _, zone) = call(
+        &app,
+        "POST",
+        "/v1/zones",
+        w,
+        r#"{"name":"agents","dcr_enabled":true}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, &zone["dcr_enabled"]),
+        (StatusCode::CREATED, &json!(true)),
+        "{zone}"
+    );
+    let zone_id = zone["id"].as_str().unwrap().to_owned();
+    let base = format!("/v1/zones/{zone_id}");
+    let (_, _, closed) = call(&app, "POST", "/v1/zones", w, r#"{"name":"closed"}"#).await;
+    let closed_id = closed["id"].as_str().unwrap();
+    let register = |zone: &str, body: Value| {
+        let app = app.clone();
+        let path = format!("/v1/zones/{zone}/applications/dcr");
+        async move { call(&app, "POST", &path, w, &body.to_string()).await }
+    };
+
+    // A zone that does not accept registration refuses it; bad bodies are refused.
+    let (got, _, answer) = register(closed_id, json!({"name": "a"})).await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::FORBIDDEN, Some("dcr_disabled")),
+        "{answer}"
+    );
+    for body in [
+        json!({"name": "a", "expires_in": 0}),
+        json!({"name": "a", "expires_in": 3601}),
+        json!({"name": "a", "traits": ["x"]}),
+        json!({"name": ""}),
+    ] {
+        let (got, _, answer) = register(&zone_id, body.clone()).await;
+        assert_eq!(
+            (got, code(&answer)),
+            (StatusCode::BAD_REQUEST, Some("invalid_body")),
+            "{body}: {answer}"
+        );
+    }
+    let (got, _, registered) = register(&zone_id, json!({"name": "agent-1"})).await;
+    assert_eq!(got, StatusCode::CREATED, "{registered}");
+    assert_eq!(registered["registration_method"], "dcr");
+    assert!(
+        registered["client_secret"]
+            .as_str()
+            .unwrap()
+            .starts_with("cs_")
+    );
+    assert!(registered["expires_at"].as_str().is_some());
+    let first = registered["id"].as_str().unwrap().to_owned();
+    let (_, _, status_now) = call(&app, "GET", &format!("{base}/dcr-status"), w, "").await;
+    assert_eq!(
+        status_now,
+        json!({"dcr_enabled": true, "live_dcr_applications": 1})
+    );
+
+    // Turning registration off while one lives needs a choice; revoke_live archives it and
+    // revokes what it holds.
+    let now = caracal_store::now_ms();
+    shared
+        .store
+        .insert_authority_records(&[caracal_store::AuthorityRecord {
+            id: "ar-dcr".into(),
+            zone_id: zone_id.clone(),
+            session_type: "application".into(),
+            subject_id: first.clone(),
+            parent_id: None,
+            status: "active".into(),
+            claims: "{}".into(),
+            expires_at_ms: now + 600_000,
+            authenticated_at_ms: now,
+            created_at_ms: now,
+            revoked_at_ms: None,
+            revoked_reason: None,
+        }])
+        .await
+        .unwrap();
+    let (got, _, answer) = call(&app, "PATCH", &base, w, r#"{"dcr_enabled":false}"#).await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::CONFLICT, Some("dcr_shutdown_required")),
+        "{answer}"
+    );
+    let (got, _, answer) = call(
+        &app,
+        "PATCH",
+        &base,
+        w,
+        r#"{"dcr_enabled":false,"dcr_shutdown":"later"}"#,
+    )
+    .await;
+    assert_eq!(
+        (got, code(&answer)),
+        (StatusCode::BAD_REQUEST, Some("invalid_body"))
+    );
+    let (got, _, off) = call(
+        &app,
+        "PATCH",
+        &base,
+        w,
+        r#"{"dcr_enabled":false,"dcr_shutdown":"revoke_live"}"#,
+    )
+    .await;
+    assert_eq!(
+        (got, &off["dcr_enabled"]),
+        (StatusCode::OK, &json!(false)),
+        "{off}"
+    );
+    let (got, _, _) = call(&app, "GET", &format!("{base}/applications/{first}"), w, "").await;
+    assert_eq!(got, StatusCode::NOT_FOUND, "archived");
+    let record = shared
+        .store
+        .get_authority_record(&zone_id, "ar-dcr")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.status, "revoked");
+    let (got, _, _) = register(&zone_id, json!({"name": "agent-2"})).await;
+    assert_eq!(got, StatusCode::FORBIDDEN);
+
+    // keep_live leaves them to run out; a day past expiry the retention job archives them.
+    call(&app, "PATCH", &base, w, r#"{"dcr_enabled":true}"#).await;
+    let (_, _, kept) = register(&zone_id, json!({"name": "agent-3", "expires_in": 1})).await;
+    let kept = kept["id"].as_str().unwrap().to_owned();
+    let (got, _, _) = call(
+        &app,
+        "PATCH",
+        &base,
+        w,
+        r#"{"dcr_enabled":false,"dcr_shutdown":"keep_live"}"#,
+    )
+    .await;
+    assert_eq!(got, StatusCode::OK);
+    let (got, _, _) = call(&app, "GET", &format!("{base}/applications/{kept}"), w, "").await;
+    assert_eq!(got, StatusCode::OK, "kept live");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(
+        shared
+            .store
+            .archive_lapsed_dcr_applications(caracal_store::now_ms())
+            .await
+            .unwrap(),
+        1
+    );
+    let events = audit_outbox(&shared).await;
+    let recorded = types(&events);
+    for action in [
+        "admin.application.register",
+        "admin.application.archive",
+        "admin.zone.update",
+    ] {
+        assert!(recorded.contains(&action), "{action}: {recorded:?}");
+    }
+    assert!(
+        events
+            .iter()
+            .all(|(_, event)| !event.contains(registered["client_secret"].as_str().unwrap()))
     );
 }

@@ -47,6 +47,9 @@ struct UpdateZone {
     name: Option<String>,
     slug: Option<String>,
     dcr_enabled: Option<bool>,
+    /// Turning registration off while registered applications live: `keep_live` lets them run
+    /// out, `revoke_live` archives them and revokes everything they hold.
+    dcr_shutdown: Option<String>,
 }
 
 fn body(zone: Zone) -> ZoneBody {
@@ -54,7 +57,7 @@ fn body(zone: Zone) -> ZoneBody {
         id: zone.id,
         name: zone.name,
         slug: zone.slug,
-        dcr_enabled: false,
+        dcr_enabled: zone.dcr_enabled,
         created_at: timestamp(zone.created_at_ms),
         archived_at: zone.archived_at_ms.map(timestamp),
     }
@@ -76,17 +79,6 @@ fn valid_slug(slug: &str) -> Result<String, ApiError> {
         return Err(invalid_body("slug", "is reserved for the system zone"));
     }
     Ok(slug.to_owned())
-}
-
-/// Dynamic client registration is not offered; saying so beats silently ignoring the flag.
-fn refuse_dcr(enabled: Option<bool>) -> Result<(), ApiError> {
-    match enabled {
-        Some(true) => Err(invalid_body(
-            "dcr_enabled",
-            "dynamic client registration is not supported",
-        )),
-        _ => Ok(()),
-    }
 }
 
 /// A zone slug from its name; never in the reserved namespace.
@@ -148,7 +140,6 @@ async fn create(
     caller.require(Access::Write, None)?;
     let request: CreateZone = json(&raw)?;
     let name = valid_name(&request.name)?;
-    refuse_dcr(request.dcr_enabled)?;
     let slug = match &request.slug {
         Some(slug) => valid_slug(slug)?,
         None => free_slug(&state, &zone_slug(&name)).await?,
@@ -184,7 +175,43 @@ async fn create(
         )
         .await
         .map_err(on_conflict(slug_conflict(&slug)))?;
+    let zone = if request.dcr_enabled == Some(true) {
+        let recorded = super::evidence(
+            &caller,
+            request_id.as_deref(),
+            Change {
+                zone_id: &zone.id,
+                action: "zone.update",
+                entity_type: "zone",
+                entity_id: &zone.id,
+                fields: vec!["dcr_enabled"],
+            },
+        )?;
+        state
+            .shared
+            .store
+            .update_zone(&zone.id, &zone.name, &zone.slug, true, &[recorded])
+            .await?
+    } else {
+        zone
+    };
     Ok((StatusCode::CREATED, Json(body(zone))))
+}
+
+/// The zone's dynamically registered applications that are still live.
+pub(super) async fn live_dcr_applications(
+    state: &RoleState,
+    zone_id: &str,
+) -> Result<Vec<caracal_store::Application>, ApiError> {
+    let now = caracal_store::now_ms();
+    Ok(state
+        .shared
+        .store
+        .list_applications(zone_id)
+        .await?
+        .into_iter()
+        .filter(|app| app.registration_method == "dcr" && app.active(now))
+        .collect())
 }
 
 /// `base`, or `base-2`, `base-3`, … whichever no zone has yet.
@@ -226,10 +253,12 @@ async fn dcr_status(
     headers: HeaderMap,
     Path(zone_id): Path<String>,
 ) -> Result<Json<DcrStatusBody>, ApiError> {
-    super::zone_caller(&state, &headers, &zone_id, Access::Read).await?;
+    let caller = authenticate(&state, &headers).await?;
+    let zone = live_zone(&state, &caller, &zone_id, Access::Read).await?;
+    let live = live_dcr_applications(&state, &zone_id).await?;
     Ok(Json(DcrStatusBody {
-        dcr_enabled: false,
-        live_dcr_applications: 0,
+        dcr_enabled: zone.dcr_enabled,
+        live_dcr_applications: live.len() as u64,
     }))
 }
 
@@ -243,7 +272,6 @@ async fn update(
     let caller = authenticate(&state, &headers).await?;
     let zone = live_zone(&state, &caller, &zone_id, Access::Write).await?;
     let request: UpdateZone = json(&raw)?;
-    refuse_dcr(request.dcr_enabled)?;
     let name = match &request.name {
         Some(name) => valid_name(name)?,
         None => zone.name,
@@ -259,6 +287,39 @@ async fn update(
     if request.slug.is_some() {
         fields.push("slug");
     }
+    let dcr_enabled = request.dcr_enabled.unwrap_or(zone.dcr_enabled);
+    if request.dcr_enabled.is_some() {
+        fields.push("dcr_enabled");
+    }
+    if let Some(shutdown) = &request.dcr_shutdown
+        && !["keep_live", "revoke_live"].contains(&shutdown.as_str())
+    {
+        return Err(invalid_body(
+            "dcr_shutdown",
+            "must be `keep_live` or `revoke_live`",
+        ));
+    }
+    if zone.dcr_enabled && !dcr_enabled {
+        let live = live_dcr_applications(&state, &zone_id).await?;
+        match request.dcr_shutdown.as_deref() {
+            None if !live.is_empty() => {
+                return Err(ApiError::with_description(
+                    ErrorCode::DcrShutdownRequired,
+                    format!(
+                        "{} registered application(s) are live: say `dcr_shutdown`: `keep_live` or `revoke_live`",
+                        live.len()
+                    ),
+                )
+                .with_details(serde_json::json!({"live_dcr_applications": live.len()})));
+            }
+            Some("revoke_live") => {
+                for app in &live {
+                    revoke_registered(&state, &caller, request_id.as_deref(), app).await?;
+                }
+            }
+            _ => {}
+        }
+    }
     let evidence = evidence(
         &caller,
         request_id.as_deref(),
@@ -273,10 +334,44 @@ async fn update(
     let zone = state
         .shared
         .store
-        .update_zone(&zone_id, &name, &slug, &[evidence])
+        .update_zone(&zone_id, &name, &slug, dcr_enabled, &[evidence])
         .await
         .map_err(on_conflict(slug_conflict(&slug)))?;
     Ok(Json(body(zone)))
+}
+
+/// DCR shutdown with `revoke_live`: the application archived, then every authority record it
+/// holds revoked with its sessions, subtrees and edges (as the subject kill switch does).
+async fn revoke_registered(
+    state: &RoleState,
+    caller: &crate::auth::AdminCaller,
+    request_id: Option<&RequestId>,
+    app: &caracal_store::Application,
+) -> Result<(), ApiError> {
+    let evidence = evidence(
+        caller,
+        request_id,
+        Change {
+            zone_id: &app.zone_id,
+            action: "application.archive",
+            entity_type: "application",
+            entity_id: &app.id,
+            fields: vec!["archived_at", "dcr_shutdown"],
+        },
+    )?;
+    let store = state.shared.store.as_ref();
+    store
+        .archive_application(&app.zone_id, &app.id, &[evidence])
+        .await?;
+    store
+        .revoke_subject(
+            &app.zone_id,
+            &app.id,
+            "dcr_shutdown",
+            crate::propagation::revocations,
+        )
+        .await?;
+    Ok(())
 }
 
 async fn archive(

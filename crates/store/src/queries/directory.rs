@@ -36,7 +36,7 @@ macro_rules! select_resources {
 /// The row columns of `zones`, for `concat!`.
 macro_rules! select_zones {
     () => {
-        "SELECT id, name, slug, created_at_ms, archived_at_ms FROM zones"
+        "SELECT id, name, slug, created_at_ms, archived_at_ms, dcr_enabled FROM zones"
     };
 }
 
@@ -58,13 +58,14 @@ pub trait Directory: Send + Sync {
     ) -> Result<Zone, StoreError>;
     async fn get_zone(&self, zone_id: &str) -> Result<Option<Zone>, StoreError>;
     async fn list_zones(&self) -> Result<Vec<Zone>, StoreError>;
-    /// Renames a live zone; a taken slug is a [`StoreError::Conflict`], an archived or missing
+    /// Renames a live zone and sets whether it accepts dynamic client registration; a taken slug is a [`StoreError::Conflict`], an archived or missing
     /// zone [`StoreError::NotFound`].
     async fn update_zone(
         &self,
         zone_id: &str,
         name: &str,
         slug: &str,
+        dcr_enabled: bool,
         outbox: &[OutboxMessage],
     ) -> Result<Zone, StoreError>;
     /// Archives a live zone ([`StoreError::NotFound`] if there is none).
@@ -100,6 +101,12 @@ pub trait Directory: Send + Sync {
         id: &str,
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError>;
+    /// Archives every dynamically registered application that expired before
+    /// `expired_before_ms`; returns how many.
+    async fn archive_lapsed_dcr_applications(
+        &self,
+        expired_before_ms: i64,
+    ) -> Result<u64, StoreError>;
     /// Sets a live application's name and traits, and its secret hash when given, in one
     /// statement; a live namesake in the zone is a [`StoreError::Conflict`].
     async fn update_application(
@@ -243,6 +250,7 @@ fn zone(row: &Row) -> Result<Zone, StoreError> {
         slug: row.text(2)?,
         created_at_ms: row.int(3)?,
         archived_at_ms: row.opt_int(4)?,
+        dcr_enabled: row.int(5)? != 0,
     })
 }
 
@@ -336,7 +344,7 @@ fn signing_key(row: &Row) -> Result<SigningKey, StoreError> {
 fn zone_insert(new: &NewZone) -> Statement {
     Statement::new(
         "INSERT INTO zones (id, name, slug, created_at_ms) VALUES ($1, $2, $3, $4)
-         RETURNING id, name, slug, created_at_ms, archived_at_ms",
+         RETURNING id, name, slug, created_at_ms, archived_at_ms, dcr_enabled",
         params![
             new.id.as_str(),
             new.name.as_str(),
@@ -438,12 +446,13 @@ impl<D: Db> Directory for D {
         zone_id: &str,
         name: &str,
         slug: &str,
+        dcr_enabled: bool,
         outbox: &[OutboxMessage],
     ) -> Result<Zone, StoreError> {
         let update = Statement::new(
-            "UPDATE zones SET name = $2, slug = $3 WHERE id = $1 AND archived_at_ms IS NULL
-             RETURNING id, name, slug, created_at_ms, archived_at_ms",
-            params![zone_id, name, slug],
+            "UPDATE zones SET name = $2, slug = $3, dcr_enabled = $4 WHERE id = $1 AND archived_at_ms IS NULL
+             RETURNING id, name, slug, created_at_ms, archived_at_ms, dcr_enabled",
+            params![zone_id, name, slug, i64::from(dcr_enabled)],
         )
         .must_change(not_found);
         let outcomes = self.atomic(with_outbox(update, outbox)).await?;
@@ -461,6 +470,21 @@ impl<D: Db> Directory for D {
         )
         .must_change(not_found);
         self.atomic(with_outbox(update, outbox)).await.map(|_| ())
+    }
+
+    async fn archive_lapsed_dcr_applications(
+        &self,
+        expired_before_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let outcomes = self
+            .atomic(vec![Statement::new(
+                "UPDATE applications SET archived_at_ms = $2
+                 WHERE registration_method = 'dcr' AND archived_at_ms IS NULL
+                   AND expires_at_ms < $1",
+                params![expired_before_ms, now_ms()],
+            )])
+            .await?;
+        Ok(outcomes.iter().map(|outcome| outcome.changed).sum())
     }
 
     async fn create_application(
