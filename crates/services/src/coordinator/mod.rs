@@ -479,6 +479,24 @@ async fn start(
     if of_app >= limits.sessions_per_application {
         return Err(ApiError::new(ErrorCode::SessionLimitExceeded));
     }
+    // A dynamically registered client runs one task at a time, with no tree under it.
+    let registered = store
+        .get_application(&zone_id, &caller.client_id)
+        .await?
+        .is_some_and(|app| app.registration_method == "dcr");
+    if registered {
+        if lifecycle != "task" || request.parent_id.is_some() {
+            return Err(invalid(
+                "a registered (DCR) application starts task sessions only, without a parent",
+            ));
+        }
+        if of_app >= 1 {
+            return Err(ApiError::with_description(
+                ErrorCode::SessionLimitExceeded,
+                "a registered (DCR) application holds one live session at a time",
+            ));
+        }
+    }
     let parent = match &request.parent_id {
         None => None,
         Some(parent_id) => {

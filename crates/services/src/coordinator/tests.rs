@@ -33,22 +33,29 @@ struct World {
 }
 
 async fn world() -> World {
+    world_of(false).await
+}
+
+/// The world, its application registered dynamically (`dcr`) when `registered`.
+async fn world_of(registered: bool) -> World {
     let (keep, api_state) = role_state(Role::Api);
     let shared = api_state.shared.clone();
     let writer = token(&shared, "write", TokenScope::Global).await;
     let api = router(api_state);
     let w = Some(writer.as_str());
-    let (_, _, zone) = call(&api, "POST", "/v1/zones", w, r#"{"name":"coord"}"#).await;
+    let zone_body = json!({"name": "coord", "dcr_enabled": registered}).to_string();
+    let (_, _, zone) = call(&api, "POST", "/v1/zones", w, &zone_body).await;
     let zone_id = zone["id"].as_str().unwrap().to_owned();
     let base = format!("/v1/zones/{zone_id}");
-    let (_, _, app) = call(
-        &api,
-        "POST",
-        &format!("{base}/applications"),
-        w,
-        r#"{"name":"agent","registration_method":"managed"}"#,
-    )
-    .await;
+    let (path, body) = if registered {
+        ("applications/dcr", r#"{"name":"agent"}"#)
+    } else {
+        (
+            "applications",
+            r#"{"name":"agent","registration_method":"managed"}"#,
+        )
+    };
+    let (_, _, app) = call(&api, "POST", &format!("{base}/{path}"), w, body).await;
     let (app_id, secret) = (
         app["id"].as_str().unwrap().to_owned(),
         app["client_secret"].as_str().unwrap().to_owned(),
@@ -877,6 +884,37 @@ async fn service_leases_are_renewed_by_their_holder_and_fenced_by_a_new_one() {
     assert_eq!(
         (status, code(&ended).as_str()),
         (StatusCode::CONFLICT, "session_not_live")
+    );
+}
+
+#[tokio::test]
+async fn a_registered_application_runs_one_task_session_without_a_tree() {
+    let world = world_of(true).await;
+    let bearer = world.lifecycle().await;
+    let b = Some(bearer.as_str());
+    let service = json!({"application_id": world.app_id, "lifecycle": "service"}).to_string();
+    assert_eq!(
+        world.agents("POST", "", b, &service).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let task = json!({"application_id": world.app_id}).to_string();
+    let (status, first) = world.agents("POST", "", b, &task).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let child =
+        json!({"application_id": world.app_id, "parent_id": first["agent_session_id"]}).to_string();
+    assert_eq!(
+        world.agents("POST", "", b, &child).await.0,
+        StatusCode::BAD_REQUEST,
+        "no tree under it"
+    );
+    let (status, second) = world.agents("POST", "", b, &task).await;
+    assert_eq!(
+        (status, second["error"].as_str()),
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            Some("session_limit_exceeded")
+        ),
+        "one live session at a time"
     );
 }
 
