@@ -755,6 +755,16 @@ fn an_operator_approves_a_held_mint_in_the_console_and_the_retry_succeeds() {
         kinds,
         ["step_up_issued", "step_up_decided", "step_up_consumed"]
     );
+    // The API role counts them (each once its answer is in).
+    let counted = (0..50).any(|_| {
+        let metrics = util::get(api, "/metrics", &[]).body;
+        if metrics.contains("caracal_api_notifications_delivered_total 3") {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        false
+    });
+    assert!(counted, "{}", util::get(api, "/metrics", &[]).body);
     let (exit, _, _) = running.terminate();
     assert!(exit.success());
 }

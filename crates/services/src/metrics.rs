@@ -103,10 +103,42 @@ impl OutboxMetrics {
     }
 }
 
+/// The API role's approval-webhook attempts.
+#[derive(Default)]
+pub struct NotifierMetrics {
+    pub delivered: Counter,
+    /// Attempts that failed and will be tried again.
+    pub retried: Counter,
+    /// Deliveries given up on after their last attempt.
+    pub abandoned: Counter,
+}
+
+impl NotifierMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "notifications_delivered",
+            "Approval webhook deliveries a sink accepted",
+            self.delivered.clone(),
+        );
+        registry.register(
+            "notification_retries",
+            "Approval webhook attempts that failed and will be tried again",
+            self.retried.clone(),
+        );
+        registry.register(
+            "notifications_abandoned",
+            "Approval webhook deliveries given up on after their last attempt",
+            self.abandoned.clone(),
+        );
+    }
+}
+
 pub struct RoleMetrics {
     registry: Registry,
     /// Present on the API role, which runs the outbox dispatcher.
     pub outbox: Option<Arc<OutboxMetrics>>,
+    /// Present on the API role, which sends approval webhooks.
+    pub notifier: Option<Arc<NotifierMetrics>>,
     /// Present on the Audit role, which ingests and sweeps.
     pub ledger: Option<Arc<crate::ledger::LedgerMetrics>>,
     /// Present on the STS role.
@@ -148,6 +180,11 @@ impl RoleMetrics {
             let sts = Arc::new(crate::sts::StsMetrics::default());
             sts.register(registry);
             sts
+        });
+        let notifier = (role == Role::Api).then(|| {
+            let notifier = Arc::new(NotifierMetrics::default());
+            notifier.register(registry);
+            notifier
         });
         let gateway = (role == Role::Gateway).then(|| {
             let gateway = Arc::new(crate::gateway::GatewayMetrics::default());
@@ -203,6 +240,7 @@ impl RoleMetrics {
         RoleMetrics {
             registry: root,
             outbox,
+            notifier,
             ledger,
             sts,
             gateway,

@@ -8,6 +8,7 @@
 //! least once: a receiver tells repeats apart by `X-Caracal-Delivery`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use caracal_store::{
@@ -15,6 +16,7 @@ use caracal_store::{
 };
 use serde_json::{Value, json};
 
+use crate::metrics::NotifierMetrics;
 use crate::state::Shared;
 
 /// What a sink may subscribe to.
@@ -34,7 +36,7 @@ const SCAN_WINDOW: i64 = 10_000;
 const BATCH: i64 = 100;
 
 /// One round: every live sink's new events gathered, then the due deliveries sent.
-pub async fn run_once(shared: &Shared) {
+pub async fn run_once(shared: &Shared, metrics: &Arc<NotifierMetrics>) {
     let sinks = match shared.store.live_notification_sinks().await {
         Ok(sinks) => sinks,
         Err(error) => {
@@ -52,7 +54,7 @@ pub async fn run_once(shared: &Shared) {
     }
     let sinks: HashMap<&str, &NotificationSink> =
         sinks.iter().map(|sink| (sink.id.as_str(), sink)).collect();
-    if let Err(error) = send_due(shared, &sinks).await {
+    if let Err(error) = send_due(shared, &sinks, metrics).await {
         tracing::warn!(%error, "due notifications not sent");
     }
 }
@@ -133,6 +135,7 @@ fn shown_metadata(metadata: &str) -> Value {
 async fn send_due(
     shared: &Shared,
     sinks: &HashMap<&str, &NotificationSink>,
+    metrics: &Arc<NotifierMetrics>,
 ) -> Result<(), StoreError> {
     let due = shared.store.due_notifications(now_ms(), BATCH).await?;
     if due.is_empty() {
@@ -145,6 +148,7 @@ async fn send_due(
             continue;
         };
         let (shared, sink, client) = (shared.clone(), (*sink).clone(), client.clone());
+        let metrics = Arc::clone(metrics);
         sends.spawn(async move {
             let attempt = match &client {
                 Ok(client) => send(&shared, client, &sink, &delivery).await,
@@ -157,6 +161,14 @@ async fn send_due(
                     error,
                     retry_at_ms: retry_at(delivery.attempts + 1, now_ms()),
                 },
+            };
+            match &outcome {
+                DeliveryOutcome::Delivered { .. } => metrics.delivered.inc(),
+                DeliveryOutcome::Failed {
+                    retry_at_ms: Some(_),
+                    ..
+                } => metrics.retried.inc(),
+                DeliveryOutcome::Failed { .. } => metrics.abandoned.inc(),
             };
             if let Err(error) = shared
                 .store

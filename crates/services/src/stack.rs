@@ -351,14 +351,15 @@ impl Stack {
             }
             if role == Role::Api {
                 let shared = self.shared.clone();
+                let metrics = state.metrics.notifier.clone().unwrap_or_default();
                 servers.spawn(crate::singleton::run_singleton(
                     Arc::clone(&self.shared.store),
                     "notifications",
                     format!("api-{}", self.instance),
                     crate::notifier::ROUND,
                     move || {
-                        let shared = shared.clone();
-                        async move { crate::notifier::run_once(&shared).await }
+                        let (shared, metrics) = (shared.clone(), Arc::clone(&metrics));
+                        async move { crate::notifier::run_once(&shared, &metrics).await }
                     },
                     stop_receiver.clone(),
                 ));

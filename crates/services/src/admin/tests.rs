@@ -2845,6 +2845,7 @@ async fn notification_sinks_are_sent_each_approval_event_signed_and_retried_on_t
     let reader = token(&shared, "read", TokenScope::Global).await;
     let app = router(state);
     let w = Some(writer.as_str());
+    let metrics = std::sync::Arc::new(crate::metrics::NotifierMetrics::default());
     // A receiver that records what it is sent and answers 500 until told otherwise.
     type Received = Vec<(http::HeaderMap, String)>;
     let received = std::sync::Arc::new(std::sync::Mutex::new(Received::new()));
@@ -2949,7 +2950,7 @@ async fn notification_sinks_are_sent_each_approval_event_signed_and_retried_on_t
         .unwrap();
 
     // The first round sends both subscribed events; the receiver fails them.
-    crate::notifier::run_once(&shared).await;
+    crate::notifier::run_once(&shared, &metrics).await;
     let first: Received = std::mem::take(&mut *received.lock().unwrap());
     assert_eq!(first.len(), 2, "two subscribed events");
     let mut sent_types: Vec<String> = first
@@ -2990,10 +2991,11 @@ async fn notification_sinks_are_sent_each_approval_event_signed_and_retried_on_t
     );
     let (_, _, health) = call(&app, "GET", &format!("{base}/{sink_id}"), Some(&reader), "").await;
     assert_eq!(health["consecutive_failures"], 2);
+    assert_eq!((metrics.retried.get(), metrics.delivered.get()), (2, 0));
     assert_eq!(health["last_error"], "answered 500 Internal Server Error");
 
     // Nothing is due again before its backoff; a repeat round sends nothing new.
-    crate::notifier::run_once(&shared).await;
+    crate::notifier::run_once(&shared, &metrics).await;
     assert!(received.lock().unwrap().is_empty());
     // Once due (their backoff cut short here) and the receiver healthy, each is delivered
     // once, and the sink recovers.
@@ -3015,7 +3017,7 @@ async fn notification_sinks_are_sent_each_approval_event_signed_and_retried_on_t
             .unwrap();
     }
     healthy.store(true, std::sync::atomic::Ordering::SeqCst);
-    crate::notifier::run_once(&shared).await;
+    crate::notifier::run_once(&shared, &metrics).await;
     assert_eq!(received.lock().unwrap().len(), 2);
     let (_, _, listed) = call(
         &app,
@@ -3040,6 +3042,7 @@ async fn notification_sinks_are_sent_each_approval_event_signed_and_retried_on_t
     assert!(rest["next_cursor"].is_null());
     let (_, _, health) = call(&app, "GET", &format!("{base}/{sink_id}"), Some(&reader), "").await;
     assert_eq!(health["consecutive_failures"], 0);
+    assert_eq!(metrics.delivered.get(), 2);
     assert!(health["last_success_at"].as_str().is_some());
 
     // Rotation: a new secret signs what is sent next; a paused sink is sent nothing.
@@ -3047,7 +3050,7 @@ async fn notification_sinks_are_sent_each_approval_event_signed_and_retried_on_t
         let row = ledger_row(id, "step_up_issued", seq, json!({"challenge_id": id}));
         shared.store.insert_audit_events(&[row]).await.unwrap();
         received.lock().unwrap().clear();
-        crate::notifier::run_once(&shared).await;
+        crate::notifier::run_once(&shared, &metrics).await;
     };
     let (status, _, rotated) = call(
         &app,
