@@ -47,21 +47,9 @@ pub fn seal(
     secret_ref: String,
     value: &str,
 ) -> Result<SealedSecret, ConnectionError> {
-    let envelope = shared
-        .kek
-        .seal(PURPOSE, value.as_bytes())
-        .map_err(|error| {
-            tracing::error!(%error, "sealing a connection token failed");
-            ConnectionError::Unavailable
-        })?;
-    Ok(SealedSecret {
-        zone_id: zone_id.to_owned(),
-        secret_ref,
-        purpose: PURPOSE.to_owned(),
-        kek_id: shared.kek.key_id().to_owned(),
-        envelope,
-        version: 0,
-        updated_at_ms: now_ms(),
+    crate::provider_secrets::sealed(shared, zone_id, secret_ref, PURPOSE, value).map_err(|error| {
+        tracing::error!(%error, "sealing a connection token failed");
+        ConnectionError::Unavailable
     })
 }
 

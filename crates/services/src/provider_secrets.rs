@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use caracal_store::{Provider, StoreError};
+use caracal_store::{Provider, SealedSecret, StoreError, now_ms};
 
 use crate::state::Shared;
 
@@ -16,6 +16,25 @@ pub enum OpenError {
     Store(#[from] StoreError),
     #[error("a provider secret does not open under the loaded KEK")]
     Unopenable,
+}
+
+/// `value` sealed under the KEK for `purpose`, as the secret `secret_ref` of `zone_id`.
+pub fn sealed(
+    shared: &Shared,
+    zone_id: &str,
+    secret_ref: String,
+    purpose: &str,
+    value: &str,
+) -> Result<SealedSecret, caracal_crypto::EnvelopeError> {
+    Ok(SealedSecret {
+        zone_id: zone_id.to_owned(),
+        secret_ref,
+        purpose: purpose.to_owned(),
+        kek_id: shared.kek.key_id().to_owned(),
+        envelope: shared.kek.seal(purpose, value.as_bytes())?,
+        version: 0,
+        updated_at_ms: now_ms(),
+    })
 }
 
 /// `provider`'s secrets by configuration key.

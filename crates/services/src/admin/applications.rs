@@ -151,10 +151,15 @@ fn valid_secret(secret: &str) -> Result<(), ApiError> {
 /// A fresh secret (`prefix` + 32 random bytes, base64url: `cs_` for clients, `ws_` for
 /// workloads) and its hash.
 pub(super) async fn new_secret(prefix: &str) -> Result<(String, String), ApiError> {
-    let bytes: [u8; 32] = caracal_crypto::random_bytes().map_err(|_| internal("random"))?;
-    let secret = format!("{prefix}{}", URL_SAFE_NO_PAD.encode(bytes));
+    let secret = random_secret(prefix)?;
     let hashed = hash(secret.clone()).await?;
     Ok((secret, hashed))
+}
+
+/// `prefix` and 32 random bytes, base64url: every secret this API hands out.
+pub(super) fn random_secret(prefix: &str) -> Result<String, ApiError> {
+    let bytes: [u8; 32] = caracal_crypto::random_bytes().map_err(|_| internal("random"))?;
+    Ok(format!("{prefix}{}", URL_SAFE_NO_PAD.encode(bytes)))
 }
 
 /// Argon2id on a blocking thread: it takes 64 MiB and tens of milliseconds by design.

@@ -21,7 +21,6 @@ use crate::error::ApiError;
 use crate::state::RoleState;
 use crate::wire::Page;
 use base64::Engine as _;
-use caracal_audit::Event;
 
 use crate::connections::SHARED;
 
@@ -342,9 +341,7 @@ async fn authorize(
     }
     let (provider, config) = oauth_provider(&state, &zone_id, &request.provider_id).await?;
     let text = |key: &str| config.get(key).and_then(Value::as_str).unwrap_or_default();
-    let random: [u8; 32] =
-        caracal_crypto::random_bytes().map_err(|_| ApiError::new(ErrorCode::InternalError))?;
-    let verifier = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random);
+    let verifier = super::applications::random_secret("")?;
     let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .encode(caracal_crypto::sha256(verifier.as_bytes()));
     let expires_at_ms = now_ms() + STATE_LIFETIME_MS;
@@ -475,29 +472,17 @@ async fn callback(
         Some(existing) => existing.id,
         None => new_id(),
     };
-    let event = Event {
-        id: new_id(),
-        zone_id: zone_id.clone(),
-        event_type: "admin.provider_connection.connected".to_owned(),
-        request_id: request_id.map_or_else(|| "none".to_owned(), |id| id.to_string()),
-        decision: "allow".to_owned(),
-        policy_set_id: None,
-        policy_set_version_id: None,
-        manifest_sha: None,
-        evaluation_status: "complete".to_owned(),
-        determining_policies_json: json!([]),
-        diagnostics_json: json!([]),
-        metadata_json: json!({
-            "actor": format!("oauth:{}", flow.subject_id),
-            "entity_type": "provider_connection",
-            "entity_id": id,
-            "provider_id": provider.id,
-            "changed_fields": ["tokens"],
-        }),
-        occurred_at_ms: now_ms(),
-    };
-    let recorded = crate::evidence::outbox_message(&event)
-        .ok_or_else(|| ApiError::new(ErrorCode::InternalError))?;
+    let recorded = super::outbox_evidence(super::audit_event_by(
+        format!("oauth:{}", flow.subject_id),
+        request_id.as_deref(),
+        Change {
+            zone_id: &zone_id,
+            action: "provider_connection.connected",
+            entity_type: "provider_connection",
+            entity_id: &id,
+            fields: vec!["subject_id", "provider_id", "tokens"],
+        },
+    ))?;
     let now = now_ms();
     let connection = ProviderConnection {
         id,

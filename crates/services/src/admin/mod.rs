@@ -293,6 +293,11 @@ struct Change<'a> {
 /// The audit event of an admin action: who, what, on which object, which fields (never a
 /// secret).
 fn audit_event(caller: &AdminCaller, request_id: Option<&RequestId>, change: Change<'_>) -> Event {
+    audit_event_by(caller.actor(), request_id, change)
+}
+
+/// [`audit_event`] for an actor that holds no admin token (a subject's browser flow).
+fn audit_event_by(actor: String, request_id: Option<&RequestId>, change: Change<'_>) -> Event {
     Event {
         id: new_id(),
         zone_id: change.zone_id.to_owned(),
@@ -306,7 +311,7 @@ fn audit_event(caller: &AdminCaller, request_id: Option<&RequestId>, change: Cha
         determining_policies_json: serde_json::json!([]),
         diagnostics_json: serde_json::json!([]),
         metadata_json: serde_json::json!({
-            "actor": caller.actor(),
+            "actor": actor,
             "entity_type": change.entity_type,
             "entity_id": change.entity_id,
             "changed_fields": change.fields,
@@ -323,7 +328,11 @@ fn evidence(
     request_id: Option<&RequestId>,
     change: Change<'_>,
 ) -> Result<OutboxMessage, ApiError> {
-    let event = audit_event(caller, request_id, change);
+    outbox_evidence(audit_event(caller, request_id, change))
+}
+
+/// `event` as the outbox row that carries it in its change's transaction.
+fn outbox_evidence(event: Event) -> Result<OutboxMessage, ApiError> {
     crate::evidence::outbox_message(&event).ok_or_else(|| {
         tracing::error!(event = %event.id, "an admin audit event did not serialise");
         ApiError::new(ErrorCode::InternalError)

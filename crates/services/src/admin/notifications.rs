@@ -6,8 +6,6 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use caracal_core::{ErrorCode, RequestId};
 use caracal_store::{NotificationDelivery, NotificationSink, StoreError, now_ms};
 use http::{HeaderMap, StatusCode};
@@ -140,9 +138,7 @@ fn valid_event_types(types: Option<Vec<String>>) -> Result<String, ApiError> {
 
 /// A fresh `nsk_` secret and its sealed copy.
 fn new_secret(state: &RoleState) -> Result<(String, String), ApiError> {
-    let bytes: [u8; 32] =
-        caracal_crypto::random_bytes().map_err(|_| ApiError::new(ErrorCode::InternalError))?;
-    let secret = format!("nsk_{}", URL_SAFE_NO_PAD.encode(bytes));
+    let secret = super::applications::random_secret("nsk_")?;
     let sealed = state
         .shared
         .kek

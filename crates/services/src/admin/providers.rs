@@ -208,22 +208,17 @@ fn seal(
     secrets
         .iter()
         .map(|(key, value)| {
-            let envelope = state
-                .shared
-                .kek
-                .seal(SECRET_PURPOSE, value.as_bytes())
-                .map_err(|error| {
-                    tracing::error!(%error, "sealing a provider secret failed");
-                    ApiError::new(ErrorCode::InternalError)
-                })?;
-            Ok(SealedSecret {
-                zone_id: zone_id.to_owned(),
-                secret_ref: secret_ref(provider_id, key),
-                purpose: SECRET_PURPOSE.to_owned(),
-                kek_id: state.shared.kek.key_id().to_owned(),
-                envelope,
-                version: 0,
-                updated_at_ms: now_ms(),
+            let reference = secret_ref(provider_id, key);
+            crate::provider_secrets::sealed(
+                &state.shared,
+                zone_id,
+                reference,
+                SECRET_PURPOSE,
+                value,
+            )
+            .map_err(|error| {
+                tracing::error!(%error, "sealing a provider secret failed");
+                ApiError::new(ErrorCode::InternalError)
             })
         })
         .collect()

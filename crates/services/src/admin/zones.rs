@@ -153,7 +153,11 @@ async fn create(
             action: "zone.create",
             entity_type: "zone",
             entity_id: &id,
-            fields: vec!["name", "slug"],
+            fields: if request.dcr_enabled.is_some() {
+                vec!["name", "slug", "dcr_enabled"]
+            } else {
+                vec!["name", "slug"]
+            },
         },
     )?;
     // The zone's first signing key is created with it, so its JWKS never 404s.
@@ -170,31 +174,12 @@ async fn create(
                 name,
                 slug: slug.clone(),
             },
+            request.dcr_enabled.unwrap_or(false),
             &key,
             &[evidence],
         )
         .await
         .map_err(on_conflict(slug_conflict(&slug)))?;
-    let zone = if request.dcr_enabled == Some(true) {
-        let recorded = super::evidence(
-            &caller,
-            request_id.as_deref(),
-            Change {
-                zone_id: &zone.id,
-                action: "zone.update",
-                entity_type: "zone",
-                entity_id: &zone.id,
-                fields: vec!["dcr_enabled"],
-            },
-        )?;
-        state
-            .shared
-            .store
-            .update_zone(&zone.id, &zone.name, &zone.slug, true, &[recorded])
-            .await?
-    } else {
-        zone
-    };
     Ok((StatusCode::CREATED, Json(body(zone))))
 }
 

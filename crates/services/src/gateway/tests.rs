@@ -1176,23 +1176,15 @@ async fn an_authorization_code_provider_injects_the_subjects_connection_refreshe
         assert_eq!(status, StatusCode::CREATED, "{stored}");
     };
 
-    // No connection: refused, the upstream never reached.
+    // The acting session's record is gone: no subject to act for, refused.
     let calls = fixture.upstream_calls();
     let answer = fixture.get("/entries").await;
     assert_eq!(answer.status, StatusCode::FORBIDDEN, "{}", answer.json);
     assert!(
-        answer.json.to_string().contains("connection_required"),
+        answer.json.to_string().contains("authority record is gone"),
         "{}",
         answer.json
     );
-    assert_eq!(fixture.upstream_calls(), calls);
-
-    // The zone's shared connection serves a subject without one of its own.
-    connect(json!({"provider_id": provider_id, "access_token": "shared-1"})).await;
-    assert_eq!(fixture.get("/entries").await.status, StatusCode::OK);
-    assert_eq!(authorization().as_deref(), Some("Bearer shared-1"));
-
-    // The acting session's subject has its own, expired: refreshed once, then used.
     let now = caracal_store::now_ms();
     store
         .insert_authority_records(&[caracal_store::AuthorityRecord {
@@ -1211,6 +1203,21 @@ async fn an_authorization_code_provider_injects_the_subjects_connection_refreshe
         }])
         .await
         .unwrap();
+    // No connection: refused, the upstream never reached.
+    let answer = fixture.get("/entries").await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN, "{}", answer.json);
+    assert!(
+        answer.json.to_string().contains("connection_required"),
+        "{}",
+        answer.json
+    );
+    assert_eq!(fixture.upstream_calls(), calls);
+    connect(json!({"provider_id": provider_id, "access_token": "shared-1"})).await;
+    // The zone's shared connection serves a subject without one of its own.
+    assert_eq!(fixture.get("/entries").await.status, StatusCode::OK);
+    assert_eq!(authorization().as_deref(), Some("Bearer shared-1"));
+
+    // The acting session's subject has its own, expired: refreshed once, then used.
     connect(
         json!({"provider_id": provider_id, "subject_id": "user-7", "access_token": "stale-1",
         "refresh_token": "r-1", "expires_at": "2020-01-01T00:00:00Z"}),

@@ -527,13 +527,20 @@ pub(super) async fn upstream_of(
         "oauth2_authorization_code" => {
             // On whose behalf: the subject of the acting session's authority record (read
             // only for this kind, to keep every other call's path as it was).
+            // A session whose record is gone has no subject to act for: refused, never
+            // served the zone's shared connection instead.
             let subject = match acting_record {
-                Some(record_id) => state
-                    .shared
-                    .store
-                    .get_authority_record(&resource.zone_id, record_id)
-                    .await?
-                    .map(|record| record.subject_id),
+                Some(record_id) => Some(
+                    state
+                        .shared
+                        .store
+                        .get_authority_record(&resource.zone_id, record_id)
+                        .await?
+                        .map(|record| record.subject_id)
+                        .ok_or_else(|| {
+                            TokenError::denied("the acting session's authority record is gone")
+                        })?,
+                ),
                 None => None,
             };
             let subject = subject.as_deref();

@@ -49,17 +49,19 @@ pub trait Directory: Send + Sync {
         zone: &NewZone,
         outbox: &[OutboxMessage],
     ) -> Result<Zone, StoreError>;
-    /// Creates a zone together with its first signing key, so its JWKS exists from the start.
+    /// Creates a zone together with its first signing key, so its JWKS exists from the start,
+    /// accepting dynamic client registration if `dcr_enabled`.
     async fn create_zone_with_key(
         &self,
         zone: &NewZone,
+        dcr_enabled: bool,
         key: &SigningKey,
         outbox: &[OutboxMessage],
     ) -> Result<Zone, StoreError>;
     async fn get_zone(&self, zone_id: &str) -> Result<Option<Zone>, StoreError>;
     async fn list_zones(&self) -> Result<Vec<Zone>, StoreError>;
-    /// Renames a live zone and sets whether it accepts dynamic client registration; a taken slug is a [`StoreError::Conflict`], an archived or missing
-    /// zone [`StoreError::NotFound`].
+    /// Renames a live zone and sets whether it accepts dynamic client registration; a taken
+    /// slug is a [`StoreError::Conflict`], an archived or missing zone [`StoreError::NotFound`].
     async fn update_zone(
         &self,
         zone_id: &str,
@@ -341,15 +343,16 @@ fn signing_key(row: &Row) -> Result<SigningKey, StoreError> {
 }
 
 /// Stores a sealed secret, replacing (and versioning up) any under the same reference.
-fn zone_insert(new: &NewZone) -> Statement {
+fn zone_insert(new: &NewZone, dcr_enabled: bool) -> Statement {
     Statement::new(
-        "INSERT INTO zones (id, name, slug, created_at_ms) VALUES ($1, $2, $3, $4)
+        "INSERT INTO zones (id, name, slug, created_at_ms, dcr_enabled) VALUES ($1, $2, $3, $4, $5)
          RETURNING id, name, slug, created_at_ms, archived_at_ms, dcr_enabled",
         params![
             new.id.as_str(),
             new.name.as_str(),
             new.slug.as_str(),
-            now_ms()
+            now_ms(),
+            i64::from(dcr_enabled)
         ],
     )
 }
@@ -405,17 +408,20 @@ impl<D: Db> Directory for D {
         new: &NewZone,
         outbox: &[OutboxMessage],
     ) -> Result<Zone, StoreError> {
-        let outcomes = self.atomic(with_outbox(zone_insert(new), outbox)).await?;
+        let outcomes = self
+            .atomic(with_outbox(zone_insert(new, false), outbox))
+            .await?;
         zone(first_row(&outcomes)?)
     }
 
     async fn create_zone_with_key(
         &self,
         new: &NewZone,
+        dcr_enabled: bool,
         key: &SigningKey,
         outbox: &[OutboxMessage],
     ) -> Result<Zone, StoreError> {
-        let mut statements = vec![zone_insert(new), key_insert(key)];
+        let mut statements = vec![zone_insert(new, dcr_enabled), key_insert(key)];
         statements.extend(enqueue_only(outbox));
         let outcomes = self.atomic(statements).await?;
         zone(first_row(&outcomes)?)
