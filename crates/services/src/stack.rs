@@ -488,16 +488,18 @@ impl Stack {
         if let Some(metrics) = &state.metrics.sts {
             policies.load_failures = metrics.policy_load_failures.clone();
         }
-        let sts = Arc::new(
-            crate::sts::Sts::start(
-                self.issuer.clone(),
-                policies.clone(),
-                Arc::clone(&self.shared.store),
-                &self.shared.kek,
-            )
-            .with_mint_limit(self.shared.mint_limit_ceiling)
-            .with_provider_host_allowlist(self.gateway_config.host_allowlist.clone()),
-        );
+        let mut core = crate::sts::Sts::start(
+            self.issuer.clone(),
+            policies.clone(),
+            Arc::clone(&self.shared.store),
+            &self.shared.kek,
+        )
+        .with_mint_limit(self.shared.mint_limit_ceiling)
+        .with_provider_host_allowlist(self.gateway_config.host_allowlist.clone());
+        if let Some(metrics) = &state.metrics.sts {
+            core.connection_refresh_failures = metrics.connection_refresh_failures.clone();
+        }
+        let sts = Arc::new(core);
         servers.spawn(crate::policy::run_loader(
             policies.clone(),
             Arc::clone(&self.shared.store),

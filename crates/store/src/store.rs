@@ -29,6 +29,9 @@ pub enum StoreError {
     /// A uniqueness rule or a state precondition refused the write.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The zone already holds as many records of this kind as it may (checked in the write).
+    #[error("limit reached: {0}")]
+    LimitReached(String),
     /// The record (in this zone), or one it refers to, does not exist.
     #[error("not found: {0}")]
     NotFound(String),
@@ -115,6 +118,25 @@ pub(crate) fn first_row(outcomes: &[crate::db::Outcome]) -> Result<&Row, StoreEr
 pub(crate) fn with_outbox(first: Statement, outbox: &[OutboxMessage]) -> Vec<Statement> {
     let mut statements = vec![first];
     statements.extend(enqueue(outbox, now_ms()));
+    statements
+}
+
+/// `insert`, which counts the zone's rows against a limit in its own `WHERE`, after a statement
+/// that locks the zone's row: on PostgreSQL (read committed) two inserts into one zone would
+/// otherwise each count the rows committed before both and pass the limit together; locked, the
+/// second waits for the first's commit and its count, a new snapshot, sees the first's row.
+/// SQLite's one writer serializes them already. Then the outbox rows.
+pub(crate) fn zone_limited(
+    zone_id: &str,
+    insert: Statement,
+    outbox: &[OutboxMessage],
+) -> Vec<Statement> {
+    let lock = Statement::new(
+        "UPDATE zones SET name = name WHERE id = $1",
+        crate::db::params![zone_id],
+    );
+    let mut statements = vec![lock];
+    statements.extend(with_outbox(insert, outbox));
     statements
 }
 

@@ -165,6 +165,7 @@ conformance!(
     zones_and_applications_are_renamed_and_archived_in_place,
     providers_and_resources_are_saved_in_place_and_archived_only_when_unused,
     notification_sinks_follow_the_ledger_and_settle_their_deliveries,
+    registered_applications_are_capped_per_zone_even_when_they_race,
 );
 
 fn message(stream: &str, n: usize) -> OutboxMessage {
@@ -3542,7 +3543,7 @@ async fn notification_sinks_follow_the_ledger_and_settle_their_deliveries(backen
         store
             .insert_notification_sink(&sink("zone-0", "s3"), 2, &[])
             .await,
-        Err(StoreError::Conflict(_))
+        Err(StoreError::LimitReached(_))
     ));
     let first = store
         .get_notification_sink("zone-0", "s1")
@@ -3764,4 +3765,92 @@ async fn notification_sinks_follow_the_ledger_and_settle_their_deliveries(backen
         store.delete_notification_sink("zone-1", "s1", &[]).await,
         Err(StoreError::NotFound(_))
     ));
+}
+
+async fn registered_applications_are_capped_per_zone_even_when_they_race(backend: &Backend) {
+    let store = backend.store.as_ref();
+    store.create_zone(&zone(1), &[]).await.unwrap();
+    store.create_zone(&zone(2), &[]).await.unwrap();
+    let now = caracal_store::now_ms();
+    let registered = |id: &str, zone_id: &str, expires_at_ms: i64| Application {
+        id: id.into(),
+        zone_id: zone_id.into(),
+        name: id.into(),
+        client_secret_hash: None,
+        traits: vec![],
+        registration_method: "dcr".into(),
+        expires_at_ms: Some(expires_at_ms),
+        created_at_ms: now,
+        archived_at_ms: None,
+    };
+    // Lapsed, archived, managed and other zones' applications do not count against the cap.
+    store
+        .register_dcr_application(&registered("lapsed", "zone-1", now - 1), 3, &[])
+        .await
+        .unwrap();
+    store
+        .register_dcr_application(&registered("archived", "zone-1", now + 60_000), 3, &[])
+        .await
+        .unwrap();
+    store
+        .archive_application("zone-1", "archived", &[])
+        .await
+        .unwrap();
+    let mut managed = registered("managed", "zone-1", now + 60_000);
+    managed.registration_method = "managed".into();
+    store.create_application(&managed, &[]).await.unwrap();
+    store
+        .register_dcr_application(&registered("elsewhere", "zone-2", now + 60_000), 1, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .count_live_dcr_applications("zone-1", now)
+            .await
+            .unwrap(),
+        0
+    );
+
+    // Eight registrations at once, from two replicas, against a cap of three.
+    let racers: Vec<_> = (0..8)
+        .map(|n| {
+            let store = if n % 2 == 0 {
+                Arc::clone(&backend.store)
+            } else {
+                Arc::clone(&backend.replica)
+            };
+            let app = registered(&format!("racer-{n}"), "zone-1", now + 60_000);
+            tokio::spawn(async move { store.register_dcr_application(&app, 3, &[]).await })
+        })
+        .collect();
+    let mut admitted = 0;
+    for racer in racers {
+        match racer.await.unwrap() {
+            Ok(()) => admitted += 1,
+            Err(StoreError::LimitReached(_)) => {}
+            Err(other) => panic!("unexpected: {other:?}"),
+        }
+    }
+    assert_eq!(admitted, 3);
+    assert_eq!(
+        store
+            .count_live_dcr_applications("zone-1", now)
+            .await
+            .unwrap(),
+        3
+    );
+    assert!(matches!(
+        store
+            .register_dcr_application(&registered("late", "zone-2", now + 60_000), 1, &[])
+            .await,
+        Err(StoreError::LimitReached(_))
+    ));
+    // A refused registration leaves nothing behind.
+    assert!(
+        store
+            .get_application("zone-2", "late")
+            .await
+            .unwrap()
+            .is_none()
+    );
 }

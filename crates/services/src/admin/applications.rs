@@ -9,7 +9,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use caracal_core::{ErrorCode, RequestId};
 use caracal_crypto::{MIN_SECRET_CHARS, hash_secret};
-use caracal_store::{Application, ApplicationChange, now_ms};
+use caracal_store::{Application, ApplicationChange, StoreError, now_ms};
 use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
@@ -280,7 +280,7 @@ async fn create(
 }
 
 /// Live registered applications a zone may hold at once.
-const MAX_LIVE_DCR: usize = 1000;
+const MAX_LIVE_DCR: i64 = 1000;
 /// Registrations a minute per caller (the reference's ten a second).
 const DCR_PER_MINUTE: u64 = 600;
 const MAX_DCR_SECONDS: i64 = 3600;
@@ -324,16 +324,6 @@ async fn register(
     if let Some(refused) = crate::auth::spend_budget(&state, &bucket, DCR_PER_MINUTE).await? {
         return Ok(refused);
     }
-    if super::zones::live_dcr_applications(&state, &zone_id)
-        .await?
-        .len()
-        >= MAX_LIVE_DCR
-    {
-        return Err(ApiError::with_description(
-            ErrorCode::ZoneLimitExceeded,
-            format!("a zone holds at most {MAX_LIVE_DCR} live registered applications"),
-        ));
-    }
     let (secret, secret_hash) = new_secret("cs_").await?;
     let now = now_ms();
     let application = Application {
@@ -361,9 +351,15 @@ async fn register(
     state
         .shared
         .store
-        .create_application(&application, &[evidence])
+        .register_dcr_application(&application, MAX_LIVE_DCR, &[evidence])
         .await
-        .map_err(on_conflict(name_conflict(&application.name)))?;
+        .map_err(|error| match error {
+            StoreError::LimitReached(_) => ApiError::with_description(
+                ErrorCode::ZoneLimitExceeded,
+                format!("a zone holds at most {MAX_LIVE_DCR} live registered applications"),
+            ),
+            other => on_conflict(name_conflict(&application.name))(other),
+        })?;
     Ok((StatusCode::CREATED, Json(body(application, Some(secret)))).into_response())
 }
 

@@ -247,7 +247,7 @@ async fn create(
         .await
     {
         Ok(()) => {}
-        Err(StoreError::Conflict(_)) => {
+        Err(StoreError::LimitReached(_)) => {
             return Err(ApiError::with_description(
                 ErrorCode::ZoneLimitExceeded,
                 format!("a zone has at most {MAX_SINKS} notification sinks"),

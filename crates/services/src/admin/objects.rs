@@ -280,7 +280,8 @@ async fn create_issuer(
         .await
     {
         Ok(()) => Ok((StatusCode::CREATED, Json(shown(&object)))),
-        Err(StoreError::Conflict(_)) => {
+        // At the limit the count refuses first; a duplicate is still named as one.
+        Err(StoreError::LimitReached(_) | StoreError::Conflict(_)) => {
             let taken = store
                 .list_admin_objects(&zone_id, ISSUER)
                 .await?

@@ -184,7 +184,7 @@ async fn create(
 }
 
 /// The zone's dynamically registered applications that are still live.
-pub(super) async fn live_dcr_applications(
+async fn live_dcr_applications(
     state: &RoleState,
     zone_id: &str,
 ) -> Result<Vec<caracal_store::Application>, ApiError> {
@@ -240,10 +240,14 @@ async fn dcr_status(
 ) -> Result<Json<DcrStatusBody>, ApiError> {
     let caller = authenticate(&state, &headers).await?;
     let zone = live_zone(&state, &caller, &zone_id, Access::Read).await?;
-    let live = live_dcr_applications(&state, &zone_id).await?;
+    let live = state
+        .shared
+        .store
+        .count_live_dcr_applications(&zone_id, caracal_store::now_ms())
+        .await?;
     Ok(Json(DcrStatusBody {
         dcr_enabled: zone.dcr_enabled,
-        live_dcr_applications: live.len() as u64,
+        live_dcr_applications: u64::try_from(live).unwrap_or_default(),
     }))
 }
 

@@ -1263,8 +1263,10 @@ async fn an_authorization_code_provider_injects_the_subjects_connection_refreshe
     .await;
     failing.store(true, std::sync::atomic::Ordering::SeqCst);
     let calls = fixture.upstream_calls();
+    assert_eq!(fixture.world.core.connection_refresh_failures.get(), 0);
     let answer = fixture.get("/entries").await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.json);
+    assert_eq!(fixture.world.core.connection_refresh_failures.get(), 1);
     connect(
         json!({"provider_id": provider_id, "subject_id": "user-7", "access_token": "stale-3",
         "expires_at": "2020-01-01T00:00:00Z"}),

@@ -289,7 +289,13 @@ pub(super) async fn reexchange(
         &application.id,
     )
     .await?;
-    let upstream = upstream(state, &resource, &delegation.target.authority_record_id).await?;
+    let upstream = upstream(
+        state,
+        sts,
+        &resource,
+        &delegation.target.authority_record_id,
+    )
+    .await?;
 
     let ttl = ask
         .ttl
@@ -418,6 +424,7 @@ fn connection_refusal(error: crate::connections::ConnectionError) -> TokenError 
 /// authorization-code provider injects).
 async fn upstream(
     state: &RoleState,
+    sts: &Sts,
     resource: &Resource,
     acting_record: &str,
 ) -> Result<Upstream, TokenError> {
@@ -434,13 +441,14 @@ async fn upstream(
                 "the resource's credential provider is gone",
             )
         })?;
-    upstream_of(state, resource, &provider, Some(acting_record)).await
+    upstream_of(state, sts, resource, &provider, Some(acting_record)).await
 }
 
 /// The directive for `resource` behind `provider` (live, already read): the provider's
 /// credential in clear (for client credentials, the client secret and token endpoint).
 pub(super) async fn upstream_of(
     state: &RoleState,
+    sts: &Sts,
     resource: &Resource,
     provider: &caracal_store::Provider,
     acting_record: Option<&str>,
@@ -552,7 +560,12 @@ pub(super) async fn upstream_of(
                 subject,
             )
             .await
-            .map_err(connection_refusal)?;
+            .map_err(|error| {
+                if matches!(error, crate::connections::ConnectionError::Refresh(_)) {
+                    sts.connection_refresh_failures.inc();
+                }
+                connection_refusal(error)
+            })?;
             upstream.auth_mode = "provider_oauth".to_owned();
             upstream.provider_id = Some(provider.id.clone());
             upstream.auth_scheme = Some("Bearer".to_owned());

@@ -57,6 +57,9 @@ pub struct Sts {
     provider_client: std::sync::OnceLock<Option<crate::gateway::UpstreamClient>>,
     provider_tokens: crate::gateway::oauth::TokenCache,
     provider_host_allowlist: Vec<String>,
+    /// Authorization-code connections whose token could not be refreshed (the STS role's
+    /// metric, shared with the Gateway's in-process exchanges, which run here too).
+    pub connection_refresh_failures: prometheus_client::metrics::counter::Counter,
 }
 
 impl Sts {
@@ -81,6 +84,7 @@ impl Sts {
             provider_client: std::sync::OnceLock::new(),
             provider_tokens: crate::gateway::oauth::TokenCache::default(),
             provider_host_allowlist: Vec::new(),
+            connection_refresh_failures: Default::default(),
         }
     }
 
@@ -165,6 +169,8 @@ pub struct StsMetrics {
     /// Bundles the STS refused to load (counted by its policy cache).
     pub policy_load_failures: Counter,
     pub auth_failures: Counter,
+    /// Authorization-code connections whose access token could not be refreshed.
+    pub connection_refresh_failures: Counter,
 }
 
 impl StsMetrics {
@@ -188,6 +194,11 @@ impl StsMetrics {
             "client_auth_failures",
             "Failed client authentications",
             self.auth_failures.clone(),
+        );
+        registry.register(
+            "provider_connection_refresh_failures",
+            "Provider connections whose access token could not be refreshed; their calls were refused",
+            self.connection_refresh_failures.clone(),
         );
     }
 }

@@ -357,7 +357,7 @@ async fn release(
     .await?;
     // The provider's credential as the Gateway would inject it; for client credentials, the
     // token fetched with them.
-    let directive = super::gateway::upstream_of(state, &resource, &provider, None).await?;
+    let directive = super::gateway::upstream_of(state, &sts, &resource, &provider, None).await?;
     let (credential, expires_at) = if provider.kind == "oauth2_client_credentials" {
         let (token, until) = brokered_token(&sts, &directive, &resource.identifier).await?;
         let left = until.saturating_duration_since(std::time::Instant::now());

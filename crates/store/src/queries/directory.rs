@@ -9,7 +9,7 @@ use crate::model::{
 };
 use crate::store::{
     StoreError, all, first_row, list_from_json, list_to_json, not_found, now_ms, one,
-    one_in_directory, with_outbox,
+    one_in_directory, with_outbox, zone_limited,
 };
 
 /// The row columns of `applications`, for `concat!`.
@@ -17,6 +17,27 @@ macro_rules! select_applications {
     () => {
         "SELECT id, zone_id, name, client_secret_hash, traits, registration_method, expires_at_ms, created_at_ms, archived_at_ms FROM applications"
     };
+}
+
+/// The insert head of `applications`, for `concat!`; [`application_params`] binds `$1`–`$9`.
+macro_rules! insert_application {
+    () => {
+        "INSERT INTO applications (id, zone_id, name, client_secret_hash, traits, registration_method, expires_at_ms, created_at_ms, archived_at_ms)"
+    };
+}
+
+fn application_params(app: &Application) -> Vec<crate::db::Value> {
+    params![
+        app.id.as_str(),
+        app.zone_id.as_str(),
+        app.name.as_str(),
+        app.client_secret_hash.clone(),
+        list_to_json(&app.traits),
+        app.registration_method.as_str(),
+        app.expires_at_ms,
+        app.created_at_ms,
+        app.archived_at_ms,
+    ]
 }
 
 /// The row columns of `providers`, for `concat!`.
@@ -79,6 +100,20 @@ pub trait Directory: Send + Sync {
         application: &Application,
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError>;
+    /// Creates a dynamically registered application unless its zone already holds `max_live`
+    /// live ones ([`StoreError::LimitReached`]), counted in the same statement as the insert.
+    async fn register_dcr_application(
+        &self,
+        application: &Application,
+        max_live: i64,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError>;
+    /// How many dynamically registered applications of the zone are live at `now_ms`.
+    async fn count_live_dcr_applications(
+        &self,
+        zone_id: &str,
+        now_ms: i64,
+    ) -> Result<i64, StoreError>;
     async fn get_application(
         &self,
         zone_id: &str,
@@ -499,22 +534,58 @@ impl<D: Db> Directory for D {
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError> {
         let insert = Statement::new(
-            "INSERT INTO applications (id, zone_id, name, client_secret_hash, traits, registration_method,
-                 expires_at_ms, created_at_ms, archived_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            params![
-                app.id.as_str(),
-                app.zone_id.as_str(),
-                app.name.as_str(),
-                app.client_secret_hash.clone(),
-                list_to_json(&app.traits),
-                app.registration_method.as_str(),
-                app.expires_at_ms,
-                app.created_at_ms,
-                app.archived_at_ms,
-            ],
+            concat!(
+                insert_application!(),
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            ),
+            application_params(app),
         );
         self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
+    }
+
+    async fn register_dcr_application(
+        &self,
+        app: &Application,
+        max_live: i64,
+        outbox: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let mut params = application_params(app);
+        params.push(max_live.into());
+        let insert = Statement::new(
+            concat!(
+                insert_application!(),
+                " SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
+                 WHERE (SELECT COUNT(*) FROM applications
+                         WHERE zone_id = $2 AND registration_method = 'dcr'
+                           AND archived_at_ms IS NULL AND expires_at_ms > $8)
+                       < CAST($10 AS BIGINT)"
+            ),
+            params,
+        )
+        .must_change(|| {
+            StoreError::LimitReached("the zone holds the most live registered applications".into())
+        });
+        self.atomic(zone_limited(&app.zone_id, insert, outbox))
+            .await
+            .map(|_| ())
+    }
+
+    async fn count_live_dcr_applications(
+        &self,
+        zone_id: &str,
+        now_ms: i64,
+    ) -> Result<i64, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT COUNT(*) FROM applications
+                 WHERE zone_id = $1 AND registration_method = 'dcr'
+                   AND archived_at_ms IS NULL AND expires_at_ms > $2",
+                params![zone_id, now_ms],
+            )
+            .await?;
+        rows.first()
+            .ok_or_else(|| StoreError::Corrupt("a count returned no row".into()))?
+            .int(0)
     }
 
     async fn get_application(

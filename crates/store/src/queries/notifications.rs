@@ -4,12 +4,12 @@
 
 use crate::db::{Db, Row, Statement, params};
 use crate::model::{DeliveryOutcome, NotificationDelivery, NotificationSink, OutboxMessage};
-use crate::store::{StoreError, all, not_found, one, with_outbox};
+use crate::store::{StoreError, all, not_found, one, with_outbox, zone_limited};
 
 #[async_trait::async_trait]
 pub trait Notifications: Send + Sync {
     /// Inserts `sink`, its cursor at the zone's ledger head (it is sent what happens from now
-    /// on). `max_per_zone` sinks already is a [`StoreError::Conflict`] and writes nothing.
+    /// on). `max_per_zone` sinks already is [`StoreError::LimitReached`] and writes nothing.
     async fn insert_notification_sink(
         &self,
         sink: &NotificationSink,
@@ -134,7 +134,7 @@ fn delivery(row: &Row) -> Result<NotificationDelivery, StoreError> {
 }
 
 fn too_many() -> StoreError {
-    StoreError::Conflict("the zone holds the most notification sinks it may".into())
+    StoreError::LimitReached("the zone holds the most notification sinks it may".into())
 }
 
 fn cursor_moved() -> StoreError {
@@ -168,7 +168,9 @@ impl<D: Db> Notifications for D {
             ],
         )
         .must_change(too_many);
-        self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
+        self.atomic(zone_limited(&sink.zone_id, insert, outbox))
+            .await
+            .map(|_| ())
     }
 
     async fn update_notification_sink(

@@ -3,12 +3,13 @@
 
 use crate::db::{Db, Row, Statement, params};
 use crate::model::{AdminObject, OutboxMessage};
-use crate::store::{StoreError, all, not_found, one, with_outbox};
+use crate::store::{StoreError, all, not_found, one, with_outbox, zone_limited};
 
 #[async_trait::async_trait]
 pub trait Objects: Send + Sync {
-    /// Inserts `object`. A taken `unique_key` among the zone's active objects of its kind, or
-    /// `max_active` of them already, is a [`StoreError::Conflict`] and writes nothing.
+    /// Inserts `object`. A taken `unique_key` among the zone's active objects of its kind is a
+    /// [`StoreError::Conflict`], `max_active` of them already [`StoreError::LimitReached`]
+    /// (checked first); either writes nothing.
     async fn insert_admin_object(
         &self,
         object: &AdminObject,
@@ -68,7 +69,7 @@ fn admin_object(row: &Row) -> Result<AdminObject, StoreError> {
 }
 
 fn over_limit() -> StoreError {
-    StoreError::Conflict("the zone holds the most objects of this kind it may".into())
+    StoreError::LimitReached("the zone holds the most objects of this kind it may".into())
 }
 
 #[async_trait::async_trait]
@@ -98,7 +99,9 @@ impl<D: Db> Objects for D {
             ],
         )
         .must_change(over_limit);
-        self.atomic(with_outbox(insert, outbox)).await.map(|_| ())
+        self.atomic(zone_limited(&object.zone_id, insert, outbox))
+            .await
+            .map(|_| ())
     }
 
     async fn update_admin_object(
