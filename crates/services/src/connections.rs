@@ -1,7 +1,7 @@
 //! Provider connections: a subject's (or the zone's shared, `caracal:shared`) upstream account
 //! at an `oauth2_authorization_code` provider, its tokens sealed under the KEK. The admin API
 //! stores them; the STS reads the access token of the subject's connection (the shared one
-//! when the subject has none) for the Gateway to inject, refreshing it first when it is about
+//! when the subject never connected) for the Gateway to inject, refreshing it first when it is about
 //! to expire. No live connection, or a refresh that fails, is a refusal: never a call without
 //! the subject's own credential, never one with a stale token.
 
@@ -30,6 +30,8 @@ static REFRESHING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 pub enum ConnectionError {
     #[error("no live connection of `{subject}` (or of the zone) to provider `{provider}`")]
     Missing { subject: String, provider: String },
+    #[error("the connection of `{subject}` to provider `{provider}` was revoked")]
+    Revoked { subject: String, provider: String },
     #[error("the connection's token expired and it holds no refresh token")]
     Expired,
     #[error("the connection's token could not be refreshed: {0}")]
@@ -53,7 +55,9 @@ pub fn seal(
     })
 }
 
-/// The live connection `subject` (if any, else the zone's shared one) holds at `provider`.
+/// The live connection `subject` holds at `provider`, or, when the subject never connected,
+/// the zone's shared one. A subject whose own connection was revoked is refused: its access
+/// was withdrawn, and the shared account must not stand in for it.
 async fn live(
     shared: &Shared,
     provider: &Provider,
@@ -64,9 +68,14 @@ async fn live(
             .store
             .get_provider_connection(&provider.zone_id, candidate, &provider.id)
             .await?
-            .filter(|connection| connection.status == "connected")
         {
-            return Ok(connection);
+            if connection.status == "connected" {
+                return Ok(connection);
+            }
+            return Err(ConnectionError::Revoked {
+                subject: candidate.to_owned(),
+                provider: provider.identifier.clone(),
+            });
         }
     }
     Err(ConnectionError::Missing {

@@ -1276,6 +1276,34 @@ async fn an_authorization_code_provider_injects_the_subjects_connection_refreshe
     assert_eq!(answer.status, StatusCode::FORBIDDEN, "{}", answer.json);
     assert_eq!(fixture.upstream_calls(), calls);
 
+    // The subject's own connection, fresh, then revoked: the zone's shared connection (still
+    // live) does not stand in for it.
+    connect(json!({"provider_id": provider_id, "subject_id": "user-7", "access_token": "own-4"}))
+        .await;
+    assert_eq!(fixture.get("/entries").await.status, StatusCode::OK);
+    assert_eq!(authorization().as_deref(), Some("Bearer own-4"));
+    let (status, _, revoked) = call(
+        &fixture.world.api,
+        "POST",
+        &format!(
+            "/v1/zones/{}/provider-connections/revoke",
+            fixture.world.zone_id
+        ),
+        Some(&fixture.world.writer),
+        &json!({"provider_id": provider_id, "subject_id": "user-7"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{revoked}");
+    let calls = fixture.upstream_calls();
+    let answer = fixture.get("/entries").await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN, "{}", answer.json);
+    assert!(
+        answer.json.to_string().contains("was revoked"),
+        "{}",
+        answer.json
+    );
+    assert_eq!(fixture.upstream_calls(), calls);
+
     // The browser flow: a provider without an authorization URL cannot start it.
     let zone = fixture.world.zone_id.clone();
     let authorize_path = format!("/v1/zones/{zone}/provider-connections/oauth/authorize");

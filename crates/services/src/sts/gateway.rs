@@ -407,9 +407,9 @@ fn operation_floor(
 fn connection_refusal(error: crate::connections::ConnectionError) -> TokenError {
     use crate::connections::ConnectionError;
     match error {
-        ConnectionError::Missing { .. } | ConnectionError::Expired => {
-            TokenError::denied(format!("connection_required: {error}"))
-        }
+        ConnectionError::Missing { .. }
+        | ConnectionError::Revoked { .. }
+        | ConnectionError::Expired => TokenError::denied(format!("connection_required: {error}")),
         ConnectionError::Store(error) => error.into(),
         other => TokenError::new(
             StatusCode::BAD_GATEWAY,
