@@ -236,6 +236,7 @@ fn the_sts_benchmark_runs_every_case() {
         "raw ES256 sign",
         "bootstrap mint (use=session)",
         "delegated mint (use=gateway)",
+        "delegated mint, 128 in flight",
         "delegated at half peak (open loop)",
         "disk fdatasync",
     ] {
