@@ -1451,6 +1451,16 @@ impl Noise {
                     "client_secret",
                     "identifier",
                     "reason",
+                    "url",
+                    "event_types",
+                    "active",
+                    "expires_in",
+                    "provider_id",
+                    "subject_id",
+                    "access_token",
+                    "expires_at",
+                    "dcr_enabled",
+                    "dcr_shutdown",
                 ];
                 let fields: Vec<String> = (0..self.next() % 4)
                     .map(|_| format!("\"{}\": {}", self.pick(&keys), self.pick(&values)))
@@ -1462,7 +1472,7 @@ impl Noise {
 }
 
 #[tokio::test]
-async fn no_body_sent_to_any_route_gets_a_server_error() {
+async fn no_body_or_query_sent_to_any_route_gets_a_server_error() {
     let (_keep, mut state) = role_state(Role::Api);
     // Control invocations on, so their route answers rather than 503 `control_disabled`.
     state.control = Some(crate::control::Control::new(true, "http://sts".to_owned()));
@@ -1474,11 +1484,15 @@ async fn no_body_sent_to_any_route_gets_a_server_error() {
         "POST",
         "/v1/zones",
         Some(&writer),
-        r#"{"name":"fuzz"}"#,
+        r#"{"name":"fuzz","dcr_enabled":true}"#,
     )
     .await;
     let zone_id = zone["id"].as_str().unwrap();
     let seeds = [
+        r#"{"name":"n","url":"https://hooks.example/a","event_types":["step_up_issued"]}"#,
+        r#"{"name":"n","expires_in":60}"#,
+        r#"{"provider_id":"p","subject_id":"s","access_token":"t","expires_at":"2030-01-01T00:00:00Z"}"#,
+        r#"{"dcr_enabled":false,"dcr_shutdown":"revoke_live"}"#,
         r#"{"name":"n","registration_method":"managed","traits":["a"]}"#,
         r#"{"name":"n","kind":"api_key","config_json":{"api_key":"k"}}"#,
         r#"{"name":"n","scopes":["a:b"],"upstream_url":"http://h","credential_provider_id":"p"}"#,
@@ -1519,6 +1533,48 @@ async fn no_body_sent_to_any_route_gets_a_server_error() {
                 operation.method,
                 response.status(),
                 String::from_utf8_lossy(&body)
+            );
+        }
+    }
+    // Query strings of every GET (the public OAuth callback among them): random pairs of
+    // the characters a URI may carry, escapes half-formed and keys repeated.
+    let alphabet = b"abcdefgz019=&%+-._~!$'()*,;:@/?";
+    let keys = [
+        "limit", "cursor", "state", "code", "error", "zone_id", "from", "to", "q",
+    ];
+    for operation in super::openapi::OPERATIONS {
+        if operation.method != "get" {
+            continue;
+        }
+        let reader = token(&shared, "read", TokenScope::Global).await;
+        let path = operation
+            .path
+            .replace("{zone_id}", zone_id)
+            .replace("{version_id}", "v")
+            .replace("{id}", "x");
+        for round in 0..20 {
+            let mut query = String::new();
+            for _ in 0..=noise.next() % 3 {
+                let value: String = (0..noise.next() % 12)
+                    .map(|_| char::from(alphabet[(noise.next() % alphabet.len() as u64) as usize]))
+                    .collect();
+                query.push_str(&format!("{}={value}&", noise.pick(&keys)));
+            }
+            let uri = format!("{path}?{query}");
+            let response = app
+                .clone()
+                .oneshot(
+                    http::Request::get(&uri)
+                        .header("authorization", format!("Bearer {reader}"))
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert!(
+                response.status().as_u16() < 500,
+                "GET {uri} round {round}: {}",
+                response.status()
             );
         }
     }
