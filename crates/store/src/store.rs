@@ -140,6 +140,19 @@ pub(crate) fn zone_limited(
     statements
 }
 
+/// The value of a `SELECT COUNT(*) …`.
+pub(crate) async fn count<D: Db + ?Sized>(
+    db: &D,
+    sql: &'static str,
+    params: Vec<crate::db::Value>,
+) -> Result<i64, StoreError> {
+    db.rows(sql, params)
+        .await?
+        .first()
+        .ok_or_else(|| StoreError::Corrupt("a count returned no row".into()))?
+        .int(0)
+}
+
 /// The first row of a query, mapped.
 pub(crate) async fn one<D: Db + ?Sized, T>(
     db: &D,

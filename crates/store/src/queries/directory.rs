@@ -8,7 +8,7 @@ use crate::model::{
     SealedSecret, SigningKey, Zone,
 };
 use crate::store::{
-    StoreError, all, first_row, list_from_json, list_to_json, not_found, now_ms, one,
+    StoreError, all, count, first_row, list_from_json, list_to_json, not_found, now_ms, one,
     one_in_directory, with_outbox, zone_limited,
 };
 
@@ -575,17 +575,14 @@ impl<D: Db> Directory for D {
         zone_id: &str,
         now_ms: i64,
     ) -> Result<i64, StoreError> {
-        let rows = self
-            .rows(
-                "SELECT COUNT(*) FROM applications
-                 WHERE zone_id = $1 AND registration_method = 'dcr'
-                   AND archived_at_ms IS NULL AND expires_at_ms > $2",
-                params![zone_id, now_ms],
-            )
-            .await?;
-        rows.first()
-            .ok_or_else(|| StoreError::Corrupt("a count returned no row".into()))?
-            .int(0)
+        count(
+            self,
+            "SELECT COUNT(*) FROM applications
+             WHERE zone_id = $1 AND registration_method = 'dcr'
+               AND archived_at_ms IS NULL AND expires_at_ms > $2",
+            params![zone_id, now_ms],
+        )
+        .await
     }
 
     async fn get_application(

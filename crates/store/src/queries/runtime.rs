@@ -7,8 +7,8 @@ use crate::model::{
     OutboxMessage, RevokedAnchors, Session, SubjectFilter, SubjectSummary, TerminatedTree,
 };
 use crate::store::{
-    StoreError, all, enqueue, first_row, list_from_json, list_to_json, not_found, now_ms, one,
-    with_outbox,
+    StoreError, all, count, enqueue, first_row, list_from_json, list_to_json, not_found, now_ms,
+    one, with_outbox,
 };
 use crate::{RecordFilter, SessionFilter};
 
@@ -825,16 +825,13 @@ impl<D: Db> Runtime for D {
         zone_id: &str,
         now_ms: i64,
     ) -> Result<i64, StoreError> {
-        let rows = self
-            .rows(
-                "SELECT COUNT(*) FROM authority_records
-                 WHERE status = 'active' AND expires_at_ms > $2 AND zone_id = $1",
-                params![zone_id, now_ms],
-            )
-            .await?;
-        rows.first()
-            .ok_or_else(|| StoreError::Corrupt("a count returned no row".into()))?
-            .int(0)
+        count(
+            self,
+            "SELECT COUNT(*) FROM authority_records
+             WHERE status = 'active' AND expires_at_ms > $2 AND zone_id = $1",
+            params![zone_id, now_ms],
+        )
+        .await
     }
 
     async fn page_subjects(
@@ -1753,15 +1750,13 @@ impl<D: Db> Runtime for D {
         zone_id: &str,
         scope_id: &str,
     ) -> Result<i64, StoreError> {
-        self.rows(
+        count(
+            self,
             "SELECT COUNT(*) FROM idempotency_receipts
              WHERE operation = $1 AND zone_id = $2 AND scope_id = $3 AND expires_at_ms > $4",
             params![operation, zone_id, scope_id, now_ms()],
         )
-        .await?
-        .first()
-        .ok_or_else(|| StoreError::Corrupt("a count returned no row".into()))?
-        .int(0)
+        .await
     }
 
     async fn purge_idempotency_receipts(&self) -> Result<u64, StoreError> {
