@@ -3783,6 +3783,19 @@ async fn registered_applications_are_capped_per_zone_even_when_they_race(backend
         created_at_ms: now,
         archived_at_ms: None,
     };
+    // A zone that does not accept registration refuses one, whatever its caller read before.
+    assert!(matches!(
+        store
+            .register_dcr_application(&registered("early", "zone-1", now + 60_000), 3, &[])
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    for (id, slug) in [("zone-1", "zone-1"), ("zone-2", "zone-2")] {
+        store
+            .update_zone(id, "Zone", slug, true, &[])
+            .await
+            .unwrap();
+    }
     // Lapsed, archived, managed and other zones' applications do not count against the cap.
     store
         .register_dcr_application(&registered("lapsed", "zone-1", now - 1), 3, &[])
@@ -3853,4 +3866,14 @@ async fn registered_applications_are_capped_per_zone_even_when_they_race(backend
             .unwrap()
             .is_none()
     );
+    store
+        .update_zone("zone-1", "Zone", "zone-1", false, &[])
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .register_dcr_application(&registered("after", "zone-1", now + 60_000), 10, &[])
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
 }

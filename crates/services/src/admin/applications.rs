@@ -358,6 +358,11 @@ async fn register(
                 ErrorCode::ZoneLimitExceeded,
                 format!("a zone holds at most {MAX_LIVE_DCR} live registered applications"),
             ),
+            // Registration was turned off since the zone was read.
+            StoreError::NotFound(_) => ApiError::with_description(
+                ErrorCode::DcrDisabled,
+                format!("zone `{zone_id}` does not accept dynamic client registration"),
+            ),
             other => on_conflict(name_conflict(&application.name))(other),
         })?;
     Ok((StatusCode::CREATED, Json(body(application, Some(secret)))).into_response())

@@ -3327,6 +3327,45 @@ async fn dynamic_client_registration_is_offered_per_zone_and_shut_down_on_the_re
     assert_eq!(record.status, "revoked");
     let (got, _, _) = register(&zone_id, json!({"name": "agent-2"})).await;
     assert_eq!(got, StatusCode::FORBIDDEN);
+    // A client that registered while the shutdown ran (written here behind the API's back) is
+    // revoked by asking again: revoke_live is not gated on the zone's earlier state.
+    let now = caracal_store::now_ms();
+    shared
+        .store
+        .create_application(
+            &caracal_store::Application {
+                id: "straggler".into(),
+                zone_id: zone_id.clone(),
+                name: "straggler".into(),
+                client_secret_hash: None,
+                traits: vec![],
+                registration_method: "dcr".into(),
+                expires_at_ms: Some(now + 600_000),
+                created_at_ms: now,
+                archived_at_ms: None,
+            },
+            &[],
+        )
+        .await
+        .unwrap();
+    let (got, _, _) = call(
+        &app,
+        "PATCH",
+        &base,
+        w,
+        r#"{"dcr_enabled":false,"dcr_shutdown":"revoke_live"}"#,
+    )
+    .await;
+    assert_eq!(got, StatusCode::OK);
+    let (got, _, _) = call(
+        &app,
+        "GET",
+        &format!("{base}/applications/straggler"),
+        w,
+        "",
+    )
+    .await;
+    assert_eq!(got, StatusCode::NOT_FOUND, "the straggler is archived");
 
     // keep_live leaves them to run out; a day past expiry the retention job archives them.
     call(&app, "PATCH", &base, w, r#"{"dcr_enabled":true}"#).await;

@@ -288,25 +288,20 @@ async fn update(
             "must be `keep_live` or `revoke_live`",
         ));
     }
-    if zone.dcr_enabled && !dcr_enabled {
-        let live = live_dcr_applications(&state, &zone_id).await?;
-        match request.dcr_shutdown.as_deref() {
-            None if !live.is_empty() => {
-                return Err(ApiError::with_description(
-                    ErrorCode::DcrShutdownRequired,
-                    format!(
-                        "{} registered application(s) are live: say `dcr_shutdown`: `keep_live` or `revoke_live`",
-                        live.len()
-                    ),
-                )
-                .with_details(serde_json::json!({"live_dcr_applications": live.len()})));
-            }
-            Some("revoke_live") => {
-                for app in &live {
-                    revoke_registered(&state, &caller, request_id.as_deref(), app).await?;
-                }
-            }
-            _ => {}
+    if zone.dcr_enabled && !dcr_enabled && request.dcr_shutdown.is_none() {
+        let live = state
+            .shared
+            .store
+            .count_live_dcr_applications(&zone_id, caracal_store::now_ms())
+            .await?;
+        if live > 0 {
+            return Err(ApiError::with_description(
+                ErrorCode::DcrShutdownRequired,
+                format!(
+                    "{live} registered application(s) are live: say `dcr_shutdown`: `keep_live` or `revoke_live`"
+                ),
+            )
+            .with_details(serde_json::json!({"live_dcr_applications": live})));
         }
     }
     let evidence = evidence(
@@ -326,6 +321,14 @@ async fn update(
         .update_zone(&zone_id, &name, &slug, dcr_enabled, &[evidence])
         .await
         .map_err(on_conflict(slug_conflict(&slug)))?;
+    // Revoked after the zone stops accepting registration (a registration checks that in its
+    // own statement), so no client registered meanwhile is left live. Not gated on the zone's
+    // earlier state: a shutdown that failed halfway is finished by asking again.
+    if !dcr_enabled && request.dcr_shutdown.as_deref() == Some("revoke_live") {
+        for app in live_dcr_applications(&state, &zone_id).await? {
+            revoke_registered(&state, &caller, request_id.as_deref(), &app).await?;
+        }
+    }
     Ok(Json(body(zone)))
 }
 

@@ -9,7 +9,7 @@ use crate::model::{
 };
 use crate::store::{
     StoreError, all, count, first_row, list_from_json, list_to_json, not_found, now_ms, one,
-    one_in_directory, with_outbox, zone_limited,
+    one_in_directory, with_outbox,
 };
 
 /// The row columns of `applications`, for `concat!`.
@@ -101,7 +101,8 @@ pub trait Directory: Send + Sync {
         outbox: &[OutboxMessage],
     ) -> Result<(), StoreError>;
     /// Creates a dynamically registered application unless its zone already holds `max_live`
-    /// live ones ([`StoreError::LimitReached`]), counted in the same statement as the insert.
+    /// live ones ([`StoreError::LimitReached`], counted in the insert under a lock on the
+    /// zone's row) or no longer accepts registration ([`StoreError::NotFound`]).
     async fn register_dcr_application(
         &self,
         application: &Application,
@@ -565,9 +566,18 @@ impl<D: Db> Directory for D {
         .must_change(|| {
             StoreError::LimitReached("the zone holds the most live registered applications".into())
         });
-        self.atomic(zone_limited(&app.zone_id, insert, outbox))
-            .await
-            .map(|_| ())
+        // The zone's row is locked (see `zone_limited`) only if it still accepts registration,
+        // so none commits after a shutdown that turned it off.
+        let lock = Statement::new(
+            "UPDATE zones SET name = name WHERE id = $1 AND dcr_enabled = 1",
+            params![app.zone_id.as_str()],
+        )
+        .must_change(|| {
+            StoreError::NotFound("the zone does not accept dynamic client registration".into())
+        });
+        let mut statements = vec![lock];
+        statements.extend(with_outbox(insert, outbox));
+        self.atomic(statements).await.map(|_| ())
     }
 
     async fn count_live_dcr_applications(
