@@ -121,23 +121,28 @@ pub(crate) fn with_outbox(first: Statement, outbox: &[OutboxMessage]) -> Vec<Sta
     statements
 }
 
-/// `insert`, which counts the zone's rows against a limit in its own `WHERE`, after a statement
-/// that locks the zone's row: on PostgreSQL (read committed) two inserts into one zone would
-/// otherwise each count the rows committed before both and pass the limit together; locked, the
-/// second waits for the first's commit and its count, a new snapshot, sees the first's row.
-/// SQLite's one writer serializes them already. Then the outbox rows.
+/// `insert`, which counts the zone's rows against a limit in its own `WHERE`, after `lock`, a
+/// statement that locks the zone's row ([`zone_lock`], or one that also refuses): on
+/// PostgreSQL (read committed) two inserts into one zone would otherwise each count the rows
+/// committed before both and pass the limit together; locked, the second waits for the
+/// first's commit and its count, a new snapshot, sees the first's row. SQLite's one writer
+/// serializes them already. Then the outbox rows.
 pub(crate) fn zone_limited(
-    zone_id: &str,
+    lock: Statement,
     insert: Statement,
     outbox: &[OutboxMessage],
 ) -> Vec<Statement> {
-    let lock = Statement::new(
-        "UPDATE zones SET name = name WHERE id = $1",
-        crate::db::params![zone_id],
-    );
     let mut statements = vec![lock];
     statements.extend(with_outbox(insert, outbox));
     statements
+}
+
+/// Locks `zone_id`'s row until the transaction ends (see [`zone_limited`]).
+pub(crate) fn zone_lock(zone_id: &str) -> Statement {
+    Statement::new(
+        "UPDATE zones SET name = name WHERE id = $1",
+        crate::db::params![zone_id],
+    )
 }
 
 /// The value of a `SELECT COUNT(*) …`.

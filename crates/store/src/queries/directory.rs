@@ -9,7 +9,7 @@ use crate::model::{
 };
 use crate::store::{
     StoreError, all, count, first_row, list_from_json, list_to_json, not_found, now_ms, one,
-    one_in_directory, with_outbox,
+    one_in_directory, with_outbox, zone_limited,
 };
 
 /// The row columns of `applications`, for `concat!`.
@@ -566,18 +566,19 @@ impl<D: Db> Directory for D {
         .must_change(|| {
             StoreError::LimitReached("the zone holds the most live registered applications".into())
         });
-        // The zone's row is locked (see `zone_limited`) only if it still accepts registration,
-        // so none commits after a shutdown that turned it off.
+        // The zone's row is locked only if it is live and still accepts registration, so none
+        // commits after a shutdown that turned registration off.
         let lock = Statement::new(
-            "UPDATE zones SET name = name WHERE id = $1 AND dcr_enabled = 1",
+            "UPDATE zones SET name = name
+             WHERE id = $1 AND dcr_enabled = 1 AND archived_at_ms IS NULL",
             params![app.zone_id.as_str()],
         )
         .must_change(|| {
             StoreError::NotFound("the zone does not accept dynamic client registration".into())
         });
-        let mut statements = vec![lock];
-        statements.extend(with_outbox(insert, outbox));
-        self.atomic(statements).await.map(|_| ())
+        self.atomic(zone_limited(lock, insert, outbox))
+            .await
+            .map(|_| ())
     }
 
     async fn count_live_dcr_applications(

@@ -4,7 +4,7 @@
 
 use crate::db::{Db, Row, Statement, params};
 use crate::model::{DeliveryOutcome, NotificationDelivery, NotificationSink, OutboxMessage};
-use crate::store::{StoreError, all, not_found, one, with_outbox, zone_limited};
+use crate::store::{StoreError, all, not_found, one, with_outbox, zone_limited, zone_lock};
 
 #[async_trait::async_trait]
 pub trait Notifications: Send + Sync {
@@ -168,7 +168,7 @@ impl<D: Db> Notifications for D {
             ],
         )
         .must_change(too_many);
-        self.atomic(zone_limited(&sink.zone_id, insert, outbox))
+        self.atomic(zone_limited(zone_lock(&sink.zone_id), insert, outbox))
             .await
             .map(|_| ())
     }

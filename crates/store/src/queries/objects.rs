@@ -3,7 +3,7 @@
 
 use crate::db::{Db, Row, Statement, params};
 use crate::model::{AdminObject, OutboxMessage};
-use crate::store::{StoreError, all, not_found, one, with_outbox, zone_limited};
+use crate::store::{StoreError, all, not_found, one, with_outbox, zone_limited, zone_lock};
 
 #[async_trait::async_trait]
 pub trait Objects: Send + Sync {
@@ -99,7 +99,7 @@ impl<D: Db> Objects for D {
             ],
         )
         .must_change(over_limit);
-        self.atomic(zone_limited(&object.zone_id, insert, outbox))
+        self.atomic(zone_limited(zone_lock(&object.zone_id), insert, outbox))
             .await
             .map(|_| ())
     }
