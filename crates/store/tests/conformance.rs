@@ -3858,6 +3858,13 @@ async fn registered_applications_are_capped_per_zone_even_when_they_race(backend
             .await,
         Err(StoreError::LimitReached(_))
     ));
+    // At the cap, a name already live is refused as a duplicate, not as one too many.
+    assert!(matches!(
+        store
+            .register_dcr_application(&registered("ELSEWHERE", "zone-2", now + 60_000), 1, &[])
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
     // A refused registration leaves nothing behind.
     assert!(
         store

@@ -552,6 +552,8 @@ impl<D: Db> Directory for D {
     ) -> Result<(), StoreError> {
         let mut params = application_params(app);
         params.push(max_live.into());
+        // A name already live is inserted anyway, so the unique index refuses it as the
+        // duplicate it is rather than as one registration too many.
         let insert = Statement::new(
             concat!(
                 insert_application!(),
@@ -559,7 +561,10 @@ impl<D: Db> Directory for D {
                  WHERE (SELECT COUNT(*) FROM applications
                          WHERE zone_id = $2 AND registration_method = 'dcr'
                            AND archived_at_ms IS NULL AND expires_at_ms > $8)
-                       < CAST($10 AS BIGINT)"
+                       < CAST($10 AS BIGINT)
+                    OR EXISTS (SELECT 1 FROM applications
+                               WHERE zone_id = $2 AND lower(name) = lower($3)
+                                 AND archived_at_ms IS NULL)"
             ),
             params,
         )
