@@ -27,6 +27,55 @@ const CACHE_TTL: Duration = Duration::from_secs(15 * 60);
 /// How many verified session mandates a zone's key set remembers before it starts over.
 const REMEMBERED_SESSIONS: usize = 1024;
 
+/// `use=gateway` mandates the STS signed in this process, for the Gateway beside it (one
+/// `caracal up`): a mandate shown there byte for byte as it was signed carries a signature
+/// known to be good, so its ES256 verification (about four times the cost of signing it) is
+/// skipped. Everything else is still checked: the algorithm, that its key id names a key that
+/// verifies now, its claims. Held as the SHA-256 of each mandate's text in a fixed table whose
+/// slots are overwritten, never grown; a mandate not found (signed elsewhere, overwritten,
+/// altered) is verified in full. Nothing but [`ZoneKeys::signed`] writes it.
+pub struct Issued {
+    slots: Box<[Mutex<[u8; 32]>]>,
+}
+
+impl Issued {
+    const SLOTS: usize = 16_384;
+
+    fn slot(&self, digest: &[u8; 32]) -> Option<std::sync::MutexGuard<'_, [u8; 32]>> {
+        let index = usize::from(u16::from_le_bytes([digest[0], digest[1]])) % self.slots.len();
+        let slot = self.slots.get(index)?;
+        Some(slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    fn remember(&self, token: &str) {
+        let digest = caracal_crypto::sha256(token.as_bytes());
+        if let Some(mut slot) = self.slot(&digest) {
+            *slot = digest;
+        }
+    }
+
+    fn contains(&self, token: &str) -> bool {
+        let digest = caracal_crypto::sha256(token.as_bytes());
+        self.slot(&digest).is_some_and(|slot| {
+            aws_lc_rs::constant_time::verify_slices_are_equal(&*slot, &digest).is_ok()
+        })
+    }
+}
+
+impl Default for Issued {
+    fn default() -> Issued {
+        Issued {
+            slots: (0..Issued::SLOTS).map(|_| Mutex::default()).collect(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued").finish_non_exhaustive()
+    }
+}
+
 fn purpose(zone_id: &str) -> String {
     format!("zone-signing-key:{zone_id}")
 }
@@ -116,6 +165,8 @@ pub struct ZoneKeys {
     /// lifecycle call; checking the same bytes against the same key again only costs an ES256
     /// verification. Dropped with the key set (rotation, invalidation, reload).
     verified_sessions: Mutex<HashMap<Box<str>, (String, MandateClaims)>>,
+    /// Shared with the other role's ring when the STS and the Gateway run in one process.
+    issued: Option<Arc<Issued>>,
 }
 
 impl ZoneKeys {
@@ -127,9 +178,26 @@ impl ZoneKeys {
             .map(|v| &v.public)
     }
 
-    /// [`crate::mandate::verify`] with these keys.
+    /// [`crate::mandate::verify`] with these keys; for a mandate the STS beside this ring
+    /// signed, [`crate::mandate::verify_recognized`] (see [`Issued`]).
     pub fn verify(&self, token: &str, now_ms: i64) -> Result<MandateClaims, MandateError> {
-        crate::mandate::verify(token, |kid| self.verifier(kid, now_ms))
+        let key_for = |kid: &str| self.verifier(kid, now_ms);
+        if self
+            .issued
+            .as_ref()
+            .is_some_and(|issued| issued.contains(token))
+        {
+            return crate::mandate::verify_recognized(token, key_for);
+        }
+        crate::mandate::verify(token, key_for)
+    }
+
+    /// Tells the ring's [`Issued`] memory, if it has one, about a mandate just signed with
+    /// these keys; only `use=gateway` mandates come back to this process to be verified.
+    pub fn signed(&self, claims: &MandateClaims, token: &str) {
+        if let Some(issued) = self.issued.as_ref().filter(|_| claims.use_ == "gateway") {
+            issued.remember(token);
+        }
     }
 
     /// [`ZoneKeys::verify`] for where session mandates are presented again and again (the
@@ -184,14 +252,32 @@ impl ZoneKeys {
 pub struct KeyRing {
     zones: Arc<RwLock<HashMap<String, Arc<ZoneKeys>>>>,
     signs: bool,
+    issued: Option<Arc<Issued>>,
 }
 
 impl KeyRing {
-    /// A ring that also opens each zone's active private key (the STS's).
+    /// A ring that also opens each zone's active private key (the STS's), and remembers the
+    /// gateway mandates it signs: they come back to this STS for the Gateway's re-exchange
+    /// (or to a Gateway in the same process, which [`KeyRing::sharing`] the memory).
     pub fn signing() -> KeyRing {
         KeyRing {
             signs: true,
+            issued: Some(Arc::default()),
             ..KeyRing::default()
+        }
+    }
+
+    /// The memory of mandates signed with this ring, if it keeps one.
+    pub fn issued(&self) -> Option<Arc<Issued>> {
+        self.issued.clone()
+    }
+
+    /// This ring reading `issued`, the signing ring's memory, when the Gateway and the STS run
+    /// in one process.
+    pub fn sharing(self, issued: Arc<Issued>) -> KeyRing {
+        KeyRing {
+            issued: Some(issued),
+            ..self
         }
     }
 
@@ -218,7 +304,9 @@ impl KeyRing {
         {
             return Ok(Arc::clone(keys));
         }
-        let keys = Arc::new(load(store, self.signs.then_some(kek), zone_id).await?);
+        let mut keys = load(store, self.signs.then_some(kek), zone_id).await?;
+        keys.issued = self.issued.clone();
+        let keys = Arc::new(keys);
         self.zones
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -275,6 +363,7 @@ async fn load(store: &dyn Store, kek: Option<&Kek>, zone_id: &str) -> Result<Zon
         verifiers,
         loaded: Instant::now(),
         verified_sessions: Mutex::default(),
+        issued: None,
     })
 }
 
@@ -359,11 +448,10 @@ mod tests {
     use super::*;
     use crate::test_support::claims;
 
-    /// A key set whose only key verifies until `until_ms`, and that key to sign with.
-    fn retiring_keys(until_ms: i64) -> (ZoneKeys, SigningKey) {
-        let key = SigningKey::generate().unwrap();
+    /// A key set whose only key, `k1`, is `key`'s public half and verifies until `until_ms`.
+    fn verifying(key: &SigningKey, until_ms: i64, issued: Option<Arc<Issued>>) -> ZoneKeys {
         let public = PublicKey::from_xy(key.public_key().x(), key.public_key().y()).unwrap();
-        let keys = ZoneKeys {
+        ZoneKeys {
             signer: None,
             verifiers: vec![Verifier {
                 kid: "k1".into(),
@@ -373,8 +461,86 @@ mod tests {
             }],
             loaded: Instant::now(),
             verified_sessions: Mutex::default(),
-        };
-        (keys, key)
+            issued,
+        }
+    }
+
+    /// A key set whose only key verifies until `until_ms`, and that key to sign with.
+    fn retiring_keys(until_ms: i64) -> (ZoneKeys, SigningKey) {
+        let key = SigningKey::generate().unwrap();
+        (verifying(&key, until_ms, None), key)
+    }
+
+    #[test]
+    fn a_gateway_mandate_signed_beside_the_ring_skips_only_the_signature_arithmetic() {
+        let issued = Arc::new(Issued::default());
+        let key = SigningKey::generate().unwrap();
+        let signing = verifying(&key, 10_000, Some(Arc::clone(&issued)));
+        let header = crate::mandate::encoded_header("k1");
+        let mut gateway = claims();
+        gateway.use_ = "gateway".into();
+        let token = crate::mandate::sign(&header, &key, &gateway).unwrap();
+        signing.signed(&gateway, &token);
+        // Only gateway mandates are remembered: nothing else is shown to the Gateway.
+        let session = crate::mandate::sign(&header, &key, &claims()).unwrap();
+        signing.signed(&claims(), &session);
+        assert!(issued.contains(&token));
+        assert!(!issued.contains(&session));
+
+        // A ring reading the memory whose `k1` is another key: only the remembered mandate
+        // passes, so its arithmetic was skipped (in a deployment a key id names one key).
+        let elsewhere = verifying(&SigningKey::generate().unwrap(), 10_000, Some(issued));
+        assert_eq!(elsewhere.verify(&token, 1_000).unwrap(), gateway);
+        assert_eq!(
+            elsewhere.verify(&session, 1_000),
+            Err(MandateError::Signature)
+        );
+        // The key must still verify, and a changed byte is verified in full.
+        assert_eq!(
+            elsewhere.verify(&token, 10_000),
+            Err(MandateError::UnknownKey)
+        );
+        let (signed, signature) = token.rsplit_once('.').unwrap();
+        let flipped = if signature.starts_with('A') { 'B' } else { 'A' };
+        let forged = format!("{signed}.{flipped}{}", &signature[1..]);
+        assert_eq!(
+            elsewhere.verify(&forged, 1_000),
+            Err(MandateError::Signature)
+        );
+        let mut widened = gateway.clone();
+        widened.scope = Some("everything".into());
+        let (_, payload_and_signature) = token.split_once('.').unwrap();
+        let (_, signature) = payload_and_signature.split_once('.').unwrap();
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&widened).unwrap());
+        let swapped = format!("{header}.{payload}.{signature}");
+        assert_eq!(
+            elsewhere.verify(&swapped, 1_000),
+            Err(MandateError::Signature)
+        );
+
+        // Without the memory, the same mandate verifies by its signature alone.
+        assert_eq!(
+            verifying(&key, 10_000, None).verify(&token, 1_000).unwrap(),
+            gateway
+        );
+    }
+
+    #[test]
+    fn the_issued_memory_is_a_fixed_table() {
+        let issued = Issued::default();
+        let tokens: Vec<String> = (0..2 * Issued::SLOTS).map(|n| format!("t{n}")).collect();
+        for token in &tokens {
+            issued.remember(token);
+        }
+        assert_eq!(issued.slots.len(), Issued::SLOTS);
+        // The newest token of each slot is found; an overwritten one is not, and is verified in
+        // full instead.
+        assert!(issued.contains(tokens.last().unwrap()));
+        let found = tokens.iter().filter(|token| issued.contains(token)).count();
+        assert!(
+            found <= Issued::SLOTS && found > Issued::SLOTS / 2,
+            "{found}"
+        );
     }
 
     #[test]

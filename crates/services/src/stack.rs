@@ -367,10 +367,7 @@ impl Stack {
             if role == Role::Sts {
                 self.start_sts(&mut state, &mut servers, &stop_receiver)
                     .await?;
-                in_process_sts = state
-                    .sts
-                    .clone()
-                    .map(|sts| sts as Arc<dyn crate::gateway_sts::InProcessExchange>);
+                in_process_sts = state.sts.clone();
             }
             if role == Role::Gateway {
                 // Stable across restarts of the same replica, distinct between replicas: its
@@ -556,15 +553,19 @@ impl Stack {
     async fn start_gateway(
         &self,
         state: &mut RoleState,
-        in_process_sts: Option<Arc<dyn crate::gateway_sts::InProcessExchange>>,
+        in_process_sts: Option<Arc<crate::sts::Sts>>,
         replica: String,
         servers: &mut tokio::task::JoinSet<()>,
         stop: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), StartError> {
         use crate::gateway::{Gateway, exchange, revocation};
         let config = self.gateway_config.clone();
+        let mut issued = None;
         let exchanger = match in_process_sts {
-            Some(sts) => exchange::Exchanger::InProcess(sts),
+            Some(sts) => {
+                issued = sts.keys.issued();
+                exchange::Exchanger::InProcess(sts)
+            }
             None => exchange::Exchanger::Remote(Box::new(
                 exchange::RemoteSts::new(
                     &config.sts_url,
@@ -575,9 +576,14 @@ impl Stack {
             )),
         };
         let metrics = state.metrics.gateway.clone().unwrap_or_default();
-        let gateway = Arc::new(
-            Gateway::new(config, exchanger, Arc::clone(&metrics)).map_err(StartError::Gateway)?,
-        );
+        let mut gateway =
+            Gateway::new(config, exchanger, Arc::clone(&metrics)).map_err(StartError::Gateway)?;
+        // The STS beside it signed the gateway mandates it is shown: they need no second ES256
+        // verification (`keys::Issued`).
+        if let Some(issued) = issued {
+            gateway.keys = gateway.keys.clone().sharing(issued);
+        }
+        let gateway = Arc::new(gateway);
         // The replica's group exists before the first snapshot is read, so a revocation
         // published in between is in the snapshot or read from the stream, never lost.
         match self

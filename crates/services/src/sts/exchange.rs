@@ -626,6 +626,7 @@ pub(super) async fn issue(
         tracing::error!(%error, "mandate signing failed");
         TokenError::internal()
     })?;
+    keys.signed(&claims, &token);
     let record = AuthorityRecord {
         id: issue.sid,
         zone_id: issue.zone_id.to_owned(),
