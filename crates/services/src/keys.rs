@@ -27,10 +27,10 @@ const CACHE_TTL: Duration = Duration::from_secs(15 * 60);
 /// How many verified session mandates a zone's key set remembers before it starts over.
 const REMEMBERED_SESSIONS: usize = 1024;
 
-/// `use=gateway` mandates the STS signed in this process, for the Gateway beside it (one
-/// `caracal up`): a mandate shown there byte for byte as it was signed carries a signature
-/// known to be good, so its ES256 verification (about four times the cost of signing it) is
-/// skipped. Everything else is still checked: the algorithm, that its key id names a key that
+/// `use=gateway` mandates the STS signed in this process. They come back to be verified: by
+/// this STS's re-exchange, or by the Gateway beside it in one `caracal up`. A mandate shown
+/// byte for byte as it was signed carries a signature known to be good, so its ES256
+/// verification (about four times the cost of signing it) is skipped. Everything else is still checked: the algorithm, that its key id names a key that
 /// verifies now, its claims. Held as the SHA-256 of each mandate's text in a fixed table whose
 /// slots are overwritten, never grown; a mandate not found (signed elsewhere, overwritten,
 /// altered) is verified in full. Nothing but [`ZoneKeys::signed`] writes it.
@@ -465,6 +465,13 @@ mod tests {
         }
     }
 
+    /// `token` with the first character of its signature changed.
+    fn flipped_signature(token: &str) -> String {
+        let (signed, signature) = token.rsplit_once('.').unwrap();
+        let flipped = if signature.starts_with('A') { 'B' } else { 'A' };
+        format!("{signed}.{flipped}{}", &signature[1..])
+    }
+
     /// A key set whose only key verifies until `until_ms`, and that key to sign with.
     fn retiring_keys(until_ms: i64) -> (ZoneKeys, SigningKey) {
         let key = SigningKey::generate().unwrap();
@@ -500,11 +507,8 @@ mod tests {
             elsewhere.verify(&token, 10_000),
             Err(MandateError::UnknownKey)
         );
-        let (signed, signature) = token.rsplit_once('.').unwrap();
-        let flipped = if signature.starts_with('A') { 'B' } else { 'A' };
-        let forged = format!("{signed}.{flipped}{}", &signature[1..]);
         assert_eq!(
-            elsewhere.verify(&forged, 1_000),
+            elsewhere.verify(&flipped_signature(&token), 1_000),
             Err(MandateError::Signature)
         );
         let mut widened = gateway.clone();
@@ -558,11 +562,8 @@ mod tests {
         );
 
         // Other bytes are verified afresh: a changed signature does not ride on the memory.
-        let (signed, signature) = session.rsplit_once('.').unwrap();
-        let flipped = if signature.starts_with('A') { 'B' } else { 'A' };
-        let forged = format!("{signed}.{flipped}{}", &signature[1..]);
         assert_eq!(
-            keys.verify_session(&forged, 1_000),
+            keys.verify_session(&flipped_signature(&session), 1_000),
             Err(MandateError::Signature)
         );
 
