@@ -30,10 +30,11 @@ const REMEMBERED_SESSIONS: usize = 1024;
 /// `use=gateway` mandates the STS signed in this process. They come back to be verified: by
 /// this STS's re-exchange, or by the Gateway beside it in one `caracal up`. A mandate shown
 /// byte for byte as it was signed carries a signature known to be good, so its ES256
-/// verification (about four times the cost of signing it) is skipped. Everything else is still checked: the algorithm, that its key id names a key that
-/// verifies now, its claims. Held as the SHA-256 of each mandate's text in a fixed table whose
-/// slots are overwritten, never grown; a mandate not found (signed elsewhere, overwritten,
-/// altered) is verified in full. Nothing but [`ZoneKeys::signed`] writes it.
+/// verification (about four times the cost of signing it) is skipped. Everything else is
+/// still checked: the algorithm, that its key id names a key that verifies now, its claims.
+/// Held as the SHA-256 of each mandate's text in a fixed table whose slots are overwritten,
+/// never grown; a mandate not found (signed elsewhere, overwritten, altered) is verified in
+/// full. Nothing but [`ZoneKeys::signed`] writes it.
 pub struct Issued {
     slots: Box<[Mutex<[u8; 32]>]>,
 }

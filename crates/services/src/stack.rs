@@ -560,12 +560,9 @@ impl Stack {
     ) -> Result<(), StartError> {
         use crate::gateway::{Gateway, exchange, revocation};
         let config = self.gateway_config.clone();
-        let mut issued = None;
+        let issued = in_process_sts.as_ref().and_then(|sts| sts.keys.issued());
         let exchanger = match in_process_sts {
-            Some(sts) => {
-                issued = sts.keys.issued();
-                exchange::Exchanger::InProcess(sts)
-            }
+            Some(sts) => exchange::Exchanger::InProcess(sts),
             None => exchange::Exchanger::Remote(Box::new(
                 exchange::RemoteSts::new(
                     &config.sts_url,
@@ -581,7 +578,7 @@ impl Stack {
         // The STS beside it signed the gateway mandates it is shown: they need no second ES256
         // verification (`keys::Issued`).
         if let Some(issued) = issued {
-            gateway.keys = gateway.keys.clone().sharing(issued);
+            gateway.keys = std::mem::take(&mut gateway.keys).sharing(issued);
         }
         let gateway = Arc::new(gateway);
         // The replica's group exists before the first snapshot is read, so a revocation
