@@ -126,7 +126,9 @@ pub(crate) fn with_outbox(first: Statement, outbox: &[OutboxMessage]) -> Vec<Sta
 /// PostgreSQL (read committed) two inserts into one zone would otherwise each count the rows
 /// committed before both and pass the limit together; locked, the second waits for the
 /// first's commit and its count, a new snapshot, sees the first's row. SQLite's one writer
-/// serializes them already. Then the outbox rows.
+/// serializes them already. Then the outbox rows. A change that such a count reads (an
+/// application archived or renamed, read by a registration) is sent the same way, to wait
+/// for it likewise.
 pub(crate) fn zone_limited(
     lock: Statement,
     insert: Statement,

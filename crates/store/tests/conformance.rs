@@ -3884,3 +3884,104 @@ async fn registered_applications_are_capped_per_zone_even_when_they_race(backend
         Err(StoreError::NotFound(_))
     ));
 }
+
+/// A registration holds its zone's row locked from its first statement to its commit. Archiving
+/// and renaming an application, and the sweep of lapsed ones, lock that row first too, so none
+/// of them commits between a registration's reads and its unique-index check: such a commit
+/// would let a name read as live through the cap, one registration over it. PostgreSQL only:
+/// SQLite's one writer serializes them already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_changes_wait_for_a_registration_holding_their_zone() {
+    let Some(backend) = postgres().await else {
+        return;
+    };
+    let store = Arc::clone(&backend.store);
+    store.create_zone(&zone(1), &[]).await.unwrap();
+    store
+        .update_zone("zone-1", "Zone", "zone-1", true, &[])
+        .await
+        .unwrap();
+    let now = caracal_store::now_ms();
+    for (id, expires_at_ms) in [
+        ("archived", now + 60_000),
+        ("renamed", now + 60_000),
+        ("lapsed", now - 1),
+    ] {
+        let app = Application {
+            id: id.into(),
+            zone_id: "zone-1".into(),
+            name: id.into(),
+            client_secret_hash: None,
+            traits: vec![],
+            registration_method: "dcr".into(),
+            expires_at_ms: Some(expires_at_ms),
+            created_at_ms: now,
+            archived_at_ms: None,
+        };
+        store.register_dcr_application(&app, 10, &[]).await.unwrap();
+    }
+
+    // Another session holds the zone's row as a registration does, with the same statement.
+    let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let schema = backend.schema.clone().unwrap();
+    client
+        .batch_execute(&format!("SET search_path TO {schema}"))
+        .await
+        .unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .batch_execute("UPDATE zones SET name = name WHERE id = 'zone-1'")
+        .await
+        .unwrap();
+
+    let changes = [
+        tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.archive_application("zone-1", "archived", &[]).await }
+        }),
+        tokio::spawn({
+            let store = Arc::clone(&store);
+            async move {
+                let change = caracal_store::ApplicationChange {
+                    name: "renamed-again".into(),
+                    traits: vec![],
+                    client_secret_hash: None,
+                };
+                store
+                    .update_application("zone-1", "renamed", &change, &[])
+                    .await
+            }
+        }),
+        tokio::spawn({
+            let store = Arc::clone(&store);
+            async move {
+                store
+                    .archive_lapsed_dcr_applications(now)
+                    .await
+                    .map(|archived| assert_eq!(archived, 1))
+            }
+        }),
+    ];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for change in &changes {
+        assert!(
+            !change.is_finished(),
+            "a change committed while a registration held the zone"
+        );
+    }
+    client.batch_execute("COMMIT").await.unwrap();
+    for change in changes {
+        change.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        store
+            .count_live_dcr_applications("zone-1", now)
+            .await
+            .unwrap(),
+        1
+    );
+    drop_schema(backend.schema.as_deref().unwrap()).await;
+}

@@ -9,7 +9,7 @@ use crate::model::{
 };
 use crate::store::{
     StoreError, all, count, first_row, list_from_json, list_to_json, not_found, now_ms, one,
-    one_in_directory, with_outbox, zone_limited,
+    one_in_directory, with_outbox, zone_limited, zone_lock,
 };
 
 /// The row columns of `applications`, for `concat!`.
@@ -518,15 +518,22 @@ impl<D: Db> Directory for D {
         &self,
         expired_before_ms: i64,
     ) -> Result<u64, StoreError> {
-        let outcomes = self
-            .atomic(vec![Statement::new(
-                "UPDATE applications SET archived_at_ms = $2
-                 WHERE registration_method = 'dcr' AND archived_at_ms IS NULL
-                   AND expires_at_ms < $1",
-                params![expired_before_ms, now_ms()],
-            )])
-            .await?;
-        Ok(outcomes.iter().map(|outcome| outcome.changed).sum())
+        // The zones first, as a registration locks them: see `register_dcr_application`.
+        let lock = Statement::new(
+            "UPDATE zones SET name = name
+             WHERE id IN (SELECT zone_id FROM applications
+                          WHERE registration_method = 'dcr' AND archived_at_ms IS NULL
+                            AND expires_at_ms < $1)",
+            params![expired_before_ms],
+        );
+        let archive = Statement::new(
+            "UPDATE applications SET archived_at_ms = $2
+             WHERE registration_method = 'dcr' AND archived_at_ms IS NULL
+               AND expires_at_ms < $1",
+            params![expired_before_ms, now_ms()],
+        );
+        let outcomes = self.atomic(vec![lock, archive]).await?;
+        Ok(outcomes.last().map_or(0, |outcome| outcome.changed))
     }
 
     async fn create_application(
@@ -553,7 +560,10 @@ impl<D: Db> Directory for D {
         let mut params = application_params(app);
         params.push(max_live.into());
         // A name already live is inserted anyway, so the unique index refuses it as the
-        // duplicate it is rather than as one registration too many.
+        // duplicate it is rather than as one registration too many. Archiving or renaming an
+        // application locks its zone's row first, as this does: on PostgreSQL, one committed
+        // between this read and the index check would otherwise admit the name, one over the
+        // cap; locked, it waits for this registration, or this registration's reads see it.
         let insert = Statement::new(
             concat!(
                 insert_application!(),
@@ -666,7 +676,10 @@ impl<D: Db> Directory for D {
             params![zone_id, id, now_ms()],
         )
         .must_change(not_found);
-        self.atomic(with_outbox(update, outbox)).await.map(|_| ())
+        // Locked as a registration locks it: see `register_dcr_application`.
+        self.atomic(zone_limited(zone_lock(zone_id), update, outbox))
+            .await
+            .map(|_| ())
     }
 
     async fn update_application(
@@ -689,7 +702,9 @@ impl<D: Db> Directory for D {
             ],
         )
         .must_change(not_found);
-        self.atomic(with_outbox(update, outbox)).await.map(|_| ())
+        self.atomic(zone_limited(zone_lock(zone_id), update, outbox))
+            .await
+            .map(|_| ())
     }
 
     async fn create_provider(
