@@ -48,18 +48,38 @@ impl Issued {
         Some(slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
-    fn remember(&self, token: &str) {
-        let digest = caracal_crypto::sha256(token.as_bytes());
-        if let Some(mut slot) = self.slot(&digest) {
-            *slot = digest;
+    fn remember(&self, token: &Hashed<'_>) {
+        if let Some(mut slot) = self.slot(&token.digest) {
+            *slot = token.digest;
         }
     }
 
-    fn contains(&self, token: &str) -> bool {
-        let digest = caracal_crypto::sha256(token.as_bytes());
-        self.slot(&digest).is_some_and(|slot| {
-            aws_lc_rs::constant_time::verify_slices_are_equal(&*slot, &digest).is_ok()
+    fn contains(&self, token: &Hashed<'_>) -> bool {
+        self.slot(&token.digest).is_some_and(|slot| {
+            aws_lc_rs::constant_time::verify_slices_are_equal(&*slot, &token.digest).is_ok()
         })
+    }
+}
+
+/// A presented token with its SHA-256, computed once here and nowhere else, for the
+/// [`Issued`] lookup and the audit's fingerprint of the same call.
+#[derive(Debug, Clone, Copy)]
+pub struct Hashed<'t> {
+    token: &'t str,
+    digest: [u8; 32],
+}
+
+impl<'t> Hashed<'t> {
+    pub fn new(token: &'t str) -> Hashed<'t> {
+        Hashed {
+            token,
+            digest: caracal_crypto::sha256(token.as_bytes()),
+        }
+    }
+
+    /// The first 8 bytes of the digest, in hex: correlates calls without keeping tokens.
+    pub fn fingerprint(&self) -> String {
+        caracal_crypto::hex(self.digest.get(..8).unwrap_or_default())
     }
 }
 
@@ -182,24 +202,36 @@ impl ZoneKeys {
     /// [`crate::mandate::verify`] with these keys; for a mandate the STS beside this ring
     /// signed, [`crate::mandate::verify_recognized`] (see [`Issued`]).
     pub fn verify(&self, token: &str, now_ms: i64) -> Result<MandateClaims, MandateError> {
-        let key_for = |kid: &str| self.verifier(kid, now_ms);
         // An oversized token is refused by `verify` before anything is hashed.
-        if token.len() <= crate::mandate::MAX_MANDATE_BYTES
+        if self.issued.is_some() && token.len() <= crate::mandate::MAX_MANDATE_BYTES {
+            return self.verify_hashed(&Hashed::new(token), now_ms);
+        }
+        crate::mandate::verify(token, |kid: &str| self.verifier(kid, now_ms))
+    }
+
+    /// [`ZoneKeys::verify`] for a caller that hashes the token anyway.
+    pub fn verify_hashed(
+        &self,
+        token: &Hashed<'_>,
+        now_ms: i64,
+    ) -> Result<MandateClaims, MandateError> {
+        let key_for = |kid: &str| self.verifier(kid, now_ms);
+        if token.token.len() <= crate::mandate::MAX_MANDATE_BYTES
             && self
                 .issued
                 .as_ref()
                 .is_some_and(|issued| issued.contains(token))
         {
-            return crate::mandate::verify_recognized(token, key_for);
+            return crate::mandate::verify_recognized(token.token, key_for);
         }
-        crate::mandate::verify(token, key_for)
+        crate::mandate::verify(token.token, key_for)
     }
 
     /// Tells the ring's [`Issued`] memory, if it has one, about a mandate just signed with
     /// these keys; only `use=gateway` mandates come back to this process to be verified.
     pub fn signed(&self, claims: &MandateClaims, token: &str) {
         if let Some(issued) = self.issued.as_ref().filter(|_| claims.use_ == "gateway") {
-            issued.remember(token);
+            issued.remember(&Hashed::new(token));
         }
     }
 
@@ -494,8 +526,8 @@ mod tests {
         // Only gateway mandates are remembered: nothing else is shown to the Gateway.
         let session = crate::mandate::sign(&header, &key, &claims()).unwrap();
         signing.signed(&claims(), &session);
-        assert!(issued.contains(&token));
-        assert!(!issued.contains(&session));
+        assert!(issued.contains(&Hashed::new(&token)));
+        assert!(!issued.contains(&Hashed::new(&session)));
 
         // A ring reading the memory whose `k1` is another key: only the remembered mandate
         // passes, so its arithmetic was skipped (in a deployment a key id names one key).
@@ -537,13 +569,16 @@ mod tests {
         let issued = Issued::default();
         let tokens: Vec<String> = (0..2 * Issued::SLOTS).map(|n| format!("t{n}")).collect();
         for token in &tokens {
-            issued.remember(token);
+            issued.remember(&Hashed::new(token));
         }
         assert_eq!(issued.slots.len(), Issued::SLOTS);
         // The newest token of each slot is found; an overwritten one is not, and is verified in
         // full instead.
-        assert!(issued.contains(tokens.last().unwrap()));
-        let found = tokens.iter().filter(|token| issued.contains(token)).count();
+        assert!(issued.contains(&Hashed::new(tokens.last().unwrap())));
+        let found = tokens
+            .iter()
+            .filter(|token| issued.contains(&Hashed::new(token)))
+            .count();
         assert!(
             found <= Issued::SLOTS && found > Issued::SLOTS / 2,
             "{found}"

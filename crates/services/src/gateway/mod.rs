@@ -574,7 +574,9 @@ async fn checked(
             invalid(StatusCode::BAD_REQUEST, "path traversal not permitted"),
         ));
     }
-    let claims = verify(state, gateway, &peeked.zone_id, &token).await?;
+    let hashed = crate::keys::Hashed::new(&token);
+    let claims = verify(state, gateway, &peeked.zone_id, &hashed).await?;
+    let fingerprint = hashed.fingerprint();
     let mut spent = false;
     if claims.use_ != "session" && !claims.jti.is_empty() {
         let ttl = claims.exp - now / 1000;
@@ -601,7 +603,7 @@ async fn checked(
             {
                 Ok(true) => spent = true,
                 Ok(false) => {
-                    replay_detected(state, request_id, &claims, &resource, &token).await;
+                    replay_detected(state, request_id, &claims, &resource, &fingerprint).await;
                     return Err((
                         "jti_replay",
                         invalid(StatusCode::UNAUTHORIZED, "token replay detected"),
@@ -652,7 +654,7 @@ async fn checked(
     let call = GatewayCall {
         zone_id: peeked.zone_id.clone(),
         application_id: peeked.client_id.clone(),
-        token: token.clone(),
+        token,
         resource: resource.clone(),
         method: request.method().as_str().to_owned(),
         path: path.clone(),
@@ -698,7 +700,7 @@ async fn checked(
         application_id: peeked.client_id,
         resource,
         method: call.method,
-        token,
+        fingerprint,
         sub_type,
         anchors,
         exp,
@@ -723,7 +725,7 @@ async fn verify(
     state: &RoleState,
     gateway: &Gateway,
     zone_id: &str,
-    token: &str,
+    token: &crate::keys::Hashed<'_>,
 ) -> Result<crate::wire::MandateClaims, Denial> {
     let bad = || {
         (
@@ -750,7 +752,7 @@ async fn verify(
         Err(error) => return Err(unavailable(error)),
     };
     let now = now_ms();
-    match keys.verify(token, now) {
+    match keys.verify_hashed(token, now) {
         Ok(claims) => Ok(claims),
         Err(crate::mandate::MandateError::UnknownKey) => {
             let may_refresh = {
@@ -775,7 +777,7 @@ async fn verify(
                 .zone(store, kek, zone_id)
                 .await
                 .map_err(unavailable)?;
-            keys.verify(token, now).map_err(|_| bad())
+            keys.verify_hashed(token, now).map_err(|_| bad())
         }
         Err(_) => Err(bad()),
     }
@@ -788,22 +790,15 @@ struct Governed {
     application_id: String,
     resource: String,
     method: String,
-    token: String,
+    /// The first 8 bytes of the mandate's SHA-256, in hex: correlates calls without keeping
+    /// tokens.
+    fingerprint: String,
     sub_type: String,
     anchors: Anchors,
     exp: i64,
     started: Instant,
     /// The re-exchange's event, when the in-process STS left its durability to this call.
     exchange_evidence: Option<Pending>,
-}
-
-/// The first 8 bytes of SHA-256 of the token, in hex: correlates calls without keeping tokens.
-fn fingerprint(token: &str) -> String {
-    caracal_crypto::hex(
-        caracal_crypto::sha256(token.as_bytes())
-            .get(..8)
-            .unwrap_or_default(),
-    )
 }
 
 /// What one governed call's audit event says beyond the ids.
@@ -834,7 +829,7 @@ fn gateway_event(call: &Governed, outcome: &Outcome<'_>) -> Event {
     let mut metadata = serde_json::json!({
         "application_id": call.application_id,
         "resource": call.resource,
-        "subject_fingerprint": fingerprint(&call.token),
+        "subject_fingerprint": call.fingerprint,
         "method": call.method,
         "gateway_status": outcome.gateway_status,
         "latency_ms": u64::try_from(call.started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -897,7 +892,7 @@ async fn replay_detected(
     request_id: &str,
     claims: &crate::wire::MandateClaims,
     resource: &str,
-    token: &str,
+    fingerprint: &str,
 ) {
     let event = Event {
         id: uuid::Uuid::now_v7().to_string(),
@@ -915,7 +910,7 @@ async fn replay_detected(
             "jti": claims.jti,
             "resource": resource,
             "client_id": claims.client_id,
-            "subject_fingerprint": fingerprint(token),
+            "subject_fingerprint": fingerprint,
             "request_id": request_id,
         }),
         occurred_at_ms: now_ms(),

@@ -398,6 +398,9 @@ async fn a_governed_call_reaches_the_upstream_with_the_resource_mandate_and_noth
     assert_eq!(metadata["result_class"], "success");
     assert_eq!(metadata["response_bytes"], 19);
     assert!(!event.to_string().contains(&token));
+    // The call is correlated by a fingerprint: the first 8 bytes of the mandate's SHA-256.
+    let fingerprint = caracal_crypto::hex(&caracal_crypto::sha256(token.as_bytes())[..8]);
+    assert_eq!(metadata["subject_fingerprint"], fingerprint.as_str());
 
     // The same mandate again: a replay, refused before the STS or the upstream.
     let calls = fixture.upstream_calls();
@@ -414,10 +417,13 @@ async fn a_governed_call_reaches_the_upstream_with_the_resource_mandate_and_noth
     );
     assert_eq!(fixture.upstream_calls(), calls);
     let events = audit_events(&fixture.world.shared).await;
-    assert!(
-        events
-            .iter()
-            .any(|event| event["event_type"] == "replay_detected")
+    let replay = events
+        .iter()
+        .find(|event| event["event_type"] == "replay_detected")
+        .expect("the replay is audited");
+    assert_eq!(
+        replay["metadata_json"]["subject_fingerprint"],
+        fingerprint.as_str()
     );
 }
 
@@ -2188,7 +2194,7 @@ async fn a_call_whose_exchange_evidence_is_lost_is_not_reported() {
         application_id: fixture.world.app_id.clone(),
         resource: "resource://ledger".to_owned(),
         method: "GET".to_owned(),
-        token: "t".to_owned(),
+        fingerprint: "0011223344556677".to_owned(),
         sub_type: "application".to_owned(),
         anchors: super::revocation::Anchors {
             sid: "s".to_owned(),
