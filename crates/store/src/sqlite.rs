@@ -1134,7 +1134,7 @@ mod tests {
         // Every way the writer changes a directory table forgets what was remembered (the
         // writer's own commits do not move its data version: only the update hook tells).
         store
-            .update_zone("z1", "updated", "z1", false, &[])
+            .update_zone("z1", "updated", "z1", false, None, &[])
             .await
             .unwrap();
         assert_eq!(name().await, "updated");

@@ -2874,7 +2874,7 @@ async fn zones_and_applications_are_renamed_and_archived_in_place(backend: &Back
     store.create_zone(&zone(1), &[]).await.unwrap();
     store.create_zone(&zone(2), &[]).await.unwrap();
     let renamed = store
-        .update_zone("zone-1", "Payments", "payments", false, &[])
+        .update_zone("zone-1", "Payments", "payments", false, None, &[])
         .await
         .unwrap();
     assert_eq!(
@@ -2883,7 +2883,7 @@ async fn zones_and_applications_are_renamed_and_archived_in_place(backend: &Back
     );
     assert!(matches!(
         store
-            .update_zone("zone-2", "x", "payments", false, &[])
+            .update_zone("zone-2", "x", "payments", false, None, &[])
             .await,
         Err(StoreError::Conflict(_))
     ));
@@ -2969,7 +2969,7 @@ async fn zones_and_applications_are_renamed_and_archived_in_place(backend: &Back
     ));
     assert!(matches!(
         store
-            .update_zone("zone-1", "again", "again", false, &[])
+            .update_zone("zone-1", "again", "again", false, None, &[])
             .await,
         Err(StoreError::NotFound(_))
     ));
@@ -3792,7 +3792,7 @@ async fn registered_applications_are_capped_per_zone_even_when_they_race(backend
     ));
     for (id, slug) in [("zone-1", "zone-1"), ("zone-2", "zone-2")] {
         store
-            .update_zone(id, "Zone", slug, true, &[])
+            .update_zone(id, "Zone", slug, true, None, &[])
             .await
             .unwrap();
     }
@@ -3873,10 +3873,29 @@ async fn registered_applications_are_capped_per_zone_even_when_they_race(backend
             .unwrap()
             .is_none()
     );
+    // Turning registration off on condition that no registered application is live: refused
+    // while one is, and nothing changes; once none is live at the time given, it goes through.
+    assert!(matches!(
+        store
+            .update_zone(
+                "zone-1",
+                "Renamed",
+                "zone-1",
+                false,
+                Some(now),
+                &[message("caracal.test", 1)]
+            )
+            .await,
+        Err(StoreError::LimitReached(_))
+    ));
+    let kept = store.get_zone("zone-1").await.unwrap().unwrap();
+    assert!(kept.dcr_enabled);
+    assert_eq!(kept.name, "Zone");
     store
-        .update_zone("zone-1", "Zone", "zone-1", false, &[])
+        .update_zone("zone-1", "Zone", "zone-1", false, Some(now + 60_000), &[])
         .await
         .unwrap();
+    assert!(!store.get_zone("zone-1").await.unwrap().unwrap().dcr_enabled);
     assert!(matches!(
         store
             .register_dcr_application(&registered("after", "zone-1", now + 60_000), 10, &[])
@@ -3898,7 +3917,7 @@ async fn application_changes_wait_for_a_registration_holding_their_zone() {
     let store = Arc::clone(&backend.store);
     store.create_zone(&zone(1), &[]).await.unwrap();
     store
-        .update_zone("zone-1", "Zone", "zone-1", true, &[])
+        .update_zone("zone-1", "Zone", "zone-1", true, None, &[])
         .await
         .unwrap();
     let now = caracal_store::now_ms();

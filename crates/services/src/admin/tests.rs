@@ -3291,6 +3291,7 @@ async fn dynamic_client_registration_is_offered_per_zone_and_shut_down_on_the_re
         (StatusCode::CONFLICT, Some("dcr_shutdown_required")),
         "{answer}"
     );
+    assert_eq!(answer["details"]["live_dcr_applications"], 1, "{answer}");
     let (got, _, answer) = call(
         &app,
         "PATCH",

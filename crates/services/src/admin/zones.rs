@@ -288,22 +288,12 @@ async fn update(
             "must be `keep_live` or `revoke_live`",
         ));
     }
-    if zone.dcr_enabled && !dcr_enabled && request.dcr_shutdown.is_none() {
-        let live = state
-            .shared
-            .store
-            .count_live_dcr_applications(&zone_id, caracal_store::now_ms())
-            .await?;
-        if live > 0 {
-            return Err(ApiError::with_description(
-                ErrorCode::DcrShutdownRequired,
-                format!(
-                    "{live} registered application(s) are live: say `dcr_shutdown`: `keep_live` or `revoke_live`"
-                ),
-            )
-            .with_details(serde_json::json!({"live_dcr_applications": live})));
-        }
-    }
+    // Turning registration off without saying what becomes of the live registered clients is
+    // refused while any is live, checked in the change's own transaction: a client registered
+    // just before it is counted, one just after it is refused registration.
+    let now = caracal_store::now_ms();
+    let refuse_live_dcr_at =
+        (zone.dcr_enabled && !dcr_enabled && request.dcr_shutdown.is_none()).then_some(now);
     let evidence = evidence(
         &caller,
         request_id.as_deref(),
@@ -315,12 +305,35 @@ async fn update(
             fields,
         },
     )?;
-    let zone = state
+    let updated = state
         .shared
         .store
-        .update_zone(&zone_id, &name, &slug, dcr_enabled, &[evidence])
-        .await
-        .map_err(on_conflict(slug_conflict(&slug)))?;
+        .update_zone(
+            &zone_id,
+            &name,
+            &slug,
+            dcr_enabled,
+            refuse_live_dcr_at,
+            &[evidence],
+        )
+        .await;
+    let zone = match updated {
+        Err(caracal_store::StoreError::LimitReached(_)) => {
+            let live = state
+                .shared
+                .store
+                .count_live_dcr_applications(&zone_id, now)
+                .await?;
+            return Err(ApiError::with_description(
+                ErrorCode::DcrShutdownRequired,
+                format!(
+                    "{live} registered application(s) are live: say `dcr_shutdown`: `keep_live` or `revoke_live`"
+                ),
+            )
+            .with_details(serde_json::json!({"live_dcr_applications": live})));
+        }
+        updated => updated.map_err(on_conflict(slug_conflict(&slug)))?,
+    };
     // Revoked after the zone stops accepting registration (a registration checks that in its
     // own statement), so no client registered meanwhile is left live. Not gated on the zone's
     // earlier state: a shutdown that failed halfway is finished by asking again.

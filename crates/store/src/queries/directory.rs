@@ -83,12 +83,16 @@ pub trait Directory: Send + Sync {
     async fn list_zones(&self) -> Result<Vec<Zone>, StoreError>;
     /// Renames a live zone and sets whether it accepts dynamic client registration; a taken
     /// slug is a [`StoreError::Conflict`], an archived or missing zone [`StoreError::NotFound`].
+    /// With `refuse_live_dcr_at`, a zone holding a registered application live at that time is
+    /// left as it was ([`StoreError::LimitReached`]): checked after the zone's row is locked,
+    /// so no registration commits between the check and the change.
     async fn update_zone(
         &self,
         zone_id: &str,
         name: &str,
         slug: &str,
         dcr_enabled: bool,
+        refuse_live_dcr_at: Option<i64>,
         outbox: &[OutboxMessage],
     ) -> Result<Zone, StoreError>;
     /// Archives a live zone ([`StoreError::NotFound`] if there is none).
@@ -489,6 +493,7 @@ impl<D: Db> Directory for D {
         name: &str,
         slug: &str,
         dcr_enabled: bool,
+        refuse_live_dcr_at: Option<i64>,
         outbox: &[OutboxMessage],
     ) -> Result<Zone, StoreError> {
         let update = Statement::new(
@@ -497,7 +502,25 @@ impl<D: Db> Directory for D {
             params![zone_id, name, slug, i64::from(dcr_enabled)],
         )
         .must_change(not_found);
-        let outcomes = self.atomic(with_outbox(update, outbox)).await?;
+        let mut statements = with_outbox(update, outbox);
+        // After the update, which holds the zone's row: a registration committed before it is
+        // counted here (PostgreSQL reads afresh per statement); one after it sees the change.
+        if let Some(now_ms) = refuse_live_dcr_at {
+            statements.push(
+                Statement::new(
+                    "UPDATE zones SET name = name
+                     WHERE id = $1 AND NOT EXISTS (
+                         SELECT 1 FROM applications
+                         WHERE zone_id = $1 AND registration_method = 'dcr'
+                           AND archived_at_ms IS NULL AND expires_at_ms > $2)",
+                    params![zone_id, now_ms],
+                )
+                .must_change(|| {
+                    StoreError::LimitReached("registered applications are live".into())
+                }),
+            );
+        }
+        let outcomes = self.atomic(statements).await?;
         zone(first_row(&outcomes)?)
     }
 
