@@ -3767,12 +3767,9 @@ async fn notification_sinks_follow_the_ledger_and_settle_their_deliveries(backen
     ));
 }
 
-async fn registered_applications_are_capped_per_zone_even_when_they_race(backend: &Backend) {
-    let store = backend.store.as_ref();
-    store.create_zone(&zone(1), &[]).await.unwrap();
-    store.create_zone(&zone(2), &[]).await.unwrap();
-    let now = caracal_store::now_ms();
-    let registered = |id: &str, zone_id: &str, expires_at_ms: i64| Application {
+/// A dynamically registered application named after its id, created at `now`.
+fn registered(id: &str, zone_id: &str, now: i64, expires_at_ms: i64) -> Application {
+    Application {
         id: id.into(),
         zone_id: zone_id.into(),
         name: id.into(),
@@ -3782,7 +3779,16 @@ async fn registered_applications_are_capped_per_zone_even_when_they_race(backend
         expires_at_ms: Some(expires_at_ms),
         created_at_ms: now,
         archived_at_ms: None,
-    };
+    }
+}
+
+async fn registered_applications_are_capped_per_zone_even_when_they_race(backend: &Backend) {
+    let store = backend.store.as_ref();
+    store.create_zone(&zone(1), &[]).await.unwrap();
+    store.create_zone(&zone(2), &[]).await.unwrap();
+    let now = caracal_store::now_ms();
+    let registered =
+        |id: &str, zone_id: &str, expires_at_ms: i64| registered(id, zone_id, now, expires_at_ms);
     // A zone that does not accept registration refuses one, whatever its caller read before.
     assert!(matches!(
         store
@@ -3926,17 +3932,7 @@ async fn application_changes_wait_for_a_registration_holding_their_zone() {
         ("renamed", now + 60_000),
         ("lapsed", now - 1),
     ] {
-        let app = Application {
-            id: id.into(),
-            zone_id: "zone-1".into(),
-            name: id.into(),
-            client_secret_hash: None,
-            traits: vec![],
-            registration_method: "dcr".into(),
-            expires_at_ms: Some(expires_at_ms),
-            created_at_ms: now,
-            archived_at_ms: None,
-        };
+        let app = registered(id, "zone-1", now, expires_at_ms);
         store.register_dcr_application(&app, 10, &[]).await.unwrap();
     }
 
