@@ -63,7 +63,7 @@ impl Issued {
 
 /// A presented token with its SHA-256, computed once here and nowhere else, for the
 /// [`Issued`] lookup and the audit's fingerprint of the same call.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Hashed<'t> {
     token: &'t str,
     digest: [u8; 32],
@@ -80,6 +80,13 @@ impl<'t> Hashed<'t> {
     /// The first 8 bytes of the digest, in hex: correlates calls without keeping tokens.
     pub fn fingerprint(&self) -> String {
         caracal_crypto::hex(self.digest.get(..8).unwrap_or_default())
+    }
+}
+
+/// The fingerprint only: a bearer token never reaches a log.
+impl std::fmt::Debug for Hashed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Hashed").field(&self.fingerprint()).finish()
     }
 }
 
@@ -528,6 +535,8 @@ mod tests {
         signing.signed(&claims(), &session);
         assert!(issued.contains(&Hashed::new(&token)));
         assert!(!issued.contains(&Hashed::new(&session)));
+        let shown = format!("{:?}", Hashed::new(&token));
+        assert!(!shown.contains(&token) && shown.contains(&Hashed::new(&token).fingerprint()));
 
         // A ring reading the memory whose `k1` is another key: only the remembered mandate
         // passes, so its arithmetic was skipped (in a deployment a key id names one key).
