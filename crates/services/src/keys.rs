@@ -223,11 +223,11 @@ impl ZoneKeys {
         now_ms: i64,
     ) -> Result<MandateClaims, MandateError> {
         let key_for = |kid: &str| self.verifier(kid, now_ms);
-        if token.token.len() <= crate::mandate::MAX_MANDATE_BYTES
-            && self
-                .issued
-                .as_ref()
-                .is_some_and(|issued| issued.contains(token))
+        // Both paths refuse an oversized token first.
+        if self
+            .issued
+            .as_ref()
+            .is_some_and(|issued| issued.contains(token))
         {
             return crate::mandate::verify_recognized(token.token, key_for);
         }
@@ -540,8 +540,15 @@ mod tests {
 
         // A ring reading the memory whose `k1` is another key: only the remembered mandate
         // passes, so its arithmetic was skipped (in a deployment a key id names one key).
+        let oversized = "a".repeat(crate::mandate::MAX_MANDATE_BYTES + 1);
+        issued.remember(&Hashed::new(&oversized));
         let elsewhere = verifying(&SigningKey::generate().unwrap(), 10_000, Some(issued));
         assert_eq!(elsewhere.verify(&token, 1_000).unwrap(), gateway);
+        // Even a remembered token is refused when oversized, before anything else.
+        assert_eq!(
+            elsewhere.verify_hashed(&Hashed::new(&oversized), 1_000),
+            Err(MandateError::TooLarge)
+        );
         assert_eq!(
             elsewhere.verify(&session, 1_000),
             Err(MandateError::Signature)
