@@ -155,9 +155,23 @@ fn pg_error(error: tokio_postgres::Error) -> StoreError {
         Some(db) if *db.code() == SqlState::QUERY_CANCELED => {
             StoreError::Unavailable(format!("statement timed out: {}", db.message()))
         }
+        Some(db) if is_transient(db.code()) => {
+            StoreError::Unavailable(format!("{} ({})", db.message(), db.code().code()))
+        }
         Some(db) => StoreError::Query(db.message().to_owned()),
         None => StoreError::Unavailable(error_chain(&error)),
     }
+}
+
+/// A condition of the server rather than of the statement, which the same work may clear on a
+/// retry: a lost connection, a full disk or another exhausted resource, a shutdown or restart,
+/// an I/O failure, a read-only server (a standby after a failover), or a concurrency abort
+/// (serialization failure, deadlock, lock timeout). Callers fail closed and retry; an audit
+/// ingestor keeps the entries instead of dead-lettering them as refused.
+fn is_transient(code: &SqlState) -> bool {
+    let code = code.code();
+    matches!(code.get(..2), Some("08" | "53" | "57" | "58"))
+        || matches!(code, "40001" | "40P01" | "55P03" | "25006")
 }
 
 fn pool_error(error: deadpool_postgres::PoolError) -> StoreError {

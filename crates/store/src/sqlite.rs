@@ -178,7 +178,9 @@ const OTHER_WRITERS_POLL: std::time::Duration = std::time::Duration::from_millis
 const READERS: usize = 4;
 
 /// Maps SQLite failures to the backend-neutral error: uniqueness → conflict, a missing
-/// referenced row → not found, busy/locked → unavailable (fail closed), anything else → query.
+/// referenced row → not found; the file or its disk unable to take the work now (busy, locked,
+/// full, read-only, I/O or memory failure) → unavailable, so that callers fail closed and retry
+/// rather than treat the write as refused; anything else → query.
 fn store_error(error: rusqlite::Error) -> StoreError {
     if let rusqlite::Error::SqliteFailure(failure, _) = &error {
         const UNIQUE: i32 = 2067;
@@ -191,7 +193,14 @@ fn store_error(error: rusqlite::Error) -> StoreError {
         }
         if matches!(
             failure.code,
-            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked
+            ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::DiskFull
+                | ErrorCode::ReadOnly
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::CannotOpen
+                | ErrorCode::FileLockingProtocolFailed
+                | ErrorCode::OutOfMemory
         ) {
             return StoreError::Unavailable(error.to_string());
         }
@@ -1108,6 +1117,88 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored, [2]);
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_refuses_writes_as_unavailable_and_keeps_what_was_stored() {
+        use crate::Directory as _;
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("store.db")).unwrap();
+        let zone = |id: String| NewZone {
+            name: format!("zone {id}"),
+            slug: id.clone(),
+            id,
+        };
+        // The file may not grow past its present size: the engine answers as a full disk does.
+        store
+            .run_alone(|c| c.query_row("PRAGMA max_page_count = 1", [], |row| row.get::<_, i64>(0)))
+            .await
+            .unwrap();
+        let mut created = Vec::new();
+        let refused = loop {
+            let id = format!("z{}", created.len());
+            match store.create_zone(&zone(id.clone()), &[]).await {
+                Ok(_) => created.push(id),
+                Err(error) => break error,
+            }
+            assert!(created.len() < 10_000, "the page limit never took effect");
+        };
+        assert!(
+            matches!(refused, StoreError::Unavailable(ref message) if message.contains("full")),
+            "{refused:?}"
+        );
+        let refused_id = format!("z{}", created.len());
+        assert!(store.get_zone(&refused_id).await.unwrap().is_none());
+        // Room again: what was stored before is intact and the refused write goes through.
+        store
+            .run_alone(|c| {
+                c.query_row("PRAGMA max_page_count = 1073741823", [], |row| {
+                    row.get::<_, i64>(0)
+                })
+            })
+            .await
+            .unwrap();
+        for id in &created {
+            assert_eq!(
+                store.get_zone(id).await.unwrap().unwrap().name,
+                format!("zone {id}")
+            );
+        }
+        store
+            .create_zone(&zone(refused_id.clone()), &[])
+            .await
+            .unwrap();
+        assert!(store.get_zone(&refused_id).await.unwrap().is_some());
+    }
+
+    #[test]
+    fn conditions_of_the_file_or_disk_are_unavailable_and_a_bad_statement_is_not() {
+        let failure = |code: i32| {
+            store_error(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        for code in [
+            rusqlite::ffi::SQLITE_BUSY,
+            rusqlite::ffi::SQLITE_LOCKED,
+            rusqlite::ffi::SQLITE_FULL,
+            rusqlite::ffi::SQLITE_READONLY,
+            rusqlite::ffi::SQLITE_IOERR,
+            rusqlite::ffi::SQLITE_CANTOPEN,
+            rusqlite::ffi::SQLITE_PROTOCOL,
+            rusqlite::ffi::SQLITE_NOMEM,
+        ] {
+            assert!(
+                matches!(failure(code), StoreError::Unavailable(_)),
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            failure(rusqlite::ffi::SQLITE_ERROR),
+            StoreError::Query(_)
+        ));
+        assert!(matches!(failure(2067), StoreError::Conflict(_)));
     }
 
     #[tokio::test]

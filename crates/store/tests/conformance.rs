@@ -4000,3 +4000,86 @@ async fn application_changes_wait_for_a_registration_holding_their_zone() {
     );
     drop_schema(backend.schema.as_deref().unwrap()).await;
 }
+
+/// A write that fails for a condition of the server (a full disk, a shutdown, a lost
+/// connection, a failover to a standby, a concurrency abort) is unavailable, which callers
+/// retry, never a refusal of the write itself, which an audit ingestor would dead-letter.
+/// PostgreSQL only; the embedded store's full disk is `sqlite::tests`. A trigger in the test's
+/// schema raises each condition's SQLSTATE from inside the store's own statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_conditions_are_unavailable_and_a_refused_statement_is_not() {
+    let Some(backend) = postgres().await else {
+        return;
+    };
+    let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let schema = backend.schema.clone().unwrap();
+    client
+        .batch_execute(&format!(
+            "SET search_path TO {schema};
+             CREATE TABLE injected_failure (code TEXT NOT NULL);
+             CREATE FUNCTION fail_injected() RETURNS trigger LANGUAGE plpgsql AS $$
+             DECLARE injected TEXT;
+             BEGIN
+               SELECT code INTO injected FROM injected_failure;
+               IF injected IS NOT NULL THEN
+                 RAISE EXCEPTION 'injected failure' USING ERRCODE = injected;
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER fail_injected BEFORE INSERT ON zones
+               FOR EACH ROW EXECUTE FUNCTION fail_injected();"
+        ))
+        .await
+        .unwrap();
+    let store = Arc::clone(&backend.store);
+    let inject = |code: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .batch_execute(&format!(
+                    "DELETE FROM injected_failure; INSERT INTO injected_failure VALUES ('{code}')"
+                ))
+                .await
+                .unwrap();
+        }
+    };
+    let transient = [
+        "53100", // disk_full
+        "53300", // too_many_connections
+        "57P01", // admin_shutdown
+        "57P03", // cannot_connect_now
+        "08006", // connection_failure
+        "58030", // io_error
+        "25006", // read_only_sql_transaction: a standby after a failover
+        "40001", // serialization_failure
+        "40P01", // deadlock_detected
+        "55P03", // lock_not_available
+    ];
+    for code in transient {
+        inject(code).await;
+        let refused = store.create_zone(&zone(1), &[]).await.unwrap_err();
+        assert!(
+            matches!(&refused, StoreError::Unavailable(message) if message.contains(code)),
+            "{code}: {refused:?}"
+        );
+    }
+    for code in ["22023", "P0001"] {
+        inject(code).await;
+        let refused = store.create_zone(&zone(1), &[]).await.unwrap_err();
+        assert!(
+            matches!(refused, StoreError::Query(_)),
+            "{code}: {refused:?}"
+        );
+    }
+    assert!(store.get_zone("zone-1").await.unwrap().is_none());
+    client
+        .batch_execute("DELETE FROM injected_failure")
+        .await
+        .unwrap();
+    store.create_zone(&zone(1), &[]).await.unwrap();
+    assert!(store.get_zone("zone-1").await.unwrap().is_some());
+    drop_schema(&schema).await;
+}
