@@ -37,6 +37,7 @@ pub mod recent_logs;
 pub mod recovery;
 mod request_id;
 mod router;
+mod serve;
 mod settings;
 pub mod singleton;
 mod stack;

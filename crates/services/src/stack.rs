@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use axum::serve::ListenerExt as _;
 use caracal_bus::signature::StreamKey;
 use caracal_bus::{BusError, EmbeddedBus, Producer, RedisBus};
 use caracal_core::Role;
@@ -270,6 +269,9 @@ impl Stack {
 
         let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
         let mut servers = tokio::task::JoinSet::new();
+        let connections = Arc::new(tokio::sync::Semaphore::new(
+            crate::serve::connection_budget(),
+        ));
         // Containment switches are in force before the first request is served.
         if let Err(error) = self
             .shared
@@ -428,9 +430,11 @@ impl Stack {
                     .await?;
             }
             let app = router(state);
-            let stop = stop_receiver.clone();
+            let (stop, connections) = (stop_receiver.clone(), Arc::clone(&connections));
             servers.spawn(async move {
-                if let Err(error) = serve_until_stopped(listener, app, stop).await {
+                if let Err(error) =
+                    crate::serve::serve_until_stopped(listener, app, connections, stop).await
+                {
                     tracing::error!(%role, %error, "server stopped with an error");
                 }
             });
@@ -812,37 +816,8 @@ fn host_name() -> Option<String> {
         })
 }
 
-async fn serve_until_stopped(
-    listener: TcpListener,
-    app: axum::Router,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let stopped = async move {
-        let _ = stop.wait_for(|stopping| *stopping).await;
-    };
-    // A response's head and body (and a proxied body's trailers) go out as they are ready, not
-    // held back by Nagle's algorithm until the client acknowledges the previous segment.
-    let listener = listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "TCP_NODELAY not set on an accepted connection");
-        }
-    });
-    // The peer address lets the admin API count failed authentications per client.
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(stopped)
-    .await
-}
-
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use axum::routing::get;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
     use super::*;
 
     #[test]
@@ -893,40 +868,5 @@ mod tests {
             stream_key(None, None, &data_dir),
             Err(StartError::StreamKey { .. })
         ));
-    }
-
-    #[tokio::test]
-    async fn stopping_finishes_requests_in_flight_and_refuses_new_connections() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let app = axum::Router::new().route(
-            "/slow",
-            get(|| async {
-                tokio::time::sleep(Duration::from_millis(400)).await;
-                "done"
-            }),
-        );
-        let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
-        let server = tokio::spawn(serve_until_stopped(listener, app, stop_receiver));
-
-        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-        stream
-            .write_all(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        stop_sender.send(true).unwrap();
-
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.unwrap();
-        let response = String::from_utf8(response).unwrap();
-        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-        assert!(response.ends_with("done"), "{response}");
-        tokio::time::timeout(Duration::from_secs(5), server)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert!(tokio::net::TcpStream::connect(address).await.is_err());
     }
 }

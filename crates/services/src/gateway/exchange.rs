@@ -180,7 +180,7 @@ impl RemoteSts {
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);
         let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(crate::serve::IDLE_CLIENT_CONNECTION)
             .build(connector);
         Ok(RemoteSts {
             token_url,
