@@ -6,7 +6,8 @@
 //! with them the store, the audit replay files and its outbound calls: evidence lost, every role
 //! refusing. So a connection must send each request's head within [`HEAD_TIMEOUT`] (which also
 //! closes keep-alive connections idle that long), and one process holds at most
-//! [`connection_budget`] inbound connections over all its listeners; one more is closed at once.
+//! [`connection_budget`] inbound connections, shared out equally between its roles' listeners;
+//! one more on a listener whose share is taken is closed at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,25 +30,36 @@ pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// the server is closing.
 pub(crate) const IDLE_CLIENT_CONNECTION: Duration = Duration::from_secs(20);
 
-/// Inbound connections one process keeps open at once, over all its listeners: half its limit
-/// of open files (`/proc/self/limits`; 1,024 assumed if unreadable), leaving the other half to
-/// the store, replay files and outbound connections.
-pub(crate) fn connection_budget() -> usize {
-    let limit = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|limits| open_files_limit(&limits))
-        .unwrap_or(1024);
-    (limit / 2).clamp(64, 1 << 20)
+/// Raises this process's soft limit of open files to its hard limit, as servers do (the soft
+/// default of many systems, 1,024, is meant for interactive programs), and returns the soft
+/// limit in force afterwards (`None`: unlimited).
+pub(crate) fn raise_open_files_limit() -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return limit.current;
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => limit.maximum,
+        Err(error) => {
+            tracing::warn!(%error, soft = ?limit.current, hard = ?limit.maximum, "the open-files limit could not be raised to its hard limit");
+            limit.current
+        }
+    }
 }
 
-/// The soft limit of the `Max open files` line of a `/proc/<pid>/limits` text.
-fn open_files_limit(limits: &str) -> Option<usize> {
-    const NAME: &str = "Max open files";
-    let line = limits.lines().find(|line| line.starts_with(NAME))?;
-    match line[NAME.len()..].split_whitespace().next()? {
-        "unlimited" => Some(usize::MAX),
-        soft => soft.parse().ok(),
-    }
+/// Inbound connections one process keeps open at once, over all its listeners (each role gets
+/// an equal share, 64 at least): half its limit of open files, leaving the other half to the
+/// store, the audit replay files and outbound connections.
+pub(crate) fn connection_budget(open_files: Option<u64>) -> usize {
+    let open_files = open_files.map_or(usize::MAX, |limit| {
+        usize::try_from(limit).unwrap_or(usize::MAX)
+    });
+    (open_files / 2).clamp(64, 1 << 20)
 }
 
 /// Serves `app` on `listener` until `stop` turns true, then stops accepting, lets every open
@@ -70,6 +82,7 @@ async fn serve_with(
 ) -> std::io::Result<()> {
     // Every connection's task holds a sender; the receiver ends once all have ended.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
+    let listening = listener.local_addr()?;
     let stopping = stopped(stop.clone());
     let mut stopping = std::pin::pin!(stopping);
     loop {
@@ -84,7 +97,7 @@ async fn serve_with(
             () = &mut stopping => break,
         };
         let Ok(place) = Arc::clone(&connections).try_acquire_owned() else {
-            over_budget(peer, connections.as_ref());
+            over_budget(peer, listening);
             continue; // dropping the stream closes it
         };
         // A response's head and body (and a proxied body's trailers) go out as they are ready,
@@ -146,13 +159,13 @@ async fn accept_failed(error: std::io::Error) {
 
 /// Logs a connection closed for want of a place, once a second at most (a flood would
 /// otherwise flood the log too).
-fn over_budget(peer: SocketAddr, connections: &Semaphore) {
+fn over_budget(peer: SocketAddr, listening: SocketAddr) {
     static LAST_LOGGED: AtomicU64 = AtomicU64::new(0);
     let second = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs());
     if LAST_LOGGED.swap(second, Ordering::Relaxed) != second {
-        tracing::warn!(%peer, available = connections.available_permits(), "connection closed: the process holds as many connections as it may");
+        tracing::warn!(%peer, %listening, "connection closed: this role holds as many connections as its share allows");
     }
 }
 
@@ -300,19 +313,26 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_is_half_the_soft_open_files_limit() {
-        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
-                      Max cpu time              unlimited            unlimited            seconds   \n\
-                      Max open files            20000                40000                files     \n";
-        assert_eq!(open_files_limit(limits), Some(20000));
-        assert_eq!(
-            open_files_limit(
-                "Max open files            unlimited            unlimited            files"
-            ),
-            Some(usize::MAX)
-        );
-        assert_eq!(open_files_limit("Max processes 10 10 processes"), None);
-        let budget = connection_budget();
-        assert!((64..=1 << 20).contains(&budget), "{budget}");
+    fn the_budget_is_half_the_open_files_limit_raised_to_its_hard_limit() {
+        assert_eq!(connection_budget(Some(20_000)), 10_000);
+        assert_eq!(connection_budget(Some(1_024)), 512);
+        assert_eq!(connection_budget(Some(16)), 64);
+        assert_eq!(connection_budget(None), 1 << 20);
+        // A soft limit under the hard one (only just: other tests of this process run beside).
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        if let Some(hard) = limit.maximum {
+            rustix::process::setrlimit(
+                rustix::process::Resource::Nofile,
+                rustix::process::Rlimit {
+                    current: Some(hard - 1),
+                    maximum: Some(hard),
+                },
+            )
+            .unwrap();
+        }
+        let in_force = raise_open_files_limit();
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        assert_eq!(in_force, limit.current);
+        assert_eq!(limit.current, limit.maximum, "{limit:?}");
     }
 }

@@ -269,9 +269,11 @@ impl Stack {
 
         let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
         let mut servers = tokio::task::JoinSet::new();
-        let connections = Arc::new(tokio::sync::Semaphore::new(
-            crate::serve::connection_budget(),
-        ));
+        // Each role has its own share, so a flood on one (the Gateway's port, say) leaves the
+        // others, the admin API's revocation among them, their places.
+        let open_files = crate::serve::raise_open_files_limit();
+        let places_per_role =
+            crate::serve::connection_budget(open_files) / self.listeners.len().max(1);
         // Containment switches are in force before the first request is served.
         if let Err(error) = self
             .shared
@@ -430,7 +432,8 @@ impl Stack {
                     .await?;
             }
             let app = router(state);
-            let (stop, connections) = (stop_receiver.clone(), Arc::clone(&connections));
+            let stop = stop_receiver.clone();
+            let connections = Arc::new(tokio::sync::Semaphore::new(places_per_role.max(64)));
             servers.spawn(async move {
                 if let Err(error) =
                     crate::serve::serve_until_stopped(listener, app, connections, stop).await
