@@ -25,6 +25,7 @@ pub struct Client {
 pub fn client() -> Client {
     Client {
         http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(crate::serve::IDLE_CLIENT_CONNECTION)
             .build_http(),
         metrics_bearer: None,
     }

@@ -25,9 +25,9 @@ use tokio::sync::{Semaphore, mpsc, watch};
 /// process's roles keep idle connections for less ([`IDLE_CLIENT_CONNECTION`]).
 pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long this process's own clients of its roles (the Gateway's STS exchange) keep an idle
-/// connection: shorter than [`HEAD_TIMEOUT`], so that a request never goes out on a connection
-/// the server is closing.
+/// How long this process's own clients of its roles (the Gateway's STS exchange, the probes of
+/// peers' readiness) keep an idle connection: shorter than [`HEAD_TIMEOUT`], so that a request
+/// never goes out on a connection the server is closing.
 pub(crate) const IDLE_CLIENT_CONNECTION: Duration = Duration::from_secs(20);
 
 /// Raises this process's soft limit of open files to its hard limit, as servers do (the soft
