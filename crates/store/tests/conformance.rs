@@ -90,6 +90,19 @@ async fn postgres() -> Option<Backend> {
     })
 }
 
+/// A PostgreSQL session of its own, beside the store's pool, in the test's schema.
+async fn session_in(schema: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("SET search_path TO {schema}"))
+        .await
+        .unwrap();
+    client
+}
+
 async fn drop_schema(schema: &str) {
     let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
         .await
@@ -3937,15 +3950,7 @@ async fn application_changes_wait_for_a_registration_holding_their_zone() {
     }
 
     // Another session holds the zone's row as a registration does, with the same statement.
-    let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let schema = backend.schema.clone().unwrap();
-    client
-        .batch_execute(&format!("SET search_path TO {schema}"))
-        .await
-        .unwrap();
+    let client = session_in(backend.schema.as_deref().unwrap()).await;
     client.batch_execute("BEGIN").await.unwrap();
     client
         .batch_execute("UPDATE zones SET name = name WHERE id = 'zone-1'")
@@ -4011,15 +4016,11 @@ async fn server_conditions_are_unavailable_and_a_refused_statement_is_not() {
     let Some(backend) = postgres().await else {
         return;
     };
-    let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
     let schema = backend.schema.clone().unwrap();
+    let client = session_in(&schema).await;
     client
-        .batch_execute(&format!(
-            "SET search_path TO {schema};
-             CREATE TABLE injected_failure (code TEXT NOT NULL);
+        .batch_execute(
+            "CREATE TABLE injected_failure (code TEXT NOT NULL);
              CREATE FUNCTION fail_injected() RETURNS trigger LANGUAGE plpgsql AS $$
              DECLARE injected TEXT;
              BEGIN
@@ -4030,8 +4031,8 @@ async fn server_conditions_are_unavailable_and_a_refused_statement_is_not() {
                RETURN NEW;
              END $$;
              CREATE TRIGGER fail_injected BEFORE INSERT ON zones
-               FOR EACH ROW EXECUTE FUNCTION fail_injected();"
-        ))
+               FOR EACH ROW EXECUTE FUNCTION fail_injected();",
+        )
         .await
         .unwrap();
     let store = Arc::clone(&backend.store);
