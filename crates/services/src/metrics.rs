@@ -153,6 +153,8 @@ pub struct RoleMetrics {
     /// Policy activations refused because a canary case disagreed (API role).
     pub policy_canary_failures: Counter,
     pub ready_check_failures: Family<CheckLabels, Counter>,
+    /// Inbound connections this role holds now, and those closed for want of a place.
+    pub(crate) connections: crate::serve::ConnectionMetrics,
 }
 
 impl RoleMetrics {
@@ -232,6 +234,17 @@ impl RoleMetrics {
             "Readiness evaluations in which the named check failed",
             ready_check_failures.clone(),
         );
+        let connections = crate::serve::ConnectionMetrics::default();
+        registry.register(
+            "http_connections_open",
+            "Inbound connections this role holds now",
+            connections.open.clone(),
+        );
+        registry.register(
+            "http_connections_refused",
+            "Inbound connections closed on accept because the role's share of the connection budget was taken",
+            connections.refused.clone(),
+        );
         registry.register(
             "build",
             "Build information",
@@ -250,6 +263,7 @@ impl RoleMetrics {
             store_pool_in_use_ratio,
             policy_canary_failures,
             ready_check_failures,
+            connections,
         }
     }
 

@@ -17,8 +17,26 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
+
+/// What a role's listener reports of its connections (`caracal_<role>_http_connections_*`).
+#[derive(Clone, Default)]
+pub(crate) struct ConnectionMetrics {
+    pub open: Gauge,
+    pub refused: Counter,
+}
+
+/// One accepted connection, counted open until it ends.
+struct Counted(Gauge);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 /// How long a connection may take to send a request's head, counted from the end of its
 /// previous exchange (so also how long a keep-alive connection may stay idle). Clients of this
@@ -68,15 +86,17 @@ pub(crate) async fn serve_until_stopped(
     listener: TcpListener,
     app: axum::Router,
     connections: Arc<Semaphore>,
+    metrics: ConnectionMetrics,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    serve_with(listener, app, connections, stop, HEAD_TIMEOUT).await
+    serve_with(listener, app, connections, metrics, stop, HEAD_TIMEOUT).await
 }
 
 async fn serve_with(
     listener: TcpListener,
     app: axum::Router,
     connections: Arc<Semaphore>,
+    metrics: ConnectionMetrics,
     stop: watch::Receiver<bool>,
     head_timeout: Duration,
 ) -> std::io::Result<()> {
@@ -97,9 +117,12 @@ async fn serve_with(
             () = &mut stopping => break,
         };
         let Ok(place) = Arc::clone(&connections).try_acquire_owned() else {
+            metrics.refused.inc();
             over_budget(peer, listening);
             continue; // dropping the stream closes it
         };
+        metrics.open.inc();
+        let counted = Counted(metrics.open.clone());
         // A response's head and body (and a proxied body's trailers) go out as they are ready,
         // not held back by Nagle's algorithm until the client acknowledges the previous segment.
         if let Err(error) = stream.set_nodelay(true) {
@@ -114,7 +137,7 @@ async fn serve_with(
         });
         let (stopping, open) = (stopped(stop.clone()), open.clone());
         tokio::spawn(async move {
-            let _held = (place, open);
+            let _held = (place, counted, open);
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(head_timeout)
@@ -179,6 +202,7 @@ mod tests {
 
     struct Server {
         address: SocketAddr,
+        metrics: ConnectionMetrics,
         stop: watch::Sender<bool>,
         task: tokio::task::JoinHandle<std::io::Result<()>>,
     }
@@ -200,15 +224,18 @@ mod tests {
             );
         let (stop, stopped) = watch::channel(false);
         let connections = Arc::new(Semaphore::new(places));
+        let metrics = ConnectionMetrics::default();
         let task = tokio::spawn(serve_with(
             listener,
             app,
             connections,
+            metrics.clone(),
             stopped,
             head_timeout,
         ));
         Server {
             address,
+            metrics,
             stop,
             task,
         }
@@ -287,12 +314,15 @@ mod tests {
         let mut answer = [0_u8; 12];
         first.read_exact(&mut answer).await.unwrap();
         assert_eq!(&answer, b"HTTP/1.1 200");
+        assert_eq!(server.metrics.open.get(), 1);
 
         let mut refused = TcpStream::connect(server.address).await.unwrap();
         let _ = refused
             .write_all(b"GET /peer HTTP/1.1\r\nHost: test\r\n\r\n")
             .await;
         assert_eq!(until_closed(&mut refused).await, "");
+        assert_eq!(server.metrics.refused.get(), 1);
+        assert_eq!(server.metrics.open.get(), 1);
 
         drop(first);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -307,6 +337,14 @@ mod tests {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the freed place was never taken again"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Every connection has ended: none is counted open.
+        while server.metrics.open.get() != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a connection stayed counted"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

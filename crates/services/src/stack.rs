@@ -431,12 +431,14 @@ impl Stack {
                 self.start_ledger(&state, &mut servers, &stop_receiver)
                     .await?;
             }
+            let metrics = state.metrics.connections.clone();
             let app = router(state);
             let stop = stop_receiver.clone();
             let connections = Arc::new(tokio::sync::Semaphore::new(places_per_role.max(64)));
             servers.spawn(async move {
                 if let Err(error) =
-                    crate::serve::serve_until_stopped(listener, app, connections, stop).await
+                    crate::serve::serve_until_stopped(listener, app, connections, metrics, stop)
+                        .await
                 {
                     tracing::error!(%role, %error, "server stopped with an error");
                 }
