@@ -57,7 +57,9 @@ pub(crate) fn in_process_admin_api(shared: &crate::state::Shared) -> Router {
 /// 3. `run_to_end`: the request runs on a task of its own, so a caller that hangs up cannot
 ///    stop it halfway (a governed call between the upstream and its audit event, a terminate
 ///    between its event and the cascade); a handler that panics is a JSON 500.
-/// 4. The role's routes, then JSON 404/405 for anything else. The API role's `/v1` routes add
+/// 4. `body_deadline` (every role but the Gateway): a request's body must arrive within
+///    [`BODY_TIMEOUT`] of its head.
+/// 5. The role's routes, then JSON 404/405 for anything else. The API role's `/v1` routes add
 ///    their own layers: refused once draining, then request budgets and the lockout.
 pub fn router(state: RoleState) -> Router {
     let probes = Router::new()
@@ -90,7 +92,9 @@ pub fn router(state: RoleState) -> Router {
     let routes = if state.role == Role::Gateway {
         routes
     } else {
-        routes.fallback(|| async { ApiError::new(ErrorCode::NotFound) })
+        routes
+            .fallback(|| async { ApiError::new(ErrorCode::NotFound) })
+            .layer(axum::middleware::from_fn(body_deadline))
     };
     routes
         .method_not_allowed_fallback(|| async { ApiError::new(ErrorCode::MethodNotAllowed) })
@@ -101,6 +105,68 @@ pub fn router(state: RoleState) -> Router {
             request_id::layer,
         ))
         .with_state(state)
+}
+
+/// How long a request's body may take to arrive once its head has, on every role but the
+/// Gateway (whose uploads stream to the upstream under its own timeouts): a client that
+/// trickles a body holds a connection's place (`serve.rs`) this long at most.
+pub(crate) const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Gives the request's body [`BODY_TIMEOUT`] to arrive; past it, reading the body fails and the
+/// handler answers as for any unreadable body.
+async fn body_deadline(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::body::HttpBody as _;
+    if request.body().is_end_stream() {
+        return next.run(request).await;
+    }
+    let request = request.map(|body| {
+        axum::body::Body::new(Deadline {
+            body,
+            expires: Box::pin(tokio::time::sleep(BODY_TIMEOUT)),
+        })
+    });
+    next.run(request).await
+}
+
+/// A body that fails once its deadline passes before it has ended.
+struct Deadline {
+    body: axum::body::Body,
+    expires: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl axum::body::HttpBody for Deadline {
+    type Data = axum::body::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.body).poll_frame(context) {
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+        }
+        match self.expires.as_mut().poll(context) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                "request body not received within {} s",
+                BODY_TIMEOUT.as_secs()
+            )
+            .into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Runs the request on a task of its own: hyper drops a request's future when its caller hangs

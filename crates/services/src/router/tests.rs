@@ -1054,3 +1054,75 @@ async fn a_request_runs_to_its_end_without_its_caller_and_a_panic_is_a_json_500(
     let body: ErrorBody = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(body.error, "internal_error");
 }
+
+/// A body whose sender never sends it.
+struct NeverSent;
+
+impl axum::body::HttpBody for NeverSent {
+    type Data = axum::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// A body that does not arrive within `BODY_TIMEOUT` of its head is refused with the role's
+/// JSON error, not waited for; a body that does arrive is unaffected.
+#[tokio::test(start_paused = true)]
+async fn a_body_that_does_not_arrive_in_time_is_refused() {
+    let (_keep, api) = role_state(Role::Api);
+    let writer = token(&api.shared, "write", caracal_store::TokenScope::Global).await;
+    let (_keep_sts, mut sts) = role_state(Role::Sts);
+    sts.sts = Some(Arc::new(crate::sts::Sts::start(
+        "http://127.0.0.1:8080".into(),
+        crate::policy::PolicyCache::default(),
+        Arc::clone(&sts.shared.store),
+        &sts.shared.kek,
+    )));
+    let cases = [
+        // Each role's code for a request it cannot read (the STS's is the reference's).
+        (
+            router(api),
+            "/v1/zones",
+            Some(writer),
+            "application/json",
+            "invalid_request",
+        ),
+        (
+            router(sts),
+            "/oauth/2/token",
+            None,
+            "application/x-www-form-urlencoded",
+            "invalid_token",
+        ),
+    ];
+    for (app, path, bearer, content_type, code) in cases {
+        let mut request = Request::post(path)
+            .header("content-type", content_type)
+            .header("content-length", "100");
+        if let Some(bearer) = &bearer {
+            request = request.header("authorization", format!("Bearer {bearer}"));
+        }
+        let started = tokio::time::Instant::now();
+        let response = tokio::time::timeout(
+            super::BODY_TIMEOUT * 2,
+            app.oneshot(request.body(Body::new(NeverSent)).unwrap()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{path}: the body was waited for beyond its deadline"))
+        .unwrap();
+        assert!(started.elapsed() >= super::BODY_TIMEOUT, "{path}");
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(code)),
+            "{path}: {body}"
+        );
+    }
+}

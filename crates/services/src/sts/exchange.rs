@@ -135,13 +135,31 @@ pub(super) async fn read_form_body(request: Request) -> Result<Received, TokenEr
     }
     let bytes = axum::body::to_bytes(body, MAX_FORM_BYTES)
         .await
-        .map_err(|_| too_large())?;
+        .map_err(|error| {
+            if over_limit(&error) {
+                too_large()
+            } else {
+                TokenError::malformed("request body could not be read")
+            }
+        })?;
     let form = form::parse(&bytes).map_err(|error| TokenError::malformed(error.to_string()))?;
     Ok(Received {
         parts,
         body: bytes,
         form,
     })
+}
+
+/// Whether reading a body failed on its size limit (rather than on its sender or deadline).
+fn over_limit(error: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if current.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
 }
 
 /// What was asked, validated.
