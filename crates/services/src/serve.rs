@@ -5,9 +5,9 @@
 //! would otherwise hold each one for ever, until the process runs out of file descriptors and
 //! with them the store, the audit replay files and its outbound calls: evidence lost, every role
 //! refusing. So a connection must send each request's head within [`HEAD_TIMEOUT`] (which also
-//! closes keep-alive connections idle that long), and one process holds at most
-//! [`connection_budget`] inbound connections, shared out equally between its roles' listeners;
-//! one more on a listener whose share is taken is closed at once.
+//! closes keep-alive connections idle that long), and each role's listener holds at most
+//! [`places_per_role`] inbound connections, an equal share of half the open-file limit; one
+//! more on a listener whose share is taken is closed at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -70,14 +70,14 @@ pub(crate) fn raise_open_files_limit() -> Option<u64> {
     }
 }
 
-/// Inbound connections one process keeps open at once, over all its listeners (each role gets
-/// an equal share, 64 at least): half its limit of open files, leaving the other half to the
+/// Inbound connections each of a process's `roles` listeners may hold at once: an equal share
+/// (64 at least) of half the process's limit of open files, leaving the other half to the
 /// store, the audit replay files and outbound connections.
-pub(crate) fn connection_budget(open_files: Option<u64>) -> usize {
+pub(crate) fn places_per_role(open_files: Option<u64>, roles: usize) -> usize {
     let open_files = open_files.map_or(usize::MAX, |limit| {
         usize::try_from(limit).unwrap_or(usize::MAX)
     });
-    (open_files / 2).clamp(64, 1 << 20)
+    (open_files / 2 / roles.max(1)).clamp(64, 1 << 20)
 }
 
 /// Serves `app` on `listener` until `stop` turns true, then stops accepting, lets every open
@@ -352,10 +352,12 @@ mod tests {
 
     #[test]
     fn the_budget_is_half_the_open_files_limit_raised_to_its_hard_limit() {
-        assert_eq!(connection_budget(Some(20_000)), 10_000);
-        assert_eq!(connection_budget(Some(1_024)), 512);
-        assert_eq!(connection_budget(Some(16)), 64);
-        assert_eq!(connection_budget(None), 1 << 20);
+        assert_eq!(places_per_role(Some(20_000), 1), 10_000);
+        assert_eq!(places_per_role(Some(20_000), 6), 1_666);
+        assert_eq!(places_per_role(Some(1_024), 6), 85);
+        assert_eq!(places_per_role(Some(1_024), 0), 512);
+        assert_eq!(places_per_role(Some(16), 1), 64);
+        assert_eq!(places_per_role(None, 6), 1 << 20);
         // A soft limit under the hard one (only just: other tests of this process run beside).
         let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
         if let Some(hard) = limit.maximum {

@@ -272,8 +272,7 @@ impl Stack {
         // Each role has its own share, so a flood on one (the Gateway's port, say) leaves the
         // others, the admin API's revocation among them, their places.
         let open_files = crate::serve::raise_open_files_limit();
-        let places_per_role =
-            crate::serve::connection_budget(open_files) / self.listeners.len().max(1);
+        let places_per_role = crate::serve::places_per_role(open_files, self.listeners.len());
         // Containment switches are in force before the first request is served.
         if let Err(error) = self
             .shared
@@ -434,7 +433,7 @@ impl Stack {
             let metrics = state.metrics.connections.clone();
             let app = router(state);
             let stop = stop_receiver.clone();
-            let connections = Arc::new(tokio::sync::Semaphore::new(places_per_role.max(64)));
+            let connections = Arc::new(tokio::sync::Semaphore::new(places_per_role));
             servers.spawn(async move {
                 if let Err(error) =
                     crate::serve::serve_until_stopped(listener, app, connections, metrics, stop)
